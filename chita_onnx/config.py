@@ -1,0 +1,137 @@
+"""The one configuration object of a compression run.
+
+Every field maps one to one onto a ``chita-onnx compress`` flag of the same name (``min_density`` ↔
+``--min-density``, ``first_order`` ↔ ``--first-order`` ...).  The object is frozen and validated on
+construction; a bad value raises :class:`~chita_onnx.errors.ConfigError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
+METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
+Update = Literal["auto", "none", "obs"]
+Scope = Literal["global", "layer"]
+Storage = Literal["auto", "sparse", "dense"]
+Schedule = Literal["poly", "exp", "linear", "const"]
+Loss = Literal["auto", "ce", "mse"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+
+#: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
+#: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
+DEFAULT_RIDGE = 1e-3
+#: Stages of CHITA++ when --stages is not given (the number of stages matters most for quality).
+DEFAULT_STAGES = 10
+
+
+def _total_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_max_memory() -> int:
+    """Bytes the gradient matrix X may take before the block approximation is used: 40% of RAM."""
+    return int(0.4 * _total_memory())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Validated settings of one run.  ``None`` fields are resolved to documented defaults."""
+
+    sparsity: float = 0.7
+    method: Method = "chita"
+    update: Update = "auto"
+    scope: Scope = "global"
+    keep: tuple[str, ...] = ()
+    min_density: float = 0.0
+    ridge: float = DEFAULT_RIDGE
+    first_order: bool = False
+    stages: int | None = None
+    schedule: Schedule = "poly"
+    start_sparsity: float | None = None
+    max_iter: int = 100
+    block_size: int = 2000
+    max_memory: int | None = None
+    loss: Loss = "auto"
+    fisher: Fisher = "auto"
+    output: str | None = None
+    mini_batch: int = 1
+    num_samples: int = 1000
+    seed: int = 0
+    storage: Storage = "auto"
+    holdout: float = 0.2
+    batch_size: int = 64
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, why: str) -> ConfigError:
+            return ConfigError(f"{_flag(name)}={value!r}: {why}")
+
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise bad("sparsity", self.sparsity, "must be in [0, 1)")
+        choices: dict[str, tuple[str, ...]] = {
+            "method": METHODS,
+            "update": ("auto", "none", "obs"),
+            "scope": ("global", "layer"),
+            "storage": ("auto", "sparse", "dense"),
+            "schedule": ("poly", "exp", "linear", "const"),
+            "loss": ("auto", "ce", "mse"),
+            "fisher": ("auto", "empirical", "sampled", "argmax"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
+        if not 0.0 <= self.min_density <= 1.0:
+            raise bad("min_density", self.min_density, "must be in [0, 1]")
+        if self.min_density > 1.0 - self.sparsity + 1e-12 and self.sparsity > 0:
+            raise bad("min_density", self.min_density, f"exceeds the overall density 1 - sparsity = {1 - self.sparsity:g}")
+        if not (self.ridge >= 0.0 and self.ridge < float("inf")):
+            raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
+        if self.stages is not None and self.stages < 1:
+            raise bad("stages", self.stages, "must be ≥ 1")
+        if self.stages is not None and self.stages > 1 and self.method != "chita++":
+            raise bad("stages", self.stages, "multi-stage pruning is --method chita++")
+        if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
+            raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
+        for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, getattr(self, name), "must be ≥ 1")
+        if self.max_memory is not None and self.max_memory < 2**20:
+            raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
+        if not 0.0 < self.holdout < 1.0:
+            raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if self.update == "none" and self.method in ("chita", "chita++"):
+            raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        object.__setattr__(self, "keep", tuple(self.keep))
+        if self.stages is None:
+            object.__setattr__(self, "stages", DEFAULT_STAGES if self.method == "chita++" else 1)
+        if self.start_sparsity is None:
+            object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
+        if self.max_memory is None:
+            object.__setattr__(self, "max_memory", default_max_memory())
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the method uses the per-sample gradient matrix X."""
+        return not (self.method == "magnitude" and self.update != "obs")
+
+    def with_(self, **changes: Any) -> CompressConfig:
+        """A validated copy with some fields changed."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["keep"] = list(self.keep)
+        return d

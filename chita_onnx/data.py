@@ -1,0 +1,267 @@
+"""Calibration and evaluation data: loaders, validation against the model, held-out splits.
+
+Formats accepted wherever a data source is expected:
+
+* a ``.npz`` file whose keys are the model's input names (batch on axis 0), plus an optional integer
+  ``labels`` array of shape ``(N,)``; for a single-input model any one non-label array will do;
+* a folder of such ``.npz`` files, one batch each, read in name order;
+* the word ``random``: Gaussian inputs for a quick try (quality needs real data);
+* in the Python API, a mapping ``{input name: array}`` (optionally with ``labels``), or any
+  re-iterable :class:`~chita_onnx.data_types.CalibrationSource`.
+
+``.npz`` files are always opened with ``allow_pickle=False``: an object array is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .data_types import Batch, CalibrationSource, InputSpec
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+LABELS_KEY = "labels"
+DataSpec = str | os.PathLike[str] | Mapping[str, Any] | CalibrationSource
+
+
+class ArraySource:
+    """In-memory arrays served in batches of ``batch_size`` (re-iterable)."""
+
+    def __init__(
+        self,
+        inputs: Mapping[str, NDArray[np.generic]],
+        labels: NDArray[np.integer] | None = None,
+        *,
+        batch_size: int = 64,
+        origin: str = "arrays",
+    ) -> None:
+        if not inputs:
+            raise DataError(f"{origin}: no input arrays")
+        sizes = {k: int(np.shape(v)[0]) if np.ndim(v) else -1 for k, v in inputs.items()}
+        n = next(iter(sizes.values()))
+        if any(s != n for s in sizes.values()) or n <= 0:
+            raise DataError(f"{origin}: arrays differ in length (axis 0) or are empty: {sizes}")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 1 or labels.shape[0] != n:
+                raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},)")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{origin}: 'labels' must be integers, got dtype {labels.dtype}")
+            labels = labels.astype(np.int64, copy=False)
+        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        self.labels = labels
+        self.batch_size = max(1, int(batch_size))
+        self.origin = origin
+
+    @property
+    def num_samples(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, b = self.num_samples, self.batch_size
+        for start in range(0, n, b):
+            sl = slice(start, min(n, start + b))
+            yield Batch({k: v[sl] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[sl])
+
+    def take(self, index: NDArray[np.integer]) -> ArraySource:
+        """A new source holding the samples at ``index`` (in that order)."""
+        return ArraySource(
+            {k: v[index] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[index],
+            batch_size=self.batch_size,
+            origin=self.origin,
+        )
+
+
+def _read_npz(path: Path, specs: Sequence[InputSpec] | None) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {}
+            for key in npz.files:
+                try:
+                    arrays[key] = npz[key]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                        raise DataError(
+                            f"{path}: array {key!r} holds Python objects; refusing to load it with pickle"
+                        ) from None
+                    raise
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    labels = arrays.pop(LABELS_KEY, None)
+    if specs is not None:
+        names = [s.name for s in specs]
+        if len(names) == 1 and names[0] not in arrays:
+            if len(arrays) != 1:
+                raise DataError(
+                    f"{path}: the model has one input {names[0]!r}; expected that key or exactly one "
+                    f"non-label array, found {sorted(arrays)}"
+                )
+            arrays = {names[0]: next(iter(arrays.values()))}
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise DataError(f"{path}: missing model input(s) {missing}; found keys {sorted(arrays)}")
+        extra = sorted(set(arrays) - set(names))
+        if extra:
+            log.warning("%s: ignoring arrays that are not model inputs: %s", path, extra)
+        arrays = {n: arrays[n] for n in names}
+    return arrays, labels
+
+
+class NpzFolderSource:
+    """A folder of ``.npz`` files, one batch each, read lazily in file-name order (re-iterable)."""
+
+    def __init__(self, folder: Path, specs: Sequence[InputSpec] | None) -> None:
+        self.files = sorted(folder.glob("*.npz"))
+        if not self.files:
+            raise DataError(f"{folder}: folder holds no .npz files")
+        self.specs = specs
+        self.origin = str(folder)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for f in self.files:
+            arrays, labels = _read_npz(f, self.specs)
+            yield ArraySource(arrays, labels, batch_size=1 << 30, origin=str(f)).__iter__().__next__()
+
+
+class RandomSource(ArraySource):
+    """Seeded random inputs for a quick try; symbolic dims become 1 (batch 64 on the first axis)."""
+
+    def __init__(self, specs: Sequence[InputSpec], *, num_samples: int = 128, seed: int = 0, batch_size: int = 64) -> None:
+        rng = np.random.default_rng(seed)
+        arrays: dict[str, NDArray[np.generic]] = {}
+        for spec in specs:
+            shape = [num_samples] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+            if np.issubdtype(spec.dtype, np.floating):
+                arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_:
+                arrays[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+            else:
+                raise DataError(f"--data random: cannot make random data for input {spec.name!r} of dtype {spec.dtype}")
+        super().__init__(arrays, None, batch_size=batch_size, origin="random data")
+
+
+def open_source(spec: DataSpec, specs: Sequence[InputSpec] | None = None, *, batch_size: int = 64, seed: int = 0,
+                random_samples: int = 128) -> CalibrationSource:
+    """Turn any accepted data specification into a re-iterable source (see the module docstring)."""
+    if isinstance(spec, str) and spec == "random":
+        if specs is None:
+            raise DataError("--data random needs the model's inputs")
+        log.warning("using random calibration data: fine for a quick try, but pruning quality needs real data")
+        return RandomSource(specs, num_samples=random_samples, seed=seed, batch_size=batch_size)
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.is_dir():
+            return NpzFolderSource(path, specs)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        arrays, labels = _read_npz(path, specs)
+        return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path))  # type: ignore[arg-type]
+    if isinstance(spec, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in spec.items() if k != LABELS_KEY}
+        labels = spec.get(LABELS_KEY)
+        if specs is not None and len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
+            arrays = {specs[0].name: next(iter(arrays.values()))}
+        return ArraySource(arrays, None if labels is None else np.asarray(labels), batch_size=batch_size)
+    if isinstance(spec, CalibrationSource):
+        return spec
+    raise DataError(f"unsupported data specification of type {type(spec).__name__}")
+
+
+def _dim_ok(expected: int | str | None, got: int) -> bool:
+    return not isinstance(expected, int) or expected <= 0 or expected == got
+
+
+def validate_source(source: CalibrationSource, specs: Sequence[InputSpec], *, num_classes: int | None = None,
+                    origin: str = "data") -> int:
+    """Check every batch against the model inputs before any work starts; return the sample count.
+
+    Float arrays are accepted for float inputs of another precision (converted on the fly); anything
+    else must match the input's dtype.  Labels must be integers in ``[0, num_classes)``.
+    """
+    origin = getattr(source, "origin", origin)
+    names = [s.name for s in specs]
+    total = 0
+    for i, batch in enumerate(source):
+        where = f"{origin} (batch {i})" if not isinstance(source, ArraySource) else origin
+        missing = [n for n in names if n not in batch.inputs]
+        if missing:
+            raise DataError(f"{where}: missing model input(s) {missing}; found {sorted(batch.inputs)}")
+        size = None
+        for spec in specs:
+            arr = np.asarray(batch.inputs[spec.name])
+            if arr.ndim != len(spec.shape) or not all(_dim_ok(e, g) for e, g in zip(spec.shape, arr.shape, strict=False)):
+                raise DataError(
+                    f"{where}: input {spec.name!r} has shape {tuple(arr.shape)}, the model expects "
+                    f"{tuple(d if isinstance(d, int) and d > 0 else '?' for d in spec.shape)}"
+                )
+            same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)) or arr.dtype == spec.dtype
+            if not same_kind:
+                raise DataError(f"{where}: input {spec.name!r} has dtype {arr.dtype}, the model expects {spec.dtype}")
+            if size is not None and arr.shape[0] != size:
+                raise DataError(f"{where}: inputs differ in batch size ({size} vs {arr.shape[0]} for {spec.name!r})")
+            size = arr.shape[0]
+        if batch.labels is not None:
+            labels = np.asarray(batch.labels)
+            if labels.shape != (size,):
+                raise DataError(f"{where}: 'labels' has shape {labels.shape}, expected ({size},)")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{where}: 'labels' must be integers, got dtype {labels.dtype}")
+            if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
+                bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+                raise DataError(
+                    f"{where}: label {bad} is out of range; the model has {num_classes} classes (0..{(num_classes or 0) - 1})"
+                )
+        total += int(size or 0)
+    if total == 0:
+        raise DataError(f"{origin}: no samples")
+    return total
+
+
+def feed(batch: Batch, specs: Sequence[InputSpec]) -> dict[str, NDArray[np.generic]]:
+    """The ORT feed dict of a batch, cast to the model's input dtypes."""
+    return {s.name: np.ascontiguousarray(batch.inputs[s.name], dtype=s.dtype) for s in specs}
+
+
+def materialize(source: CalibrationSource, specs: Sequence[InputSpec], *, batch_size: int = 64) -> ArraySource:
+    """Gather a (small) source into memory, e.g. to split off a held-out part."""
+    if isinstance(source, ArraySource):
+        return source
+    parts: dict[str, list[NDArray[np.generic]]] = {s.name: [] for s in specs}
+    labels: list[NDArray[np.integer]] = []
+    has_labels = True
+    for batch in source:
+        for s in specs:
+            parts[s.name].append(np.asarray(batch.inputs[s.name]))
+        if batch.labels is None:
+            has_labels = False
+        else:
+            labels.append(np.asarray(batch.labels))
+    return ArraySource(
+        {k: np.concatenate(v) for k, v in parts.items()},
+        np.concatenate(labels) if has_labels and labels else None,
+        batch_size=batch_size,
+        origin=getattr(source, "origin", "data"),
+    )
+
+
+def split_holdout(source: ArraySource, fraction: float, *, seed: int = 0) -> tuple[ArraySource, ArraySource]:
+    """Split off a seeded random ``fraction`` of the samples for evaluation; return (calib, held-out)."""
+    n = source.num_samples
+    n_hold = int(round(fraction * n))
+    if n_hold < 1 or n - n_hold < 1:
+        raise DataError(f"{source.origin}: {n} samples are too few to hold out {fraction:.0%} for evaluation")
+    perm = np.random.default_rng(seed).permutation(n)
+    return source.take(np.sort(perm[n_hold:])), source.take(np.sort(perm[:n_hold]))

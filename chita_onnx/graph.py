@@ -1,0 +1,447 @@
+"""ONNX graph I/O and surgery: loading safely, finding prunable weights, writing the pruned model.
+
+No math happens here beyond reshapes: the solvers get flat arrays through :mod:`chita_onnx.layout`
+and hand flat arrays back.
+
+Prunable weights are the floating-point tensors (initializers or ``Constant`` node values) that feed
+
+* input 1 (``W``) of ``Conv``, grouped and depthwise included,
+* input 1 (``B``) of ``Gemm``, with either ``transB``,
+* a constant operand of ``MatMul``,
+
+and nothing else.  A tensor that also feeds any other input (a bias slot, a ``Gather``, a ``Reshape``
+shape, ...) is never pruned; a tensor shared by several prunable nodes counts once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+from .data_types import InputSpec
+from .errors import ModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+#: The metadata key under which a pruned model records what was done to it.
+METADATA_KEY = "chita_onnx"
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_PROTOBUF_LIMIT = 2**31 - 1
+#: Leave room for the graph itself when deciding whether a model needs external data.
+_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+
+
+@dataclass(frozen=True)
+class PrunableTensor:
+    """A weight tensor the pruner may zero.
+
+    ``op_type`` is the op of its first consumer; ``nodes`` names every consuming node (a shared weight
+    lists several); ``source`` says whether it lives in an initializer or a ``Constant`` node.
+    """
+
+    name: str
+    op_type: str
+    nodes: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    source: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def _check_external_location(tensor: TensorProto, base: Path, model_path: Path) -> None:
+    """Refuse external-data paths that are absolute or escape the model's folder."""
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    if not location:
+        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a location")
+    resolved = (base / location).resolve()
+    if Path(location).is_absolute() or not resolved.is_relative_to(base.resolve()):
+        raise ModelError(
+            f"{model_path}: tensor {tensor.name!r} points to external data {location!r} outside the "
+            "model's folder; refusing to read it"
+        )
+    if not resolved.is_file():
+        raise ModelError(f"{model_path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, refusing anything unsafe or malformed.
+
+    Raises :class:`ModelError` for a missing file, a file that is not ONNX, or external-data paths
+    that point outside the model's folder (models come from untrusted sources).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file")
+    if not p.is_file():
+        raise ModelError(f"{p}: not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises various
+        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelError(f"{p}: not a valid ONNX model (no graph or no opset_import)")
+    base = p.parent
+    external = [t for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
+    for t in external:
+        _check_external_location(t, base, p)
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:
+            raise ModelError(f"{p}: cannot read external data ({exc})".splitlines()[0]) from None
+    if len(model.graph.sparse_initializer):
+        # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
+        model = densify(model)
+    return model
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The version of the default (``ai.onnx``) opset."""
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ prunable set
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, TensorProto]]:
+    """Outputs of ``Constant`` nodes that carry a full tensor (``value`` attribute)."""
+    out: dict[str, tuple[onnx.NodeProto, TensorProto]] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = (node, attr.t)
+    return out
+
+
+def _weight_slots(node: onnx.NodeProto, constant: set[str]) -> list[int]:
+    """Which inputs of ``node`` are weight positions."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if node.op_type == "Conv" and len(node.input) > 1:
+        return [1]
+    if node.op_type == "Gemm" and len(node.input) > 1:
+        return [1]
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        # the constant operand(s); a MatMul of two constants is constant-folding material, not a layer
+        slots = [i for i in (1, 0) if node.input[i] in constant]
+        return slots if len(slots) == 1 else []
+    return []
+
+
+def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
+    """The prunable weight tensors of ``model``, in the order of their first consumer."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = _constant_values(graph)
+    graph_inputs = {i.name for i in graph.input}
+    constant = (set(inits) - graph_inputs) | set(consts)
+
+    uses: dict[str, list[tuple[onnx.NodeProto, bool]]] = {}
+    for node in graph.node:
+        slots = set(_weight_slots(node, constant))
+        for i, name in enumerate(node.input):
+            if name in constant:
+                uses.setdefault(name, []).append((node, i in slots))
+        for attr in node.attribute:  # a constant captured by a subgraph counts as another use
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    for sub in g.node:
+                        for name in sub.input:
+                            if name in constant:
+                                uses.setdefault(name, []).append((sub, False))
+    outputs = {o.name for o in graph.output}
+
+    found: list[PrunableTensor] = []
+    for name, use in uses.items():
+        if not use or not all(is_weight for _, is_weight in use) or name in outputs:
+            continue
+        tensor = inits[name] if name in inits else consts[name][1]
+        if tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2:
+            continue
+        found.append(
+            PrunableTensor(
+                name=name,
+                op_type=use[0][0].op_type,
+                nodes=tuple(n.name or f"<{n.op_type} #{list(graph.node).index(n)}>" for n, _ in use),
+                shape=tuple(int(d) for d in tensor.dims),
+                dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type).name,
+                source="initializer" if name in inits else "constant",
+            )
+        )
+    return found
+
+
+def materialize_constants(model: onnx.ModelProto, names: Iterable[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` in which ``Constant`` nodes that hold prunable weights became initializers.
+
+    ``names`` restricts the conversion to those tensors (default: every prunable ``Constant``).
+    The initializer keeps the Constant's output name, so tensor names do not change.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    wanted = set(names) if names is not None else {t.name for t in find_prunable(model) if t.source == "constant"}
+    keep: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in wanted:
+            tensor = next(a.t for a in node.attribute if a.name == "value")
+            init = out.graph.initializer.add()
+            init.CopyFrom(tensor)
+            init.name = node.output[0]
+        else:
+            keep.append(node)
+    if len(keep) != len(out.graph.node):
+        del out.graph.node[:]
+        out.graph.node.extend(keep)
+    return out
+
+
+def get_weights(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, NDArray[np.floating]]:
+    """The values of the named initializers or Constant-node tensors (external data already loaded)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = _constant_values(model.graph)
+    out: dict[str, NDArray[np.floating]] = {}
+    for name in names:
+        tensor = inits[name] if name in inits else consts[name][1]
+        out[name] = np.array(numpy_helper.to_array(tensor), copy=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- write
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How one pruned tensor was written: ``"sparse"`` (sparse_initializer) or ``"dense"``."""
+
+    name: str
+    storage: str
+    nnz: int
+    size: int
+    dense_bytes: int
+    sparse_bytes: int
+
+
+def _to_sparse(name: str, array: NDArray[np.floating]) -> onnx.SparseTensorProto:
+    """A ``sparse_initializer`` with int64 *linear* indices (other index types fail ``onnx.checker``)."""
+    flat = array.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    values = numpy_helper.from_array(flat[idx], name)
+    indices = numpy_helper.from_array(idx, f"{name}_indices")
+    return helper.make_sparse_tensor(values, indices, list(array.shape))
+
+
+def write_weights(
+    model: onnx.ModelProto,
+    weights: Mapping[str, NDArray[np.floating]],
+    *,
+    storage: str = "auto",
+    metadata: Mapping[str, object] | None = None,
+) -> tuple[onnx.ModelProto, list[StoredTensor]]:
+    """A copy of ``model`` with ``weights`` replaced, each stored dense or as a sparse initializer.
+
+    ``storage="auto"`` writes a ``sparse_initializer`` only where it is smaller than the dense tensor
+    (int64 linear indices: above 2/3 sparsity for fp32, 80% for fp16); ``"sparse"`` does so for every
+    pruned initializer; ``"dense"`` keeps dense tensors with zeros.  Constant-node weights are always
+    written back into their node, dense.  Opset, IR version, inputs, outputs and metadata are kept;
+    ``metadata`` is recorded as JSON under the ``chita_onnx`` key.
+    """
+    if storage not in ("auto", "sparse", "dense"):
+        raise ValueError(f"storage must be auto, sparse or dense, got {storage!r}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    graph_inputs = {i.name for i in graph.input}
+    consts = _constant_values(graph)
+    stored: list[StoredTensor] = []
+    keep_inits: list[TensorProto] = []
+    pending = dict(weights)
+    for init in graph.initializer:
+        array = pending.pop(init.name, None)
+        if array is None:
+            keep_inits.append(init)
+            continue
+        array = np.ascontiguousarray(array, dtype=helper.tensor_dtype_to_np_dtype(init.data_type))
+        nnz = int(np.count_nonzero(array))
+        item = array.dtype.itemsize
+        dense_b, sparse_b = array.size * item, nnz * (item + 8)
+        sparse = storage == "sparse" or (storage == "auto" and sparse_b < dense_b)
+        if init.name in graph_inputs:  # an overridable initializer (old IR) must stay dense
+            sparse = False
+        if sparse:
+            graph.sparse_initializer.append(_to_sparse(init.name, array))
+        else:
+            keep_inits.append(numpy_helper.from_array(array, init.name))
+        stored.append(StoredTensor(init.name, "sparse" if sparse else "dense", nnz, array.size, dense_b, sparse_b))
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    for name in list(pending):
+        if name not in consts:
+            raise ModelError(f"tensor {name!r} is neither an initializer nor a Constant node of the model")
+        array = pending.pop(name)
+        node, tensor = consts[name]
+        array = np.ascontiguousarray(array, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        for attr in node.attribute:
+            if attr.name == "value":
+                attr.t.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        nnz = int(np.count_nonzero(array))
+        item = array.dtype.itemsize
+        stored.append(StoredTensor(name, "dense", nnz, array.size, array.size * item, nnz * (item + 8)))
+    if metadata is not None:
+        entries = [e for e in out.metadata_props if e.key != METADATA_KEY]
+        del out.metadata_props[:]
+        out.metadata_props.extend(entries)
+        helper.set_model_props(out, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(metadata)})
+    return out, stored
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) for t in _all_tensors(model.graph))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename); return the files written.
+
+    Models over ~1.8 GB of tensor data are written with one external data file ``<name>.data`` next
+    to the model (the protobuf limit is 2 GB).  Sparse initializers cannot be external (onnx ignores
+    them), so a model that large is densified first.  Refuses to overwrite ``input_path``.
+    """
+    dest = Path(path)
+    if input_path is not None:
+        src = Path(input_path)
+        if dest.resolve() == src.resolve() or (dest.exists() and src.exists() and dest.samefile(src)):
+            raise OutputError(f"{dest}: the output path is the input model; choose another output file")
+    if dest.is_dir():
+        raise OutputError(f"{dest}: the output path is a directory")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{dest}: the output folder {folder} does not exist")
+    external = _tensor_bytes(model) > _EXTERNAL_THRESHOLD
+    if external and len(model.graph.sparse_initializer):
+        log.warning("model over 2 GB: sparse initializers cannot use external data, writing them dense")
+        model = densify(model)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
+    try:
+        tmp_model = tmpdir / dest.name
+        written = [dest]
+        if external:
+            data_name = f"{dest.name}.data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(tmpdir / data_name, folder / data_name)
+            written.append(folder / data_name)
+        else:
+            with open(tmp_model, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp_model, dest)
+        return written
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot write the output ({exc.strerror or exc})") from None
+    finally:
+        for leftover in tmpdir.iterdir() if tmpdir.exists() else []:
+            leftover.unlink()
+        with contextlib.suppress(OSError):
+            tmpdir.rmdir()
+
+
+def _dense_from_sparse(sp: onnx.SparseTensorProto) -> TensorProto:
+    """The dense ``TensorProto`` of a sparse tensor (linear ``[NNZ]`` or COO ``[NNZ, rank]`` indices)."""
+    shape = tuple(int(d) for d in sp.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=helper.tensor_dtype_to_np_dtype(sp.values.data_type))
+    indices = numpy_helper.to_array(sp.indices)
+    flat = np.ravel_multi_index(indices.T, shape) if indices.ndim == 2 else indices.reshape(-1)
+    dense[flat] = numpy_helper.to_array(sp.values)
+    return numpy_helper.from_array(dense.reshape(shape), sp.values.name)
+
+
+def densify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every ``sparse_initializer`` turned into a dense initializer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.initializer.extend(_dense_from_sparse(sp) for sp in out.graph.sparse_initializer)
+    del out.graph.sparse_initializer[:]
+    return out
+
+
+def check_model(path: str | os.PathLike[str]) -> None:
+    """Run ``onnx.checker`` on a written model file (path-based, so external data is fine)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{path}: the written model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real (non-initializer) inputs of ``model`` with their shapes and dtypes."""
+    inits = {t.name for t in model.graph.initializer} | {s.values.name for s in model.graph.sparse_initializer}
+    specs: list[InputSpec] = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise ModelError(f"model input {vi.name!r} is not a tensor; only tensor inputs are supported")
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def model_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The model file followed by the external-data files it references (for size accounting)."""
+    p = Path(path)
+    model = onnx.load(str(p), load_external_data=False)
+    seen: dict[str, None] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    seen.setdefault(e.value, None)
+    return [p, *(p.parent / loc for loc in seen)]

@@ -1,0 +1,333 @@
+"""The orchestrator: the only module that wires the graph layer, the gradient engine and the solvers.
+
+    load ONNX → find prunable weights → per-sample gradients → solver → write pruned ONNX → evaluate
+
+The solvers see flat arrays only (``w̄`` of length p, ``X`` of shape n × p scaled by 1/√n); the graph
+layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from . import __version__
+from .config import CompressConfig
+from .data import DataSpec, materialize, open_source, split_holdout, validate_source
+from .data_types import CalibrationSource, InputSpec
+from .errors import ConfigError, ModelError
+from .evaluate import Comparison, Evaluation, compare, evaluate, file_sizes
+from .graph import (
+    PrunableTensor,
+    check_model,
+    find_prunable,
+    get_weights,
+    load_model,
+    model_inputs,
+    save_model,
+    write_weights,
+)
+from .layout import Layout
+from .report import FileSizes, Report, StageReport, TensorReport
+from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
+from .solver import cbs as cbs_solver
+from .solver import woodfisher as wf_solver
+from .solver.budgets import keep_count, make_budget
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@dataclass
+class PhaseTimer:
+    """Wall-clock seconds per named phase (phases may repeat; times add up)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime as ort
+    import scipy
+
+    return {"chita_onnx": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version()}
+
+
+def _num_classes(model: onnx.ModelProto, output: str | None) -> int | None:
+    outs = {o.name: o for o in model.graph.output}
+    vi = outs.get(output) if output else model.graph.output[0]
+    if vi is None or not vi.type.HasField("tensor_type"):
+        return None
+    dims = vi.type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1:
+        return int(dims[1].dim_value)
+    return None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded model, its prunable tensors and the data, validated before any work starts."""
+
+    path: Path
+    model: onnx.ModelProto
+    tensors: tuple[PrunableTensor, ...]
+    layout: Layout
+    specs: tuple[InputSpec, ...]
+    calib: CalibrationSource
+    eval: CalibrationSource | None
+    eval_source: str
+
+
+def prepare(model_path: str | os.PathLike[str], data: DataSpec | None, config: CompressConfig,
+            eval_data: DataSpec | None = None, *, hold_out: bool = True) -> Prepared:
+    """Load the model and the data and check everything that can be checked up front."""
+    path = Path(model_path)
+    model = load_model(path)
+    tensors = find_prunable(model)
+    if not tensors:
+        raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+    names = {t.name for t in tensors}
+    unknown = [n for n in config.keep if n not in names]
+    if unknown:
+        raise ConfigError(f"--keep={','.join(unknown)}: no prunable tensor of that name; run `chita-onnx inspect`")
+    tensors = [t for t in tensors if t.name not in config.keep]
+    if not tensors:
+        raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
+    specs = tuple(model_inputs(model))
+    classes = _num_classes(model, config.output)
+    calib: CalibrationSource | None = None
+    if data is not None:
+        calib = open_source(data, specs, batch_size=config.batch_size, seed=config.seed)
+        validate_source(calib, specs, num_classes=classes)
+    ev: CalibrationSource | None = None
+    eval_source = ""
+    if eval_data is not None:
+        ev = open_source(eval_data, specs, batch_size=config.batch_size, seed=config.seed + 1)
+        validate_source(ev, specs, num_classes=classes)
+        eval_source = str(eval_data) if isinstance(eval_data, (str, os.PathLike)) else "evaluation data"
+    elif calib is not None and hold_out:
+        whole = materialize(calib, specs, batch_size=config.batch_size)
+        calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
+        eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
+    layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
+    if calib is None:
+        raise ConfigError("--data is required")
+    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
+
+
+# ------------------------------------------------------------------------------------- gradients
+
+
+def _gradient_rows(prep: Prepared, config: CompressConfig, model: onnx.ModelProto, names: Sequence[str],
+                   out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    from .gradients import per_sample_gradients
+
+    g = per_sample_gradients(model, prep.calib, list(names), loss=config.loss, fisher=config.fisher,
+                             output=config.output, mini_batch=config.mini_batch, num_samples=config.num_samples,
+                             seed=config.seed, out=out, workdir=config.workdir)
+    return g.X
+
+
+def _count_rows(prep: Prepared, config: CompressConfig) -> int:
+    total = sum(int(next(iter(b.inputs.values())).shape[0]) for b in prep.calib)
+    return min(total, config.num_samples) // config.mini_batch
+
+
+# --------------------------------------------------------------------------------------- solving
+
+
+def _solve_stage(prep: Prepared, config: CompressConfig, model: onnx.ModelProto, w_bar: NDArray[np.float32],
+                 budget: Budget, timer: PhaseTimer) -> SolverResult:
+    """Gradients at ``model``'s current weights, then the configured solver, for one budget."""
+    method, layout = config.method, prep.layout
+    if not config.needs_gradients:
+        with timer.phase("solve"):
+            return magnitude(w_bar, budget)
+    n = _count_rows(prep, config)
+    if n < 1:
+        raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {n} calibration samples")
+    scale = np.float32(1.0 / math.sqrt(n))
+    assert config.max_memory is not None
+    if n * layout.p * 4 > config.max_memory:
+        if method not in ("chita", "chita++"):
+            raise ConfigError(
+                f"--max-memory={config.max_memory}: the gradient matrix needs {n * layout.p * 4 / 2**30:.1f} GiB; "
+                f"only chita and chita++ have a block path"
+            )
+        log.info("X (%d x %d) exceeds --max-memory: using the block approximation", n, layout.p)
+
+        def columns(a: int, b: int) -> NDArray[np.float32]:
+            hit = [s for s in layout.slots if s.offset < b and s.stop > a]
+            with timer.phase("gradients"):
+                Xs = _gradient_rows(prep, config, model, [s.name for s in hit])
+            Xs *= scale
+            start = a - hit[0].offset
+            return np.ascontiguousarray(Xs[:, start : start + (b - a)])
+
+        with timer.phase("solve"):
+            return chita_blocked(columns, w_bar, budget, config.ridge, None, block_size=config.block_size,
+                                 max_memory_bytes=config.max_memory, n=n, max_iter=config.max_iter)
+    with timer.phase("gradients"):
+        X = _gradient_rows(prep, config, model, layout.names)
+    alpha = X.mean(axis=0, dtype=np.float64) if config.first_order else None
+    X *= scale
+    with timer.phase("solve"):
+        if method in ("chita", "chita++"):
+            return chita_iht(X, w_bar, budget, config.ridge, alpha, max_iter=config.max_iter)
+        if method == "magnitude":
+            return magnitude(w_bar, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
+        if method == "wf":
+            return wf_solver(X, w_bar, budget, config.ridge, update=config.update != "none")
+        return cbs_solver(X, w_bar, budget, config.ridge, update=method == "cbs" and config.update != "none")
+
+
+def _model_with(prep: Prepared, w: NDArray[np.float32]) -> onnx.ModelProto:
+    tensors = prep.layout.unflatten(w)
+    return write_weights(prep.model, tensors, storage="dense")[0]
+
+
+def prune(prep: Prepared, config: CompressConfig, timer: PhaseTimer | None = None,
+          on_stage: Callable[[int, float, SolverResult, onnx.ModelProto], StageReport] | None = None,
+          ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
+    """Run the configured method (all stages of CHITA++) and return the pruned flat weights."""
+    timer = timer or PhaseTimer()
+    layout = prep.layout
+    w = layout.flatten(get_weights(prep.model, layout.names), dtype=np.float32)
+    sizes = [s.size for s in layout.slots]
+    if config.method == "chita++":
+        assert config.stages is not None and config.start_sparsity is not None
+        levels = sparsity_schedule(config.stages, config.sparsity, config.schedule, config.start_sparsity)
+    else:
+        levels = (config.sparsity,)
+    model = prep.model
+    stages: list[StageReport] = []
+    result: SolverResult | None = None
+    for t, level in enumerate(levels, start=1):
+        t0 = time.perf_counter()
+        budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        result = _solve_stage(prep, config, model, w, budget, timer)
+        if not result.converged:
+            log.warning("stage %d: the %s solver did not converge in %d iterations", t, config.method, result.iterations)
+        w = np.asarray(result.w, dtype=np.float32)
+        if int(np.count_nonzero(w)) > budget.k:
+            raise AssertionError(f"solver kept {np.count_nonzero(w)} > k={budget.k} weights")
+        model = _model_with(prep, w) if len(levels) > 1 else model
+        if on_stage is not None:
+            stages.append(on_stage(t, level, result, model))
+        else:
+            stages.append(StageReport(t, level, budget.k, _finite(result.objective), result.iterations,
+                                      result.converged, None, None, time.perf_counter() - t0))
+        log.info("stage %d/%d: sparsity %.4f, objective %s", t, len(levels), level, stages[-1].objective)
+    assert result is not None
+    return w, stages, result
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+
+def compress(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    data: DataSpec,
+    config: CompressConfig | None = None,
+    *,
+    eval_data: DataSpec | None = None,
+) -> Report:
+    """Prune ``model`` to ``config.sparsity`` with ``config.method`` and write it to ``output``.
+
+    ``data`` is the calibration data (a ``.npz`` path, a folder of them, ``"random"``, a mapping of
+    arrays, or any re-iterable source of batches).  The dense and pruned models are evaluated with
+    onnxruntime on ``eval_data``, or on a held-out part of ``data`` that is never used for pruning.
+    The input file is never modified; the output is written atomically.
+    """
+    config = config or CompressConfig()
+    timer = PhaseTimer()
+    in_path, out_path = Path(model), Path(output)
+    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
+        raise ConfigError(f"OUTPUT={out_path}: the output path is the input model; choose another file")
+    with timer.phase("load"):
+        prep = prepare(in_path, data, config, eval_data)
+    warnings: list[str] = []
+    if isinstance(data, str) and data == "random":
+        warnings.append("pruned with random calibration data: quality needs real data")
+
+    def stage_eval(t: int, level: float, res: SolverResult, m: onnx.ModelProto) -> StageReport:
+        acc = agree = None
+        t0 = time.perf_counter()
+        if config.method == "chita++" and prep.eval is not None:
+            with timer.phase("evaluate"):
+                c = compare(in_path, m.SerializeToString(), prep.eval, prep.specs, config.output)
+            acc, agree = c.pruned_accuracy, c.agreement
+        k = keep_count(level, prep.layout.p)
+        return StageReport(t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree,
+                           time.perf_counter() - t0)
+
+    w, stages, result = prune(prep, config, timer, stage_eval)
+    layout = prep.layout
+    meta = {"tool": f"chita-onnx {__version__}", "method": config.method, "sparsity": config.sparsity,
+            "k": keep_count(config.sparsity, layout.p), "p": layout.p, "scope": config.scope,
+            "tensors": list(layout.names)}
+    with timer.phase("write"):
+        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=config.storage, metadata=meta)
+        save_model(pruned, out_path, input_path=in_path)
+        check_model(out_path)
+    comparison: Comparison | None = None
+    if prep.eval is not None:
+        with timer.phase("evaluate"):
+            comparison = compare(in_path, out_path, prep.eval, prep.specs, config.output)
+    with timer.phase("sizes"):
+        dr, dz = file_sizes(in_path)
+        pr, pz = file_sizes(out_path)
+    by_name = {s.name: s for s in stored}
+    tensors = tuple(
+        TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage) for t in prep.tensors
+    )
+    nnz = sum(t.nnz for t in tensors)
+    if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
+        warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
+    return Report(
+        input=str(in_path), output=str(out_path), method=config.method, config=config.to_dict(), p=layout.p,
+        k=keep_count(config.sparsity, layout.p), nnz=nnz, tensors=tensors, stages=tuple(stages),
+        evaluation=comparison, eval_source=prep.eval_source, sizes=FileSizes(dr, dz, pr, pz),
+        timings=dict(timer.seconds), versions=_versions(), warnings=tuple(warnings),
+    )
+
+
+def evaluate_model(model: str | os.PathLike[str], data: DataSpec, *, output: str | None = None,
+                   batch_size: int = 64) -> Evaluation:
+    """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime."""
+    m = load_model(model)
+    specs = model_inputs(m)
+    source = open_source(data, specs, batch_size=batch_size)
+    validate_source(source, specs, num_classes=_num_classes(m, output))
+    return evaluate(model, source, specs, output)
+
+
+def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
+    """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
+    return find_prunable(load_model(model))

@@ -1,0 +1,146 @@
+"""The report of a compression run: a frozen record, a readable table, and JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .evaluate import Comparison
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One prunable tensor after pruning."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    size: int
+    nnz: int
+    storage: str
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.size if self.size else 0.0
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of CHITA++ (a one-shot method has a single stage)."""
+
+    stage: int
+    sparsity: float
+    k: int
+    objective: float | None
+    iterations: int
+    converged: bool
+    accuracy: float | None
+    agreement: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FileSizes:
+    """Bytes on disk, raw and zstd-compressed, of the dense input and the pruned output."""
+
+    dense_raw: int
+    dense_zstd: int
+    pruned_raw: int
+    pruned_zstd: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run did and measured.  ``timings`` holds seconds per phase."""
+
+    input: str
+    output: str
+    method: str
+    config: dict[str, Any]
+    p: int
+    k: int
+    nnz: int
+    tensors: tuple[TensorReport, ...]
+    stages: tuple[StageReport, ...]
+    evaluation: Comparison | None
+    eval_source: str
+    sizes: FileSizes | None
+    timings: dict[str, float]
+    versions: dict[str, str]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.p if self.p else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        for t, td in zip(self.tensors, d["tensors"], strict=True):
+            td["sparsity"] = t.sparsity
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _size(b: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024  # type: ignore[assignment]
+    return str(b)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain fixed-width text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*header), line]
+    out += [fmt.format(*[str(c) for c in r]) for r in rows]
+    return "\n".join(out)
+
+
+def format_report(r: Report) -> str:
+    """The human-readable summary printed by ``chita-onnx compress``."""
+    parts = [
+        f"{r.input} -> {r.output}",
+        f"method {r.method}: kept {r.nnz:,} of {r.p:,} prunable weights (k = {r.k:,}), sparsity {100 * r.sparsity:.2f}%",
+        "",
+        table(
+            [[t.name, t.op_type, "x".join(map(str, t.shape)), f"{t.size:,}", f"{t.nnz:,}", _pct(t.sparsity), t.storage]
+             for t in r.tensors],
+            ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
+        ),
+    ]
+    if len(r.stages) > 1:
+        parts += ["", table(
+            [[str(s.stage), _pct(s.sparsity), "-" if s.objective is None else f"{s.objective:.4g}",
+              _pct(s.accuracy), _pct(s.agreement), f"{s.seconds:.2f}s"] for s in r.stages],
+            ["stage", "sparsity", "objective", "accuracy", "agreement", "time"],
+        )]
+    if r.evaluation is not None:
+        e = r.evaluation
+        parts += ["", f"evaluation on {e.samples} samples ({r.eval_source}), output {e.output!r}:", table(
+            [["top-1 accuracy", _pct(e.dense_accuracy), _pct(e.pruned_accuracy)],
+             ["top-1 agreement with dense", "", _pct(e.agreement)],
+             ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
+             ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"]],
+            ["", "dense", "pruned"],
+        )]
+    if r.sizes is not None:
+        s = r.sizes
+        parts += ["", table(
+            [["raw", _size(s.dense_raw), _size(s.pruned_raw), f"{s.pruned_raw / s.dense_raw:.2f}x"],
+             ["zstd", _size(s.dense_zstd), _size(s.pruned_zstd), f"{s.pruned_zstd / s.dense_zstd:.2f}x"]],
+            ["file size", "dense", "pruned", "ratio"],
+        )]
+    parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
+    parts += [f"warning: {w}" for w in r.warnings]
+    return "\n".join(parts)

@@ -1,0 +1,204 @@
+"""The ``chita-onnx`` command line: a thin click layer over :mod:`chita_onnx`.
+
+Every ``compress`` flag maps one to one onto a :class:`chita_onnx.CompressConfig` field.  Errors from
+the library are printed as one line and mapped to exit codes: 2 for usage errors, 1 for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+import chita_onnx
+from chita_onnx.config import METHODS, CompressConfig
+from chita_onnx.errors import ChitaError
+from chita_onnx.progress import set_progress
+from chita_onnx.report import format_report, table
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("chita_onnx")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def _parse_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    m = _SIZE.match(value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size such as 4G, 512M or 1000000", ctx, param)
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
+
+
+def _parse_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _run(fn: F) -> F:
+    """Map library errors to a one-line message and the error's exit code, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ChitaError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; lower --num-samples or --max-memory", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: internal error {type(exc).__name__}: {first} (run with -v -v for details)", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(chita_onnx.__version__, prog_name="chita-onnx")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -v -v debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("--progress/--no-progress", default=None, help="Force progress bars on or off (default: on a terminal).")
+def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
+    """Prune ONNX models with CHITA: combinatorial optimisation over the empirical Fisher."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("chita_onnx").setLevel(level)
+    set_progress(False if quiet else progress)
+
+
+def _config_options(fn: F) -> F:
+    """The flags of every ``CompressConfig`` field (one flag per field, same name)."""
+    d = CompressConfig()
+    options = [
+        click.option("--sparsity", type=float, default=d.sparsity, show_default=True,
+                     help="Fraction of the prunable weights set to zero; keeps exactly round((1-s)·p)."),
+        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True,
+                     help="chita (one shot), chita++ (multi-stage), or a baseline: magnitude, wf, cbs, cbs-s."),
+        click.option("--update", type=click.Choice(["auto", "none", "obs"]), default=d.update, show_default=True,
+                     help="Weight update after selection: the method's own (auto), none, or a ridge backsolve (obs)."),
+        click.option("--scope", type=click.Choice(["global", "layer"]), default=d.scope, show_default=True,
+                     help="One budget over all tensors, or the same sparsity in every tensor."),
+        click.option("--keep", callback=_parse_list, default="", help="Comma-separated tensors never to prune."),
+        click.option("--min-density", type=float, default=d.min_density, show_default=True,
+                     help="Every tensor keeps at least this fraction of its weights."),
+        click.option("--ridge", type=float, default=d.ridge, show_default=True,
+                     help="λ: damping of the Fisher, the trust region around the trained weights."),
+        click.option("--first-order/--no-first-order", default=d.first_order, show_default=True,
+                     help="Add the mean-gradient term αᵀ(w − w̄) to the quadratic model."),
+        click.option("--stages", type=int, default=None, help="CHITA++ stages (default 10 for chita++, else 1)."),
+        click.option("--schedule", type=click.Choice(["poly", "exp", "linear", "const"]), default=d.schedule,
+                     show_default=True, help="How CHITA++ raises sparsity over the stages."),
+        click.option("--start-sparsity", type=float, default=None,
+                     help="CHITA++ sparsity of the first stage (default min(0.5, --sparsity))."),
+        click.option("--max-iter", type=int, default=d.max_iter, show_default=True, help="Solver iteration cap."),
+        click.option("--block-size", type=int, default=d.block_size, show_default=True,
+                     help="Weights per block of the block approximation."),
+        click.option("--max-memory", callback=_parse_bytes, default=None,
+                     help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
+                          "(default 40%% of RAM)."),
+        click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default=d.loss, show_default=True,
+                     help="Loss for the gradients: cross-entropy, or Gauss-Newton (mse) for non-classifiers."),
+        click.option("--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default=d.fisher,
+                     show_default=True, help="Targets: true labels (empirical), sampled from the model, or its argmax."),
+        click.option("--output", default=None, help="Model output to use (multi-output models)."),
+        click.option("--mini-batch", type=int, default=d.mini_batch, show_default=True,
+                     help="Each gradient row is the mean over this many samples."),
+        click.option("--num-samples", type=int, default=d.num_samples, show_default=True,
+                     help="Calibration samples used for the gradients (at most)."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
+        click.option("--storage", type=click.Choice(["auto", "sparse", "dense"]), default=d.storage, show_default=True,
+                     help="sparse_initializer where smaller (auto), always (sparse), or dense with zeros."),
+        click.option("--holdout", type=float, default=d.holdout, show_default=True,
+                     help="Fraction of the calibration data held out for evaluation when --eval-data is absent."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+                     help="Batch size for reading data and evaluating."),
+        click.option("--workdir", type=click.Path(file_okay=False), default=None,
+                     help="Folder for a memory-mapped gradient matrix when it does not fit in RAM."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _config_from(kwargs: dict[str, Any]) -> CompressConfig:
+    names = {f.name for f in dataclasses.fields(CompressConfig)}
+    return CompressConfig(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _write_json(path: str | None, payload: str) -> None:
+    if path:
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(payload + "\n")
+        tmp.replace(path)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@_config_options
+@_run
+def compress(model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None,
+             **kwargs: Any) -> None:
+    """Prune MODEL and write the pruned model to OUTPUT, with an accuracy report."""
+    config = _config_from(kwargs)
+    report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data)
+    click.echo(format_report(report))
+    _write_json(report_path, report.to_json())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_run
+def inspect(model: str, as_json: bool) -> None:
+    """List the prunable weight tensors of MODEL."""
+    tensors = chita_onnx.inspect_model(model)
+    if as_json:
+        click.echo(json.dumps([{**dataclasses.asdict(t), "size": t.size} for t in tensors], indent=2))
+        return
+    rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
+    click.echo(table(rows, ["tensor", "op", "node", "shape", "weights"]))
+    click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Labelled data: .npz or a folder of .npz batches.")
+@click.option("--output", default=None, help="Model output to score (default: the first).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@_run
+def evaluate(model: str, data: str, output: str | None, batch_size: int, report_path: str | None) -> None:
+    """Measure MODEL's top-1 accuracy with onnxruntime."""
+    ev = chita_onnx.evaluate_model(model, data, output=output, batch_size=batch_size)
+    acc = "n/a (no labels or not a classifier)" if ev.accuracy is None else f"{100 * ev.accuracy:.2f}%"
+    click.echo(f"{model}: top-1 accuracy {acc} on {ev.samples} samples ({ev.seconds:.2f}s)")
+    _write_json(report_path, json.dumps({"model": model, **dataclasses.asdict(ev)}, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="chita-onnx")
+
+
+if __name__ == "__main__":
+    main()

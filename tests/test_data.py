@@ -1,0 +1,110 @@
+"""Calibration data: formats, validation against the model, and held-out splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_mlp
+
+from chita_onnx.data import ArraySource, NpzFolderSource, open_source, split_holdout, validate_source
+from chita_onnx.data_types import Batch, CalibrationSource
+from chita_onnx.errors import DataError
+from chita_onnx.graph import model_inputs
+
+SPECS = model_inputs(tiny_mlp())
+
+
+def _x(n: int = 10, d: int = 12, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def test_npz_by_input_name_with_labels_is_reiterable(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=_x(10), labels=np.arange(10) % 5)
+    src = open_source(tmp_path / "d.npz", SPECS, batch_size=4)
+    assert validate_source(src, SPECS, num_classes=5) == 10
+    first = [b.labels.tolist() for b in src if b.labels is not None]
+    second = [b.labels.tolist() for b in src if b.labels is not None]
+    assert first == second == [[0, 1, 2, 3], [4, 0, 1, 2], [3, 4]]
+
+
+def test_single_input_model_accepts_any_one_array_and_labels_are_optional(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", whatever=_x(6))
+    src = open_source(tmp_path / "d.npz", SPECS)
+    batches = list(src)
+    assert list(batches[0].inputs) == ["x"] and batches[0].labels is None
+    assert validate_source(src, SPECS) == 6
+
+
+def test_folder_of_npz_batches(tmp_path: Path) -> None:
+    for i in range(3):
+        np.savez(tmp_path / f"b{i}.npz", x=_x(4, seed=i), labels=np.full(4, i))
+    src = open_source(tmp_path, SPECS)
+    assert isinstance(src, NpzFolderSource)
+    assert validate_source(src, SPECS, num_classes=5) == 12
+    assert [int(b.labels[0]) for b in src if b.labels is not None] == [0, 1, 2]
+
+
+def test_random_data_warns(caplog: pytest.LogCaptureFixture) -> None:
+    src = open_source("random", SPECS, seed=3)
+    assert validate_source(src, SPECS) == 128
+    assert "random calibration data" in caplog.text
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
+    np.savez(tmp_path / "evil.npz", x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataError, match=r"evil\.npz: array 'x' holds Python objects"):
+        open_source(tmp_path / "evil.npz", SPECS)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((4, 7), np.float32)}, r"input 'x' has shape \(4, 7\), the model expects \('\?', 12\)"),
+        ({"x": np.zeros((4, 12), np.int32)}, "input 'x' has dtype int32"),
+        ({"x": np.zeros((4, 12), np.float32), "labels": np.array([0, 1, 2, 9])}, "label 9 is out of range"),
+        ({"x": np.zeros((4, 12), np.float32), "labels": np.array([0, -1, 2, 3])}, "label -1 is out of range"),
+        ({"x": np.zeros((4, 12), np.float32), "labels": np.zeros(4)}, "'labels' must be integers"),
+    ],
+)
+def test_bad_arrays_name_the_file_and_value(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=r"bad\.npz.*" + message):
+        validate_source(open_source(tmp_path / "bad.npz", SPECS), SPECS, num_classes=5)
+
+
+def test_missing_input_in_multi_key_npz(tmp_path: Path) -> None:
+    np.savez(tmp_path / "two.npz", a=_x(), b=_x())
+    with pytest.raises(DataError, match=r"two\.npz: the model has one input 'x'"):
+        open_source(tmp_path / "two.npz", SPECS)
+
+
+def test_in_memory_arrays_and_custom_sources() -> None:
+    src = open_source({"x": _x(5), "labels": np.arange(5) % 5}, SPECS)
+    assert validate_source(src, SPECS, num_classes=5) == 5
+
+    class Reader:
+        """A user-defined re-iterable source, like an ORT CalibrationDataReader that can restart."""
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(2):
+                yield Batch({"x": _x(3, seed=i)}, None)
+
+    custom = Reader()
+    assert isinstance(custom, CalibrationSource)
+    assert open_source(custom, SPECS) is custom
+    assert validate_source(custom, SPECS) == 6
+
+
+def test_holdout_split_is_disjoint_seeded_and_complete() -> None:
+    x = _x(50)
+    x[:, 0] = np.arange(50)
+    src = ArraySource({"x": x}, np.arange(50) % 5)
+    calib, held = split_holdout(src, 0.2, seed=7)
+    ids_c, ids_h = set(calib.inputs["x"][:, 0].tolist()), set(held.inputs["x"][:, 0].tolist())
+    assert len(ids_h) == 10 and len(ids_c) == 40 and not ids_c & ids_h
+    again = split_holdout(src, 0.2, seed=7)[1]
+    np.testing.assert_array_equal(again.inputs["x"], held.inputs["x"])
+    with pytest.raises(DataError, match="too few"):
+        split_holdout(ArraySource({"x": _x(1)}), 0.2)
