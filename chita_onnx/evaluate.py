@@ -121,21 +121,45 @@ def evaluate(model: str | os.PathLike[str] | bytes, source: CalibrationSource, s
     return Evaluation(samples=int(y.shape[0]), accuracy=top1(y, labels), seconds=time.perf_counter() - t0)
 
 
-def compare(dense: str | os.PathLike[str] | bytes, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource,
-            specs: Sequence[InputSpec], output: str | None = None) -> Comparison:
-    """Evaluate both models with onnxruntime on ``source`` and compare their outputs."""
+@dataclass(frozen=True)
+class Reference:
+    """The dense model's outputs on an evaluation set, computed once and compared against many times."""
+
+    output: str
+    y: NDArray[np.floating]
+    labels: NDArray[np.int64] | None
+    seconds: float
+
+
+def reference(dense: str | os.PathLike[str] | bytes, source: CalibrationSource, specs: Sequence[InputSpec],
+              output: str | None = None) -> Reference:
+    """Run the dense model once over ``source``."""
     t0 = time.perf_counter()
-    sd, sp = make_session(dense), make_session(pruned)
-    name = output or sd.get_outputs()[0].name
-    yd, labels = run_model(sd, source, specs, name, desc="evaluate dense")
-    yp, _ = run_model(sp, source, specs, name, desc="evaluate pruned")
+    session = make_session(dense)
+    name = output or session.get_outputs()[0].name
+    y, labels = run_model(session, source, specs, name, desc="evaluate dense")
+    return Reference(name, y, labels, time.perf_counter() - t0)
+
+
+def compare_to(ref: Reference, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource,
+               specs: Sequence[InputSpec]) -> Comparison:
+    """Evaluate the pruned model on the same ``source`` and compare it with the dense reference."""
+    t0 = time.perf_counter()
+    yp, _ = run_model(make_session(pruned), source, specs, ref.output, desc="evaluate pruned")
+    yd = ref.y
     diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
     agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
     return Comparison(
-        samples=int(yd.shape[0]), output=name, dense_accuracy=top1(yd, labels), pruned_accuracy=top1(yp, labels),
-        agreement=agree, max_abs_diff=float(diff.max(initial=0.0)), mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
-        seconds=time.perf_counter() - t0,
+        samples=int(yd.shape[0]), output=ref.output, dense_accuracy=top1(yd, ref.labels),
+        pruned_accuracy=top1(yp, ref.labels), agreement=agree, max_abs_diff=float(diff.max(initial=0.0)),
+        mean_abs_diff=float(diff.mean()) if diff.size else 0.0, seconds=ref.seconds + time.perf_counter() - t0,
     )
+
+
+def compare(dense: str | os.PathLike[str] | bytes, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource,
+            specs: Sequence[InputSpec], output: str | None = None) -> Comparison:
+    """Evaluate both models with onnxruntime on ``source`` and compare their outputs."""
+    return compare_to(reference(dense, source, specs, output), pruned, source, specs)
 
 
 def file_sizes(path: str | os.PathLike[str], *, level: int = 9) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from .config import CompressConfig
 from .data import DataSpec, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .errors import ConfigError, ModelError
-from .evaluate import Comparison, Evaluation, compare, evaluate, file_sizes
+from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .graph import (
     PrunableTensor,
     check_model,
@@ -276,12 +276,17 @@ def compress(
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
 
+    ref: Reference | None = None
+    if prep.eval is not None:
+        with timer.phase("evaluate"):
+            ref = reference(in_path, prep.eval, prep.specs, config.output)
+
     def stage_eval(t: int, level: float, res: SolverResult, m: onnx.ModelProto) -> StageReport:
         acc = agree = None
         t0 = time.perf_counter()
-        if config.method == "chita++" and prep.eval is not None:
+        if config.method == "chita++" and ref is not None and prep.eval is not None:
             with timer.phase("evaluate"):
-                c = compare(in_path, m.SerializeToString(), prep.eval, prep.specs, config.output)
+                c = compare_to(ref, m.SerializeToString(), prep.eval, prep.specs)
             acc, agree = c.pruned_accuracy, c.agreement
         k = keep_count(level, prep.layout.p)
         return StageReport(t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree,
@@ -297,9 +302,9 @@ def compress(
         save_model(pruned, out_path, input_path=in_path)
         check_model(out_path)
     comparison: Comparison | None = None
-    if prep.eval is not None:
+    if ref is not None and prep.eval is not None:
         with timer.phase("evaluate"):
-            comparison = compare(in_path, out_path, prep.eval, prep.specs, config.output)
+            comparison = compare_to(ref, out_path, prep.eval, prep.specs)
     with timer.phase("sizes"):
         dr, dz = file_sizes(in_path)
         pr, pz = file_sizes(out_path)

@@ -77,7 +77,8 @@ def _run(fn: F) -> F:
 def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
     """Prune ONNX models with CHITA: combinatorial optimisation over the empirical Fisher."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force=True: importing onnxruntime(-training) already configured the root logger
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("chita_onnx").setLevel(level)
     set_progress(False if quiet else progress)
 

@@ -1,0 +1,841 @@
+"""Per-sample loss gradients of an ONNX model with onnxruntime-training, in inference semantics.
+
+The public entry point is :func:`per_sample_gradients`; :class:`GradientEngine` is the reusable
+lower level (build once, ``compute`` many times, ``set_weights`` between stages).
+
+Row ``i`` of the result ``X`` (shape ``(n, p)``, float32) is the gradient, with respect to the
+prunable weights laid out by :class:`~chita_onnx.layout.Layout`, of the loss of sample ``i`` (or the
+mean loss of the ``i``-th group of ``mini_batch`` consecutive samples).  The loss depends on the head:
+
+* logits (a Softmax/LogSoftmax output, walked back through ZipMap/Identity/Cast; or any output with
+  a class axis when labels are given): cross-entropy ``−log softmax(z)_y``;
+* probabilities (skl2onnx's ``Concat[1−σ, σ]`` binary head, or rows that are non-negative and sum to
+  one): ``−log clip(p_y, 1e-30, 1)``;
+* anything else, or ``loss="mse"``: a Gauss-Newton probe ``½‖y − t‖²`` with ``t = y + ε``,
+  ``ε ~ N(0, I)`` seeded, so a row is ``−Jᵀε`` and ``E[g gᵀ] = JᵀJ``.
+
+The class ``y`` is the label (``fisher="empirical"``), a draw from the model's own predictive
+distribution (``"sampled"``, seeded) or its arg-max (``"argmax"``).
+
+Two code paths produce identical rows: the one-sample path (recipe A′ of docs/ort-gradients.md:
+the gradient graph run once per row, with each ``<w>_grad`` output bound straight to its slice of
+the row) and the batched path (see :mod:`.batched`), which is checked against the one-sample path
+on the first rows of every run and abandoned if it disagrees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import helper, numpy_helper
+
+from ..data_types import Batch, CalibrationSource
+from ..errors import ChitaError, ConfigError, DataError, ModelError
+from ..layout import Layout
+from ..progress import progress
+from ._ort import Runner, build_gradient_model
+from .batched import BatchedPath, NotEligibleError
+from .prepare import (
+    Forward,
+    Head,
+    HeadKind,
+    attach_loss,
+    build_forward,
+    cut_to,
+    default_class_axis,
+    find_head,
+    normalize,
+    select_output,
+)
+
+log = logging.getLogger(__name__)
+
+Loss = Literal["auto", "ce", "mse"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Method = Literal["auto", "single", "batched"]
+
+#: Rows checked against the one-sample path before the batched path is trusted.
+CHECK_ROWS = 4
+#: Relative error allowed between the two paths on the check rows (random probe targets):
+#: over the whole check block (Frobenius) and on any single row.
+CHECK_RTOL = 1e-5
+CHECK_ROW_RTOL = 1e-4
+_PROBE_SEED = 0x5EED
+
+
+def _disagreement(got: NDArray[np.float32], ref: NDArray[np.float32]) -> tuple[float, float]:
+    """``(‖got − ref‖_F / ‖ref‖_F, max over rows of the per-row relative error)``; NaN → inf."""
+    d = got.astype(np.float64) - ref
+    r = np.linalg.norm(ref.astype(np.float64), axis=1)
+    e = np.linalg.norm(d, axis=1)
+    total = float(np.sqrt((e**2).sum()) / max(float(np.sqrt((r**2).sum())), 1e-300))
+    rows = e / np.maximum(r, 1e-300)
+    worst = float(rows.max()) if rows.size else 0.0
+    if not (np.isfinite(total) and np.isfinite(worst)):
+        return float("inf"), float("inf")
+    return total, worst
+
+
+@dataclass(frozen=True)
+class GradientMatrix:
+    """Per-sample gradients ``X`` (``(n, p)`` float32, raw: not scaled) and how they were made.
+
+    ``loss`` is ``"ce"`` (cross-entropy on logits or NLL on probabilities, see ``head``) or ``"mse"``
+    (Gauss-Newton probe); ``fisher`` the label choice; ``timings`` seconds per phase.
+    """
+
+    X: NDArray[np.float32]
+    layout: Layout
+    loss: Literal["ce", "mse"]
+    fisher: Literal["empirical", "sampled", "argmax"]
+    n: int
+    timings: dict[str, float] = field(default_factory=dict)
+    head: HeadKind = "logits"
+    output: str = ""
+    mini_batch: int = 1
+    method: Literal["single", "batched"] = "single"
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Block:
+    inputs: dict[str, NDArray[Any]]
+    labels: NDArray[np.int64] | None
+    count: int
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    name: str
+    dtype: np.dtype[Any]
+    sample_shape: tuple[int, ...]
+
+
+def _check_batch(
+    batch: Batch, specs: Sequence[_InputSpec], labels_expected: bool | None
+) -> tuple[dict[str, NDArray[Any]], NDArray[np.int64] | None, int]:
+    inputs, raw_labels = batch[0], batch[1]
+    arrays: dict[str, NDArray[Any]] = {}
+    size = -1
+    for s in specs:
+        if s.name not in inputs:
+            raise DataError(
+                f"the calibration data has no array for model input {s.name!r} (has {sorted(inputs)})"
+            )
+        arr = np.asarray(inputs[s.name])
+        if arr.ndim == 0 or tuple(arr.shape[1:]) != s.sample_shape:
+            raise DataError(
+                f"calibration input {s.name!r} has shape {list(arr.shape)}; "
+                f"expected (batch, {', '.join(map(str, s.sample_shape))})"
+            )
+        if size >= 0 and arr.shape[0] != size:
+            raise DataError(
+                f"calibration arrays differ in batch size ({size} vs {arr.shape[0]} for {s.name!r})"
+            )
+        size = int(arr.shape[0])
+        if arr.dtype != s.dtype:
+            if not np.can_cast(arr.dtype, s.dtype, "same_kind"):
+                raise DataError(
+                    f"calibration input {s.name!r} has dtype {arr.dtype}; the model expects {s.dtype}"
+                )
+            arr = arr.astype(s.dtype)
+        arrays[s.name] = arr
+    labels: NDArray[np.int64] | None = None
+    if raw_labels is not None:
+        lab = np.asarray(raw_labels)
+        if lab.shape != (size,):
+            raise DataError(f"labels have shape {list(lab.shape)}; expected ({size},)")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise DataError(f"labels must be integer class indices, got dtype {lab.dtype}")
+        labels = lab.astype(np.int64, copy=False)
+    if labels_expected is True and labels is None:
+        raise DataError("some calibration batches have labels and others do not")
+    return arrays, labels, size
+
+
+def _count_samples(data: CalibrationSource, limit: int | None) -> tuple[int, bool]:
+    total, has_labels = 0, False
+    for batch in data:
+        total += int(np.shape(next(iter(batch[0].values())))[0])
+        has_labels = has_labels or batch[1] is not None
+        if limit is not None and total >= limit:
+            break
+    return total, has_labels
+
+
+def _stream(
+    data: CalibrationSource, specs: Sequence[_InputSpec], size: int, limit: int, need_labels: bool, pad: bool
+) -> Iterator[_Block]:
+    """Blocks of exactly ``size`` consecutive samples (the last may be short; padded with zeros
+    when ``pad``) until ``limit`` samples were served."""
+    pend: dict[str, list[NDArray[Any]]] = {s.name: [] for s in specs}
+    pend_lab: list[NDArray[np.int64]] = []
+    have = taken = 0
+
+    def emit() -> _Block:
+        nonlocal have
+        inputs: dict[str, NDArray[Any]] = {}
+        for s in specs:
+            parts = pend[s.name]
+            arr = np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+            if pad and have < size:
+                arr = np.concatenate([arr, np.zeros((size - have, *s.sample_shape), s.dtype)])
+            inputs[s.name] = arr
+            parts.clear()
+        labels = None
+        if need_labels:
+            labels = pend_lab[0] if len(pend_lab) == 1 else np.concatenate(pend_lab)
+            pend_lab.clear()
+        block = _Block(inputs, labels, have)
+        have = 0
+        return block
+
+    for batch in data:
+        arrays, labels, b = _check_batch(batch, specs, True if need_labels else None)
+        pos = 0
+        while pos < b and taken < limit:
+            k = min(b - pos, size - have, limit - taken)
+            for s in specs:
+                pend[s.name].append(arrays[s.name][pos : pos + k])
+            if need_labels:
+                assert labels is not None
+                pend_lab.append(labels[pos : pos + k])
+            have += k
+            taken += k
+            pos += k
+            if have == size:
+                yield emit()
+        if taken >= limit:
+            break
+    if have:
+        yield emit()
+
+
+# ---------------------------------------------------------------------------------------- targets
+
+
+def _softmax(z: NDArray[np.floating], axis: int) -> NDArray[np.float64]:
+    z64 = z.astype(np.float64)
+    z64 = z64 - z64.max(axis=axis, keepdims=True)
+    e = np.exp(z64)
+    return cast(NDArray[np.float64], e / e.sum(axis=axis, keepdims=True))
+
+
+def make_targets(
+    head: Head,
+    fisher: str,
+    labels: NDArray[np.int64] | None,
+    preds: NDArray[np.floating] | None,
+    rng: np.random.Generator,
+    count: int,
+    size: int,
+    mini_batch: int,
+) -> NDArray[np.float32]:
+    """The loss weights ``T`` (``(size, *head.shape[1:])``) for ``count`` samples; rows ≥ count are 0.
+
+    The graph loss is ``Σ T ⊙ f(h)``: ``T = −onehot(y)/m`` gives the mean cross-entropy/NLL of the
+    ``m`` samples of a row; ``T = −ε/m`` gives the Gauss-Newton probe.  ``rng`` is consumed in sample
+    order, so blocks of any size see the same draws.
+    """
+    per = head.shape[1:]
+    T = np.zeros((size, *per), np.float32)
+    scale = -1.0 / mini_batch
+    if count == 0:
+        return T
+    if head.kind == "regression":
+        eps = rng.standard_normal((count, *per))
+        T[:count] = (eps * scale).astype(np.float32)
+        return T
+    axis = head.class_axis
+    C = head.num_classes
+    assert axis is not None
+    assert C is not None
+    P = head.positions
+    if fisher == "empirical":
+        if labels is None:
+            raise DataError("fisher='empirical' needs labels in the calibration data")
+        if P != 1:
+            raise DataError(f"labels of shape (batch,) cannot label an output of shape {list(head.shape)}")
+        lab = labels[:count]
+        bad = np.flatnonzero((lab < 0) | (lab >= C))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"label {int(lab[i])} of calibration sample {i} (in its block) is outside [0, {C}): "
+                f"the output {head.tensor!r} has {C} classes"
+            )
+        idx = lab.reshape(count, 1)
+    else:
+        assert preds is not None
+        q = np.moveaxis(preds[:count], axis, -1).reshape(count, P, C)
+        if head.kind == "logits":
+            probs = _softmax(q, -1)
+        else:
+            q64 = np.clip(q.astype(np.float64), 0.0, None)
+            s = q64.sum(-1, keepdims=True)
+            probs = np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C)
+        if fisher == "argmax":
+            idx = probs.argmax(-1)
+        else:
+            u = rng.random((count, P))
+            idx = np.minimum((np.cumsum(probs, -1) < u[..., None]).sum(-1), C - 1)
+    onehot = np.zeros((count, P, C), np.float32)
+    onehot[np.arange(count)[:, None], np.arange(P)[None, :], idx] = scale
+    other = [d for k, d in enumerate(per, start=1) if k != axis]
+    T[:count] = np.moveaxis(onehot.reshape(count, *other, C), -1, axis)
+    return T
+
+
+# ----------------------------------------------------------------------------------------- engine
+
+
+def _default_weights(model: onnx.ModelProto) -> list[str]:
+    from ..graph import find_prunable
+
+    return [t.name for t in find_prunable(model)]
+
+
+def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Initializers and Constant-node tensors: ``name -> (shape, elem_type)``."""
+    out = {t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[n.output[0]] = (tuple(int(d) for d in a.t.dims), int(a.t.data_type))
+    return out
+
+
+class GradientEngine:
+    """Builds the gradient graph(s) of one model once; computes per-sample gradient matrices.
+
+    ``example`` is one calibration batch: it fixes the per-sample input shapes (dynamic dims are set
+    to them, the batch dim to ``mini_batch``) and tells whether labels exist.  The weights are graph
+    inputs of the gradient graphs, so :meth:`set_weights` changes them without rebuilding.
+    ``method``: ``"single"`` (one gradient-graph run per row), ``"batched"`` (recipe B, verified,
+    falls back to single), or ``"auto"`` (batched when eligible and verified, unless the
+    one-sample path measures faster on the check rows).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weights: Sequence[str] | None = None,
+        *,
+        example: Batch,
+        loss: Loss = "auto",
+        output: str | None = None,
+        mini_batch: int = 1,
+        method: Method = "auto",
+        chunk: int = 32,
+        threads: int = 1,
+    ) -> None:
+        t0 = time.perf_counter()
+        if loss not in ("auto", "ce", "mse"):
+            raise ConfigError(f"loss must be auto, ce or mse, got {loss!r}")
+        if method not in ("auto", "single", "batched"):
+            raise ConfigError(f"method must be auto, single or batched, got {method!r}")
+        if not isinstance(mini_batch, (int, np.integer)) or mini_batch < 1:
+            raise ConfigError(f"mini_batch must be a positive integer, got {mini_batch!r}")
+        self.m = int(mini_batch)
+        self.method: Method = method
+        self.chunk = max(1, int(chunk) // self.m) * self.m
+        self.threads = max(1, int(threads))
+        self.timings: dict[str, float] = {}
+
+        known = _tensor_shapes(model)
+        names = list(weights) if weights is not None else _default_weights(model)
+        if not names:
+            raise ModelError("no prunable weights: nothing to differentiate")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"weights are listed twice: {sorted({w for w in names if names.count(w) > 1})}")
+        for w in names:
+            if w not in known:
+                raise ConfigError(f"weight {w!r} is neither an initializer nor a Constant node of the model")
+            if known[w][1] != onnx.TensorProto.FLOAT:
+                raise ModelError(
+                    f"weight {w!r} is {helper.tensor_dtype_to_np_dtype(known[w][1])}; "
+                    "only float32 weights are supported"
+                )
+        self.weights = tuple(names)
+        self.layout = Layout.from_shapes((w, known[w][0]) for w in names)
+        prunable = [w for w in self._prunable(model) if w in known and known[w][1] == onnx.TensorProto.FLOAT]
+        self.updatable = tuple(dict.fromkeys([*names, *prunable]))
+
+        # the example's shapes and labels
+        ex_inputs = example[0]
+        self.sample_shapes = {k: tuple(int(d) for d in np.shape(v)[1:]) for k, v in ex_inputs.items()}
+        self.has_labels = example[1] is not None
+
+        # output, head
+        self.output = select_output(model, output)
+        t = self.output
+        prod = {o: n for n in model.graph.node for o in n.output}
+        while (node := prod.get(t)) is not None and node.op_type in ("ZipMap", "Identity", "Cast"):
+            t = node.input[0]
+        self.norm = normalize(cut_to(model, t))
+        guess = find_head(self.norm, t)
+        inits = {i.name: i for i in self.norm.graph.initializer}
+        self.values: dict[str, NDArray[np.float32]] = {
+            w: np.ascontiguousarray(numpy_helper.to_array(inits[w]), dtype=np.float32)
+            for w in self.updatable
+            if w in inits
+        }
+        kind, tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
+        log.info(
+            "loss: %s on %r (%s)",
+            {
+                "logits": "cross-entropy",
+                "probabilities": "NLL on probabilities",
+                "regression": "Gauss-Newton",
+            }[kind],
+            tensor,
+            why,
+        )
+        self.kind: HeadKind = kind
+        self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
+        self._head_args = (kind, tensor, axis)
+
+        # the one-sample path
+        self.fwd = self._forward(self.m)
+        self.head = self.fwd.head
+        self.on_path = self.fwd.on_path
+        missing = [w for w in self.weights if w not in self.on_path]
+        if missing:
+            log.warning(
+                "%d weight(s) do not influence the loss; their gradient columns are zero: %s",
+                len(missing),
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )
+        tb = time.perf_counter()
+        self._single: Runner | None = None
+        self._target = ""
+        if self.on_path:
+            lm, self._target, lname = attach_loss(self.fwd)
+            gm = build_gradient_model(lm, self.on_path, lname)
+            self.timings["build"] = time.perf_counter() - tb
+            ts = time.perf_counter()
+            self._single = Runner(gm, self.values, self.threads)
+            self.timings["session"] = time.perf_counter() - ts
+        self._predictor: Runner | None = None
+        self._pred_buf: NDArray[np.float32] | None = None
+        self._batched: BatchedPath | None = None
+        self._batched_failed = ""
+        self.timings["engine"] = time.perf_counter() - t0
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def _prunable(model: onnx.ModelProto) -> list[str]:
+        try:
+            return _default_weights(model)
+        except ChitaError:
+            return []
+
+    def _forward(
+        self, batch: int, kind: HeadKind | None = None, tensor: str | None = None, axis: int | None = None
+    ) -> Forward:
+        k, t, a = self._head_args if kind is None else (kind, tensor, axis)
+        assert t is not None
+        return build_forward(
+            self.norm,
+            k,
+            t,
+            a,
+            batch=batch,
+            sample_shapes=self.sample_shapes,
+            weights=self.weights,
+            updatable=self.updatable,
+        )
+
+    def _decide_head(
+        self, guess: Any, loss: Loss, ex_inputs: Mapping[str, Any]
+    ) -> tuple[HeadKind, str, int | None, str]:
+        if loss == "mse":
+            return "regression", guess.output, None, "loss='mse'"
+        if guess.kind is not None:
+            return cast(HeadKind, guess.kind), guess.tensor, guess.class_axis, guess.reason
+        # Decide from the data: a forward run on the example batch.
+        size = int(np.shape(next(iter(ex_inputs.values())))[0])
+        b = self.m if size >= self.m else size
+        ex_inputs = {k: np.asarray(v)[:b] for k, v in ex_inputs.items()}
+        probe = self._forward(b, "regression", guess.tensor, None)
+        shape = probe.head.shape
+        axis = default_class_axis(shape)
+        y: NDArray[np.float32] | None = None
+        if axis is not None and shape[axis] >= 2:
+            runner = Runner(probe.model, self.values, self.threads)
+            specs = [_InputSpec(n, d, s[1:]) for n, d, s in probe.data_inputs]
+            arrays, _, _ = _check_batch(Batch(ex_inputs, None), specs, None)
+            for name, arr in arrays.items():
+                runner.bind_input(name, np.ascontiguousarray(arr))
+            y = np.zeros(shape, np.float32)
+            runner.bind_output_array(guess.tensor, y)
+            runner.run()
+            sums = y.astype(np.float64).sum(axis=axis)
+            if y.min() >= -1e-6 and np.all(np.abs(sums - 1.0) <= 1e-4):
+                return "probabilities", guess.tensor, axis, "non-negative rows summing to one"
+        has_class_axis = axis is not None and shape[axis] >= 2 and int(np.prod(shape[1:])) == shape[axis]
+        if loss == "ce" or (self.has_labels and has_class_axis):
+            if not has_class_axis:
+                raise ConfigError(
+                    f"loss='ce': the output {guess.output!r} of shape {list(shape)} has no class axis"
+                )
+            return (
+                "logits",
+                guess.tensor,
+                axis,
+                (
+                    "loss='ce': output used as logits"
+                    if loss == "ce"
+                    else "no softmax; labels given: output used as logits"
+                ),
+            )
+        return "regression", guess.tensor, None, "not a class distribution"
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def set_weights(self, values: Mapping[str, NDArray[np.floating]]) -> None:
+        """Replace weight values (any of :attr:`updatable`) without rebuilding the gradient graphs."""
+        new: dict[str, NDArray[np.float32]] = {}
+        for name, v in values.items():
+            if name not in self.values:
+                raise ConfigError(f"cannot set weight {name!r}: not an updatable weight of this engine")
+            arr = np.ascontiguousarray(v, dtype=np.float32)
+            if arr.shape != self.values[name].shape:
+                raise ConfigError(
+                    f"weight {name!r}: shape {list(arr.shape)}, expected {list(self.values[name].shape)}"
+                )
+            new[name] = arr.copy()
+        self.values.update(new)
+        for r in (self._single, self._predictor):
+            if r is not None:
+                r.bind_weights(new)
+        if self._batched is not None:
+            self._batched.bind_weights(new)
+
+    def resolve_fisher(self, fisher: Fisher, has_labels: bool) -> Literal["empirical", "sampled", "argmax"]:
+        if fisher not in ("auto", "empirical", "sampled", "argmax"):
+            raise ConfigError(f"fisher must be auto, empirical, sampled or argmax, got {fisher!r}")
+        if self.kind == "regression":
+            if fisher in ("empirical", "argmax"):
+                raise ConfigError(
+                    f"fisher={fisher!r} is not defined for the Gauss-Newton (mse) loss; "
+                    "use 'sampled' or 'auto'"
+                )
+            return "sampled"
+        if fisher == "auto":
+            return "empirical" if has_labels else "sampled"
+        if fisher == "empirical" and not has_labels:
+            raise DataError("fisher='empirical' needs labels in the calibration data")
+        return fisher
+
+    def compute(
+        self,
+        data: CalibrationSource,
+        *,
+        fisher: Fisher = "auto",
+        num_samples: int | None = None,
+        seed: int = 0,
+        out: NDArray[np.float32] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> GradientMatrix:
+        """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows)."""
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        if num_samples is not None and num_samples < 1:
+            raise ConfigError(f"num_samples must be positive, got {num_samples}")
+        total, has_labels = _count_samples(data, num_samples)
+        used = min(total, num_samples) if num_samples is not None else total
+        n = used // self.m
+        if n < 1:
+            raise DataError(
+                f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}"
+            )
+        fk = self.resolve_fisher(fisher, has_labels)
+        need_labels = fk == "empirical" and self.kind != "regression"
+        p = self.layout.p
+        timings = dict(self.timings)
+        ta = time.perf_counter()
+        timings["count"] = ta - t0
+        X = self._allocate(n, p, out, workdir)
+        tg = time.perf_counter()
+        cg = time.process_time()
+        timings["allocate"] = tg - ta
+        rng = np.random.default_rng(seed)
+        specs = [_InputSpec(nm, d, s[1:]) for nm, d, s in self.fwd.data_inputs]
+
+        use_batched = self._single is not None and self.method != "single" and self._try_batched()
+        chosen: Literal["single", "batched"] = "batched" if use_batched else "single"
+        if self._single is None:
+            X[...] = 0
+        else:
+            size = self.chunk if use_batched else self.m * max(1, 64 // self.m)
+            verified = False
+            row = 0
+            t_fwd = t_chk = 0.0
+            nblocks = -(-(n * self.m) // size)
+            for block in progress(
+                _stream(data, specs, size, n * self.m, need_labels, pad=use_batched),
+                total=nblocks,
+                desc="per-sample gradients",
+                unit="block",
+            ):
+                rows = block.count // self.m
+                preds = None
+                if fk != "empirical" and self.kind != "regression":
+                    tf = time.perf_counter()
+                    preds = self._predict(block.inputs, block.count)
+                    t_fwd += time.perf_counter() - tf
+                T = make_targets(
+                    self.head,
+                    fk,
+                    block.labels,
+                    preds,
+                    rng,
+                    block.count,
+                    len(next(iter(block.inputs.values()))),
+                    self.m,
+                )
+                if use_batched and self._batched is not None:
+                    if not verified:
+                        tc = time.perf_counter()
+                        ok, t_single, t_batch = self._verify(block, T, X, row, rows)
+                        t_chk += time.perf_counter() - tc
+                        verified = True
+                        if not ok:
+                            use_batched, chosen = False, "single"
+                        elif self.method == "auto" and t_single < 0.9 * t_batch:
+                            log.info(
+                                "one-sample path measured faster (%.3g vs %.3g ms/row): using it",
+                                1e3 * t_single,
+                                1e3 * t_batch,
+                            )
+                            use_batched, chosen = False, "single"
+                        row += rows
+                        continue
+                    self._batched.run(block.inputs, T, X, row, rows)
+                else:
+                    self._single_rows(block.inputs, T, X, row, rows)
+                row += rows
+            if row != n:  # pragma: no cover - guarded by the counting pass
+                raise DataError(
+                    f"the calibration source yielded {row * self.m} samples on the second pass, "
+                    f"{n * self.m} on the first"
+                )
+            timings["forward"] = t_fwd
+            timings["self_check"] = t_chk
+            for s in self.layout.slots:
+                if s.name not in self.on_path:
+                    X[:, s.offset : s.stop] = 0
+        timings["gradients"] = time.perf_counter() - tg
+        timings["gradients_cpu"] = time.process_time() - cg
+        timings["total"] = time.perf_counter() - t0
+        timings["total_cpu"] = time.process_time() - c0
+        for key, value in self.timings.items():  # engine-level phases (build, batched build, ...)
+            timings.setdefault(key, value)
+        return GradientMatrix(
+            X=X,
+            layout=self.layout,
+            loss=self.loss,
+            fisher=fk,
+            n=n,
+            timings=timings,
+            head=self.kind,
+            output=self.output,
+            mini_batch=self.m,
+            method=chosen,
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _allocate(
+        n: int, p: int, out: NDArray[np.float32] | None, workdir: str | os.PathLike[str] | None
+    ) -> NDArray[np.float32]:
+        if out is not None:
+            if (
+                out.shape != (n, p)
+                or out.dtype != np.float32
+                or not out.flags.c_contiguous
+                or not out.flags.writeable
+            ):
+                raise ConfigError(
+                    f"out must be a writeable C-contiguous float32 array of shape ({n}, {p}); "
+                    f"got {out.dtype} {out.shape}"
+                )
+            return out
+        if workdir is not None:
+            folder = os.fspath(workdir)
+            if not os.path.isdir(folder):
+                raise ConfigError(f"workdir {folder!r} is not a folder")
+            fd, path = tempfile.mkstemp(prefix="chita_gradients_", suffix=".f32", dir=folder)
+            os.close(fd)
+            log.info("gradient matrix (%d x %d, %.2f GiB) memory-mapped at %s", n, p, n * p * 4 / 2**30, path)
+            return np.memmap(path, dtype=np.float32, mode="w+", shape=(n, p))
+        X = np.zeros((n, p), np.float32)
+        X.reshape(-1)[:: 4096 // 4] = 0  # fault every page in now, not inside onnxruntime's writes
+        return X
+
+    def _bind_block(self, runner: Runner, inputs: Mapping[str, NDArray[Any]], lo: int, hi: int) -> None:
+        for name, arr in inputs.items():
+            runner.bind_input(name, arr[lo:hi])
+
+    def _single_rows(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        T: NDArray[np.float32],
+        X: NDArray[np.float32],
+        row0: int,
+        rows: int,
+    ) -> None:
+        """Rows ``row0 : row0 + rows`` with one gradient-graph run each (recipe A′)."""
+        runner = self._single
+        assert runner is not None
+        m = self.m
+        base = X.ctypes.data
+        p = X.shape[1]
+        slots = [(f"{s.name}_grad", s.shape, s.offset) for s in self.layout.slots if s.name in self.on_path]
+        for r in range(rows):
+            self._bind_block(runner, inputs, r * m, (r + 1) * m)
+            runner.bind_input(self._target, T[r * m : (r + 1) * m])
+            addr = base + 4 * (row0 + r) * p
+            for name, shape, off in slots:
+                runner.bind_output_at(name, shape, addr + 4 * off)
+            runner.run()
+
+    def _predict(self, inputs: Mapping[str, NDArray[Any]], count: int) -> NDArray[np.float32]:
+        """The head tensor for the first ``count`` samples of a block (batch ``m`` per run)."""
+        m = self.m
+        if self._predictor is None:
+            self._predictor = Runner(self.fwd.model, self.values, self.threads)
+            self._pred_buf = np.zeros(self.head.shape, np.float32)
+            self._predictor.bind_output_array(self.head.tensor, self._pred_buf)
+        assert self._pred_buf is not None
+        size = len(next(iter(inputs.values())))
+        out = np.zeros((size, *self.head.shape[1:]), np.float32)
+        for r in range(count // m):
+            self._bind_block(self._predictor, inputs, r * m, (r + 1) * m)
+            self._predictor.run()
+            out[r * m : (r + 1) * m] = self._pred_buf
+        return out
+
+    def _try_batched(self) -> bool:
+        if self._batched is not None:
+            return True
+        if self._batched_failed:
+            return False
+        tb = time.perf_counter()
+        try:
+            fwd = self._forward(self.chunk)
+            self._batched = BatchedPath(fwd, self.on_path, self.layout, self.m, self.values, self.threads)
+            self.timings["batched_build"] = time.perf_counter() - tb
+            return True
+        except (NotEligibleError, ChitaError) as exc:
+            self._batched_failed = str(exc) or type(exc).__name__
+            (log.warning if self.method == "batched" else log.info)(
+                "batched gradient path not used (%s); using the one-sample path", self._batched_failed
+            )
+            return False
+
+    def _verify(
+        self, block: _Block, T: NDArray[np.float32], X: NDArray[np.float32], row0: int, rows: int
+    ) -> tuple[bool, float, float]:
+        """Check the batched path against the one-sample path, then fill the first block's rows.
+
+        Both paths compute ``Jᵀ T`` for any target ``T``, so the check uses a random Gaussian probe
+        target on the first :data:`CHECK_ROWS` rows: with the real one-hot targets the rows of
+        confidently classified samples carry float32 cancellation (``1 − p_y``) on either path and
+        cannot be compared tightly.  Returns ``(ok, s/row one-sample, s/row batched)``; when not
+        ok the block's rows are computed with the one-sample path.
+        """
+        assert self._batched is not None
+        k = min(CHECK_ROWS, rows)
+        p = X.shape[1]
+        probe = np.zeros_like(T)
+        rng = np.random.default_rng(_PROBE_SEED)
+        probe[: k * self.m] = rng.standard_normal((k * self.m, *T.shape[1:])).astype(np.float32)
+        ref = np.empty((k, p), np.float32)
+        got = np.empty((k, p), np.float32)
+        self._single_rows(block.inputs, probe, ref, 0, 1)  # warm-up, not timed
+        ts = time.perf_counter()
+        self._single_rows(block.inputs, probe, ref, 0, k)
+        t_single = (time.perf_counter() - ts) / k
+        t_batch = float("inf")
+        try:
+            self._batched.run(block.inputs, probe, got, 0, k)
+            err, worst = _disagreement(got, ref)
+            ok = err <= CHECK_RTOL and worst <= CHECK_ROW_RTOL
+            if not ok:
+                log.warning(
+                    "batched gradient path disagrees with the one-sample path (relative error %.2e, worst "
+                    "row %.2e); using the one-sample path",
+                    err,
+                    worst,
+                )
+            else:
+                tb = time.perf_counter()
+                self._batched.run(block.inputs, T, X, row0, rows)
+                t_batch = (time.perf_counter() - tb) / max(rows, 1)
+        except ChitaError as exc:
+            log.warning("batched gradient path failed (%s); using the one-sample path", exc)
+            ok = False
+        if not ok:
+            self._batched = None
+            self._batched_failed = "self-check failed"
+            self._single_rows(block.inputs, T, X, row0, rows)
+        return ok, t_single, t_batch
+
+
+def _first_batch(data: CalibrationSource) -> Batch:
+    for batch in data:
+        return Batch(batch[0], batch[1])
+    raise DataError("the calibration data is empty")
+
+
+def per_sample_gradients(
+    model: onnx.ModelProto,
+    data: CalibrationSource,
+    weights: Sequence[str] | None = None,
+    *,
+    loss: Loss = "auto",
+    fisher: Fisher = "auto",
+    output: str | None = None,
+    mini_batch: int = 1,
+    num_samples: int | None = None,
+    seed: int = 0,
+    out: NDArray[np.float32] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    method: Method = "auto",
+    threads: int = 1,
+) -> GradientMatrix:
+    """Per-sample loss gradients ``X`` (``(n, p)`` float32) of ``model`` on ``data``.
+
+    ``weights`` picks (and orders) the tensors, default all prunable ones; ``n = ⌊min(N,
+    num_samples)/mini_batch⌋``.  ``out`` (a C-contiguous float32 ``(n, p)`` array or memmap) is filled
+    in place; otherwise ``workdir`` holds a memory-mapped file, otherwise RAM.  See the module
+    docstring for ``loss``/``fisher``/``output``; ``method`` and ``threads`` are tuning knobs.
+    """
+    example = _first_batch(data)
+    engine = GradientEngine(
+        model,
+        weights,
+        example=example,
+        loss=loss,
+        output=output,
+        mini_batch=mini_batch,
+        method=method,
+        threads=threads,
+    )
+    return engine.compute(data, fisher=fisher, num_samples=num_samples, seed=seed, out=out, workdir=workdir)

@@ -1,0 +1,289 @@
+"""The block approximation of CHITA, for when ``X`` does not fit in memory (CHITA-BSO Alg. 6).
+
+The Fisher ``XᵀX`` is taken block-diagonal over contiguous blocks of weights, so the problem splits
+into independent block problems
+
+    min ½‖X_b(w_b − w̄_b)‖² + (λ/2)‖w_b − w̄_b‖² + α_bᵀ(w_b − w̄_b)     s.t. ‖w_b‖₀ ≤ k_b
+
+solved one after the other while only one *group* of consecutive blocks' columns is in memory.
+
+* **Blocks** are contiguous parts of one budget segment (a block never straddles two tensors):
+  a segment of ``size`` weights is cut into ``max(1, round(size / block_size))`` near-equal blocks.
+* **Columns** are requested once per group through ``columns(a, b) → X[:, a:b]``, with groups of
+  consecutive blocks sized to ``max_memory_bytes / 2`` (the other half is for the per-block work).
+  The full ``X`` is never held: peak memory is one group plus ``O(p)`` vectors.
+* **Budget allocation** (``k_b``) precedes any column request: a global threshold on the magnitude of
+  the first unconstrained step ``|w̄ − α/L|`` (``|w̄|`` when α = 0, i.e. the counts of global
+  magnitude pruning, exactly as the reference's ``split_type=1``), taken with the exact
+  :func:`hard_threshold` projection of the whole budget.  That *is* the exact rounding: ``Σ k_b = k``
+  and every segment's lower/upper bounds hold because blocks nest inside segments.  Why this rule:
+  under a block-diagonal Fisher the first IHT step from ``w̄`` is ``w̄ − α/L`` for all blocks at once,
+  so ranking its magnitudes globally is the one allocation that needs no columns; ``L = λ +
+  max_b σ_max(X_b)²`` (the block-diagonal Lipschitz constant) is estimated by power iteration on
+  the first group's blocks unless given.
+* **Per-block solve**: CHITA-IHT (:func:`chita_iht` machinery, default), ``"backsolve"`` (ridge re-fit
+  of the allocated magnitude support — the reference's shipped ``Heuristic_LSBlock``), or any callable
+  with the signature of :func:`chita_iht`.
+
+Block size (measured, ``benchmarks/bench_solver.py --block-sizes``; synthetic low-rank-plus-noise
+gradients, n = 1,000, p = 40,000 in three tensors, sparsity 0.9, λ = 1e-4, CHITA per block; objective
+of the block-diagonal solution evaluated on the *full* X, relative to unblocked CHITA, and time):
+see :data:`DEFAULT_BLOCK_SIZE`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import ResourceError, SolverError
+from ._core import Budget, FloatArray, IntArray, SolverResult, hard_threshold, objective
+from .backsolve import ridge_backsolve
+from .chita import _solve, _validate_options
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "BlockSolver", "Columns", "chita_blocked", "make_blocks"]
+
+log = logging.getLogger(__name__)
+
+#: ``columns(a, b)`` returns the scaled gradient columns ``X[:, a:b]``, shape ``(n, b − a)``.
+Columns = Callable[[int, int], NDArray[np.floating]]
+#: A per-block solver with :func:`chita_iht`'s positional signature.
+BlockSolver = Callable[[FloatArray, FloatArray, Budget, float, FloatArray | None], SolverResult]
+
+#: Default block size; see the module docstring for the measurement behind it.
+DEFAULT_BLOCK_SIZE = 2000
+#: Default cap on the memory of one group of columns plus the per-block work (1 GiB).
+DEFAULT_MAX_MEMORY = 1 << 30
+
+
+def make_blocks(segments: tuple[int, ...], block_size: int) -> NDArray[np.int64]:
+    """Block boundaries ``(nblocks + 1,)``: each segment cut into near-equal blocks of ~``block_size``."""
+    bounds: list[int] = [0]
+    for a, b in itertools.pairwise(segments):
+        size = b - a
+        if size == 0:
+            continue
+        nb = max(1, round(size / block_size))
+        bounds.extend((a + (np.arange(1, nb + 1, dtype=np.int64) * size) // nb).tolist())
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def _sigma_max_sq(Xb: FloatArray, steps: int = 20, seed: int = 0) -> float:
+    """``σ_max(X_b)²`` by power iteration on ``X_bᵀX_b`` (a few steps, a lower estimate)."""
+    v = np.asarray(np.random.default_rng(seed).standard_normal(Xb.shape[1]), dtype=Xb.dtype)
+    est = 0.0
+    for _ in range(steps):
+        nv = float(np.linalg.norm(v))
+        if nv == 0.0:
+            return 0.0
+        v /= nv
+        u = Xb @ v
+        est = float(u @ u)
+        v = Xb.T @ u
+    return est
+
+
+def chita_blocked(
+    columns: Columns,
+    w_bar: FloatArray,
+    budget: Budget,
+    ridge: float,
+    alpha: FloatArray | None = None,
+    *,
+    n: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY,
+    solve: Literal["chita", "backsolve"] | BlockSolver = "chita",
+    lipschitz: float | None = None,
+    max_iter: int = 300,
+    tol: float = 1e-6,
+) -> SolverResult:
+    """CHITA with a block-diagonal Fisher, reading the gradient columns group by group.
+
+    Minimises ``Σ_b ½‖X_b(w_b − w̄_b)‖² + (λ/2)‖w_b − w̄_b‖² + α_bᵀ(w_b − w̄_b)`` under ``budget``.
+
+    Args:
+        columns: ``columns(a, b)`` → ``(n, b − a)`` float32/float64 scaled gradient columns; called
+            once per group, in increasing order, never for the whole of ``X`` (unless it fits).
+        w_bar: ``(p,)`` trained weights.
+        budget: sparsity budget; blocks never straddle its segments.
+        ridge: ``λ ≥ 0``.
+        alpha: ``(p,)`` first-order term or ``None``.
+        n: number of rows of ``X``.
+        block_size: target block width (blocks are cut evenly inside each segment).
+        max_memory_bytes: cap for one group of columns (half) plus per-block work (half).
+        solve: ``"chita"`` (IHT per block), ``"backsolve"`` (ridge re-fit of the magnitude support)
+            or a callable ``solve(X_b, w̄_b, budget_b, ridge, α_b) → SolverResult``.
+        lipschitz: ``L`` for the allocation when ``alpha`` is given (default: estimated).
+        max_iter, tol: passed to the per-block CHITA.
+
+    Returns:
+        :class:`SolverResult`; ``objective`` is the block-diagonal model's value ``Σ_b f_b`` (the
+        full-Fisher value needs all of ``X``), ``trace`` is ``(Σ f_b at the magnitude mask, final)``.
+    """
+    t0 = time.perf_counter()
+    wb = np.array(w_bar, dtype=np.float64)
+    if not isinstance(budget, Budget):
+        raise SolverError(f"budget must be a Budget, got {type(budget).__name__}")
+    budget.validated()
+    p = budget.p
+    if wb.shape != (p,):
+        raise SolverError(f"w̄ must have shape ({p},) to match the budget, got {wb.shape}")
+    if not np.all(np.isfinite(wb)):
+        raise SolverError("w̄ contains NaN or infinity")
+    a64 = None if alpha is None else np.array(alpha, dtype=np.float64)
+    if a64 is not None and (a64.shape != (p,) or not np.all(np.isfinite(a64))):
+        raise SolverError(f"alpha must be a finite array of shape ({p},), got shape {a64.shape}")
+    ridge = float(ridge)
+    if not np.isfinite(ridge) or ridge < 0:
+        raise SolverError(f"ridge must be a finite number ≥ 0, got {ridge}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise SolverError(f"n must be a positive integer, got {n!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
+        raise SolverError(f"block_size must be a positive integer, got {block_size!r}")
+    if not isinstance(max_memory_bytes, int | np.integer) or max_memory_bytes <= 0:
+        raise SolverError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}")
+    if not (callable(solve) or solve in ("chita", "backsolve")):
+        raise SolverError(f"solve must be 'chita', 'backsolve' or a callable, got {solve!r}")
+    _validate_options(max_iter=max_iter, tol=tol)
+    n = int(n)
+
+    # Blocks, sized so that the widest one fits in half the memory cap (float64 columns assumed).
+    cap_cols = int(max_memory_bytes) // (2 * n * 8)
+    if cap_cols < 1:
+        raise ResourceError(f"max_memory_bytes={max_memory_bytes} cannot hold even one column of {n} rows")
+    bsize = int(block_size)
+    if 3 * bsize > 2 * cap_cols:
+        bsize = max(1, (2 * cap_cols) // 3)
+        log.warning("block_size %d does not fit max_memory_bytes=%d with n=%d; using %d",
+                    block_size, max_memory_bytes, n, bsize)
+    bounds = make_blocks(budget.segments, bsize)
+    nblocks = bounds.shape[0] - 1
+
+    def fetch(a: int, b: int) -> FloatArray:
+        Xg = np.asarray(columns(a, b))
+        if Xg.shape != (n, b - a):
+            raise SolverError(f"columns({a}, {b}) returned shape {Xg.shape}, expected ({n}, {b - a})")
+        if not np.issubdtype(Xg.dtype, np.floating):
+            raise SolverError(f"columns({a}, {b}) returned dtype {Xg.dtype}, expected floating point")
+        if Xg.dtype not in (np.float32, np.float64):
+            Xg = Xg.astype(np.float32)
+        return Xg
+
+    def group_end(first: int, itemsize: int) -> int:
+        """One past the last block of the group starting at block ``first``."""
+        limit = bounds[first] + max(1, int(max_memory_bytes) // (2 * n * itemsize))
+        last = int(np.searchsorted(bounds, limit, side="right")) - 1
+        return int(max(first + 1, min(last, nblocks)))
+
+    # The first group is fetched before the allocation (it may be needed for L).
+    fetch_s = 0.0
+    g_end = group_end(0, 8) if nblocks else 0
+    tf = time.perf_counter()
+    Xg = fetch(int(bounds[0]), int(bounds[g_end])) if nblocks else np.zeros((n, 0), np.float32)
+    fetch_s += time.perf_counter() - tf
+
+    if a64 is None:
+        score = np.abs(wb)
+        L = math.nan
+    else:
+        if lipschitz is None:
+            sig = max((_sigma_max_sq(Xg[:, bounds[j] - bounds[0]: bounds[j + 1] - bounds[0]])
+                       for j in range(g_end)), default=0.0)
+            L = ridge + sig
+        else:
+            L = float(lipschitz)
+        if not (np.isfinite(L) and L > 0):
+            raise SolverError(f"the Lipschitz constant for the allocation must be > 0, got {L}")
+        score = np.abs(wb - a64 / L)
+    alloc = hard_threshold(score, budget)
+    del score
+    k_of = np.diff(np.searchsorted(alloc, bounds, side="left"))
+
+    w = np.zeros(p, dtype=np.float32)
+    supports: list[IntArray] = []
+    f_mask = f_final = 0.0
+    iterations = 0
+    converged = True
+    groups = 0
+    solve_s = 0.0
+    peak_group = 0
+    first = 0
+    itemsize = Xg.dtype.itemsize
+    while first < nblocks:
+        if groups:
+            g_end = group_end(first, itemsize)
+            tf = time.perf_counter()
+            Xg = fetch(int(bounds[first]), int(bounds[g_end]))
+            fetch_s += time.perf_counter() - tf
+        groups += 1
+        peak_group = max(peak_group, Xg.nbytes)
+        g0 = int(bounds[first])
+        ts = time.perf_counter()
+        for j in range(first, g_end):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            Xb = Xg[:, a - g0: b - g0]
+            if not np.isfinite(Xb).all():
+                raise SolverError(f"columns({a}, {b}) contain NaN or infinity")
+            wbb = wb[a:b]
+            ab = None if a64 is None else a64[a:b]
+            kb = int(k_of[j])
+            sup_b = alloc[(alloc >= a) & (alloc < b)] - a if kb else np.empty(0, dtype=np.int64)
+            mask_w = np.zeros(b - a, dtype=np.float64)
+            mask_w[sup_b] = wbb[sup_b]
+            f_mask += objective(Xb, mask_w, wbb, ridge, ab)
+            if solve == "backsolve":
+                wb_res = ridge_backsolve(Xb, wbb, sup_b, ridge, ab)
+                f_b = objective(Xb, wb_res, wbb, ridge, ab)
+                w[a:b] = wb_res
+                supports.append(sup_b + a)
+            else:
+                bud = Budget.global_(kb, b - a)
+                if solve == "chita":
+                    res = _solve(Xb, wbb, bud, ridge, ab, max_iter=max_iter, tol=tol, active_set=True,
+                                 active_factor=1.5, max_outer=10, search_steps=5, grow=0.25,
+                                 init="backsolve")
+                else:
+                    res = solve(Xb, wbb, bud, ridge, ab)
+                if res.w.shape != (b - a,):
+                    raise SolverError(f"block solver returned w of shape {res.w.shape}, expected ({b - a},)")
+                w[a:b] = res.w
+                supports.append(np.asarray(res.support, dtype=np.int64) + a)
+                f_b = res.objective
+                iterations += res.iterations
+                converged &= res.converged
+            f_final += f_b
+        solve_s += time.perf_counter() - ts
+        del Xg
+        first = g_end
+
+    support = np.concatenate(supports).astype(np.int64) if supports else np.empty(0, dtype=np.int64)
+    info: dict[str, float | int | str] = {
+        "time_s": time.perf_counter() - t0,
+        "fetch_s": fetch_s,
+        "solve_s": solve_s,
+        "blocks": nblocks,
+        "groups": groups,
+        "block_size": bsize,
+        "peak_group_bytes": peak_group,
+        "objective_model": "block-diagonal",
+        "allocation_L": L,
+        "block_solver": solve if isinstance(solve, str) else getattr(solve, "__name__", "callable"),
+    }
+    return SolverResult(
+        w=w,
+        support=support,
+        objective=f_final,
+        trace=(f_mask, f_final),
+        iterations=iterations,
+        converged=converged,
+        method="chita-block" if solve != "backsolve" else "chita-bso-block",
+        info=info,
+    )

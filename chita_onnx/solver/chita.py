@@ -1,0 +1,696 @@
+"""CHITA-IHT: iterative hard thresholding with exact line searches and an active set.
+
+Minimises the empirical-Fisher model of the loss under a sparsity budget,
+
+    f(w) = ½‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + αᵀ(w − w̄)     s.t.  w respects ``budget`` (‖w‖₀ ≤ k, ...)
+
+with ``X`` ``(n, p)`` float32/float64 already scaled by 1/√n, ``n ≪ p``.  No ``p × p`` matrix is formed.
+
+The algorithm (CHITA's Active-IHT, with the reference's quirks fixed; see ``docs/chita-algorithm.md`` §2.2):
+
+1. **Preprocess.**  Columns of ``X`` that are identically zero carry only ridge/α terms; they get no
+   budget unless it would otherwise go unspent (then they are taken by ``|w̄|``).
+2. **Start.**  ``S₀`` = the budget-feasible top-k of ``|v₀|`` with ``v₀ = w̄`` (α = 0) or the exact
+   Cauchy step ``w̄ − τα`` (α ≠ 0).  By default the iterate starts at the exact backsolve on ``S₀``,
+   so the result is never worse than magnitude pruning + backsolve (``init="magnitude"`` starts at
+   ``w̄`` masked to ``S₀`` as the reference does).
+3. **Active set** ``A`` = ``S₀`` plus the next ``⌈(factor−1)·k⌉`` largest ``|v₀|`` (factor 1.5); the inner
+   loop only touches ``X_A`` (a copy, ``O(n·|A|)`` memory, ``O(n·|A|)`` per iteration).
+4. **Inner loop** on ``A``, each iteration with one gradient ``g``:
+
+   * a *fixed-support* step along a conjugate-gradient direction on the current support ``S``
+     (steepest descent after a support change), with the exact step ``τ = −gᵀd / (‖Xd‖² + λ‖d‖²)``;
+   * a *support-changing* search: ``L_change``, the smallest step at which ``HT(w − τg)`` changes
+     support (per-segment exchange rule, exact for the budget's partition-matroid constraints), then
+     ``τ = L_change·2ʲ`` while the objective keeps decreasing ("aggressive" step).  Each candidate
+     costs ``O(n·#swaps)`` from one precomputed ``X_S g_S``.
+
+   The better of the two is taken only if it decreases ``f`` (the trace never increases).  No
+   Lipschitz constant or σ_max estimate is ever needed: every step size is an exact line search or
+   is checked by exact evaluation.
+5. **Outer loop.**  One full gradient ``Xᵀr`` (``O(n·p)``) and the same support-changing search
+   over all coordinates; the best strictly improving candidate is taken and the coordinates it
+   brings in join ``A``.  Stops when no candidate improves.  (Fixes: the reference adds the
+   coordinates of the last *evaluated* — possibly rejected — candidate, and can drop an accepted one.)
+6. **Backsolve** on the final support (:func:`ridge_backsolve`); kept only if it does not increase
+   ``f`` (it is the exact minimiser on the support, so it only loses to rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import SolverError
+from ._core import Budget, FloatArray, IntArray, SolverResult, check_problem, hard_threshold, objective
+from .backsolve import _chunks, matvec, ridge_backsolve, rmatvec
+
+__all__ = ["chita_iht"]
+
+log = logging.getLogger(__name__)
+
+F64 = NDArray[np.float64]
+Init = Literal["backsolve", "magnitude"]
+
+#: Fraction of the columns above which the active set is the whole matrix (no copy is made).
+_FULL_SPACE_FRACTION = 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget helpers
+
+
+def restrict_budget(budget: Budget, idx: IntArray, k: int | None = None) -> Budget:
+    """The budget for the sub-vector ``v[idx]`` (``idx`` sorted column indices).
+
+    Same ``k`` (or the given one) and lower bounds; upper bounds clipped to what ``idx`` holds of each
+    segment.  Raises :class:`SolverError` when ``idx`` cannot satisfy the budget.
+    """
+    k = budget.k if k is None else k
+    if len(budget.segments) == 2 and budget.lower[0] == 0:
+        return Budget.global_(k, int(idx.shape[0]))
+    seg = np.searchsorted(idx, np.asarray(budget.segments, dtype=np.int64), side="left")
+    counts = np.diff(seg)
+    upper = tuple(int(min(u, c)) for u, c in zip(budget.upper, counts, strict=True))
+    return Budget(k=k, segments=tuple(int(s) for s in seg), lower=budget.lower, upper=upper).validated()
+
+
+def split_zero_columns(
+    budget: Budget, nonzero: NDArray[np.bool_], w_bar: F64
+) -> tuple[Budget, IntArray]:
+    """Split the budget between the nonzero columns and the identically-zero ones.
+
+    Zero columns only take what the nonzero ones cannot absorb (per-segment lower bounds beyond the
+    segment's nonzero count, or a global ``k`` beyond ``Σ min(upper, nonzero count)``), chosen by
+    ``|w̄|``.  Returns the budget over all ``p`` coordinates for the nonzero part (its upper bounds
+    never exceed a segment's nonzero count) and the sorted zero-column indices to keep.
+    """
+    seg = np.asarray(budget.segments, dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(nonzero, dtype=np.int64)])
+    nz_counts = cum[seg[1:]] - cum[seg[:-1]]
+    lower = np.asarray(budget.lower, dtype=np.int64)
+    upper = np.asarray(budget.upper, dtype=np.int64)
+    lower_nz = np.minimum(lower, nz_counts)
+    upper_nz = np.minimum(upper, nz_counts)
+    z_lower = lower - lower_nz
+    k_zero = int(max(int(z_lower.sum()), budget.k - int(upper_nz.sum())))
+    nz_budget = Budget(
+        k=budget.k - k_zero,
+        segments=budget.segments,
+        lower=tuple(int(x) for x in lower_nz),
+        upper=tuple(int(x) for x in upper_nz),
+    ).validated()
+    if k_zero == 0:
+        return nz_budget, np.empty(0, dtype=np.int64)
+    zero_idx = np.flatnonzero(~nonzero).astype(np.int64)
+    zseg = np.searchsorted(zero_idx, seg, side="left")
+    z_budget = Budget(
+        k=k_zero,
+        segments=tuple(int(s) for s in zseg),
+        lower=tuple(int(x) for x in z_lower),
+        upper=tuple(int(x) for x in (upper - upper_nz)),
+    ).validated()
+    keep = zero_idx[hard_threshold(w_bar[zero_idx], z_budget)]
+    log.info("%d weights with identically zero gradient columns keep budget that would go unspent", k_zero)
+    return nz_budget, keep
+
+
+# --------------------------------------------------------------------------------------------------
+# The problem restricted to a set of columns
+
+
+@dataclass
+class _Space:
+    """The problem seen through the columns ``cols`` of ``X`` (vectors below are over positions).
+
+    * ``mat`` — ``(n, m)``: ``X[:, cols]`` (a copy) or ``X`` itself when ``cols`` is all columns.
+    * ``free`` — sorted positions that may be kept (``None``: all); the others stay 0.
+    * ``budget`` — the budget over the free positions, in order; ``seg_free`` their segment ids.
+    * ``wb``, ``alpha`` — ``w̄`` and ``α`` at ``cols``; ``const`` — the contribution of every
+      coordinate outside ``cols`` (all pruned): ``Σ (λ/2)w̄_j² − α_j w̄_j``.
+    """
+
+    cols: IntArray
+    mat: FloatArray
+    free: IntArray | None
+    budget: Budget
+    seg_free: IntArray
+    wb: F64
+    alpha: F64 | None
+    const: float
+    ridge: float
+    tau_floor: float
+
+    @property
+    def m(self) -> int:
+        return int(self.cols.shape[0])
+
+    def value(self, r: F64, w: F64) -> float:
+        """``f`` from the residual ``r = X(w − w̄)`` (n,) and the weights ``w`` (m,)."""
+        d = w - self.wb
+        val = 0.5 * float(r @ r) + 0.5 * self.ridge * float(d @ d) + self.const
+        if self.alpha is not None:
+            val += float(self.alpha @ d)
+        return val
+
+    def grad(self, r: F64, w: F64) -> F64:
+        """``∇f`` at ``w`` restricted to ``cols``: ``X_colsᵀ r + λ(w − w̄) + α``, shape (m,)."""
+        g = rmatvec(self.mat, r)
+        g += self.ridge * (w - self.wb)
+        if self.alpha is not None:
+            g += self.alpha
+        return g
+
+    def mv(self, pos: IntArray, v: F64) -> F64:
+        """``X[:, cols[pos]] @ v`` (n,): dense product when ``pos`` is most of the columns."""
+        if pos.shape[0] == 0:
+            return np.zeros(self.mat.shape[0], dtype=np.float64)
+        if pos.shape[0] * 2 > self.m:
+            full = np.zeros(self.m, dtype=np.float64)
+            full[pos] = v
+            return matvec(self.mat, full)
+        return matvec(self.mat[:, pos], v)
+
+    def ht(self, v: F64) -> IntArray:
+        """Sorted positions of the budget-feasible largest ``|v|`` among the free positions."""
+        if self.free is None:
+            return hard_threshold(v, self.budget)
+        return self.free[hard_threshold(v[self.free], self.budget)]
+
+    def l_change(self, w: F64, g: F64, supp: IntArray) -> float:
+        """Smallest ``τ > 0`` at which ``HT(w − τg)`` can leave the support ``supp`` (``inf``: never).
+
+        A kept ``j`` and a non-kept ``i`` (``w_i = 0``) trade places when ``|w_j − τg_j| = τ|g_i|``;
+        the pair must be exchangeable: same segment, or ``j``'s segment above its lower bound and
+        ``i``'s below its upper bound.
+        """
+        ag = np.abs(g if self.free is None else g[self.free])
+        rank = supp if self.free is None else np.searchsorted(self.free, supp)
+        kept = np.zeros(ag.shape[0], dtype=bool)
+        kept[rank] = True
+        b = self.budget
+        nseg = len(b.segments) - 1
+        M: float | F64
+        if nseg == 1:
+            if kept.all():
+                return math.inf
+            M = float(ag[~kept].max())
+        else:
+            vals = np.where(kept, 0.0, ag)
+            starts = np.asarray(b.segments[:-1], dtype=np.int64)
+            nonempty = np.diff(np.asarray(b.segments)) > 0
+            m_in = np.zeros(nseg, dtype=np.float64)
+            if nonempty.any():
+                m_in[nonempty] = np.maximum.reduceat(vals, starts[nonempty])
+            counts = np.bincount(self.seg_free[rank], minlength=nseg)
+            room = counts < np.asarray(b.upper)
+            give = counts > np.asarray(b.lower)
+            m_elig = float(m_in[room].max()) if room.any() else 0.0
+            M = np.where(give, np.maximum(m_in, m_elig), m_in)[self.seg_free[rank]]
+        wk = w[supp]
+        gk = g[supp]
+        same = (np.sign(wk) == np.sign(gk)) & (gk != 0)
+        den = np.where(same, np.abs(gk) + M, M - np.abs(gk))
+        ok = den > 0
+        if not ok.any():
+            return math.inf
+        return float((np.abs(wk[ok]) / den[ok]).min())
+
+
+def _make_space(
+    X: FloatArray,
+    cols: IntArray | None,
+    free: IntArray | None,
+    budget_nz: Budget,
+    wb: F64,
+    alpha: F64 | None,
+    ridge: float,
+    colsq: F64,
+) -> _Space:
+    """The space over ``cols`` (``None``: all columns, no copy) with the nonzero-part budget."""
+    p = X.shape[1]
+    if cols is None:
+        cols_a = np.arange(p, dtype=np.int64)
+        mat = X
+        const = 0.0
+        sub = budget_nz if free is None else restrict_budget(budget_nz, free)
+    else:
+        cols_a = cols
+        mat = np.asarray(X[:, cols])
+        mask = np.ones(p, dtype=bool)
+        mask[cols] = False
+        out = wb[mask]
+        const = 0.5 * ridge * float(out @ out)
+        if alpha is not None:
+            const -= float(alpha[mask] @ out)
+        sub = restrict_budget(budget_nz, cols)
+        free = None
+    cmax = float(colsq[cols_a].max()) if cols_a.size else 1.0
+    return _Space(
+        cols=cols_a,
+        mat=mat,
+        free=free,
+        budget=sub,
+        seg_free=sub.segment_ids(),
+        wb=wb[cols_a],
+        alpha=None if alpha is None else alpha[cols_a],
+        const=const,
+        ridge=ridge,
+        tau_floor=1e-6 / (cmax + ridge) if cmax + ridge > 0 else 1e-6,
+    )
+
+
+@dataclass
+class _State:
+    w: F64  # (m,) weights over the space's positions
+    supp: IntArray  # sorted positions of the kept weights
+    r: F64  # (n,) residual X(w − w̄) over the FULL problem
+    f: float
+
+
+def _search(sp: _Space, st: _State, g: F64, tau0: float, steps: int, h: F64 | None) -> _State | None:
+    """Support-changing candidates ``HT(w − τg)``, ``τ = τ₀·2ʲ``, while ``f`` keeps decreasing.
+
+    Returns the best candidate that beats ``st.f`` (or ``None``).  ``h = X_S g_S`` if known.
+    """
+    best: _State | None = None
+    f_ref = st.f
+    gS = g[st.supp]
+    for j in range(steps):
+        tau = tau0 * 2.0**j
+        u = st.w - tau * g
+        new = sp.ht(u)
+        if np.array_equal(new, st.supp):
+            continue
+        if h is None:
+            h = sp.mv(st.supp, gS)
+        out = np.setdiff1d(st.supp, new, assume_unique=True)
+        inn = np.setdiff1d(new, st.supp, assume_unique=True)
+        r = st.r - tau * h
+        if out.size:
+            r += sp.mv(out, tau * g[out] - st.w[out])
+        if inn.size:
+            r -= tau * sp.mv(inn, g[inn])
+        w = np.zeros(sp.m, dtype=np.float64)
+        w[new] = u[new]
+        f = sp.value(r, w)
+        if f < f_ref:
+            best, f_ref = _State(w, new, r, f), f
+        else:
+            break
+    return best
+
+
+def _inner(
+    space: _Space, st: _State, max_iter: int, tol: float, steps: int, trace: list[float]
+) -> tuple[_State, int, bool]:
+    """IHT with exact line searches on one space; returns (state, iterations, converged)."""
+    direction: F64 | None = None
+    g2_prev = 0.0
+    ridge = space.ridge
+    for it in range(max_iter):
+        g = space.grad(st.r, st.w)
+        gS = g[st.supp]
+        g2 = float(gS @ gS)
+        d = -gS
+        steepest = True
+        if direction is not None and g2_prev > 0:
+            cand = -gS + (g2 / g2_prev) * direction
+            if float(cand @ gS) < 0:
+                d, steepest = cand, False
+        q = space.mv(st.supp, d)
+        h = -q if steepest else None
+        slope = float(gS @ d)
+        curv = float(q @ q) + ridge * float(d @ d)
+        best: _State | None = None
+        if slope < 0 and curv > 0:
+            tau = -slope / curv
+            w = st.w.copy()
+            w[st.supp] += tau * d
+            r = st.r + tau * q
+            best = _State(w, st.supp, r, space.value(r, w))
+        cand_state = None
+        lc = space.l_change(st.w, g, st.supp)
+        if math.isfinite(lc):
+            cand_state = _search(space, st, g, max(lc * (1 + 1e-6), space.tau_floor), steps, h)
+        changed = False
+        if cand_state is not None and (best is None or cand_state.f < best.f):
+            best, changed = cand_state, True
+        if best is None or not best.f < st.f:
+            return st, it + 1, True
+        rel = (st.f - best.f) / max(abs(st.f), 1e-300)
+        if changed:
+            direction, g2_prev = None, 0.0
+        else:
+            direction, g2_prev = d, g2
+        st = best
+        trace.append(st.f)
+        if not changed and rel <= tol:
+            return st, it + 1, True
+    return st, max_iter, False
+
+
+@dataclass
+class _Context:
+    """What the active-set driver needs besides the iterate."""
+
+    X: FloatArray
+    full: _Space
+    budget_nz: Budget
+    wb: F64
+    alpha: F64 | None
+    ridge: float
+    colsq: F64
+    nonzero: NDArray[np.bool_]
+    tol: float
+    steps: int
+    grow: float
+
+    def space(self, A: IntArray) -> _Space:
+        return _make_space(self.X, A, None, self.budget_nz, self.wb, self.alpha, self.ridge, self.colsq)
+
+
+def _screen(ctx: _Context, A: IntArray, fs: _State, g: F64, count: int) -> IntArray:
+    """Up to ``count`` coordinates outside ``A`` worth trying: single-coordinate gain ``g_i²/2(‖X_i‖²+λ)``
+    above the cheapest single removal ``min_j (½(‖X_j‖²+λ)w_j² − g_j w_j)`` over the support."""
+    if count <= 0 or fs.supp.size == 0:
+        return np.empty(0, dtype=np.int64)
+    ws = fs.w[fs.supp]
+    cost = float(np.min(0.5 * (ctx.colsq[fs.supp] + ctx.ridge) * ws**2 - g[fs.supp] * ws))
+    outside = ctx.nonzero.copy()
+    outside[A] = False
+    idx = np.flatnonzero(outside)
+    den = ctx.colsq[idx] + ctx.ridge
+    gain = 0.5 * g[idx] ** 2 / np.where(den > 0, den, 1.0)
+    keep = gain > cost
+    idx, gain = idx[keep], gain[keep]
+    if idx.size > count:
+        idx = idx[np.argpartition(-gain, count - 1)[:count]]
+    return np.sort(idx).astype(np.int64)
+
+
+def _iht(
+    ctx: _Context,
+    A: IntArray | None,
+    w_start: F64,
+    supp0: IntArray,
+    max_iter: int,
+    max_outer: int,
+    trace: list[float],
+) -> tuple[IntArray, F64, int, int, bool, int]:
+    """Inner IHT on the active set ``A`` (``None``: all columns) and the outer growth rounds.
+
+    Returns ``(support columns, w (p,), iterations, outer rounds, converged, final |A|)``.
+    """
+    X, full = ctx.X, ctx.full
+    p = X.shape[1]
+    k = int(supp0.shape[0])
+    r = matvec(X, w_start - ctx.wb)
+    space = full if A is None else ctx.space(A)
+    pos = supp0 if A is None else np.searchsorted(A, supp0).astype(np.int64)
+    st = _State(w_start[space.cols], pos, r, 0.0)
+    st.f = space.value(st.r, st.w)
+    trace.append(st.f)
+    iters = outer = 0
+    screened_only = False
+    while True:
+        before = space.cols[st.supp]
+        st, it, conv = _inner(space, st, max_iter - iters, ctx.tol, ctx.steps, trace)
+        iters += it
+        w_full = np.zeros(p, dtype=np.float64)
+        w_full[space.cols] = st.w
+        supp_cols = space.cols[st.supp]
+        if A is None:
+            return supp_cols, w_full, iters, outer, conv, space.m
+        if screened_only and np.array_equal(before, supp_cols):
+            # The coordinates added by screening alone were not taken: stop growing.
+            return supp_cols, w_full, iters, outer, conv, space.m
+        if iters >= max_iter or outer >= max_outer:
+            return supp_cols, w_full, iters, outer, conv and iters < max_iter and max_outer == 0, space.m
+        # Outer round over every coordinate: exact residual, one full gradient (O(n·p)).
+        outer += 1
+        r_full = matvec(X, w_full - ctx.wb)
+        fs = _State(w_full, supp_cols, r_full, full.value(r_full, w_full))
+        g = full.grad(fs.r, fs.w)
+        lc = full.l_change(fs.w, g, fs.supp)
+        cand = _search(full, fs, g, max(lc * (1 + 1e-6), full.tau_floor), max(ctx.steps, 10), None)
+        new_cols = np.empty(0, dtype=np.int64) if cand is None else np.setdiff1d(cand.supp, A)
+        grown = np.union1d(A, new_cols)
+        screened = _screen(ctx, grown, fs, g, math.ceil(ctx.grow * k))
+        log.debug("CHITA outer %d: candidate %s, %d + %d new coordinates", outer,
+                  "none" if cand is None else f"f {fs.f:.6g} → {cand.f:.6g}", new_cols.size, screened.size)
+        if cand is None and screened.size == 0:
+            return supp_cols, w_full, iters, outer, conv, space.m
+        screened_only = cand is None
+        A = np.union1d(grown, screened).astype(np.int64)
+        space = ctx.space(A)
+        nxt = fs if cand is None else cand
+        st = _State(nxt.w[A], np.searchsorted(A, nxt.supp).astype(np.int64), nxt.r, 0.0)
+        st.f = space.value(st.r, st.w)
+        trace.append(st.f)
+
+
+# --------------------------------------------------------------------------------------------------
+# The solver
+
+
+def column_scan(X: FloatArray) -> tuple[NDArray[np.bool_], F64]:
+    """``(nonzero, ‖X_j‖²)`` per column in one chunked pass; raises on NaN/inf.  X: (n, p)."""
+    n, p = X.shape
+    nonzero = np.zeros(p, dtype=bool)
+    colsq = np.zeros(p, dtype=np.float64)
+    for a, b in _chunks(p, n):
+        Xc = X[:, a:b]
+        if not np.isfinite(Xc).all():
+            bad = a + int(np.flatnonzero(~np.isfinite(Xc).all(axis=0))[0])
+            raise SolverError(f"X contains NaN or infinity (column {bad})")
+        nonzero[a:b] = (Xc != 0).any(axis=0)
+        colsq[a:b] = np.einsum("ij,ij->j", Xc, Xc, dtype=np.float64)
+    return nonzero, colsq
+
+
+def _solve(
+    X: FloatArray,
+    wb: F64,
+    budget: Budget,
+    ridge: float,
+    alpha: F64 | None,
+    *,
+    max_iter: int,
+    tol: float,
+    active_set: bool,
+    active_factor: float,
+    max_outer: int,
+    search_steps: int,
+    grow: float,
+    init: Init,
+    scan: tuple[NDArray[np.bool_], F64] | None = None,
+) -> SolverResult:
+    """The solver proper on validated inputs (``wb``, ``alpha`` float64; X float32/float64)."""
+    t0 = time.perf_counter()
+    p = X.shape[1]
+    k = budget.k
+    if k == 0 or k == p:
+        w = np.zeros(p, dtype=np.float32)
+        supp = np.arange(p, dtype=np.int64) if k == p else np.empty(0, dtype=np.int64)
+        if k == p:
+            w = wb.astype(np.float32) if alpha is None else ridge_backsolve(X, wb, supp, ridge, alpha)
+        f = objective(X, w, wb, ridge, alpha)
+        return SolverResult(w, supp, f, (f,), 0, True, "chita", {"time_s": time.perf_counter() - t0})
+
+    nonzero, colsq = column_scan(X) if scan is None else scan
+    budget_nz, zkeep = split_zero_columns(budget, nonzero, wb)
+    k_nz = budget_nz.k
+    elig = np.flatnonzero(nonzero).astype(np.int64)
+    all_nonzero = elig.shape[0] == p
+    # Zero columns kept: their optimum is w̄ − α/λ, independent of everything else.
+    w_zero = wb[zkeep].copy()
+    if alpha is not None and ridge > 0:
+        w_zero -= alpha[zkeep] / ridge
+
+    full = _make_space(X, None, None if all_nonzero else elig, budget_nz, wb, alpha, ridge, colsq)
+    if alpha is None:
+        v0 = wb
+    else:
+        qa = matvec(X, alpha)
+        den = float(qa @ qa) + ridge * float(alpha @ alpha)
+        v0 = wb - (float(alpha @ alpha) / den if den > 0 else 0.0) * alpha
+    supp0 = full.ht(v0) if k_nz else np.empty(0, dtype=np.int64)
+
+    trace: list[float] = []
+    iters = outer = a_size = 0
+    converged = True
+    if k_nz in (0, elig.shape[0]):
+        supp_cols = supp0
+    else:
+        if init == "backsolve":
+            w_start = ridge_backsolve(X, wb, supp0, ridge, alpha).astype(np.float64)
+        else:
+            w_start = np.zeros(p, dtype=np.float64)
+            w_start[supp0] = v0[supp0]
+        m0 = min(elig.shape[0], max(k_nz, math.ceil(active_factor * k_nz)))
+        A: IntArray | None = None
+        if active_set and m0 <= _FULL_SPACE_FRACTION * p:
+            rest = np.setdiff1d(elig, supp0, assume_unique=True)
+            extra = m0 - k_nz
+            rest = rest[np.argpartition(-np.abs(v0[rest]), extra - 1)[:extra]] if extra > 0 else rest[:0]
+            A = np.union1d(supp0, rest).astype(np.int64)
+        ctx = _Context(X, full, budget_nz, wb, alpha, ridge, colsq, nonzero, tol, search_steps, grow)
+        st_cols, w_iter, iters, outer, converged, a_size = _iht(
+            ctx, A, w_start, supp0, max_iter, max_outer, trace
+        )
+        supp_cols = st_cols
+
+    support = np.union1d(supp_cols, zkeep).astype(np.int64)
+    w_bs = ridge_backsolve(X, wb, support, ridge, alpha)
+    f_bs = objective(X, w_bs, wb, ridge, alpha)
+    if trace:
+        w_pre = w_iter.astype(np.float32)
+        w_pre[zkeep] = w_zero
+        f_pre = objective(X, w_pre, wb, ridge, alpha)
+        # The IHT ran with the kept zero columns pruned: shift its trace by their (constant) gain.
+        shift = f_pre - trace[-1]
+        trace = [t + shift for t in trace]
+        if not f_bs <= f_pre:
+            # Only rounding can do this (the backsolve is the exact minimiser on the support), unless
+            # the linear algebra broke down: then say so.
+            level = logging.WARNING if f_bs > f_pre + 1e-6 * abs(f_pre) else logging.DEBUG
+            log.log(level, "CHITA: backsolve raised f from %.9g to %.9g; keeping the iterate", f_pre, f_bs)
+            w_bs, f_bs = w_pre, f_pre
+    trace.append(f_bs)
+    if not converged:
+        log.warning("CHITA did not converge in %d iterations / %d outer rounds (f = %.6g)",
+                    iters, outer, f_bs)
+    info: dict[str, float | int | str] = {
+        "time_s": time.perf_counter() - t0,
+        "outer_iterations": outer,
+        "active_set_size": a_size,
+        "zero_columns": int(p - elig.shape[0]),
+        "zero_columns_kept": int(zkeep.shape[0]),
+        "new_vs_start": int(np.setdiff1d(supp_cols, supp0, assume_unique=True).shape[0]),
+        "objective_before_backsolve": trace[-2] if len(trace) > 1 else f_bs,
+    }
+    return SolverResult(
+        w=np.asarray(w_bs, dtype=np.float32),
+        support=support,
+        objective=f_bs,
+        trace=tuple(trace),
+        iterations=iters,
+        converged=converged,
+        method="chita",
+        info=info,
+    )
+
+
+def chita_iht(
+    X: FloatArray,
+    w_bar: FloatArray,
+    budget: Budget,
+    ridge: float,
+    alpha: FloatArray | None = None,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-6,
+    active_set: bool = True,
+    active_factor: float = 1.5,
+    max_outer: int = 10,
+    grow: float = 0.25,
+    search_steps: int = 5,
+    init: Init = "backsolve",
+) -> SolverResult:
+    """Prune with CHITA-IHT: minimise ``f`` under ``budget``, then backsolve on the chosen support.
+
+    ``f(w) = ½‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + αᵀ(w − w̄)``.
+
+    Args:
+        X: ``(n, p)`` float32 or float64 gradients scaled by 1/√n.  Used in place (a float32 X is
+            never copied to float64); other float dtypes are converted to float32.
+        w_bar: ``(p,)`` trained weights.
+        budget: the sparsity budget (``k`` and per-segment bounds).
+        ridge: ``λ ≥ 0``.
+        alpha: ``(p,)`` first-order term or ``None``.
+        max_iter: cap on inner IHT iterations (all active-set rounds together).
+        tol: stop an inner loop when the support is stable and ``f`` drops by less than ``tol·|f|``.
+        active_set: restrict the inner loop to an active set (otherwise all columns, no copy).
+        active_factor: initial active-set size as a multiple of ``k``.
+        max_outer: cap on active-set growth rounds.
+        grow: each growth round also adds up to ``⌈grow·k⌉`` outside coordinates whose
+            single-coordinate gain beats the cheapest single removal (gradient screening).
+        search_steps: step doublings tried by the support-changing search.
+        init: ``"backsolve"`` (start at the exact fit on the magnitude support) or ``"magnitude"``.
+
+    Returns:
+        :class:`SolverResult` with ``w`` ``(p,)`` float32, sorted ``support``, final ``objective``,
+        the non-increasing ``trace`` (last entry after the backsolve), ``converged`` (``False`` plus
+        a logged warning when a cap was hit) and ``info`` (timing, active-set size, swaps, ...).
+
+    Cost: ``O(n·|A|)`` per inner iteration, ``O(n·p)`` per outer round, ``O(n²k + n³)`` per backsolve
+    when ``k > n``; memory ``O(n·|A| + n²)`` beyond ``X``.
+    """
+    Xa, wb, a64, ridge_f = _validate(X, w_bar, budget, ridge, alpha)
+    _validate_options(max_iter=max_iter, tol=tol, max_outer=max_outer, search_steps=search_steps,
+                      grow=grow, active_factor=active_factor, init=init)
+    return _solve(
+        Xa, wb, budget, ridge_f, a64,
+        max_iter=int(max_iter), tol=float(tol), active_set=bool(active_set),
+        active_factor=float(active_factor), max_outer=int(max_outer), search_steps=int(search_steps),
+        grow=float(grow), init=init,
+    )
+
+
+def _validate_options(
+    *,
+    max_iter: int = 0,
+    tol: float = 0.0,
+    max_outer: int = 0,
+    search_steps: int = 1,
+    grow: float = 0.0,
+    active_factor: float = 1.0,
+    init: str = "backsolve",
+) -> None:
+    """Check the solver options; raises :class:`SolverError` naming the bad value."""
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+    if not is_int(max_iter) or max_iter < 0:
+        raise SolverError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
+    if not is_int(max_outer) or max_outer < 0:
+        raise SolverError(f"max_outer must be an integer ≥ 0, got {max_outer!r}")
+    if not is_int(search_steps) or search_steps < 1:
+        raise SolverError(f"search_steps must be an integer ≥ 1, got {search_steps!r}")
+    for name, val, lo in (("tol", tol, 0.0), ("grow", grow, 0.0), ("active_factor", active_factor, 1.0)):
+        if not isinstance(val, int | float | np.floating) or not (np.isfinite(val) and val >= lo):
+            raise SolverError(f"{name} must be a finite number ≥ {lo:g}, got {val!r}")
+    if init not in ("backsolve", "magnitude"):
+        raise SolverError(f"init must be 'backsolve' or 'magnitude', got {init!r}")
+
+
+def _validate(
+    X: FloatArray, w_bar: FloatArray, budget: Budget, ridge: float, alpha: FloatArray | None
+) -> tuple[FloatArray, F64, F64 | None, float]:
+    """Shared input checks; returns X (float32/float64, not copied if already so), w̄, α, λ."""
+    if not isinstance(budget, Budget):
+        raise SolverError(f"budget must be a Budget, got {type(budget).__name__}")
+    Xa = np.asarray(X)
+    if not np.issubdtype(Xa.dtype, np.floating):
+        raise SolverError(f"X must be a floating-point array, got dtype {Xa.dtype}")
+    if Xa.dtype not in (np.float32, np.float64):
+        Xa = Xa.astype(np.float32)
+    wb = np.array(w_bar, dtype=np.float64)
+    a64 = None if alpha is None else np.array(alpha, dtype=np.float64)
+    try:
+        ridge_f = float(ridge)
+    except (TypeError, ValueError):
+        raise SolverError(f"ridge must be a number, got {ridge!r}") from None
+    budget.validated()
+    check_problem(Xa, wb, budget, ridge_f, a64)
+    if a64 is not None and not np.all(np.isfinite(a64)):
+        raise SolverError("alpha contains NaN or infinity")
+    return Xa, wb, a64, ridge_f

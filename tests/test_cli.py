@@ -1,0 +1,172 @@
+"""The command line: end-to-end runs on real files, and one-line errors with the right exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import make_model, tiny_mlp
+from onnx import TensorProto, helper, numpy_helper
+
+from chita_onnx.config import CompressConfig
+from chita_onnx_cli.main import cli
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_every_config_field_has_exactly_one_flag() -> None:
+    compress = cli.commands["compress"]
+    flags = {p.name for p in compress.params if isinstance(p, __import__("click").Option)}
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    assert fields <= flags
+    assert flags - fields == {"data", "eval_data", "report_path"}
+
+
+def test_inspect_lists_tensors_and_total(mlp_path: Path) -> None:
+    code, out, _ = run("inspect", mlp_path)
+    assert code == 0
+    assert "W1" in out and "MatMul" in out and "fc1" in out and "12x16" in out
+    assert "2 prunable tensors, 272 weights in total" in out
+
+
+def test_compress_magnitude_end_to_end(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    before = mlp_path.read_bytes()
+    out = tmp_path / "pruned.onnx"
+    report = tmp_path / "report.json"
+    code, stdout, err = run("compress", mlp_path, out, "--sparsity", "0.7", "--data", mlp_data,
+                            "--method", "magnitude", "--report", report)
+    assert code == 0, err
+    assert mlp_path.read_bytes() == before  # the input is never modified
+    onnx.checker.check_model(str(out))
+    from chita_onnx.graph import find_prunable, get_weights, load_model
+
+    pruned = load_model(out)
+    w = get_weights(pruned, [t.name for t in find_prunable(pruned)])
+    nnz = sum(int(np.count_nonzero(a)) for a in w.values())
+    assert nnz == round(0.3 * 272)
+    data = json.loads(report.read_text())
+    assert data["nnz"] == nnz and data["k"] == nnz and data["p"] == 272
+    assert data["evaluation"]["samples"] == 13  # 20% of 64 held out
+    assert data["evaluation"]["dense_accuracy"] == 1.0  # labels are the dense argmax
+    assert set(data["timings"]) >= {"load", "solve", "write", "evaluate"}
+    assert "top-1 accuracy" in stdout and "file size" in stdout
+
+
+def test_evaluate_command(mlp_path: Path, mlp_data: Path) -> None:
+    code, out, _ = run("evaluate", mlp_path, "--data", mlp_data)
+    assert code == 0 and "top-1 accuracy 100.00% on 64 samples" in out
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_missing_model_file(tmp_path: Path, mlp_data: Path) -> None:
+    code, _, err = run("compress", tmp_path / "nope.onnx", tmp_path / "o.onnx", "--data", mlp_data)
+    assert_one_line_error(code, err, 1, "nope.onnx", "no such file")
+
+
+def test_not_an_onnx_file(tmp_path: Path, mlp_data: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("hello, I am a text file\n" * 20)
+    code, _, err = run("compress", bad, tmp_path / "o.onnx", "--data", mlp_data)
+    assert_one_line_error(code, err, 1, "bad.onnx", "not a valid ONNX model")
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range_is_a_usage_error(tmp_path: Path, mlp_path: Path, mlp_data: Path, value: str) -> None:
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--sparsity", value, "--data", mlp_data)
+    assert_one_line_error(code, err, 2, f"--sparsity={float(value)!r}", "[0, 1)")
+
+
+def test_output_equal_to_input(mlp_path: Path, mlp_data: Path) -> None:
+    before = mlp_path.read_bytes()
+    code, _, err = run("compress", mlp_path, mlp_path, "--data", mlp_data)
+    assert_one_line_error(code, err, 2, str(mlp_path), "input model")
+    assert mlp_path.read_bytes() == before
+
+
+def test_npz_with_missing_input(tmp_path: Path, mlp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", a=np.zeros((4, 12), np.float32), b=np.zeros((4, 12), np.float32))
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert_one_line_error(code, err, 1, "d.npz", "'x'")
+
+
+def test_npz_with_misshaped_input(tmp_path: Path, mlp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 4), np.float32))
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert_one_line_error(code, err, 1, "d.npz", "input 'x' has shape (4, 3, 4)")
+
+
+def test_labels_out_of_range(tmp_path: Path, mlp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 12), np.float32), labels=np.array([0, 1, 7, 2]))
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert_one_line_error(code, err, 1, "d.npz", "label 7 is out of range", "5 classes")
+
+
+def test_model_without_prunable_weights(tmp_path: Path) -> None:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [],
+    )
+    onnx.save(model, tmp_path / "relu.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32))
+    code, _, err = run("compress", tmp_path / "relu.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert_one_line_error(code, err, 1, "relu.onnx", "no prunable weights")
+
+
+def test_npz_with_object_arrays(tmp_path: Path, mlp_path: Path) -> None:
+    np.savez(tmp_path / "evil.npz", x=np.array([object(), None], dtype=object))
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", tmp_path / "evil.npz")
+    assert_one_line_error(code, err, 1, "evil.npz", "'x'", "Python objects")
+
+
+def test_external_data_outside_model_folder(tmp_path: Path, mlp_data: Path) -> None:
+    model = tiny_mlp()
+    model.graph.initializer[0].data_location = TensorProto.EXTERNAL
+    model.graph.initializer[0].ClearField("raw_data")
+    entry = model.graph.initializer[0].external_data.add()
+    entry.key, entry.value = "location", "/etc/passwd"
+    onnx.save(model, tmp_path / "evil.onnx")
+    code, _, err = run("compress", tmp_path / "evil.onnx", tmp_path / "o.onnx", "--data", mlp_data)
+    assert_one_line_error(code, err, 1, "evil.onnx", "/etc/passwd", "outside the model's folder")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unknown_keep_tensor_is_a_usage_error(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--keep", "W9")
+    assert_one_line_error(code, err, 2, "--keep=W9")
+
+
+def test_unknown_method_is_a_click_usage_error(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--method", "nope")
+    assert code == 2 and "nope" in err and "Traceback" not in err
+
+
+def test_inspect_of_a_model_with_bias_only_constants_lists_nothing(tmp_path: Path) -> None:
+    w = np.ones((2, 2), np.float32)
+    model = make_model(
+        [helper.make_node("Add", ["x", "W"], ["y"], name="add")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], [numpy_helper.from_array(w, "W")],
+    )
+    onnx.save(model, tmp_path / "add.onnx")
+    code, out, _ = run("inspect", tmp_path / "add.onnx")
+    assert code == 0 and "0 prunable tensors, 0 weights in total" in out
