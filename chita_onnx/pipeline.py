@@ -38,6 +38,7 @@ from .graph import (
     save_model,
     write_weights,
 )
+from .gradients import GradientEngine
 from .layout import Layout
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
@@ -139,102 +140,153 @@ def prepare(model_path: str | os.PathLike[str], data: DataSpec | None, config: C
 # ------------------------------------------------------------------------------------- gradients
 
 
-def _gradient_rows(prep: Prepared, config: CompressConfig, model: onnx.ModelProto, names: Sequence[str],
-                   out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
-    from .gradients import per_sample_gradients
+class GradientOracle:
+    """Per-sample gradient matrices at given weights, scaled by 1/√n for the solvers.
 
-    g = per_sample_gradients(model, prep.calib, list(names), loss=config.loss, fisher=config.fisher,
-                             output=config.output, mini_batch=config.mini_batch, num_samples=config.num_samples,
-                             seed=config.seed, out=out, workdir=config.workdir)
-    return g.X
+    The gradient graph of each tensor subset is built once (:class:`~chita_onnx.gradients.GradientEngine`);
+    later calls only swap the weight values, which is what CHITA++ needs in every stage.
+    """
 
+    def __init__(self, prep: Prepared, config: CompressConfig) -> None:
+        self.prep, self.config = prep, config
+        self._engines: dict[tuple[str, ...], GradientEngine] = {}
+        total = sum(b.size for b in prep.calib)
+        self.n = min(total, config.num_samples) // config.mini_batch
+        if self.n < 1:
+            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
+        self.scale = np.float32(1.0 / math.sqrt(self.n))
+        self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
 
-def _count_rows(prep: Prepared, config: CompressConfig) -> int:
-    total = sum(int(next(iter(b.inputs.values())).shape[0]) for b in prep.calib)
-    return min(total, config.num_samples) // config.mini_batch
+    def _engine(self, names: tuple[str, ...]) -> GradientEngine:
+        if names not in self._engines:
+            example = next(iter(self.prep.calib))
+            self._engines[names] = GradientEngine(
+                self.prep.model, list(names), example=example, loss=self.config.loss, output=self.config.output,
+                mini_batch=self.config.mini_batch,
+            )
+        return self._engines[names]
+
+    def fits(self) -> bool:
+        """Whether the whole ``n × p`` float32 matrix fits in ``--max-memory``."""
+        assert self.config.max_memory is not None
+        return self.n * self.prep.layout.p * 4 <= self.config.max_memory
+
+    def matrix(self, w: NDArray[np.float32], names: Sequence[str] | None = None,
+               out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+        """``X`` (n × p_subset, float32) at flat weights ``w``, scaled by 1/√n, for tensors ``names``."""
+        layout = self.prep.layout
+        key = tuple(names) if names is not None else layout.names
+        engine = self._engine(key)
+        engine.set_weights({k: v for k, v in layout.unflatten(w).items() if k in key})
+        cfg = self.config
+        g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out,
+                           workdir=cfg.workdir)
+        X = g.X
+        if names is None and cfg.first_order:
+            self.alpha = X.mean(axis=0, dtype=np.float64)
+        X *= self.scale
+        return X
+
+    def columns(self, w: NDArray[np.float32], timer: PhaseTimer) -> Callable[[int, int], NDArray[np.float32]]:
+        """A ``columns(a, b)`` callback for the block solver: gradients of the tensors overlapping [a, b)."""
+        slots = self.prep.layout.slots
+
+        def columns(a: int, b: int) -> NDArray[np.float32]:
+            hit = [s for s in slots if s.offset < b and s.stop > a]
+            with timer.phase("gradients"):
+                Xs = self.matrix(w, [s.name for s in hit])
+            start = a - hit[0].offset
+            return np.ascontiguousarray(Xs[:, start : start + (b - a)])
+
+        return columns
 
 
 # --------------------------------------------------------------------------------------- solving
 
 
-def _solve_stage(prep: Prepared, config: CompressConfig, model: onnx.ModelProto, w_bar: NDArray[np.float32],
-                 budget: Budget, timer: PhaseTimer) -> SolverResult:
-    """Gradients at ``model``'s current weights, then the configured solver, for one budget."""
-    method, layout = config.method, prep.layout
-    if not config.needs_gradients:
-        with timer.phase("solve"):
-            return magnitude(w_bar, budget)
-    n = _count_rows(prep, config)
-    if n < 1:
-        raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {n} calibration samples")
-    scale = np.float32(1.0 / math.sqrt(n))
-    assert config.max_memory is not None
-    if n * layout.p * 4 > config.max_memory:
-        if method not in ("chita", "chita++"):
-            raise ConfigError(
-                f"--max-memory={config.max_memory}: the gradient matrix needs {n * layout.p * 4 / 2**30:.1f} GiB; "
-                f"only chita and chita++ have a block path"
-            )
-        log.info("X (%d x %d) exceeds --max-memory: using the block approximation", n, layout.p)
-
-        def columns(a: int, b: int) -> NDArray[np.float32]:
-            hit = [s for s in layout.slots if s.offset < b and s.stop > a]
-            with timer.phase("gradients"):
-                Xs = _gradient_rows(prep, config, model, [s.name for s in hit])
-            Xs *= scale
-            start = a - hit[0].offset
-            return np.ascontiguousarray(Xs[:, start : start + (b - a)])
-
-        with timer.phase("solve"):
-            return chita_blocked(columns, w_bar, budget, config.ridge, None, block_size=config.block_size,
-                                 max_memory_bytes=config.max_memory, n=n, max_iter=config.max_iter)
-    with timer.phase("gradients"):
-        X = _gradient_rows(prep, config, model, layout.names)
-    alpha = X.mean(axis=0, dtype=np.float64) if config.first_order else None
-    X *= scale
-    with timer.phase("solve"):
-        if method in ("chita", "chita++"):
-            return chita_iht(X, w_bar, budget, config.ridge, alpha, max_iter=config.max_iter)
-        if method == "magnitude":
-            return magnitude(w_bar, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
-        if method == "wf":
-            return wf_solver(X, w_bar, budget, config.ridge, update=config.update != "none")
-        return cbs_solver(X, w_bar, budget, config.ridge, update=method == "cbs" and config.update != "none")
+def solve(method: str, config: CompressConfig, X: NDArray[np.float32] | None, w: NDArray[np.float32],
+          budget: Budget, alpha: NDArray[np.float64] | None = None) -> SolverResult:
+    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p)."""
+    if method == "magnitude" and config.update != "obs":
+        return magnitude(w, budget, X=X, ridge=config.ridge)
+    if X is None:
+        raise ValueError(f"method {method} needs the gradient matrix")
+    if method in ("chita", "chita++"):
+        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter)
+    if method == "magnitude":
+        return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
+    if method == "wf":
+        return wf_solver(X, w, budget, config.ridge, update=config.update != "none")
+    if method in ("cbs", "cbs-s"):
+        return cbs_solver(X, w, budget, config.ridge, update=method == "cbs" and config.update != "none")
+    raise ConfigError(f"--method={method!r}: unknown")
 
 
 def _model_with(prep: Prepared, w: NDArray[np.float32]) -> onnx.ModelProto:
-    tensors = prep.layout.unflatten(w)
-    return write_weights(prep.model, tensors, storage="dense")[0]
+    return write_weights(prep.model, prep.layout.unflatten(w), storage="dense")[0]
 
 
-def prune(prep: Prepared, config: CompressConfig, timer: PhaseTimer | None = None,
-          on_stage: Callable[[int, float, SolverResult, onnx.ModelProto], StageReport] | None = None,
+def initial_weights(prep: Prepared) -> NDArray[np.float32]:
+    """``w̄``: the trained prunable weights as one flat float32 vector (p,)."""
+    return prep.layout.flatten(get_weights(prep.model, prep.layout.names), dtype=np.float32)
+
+
+def prune(prep: Prepared, config: CompressConfig, oracle: GradientOracle | None = None,
+          timer: PhaseTimer | None = None,
+          on_stage: Callable[[int, float, SolverResult, NDArray[np.float32]], StageReport] | None = None,
+          X0: NDArray[np.float32] | None = None,
           ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
-    """Run the configured method (all stages of CHITA++) and return the pruned flat weights."""
+    """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
+
+    ``X0`` is an already computed, scaled gradient matrix at ``w̄`` that the first stage may reuse
+    (the sweep shares it between methods).  Later CHITA++ stages recompute X at the current weights.
+    """
     timer = timer or PhaseTimer()
-    layout = prep.layout
-    w = layout.flatten(get_weights(prep.model, layout.names), dtype=np.float32)
-    sizes = [s.size for s in layout.slots]
+    w = initial_weights(prep)
+    sizes = [s.size for s in prep.layout.slots]
     if config.method == "chita++":
         assert config.stages is not None and config.start_sparsity is not None
         levels = sparsity_schedule(config.stages, config.sparsity, config.schedule, config.start_sparsity)
     else:
         levels = (config.sparsity,)
-    model = prep.model
+    if config.needs_gradients and oracle is None:
+        oracle = GradientOracle(prep, config)
     stages: list[StageReport] = []
     result: SolverResult | None = None
     for t, level in enumerate(levels, start=1):
         t0 = time.perf_counter()
         budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
-        result = _solve_stage(prep, config, model, w, budget, timer)
+        if oracle is None:
+            with timer.phase("solve"):
+                result = solve(config.method, config, None, w, budget)
+        elif not oracle.fits():
+            if config.method not in ("chita", "chita++"):
+                raise ConfigError(
+                    f"--max-memory={config.max_memory}: the gradient matrix needs "
+                    f"{oracle.n * prep.layout.p * 4 / 2**30:.2f} GiB and only chita and chita++ have a block path"
+                )
+            log.info("X (%d x %d) exceeds --max-memory: block approximation", oracle.n, prep.layout.p)
+            assert config.max_memory is not None
+            with timer.phase("solve"):
+                result = chita_blocked(oracle.columns(w, timer), w, budget, config.ridge, None,
+                                       block_size=config.block_size, max_memory_bytes=config.max_memory,
+                                       n=oracle.n, max_iter=config.max_iter)
+        else:
+            if X0 is not None and t == 1:
+                X = X0
+            else:
+                with timer.phase("gradients"):
+                    X = oracle.matrix(w)
+            with timer.phase("solve"):
+                result = solve(config.method, config, X, w, budget, oracle.alpha if config.first_order else None)
+            del X
         if not result.converged:
             log.warning("stage %d: the %s solver did not converge in %d iterations", t, config.method, result.iterations)
         w = np.asarray(result.w, dtype=np.float32)
         if int(np.count_nonzero(w)) > budget.k:
             raise AssertionError(f"solver kept {np.count_nonzero(w)} > k={budget.k} weights")
-        model = _model_with(prep, w) if len(levels) > 1 else model
         if on_stage is not None:
-            stages.append(on_stage(t, level, result, model))
+            stages.append(on_stage(t, level, result, w))
         else:
             stages.append(StageReport(t, level, budget.k, _finite(result.objective), result.iterations,
                                       result.converged, None, None, time.perf_counter() - t0))
@@ -281,18 +333,18 @@ def compress(
         with timer.phase("evaluate"):
             ref = reference(in_path, prep.eval, prep.specs, config.output)
 
-    def stage_eval(t: int, level: float, res: SolverResult, m: onnx.ModelProto) -> StageReport:
+    def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32]) -> StageReport:
         acc = agree = None
         t0 = time.perf_counter()
         if config.method == "chita++" and ref is not None and prep.eval is not None:
             with timer.phase("evaluate"):
-                c = compare_to(ref, m.SerializeToString(), prep.eval, prep.specs)
+                c = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
             acc, agree = c.pruned_accuracy, c.agreement
         k = keep_count(level, prep.layout.p)
         return StageReport(t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree,
                            time.perf_counter() - t0)
 
-    w, stages, result = prune(prep, config, timer, stage_eval)
+    w, stages, result = prune(prep, config, None, timer, stage_eval)
     layout = prep.layout
     meta = {"tool": f"chita-onnx {__version__}", "method": config.method, "sparsity": config.sparsity,
             "k": keep_count(config.sparsity, layout.p), "p": layout.p, "scope": config.scope,

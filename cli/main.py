@@ -196,6 +196,42 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
     _write_json(report_path, json.dumps({"model": model, **dataclasses.asdict(ev)}, indent=2))
 
 
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
+@click.option("--methods", default="magnitude,wf,cbs,chita,chita++", show_default=True,
+              help="Comma-separated methods (also magnitude+obs).")
+@click.option("--sparsities", default="0.5,0.7,0.9", show_default=True, help="Comma-separated sparsities.")
+@click.option("--out", "out_prefix", default="sweep", show_default=True, type=click.Path(dir_okay=False),
+              help="Writes OUT.csv, OUT.json and OUT.png.")
+@_config_options
+@_run
+def sweep(model: str, data: str, eval_data: str | None, methods: str, sparsities: str, out_prefix: str,
+          **kwargs: Any) -> None:
+    """Compare pruning methods on MODEL across sparsities: table, JSON/CSV and a plot."""
+    from chita_onnx.pipeline import prepare
+    from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, plot_sweep
+    from chita_onnx.sweep import sweep as run_sweep
+
+    method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
+    kwargs.pop("method", None)
+    kwargs.pop("sparsity", None)
+    stages = kwargs.pop("stages", None)
+    base = _config_from(kwargs).with_(method="chita++", stages=stages, sparsity=max(levels))
+    prep = prepare(model, data, base, eval_data)
+    result = run_sweep(prep, base, method_list, levels, model_label=model)
+    click.echo(format_sweep(result))
+    _write_json(out_prefix + ".json", result.to_json())
+    Path(out_prefix + ".csv").write_text(result.to_csv())
+    written = [out_prefix + ".csv", out_prefix + ".json"]
+    if plot_sweep(result, out_prefix + ".png"):
+        written.append(out_prefix + ".png")
+    else:
+        click.echo("note: no plot written; install matplotlib (pip install 'chita-onnx[plot]') to get one", err=True)
+    click.echo("\nwrote " + ", ".join(written))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="chita-onnx")

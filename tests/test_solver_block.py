@@ -116,8 +116,8 @@ def test_columns_requested_once_in_groups_within_memory() -> None:
     starts = [a for a, _ in cols.calls]
     ends = [b for _, b in cols.calls]
     assert starts[0] == 0 and ends[-1] == g.p and starts[1:] == ends[:-1]  # contiguous, each once
-    assert all((b - a) * 40 * 8 <= mem // 2 for a, b in cols.calls)
-    assert len(cols.calls) >= 6
+    assert all((b - a) * 40 * cols.X.dtype.itemsize <= mem // 2 for a, b in cols.calls)
+    assert len(cols.calls) >= 4  # 6,300 columns, ≤ 2,000 float32 (1,000 float64 first) per group
     assert res.support.size == 600 and res.info["groups"] == len(cols.calls)
 
 
@@ -170,7 +170,7 @@ def test_memory_does_not_hold_x() -> None:
 def test_block_bad_inputs() -> None:
     X, wb = block_diagonal_problem(0)
     budget = Budget.global_(10, 1200)
-    with pytest.raises(SolverError, match=r"\(120, 300\)"):
+    with pytest.raises(SolverError, match=r"shape \(60, 1200\), expected \(120, 1200\)"):
         chita_blocked(lambda a, b: X[:60, a:b], wb, budget, 1e-3, n=120, block_size=300)
     with pytest.raises(SolverError, match="block_size"):
         chita_blocked(Recorder(X), wb, budget, 1e-3, n=120, block_size=0)

@@ -155,10 +155,12 @@ def test_never_worse_than_magnitude_plus_backsolve(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_trace_never_increases(seed: int, dtype: type) -> None:
+@pytest.mark.parametrize("method", ["iht", "swap"])
+def test_trace_never_increases(seed: int, dtype: type, method: str) -> None:
     X, wb = low_rank_problem(seed, 80, 1500, dtype)
     budget = Budget.global_(40 + 60 * seed, 1500)
-    res = chita_iht(X, wb, budget, 1e-4, init="magnitude", max_iter=200)
+    res = chita_iht(X, wb, budget, 1e-4, init="magnitude", max_iter=200, method=method)  # type: ignore[arg-type]
+    assert res.info["mode"] == method
     tr = np.asarray(res.trace)
     rel = 1e-9 if dtype is np.float64 else 1e-5
     assert len(tr) > 2

@@ -16,6 +16,7 @@ This module imports NumPy only; the solvers never import onnx or onnxruntime.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ class Budget:
     def validated(self) -> Budget:
         """Return ``self`` after checking consistency; raises :class:`SolverError`."""
         seg = self.segments
-        if len(seg) < 2 or seg[0] != 0 or any(b < a for a, b in zip(seg, seg[1:], strict=False)):
+        if len(seg) < 2 or seg[0] != 0 or any(b < a for a, b in itertools.pairwise(seg)):
             raise SolverError(f"budget segments must be increasing offsets starting at 0, got {seg}")
         if len(self.lower) != len(seg) - 1 or len(self.upper) != len(seg) - 1:
             raise SolverError("budget lower/upper need one entry per segment")
@@ -159,7 +160,7 @@ def check_problem(
     """Validate the shapes and values of a problem; raises :class:`SolverError` with the bad value."""
     if X.ndim != 2:
         raise SolverError(f"X must be 2-D (n, p), got shape {X.shape}")
-    n, p = X.shape
+    p = X.shape[1]
     if w_bar.shape != (p,):
         raise SolverError(f"w̄ must have shape ({p},) to match X {X.shape}, got {w_bar.shape}")
     if alpha is not None and alpha.shape != (p,):

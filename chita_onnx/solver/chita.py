@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 F64 = NDArray[np.float64]
 Init = Literal["backsolve", "magnitude"]
+Method = Literal["auto", "iht", "swap"]
 
 #: Fraction of the columns above which the active set is the whole matrix (no copy is made).
 _FULL_SPACE_FRACTION = 0.5
@@ -356,6 +358,120 @@ def _inner(
     return st, max_iter, False
 
 
+def _gram(mat: FloatArray) -> F64:
+    """``matᵀmat`` (m × m) accumulated in float64 over row chunks.  mat: (n, m)."""
+    n, m = mat.shape
+    G = np.zeros((m, m), dtype=np.float64)
+    for a, b in _chunks(n, m):
+        Xc = np.asarray(mat[a:b], dtype=np.float64)
+        G += Xc.T @ Xc
+    return G
+
+
+def _cholesky(H: F64) -> F64:
+    """Lower Cholesky factor of the SPD ``H``, with escalating jitter if it is numerically singular."""
+    jitter = 0.0
+    scale = max(float(np.trace(H)) / max(H.shape[0], 1), 1e-300)
+    for attempt in range(8):
+        try:
+            M = H if jitter == 0.0 else H + jitter * np.eye(H.shape[0])
+            return np.asarray(np.linalg.cholesky(M), dtype=np.float64)
+        except np.linalg.LinAlgError:
+            jitter = scale * 10.0 ** (attempt - 12)
+    raise SolverError("CHITA swap step: the support system is not positive definite (NaN in X?)")
+
+
+def _inner_swap(
+    space: _Space, st: _State, max_iter: int, tol: float, steps: int, trace: list[float], y: F64
+) -> tuple[_State, int, bool]:
+    """Swap search with exact re-fits on the Gram of the space (for small supports).
+
+    Every candidate support is scored by its exact re-fitted objective ``f*(S)`` (a k × k Cholesky
+    on ``G = X_AᵀX_A``).  Candidates: the budget-feasible top-k of OBS-style scores — removal cost
+    ``w_j²/(2[H_S⁻¹]_jj)`` for kept ``j``, entering gain ``γ·g_i²/(2·Schur_i)`` for the others — for
+    ``γ`` log-spaced from the first support change up to 1 (all individually favourable swaps).
+    """
+    lam = space.ridge
+    G = _gram(space.mat)
+    wb = space.wb
+    al = space.alpha
+    q = rmatvec(space.mat, y)  # y = X w̄ (n,), the same for every space so values stay comparable
+    yy = float(y @ y)
+    pen = 0.5 * lam * wb**2 - (0.0 if al is None else al * wb)  # cost of pruning each coordinate
+    pen_total = float(pen.sum()) + space.const
+    free = np.arange(space.m, dtype=np.int64) if space.free is None else space.free
+
+    def refit(S: IntArray) -> tuple[float, F64, F64]:
+        GSS = G[np.ix_(S, S)]
+        wbS = wb[S]
+        Gw = GSS @ wbS
+        b = q[S] - Gw - (0.0 if al is None else al[S])
+        c2 = yy - 2.0 * float(wbS @ q[S]) + float(wbS @ Gw)
+        H = GSS.copy()
+        H[np.diag_indices_from(H)] += lam
+        L = _cholesky(H)
+        z = sla.solve_triangular(L, b, lower=True, check_finite=False)
+        u = sla.solve_triangular(L.T, z, lower=False, check_finite=False)
+        f = 0.5 * c2 - 0.5 * float(z @ z) + pen_total - float(pen[S].sum())
+        return f, wbS + u, L
+
+    def adopt(S: IntArray, wS: F64) -> None:
+        w_new = np.zeros(space.m, dtype=np.float64)
+        w_new[S] = wS
+        ch = np.flatnonzero(w_new != st.w)
+        st.r = st.r + space.mv(ch, w_new[ch] - st.w[ch])
+        st.w, st.supp = w_new, S
+
+    # Values here are the re-fitted f* (Gram-based); the trace only records decreases of it.
+    f, wS, L = refit(st.supp)
+    noise = 1e-13 * (abs(yy) + abs(pen_total))
+    adopt(st.supp, wS)
+    st.f = f
+    if not trace or f < trace[-1]:
+        trace.append(f)
+    for it in range(max_iter):
+        S = st.supp
+        g = G[:, S] @ st.w[S] - q + lam * (st.w - wb) + (0.0 if al is None else al)
+        Linv = sla.solve_triangular(L, np.eye(S.size), lower=True, check_finite=False)
+        hinv = np.einsum("ij,ij->j", Linv, Linv)
+        kept = np.zeros(space.m, dtype=bool)
+        kept[S] = True
+        N = free[~kept[free]]
+        if N.size == 0:
+            return st, it, True
+        Z = sla.solve_triangular(L, G[np.ix_(S, N)], lower=True, check_finite=False)
+        schur = np.maximum(G[N, N] + lam - np.einsum("ij,ij->j", Z, Z), 1e-300)
+        remove = np.zeros(space.m, dtype=np.float64)
+        remove[S] = st.w[S] ** 2 / (2.0 * hinv)
+        enter = np.zeros(space.m, dtype=np.float64)
+        enter[N] = g[N] ** 2 / (2.0 * schur)
+        g0 = space.l_change(remove, enter, S)
+        if not math.isfinite(g0):
+            return st, it, True
+        g0 = max(g0, 1e-12)
+        hi = max(1.0, 2.0 * g0)
+        gammas = np.geomspace(g0 * (1 + 1e-9), hi, num=max(steps, 2))
+        best: tuple[float, IntArray, F64, F64] | None = None
+        seen: list[IntArray] = []
+        for gam in gammas:
+            S2 = space.ht(remove + gam * enter)
+            if np.array_equal(S2, S) or any(np.array_equal(S2, o) for o in seen):
+                continue
+            seen.append(S2)
+            f2, w2, L2 = refit(S2)
+            if best is None or f2 < best[0]:
+                best = (f2, S2, w2, L2)
+        if best is None or not best[0] < st.f - noise:
+            return st, it + 1, True
+        rel = (st.f - best[0]) / max(abs(st.f), 1e-300)
+        adopt(best[1], best[2])
+        st.f, L = best[0], best[3]
+        trace.append(st.f)
+        if rel <= tol:
+            return st, it + 1, True
+    return st, max_iter, False
+
+
 @dataclass
 class _Context:
     """What the active-set driver needs besides the iterate."""
@@ -371,18 +487,22 @@ class _Context:
     tol: float
     steps: int
     grow: float
+    swap: bool
 
     def space(self, A: IntArray) -> _Space:
         return _make_space(self.X, A, None, self.budget_nz, self.wb, self.alpha, self.ridge, self.colsq)
 
 
 def _screen(ctx: _Context, A: IntArray, fs: _State, g: F64, count: int) -> IntArray:
-    """Up to ``count`` coordinates outside ``A`` worth trying: single-coordinate gain ``g_i²/2(‖X_i‖²+λ)``
-    above the cheapest single removal ``min_j (½(‖X_j‖²+λ)w_j² − g_j w_j)`` over the support."""
+    """Up to ``count`` coordinates outside ``A`` with the largest single-coordinate gain
+    ``g_i²/2(‖X_i‖²+λ)``; for the IHT only those above the cheapest single removal
+    ``min_j (½(‖X_j‖²+λ)w_j² − g_j w_j)`` (the swap search re-fits, so it takes the top ones)."""
     if count <= 0 or fs.supp.size == 0:
         return np.empty(0, dtype=np.int64)
     ws = fs.w[fs.supp]
-    cost = float(np.min(0.5 * (ctx.colsq[fs.supp] + ctx.ridge) * ws**2 - g[fs.supp] * ws))
+    cost = -math.inf if ctx.swap else float(
+        np.min(0.5 * (ctx.colsq[fs.supp] + ctx.ridge) * ws**2 - g[fs.supp] * ws)
+    )
     outside = ctx.nonzero.copy()
     outside[A] = False
     idx = np.flatnonzero(outside)
@@ -416,12 +536,17 @@ def _iht(
     pos = supp0 if A is None else np.searchsorted(A, supp0).astype(np.int64)
     st = _State(w_start[space.cols], pos, r, 0.0)
     st.f = space.value(st.r, st.w)
-    trace.append(st.f)
+    y = matvec(X, ctx.wb) if ctx.swap else r
+    if not ctx.swap:
+        trace.append(st.f)
     iters = outer = 0
     screened_only = False
     while True:
         before = space.cols[st.supp]
-        st, it, conv = _inner(space, st, max_iter - iters, ctx.tol, ctx.steps, trace)
+        if ctx.swap:
+            st, it, conv = _inner_swap(space, st, max_iter - iters, ctx.tol, ctx.steps, trace, y)
+        else:
+            st, it, conv = _inner(space, st, max_iter - iters, ctx.tol, ctx.steps, trace)
         iters += it
         w_full = np.zeros(p, dtype=np.float64)
         w_full[space.cols] = st.w
@@ -438,8 +563,10 @@ def _iht(
         r_full = matvec(X, w_full - ctx.wb)
         fs = _State(w_full, supp_cols, r_full, full.value(r_full, w_full))
         g = full.grad(fs.r, fs.w)
-        lc = full.l_change(fs.w, g, fs.supp)
-        cand = _search(full, fs, g, max(lc * (1 + 1e-6), full.tau_floor), max(ctx.steps, 10), None)
+        cand = None
+        if not ctx.swap:  # (the swap search re-fits; an un-refitted HT candidate rarely beats it)
+            lc = full.l_change(fs.w, g, fs.supp)
+            cand = _search(full, fs, g, max(lc * (1 + 1e-6), full.tau_floor), max(ctx.steps, 10), None)
         new_cols = np.empty(0, dtype=np.int64) if cand is None else np.setdiff1d(cand.supp, A)
         grown = np.union1d(A, new_cols)
         screened = _screen(ctx, grown, fs, g, math.ceil(ctx.grow * k))
@@ -453,7 +580,8 @@ def _iht(
         nxt = fs if cand is None else cand
         st = _State(nxt.w[A], np.searchsorted(A, nxt.supp).astype(np.int64), nxt.r, 0.0)
         st.f = space.value(st.r, st.w)
-        trace.append(st.f)
+        if not ctx.swap:
+            trace.append(st.f)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,6 +618,8 @@ def _solve(
     search_steps: int,
     grow: float,
     init: Init,
+    method: Method = "auto",
+    swap_max_k: int = 1000,
     scan: tuple[NDArray[np.bool_], F64] | None = None,
 ) -> SolverResult:
     """The solver proper on validated inputs (``wb``, ``alpha`` float64; X float32/float64)."""
@@ -524,6 +654,7 @@ def _solve(
     supp0 = full.ht(v0) if k_nz else np.empty(0, dtype=np.int64)
 
     trace: list[float] = []
+    mode = "none"
     iters = outer = a_size = 0
     converged = True
     if k_nz in (0, elig.shape[0]):
@@ -541,7 +672,15 @@ def _solve(
             extra = m0 - k_nz
             rest = rest[np.argpartition(-np.abs(v0[rest]), extra - 1)[:extra]] if extra > 0 else rest[:0]
             A = np.union1d(supp0, rest).astype(np.int64)
-        ctx = _Context(X, full, budget_nz, wb, alpha, ridge, colsq, nonzero, tol, search_steps, grow)
+        # The swap search holds the Gram of its space: only for small supports and spaces.
+        space_size = p if A is None else A.shape[0]
+        swap = (method == "swap" or (method == "auto" and k_nz <= swap_max_k)) and (
+            space_size <= 8 * max(swap_max_k, 1)
+        )
+        if method == "swap" and not swap:
+            log.warning("CHITA: the swap search would need a %d² Gram matrix; using IHT", space_size)
+        ctx = _Context(X, full, budget_nz, wb, alpha, ridge, colsq, nonzero, tol, search_steps, grow, swap)
+        mode = "swap" if swap else "iht"
         st_cols, w_iter, iters, outer, converged, a_size = _iht(
             ctx, A, w_start, supp0, max_iter, max_outer, trace
         )
@@ -569,6 +708,7 @@ def _solve(
                     iters, outer, f_bs)
     info: dict[str, float | int | str] = {
         "time_s": time.perf_counter() - t0,
+        "mode": mode,
         "outer_iterations": outer,
         "active_set_size": a_size,
         "zero_columns": int(p - elig.shape[0]),
@@ -603,6 +743,8 @@ def chita_iht(
     grow: float = 0.25,
     search_steps: int = 5,
     init: Init = "backsolve",
+    method: Method = "auto",
+    swap_max_k: int = 1000,
 ) -> SolverResult:
     """Prune with CHITA-IHT: minimise ``f`` under ``budget``, then backsolve on the chosen support.
 
@@ -624,6 +766,10 @@ def chita_iht(
             single-coordinate gain beats the cheapest single removal (gradient screening).
         search_steps: step doublings tried by the support-changing search.
         init: ``"backsolve"`` (start at the exact fit on the magnitude support) or ``"magnitude"``.
+        method: inner search — ``"iht"`` (step-size IHT, ``O(n·|A|)`` per iteration), ``"swap"``
+            (exact re-fit of every candidate support on the Gram of the active set, ``O(n·|A|²)``
+            once plus ``O(k³)`` per candidate), or ``"auto"``: swap when ``k ≤ swap_max_k``.
+        swap_max_k: largest ``k`` for which ``"auto"`` uses the swap search.
 
     Returns:
         :class:`SolverResult` with ``w`` ``(p,)`` float32, sorted ``support``, final ``objective``,
@@ -635,12 +781,13 @@ def chita_iht(
     """
     Xa, wb, a64, ridge_f = _validate(X, w_bar, budget, ridge, alpha)
     _validate_options(max_iter=max_iter, tol=tol, max_outer=max_outer, search_steps=search_steps,
-                      grow=grow, active_factor=active_factor, init=init)
+                      grow=grow, active_factor=active_factor, init=init, method=method,
+                      swap_max_k=swap_max_k)
     return _solve(
         Xa, wb, budget, ridge_f, a64,
         max_iter=int(max_iter), tol=float(tol), active_set=bool(active_set),
         active_factor=float(active_factor), max_outer=int(max_outer), search_steps=int(search_steps),
-        grow=float(grow), init=init,
+        grow=float(grow), init=init, method=method, swap_max_k=int(swap_max_k),
     )
 
 
@@ -653,6 +800,8 @@ def _validate_options(
     grow: float = 0.0,
     active_factor: float = 1.0,
     init: str = "backsolve",
+    method: str = "auto",
+    swap_max_k: int = 0,
 ) -> None:
     """Check the solver options; raises :class:`SolverError` naming the bad value."""
 
@@ -670,6 +819,10 @@ def _validate_options(
             raise SolverError(f"{name} must be a finite number ≥ {lo:g}, got {val!r}")
     if init not in ("backsolve", "magnitude"):
         raise SolverError(f"init must be 'backsolve' or 'magnitude', got {init!r}")
+    if method not in ("auto", "iht", "swap"):
+        raise SolverError(f"method must be 'auto', 'iht' or 'swap', got {method!r}")
+    if not is_int(swap_max_k) or swap_max_k < 0:
+        raise SolverError(f"swap_max_k must be an integer ≥ 0, got {swap_max_k!r}")
 
 
 def _validate(

@@ -1,0 +1,197 @@
+"""Compare pruning methods on one model and one data set: every method at every sparsity.
+
+All methods share the prunable-weight selection, the gradient matrix ``X`` at the trained weights
+(computed once and reused by every one-shot method and by the first CHITA++ stage) and the exact
+budget ``k = round((1 − s)·p)``, so the comparison is fair.  Each pruned model is evaluated with
+onnxruntime against the dense one.  The reported ``objective`` is the one-shot quadratic model at
+``w̄`` evaluated at each method's final weights, so it is comparable across methods (CHITA++ itself
+optimises a different model in every later stage).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import METHODS, CompressConfig
+from .errors import ConfigError
+from .evaluate import compare_to, reference, top1
+from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prune
+from .progress import progress
+from .report import table
+from .solver import objective
+from .solver.budgets import keep_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One method at one sparsity.  Times are wall seconds; ``gradient_s`` counts the shared X once."""
+
+    method: str
+    sparsity: float
+    k: int
+    nnz: int
+    accuracy: float | None
+    agreement: float | None
+    max_abs_diff: float
+    objective: float | None
+    gradient_s: float
+    solve_s: float
+    evaluate_s: float
+    converged: bool
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The whole comparison plus the dense reference."""
+
+    model: str
+    dense_accuracy: float | None
+    eval_samples: int
+    eval_source: str
+    p: int
+    n: int
+    shared_gradient_s: float
+    rows: tuple[SweepRow, ...]
+    config: dict[str, object]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        names = list(SweepRow.__dataclass_fields__)
+        writer = csv.writer(buf)
+        writer.writerow(names)
+        for r in self.rows:
+            writer.writerow([getattr(r, f) for f in names])
+        return buf.getvalue()
+
+
+def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    bad = [m for m in items if m not in METHODS and m != "magnitude+obs"]
+    if bad or not items:
+        raise ConfigError(f"--methods={','.join(items)}: unknown method {bad[0] if bad else ''!r}; "
+                          f"choose from {', '.join((*METHODS, 'magnitude+obs'))}")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
+    try:
+        items = [float(s) for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    except ValueError:
+        raise ConfigError(f"--sparsities={text!r}: expected comma-separated numbers such as 0.5,0.7,0.9") from None
+    bad = [s for s in items if not 0.0 <= s < 1.0]
+    if bad or not items:
+        raise ConfigError(f"--sparsities={text!r}: every sparsity must be in [0, 1), got {bad[0] if bad else 'none'}")
+    return tuple(sorted(dict.fromkeys(items)))
+
+
+def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
+    if method == "magnitude+obs":
+        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
+    stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
+    start = min(base.start_sparsity or 0.5, sparsity) if method == "chita++" else None
+    return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
+
+
+def sweep(prep: Prepared, base: CompressConfig, methods: Sequence[str], sparsities: Sequence[float],
+          *, model_label: str = "") -> SweepResult:
+    """Prune with every method at every sparsity; evaluate each pruned model with onnxruntime."""
+    if prep.eval is None:
+        raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
+    layout = prep.layout
+    w_bar = initial_weights(prep)
+    ref = reference(prep.path, prep.eval, prep.specs, base.output)
+    configs = [(m, s, _config_for(base, m, s)) for s in sparsities for m in methods]
+    need_x = any(c.needs_gradients for _, _, c in configs)
+    oracle = GradientOracle(prep, base) if need_x else None
+    X0 = None
+    t_shared = 0.0
+    if oracle is not None:
+        if not oracle.fits():
+            raise ConfigError(f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.n} x {layout.p}) in memory")
+        t0 = time.perf_counter()
+        X0 = oracle.matrix(w_bar)
+        t_shared = time.perf_counter() - t0
+    rows: list[SweepRow] = []
+    for method, sparsity, cfg in progress(configs, total=len(configs), desc="sweep", unit="run"):
+        timer = PhaseTimer()
+        w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+        t0 = time.perf_counter()
+        cmp = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
+        t_eval = time.perf_counter() - t0
+        obj = objective(X0, w, w_bar, cfg.ridge) if X0 is not None else None
+        grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if cfg.needs_gradients else 0.0)
+        row = SweepRow(method, sparsity, keep_count(sparsity, layout.p), int(np.count_nonzero(w)), cmp.pruned_accuracy,
+                       cmp.agreement, cmp.max_abs_diff, obj, grad_s, timer.seconds.get("solve", 0.0), t_eval,
+                       result.converged)
+        rows.append(row)
+        log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
+    return SweepResult(
+        model=model_label or str(prep.path), dense_accuracy=top1(ref.y, ref.labels), eval_samples=int(ref.y.shape[0]),
+        eval_source=prep.eval_source, p=layout.p, n=oracle.n if oracle else 0, shared_gradient_s=t_shared,
+        rows=tuple(rows), config=base.to_dict(),
+    )
+
+
+def format_sweep(result: SweepResult) -> str:
+    """The comparison as a readable table (accuracy, agreement, objective, seconds)."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    rows = [[r.method, f"{r.sparsity:g}", f"{r.nnz:,}", pct(r.accuracy), pct(r.agreement),
+             "-" if r.objective is None else f"{r.objective:.4g}", f"{r.gradient_s:.2f}", f"{r.solve_s:.2f}",
+             f"{r.evaluate_s:.2f}"] for r in result.rows]
+    head = (f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
+            f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})")
+    return head + "\n\n" + table(rows, ["method", "sparsity", "kept", "accuracy %", "agreement %", "objective",
+                                        "gradients s", "solve s", "evaluate s"])
+
+
+def plot_sweep(result: SweepResult, path: str | Path) -> bool:
+    """Write a PNG: accuracy against sparsity (one line per method) and solve time per method.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = list(dict.fromkeys(r.method for r in result.rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in methods:
+        pts = [(r.sparsity, 100 * r.accuracy) for r in result.rows if r.method == m and r.accuracy is not None]
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), marker="o", label=m)
+    if result.dense_accuracy is not None:
+        ax1.axhline(100 * result.dense_accuracy, color="grey", linestyle="--", linewidth=1, label="dense")
+    ax1.set_xlabel("sparsity")
+    ax1.set_ylabel("top-1 accuracy (%)")
+    ax1.set_title("accuracy after one-shot pruning")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    totals = [sum(r.solve_s + r.gradient_s for r in result.rows if r.method == m) for m in methods]
+    ax2.bar(methods, totals, color="tab:blue")
+    ax2.set_ylabel("seconds (gradients + solve, all sparsities)")
+    ax2.set_title("runtime per method")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(Path(result.model).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,77 @@
+"""`chita-onnx sweep`: every method at every sparsity, one shared X, real onnxruntime evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from chita_onnx.config import CompressConfig
+from chita_onnx.errors import ConfigError
+from chita_onnx.pipeline import prepare
+from chita_onnx.sweep import parse_methods, parse_sparsities, plot_sweep, sweep
+from chita_onnx_cli.main import cli
+
+
+def test_sweep_shares_x_and_keeps_exact_budgets(mlp_path: Path, mlp_data: Path) -> None:
+    base = CompressConfig(method="chita++", stages=3, sparsity=0.8)
+    prep = prepare(mlp_path, mlp_data, base)
+    result = sweep(prep, base, ["magnitude", "magnitude+obs", "wf", "cbs", "chita", "chita++"], [0.5, 0.8])
+    assert len(result.rows) == 12
+    assert result.dense_accuracy == 1.0 and result.n == 51  # 64 samples, 20% held out
+    for r in result.rows:
+        assert r.nnz <= r.k == round((1 - r.sparsity) * 272)
+        assert r.objective is not None and r.objective >= 0
+        assert r.accuracy is not None and 0 <= r.accuracy <= 1
+    by = {(r.method, r.sparsity): r for r in result.rows}
+    # the backsolve on the magnitude mask minimises the shared quadratic model on that support
+    for s in (0.5, 0.8):
+        assert by[("magnitude+obs", s)].objective <= by[("magnitude", s)].objective + 1e-9
+        assert by[("chita", s)].objective <= by[("magnitude+obs", s)].objective * (1 + 1e-6) + 1e-9
+    # one-shot methods reuse the shared X: no gradient time of their own beyond it
+    assert by[("magnitude", 0.5)].gradient_s == 0.0
+    assert by[("chita", 0.5)].gradient_s == pytest.approx(result.shared_gradient_s)
+    assert by[("chita++", 0.8)].gradient_s > result.shared_gradient_s  # later stages recompute X
+
+
+def test_sweep_cli_writes_table_json_csv_and_plot(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(cli, ["sweep", str(mlp_path), "--data", str(mlp_data), "--methods", "magnitude,chita",
+                                   "--sparsities", "0.6,0.3", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    assert "magnitude" in res.stdout and "accuracy %" in res.stdout
+    rows = list(csv.DictReader((tmp_path / "cmp.csv").open()))
+    assert [(r["method"], float(r["sparsity"])) for r in rows] == [
+        ("magnitude", 0.3), ("chita", 0.3), ("magnitude", 0.6), ("chita", 0.6)]
+    assert len(json.loads((tmp_path / "cmp.json").read_text())["rows"]) == 4
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_returns_false(monkeypatch: pytest.MonkeyPatch, mlp_path: Path,
+                                                mlp_data: Path, tmp_path: Path) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    base = CompressConfig(method="magnitude")
+    result = sweep(prepare(mlp_path, mlp_data, base), base, ["magnitude"], [0.5])
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert plot_sweep(result, tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_sweep_lists_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="--methods=.*'nope'"):
+        parse_methods("chita,nope")
+    with pytest.raises(ConfigError, match=r"--sparsities=.*1\.2"):
+        parse_sparsities("0.5,1.2")
+    assert parse_sparsities("0.9,0.5,0.9") == (0.5, 0.9)
