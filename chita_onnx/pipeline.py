@@ -8,6 +8,7 @@ layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps betw
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from .graph import (
     save_model,
     write_weights,
 )
-from .gradients import GradientEngine
+from .gradients import GradientEngine, GradientMatrix
 from .layout import Layout
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
@@ -388,3 +389,43 @@ def evaluate_model(model: str | os.PathLike[str], data: DataSpec, *, output: str
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
     return find_prunable(load_model(model))
+
+
+def write_gradients(model: str | os.PathLike[str], data: DataSpec, out: str | os.PathLike[str], *,
+                    loss: str = "auto", fisher: str = "auto", output: str | None = None, mini_batch: int = 1,
+                    num_samples: int | None = None, seed: int = 0) -> GradientMatrix:
+    """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
+
+    The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
+    column layout is written next to it as ``<out>.layout.json``.
+    """
+    from numpy.lib.format import open_memmap
+
+    from .gradients import GradientEngine
+
+    m = load_model(model)
+    tensors = find_prunable(m)
+    if not tensors:
+        raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+    specs = model_inputs(m)
+    source = open_source(data, specs)
+    total = validate_source(source, specs, num_classes=_num_classes(m, output))
+    engine = GradientEngine(m, [t.name for t in tensors], example=next(iter(source)), loss=loss,  # type: ignore[arg-type]
+                            output=output, mini_batch=mini_batch)
+    n = min(total, num_samples or total) // mini_batch
+    dest = Path(out)
+    tmp = dest.with_name(f".{dest.name}.tmp.npy")
+    X = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
+    try:
+        g = engine.compute(source, fisher=fisher, num_samples=num_samples, seed=seed, out=X)  # type: ignore[arg-type]
+        X.flush()
+        del X
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
+    meta = {"n": g.n, "p": g.layout.p, "loss": g.loss, "fisher": g.fisher, "mini_batch": g.mini_batch,
+            "output": g.output, "tensors": layout}
+    Path(str(dest) + ".layout.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return g

@@ -112,7 +112,7 @@ def _config_options(fn: F) -> F:
                      help="Weights per block of the block approximation."),
         click.option("--max-memory", callback=_parse_bytes, default=None,
                      help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
-                          "(default 40%% of RAM)."),
+                          "(default 40% of RAM)."),
         click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default=d.loss, show_default=True,
                      help="Loss for the gradients: cross-entropy, or Gauss-Newton (mse) for non-classifiers."),
         click.option("--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default=d.fisher,
@@ -194,6 +194,32 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
     acc = "n/a (no labels or not a classifier)" if ev.accuracy is None else f"{100 * ev.accuracy:.2f}%"
     click.echo(f"{model}: top-1 accuracy {acc} on {ev.samples} samples ({ev.seconds:.2f}s)")
     _write_json(report_path, json.dumps({"model": model, **dataclasses.asdict(ev)}, indent=2))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the (n, p) float32 matrix (.npy); the layout goes to OUT.layout.json.")
+@click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default="auto", show_default=True)
+@click.option("--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto",
+              show_default=True)
+@click.option("--output", default=None, help="Model output to use (multi-output models).")
+@click.option("--mini-batch", type=int, default=1, show_default=True)
+@click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_run
+def gradients(model: str, data: str, out_path: str, loss: str, fisher: str, output: str | None, mini_batch: int,
+              num_samples: int | None, seed: int) -> None:
+    """Write the per-sample gradient matrix X of MODEL's prunable weights (rows: samples)."""
+    from chita_onnx.pipeline import write_gradients
+
+    g = write_gradients(model, data, out_path, loss=loss, fisher=fisher, output=output, mini_batch=mini_batch,
+                        num_samples=num_samples, seed=seed)
+    rows = [[s.name, "x".join(map(str, s.shape)), f"{s.offset:,}", f"{s.size:,}"] for s in g.layout.slots]
+    click.echo(table(rows, ["tensor", "shape", "first column", "columns"]))
+    click.echo(f"\nwrote {out_path}: {g.n} x {g.layout.p} float32 ({g.loss} loss, {g.fisher} Fisher, "
+               f"{g.timings.get('total', 0.0):.2f}s)")
 
 
 @cli.command()

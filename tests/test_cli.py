@@ -170,3 +170,15 @@ def test_inspect_of_a_model_with_bias_only_constants_lists_nothing(tmp_path: Pat
     onnx.save(model, tmp_path / "add.onnx")
     code, out, _ = run("inspect", tmp_path / "add.onnx")
     assert code == 0 and "0 prunable tensors, 0 weights in total" in out
+
+
+def test_gradients_command_writes_matrix_and_layout(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    out = tmp_path / "g.npy"
+    code, stdout, err = run("gradients", mlp_path, "--data", mlp_data, "--out", out, "--mini-batch", "4")
+    assert code == 0, err
+    X = np.load(out)
+    assert X.shape == (16, 272) and X.dtype == np.float32 and np.abs(X).sum() > 0
+    layout = json.loads((tmp_path / "g.npy.layout.json").read_text())
+    assert [(t["name"], t["offset"], t["size"]) for t in layout["tensors"]] == [("W1", 0, 192), ("W2", 192, 80)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+    assert "16 x 272 float32" in stdout

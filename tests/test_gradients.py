@@ -27,7 +27,7 @@ from onnx.reference import ReferenceEvaluator
 
 from chita_onnx.data import ArraySource
 from chita_onnx.data_types import Batch
-from chita_onnx.errors import ConfigError, DataError, UnsupportedOpError
+from chita_onnx.errors import ConfigError, DataError, GradientError, ModelError, UnsupportedOpError
 from chita_onnx.gradients import GRADIENT_OPS, GradientEngine, GradientMatrix, per_sample_gradients
 
 F = TensorProto.FLOAT
@@ -436,6 +436,54 @@ def test_opset11_model_is_converted_for_gradients_only() -> None:
     ref_inits = [*w.items, numpy_helper.from_array(np.asarray([1], np.int64), "ax1")]
     ref_model = mk(ref_nodes, [vi("x", ["N", 5])], [vi("probs", ["N", 4])], ref_inits, opset=17)
     check_fd(gm, Reference(ref_model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels))
+
+
+def test_newer_opset_and_ir_are_converted_down() -> None:
+    w = Init(3)
+    nodes = [
+        node("MatMul", ["x", w("W1", 5, 6)], ["z"]),
+        node("Tanh", ["z"], ["h"]),
+        node("Gemm", ["h", w("W2", 3, 6)], ["logits"], transB=1),
+        node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    model = mk(nodes, [vi("x", ["N", 5])], [vi("probs", ["N", 3])], w.items, opset=23, ir=11)
+    before = model.SerializeToString()
+    feeds, labels = data_for(model, 3, classes=3)
+    assert labels is not None
+    gm = run(model, feeds, labels, ["W1", "W2"])
+    assert model.SerializeToString() == before
+    ref_model = mk(nodes, [vi("x", ["N", 5])], [vi("probs", ["N", 3])], w.items, opset=17)
+    check_fd(gm, Reference(ref_model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels))
+
+
+def test_unconvertible_opset_is_a_model_error() -> None:
+    w = Init(3)
+    nodes = [
+        node("MatMul", ["x", w("W1", 5, 6)], ["z"]),
+        node("RMSNormalization", ["z", w("g", 6)], ["r"]),  # opset 23, no down-conversion
+        node("Gemm", ["r", w("W2", 3, 6)], ["logits"], transB=1),
+    ]
+    model = mk(nodes, [vi("x", ["N", 5])], [vi("logits", ["N", 3])], w.items, opset=23, ir=11)
+    feeds, labels = data_for(model, 2, classes=3)
+    with pytest.raises(ModelError, match=r"opset 23; gradients need ai.onnx opset 13\.\.21"):
+        run(model, feeds, labels, ["W1", "W2"])
+
+
+def test_builder_failure_is_a_one_line_gradient_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime.capi._pybind_state as pybind
+
+    class Broken:
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def build(self) -> None:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no gradient builder\nstack trace ...")
+
+    monkeypatch.setattr(pybind, "GradientGraphBuilder", Broken)
+    model = mlp_softmax()
+    feeds, labels = data_for(model, 2, classes=5)
+    with pytest.raises(GradientError, match=r"could not build the gradient graph: \[ONNXRuntimeError\].*builder$"):
+        run(model, feeds, labels, ["W1"])
 
 
 def test_dynamic_input_dims_are_fixed_from_the_data() -> None:
