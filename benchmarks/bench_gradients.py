@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -205,7 +205,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kind = spec["kind"]
     mini_batch = spec["floor_batch"] if kind == "floor" else 1
-    method = "single" if kind == "floor" else kind
+    methods: dict[str, Literal["auto", "single", "batched"]] = {"auto": "auto", "batched": "batched"}
+    method = methods.get(kind, "single")  # the floor runs the one-sample path at batch --floor-batch
     t0 = time.perf_counter()
     engine = GradientEngine(
         model, None, example=next(iter(src)), mini_batch=mini_batch, method=method, threads=spec["threads"]
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {ALL_MODELS}")
     ap.add_argument("--n", type=int, default=1000, help="samples per model (default 1000)")
     ap.add_argument("--floor-batch", type=int, default=64, help="batch size of the floor measurement")
-    ap.add_argument("--paths", default="single,batched", help="per-sample paths to time: single,batched")
+    ap.add_argument(
+        "--paths", default="single,batched,auto", help="per-sample paths to time: single,batched,auto"
+    )
     ap.add_argument("--threads", default="1", help="onnxruntime intra-op threads, comma-separated (e.g. 1,2)")
     ap.add_argument("--json", type=Path, help="also write the records to this JSON file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

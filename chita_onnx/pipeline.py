@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -180,13 +181,24 @@ class GradientOracle:
         engine = self._engine(key)
         engine.set_weights({k: v for k, v in layout.unflatten(w).items() if k in key})
         cfg = self.config
-        g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out,
-                           workdir=cfg.workdir)
+        if out is None and cfg.workdir is not None:
+            out = self._mapped(sum(layout.slot(k).size for k in key))
+        g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out)
         X = g.X
         if names is None and cfg.first_order:
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
         return X
+
+    def _mapped(self, p: int) -> NDArray[np.float32]:
+        """An (n, p) float32 matrix in an anonymous file under ``--workdir`` (deleted when unmapped)."""
+        folder = Path(self.config.workdir or ".")
+        if not folder.is_dir():
+            raise ConfigError(f"--workdir={folder}: not an existing folder")
+        fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)
+        fh.truncate(self.n * p * 4)
+        log.info("gradient matrix (%d x %d, %.2f GiB) memory-mapped under %s", self.n, p, self.n * p * 4 / 2**30, folder)
+        return np.memmap(fh, dtype=np.float32, mode="r+", shape=(self.n, p))
 
     def columns(self, w: NDArray[np.float32], timer: PhaseTimer) -> Callable[[int, int], NDArray[np.float32]]:
         """A ``columns(a, b)`` callback for the block solver: gradients of the tensors overlapping [a, b)."""

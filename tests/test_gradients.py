@@ -178,7 +178,9 @@ class Reference:
 
     def out(self, feeds: dict[str, NDArray[Any]], w: dict[str, NDArray[np.float64]]) -> NDArray[np.float64]:
         f = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in feeds.items()}
-        return np.asarray(self.ev.run([self.head], {**f, **w})[0], np.float64)
+        result = self.ev.run([self.head], {**f, **w})
+        assert isinstance(result, list)
+        return np.asarray(result[0], np.float64)
 
 
 def ce(z: NDArray[np.float64], y: int) -> float:
@@ -482,7 +484,9 @@ def test_builder_failure_is_a_one_line_gradient_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(pybind, "GradientGraphBuilder", Broken)
     model = mlp_softmax()
     feeds, labels = data_for(model, 2, classes=5)
-    with pytest.raises(GradientError, match=r"could not build the gradient graph: \[ONNXRuntimeError\].*builder$"):
+    with pytest.raises(
+        GradientError, match=r"could not build the gradient graph: \[ONNXRuntimeError\].*builder$"
+    ):
         run(model, feeds, labels, ["W1"])
 
 
@@ -517,7 +521,7 @@ def test_integer_input_one_hot_encoded_inside_the_graph() -> None:
         nodes, [vi("num", ["N", 3]), vi("cat", ["N"], TensorProto.INT64)], [vi("logits", ["N", 3])], w.items
     )
     rng = np.random.default_rng(0)
-    feeds = {
+    feeds: dict[str, NDArray[Any]] = {
         "num": rng.standard_normal((4, 3)).astype(np.float32),
         "cat": rng.integers(0, 4, 4).astype(np.int64),
     }
@@ -856,6 +860,48 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical() -> None:
     np.testing.assert_array_equal(d.X, a.X)
 
 
+def _batch_mixing_model() -> onnx.ModelProto:
+    # Subtracting the batch mean couples the samples: batched runs differ from per-sample runs.
+    w = Init(16)
+    nodes = [
+        node("MatMul", ["x", w("W1", 5, 4)], ["z"]),
+        node("ReduceMean", ["z"], ["mu"], axes=[0], keepdims=1),
+        node("Sub", ["z", "mu"], ["c"]),
+        node("Add", ["c", "z"], ["d"]),
+        node("Tanh", ["d"], ["h"]),
+        node("Gemm", ["h", w("W2", 3, 4)], ["logits"], transB=1),
+    ]
+    return mk(nodes, [vi("x", ["N", 5])], [vi("logits", ["N", 3])], w.items)
+
+
+def _fixed_batch_model() -> onnx.ModelProto:
+    w = Init(15)
+    nodes = [
+        node("Reshape", ["x", w.const("s", [1, 6], np.int64)], ["xr"]),  # a fixed-batch export
+        node("MatMul", ["xr", w("W1", 6, 4)], ["z"]),
+        node("Tanh", ["z"], ["h"]),
+        node("Gemm", ["h", w("W2", 3, 4)], ["logits"], transB=1),
+    ]
+    return mk(nodes, [vi("x", ["N", 6])], [vi("logits", [1, 3])], w.items)
+
+
+@pytest.mark.parametrize("which", ["plain", "batch_mixing", "fixed_batch"])
+def test_sampled_fisher_predictions_do_not_depend_on_the_batched_forward(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = {
+        "plain": mlp_softmax(seed=4),
+        "batch_mixing": _batch_mixing_model(),
+        "fixed_batch": _fixed_batch_model(),
+    }[which]
+    weights = ["W1", "W2"]
+    feeds, _ = data_for(model, 9)
+    fast = run(model, feeds, None, weights, loss="ce", fisher="sampled", seed=5, method="single")
+    monkeypatch.setattr(GradientEngine, "_block_predictor", lambda self, size: None)
+    slow = run(model, feeds, None, weights, loss="ce", fisher="sampled", seed=5, method="single")
+    np.testing.assert_allclose(fast.X, slow.X, rtol=1e-5, atol=1e-6)
+
+
 def test_mse_gauss_newton_rows_are_nonzero_and_exact() -> None:
     w = Init(13)
     nodes = [
@@ -926,6 +972,28 @@ def test_weight_subset_gives_the_same_columns() -> None:
         )
 
 
+def test_output_selects_among_several_outputs() -> None:
+    w = Init(18)
+    nodes = [
+        node("MatMul", ["x", w("W1", 5, 6)], ["z"]),
+        node("Tanh", ["z"], ["emb"]),
+        node("Gemm", ["emb", w("W2", 3, 6)], ["logits"], transB=1),
+        node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    model = mk(nodes, [vi("x", ["N", 5])], [vi("emb", ["N", 6]), vi("probs", ["N", 3])], w.items)
+    feeds, labels = data_for(model, 3, classes=3)
+    assert labels is not None
+    first = run(model, feeds, None, ["W1"])  # default: the first float output, no labels → Gauss-Newton
+    assert first.output == "emb"
+    assert first.head == "regression"
+    chosen = run(model, feeds, labels, ["W1", "W2"], output="probs")
+    assert chosen.output == "probs"
+    assert chosen.head == "logits"
+    check_fd(chosen, Reference(model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels))
+    with pytest.raises(ConfigError, match="not an output"):
+        run(model, feeds, labels, ["W1"], output="nope")
+
+
 def test_bad_inputs_are_data_errors() -> None:
     model = mlp_softmax()
     feeds, labels = data_for(model, 3, classes=5)
@@ -935,6 +1003,13 @@ def test_bad_inputs_are_data_errors() -> None:
         run(model, {"x": np.zeros((3, 7), np.float32)}, labels, ["W1"])
     with pytest.raises(ConfigError, match="neither an initializer"):
         run(model, feeds, labels, ["nope"])
+
+    class FloatLabels:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield Batch(feeds, np.array([0.0, 1.0, 2.0]))
+
+    with pytest.raises(DataError, match="labels must be integer"):
+        per_sample_gradients(model, FloatLabels(), ["W1"])
 
 
 # ---------------------------------------------------------------------------------- batched path
@@ -973,6 +1048,7 @@ def test_batched_path_agrees_with_single_path_on_every_layer_kind(mini_batch: in
     assert batched.method == "batched"
     assert_paths_agree(batched.X, single.X)
     if mini_batch == 1:
+        assert labels is not None
         check_fd(
             single, Reference(model, weights, "logits"), row_feeds(feeds), ce_loss(labels), rows=(0,), dirs=1
         )
@@ -988,33 +1064,26 @@ def test_batched_path_with_sampled_fisher_and_partial_last_chunk() -> None:
     assert_paths_agree(b.X, a.X)
 
 
+def test_auto_switches_to_the_batched_path_for_cheap_rows() -> None:
+    model = mlp_softmax(seed=6)
+    feeds, labels = data_for(model, 80, classes=5)  # first chunk one-sample, then batched
+    auto = run(model, feeds, labels, ["W1", "W2"], batch_size=16)
+    single = run(model, feeds, labels, ["W1", "W2"], batch_size=16, method="single")
+    assert auto.method == "batched"
+    assert_paths_agree(auto.X, single.X)
+
+
 def test_batched_path_falls_back_when_the_batch_is_baked_in() -> None:
-    w = Init(15)
-    nodes = [
-        node("Reshape", ["x", w.const("s", [1, 6], np.int64)], ["xr"]),  # a fixed-batch export
-        node("MatMul", ["xr", w("W1", 6, 4)], ["z"]),
-        node("Tanh", ["z"], ["h"]),
-        node("Gemm", ["h", w("W2", 3, 4)], ["logits"], transB=1),
-    ]
-    model = mk(nodes, [vi("x", ["N", 6])], [vi("logits", [1, 3])], w.items)
+    model = _fixed_batch_model()
     feeds, labels = data_for(model, 4, classes=3)
     gm = run(model, feeds, labels, ["W1", "W2"], method="batched")
     assert gm.method == "single"
+    assert labels is not None
     check_fd(gm, Reference(model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels), rows=(0, 3))
 
 
 def test_batched_path_self_check_rejects_batch_mixing_models() -> None:
-    # Subtracting the batch mean couples the samples: the batched rows differ and must be rejected.
-    w = Init(16)
-    nodes = [
-        node("MatMul", ["x", w("W1", 5, 4)], ["z"]),
-        node("ReduceMean", ["z"], ["mu"], axes=[0], keepdims=1),
-        node("Sub", ["z", "mu"], ["c"]),
-        node("Add", ["c", "z"], ["d"]),
-        node("Tanh", ["d"], ["h"]),
-        node("Gemm", ["h", w("W2", 3, 4)], ["logits"], transB=1),
-    ]
-    model = mk(nodes, [vi("x", ["N", 5])], [vi("logits", ["N", 3])], w.items)
+    model = _batch_mixing_model()
     feeds, labels = data_for(model, 6, classes=3)
     single = run(model, feeds, labels, ["W1", "W2"], method="single")
     gm = run(model, feeds, labels, ["W1", "W2"], method="batched")

@@ -119,10 +119,11 @@ class Runner:
     def bind_output_at(self, name: str, shape: tuple[int, ...], address: int) -> None:
         self.io.bind_output(name, "cpu", 0, np.float32, list(shape), address)
 
-    def bind_output_array(self, name: str, array: NDArray[np.float32]) -> None:
-        if not array.flags.c_contiguous or array.dtype != np.float32:
-            raise ValueError("output buffers must be C-contiguous float32")
-        self.io.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+    def bind_output_array(self, name: str, array: NDArray[Any]) -> None:
+        """Bind output ``name`` to ``array``'s memory (C-contiguous, the output's dtype and shape)."""
+        if not array.flags.c_contiguous:
+            raise ValueError("output buffers must be C-contiguous")
+        self.io.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
 
     def run(self) -> None:
         try:

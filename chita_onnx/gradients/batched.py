@@ -19,6 +19,7 @@ engine verifies it against the one-sample path before trusting it and falls back
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -222,7 +223,32 @@ class BatchedPath:
             if p.a not in graph_inputs and p.a not in self.acts:
                 self.acts[p.a] = np.zeros(p.a_shape, np.float32)
                 self.runner.bind_output_array(p.a, self.acts[p.a])
-        self._scratch: dict[str, tuple[NDArray[np.float32], NDArray[np.float32]]] = {}
+        # im2col scratch: one buffer shared by all Conv layers (they run one after the other)
+        self._scratch: dict[str, tuple[NDArray[np.float32], int]] = {}
+        need = 0
+        for p in self.plans:
+            if p.kind == "conv":
+                self._scratch[p.weight] = self._conv_scratch(p)
+                need = max(need, self._scratch[p.weight][1] * self.m * self._cols_per_sample(p))
+        self._cols = np.zeros(need, np.float32)
+        self._cols.fill(0.0)  # fault the pages in now
+        # warm-up run (zeros): onnxruntime sizes its arenas, and a graph that cannot run at this
+        # batch size (a fixed-batch export) fails here rather than in the middle of a run
+        zeros = {name: np.zeros(shape, dtype) for name, dtype, shape in fwd.data_inputs}
+        self.run(zeros, np.zeros(fwd.head.shape, np.float32), np.empty((0, layout.p), np.float32), 0, 0)
+
+    @staticmethod
+    def _cols_per_sample(p: LayerPlan) -> int:
+        return p.group * prod(p.wshape[1:]) * prod(p.z_shape[2:])
+
+    def _conv_scratch(self, p: LayerPlan) -> tuple[NDArray[np.float32], int]:
+        """The zero-padded input buffer and the rows per im2col pass (≤ :data:`COLS_BUDGET` bytes)."""
+        s = len(p.wshape) - 2
+        C, in_sp = p.a_shape[1], p.a_shape[2:]
+        padded = tuple(in_sp[i] + p.pads_begin[i] + p.pads_end[i] for i in range(s))
+        per_row = self.m * self._cols_per_sample(p) * 4
+        sub = max(1, min(self.batch // self.m, COLS_BUDGET // max(per_row, 1)))
+        return np.zeros((sub * self.m, C, *padded), np.float32), sub
 
     def bind_weights(self, values: Mapping[str, NDArray[np.float32]]) -> None:
         self.runner.bind_weights(values)
@@ -234,14 +260,19 @@ class BatchedPath:
         X: NDArray[np.float32],
         row0: int,
         nrows: int,
-    ) -> None:
-        """Rows ``row0 : row0 + nrows`` of ``X`` from one chunk (``inputs`` padded to the chunk)."""
+    ) -> tuple[float, float]:
+        """Rows ``row0 : row0 + nrows`` of ``X`` from one chunk (``inputs`` padded to the chunk).
+
+        Returns the seconds spent in onnxruntime and in NumPy.
+        """
+        t0 = time.perf_counter()
         feeds: dict[str, NDArray[np.generic]] = {}
         for name, arr in inputs.items():
             feeds[name] = arr
             self.runner.bind_input(name, arr)
         self.runner.bind_input(self.target, target)
         self.runner.run()
+        t1 = time.perf_counter()
         for p in self.plans:
             a = self.acts[p.a] if p.a in self.acts else np.asarray(feeds[p.a], np.float32)
             dz = self.dz[p.z]
@@ -249,14 +280,14 @@ class BatchedPath:
                 self._conv(p, a, dz, X, row0, nrows)
             else:
                 self._dense(p, a, dz, X, row0, nrows)
+        return t1 - t0, time.perf_counter() - t1
 
     # -- per-sample weight gradients ------------------------------------------------------------
 
     def _rows_view(
         self, X: NDArray[np.float32], p: LayerPlan, r0: int, r1: int, shape: tuple[int, ...]
     ) -> NDArray[np.float32]:
-        v = X[r0:r1, p.offset : p.offset + p.size].reshape((r1 - r0, *shape))
-        return v
+        return X[r0:r1, p.offset : p.offset + p.size].reshape((r1 - r0, *shape))
 
     def _dense(
         self,
@@ -268,6 +299,8 @@ class BatchedPath:
         nrows: int,
     ) -> None:
         m, ns = self.m, nrows * self.m
+        if nrows == 0:
+            return
         if p.kind == "gemm":
             a2 = a[:, :ns].T if p.trans_a else a[:ns]
             d2 = dz[:ns]
@@ -296,14 +329,10 @@ class BatchedPath:
         else:  # z = W·A, W [M, K], A [b, ..., K, N]: G = Σ_t dz aᵀ
             M, K = p.wshape
             N = a.shape[-1]
-            dr = np.ascontiguousarray(dz[:ns].reshape(nrows, -1, M, N).transpose(0, 2, 1, 3)).reshape(
-                nrows, M, -1
-            )
-            ar = np.ascontiguousarray(a[:ns].reshape(nrows, -1, K, N).transpose(0, 2, 1, 3)).reshape(
-                nrows, K, -1
-            )
+            dr = np.ascontiguousarray(dz[:ns].reshape(nrows, -1, M, N).transpose(0, 2, 1, 3))
+            ar = np.ascontiguousarray(a[:ns].reshape(nrows, -1, K, N).transpose(0, 2, 1, 3))
             out = self._rows_view(X, p, row0, row0 + nrows, p.wshape)
-            np.matmul(dr, ar.transpose(0, 2, 1), out=out)
+            np.matmul(dr.reshape(nrows, M, -1), ar.reshape(nrows, K, -1).transpose(0, 2, 1), out=out)
 
     def _conv(
         self,
@@ -323,27 +352,17 @@ class BatchedPath:
         Kp = Cg * prod(k)
         out_sp = p.z_shape[2:]
         L = prod(out_sp)
-        C = p.a_shape[1]
         in_sp = p.a_shape[2:]
-        padded = tuple(in_sp[i] + p.pads_begin[i] + p.pads_end[i] for i in range(s))
-        per_row = m * (C * prod(padded) + g * Kp * L) * 4
-        sub = max(1, min(nrows, COLS_BUDGET // max(per_row, 1)))
-        key = p.weight
-        if key not in self._scratch or self._scratch[key][0].shape[0] < sub * m:
-            xp = np.zeros((sub * m, C, *padded), np.float32)
-            cols = np.empty((sub * m, g, Cg, *k, *out_sp), np.float32)
-            self._scratch[key] = (xp, cols)
-        xp_all, cols_all = self._scratch[key]
+        xp_all, sub = self._scratch[p.weight]
+        interior = (
+            slice(None),
+            slice(None),
+            *(slice(p.pads_begin[i], p.pads_begin[i] + in_sp[i]) for i in range(s)),
+        )
         for r0 in range(0, nrows, sub):
             r1 = min(nrows, r0 + sub)
-            bs = (r1 - r0) * m
-            b0 = r0 * m
+            rows, bs, b0 = r1 - r0, (r1 - r0) * m, r0 * m
             xp = xp_all[:bs]
-            interior = (
-                slice(None),
-                slice(None),
-                *(slice(p.pads_begin[i], p.pads_begin[i] + in_sp[i]) for i in range(s)),
-            )
             xp[interior] = a[b0 : b0 + bs]
             st = xp.strides
             view = as_strided(
@@ -358,19 +377,14 @@ class BatchedPath:
                 ),
                 writeable=False,
             )
-            cols = cols_all[:bs]
+            cols = self._cols[: bs * g * Kp * L].reshape(bs, g, Cg, *k, *out_sp)
             np.copyto(cols, view)
             cols2 = cols.reshape(bs, g, Kp, L)
             dzv = dz[b0 : b0 + bs].reshape(bs, g, Mg, L)
             out = self._rows_view(X, p, row0 + r0, row0 + r1, (g, Mg, Kp))
             if m == 1:
                 np.matmul(dzv, cols2.transpose(0, 1, 3, 2), out=out)
-            else:
-                rows = r1 - r0
-                dzr = np.ascontiguousarray(dzv.reshape(rows, m, g, Mg, L).transpose(0, 2, 3, 1, 4)).reshape(
-                    rows, g, Mg, m * L
-                )
-                colr = np.ascontiguousarray(
-                    cols2.reshape(rows, m, g, Kp, L).transpose(0, 2, 1, 4, 3)
-                ).reshape(rows, g, m * L, Kp)
-                np.matmul(dzr, colr, out=out)
+            else:  # a row sums its m samples: fold them into the contraction
+                dzr = np.ascontiguousarray(dzv.reshape(rows, m, g, Mg, L).transpose(0, 2, 3, 1, 4))
+                colr = np.ascontiguousarray(cols2.reshape(rows, m, g, Kp, L).transpose(0, 2, 1, 4, 3))
+                np.matmul(dzr.reshape(rows, g, Mg, m * L), colr.reshape(rows, g, m * L, Kp), out=out)

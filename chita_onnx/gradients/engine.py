@@ -25,6 +25,7 @@ on the first rows of every run and abandoned if it disagrees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -70,6 +71,8 @@ CHECK_ROWS = 4
 CHECK_RTOL = 1e-5
 CHECK_ROW_RTOL = 1e-4
 _PROBE_SEED = 0x5EED
+#: ``method="auto"`` tries the batched path only when a one-sample row costs less than this.
+AUTO_BATCHED_MAX_ROW_S = 1e-3
 
 
 def _disagreement(got: NDArray[np.float32], ref: NDArray[np.float32]) -> tuple[float, float]:
@@ -300,6 +303,24 @@ def make_targets(
 # ----------------------------------------------------------------------------------------- engine
 
 
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Limit NumPy's BLAS to ``n`` threads while the batched path runs (busy-waiting BLAS threads
+    competing with onnxruntime made the im2col GEMMs many times slower).  Best effort: needs the
+    optional ``threadpoolctl`` (installed with scikit-learn); ``OPENBLAS_NUM_THREADS=1`` works too."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _np_dtype(elem_type: int) -> np.dtype[Any]:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
 def _default_weights(model: onnx.ModelProto) -> list[str]:
     from ..graph import find_prunable
 
@@ -429,7 +450,10 @@ class GradientEngine:
             self._single = Runner(gm, self.values, self.threads)
             self.timings["session"] = time.perf_counter() - ts
         self._predictor: Runner | None = None
-        self._pred_buf: NDArray[np.float32] | None = None
+        self._pred_buf: NDArray[Any] | None = None
+        self._fast_pred: tuple[Runner, NDArray[Any]] | None = None
+        self._fast_pred_ok = False
+        self._fast_pred_failed = False
         self._batched: BatchedPath | None = None
         self._batched_failed = ""
         self.timings["engine"] = time.perf_counter() - t0
@@ -473,14 +497,14 @@ class GradientEngine:
         probe = self._forward(b, "regression", guess.tensor, None)
         shape = probe.head.shape
         axis = default_class_axis(shape)
-        y: NDArray[np.float32] | None = None
+        y: NDArray[Any] | None = None
         if axis is not None and shape[axis] >= 2:
             runner = Runner(probe.model, self.values, self.threads)
             specs = [_InputSpec(n, d, s[1:]) for n, d, s in probe.data_inputs]
             arrays, _, _ = _check_batch(Batch(ex_inputs, None), specs, None)
             for name, arr in arrays.items():
                 runner.bind_input(name, np.ascontiguousarray(arr))
-            y = np.zeros(shape, np.float32)
+            y = np.zeros(shape, _np_dtype(probe.head.elem_type))
             runner.bind_output_array(guess.tensor, y)
             runner.run()
             sums = y.astype(np.float64).sum(axis=axis)
@@ -519,9 +543,10 @@ class GradientEngine:
                 )
             new[name] = arr.copy()
         self.values.update(new)
-        for r in (self._single, self._predictor):
+        for r in (self._single, self._predictor, self._fast_pred[0] if self._fast_pred else None):
             if r is not None:
                 r.bind_weights(new)
+        self._fast_pred_ok = False  # re-check the batched forward with the new weights
         if self._batched is not None:
             self._batched.bind_weights(new)
 
@@ -554,6 +579,20 @@ class GradientEngine:
         """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows)."""
         t0 = time.perf_counter()
         c0 = time.process_time()
+        with _blas_threads(self.threads):
+            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0)
+
+    def _compute(
+        self,
+        data: CalibrationSource,
+        fisher: Fisher,
+        num_samples: int | None,
+        seed: int,
+        out: NDArray[np.float32] | None,
+        workdir: str | os.PathLike[str] | None,
+        t0: float,
+        c0: float,
+    ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
         total, has_labels = _count_samples(data, num_samples)
@@ -576,18 +615,25 @@ class GradientEngine:
         rng = np.random.default_rng(seed)
         specs = [_InputSpec(nm, d, s[1:]) for nm, d, s in self.fwd.data_inputs]
 
-        use_batched = self._single is not None and self.method != "single" and self._try_batched()
+        # "batched": build the batched path now.  "auto": the first block goes through the
+        # one-sample path; the batched path is tried from the second block on, only when rows are
+        # cheap (it saves per-call overhead; on rows costing more than AUTO_BATCHED_MAX_ROW_S its
+        # NumPy GEMMs are no faster than onnxruntime's and it cannot win back its build and check).
+        may_batch = self._single is not None and self.method != "single" and not self._batched_failed
+        use_batched = (
+            may_batch and (self.method == "batched" or self._batched is not None) and self._try_batched()
+        )
         chosen: Literal["single", "batched"] = "batched" if use_batched else "single"
         if self._single is None:
             X[...] = 0
         else:
-            size = self.chunk if use_batched else self.m * max(1, 64 // self.m)
+            size = self.chunk if may_batch else self.m * max(1, 64 // self.m)
             verified = False
             row = 0
             t_fwd = t_chk = 0.0
             nblocks = -(-(n * self.m) // size)
             for block in progress(
-                _stream(data, specs, size, n * self.m, need_labels, pad=use_batched),
+                _stream(data, specs, size, n * self.m, need_labels, pad=may_batch),
                 total=nblocks,
                 desc="per-sample gradients",
                 unit="block",
@@ -611,23 +657,23 @@ class GradientEngine:
                 if use_batched and self._batched is not None:
                     if not verified:
                         tc = time.perf_counter()
-                        ok, t_single, t_batch = self._verify(block, T, X, row, rows)
-                        t_chk += time.perf_counter() - tc
                         verified = True
-                        if not ok:
+                        if not self._verify(block, T, X, row, rows):
                             use_batched, chosen = False, "single"
-                        elif self.method == "auto" and t_single < 0.9 * t_batch:
-                            log.info(
-                                "one-sample path measured faster (%.3g vs %.3g ms/row): using it",
-                                1e3 * t_single,
-                                1e3 * t_batch,
-                            )
-                            use_batched, chosen = False, "single"
+                        t_chk += time.perf_counter() - tc
                         row += rows
                         continue
                     self._batched.run(block.inputs, T, X, row, rows)
                 else:
+                    ts = time.perf_counter()
                     self._single_rows(block.inputs, T, X, row, rows)
+                    per_row = (time.perf_counter() - ts) / max(rows, 1)
+                    if may_batch and row == 0 and self.method == "auto" and rows < n:
+                        if per_row < AUTO_BATCHED_MAX_ROW_S:
+                            use_batched = self._try_batched()
+                            chosen = "batched" if use_batched else "single"
+                        else:
+                            log.debug("rows cost %.3g ms: the batched path cannot pay off", 1e3 * per_row)
                 row += rows
             if row != n:  # pragma: no cover - guarded by the counting pass
                 raise DataError(
@@ -716,14 +762,64 @@ class GradientEngine:
             runner.run()
 
     def _predict(self, inputs: Mapping[str, NDArray[Any]], count: int) -> NDArray[np.float32]:
-        """The head tensor for the first ``count`` samples of a block (batch ``m`` per run)."""
+        """The head tensor (logits/probabilities) for the first ``count`` samples of a block.
+
+        Uses one forward run per block at the block's batch size once that forward has been checked
+        against the batch-``m`` forward on the first block (fixed-batch exports fail the check or
+        the build, and then every ``m`` samples get their own run).
+        """
+        size = len(next(iter(inputs.values())))
+        out = np.zeros((size, *self.head.shape[1:]), np.float32)
+        fast = self._block_predictor(size)
+        if fast is not None and (self._fast_pred_ok or count >= self.m):
+            runner, buf = fast
+            for name, arr in inputs.items():
+                runner.bind_input(name, arr if len(arr) == size else np.resize(arr, (size, *arr.shape[1:])))
+            runner.run()
+            if self._fast_pred_ok:
+                out[:count] = buf[:count]
+                return out
+            k = min(count, CHECK_ROWS * self.m)
+            ref = self._predict_small(inputs, k, size)
+            scale = max(float(np.abs(ref[:k]).max()), 1e-30)
+            if float(np.abs(buf[:k] - ref[:k]).max()) <= 1e-5 * scale:
+                self._fast_pred_ok = True
+                out[:count] = buf[:count]
+                return out
+            log.info(
+                "batched forward disagrees with the batch-%d forward: predicting %d at a time", self.m, self.m
+            )
+            self._fast_pred = None
+            self._fast_pred_failed = True
+        return self._predict_small(inputs, count, size)
+
+    def _block_predictor(self, size: int) -> tuple[Runner, NDArray[Any]] | None:
+        if size == self.m or self._fast_pred_failed:
+            return None
+        if self._fast_pred is not None and self._fast_pred[1].shape[0] == size:
+            return self._fast_pred
+        try:
+            fwd = self._forward(size)
+            runner = Runner(fwd.model, self.values, self.threads)
+            buf = np.zeros(fwd.head.shape, _np_dtype(fwd.head.elem_type))
+            runner.bind_output_array(fwd.head.tensor, buf)
+        except ChitaError as exc:
+            log.info("no batched forward for predictions (%s)", exc)
+            self._fast_pred_failed = True
+            return None
+        self._fast_pred = (runner, buf)
+        self._fast_pred_ok = False
+        return self._fast_pred
+
+    def _predict_small(
+        self, inputs: Mapping[str, NDArray[Any]], count: int, size: int
+    ) -> NDArray[np.float32]:
         m = self.m
         if self._predictor is None:
             self._predictor = Runner(self.fwd.model, self.values, self.threads)
-            self._pred_buf = np.zeros(self.head.shape, np.float32)
+            self._pred_buf = np.zeros(self.head.shape, _np_dtype(self.head.elem_type))
             self._predictor.bind_output_array(self.head.tensor, self._pred_buf)
         assert self._pred_buf is not None
-        size = len(next(iter(inputs.values())))
         out = np.zeros((size, *self.head.shape[1:]), np.float32)
         for r in range(count // m):
             self._bind_block(self._predictor, inputs, r * m, (r + 1) * m)
@@ -751,14 +847,15 @@ class GradientEngine:
 
     def _verify(
         self, block: _Block, T: NDArray[np.float32], X: NDArray[np.float32], row0: int, rows: int
-    ) -> tuple[bool, float, float]:
-        """Check the batched path against the one-sample path, then fill the first block's rows.
+    ) -> bool:
+        """Check the batched path against the one-sample path, pick one, fill the first block's rows.
 
         Both paths compute ``Jᵀ T`` for any target ``T``, so the check uses a random Gaussian probe
         target on the first :data:`CHECK_ROWS` rows: with the real one-hot targets the rows of
         confidently classified samples carry float32 cancellation (``1 − p_y``) on either path and
-        cannot be compared tightly.  Returns ``(ok, s/row one-sample, s/row batched)``; when not
-        ok the block's rows are computed with the one-sample path.
+        cannot be compared tightly.  With ``method="auto"`` the faster path (one-sample timed on the
+        check rows, batched on this block) is kept.  Returns whether the batched path is used for
+        the following blocks.
         """
         assert self._batched is not None
         k = min(CHECK_ROWS, rows)
@@ -766,13 +863,12 @@ class GradientEngine:
         probe = np.zeros_like(T)
         rng = np.random.default_rng(_PROBE_SEED)
         probe[: k * self.m] = rng.standard_normal((k * self.m, *T.shape[1:])).astype(np.float32)
-        ref = np.empty((k, p), np.float32)
-        got = np.empty((k, p), np.float32)
-        self._single_rows(block.inputs, probe, ref, 0, 1)  # warm-up, not timed
+        ref = np.zeros((k, p), np.float32)
+        got = np.zeros((k, p), np.float32)
+        self._single_rows(block.inputs, probe, ref, 0, k)  # warm-up (and page faults), not timed
         ts = time.perf_counter()
         self._single_rows(block.inputs, probe, ref, 0, k)
         t_single = (time.perf_counter() - ts) / k
-        t_batch = float("inf")
         try:
             self._batched.run(block.inputs, probe, got, 0, k)
             err, worst = _disagreement(got, ref)
@@ -784,10 +880,6 @@ class GradientEngine:
                     err,
                     worst,
                 )
-            else:
-                tb = time.perf_counter()
-                self._batched.run(block.inputs, T, X, row0, rows)
-                t_batch = (time.perf_counter() - tb) / max(rows, 1)
         except ChitaError as exc:
             log.warning("batched gradient path failed (%s); using the one-sample path", exc)
             ok = False
@@ -795,7 +887,20 @@ class GradientEngine:
             self._batched = None
             self._batched_failed = "self-check failed"
             self._single_rows(block.inputs, T, X, row0, rows)
-        return ok, t_single, t_batch
+            return False
+        # verified: this block's rows from the batched path, timed for the race
+        tb = time.perf_counter()
+        self._batched.run(block.inputs, T, X, row0, rows)
+        t_batch = (time.perf_counter() - tb) / max(rows, 1)
+        if self.method == "auto" and t_single < 0.9 * t_batch:
+            log.info(
+                "one-sample path is faster here (%.3g vs %.3g ms/row): using it",
+                1e3 * t_single,
+                1e3 * t_batch,
+            )
+            return False
+        log.debug("batched path verified (%.3g vs %.3g ms/row one-sample)", 1e3 * t_batch, 1e3 * t_single)
+        return True
 
 
 def _first_batch(data: CalibrationSource) -> Batch:
