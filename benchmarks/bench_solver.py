@@ -5,7 +5,7 @@ Run ``python benchmarks/bench_solver.py`` (``--help`` for options).  Prints Mark
 * **scaling** — :func:`chita_iht` (and the magnitude + backsolve baseline) as ``p`` doubles at fixed
   ``n`` and sparsity: time should grow about linearly in ``n·p``;
 * **block** — :func:`chita_blocked` on a large ``p`` whose gradient columns are generated on the fly,
-  with wall time and peak memory (``ru_maxrss``; each size runs in a fresh subprocess so the peaks do
+  with wall time and peak memory (``VmHWM``; each size runs in a fresh subprocess so the peaks do
   not mix);
 * **block sizes** (``--block-sizes``) — quality vs time of the block approximation;
 * **ridge** (``--ridge-sweep``) — held-out quadratic loss vs λ (the Fisher estimated from ``n``
@@ -34,9 +34,9 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from chita_onnx.solver import Budget, chita_blocked, chita_iht, hard_threshold, objective, ridge_backsolve  # noqa: E402
+from chita_onnx.solver import Budget, chita_blocked, chita_iht, hard_threshold, objective, ridge_backsolve
 
 
 @dataclass
@@ -78,7 +78,7 @@ class MLPGradients:
         """``X[:, a:b]`` (n, b − a) float32, generated row block by row block of each layer."""
         out = np.empty((self.n, b - a), dtype=np.float32)
         seg = self.segments
-        for t, (o_dim, i_dim) in enumerate(self.shapes):
+        for t, (_, i_dim) in enumerate(self.shapes):
             lo, hi = max(a, seg[t]), min(b, seg[t + 1])
             if lo >= hi:
                 continue
@@ -100,26 +100,42 @@ def mlp_shapes(m: int) -> list[tuple[int, int]]:
     return [(40, 784 * m), (20, 40), (10, 20)]
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: ``VmHWM`` (Linux; unlike ``ru_maxrss`` it does not
+    inherit the parent's peak across fork/exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
     t = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - t
 
 
-def bench_scaling(n: int, sparsity: float, ms: Sequence[int], ridge: float) -> list[dict[str, Any]]:
+def bench_scaling(n: int, sparsity: float, ms: Sequence[int], ridge: float,
+                  fixed_k: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for m in ms:
         g = MLPGradients(mlp_shapes(m), n, seed=m)
         X, wb = g.matrix(), g.weights()
-        k = round((1 - sparsity) * g.p)
+        k = round((1 - sparsity) * g.p) if fixed_k is None else fixed_k
         budget = Budget.global_(k, g.p)
-        w_mag, t_bs = timed(lambda: ridge_backsolve(X, wb, hard_threshold(wb, budget), ridge))
+        w_mag, t_bs = timed(ridge_backsolve, X, wb, hard_threshold(wb, budget), ridge)
         f_mag = objective(X, w_mag, wb, ridge)
         res, t_chita = timed(chita_iht, X, wb, budget, ridge)
         rows.append({
             "p": g.p, "n": n, "k": k, "bso_s": t_bs, "chita_s": t_chita, "f_bso": f_mag,
             "f_chita": res.objective, "iterations": res.iterations, "outer": res.info["outer_iterations"],
-            "active": res.info["active_set_size"], "swapped_in": res.info["new_vs_start"],
+            "mode": res.info["mode"], "active": res.info["active_set_size"],
+            "swapped_in": res.info["new_vs_start"],
             "converged": res.converged, "us_per_np": 1e6 * t_chita / (n * g.p),
         })
         print(f"scaling p={g.p}: chita {t_chita:.2f}s", file=sys.stderr, flush=True)
@@ -146,7 +162,7 @@ def bench_block_one(p_target: int, n: int, sparsity: float, ridge: float, solve:
 
     res, t = timed(chita_blocked, columns, wb, budget.validated(), ridge, n=n, block_size=block_size,
                    max_memory_bytes=max_mem, solve=solve)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
     return {"p": g.p, "n": n, "k": k, "solve": solve, "block_size": res.info["block_size"],
             "blocks": res.info["blocks"], "groups": res.info["groups"], "calls": calls[0],
             "time_s": t, "fetch_s": res.info["fetch_s"], "solve_s": res.info["solve_s"],
@@ -166,7 +182,9 @@ def bench_block(ps: Sequence[int], n: int, sparsity: float, ridge: float, solve:
     return rows
 
 
-def bench_block_sizes(n: int, m: int, sparsity: float, ridge: float, sizes: Sequence[int]) -> list[dict[str, Any]]:
+def bench_block_sizes(
+    n: int, m: int, sparsity: float, ridge: float, sizes: Sequence[int]
+) -> list[dict[str, Any]]:
     g = MLPGradients(mlp_shapes(m), n, seed=11)
     X, wb = g.matrix(), g.weights()
     k = round((1 - sparsity) * g.p)
@@ -230,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--ridge", type=float, default=1e-4)
     ap.add_argument("--scaling-m", type=int, nargs="*", default=[1, 2, 4, 8, 16],
                     help="input-width multipliers of MLPNet (p ≈ 31,360·m); [] skips the scaling table")
+    ap.add_argument("--scaling-k", type=int, default=None,
+                    help="fixed k for the scaling table instead of --sparsity (e.g. 300: the swap search)")
     ap.add_argument("--block-p", type=int, nargs="*", default=[1_000_000, 4_000_000],
                     help="weights of the block benchmark (e.g. 25000000); [] skips it")
     ap.add_argument("--block-solve", choices=["backsolve", "chita"], default="backsolve")
@@ -251,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     out: dict[str, list[dict[str, Any]]] = {}
     if args.scaling_m:
-        out["scaling"] = bench_scaling(args.n, args.sparsity, args.scaling_m, args.ridge)
+        out["scaling"] = bench_scaling(args.n, args.sparsity, args.scaling_m, args.ridge, args.scaling_k)
     if args.block_p:
         out["block"] = bench_block(args.block_p, args.n, args.sparsity, args.ridge, args.block_solve,
                                    args.block_size, args.max_memory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tracemalloc
 
@@ -31,7 +32,9 @@ def low_rank_problem(seed: int, n: int, p: int, dtype: type = F64) -> tuple[np.n
     return X.astype(dtype), wb.astype(dtype)
 
 
-def dense_ridge(X: np.ndarray, wb: np.ndarray, S: np.ndarray, lam: float, alpha: np.ndarray | None) -> np.ndarray:
+def dense_ridge(
+    X: np.ndarray, wb: np.ndarray, S: np.ndarray, lam: float, alpha: np.ndarray | None
+) -> np.ndarray:
     """Reference: minimise f on the support S with an explicit |S|×|S| float64 solve."""
     p = X.shape[1]
     X = X.astype(F64)
@@ -146,11 +149,12 @@ def test_never_worse_than_magnitude_plus_backsolve(seed: int) -> None:
     res = chita_iht(X, wb, budget, lam)
     assert res.objective <= f_mag * (1 + 1e-9) + 1e-12
     assert res.objective == pytest.approx(objective(X, res.w, wb, lam), rel=1e-9, abs=1e-12)
-    assert res.support.dtype == np.int64 and res.support.size == k
+    assert res.support.dtype == np.int64
+    assert res.support.size == k
     assert np.all(np.diff(res.support) > 0)
     assert np.count_nonzero(res.w[np.setdiff1d(np.arange(p), res.support)]) == 0
     # final objective after the backsolve is ≤ the one before it
-    assert res.trace[-1] <= res.info["objective_before_backsolve"] * (1 + 1e-12)
+    assert res.trace[-1] <= float(res.info["objective_before_backsolve"]) * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -173,7 +177,9 @@ def test_k_equal_p_is_closed_form_ridge_and_wbar_without_alpha() -> None:
     full = Budget.global_(80, 80)
     res = chita_iht(X, wb, full, 1e-2)
     np.testing.assert_array_equal(res.w, wb.astype(np.float32))  # sparsity 0 is a no-op
-    assert abs(res.objective) < 1e-12 and res.support.size == 80 and res.iterations == 0
+    assert abs(res.objective) < 1e-12
+    assert res.support.size == 80
+    assert res.iterations == 0
     alpha = 0.05 * np.random.default_rng(0).standard_normal(80)
     res_a = chita_iht(X, wb, full, 1e-2, alpha)
     closed = wb - np.linalg.solve(X.T @ X + 1e-2 * np.eye(80), alpha)
@@ -183,7 +189,8 @@ def test_k_equal_p_is_closed_form_ridge_and_wbar_without_alpha() -> None:
 def test_k_zero_prunes_everything() -> None:
     X, wb = low_rank_problem(5, 20, 50)
     res = chita_iht(X, wb, Budget.global_(0, 50), 1e-3)
-    assert res.support.size == 0 and not np.any(res.w)
+    assert res.support.size == 0
+    assert not np.any(res.w)
     assert res.objective == pytest.approx(objective(X, np.zeros(50), wb, 1e-3))
 
 
@@ -201,7 +208,7 @@ def test_with_alpha_still_beats_its_starting_mask() -> None:
 
 
 def seg_counts(support: np.ndarray, segments: tuple[int, ...]) -> list[int]:
-    return np.diff(np.searchsorted(support, segments)).tolist()
+    return [int(c) for c in np.diff(np.searchsorted(support, segments))]
 
 
 def test_layer_scope_gives_exact_counts_and_lower_bounds_hold() -> None:
@@ -214,7 +221,9 @@ def test_layer_scope_gives_exact_counts_and_lower_bounds_hold() -> None:
     lower = Budget(k=90, segments=segments, lower=(25, 0, 0), upper=(300, 400, 10)).validated()
     res2 = chita_iht(X, wb, lower, 1e-4)
     c = seg_counts(res2.support, segments)
-    assert c[0] >= 25 and c[2] <= 10 and sum(c) == 90
+    assert c[0] >= 25
+    assert c[2] <= 10
+    assert sum(c) == 90
     f_mag = objective(X, ridge_backsolve(X, wb, hard_threshold(wb, lower), 1e-4), wb, 1e-4)
     assert res2.objective <= f_mag * (1 + 1e-9)
 
@@ -246,7 +255,8 @@ def test_no_active_set_and_active_set_both_respect_budget() -> None:
     f_mag = objective(X, ridge_backsolve(X, wb, hard_threshold(wb, budget), 1e-4), wb, 1e-4)
     for active in (True, False):
         res = chita_iht(X, wb, budget, 1e-4, active_set=active)
-        assert res.support.size == 40 and res.objective <= f_mag
+        assert res.support.size == 40
+        assert res.objective <= f_mag
 
 
 def test_float32_input_is_not_copied_to_float64() -> None:
@@ -310,8 +320,9 @@ def test_bad_arrays_raise_solver_error() -> None:
 @pytest.mark.parametrize("stages", [1, 2, 5, 16])
 def test_schedule_monotone_and_ends_at_target(kind: str, stages: int) -> None:
     s = sparsity_schedule(stages, 0.98, kind, 0.3)  # type: ignore[arg-type]
-    assert len(s) == stages and s[-1] == 0.98
-    assert all(b >= a for a, b in zip(s, s[1:], strict=False))
+    assert len(s) == stages
+    assert s[-1] == 0.98
+    assert all(b >= a for a, b in itertools.pairwise(s))
     assert all(0.3 <= x <= 0.98 for x in s)
     if stages > 1 and kind != "const":
         assert s[0] == pytest.approx(0.3)
