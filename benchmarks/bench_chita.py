@@ -27,14 +27,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradients import resnet20  # noqa: E402
+from bench_gradients import resnet20
 
-from chita_onnx.data import ArraySource  # noqa: E402
-from chita_onnx.gradients import per_sample_gradients  # noqa: E402
-from chita_onnx.graph import find_prunable, get_weights  # noqa: E402
-from chita_onnx.layout import Layout  # noqa: E402
-from chita_onnx.solver import chita_iht, magnitude, objective  # noqa: E402
-from chita_onnx.solver.budgets import make_budget  # noqa: E402
+from chita_onnx.data import ArraySource
+from chita_onnx.gradients import per_sample_gradients
+from chita_onnx.graph import find_prunable, get_weights
+from chita_onnx.layout import Layout
+from chita_onnx.solver import chita_iht, magnitude, objective
+from chita_onnx.solver.budgets import make_budget
 
 log = logging.getLogger("bench_chita")
 
@@ -89,25 +89,45 @@ def main(argv: list[str] | None = None) -> int:
         t_solve = time.perf_counter() - t1
         mp = magnitude(w_bar, budget)
         rec = {
-            "sparsity": s, "k": budget.k, "solve_s": t_solve, "x_s": t_x, "ratio": t_solve / t_x,
-            "iterations": res.iterations, "converged": res.converged, "objective": res.objective,
-            "objective_magnitude": objective(X, mp.w, w_bar, args.ridge), "peak_rss_mb": peak_rss_mb(),
+            "sparsity": s,
+            "k": budget.k,
+            "solve_s": t_solve,
+            "x_s": t_x,
+            "ratio": t_solve / t_x,
+            "iterations": res.iterations,
+            "converged": res.converged,
+            "objective": res.objective,
+            "objective_magnitude": objective(X, mp.w, w_bar, args.ridge),
+            "peak_rss_mb": peak_rss_mb(),
         }
         records.append(rec)
-        log.info("s=%.2f: solve %.2f s (%.2fx X), objective %.4g vs magnitude %.4g", s, t_solve, rec["ratio"],
-                 res.objective, rec["objective_magnitude"])
+        log.info(
+            "s=%.2f: solve %.2f s (%.2fx X), objective %.4g vs magnitude %.4g",
+            s,
+            t_solve,
+            rec["ratio"],
+            res.objective,
+            rec["objective_magnitude"],
+        )
 
-    print(f"\nResNet-20, p = {layout.p:,}, n = {g.n}; {cpu_name()}, {os.cpu_count()} cores; "
-          f"X computed in {t_x:.2f} s; RSS before X {rss0:.0f} MB, after X {rss_x:.0f} MB\n")
-    print("| sparsity | k | solve (s) | solve / X time | iterations | converged | objective | magnitude objective "
-          "| peak RSS (MB) |")
+    print(
+        f"\nResNet-20, p = {layout.p:,}, n = {g.n}; {cpu_name()}, {os.cpu_count()} cores; "
+        f"X computed in {t_x:.2f} s; RSS before X {rss0:.0f} MB, after X {rss_x:.0f} MB\n"
+    )
+    print(
+        "| sparsity | k | solve (s) | solve / X time | iterations | converged | objective | magnitude objective "
+        "| peak RSS (MB) |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for r in records:
-        print(f"| {r['sparsity']} | {r['k']:,} | {r['solve_s']:.2f} | {r['ratio']:.2f} | {r['iterations']} | "
-              f"{r['converged']} | {r['objective']:.4g} | {r['objective_magnitude']:.4g} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['sparsity']} | {r['k']:,} | {r['solve_s']:.2f} | {r['ratio']:.2f} | {r['iterations']} | "
+            f"{r['converged']} | {r['objective']:.4g} | {r['objective_magnitude']:.4g} | {r['peak_rss_mb']:.0f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"p": layout.p, "n": g.n, "x_s": t_x, "cpu": cpu_name(),
-                                         "records": records}, indent=2))
+        args.json.write_text(
+            json.dumps({"p": layout.p, "n": g.n, "x_s": t_x, "cpu": cpu_name(), "records": records}, indent=2)
+        )
     return 0
 
 

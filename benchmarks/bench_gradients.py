@@ -65,14 +65,10 @@ def resnet20(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
         return name
 
     def conv(x: str, cin: int, cout: int, stride: int, k: int = 3) -> str:
-        w = init(
-            fresh("conv") + ".weight", rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))
-        )
+        w = init(fresh("conv") + ".weight", rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k)))
         y = fresh("conv_out")
         nodes.append(
-            helper.make_node(
-                "Conv", [x, w], [y], kernel_shape=[k, k], strides=[stride] * 2, pads=[k // 2] * 4, name=y
-            )
+            helper.make_node("Conv", [x, w], [y], kernel_shape=[k, k], strides=[stride] * 2, pads=[k // 2] * 4, name=y)
         )
         return y
 
@@ -137,9 +133,7 @@ def mlp(dims: tuple[int, ...] = (784, 1024, 192, 10), seed: int = 0) -> onnx.Mod
     x = "input"
     for i, (a, b) in enumerate(itertools.pairwise(dims)):
         inits += [
-            numpy_helper.from_array(
-                (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"fc{i}.weight"
-            ),
+            numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"fc{i}.weight"),
             numpy_helper.from_array(np.zeros(b, np.float32), f"fc{i}.bias"),
         ]
         nodes += [
@@ -162,9 +156,7 @@ def mlp(dims: tuple[int, ...] = (784, 1024, 192, 10), seed: int = 0) -> onnx.Mod
     return model
 
 
-def load_case(
-    name: str, n: int, seed: int = 0
-) -> tuple[onnx.ModelProto, dict[str, NDArray[Any]], NDArray[np.int64]]:
+def load_case(name: str, n: int, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, NDArray[Any]], NDArray[np.int64]]:
     rng = np.random.default_rng(seed)
     if name.startswith("digits_"):
         with np.load(MODELS / "digits_calib.npz", allow_pickle=False) as z:
@@ -252,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {ALL_MODELS}")
     ap.add_argument("--n", type=int, default=1000, help="samples per model (default 1000)")
     ap.add_argument("--floor-batch", type=int, default=64, help="batch size of the floor measurement")
-    ap.add_argument(
-        "--paths", default="single,batched,auto", help="per-sample paths to time: single,batched,auto"
-    )
+    ap.add_argument("--paths", default="single,batched,auto", help="per-sample paths to time: single,batched,auto")
     ap.add_argument("--threads", default="1", help="onnxruntime intra-op threads, comma-separated (e.g. 1,2)")
     ap.add_argument("--json", type=Path, help="also write the records to this JSON file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -304,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{note}")
     if args.json:
         args.json.write_text(
-            json.dumps(
-                {"n": args.n, "floor_batch": args.floor_batch, "records": records, "notes": notes}, indent=2
-            )
+            json.dumps({"n": args.n, "floor_batch": args.floor_batch, "records": records, "notes": notes}, indent=2)
         )
     return 0
 

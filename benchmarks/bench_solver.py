@@ -70,9 +70,7 @@ class MLPGradients:
 
     def weights(self) -> np.ndarray:
         rng = np.random.default_rng(self.seed + 1)
-        return np.concatenate(
-            [rng.laplace(size=o * i) / np.sqrt(i) for o, i in self.shapes]
-        ).astype(np.float32)
+        return np.concatenate([rng.laplace(size=o * i) / np.sqrt(i) for o, i in self.shapes]).astype(np.float32)
 
     def columns(self, a: int, b: int) -> np.ndarray:
         """``X[:, a:b]`` (n, b − a) float32, generated row block by row block of each layer."""
@@ -86,8 +84,9 @@ class MLPGradients:
             while j < hi:
                 o, i = divmod(j - seg[t], i_dim)
                 stop = min(hi, j + (i_dim - i))
-                np.multiply(self.deltas[t][:, o : o + 1], self.acts[t][:, i : i + stop - j],
-                            out=out[:, j - a : stop - a])
+                np.multiply(
+                    self.deltas[t][:, o : o + 1], self.acts[t][:, i : i + stop - j], out=out[:, j - a : stop - a]
+                )
                 j = stop
         return out
 
@@ -120,8 +119,9 @@ def timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-def bench_scaling(n: int, sparsity: float, ms: Sequence[int], ridge: float,
-                  fixed_k: int | None = None) -> list[dict[str, Any]]:
+def bench_scaling(
+    n: int, sparsity: float, ms: Sequence[int], ridge: float, fixed_k: int | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for m in ms:
         g = MLPGradients(mlp_shapes(m), n, seed=m)
@@ -131,13 +131,24 @@ def bench_scaling(n: int, sparsity: float, ms: Sequence[int], ridge: float,
         w_mag, t_bs = timed(ridge_backsolve, X, wb, hard_threshold(wb, budget), ridge)
         f_mag = objective(X, w_mag, wb, ridge)
         res, t_chita = timed(chita_iht, X, wb, budget, ridge)
-        rows.append({
-            "p": g.p, "n": n, "k": k, "bso_s": t_bs, "chita_s": t_chita, "f_bso": f_mag,
-            "f_chita": res.objective, "iterations": res.iterations, "outer": res.info["outer_iterations"],
-            "mode": res.info["mode"], "active": res.info["active_set_size"],
-            "swapped_in": res.info["new_vs_start"],
-            "converged": res.converged, "us_per_np": 1e6 * t_chita / (n * g.p),
-        })
+        rows.append(
+            {
+                "p": g.p,
+                "n": n,
+                "k": k,
+                "bso_s": t_bs,
+                "chita_s": t_chita,
+                "f_bso": f_mag,
+                "f_chita": res.objective,
+                "iterations": res.iterations,
+                "outer": res.info["outer_iterations"],
+                "mode": res.info["mode"],
+                "active": res.info["active_set_size"],
+                "swapped_in": res.info["new_vs_start"],
+                "converged": res.converged,
+                "us_per_np": 1e6 * t_chita / (n * g.p),
+            }
+        )
         print(f"scaling p={g.p}: chita {t_chita:.2f}s", file=sys.stderr, flush=True)
     return rows
 
@@ -148,8 +159,9 @@ def big_shapes(p_target: int) -> list[tuple[int, int]]:
     return [(side, side), (max(1, side // 2), side)]
 
 
-def bench_block_one(p_target: int, n: int, sparsity: float, ridge: float, solve: str,
-                    block_size: int, max_mem: int) -> dict[str, Any]:
+def bench_block_one(
+    p_target: int, n: int, sparsity: float, ridge: float, solve: str, block_size: int, max_mem: int
+) -> dict[str, Any]:
     g = MLPGradients(big_shapes(p_target), n, seed=7)
     wb = g.weights()
     k = round((1 - sparsity) * g.p)
@@ -160,31 +172,55 @@ def bench_block_one(p_target: int, n: int, sparsity: float, ridge: float, solve:
         calls[0] += 1
         return g.columns(a, b)
 
-    res, t = timed(chita_blocked, columns, wb, budget.validated(), ridge, n=n, block_size=block_size,
-                   max_memory_bytes=max_mem, solve=solve)
+    res, t = timed(
+        chita_blocked,
+        columns,
+        wb,
+        budget.validated(),
+        ridge,
+        n=n,
+        block_size=block_size,
+        max_memory_bytes=max_mem,
+        solve=solve,
+    )
     rss = peak_rss_bytes()
-    return {"p": g.p, "n": n, "k": k, "solve": solve, "block_size": res.info["block_size"],
-            "blocks": res.info["blocks"], "groups": res.info["groups"], "calls": calls[0],
-            "time_s": t, "fetch_s": res.info["fetch_s"], "solve_s": res.info["solve_s"],
-            "peak_rss_gb": rss / 2**30, "full_X_gb": 4 * n * g.p / 2**30,
-            "f_model_mask": res.trace[0], "f_model": res.objective}
+    return {
+        "p": g.p,
+        "n": n,
+        "k": k,
+        "solve": solve,
+        "block_size": res.info["block_size"],
+        "blocks": res.info["blocks"],
+        "groups": res.info["groups"],
+        "calls": calls[0],
+        "time_s": t,
+        "fetch_s": res.info["fetch_s"],
+        "solve_s": res.info["solve_s"],
+        "peak_rss_gb": rss / 2**30,
+        "full_X_gb": 4 * n * g.p / 2**30,
+        "f_model_mask": res.trace[0],
+        "f_model": res.objective,
+    }
 
 
-def bench_block(ps: Sequence[int], n: int, sparsity: float, ridge: float, solve: str, block_size: int,
-                max_mem: int) -> list[dict[str, Any]]:
+def bench_block(
+    ps: Sequence[int], n: int, sparsity: float, ridge: float, solve: str, block_size: int, max_mem: int
+) -> list[dict[str, Any]]:
     rows = []
     for p in ps:  # fresh interpreter per size: ru_maxrss is a process-lifetime peak
-        cmd = [sys.executable, __file__, "--_block-child",
-               json.dumps([p, n, sparsity, ridge, solve, block_size, max_mem])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_block-child",
+            json.dumps([p, n, sparsity, ridge, solve, block_size, max_mem]),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"block p={p}: {rows[-1]['time_s']:.1f}s", file=sys.stderr, flush=True)
     return rows
 
 
-def bench_block_sizes(
-    n: int, m: int, sparsity: float, ridge: float, sizes: Sequence[int]
-) -> list[dict[str, Any]]:
+def bench_block_sizes(n: int, m: int, sparsity: float, ridge: float, sizes: Sequence[int]) -> list[dict[str, Any]]:
     g = MLPGradients(mlp_shapes(m), n, seed=11)
     X, wb = g.matrix(), g.weights()
     k = round((1 - sparsity) * g.p)
@@ -192,16 +228,29 @@ def bench_block_sizes(
     budget = Budget(k=k, segments=g.segments, lower=(0,) * 3, upper=sizes_t).validated()
     full, t_full = timed(chita_iht, X, wb, budget, ridge)
     f_mag = objective(X, ridge_backsolve(X, wb, hard_threshold(wb, budget), ridge), wb, ridge)
-    rows = [{"block_size": "none (global)", "solve": "chita", "f_full_X": full.objective,
-             "rel_to_global": 1.0, "time_s": t_full},
-            {"block_size": "none (global)", "solve": "backsolve", "f_full_X": f_mag,
-             "rel_to_global": f_mag / full.objective, "time_s": float("nan")}]
+    rows = [
+        {
+            "block_size": "none (global)",
+            "solve": "chita",
+            "f_full_X": full.objective,
+            "rel_to_global": 1.0,
+            "time_s": t_full,
+        },
+        {
+            "block_size": "none (global)",
+            "solve": "backsolve",
+            "f_full_X": f_mag,
+            "rel_to_global": f_mag / full.objective,
+            "time_s": float("nan"),
+        },
+    ]
     for solve in ("backsolve", "chita"):
         for bs in sizes:
             res, t = timed(chita_blocked, g.columns, wb, budget, ridge, n=n, block_size=bs, solve=solve)
             f = objective(X, res.w, wb, ridge)
-            rows.append({"block_size": bs, "solve": solve, "f_full_X": f, "rel_to_global": f / full.objective,
-                         "time_s": t})
+            rows.append(
+                {"block_size": bs, "solve": solve, "f_full_X": f, "rel_to_global": f / full.objective, "time_s": t}
+            )
     return rows
 
 
@@ -246,20 +295,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1000, help="gradient rows (samples)")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--ridge", type=float, default=1e-4)
-    ap.add_argument("--scaling-m", type=int, nargs="*", default=[1, 2, 4, 8, 16],
-                    help="input-width multipliers of MLPNet (p ≈ 31,360·m); [] skips the scaling table")
-    ap.add_argument("--scaling-k", type=int, default=None,
-                    help="fixed k for the scaling table instead of --sparsity (e.g. 300: the swap search)")
-    ap.add_argument("--block-p", type=int, nargs="*", default=[1_000_000, 4_000_000],
-                    help="weights of the block benchmark (e.g. 25000000); [] skips it")
+    ap.add_argument(
+        "--scaling-m",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8, 16],
+        help="input-width multipliers of MLPNet (p ≈ 31,360·m); [] skips the scaling table",
+    )
+    ap.add_argument(
+        "--scaling-k",
+        type=int,
+        default=None,
+        help="fixed k for the scaling table instead of --sparsity (e.g. 300: the swap search)",
+    )
+    ap.add_argument(
+        "--block-p",
+        type=int,
+        nargs="*",
+        default=[1_000_000, 4_000_000],
+        help="weights of the block benchmark (e.g. 25000000); [] skips it",
+    )
     ap.add_argument("--block-solve", choices=["backsolve", "chita"], default="backsolve")
     ap.add_argument("--block-size", type=int, default=2000)
     ap.add_argument("--max-memory", type=int, default=1 << 30, help="max_memory_bytes of the block path")
-    ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
-                    help="block sizes to compare on the m=--bs-m problem (e.g. 250 500 1000 2000 4000)")
+    ap.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="block sizes to compare on the m=--bs-m problem (e.g. 250 500 1000 2000 4000)",
+    )
     ap.add_argument("--bs-m", type=int, default=1)
-    ap.add_argument("--ridge-sweep", type=float, nargs="*", default=[],
-                    help="ridges for the held-out-loss sweep (e.g. 1e-6 1e-5 1e-4 1e-3 1e-2)")
+    ap.add_argument(
+        "--ridge-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="ridges for the held-out-loss sweep (e.g. 1e-6 1e-5 1e-4 1e-3 1e-2)",
+    )
     ap.add_argument("--json", help="also write all tables to this JSON file")
     ap.add_argument("--_block-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -273,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.scaling_m:
         out["scaling"] = bench_scaling(args.n, args.sparsity, args.scaling_m, args.ridge, args.scaling_k)
     if args.block_p:
-        out["block"] = bench_block(args.block_p, args.n, args.sparsity, args.ridge, args.block_solve,
-                                   args.block_size, args.max_memory)
+        out["block"] = bench_block(
+            args.block_p, args.n, args.sparsity, args.ridge, args.block_solve, args.block_size, args.max_memory
+        )
     if args.block_sizes:
         out["block_sizes"] = bench_block_sizes(args.n, args.bs_m, args.sparsity, args.ridge, args.block_sizes)
     if args.ridge_sweep:

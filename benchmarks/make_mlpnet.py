@@ -62,9 +62,7 @@ def load_build_models() -> ModuleType:
     return module
 
 
-def ensure_mlpnet(
-    data_dir: Path = DATA_DIR, mnist_path: Path = DEFAULT_MNIST, force: bool = False
-) -> MlpnetFiles:
+def ensure_mlpnet(data_dir: Path = DATA_DIR, mnist_path: Path = DEFAULT_MNIST, force: bool = False) -> MlpnetFiles:
     """Return the cached MLPNet files in ``data_dir``, training and writing them first if needed."""
     files = MlpnetFiles.in_dir(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -99,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="retrain even if the files exist")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     ensure_mlpnet(args.out_dir, args.mnist, force=args.force)
     return 0
 

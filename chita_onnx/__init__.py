@@ -9,6 +9,8 @@ Python API (the command-line tool is a thin layer over these)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from .config import CompressConfig
@@ -25,25 +27,36 @@ from .errors import (
     SolverError,
     UnsupportedOpError,
 )
-from .graph import PrunableTensor, find_prunable, load_model
 from .layout import Layout, Slot
-from .report import Report, format_report
 
-_LAZY = {"compress", "evaluate_model", "inspect_model", "per_sample_gradients"}
+# Everything that imports onnx or onnxruntime is loaded on first use, so that importing the pure
+# NumPy layers (``chita_onnx.solver``, ``chita_onnx.layout``) never pulls in onnx or onnxruntime.
+_LAZY = {
+    "compress": "pipeline",
+    "evaluate_model": "pipeline",
+    "inspect_model": "pipeline",
+    "per_sample_gradients": "gradients",
+    "PrunableTensor": "graph",
+    "find_prunable": "graph",
+    "load_model": "graph",
+    "Report": "report",
+    "format_report": "report",
+}
 
 
 def __getattr__(name: str) -> object:
-    # The orchestrator and the gradient engine are imported on first use: importing the solver or
-    # graph layers alone stays light.
     if name in _LAZY:
-        if name == "per_sample_gradients":
-            from .gradients import per_sample_gradients
+        import importlib
 
-            return per_sample_gradients
-        from . import pipeline
-
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'chita_onnx' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .gradients import per_sample_gradients
+    from .graph import PrunableTensor, find_prunable, load_model
+    from .pipeline import compress, evaluate_model, inspect_model
+    from .report import Report, format_report
 
 __all__ = [
     "ArraySource",

@@ -95,7 +95,9 @@ class CompressConfig:
         if not 0.0 <= self.min_density <= 1.0:
             raise bad("min_density", self.min_density, "must be in [0, 1]")
         if self.min_density > 1.0 - self.sparsity + 1e-12 and self.sparsity > 0:
-            raise bad("min_density", self.min_density, f"exceeds the overall density 1 - sparsity = {1 - self.sparsity:g}")
+            raise bad(
+                "min_density", self.min_density, f"exceeds the overall density 1 - sparsity = {1 - self.sparsity:g}"
+            )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
         if self.stages is not None and self.stages < 1:

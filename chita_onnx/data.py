@@ -38,7 +38,7 @@ class ArraySource:
     def __init__(
         self,
         inputs: Mapping[str, NDArray[np.generic]],
-        labels: NDArray[np.integer] | None = None,
+        labels: NDArray[np.generic] | None = None,
         *,
         batch_size: int = 64,
         origin: str = "arrays",
@@ -55,9 +55,8 @@ class ArraySource:
                 raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},)")
             if not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{origin}: 'labels' must be integers, got dtype {labels.dtype}")
-            labels = labels.astype(np.int64, copy=False)
         self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
-        self.labels = labels
+        self.labels: NDArray[np.int64] | None = None if labels is None else labels.astype(np.int64, copy=False)
         self.batch_size = max(1, int(batch_size))
         self.origin = origin
 
@@ -81,7 +80,9 @@ class ArraySource:
         )
 
 
-def _read_npz(path: Path, specs: Sequence[InputSpec] | None) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
+def _read_npz(
+    path: Path, specs: Sequence[InputSpec] | None
+) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {}
@@ -139,7 +140,9 @@ class NpzFolderSource:
 class RandomSource(ArraySource):
     """Seeded random inputs for a quick try; symbolic dims become 1 (batch 64 on the first axis)."""
 
-    def __init__(self, specs: Sequence[InputSpec], *, num_samples: int = 128, seed: int = 0, batch_size: int = 64) -> None:
+    def __init__(
+        self, specs: Sequence[InputSpec], *, num_samples: int = 128, seed: int = 0, batch_size: int = 64
+    ) -> None:
         rng = np.random.default_rng(seed)
         arrays: dict[str, NDArray[np.generic]] = {}
         for spec in specs:
@@ -153,8 +156,14 @@ class RandomSource(ArraySource):
         super().__init__(arrays, None, batch_size=batch_size, origin="random data")
 
 
-def open_source(spec: DataSpec, specs: Sequence[InputSpec] | None = None, *, batch_size: int = 64, seed: int = 0,
-                random_samples: int = 128) -> CalibrationSource:
+def open_source(
+    spec: DataSpec,
+    specs: Sequence[InputSpec] | None = None,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    random_samples: int = 128,
+) -> CalibrationSource:
     """Turn any accepted data specification into a re-iterable source (see the module docstring)."""
     if isinstance(spec, str) and spec == "random":
         if specs is None:
@@ -168,7 +177,7 @@ def open_source(spec: DataSpec, specs: Sequence[InputSpec] | None = None, *, bat
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         arrays, labels = _read_npz(path, specs)
-        return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path))  # type: ignore[arg-type]
+        return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path))
     if isinstance(spec, Mapping):
         arrays = {str(k): np.asarray(v) for k, v in spec.items() if k != LABELS_KEY}
         labels = spec.get(LABELS_KEY)
@@ -184,8 +193,9 @@ def _dim_ok(expected: int | str | None, got: int) -> bool:
     return not isinstance(expected, int) or expected <= 0 or expected == got
 
 
-def validate_source(source: CalibrationSource, specs: Sequence[InputSpec], *, num_classes: int | None = None,
-                    origin: str = "data") -> int:
+def validate_source(
+    source: CalibrationSource, specs: Sequence[InputSpec], *, num_classes: int | None = None, origin: str = "data"
+) -> int:
     """Check every batch against the model inputs before any work starts; return the sample count.
 
     Float arrays are accepted for float inputs of another precision (converted on the fly); anything
@@ -202,12 +212,16 @@ def validate_source(source: CalibrationSource, specs: Sequence[InputSpec], *, nu
         size = None
         for spec in specs:
             arr = np.asarray(batch.inputs[spec.name])
-            if arr.ndim != len(spec.shape) or not all(_dim_ok(e, g) for e, g in zip(spec.shape, arr.shape, strict=False)):
+            if arr.ndim != len(spec.shape) or not all(
+                _dim_ok(e, g) for e, g in zip(spec.shape, arr.shape, strict=False)
+            ):
                 raise DataError(
                     f"{where}: input {spec.name!r} has shape {tuple(arr.shape)}, the model expects "
                     f"{tuple(d if isinstance(d, int) and d > 0 else '?' for d in spec.shape)}"
                 )
-            same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)) or arr.dtype == spec.dtype
+            same_kind = (
+                np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)
+            ) or arr.dtype == spec.dtype
             if not same_kind:
                 raise DataError(f"{where}: input {spec.name!r} has dtype {arr.dtype}, the model expects {spec.dtype}")
             if size is not None and arr.shape[0] != size:
@@ -221,8 +235,9 @@ def validate_source(source: CalibrationSource, specs: Sequence[InputSpec], *, nu
                 raise DataError(f"{where}: 'labels' must be integers, got dtype {labels.dtype}")
             if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
                 bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+                last = (num_classes or 0) - 1
                 raise DataError(
-                    f"{where}: label {bad} is out of range; the model has {num_classes} classes (0..{(num_classes or 0) - 1})"
+                    f"{where}: label {bad} is out of range; the model has {num_classes} classes (0..{last})"
                 )
         total += int(size or 0)
     if total == 0:
@@ -260,7 +275,7 @@ def materialize(source: CalibrationSource, specs: Sequence[InputSpec], *, batch_
 def split_holdout(source: ArraySource, fraction: float, *, seed: int = 0) -> tuple[ArraySource, ArraySource]:
     """Split off a seeded random ``fraction`` of the samples for evaluation; return (calib, held-out)."""
     n = source.num_samples
-    n_hold = int(round(fraction * n))
+    n_hold = round(fraction * n)
     if n_hold < 1 or n - n_hold < 1:
         raise DataError(f"{source.origin}: {n} samples are too few to hold out {fraction:.0%} for evaluation")
     perm = np.random.default_rng(seed).permutation(n)

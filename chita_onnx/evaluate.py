@@ -31,8 +31,9 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
     if threads:
         so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
         where = "model" if isinstance(model, bytes) else str(model)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -51,8 +52,12 @@ def _chunks(batch: Batch, fixed: int | None) -> Iterator[tuple[Batch, int]]:
 
 
 def run_model(
-    session: ort.InferenceSession, source: CalibrationSource, specs: Sequence[InputSpec], output: str | None = None,
-    *, desc: str = "evaluate",
+    session: ort.InferenceSession,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    output: str | None = None,
+    *,
+    desc: str = "evaluate",
 ) -> tuple[NDArray[np.floating], NDArray[np.int64] | None]:
     """Run ``session`` over every batch; return the chosen output ``(N, ...)`` and the labels ``(N,)``."""
     names = [o.name for o in session.get_outputs()]
@@ -113,8 +118,12 @@ class Comparison:
     seconds: float
 
 
-def evaluate(model: str | os.PathLike[str] | bytes, source: CalibrationSource, specs: Sequence[InputSpec],
-             output: str | None = None) -> Evaluation:
+def evaluate(
+    model: str | os.PathLike[str] | bytes,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    output: str | None = None,
+) -> Evaluation:
     """Top-1 accuracy of one model (``None`` without labels or for non-classifier outputs)."""
     t0 = time.perf_counter()
     y, labels = run_model(make_session(model), source, specs, output)
@@ -131,8 +140,12 @@ class Reference:
     seconds: float
 
 
-def reference(dense: str | os.PathLike[str] | bytes, source: CalibrationSource, specs: Sequence[InputSpec],
-              output: str | None = None) -> Reference:
+def reference(
+    dense: str | os.PathLike[str] | bytes,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    output: str | None = None,
+) -> Reference:
     """Run the dense model once over ``source``."""
     t0 = time.perf_counter()
     session = make_session(dense)
@@ -141,8 +154,9 @@ def reference(dense: str | os.PathLike[str] | bytes, source: CalibrationSource, 
     return Reference(name, y, labels, time.perf_counter() - t0)
 
 
-def compare_to(ref: Reference, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource,
-               specs: Sequence[InputSpec]) -> Comparison:
+def compare_to(
+    ref: Reference, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource, specs: Sequence[InputSpec]
+) -> Comparison:
     """Evaluate the pruned model on the same ``source`` and compare it with the dense reference."""
     t0 = time.perf_counter()
     yp, _ = run_model(make_session(pruned), source, specs, ref.output, desc="evaluate pruned")
@@ -150,14 +164,24 @@ def compare_to(ref: Reference, pruned: str | os.PathLike[str] | bytes, source: C
     diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
     agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
     return Comparison(
-        samples=int(yd.shape[0]), output=ref.output, dense_accuracy=top1(yd, ref.labels),
-        pruned_accuracy=top1(yp, ref.labels), agreement=agree, max_abs_diff=float(diff.max(initial=0.0)),
-        mean_abs_diff=float(diff.mean()) if diff.size else 0.0, seconds=ref.seconds + time.perf_counter() - t0,
+        samples=int(yd.shape[0]),
+        output=ref.output,
+        dense_accuracy=top1(yd, ref.labels),
+        pruned_accuracy=top1(yp, ref.labels),
+        agreement=agree,
+        max_abs_diff=float(diff.max(initial=0.0)),
+        mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+        seconds=ref.seconds + time.perf_counter() - t0,
     )
 
 
-def compare(dense: str | os.PathLike[str] | bytes, pruned: str | os.PathLike[str] | bytes, source: CalibrationSource,
-            specs: Sequence[InputSpec], output: str | None = None) -> Comparison:
+def compare(
+    dense: str | os.PathLike[str] | bytes,
+    pruned: str | os.PathLike[str] | bytes,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    output: str | None = None,
+) -> Comparison:
     """Evaluate both models with onnxruntime on ``source`` and compare their outputs."""
     return compare_to(reference(dense, source, specs, output), pruned, source, specs)
 

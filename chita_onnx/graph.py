@@ -336,7 +336,9 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) for t in _all_tensors(model.graph))
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> list[Path]:
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None
+) -> list[Path]:
     """Write ``model`` to ``path`` atomically (temporary file, then rename); return the files written.
 
     Models over ~1.8 GB of tensor data are written with one external data file ``<name>.data`` next
@@ -363,8 +365,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_pa
         written = [dest]
         if external:
             data_name = f"{dest.name}.data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
             os.replace(tmpdir / data_name, folder / data_name)
             written.append(folder / data_name)
         else:

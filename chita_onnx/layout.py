@@ -74,7 +74,7 @@ class Layout:
 
     def flatten(self, tensors: Mapping[str, NDArray[np.floating]], dtype: type = np.float32) -> NDArray[np.floating]:
         """Concatenate ``tensors`` (each of its slot's shape) into one ``(p,)`` vector."""
-        out = np.empty(self.p, dtype=dtype)
+        out: NDArray[np.floating] = np.empty(self.p, dtype=dtype)
         for s in self.slots:
             out[s.offset : s.stop] = np.asarray(tensors[s.name]).reshape(-1)
         return out

@@ -30,6 +30,7 @@ from .data import DataSpec, materialize, open_source, split_holdout, validate_so
 from .data_types import CalibrationSource, InputSpec
 from .errors import ConfigError, ModelError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
+from .gradients import GradientEngine, GradientMatrix
 from .graph import (
     PrunableTensor,
     check_model,
@@ -40,7 +41,6 @@ from .graph import (
     save_model,
     write_weights,
 )
-from .gradients import GradientEngine, GradientMatrix
 from .layout import Layout
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
@@ -73,8 +73,14 @@ def _versions() -> dict[str, str]:
     import onnxruntime as ort
     import scipy
 
-    return {"chita_onnx": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version()}
+    return {
+        "chita_onnx": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _num_classes(model: onnx.ModelProto, output: str | None) -> int | None:
@@ -102,8 +108,14 @@ class Prepared:
     eval_source: str
 
 
-def prepare(model_path: str | os.PathLike[str], data: DataSpec | None, config: CompressConfig,
-            eval_data: DataSpec | None = None, *, hold_out: bool = True) -> Prepared:
+def prepare(
+    model_path: str | os.PathLike[str],
+    data: DataSpec | None,
+    config: CompressConfig,
+    eval_data: DataSpec | None = None,
+    *,
+    hold_out: bool = True,
+) -> Prepared:
     """Load the model and the data and check everything that can be checked up front."""
     path = Path(model_path)
     model = load_model(path)
@@ -163,7 +175,11 @@ class GradientOracle:
         if names not in self._engines:
             example = next(iter(self.prep.calib))
             self._engines[names] = GradientEngine(
-                self.prep.model, list(names), example=example, loss=self.config.loss, output=self.config.output,
+                self.prep.model,
+                list(names),
+                example=example,
+                loss=self.config.loss,
+                output=self.config.output,
                 mini_batch=self.config.mini_batch,
             )
         return self._engines[names]
@@ -173,8 +189,9 @@ class GradientOracle:
         assert self.config.max_memory is not None
         return self.n * self.prep.layout.p * 4 <= self.config.max_memory
 
-    def matrix(self, w: NDArray[np.float32], names: Sequence[str] | None = None,
-               out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    def matrix(
+        self, w: NDArray[np.float32], names: Sequence[str] | None = None, out: NDArray[np.float32] | None = None
+    ) -> NDArray[np.float32]:
         """``X`` (n × p_subset, float32) at flat weights ``w``, scaled by 1/√n, for tensors ``names``."""
         layout = self.prep.layout
         key = tuple(names) if names is not None else layout.names
@@ -195,9 +212,11 @@ class GradientOracle:
         folder = Path(self.config.workdir or ".")
         if not folder.is_dir():
             raise ConfigError(f"--workdir={folder}: not an existing folder")
-        fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)
+        fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)  # noqa: SIM115 (lives with the map)
         fh.truncate(self.n * p * 4)
-        log.info("gradient matrix (%d x %d, %.2f GiB) memory-mapped under %s", self.n, p, self.n * p * 4 / 2**30, folder)
+        log.info(
+            "gradient matrix (%d x %d, %.2f GiB) memory-mapped under %s", self.n, p, self.n * p * 4 / 2**30, folder
+        )
         return np.memmap(fh, dtype=np.float32, mode="r+", shape=(self.n, p))
 
     def columns(self, w: NDArray[np.float32], timer: PhaseTimer) -> Callable[[int, int], NDArray[np.float32]]:
@@ -217,8 +236,14 @@ class GradientOracle:
 # --------------------------------------------------------------------------------------- solving
 
 
-def solve(method: str, config: CompressConfig, X: NDArray[np.float32] | None, w: NDArray[np.float32],
-          budget: Budget, alpha: NDArray[np.float64] | None = None) -> SolverResult:
+def solve(
+    method: str,
+    config: CompressConfig,
+    X: NDArray[np.float32] | None,
+    w: NDArray[np.float32],
+    budget: Budget,
+    alpha: NDArray[np.float64] | None = None,
+) -> SolverResult:
     """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p)."""
     if method == "magnitude" and config.update != "obs":
         return magnitude(w, budget, X=X, ridge=config.ridge)
@@ -244,11 +269,14 @@ def initial_weights(prep: Prepared) -> NDArray[np.float32]:
     return prep.layout.flatten(get_weights(prep.model, prep.layout.names), dtype=np.float32)
 
 
-def prune(prep: Prepared, config: CompressConfig, oracle: GradientOracle | None = None,
-          timer: PhaseTimer | None = None,
-          on_stage: Callable[[int, float, SolverResult, NDArray[np.float32]], StageReport] | None = None,
-          X0: NDArray[np.float32] | None = None,
-          ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
+def prune(
+    prep: Prepared,
+    config: CompressConfig,
+    oracle: GradientOracle | None = None,
+    timer: PhaseTimer | None = None,
+    on_stage: Callable[[int, float, SolverResult, NDArray[np.float32]], StageReport] | None = None,
+    X0: NDArray[np.float32] | None = None,
+) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
 
     ``X0`` is an already computed, scaled gradient matrix at ``w̄`` that the first stage may reuse
@@ -281,9 +309,17 @@ def prune(prep: Prepared, config: CompressConfig, oracle: GradientOracle | None 
             log.info("X (%d x %d) exceeds --max-memory: block approximation", oracle.n, prep.layout.p)
             assert config.max_memory is not None
             with timer.phase("solve"):
-                result = chita_blocked(oracle.columns(w, timer), w, budget, config.ridge, None,
-                                       block_size=config.block_size, max_memory_bytes=config.max_memory,
-                                       n=oracle.n, max_iter=config.max_iter)
+                result = chita_blocked(
+                    oracle.columns(w, timer),
+                    w,
+                    budget,
+                    config.ridge,
+                    None,
+                    block_size=config.block_size,
+                    max_memory_bytes=config.max_memory,
+                    n=oracle.n,
+                    max_iter=config.max_iter,
+                )
         else:
             if X0 is not None and t == 1:
                 X = X0
@@ -294,15 +330,28 @@ def prune(prep: Prepared, config: CompressConfig, oracle: GradientOracle | None 
                 result = solve(config.method, config, X, w, budget, oracle.alpha if config.first_order else None)
             del X
         if not result.converged:
-            log.warning("stage %d: the %s solver did not converge in %d iterations", t, config.method, result.iterations)
+            log.warning(
+                "stage %d: the %s solver did not converge in %d iterations", t, config.method, result.iterations
+            )
         w = np.asarray(result.w, dtype=np.float32)
         if int(np.count_nonzero(w)) > budget.k:
             raise AssertionError(f"solver kept {np.count_nonzero(w)} > k={budget.k} weights")
         if on_stage is not None:
             stages.append(on_stage(t, level, result, w))
         else:
-            stages.append(StageReport(t, level, budget.k, _finite(result.objective), result.iterations,
-                                      result.converged, None, None, time.perf_counter() - t0))
+            stages.append(
+                StageReport(
+                    t,
+                    level,
+                    budget.k,
+                    _finite(result.objective),
+                    result.iterations,
+                    result.converged,
+                    None,
+                    None,
+                    time.perf_counter() - t0,
+                )
+            )
         log.info("stage %d/%d: sparsity %.4f, objective %s", t, len(levels), level, stages[-1].objective)
     assert result is not None
     return w, stages, result
@@ -354,14 +403,21 @@ def compress(
                 c = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
             acc, agree = c.pruned_accuracy, c.agreement
         k = keep_count(level, prep.layout.p)
-        return StageReport(t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree,
-                           time.perf_counter() - t0)
+        return StageReport(
+            t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree, time.perf_counter() - t0
+        )
 
     w, stages, result = prune(prep, config, None, timer, stage_eval)
     layout = prep.layout
-    meta = {"tool": f"chita-onnx {__version__}", "method": config.method, "sparsity": config.sparsity,
-            "k": keep_count(config.sparsity, layout.p), "p": layout.p, "scope": config.scope,
-            "tensors": list(layout.names)}
+    meta = {
+        "tool": f"chita-onnx {__version__}",
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "k": keep_count(config.sparsity, layout.p),
+        "p": layout.p,
+        "scope": config.scope,
+        "tensors": list(layout.names),
+    }
     with timer.phase("write"):
         pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=config.storage, metadata=meta)
         save_model(pruned, out_path, input_path=in_path)
@@ -375,21 +431,40 @@ def compress(
         pr, pz = file_sizes(out_path)
     by_name = {s.name: s for s in stored}
     tensors = tuple(
-        TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage) for t in prep.tensors
+        TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage)
+        for t in prep.tensors
     )
     nnz = sum(t.nnz for t in tensors)
     if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
         warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
     return Report(
-        input=str(in_path), output=str(out_path), method=config.method, config=config.to_dict(), p=layout.p,
-        k=keep_count(config.sparsity, layout.p), nnz=nnz, tensors=tensors, stages=tuple(stages),
-        evaluation=comparison, eval_source=prep.eval_source, sizes=FileSizes(dr, dz, pr, pz),
-        timings=dict(timer.seconds), versions=_versions(), warnings=tuple(warnings),
+        input=str(in_path),
+        output=str(out_path),
+        method=config.method,
+        config=config.to_dict(),
+        p=layout.p,
+        k=keep_count(config.sparsity, layout.p),
+        nnz=nnz,
+        tensors=tensors,
+        stages=tuple(stages),
+        evaluation=comparison,
+        eval_source=prep.eval_source,
+        sizes=FileSizes(dr, dz, pr, pz),
+        timings=dict(timer.seconds),
+        versions=_versions(),
+        solver={
+            "objective": _finite(result.objective),
+            "iterations": result.iterations,
+            "converged": result.converged,
+            **dict(result.info),
+        },
+        warnings=tuple(warnings),
     )
 
 
-def evaluate_model(model: str | os.PathLike[str], data: DataSpec, *, output: str | None = None,
-                   batch_size: int = 64) -> Evaluation:
+def evaluate_model(
+    model: str | os.PathLike[str], data: DataSpec, *, output: str | None = None, batch_size: int = 64
+) -> Evaluation:
     """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime."""
     m = load_model(model)
     specs = model_inputs(m)
@@ -403,9 +478,18 @@ def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     return find_prunable(load_model(model))
 
 
-def write_gradients(model: str | os.PathLike[str], data: DataSpec, out: str | os.PathLike[str], *,
-                    loss: str = "auto", fisher: str = "auto", output: str | None = None, mini_batch: int = 1,
-                    num_samples: int | None = None, seed: int = 0) -> GradientMatrix:
+def write_gradients(
+    model: str | os.PathLike[str],
+    data: DataSpec,
+    out: str | os.PathLike[str],
+    *,
+    loss: str = "auto",
+    fisher: str = "auto",
+    output: str | None = None,
+    mini_batch: int = 1,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> GradientMatrix:
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
     The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
@@ -422,8 +506,14 @@ def write_gradients(model: str | os.PathLike[str], data: DataSpec, out: str | os
     specs = model_inputs(m)
     source = open_source(data, specs)
     total = validate_source(source, specs, num_classes=_num_classes(m, output))
-    engine = GradientEngine(m, [t.name for t in tensors], example=next(iter(source)), loss=loss,  # type: ignore[arg-type]
-                            output=output, mini_batch=mini_batch)
+    engine = GradientEngine(
+        m,
+        [t.name for t in tensors],
+        example=next(iter(source)),
+        loss=loss,  # type: ignore[arg-type]
+        output=output,
+        mini_batch=mini_batch,
+    )
     n = min(total, num_samples or total) // mini_batch
     dest = Path(out)
     tmp = dest.with_name(f".{dest.name}.tmp.npy")
@@ -437,7 +527,14 @@ def write_gradients(model: str | os.PathLike[str], data: DataSpec, out: str | os
         if tmp.exists():
             tmp.unlink()
     layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
-    meta = {"n": g.n, "p": g.layout.p, "loss": g.loss, "fisher": g.fisher, "mini_batch": g.mini_batch,
-            "output": g.output, "tensors": layout}
+    meta = {
+        "n": g.n,
+        "p": g.layout.p,
+        "loss": g.loss,
+        "fisher": g.fisher,
+        "mini_batch": g.mini_batch,
+        "output": g.output,
+        "tensors": layout,
+    }
     Path(str(dest) + ".layout.json").write_text(json.dumps(meta, indent=2) + "\n")
     return g

@@ -68,6 +68,7 @@ class Report:
     sizes: FileSizes | None
     timings: dict[str, float]
     versions: dict[str, str]
+    solver: dict[str, object] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -101,7 +102,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     """A plain fixed-width text table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), line]
     out += [fmt.format(*[str(c) for c in r]) for r in rows]
     return "\n".join(out)
@@ -111,36 +112,70 @@ def format_report(r: Report) -> str:
     """The human-readable summary printed by ``chita-onnx compress``."""
     parts = [
         f"{r.input} -> {r.output}",
-        f"method {r.method}: kept {r.nnz:,} of {r.p:,} prunable weights (k = {r.k:,}), sparsity {100 * r.sparsity:.2f}%",
+        f"method {r.method}: kept {r.nnz:,} of {r.p:,} prunable weights (k = {r.k:,}), "
+        f"sparsity {100 * r.sparsity:.2f}%",
         "",
         table(
-            [[t.name, t.op_type, "x".join(map(str, t.shape)), f"{t.size:,}", f"{t.nnz:,}", _pct(t.sparsity), t.storage]
-             for t in r.tensors],
+            [
+                [
+                    t.name,
+                    t.op_type,
+                    "x".join(map(str, t.shape)),
+                    f"{t.size:,}",
+                    f"{t.nnz:,}",
+                    _pct(t.sparsity),
+                    t.storage,
+                ]
+                for t in r.tensors
+            ],
             ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
         ),
     ]
     if len(r.stages) > 1:
-        parts += ["", table(
-            [[str(s.stage), _pct(s.sparsity), "-" if s.objective is None else f"{s.objective:.4g}",
-              _pct(s.accuracy), _pct(s.agreement), f"{s.seconds:.2f}s"] for s in r.stages],
-            ["stage", "sparsity", "objective", "accuracy", "agreement", "time"],
-        )]
+        parts += [
+            "",
+            table(
+                [
+                    [
+                        str(s.stage),
+                        _pct(s.sparsity),
+                        "-" if s.objective is None else f"{s.objective:.4g}",
+                        _pct(s.accuracy),
+                        _pct(s.agreement),
+                        f"{s.seconds:.2f}s",
+                    ]
+                    for s in r.stages
+                ],
+                ["stage", "sparsity", "objective", "accuracy", "agreement", "time"],
+            ),
+        ]
     if r.evaluation is not None:
         e = r.evaluation
-        parts += ["", f"evaluation on {e.samples} samples ({r.eval_source}), output {e.output!r}:", table(
-            [["top-1 accuracy", _pct(e.dense_accuracy), _pct(e.pruned_accuracy)],
-             ["top-1 agreement with dense", "", _pct(e.agreement)],
-             ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
-             ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"]],
-            ["", "dense", "pruned"],
-        )]
+        parts += [
+            "",
+            f"evaluation on {e.samples} samples ({r.eval_source}), output {e.output!r}:",
+            table(
+                [
+                    ["top-1 accuracy", _pct(e.dense_accuracy), _pct(e.pruned_accuracy)],
+                    ["top-1 agreement with dense", "", _pct(e.agreement)],
+                    ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
+                    ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"],
+                ],
+                ["", "dense", "pruned"],
+            ),
+        ]
     if r.sizes is not None:
         s = r.sizes
-        parts += ["", table(
-            [["raw", _size(s.dense_raw), _size(s.pruned_raw), f"{s.pruned_raw / s.dense_raw:.2f}x"],
-             ["zstd", _size(s.dense_zstd), _size(s.pruned_zstd), f"{s.pruned_zstd / s.dense_zstd:.2f}x"]],
-            ["file size", "dense", "pruned", "ratio"],
-        )]
+        parts += [
+            "",
+            table(
+                [
+                    ["raw", _size(s.dense_raw), _size(s.pruned_raw), f"{s.pruned_raw / s.dense_raw:.2f}x"],
+                    ["zstd", _size(s.dense_zstd), _size(s.pruned_zstd), f"{s.pruned_zstd / s.dense_zstd:.2f}x"],
+                ],
+                ["file size", "dense", "pruned", "ratio"],
+            ),
+        ]
     parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
     parts += [f"warning: {w}" for w in r.warnings]
     return "\n".join(parts)

@@ -82,8 +82,10 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     bad = [m for m in items if m not in METHODS and m != "magnitude+obs"]
     if bad or not items:
-        raise ConfigError(f"--methods={','.join(items)}: unknown method {bad[0] if bad else ''!r}; "
-                          f"choose from {', '.join((*METHODS, 'magnitude+obs'))}")
+        raise ConfigError(
+            f"--methods={','.join(items)}: unknown method {bad[0] if bad else ''!r}; "
+            f"choose from {', '.join((*METHODS, 'magnitude+obs'))}"
+        )
     return tuple(dict.fromkeys(items))
 
 
@@ -106,8 +108,9 @@ def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressC
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
 
 
-def sweep(prep: Prepared, base: CompressConfig, methods: Sequence[str], sparsities: Sequence[float],
-          *, model_label: str = "") -> SweepResult:
+def sweep(
+    prep: Prepared, base: CompressConfig, methods: Sequence[str], sparsities: Sequence[float], *, model_label: str = ""
+) -> SweepResult:
     """Prune with every method at every sparsity; evaluate each pruned model with onnxruntime."""
     if prep.eval is None:
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
@@ -134,30 +137,77 @@ def sweep(prep: Prepared, base: CompressConfig, methods: Sequence[str], sparsiti
         t_eval = time.perf_counter() - t0
         obj = objective(X0, w, w_bar, cfg.ridge) if X0 is not None else None
         grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if cfg.needs_gradients else 0.0)
-        row = SweepRow(method, sparsity, keep_count(sparsity, layout.p), int(np.count_nonzero(w)), cmp.pruned_accuracy,
-                       cmp.agreement, cmp.max_abs_diff, obj, grad_s, timer.seconds.get("solve", 0.0), t_eval,
-                       result.converged)
+        row = SweepRow(
+            method,
+            sparsity,
+            keep_count(sparsity, layout.p),
+            int(np.count_nonzero(w)),
+            cmp.pruned_accuracy,
+            cmp.agreement,
+            cmp.max_abs_diff,
+            obj,
+            grad_s,
+            timer.seconds.get("solve", 0.0),
+            t_eval,
+            result.converged,
+        )
         rows.append(row)
         log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
     return SweepResult(
-        model=model_label or str(prep.path), dense_accuracy=top1(ref.y, ref.labels), eval_samples=int(ref.y.shape[0]),
-        eval_source=prep.eval_source, p=layout.p, n=oracle.n if oracle else 0, shared_gradient_s=t_shared,
-        rows=tuple(rows), config=base.to_dict(),
+        model=model_label or str(prep.path),
+        dense_accuracy=top1(ref.y, ref.labels),
+        eval_samples=int(ref.y.shape[0]),
+        eval_source=prep.eval_source,
+        p=layout.p,
+        n=oracle.n if oracle else 0,
+        shared_gradient_s=t_shared,
+        rows=tuple(rows),
+        config=base.to_dict(),
     )
 
 
 def format_sweep(result: SweepResult) -> str:
     """The comparison as a readable table (accuracy, agreement, objective, seconds)."""
+
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 
-    rows = [[r.method, f"{r.sparsity:g}", f"{r.nnz:,}", pct(r.accuracy), pct(r.agreement),
-             "-" if r.objective is None else f"{r.objective:.4g}", f"{r.gradient_s:.2f}", f"{r.solve_s:.2f}",
-             f"{r.evaluate_s:.2f}"] for r in result.rows]
-    head = (f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
-            f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})")
-    return head + "\n\n" + table(rows, ["method", "sparsity", "kept", "accuracy %", "agreement %", "objective",
-                                        "gradients s", "solve s", "evaluate s"])
+    rows = [
+        [
+            r.method,
+            f"{r.sparsity:g}",
+            f"{r.nnz:,}",
+            pct(r.accuracy),
+            pct(r.agreement),
+            "-" if r.objective is None else f"{r.objective:.4g}",
+            f"{r.gradient_s:.2f}",
+            f"{r.solve_s:.2f}",
+            f"{r.evaluate_s:.2f}",
+        ]
+        for r in result.rows
+    ]
+    head = (
+        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
+        f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
+    )
+    return (
+        head
+        + "\n\n"
+        + table(
+            rows,
+            [
+                "method",
+                "sparsity",
+                "kept",
+                "accuracy %",
+                "agreement %",
+                "objective",
+                "gradients s",
+                "solve s",
+                "evaluate s",
+            ],
+        )
+    )
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> bool:

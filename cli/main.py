@@ -87,50 +87,141 @@ def _config_options(fn: F) -> F:
     """The flags of every ``CompressConfig`` field (one flag per field, same name)."""
     d = CompressConfig()
     options = [
-        click.option("--sparsity", type=float, default=d.sparsity, show_default=True,
-                     help="Fraction of the prunable weights set to zero; keeps exactly round((1-s)·p)."),
-        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True,
-                     help="chita (one shot), chita++ (multi-stage), or a baseline: magnitude, wf, cbs, cbs-s."),
-        click.option("--update", type=click.Choice(["auto", "none", "obs"]), default=d.update, show_default=True,
-                     help="Weight update after selection: the method's own (auto), none, or a ridge backsolve (obs)."),
-        click.option("--scope", type=click.Choice(["global", "layer"]), default=d.scope, show_default=True,
-                     help="One budget over all tensors, or the same sparsity in every tensor."),
+        click.option(
+            "--sparsity",
+            type=float,
+            default=d.sparsity,
+            show_default=True,
+            help="Fraction of the prunable weights set to zero; keeps exactly round((1-s)·p).",
+        ),
+        click.option(
+            "--method",
+            type=click.Choice(METHODS),
+            default=d.method,
+            show_default=True,
+            help="chita (one shot), chita++ (multi-stage), or a baseline: magnitude, wf, cbs, cbs-s.",
+        ),
+        click.option(
+            "--update",
+            type=click.Choice(["auto", "none", "obs"]),
+            default=d.update,
+            show_default=True,
+            help="Weight update after selection: the method's own (auto), none, or a ridge backsolve (obs).",
+        ),
+        click.option(
+            "--scope",
+            type=click.Choice(["global", "layer"]),
+            default=d.scope,
+            show_default=True,
+            help="One budget over all tensors, or the same sparsity in every tensor.",
+        ),
         click.option("--keep", callback=_parse_list, default="", help="Comma-separated tensors never to prune."),
-        click.option("--min-density", type=float, default=d.min_density, show_default=True,
-                     help="Every tensor keeps at least this fraction of its weights."),
-        click.option("--ridge", type=float, default=d.ridge, show_default=True,
-                     help="λ: damping of the Fisher, the trust region around the trained weights."),
-        click.option("--first-order/--no-first-order", default=d.first_order, show_default=True,
-                     help="Add the mean-gradient term αᵀ(w − w̄) to the quadratic model."),
+        click.option(
+            "--min-density",
+            type=float,
+            default=d.min_density,
+            show_default=True,
+            help="Every tensor keeps at least this fraction of its weights.",
+        ),
+        click.option(
+            "--ridge",
+            type=float,
+            default=d.ridge,
+            show_default=True,
+            help="λ: damping of the Fisher, the trust region around the trained weights.",
+        ),
+        click.option(
+            "--first-order/--no-first-order",
+            default=d.first_order,
+            show_default=True,
+            help="Add the mean-gradient term αᵀ(w − w̄) to the quadratic model.",
+        ),
         click.option("--stages", type=int, default=None, help="CHITA++ stages (default 10 for chita++, else 1)."),
-        click.option("--schedule", type=click.Choice(["poly", "exp", "linear", "const"]), default=d.schedule,
-                     show_default=True, help="How CHITA++ raises sparsity over the stages."),
-        click.option("--start-sparsity", type=float, default=None,
-                     help="CHITA++ sparsity of the first stage (default min(0.5, --sparsity))."),
+        click.option(
+            "--schedule",
+            type=click.Choice(["poly", "exp", "linear", "const"]),
+            default=d.schedule,
+            show_default=True,
+            help="How CHITA++ raises sparsity over the stages.",
+        ),
+        click.option(
+            "--start-sparsity",
+            type=float,
+            default=None,
+            help="CHITA++ sparsity of the first stage (default min(0.5, --sparsity)).",
+        ),
         click.option("--max-iter", type=int, default=d.max_iter, show_default=True, help="Solver iteration cap."),
-        click.option("--block-size", type=int, default=d.block_size, show_default=True,
-                     help="Weights per block of the block approximation."),
-        click.option("--max-memory", callback=_parse_bytes, default=None,
-                     help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
-                          "(default 40% of RAM)."),
-        click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default=d.loss, show_default=True,
-                     help="Loss for the gradients: cross-entropy, or Gauss-Newton (mse) for non-classifiers."),
-        click.option("--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default=d.fisher,
-                     show_default=True, help="Targets: true labels (empirical), sampled from the model, or its argmax."),
+        click.option(
+            "--block-size",
+            type=int,
+            default=d.block_size,
+            show_default=True,
+            help="Weights per block of the block approximation.",
+        ),
+        click.option(
+            "--max-memory",
+            callback=_parse_bytes,
+            default=None,
+            help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
+            "(default 40% of RAM).",
+        ),
+        click.option(
+            "--loss",
+            type=click.Choice(["auto", "ce", "mse"]),
+            default=d.loss,
+            show_default=True,
+            help="Loss for the gradients: cross-entropy, or Gauss-Newton (mse) for non-classifiers.",
+        ),
+        click.option(
+            "--fisher",
+            type=click.Choice(["auto", "empirical", "sampled", "argmax"]),
+            default=d.fisher,
+            show_default=True,
+            help="Targets: true labels (empirical), sampled from the model, or its argmax.",
+        ),
         click.option("--output", default=None, help="Model output to use (multi-output models)."),
-        click.option("--mini-batch", type=int, default=d.mini_batch, show_default=True,
-                     help="Each gradient row is the mean over this many samples."),
-        click.option("--num-samples", type=int, default=d.num_samples, show_default=True,
-                     help="Calibration samples used for the gradients (at most)."),
+        click.option(
+            "--mini-batch",
+            type=int,
+            default=d.mini_batch,
+            show_default=True,
+            help="Each gradient row is the mean over this many samples.",
+        ),
+        click.option(
+            "--num-samples",
+            type=int,
+            default=d.num_samples,
+            show_default=True,
+            help="Calibration samples used for the gradients (at most).",
+        ),
         click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
-        click.option("--storage", type=click.Choice(["auto", "sparse", "dense"]), default=d.storage, show_default=True,
-                     help="sparse_initializer where smaller (auto), always (sparse), or dense with zeros."),
-        click.option("--holdout", type=float, default=d.holdout, show_default=True,
-                     help="Fraction of the calibration data held out for evaluation when --eval-data is absent."),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
-                     help="Batch size for reading data and evaluating."),
-        click.option("--workdir", type=click.Path(file_okay=False), default=None,
-                     help="Folder for a memory-mapped gradient matrix when it does not fit in RAM."),
+        click.option(
+            "--storage",
+            type=click.Choice(["auto", "sparse", "dense"]),
+            default=d.storage,
+            show_default=True,
+            help="sparse_initializer where smaller (auto), always (sparse), or dense with zeros.",
+        ),
+        click.option(
+            "--holdout",
+            type=float,
+            default=d.holdout,
+            show_default=True,
+            help="Fraction of the calibration data held out for evaluation when --eval-data is absent.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=d.batch_size,
+            show_default=True,
+            help="Batch size for reading data and evaluating.",
+        ),
+        click.option(
+            "--workdir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Folder for a memory-mapped gradient matrix when it does not fit in RAM.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -154,11 +245,14 @@ def _write_json(path: str | None, payload: str) -> None:
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
-@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option(
+    "--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON."
+)
 @_config_options
 @_run
-def compress(model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None,
-             **kwargs: Any) -> None:
+def compress(
+    model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None, **kwargs: Any
+) -> None:
     """Prune MODEL and write the pruned model to OUTPUT, with an accuracy report."""
     config = _config_from(kwargs)
     report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data)
@@ -186,7 +280,9 @@ def inspect(model: str, as_json: bool) -> None:
 @click.option("--data", required=True, help="Labelled data: .npz or a folder of .npz batches.")
 @click.option("--output", default=None, help="Model output to score (default: the first).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option(
+    "--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON."
+)
 @_run
 def evaluate(model: str, data: str, output: str | None, batch_size: int, report_path: str | None) -> None:
     """Measure MODEL's top-1 accuracy with onnxruntime."""
@@ -199,42 +295,79 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the (n, p) float32 matrix (.npy); the layout goes to OUT.layout.json.")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the (n, p) float32 matrix (.npy); the layout goes to OUT.layout.json.",
+)
 @click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default="auto", show_default=True)
-@click.option("--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto",
-              show_default=True)
+@click.option(
+    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto", show_default=True
+)
 @click.option("--output", default=None, help="Model output to use (multi-output models).")
 @click.option("--mini-batch", type=int, default=1, show_default=True)
 @click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_run
-def gradients(model: str, data: str, out_path: str, loss: str, fisher: str, output: str | None, mini_batch: int,
-              num_samples: int | None, seed: int) -> None:
+def gradients(
+    model: str,
+    data: str,
+    out_path: str,
+    loss: str,
+    fisher: str,
+    output: str | None,
+    mini_batch: int,
+    num_samples: int | None,
+    seed: int,
+) -> None:
     """Write the per-sample gradient matrix X of MODEL's prunable weights (rows: samples)."""
     from chita_onnx.pipeline import write_gradients
 
-    g = write_gradients(model, data, out_path, loss=loss, fisher=fisher, output=output, mini_batch=mini_batch,
-                        num_samples=num_samples, seed=seed)
+    g = write_gradients(
+        model,
+        data,
+        out_path,
+        loss=loss,
+        fisher=fisher,
+        output=output,
+        mini_batch=mini_batch,
+        num_samples=num_samples,
+        seed=seed,
+    )
     rows = [[s.name, "x".join(map(str, s.shape)), f"{s.offset:,}", f"{s.size:,}"] for s in g.layout.slots]
     click.echo(table(rows, ["tensor", "shape", "first column", "columns"]))
-    click.echo(f"\nwrote {out_path}: {g.n} x {g.layout.p} float32 ({g.loss} loss, {g.fisher} Fisher, "
-               f"{g.timings.get('total', 0.0):.2f}s)")
+    click.echo(
+        f"\nwrote {out_path}: {g.n} x {g.layout.p} float32 ({g.loss} loss, {g.fisher} Fisher, "
+        f"{g.timings.get('total', 0.0):.2f}s)"
+    )
 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
-@click.option("--methods", default="magnitude,wf,cbs,chita,chita++", show_default=True,
-              help="Comma-separated methods (also magnitude+obs).")
+@click.option(
+    "--methods",
+    default="magnitude,wf,cbs,chita,chita++",
+    show_default=True,
+    help="Comma-separated methods (also magnitude+obs).",
+)
 @click.option("--sparsities", default="0.5,0.7,0.9", show_default=True, help="Comma-separated sparsities.")
-@click.option("--out", "out_prefix", default="sweep", show_default=True, type=click.Path(dir_okay=False),
-              help="Writes OUT.csv, OUT.json and OUT.png.")
+@click.option(
+    "--out",
+    "out_prefix",
+    default="sweep",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Writes OUT.csv, OUT.json and OUT.png.",
+)
 @_config_options
 @_run
-def sweep(model: str, data: str, eval_data: str | None, methods: str, sparsities: str, out_prefix: str,
-          **kwargs: Any) -> None:
+def sweep(
+    model: str, data: str, eval_data: str | None, methods: str, sparsities: str, out_prefix: str, **kwargs: Any
+) -> None:
     """Compare pruning methods on MODEL across sparsities: table, JSON/CSV and a plot."""
     from chita_onnx.pipeline import prepare
     from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, plot_sweep

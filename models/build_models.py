@@ -90,9 +90,7 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.image.dtype != np.float32 or self.labels.dtype != np.int64:
-            raise TypeError(
-                f"expected float32 images and int64 labels, got {self.image.dtype}, {self.labels.dtype}"
-            )
+            raise TypeError(f"expected float32 images and int64 labels, got {self.image.dtype}, {self.labels.dtype}")
         if len(self.image) != len(self.labels):
             raise ValueError(f"{len(self.image)} images but {len(self.labels)} labels")
 
@@ -257,9 +255,7 @@ class Network:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _he_normal(
-    rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, gain: float = 2.0
-) -> np.ndarray:
+def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, gain: float = 2.0) -> np.ndarray:
     """Gaussian initialisation with variance ``gain / fan_in`` (He init for ReLU when gain is 2)."""
     return (rng.standard_normal(shape) * math.sqrt(gain / fan_in)).astype(np.float32)
 
@@ -429,10 +425,7 @@ def build_training_model(network: Network) -> onnx.ModelProto:
     inputs = [
         _image_info(network),
         helper.make_tensor_value_info(LABELS_NAME, TensorProto.INT64, ["N"]),
-        *(
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, w.shape)
-            for n, w in network.init_weights.items()
-        ),
+        *(helper.make_tensor_value_info(n, TensorProto.FLOAT, w.shape) for n, w in network.init_weights.items()),
     ]
     graph = helper.make_graph(
         writer.nodes,
@@ -477,9 +470,7 @@ def export_inference_model(
     network.forward(writer)
     # Initializers in order of first use, so that each layer's tensors are stored together.
     used = list(dict.fromkeys(name for node in writer.nodes for name in node.input if name in weights))
-    needed = {name for node in writer.nodes for name in node.input} - {
-        node.output[0] for node in writer.nodes
-    }
+    needed = {name for node in writer.nodes for name in node.input} - {node.output[0] for node in writer.nodes}
     if missing := needed - set(weights) - set(writer.constants) - {INPUT_NAME}:
         raise KeyError(f"{network.name}: no value for {sorted(missing)}")
     if unused := set(weights) - set(used):
@@ -607,9 +598,7 @@ def train_classifier(network: Network, train: Split, config: TrainConfig) -> Tra
     return TrainResult(weights=weights, epoch_losses=epoch_losses, seconds=time.perf_counter() - start)
 
 
-def estimate_batchnorm_statistics(
-    network: Network, weights: Weights, data: Split, chunk_size: int = 512
-) -> Weights:
+def estimate_batchnorm_statistics(network: Network, weights: Weights, data: Split, chunk_size: int = 512) -> Weights:
     """Set ``<prefix>.mean`` / ``<prefix>.var`` of every BN layer to the exact statistics of its input.
 
     Layers are done in graph order; layer *k*'s input is computed by the *inference* graph in which
@@ -684,12 +673,8 @@ def prunable_weight_counts(model: onnx.ModelProto) -> dict[str, int]:
 # Recipes
 # --------------------------------------------------------------------------------------------------
 
-DIGITS_MLP_CONFIG = TrainConfig(
-    epochs=60, batch_size=32, learning_rate=3e-3, weight_decay=1e-4, seed=DIGITS_SEED
-)
-DIGITS_CNN_CONFIG = TrainConfig(
-    epochs=40, batch_size=32, learning_rate=3e-3, weight_decay=1e-4, seed=DIGITS_SEED
-)
+DIGITS_MLP_CONFIG = TrainConfig(epochs=60, batch_size=32, learning_rate=3e-3, weight_decay=1e-4, seed=DIGITS_SEED)
+DIGITS_CNN_CONFIG = TrainConfig(epochs=40, batch_size=32, learning_rate=3e-3, weight_decay=1e-4, seed=DIGITS_SEED)
 MLPNET_CONFIG = TrainConfig(epochs=12, batch_size=128, learning_rate=1e-3, seed=MNIST_SEED)
 
 
@@ -815,9 +800,7 @@ def build_digits_models(out_dir: Path = MODELS_DIR) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: rebuild the digits models and splits."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out-dir", type=Path, default=MODELS_DIR, help="output folder (default: %(default)s)"
-    )
+    parser.add_argument("--out-dir", type=Path, default=MODELS_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     args = parser.parse_args(argv)
     logging.basicConfig(

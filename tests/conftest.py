@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 
 
-def make_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
-               outputs: Sequence[onnx.ValueInfoProto], inits: Sequence[onnx.TensorProto], *,
-               opset: int = 17, ir: int = 10, name: str = "test") -> onnx.ModelProto:
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    inits: Sequence[onnx.TensorProto],
+    *,
+    opset: int = 17,
+    ir: int = 10,
+    name: str = "test",
+) -> onnx.ModelProto:
     graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="chita-tests")
     model.ir_version = ir
@@ -62,20 +69,30 @@ def tiny_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
 
     c = 4
     inits = {
-        "conv1.weight": arr(c, 2, 3, 3), "conv1.bias": arr(c, s=0.1),
-        "bn1.scale": 1 + arr(c, s=0.1), "bn1.bias": arr(c, s=0.1), "bn1.mean": arr(c, s=0.1),
+        "conv1.weight": arr(c, 2, 3, 3),
+        "conv1.bias": arr(c, s=0.1),
+        "bn1.scale": 1 + arr(c, s=0.1),
+        "bn1.bias": arr(c, s=0.1),
+        "bn1.mean": arr(c, s=0.1),
         "bn1.var": (0.5 + rng.random(c)).astype(np.float32),
         "dw.weight": arr(c, 1, 3, 3),
-        "bn2.scale": 1 + arr(c, s=0.1), "bn2.bias": arr(c, s=0.1), "bn2.mean": arr(c, s=0.1),
+        "bn2.scale": 1 + arr(c, s=0.1),
+        "bn2.bias": arr(c, s=0.1),
+        "bn2.mean": arr(c, s=0.1),
         "bn2.var": (0.5 + rng.random(c)).astype(np.float32),
-        "fc.weight": arr(classes, c * 3 * 3, s=0.3), "fc.bias": arr(classes, s=0.1),
+        "fc.weight": arr(classes, c * 3 * 3, s=0.3),
+        "fc.bias": arr(classes, s=0.1),
     }
     nodes = [
         helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c1", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"], ["b1"], name="bn1"),
+        helper.make_node(
+            "BatchNormalization", ["c1", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"], ["b1"], name="bn1"
+        ),
         helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "dw.weight"], ["c2"], name="dwconv", group=c, pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c2", "bn2.scale", "bn2.bias", "bn2.mean", "bn2.var"], ["b2"], name="bn2"),
+        helper.make_node(
+            "BatchNormalization", ["c2", "bn2.scale", "bn2.bias", "bn2.mean", "bn2.var"], ["b2"], name="bn2"
+        ),
         helper.make_node("Relu", ["b2"], ["r2"], name="relu2"),
         helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from chita_onnx_cli.main import cli
 from click.testing import CliRunner
 from conftest import make_model, tiny_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 from chita_onnx.config import CompressConfig
-from chita_onnx_cli.main import cli
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
@@ -50,8 +50,9 @@ def test_compress_magnitude_end_to_end(tmp_path: Path, mlp_path: Path, mlp_data:
     before = mlp_path.read_bytes()
     out = tmp_path / "pruned.onnx"
     report = tmp_path / "report.json"
-    code, stdout, err = run("compress", mlp_path, out, "--sparsity", "0.7", "--data", mlp_data,
-                            "--method", "magnitude", "--report", report)
+    code, stdout, err = run(
+        "compress", mlp_path, out, "--sparsity", "0.7", "--data", mlp_data, "--method", "magnitude", "--report", report
+    )
     assert code == 0, err
     assert mlp_path.read_bytes() == before  # the input is never modified
     onnx.checker.check_model(str(out))
@@ -124,7 +125,8 @@ def test_model_without_prunable_weights(tmp_path: Path) -> None:
     model = make_model(
         [helper.make_node("Relu", ["x"], ["y"], name="relu")],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [],
     )
     onnx.save(model, tmp_path / "relu.onnx")
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32))
@@ -165,7 +167,8 @@ def test_inspect_of_a_model_with_bias_only_constants_lists_nothing(tmp_path: Pat
     model = make_model(
         [helper.make_node("Add", ["x", "W"], ["y"], name="add")],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], [numpy_helper.from_array(w, "W")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(w, "W")],
     )
     onnx.save(model, tmp_path / "add.onnx")
     code, out, _ = run("inspect", tmp_path / "add.onnx")

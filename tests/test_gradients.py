@@ -366,9 +366,7 @@ def test_probability_head_detected_from_data() -> None:
     assert labels is not None
     gm = run(model, feeds, labels, ["W1"])
     assert gm.head == "probabilities"
-    check_fd(
-        gm, Reference(model, ["W1"], "probs"), row_feeds(feeds), lambda i, p: float(-np.log(p[0, labels[i]]))
-    )
+    check_fd(gm, Reference(model, ["W1"], "probs"), row_feeds(feeds), lambda i, p: float(-np.log(p[0, labels[i]])))
 
 
 def test_softmax_output_is_cross_entropy_on_logits_for_every_fisher() -> None:
@@ -391,9 +389,7 @@ def test_weights_in_constant_nodes_without_initializers() -> None:
 
     def const(name: str, *shape: int) -> onnx.NodeProto:
         a = (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(a, name), name=f"const_{name}"
-        )
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(a, name), name=f"const_{name}")
 
     nodes = [
         const("W1", 4, 6),
@@ -484,9 +480,7 @@ def test_builder_failure_is_a_one_line_gradient_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(pybind, "GradientGraphBuilder", Broken)
     model = mlp_softmax()
     feeds, labels = data_for(model, 2, classes=5)
-    with pytest.raises(
-        GradientError, match=r"could not build the gradient graph: \[ONNXRuntimeError\].*builder$"
-    ):
+    with pytest.raises(GradientError, match=r"could not build the gradient graph: \[ONNXRuntimeError\].*builder$"):
         run(model, feeds, labels, ["W1"])
 
 
@@ -517,9 +511,7 @@ def test_integer_input_one_hot_encoded_inside_the_graph() -> None:
         node("Tanh", ["z"], ["h"]),
         node("Gemm", ["h", w("W2", 3, 6)], ["logits"], transB=1),
     ]
-    model = mk(
-        nodes, [vi("num", ["N", 3]), vi("cat", ["N"], TensorProto.INT64)], [vi("logits", ["N", 3])], w.items
-    )
+    model = mk(nodes, [vi("num", ["N", 3]), vi("cat", ["N"], TensorProto.INT64)], [vi("logits", ["N", 3])], w.items)
     rng = np.random.default_rng(0)
     feeds: dict[str, NDArray[Any]] = {
         "num": rng.standard_normal((4, 3)).astype(np.float32),
@@ -552,9 +544,7 @@ def test_legalised_ops_dropout_hardswish_elu_sum_layernorm_hardsigmoid() -> None
     feeds["x"] *= 3  # exercise both sides of the HardSigmoid/Elu kinks
     assert labels is not None
     gm = run(model, feeds, labels, ["W1", "W2"])
-    check_fd(
-        gm, Reference(model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels), rows=(0, 1, 2, 3)
-    )
+    check_fd(gm, Reference(model, ["W1", "W2"], "logits"), row_feeds(feeds), ce_loss(labels), rows=(0, 1, 2, 3))
 
 
 def test_global_max_pool_rewrite() -> None:
@@ -967,9 +957,7 @@ def test_weight_subset_gives_the_same_columns() -> None:
     assert sub.layout.names == ("W3", "C1")
     for s in sub.layout.slots:
         f = full.layout.slot(s.name)
-        np.testing.assert_allclose(
-            sub.X[:, s.offset : s.stop], full.X[:, f.offset : f.stop], rtol=1e-6, atol=1e-7
-        )
+        np.testing.assert_allclose(sub.X[:, s.offset : s.stop], full.X[:, f.offset : f.stop], rtol=1e-6, atol=1e-7)
 
 
 def test_output_selects_among_several_outputs() -> None:
@@ -1049,9 +1037,7 @@ def test_batched_path_agrees_with_single_path_on_every_layer_kind(mini_batch: in
     assert_paths_agree(batched.X, single.X)
     if mini_batch == 1:
         assert labels is not None
-        check_fd(
-            single, Reference(model, weights, "logits"), row_feeds(feeds), ce_loss(labels), rows=(0,), dirs=1
-        )
+        check_fd(single, Reference(model, weights, "logits"), row_feeds(feeds), ce_loss(labels), rows=(0,), dirs=1)
 
 
 def test_batched_path_with_sampled_fisher_and_partial_last_chunk() -> None:

@@ -59,8 +59,10 @@ def _shared_and_mixed_model() -> onnx.ModelProto:
     return make_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4]),
+        ],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(tied, "T"), numpy_helper.from_array(shape, "shape")],
     )
 
@@ -83,8 +85,12 @@ def _constant_weight_model() -> onnx.ModelProto:
         helper.make_node("Constant", [], ["Wc"], value=numpy_helper.from_array(w, "Wc")),
         helper.make_node("MatMul", ["x", "Wc"], ["y"], name="mm"),
     ]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [])
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [],
+    )
 
 
 def test_constant_node_weights_are_found_materialized_and_written_back() -> None:
@@ -125,7 +131,7 @@ def test_missing_and_non_onnx_files_raise_model_error(tmp_path: Path) -> None:
         load_model(tmp_path / "nope.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"this is not a protobuf \xff\xfe" * 10)
-    with pytest.raises(ModelError, match="junk.onnx"):
+    with pytest.raises(ModelError, match=r"junk\.onnx"):
         load_model(junk)
 
 
@@ -136,7 +142,7 @@ def test_written_model_is_checker_clean_and_matches_dense_with_zeros(tmp_path: P
     weights = get_weights(model, ["W1", "W2"])
     for w in weights.values():
         w[rng.random(w.shape) < 0.8] = 0.0  # 80% zeros: sparse storage is smaller
-    out, stored = write_weights(model, weights, storage=storage, metadata={"method": "test"})
+    out, _ = write_weights(model, weights, storage=storage, metadata={"method": "test"})
     path = tmp_path / f"out_{storage}.onnx"
     save_model(out, path, input_path=tmp_path / "in.onnx")
     check_model(path)

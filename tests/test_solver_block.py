@@ -148,8 +148,7 @@ def test_alpha_allocation_uses_first_step() -> None:
     X, wb = block_diagonal_problem(5)
     alpha = 0.01 * np.random.default_rng(5).standard_normal(1200)
     budget = Budget.global_(100, 1200)
-    res = chita_blocked(Recorder(X), wb, budget, 1e-3, alpha, n=120, block_size=300, solve="backsolve",
-                        lipschitz=2.0)
+    res = chita_blocked(Recorder(X), wb, budget, 1e-3, alpha, n=120, block_size=300, solve="backsolve", lipschitz=2.0)
     np.testing.assert_array_equal(res.support, hard_threshold(np.abs(wb - alpha / 2.0), budget))
     est = chita_blocked(Recorder(X), wb, budget, 1e-3, alpha, n=120, block_size=300, solve="backsolve")
     assert float(est.info["allocation_L"]) > 1e-3
@@ -167,8 +166,16 @@ def test_memory_does_not_hold_x() -> None:
     wb = np.random.default_rng(1).laplace(size=p).astype(np.float32)
     tracemalloc.start()
     try:
-        res = chita_blocked(columns, wb, Budget.global_(p // 20, p), 1e-3, n=n, block_size=4000,
-                            max_memory_bytes=1 << 24, solve="backsolve")
+        res = chita_blocked(
+            columns,
+            wb,
+            Budget.global_(p // 20, p),
+            1e-3,
+            n=n,
+            block_size=4000,
+            max_memory_bytes=1 << 24,
+            solve="backsolve",
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -32,9 +32,7 @@ def low_rank_problem(seed: int, n: int, p: int, dtype: type = F64) -> tuple[np.n
     return X.astype(dtype), wb.astype(dtype)
 
 
-def dense_ridge(
-    X: np.ndarray, wb: np.ndarray, S: np.ndarray, lam: float, alpha: np.ndarray | None
-) -> np.ndarray:
+def dense_ridge(X: np.ndarray, wb: np.ndarray, S: np.ndarray, lam: float, alpha: np.ndarray | None) -> np.ndarray:
     """Reference: minimise f on the support S with an explicit |S|×|S| float64 solve."""
     p = X.shape[1]
     X = X.astype(F64)
@@ -337,8 +335,13 @@ def test_schedule_values() -> None:
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [((0, 0.9, "poly", 0.1), "stages"), ((3, 1.0, "poly", 0.1), "1.0"), ((3, 0.9, "cubic", 0.1), "cubic"),
-     ((3, 0.5, "poly", 0.7), "0.7"), ((2.5, 0.9, "poly", 0.1), "2.5")],
+    [
+        ((0, 0.9, "poly", 0.1), "stages"),
+        ((3, 1.0, "poly", 0.1), "1.0"),
+        ((3, 0.9, "cubic", 0.1), "cubic"),
+        ((3, 0.5, "poly", 0.7), "0.7"),
+        ((2.5, 0.9, "poly", 0.1), "2.5"),
+    ],
 )
 def test_schedule_bad_inputs(args: tuple[object, ...], match: str) -> None:
     with pytest.raises(SolverError, match=match):

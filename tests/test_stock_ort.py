@@ -46,8 +46,9 @@ def stock_python() -> Path:
     py = VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "onnxruntime", "numpy"], check=True,
-                       timeout=900)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--upgrade", "onnxruntime", "numpy"], check=True, timeout=900
+        )
     return py
 
 
@@ -62,9 +63,19 @@ def test_pruned_sparse_model_runs_in_newest_plain_onnxruntime(tmp_path: Path, st
     onnx.save(densify(onnx.load(tmp_path / "sparse.onnx")), tmp_path / "dense_zeros.onnx")
 
     proc = subprocess.run(
-        [str(stock_python), "-c", SCRIPT, str(tmp_path / "sparse.onnx"), str(tmp_path / "dense_zeros.onnx"),
-         str(tmp_path / "x.npz"), str(tmp_path / "y.npy")],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            str(stock_python),
+            "-c",
+            SCRIPT,
+            str(tmp_path / "sparse.onnx"),
+            str(tmp_path / "dense_zeros.onnx"),
+            str(tmp_path / "x.npz"),
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])

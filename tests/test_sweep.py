@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from chita_onnx_cli.main import cli
 from click.testing import CliRunner
 
 from chita_onnx.config import CompressConfig
 from chita_onnx.errors import ConfigError
 from chita_onnx.pipeline import prepare
 from chita_onnx.sweep import parse_methods, parse_sparsities, plot_sweep, sweep
-from chita_onnx_cli.main import cli
 
 
 def test_sweep_shares_x_and_keeps_exact_budgets(mlp_path: Path, mlp_data: Path) -> None:
@@ -40,19 +40,38 @@ def test_sweep_shares_x_and_keeps_exact_budgets(mlp_path: Path, mlp_data: Path) 
 def test_sweep_cli_writes_table_json_csv_and_plot(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
-    res = CliRunner().invoke(cli, ["sweep", str(mlp_path), "--data", str(mlp_data), "--methods", "magnitude,chita",
-                                   "--sparsities", "0.6,0.3", "--out", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli,
+        [
+            "sweep",
+            str(mlp_path),
+            "--data",
+            str(mlp_data),
+            "--methods",
+            "magnitude,chita",
+            "--sparsities",
+            "0.6,0.3",
+            "--out",
+            str(out),
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.stderr
     assert "magnitude" in res.stdout and "accuracy %" in res.stdout
     rows = list(csv.DictReader((tmp_path / "cmp.csv").open()))
     assert [(r["method"], float(r["sparsity"])) for r in rows] == [
-        ("magnitude", 0.3), ("chita", 0.3), ("magnitude", 0.6), ("chita", 0.6)]
+        ("magnitude", 0.3),
+        ("chita", 0.3),
+        ("magnitude", 0.6),
+        ("chita", 0.6),
+    ]
     assert len(json.loads((tmp_path / "cmp.json").read_text())["rows"]) == 4
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_returns_false(monkeypatch: pytest.MonkeyPatch, mlp_path: Path,
-                                                mlp_data: Path, tmp_path: Path) -> None:
+def test_plot_without_matplotlib_returns_false(
+    monkeypatch: pytest.MonkeyPatch, mlp_path: Path, mlp_data: Path, tmp_path: Path
+) -> None:
     import builtins
 
     real_import = builtins.__import__
@@ -70,7 +89,7 @@ def test_plot_without_matplotlib_returns_false(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_bad_sweep_lists_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="--methods=.*'nope'"):
+    with pytest.raises(ConfigError, match=r"--methods=.*'nope'"):
         parse_methods("chita,nope")
     with pytest.raises(ConfigError, match=r"--sparsities=.*1\.2"):
         parse_sparsities("0.5,1.2")

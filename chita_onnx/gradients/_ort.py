@@ -65,16 +65,12 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
     xset = set(xs)
     try:
         with captured_fd2() as lines:
-            builder = GradientGraphBuilder(
-                model.SerializeToString(), {loss}, xset, loss, ort.SessionOptions()
-            )
+            builder = GradientGraphBuilder(model.SerializeToString(), {loss}, xset, loss, ort.SessionOptions())
             builder.build()
             data = builder.get_model()
     except Exception as exc:
         log.debug("gradient builder output:\n%s", "\n".join(lines[-20:]))
-        raise GradientError(
-            f"onnxruntime-training could not build the gradient graph: {_first_line(exc)}"
-        ) from None
+        raise GradientError(f"onnxruntime-training could not build the gradient graph: {_first_line(exc)}") from None
     log.debug("gradient builder: %d log lines suppressed", len(lines))
     return onnx.load_from_string(data)
 
@@ -98,9 +94,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.Infere
 class Runner:
     """A session with an IOBinding whose weight inputs stay bound between runs."""
 
-    def __init__(
-        self, model: onnx.ModelProto, weights: Mapping[str, NDArray[np.float32]], threads: int = 1
-    ) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, NDArray[np.float32]], threads: int = 1) -> None:
         self.session = make_session(model, threads)
         self.io: Any = self.session.io_binding()
         self.input_names = {i.name for i in self.session.get_inputs()}

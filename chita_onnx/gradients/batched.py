@@ -131,13 +131,9 @@ def plan_layers(fwd: Forward, weights: Sequence[str], layout: Layout) -> list[La
             dil = tuple(attr_ints(node, "dilations", [1] * s) or ())
             grp = attr_int(node, "group", 1)
             pb, pe = _conv_pads(node, a_sh[2:], k, st, dil)
-            outs = tuple(
-                (a_sh[2 + i] + pb[i] + pe[i] - dil[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(s)
-            )
+            outs = tuple((a_sh[2 + i] + pb[i] + pe[i] - dil[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(s))
             if a_sh[0] != batch or z_sh != (batch, wshape[0], *outs) or a_sh[1] != wshape[1] * grp:
-                raise NotEligibleError(
-                    f"Conv {node.name!r}: shapes {a_sh} -> {z_sh} do not match the weight {wshape}"
-                )
+                raise NotEligibleError(f"Conv {node.name!r}: shapes {a_sh} -> {z_sh} do not match the weight {wshape}")
             plans.append(
                 LayerPlan(
                     w,
@@ -163,9 +159,7 @@ def plan_layers(fwd: Forward, weights: Sequence[str], layout: Layout) -> list[La
             if len(a_sh) != 2 or a_sh[1 if ta else 0] != batch or z_sh[0] != batch:
                 raise NotEligibleError(f"Gemm {node.name!r}: the batch is not on the rows of A")
             plans.append(
-                LayerPlan(
-                    w, "gemm", z, a, slot.offset, wshape, a_sh, z_sh, alpha=alpha, trans_a=ta, trans_b=tb
-                )
+                LayerPlan(w, "gemm", z, a, slot.offset, wshape, a_sh, z_sh, alpha=alpha, trans_a=ta, trans_b=tb)
             )
         elif node.op_type == "MatMul" and len(wshape) == 2:
             other = node.input[1 - pos]
@@ -175,9 +169,7 @@ def plan_layers(fwd: Forward, weights: Sequence[str], layout: Layout) -> list[La
             elif pos == 0 and len(a_sh) >= 3 and a_sh[0] == batch:
                 plans.append(LayerPlan(w, "matmul_left", z, other, slot.offset, wshape, a_sh, z_sh))
             else:
-                raise NotEligibleError(
-                    f"MatMul {node.name!r}: the batch is not on axis 0 of the other operand"
-                )
+                raise NotEligibleError(f"MatMul {node.name!r}: the batch is not on axis 0 of the other operand")
         else:
             raise NotEligibleError(f"weight {w!r} feeds input {pos} of {node.op_type} {node.name!r}")
     return plans

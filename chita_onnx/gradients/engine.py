@@ -133,9 +133,7 @@ def _check_batch(
     size = -1
     for s in specs:
         if s.name not in inputs:
-            raise DataError(
-                f"the calibration data has no array for model input {s.name!r} (has {sorted(inputs)})"
-            )
+            raise DataError(f"the calibration data has no array for model input {s.name!r} (has {sorted(inputs)})")
         arr = np.asarray(inputs[s.name])
         if arr.ndim == 0 or tuple(arr.shape[1:]) != s.sample_shape:
             raise DataError(
@@ -143,15 +141,11 @@ def _check_batch(
                 f"expected (batch, {', '.join(map(str, s.sample_shape))})"
             )
         if size >= 0 and arr.shape[0] != size:
-            raise DataError(
-                f"calibration arrays differ in batch size ({size} vs {arr.shape[0]} for {s.name!r})"
-            )
+            raise DataError(f"calibration arrays differ in batch size ({size} vs {arr.shape[0]} for {s.name!r})")
         size = int(arr.shape[0])
         if arr.dtype != s.dtype:
             if not np.can_cast(arr.dtype, s.dtype, "same_kind"):
-                raise DataError(
-                    f"calibration input {s.name!r} has dtype {arr.dtype}; the model expects {s.dtype}"
-                )
+                raise DataError(f"calibration input {s.name!r} has dtype {arr.dtype}; the model expects {s.dtype}")
             arr = arr.astype(s.dtype)
         arrays[s.name] = arr
     labels: NDArray[np.int64] | None = None
@@ -513,9 +507,7 @@ class GradientEngine:
         has_class_axis = axis is not None and shape[axis] >= 2 and int(np.prod(shape[1:])) == shape[axis]
         if loss == "ce" or (self.has_labels and has_class_axis):
             if not has_class_axis:
-                raise ConfigError(
-                    f"loss='ce': the output {guess.output!r} of shape {list(shape)} has no class axis"
-                )
+                raise ConfigError(f"loss='ce': the output {guess.output!r} of shape {list(shape)} has no class axis")
             return (
                 "logits",
                 guess.tensor,
@@ -538,9 +530,7 @@ class GradientEngine:
                 raise ConfigError(f"cannot set weight {name!r}: not an updatable weight of this engine")
             arr = np.ascontiguousarray(v, dtype=np.float32)
             if arr.shape != self.values[name].shape:
-                raise ConfigError(
-                    f"weight {name!r}: shape {list(arr.shape)}, expected {list(self.values[name].shape)}"
-                )
+                raise ConfigError(f"weight {name!r}: shape {list(arr.shape)}, expected {list(self.values[name].shape)}")
             new[name] = arr.copy()
         self.values.update(new)
         for r in (self._single, self._predictor, self._fast_pred[0] if self._fast_pred else None):
@@ -556,8 +546,7 @@ class GradientEngine:
         if self.kind == "regression":
             if fisher in ("empirical", "argmax"):
                 raise ConfigError(
-                    f"fisher={fisher!r} is not defined for the Gauss-Newton (mse) loss; "
-                    "use 'sampled' or 'auto'"
+                    f"fisher={fisher!r} is not defined for the Gauss-Newton (mse) loss; use 'sampled' or 'auto'"
                 )
             return "sampled"
         if fisher == "auto":
@@ -599,9 +588,7 @@ class GradientEngine:
         used = min(total, num_samples) if num_samples is not None else total
         n = used // self.m
         if n < 1:
-            raise DataError(
-                f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}"
-            )
+            raise DataError(f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}")
         fk = self.resolve_fisher(fisher, has_labels)
         need_labels = fk == "empirical" and self.kind != "regression"
         p = self.layout.p
@@ -620,9 +607,7 @@ class GradientEngine:
         # cheap (it saves per-call overhead; on rows costing more than AUTO_BATCHED_MAX_ROW_S its
         # NumPy GEMMs are no faster than onnxruntime's and it cannot win back its build and check).
         may_batch = self._single is not None and self.method != "single" and not self._batched_failed
-        use_batched = (
-            may_batch and (self.method == "batched" or self._batched is not None) and self._try_batched()
-        )
+        use_batched = may_batch and (self.method == "batched" or self._batched is not None) and self._try_batched()
         chosen: Literal["single", "batched"] = "batched" if use_batched else "single"
         if self._single is None:
             X[...] = 0
@@ -711,12 +696,7 @@ class GradientEngine:
         n: int, p: int, out: NDArray[np.float32] | None, workdir: str | os.PathLike[str] | None
     ) -> NDArray[np.float32]:
         if out is not None:
-            if (
-                out.shape != (n, p)
-                or out.dtype != np.float32
-                or not out.flags.c_contiguous
-                or not out.flags.writeable
-            ):
+            if out.shape != (n, p) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
                 raise ConfigError(
                     f"out must be a writeable C-contiguous float32 array of shape ({n}, {p}); "
                     f"got {out.dtype} {out.shape}"
@@ -786,9 +766,7 @@ class GradientEngine:
                 self._fast_pred_ok = True
                 out[:count] = buf[:count]
                 return out
-            log.info(
-                "batched forward disagrees with the batch-%d forward: predicting %d at a time", self.m, self.m
-            )
+            log.info("batched forward disagrees with the batch-%d forward: predicting %d at a time", self.m, self.m)
             self._fast_pred = None
             self._fast_pred_failed = True
         return self._predict_small(inputs, count, size)
@@ -811,9 +789,7 @@ class GradientEngine:
         self._fast_pred_ok = False
         return self._fast_pred
 
-    def _predict_small(
-        self, inputs: Mapping[str, NDArray[Any]], count: int, size: int
-    ) -> NDArray[np.float32]:
+    def _predict_small(self, inputs: Mapping[str, NDArray[Any]], count: int, size: int) -> NDArray[np.float32]:
         m = self.m
         if self._predictor is None:
             self._predictor = Runner(self.fwd.model, self.values, self.threads)
@@ -845,9 +821,7 @@ class GradientEngine:
             )
             return False
 
-    def _verify(
-        self, block: _Block, T: NDArray[np.float32], X: NDArray[np.float32], row0: int, rows: int
-    ) -> bool:
+    def _verify(self, block: _Block, T: NDArray[np.float32], X: NDArray[np.float32], row0: int, rows: int) -> bool:
         """Check the batched path against the one-sample path, pick one, fill the first block's rows.
 
         Both paths compute ``Jᵀ T`` for any target ``T``, so the check uses a random Gaussian probe

@@ -190,9 +190,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise ModelError(
-            f"shape inference failed on the gradient working copy: {str(exc).splitlines()[0]}"
-        ) from None
+        raise ModelError(f"shape inference failed on the gradient working copy: {str(exc).splitlines()[0]}") from None
 
 
 def _const(graph: onnx.GraphProto, names: _Names, base: str, value: NDArray[np.generic]) -> str:
@@ -258,9 +256,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             m = onnx.inliner.inline_local_functions(m)
         except Exception as exc:
-            raise ModelError(
-                f"cannot inline the model's local functions: {str(exc).splitlines()[0]}"
-            ) from None
+            raise ModelError(f"cannot inline the model's local functions: {str(exc).splitlines()[0]}") from None
     if len(m.graph.sparse_initializer):
         for sp in m.graph.sparse_initializer:
             shape = tuple(int(d) for d in sp.dims)
@@ -296,9 +292,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     g = m.graph
     keep: list[onnx.NodeProto] = []
     for node in g.node:
-        tensor = (
-            _constant_tensor(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None
-        )
+        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None
         if tensor is not None and node.output and node.output[0]:
             tensor.name = node.output[0]
             g.initializer.append(tensor)
@@ -336,9 +330,7 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
     outs = list(model.graph.output)
     if output is not None:
         if output not in {o.name for o in outs}:
-            raise ConfigError(
-                f"output {output!r} is not an output of the model (outputs: {[o.name for o in outs]})"
-            )
+            raise ConfigError(f"output {output!r} is not an output of the model (outputs: {[o.name for o in outs]})")
         return output
     for o in outs:
         if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_ELEM:
@@ -348,9 +340,7 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
         node = prod.get(o.name)
         if node is not None and node.op_type == "ZipMap":
             return str(o.name)
-    raise ModelError(
-        f"the model has no floating-point output to differentiate (outputs: {[o.name for o in outs]})"
-    )
+    raise ModelError(f"the model has no floating-point output to differentiate (outputs: {[o.name for o in outs]})")
 
 
 def _is_sigmoid_or_complement(name: str, prod: Mapping[str, onnx.NodeProto]) -> bool:
@@ -360,9 +350,7 @@ def _is_sigmoid_or_complement(name: str, prod: Mapping[str, onnx.NodeProto]) -> 
     if node.op_type == "Sigmoid":
         return True
     return (
-        node.op_type == "Sub"
-        and len(node.input) == 2
-        and getattr(prod.get(node.input[1]), "op_type", "") == "Sigmoid"
+        node.op_type == "Sub" and len(node.input) == 2 and getattr(prod.get(node.input[1]), "op_type", "") == "Sigmoid"
     )
 
 
@@ -424,9 +412,7 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
         and all(_is_sigmoid_or_complement(i, prod) for i in node.input)
     ):
         axis = attr_int(node, "axis", 1)
-        return HeadGuess(
-            "probabilities", t, axis, output, f"sigmoid/complement columns concatenated by {node.name!r}"
-        )
+        return HeadGuess("probabilities", t, axis, output, f"sigmoid/complement columns concatenated by {node.name!r}")
     return HeadGuess(None, t, None, output, "no softmax found")
 
 
@@ -550,9 +536,7 @@ class _Rewriter:
         return _const(self.model.graph, self.names, base, value)
 
     def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], **attrs: Any) -> onnx.NodeProto:
-        return helper.make_node(
-            op, list(inputs), list(outputs), name=self.names(f"{outputs[0]}_{op}"), **attrs
-        )
+        return helper.make_node(op, list(inputs), list(outputs), name=self.names(f"{outputs[0]}_{op}"), **attrs)
 
     def tmp(self, base: str) -> str:
         return self.names(base)
@@ -1047,9 +1031,7 @@ def build_forward(
     # the head tensor's shape on the graph output (the builder copies it)
     out = m.graph.output[0]
     out.CopyFrom(helper.make_tensor_value_info(tensor, elem, list(shape)))
-    return Forward(
-        m, Head(kind, tensor, axis, shape, int(elem)), batch, tuple(data_inputs), moved, tuple(on_path)
-    )
+    return Forward(m, Head(kind, tensor, axis, shape, int(elem)), batch, tuple(data_inputs), moved, tuple(on_path))
 
 
 def default_class_axis(shape: Sequence[int]) -> int | None:
@@ -1086,9 +1068,7 @@ def attach_loss(fwd: Forward) -> tuple[onnx.ModelProto, str, str]:
         h = hc
     if head.kind == "logits":
         f = names("chita_log_softmax")
-        nodes.append(
-            helper.make_node("LogSoftmax", [h], [f], axis=int(head.class_axis or 1), name=names("chita_lsm"))
-        )
+        nodes.append(helper.make_node("LogSoftmax", [h], [f], axis=int(head.class_axis or 1), name=names("chita_lsm")))
     elif head.kind == "probabilities":
         lo = _const(g, names, "chita_clip_lo", np.asarray(1e-30, np.float32))
         hi = _const(g, names, "chita_clip_hi", np.asarray(1.0, np.float32))

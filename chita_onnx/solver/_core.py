@@ -65,9 +65,7 @@ class Budget:
             if not 0 <= lo <= hi <= sz:
                 raise SolverError(f"budget segment {t}: need 0 ≤ lower={lo} ≤ upper={hi} ≤ size={sz}")
         if not sum(self.lower) <= self.k <= min(sum(self.upper), self.p):
-            raise SolverError(
-                f"budget k={self.k} is outside [Σlower={sum(self.lower)}, Σupper={sum(self.upper)}]"
-            )
+            raise SolverError(f"budget k={self.k} is outside [Σlower={sum(self.lower)}, Σupper={sum(self.upper)}]")
         return self
 
     def segment_ids(self) -> IntArray:
@@ -120,9 +118,7 @@ def hard_threshold(v: FloatArray, budget: Budget) -> IntArray:
     return np.flatnonzero(chosen).astype(np.int64)
 
 
-def objective(
-    X: FloatArray, w: FloatArray, w_bar: FloatArray, ridge: float, alpha: FloatArray | None = None
-) -> float:
+def objective(X: FloatArray, w: FloatArray, w_bar: FloatArray, ridge: float, alpha: FloatArray | None = None) -> float:
     """``f(w) = ½‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + αᵀ(w − w̄)`` in float64.  X: (n, p); w, w̄, α: (p,)."""
     d = np.asarray(w, dtype=np.float64) - np.asarray(w_bar, dtype=np.float64)
     r = X @ d.astype(X.dtype, copy=False)

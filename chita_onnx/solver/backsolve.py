@@ -98,7 +98,10 @@ def _cholesky_inverse(M: F64, ridge: float, what: str) -> tuple[Callable[[F64], 
         log.warning(
             "%s: ridge = 0 and the %d×%d system is singular or ill-conditioned (rank %d); "
             "using the minimum-norm (pseudo-inverse) solution",
-            what, m, m, rank,
+            what,
+            m,
+            m,
+            rank,
         )
         return (lambda rhs: V @ (inv.reshape((-1,) + (1,) * (rhs.ndim - 1)) * (V.T @ rhs))), 0.0
     lam = ridge
@@ -111,8 +114,9 @@ def _cholesky_inverse(M: F64, ridge: float, what: str) -> tuple[Callable[[F64], 
             lam = max(lam * 10.0, 1e-12 * scale * 10.0**attempt)
             continue
         if lam != ridge:
-            log.warning("%s: the %d×%d system was not positive definite with ridge %g; used damping %g",
-                        what, m, m, ridge, lam)
+            log.warning(
+                "%s: the %d×%d system was not positive definite with ridge %g; used damping %g", what, m, m, ridge, lam
+            )
         return _cho_solver(factor), lam
     raise SolverError(f"{what}: the {m}×{m} system stays indefinite even with damping {lam:g} (NaN in X?)")
 
@@ -154,8 +158,10 @@ def solve_on_support(X: FloatArray, S: IntArray, c: F64, ridge: float, alpha_s: 
     rhs = c[:, None] if a_img is None else np.column_stack([c, a_img])
     Z = inv(rhs)
     if a_img is not None and lam == 0.0:
-        log.warning("backsolve: ridge = 0 with a first-order term: the part of α outside the row space "
-                    "of X_S is ignored (the problem is unbounded along it)")
+        log.warning(
+            "backsolve: ridge = 0 with a first-order term: the part of α outside the row space "
+            "of X_S is ignored (the problem is unbounded along it)"
+        )
         Z = np.column_stack([Z[:, 0], _pinv_squared_apply(G, a_img)])
     u = np.empty(s, dtype=np.float64)
     for a, b_ in _chunks(s, n):

@@ -473,9 +473,7 @@ def cbs(
     k = budget.k
     if k >= p:
         return _dense_result(X, w_bar, ridge, None, method)
-    mem, secs = cbs_cost(
-        n, p, k, update=update, window=window, max_passes=max_passes, itemsize=X.dtype.itemsize
-    )
+    mem, secs = cbs_cost(n, p, k, update=update, window=window, max_passes=max_passes, itemsize=X.dtype.itemsize)
     limit_bytes = _default_max_bytes() if max_bytes is None else max_bytes
     if (max_seconds is not None and secs > max_seconds) or mem > limit_bytes:
         raise ResourceError(
@@ -495,9 +493,7 @@ def cbs(
     else:
         support0 = np.unique(np.asarray(init, dtype=np.int64))
         if support0.shape[0] != k or (k and (support0[0] < 0 or support0[-1] >= p)):
-            raise SolverError(
-                f"cbs: init must hold {k} distinct indices in [0, {p}), got {np.asarray(init).size}"
-            )
+            raise SolverError(f"cbs: init must hold {k} distinct indices in [0, {p}), got {np.asarray(init).size}")
     seg_of = budget.segment_ids()
     nseg = len(budget.segments) - 1
     lower = np.asarray(budget.lower, dtype=np.int64)

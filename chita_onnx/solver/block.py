@@ -184,8 +184,9 @@ def chita_blocked(
     bsize = int(block_size)
     if 3 * bsize > 2 * cap_cols:
         bsize = max(1, (2 * cap_cols) // 3)
-        log.warning("block_size %d does not fit max_memory_bytes=%d with n=%d; using %d",
-                    block_size, max_memory_bytes, n, bsize)
+        log.warning(
+            "block_size %d does not fit max_memory_bytes=%d with n=%d; using %d", block_size, max_memory_bytes, n, bsize
+        )
     bounds = make_blocks(budget.segments, bsize)
     nblocks = bounds.shape[0] - 1
 
@@ -217,8 +218,10 @@ def chita_blocked(
         L = math.nan
     else:
         if lipschitz is None:
-            sig = max((_sigma_max_sq(Xg[:, bounds[j] - bounds[0]: bounds[j + 1] - bounds[0]])
-                       for j in range(g_end)), default=0.0)
+            sig = max(
+                (_sigma_max_sq(Xg[:, bounds[j] - bounds[0] : bounds[j + 1] - bounds[0]]) for j in range(g_end)),
+                default=0.0,
+            )
             L = ridge + sig
         else:
             L = float(lipschitz)
@@ -251,7 +254,7 @@ def chita_blocked(
         ts = time.perf_counter()
         for j in range(first, g_end):
             a, b = int(bounds[j]), int(bounds[j + 1])
-            Xb = Xg[:, a - g0: b - g0]
+            Xb = Xg[:, a - g0 : b - g0]
             if not np.isfinite(Xb).all():
                 raise SolverError(f"columns({a}, {b}) contain NaN or infinity")
             wbb = wb[a:b]
@@ -269,9 +272,23 @@ def chita_blocked(
             else:
                 bud = Budget.global_(kb, b - a)
                 if solve == "chita":
-                    res = _solve(Xb, wbb, bud, ridge, ab, max_iter=max_iter, tol=tol, active_set=True,
-                                 active_factor=1.5, max_outer=10, search_steps=5, grow=0.25,
-                                 init="backsolve", method=method, warn=False)
+                    res = _solve(
+                        Xb,
+                        wbb,
+                        bud,
+                        ridge,
+                        ab,
+                        max_iter=max_iter,
+                        tol=tol,
+                        active_set=True,
+                        active_factor=1.5,
+                        max_outer=10,
+                        search_steps=5,
+                        grow=0.25,
+                        init="backsolve",
+                        method=method,
+                        warn=False,
+                    )
                 else:
                     res = solve(Xb, wbb, bud, ridge, ab)
                 if res.w.shape != (b - a,):

@@ -42,7 +42,5 @@ def make_budget(sizes: Sequence[int], sparsity: float, *, scope: str = "global",
         raise SolverError(f"scope must be global or layer, got {scope!r}")
     lower = tuple(int(min(s, math.ceil(min_density * s - 1e-9))) for s in sizes_a)
     if sum(lower) > k:
-        raise SolverError(
-            f"minimum density {min_density:g} needs {sum(lower)} weights but the budget keeps only {k}"
-        )
+        raise SolverError(f"minimum density {min_density:g} needs {sum(lower)} weights but the budget keeps only {k}")
     return Budget(k=k, segments=segments, lower=lower, upper=tuple(int(s) for s in sizes_a)).validated()

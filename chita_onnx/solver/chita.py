@@ -94,9 +94,7 @@ def restrict_budget(budget: Budget, idx: IntArray, k: int | None = None) -> Budg
     return Budget(k=k, segments=tuple(int(s) for s in seg), lower=budget.lower, upper=upper).validated()
 
 
-def split_zero_columns(
-    budget: Budget, nonzero: NDArray[np.bool_], w_bar: F64
-) -> tuple[Budget, IntArray]:
+def split_zero_columns(budget: Budget, nonzero: NDArray[np.bool_], w_bar: F64) -> tuple[Budget, IntArray]:
     """Split the budget between the nonzero columns and the identically-zero ones.
 
     Zero columns only take what the nonzero ones cannot absorb (per-segment lower bounds beyond the
@@ -519,9 +517,7 @@ def _screen(ctx: _Context, A: IntArray, fs: _State, g: F64, count: int) -> IntAr
     if count <= 0 or fs.supp.size == 0:
         return np.empty(0, dtype=np.int64)
     ws = fs.w[fs.supp]
-    cost = -math.inf if ctx.swap else float(
-        np.min(0.5 * (ctx.colsq[fs.supp] + ctx.ridge) * ws**2 - g[fs.supp] * ws)
-    )
+    cost = -math.inf if ctx.swap else float(np.min(0.5 * (ctx.colsq[fs.supp] + ctx.ridge) * ws**2 - g[fs.supp] * ws))
     outside = ctx.nonzero.copy()
     outside[A] = False
     idx = np.flatnonzero(outside)
@@ -589,8 +585,13 @@ def _iht(
         new_cols = np.empty(0, dtype=np.int64) if cand is None else np.setdiff1d(cand.supp, A)
         grown = np.union1d(A, new_cols)
         screened = _screen(ctx, grown, fs, g, math.ceil(ctx.grow * k))
-        log.debug("CHITA outer %d: candidate %s, %d + %d new coordinates", outer,
-                  "none" if cand is None else f"f {fs.f:.6g} → {cand.f:.6g}", new_cols.size, screened.size)
+        log.debug(
+            "CHITA outer %d: candidate %s, %d + %d new coordinates",
+            outer,
+            "none" if cand is None else f"f {fs.f:.6g} → {cand.f:.6g}",
+            new_cols.size,
+            screened.size,
+        )
         if cand is None and screened.size == 0:
             return supp_cols, w_full, iters, outer, conv, space.m
         screened_only = cand is None
@@ -700,9 +701,7 @@ def _solve(
             log.warning("CHITA: the swap search would need a %d² Gram matrix; using IHT", space_size)
         ctx = _Context(X, full, budget_nz, wb, alpha, ridge, colsq, nonzero, tol, search_steps, grow, swap)
         mode = "swap" if swap else "iht"
-        st_cols, w_iter, iters, outer, converged, a_size = _iht(
-            ctx, A, w_start, supp0, max_iter, max_outer, trace
-        )
+        st_cols, w_iter, iters, outer, converged, a_size = _iht(ctx, A, w_start, supp0, max_iter, max_outer, trace)
         supp_cols = st_cols
 
     support = np.union1d(supp_cols, zkeep).astype(np.int64)
@@ -723,8 +722,7 @@ def _solve(
             w_bs, f_bs = w_pre, f_pre
     trace.append(f_bs)
     if not converged and warn:
-        log.warning("CHITA did not converge in %d iterations / %d outer rounds (f = %.6g)",
-                    iters, outer, f_bs)
+        log.warning("CHITA did not converge in %d iterations / %d outer rounds (f = %.6g)", iters, outer, f_bs)
     info: dict[str, float | int | str] = {
         "time_s": time.perf_counter() - t0,
         "mode": mode,
@@ -799,14 +797,33 @@ def chita_iht(
     when ``k > n``; memory ``O(n·|A| + n²)`` beyond ``X``.
     """
     Xa, wb, a64, ridge_f = _validate(X, w_bar, budget, ridge, alpha)
-    _validate_options(max_iter=max_iter, tol=tol, max_outer=max_outer, search_steps=search_steps,
-                      grow=grow, active_factor=active_factor, init=init, method=method,
-                      swap_max_k=swap_max_k)
+    _validate_options(
+        max_iter=max_iter,
+        tol=tol,
+        max_outer=max_outer,
+        search_steps=search_steps,
+        grow=grow,
+        active_factor=active_factor,
+        init=init,
+        method=method,
+        swap_max_k=swap_max_k,
+    )
     return _solve(
-        Xa, wb, budget, ridge_f, a64,
-        max_iter=int(max_iter), tol=float(tol), active_set=bool(active_set),
-        active_factor=float(active_factor), max_outer=int(max_outer), search_steps=int(search_steps),
-        grow=float(grow), init=init, method=method, swap_max_k=int(swap_max_k),
+        Xa,
+        wb,
+        budget,
+        ridge_f,
+        a64,
+        max_iter=int(max_iter),
+        tol=float(tol),
+        active_set=bool(active_set),
+        active_factor=float(active_factor),
+        max_outer=int(max_outer),
+        search_steps=int(search_steps),
+        grow=float(grow),
+        init=init,
+        method=method,
+        swap_max_k=int(swap_max_k),
     )
 
 

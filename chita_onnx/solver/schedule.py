@@ -25,9 +25,7 @@ ScheduleKind = Literal["poly", "exp", "linear", "const"]
 _KINDS = ("poly", "exp", "linear", "const")
 
 
-def sparsity_schedule(
-    stages: int, target: float, kind: ScheduleKind = "poly", start: float = 0.0
-) -> tuple[float, ...]:
+def sparsity_schedule(stages: int, target: float, kind: ScheduleKind = "poly", start: float = 0.0) -> tuple[float, ...]:
     """The per-stage sparsity levels ``(s_1, …, s_N)``.
 
     Args:
