@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
 from .data import feed
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, ModelError
-from .graph import model_files
+from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,21 @@ log = logging.getLogger(__name__)
 
 def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session; load failures become a one-line :class:`ModelError`."""
+    if not isinstance(model, bytes):
+        head = onnx.load(str(model), load_external_data=False)
+        if head.ir_version > RUNTIME_MAX_IR or opset_version(head) > RUNTIME_MAX_OPSET:
+            log.info(
+                "%s: IR %d / opset %d is newer than onnxruntime %s loads; evaluating a converted copy",
+                model,
+                head.ir_version,
+                opset_version(head),
+                ort.__version__,
+            )
+            model = for_runtime(load_model(model)).SerializeToString()
+    else:
+        proto = onnx.load_model_from_string(model)
+        if proto.ir_version > RUNTIME_MAX_IR or opset_version(proto) > RUNTIME_MAX_OPSET:
+            model = for_runtime(proto).SerializeToString()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
@@ -453,3 +454,32 @@ def model_files(path: str | os.PathLike[str]) -> list[Path]:
                 if e.key == "location":
                     seen.setdefault(e.value, None)
     return [p, *(p.parent / loc for loc in seen)]
+
+
+#: The newest IR version and ai.onnx opset that the bundled onnxruntime (1.19.2) loads.
+RUNTIME_MAX_IR = 10
+RUNTIME_MAX_OPSET = 21
+
+
+def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy converted down to IR ≤ 10 / opset ≤ 21 so that onnxruntime 1.19.2 loads it.
+
+    Used for the accuracy check only; written models always keep the input's versions.
+    """
+    opset = opset_version(model)
+    if model.ir_version <= RUNTIME_MAX_IR and opset <= RUNTIME_MAX_OPSET:
+        return model
+    out = model
+    if opset > RUNTIME_MAX_OPSET:
+        try:
+            out = onnx.version_converter.convert_version(model, RUNTIME_MAX_OPSET)
+        except Exception as exc:
+            raise ModelError(
+                f"the model uses opset {opset}; the bundled onnxruntime loads opset ≤ {RUNTIME_MAX_OPSET} and "
+                f"onnx's version converter failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    out.ir_version = min(out.ir_version, RUNTIME_MAX_IR)
+    return out

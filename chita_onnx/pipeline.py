@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from . import __version__
 from .config import CompressConfig
-from .data import DataSpec, materialize, open_source, split_holdout, validate_source
+from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .errors import ConfigError, ModelError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
@@ -42,6 +42,7 @@ from .graph import (
     write_weights,
 )
 from .layout import Layout
+from .progress import progress
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
@@ -170,6 +171,7 @@ class GradientOracle:
             raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
+        self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
 
     def _engine(self, names: tuple[str, ...]) -> GradientEngine:
         if names not in self._engines:
@@ -220,17 +222,50 @@ class GradientOracle:
         return np.memmap(fh, dtype=np.float32, mode="r+", shape=(self.n, p))
 
     def columns(self, w: NDArray[np.float32], timer: PhaseTimer) -> Callable[[int, int], NDArray[np.float32]]:
-        """A ``columns(a, b)`` callback for the block solver: gradients of the tensors overlapping [a, b)."""
+        """A ``columns(a, b)`` callback for the block solver: scaled gradient columns ``[a, b)`` at ``w``.
+
+        The gradients of the tensors overlapping ``[a, b)`` are computed for all rows at once when
+        they fit in half of ``--max-memory``; otherwise (one huge tensor) the rows are computed in
+        chunks of samples and only the requested columns are kept, so memory stays bounded.
+        """
         slots = self.prep.layout.slots
+        assert self.config.max_memory is not None
+        room = self.config.max_memory // 2
 
         def columns(a: int, b: int) -> NDArray[np.float32]:
             hit = [s for s in slots if s.offset < b and s.stop > a]
-            with timer.phase("gradients"):
-                Xs = self.matrix(w, [s.name for s in hit])
+            names = [s.name for s in hit]
             start = a - hit[0].offset
-            return np.ascontiguousarray(Xs[:, start : start + (b - a)])
+            width = sum(s.size for s in hit)
+            with timer.phase("gradients"):
+                if self.n * width * 4 <= room:
+                    return np.ascontiguousarray(self.matrix(w, names)[:, start : start + (b - a)])
+                return self._columns_by_rows(w, names, start, b - a, max(1, room // (width * 4)))
 
         return columns
+
+    def _columns_by_rows(
+        self, w: NDArray[np.float32], names: Sequence[str], start: int, width: int, rows: int
+    ) -> NDArray[np.float32]:
+        """Columns ``start : start + width`` of the tensors ``names``, computed ``rows`` rows at a time.
+
+        With ``--fisher sampled`` each chunk draws its own seeded labels, so rows differ from an
+        unchunked run (both are valid samples of the Fisher); with labels they are identical.
+        """
+        if self._samples is None:
+            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
+        key = tuple(names)
+        engine = self._engine(key)
+        engine.set_weights({k: v for k, v in self.prep.layout.unflatten(w).items() if k in key})
+        m = self.config.mini_batch
+        out = np.empty((self.n, width), np.float32)
+        for r0 in progress(range(0, self.n, rows), total=-(-self.n // rows), desc="gradient rows", unit="chunk"):
+            r1 = min(self.n, r0 + rows)
+            part = self._samples.take(np.arange(r0 * m, r1 * m))
+            g = engine.compute(part, fisher=self.config.fisher, seed=self.config.seed + r0)
+            out[r0:r1] = g.X[:, start : start + width]
+        out *= self.scale
+        return out
 
 
 # --------------------------------------------------------------------------------------- solving

@@ -185,3 +185,48 @@ def test_gradients_command_writes_matrix_and_layout(tmp_path: Path, mlp_path: Pa
     assert [(t["name"], t["offset"], t["size"]) for t in layout["tensors"]] == [("W1", 0, 192), ("W2", 192, 80)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
     assert "16 x 272 float32" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--method", "chita++", "--stages", "3", "--schedule", "exp", "--start-sparsity", "0.3"],
+        ["--scope", "layer", "--storage", "dense"],
+    ],
+)
+def test_compress_options_from_the_cli(tmp_path: Path, mlp_path: Path, mlp_data: Path, extra: list[str]) -> None:
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = run("compress", mlp_path, out, "--sparsity", "0.8", "--data", mlp_data,
+                            "--report", report, *extra)  # fmt: skip
+    assert code == 0, err
+    onnx.checker.check_model(str(out))
+    data = json.loads(report.read_text())
+    assert data["nnz"] == round(0.2 * 272)
+    if "chita++" in extra:
+        assert [round(s["sparsity"], 4) for s in data["stages"]] == [0.3, 0.6333, 0.8]
+        assert "stage" in stdout and all(s["accuracy"] is not None for s in data["stages"])
+
+
+def test_block_path_from_the_cli(tmp_path: Path) -> None:
+    models = Path(__file__).resolve().parents[1] / "models"
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    # X of the bundled MLP is 204 x 6464 float32 = 5.3 MB: --max-memory 1M forces the block path
+    code, _, err = run(
+        "compress",
+        models / "digits_mlp.onnx",
+        out,
+        "--sparsity",
+        "0.9",
+        "--data",
+        models / "digits_calib.npz",
+        "--max-memory",
+        "1M",
+        "--block-size",
+        "500",
+        "--report",
+        report,
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["config"]["max_memory"] == 2**20 and data["solver"]["objective_model"] == "block-diagonal"
+    assert data["nnz"] == round(0.1 * 6464)
