@@ -1128,3 +1128,100 @@ def test_example_batch_protocol_and_no_torch() -> None:
     gm = eng.compute(ArraySource(feeds, labels))
     assert gm.layout.p == 40
     assert gm.n == 2
+
+
+# ------------------------------------------------------------------- a torch-style export, BN kept
+
+
+def torch_style_cnn(seed: int = 0) -> onnx.ModelProto:
+    """What ``torch.onnx.export(model.eval(), x, training=TrainingMode.PRESERVE, do_constant_folding=False,
+    dynamic_axes={"input": {0: "batch_size"}})`` writes for Conv-BN-ReLU-Conv-BN-ReLU-Flatten-Linear:
+    path-like node names, ``onnx::`` tensor names, BatchNormalization kept with running statistics
+    (``training_mode=0``), the flatten spelled as Shape/Gather/Unsqueeze/Concat/Reshape built from
+    Constant nodes, Gemm with explicit alpha/beta, producer "pytorch", opset 17 / IR 8."""
+    rng = np.random.default_rng(seed)
+
+    def t(name: str, *shape: int, scale: float = 0.4, positive: bool = False) -> onnx.TensorProto:
+        a = rng.random(shape) + 0.5 if positive else scale * rng.standard_normal(shape)
+        return numpy_helper.from_array(a.astype(np.float32), name)
+
+    def const(name: str, value: NDArray[Any]) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], name=f"/{name.strip('/')}_Constant", value=numpy_helper.from_array(value, name)
+        )
+
+    inits = [
+        t("conv1.weight", 4, 2, 3, 3), t("conv1.bias", 4, scale=0.1),
+        t("bn1.weight", 4, positive=True), t("bn1.bias", 4, scale=0.1),
+        t("bn1.running_mean", 4, scale=0.2), t("bn1.running_var", 4, positive=True),
+        t("conv2.weight", 4, 1, 3, 3), t("bn2.weight", 4, positive=True), t("bn2.bias", 4, scale=0.1),
+        t("bn2.running_mean", 4, scale=0.2), t("bn2.running_var", 4, positive=True),
+        t("fc.weight", 3, 4 * 5 * 5, scale=0.2), t("fc.bias", 3, scale=0.1),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"],
+                         name="/conv1/Conv", dilations=[1, 1], group=1, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[1, 1]),
+        helper.make_node("BatchNormalization",
+                         ["/conv1/Conv_output_0", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"],
+                         ["/bn1/BatchNormalization_output_0"], name="/bn1/BatchNormalization", epsilon=1e-5,
+                         momentum=0.9, training_mode=0),
+        helper.make_node("Relu", ["/bn1/BatchNormalization_output_0"], ["/relu/Relu_output_0"], name="/relu/Relu"),
+        helper.make_node("Conv", ["/relu/Relu_output_0", "conv2.weight"], ["/conv2/Conv_output_0"],
+                         name="/conv2/Conv", group=4, kernel_shape=[3, 3], pads=[0, 0, 0, 0], strides=[1, 1]),
+        helper.make_node("BatchNormalization",
+                         ["/conv2/Conv_output_0", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"],
+                         ["/bn2/BatchNormalization_output_0"], name="/bn2/BatchNormalization", epsilon=1e-5,
+                         momentum=0.9, training_mode=0),
+        helper.make_node("Relu", ["/bn2/BatchNormalization_output_0"], ["/relu_1/Relu_output_0"],
+                         name="/relu_1/Relu"),
+        helper.make_node("Shape", ["/relu_1/Relu_output_0"], ["/Shape_output_0"], name="/Shape"),
+        const("/Constant_output_0", np.array(0, dtype=np.int64)),
+        helper.make_node("Gather", ["/Shape_output_0", "/Constant_output_0"], ["/Gather_output_0"], name="/Gather",
+                         axis=0),
+        const("onnx::Unsqueeze_22", np.array([0], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["/Gather_output_0", "onnx::Unsqueeze_22"], ["/Unsqueeze_output_0"],
+                         name="/Unsqueeze"),
+        const("/Constant_1_output_0", np.array([-1], dtype=np.int64)),
+        helper.make_node("Concat", ["/Unsqueeze_output_0", "/Constant_1_output_0"], ["/Concat_output_0"],
+                         name="/Concat", axis=0),
+        helper.make_node("Reshape", ["/relu_1/Relu_output_0", "/Concat_output_0"], ["/Reshape_output_0"],
+                         name="/Reshape", allowzero=0),
+        helper.make_node("Gemm", ["/Reshape_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm",
+                         alpha=1.0, beta=1.0, transB=1),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "main_graph", [vi("input", ["batch_size", 2, 7, 7])], [vi("output", ["batch_size", 3])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch",
+                              producer_version="2.13.0")  # fmt: skip
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_torch_style_export_with_batchnorm_kept_matches_finite_differences() -> None:
+    model = torch_style_cnn()
+    feeds, labels = data_for(model, 4, classes=3)
+    assert labels is not None
+    weights = ["conv1.weight", "conv2.weight", "fc.weight"]
+    gm = per_sample_gradients(model, ArraySource(feeds, labels, batch_size=4))
+    assert [s.name for s in gm.layout.slots] == weights  # found by the graph layer, BN parameters excluded
+    assert gm.head == "logits"
+    check_fd(gm, Reference(model, weights, "output"), row_feeds(feeds), ce_loss(labels))
+
+
+def test_torch_style_export_compresses_end_to_end(tmp_path: Path) -> None:
+    import chita_onnx
+    from chita_onnx import CompressConfig
+
+    model = torch_style_cnn()
+    onnx.save(model, tmp_path / "torch_style.onnx")
+    feeds, labels = data_for(model, 40, classes=3)
+    r = chita_onnx.compress(tmp_path / "torch_style.onnx", tmp_path / "out.onnx", {**feeds, "labels": labels},
+                            CompressConfig(sparsity=0.6, method="chita++", stages=2))  # fmt: skip
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out)
+    assert out.producer_name == "pytorch" and out.ir_version == 8
+    assert r.nnz == round(0.4 * (72 + 36 + 300))
+    assert sum(n.op_type == "BatchNormalization" for n in out.graph.node) == 2  # the output keeps BN as it was
