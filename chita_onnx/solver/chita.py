@@ -677,11 +677,13 @@ def _solve(
     mode = "none"
     iters = outer = a_size = 0
     converged = True
+    w_first: F64 | None = None  # the backsolve on the starting support, reused if the support never moves
     if k_nz in (0, elig.shape[0]):
         supp_cols = supp0
     else:
         if init == "backsolve":
             w_start = ridge_backsolve(X, wb, supp0, ridge, alpha).astype(np.float64)
+            w_first = w_start
         else:
             w_start = np.zeros(p, dtype=np.float64)
             w_start[supp0] = v0[supp0]
@@ -705,7 +707,10 @@ def _solve(
         supp_cols = st_cols
 
     support = np.union1d(supp_cols, zkeep).astype(np.int64)
-    w_bs = ridge_backsolve(X, wb, support, ridge, alpha)
+    if w_first is not None and zkeep.shape[0] == 0 and np.array_equal(support, np.sort(supp0)):
+        w_bs = w_first.astype(np.float32)  # the exact minimiser on this very support, already computed
+    else:
+        w_bs = ridge_backsolve(X, wb, support, ridge, alpha)
     f_bs = objective(X, w_bs, wb, ridge, alpha)
     if trace:
         w_pre = w_iter.astype(np.float32)
