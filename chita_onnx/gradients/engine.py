@@ -303,7 +303,7 @@ def _blas_threads(n: int) -> Iterator[None]:
     competing with onnxruntime made the im2col GEMMs many times slower).  Best effort: needs the
     optional ``threadpoolctl`` (installed with scikit-learn); ``OPENBLAS_NUM_THREADS=1`` works too."""
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
     except ImportError:
         yield
         return
