@@ -57,17 +57,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PhaseTimer:
-    """Wall-clock seconds per named phase (phases may repeat; times add up)."""
+    """Wall-clock seconds per named phase.  Phases may repeat (times add up) and nest: time spent in
+    an inner phase (gradients computed on demand by the block solver) is not counted again in the
+    outer one, so the phases add up to the wall time."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    _inner: list[float] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += spent
 
 
 def _versions() -> dict[str, str]:

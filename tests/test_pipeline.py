@@ -199,3 +199,19 @@ def test_block_columns_are_exact_even_when_one_tensor_does_not_fit(tmp_path: Pat
         assert got.shape == ref.shape
         # confidently classified rows carry float32 rounding of 1 - p_y (about 1e-4 relative per row)
         assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
+
+
+def test_phase_timer_does_not_count_nested_phases_twice() -> None:
+    import time
+
+    from chita_onnx.pipeline import PhaseTimer
+
+    t = PhaseTimer()
+    t0 = time.perf_counter()
+    with t.phase("solve"):
+        time.sleep(0.02)
+        with t.phase("gradients"):
+            time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    assert t.seconds["gradients"] >= 0.05 and 0.02 <= t.seconds["solve"] < 0.05
+    assert sum(t.seconds.values()) == pytest.approx(wall, abs=0.01)

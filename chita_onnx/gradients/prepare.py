@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError
+from ..graph import densify
 
 log = logging.getLogger(__name__)
 
@@ -258,15 +259,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:
             raise ModelError(f"cannot inline the model's local functions: {str(exc).splitlines()[0]}") from None
     if len(m.graph.sparse_initializer):
-        for sp in m.graph.sparse_initializer:
-            shape = tuple(int(d) for d in sp.dims)
-            values = numpy_helper.to_array(sp.values)
-            dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
-            idx = numpy_helper.to_array(sp.indices)
-            flat = np.ravel_multi_index(idx.T, shape) if idx.ndim == 2 else idx.reshape(-1)
-            dense[flat] = values
-            m.graph.initializer.append(numpy_helper.from_array(dense.reshape(shape), sp.values.name))
-        del m.graph.sparse_initializer[:]
+        m = densify(m)
 
     opset = opset_of(m)
     if opset == 0:
