@@ -28,7 +28,7 @@ from . import __version__
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, OutputError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -138,6 +138,9 @@ def prepare(
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
     specs = tuple(model_inputs(model))
+    outputs = [o.name for o in model.graph.output]
+    if config.output is not None and config.output not in outputs:
+        raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -426,6 +429,10 @@ def compress(
     in_path, out_path = Path(model), Path(output)
     if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
         raise ConfigError(f"OUTPUT={out_path}: the output path is the input model; choose another file")
+    if out_path.is_dir():
+        raise OutputError(f"{out_path}: the output path is a directory")
+    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
+        raise OutputError(f"{out_path}: the output folder {out_path.parent} does not exist")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
     warnings: list[str] = []

@@ -230,3 +230,11 @@ def test_block_path_from_the_cli(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["config"]["max_memory"] == 2**20 and data["solver"]["objective_model"] == "block-diagonal"
     assert data["nnz"] == round(0.1 * 6464)
+
+
+def test_bad_output_folder_and_output_name_fail_before_any_work(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    code, out, err = run("compress", mlp_path, tmp_path / "missing" / "o.onnx", "--data", mlp_data)
+    assert_one_line_error(code, err, 1, "missing", "does not exist")
+    assert out == ""  # nothing was pruned or reported
+    code, out, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--output", "probs")
+    assert_one_line_error(code, err, 2, "--output='probs'", "logits")
