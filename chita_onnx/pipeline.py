@@ -185,6 +185,8 @@ class GradientOracle:
 
     def _engine(self, names: tuple[str, ...]) -> GradientEngine:
         if names not in self._engines:
+            if not self.fits():
+                self._engines.clear()  # block path: one onnxruntime session at a time bounds memory
             example = next(iter(self.prep.calib))
             self._engines[names] = GradientEngine(
                 self.prep.model,
