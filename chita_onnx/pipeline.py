@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -199,9 +200,14 @@ class GradientOracle:
         return self._engines[names]
 
     def fits(self) -> bool:
-        """Whether the whole ``n × p`` float32 matrix fits in ``--max-memory``."""
+        """Whether the whole ``n × p`` float32 matrix can be held: in ``--max-memory`` of RAM, or, with
+        ``--workdir``, in a memory-mapped file there (if the disk has room).  Otherwise the solvers use
+        the block approximation."""
         assert self.config.max_memory is not None
-        return self.n * self.prep.layout.p * 4 <= self.config.max_memory
+        need = self.n * self.prep.layout.p * 4
+        if self.config.workdir is not None and Path(self.config.workdir).is_dir():
+            return need <= 0.9 * shutil.disk_usage(self.config.workdir).free
+        return need <= self.config.max_memory
 
     def matrix(
         self, w: NDArray[np.float32], names: Sequence[str] | None = None, out: NDArray[np.float32] | None = None

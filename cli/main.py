@@ -220,7 +220,8 @@ def _config_options(fn: F) -> F:
             "--workdir",
             type=click.Path(file_okay=False),
             default=None,
-            help="Folder for a memory-mapped gradient matrix when it does not fit in RAM.",
+            help="Keep the gradient matrix in a memory-mapped file in this folder: for matrices larger than "
+            "RAM, the full (unblocked) solvers then run on it from disk.",
         ),
     ]
     for opt in reversed(options):

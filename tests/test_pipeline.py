@@ -215,3 +215,12 @@ def test_phase_timer_does_not_count_nested_phases_twice() -> None:
     wall = time.perf_counter() - t0
     assert t.seconds["gradients"] >= 0.05 and 0.02 <= t.seconds["solve"] < 0.05
     assert sum(t.seconds.values()) == pytest.approx(wall, abs=0.01)
+
+
+def test_workdir_lets_a_matrix_larger_than_max_memory_skip_the_block_path(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = CompressConfig(sparsity=0.8, max_memory=2**20, workdir=str(work))  # X is 5.3 MB > 1 MiB
+    r = chita_onnx.compress(MLP, tmp_path / "o.onnx", CALIB, cfg, eval_data=TEST)
+    assert "objective_model" not in r.solver  # the full (unblocked) solver ran on the memory-mapped X
+    assert r.nnz == keep_count(0.8, 6464) and list(work.iterdir()) == []
