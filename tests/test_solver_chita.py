@@ -346,3 +346,21 @@ def test_schedule_values() -> None:
 def test_schedule_bad_inputs(args: tuple[object, ...], match: str) -> None:
     with pytest.raises(SolverError, match=match):
         sparsity_schedule(*args)  # type: ignore[arg-type]
+
+
+def test_idle_support_slots_go_to_dead_weights_and_lower_the_objective() -> None:
+    """Late CHITA++ stages: few live weights, many dead units (zero gradient columns, w̄ ≠ 0)."""
+    rng = np.random.default_rng(5)
+    n, p, k = 30, 60, 20
+    X = rng.standard_normal((n, p)).astype(np.float32)
+    X[:, 40:] = 0.0  # dead: identically zero gradient columns
+    w_bar = np.zeros(p)
+    w_bar[:10] = rng.standard_normal(10)  # 10 live weights that still exist
+    w_bar[40:] = rng.standard_normal(20)  # 20 dead weights that still exist
+    budget = Budget.global_(k, p)
+    res = chita_iht(X, w_bar, budget, 1e-3)
+    assert np.count_nonzero(res.w) == k  # the budget is spent on weights that exist
+    assert set(range(10)) <= set(res.support.tolist())
+    plain = np.zeros(p)
+    plain[:10] = w_bar[:10]  # what keeping zeros in the idle slots would give
+    assert res.objective < objective(X, plain, w_bar, 1e-3)

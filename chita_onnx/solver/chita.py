@@ -132,6 +132,54 @@ def split_zero_columns(budget: Budget, nonzero: NDArray[np.bool_], w_bar: F64) -
     return nz_budget, keep
 
 
+def fill_idle_slots(
+    w: NDArray[np.float32],
+    support: IntArray,
+    nonzero: NDArray[np.bool_],
+    w_bar: F64,
+    budget: Budget,
+    alpha: F64 | None,
+    ridge: float,
+) -> tuple[NDArray[np.float32], IntArray]:
+    """Give support slots whose weight came out exactly zero to zero-column weights with ``w̄ ≠ 0``.
+
+    In late CHITA++ stages dead units make many gradient columns identically zero, and the slots
+    that the nonzero columns cannot use well end up holding weights that are already zero.  Keeping a
+    zero-column weight at its optimum ``w̄ − α/λ`` instead changes ``‖X(w − w̄)‖`` by nothing and
+    lowers the ridge term by ``(λ/2)w̄²``, so the objective can only go down, and the budget is spent
+    on weights that exist.  Swaps stay within a segment, so the per-segment bounds still hold.
+    """
+    idle = support[w[support] == 0]
+    if idle.size == 0:
+        return w, support
+    taken = np.zeros(w.shape[0], dtype=bool)
+    taken[support] = True
+    spare = np.flatnonzero(~nonzero & ~taken & (w_bar != 0))
+    if spare.size == 0:
+        return w, support
+    seg = np.asarray(budget.segments, dtype=np.int64)
+    seg_idle = np.searchsorted(seg, idle, side="right") - 1
+    seg_spare = np.searchsorted(seg, spare, side="right") - 1
+    w = w.copy()
+    drop: list[IntArray] = []
+    add: list[IntArray] = []
+    for s in np.unique(seg_idle):
+        cand = spare[seg_spare == s]
+        if cand.size == 0:
+            continue
+        count = min(int(np.sum(seg_idle == s)), cand.size)
+        best = cand[np.argsort(-np.abs(w_bar[cand]), kind="stable")[:count]]
+        drop.append(idle[seg_idle == s][:count])
+        add.append(best)
+    if not add:
+        return w, support
+    gone, new = np.concatenate(drop), np.concatenate(add)
+    w[new] = w_bar[new] if alpha is None or ridge == 0 else w_bar[new] - alpha[new] / ridge
+    kept = np.setdiff1d(support, gone, assume_unique=True)
+    log.info("%d idle support slots given to weights with zero gradient columns", new.size)
+    return w, np.union1d(kept, new).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------------
 # The problem restricted to a set of columns
 
@@ -290,6 +338,8 @@ def _search(sp: _Space, st: _State, g: F64, tau0: float, steps: int, h: F64 | No
 
     Returns the best candidate that beats ``st.f`` (or ``None``).  ``h = X_S g_S`` if known.
     """
+    if not math.isfinite(tau0):  # no step size changes the support (l_change = inf)
+        return None
     best: _State | None = None
     f_ref = st.f
     gS = g[st.supp]
@@ -725,6 +775,11 @@ def _solve(
             level = logging.WARNING if f_bs > f_pre + 1e-6 * abs(f_pre) else logging.DEBUG
             log.log(level, "CHITA: backsolve raised f from %.9g to %.9g; keeping the iterate", f_pre, f_bs)
             w_bs, f_bs = w_pre, f_pre
+    w32 = np.asarray(w_bs, dtype=np.float32)
+    w_filled, filled_support = fill_idle_slots(w32, support, nonzero, wb, budget, alpha, ridge)
+    if w_filled is not w32:
+        w_bs, support = w_filled, filled_support
+        f_bs = objective(X, w_bs, wb, ridge, alpha)
     trace.append(f_bs)
     if not converged and warn:
         log.warning("CHITA did not converge in %d iterations / %d outer rounds (f = %.6g)", iters, outer, f_bs)
