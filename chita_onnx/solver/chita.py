@@ -132,52 +132,52 @@ def split_zero_columns(budget: Budget, nonzero: NDArray[np.bool_], w_bar: F64) -
     return nz_budget, keep
 
 
-def fill_idle_slots(
-    w: NDArray[np.float32],
-    support: IntArray,
-    nonzero: NDArray[np.bool_],
-    w_bar: F64,
-    budget: Budget,
-    alpha: F64 | None,
-    ridge: float,
-) -> tuple[NDArray[np.float32], IntArray]:
-    """Give support slots whose weight came out exactly zero to zero-column weights with ``w̄ ≠ 0``.
+def fill_idle_slots(w: NDArray[np.float32], support: IntArray, w_bar: F64, budget: Budget) -> IntArray:
+    """The support with slots whose weight came out exactly zero given to the largest ``|w̄|`` outside it.
 
-    In late CHITA++ stages dead units make many gradient columns identically zero, and the slots
-    that the nonzero columns cannot use well end up holding weights that are already zero.  Keeping a
-    zero-column weight at its optimum ``w̄ − α/λ`` instead changes ``‖X(w − w̄)‖`` by nothing and
-    lowers the ridge term by ``(λ/2)w̄²``, so the objective can only go down, and the budget is spent
-    on weights that exist.  Swaps stay within a segment, so the per-segment bounds still hold.
+    In late CHITA++ stages dead units make many gradient columns identically zero and few weights
+    remain, so some support slots can end up holding weights that are already zero.  Any support that
+    contains the nonzero part of ``w`` admits ``w`` itself, so the exact backsolve on the refilled
+    support can only lower the objective, and the budget is spent on weights that exist.  Slots are
+    moved only where the per-segment lower and upper bounds allow it.  Returns ``support`` unchanged
+    (the same object) when there is nothing to do.
     """
     idle = support[w[support] == 0]
     if idle.size == 0:
-        return w, support
+        return support
     taken = np.zeros(w.shape[0], dtype=bool)
     taken[support] = True
-    spare = np.flatnonzero(~nonzero & ~taken & (w_bar != 0))
+    spare = np.flatnonzero(~taken & (w_bar != 0))
     if spare.size == 0:
-        return w, support
-    seg = np.asarray(budget.segments, dtype=np.int64)
-    seg_idle = np.searchsorted(seg, idle, side="right") - 1
-    seg_spare = np.searchsorted(seg, spare, side="right") - 1
-    w = w.copy()
-    drop: list[IntArray] = []
-    add: list[IntArray] = []
-    for s in np.unique(seg_idle):
-        cand = spare[seg_spare == s]
-        if cand.size == 0:
+        return support
+    seg_of = budget.segment_ids()
+    counts = np.bincount(seg_of[support], minlength=len(budget.segments) - 1)
+    lower, upper = np.asarray(budget.lower), np.asarray(budget.upper)
+    free: dict[int, list[int]] = {}
+    for i, t in zip(idle.tolist(), seg_of[idle].tolist(), strict=True):
+        free.setdefault(t, []).append(i)
+    drop: list[int] = []
+    add: list[int] = []
+    for j in spare[np.argsort(-np.abs(w_bar[spare]), kind="stable")].tolist():
+        if not free:
+            break
+        t = int(seg_of[j])
+        if counts[t] >= upper[t] and t not in free:
             continue
-        count = min(int(np.sum(seg_idle == s)), cand.size)
-        best = cand[np.argsort(-np.abs(w_bar[cand]), kind="stable")[:count]]
-        drop.append(idle[seg_idle == s][:count])
-        add.append(best)
+        # an idle slot of j's own segment, else one of a segment that may shrink
+        s_from = t if t in free else next((s for s in free if counts[s] > lower[s]), None)
+        if s_from is None:
+            continue
+        drop.append(free[s_from].pop())
+        if not free[s_from]:
+            del free[s_from]
+        counts[s_from] -= 1
+        counts[t] += 1
+        add.append(j)
     if not add:
-        return w, support
-    gone, new = np.concatenate(drop), np.concatenate(add)
-    w[new] = w_bar[new] if alpha is None or ridge == 0 else w_bar[new] - alpha[new] / ridge
-    kept = np.setdiff1d(support, gone, assume_unique=True)
-    log.info("%d idle support slots given to weights with zero gradient columns", new.size)
-    return w, np.union1d(kept, new).astype(np.int64)
+        return support
+    kept = np.setdiff1d(support, np.asarray(drop, dtype=np.int64), assume_unique=True)
+    return np.union1d(kept, np.asarray(add, dtype=np.int64)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,11 +775,13 @@ def _solve(
             level = logging.WARNING if f_bs > f_pre + 1e-6 * abs(f_pre) else logging.DEBUG
             log.log(level, "CHITA: backsolve raised f from %.9g to %.9g; keeping the iterate", f_pre, f_bs)
             w_bs, f_bs = w_pre, f_pre
-    w32 = np.asarray(w_bs, dtype=np.float32)
-    w_filled, filled_support = fill_idle_slots(w32, support, nonzero, wb, budget, alpha, ridge)
-    if w_filled is not w32:
-        w_bs, support = w_filled, filled_support
-        f_bs = objective(X, w_bs, wb, ridge, alpha)
+    filled = fill_idle_slots(np.asarray(w_bs, dtype=np.float32), support, wb, budget)
+    if filled is not support:
+        w_fill = ridge_backsolve(X, wb, filled, ridge, alpha)
+        f_fill = objective(X, w_fill, wb, ridge, alpha)
+        if f_fill <= f_bs + 1e-9 * max(1.0, abs(f_bs)):
+            log.info("CHITA: %d idle support slots refilled with existing weights", np.setdiff1d(filled, support).size)
+            w_bs, support, f_bs = w_fill, filled, min(f_fill, f_bs)
     trace.append(f_bs)
     if not converged and warn:
         log.warning("CHITA did not converge in %d iterations / %d outer rounds (f = %.6g)", iters, outer, f_bs)
