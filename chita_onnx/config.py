@@ -18,7 +18,7 @@ METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s
 Update = Literal["auto", "none", "obs"]
 Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
-Schedule = Literal["poly", "exp", "linear", "const"]
+Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
 Fisher = Literal["auto", "empirical", "sampled", "argmax"]
 
@@ -85,7 +85,7 @@ class CompressConfig:
             "update": ("auto", "none", "obs"),
             "scope": ("global", "layer"),
             "storage": ("auto", "sparse", "dense"),
-            "schedule": ("poly", "exp", "linear", "const"),
+            "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
             "fisher": ("auto", "empirical", "sampled", "argmax"),
         }

@@ -139,7 +139,7 @@ def _config_options(fn: F) -> F:
         click.option("--stages", type=int, default=None, help="CHITA++ stages (default 10 for chita++, else 1)."),
         click.option(
             "--schedule",
-            type=click.Choice(["poly", "exp", "linear", "const"]),
+            type=click.Choice(["poly", "exp", "linear", "const", "geom"]),
             default=d.schedule,
             show_default=True,
             help="How CHITA++ raises sparsity over the stages.",

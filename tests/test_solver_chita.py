@@ -314,7 +314,7 @@ def test_bad_arrays_raise_solver_error() -> None:
 # -------------------------------------------------------------------------------------------- schedules
 
 
-@pytest.mark.parametrize("kind", ["poly", "exp", "linear", "const"])
+@pytest.mark.parametrize("kind", ["poly", "exp", "linear", "const", "geom"])
 @pytest.mark.parametrize("stages", [1, 2, 5, 16])
 def test_schedule_monotone_and_ends_at_target(kind: str, stages: int) -> None:
     s = sparsity_schedule(stages, 0.98, kind, 0.3)  # type: ignore[arg-type]
@@ -322,7 +322,7 @@ def test_schedule_monotone_and_ends_at_target(kind: str, stages: int) -> None:
     assert s[-1] == 0.98
     assert all(b >= a for a, b in itertools.pairwise(s))
     assert all(0.3 <= x <= 0.98 for x in s)
-    if stages > 1 and kind != "const":
+    if stages > 1 and kind not in ("const", "geom"):  # geom's first stage already prunes beyond the start
         assert s[0] == pytest.approx(0.3)
 
 
@@ -331,6 +331,8 @@ def test_schedule_values() -> None:
     assert sparsity_schedule(3, 0.9, "linear", 0.5) == pytest.approx((0.5, 0.7, 0.9))
     assert sparsity_schedule(3, 0.9, "poly", 0.5) == pytest.approx((0.5, 0.9 - 0.4 / 8, 0.9))
     assert sparsity_schedule(3, 0.9, "exp", 0.5) == pytest.approx((0.5, 0.5 + 0.4 * 4 / 3 * 0.5, 0.9))
+    # geom: the density shrinks by the same factor (0.1/0.5)^(1/3) in each of the 3 stages
+    assert sparsity_schedule(3, 0.9, "geom", 0.5) == pytest.approx(tuple(1 - 0.5 * 0.2 ** (t / 3) for t in (1, 2, 3)))
 
 
 @pytest.mark.parametrize(

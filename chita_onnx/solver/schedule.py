@@ -7,6 +7,8 @@ For ``N`` stages, ``t = 0 … N−1``, start ``b`` and target ``S``:
 ``exp``    ``b + (S − b)·2^{N−1}/(2^{N−1} − 1)·(2^t − 1)/2^t``
 ``linear`` ``b + t(S − b)/(N − 1)``
 ``const``  ``S``
+``geom``   ``1 − (1 − b)((1 − S)/(1 − b))^{(t+1)/N}``: the density falls by the same factor in
+           every stage (the reference's "MFAC" schedule; the first stage already prunes)
 =========  ==========================================================
 
 ``N = 1`` always gives ``(S,)``.  Every schedule is non-decreasing and ends at exactly ``S``.
@@ -21,8 +23,8 @@ from ..errors import SolverError
 
 __all__ = ["ScheduleKind", "sparsity_schedule"]
 
-ScheduleKind = Literal["poly", "exp", "linear", "const"]
-_KINDS = ("poly", "exp", "linear", "const")
+ScheduleKind = Literal["poly", "exp", "linear", "const", "geom"]
+_KINDS = ("poly", "exp", "linear", "const", "geom")
 
 
 def sparsity_schedule(stages: int, target: float, kind: ScheduleKind = "poly", start: float = 0.0) -> tuple[float, ...]:
@@ -31,7 +33,7 @@ def sparsity_schedule(stages: int, target: float, kind: ScheduleKind = "poly", s
     Args:
         stages: ``N ≥ 1``.
         target: final sparsity ``S`` in ``[0, 1)``.
-        kind: ``"poly"``, ``"exp"``, ``"linear"`` or ``"const"``.
+        kind: ``"poly"``, ``"exp"``, ``"linear"``, ``"const"`` or ``"geom"``.
         start: first-stage sparsity ``b`` in ``[0, S]`` (ignored by ``"const"`` and when ``N = 1``).
 
     Raises:
@@ -55,6 +57,8 @@ def sparsity_schedule(stages: int, target: float, kind: ScheduleKind = "poly", s
             s = S + (b - S) * (1.0 - t / (n - 1)) ** 3
         elif kind == "linear":
             s = b + t * (S - b) / (n - 1)
+        elif kind == "geom":
+            s = 1.0 - (1.0 - b) * ((1.0 - S) / (1.0 - b)) ** ((t + 1) / n)
         else:  # exp
             s = b + (S - b) * 2.0 ** (n - 1) / (2.0 ** (n - 1) - 1.0) * (2.0**t - 1.0) / 2.0**t
         levels.append(min(S, max(b, s)))
