@@ -366,3 +366,23 @@ def test_idle_support_slots_go_to_dead_weights_and_lower_the_objective() -> None
     plain = np.zeros(p)
     plain[:10] = w_bar[:10]  # what keeping zeros in the idle slots would give
     assert res.objective < objective(X, plain, w_bar, 1e-3)
+
+
+def test_obd_start_ranks_by_curvature_and_keeps_the_contract() -> None:
+    """With a column of huge curvature next to a slightly larger weight of no curvature, the OBD
+    saliency keeps the curved one where magnitude would not; either start gives an exact budget and a
+    non-increasing trace."""
+    rng = np.random.default_rng(11)
+    n, p = 40, 30
+    X = 0.01 * rng.standard_normal((n, p))
+    X[:, 0] *= 300.0  # weight 0: small but costly to prune
+    w_bar = rng.uniform(0.5, 1.0, p)
+    w_bar[0] = 0.4
+    budget = Budget.global_(10, p)
+    for start in ("magnitude", "obd"):
+        res = chita_iht(X, w_bar, budget, 1e-4, start=start, max_iter=0)  # max_iter=0: the start itself
+        assert np.count_nonzero(res.w) == 10
+        assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in itertools.pairwise(res.trace))
+        assert (0 in res.support.tolist()) == (start == "obd")
+    with pytest.raises(SolverError, match="start must be"):
+        chita_iht(X, w_bar, budget, 1e-4, start="random")  # type: ignore[arg-type]

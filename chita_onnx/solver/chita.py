@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 F64 = NDArray[np.float64]
 Init = Literal["backsolve", "magnitude"]
+Start = Literal["magnitude", "obd"]
 Method = Literal["auto", "iht", "swap"]
 
 #: Fraction of the columns above which the active set is the whole matrix (no copy is made).
@@ -688,6 +689,7 @@ def _solve(
     search_steps: int,
     grow: float,
     init: Init,
+    start: Start = "magnitude",
     method: Method = "auto",
     swap_max_k: int = 500,
     warn: bool = True,
@@ -721,7 +723,10 @@ def _solve(
         qa = matvec(X, alpha)
         den = float(qa @ qa) + ridge * float(alpha @ alpha)
         v0 = wb - (float(alpha @ alpha) / den if den > 0 else 0.0) * alpha
-    supp0 = full.ht(v0) if k_nz else np.empty(0, dtype=np.int64)
+    # The starting support and the active set rank coordinates by |v0| ("magnitude") or by the OBD
+    # saliency (‖X_j‖² + λ)·v0_j², the model's loss increase when j alone is pruned ("obd").
+    score0 = np.sqrt(colsq + ridge) * np.abs(v0) if start == "obd" else v0
+    supp0 = full.ht(score0) if k_nz else np.empty(0, dtype=np.int64)
 
     trace: list[float] = []
     mode = "none"
@@ -742,7 +747,7 @@ def _solve(
         if active_set and m0 <= _FULL_SPACE_FRACTION * p:
             rest = np.setdiff1d(elig, supp0, assume_unique=True)
             extra = m0 - k_nz
-            rest = rest[np.argpartition(-np.abs(v0[rest]), extra - 1)[:extra]] if extra > 0 else rest[:0]
+            rest = rest[np.argpartition(-np.abs(score0[rest]), extra - 1)[:extra]] if extra > 0 else rest[:0]
             A = np.union1d(supp0, rest).astype(np.int64)
         # The swap search holds the Gram of its space: only for small supports and spaces.
         space_size = p if A is None else A.shape[0]
@@ -822,6 +827,7 @@ def chita_iht(
     grow: float = 0.25,
     search_steps: int = 5,
     init: Init = "backsolve",
+    start: Start = "magnitude",
     method: Method = "auto",
     swap_max_k: int = 500,
 ) -> SolverResult:
@@ -844,7 +850,10 @@ def chita_iht(
         grow: each growth round also adds up to ``⌈grow·k⌉`` outside coordinates whose
             single-coordinate gain beats the cheapest single removal (gradient screening).
         search_steps: step doublings tried by the support-changing search.
-        init: ``"backsolve"`` (start at the exact fit on the magnitude support) or ``"magnitude"``.
+        init: ``"backsolve"`` (start at the exact fit on the starting support) or ``"magnitude"``.
+        start: how the starting support and the active set are ranked: ``"magnitude"`` (``|w̄|``;
+            the result is then never worse than magnitude pruning + backsolve) or ``"obd"`` (the
+            saliency ``(‖X_j‖² + λ)·w̄_j²``, the model's loss increase of pruning ``j`` alone).
         method: inner search — ``"iht"`` (step-size IHT, ``O(n·|A|)`` per iteration), ``"swap"``
             (exact re-fit of every candidate support on the Gram of the active set, ``O(n·|A|²)``
             once plus ``O(k³)`` per candidate), or ``"auto"``: swap when ``k ≤ swap_max_k``.
@@ -870,6 +879,8 @@ def chita_iht(
         method=method,
         swap_max_k=swap_max_k,
     )
+    if start not in ("magnitude", "obd"):
+        raise SolverError(f"start must be 'magnitude' or 'obd', got {start!r}")
     return _solve(
         Xa,
         wb,
@@ -884,6 +895,7 @@ def chita_iht(
         search_steps=int(search_steps),
         grow=float(grow),
         init=init,
+        start=start,
         method=method,
         swap_max_k=int(swap_max_k),
     )
