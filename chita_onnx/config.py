@@ -21,6 +21,7 @@ Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
 Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Rank = Literal["magnitude", "obd"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
 #: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
@@ -61,6 +62,7 @@ class CompressConfig:
     schedule: Schedule = "poly"
     start_sparsity: float | None = None
     max_iter: int = 100
+    rank: Rank = "magnitude"
     block_size: int = 2000
     max_memory: int | None = None
     loss: Loss = "auto"
@@ -88,6 +90,7 @@ class CompressConfig:
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
             "fisher": ("auto", "empirical", "sampled", "argmax"),
+            "rank": ("magnitude", "obd"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -303,7 +303,7 @@ def solve(
     if X is None:
         raise ValueError(f"method {method} needs the gradient matrix")
     if method in ("chita", "chita++"):
-        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter)
+        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter, start=config.rank)
     if method == "magnitude":
         return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
     if method == "wf":
@@ -327,7 +327,7 @@ def prune(
     config: CompressConfig,
     oracle: GradientOracle | None = None,
     timer: PhaseTimer | None = None,
-    on_stage: Callable[[int, float, SolverResult, NDArray[np.float32]], StageReport] | None = None,
+    on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None = None,
     X0: NDArray[np.float32] | None = None,
 ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
@@ -390,7 +390,7 @@ def prune(
         if int(np.count_nonzero(w)) > budget.k:
             raise AssertionError(f"solver kept {np.count_nonzero(w)} > k={budget.k} weights")
         if on_stage is not None:
-            stages.append(on_stage(t, level, result, w))
+            stages.append(on_stage(t, level, result, w, time.perf_counter() - t0))
         else:
             stages.append(
                 StageReport(
@@ -452,9 +452,9 @@ def compress(
         with timer.phase("evaluate"):
             ref = reference(in_path, prep.eval, prep.specs, config.output)
 
-    def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32]) -> StageReport:
+    def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32], seconds: float) -> StageReport:
         acc = agree = None
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - seconds  # the stage's gradients and solve, plus this evaluation
         if config.method == "chita++" and ref is not None and prep.eval is not None:
             with timer.phase("evaluate"):
                 c = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
