@@ -141,9 +141,8 @@ def evaluate(
     output: str | None = None,
 ) -> Evaluation:
     """Top-1 accuracy of one model (``None`` without labels or for non-classifier outputs)."""
-    t0 = time.perf_counter()
-    y, labels = run_model(make_session(model), source, specs, output)
-    return Evaluation(samples=int(y.shape[0]), accuracy=top1(y, labels), seconds=time.perf_counter() - t0)
+    ref = reference(model, source, specs, output)
+    return Evaluation(samples=int(ref.y.shape[0]), accuracy=top1(ref.y, ref.labels), seconds=ref.seconds)
 
 
 @dataclass(frozen=True)
@@ -166,7 +165,7 @@ def reference(
     t0 = time.perf_counter()
     session = make_session(dense)
     name = output or session.get_outputs()[0].name
-    y, labels = run_model(session, source, specs, name, desc="evaluate dense")
+    y, labels = run_model(session, source, specs, name, desc="evaluate")
     return Reference(name, y, labels, time.perf_counter() - t0)
 
 
