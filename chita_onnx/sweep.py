@@ -104,7 +104,7 @@ def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressC
     if method == "magnitude+obs":
         return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
-    start = min(base.start_sparsity or 0.5, sparsity) if method == "chita++" else None
+    start = min(0.5 if base.start_sparsity is None else base.start_sparsity, sparsity) if method == "chita++" else None
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
 
 
