@@ -21,13 +21,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from bench_chita import cpu_name
 from make_mlpnet import ensure_mlpnet
 
 from chita_onnx import CompressConfig
@@ -44,16 +44,6 @@ PUBLISHED = {
 }
 #: CHITA++ settings tuned on this model (see BENCHMARKS.md §5 for the search that found them).
 TUNED = {"stages": 50, "schedule": "geom", "start_sparsity": 0.0, "ridge": 0.1, "first_order": True, "rank": "obd"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
