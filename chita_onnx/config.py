@@ -22,6 +22,8 @@ Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
 Fisher = Literal["auto", "empirical", "sampled", "argmax"]
 Rank = Literal["magnitude", "obd"]
+Structure = Literal["none", "channel"]
+SparsityOf = Literal["channels", "flops"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
 #: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
@@ -75,6 +77,11 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None
+    structure: Structure = "none"
+    sparsity_of: SparsityOf = "channels"
+    channel_multiple: int = 0
+    latency_check: bool = True
+    latency_batches: tuple[int, ...] = (1, 32)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -91,6 +98,8 @@ class CompressConfig:
             "loss": ("auto", "ce", "mse"),
             "fisher": ("auto", "empirical", "sampled", "argmax"),
             "rank": ("magnitude", "obd"),
+            "structure": ("none", "channel"),
+            "sparsity_of": ("channels", "flops"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -118,6 +127,15 @@ class CompressConfig:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
+        if self.structure == "channel" and self.method not in ("chita", "magnitude"):
+            raise bad("method", self.method, "channel pruning (--structure channel) supports chita and magnitude")
+        if self.structure != "channel" and self.sparsity_of != "channels":
+            raise bad("sparsity_of", self.sparsity_of, "counts FLOPs only with --structure channel")
+        if self.channel_multiple < 0:
+            raise bad("channel_multiple", self.channel_multiple, "must be ≥ 0 (0: the CPU's kernel block)")
+        if not self.latency_batches or any(int(b) < 1 for b in self.latency_batches):
+            raise bad("latency_batches", self.latency_batches, "must be batch sizes ≥ 1")
+        object.__setattr__(self, "latency_batches", tuple(int(b) for b in self.latency_batches))
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.stages is None:
@@ -139,4 +157,5 @@ class CompressConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep"] = list(self.keep)
+        d["latency_batches"] = list(self.latency_batches)
         return d

@@ -453,6 +453,10 @@ def compress(
     if prep.eval is not None:
         with timer.phase("evaluate"):
             ref = reference(in_path, prep.eval, prep.specs, config.output)
+    if config.structure == "channel":  # channel pruning: its own orchestration (chita_onnx.structured)
+        from .structured.run import compress_channels
+
+        return compress_channels(prep, out_path, config, ref, timer, warnings)
 
     def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32], seconds: float) -> StageReport:
         acc = agree = None

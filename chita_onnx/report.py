@@ -70,6 +70,7 @@ class Report:
     versions: dict[str, str]
     solver: dict[str, object] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    structured: Any = None  # a chita_onnx.structured.report.ChannelReport for --structure channel
 
     @property
     def sparsity(self) -> float:
@@ -131,6 +132,10 @@ def format_report(r: Report) -> str:
             ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
         ),
     ]
+    if r.structured is not None:  # channel pruning: groups, parameters, FLOPs and latency instead
+        from .structured.report import channel_summary
+
+        parts = channel_summary(r)
     if len(r.stages) > 1:
         parts += [
             "",

@@ -39,6 +39,13 @@ def _parse_bytes(ctx: click.Context, param: click.Parameter, value: str | None) 
     return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
 
 
+def _parse_ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in (value or "").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", ctx, param) from None
+
+
 def _parse_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
@@ -230,6 +237,41 @@ def _config_options(fn: F) -> F:
             default=None,
             help="Keep the gradient matrix in a memory-mapped file in this folder: for matrices larger than "
             "RAM, the full (unblocked) solvers then run on it from disk.",
+        ),
+        click.option(
+            "--structure",
+            type=click.Choice(["none", "channel"]),
+            default=d.structure,
+            show_default=True,
+            help="channel: remove whole channels (filters) and write a smaller, faster dense model; "
+            "--sparsity is then the fraction of channels (or FLOPs, --sparsity-of).",
+        ),
+        click.option(
+            "--sparsity-of",
+            type=click.Choice(["channels", "flops"]),
+            default=d.sparsity_of,
+            show_default=True,
+            help="With --structure channel: remove this fraction of the channels, or of the FLOPs.",
+        ),
+        click.option(
+            "--channel-multiple",
+            type=int,
+            default=d.channel_multiple,
+            show_default=True,
+            help="Round kept channel counts to multiples of this (0: the CPU kernel block, 16 with AVX-512, else 8).",
+        ),
+        click.option(
+            "--latency-check/--no-latency-check",
+            default=d.latency_check,
+            show_default=True,
+            help="With --structure channel: time the pruned model against the input and never write a slower one.",
+        ),
+        click.option(
+            "--latency-batches",
+            callback=_parse_ints,
+            default=",".join(map(str, d.latency_batches)),
+            show_default=True,
+            help="Batch sizes of the latency check (a model with a fixed batch size is timed at that size).",
         ),
     ]
     for opt in reversed(options):

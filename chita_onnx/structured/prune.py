@@ -1,0 +1,402 @@
+"""Channel pruning of one model: plan kept counts, select channels group by group, re-fit, rewrite.
+
+Groups are processed in graph order.  For each group the inputs of its consumer layers are captured
+from the dense model and from the current (partly pruned, *masked*) model on the same calibration
+rows, so each re-fit also repairs the error of the groups pruned before it:
+
+    min_{S, B}  Σ_ℓ ‖Y_ℓ^dense − Ã_ℓ,S^current B_ℓ‖² / ‖Y_ℓ^dense‖²     (|S| = k)
+
+``method="chita"`` solves this with :func:`~chita_onnx.solver.channels.select_channels`; the baseline
+``method="magnitude"`` keeps the channels of largest filter L1 norm (Li et al. 2017) in the same
+groups with the same counts, re-fitted only with ``update=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from ..data_types import Batch, CalibrationSource, InputSpec
+from ..errors import ConfigError
+from ..progress import progress
+from ..solver.channels import DAMP, ChannelProblem, ChannelSelection, refit, select_channels
+from .capture import capture, probe_shapes
+from .graphutil import Constants
+from .groups import Analysis, Group, analyse
+from .layers import LayerView, views, write
+from .report import GroupRow
+from .stats import Accumulator, row_count, sample_rows
+from .surgery import Key, kept_classes, masked_model, sliced_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """What to prune and how (derived from :class:`~chita_onnx.config.CompressConfig`)."""
+
+    sparsity: float
+    sparsity_of: str = "channels"  # or "flops"
+    multiple: int = 16
+    method: str = "chita"  # or "magnitude" (L1 filter norm)
+    update: bool = True
+    num_samples: int = 256
+    seed: int = 0
+    damp: float = DAMP
+    max_swaps: int = 50
+
+
+@dataclass
+class ChannelResult:
+    analysis: Analysis
+    keep: NDArray[np.bool_]
+    weights: dict[Key, NDArray[np.generic]]
+    groups: list[GroupRow]
+    counts: dict[int, int]
+    fraction: float  # the uniform channel fraction removed per group (before rounding)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def masked(self) -> onnx.ModelProto:
+        return masked_model(self.analysis, self.keep, self.weights)
+
+    def sliced(self) -> onnx.ModelProto:
+        return sliced_model(self.analysis, self.keep, self.weights)
+
+
+# ------------------------------------------------------------------------------------- planning
+
+
+def round_count(target: float, size: int, multiple: int, blocks: int = 1) -> int:
+    """Kept channels of a group: the count nearest ``target`` among the kernel-friendly ones.
+
+    Friendly counts are the multiples of ``multiple`` (the onnxruntime CPU NCHWc block: 16 with
+    AVX-512, 8 with AVX2), plus ``multiple/2`` and ``multiple/4`` below one block (measured fast on
+    onnxruntime CPU, BENCHMARKS.md), plus the whole group.  Grouped convolutions also need a
+    multiple of their number of ``blocks``.
+    """
+    step = math.lcm(max(1, multiple), max(1, blocks))
+    options = {size}
+    options.update(range(step, size, step))
+    for small in (multiple // 2, multiple // 4):
+        if small >= 1 and small % blocks == 0 and small < size:
+            options.add(small)
+    return min(options, key=lambda k: (abs(k - target), -k))
+
+
+def plan_counts(analysis: Analysis, fraction: float, multiple: int) -> dict[int, int]:
+    """Kept channels per prunable group when a ``fraction`` of every group's channels goes."""
+    counts: dict[int, int] = {}
+    for g in analysis.groups:
+        if g.prunable:
+            counts[g.id] = round_count((1.0 - fraction) * g.size, g.size, multiple, g.blocks)
+    return counts
+
+
+def node_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[int, int]:
+    """Multiply-adds of every weight layer on the probe shapes."""
+    consts = Constants(model.graph)
+    macs: dict[int, int] = {}
+    for i, node in enumerate(model.graph.node):
+        out = shapes.get(node.output[0]) if node.output else None
+        if out is None:
+            continue
+        if node.op_type == "Conv":
+            w = consts.value(node.input[1])
+            if w is not None:
+                macs[i] = int(np.prod(out)) * int(np.prod(w.shape[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a = shapes.get(node.input[0])
+            if a is not None:
+                trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+                macs[i] = int(np.prod(out)) * int(a[0] if trans_a else a[-1])
+        elif node.op_type in ("LSTM", "GRU", "RNN"):
+            w, r = consts.value(node.input[1]), consts.value(node.input[2])
+            x = shapes.get(node.input[0])
+            if w is not None and r is not None and x is not None:
+                macs[i] = int(x[0]) * int(x[1]) * (int(w.size) + int(r.size))
+    return macs
+
+
+def flops_after(analysis: Analysis, macs: dict[int, int], counts: dict[int, int]) -> int:
+    """MACs of the pruned model when group ``g`` keeps ``counts[g]`` channels (any channels)."""
+    keep = np.ones(analysis.unit_class.size, dtype=bool)
+    for gid, k in counts.items():
+        g = analysis.groups[gid]
+        keep[g.classes[k:]] = False
+    factor = dict.fromkeys(macs, 1.0)
+    for s in analysis.slices:
+        if s.slot == 1 and s.node in factor and s.units.size:
+            factor[s.node] *= float(keep[analysis.unit_class[s.units]].mean())
+    return int(sum(m * factor[i] for i, m in macs.items()))
+
+
+def plan(analysis: Analysis, opts: ChannelOptions, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[int, int], float]:
+    """Kept counts per group and the uniform fraction they come from.
+
+    With ``sparsity_of="flops"`` the fraction is found by bisection so that the multiply-adds of
+    the weight layers drop by ``sparsity`` (as close as the rounding allows).
+    """
+    if opts.sparsity_of == "channels":
+        return plan_counts(analysis, opts.sparsity, opts.multiple), opts.sparsity
+    macs = node_macs(analysis.model, shapes)
+    total = sum(macs.values())
+    goal = (1.0 - opts.sparsity) * total
+    lo, hi = 0.0, 0.99
+    best = (plan_counts(analysis, 0.0, opts.multiple), 0.0)
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        counts = plan_counts(analysis, mid, opts.multiple)
+        if flops_after(analysis, macs, counts) > goal:
+            lo = mid
+        else:
+            hi = mid
+            best = (counts, mid)
+    if best[1] == 0.0:
+        best = (plan_counts(analysis, hi, opts.multiple), hi)
+    return best
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def l1_scores(analysis: Analysis, group: Group) -> NDArray[np.float64]:
+    """Filter L1 norm per channel of ``group``: the producers' output-channel weights, each producer
+    normalised by its mean so that every producer counts equally."""
+    graph = analysis.model.graph
+    consts = Constants(graph)
+    order = {int(c): k for k, c in enumerate(group.classes.tolist())}
+    score = np.zeros(group.size)
+    for s in analysis.slices:
+        if s.kind != "producer":
+            continue
+        cls = analysis.unit_class[s.units]
+        hit = np.array([int(c) in order for c in cls.tolist()])
+        if not hit.any():
+            continue
+        w = np.abs(np.asarray(consts.value(graph.node[s.node].input[s.slot]), dtype=np.float64))
+        norms = np.moveaxis(w, s.axis, 0).reshape(w.shape[s.axis], -1).sum(axis=1)
+        norms = norms / max(float(norms.mean()), 1e-30)
+        for pos in np.flatnonzero(hit):
+            score[order[int(cls[pos])]] += norms[pos]
+    return score
+
+
+class _Problems:
+    """Least-squares statistics of the consumers of one group, on the current model."""
+
+    def __init__(
+        self,
+        analysis: Analysis,
+        group: Group,
+        keep: NDArray[np.bool_],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        self.analysis = analysis
+        self.group = group
+        order = {int(c): k for k, c in enumerate(group.classes.tolist())}
+        self.views: list[LayerView] = []
+        self.cols: list[NDArray[np.int64]] = []  # current (existing) columns of each view
+        self.channel: list[NDArray[np.int64]] = []
+        for k in group.consumers:
+            cons = analysis.consumers[k]
+            for v in views(analysis, cons, shapes[cons.input]):
+                cls = analysis.unit_class[v.col_units]
+                alive = keep[cls]
+                cols = np.flatnonzero(alive)
+                self.views.append(v)
+                self.cols.append(cols)
+                self.channel.append(np.array([order.get(int(c), -1) for c in cls[cols].tolist()], np.int64))
+        self.acc = [
+            Accumulator(c.size, v.W.shape[0], intercept=v.bias is not None)
+            for v, c in zip(self.views, self.cols, strict=True)
+        ]
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(v.consumer.input for v in self.views))
+
+    def add(
+        self,
+        dense: dict[str, NDArray[np.floating]],
+        current: dict[str, NDArray[np.floating]],
+        rng: np.random.Generator,
+        share: float,
+    ) -> None:
+        """Add one batch; ``share`` is its fraction of the calibration samples (for the row budget)."""
+        for v, cols, acc in zip(self.views, self.cols, self.acc, strict=True):
+            xd, xc = dense[v.consumer.input], current[v.consumer.input]
+            total = row_count(xd.shape, v.consumer.axis, v.geom)
+            rows = sample_rows(total, max(1, math.ceil(_row_budget(cols.size) * share)), rng)
+            acc.add(v.rows(xc, rows)[:, cols], v.target(v.rows(xd, rows)))
+
+    def problems(self) -> list[ChannelProblem]:
+        out = []
+        yy_by_consumer: dict[int, float] = {}
+        for v, acc in zip(self.views, self.acc, strict=True):
+            yy_by_consumer[v.consumer.node] = yy_by_consumer.get(v.consumer.node, 0.0) + acc.yy
+        for v, acc, ch in zip(self.views, self.acc, self.channel, strict=True):
+            n = max(acc.n, 1)
+            channel = np.concatenate([ch, [-1]]) if acc.intercept else ch
+            yy = yy_by_consumer[v.consumer.node]
+            out.append(ChannelProblem(acc.H / n, acc.G / n, acc.yy / n, channel, 1.0 / max(yy / n, 1e-30)))
+        return out
+
+    def weights(self, sel: ChannelSelection, base: dict[Key, NDArray[np.generic]]) -> dict[Key, NDArray[np.generic]]:
+        """Overrides with the re-fitted consumers (removed columns zero)."""
+        by_consumer: dict[int, list[tuple[LayerView, NDArray[np.float64], NDArray[np.float64] | None]]] = {}
+        for v, cols, acc, kept_cols, coef in zip(self.views, self.cols, self.acc, sel.columns, sel.coefs, strict=True):
+            W_new = np.zeros_like(v.W)
+            b_new = None
+            if acc.intercept:
+                is_b = kept_cols == cols.size
+                b_new = coef[is_b][0] if is_b.any() else np.zeros(v.W.shape[0])
+                kept_cols, coef = kept_cols[~is_b], coef[~is_b]
+            W_new[:, cols[kept_cols]] = coef.T
+            by_consumer.setdefault(v.consumer.node, []).append((v, W_new, b_new))
+        out: dict[Key, NDArray[np.generic]] = {}
+        for node, parts in by_consumer.items():
+            cons = next(v.consumer for v in self.views if v.consumer.node == node)
+            out.update(write(self.analysis, cons, parts, base))
+        return out
+
+
+def _row_budget(q: int) -> int:
+    return int(min(65536, max(8192, 32 * (q + 1))))
+
+
+def prune_channels(
+    model: onnx.ModelProto,
+    calib: CalibrationSource,
+    specs: Sequence[InputSpec],
+    opts: ChannelOptions,
+    *,
+    blocked: dict[int, str] | None = None,
+    probes: Sequence[Batch] | None = None,
+) -> ChannelResult:
+    """Select and re-fit channels group by group; nothing is written here (see :class:`ChannelResult`).
+
+    ``blocked`` keeps extra groups whole (group id → reason), e.g. after a failed equivalence check.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    probe = list(probes) if probes is not None else probe_batches(calib)
+    shapes_all = probe_shapes(model, probe, specs)
+    analysis = analyse(model, shapes_all)
+    for gid, reason in (blocked or {}).items():
+        analysis.groups[gid].reasons.append(reason)
+    shapes = shapes_all[0]
+    counts, fraction = plan(analysis, opts, shapes)
+    timings["analyse"] = time.perf_counter() - t0
+    keep = kept_classes(analysis, {})
+    weights: dict[Key, NDArray[np.generic]] = {}
+    results: dict[int, GroupRow] = {}
+    todo = [g for g in analysis.groups if g.prunable and counts.get(g.id, g.size) < g.size]
+    first_node = {g.id: min((analysis.consumers[k].node for k in g.consumers), default=10**9) for g in todo}
+    todo.sort(key=lambda g: first_node[g.id])
+    need_stats = opts.method == "chita" or opts.update
+    sizes = _batch_sizes(calib, opts.num_samples)
+    n_use = sum(sizes)
+    rng = np.random.default_rng(opts.seed)
+    dense_bytes = model.SerializeToString()
+    t_sel = 0.0
+    for g in progress(todo, desc="channel groups", unit="group"):
+        t1 = time.perf_counter()
+        k = counts[g.id]
+        sel: ChannelSelection | None = None
+        problems: list[ChannelProblem] = []
+        probs: _Problems | None = None
+        if need_stats and g.consumers:
+            probs = _Problems(analysis, g, keep, shapes)
+            current = (
+                masked_model(analysis, keep, weights).SerializeToString() if weights or (~keep).any() else dense_bytes
+            )
+            names = probs.inputs
+            captured = zip(
+                capture(dense_bytes, names, calib, specs, max_samples=n_use),
+                capture(current, names, calib, specs, max_samples=n_use),
+                sizes,
+                strict=False,
+            )
+            for dense_vals, cur_vals, size in captured:
+                probs.add(dense_vals, cur_vals, rng, size / n_use)
+            problems = probs.problems()
+        blocks = g.block_of if g.blocks > 1 else None
+        if opts.method == "chita" and problems:
+            sel = select_channels(problems, g.size, k, blocks=blocks, damp=opts.damp, max_swaps=opts.max_swaps)
+            kept_idx = sel.kept
+        else:
+            score = l1_scores(analysis, g)
+            kept_idx = _top_k(score, k, blocks)
+            if problems:
+                sel = refit(problems, kept_idx, damp=opts.damp)
+        keep[g.classes] = False
+        keep[g.classes[kept_idx]] = True
+        if sel is not None and probs is not None and opts.update:
+            weights.update(probs.weights(sel, weights))
+        results[g.id] = GroupRow(
+            g.id,
+            tuple(g.producers),
+            g.size,
+            int(kept_idx.size),
+            (),
+            None if sel is None else sel.objective,
+            None if sel is None else sel.start_objective,
+            0 if sel is None else sel.swaps,
+            time.perf_counter() - t1,
+        )
+        t_sel += time.perf_counter() - t1
+        log.info("group %d (%s): kept %d of %d channels", g.id, ", ".join(g.producers[:3]), kept_idx.size, g.size)
+    timings["select"] = t_sel
+    out = []
+    for g in analysis.groups:
+        if g.id in results:
+            out.append(results[g.id])
+        else:
+            reasons = tuple(g.reasons) if g.reasons else ("rounding keeps every channel",)
+            out.append(GroupRow(g.id, tuple(g.producers), g.size, g.size, reasons, None, None, 0, 0.0))
+    return ChannelResult(analysis, keep, weights, out, counts, fraction, timings)
+
+
+def _batch_sizes(calib: CalibrationSource, limit: int) -> list[int]:
+    sizes: list[int] = []
+    for b in calib:
+        take = min(b.size, limit - sum(sizes))
+        if take <= 0:
+            break
+        sizes.append(take)
+    return sizes
+
+
+def _top_k(score: NDArray[np.float64], k: int, blocks: NDArray[np.int64] | None) -> NDArray[np.int64]:
+    if blocks is None:
+        return np.sort(np.argsort(-score, kind="stable")[:k]).astype(np.int64)
+    n_blocks = int(blocks.max()) + 1
+    per = k // n_blocks
+    chosen = []
+    for b in range(n_blocks):
+        idx = np.flatnonzero(blocks == b)
+        chosen.extend(idx[np.argsort(-score[idx], kind="stable")[:per]].tolist())
+    return np.sort(np.asarray(chosen, np.int64))
+
+
+def probe_batches(calib: CalibrationSource) -> list[Batch]:
+    """One-sample and two-sample batches of real data (two batch sizes tell batch dims apart)."""
+    first = next(iter(calib))
+    one = Batch({k: np.asarray(v)[:1] for k, v in first.inputs.items()}, None)
+    if first.size >= 2:
+        two = Batch({k: np.asarray(v)[:2] for k, v in first.inputs.items()}, None)
+    else:
+        two = Batch({k: np.concatenate([np.asarray(v)[:1]] * 2) for k, v in first.inputs.items()}, None)
+    return [one, two]
+
+
+def check_options(opts: ChannelOptions) -> None:
+    if opts.method not in ("chita", "magnitude"):
+        raise ConfigError(f"--method={opts.method!r}: channel pruning supports chita and magnitude (L1 filter norm)")

@@ -1,0 +1,320 @@
+"""``compress`` with ``--structure channel``: prune channels, check, time, write, evaluate, report.
+
+Called by :func:`chita_onnx.pipeline.compress` after the model and data were loaded and validated.
+Steps:
+
+1. :func:`~chita_onnx.structured.prune.prune_channels` selects and re-fits channels;
+2. the sliced model is checked against the masked model on calibration samples (they must agree);
+   groups whose rewrite relied on a run-time-computed shape are kept whole if they do not;
+3. the dense and the pruned model are timed side by side (onnxruntime CPU); a candidate slower than
+   the input at any checked batch size is re-done with coarser rounding, and if that is still
+   slower the input model is written unchanged — a pruned model slower than its input is never
+   written;
+4. the model is written atomically, passes ``onnx.checker``, and is evaluated like any other run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import __version__
+from ..config import CompressConfig
+from ..data import feed
+from ..data_types import Batch, InputSpec
+from ..errors import ModelError
+from ..evaluate import compare_to, file_sizes
+from ..graph import METADATA_KEY, check_model, save_model
+from ..report import FileSizes, Report, StageReport, TensorReport
+from .capture import session
+from .graphutil import Constants
+from .latency import batch_feed, count_params, kernel_multiple, side_by_side
+from .prune import ChannelOptions, ChannelResult, node_macs, prune_channels
+from .report import ChannelReport, LatencyRow
+
+if TYPE_CHECKING:
+    from ..evaluate import Reference
+    from ..pipeline import PhaseTimer, Prepared
+
+log = logging.getLogger(__name__)
+
+#: Largest |pruned − masked| output difference accepted, relative to the output scale.
+EQUIVALENCE_RTOL = 1e-4
+LATENCY_THREADS = 1
+
+
+def _sample(prep: Prepared, n: int = 8) -> Batch:
+    first = next(iter(prep.calib))
+    return Batch({k: np.asarray(v)[:n] for k, v in first.inputs.items()}, None)
+
+
+def max_difference(a: onnx.ModelProto, b: onnx.ModelProto, batch: Batch, specs: list[InputSpec]) -> float:
+    """Largest |output difference| over all outputs, relative to max(1, largest |output|)."""
+    x = feed(batch, specs)
+    ya, yb = session(a).run(None, x), session(b).run(None, x)
+    worst = 0.0
+    for u, v in zip(ya, yb, strict=True):
+        u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        if u64.shape != v64.shape:
+            return float("inf")
+        scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
+        worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
+    return worst
+
+
+def verified(
+    prep: Prepared, opts: ChannelOptions, blocked: dict[int, str]
+) -> tuple[ChannelResult, onnx.ModelProto, float]:
+    """Prune, then check sliced == masked; on a mismatch keep the tentative groups whole and retry."""
+    batch = _sample(prep)
+    specs = list(prep.specs)
+    while True:
+        result = prune_channels(prep.model, prep.calib, prep.specs, opts, blocked=blocked)
+        sliced, masked = result.sliced(), result.masked()
+        diff = max_difference(masked, sliced, batch, specs)
+        if diff <= EQUIVALENCE_RTOL:
+            return result, sliced, diff
+        suspects = {
+            g.id: "its rewrite (a shape computed at run time) did not reproduce the masked model"
+            for g in result.analysis.groups
+            if g.prunable and g.tentative and g.id not in blocked
+        }
+        if not suspects:
+            raise ModelError(
+                f"{prep.path}: the channel-pruned model differs from the masked model by {diff:.3g} "
+                "(relative); this is a bug in the rewrite, please report it with the model"
+            )
+        log.warning("pruned != masked (%.3g): keeping %d tentative group(s) whole and retrying", diff, len(suspects))
+        blocked = {**blocked, **suspects}
+
+
+def latency_batches(prep: Prepared, wanted: tuple[int, ...]) -> list[int]:
+    """The batch sizes to time: the configured ones, or the model's fixed batch size."""
+    dims = {s.shape[0] if s.shape else None for s in prep.specs}
+    fixed = [d for d in dims if isinstance(d, int) and d > 0]
+    return sorted({fixed[0]}) if fixed else list(wanted)
+
+
+def time_models(
+    dense: onnx.ModelProto, pruned: onnx.ModelProto, prep: Prepared, batches: list[int]
+) -> list[LatencyRow]:
+    sample = dict(_sample(prep).inputs)
+    specs = {s.name: s for s in prep.specs}
+    rows = []
+    for b in batches:
+        x = {k: np.asarray(v, dtype=specs[k].dtype) for k, v in batch_feed(sample, b).items()}
+        t = side_by_side([dense, pruned], x, threads=LATENCY_THREADS)
+        rows.append(LatencyRow(b, t[0], t[1]))
+    return rows
+
+
+def _channel_totals(result: ChannelResult) -> tuple[int, int, int]:
+    before = sum(g.channels for g in result.groups)
+    after = sum(g.kept for g in result.groups)
+    prunable = sum(g.channels for g in result.groups if not g.reasons)
+    return before, after, prunable
+
+
+def _changed_tensors(result: ChannelResult, pruned: onnx.ModelProto) -> tuple[TensorReport, ...]:
+    graph = result.analysis.model.graph
+    consts = Constants(graph)
+    new = Constants(pruned.graph)
+    new_inputs = {n.output[0]: list(n.input) for n in pruned.graph.node if n.output}
+    seen: dict[str, TensorReport] = {}
+    for s in result.analysis.slices:
+        if s.slot != 1 or (s.kind == "param" and graph.node[s.node].op_type != "Conv"):
+            continue
+        node = graph.node[s.node]
+        name = node.input[1]
+        if name in seen:
+            continue
+        w = consts.value(name)
+        after_name = new_inputs.get(node.output[0], [None, None])[1]
+        w_new = new.value(after_name) if after_name else None
+        if w is None or w_new is None or w_new.size == w.size:
+            continue
+        seen[name] = TensorReport(
+            name,
+            node.op_type,
+            tuple(int(d) for d in w.shape),
+            int(w.size),
+            int(w_new.size),
+            "x".join(str(d) for d in w_new.shape),
+        )
+    return tuple(seen.values())
+
+
+def compress_channels(
+    prep: Prepared,
+    out_path: Path,
+    config: CompressConfig,
+    ref: Reference | None,
+    timer: PhaseTimer,
+    warnings: list[str],
+) -> Report:
+    """Channel-prune ``prep.model`` into ``out_path`` and report (see the module docstring)."""
+    from ..pipeline import _versions
+
+    multiple = config.channel_multiple or kernel_multiple()
+    update = config.update == "obs" or (config.update == "auto" and config.method == "chita")
+    opts = ChannelOptions(
+        sparsity=config.sparsity,
+        sparsity_of=config.sparsity_of,
+        multiple=multiple,
+        method=config.method,
+        update=update,
+        num_samples=config.num_samples,
+        seed=config.seed,
+    )
+    blocked: dict[int, str] = {}
+    if config.keep:
+        blocked = _keep_blocked(prep, config.keep)
+    dense = prep.model
+    batches = latency_batches(prep, config.latency_batches)
+    notes: list[str] = []
+    attempts = [multiple, 2 * multiple] if config.latency_check else [multiple]
+    chosen: tuple[ChannelResult, onnx.ModelProto, float, list[LatencyRow], int] | None = None
+    written = "pruned"
+    for m in attempts:
+        with timer.phase("prune"):
+            result, sliced, diff = verified(prep, replace(opts, multiple=m), blocked)
+        rows: list[LatencyRow] = []
+        if config.latency_check:
+            with timer.phase("latency"):
+                rows = time_models(dense, sliced, prep, batches)
+        chosen = (result, sliced, diff, rows, m)
+        slow = [r for r in rows if r.pruned > r.dense]
+        if not slow:
+            break
+        notes.append(
+            f"kept counts rounded to multiples of {m} measured slower than the input at batch "
+            + ", ".join(f"{r.batch} ({1e3 * r.pruned:.3f} vs {1e3 * r.dense:.3f} ms)" for r in slow)
+        )
+    else:
+        if config.latency_check:
+            notes.append("no pruned candidate was faster than the input: the input model was written unchanged")
+            written = "input"
+    assert chosen is not None
+    result, sliced, diff, rows, m = chosen
+    if m != multiple and written == "pruned":
+        notes.append(f"used rounding to multiples of {m} instead of {multiple}")
+    for g in result.analysis.groups:
+        if g.id in blocked and blocked[g.id].startswith("its rewrite"):
+            notes.append(f"group {g.id} kept whole: {blocked[g.id]}")
+    final = sliced if written == "pruned" else dense
+    before, after, prunable = _channel_totals(result)
+    if written == "input":
+        after = before
+    meta = {
+        "tool": f"chita-onnx {__version__}",
+        "structure": "channel",
+        "method": config.method,
+        "update": update,
+        "sparsity": config.sparsity,
+        "sparsity_of": config.sparsity_of,
+        "channel_multiple": m,
+        "channels_before": before,
+        "channels_after": after,
+    }
+    out_model = onnx.ModelProto()
+    out_model.CopyFrom(final)
+    entries = [e for e in out_model.metadata_props if e.key != METADATA_KEY]
+    del out_model.metadata_props[:]
+    out_model.metadata_props.extend(entries)
+    helper.set_model_props(out_model, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(meta)})
+    with timer.phase("write"):
+        save_model(out_model, out_path, input_path=prep.path)
+        check_model(out_path)
+    comparison = None
+    if ref is not None and prep.eval is not None:
+        with timer.phase("evaluate"):
+            comparison = compare_to(ref, out_path, prep.eval, prep.specs)
+    with timer.phase("sizes"):
+        dr, dz = file_sizes(prep.path)
+        pr, pz = file_sizes(out_path)
+    sample = _sample(prep, 1)
+    shapes = {k: tuple(np.shape(v)) for k, v in sample.inputs.items()}
+    from .capture import probe_shapes
+
+    flops_before = 2 * sum(node_macs(dense, probe_shapes(dense, [sample], prep.specs)[0]).values())
+    flops_after = 2 * sum(node_macs(final, probe_shapes(final, [sample], prep.specs)[0]).values())
+    params_before, params_after = count_params(dense), count_params(final)
+    if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
+        warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
+    objective = sum(g.objective for g in result.groups if g.objective is not None)
+    report = ChannelReport(
+        method=config.method,
+        update=update,
+        sparsity=config.sparsity,
+        sparsity_of=config.sparsity_of,
+        fraction=result.fraction,
+        multiple=m,
+        channels_before=before,
+        channels_after=after,
+        prunable_channels=prunable,
+        params_before=params_before,
+        params_after=params_after,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        flops_input=", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()),
+        latency=tuple(rows),
+        latency_threads=LATENCY_THREADS,
+        equivalence_max_diff=diff,
+        groups=tuple(g if written == "pruned" else replace(g, kept=g.channels) for g in result.groups),
+        notes=tuple(notes),
+        written=written,
+    )
+    stage = StageReport(
+        1,
+        config.sparsity,
+        params_after,
+        objective,
+        sum(g.swaps for g in result.groups),
+        True,
+        None if comparison is None else comparison.pruned_accuracy,
+        None if comparison is None else comparison.agreement,
+        sum(timer.seconds.values()),
+    )
+    return Report(
+        input=str(prep.path),
+        output=str(out_path),
+        method=config.method,
+        config=config.to_dict(),
+        p=params_before,
+        k=params_after,
+        nnz=params_after,
+        tensors=_changed_tensors(result, final) if written == "pruned" else (),
+        stages=(stage,),
+        evaluation=comparison,
+        eval_source=prep.eval_source,
+        sizes=FileSizes(dr, dz, pr, pz),
+        timings=dict(timer.seconds),
+        versions=_versions(),
+        solver={"objective": objective, "swaps": sum(g.swaps for g in result.groups)},
+        warnings=tuple(warnings),
+        structured=report,
+    )
+
+
+def _keep_blocked(prep: Prepared, keep: tuple[str, ...]) -> dict[int, str]:
+    """Groups whose producing layer's weight (or node) is named in ``--keep``: kept whole."""
+    from .capture import probe_shapes
+    from .groups import analyse
+    from .prune import probe_batches
+
+    analysis = analyse(prep.model, probe_shapes(prep.model, probe_batches(prep.calib), prep.specs))
+    graph = prep.model.graph
+    names: dict[str, set[str]] = {}
+    for s in analysis.slices:
+        if s.kind == "producer":
+            node = graph.node[s.node]
+            for gid in analysis.group_of_units(s.units):
+                names.setdefault(str(gid), set()).update({node.input[1], node.name})
+    return {int(g): "protected by --keep" for g, n in names.items() if n & set(keep)}
