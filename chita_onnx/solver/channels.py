@@ -1,25 +1,29 @@
 """Group-sparse channel selection on the layer-wise reconstruction objective (pure NumPy).
 
 A channel group is read by one or more consumer layers.  For consumer ``ℓ`` with input rows ``ã``
-(its columns: every input channel × kernel offset, plus a constant 1 for the bias) and dense target
-outputs ``y``, the statistics are ``H_ℓ = Σ ã ãᵀ``, ``G_ℓ = Σ ã yᵀ`` and ``yy_ℓ = Σ ‖y‖²``.  Keeping the
-channel set ``S`` (all columns of those channels, plus the columns that are not up for selection)
-and re-fitting the consumer costs
+(its columns: every input channel × kernel offset, plus a constant 1 for the bias), dense target
+outputs ``y`` and trained weights ``W₀`` (as a q × out matrix), the statistics are
+``H_ℓ = Σ ã ãᵀ``, ``G_ℓ = Σ ã yᵀ`` and ``yy_ℓ = Σ ‖y‖²``.  Keeping the channel set ``S`` (all columns
+of those channels, plus the columns that are not up for selection) and re-fitting the consumer costs
 
-    E_ℓ(S) = min_B ‖Y − Ã_S B‖² + λ_ℓ‖B‖² = yy_ℓ − tr(G_Sᵀ (H_SS + λ_ℓ I)⁻¹ G_S),
+    E_ℓ(S) = min_B ‖Y − Ã_S B‖² + λ_ℓ ‖B − W₀,S‖²
+           = yy_ℓ + λ_ℓ‖W₀,S‖² − tr(G̃_Sᵀ (H_SS + λ_ℓ I)⁻¹ G̃_S),   G̃ = G + λ_ℓ W₀,
 
-and the objective is ``f(S) = Σ_ℓ w_ℓ E_ℓ(S)`` (``w_ℓ`` normalises each consumer, e.g. 1/yy_ℓ) subject
-to ``|S| = k`` — the group-sparse (channel-structured) version of CHITA's quadratic objective, in the
-layer-wise form of OSSCAR (Meng et al., ICML 2024).  It is minimised combinatorially:
+the group-sparse (channel-structured) version of CHITA's objective — a quadratic with a trust
+region around the trained weights — in the layer-wise form of OSSCAR (Meng et al., ICML 2024).
+The objective is ``f(S) = Σ_ℓ w_ℓ E_ℓ(S)`` (``w_ℓ`` normalises each consumer, e.g. 1/yy_ℓ) subject
+to ``|S| = k``.  It is minimised combinatorially:
 
 1. **backward elimination**: starting from all channels, repeatedly remove the channels whose exact
-   removal cost ``tr(B_Jᵀ (M_JJ)⁻¹ B_J)`` (``M = (H_SS + λI)⁻¹``, ``B = M G_S``, ``J`` = the channel's
-   columns) is smallest, with an exact rank-|J| downdate of ``M`` and ``B``;
-2. **swap local search**: evaluate exactly, for the most promising removed channels ``c'`` and every
-   kept channel ``c``, the objective after adding ``c'`` and removing ``c`` (bordered-inverse update
-   then removal cost), and apply the best improving swap until none improves.
+   removal cost ``tr(B_Jᵀ (M_JJ)⁻¹ B_J) − λ‖W₀,J‖²`` (``M = (H_SS + λI)⁻¹``, ``B = M G̃_S``, ``J`` the
+   channel's columns) is smallest, with an exact rank-|J| downdate of ``M`` and ``B``;
+2. **swap local search**: for the removed channels with the largest exact gain and every kept
+   channel, evaluate exactly the objective after the swap (bordered-inverse update, then the
+   removal cost) and apply the best improving swap, until none improves.
 
-The result carries the re-fitted coefficients ``B`` of every consumer on its kept columns.
+The result carries the re-fitted ``B`` of every consumer on its kept columns.  With many rows the
+trust region hardly matters; with fewer rows than columns (a layer after global pooling sees one
+row per image) it keeps the re-fit near the trained weights instead of near zero.
 """
 
 from __future__ import annotations
@@ -35,13 +39,16 @@ from ..errors import SolverError
 #: Relative damping λ = DAMP · mean(diag H), the value SparseGPT and OBC use for layer-wise Hessians.
 DAMP = 0.01
 
+Index = list[tuple[NDArray[np.int64], NDArray[np.int64]]]  # [(which channels, column positions (n_c, m))]
+
 
 @dataclass(frozen=True)
 class ChannelProblem:
     """One consumer's statistics.
 
     ``channel[j]`` is the channel (0..n_channels-1) of column ``j`` of ``H``, or -1 for a column that
-    always stays (the intercept, or input channels outside the group).  ``weight`` scales its error.
+    always stays (the intercept, or input channels outside the group).  ``W0`` (q × out) are the
+    trained weights the re-fit is pulled towards (``None``: towards zero).  ``weight`` scales the error.
     """
 
     H: NDArray[np.float64]
@@ -49,6 +56,7 @@ class ChannelProblem:
     yy: float
     channel: NDArray[np.int64]
     weight: float = 1.0
+    W0: NDArray[np.float64] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,16 @@ class ChannelSelection:
 
 
 class _State:
-    """Inverse ``M = (H_SS + λI)⁻¹`` and ``B = M G_S`` of one problem on its current column set."""
+    """``M = (H_SS + λI)⁻¹`` and ``B = M G̃_S`` of one problem on its current column set ``cols``."""
 
     def __init__(self, p: ChannelProblem, damp: float) -> None:
         self.p = p
         diag = np.diag(p.H)
-        self.lam = damp * float(np.mean(diag)) if diag.size and np.mean(diag) > 0 else damp
+        mean = float(np.mean(diag)) if diag.size else 0.0
+        self.lam = damp * mean if mean > 0 else damp
+        w0 = np.zeros_like(p.G) if p.W0 is None else np.asarray(p.W0, np.float64)
+        self.Gt = p.G + self.lam * w0
+        self.w0sq = np.sum(w0 * w0, axis=1)
         self.cols = np.arange(p.H.shape[0], dtype=np.int64)
         self.refresh()
 
@@ -84,14 +96,11 @@ class _State:
             self.M = Linv.T @ Linv
         except np.linalg.LinAlgError:
             self.M = np.linalg.pinv(H)
-        self.B = self.M @ self.p.G[self.cols]
+        self.B = self.M @ self.Gt[self.cols]
 
     def error(self) -> float:
-        """``E(S) = yy − tr(G_Sᵀ B)`` (ridge-regularised residual)."""
-        return float(self.p.yy - np.sum(self.p.G[self.cols] * self.B))
-
-    def positions(self, channel: int) -> NDArray[np.int64]:
-        return np.flatnonzero(self.p.channel[self.cols] == channel)
+        """``E(S)`` at the re-fit."""
+        return float(self.p.yy + self.lam * self.w0sq[self.cols].sum() - np.sum(self.Gt[self.cols] * self.B))
 
     def remove(self, pos: NDArray[np.int64]) -> None:
         """Drop the columns at positions ``pos`` of ``cols`` (exact downdate)."""
@@ -110,13 +119,12 @@ class _State:
         self.refresh()
 
 
-def _index(state: _State, channels: NDArray[np.int64]) -> list[tuple[NDArray[np.int64], NDArray[np.int64]]]:
-    """Column positions of each channel, batched by count: ``[(which channels, positions (n_c, m))]``."""
-    ch = state.p.channel[state.cols]
+def _batches(channel_of: NDArray[np.int64], channels: NDArray[np.int64]) -> Index:
+    """Positions (in ``channel_of``) of each channel's columns, batched by count."""
     if not channels.size:
         return []
-    order = np.argsort(ch, kind="stable")
-    sorted_ch = ch[order]
+    order = np.argsort(channel_of, kind="stable")
+    sorted_ch = channel_of[order]
     starts = np.searchsorted(sorted_ch, channels, side="left")
     stops = np.searchsorted(sorted_ch, channels, side="right")
     sizes = stops - starts
@@ -127,33 +135,132 @@ def _index(state: _State, channels: NDArray[np.int64]) -> list[tuple[NDArray[np.
     return out
 
 
-def _removal_costs(state: _State, channels: NDArray[np.int64]) -> NDArray[np.float64]:
+def _removal_costs(state: _State, index: Index, n: int) -> NDArray[np.float64]:
     """Exact increase of ``E`` when each channel's columns are dropped (0 if it has none here)."""
-    costs = np.zeros(channels.size)
-    for which, idx in _index(state, channels):
+    costs = np.zeros(n)
+    for which, idx in index:
         Mjj = state.M[idx[:, :, None], idx[:, None, :]]
         Bj = state.B[idx]  # (n_c, m, out)
         costs[which] = np.einsum("cmo,cmo->c", Bj, np.linalg.solve(Mjj, Bj))
+        costs[which] -= state.lam * state.w0sq[state.cols[idx]].sum(axis=1)
     return costs
 
 
-_AddTerms = tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float]
+@dataclass
+class _Adds:
+    """Everything about adding each absent channel back: its columns (as positions in ``cols``),
+    ``U = M H_{S,J'}``, ``Q⁻¹`` (Schur complements), ``R = G̃_J' − H_J'S B`` and the exact gain."""
+
+    cols: NDArray[np.int64]  # all absent columns considered
+    U: NDArray[np.float64]  # (q_S, len(cols))
+    R: NDArray[np.float64]  # (len(cols), out)
+    pos: dict[int, NDArray[np.int64]]  # channel -> positions in cols
+    Qinv: dict[int, NDArray[np.float64]]
+    gain: dict[int, float]
 
 
-def _add_terms(state: _State, channel: int) -> _AddTerms | None:
-    """For adding the (absent) columns of ``channel``: its columns, ``U = M H_{S,J'}``, ``Q⁻¹``, ``R``, gain."""
+def _add_terms(state: _State, channels: NDArray[np.int64]) -> _Adds:
     p = state.p
-    jn = np.flatnonzero(p.channel == channel)
-    jn = jn[~np.isin(jn, state.cols)]
-    if jn.size == 0:
-        return None
-    Hsj = p.H[np.ix_(state.cols, jn)]
+    absent = np.ones(p.H.shape[0], dtype=bool)
+    absent[state.cols] = False
+    cand = np.flatnonzero(absent & np.isin(p.channel, channels))
+    Hsj = p.H[np.ix_(state.cols, cand)]
     U = state.M @ Hsj
-    Q = p.H[np.ix_(jn, jn)] + state.lam * np.eye(jn.size) - Hsj.T @ U
-    R = p.G[jn] - Hsj.T @ state.B
-    Qinv = np.asarray(np.linalg.inv(Q), dtype=np.float64)
-    gain = float(np.sum(R * (Qinv @ R)))
-    return jn.astype(np.int64), U, Qinv, R, gain
+    R = state.Gt[cand] - Hsj.T @ state.B
+    adds = _Adds(cand, U, R, {}, {}, {})
+    for which, idx in _batches(p.channel[cand], channels):
+        Hjj = p.H[cand[idx][:, :, None], cand[idx][:, None, :]]
+        Q = Hjj + state.lam * np.eye(idx.shape[1]) - np.einsum("sci,scj->cij", Hsj[:, idx], U[:, idx])
+        Qinv = np.linalg.inv(Q)
+        Rj = R[idx]
+        gains = np.einsum("cmo,cmo->c", Rj, Qinv @ Rj) - state.lam * state.w0sq[cand[idx]].sum(axis=1)
+        for k, w in enumerate(which):
+            c = int(channels[w])
+            adds.pos[c], adds.Qinv[c], adds.gain[c] = idx[k], Qinv[k], float(gains[k])
+    return adds
+
+
+def _removal_costs_after_add(state: _State, adds: _Adds, c_new: int, index: Index, n: int) -> NDArray[np.float64]:
+    """Removal costs of the channels in ``index`` once channel ``c_new`` was added (bordered inverse:
+    ``M'_JJ = M_JJ + U_J Q⁻¹ U_Jᵀ`` and ``B'_J = B_J − U_J Q⁻¹ R``)."""
+    if c_new not in adds.pos:
+        return _removal_costs(state, index, n)
+    pos = adds.pos[c_new]
+    U, Qinv, R = adds.U[:, pos], adds.Qinv[c_new], adds.R[pos]
+    QR = Qinv @ R
+    costs = np.zeros(n)
+    for which, idx in index:
+        Uj = U[idx]  # (n_c, m, m')
+        Mjj = state.M[idx[:, :, None], idx[:, None, :]] + Uj @ Qinv @ np.swapaxes(Uj, 1, 2)
+        Bj = state.B[idx] - Uj @ QR
+        costs[which] = np.einsum("cmo,cmo->c", Bj, np.linalg.solve(Mjj, Bj))
+        costs[which] -= state.lam * state.w0sq[state.cols[idx]].sum(axis=1)
+    return costs
+
+
+def _eliminate(
+    states: list[_State],
+    weights: NDArray[np.float64],
+    kept: NDArray[np.bool_],
+    block_of: NDArray[np.int64],
+    per_block: int,
+    stops: list[int],
+    record: dict[int, float],
+) -> None:
+    """Remove channels (cheapest exact removal cost first, a shrinking number per step) until
+    ``min(stops)`` remain, landing exactly on every count in ``stops`` and recording the objective
+    there in ``record``.  ``per_block`` is the final count per block."""
+    n_blocks = int(block_of.max()) + 1 if block_of.size else 1
+    target = min(stops)
+    pending = sorted({s for s in stops if s < int(kept.sum())}, reverse=True)
+    while kept.sum() > target:
+        alive = np.flatnonzero(kept)
+        counts = np.bincount(block_of[alive], minlength=n_blocks)
+        room = counts - per_block
+        eligible = alive[room[block_of[alive]] > 0]
+        cost = np.zeros(eligible.size)
+        for w, s in zip(weights, states, strict=True):
+            cost += w * _removal_costs(s, _batches(s.p.channel[s.cols], eligible), eligible.size)
+        excess = int(kept.sum()) - target
+        step = max(1, int(np.ceil(excess / 4))) if excess > 8 else 1
+        while pending and pending[0] >= kept.sum():
+            pending.pop(0)
+        if pending:
+            step = min(step, int(kept.sum()) - pending[0])
+        chosen: list[int] = []
+        taken = np.zeros(n_blocks, np.int64)
+        for c in eligible[np.argsort(cost, kind="stable")]:
+            b = block_of[c]
+            if taken[b] < room[b]:
+                chosen.append(int(c))
+                taken[b] += 1
+            if len(chosen) == step:
+                break
+        kept[chosen] = False
+        for s in states:
+            s.remove(np.flatnonzero(np.isin(s.p.channel[s.cols], chosen)))
+        now = int(kept.sum())
+        if now in stops:
+            record[now] = float(sum(w * s.error() for w, s in zip(weights, states, strict=True)))
+
+
+def elimination_path(
+    problems: Sequence[ChannelProblem],
+    n_channels: int,
+    counts: Sequence[int],
+    *,
+    damp: float = DAMP,
+) -> dict[int, float]:
+    """The objective ``Σ w_ℓ E_ℓ`` along backward elimination, at each kept count in ``counts``
+    (for allocating channels between groups; no swaps).  ``n_channels`` maps to the start value."""
+    states = [_State(p, damp) for p in problems]
+    weights = np.array([p.weight for p in problems])
+    record = {n_channels: float(sum(w * s.error() for w, s in zip(weights, states, strict=True)))}
+    stops = sorted({int(c) for c in counts if 0 < c < n_channels})
+    if stops:
+        kept = np.ones(n_channels, dtype=bool)
+        _eliminate(states, weights, kept, np.zeros(n_channels, np.int64), min(stops), stops, record)
+    return record
 
 
 def select_channels(
@@ -183,64 +290,29 @@ def select_channels(
     start = float(sum(w * s.error() for w, s in zip(weights, states, strict=True)))
     kept = np.ones(n_channels, dtype=bool)
 
-    def costs_of(chs: NDArray[np.int64]) -> NDArray[np.float64]:
-        total = np.zeros(chs.size)
-        for w, s in zip(weights, states, strict=True):
-            total += w * _removal_costs(s, chs)
-        return total
-
     # 1. backward elimination, a shrinking number of channels per step
-    while kept.sum() > k:
-        alive = np.flatnonzero(kept)
-        counts = np.bincount(block_of[alive], minlength=n_blocks)
-        room = counts - per_block
-        eligible = alive[room[block_of[alive]] > 0]
-        cost = costs_of(eligible)
-        excess = int(kept.sum()) - k
-        step = max(1, int(np.ceil(excess / 4))) if excess > 8 else 1
-        chosen: list[int] = []
-        taken = np.zeros(n_blocks, np.int64)
-        for c in eligible[np.argsort(cost, kind="stable")]:
-            b = block_of[c]
-            if taken[b] < room[b]:
-                chosen.append(int(c))
-                taken[b] += 1
-            if len(chosen) == step:
-                break
-        for c in chosen:
-            kept[c] = False
-        for s in states:
-            pos = np.flatnonzero(np.isin(s.p.channel[s.cols], chosen))
-            s.remove(pos)
+    _eliminate(states, weights, kept, block_of, per_block, [k], {})
     for s in states:  # one exact refresh after the downdates
         s.refresh()
 
-    # 2. swap local search (exact evaluation of each candidate swap)
+    # 2. swap local search, every candidate swap evaluated exactly
     swaps = 0
     tol = max(1e-9 * abs(start), 1e-12)
     for _ in range(max_swaps):
-        alive = np.flatnonzero(kept)
-        dead = np.flatnonzero(~kept)
+        alive, dead = np.flatnonzero(kept), np.flatnonzero(~kept)
         if not dead.size or not alive.size:
             break
-        gains = np.zeros(dead.size)
-        terms: list[list[_AddTerms | None]] = [[] for _ in dead]
-        for w, s in zip(weights, states, strict=True):
-            for i, c in enumerate(dead):
-                t = _add_terms(s, int(c))
-                terms[i].append(t)
-                if t is not None:
-                    gains[i] += w * t[4]
-        index = [_index(s, alive) for s in states]
-        plain = [w * _removal_costs(s, alive) for w, s in zip(weights, states, strict=True)]
+        adds = [_add_terms(s, dead) for s in states]
+        gains = np.array([sum(w * a.gain.get(int(c), 0.0) for w, a in zip(weights, adds, strict=True)) for c in dead])
+        index = [_batches(s.p.channel[s.cols], alive) for s in states]
         best = (tol, -1, -1)
         for i in np.argsort(-gains)[:candidates]:
             if gains[i] <= tol:
                 break
             c_new = int(dead[i])
             after = np.zeros(alive.size)
-            for n, (w, s, t) in enumerate(zip(weights, states, terms[i], strict=True)):
-                after += plain[n] if t is None else w * _removal_costs_after_add(s, alive.size, index[n], t)
+            for w, s, a, ix in zip(weights, states, adds, index, strict=True):
+                after += w * _removal_costs_after_add(s, a, c_new, ix, alive.size)
             value = np.where(block_of[alive] == block_of[c_new], gains[i] - after, -np.inf)
             j = int(np.argmax(value))
             if value[j] > best[0]:
@@ -262,24 +334,6 @@ def select_channels(
         start_objective=start,
         swaps=swaps,
     )
-
-
-def _removal_costs_after_add(
-    state: _State, n: int, index: list[tuple[NDArray[np.int64], NDArray[np.int64]]], terms: _AddTerms
-) -> NDArray[np.float64]:
-    """Removal costs (for the channels batched in ``index``) once the columns of ``terms`` were added.
-
-    Bordered inverse: ``M' = [[M + U Q⁻¹ Uᵀ, …], …]`` and ``B'_S = B − U Q⁻¹ R`` on the old columns.
-    """
-    _jn, U, Qinv, R, _gain = terms
-    QR = Qinv @ R  # (m', out)
-    costs = np.zeros(n)
-    for which, idx in index:
-        Uj = U[idx]  # (n_c, m, m')
-        Mjj = state.M[idx[:, :, None], idx[:, None, :]] + Uj @ Qinv @ np.swapaxes(Uj, 1, 2)
-        Bj = state.B[idx] - Uj @ QR
-        costs[which] = np.einsum("cmo,cmo->c", Bj, np.linalg.solve(Mjj, Bj))
-    return costs
 
 
 def refit(problems: Sequence[ChannelProblem], kept: NDArray[np.int64], *, damp: float = DAMP) -> ChannelSelection:

@@ -11,7 +11,7 @@ activation-capture module can replace it later:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -29,10 +29,47 @@ log = logging.getLogger(__name__)
 Shapes = dict[str, tuple[int, ...]]
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names`` (type left to onnxruntime)."""
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Names a node reads, including those captured by its subgraphs."""
+    names = [x for x in node.input if x]
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for sub in g.node:
+                names.extend(_reads(sub))
+    return names
+
+
+def _with_outputs(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    *,
+    only: bool = False,
+    given: Mapping[str, int] | None = None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` that also outputs the tensors ``names`` (type left to onnxruntime).
+
+    ``only``: the copy outputs just ``names`` and keeps only the nodes needed to compute them;
+    tensors in ``given`` (name → element type) become extra graph inputs where they cut the graph.
+    Returns the model and the ``given`` names it reads.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    used: list[str] = []
+    if only:
+        cut = dict(given or {})
+        needed = set(names)
+        keep = []
+        for node in reversed(out.graph.node):
+            if any(o in needed and o not in cut for o in node.output):
+                keep.append(node)
+                needed.update(_reads(node))
+        del out.graph.node[:]
+        out.graph.node.extend(reversed(keep))
+        del out.graph.output[:]
+        produced = {o for node in keep for o in node.output}
+        used = [n for n in cut if n in needed and n not in produced]
+        for n in used:
+            out.graph.input.append(helper.make_tensor_value_info(n, cut[n], None))
     have = {o.name for o in out.graph.output}
     for name in names:
         if name not in have:
@@ -40,7 +77,7 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
             vi.name = name
             out.graph.output.append(vi)
             have.add(name)
-    return out
+    return out, used
 
 
 def _runnable(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -81,12 +118,15 @@ def probe_shapes(model: onnx.ModelProto, batches: Sequence[Batch], specs: Sequen
     """
     runnable = _runnable(model)
     names = [n for n in _tensor_names(runnable)]
-    sess = session(_with_outputs(runnable, names))
+    sess = session(_with_outputs(runnable, names)[0])
     fetch = [o.name for o in sess.get_outputs()]
     result: list[Shapes] = []
     for batch in batches:
-        values = sess.run(fetch, feed(batch, specs))
-        result.append({n: tuple(int(d) for d in np.shape(v)) for n, v in zip(fetch, values, strict=True)})
+        inputs = feed(batch, specs)
+        values = sess.run(fetch, inputs)
+        shapes = {n: tuple(int(d) for d in np.shape(v)) for n, v in inputs.items()}
+        shapes.update({n: tuple(int(d) for d in np.shape(v)) for n, v in zip(fetch, values, strict=True)})
+        result.append(shapes)
     return result
 
 
@@ -97,19 +137,30 @@ def capture(
     specs: Sequence[InputSpec],
     *,
     max_samples: int | None = None,
+    threads: int = 1,
+    given: Mapping[str, Sequence[NDArray[np.generic]]] | None = None,
 ) -> Iterator[dict[str, NDArray[np.floating]]]:
     """Yield ``{name: value}`` of the tensors ``names`` for every batch of ``source`` (at most
-    ``max_samples`` samples in total), computed by onnxruntime on ``model``."""
+    ``max_samples`` samples in total), computed by onnxruntime on ``model`` (only the nodes needed).
+
+    ``given`` holds known values of intermediate tensors, one array per batch (e.g. captured in an
+    earlier pass and still valid): the computation starts from them instead of from the inputs.
+    """
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(model)
-    sess = session(_with_outputs(_runnable(proto), names))
+    given = dict(given or {})
+    types = {n: int(helper.np_dtype_to_tensor_dtype(np.asarray(v[0]).dtype)) for n, v in given.items() if v}
+    cut_model, used = _with_outputs(_runnable(proto), names, only=True, given=types)
+    sess = session(cut_model, threads=threads)
     seen = 0
-    for batch in source:
+    for b, batch in enumerate(source):
         if max_samples is not None and seen >= max_samples:
             return
         if max_samples is not None and seen + batch.size > max_samples:
             keep = max_samples - seen
             batch = Batch({k: np.asarray(v)[:keep] for k, v in batch.inputs.items()}, None)
-        values = sess.run(list(names), feed(batch, specs))
+        inputs = feed(batch, specs)
+        inputs.update({n: given[n][b] for n in used})
+        values = sess.run(list(names), inputs)
         seen += batch.size
         yield dict(zip(names, values, strict=True))
 

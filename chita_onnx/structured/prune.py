@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from ..data_types import Batch, CalibrationSource, InputSpec
 from ..errors import ConfigError
 from ..progress import progress
-from ..solver.channels import DAMP, ChannelProblem, ChannelSelection, refit, select_channels
+from ..solver.channels import DAMP, ChannelProblem, ChannelSelection, elimination_path, refit, select_channels
 from .capture import capture, probe_shapes
 from .graphutil import Constants
 from .groups import Analysis, Group, analyse
@@ -51,6 +51,8 @@ class ChannelOptions:
     seed: int = 0
     damp: float = DAMP
     max_swaps: int = 50
+    threads: int = 1
+    allocation: str = "errors"  # or "uniform"
 
 
 @dataclass
@@ -81,13 +83,18 @@ def round_count(target: float, size: int, multiple: int, blocks: int = 1) -> int
     onnxruntime CPU, BENCHMARKS.md), plus the whole group.  Grouped convolutions also need a
     multiple of their number of ``blocks``.
     """
+    return min(friendly_counts(size, multiple, blocks), key=lambda k: (abs(k - target), -k))
+
+
+def friendly_counts(size: int, multiple: int, blocks: int = 1) -> list[int]:
+    """The kept counts :func:`round_count` chooses from, ascending."""
     step = math.lcm(max(1, multiple), max(1, blocks))
     options = {size}
     options.update(range(step, size, step))
     for small in (multiple // 2, multiple // 4):
         if small >= 1 and small % blocks == 0 and small < size:
             options.add(small)
-    return min(options, key=lambda k: (abs(k - target), -k))
+    return sorted(options)
 
 
 def plan_counts(analysis: Analysis, fraction: float, multiple: int) -> dict[int, int]:
@@ -163,6 +170,54 @@ def plan(analysis: Analysis, opts: ChannelOptions, shapes: dict[str, tuple[int, 
     return best
 
 
+#: A group keeps at least this fraction of what the uniform plan would keep it (allocation "errors").
+FLOOR = 0.5
+
+
+def allocate(
+    analysis: Analysis,
+    curves: dict[int, dict[int, float]],
+    uniform: dict[int, int],
+    opts: ChannelOptions,
+    macs: dict[int, int],
+) -> dict[int, int]:
+    """Kept counts that spend the budget of the ``uniform`` plan where it costs the least error.
+
+    ``curves[g][k]`` is group ``g``'s reconstruction error when it keeps ``k`` channels.  Starting
+    from every group whole, repeatedly lower the group whose next friendly count adds the least
+    error per channel (or per FLOP with ``sparsity_of="flops"``) removed, until the plan removes as
+    many channels (FLOPs) as the uniform one.  Every group keeps at least ``FLOOR`` of its uniform
+    count.
+    """
+    counts = {g: analysis.groups[g].size for g in uniform}
+
+    def spent(c: dict[int, int]) -> int:
+        return flops_after(analysis, macs, c) if opts.sparsity_of == "flops" else sum(c.values())
+
+    goal = spent(uniform)
+    options = {g: [k for k in curves[g] if k >= FLOOR * uniform[g] and k < analysis.groups[g].size] for g in uniform}
+    current = spent(counts)
+    while current > goal:
+        best: tuple[float, int, int] | None = None
+        for g, ks in options.items():
+            lower = [k for k in ks if k < counts[g]]
+            if not lower:
+                continue
+            k = max(lower)
+            trial = {**counts, g: k}
+            saved = current - spent(trial)
+            if saved <= 0:
+                continue
+            rate = (curves[g][k] - curves[g][counts[g]]) / saved
+            if best is None or rate < best[0]:
+                best = (rate, g, k)
+        if best is None:
+            break
+        counts[best[1]] = best[2]
+        current = spent(counts)
+    return counts
+
+
 # ------------------------------------------------------------------------------------ selection
 
 
@@ -188,31 +243,54 @@ def l1_scores(analysis: Analysis, group: Group) -> NDArray[np.float64]:
     return score
 
 
+ViewKey = tuple[int, int]  # (consumer index, conv group)
+
+
+class _DenseTargets:
+    """Sampled rows of every consumer view and the dense model's outputs there, per batch.
+
+    Computed in one pass of the dense model; every group's statistics reuse them, so each group
+    needs only one pass of the current model (the same rows, its own inputs).
+    """
+
+    def __init__(self, analysis: Analysis, consumers: list[int], shapes: dict[str, tuple[int, ...]]) -> None:
+        self.views: dict[ViewKey, LayerView] = {}
+        for k in consumers:
+            cons = analysis.consumers[k]
+            for v in views(analysis, cons, shapes[cons.input]):
+                self.views[(k, v.part)] = v
+        self.rows: dict[ViewKey, list[NDArray[np.int64]]] = {key: [] for key in self.views}
+        self.targets: dict[ViewKey, list[NDArray[np.float32]]] = {key: [] for key in self.views}
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(v.consumer.input for v in self.views.values()))
+
+    def add(self, dense: dict[str, NDArray[np.floating]], share: float, rng: np.random.Generator) -> None:
+        for key, v in self.views.items():
+            x = dense[v.consumer.input]
+            total = row_count(x.shape, v.consumer.axis, v.geom)
+            rows = sample_rows(total, max(1, math.ceil(_row_budget(v.W.shape[1]) * share)), rng)
+            self.rows[key].append(rows)
+            self.targets[key].append(v.target(v.rows(x, rows)).astype(np.float32))
+
+
 class _Problems:
     """Least-squares statistics of the consumers of one group, on the current model."""
 
-    def __init__(
-        self,
-        analysis: Analysis,
-        group: Group,
-        keep: NDArray[np.bool_],
-        shapes: dict[str, tuple[int, ...]],
-    ) -> None:
+    def __init__(self, analysis: Analysis, group: Group, keep: NDArray[np.bool_], dense: _DenseTargets) -> None:
         self.analysis = analysis
-        self.group = group
+        self.dense = dense
         order = {int(c): k for k, c in enumerate(group.classes.tolist())}
-        self.views: list[LayerView] = []
+        self.keys: list[ViewKey] = [key for key in dense.views if key[0] in group.consumers]
+        self.views = [dense.views[key] for key in self.keys]
         self.cols: list[NDArray[np.int64]] = []  # current (existing) columns of each view
         self.channel: list[NDArray[np.int64]] = []
-        for k in group.consumers:
-            cons = analysis.consumers[k]
-            for v in views(analysis, cons, shapes[cons.input]):
-                cls = analysis.unit_class[v.col_units]
-                alive = keep[cls]
-                cols = np.flatnonzero(alive)
-                self.views.append(v)
-                self.cols.append(cols)
-                self.channel.append(np.array([order.get(int(c), -1) for c in cls[cols].tolist()], np.int64))
+        for v in self.views:
+            cls = analysis.unit_class[v.col_units]
+            cols = np.flatnonzero(keep[cls])
+            self.cols.append(cols)
+            self.channel.append(np.array([order.get(int(c), -1) for c in cls[cols].tolist()], np.int64))
         self.acc = [
             Accumulator(c.size, v.W.shape[0], intercept=v.bias is not None)
             for v, c in zip(self.views, self.cols, strict=True)
@@ -222,30 +300,25 @@ class _Problems:
     def inputs(self) -> list[str]:
         return list(dict.fromkeys(v.consumer.input for v in self.views))
 
-    def add(
-        self,
-        dense: dict[str, NDArray[np.floating]],
-        current: dict[str, NDArray[np.floating]],
-        rng: np.random.Generator,
-        share: float,
-    ) -> None:
-        """Add one batch; ``share`` is its fraction of the calibration samples (for the row budget)."""
-        for v, cols, acc in zip(self.views, self.cols, self.acc, strict=True):
-            xd, xc = dense[v.consumer.input], current[v.consumer.input]
-            total = row_count(xd.shape, v.consumer.axis, v.geom)
-            rows = sample_rows(total, max(1, math.ceil(_row_budget(cols.size) * share)), rng)
-            acc.add(v.rows(xc, rows)[:, cols], v.target(v.rows(xd, rows)))
+    def add(self, batch: int, current: dict[str, NDArray[np.floating]]) -> None:
+        """Add batch number ``batch`` of the current model's consumer inputs."""
+        for key, v, cols, acc in zip(self.keys, self.views, self.cols, self.acc, strict=True):
+            rows = self.dense.rows[key][batch]
+            acc.add(v.rows(current[v.consumer.input], rows)[:, cols], self.dense.targets[key][batch])
 
     def problems(self) -> list[ChannelProblem]:
         out = []
         yy_by_consumer: dict[int, float] = {}
         for v, acc in zip(self.views, self.acc, strict=True):
             yy_by_consumer[v.consumer.node] = yy_by_consumer.get(v.consumer.node, 0.0) + acc.yy
-        for v, acc, ch in zip(self.views, self.acc, self.channel, strict=True):
+        for v, acc, ch, cols in zip(self.views, self.acc, self.channel, self.cols, strict=True):
             n = max(acc.n, 1)
             channel = np.concatenate([ch, [-1]]) if acc.intercept else ch
+            w0 = v.W[:, cols].T
+            if acc.intercept and v.bias is not None:
+                w0 = np.vstack([w0, v.bias[None, :]])
             yy = yy_by_consumer[v.consumer.node]
-            out.append(ChannelProblem(acc.H / n, acc.G / n, acc.yy / n, channel, 1.0 / max(yy / n, 1e-30)))
+            out.append(ChannelProblem(acc.H / n, acc.G / n, acc.yy / n, channel, 1.0 / max(yy / n, 1e-30), w0))
         return out
 
     def weights(self, sel: ChannelSelection, base: dict[Key, NDArray[np.generic]]) -> dict[Key, NDArray[np.generic]]:
@@ -286,7 +359,7 @@ def prune_channels(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    probe = list(probes) if probes is not None else probe_batches(calib)
+    probe = list(probes) if probes is not None else probe_batches(calib, specs)
     shapes_all = probe_shapes(model, probe, specs)
     analysis = analyse(model, shapes_all)
     for gid, reason in (blocked or {}).items():
@@ -297,36 +370,66 @@ def prune_channels(
     keep = kept_classes(analysis, {})
     weights: dict[Key, NDArray[np.generic]] = {}
     results: dict[int, GroupRow] = {}
-    todo = [g for g in analysis.groups if g.prunable and counts.get(g.id, g.size) < g.size]
-    first_node = {g.id: min((analysis.consumers[k].node for k in g.consumers), default=10**9) for g in todo}
-    todo.sort(key=lambda g: first_node[g.id])
     need_stats = opts.method == "chita" or opts.update
+    allocate_by_errors = opts.method == "chita" and opts.allocation == "errors"
+    candidates = [
+        g for g in analysis.groups if g.prunable and (counts.get(g.id, g.size) < g.size or allocate_by_errors)
+    ]
     sizes = _batch_sizes(calib, opts.num_samples)
     n_use = sum(sizes)
     rng = np.random.default_rng(opts.seed)
     dense_bytes = model.SerializeToString()
+    dense: _DenseTargets | None = None
+    if need_stats and candidates:
+        t2 = time.perf_counter()
+        dense = _DenseTargets(analysis, sorted({k for g in candidates for k in g.consumers}), shapes)
+        whole = {g.id: _Problems(analysis, g, keep, dense) for g in candidates if allocate_by_errors and g.consumers}
+        values = capture(dense_bytes, dense.inputs, calib, specs, max_samples=n_use, threads=opts.threads)
+        for b, (size, vals) in enumerate(zip(sizes, values, strict=False)):
+            dense.add(vals, size / n_use, rng)
+            for group_stats in whole.values():
+                group_stats.add(b, vals)
+        timings["dense targets"] = time.perf_counter() - t2
+        if whole:
+            t3 = time.perf_counter()
+            curves = {}
+            for gid, group_stats in whole.items():
+                g = analysis.groups[gid]
+                options = friendly_counts(g.size, opts.multiple, g.blocks) if g.blocks == 1 else [counts[gid]]
+                curves[gid] = elimination_path(group_stats.problems(), g.size, options, damp=opts.damp)
+            for g in candidates:  # groups nobody reads cost nothing to prune
+                curves.setdefault(g.id, dict.fromkeys(friendly_counts(g.size, opts.multiple, g.blocks), 0.0))
+            counts = allocate(analysis, curves, counts, opts, node_macs(model, shapes))
+            timings["allocate"] = time.perf_counter() - t3
+            del whole
+    todo = [g for g in candidates if counts.get(g.id, g.size) < g.size]
+    first_node = {g.id: min((analysis.consumers[k].node for k in g.consumers), default=10**9) for g in todo}
+    todo.sort(key=lambda g: first_node[g.id])
     t_sel = 0.0
+    cache: dict[str, list[NDArray[np.floating]]] = {}  # current-model tensors still valid, per batch
     for g in progress(todo, desc="channel groups", unit="group"):
         t1 = time.perf_counter()
         k = counts[g.id]
         sel: ChannelSelection | None = None
         problems: list[ChannelProblem] = []
         probs: _Problems | None = None
-        if need_stats and g.consumers:
-            probs = _Problems(analysis, g, keep, shapes)
+        if dense is not None and g.consumers:
+            probs = _Problems(analysis, g, keep, dense)
+            changed = bool(weights) or bool((~keep).any())
             current = (
-                masked_model(analysis, keep, weights).SerializeToString() if weights or (~keep).any() else dense_bytes
+                masked_model(analysis, keep, weights, zero_producers=False).SerializeToString()
+                if changed
+                else dense_bytes
             )
-            names = probs.inputs
-            captured = zip(
-                capture(dense_bytes, names, calib, specs, max_samples=n_use),
-                capture(current, names, calib, specs, max_samples=n_use),
-                sizes,
-                strict=False,
-            )
-            for dense_vals, cur_vals, size in captured:
-                probs.add(dense_vals, cur_vals, rng, size / n_use)
+            captured: dict[str, list[NDArray[np.floating]]] = {n: [] for n in probs.inputs}
+            for b, cur_vals in enumerate(
+                capture(current, probs.inputs, calib, specs, max_samples=n_use, given=cache, threads=opts.threads)
+            ):
+                probs.add(b, cur_vals)
+                for n, v in cur_vals.items():
+                    captured[n].append(v)
             problems = probs.problems()
+            cache = captured
         blocks = g.block_of if g.blocks > 1 else None
         if opts.method == "chita" and problems:
             sel = select_channels(problems, g.size, k, blocks=blocks, damp=opts.damp, max_swaps=opts.max_swaps)
@@ -339,7 +442,10 @@ def prune_channels(
         keep[g.classes] = False
         keep[g.classes[kept_idx]] = True
         if sel is not None and probs is not None and opts.update:
-            weights.update(probs.weights(sel, weights))
+            new = probs.weights(sel, weights)
+            weights.update(new)
+            stale = downstream(analysis.model, {node for node, _slot in new})
+            cache = {n: v for n, v in cache.items() if n not in stale}
         results[g.id] = GroupRow(
             g.id,
             tuple(g.producers),
@@ -359,9 +465,29 @@ def prune_channels(
         if g.id in results:
             out.append(results[g.id])
         else:
-            reasons = tuple(g.reasons) if g.reasons else ("rounding keeps every channel",)
+            why = "the allocation keeps every channel" if allocate_by_errors else "rounding keeps every channel"
+            reasons = tuple(g.reasons) if g.reasons else (why,)
             out.append(GroupRow(g.id, tuple(g.producers), g.size, g.size, reasons, None, None, 0, 0.0))
     return ChannelResult(analysis, keep, weights, out, counts, fraction, timings)
+
+
+def downstream(model: onnx.ModelProto, nodes: set[int]) -> set[str]:
+    """Every tensor computed from the outputs of ``nodes`` (their values change when they do)."""
+    graph = model.graph
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for x in node.input:
+            readers.setdefault(x, []).append(i)
+    seen: set[str] = set()
+    todo = [o for i in nodes for o in graph.node[i].output]
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for r in readers.get(t, []):
+            todo.extend(graph.node[r].output)
+    return seen
 
 
 def _batch_sizes(calib: CalibrationSource, limit: int) -> list[int]:
@@ -386,10 +512,13 @@ def _top_k(score: NDArray[np.float64], k: int, blocks: NDArray[np.int64] | None)
     return np.sort(np.asarray(chosen, np.int64))
 
 
-def probe_batches(calib: CalibrationSource) -> list[Batch]:
-    """One-sample and two-sample batches of real data (two batch sizes tell batch dims apart)."""
+def probe_batches(calib: CalibrationSource, specs: Sequence[InputSpec] = ()) -> list[Batch]:
+    """One-sample and two-sample batches of real data (two batch sizes tell batch dims apart);
+    only the one-sample batch when the model's batch size is fixed."""
     first = next(iter(calib))
     one = Batch({k: np.asarray(v)[:1] for k, v in first.inputs.items()}, None)
+    if any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs):
+        return [one]
     if first.size >= 2:
         two = Batch({k: np.asarray(v)[:2] for k, v in first.inputs.items()}, None)
     else:

@@ -309,7 +309,7 @@ def _keep_blocked(prep: Prepared, keep: tuple[str, ...]) -> dict[int, str]:
     from .groups import analyse
     from .prune import probe_batches
 
-    analysis = analyse(prep.model, probe_shapes(prep.model, probe_batches(prep.calib), prep.specs))
+    analysis = analyse(prep.model, probe_shapes(prep.model, probe_batches(prep.calib, prep.specs), prep.specs))
     graph = prep.model.graph
     names: dict[str, set[str]] = {}
     for s in analysis.slices:

@@ -80,6 +80,7 @@ def _build(
     weights: Mapping[Key, NDArray[np.generic]],
     *,
     sliced: bool,
+    zero_producers: bool = True,
 ) -> onnx.ModelProto:
     model = analysis.model
     graph = model.graph
@@ -106,7 +107,7 @@ def _build(
             arrays[key] = _grouped_take(w, mask, role.groups, zero=not sliced)
         elif sliced:
             arrays[key] = np.take(w, np.flatnonzero(mask), axis=role.axis)
-        elif role.kind in ("consumer", "producer"):
+        elif role.kind == "consumer" or (role.kind == "producer" and zero_producers):
             z = w.copy()
             index = [slice(None)] * w.ndim
             index[role.axis] = ~mask  # type: ignore[call-overload]
@@ -160,10 +161,15 @@ def _build(
 
 
 def masked_model(
-    analysis: Analysis, keep: NDArray[np.bool_], weights: Mapping[Key, NDArray[np.generic]] | None = None
+    analysis: Analysis,
+    keep: NDArray[np.bool_],
+    weights: Mapping[Key, NDArray[np.generic]] | None = None,
+    *,
+    zero_producers: bool = True,
 ) -> onnx.ModelProto:
-    """Same shapes; removed channels are computed but their consumer columns are zero."""
-    return _build(analysis, keep, weights or {}, sliced=False)
+    """Same shapes; removed channels are computed but their consumer columns are zero (and, with
+    ``zero_producers``, the producers' rows of them too)."""
+    return _build(analysis, keep, weights or {}, sliced=False, zero_producers=zero_producers)
 
 
 def sliced_model(

@@ -1,0 +1,151 @@
+"""``compress --structure channel`` end to end: files, report, CLI flags and errors, stock onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from chita_onnx_cli.main import cli
+from click.testing import CliRunner
+from test_channels import _data, _tiny_cnn
+from test_stock_ort import stock_python  # noqa: F401  (fixture)
+
+import chita_onnx
+from chita_onnx.errors import ConfigError
+from chita_onnx.structured.capture import session
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.fixture
+def cnn(tmp_path: Path) -> tuple[Path, Path]:
+    model = _tiny_cnn()
+    onnx.save(model, tmp_path / "cnn.onnx")
+    x = _data(model, 48)
+    y = session(model).run(None, x)[0]
+    np.savez(tmp_path / "calib.npz", x=x["x"], labels=np.argmax(y, 1))
+    return tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[object]:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def test_compress_writes_a_smaller_valid_model_with_the_same_interface(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = cnn
+    out = tmp_path / "pruned.onnx"
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    report = chita_onnx.compress(model, out, data, cfg)
+    onnx.checker.check_model(str(out), full_check=True)
+    dense, pruned = onnx.load(model), onnx.load(out)
+    assert [(i.name, _dims(i)) for i in pruned.graph.input] == [(i.name, _dims(i)) for i in dense.graph.input]
+    assert [(o.name, _dims(o)) for o in pruned.graph.output] == [(o.name, _dims(o)) for o in dense.graph.output]
+    c = report.structured
+    assert c.written == "pruned" and c.params_after < c.params_before and c.flops_after < c.flops_before
+    assert c.channels_after < c.channels_before and c.equivalence_max_diff < 1e-4
+    assert report.evaluation is not None and report.evaluation.samples > 0
+    meta = {p.key: p.value for p in pruned.metadata_props}
+    assert json.loads(meta["chita_onnx"])["structure"] == "channel"
+    text = chita_onnx.format_report(report)
+    assert "channel pruning" in text and "parameters" in text and "FLOPs" in text
+    json.loads(report.to_json())  # serialisable
+
+
+def test_latency_check_never_keeps_a_slower_model(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = cnn
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_batches=(1, 8), method="magnitude")
+    report = chita_onnx.compress(model, tmp_path / "p.onnx", data, cfg)
+    c = report.structured
+    rows = {r.batch: r for r in c.latency}
+    assert set(rows) == {1, 8}
+    if c.written == "pruned":
+        assert all(r.pruned <= r.dense for r in c.latency)
+    else:  # nothing faster was found: the input went out unchanged, and the report says so
+        assert any("unchanged" in n for n in c.notes)
+        assert c.params_after == c.params_before
+
+
+def test_keep_protects_a_group(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = cnn
+    cfg = chita_onnx.CompressConfig(
+        sparsity=0.5, structure="channel", latency_check=False, keep=("c1.w",), channel_multiple=4
+    )
+    report = chita_onnx.compress(model, tmp_path / "p.onnx", data, cfg)
+    protected = next(g for g in report.structured.groups if "c1_node" in g.producers)
+    assert protected.kept == protected.channels and "protected by --keep" in protected.reasons
+
+
+def test_bundled_cnn_prunes_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "digits_pruned.onnx"
+    args = ["compress", str(MODELS / "digits_cnn.onnx"), str(out), "--data", str(MODELS / "digits_calib.npz")]
+    args += ["--eval-data", str(MODELS / "digits_test.npz"), "--structure", "channel", "--sparsity", "0.5"]
+    args += ["--no-latency-check", "--report", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "channel pruning" in result.output and "kept whole because" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["structured"]["channels_after"] < report["structured"]["channels_before"]
+    assert report["evaluation"]["pruned_accuracy"] > 0.8  # dense 0.988; half the channels removed
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--structure", "channel", "--method", "wf"], "--method='wf'"),
+        (["--sparsity-of", "flops"], "--sparsity-of='flops'"),
+        (["--structure", "channel", "--latency-batches", "1,x"], "--latency-batches"),
+        (["--structure", "channel", "--channel-multiple", "-1"], "--channel-multiple=-1"),
+    ],
+)
+def test_bad_channel_flags_are_usage_errors(extra: list[str], message: str, tmp_path: Path) -> None:
+    args = ["compress", str(MODELS / "digits_cnn.onnx"), str(tmp_path / "o.onnx")]
+    args += ["--data", str(MODELS / "digits_calib.npz"), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="--latency-batches"):
+        chita_onnx.CompressConfig(structure="channel", latency_batches=())
+
+
+SCRIPT = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+x = np.load(sys.argv[2])["x"]
+y = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+np.save(sys.argv[3], y)
+print(json.dumps({"version": ort.__version__}))
+"""
+
+
+@pytest.mark.stock_ort
+def test_pruned_model_runs_in_newest_plain_onnxruntime(
+    cnn: tuple[Path, Path],
+    tmp_path: Path,
+    stock_python: Path,  # noqa: F811
+) -> None:
+    model, data = cnn
+    out = tmp_path / "pruned.onnx"
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    chita_onnx.compress(model, out, data, cfg)
+    x = np.load(data)["x"][:8]
+    np.savez(tmp_path / "x.npz", x=x)
+    proc = subprocess.run(
+        [str(stock_python), "-c", SCRIPT, str(out), str(tmp_path / "x.npz"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["version"] != "1.19.2"
+    ours = session(onnx.load(out)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ours, rtol=1e-5, atol=1e-5)
