@@ -37,18 +37,22 @@ def side_by_side(
     models: Sequence[onnx.ModelProto | bytes],
     feed: Feed,
     *,
-    rounds: int = 15,
-    min_seconds: float = 0.002,
+    rounds: int | None = None,
+    budget: float = 8.0,
+    min_seconds: float = 0.01,
     threads: int = 1,
 ) -> list[float]:
     """Median seconds per run of each model on ``feed``, timed interleaved in this process.
 
     Each measurement repeats the run until it takes at least ``min_seconds`` (tiny models), and the
-    models take turns (rotating order) for ``rounds`` rounds.
+    models take turns (rotating order) for ``rounds`` rounds — by default as many as fit in
+    ``budget`` seconds, between 7 and 61.  On a loaded machine the interleaving makes slow
+    periods hit every model alike, and the median ignores the worst of them.
     """
     sessions = [session(m, threads=threads) for m in models]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     reps = []
+    per_round = 0.0
     for s, out in zip(sessions, names, strict=True):
         for _ in range(2):
             s.run(out, dict(feed))
@@ -56,6 +60,9 @@ def side_by_side(
         s.run(out, dict(feed))
         one = max(time.perf_counter() - t0, 1e-6)
         reps.append(max(1, int(np.ceil(min_seconds / one))))
+        per_round += reps[-1] * one
+    if rounds is None:
+        rounds = int(min(61, max(7, budget / max(per_round, 1e-9))))
     times: list[list[float]] = [[] for _ in models]
     for r in range(rounds):
         order = list(range(len(models)))

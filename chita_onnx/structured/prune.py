@@ -170,51 +170,55 @@ def plan(analysis: Analysis, opts: ChannelOptions, shapes: dict[str, tuple[int, 
     return best
 
 
-#: A group keeps at least this fraction of what the uniform plan would keep it (allocation "errors").
+#: A group keeps at least this fraction of its uniform share (allocation "errors").
 FLOOR = 0.5
 
 
 def allocate(
     analysis: Analysis,
     curves: dict[int, dict[int, float]],
-    uniform: dict[int, int],
+    fraction: float,
     opts: ChannelOptions,
     macs: dict[int, int],
 ) -> dict[int, int]:
-    """Kept counts that spend the budget of the ``uniform`` plan where it costs the least error.
+    """Kept counts that remove ``fraction`` of the channels (or FLOPs) where it costs the least error.
 
-    ``curves[g][k]`` is group ``g``'s reconstruction error when it keeps ``k`` channels.  Starting
-    from every group whole, repeatedly lower the group whose next friendly count adds the least
-    error per channel (or per FLOP with ``sparsity_of="flops"``) removed, until the plan removes as
-    many channels (FLOPs) as the uniform one.  Every group keeps at least ``FLOOR`` of its uniform
-    count.
+    ``curves[g][k]`` is group ``g``'s reconstruction error when it keeps ``k`` channels (``k`` a
+    kernel-friendly count).  Starting from every group whole, repeatedly lower the group whose next
+    friendly count adds the least error per channel (per FLOP with ``sparsity_of="flops"``) removed,
+    and stop at the total closest to the goal.  Every group keeps at least ``FLOOR`` of its share
+    ``(1 - fraction) · C``.
     """
-    counts = {g: analysis.groups[g].size for g in uniform}
+    counts = {g: analysis.groups[g].size for g in curves}
 
-    def spent(c: dict[int, int]) -> int:
-        return flops_after(analysis, macs, c) if opts.sparsity_of == "flops" else sum(c.values())
+    def spent(c: dict[int, int]) -> float:
+        return float(flops_after(analysis, macs, c)) if opts.sparsity_of == "flops" else float(sum(c.values()))
 
-    goal = spent(uniform)
-    options = {g: [k for k in curves[g] if k >= FLOOR * uniform[g] and k < analysis.groups[g].size] for g in uniform}
+    if opts.sparsity_of == "flops":
+        goal = (1.0 - opts.sparsity) * spent(counts)
+    else:
+        goal = sum((1.0 - fraction) * analysis.groups[g].size for g in counts)
+    floor = {g: FLOOR * (1.0 - fraction) * analysis.groups[g].size for g in counts}
+    options = {g: sorted(k for k in curves[g] if floor[g] <= k < analysis.groups[g].size) for g in counts}
     current = spent(counts)
     while current > goal:
-        best: tuple[float, int, int] | None = None
+        best: tuple[float, int, int, float] | None = None
         for g, ks in options.items():
             lower = [k for k in ks if k < counts[g]]
             if not lower:
                 continue
             k = max(lower)
-            trial = {**counts, g: k}
-            saved = current - spent(trial)
+            after = spent({**counts, g: k})
+            saved = current - after
             if saved <= 0:
                 continue
             rate = (curves[g][k] - curves[g][counts[g]]) / saved
             if best is None or rate < best[0]:
-                best = (rate, g, k)
-        if best is None:
-            break
+                best = (rate, g, k, after)
+        if best is None or (best[3] < goal and goal - best[3] > current - goal):
+            break  # nothing left to lower, or the next step overshoots more than we are short
         counts[best[1]] = best[2]
-        current = spent(counts)
+        current = best[3]
     return counts
 
 
@@ -399,7 +403,7 @@ def prune_channels(
                 curves[gid] = elimination_path(group_stats.problems(), g.size, options, damp=opts.damp)
             for g in candidates:  # groups nobody reads cost nothing to prune
                 curves.setdefault(g.id, dict.fromkeys(friendly_counts(g.size, opts.multiple, g.blocks), 0.0))
-            counts = allocate(analysis, curves, counts, opts, node_macs(model, shapes))
+            counts = allocate(analysis, curves, fraction, opts, node_macs(model, shapes))
             timings["allocate"] = time.perf_counter() - t3
             del whole
     todo = [g for g in candidates if counts.get(g.id, g.size) < g.size]

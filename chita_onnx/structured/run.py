@@ -203,6 +203,12 @@ def compress_channels(
             written = "input"
     assert chosen is not None
     result, sliced, diff, rows, m = chosen
+    if all(g.kept == g.channels for g in result.groups):
+        notes.append(
+            "no channel was removed (rounding to kernel-friendly counts keeps every group whole at this "
+            "sparsity): the output is the input model"
+        )
+        written = "input"
     if m != multiple and written == "pruned":
         notes.append(f"used rounding to multiples of {m} instead of {multiple}")
     for g in result.analysis.groups:
