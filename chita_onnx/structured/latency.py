@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ def batch_feed(sample: Feed, batch: int) -> dict[str, NDArray[np.generic]]:
     return out
 
 
-def side_by_side(
+def timings(
     models: Sequence[onnx.ModelProto | bytes],
     feed: Feed,
     *,
@@ -41,39 +42,62 @@ def side_by_side(
     budget: float = 8.0,
     min_seconds: float = 0.01,
     threads: int = 1,
-) -> list[float]:
-    """Median seconds per run of each model on ``feed``, timed interleaved in this process.
+    trials: int = 3,
+    seed: int = 0,
+) -> NDArray[np.float64]:
+    """Seconds per run of each model on ``feed``, one row per round: shape ``(rounds, len(models))``.
 
-    Each measurement repeats the run until it takes at least ``min_seconds`` (tiny models), and the
-    models take turns (rotating order) for ``rounds`` rounds — by default as many as fit in
-    ``budget`` seconds, between 7 and 61.  On a loaded machine the interleaving makes slow
-    periods hit every model alike, and the median ignores the worst of them.
+    The rounds come from ``trials`` independent trials, each with freshly created sessions (in a
+    shuffled order): two sessions of the *same* model can differ by 10–30% on small convolutions
+    (measured), so one session per model is not a fair comparison.  Within a trial, each
+    measurement repeats the run until it takes at least ``min_seconds`` and the models take turns
+    (rotating order); measurements in one round are back to back, so on a loaded machine they share
+    its load — compare models round by round (:func:`paired_speedup`).  By default the rounds fill
+    ``budget`` seconds (between 7 and 61 in all).
     """
-    sessions = [session(m, threads=threads) for m in models]
-    names = [[o.name for o in s.get_outputs()] for s in sessions]
-    reps = []
-    per_round = 0.0
-    for s, out in zip(sessions, names, strict=True):
-        for _ in range(2):
-            s.run(out, dict(feed))
-        t0 = time.perf_counter()
-        s.run(out, dict(feed))
-        one = max(time.perf_counter() - t0, 1e-6)
-        reps.append(max(1, int(np.ceil(min_seconds / one))))
-        per_round += reps[-1] * one
-    if rounds is None:
-        rounds = int(min(61, max(7, budget / max(per_round, 1e-9))))
-    times: list[list[float]] = [[] for _ in models]
-    for r in range(rounds):
-        order = list(range(len(models)))
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for k in order:
-            s, out = sessions[k], names[k]
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
+    rng = np.random.default_rng(seed)
+    protos = [m if isinstance(m, bytes) else m.SerializeToString() for m in models]
+    parts: list[NDArray[np.float64]] = []
+    for trial in range(trials):
+        order = rng.permutation(len(protos))
+        created = {int(k): session(protos[int(k)], threads=threads) for k in order}
+        sessions = [created[k] for k in range(len(protos))]
+        names = [[o.name for o in s.get_outputs()] for s in sessions]
+        reps = []
+        per_round = 0.0
+        for s, out in zip(sessions, names, strict=True):
+            for _ in range(2):
                 s.run(out, dict(feed))
-            times[k].append((time.perf_counter() - t0) / reps[k])
-    return [float(np.median(t)) for t in times]
+            t0 = time.perf_counter()
+            s.run(out, dict(feed))
+            one = max(time.perf_counter() - t0, 1e-6)
+            reps.append(max(1, int(np.ceil(min_seconds / one))))
+            per_round += reps[-1] * one
+        total = rounds if rounds is not None else int(min(61, max(7, budget / max(per_round, 1e-9))))
+        n = max(2, -(-total // trials)) if trials > 1 else total
+        t = np.zeros((n, len(protos)))
+        for r in range(n):
+            turn = list(range(len(protos)))
+            turn = turn[(r + trial) % len(turn) :] + turn[: (r + trial) % len(turn)]
+            for k in turn:
+                s, out = sessions[k], names[k]
+                t0 = time.perf_counter()
+                for _ in range(reps[k]):
+                    s.run(out, dict(feed))
+                t[r, k] = (time.perf_counter() - t0) / reps[k]
+        parts.append(t)
+        del created, sessions
+    return np.concatenate(parts)
+
+
+def side_by_side(models: Sequence[onnx.ModelProto | bytes], feed: Feed, **kwargs: Any) -> list[float]:
+    """Median seconds per run of each model (see :func:`timings`)."""
+    return [float(v) for v in np.median(timings(models, feed, **kwargs), axis=0)]
+
+
+def paired_speedup(times: NDArray[np.float64], reference: int = 0) -> list[float]:
+    """Median over rounds of ``t_reference / t_model``: how many times faster each model is."""
+    return [float(v) for v in np.median(times[:, [reference]] / times, axis=0)]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -11,15 +11,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LatencyRow:
-    """Median seconds per run of the dense and the pruned model at one batch size (interleaved)."""
+    """Median seconds per run of the dense and the pruned model at one batch size, timed interleaved;
+    ``speedup`` is the median over rounds of dense/pruned (the two timed back to back)."""
 
     batch: int
     dense: float
     pruned: float
-
-    @property
-    def speedup(self) -> float:
-        return self.dense / self.pruned if self.pruned > 0 else float("inf")
+    speedup: float
 
 
 @dataclass(frozen=True)
@@ -118,16 +116,9 @@ def channel_summary(r: Report) -> list[str]:
     head += ["", table(lines, ["", "dense", "pruned", "ratio"])]
     if c.latency:
         head.append(
-            f"latency: onnxruntime CPU, {c.latency_threads} thread(s), median of interleaved runs in one process"
+            f"latency: onnxruntime CPU, {c.latency_threads} thread(s), medians of interleaved runs in one process; "
+            "ratio = median of the per-round ratios"
         )
     head.append(f"pruned model = masked model (max |output difference| {c.equivalence_max_diff:.2g})")
     head += [f"note: {n}" for n in c.notes]
     return head
-
-
-def as_dict(c: ChannelReport) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    d = asdict(c)
-    d["latency"] = [{**asdict(x), "speedup": x.speedup} for x in c.latency]
-    return d

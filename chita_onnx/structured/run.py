@@ -35,7 +35,7 @@ from ..graph import METADATA_KEY, check_model, save_model
 from ..report import FileSizes, Report, StageReport, TensorReport
 from .capture import session
 from .graphutil import Constants
-from .latency import batch_feed, count_params, kernel_multiple, side_by_side
+from .latency import batch_feed, count_params, kernel_multiple, paired_speedup, timings
 from .prune import ChannelOptions, ChannelResult, node_macs, prune_channels
 from .report import ChannelReport, LatencyRow
 
@@ -110,15 +110,15 @@ def time_models(
     rows = []
     for b in batches:
         x = {k: np.asarray(v, dtype=specs[k].dtype) for k, v in batch_feed(sample, b).items()}
-        t = side_by_side([dense, pruned], x, threads=LATENCY_THREADS)
-        rows.append(LatencyRow(b, t[0], t[1]))
+        t = timings([dense, pruned], x, threads=LATENCY_THREADS)
+        rows.append(LatencyRow(b, float(np.median(t[:, 0])), float(np.median(t[:, 1])), paired_speedup(t)[1]))
     return rows
 
 
 def _channel_totals(result: ChannelResult) -> tuple[int, int, int]:
     before = sum(g.channels for g in result.groups)
     after = sum(g.kept for g in result.groups)
-    prunable = sum(g.channels for g in result.groups if not g.reasons)
+    prunable = sum(g.size for g in result.analysis.groups if g.prunable)
     return before, after, prunable
 
 
@@ -190,7 +190,7 @@ def compress_channels(
             with timer.phase("latency"):
                 rows = time_models(dense, sliced, prep, batches)
         chosen = (result, sliced, diff, rows, m)
-        slow = [r for r in rows if r.pruned > r.dense]
+        slow = [r for r in rows if r.speedup < 1.0]
         if not slow:
             break
         notes.append(
