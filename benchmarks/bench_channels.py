@@ -163,14 +163,17 @@ def run(
                 f"written {c.written}, guard {[round(r.speedup, 2) for r in c.latency]}",
                 flush=True,
             )
-        models = [dense, *pruned.values()]
+        # an identical copy of the dense model is timed too: its "speed-up" shows the measurement noise
+        models = [dense, dense, *pruned.values()]
         timing: dict[int, list[float]] = {}
         ratio: dict[int, list[float]] = {}
         for b in (1, 32):
             timed = [symbolic_batch(m) for m in models] if fixed and b > 1 else models
-            t = timings(timed, batch_feed(first, b), budget=budget)
+            t = timings(timed, batch_feed(first, b), budget=budget, trials=5)
             timing[b], ratio[b] = [float(v) for v in np.median(t, axis=0)], paired_speedup(t)
-        for k, meth in enumerate(pruned, start=1):
+        control = {b: ratio[b][1] for b in ratio}
+        print(f"  s={s} control (dense vs its copy): b1 {control[1]:.2f}x b32 {control[32]:.2f}x", flush=True)
+        for k, meth in enumerate(pruned, start=2):
             m = pruned[meth]
             score = task.metric(outputs(m, task.eval_inputs, task, chunk))
             row = {
@@ -183,6 +186,7 @@ def run(
                 "flops": [flops(m, first), flops(dense, first)],
                 "latency_ms": {b: [1e3 * timing[b][k], 1e3 * timing[b][0]] for b in timing},
                 "speedup": {b: ratio[b][k] for b in timing},
+                "control_speedup": control,
                 **info[meth],
             }
             rows.append(row)

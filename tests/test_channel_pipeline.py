@@ -149,3 +149,18 @@ def test_pruned_model_runs_in_newest_plain_onnxruntime(
     assert json.loads(proc.stdout.strip().splitlines()[-1])["version"] != "1.19.2"
     ours = session(onnx.load(out)).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_model_newer_than_the_bundled_runtime_keeps_its_versions(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+    import onnx.version_converter
+
+    model, data = cnn
+    newer = onnx.version_converter.convert_version(onnx.load(model), 22)
+    newer.ir_version = 11
+    onnx.save(newer, tmp_path / "new.onnx")
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    report = chita_onnx.compress(tmp_path / "new.onnx", tmp_path / "p.onnx", data, cfg)
+    out = onnx.load(tmp_path / "p.onnx")
+    onnx.checker.check_model(out)
+    assert out.ir_version == 11 and out.opset_import[0].version == 22
+    assert report.structured.channels_after < report.structured.channels_before

@@ -118,3 +118,19 @@ def test_bad_budget_is_refused() -> None:
     p = _random(0)
     with pytest.raises(SolverError, match="k=0"):
         select_channels([p], 10, 0)
+
+
+def test_unfitted_error_is_the_error_of_the_trained_weights_on_the_kept_columns() -> None:
+    from chita_onnx.solver.channels import unfitted_error
+
+    rng = np.random.default_rng(11)
+    n, C, out = 80, 6, 3
+    A = rng.standard_normal((n, C))
+    W0 = rng.standard_normal((C, out))
+    Y = A @ W0 + 0.1 * rng.standard_normal((n, out))
+    p = _problem(A, Y, np.arange(C), W0)
+    kept = np.array([1, 2, 5])
+    residual = Y - A[:, kept] @ W0[kept]
+    expected = p.weight * float((residual**2).sum()) / n
+    assert unfitted_error([p], kept) == pytest.approx(expected, rel=1e-9)
+    assert unfitted_error([p], np.arange(C)) < unfitted_error([p], kept)

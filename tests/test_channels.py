@@ -475,3 +475,39 @@ def test_flops_target_is_met_within_the_rounding() -> None:
         counts, _ = plan(a, ChannelOptions(target, sparsity_of="flops", multiple=4), shapes)
         achieved = 1 - flops_after(a, macs, counts) / sum(macs.values())
         assert achieved >= target - 0.1
+
+
+def test_capture_from_given_activations_equals_a_full_pass() -> None:
+    from chita_onnx.structured.capture import capture
+
+    model = _tiny_cnn()
+    x = _data(model, 20)
+    src = ArraySource(x, batch_size=8)
+    specs = model_inputs(model)
+    full = list(capture(model, ["r1", "r3"], src, specs))
+    given = {"r2b": [v["r2b"] for v in capture(model, ["r2b"], src, specs)]}
+    cut = list(capture(model, ["r3"], src, specs, given=given))
+    assert len(cut) == len(full) == 3
+    for a, b in zip(full, cut, strict=True):
+        np.testing.assert_array_equal(a["r3"], b["r3"])
+
+
+def test_allocation_meets_the_budget_and_prefers_cheap_groups() -> None:
+    from chita_onnx.structured.prune import FLOOR, allocate, friendly_counts
+
+    model = _tiny_cnn()
+    a = _analysis(model)
+    groups = [g for g in a.groups if g.prunable]
+    assert len(groups) >= 2
+    cheap, dear = groups[0], groups[1]
+    curves = {
+        cheap.id: {k: 0.01 * (cheap.size - k) for k in friendly_counts(cheap.size, 4)},
+        dear.id: {k: 1.0 * (dear.size - k) for k in friendly_counts(dear.size, 4)},
+    }
+    opts = ChannelOptions(0.5, multiple=4)
+    counts = allocate(a, curves, 0.5, opts, {})
+    assert (cheap.size, dear.size) == (16, 32)
+    # the cheap group goes down to its floor (FLOOR * 8 = 4) first, the dear one pays the rest of the
+    # budget of 24 kept channels
+    assert FLOOR * 0.5 * cheap.size == 4
+    assert (counts[cheap.id], counts[dear.id]) == (4, 20)

@@ -206,6 +206,7 @@ def _eliminate(
     per_block: int,
     stops: list[int],
     record: dict[int, float],
+    sets: dict[int, NDArray[np.int64]] | None = None,
 ) -> None:
     """Remove channels (cheapest exact removal cost first, a shrinking number per step) until
     ``min(stops)`` remain, landing exactly on every count in ``stops`` and recording the objective
@@ -242,6 +243,8 @@ def _eliminate(
         now = int(kept.sum())
         if now in stops:
             record[now] = float(sum(w * s.error() for w, s in zip(weights, states, strict=True)))
+            if sets is not None:
+                sets[now] = np.flatnonzero(kept).astype(np.int64)
 
 
 def elimination_path(
@@ -250,17 +253,32 @@ def elimination_path(
     counts: Sequence[int],
     *,
     damp: float = DAMP,
+    sets: dict[int, NDArray[np.int64]] | None = None,
 ) -> dict[int, float]:
     """The objective ``Σ w_ℓ E_ℓ`` along backward elimination, at each kept count in ``counts``
-    (for allocating channels between groups; no swaps).  ``n_channels`` maps to the start value."""
+    (for allocating channels between groups; no swaps).  ``n_channels`` maps to the start value.
+    ``sets`` (optional) receives the kept channels at each count."""
     states = [_State(p, damp) for p in problems]
     weights = np.array([p.weight for p in problems])
     record = {n_channels: float(sum(w * s.error() for w, s in zip(weights, states, strict=True)))}
     stops = sorted({int(c) for c in counts if 0 < c < n_channels})
     if stops:
         kept = np.ones(n_channels, dtype=bool)
-        _eliminate(states, weights, kept, np.zeros(n_channels, np.int64), min(stops), stops, record)
+        _eliminate(states, weights, kept, np.zeros(n_channels, np.int64), min(stops), stops, record, sets)
     return record
+
+
+def unfitted_error(problems: Sequence[ChannelProblem], kept: NDArray[np.int64]) -> float:
+    """``Σ w_ℓ ‖Y − Ã_S W₀,S‖²``: the error of keeping ``kept`` *without* re-fit (trained weights)."""
+    total = 0.0
+    for p in problems:
+        if p.W0 is None:
+            continue
+        cols = np.flatnonzero((p.channel < 0) | np.isin(p.channel, kept))
+        W = p.W0[cols]
+        err = p.yy - 2.0 * np.sum(W * p.G[cols]) + np.sum(W * (p.H[np.ix_(cols, cols)] @ W))
+        total += p.weight * float(err)
+    return total
 
 
 def select_channels(

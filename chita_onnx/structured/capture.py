@@ -87,12 +87,17 @@ def _runnable(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def session(model: onnx.ModelProto | bytes, *, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session with all graph optimisations; load failures become a one-line :class:`ModelError`."""
+    """A CPU session with all graph optimisations; load failures become a one-line :class:`ModelError`.
+
+    A model newer than the bundled onnxruntime loads is converted down first (for running only).
+    """
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else model
+    runnable = _runnable(proto)
+    data = model if isinstance(model, bytes) and runnable is proto else runnable.SerializeToString()
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -26,7 +26,15 @@ from numpy.typing import NDArray
 from ..data_types import Batch, CalibrationSource, InputSpec
 from ..errors import ConfigError
 from ..progress import progress
-from ..solver.channels import DAMP, ChannelProblem, ChannelSelection, elimination_path, refit, select_channels
+from ..solver.channels import (
+    DAMP,
+    ChannelProblem,
+    ChannelSelection,
+    elimination_path,
+    refit,
+    select_channels,
+    unfitted_error,
+)
 from .capture import capture, probe_shapes
 from .graphutil import Constants
 from .groups import Analysis, Group, analyse
@@ -53,6 +61,7 @@ class ChannelOptions:
     max_swaps: int = 50
     threads: int = 1
     allocation: str = "errors"  # or "uniform"
+    polish: bool = True
 
 
 @dataclass
@@ -170,6 +179,10 @@ def plan(analysis: Analysis, opts: ChannelOptions, shapes: dict[str, tuple[int, 
     return best
 
 
+#: With a channel budget, the allocation also saves at least this share of the FLOPs that pruning every
+#: group by the same fraction would save (the speed-up of channel pruning comes from the FLOPs).
+FLOP_SHARE = 1.0
+
 #: A group keeps at least this fraction of its uniform share (allocation "errors").
 FLOOR = 0.5
 
@@ -181,45 +194,98 @@ def allocate(
     opts: ChannelOptions,
     macs: dict[int, int],
 ) -> dict[int, int]:
-    """Kept counts that remove ``fraction`` of the channels (or FLOPs) where it costs the least error.
+    """Kept counts that meet the budget where it costs the least reconstruction error.
 
-    ``curves[g][k]`` is group ``g``'s reconstruction error when it keeps ``k`` channels (``k`` a
-    kernel-friendly count).  Starting from every group whole, repeatedly lower the group whose next
-    friendly count adds the least error per channel (per FLOP with ``sparsity_of="flops"``) removed,
-    and stop at the total closest to the goal.  Every group keeps at least ``FLOOR`` of its share
-    ``(1 - fraction) · C``.
+    ``curves[g][k]`` is group ``g``'s error when it keeps ``k`` channels (``k`` a kernel-friendly
+    count).  Two budgets must be met: the channels (``fraction`` of every group's channels, with
+    ``sparsity_of="channels"``) and the FLOPs — at least what the uniform plan saves, or
+    ``sparsity`` of them with ``sparsity_of="flops"``.  The FLOP budget matters: a channel of a wide
+    layer at 1×1 resolution costs almost no error to remove but saves almost no time either, so a
+    channel budget alone would take the speed-up away.  Starting from every group whole, the greedy
+    lowers the group whose next friendly count adds the least error per unit of the budgets still
+    unmet, until both are met.  Every group keeps at least ``FLOOR`` of its share ``(1 - fraction) · C``.
     """
     counts = {g: analysis.groups[g].size for g in curves}
-
-    def spent(c: dict[int, int]) -> float:
-        return float(flops_after(analysis, macs, c)) if opts.sparsity_of == "flops" else float(sum(c.values()))
-
+    sizes = {g: analysis.groups[g].size for g in counts}
+    total_flops = float(flops_after(analysis, macs, counts)) if macs else 0.0
     if opts.sparsity_of == "flops":
-        goal = (1.0 - opts.sparsity) * spent(counts)
+        goal_c = 0.0
+        goal_f = (1.0 - opts.sparsity) * total_flops
     else:
-        goal = sum((1.0 - fraction) * analysis.groups[g].size for g in counts)
-    floor = {g: FLOOR * (1.0 - fraction) * analysis.groups[g].size for g in counts}
-    options = {g: sorted(k for k in curves[g] if floor[g] <= k < analysis.groups[g].size) for g in counts}
-    current = spent(counts)
-    while current > goal:
-        best: tuple[float, int, int, float] | None = None
-        for g, ks in options.items():
-            lower = [k for k in ks if k < counts[g]]
-            if not lower:
-                continue
-            k = max(lower)
-            after = spent({**counts, g: k})
-            saved = current - after
-            if saved <= 0:
-                continue
-            rate = (curves[g][k] - curves[g][counts[g]]) / saved
-            if best is None or rate < best[0]:
-                best = (rate, g, k, after)
-        if best is None or (best[3] < goal and goal - best[3] > current - goal):
-            break  # nothing left to lower, or the next step overshoots more than we are short
-        counts[best[1]] = best[2]
-        current = best[3]
-    return counts
+        goal_c = sum((1.0 - fraction) * n for n in sizes.values())
+        uniform = {
+            g: round_count((1.0 - fraction) * n, n, opts.multiple, analysis.groups[g].blocks) for g, n in sizes.items()
+        }
+        goal_f = float(flops_after(analysis, macs, uniform)) if macs else 0.0
+        goal_f = total_flops - FLOP_SHARE * (total_flops - goal_f)
+    floor = {g: FLOOR * (1.0 - fraction) * n for g, n in sizes.items()}
+    options = {g: sorted(k for k in curves[g] if floor[g] <= k < n) for g, n in sizes.items()}
+    limit_c = goal_c if opts.sparsity_of == "channels" else 0.0
+    budget_c = max(sum(sizes.values()) - goal_c, 1.0)
+    need_f = max(total_flops - goal_f, 1.0)
+
+    def greedy(start: dict[int, int], price: float, by_flops: bool) -> dict[int, int]:
+        """Lower groups one friendly count at a time, cheapest first, until the goal (or no step).
+
+        By FLOPs: cost ``Δerror + price · Δchannels / channel budget`` per FLOP saved, never past
+        the channel budget, until the FLOP goal; by channels: ``Δerror`` per channel, stopping at the
+        total closest to the channel goal.
+        """
+        counts = dict(start)
+        chans = float(sum(counts.values()))
+        flops = float(flops_after(analysis, macs, counts)) if macs else 0.0
+        while (flops > goal_f + 1e-9) if by_flops else (chans > goal_c + 1e-9):
+            best: tuple[float, int, int, float, float] | None = None
+            for g, ks in options.items():
+                lower = [k for k in ks if k < counts[g]]
+                if not lower:
+                    continue
+                k = max(lower)
+                c_after = chans - (counts[g] - k)
+                if by_flops and c_after < limit_c - 1e-9:
+                    continue
+                f_after = float(flops_after(analysis, macs, {**counts, g: k})) if macs else 0.0
+                d_err = curves[g][k] - curves[g][counts[g]]
+                if by_flops:
+                    if flops - f_after <= 0:
+                        continue
+                    rate = (d_err + price * (chans - c_after) / budget_c) / ((flops - f_after) / need_f)
+                else:
+                    rate = d_err / (chans - c_after)
+                if best is None or rate < best[0]:
+                    best = (rate, g, k, c_after, f_after)
+            if best is None:
+                break
+            if not by_flops and best[3] < goal_c and goal_c - best[3] > chans - goal_c:
+                break  # the step would overshoot the goal more than we are short of it
+            counts[best[1]] = best[2]
+            chans, flops = best[3], best[4]
+        return counts
+
+    full = {g: n for g, n in sizes.items()}
+    counts = full
+    if macs and goal_f < total_flops:
+        # 1. the FLOP budget: the smallest price of channels that reaches it within the channel budget
+        def reaches(c: dict[int, int]) -> bool:
+            return float(flops_after(analysis, macs, c)) <= goal_f + 1e-9
+
+        counts = greedy(full, 0.0, True)
+        if not reaches(counts):
+            lo, hi = 0.0, 1.0
+            best_counts = greedy(full, hi, True)
+            while not reaches(best_counts) and hi < 1e6:
+                hi *= 10.0
+                best_counts = greedy(full, hi, True)
+            for _ in range(12):
+                mid = 0.5 * (lo + hi)
+                trial = greedy(full, mid, True)
+                if reaches(trial):
+                    hi, best_counts = mid, trial
+                else:
+                    lo = mid
+            counts = best_counts
+    # 2. the rest of the channel budget, by error per channel
+    return greedy(counts, 0.0, False) if opts.sparsity_of == "channels" else counts
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -282,11 +348,20 @@ class _DenseTargets:
 class _Problems:
     """Least-squares statistics of the consumers of one group, on the current model."""
 
-    def __init__(self, analysis: Analysis, group: Group, keep: NDArray[np.bool_], dense: _DenseTargets) -> None:
+    def __init__(
+        self,
+        analysis: Analysis,
+        group: Group | None,
+        keep: NDArray[np.bool_],
+        dense: _DenseTargets,
+        consumers: list[int] | None = None,
+    ) -> None:
+        """Statistics of ``group``'s consumers (or of ``consumers``, with every column fixed)."""
         self.analysis = analysis
         self.dense = dense
-        order = {int(c): k for k, c in enumerate(group.classes.tolist())}
-        self.keys: list[ViewKey] = [key for key in dense.views if key[0] in group.consumers]
+        order = {} if group is None else {int(c): k for k, c in enumerate(group.classes.tolist())}
+        which = set(group.consumers if group is not None else consumers or [])
+        self.keys: list[ViewKey] = [key for key in dense.views if key[0] in which]
         self.views = [dense.views[key] for key in self.keys]
         self.cols: list[NDArray[np.int64]] = []  # current (existing) columns of each view
         self.channel: list[NDArray[np.int64]] = []
@@ -397,10 +472,24 @@ def prune_channels(
         if whole:
             t3 = time.perf_counter()
             curves = {}
+            probe_set: dict[int, NDArray[np.int64]] = {}
+            local: dict[int, float] = {}
             for gid, group_stats in whole.items():
                 g = analysis.groups[gid]
                 options = friendly_counts(g.size, opts.multiple, g.blocks) if g.blocks == 1 else [counts[gid]]
-                curves[gid] = elimination_path(group_stats.problems(), g.size, options, damp=opts.damp)
+                sets: dict[int, NDArray[np.int64]] = {}
+                problems_g = group_stats.problems()
+                curves[gid] = elimination_path(problems_g, g.size, options, damp=opts.damp, sets=sets)
+                if counts[gid] in sets:
+                    probe_set[gid] = sets[counts[gid]]
+                    local[gid] = unfitted_error(problems_g, sets[counts[gid]])
+            # the local errors do not say how much of an error reaches the output (an early layer's
+            # passes through the whole network): scale each curve by its group's measured amplification
+            t5 = time.perf_counter()
+            gain = amplification(analysis, probe_set, local, model, calib, specs, opts)
+            for gid, factor in gain.items():
+                curves[gid] = {k: factor * v for k, v in curves[gid].items()}
+            timings["amplification"] = time.perf_counter() - t5
             for g in candidates:  # groups nobody reads cost nothing to prune
                 curves.setdefault(g.id, dict.fromkeys(friendly_counts(g.size, opts.multiple, g.blocks), 0.0))
             counts = allocate(analysis, curves, fraction, opts, node_macs(model, shapes))
@@ -464,6 +553,27 @@ def prune_channels(
         t_sel += time.perf_counter() - t1
         log.info("group %d (%s): kept %d of %d channels", g.id, ", ".join(g.producers[:3]), kept_idx.size, g.size)
     timings["select"] = t_sel
+    if dense is not None and opts.update and opts.polish and weights:
+        # later groups changed the inputs of consumers re-fitted earlier (a residual stream is read
+        # across a whole block): re-fit every re-fitted consumer once more, in graph order
+        t4 = time.perf_counter()
+        refitted = sorted({k for g in todo for k in g.consumers}, key=lambda k: analysis.consumers[k].node)
+        for k in progress(refitted, desc="polish", unit="layer"):
+            probs = _Problems(analysis, None, keep, dense, consumers=[k])
+            current = masked_model(analysis, keep, weights, zero_producers=False).SerializeToString()
+            captured = {n: [] for n in probs.inputs}
+            for b, cur_vals in enumerate(
+                capture(current, probs.inputs, calib, specs, max_samples=n_use, given=cache, threads=opts.threads)
+            ):
+                probs.add(b, cur_vals)
+                for n, v in cur_vals.items():
+                    captured[n].append(v)
+            cache = captured
+            new = probs.weights(refit(probs.problems(), np.zeros(0, np.int64), damp=opts.damp), weights)
+            weights.update(new)
+            stale = downstream(analysis.model, {node for node, _slot in new})
+            cache = {n: v for n, v in cache.items() if n not in stale}
+        timings["polish"] = time.perf_counter() - t4
     out = []
     for g in analysis.groups:
         if g.id in results:
@@ -473,6 +583,63 @@ def prune_channels(
             reasons = tuple(g.reasons) if g.reasons else (why,)
             out.append(GroupRow(g.id, tuple(g.producers), g.size, g.size, reasons, None, None, 0, 0.0))
     return ChannelResult(analysis, keep, weights, out, counts, fraction, timings)
+
+
+#: Calibration samples used to measure how much each group's error reaches the outputs.
+AMPLIFICATION_SAMPLES = 32
+
+
+def amplification(
+    analysis: Analysis,
+    kept: dict[int, NDArray[np.int64]],
+    local: dict[int, float],
+    model: onnx.ModelProto,
+    calib: CalibrationSource,
+    specs: Sequence[InputSpec],
+    opts: ChannelOptions,
+) -> dict[int, float]:
+    """Per group: relative output error of the model with only that group pruned to ``kept[g]``
+    (trained weights, no re-fit), divided by the group's local relative error ``local[g]`` for the
+    same channels.  Measured with onnxruntime on the first calibration samples."""
+    outputs = [o.name for o in model.graph.output]
+    n = AMPLIFICATION_SAMPLES
+    dense = [
+        np.concatenate(v)
+        for v in zip(
+            *[
+                [b[o] for o in outputs]
+                for b in capture(model, outputs, calib, specs, max_samples=n, threads=opts.threads)
+            ],
+            strict=True,
+        )
+    ]
+    energy = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in dense)
+    gain: dict[int, float] = {}
+    for gid, ids in kept.items():
+        g = analysis.groups[gid]
+        keep = kept_classes(analysis, {gid: g.classes[ids]})
+        masked = masked_model(analysis, keep, zero_producers=False)
+        got = [
+            np.concatenate(v)
+            for v in zip(
+                *[
+                    [b[o] for o in outputs]
+                    for b in capture(masked, outputs, calib, specs, max_samples=n, threads=opts.threads)
+                ],
+                strict=True,
+            )
+        ]
+        err = sum(
+            float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+            for a, b in zip(dense, got, strict=True)
+        )
+        if local.get(gid, 0.0) > 0 and energy > 0:
+            gain[gid] = (err / energy) / local[gid]
+    if gain:  # groups without a measurement get the median factor
+        median = float(np.median(list(gain.values())))
+        for gid in kept:
+            gain.setdefault(gid, median)
+    return gain
 
 
 def downstream(model: onnx.ModelProto, nodes: set[int]) -> set[str]:
