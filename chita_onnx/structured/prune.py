@@ -61,7 +61,6 @@ class ChannelOptions:
     max_swaps: int = 50
     threads: int = 1
     allocation: str = "errors"  # or "uniform"
-    polish: bool = True
 
 
 @dataclass
@@ -348,20 +347,11 @@ class _DenseTargets:
 class _Problems:
     """Least-squares statistics of the consumers of one group, on the current model."""
 
-    def __init__(
-        self,
-        analysis: Analysis,
-        group: Group | None,
-        keep: NDArray[np.bool_],
-        dense: _DenseTargets,
-        consumers: list[int] | None = None,
-    ) -> None:
-        """Statistics of ``group``'s consumers (or of ``consumers``, with every column fixed)."""
+    def __init__(self, analysis: Analysis, group: Group, keep: NDArray[np.bool_], dense: _DenseTargets) -> None:
         self.analysis = analysis
         self.dense = dense
-        order = {} if group is None else {int(c): k for k, c in enumerate(group.classes.tolist())}
-        which = set(group.consumers if group is not None else consumers or [])
-        self.keys: list[ViewKey] = [key for key in dense.views if key[0] in which]
+        order = {int(c): k for k, c in enumerate(group.classes.tolist())}
+        self.keys: list[ViewKey] = [key for key in dense.views if key[0] in group.consumers]
         self.views = [dense.views[key] for key in self.keys]
         self.cols: list[NDArray[np.int64]] = []  # current (existing) columns of each view
         self.channel: list[NDArray[np.int64]] = []
@@ -553,27 +543,6 @@ def prune_channels(
         t_sel += time.perf_counter() - t1
         log.info("group %d (%s): kept %d of %d channels", g.id, ", ".join(g.producers[:3]), kept_idx.size, g.size)
     timings["select"] = t_sel
-    if dense is not None and opts.update and opts.polish and weights:
-        # later groups changed the inputs of consumers re-fitted earlier (a residual stream is read
-        # across a whole block): re-fit every re-fitted consumer once more, in graph order
-        t4 = time.perf_counter()
-        refitted = sorted({k for g in todo for k in g.consumers}, key=lambda k: analysis.consumers[k].node)
-        for k in progress(refitted, desc="polish", unit="layer"):
-            probs = _Problems(analysis, None, keep, dense, consumers=[k])
-            current = masked_model(analysis, keep, weights, zero_producers=False).SerializeToString()
-            captured = {n: [] for n in probs.inputs}
-            for b, cur_vals in enumerate(
-                capture(current, probs.inputs, calib, specs, max_samples=n_use, given=cache, threads=opts.threads)
-            ):
-                probs.add(b, cur_vals)
-                for n, v in cur_vals.items():
-                    captured[n].append(v)
-            cache = captured
-            new = probs.weights(refit(probs.problems(), np.zeros(0, np.int64), damp=opts.damp), weights)
-            weights.update(new)
-            stale = downstream(analysis.model, {node for node, _slot in new})
-            cache = {n: v for n, v in cache.items() if n not in stale}
-        timings["polish"] = time.perf_counter() - t4
     out = []
     for g in analysis.groups:
         if g.id in results:
