@@ -20,7 +20,7 @@ import click
 
 import chita_onnx
 from chita_onnx.config import METHODS, CompressConfig
-from chita_onnx.errors import ChitaError
+from chita_onnx.errors import ChitaError, ConfigError
 from chita_onnx.progress import set_progress
 from chita_onnx.report import format_report, table
 
@@ -231,10 +231,28 @@ def _config_options(fn: F) -> F:
             help="Keep the gradient matrix in a memory-mapped file in this folder: for matrices larger than "
             "RAM, the full (unblocked) solvers then run on it from disk.",
         ),
+        click.option(
+            "--pattern",
+            default=d.pattern,
+            show_default=True,
+            help="unstructured, or N:M such as 2:4 / 4:8: at most N nonzeros in every M consecutive weights along "
+            "the reduction axis (TensorRT sparse tensor cores); sets the sparsity, so --sparsity is not used.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def _refuse_sparsity_with_pattern(kwargs: dict[str, Any]) -> None:
+    """``--sparsity`` given explicitly together with ``--pattern N:M`` is a usage error (the pattern sets it)."""
+    ctx = click.get_current_context()
+    pattern = str(kwargs.get("pattern", "unstructured")).strip().lower()
+    if pattern != "unstructured" and ctx.get_parameter_source("sparsity") == click.core.ParameterSource.COMMANDLINE:
+        raise ConfigError(
+            f"--sparsity={kwargs['sparsity']}: not used with --pattern {pattern}, which keeps N of every M weights "
+            "of each eligible tensor; drop --sparsity"
+        )
 
 
 def _config_from(kwargs: dict[str, Any]) -> CompressConfig:
@@ -263,6 +281,7 @@ def compress(
     model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None, **kwargs: Any
 ) -> None:
     """Prune MODEL and write the pruned model to OUTPUT, with an accuracy report."""
+    _refuse_sparsity_with_pattern(kwargs)
     config = _config_from(kwargs)
     report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data)
     click.echo(format_report(report))
@@ -382,6 +401,8 @@ def sweep(
     from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, plot_sweep
     from chita_onnx.sweep import sweep as run_sweep
 
+    if str(kwargs.get("pattern", "unstructured")).strip().lower() != "unstructured":
+        raise ConfigError(f"--pattern={kwargs['pattern']}: sweep compares sparsities; use compress --pattern instead")
     method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
     kwargs.pop("method", None)
     kwargs.pop("sparsity", None)
