@@ -291,9 +291,18 @@ def compress(
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--pattern",
+    default=None,
+    help="Check an N:M pattern such as 2:4 instead: per tensor, every group of M weights along the reduction "
+    "axis must hold at most N nonzeros.",
+)
 @_run
-def inspect(model: str, as_json: bool) -> None:
-    """List the prunable weight tensors of MODEL."""
+def inspect(model: str, as_json: bool, pattern: str | None) -> None:
+    """List the prunable weight tensors of MODEL, or check them against an N:M pattern."""
+    if pattern is not None:
+        _inspect_pattern(model, pattern, as_json)
+        return
     tensors = chita_onnx.inspect_model(model)
     if as_json:
         click.echo(json.dumps([{**dataclasses.asdict(t), "size": t.size} for t in tensors], indent=2))
@@ -301,6 +310,31 @@ def inspect(model: str, as_json: bool) -> None:
     rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
     click.echo(table(rows, ["tensor", "op", "node", "shape", "weights"]))
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+
+
+def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
+    from chita_onnx.patterns import check_pattern, pattern_summary
+    from chita_onnx.report import format_pattern
+    from chita_onnx.solver.nm import NMPattern
+
+    try:
+        nm = NMPattern.parse(pattern)
+    except ChitaError:
+        nm = None
+    if nm is None:
+        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M, e.g. 2:4")
+    info = pattern_summary(check_pattern(model, nm), nm)
+    if as_json:
+        click.echo(json.dumps({"model": model, **info}, indent=2))
+        return
+    lines = format_pattern(info, model)
+    click.echo(lines[1])
+    verdict = "satisfies" if info["satisfied"] else "does NOT satisfy"
+    dense = f"; {len(info['dense'])} tensor(s) not eligible (dense)" if info["dense"] else ""
+    click.echo(
+        f"\n{model} {verdict} {nm} on its {len(info['eligible'])} eligible tensor(s): "
+        f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {nm.n} nonzeros{dense}"
+    )
 
 
 @cli.command()
