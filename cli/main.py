@@ -329,6 +329,9 @@ def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
         return
     lines = format_pattern(info, model)
     click.echo(lines[1])
+    if not info["eligible"]:
+        click.echo(f"\n{model} has no tensor eligible for {nm} (no reduction axis of a multiple of {nm.m} weights)")
+        return
     verdict = "satisfies" if info["satisfied"] else "does NOT satisfy"
     dense = f"; {len(info['dense'])} tensor(s) not eligible (dense)" if info["dense"] else ""
     click.echo(
