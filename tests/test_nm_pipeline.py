@@ -217,3 +217,29 @@ def test_config_pattern_validation() -> None:
                       ({"pattern": "2:4", "start_sparsity": 0.6}, "--start-sparsity")]:  # fmt: skip
         with pytest.raises(ConfigError, match=flag):
             CompressConfig(**bad)
+
+
+def test_reduction_axes_of_shared_and_batched_weights() -> None:
+    """A weight read by Gemm transB=0 and transB=1 has no single axis: left dense; a 3-D MatMul B
+    reduces over axis 1 (rank − 2)."""
+    from chita_onnx.graph import find_prunable
+    from chita_onnx.patterns import plan_pattern
+    from chita_onnx.solver.nm import NMPattern
+
+    rng = np.random.default_rng(0)
+    inits = {"s": _w(rng, 8, 8), "b3": _w(rng, 2, 8, 4)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "s"], ["h0"], name="g0"),
+        helper.make_node("Gemm", ["h0", "s"], ["h1"], name="g1", transB=1),
+        helper.make_node("Unsqueeze", ["h1", "ax"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "b3"], ["y"], name="mm3"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "N", 4])],
+        [*(numpy_helper.from_array(v, k) for k, v in inits.items()), numpy_helper.from_array(np.array([0]), "ax")],
+    )
+    plan = {t.name: t for t in plan_pattern(model, find_prunable(model), NMPattern(2, 4))}
+    assert not plan["s"].eligible and "different axes [0, 1]" in plan["s"].reason
+    assert plan["b3"].eligible and plan["b3"].axis == 1
