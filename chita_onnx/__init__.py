@@ -41,6 +41,7 @@ _LAZY = {
     "load_model": "graph",
     "Report": "report",
     "format_report": "report",
+    "check_pattern": "patterns",
 }
 
 
@@ -55,6 +56,7 @@ def __getattr__(name: str) -> object:
 if TYPE_CHECKING:
     from .gradients import per_sample_gradients
     from .graph import PrunableTensor, find_prunable, load_model
+    from .patterns import check_pattern
     from .pipeline import compress, evaluate_model, inspect_model
     from .report import Report, format_report
 
@@ -78,6 +80,7 @@ __all__ = [
     "SolverError",
     "UnsupportedOpError",
     "__version__",
+    "check_pattern",
     "compress",
     "evaluate_model",
     "find_prunable",

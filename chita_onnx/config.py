@@ -11,7 +11,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, SolverError
+from .solver.nm import NMPattern
 
 Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
 METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
@@ -75,6 +76,7 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None
+    pattern: str = "unstructured"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -107,8 +109,20 @@ class CompressConfig:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
             raise bad("stages", self.stages, "multi-stage pruning is --method chita++")
-        if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
-            raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
+        nm = self._parse_pattern()
+        if nm is None:
+            object.__setattr__(self, "pattern", "unstructured")
+            if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
+                raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
+        else:
+            # --pattern N:M fixes the sparsity: N of every M kept on each eligible tensor (see the README)
+            if self.min_density > 0:
+                raise bad("min_density", self.min_density, f"not used with --pattern {nm} (it fixes every density)")
+            if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= nm.sparsity:
+                raise bad("start_sparsity", self.start_sparsity, f"must be in [0, {nm.sparsity:g}] with --pattern {nm}")
+            object.__setattr__(self, "pattern", str(nm))
+            if self.start_sparsity is None:  # CHITA++ tightens the per-group cap from about half the pattern
+                object.__setattr__(self, "start_sparsity", nm.sparsity / 2)
         for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, getattr(self, name), "must be ≥ 1")
@@ -126,6 +140,18 @@ class CompressConfig:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:
             object.__setattr__(self, "max_memory", default_max_memory())
+
+    def _parse_pattern(self) -> NMPattern | None:
+        try:
+            return NMPattern.parse(str(self.pattern))
+        except SolverError:
+            msg = "must be unstructured or N:M with 0 < N < M, e.g. 2:4"
+            raise ConfigError(f"--pattern={self.pattern!r}: {msg}") from None
+
+    @property
+    def nm(self) -> NMPattern | None:
+        """The N:M pattern, or ``None`` for unstructured pruning."""
+        return NMPattern.parse(self.pattern)
 
     @property
     def needs_gradients(self) -> bool:

@@ -29,12 +29,14 @@ from . import __version__
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
+from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
 from .errors import ConfigError, ModelError, OutputError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
     PrunableTensor,
     check_model,
+    densify,
     find_prunable,
     get_weights,
     load_model,
@@ -43,12 +45,14 @@ from .graph import (
     write_weights,
 )
 from .layout import Layout
+from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
+from .solver.nm import NMStructure, solve_nm
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +300,11 @@ def solve(
     w: NDArray[np.float32],
     budget: Budget,
     alpha: NDArray[np.float64] | None = None,
+    blocks: Sequence[tuple[int, int]] | None = None,
 ) -> SolverResult:
-    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p)."""
+    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p).
+
+    ``blocks`` are WoodFisher's diagonal blocks when the budget's segments are not the tensors."""
     if method == "magnitude" and config.update != "obs":
         return magnitude(w, budget, X=X, ridge=config.ridge)
     if X is None:
@@ -307,10 +314,26 @@ def solve(
     if method == "magnitude":
         return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
     if method == "wf":
-        return wf_solver(X, w, budget, config.ridge, update=config.update != "none")
+        return wf_solver(X, w, budget, config.ridge, update=config.update != "none", blocks=blocks)
     if method in ("cbs", "cbs-s"):
         return cbs_solver(X, w, budget, config.ridge, update=method == "cbs" and config.update != "none")
     raise ConfigError(f"--method={method!r}: unknown")
+
+
+def pattern_structure(prep: Prepared, config: CompressConfig) -> tuple[tuple[PatternTensor, ...], NMStructure] | None:
+    """For ``--pattern N:M``: every tensor's reduction axis (or why it stays dense) and the solvers'
+    :class:`NMStructure` over the layout; ``None`` for unstructured pruning."""
+    nm = config.nm
+    if nm is None:
+        return None
+    plan = plan_pattern(prep.model, prep.tensors, nm)
+    groups = pattern_groups(plan, prep.layout, nm.m)
+    if groups.shape[0] == 0:
+        raise ConfigError(
+            f"--pattern={nm}: no prunable tensor of {prep.path} has a reduction axis whose length is a multiple of "
+            f"{nm.m} ({'; '.join(f'{t.name}: {t.reason}' for t in plan[:3])})"
+        )
+    return plan, NMStructure.build(prep.layout.p, groups, nm, prep.layout.segments)
 
 
 def _model_with(prep: Prepared, w: NDArray[np.float32]) -> onnx.ModelProto:
@@ -329,31 +352,48 @@ def prune(
     timer: PhaseTimer | None = None,
     on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None = None,
     X0: NDArray[np.float32] | None = None,
+    structure: NMStructure | None = None,
 ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
 
     ``X0`` is an already computed, scaled gradient matrix at ``w̄`` that the first stage may reuse
     (the sweep shares it between methods).  Later CHITA++ stages recompute X at the current weights.
+    With ``--pattern N:M`` every solve keeps at most N of every group (``structure``, built from the
+    graph when not given); CHITA++ stages tighten the per-group cap towards N (``NMStructure.budget``).
     """
     timer = timer or PhaseTimer()
     w = initial_weights(prep)
     sizes = [s.size for s in prep.layout.slots]
+    if structure is None and config.nm is not None:
+        planned = pattern_structure(prep, config)
+        assert planned is not None
+        structure = planned[1]
+    target = config.sparsity if structure is None else structure.pattern.sparsity
     if config.method == "chita++":
         assert config.stages is not None and config.start_sparsity is not None
-        levels = sparsity_schedule(config.stages, config.sparsity, config.schedule, config.start_sparsity)
+        levels = sparsity_schedule(config.stages, target, config.schedule, min(config.start_sparsity, target))
     else:
-        levels = (config.sparsity,)
+        levels = (target,)
     if config.needs_gradients and oracle is None:
         oracle = GradientOracle(prep, config)
     stages: list[StageReport] = []
     result: SolverResult | None = None
     for t, level in enumerate(levels, start=1):
         t0 = time.perf_counter()
-        budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        if structure is None:
+            budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        else:
+            budget = structure.budget(level)
         if oracle is None:
             with timer.phase("solve"):
-                result = solve(config.method, config, None, w, budget)
+                result = _solve_stage(config, None, w, budget, None, structure, level)
         elif not oracle.fits():
+            if structure is not None:
+                raise ConfigError(
+                    f"--pattern={structure.pattern}: the gradient matrix needs "
+                    f"{oracle.n * prep.layout.p * 4 / 2**30:.2f} GiB, more than --max-memory, and the block "
+                    "approximation does not support N:M patterns; raise --max-memory or give --workdir"
+                )
             if config.method not in ("chita", "chita++"):
                 raise ConfigError(
                     f"--max-memory={config.max_memory}: the gradient matrix needs "
@@ -382,7 +422,8 @@ def prune(
                 with timer.phase("gradients"):
                     X = oracle.matrix(w)
             with timer.phase("solve"):
-                result = solve(config.method, config, X, w, budget, oracle.alpha if config.first_order else None)
+                alpha = oracle.alpha if config.first_order else None
+                result = _solve_stage(config, X, w, budget, alpha, structure, level)
             del X
         if not result.converged:
             log.warning(
@@ -410,6 +451,28 @@ def prune(
         log.info("stage %d/%d: sparsity %.4f, objective %s", t, len(levels), level, stages[-1].objective)
     assert result is not None
     return w, stages, result
+
+
+def _solve_stage(
+    config: CompressConfig,
+    X: NDArray[np.float32] | None,
+    w: NDArray[np.float32],
+    budget: Budget,
+    alpha: NDArray[np.float64] | None,
+    structure: NMStructure | None,
+    level: float,
+) -> SolverResult:
+    """One solve: plain, or under the N:M pattern (permuted problem, see :func:`solve_nm`)."""
+    if structure is None:
+        return solve(config.method, config, X, w, budget, alpha)
+
+    def run(Xp: NDArray[np.floating] | None, wp: NDArray[np.floating], b: Budget, ap: NDArray[np.floating] | None,
+            blocks: tuple[tuple[int, int], ...]) -> SolverResult:  # fmt: skip
+        Xf = None if Xp is None else np.asarray(Xp, dtype=np.float32)
+        a64 = None if ap is None else np.asarray(ap, dtype=np.float64)
+        return solve(config.method, config, Xf, np.asarray(wp, dtype=np.float32), b, a64, blocks)
+
+    return solve_nm(run, X, w, structure, alpha, level)
 
 
 def _finite(x: float) -> float | None:
@@ -445,6 +508,8 @@ def compress(
         raise OutputError(f"{out_path}: the output folder {out_path.parent} does not exist")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
+        planned = pattern_structure(prep, config)
+    structure = None if planned is None else planned[1]
     warnings: list[str] = []
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
@@ -461,26 +526,41 @@ def compress(
             with timer.phase("evaluate"):
                 c = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
             acc, agree = c.pruned_accuracy, c.agreement
-        k = keep_count(level, prep.layout.p)
+        k = keep_count(level, prep.layout.p) if structure is None else structure.budget(level).k
         return StageReport(
             t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree, time.perf_counter() - t0
         )
 
-    w, stages, result = prune(prep, config, None, timer, stage_eval)
+    w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
     layout = prep.layout
+    k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {
         "tool": f"chita-onnx {__version__}",
         "method": config.method,
-        "sparsity": config.sparsity,
-        "k": keep_count(config.sparsity, layout.p),
+        "sparsity": config.sparsity if structure is None else 1.0 - k_final / layout.p,
+        "k": k_final,
         "p": layout.p,
         "scope": config.scope,
         "tensors": list(layout.names),
+        **({} if structure is None else {"pattern": config.pattern}),
     }
+    storage = config.storage
+    if structure is not None:
+        storage = "dense"  # TensorRT, the consumer of N:M models, parses only dense graph.initializer
+        if config.storage == "sparse":
+            warnings.append(f"--storage sparse ignored: {PATTERN_STORAGE_NOTE}")
     with timer.phase("write"):
-        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=config.storage, metadata=meta)
-        save_model(pruned, out_path, input_path=in_path)
+        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=storage, metadata=meta)
+        written = save_model(pruned, out_path, input_path=in_path)
         check_model(out_path)
+        # read the written file back and count every group (independent of the solver's projection)
+        pattern_info = (
+            None
+            if structure is None
+            else pattern_summary(check_pattern(out_path, structure.pattern), structure.pattern)
+        )
+    if pattern_info is not None and not pattern_info["satisfied"]:
+        warnings.append(f"the written model violates {config.pattern} in {pattern_info['violated']}")
     comparison: Comparison | None = None
     if ref is not None and prep.eval is not None:
         with timer.phase("evaluate"):
@@ -494,6 +574,11 @@ def compress(
         for t in prep.tensors
     )
     nnz = sum(t.nnz for t in tensors)
+    sparse_names = [s.name for s in stored if s.storage == "sparse"]
+    if sparse_names and len(written) == 1:
+        with timer.phase("sizes"):
+            zeros_zstd = zstd_size(densify(pruned).SerializeToString())
+        warnings.append(sparse_storage_note(len(sparse_names), pr, pz, zeros_zstd))
     if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
         warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
     return Report(
@@ -502,7 +587,7 @@ def compress(
         method=config.method,
         config=config.to_dict(),
         p=layout.p,
-        k=keep_count(config.sparsity, layout.p),
+        k=k_final,
         nnz=nnz,
         tensors=tensors,
         stages=tuple(stages),
@@ -518,6 +603,7 @@ def compress(
             **dict(result.info),
         },
         warnings=tuple(warnings),
+        pattern=pattern_info,
     )
 
 

@@ -70,6 +70,7 @@ class Report:
     versions: dict[str, str]
     solver: dict[str, object] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    pattern: dict[str, Any] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -131,6 +132,8 @@ def format_report(r: Report) -> str:
             ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
         ),
     ]
+    if r.pattern is not None:
+        parts += ["", *format_pattern(r.pattern, r.output)]
     if len(r.stages) > 1:
         parts += [
             "",
@@ -179,3 +182,33 @@ def format_report(r: Report) -> str:
     parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
     parts += [f"warning: {w}" for w in r.warnings]
     return "\n".join(parts)
+
+
+def format_pattern(info: dict[str, Any], output: str) -> list[str]:
+    """The N:M section of the report: per-tensor check of the written file, then how to deploy it."""
+    pat = info["pattern"]
+    n, m = pat.split(":")
+    rows = [
+        [
+            t["name"],
+            t["op_type"],
+            "-" if t["axis"] is None else str(t["axis"]),
+            f"{t['groups']:,}" if t["status"] != "dense" else "-",
+            f"{t['violating']:,}" if t["status"] != "dense" else "-",
+            t["status"] if t["status"] != "dense" else f"dense: {t['reason']}",
+        ]
+        for t in info["tensors"]
+    ]
+    verdict = (
+        f"all {info['checked_groups']:,} groups of {len(info['eligible'])} tensor(s) hold at most {n} nonzeros"
+        if info["satisfied"]
+        else f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {n} nonzeros"
+    )
+    return [
+        f"pattern {pat}: at most {n} nonzeros in every {m} consecutive weights along each tensor's reduction axis "
+        "(the pattern sets the sparsity; --sparsity is not used)",
+        table(rows, ["tensor", "op", "axis", "groups", "violating", "status"]),
+        f"checked by reading {output} back: {verdict}; eligible sparsity {_pct(info['eligible_sparsity'])}",
+        f"TensorRT: trtexec --onnx={output} --sparsity=enable --fp16 (or --int8); weights are stored dense, as its "
+        "parser requires; sparse kernels are picked only where they time faster (mostly convs with >= 256 channels)",
+    ]

@@ -114,6 +114,8 @@ def sweep(
     """Prune with every method at every sparsity; evaluate each pruned model with onnxruntime."""
     if prep.eval is None:
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
+    if base.nm is not None:
+        raise ConfigError(f"--pattern={base.pattern}: sweep compares sparsities; use compress --pattern instead")
     layout = prep.layout
     w_bar = initial_weights(prep)
     ref = reference(prep.path, prep.eval, prep.specs, base.output)

@@ -20,7 +20,7 @@ import click
 
 import chita_onnx
 from chita_onnx.config import METHODS, CompressConfig
-from chita_onnx.errors import ChitaError
+from chita_onnx.errors import ChitaError, ConfigError
 from chita_onnx.progress import set_progress
 from chita_onnx.report import format_report, table
 
@@ -231,10 +231,28 @@ def _config_options(fn: F) -> F:
             help="Keep the gradient matrix in a memory-mapped file in this folder: for matrices larger than "
             "RAM, the full (unblocked) solvers then run on it from disk.",
         ),
+        click.option(
+            "--pattern",
+            default=d.pattern,
+            show_default=True,
+            help="unstructured, or N:M such as 2:4 / 4:8: at most N nonzeros in every M consecutive weights along "
+            "the reduction axis (TensorRT sparse tensor cores); sets the sparsity, so --sparsity is not used.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def _refuse_sparsity_with_pattern(kwargs: dict[str, Any]) -> None:
+    """``--sparsity`` given explicitly together with ``--pattern N:M`` is a usage error (the pattern sets it)."""
+    ctx = click.get_current_context()
+    pattern = str(kwargs.get("pattern", "unstructured")).strip().lower()
+    if pattern != "unstructured" and ctx.get_parameter_source("sparsity") == click.core.ParameterSource.COMMANDLINE:
+        raise ConfigError(
+            f"--sparsity={kwargs['sparsity']}: not used with --pattern {pattern}, which keeps N of every M weights "
+            "of each eligible tensor; drop --sparsity"
+        )
 
 
 def _config_from(kwargs: dict[str, Any]) -> CompressConfig:
@@ -263,6 +281,7 @@ def compress(
     model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None, **kwargs: Any
 ) -> None:
     """Prune MODEL and write the pruned model to OUTPUT, with an accuracy report."""
+    _refuse_sparsity_with_pattern(kwargs)
     config = _config_from(kwargs)
     report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data)
     click.echo(format_report(report))
@@ -272,9 +291,18 @@ def compress(
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--pattern",
+    default=None,
+    help="Check an N:M pattern such as 2:4 instead: per tensor, every group of M weights along the reduction "
+    "axis must hold at most N nonzeros.",
+)
 @_run
-def inspect(model: str, as_json: bool) -> None:
-    """List the prunable weight tensors of MODEL."""
+def inspect(model: str, as_json: bool, pattern: str | None) -> None:
+    """List the prunable weight tensors of MODEL, or check them against an N:M pattern."""
+    if pattern is not None:
+        _inspect_pattern(model, pattern, as_json)
+        return
     tensors = chita_onnx.inspect_model(model)
     if as_json:
         click.echo(json.dumps([{**dataclasses.asdict(t), "size": t.size} for t in tensors], indent=2))
@@ -282,6 +310,34 @@ def inspect(model: str, as_json: bool) -> None:
     rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
     click.echo(table(rows, ["tensor", "op", "node", "shape", "weights"]))
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+
+
+def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
+    from chita_onnx.patterns import check_pattern, pattern_summary
+    from chita_onnx.report import format_pattern
+    from chita_onnx.solver.nm import NMPattern
+
+    try:
+        nm = NMPattern.parse(pattern)
+    except ChitaError:
+        nm = None
+    if nm is None:
+        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M, e.g. 2:4")
+    info = pattern_summary(check_pattern(model, nm), nm)
+    if as_json:
+        click.echo(json.dumps({"model": model, **info}, indent=2))
+        return
+    lines = format_pattern(info, model)
+    click.echo(lines[1])
+    if not info["eligible"]:
+        click.echo(f"\n{model} has no tensor eligible for {nm} (no reduction axis of a multiple of {nm.m} weights)")
+        return
+    verdict = "satisfies" if info["satisfied"] else "does NOT satisfy"
+    dense = f"; {len(info['dense'])} tensor(s) not eligible (dense)" if info["dense"] else ""
+    click.echo(
+        f"\n{model} {verdict} {nm} on its {len(info['eligible'])} eligible tensor(s): "
+        f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {nm.n} nonzeros{dense}"
+    )
 
 
 @cli.command()
@@ -382,6 +438,8 @@ def sweep(
     from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, plot_sweep
     from chita_onnx.sweep import sweep as run_sweep
 
+    if str(kwargs.get("pattern", "unstructured")).strip().lower() != "unstructured":
+        raise ConfigError(f"--pattern={kwargs['pattern']}: sweep compares sparsities; use compress --pattern instead")
     method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
     kwargs.pop("method", None)
     kwargs.pop("sparsity", None)
