@@ -180,6 +180,15 @@ class RandomSource(ArraySource):
         super().__init__(arrays, None, batch_size=batch_size, origin="random data", static=static_names(specs))
 
 
+def _check_shapes(arrays: Mapping[str, NDArray[np.generic]], specs: Sequence[InputSpec] | None, origin: str) -> None:
+    """Name the first array whose shape does not fit its input (before lengths are compared)."""
+    for spec in specs or ():
+        if spec.name in arrays:
+            problem = check_array(np.asarray(arrays[spec.name]), spec)
+            if problem is not None:
+                raise DataError(f"{origin}: {problem}")
+
+
 def open_source(
     spec: DataSpec,
     specs: Sequence[InputSpec] | None = None,
@@ -201,12 +210,14 @@ def open_source(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         arrays, labels = _read_npz(path, specs)
+        _check_shapes(arrays, specs, str(path))
         return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path), static=static_names(specs))
     if isinstance(spec, Mapping):
         arrays = {str(k): np.asarray(v) for k, v in spec.items() if k != LABELS_KEY}
         labels = spec.get(LABELS_KEY)
         if specs is not None and len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
             arrays = {specs[0].name: next(iter(arrays.values()))}
+        _check_shapes(arrays, specs, "data")
         return ArraySource(
             arrays, None if labels is None else np.asarray(labels), batch_size=batch_size, static=static_names(specs)
         )

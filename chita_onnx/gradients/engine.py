@@ -638,6 +638,11 @@ class GradientEngine:
 
     # -- public API -----------------------------------------------------------------------------
 
+    @property
+    def output_scales(self) -> tuple[float, ...] | None:
+        """The scales that divide each output of a multi-output Gauss-Newton head (else ``None``)."""
+        return self._scales
+
     def set_weights(self, values: Mapping[str, NDArray[np.floating]]) -> None:
         """Replace weight values (any of :attr:`updatable`) without rebuilding the gradient graphs."""
         new: dict[str, NDArray[np.float32]] = {}
