@@ -127,37 +127,32 @@ def spawn(name: str, method: str, sparsity: float, calib_n: int | None, tmp: Pat
     if calib_n:
         cmd += ["--calib", str(calib_n)]
     cmd += ["--worker-out", str(out_json)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err_path = tmp / f"{name}_{method}_{sparsity}.stderr"
     t0 = time.time()
-    try:
-        _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"model": name, "method": method, "sparsity": sparsity, "status": "error", "message": "timeout"}
-    usage = _child_peak_mb()
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+        peak_mb: float | None = None
+        while True:  # os.wait4 gives this child's own resource usage (its peak RSS)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                peak_mb = usage.ru_maxrss / 1024
+                break
+            if time.time() - t0 > RUN_TIMEOUT_S:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                return {"model": name, "method": method, "sparsity": sparsity, "status": "error", "message": "timeout"}
+            time.sleep(0.2)
+    err = err_path.read_text(errors="replace")
+    err_path.unlink(missing_ok=True)
     if not out_json.exists():
-        tail = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        tail = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return {"model": name, "method": method, "sparsity": sparsity, "status": "error", "message": tail[0]}
     rec: dict[str, Any] = json.loads(out_json.read_text())
-    rec["peak_rss_mb"] = usage
+    rec["peak_rss_mb"] = peak_mb
     rec["process_s"] = time.time() - t0
     return rec
-
-
-_last_peak = 0.0
-
-
-def _child_peak_mb() -> float | None:
-    """Peak RSS of the child that just ended: RUSAGE_CHILDREN is a running maximum over children,
-    so a run whose peak is below an earlier one reports None (shown as ≤ the earlier peak)."""
-    import resource
-
-    global _last_peak
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    out = peak if peak > _last_peak else None
-    _last_peak = max(_last_peak, peak)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -216,8 +211,9 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
         if "error" in h:
             lines += [f"Not run: {h['error']}", ""]
             continue
+        source = f"`{h['wheel']}` · `{h['file']}`" if "(built)" not in h["wheel"] else "built by `build_vit.py`"
         lines += [
-            f"`{h['wheel']}` · `{h['file']}` · licence {h['licence']}"
+            f"{source} · licence {h['licence']}"
             + (f" ({h['note']})" if h.get("note") else "")
             + f" · {h['exporter']} (producer `{h['producer']}`, opset {h['opset']}) · {h['task']} · "
             f"{h['file_mb']:.1f} MB · prunable weights {fmt(h.get('p'))} · calibration {h['calib_samples']}, "
@@ -225,17 +221,17 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
             "",
         ]
         keys = list(h["dense"])
-        hdr = ["sparsity", "method", *keys, "gradients s", "solve s", "total s", "peak RSS MB", "status"]
+        hdr = ["sparsity", "method", *keys, "wall s by phase", "total s", "peak RSS MB", "status"]
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | | |"]
+        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | |"]
         for r in model["runs"]:
             metric = r.get("metric", {})
-            t = r.get("timings", {})
+            phases = " · ".join(f"{k} {v:.1f}" for k, v in r.get("timings", {}).items() if v >= 0.05)
             status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"
             lines.append(
                 f"| {r['sparsity']} | {r['method']} | "
                 + " | ".join(fmt(metric.get(k)) for k in keys)
-                + f" | {fmt(t.get('gradients'))} | {fmt(t.get('solve'))} | {fmt(r.get('wall_s'))} | "
+                + f" | {phases or '–'} | {fmt(r.get('wall_s'))} | "
                 f"{fmt(r.get('peak_rss_mb'))} | {status.replace('|', '/')} |"
             )
         losses = sorted({r["loss"] for r in model["runs"] if r.get("loss")})
@@ -245,6 +241,16 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
     return "\n".join(lines)
 
 
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(e.name for e in entries.ENTRIES))
@@ -252,6 +258,7 @@ def main() -> None:
     ap.add_argument("--methods", default="default,magnitude")
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: per model)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--render", help="only write zoo.md into --out from these zoo.json files (comma-separated)")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "SPARSITY"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -262,6 +269,11 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        merged = [m for f in args.render.split(",") for m in json.loads(Path(f).read_text())]
+        command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
+        (out / "zoo.md").write_text(markdown(merged, machine_line(), command))
+        return
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in entries.BY_NAME]
     if unknown:
@@ -291,9 +303,7 @@ def main() -> None:
                     f.unlink()
         results.append({"header": header, "runs": runs})
         (out / "zoo.json").write_text(json.dumps(results, indent=2, default=float))
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    machine = machine_line()
     command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
     (out / "zoo.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "zoo.md").write_text(markdown(results, machine, command))
