@@ -149,10 +149,23 @@ def make_orientation(e: Entry, rng: np.random.Generator, n: int, role: str = "ca
     return Dataset({"x": np.stack(xs)}, {"labels": np.asarray(labels, np.int64)})
 
 
+def _probabilities(y: NDArray[Any]) -> NDArray[np.float64]:
+    """Rows of class probabilities: as they are when they already sum to one, else softmax."""
+    y = y.astype(np.float64)
+    if y.min() >= 0 and np.allclose(y.sum(1), 1.0, atol=1e-3):
+        return y
+    z = np.exp(y - y.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def metric_classifier(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[str, float]:
+    """Accuracy against the labels, top-1 agreement with dense, and the mean KL divergence from the
+    dense to the pruned class distribution (informative when accuracy saturates)."""
     yd, yp = next(iter(dense.values())), next(iter(pruned.values()))
     out = {"accuracy": float(np.mean(yp.argmax(1) == data.meta["labels"]))}
     out["agreement"] = float(np.mean(yp.argmax(1) == yd.argmax(1)))
+    pd, pp = _probabilities(yd), _probabilities(yp)
+    out["KL to dense"] = float(np.mean(np.sum(pd * (np.log(pd + 1e-12) - np.log(pp + 1e-12)), axis=1)))
     return out
 
 
@@ -252,13 +265,15 @@ def metric_det(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[s
 
 
 def _dddd_charset(e: Entry) -> list[str]:
-    """ddddocr/charsets.py CHARSET_BETA (the charset of common.onnx, ``beta=True``)."""
+    """ddddocr/charsets.py: CHARSET_BETA for common.onnx (``beta=True``), CHARSET_OLD for
+    common_old.onnx (models/charset_manager.py load_default_charset); ``e.aux`` names it."""
+    name = e.aux or "CHARSET_BETA"
     src = e.file("ddddocr/charsets.py").read_text("utf-8")
     tree = ast.parse(src)
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CHARSET_BETA":
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
             return list(ast.literal_eval(node.value))
-    raise RuntimeError("CHARSET_BETA not found in ddddocr/charsets.py")
+    raise RuntimeError(f"{name} not found in ddddocr/charsets.py")
 
 
 def make_captcha(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
@@ -487,7 +502,7 @@ ENTRIES: tuple[Entry, ...] = (
           "torch 1.9, opset 11", "YOLOX glyph detector", 128, 32, make_glyphs, run_all, metric_glyph_det),
     Entry("ddddocr-common-old", "ddddocr", "1.6.1", "ddddocr/common_old.onnx",
           "onnx dynamic quantization", "quantized captcha OCR (negative case)", 16, 16, make_captcha, run_all,
-          metric_captcha, expect_refusal=True),
+          metric_captcha, expect_refusal=True, aux="CHARSET_OLD"),
     Entry("silero-vad-op18-ifless", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx",
           "torch 2.9, opset 18", "VAD, state [2,batch,128], int64 sr", 512, 128, make_vad, run_vad, metric_vad),
     Entry("silero-vad", "silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx",
