@@ -221,7 +221,15 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
             "",
         ]
         keys = list(h["dense"])
-        hdr = ["sparsity", "method", *keys, "wall s by phase", "total s", "peak RSS MB", "status"]
+        hdr = [
+            "sparsity",
+            "method",
+            *(k.replace("|", "\\|") for k in keys),
+            "wall s by phase",
+            "total s",
+            "peak RSS MB",
+        ]
+        hdr.append("status")
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | |"]
         for r in model["runs"]:
@@ -270,7 +278,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
-        merged = [m for f in args.render.split(",") for m in json.loads(Path(f).read_text())]
+        by_model: dict[str, dict[str, Any]] = {}  # a later file's record of a model replaces an earlier one
+        for f in args.render.split(","):
+            for m in json.loads(Path(f).read_text()):
+                by_model[m["header"]["model"]] = m
+        merged = list(by_model.values())
         command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
         (out / "zoo.md").write_text(markdown(merged, machine_line(), command))
         return
