@@ -30,6 +30,7 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from .batching import infer_batch_axes
 from .data_types import InputSpec
 from .errors import ModelError, OutputError
 
@@ -418,7 +419,8 @@ def check_model(path: str | os.PathLike[str]) -> None:
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real (non-initializer) inputs of ``model`` with their shapes and dtypes."""
+    """The real (non-initializer) inputs of ``model`` with their shapes, dtypes and batch axes
+    (:func:`chita_onnx.batching.infer_batch_axes`)."""
     inits = {t.name for t in model.graph.initializer} | {s.values.name for s in model.graph.sparse_initializer}
     specs: list[InputSpec] = []
     for vi in model.graph.input:
@@ -436,7 +438,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return specs
+    axes = infer_batch_axes([s.shape for s in specs])
+    return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
 
 
 def output_names(model: onnx.ModelProto) -> list[str]:

@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from . import __version__
 from .config import CompressConfig
-from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
+from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
 from .errors import ConfigError, ModelError, OutputError
@@ -180,13 +180,14 @@ class GradientOracle:
     def __init__(self, prep: Prepared, config: CompressConfig) -> None:
         self.prep, self.config = prep, config
         self._engines: dict[tuple[str, ...], GradientEngine] = {}
-        total = sum(b.size for b in prep.calib)
+        total = sum(batch_size(b, prep.specs) for b in prep.calib)
         self.n = min(total, config.num_samples) // config.mini_batch
         if self.n < 1:
             raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
+        self.loss_description = ""  # which loss the gradients are of (set when an engine is built)
 
     def _engine(self, names: tuple[str, ...]) -> GradientEngine:
         if names not in self._engines:
@@ -201,6 +202,7 @@ class GradientOracle:
                 output=self.config.output,
                 mini_batch=self.config.mini_batch,
             )
+            self.loss_description = self._engines[names].loss_description
         return self._engines[names]
 
     def fits(self) -> bool:
@@ -517,7 +519,7 @@ def compress(
     ref: Reference | None = None
     if prep.eval is not None:
         with timer.phase("evaluate"):
-            ref = reference(in_path, prep.eval, prep.specs, config.output)
+            ref = reference(in_path, prep.eval, prep.specs, config.output, all_outputs=True)
 
     def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32], seconds: float) -> StageReport:
         acc = agree = None
@@ -531,7 +533,8 @@ def compress(
             t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree, time.perf_counter() - t0
         )
 
-    w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
+    oracle = GradientOracle(prep, config) if config.needs_gradients else None
+    w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     layout = prep.layout
     k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {
@@ -604,6 +607,7 @@ def compress(
         },
         warnings=tuple(warnings),
         pattern=pattern_info,
+        loss="" if oracle is None else oracle.loss_description,
     )
 
 

@@ -71,6 +71,8 @@ class Report:
     solver: dict[str, object] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default_factory=tuple)
     pattern: dict[str, Any] | None = None
+    #: the loss whose per-sample gradients were used, and why it was chosen ("" without gradients)
+    loss: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -115,6 +117,7 @@ def format_report(r: Report) -> str:
         f"{r.input} -> {r.output}",
         f"method {r.method}: kept {r.nnz:,} of {r.p:,} prunable weights (k = {r.k:,}), "
         f"sparsity {100 * r.sparsity:.2f}%",
+        *([f"loss: {r.loss}"] if r.loss else []),
         "",
         table(
             [
@@ -163,10 +166,35 @@ def format_report(r: Report) -> str:
                     ["top-1 agreement with dense", "", _pct(e.agreement)],
                     ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
                     ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"],
+                    *(
+                        [
+                            ["relative output error", "", f"{e.relative_error:.4g}"],
+                            ["cosine similarity with dense", "", f"{e.cosine:.5f}"],
+                        ]
+                        if e.relative_error is not None and e.cosine is not None
+                        else []
+                    ),
                 ],
                 ["", "dense", "pruned"],
             ),
         ]
+        if e.outputs:
+            parts += [
+                "",
+                table(
+                    [
+                        [
+                            o.name,
+                            "x".join(map(str, o.shape)),
+                            f"{o.relative_error:.4g}",
+                            f"{o.cosine:.5f}",
+                            _pct(o.argmax_agreement),
+                        ]
+                        for o in e.outputs
+                    ],
+                    ["output", "shape", "rel. error", "cosine", "argmax agreement"],
+                ),
+            ]
     if r.sizes is not None:
         s = r.sizes
         parts += [

@@ -47,7 +47,7 @@ MIN_OPSET = 13
 MAX_OPSET = 21
 MAX_IR = 10
 
-HeadKind = Literal["logits", "probabilities", "regression"]
+HeadKind = Literal["logits", "probabilities", "regression", "binary"]
 
 #: Ops (default domain) whose gradient onnxruntime-training 1.19.2 builds and computes correctly on
 #: CPU after :func:`legalize` (see docs/ort-gradients.md §7; each one is checked against float64
@@ -363,6 +363,9 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     * ``Softmax``/``LogSoftmax``, or a hand-written ``Div(Exp(z [− max]), ReduceSum(...))`` →
       ``"logits"`` on the softmax input (cross-entropy).
     * ``Concat`` of ``Sigmoid``/``1 − Sigmoid`` columns (the skl2onnx binary head) → ``"probabilities"``.
+    * ``Sigmoid`` (a probability map, a multi-label or detection score) → ``"binary"`` on its input:
+      binary cross-entropy per element, whose sampled Fisher is the Bernoulli Fisher
+      ``Jᵀ diag(p(1 − p)) J``.
     * anything else → ``kind=None``: the engine decides from the data (rows summing to one) and the
       labels.
     """
@@ -406,15 +409,17 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     ):
         axis = attr_int(node, "axis", 1)
         return HeadGuess("probabilities", t, axis, output, f"sigmoid/complement columns concatenated by {node.name!r}")
+    if node is not None and node.op_type == "Sigmoid":
+        return HeadGuess("binary", node.input[0], None, output, f"Sigmoid node {node.name!r}: Bernoulli per element")
     return HeadGuess(None, t, None, output, "no softmax found")
 
 
 # ------------------------------------------------------------------------------------------- cut
 
 
-def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """A copy that computes only ``tensor`` (its single graph output); unused inputs, initializers
-    and opset imports are dropped."""
+def cut_to(model: onnx.ModelProto, tensor: str | Sequence[str]) -> onnx.ModelProto:
+    """A copy that computes only ``tensor`` (its graph output; several tensors give several outputs);
+    unused inputs, initializers and opset imports are dropped."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -422,7 +427,8 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     table = _shape_table(model)
     needed: set[str] = set()
     keep_ids: set[int] = set()
-    stack = [tensor]
+    targets = [tensor] if isinstance(tensor, str) else list(tensor)
+    stack = list(targets)
     while stack:
         t = stack.pop()
         if t in needed:
@@ -437,8 +443,9 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
                     for sn in sub.node:
                         stack.extend(i for i in sn.input if i)
     all_known = {i.name for i in g.input} | {t.name for t in g.initializer} | set(prod)
-    if tensor not in all_known:
-        raise ModelError(f"tensor {tensor!r} is not computed by the graph")
+    for t in targets:
+        if t not in all_known:
+            raise ModelError(f"tensor {t!r} is not computed by the graph")
     nodes = [n for n in g.node if id(n) in keep_ids]
     del g.node[:]
     g.node.extend(nodes)
@@ -448,9 +455,9 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     ins = [i for i in g.input if i.name in needed]
     del g.input[:]
     g.input.extend(ins)
-    elem = table.get(tensor, (TensorProto.FLOAT, None))[0]
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info(tensor, elem, None))
+    for t in targets:
+        g.output.append(helper.make_tensor_value_info(t, table.get(t, (TensorProto.FLOAT, None))[0], None))
     del g.value_info[:]
     domains = {n.domain for n in g.node}
     imports = [o for o in m.opset_import if o.domain in domains or o.domain in _DEFAULT_DOMAINS]
@@ -459,23 +466,34 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     return m
 
 
-def fix_input_dims(model: onnx.ModelProto, batch: int, sample_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Set every graph input to ``(batch, *sample_shapes[name])`` in place; check fixed dims."""
+def fix_input_dims(
+    model: onnx.ModelProto,
+    batch: int,
+    sample_shapes: Mapping[str, tuple[int, ...]],
+    batch_axes: Mapping[str, int | None] | None = None,
+) -> None:
+    """Set every graph input to its per-sample shape with ``batch`` inserted at its batch axis
+    (``batch_axes[name]``, default 0; ``None``: a static input whose ``sample_shapes`` entry is its
+    whole shape), in place; check fixed dims."""
+    axes = batch_axes or {}
     for vi in model.graph.input:
         if vi.name not in sample_shapes:
             raise DataError(f"the calibration data has no array for model input {vi.name!r}")
-        want = (batch, *sample_shapes[vi.name])
+        sample = tuple(sample_shapes[vi.name])
+        axis = axes.get(vi.name, 0)
+        want = sample if axis is None else (*sample[:axis], batch, *sample[axis:])
         tt = vi.type.tensor_type
         if tt.HasField("shape") and len(tt.shape.dim) != len(want):
             have = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            where = "no batch axis" if axis is None else f"batch on axis {axis}"
             raise DataError(
                 f"model input {vi.name!r} has shape {have}, but the calibration arrays have per-sample shape "
-                f"{list(sample_shapes[vi.name])} (batch on axis 0)"
+                f"{list(sample)} ({where})"
             )
         if tt.HasField("shape"):
             for k, (d, w) in enumerate(zip(tt.shape.dim, want, strict=True)):
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != w:
-                    if k == 0:
+                    if k == axis:
                         raise DataError(
                             f"model input {vi.name!r} has a fixed batch dimension {d.dim_value}, but {w} "
                             f"sample(s) are fed per call; use mini_batch={d.dim_value} or export the model "
@@ -952,28 +970,47 @@ class Forward:
     data_inputs: tuple[tuple[str, np.dtype[np.generic], tuple[int, ...]], ...]
     weight_inputs: dict[str, tuple[int, ...]]
     on_path: tuple[str, ...]
+    #: per-sample sizes of the outputs combined into the head (multi-output Gauss-Newton), else ()
+    segments: tuple[int, ...] = ()
 
 
 def build_forward(
     normalized: onnx.ModelProto,
     kind: HeadKind,
-    tensor: str,
+    tensor: str | Sequence[str],
     class_axis: int | None,
     *,
     batch: int,
     sample_shapes: Mapping[str, tuple[int, ...]],
+    batch_axes: Mapping[str, int | None] | None = None,
     weights: Sequence[str],
     updatable: Iterable[str],
     keep_params: Iterable[str] = (),
+    scales: Sequence[float] | None = None,
 ) -> Forward:
-    """Cut, fix dims, infer shapes, legalize, check coverage and expose weights as graph inputs."""
-    m = cut_to(normalized, tensor)
-    fix_input_dims(m, batch, sample_shapes)
+    """Cut, fix dims, infer shapes, legalize, check coverage and expose weights as graph inputs.
+
+    Several ``tensor`` names (``kind="regression"`` only) are combined into one head scaled by
+    ``1/scales`` (:func:`~chita_onnx.gradients.heads.combine_outputs`); a head whose batch is not on
+    axis 0 is transposed (:func:`~chita_onnx.gradients.heads.batch_first`).
+    """
+    from .heads import batch_first, combine_outputs
+
+    tensors = [tensor] if isinstance(tensor, str) else list(tensor)
+    m = cut_to(normalized, tensors[0] if len(tensors) == 1 else tensors)
+    fix_input_dims(m, batch, sample_shapes, batch_axes)
     m = _infer_shapes(m)
     updatable = list(updatable)
     if legalize(m, keep_params=set(keep_params) | set(weights) | set(updatable)):
         del m.graph.value_info[:]
         m = _infer_shapes(m)
+    segments: tuple[int, ...] = ()
+    if len(tensors) > 1:
+        if kind != "regression":
+            raise ModelError(f"several outputs {tensors} can only share a Gauss-Newton (regression) head")
+        m, tensor, _, segments = combine_outputs(m, tensors, batch, scales)
+    else:
+        tensor = tensors[0]
     table = _shape_table(m)
     elem, dims = table.get(tensor, (TensorProto.FLOAT, None))
     if dims is None or any(d is None or d <= 0 for d in dims):
@@ -981,13 +1018,15 @@ def build_forward(
     shape = tuple(int(d) for d in dims if d is not None)
     if elem not in _FLOAT_ELEM:
         raise ModelError(f"the loss input {tensor!r} is not a floating-point tensor")
-    if not shape or shape[0] != batch:
-        raise ModelError(
-            f"the loss input {tensor!r} has shape {list(shape)}: expected the batch ({batch}) on axis 0; "
-            "the model may have a fixed batch size baked into a Reshape"
-        )
-    axis = class_axis if class_axis is None or class_axis >= 0 else class_axis + len(shape)
-    if kind != "regression":
+    if not shape:
+        raise ModelError(f"the loss input {tensor!r} is a scalar: expected the batch ({batch}) on axis 0")
+    if class_axis is not None and class_axis < 0:
+        class_axis += len(shape)
+    if shape[0] != batch:
+        tensor, shape, perm = batch_first(m, tensor, shape, batch)
+        class_axis = None if class_axis is None else perm.index(class_axis)
+    axis = class_axis
+    if kind in ("logits", "probabilities"):
         if axis is None:
             axis = default_class_axis(shape)
         if axis is None or not 1 <= axis < len(shape):
@@ -1022,9 +1061,10 @@ def build_forward(
             )
         )
     # the head tensor's shape on the graph output (the builder copies it)
-    out = m.graph.output[0]
-    out.CopyFrom(helper.make_tensor_value_info(tensor, elem, list(shape)))
-    return Forward(m, Head(kind, tensor, axis, shape, int(elem)), batch, tuple(data_inputs), moved, tuple(on_path))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(tensor, elem, list(shape)))
+    head = Head(kind, tensor, axis, shape, int(elem))
+    return Forward(m, head, batch, tuple(data_inputs), moved, tuple(on_path), segments)
 
 
 def default_class_axis(shape: Sequence[int]) -> int | None:
