@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from .data import feed
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, first_line
 from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 
@@ -52,7 +52,7 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
         )
     except Exception as exc:
         where = "model" if isinstance(model, bytes) else str(model)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise ModelError(f"{where}: onnxruntime {ort.__version__} cannot load it: {msg}") from None
 
 
