@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from .checks import check_finite, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, first_line
-from .limits import check_npz, check_npz_folder
+from .limits import check_npz, check_npz_folder, check_random_size
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class RandomSource(ArraySource):
         arrays: dict[str, NDArray[np.generic]] = {}
         for spec in specs:
             shape = [num_samples] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+            check_random_size(spec.name, shape)
             if np.issubdtype(spec.dtype, np.floating):
                 arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_:

@@ -72,8 +72,8 @@ class PrunableTensor:
 def _check_external_location(tensor: TensorProto, base: Path, model_path: Path) -> None:
     """Refuse external-data paths that are absolute or escape the model's folder."""
     location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    if not location:
-        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a location")
+    if not location or "\0" in location:
+        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a valid location")
     resolved = (base / location).resolve()
     if Path(location).is_absolute() or not resolved.is_relative_to(base.resolve()):
         raise ModelError(

@@ -237,3 +237,13 @@ def check_npz_folder(files: list[Path]) -> None:
             raise ResourceError(
                 f"{f.parent}: the arrays of its .npz files need more than the data limit of {gib(limit)} (--max-memory)"
             )
+
+
+def check_random_size(name: str, shape: list[int]) -> None:
+    """``--data random`` for an input of declared ``shape``: its float64 draw must fit :func:`data_limit`."""
+    need = prod(shape) * 8
+    if need > data_limit():
+        raise ResourceError(
+            f"--data random: input {name!r} declares shape {shape[1:]}; {shape[0]} random samples would take "
+            f"{gib(need)}, more than the data limit of {gib(data_limit())}"
+        )

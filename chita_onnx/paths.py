@@ -45,6 +45,8 @@ PathLike = str | os.PathLike[str]
 STAGING_PREFIX = ".chita-onnx-"
 
 _KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFLNK: "a symbolic link",
     stat.S_IFIFO: "a FIFO (named pipe)",
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
@@ -59,12 +61,15 @@ def file_kind(mode: int) -> str:
 
 
 def _stat(path: Path) -> os.stat_result | None:
+    """``stat`` (symlinks followed), ``None`` if nothing is there."""
     try:
         return path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:  # ELOOP (symlink loop), ENAMETOOLONG, EACCES on a parent, ...
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise DataError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character
+        raise DataError(f"{path!r}: not a valid path") from None
 
 
 def regular_file(path: PathLike, flag: str | None = None, *, error: type[Exception] = DataError) -> os.stat_result:
@@ -126,7 +131,7 @@ def external_data_files(model_path: Path) -> list[Path]:
     from .graph import model_files
 
     try:
-        return model_files(model_path)[1:]
+        return [f for f in model_files(model_path)[1:] if "\0" not in str(f)]
     except Exception:  # a broken model is reported by the loader, with its own message
         return []
 
