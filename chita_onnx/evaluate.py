@@ -104,6 +104,11 @@ def top1(y: NDArray[np.floating], labels: NDArray[np.int64] | None) -> float | N
     """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)``; None if not applicable."""
     if labels is None or not _is_classifier(y):
         return None
+    if y.shape[0] != labels.shape[0]:
+        raise ModelError(
+            f"the model output has {y.shape[0]} rows for {labels.shape[0]} labelled samples: its first axis is "
+            "not the batch axis, so top-1 accuracy is undefined"
+        )
     return float(np.mean(np.argmax(y, axis=1) == labels))
 
 

@@ -104,8 +104,11 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing anything unsafe or malformed.
 
-    Raises :class:`ModelError` for a missing file, a file that is not ONNX, or external-data paths
-    that point outside the model's folder (models come from untrusted sources).
+    Raises :class:`ModelError` for a missing or non-regular file, a file that is not ONNX,
+    external-data paths that point outside the model's folder (models come from untrusted sources),
+    and anything :func:`~chita_onnx.validate.validate_header` or
+    :func:`~chita_onnx.validate.validate_graph` refuses — before external data is read or a sparse
+    tensor densified.  Every command loads through here, so every command validates alike.
     """
     p = Path(path)
     regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
@@ -120,12 +123,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     external = [t for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
     for t in external:
         _check_external_location(t, base, p)
+    validate_graph(model, p)
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:
             raise ModelError(f"{p}: cannot read external data ({first_line(exc)})") from None
-    validate_graph(model, p)
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)

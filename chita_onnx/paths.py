@@ -29,7 +29,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -199,6 +199,7 @@ class OutputPlan:
         self.outputs = {o.flag if not o.what else f"{o.flag}:{o.what}": o for o in outputs}
         self.inputs = inputs
         self._staging: dict[Path, Path] = {}  # destination folder -> staging folder
+        self._named: dict[Path, Path] = {}  # staged file -> the output path as the caller gave it
         self._committed = False
 
     # -- checks ---------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class OutputPlan:
                 self._staging[folder] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
             except OSError as exc:
                 raise OutputError(f"{self.outputs[key].label()}: cannot write in {folder} ({exc.strerror})") from None
+        self._named[self._staging[folder] / dest.name] = dest
         return self._staging[folder] / dest.name
 
     def commit(self) -> list[Path]:
@@ -265,7 +267,7 @@ class OutputPlan:
                 os.replace(src, dest)
             except OSError as exc:
                 raise OutputError(f"{dest}: cannot write the output ({exc.strerror or exc})") from None
-            written.append(dest)
+            written.append(self._named.get(src, dest))
         for folder in self._staging:
             with contextlib.suppress(OSError):  # not every file system syncs folders
                 _fsync(folder)
@@ -326,22 +328,3 @@ def plan_outputs(
     if workdir is not None:
         check_workdir(workdir)
     return plan
-
-
-@contextlib.contextmanager
-def atomic_file(path: PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path`` for writing; on success fsync it and rename it onto
-    ``path``; on any error (or Ctrl-C) remove it."""
-    dest = Path(path)
-    folder = dest.parent if str(dest.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -228,7 +228,10 @@ class GradientOracle:
         total = sum(b.size for b in prep.calib)
         self.n = min(total, config.num_samples) // config.mini_batch
         if self.n < 1:
-            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
+            have = f"the {total} calibration samples"
+            if config.num_samples < total:
+                have = f"--num-samples={config.num_samples}"
+            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than {have}")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
@@ -684,7 +687,8 @@ def write_gradients(
         )
         n = min(total, num_samples or total) // mini_batch
         if n < 1:
-            raise ConfigError(f"--mini-batch={mini_batch}: larger than the {total} samples of --data")
+            have = f"--num-samples={num_samples}" if num_samples and num_samples < total else f"the {total} samples"
+            raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
         X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(source, fisher=fisher, num_samples=num_samples, seed=seed, out=X)  # type: ignore[arg-type]
         check_gradients(X, engine.layout)

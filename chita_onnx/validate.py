@@ -15,6 +15,7 @@ The checks of weights, data and gradients that need no onnx are in :mod:`chita_o
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 import stat
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ from onnx import TensorProto
 from .errors import ModelError, ResourceError
 from .limits import BOMB_MIN_BYTES, SPARSE_RATIO, gib, model_limit
 from .paths import file_kind
+
+log = logging.getLogger(__name__)
 
 #: Bits per element of each ONNX tensor type (strings have no fixed size).
 _BITS: dict[int, int] = {
@@ -265,12 +268,18 @@ def validate_header(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Non
 
 #: Above this many bytes a model cannot be serialised for the in-memory checker.
 _PROTOBUF_LIMIT = 2**31 - 1
+#: Strict shape inference serialises the model: skipped above this size (of the parsed file).
+_INFER_LIMIT = 512 * 2**20
 
 
 def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Sort the nodes (or name a cycle), then run ``onnx.checker``; run after external data is loaded.
+    """Sort the nodes (or name a cycle), run ``onnx.checker`` and strict shape inference.
 
-    A model over the 2 GB protobuf limit is checked from its file (external data is not re-read).
+    Runs on the parsed model before its external data is read.  Strict type and shape inference
+    finds the inconsistent graphs that onnxruntime would refuse — or crash on: ORT 1.19.2 segfaults
+    creating a session for some of them — so no such graph ever reaches onnxruntime.  It is skipped
+    for a model whose inline tensors exceed :data:`_INFER_LIMIT` (serialising it would double the
+    memory); a model with external data is checked from its file.
     """
     where = str(path)
     if not len(model.graph.output):
@@ -282,14 +291,34 @@ def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None
                 f"{where}: uses ai.onnx opset {op.version}; the installed onnx {onnx.__version__} knows up to {known}"
             )
     sort_graph(model.graph, where)
+    external = any(t.data_location == TensorProto.EXTERNAL for t, _ in _walk(model.graph))
+    size = model.ByteSize()
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
+        if external or size >= _PROTOBUF_LIMIT:
+            onnx.checker.check_model(where)  # resolves external data next to the model file
         else:
-            onnx.checker.check_model(where)
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         msg = " ".join(str(exc).split())
         raise ModelError(f"{where}: fails onnx.checker: {msg[:400]}") from None
+    if size > _INFER_LIMIT:
+        log.debug("%s: %s of inline tensors; strict shape inference skipped", where, gib(size))
+        return
+    probe = model
+    if len(model.graph.sparse_initializer):  # onnx infers no dense type for them: declare their dims
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        dense = [
+            TensorProto(name=sp.values.name, data_type=sp.values.data_type, dims=sp.dims)
+            for sp in probe.graph.sparse_initializer
+        ]
+        del probe.graph.sparse_initializer[:]
+        probe.graph.initializer.extend(dense)
+    try:
+        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        msg = " ".join(str(exc).split()).replace("[ShapeInferenceError] Inference error(s): ", "")
+        raise ModelError(f"{where}: the graph is inconsistent (onnx shape inference): {msg[:400]}") from None
 
 
 def check_external_file(tensor: TensorProto, file: Path, where: str) -> None:

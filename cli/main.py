@@ -13,7 +13,9 @@ import logging
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -114,7 +116,15 @@ def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
     # force=True: importing onnxruntime(-training) already configured the root logger
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("chita_onnx").setLevel(level)
+    warnings.showwarning = _log_warning
     set_progress(False if quiet else progress)
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: object, **kwargs: object
+) -> None:
+    """Python warnings (NumPy's on NaN input, say) as one-line log records, never a stray source line."""
+    log.warning("%s", one_line(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"))
 
 
 def _config_options(fn: F) -> F:

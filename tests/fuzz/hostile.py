@@ -88,6 +88,40 @@ def mlp(seed: int = 0, *, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
     return model
 
 
+def cnn(seed: int = 0) -> onnx.ModelProto:
+    """x[N,2,6,6] → Conv → BatchNormalization → Relu → MaxPool → Flatten → Gemm → logits[N,3] (a second
+    base for random mutations: more ops on the path from the weights to the loss)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "conv.weight": 0.5 * rng.standard_normal((4, 2, 3, 3)),
+        "conv.bias": 0.1 * rng.standard_normal(4),
+        "bn.scale": 1 + 0.1 * rng.standard_normal(4),
+        "bn.bias": 0.1 * rng.standard_normal(4),
+        "bn.mean": 0.1 * rng.standard_normal(4),
+        "bn.var": 0.5 + rng.random(4),
+        "fc.weight": 0.3 * rng.standard_normal((CLASSES, 36)),
+        "fc.bias": 0.1 * rng.standard_normal(CLASSES),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="fuzz")
+    model.ir_version = 10
+    return model
+
+
 def _init(model: onnx.ModelProto, name: str) -> TensorProto:
     return next(t for t in model.graph.initializer if t.name == name)
 
@@ -1144,6 +1178,208 @@ def path_cases() -> list[Case]:
     return c
 
 
+# --------------------------------------------------------------------------- random mutations
+
+#: More random mutations per class: CHITA_FUZZ_SCALE=50 makes a long campaign out of the same generator.
+SCALE = max(1, int(os.environ.get("CHITA_FUZZ_SCALE", "1")))
+_OPS = [
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Relu",
+    "Softmax",
+    "Reshape",
+    "Transpose",
+    "Identity",
+    "Add",
+    "Mul",
+    "Sum",
+    "BatchNormalization",
+    "If",
+    "Loop",
+    "QuantizeLinear",
+    "Cast",
+    "Flatten",
+    "Concat",
+    "Gather",
+    "Where",
+    "ConvTranspose",
+    "Einsum",
+    "Dropout",
+    "LayerNormalization",
+    "MaxPool",
+    "ReduceMean",
+    "Split",
+    "Pad",
+]
+_DIMS = [0, 1, 2, 3, 6, 8, -1, 2**31, 2**40, 2**62]
+
+
+def _mutate(m: onnx.ModelProto, rng: np.random.Generator) -> None:
+    """One random structural change: a dtype, dims, an op, an input name, an attribute, a version..."""
+    g = m.graph
+    kind = int(rng.integers(0, 12))
+    init = g.initializer[int(rng.integers(0, len(g.initializer)))] if len(g.initializer) else None
+    node = g.node[int(rng.integers(0, len(g.node)))] if len(g.node) else None
+    if kind == 0 and init is not None:
+        init.data_type = int(rng.integers(0, 30))
+    elif kind == 1 and init is not None:
+        dims = list(init.dims)
+        choice = int(rng.integers(0, 3))
+        if choice == 0 and dims:
+            dims[int(rng.integers(0, len(dims)))] = int(rng.choice(_DIMS))
+        elif choice == 1:
+            dims.append(int(rng.choice(_DIMS)))
+        elif dims:
+            dims.pop()
+        del init.dims[:]
+        init.dims.extend(dims)
+    elif kind == 2 and node is not None:
+        node.op_type = str(rng.choice(_OPS))
+    elif kind == 3 and node is not None and len(node.input):
+        names = [n for x in g.node for n in x.output] + [t.name for t in g.initializer] + ["x", "", "ghost"]
+        node.input[int(rng.integers(0, len(node.input)))] = str(rng.choice(names))
+    elif kind == 4 and node is not None:
+        value = rng.choice([1, -1, 2**40, 0.5, "s"])
+        node.attribute.append(
+            helper.make_attribute(str(rng.choice(["axis", "transB", "group", "alpha", "pads"])), value)
+        )
+    elif kind == 5 and node is not None:
+        if rng.integers(0, 2):
+            g.node.remove(node)
+        else:
+            g.node.append(node)
+    elif kind == 6:
+        m.opset_import[0].version = int(rng.integers(1, 30))
+    elif kind == 7:
+        m.ir_version = int(rng.integers(0, 13))
+    elif kind == 8:
+        vi = g.input[0].type.tensor_type
+        if rng.integers(0, 2):
+            vi.elem_type = int(rng.integers(0, 17))
+        elif len(vi.shape.dim):
+            vi.shape.dim[int(rng.integers(0, len(vi.shape.dim)))].dim_value = int(rng.choice(_DIMS[:7]))
+    elif kind == 9 and init is not None:
+        init.raw_data = rng.bytes(int(rng.integers(0, 400)))
+    elif kind == 10:
+        out = g.output[0].type.tensor_type
+        out.elem_type = int(rng.integers(0, 17))
+    elif kind == 11 and init is not None and init.data_type == TensorProto.FLOAT:
+        try:
+            w = numpy_helper.to_array(init).astype(np.float32)
+        except ValueError:  # an earlier mutation broke its dims: leave it broken
+            return
+        if w.size:
+            w.reshape(-1)[int(rng.integers(0, w.size))] = rng.choice([np.nan, np.inf, -np.inf, 3e38, 1e-45])
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+
+
+def _mutant(k: int) -> Callable[[Path], None]:
+    """A mutated MLP (even ``k``) or CNN (odd ``k``), with valid data for the unmutated model."""
+
+    def make(d: Path) -> None:
+        rng = _rng("mutant", k)
+        model = (mlp if k % 2 == 0 else cnn)(int(rng.integers(0, 100)))
+        for _ in range(1 + int(rng.integers(0, 3))):
+            _mutate(model, rng)
+        save(model, d / M)
+        if k % 2:
+            x = np.random.default_rng(k).standard_normal((N, 2, 6, 6)).astype(np.float32)
+            np.savez(d / D, x=x, labels=np.arange(N) % CLASSES)
+        else:
+            data(d / D)
+
+    return make
+
+
+def _npz_corrupt(k: int) -> Callable[[Path], None]:
+    def make(d: Path) -> None:
+        rng = _rng("npz", k)
+        data(d / D, n=int(rng.integers(1, 40)))
+        raw = bytearray((d / D).read_bytes())
+        for pos in rng.integers(0, len(raw), 1 + int(rng.integers(0, 4))):
+            raw[int(pos)] = int(rng.integers(0, 256))
+        _bytes(d / D, bytes(raw))
+
+    return make
+
+
+_FLAG_VALUES: dict[str, list[str]] = {
+    "--sparsity": ["0", "0.3", "0.9", "0.99", "0.999999", "1", "-0", "nan", "1e-300"],
+    "--method": ["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"],
+    "--update": ["auto", "none", "obs"],
+    "--scope": ["global", "layer"],
+    "--keep": ["W1", "W2", "W1,W2", "", ",", "W9"],
+    "--min-density": ["0", "0.1", "0.5", "1", "nan"],
+    "--ridge": ["0", "1e-12", "1", "1e30", "1e308"],
+    "--stages": ["1", "2", "5", "1000", "0"],
+    "--schedule": ["poly", "exp", "linear", "const", "geom"],
+    "--start-sparsity": ["0", "0.5", "0.9", "0.99"],
+    "--max-iter": ["1", "3", "100000"],
+    "--rank": ["magnitude", "obd"],
+    "--block-size": ["1", "7", "100000"],
+    "--max-memory": ["1M", "2M", "1G"],
+    "--loss": ["auto", "ce", "mse"],
+    "--fisher": ["auto", "empirical", "sampled", "argmax"],
+    "--mini-batch": ["1", "3", "24", "25"],
+    "--num-samples": ["1", "2", "7", "100000"],
+    "--seed": ["0", "1", str(2**63 - 1)],
+    "--storage": ["auto", "sparse", "dense"],
+    "--holdout": ["0.01", "0.5", "0.97"],
+    "--batch-size": ["1", "5", str(2**31 - 1)],
+}
+
+
+def _flag_mutant(k: int) -> Build:
+    """``compress`` with 1-4 random flags drawn from values valid, at a limit, and past it."""
+
+    def build(d: Path) -> list[str]:
+        rng = _rng("flags", k)
+        _standard(d)
+        extra: list[str] = []
+        for flag in rng.choice(sorted(_FLAG_VALUES), int(rng.integers(1, 5)), replace=False):
+            extra += [str(flag), str(rng.choice(_FLAG_VALUES[str(flag)]))]
+        if "--stages" in extra and extra[extra.index("--stages") + 1] == "1000":
+            extra[extra.index("--stages") + 1] = "20"  # legal, but a thousand stages are too slow for a test
+        return command("compress", extra=extra)
+
+    return build
+
+
+def mutation_cases() -> list[Case]:
+    """Seeded random mutations of a valid model and valid data; any outcome but a crash is fine."""
+    cases: list[Case] = []
+    outputs = {"compress": ("out/o.onnx",), "gradients": ("out/g.npy", "out/g.npy.layout.json")}
+    for k in range(20 * SCALE):
+        for cmd in ("inspect", "evaluate", "compress"):
+            cases.append(
+                Case(
+                    f"mutant/{k}/{cmd}",
+                    "model-mutation",
+                    (lambda d, k=k, cmd=cmd: (_mutant(k)(d), command(cmd))[1]),
+                    may_succeed=True,
+                    outputs=outputs.get(cmd, ()),
+                )
+            )
+    for k in range(20 * SCALE):
+        flags = Case(
+            f"flag-mutant/{k}/compress", "flags", _flag_mutant(k), may_succeed=True, outputs=outputs["compress"]
+        )
+        cases.append(flags)
+    for k in range(10 * SCALE):
+        for cmd in ("evaluate", "gradients"):
+            cases.append(
+                Case(
+                    f"npz-mutant/{k}/{cmd}",
+                    "npz-trap",
+                    (lambda d, k=k, cmd=cmd: (save(mlp(), d / M), _npz_corrupt(k)(d), command(cmd))[2]),
+                    may_succeed=True,
+                    outputs=outputs.get(cmd, ()),
+                )
+            )
+    return cases
+
+
 # --------------------------------------------------------------------------------------------- all
 
 
@@ -1157,7 +1393,7 @@ class Suite:
 
 def all_cases() -> list[Case]:
     """Every case, in a stable order; ids are unique."""
-    cases = [*model_cases(), *data_cases(), *flag_cases(), *positive_cases(), *path_cases()]
+    cases = [*model_cases(), *data_cases(), *flag_cases(), *positive_cases(), *path_cases(), *mutation_cases()]
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     return cases
