@@ -42,6 +42,7 @@ _BITS: dict[int, int] = {
     TensorProto.FLOAT8E4M3FN: 8, TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
     TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.UINT4: 4, TensorProto.INT4: 4,
 }  # fmt: skip
+_KNOWN_TYPES = frozenset(v for v in TensorProto.DataType.values() if v != TensorProto.UNDEFINED)
 #: Typed repeated field and entries per element, where that is one to one (or two for complex).
 _TYPED: dict[int, tuple[str, int]] = {
     TensorProto.FLOAT: ("float_data", 1), TensorProto.DOUBLE: ("double_data", 1),
@@ -66,6 +67,8 @@ def declared_bytes(t: TensorProto, where: str) -> int:
     """Bytes of the dense tensor that ``t`` declares (Python ints: no overflow)."""
     if any(d < 0 for d in t.dims):
         raise ModelError(f"{where}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+    if t.data_type not in _KNOWN_TYPES:
+        raise ModelError(f"{where}: tensor {t.name!r} has no valid data type ({t.data_type})")
     return int(-(-prod(t.dims) * _BITS.get(int(t.data_type), 8) // 8))
 
 
@@ -219,17 +222,24 @@ def sort_graph(graph: onnx.GraphProto, where: str) -> None:
 
 
 def _check_strings(message: Any, where: str) -> None:
-    """Every string field must be UTF-8 (protobuf hands back ``bytes`` for one that is not)."""
-    for fd, value in message.ListFields():
+    """Every string field must be UTF-8 (protobuf hands back ``bytes`` for one that is not).
+
+    Walks the descriptor and reads only string and message fields: a tensor's ``raw_data`` is never
+    touched (reading it would copy it).
+    """
+    for fd in message.DESCRIPTOR.fields:
         # protobuf ≥ 6 has is_repeated; older releases only label
         repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE) or (not repeated and not message.HasField(fd.name)):
+            continue
+        value = getattr(message, fd.name)
         values = value if repeated else (value,)
         if fd.type == fd.TYPE_STRING:
             for v in values:
                 if not isinstance(v, str):
                     kind = message.DESCRIPTOR.name
                     raise ModelError(f"{where}: the {fd.name} {v[:60]!r} of a {kind} is not UTF-8 text")
-        elif fd.type == fd.TYPE_MESSAGE:
+        else:
             for v in values:
                 _check_strings(v, where)
 
@@ -266,20 +276,47 @@ def validate_header(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Non
         )
 
 
-#: Above this many bytes a model cannot be serialised for the in-memory checker.
-_PROTOBUF_LIMIT = 2**31 - 1
-#: Strict shape inference serialises the model: skipped above this size (of the parsed file).
-_INFER_LIMIT = 512 * 2**20
+#: Initializers larger than this are checked by :func:`validate_header`, not copied for onnx.
+_LIGHT_BYTES = 64 * 2**10
+
+
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its bulk, for ``onnx.checker`` and shape inference.
+
+    Every initializer larger than :data:`_LIGHT_BYTES`, every external one and every sparse one
+    becomes a graph input of the same name, type and shape: the graph, its ops and its types check
+    exactly as before, without serialising hundreds of MB (the tensors' own consistency is
+    :func:`validate_header`'s job).  Sparse initializers also get the dense type onnx cannot infer.
+    """
+    g = model.graph
+    light = onnx.GraphProto(name=g.name, doc_string=g.doc_string)
+    light.node.extend(g.node)
+    light.input.extend(g.input)
+    light.output.extend(g.output)
+    light.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.data_location == TensorProto.EXTERNAL or declared_bytes(t, "") > _LIGHT_BYTES:
+            if t.name not in declared:
+                light.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            light.initializer.append(t)
+    for sp in g.sparse_initializer:
+        if sp.values.name not in declared:
+            light.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
+    out = onnx.ModelProto(ir_version=model.ir_version, graph=light)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    return out
 
 
 def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Sort the nodes (or name a cycle), run ``onnx.checker`` and strict shape inference.
 
-    Runs on the parsed model before its external data is read.  Strict type and shape inference
-    finds the inconsistent graphs that onnxruntime would refuse — or crash on: ORT 1.19.2 segfaults
-    creating a session for some of them — so no such graph ever reaches onnxruntime.  It is skipped
-    for a model whose inline tensors exceed :data:`_INFER_LIMIT` (serialising it would double the
-    memory); a model with external data is checked from its file.
+    Runs on the parsed model before its external data is read, on a copy without the weights'
+    bytes (:func:`_light`).  Strict type and shape inference finds the inconsistent graphs that
+    onnxruntime would refuse — or crash on: ORT 1.19.2 segfaults creating a session for some of
+    them — so no such graph ever reaches onnxruntime.
     """
     where = str(path)
     if not len(model.graph.output):
@@ -290,32 +327,19 @@ def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None
             raise ModelError(
                 f"{where}: uses ai.onnx opset {op.version}; the installed onnx {onnx.__version__} knows up to {known}"
             )
+    names = [t.name for t in model.graph.initializer] + [sp.values.name for sp in model.graph.sparse_initializer]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ModelError(f"{where}: initializer names are not unique: {twice[:5]}")
     sort_graph(model.graph, where)
-    external = any(t.data_location == TensorProto.EXTERNAL for t, _ in _walk(model.graph))
-    size = model.ByteSize()
+    light = _light(model)
     try:
-        if external or size >= _PROTOBUF_LIMIT:
-            onnx.checker.check_model(where)  # resolves external data next to the model file
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(light)
     except (onnx.checker.ValidationError, ValueError) as exc:
         msg = " ".join(str(exc).split())
         raise ModelError(f"{where}: fails onnx.checker: {msg[:400]}") from None
-    if size > _INFER_LIMIT:
-        log.debug("%s: %s of inline tensors; strict shape inference skipped", where, gib(size))
-        return
-    probe = model
-    if len(model.graph.sparse_initializer):  # onnx infers no dense type for them: declare their dims
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        dense = [
-            TensorProto(name=sp.values.name, data_type=sp.values.data_type, dims=sp.dims)
-            for sp in probe.graph.sparse_initializer
-        ]
-        del probe.graph.sparse_initializer[:]
-        probe.graph.initializer.extend(dense)
     try:
-        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         msg = " ".join(str(exc).split()).replace("[ShapeInferenceError] Inference error(s): ", "")
         raise ModelError(f"{where}: the graph is inconsistent (onnx shape inference): {msg[:400]}") from None
