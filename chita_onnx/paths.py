@@ -27,9 +27,11 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -260,14 +262,16 @@ class OutputPlan:
             for what, p, st_in in in_stats:
                 if _same_file(dest, st, p, st_in):
                     raise ConfigError(f"{dest}: is {what}; refusing to overwrite an input")
+        for src, _ in moves:  # data on disk before any name points at it
+            _fsync(src)
         written: list[Path] = []
-        for src, dest in moves:
-            try:
-                _fsync(src)
-                os.replace(src, dest)
-            except OSError as exc:
-                raise OutputError(f"{dest}: cannot write the output ({exc.strerror or exc})") from None
-            written.append(self._named.get(src, dest))
+        with _signals_held():  # Ctrl-C lands before or after the renames, never between two of them
+            for src, dest in moves:
+                try:
+                    os.replace(src, dest)
+                except OSError as exc:
+                    raise OutputError(f"{dest}: cannot write the output ({exc.strerror or exc})") from None
+                written.append(self._named.get(src, dest))
         for folder in self._staging:
             with contextlib.suppress(OSError):  # not every file system syncs folders
                 _fsync(folder)
@@ -288,6 +292,20 @@ class OutputPlan:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._cleanup()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block (main thread, POSIX); they are delivered after it."""
+    hold = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _fsync(path: Path) -> None:
