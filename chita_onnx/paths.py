@@ -98,15 +98,29 @@ class Inputs:
 
     files: list[tuple[str, Path]] = field(default_factory=list)
     folders: list[tuple[str, Path]] = field(default_factory=list)
+    models: list[tuple[str, Path]] = field(default_factory=list)
 
     def add_model(self, path: PathLike, flag: str = "MODEL") -> None:
-        """The model file and the external-data files it references (found from its header)."""
+        """The model file (its external-data files are added by :meth:`add_external_data`)."""
         regular_file(path, flag, error=ModelError)
         self.files.append((f"the input model ({flag}={path})", Path(path)))
-        for extra in external_data_files(Path(path)):
-            st = _stat(extra)
-            if st is not None and stat.S_ISREG(st.st_mode):
-                self.files.append((f"an external-data file of the input model ({flag}={path})", extra))
+        self.models.append((flag, Path(path)))
+
+    def add_external_data(self, outputs: Sequence[Path]) -> None:
+        """The external-data files of each model, found from its header, when an output could be one.
+
+        External data lies inside the model's folder (the loader refuses anything else), so only an
+        output inside that folder, or an existing file (a hard link), can be one: for all other
+        outputs the model is not parsed twice.
+        """
+        for flag, model in self.models:
+            base = _real(model.parent)
+            if not any(_real(o).is_relative_to(base) or _stat(o) is not None for o in outputs):
+                continue
+            for extra in external_data_files(model):
+                st = _stat(extra)
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    self.files.append((f"an external-data file of the input model ({flag}={model})", extra))
 
     def add_data(self, flag: str, spec: object) -> None:
         """A data specification: a ``.npz`` file, a folder of them, or anything that is not a path."""
@@ -208,6 +222,7 @@ class OutputPlan:
 
     def check(self) -> None:
         """Refuse every conflict before any work starts (see the module docstring)."""
+        self.inputs.add_external_data([o.path for o in self.outputs.values()])
         in_stats = [(what, p, _stat(p)) for what, p in self.inputs.files]
         seen: list[tuple[Output, os.stat_result | None]] = []
         for out in self.outputs.values():
