@@ -7,11 +7,11 @@ construction; a bad value raises :class:`~chita_onnx.errors.ConfigError` naming 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from .errors import ConfigError, SolverError
+from .limits import check_limits, total_memory
 from .solver.nm import NMPattern
 
 Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
@@ -31,16 +31,9 @@ DEFAULT_RIDGE = 1e-3
 DEFAULT_STAGES = 10
 
 
-def _total_memory() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 def default_max_memory() -> int:
     """Bytes the gradient matrix X may take before the block approximation is used: 40% of RAM."""
-    return int(0.4 * _total_memory())
+    return int(0.4 * total_memory())
 
 
 def _flag(name: str) -> str:
@@ -77,6 +70,7 @@ class CompressConfig:
     batch_size: int = 64
     workdir: str | None = None
     pattern: str = "unstructured"
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -128,6 +122,7 @@ class CompressConfig:
                 raise bad(name, getattr(self, name), "must be ≥ 1")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
+        check_limits(self)
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
         if self.update == "none" and self.method in ("chita", "chita++"):

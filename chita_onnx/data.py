@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .checks import check_finite, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError
+from .errors import DataError, first_line
+from .limits import check_npz, check_npz_folder, check_random_size
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class ArraySource:
 def _read_npz(
     path: Path, specs: Sequence[InputSpec] | None
 ) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
+    check_npz(path)  # headers and sizes first: no FIFO, zip bomb or object array is ever read
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {}
@@ -121,7 +124,7 @@ def _read_npz(
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {first_line(exc)})") from None
     labels = arrays.pop(LABELS_KEY, None)
     if specs is not None:
         names = [s.name for s in specs]
@@ -149,6 +152,7 @@ class NpzFolderSource:
         self.files = sorted(folder.glob("*.npz"))
         if not self.files:
             raise DataError(f"{folder}: folder holds no .npz files")
+        check_npz_folder(self.files)
         self.specs = specs
         self.origin = str(folder)
 
@@ -171,6 +175,7 @@ class RandomSource(ArraySource):
         for spec in specs:
             sample = [d if isinstance(d, int) and d > 0 else 1 for d in spec.sample_shape]
             shape = sample if spec.batch_axis is None else [num_samples, *sample]
+            check_random_size(spec.name, shape)
             if np.issubdtype(spec.dtype, np.floating):
                 arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_:
@@ -273,8 +278,20 @@ def validate_source(
     origin = getattr(source, "origin", origin)
     names = [s.name for s in specs]
     total = 0
+    for spec in specs:
+        check_input_dtype(spec.name, spec.dtype)
+    labelled: bool | None = None
+    files = getattr(source, "files", None)
     for i, batch in enumerate(source):
         where = f"{origin} (batch {i})" if not isinstance(source, ArraySource) else origin
+        if isinstance(files, list) and i < len(files):
+            where = str(files[i])
+        if labelled is not None and labelled != (batch.labels is not None):
+            raise DataError(
+                f"{where}: {'has' if batch.labels is not None else 'has no'} 'labels' but the data before it "
+                f"{'has none' if batch.labels is not None else 'has'}; label every batch or none"
+            )
+        labelled = batch.labels is not None
         missing = [n for n in names if n not in batch.inputs]
         if missing:
             raise DataError(f"{where}: missing model input(s) {missing}; found {sorted(batch.inputs)}")
@@ -294,6 +311,7 @@ def validate_source(
             if size is not None and arr.shape[0] != size:
                 raise DataError(f"{where}: inputs differ in batch size ({size} vs {arr.shape[0]} for {spec.name!r})")
             size = arr.shape[0]
+            check_finite(arr, where, spec.name, total)
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
             if labels.shape != (size,):

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from .batching import output_batch_axis
 from .data import batch_size, feed, static_names
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, first_line
 from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 
@@ -53,7 +53,7 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
         )
     except Exception as exc:
         where = "model" if isinstance(model, bytes) else str(model)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise ModelError(f"{where}: onnxruntime {ort.__version__} cannot load it: {msg}") from None
 
 
@@ -143,6 +143,11 @@ def top1(y: NDArray[np.floating], labels: NDArray[np.int64] | None) -> float | N
     """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)``; None if not applicable."""
     if labels is None or not _is_classifier(y):
         return None
+    if y.shape[0] != labels.shape[0]:
+        raise ModelError(
+            f"the model output has {y.shape[0]} rows for {labels.shape[0]} labelled samples: its first axis is "
+            "not the batch axis, so top-1 accuracy is undefined"
+        )
     return float(np.mean(np.argmax(y, axis=1) == labels))
 
 

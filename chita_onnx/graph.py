@@ -32,7 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .batching import infer_batch_axes
 from .data_types import InputSpec
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, first_line
+from .paths import regular_file
+from .validate import check_external_file, validate_graph, validate_header
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +73,17 @@ class PrunableTensor:
 def _check_external_location(tensor: TensorProto, base: Path, model_path: Path) -> None:
     """Refuse external-data paths that are absolute or escape the model's folder."""
     location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    if not location:
-        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a location")
+    if not location or "\0" in location:
+        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a valid location")
     resolved = (base / location).resolve()
     if Path(location).is_absolute() or not resolved.is_relative_to(base.resolve()):
         raise ModelError(
             f"{model_path}: tensor {tensor.name!r} points to external data {location!r} outside the "
             "model's folder; refusing to read it"
         )
-    if not resolved.is_file():
+    if not resolved.exists():
         raise ModelError(f"{model_path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+    check_external_file(tensor, resolved, str(model_path))
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
@@ -102,29 +105,31 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing anything unsafe or malformed.
 
-    Raises :class:`ModelError` for a missing file, a file that is not ONNX, or external-data paths
-    that point outside the model's folder (models come from untrusted sources).
+    Raises :class:`ModelError` for a missing or non-regular file, a file that is not ONNX,
+    external-data paths that point outside the model's folder (models come from untrusted sources),
+    and anything :func:`~chita_onnx.validate.validate_header` or
+    :func:`~chita_onnx.validate.validate_graph` refuses — before external data is read or a sparse
+    tensor densified.  Every command loads through here, so every command validates alike.
     """
     p = Path(path)
-    if not p.exists():
-        raise ModelError(f"{p}: no such file")
-    if not p.is_file():
-        raise ModelError(f"{p}: not a file")
+    regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various
-        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise ModelError(f"{p}: not a valid ONNX model (no graph or no opset_import)")
+    validate_header(model, p)
     base = p.parent
     external = [t for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
     for t in external:
         _check_external_location(t, base, p)
+    validate_graph(model, p)
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:
-            raise ModelError(f"{p}: cannot read external data ({exc})".splitlines()[0]) from None
+            raise ModelError(f"{p}: cannot read external data ({first_line(exc)})") from None
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)
@@ -415,7 +420,7 @@ def check_model(path: str | os.PathLike[str]) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{path}: the written model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{path}: the written model fails onnx.checker: {first_line(exc)}") from None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -479,7 +484,7 @@ def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:
             raise ModelError(
                 f"the model uses opset {opset}; the bundled onnxruntime loads opset ≤ {RUNTIME_MAX_OPSET} and "
-                f"onnx's version converter failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"onnx's version converter failed: {first_line(exc)}"
             ) from None
     else:
         out = onnx.ModelProto()

@@ -8,6 +8,7 @@ layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps betw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 from numpy.typing import NDArray
+from onnx import TensorProto, numpy_helper
 
 from . import __version__
+from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ConfigError, ModelError, OutputError
+from .errors import ConfigError, ModelError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -44,7 +47,10 @@ from .graph import (
     save_model,
     write_weights,
 )
+from .guard import guarded
 from .layout import Layout
+from .limits import MAX_SEED, check_int, data_budget
+from .paths import Output, OutputPlan, plan_outputs
 from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
 from .report import FileSizes, Report, StageReport, TensorReport
@@ -55,6 +61,8 @@ from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 
 log = logging.getLogger(__name__)
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -142,6 +150,7 @@ def prepare(
     tensors = [t for t in tensors if t.name not in config.keep]
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
+    _check_prunable(path, model, tensors, config)
     specs = tuple(model_inputs(model))
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
@@ -167,6 +176,46 @@ def prepare(
     return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
 
 
+def refused_weights(
+    model: onnx.ModelProto, tensors: Sequence[PrunableTensor], *, gradients: bool = True
+) -> dict[str, str]:
+    """``{tensor: why}`` for the prunable tensors that ``compress`` refuses: a dtype the gradient engine
+    cannot differentiate (when ``gradients``), or a NaN/Inf value.  ``inspect`` marks the same ones."""
+    out: dict[str, str] = {}
+    for t in tensors:
+        reason = weight_refusal(t.dtype, t.size, gradients=gradients)
+        if reason is not None:
+            out[t.name] = reason
+    values = get_weights(model, [t.name for t in tensors if t.name not in out])
+    for name, array in values.items():
+        bad = first_bad(array)
+        if bad is not None:
+            out[name] = f"holds {array[bad]} at index {list(bad)}; weights must be finite"
+    return out
+
+
+def _check_prunable(
+    path: Path, model: onnx.ModelProto, tensors: Sequence[PrunableTensor], config: CompressConfig
+) -> None:
+    """Refuse weights the method cannot prune, NaN constants, and a budget that keeps nothing (unless
+    allowed)."""
+    for name, why in refused_weights(model, tensors, gradients=config.needs_gradients).items():
+        raise ModelError(f"{path}: cannot prune weight {name!r}: {why}")
+    _check_constants(model, path)
+    p = sum(t.size for t in tensors)
+    if keep_count(config.sparsity, p) == 0 and not config.allow_empty:
+        raise ConfigError(
+            f"--sparsity={config.sparsity!r}: keeps round((1 - s)·p) = 0 of the {p:,} prunable weights, an all-zero "
+            "model; pass --allow-empty if that is what you want"
+        )
+
+
+def _check_constants(model: onnx.ModelProto, where: str | os.PathLike[str]) -> None:
+    """No NaN in any float initializer (see :func:`~chita_onnx.checks.check_no_nan`)."""
+    floats = (t for t in model.graph.initializer if t.data_type in _FLOATS)
+    check_no_nan(((t.name, numpy_helper.to_array(t)) for t in floats), str(where))
+
+
 # ------------------------------------------------------------------------------------- gradients
 
 
@@ -183,7 +232,10 @@ class GradientOracle:
         total = sum(batch_size(b, prep.specs) for b in prep.calib)
         self.n = min(total, config.num_samples) // config.mini_batch
         if self.n < 1:
-            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
+            have = f"the {total} calibration samples"
+            if config.num_samples < total:
+                have = f"--num-samples={config.num_samples}"
+            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than {have}")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
@@ -228,6 +280,7 @@ class GradientOracle:
             out = self._mapped(sum(layout.slot(k).size for k in key))
         g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out)
         X = g.X
+        check_gradients(X, engine.layout)
         if names is None and cfg.first_order:
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
@@ -287,6 +340,7 @@ class GradientOracle:
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
             g = engine.compute(part, fisher=self.config.fisher, seed=self.config.seed + r0)
+            check_gradients(g.X, engine.layout, first_row=r0)
             out[r0:r1] = g.X[:, start : start + width]
         out *= self.scale
         return out
@@ -484,6 +538,7 @@ def _finite(x: float) -> float | None:
 # ------------------------------------------------------------------------------------ entry point
 
 
+@guarded
 def compress(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -491,23 +546,37 @@ def compress(
     config: CompressConfig | None = None,
     *,
     eval_data: DataSpec | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Prune ``model`` to ``config.sparsity`` with ``config.method`` and write it to ``output``.
 
     ``data`` is the calibration data (a ``.npz`` path, a folder of them, ``"random"``, a mapping of
     arrays, or any re-iterable source of batches).  The dense and pruned models are evaluated with
     onnxruntime on ``eval_data``, or on a held-out part of ``data`` that is never used for pruning.
-    The input file is never modified; the output is written atomically.
+    ``report`` is an optional path for the report as JSON.
+
+    Every path is checked before any work (:mod:`chita_onnx.paths`): no output may be an input or
+    another output.  The inputs are never modified; the outputs appear together and atomically
+    when the run succeeds, and nothing is left behind when it fails.
     """
     config = config or CompressConfig()
+    plan = plan_outputs(
+        [("OUTPUT", output), ("--report", report)], model=model, data=data, eval_data=eval_data, workdir=config.workdir
+    )
+    with plan, data_budget(config.max_memory):
+        result = _compress(model, plan, data, config, eval_data)
+        if report is not None:
+            plan.staged("--report").write_text(result.to_json() + "\n")
+        plan.commit()
+    return result
+
+
+def _compress(
+    model: str | os.PathLike[str], plan: OutputPlan, data: DataSpec, config: CompressConfig, eval_data: DataSpec | None
+) -> Report:
+    """The run itself; the pruned model is written to ``plan.staged("OUTPUT")``."""
     timer = PhaseTimer()
-    in_path, out_path = Path(model), Path(output)
-    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
-        raise ConfigError(f"OUTPUT={out_path}: the output path is the input model; choose another file")
-    if out_path.is_dir():
-        raise OutputError(f"{out_path}: the output path is a directory")
-    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
-        raise OutputError(f"{out_path}: the output folder {out_path.parent} does not exist")
+    in_path, out_path, staged = Path(model), plan.path("OUTPUT"), plan.staged("OUTPUT")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
         planned = pattern_structure(prep, config)
@@ -554,23 +623,23 @@ def compress(
             warnings.append(f"--storage sparse ignored: {PATTERN_STORAGE_NOTE}")
     with timer.phase("write"):
         pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=storage, metadata=meta)
-        written = save_model(pruned, out_path, input_path=in_path)
-        check_model(out_path)
+        written = save_model(pruned, staged, input_path=in_path)
+        check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)
         pattern_info = (
             None
             if structure is None
-            else pattern_summary(check_pattern(out_path, structure.pattern), structure.pattern)
+            else pattern_summary(check_pattern(staged, structure.pattern), structure.pattern)
         )
     if pattern_info is not None and not pattern_info["satisfied"]:
         warnings.append(f"the written model violates {config.pattern} in {pattern_info['violated']}")
     comparison: Comparison | None = None
     if ref is not None and prep.eval is not None:
         with timer.phase("evaluate"):
-            comparison = compare_to(ref, out_path, prep.eval, prep.specs)
+            comparison = compare_to(ref, staged, prep.eval, prep.specs)
     with timer.phase("sizes"):
         dr, dz = file_sizes(in_path)
-        pr, pz = file_sizes(out_path)
+        pr, pz = file_sizes(staged)
     by_name = {s.name: s for s in stored}
     tensors = tuple(
         TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage)
@@ -611,22 +680,53 @@ def compress(
     )
 
 
+@guarded
 def evaluate_model(
-    model: str | os.PathLike[str], data: DataSpec, *, output: str | None = None, batch_size: int = 64
+    model: str | os.PathLike[str],
+    data: DataSpec,
+    *,
+    output: str | None = None,
+    batch_size: int = 64,
+    report: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
-    """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime."""
-    m = load_model(model)
-    specs = model_inputs(m)
-    source = open_source(data, specs, batch_size=batch_size)
-    validate_source(source, specs, num_classes=_num_classes(m, output))
-    return evaluate(model, source, specs, output)
+    """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime.
+
+    ``report`` is an optional path for the result as JSON, checked before any work and written
+    atomically (never onto the model or the data).
+    """
+    check_int("--batch-size", batch_size, 1)
+    with plan_outputs([("--report", report)], model=model, data=data) as plan:
+        m = load_model(model)
+        outputs = [o.name for o in m.graph.output]
+        if output is not None and output not in outputs:
+            raise ConfigError(f"--output={output!r}: {model} has outputs {outputs}")
+        specs = model_inputs(m)
+        source = open_source(data, specs, batch_size=batch_size)
+        validate_source(source, specs, num_classes=_num_classes(m, output))
+        result = evaluate(model, source, specs, output)
+        if report is not None:
+            payload = {"model": str(model), **dataclasses.asdict(result)}
+            plan.staged("--report").write_text(json.dumps(payload, indent=2) + "\n")
+        plan.commit()
+    return result
 
 
+@guarded
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
     return find_prunable(load_model(model))
 
 
+@guarded
+def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
+    """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
+    (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
+    m = load_model(model)
+    tensors = find_prunable(m)
+    return tensors, refused_weights(m, tensors)
+
+
+@guarded
 def write_gradients(
     model: str | os.PathLike[str],
     data: DataSpec,
@@ -642,48 +742,58 @@ def write_gradients(
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
     The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
-    column layout is written next to it as ``<out>.layout.json``.
+    column layout is written next to it as ``<out>.layout.json``.  Both paths are checked before any
+    work (never an input), and both appear only when the run succeeds.
     """
     from numpy.lib.format import open_memmap
 
     from .gradients import GradientEngine
 
-    m = load_model(model)
-    tensors = find_prunable(m)
-    if not tensors:
-        raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
-    specs = model_inputs(m)
-    source = open_source(data, specs)
-    total = validate_source(source, specs, num_classes=_num_classes(m, output))
-    engine = GradientEngine(
-        m,
-        [t.name for t in tensors],
-        example=next(iter(source)),
-        loss=loss,  # type: ignore[arg-type]
-        output=output,
-        mini_batch=mini_batch,
-    )
-    n = min(total, num_samples or total) // mini_batch
+    check_int("--mini-batch", mini_batch, 1)
+    if num_samples is not None:
+        check_int("--num-samples", num_samples, 1)
+    check_int("--seed", seed, 0, MAX_SEED)
     dest = Path(out)
-    tmp = dest.with_name(f".{dest.name}.tmp.npy")
-    X = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
-    try:
+    layout_path = Path(str(dest) + ".layout.json")
+    outputs = [Output("--out", dest), Output("--out", layout_path, "layout")]
+    with plan_outputs(outputs, model=model, data=data) as plan:
+        m = load_model(model)
+        tensors = find_prunable(m)
+        if not tensors:
+            raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+        for name, why in refused_weights(m, tensors).items():
+            raise ModelError(f"{model}: cannot differentiate weight {name!r}: {why}")
+        _check_constants(m, model)
+        specs = model_inputs(m)
+        source = open_source(data, specs)
+        total = validate_source(source, specs, num_classes=_num_classes(m, output))
+        engine = GradientEngine(
+            m,
+            [t.name for t in tensors],
+            example=next(iter(source)),
+            loss=loss,  # type: ignore[arg-type]
+            output=output,
+            mini_batch=mini_batch,
+        )
+        n = min(total, num_samples or total) // mini_batch
+        if n < 1:
+            have = f"--num-samples={num_samples}" if num_samples and num_samples < total else f"the {total} samples"
+            raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
+        X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(source, fisher=fisher, num_samples=num_samples, seed=seed, out=X)  # type: ignore[arg-type]
+        check_gradients(X, engine.layout)
         X.flush()
         del X
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
-    meta = {
-        "n": g.n,
-        "p": g.layout.p,
-        "loss": g.loss,
-        "fisher": g.fisher,
-        "mini_batch": g.mini_batch,
-        "output": g.output,
-        "tensors": layout,
-    }
-    Path(str(dest) + ".layout.json").write_text(json.dumps(meta, indent=2) + "\n")
+        layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
+        meta = {
+            "n": g.n,
+            "p": g.layout.p,
+            "loss": g.loss,
+            "fisher": g.fisher,
+            "mini_batch": g.mini_batch,
+            "output": g.output,
+            "tensors": layout,
+        }
+        plan.staged("--out:layout").write_text(json.dumps(meta, indent=2) + "\n")
+        plan.commit()
     return g

@@ -36,7 +36,7 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError
+from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError, first_line
 from ..graph import densify
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise ModelError(f"shape inference failed on the gradient working copy: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"shape inference failed on the gradient working copy: {first_line(exc)}") from None
 
 
 def _const(graph: onnx.GraphProto, names: _Names, base: str, value: NDArray[np.generic]) -> str:
@@ -257,7 +257,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             m = onnx.inliner.inline_local_functions(m)
         except Exception as exc:
-            raise ModelError(f"cannot inline the model's local functions: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"cannot inline the model's local functions: {first_line(exc)}") from None
     if len(m.graph.sparse_initializer):
         m = densify(m)
 
@@ -276,7 +276,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(
                 f"the model uses opset {opset}; gradients need ai.onnx opset {MIN_OPSET}..{MAX_OPSET} "
                 f"and IR ≤ {MAX_IR} (onnxruntime-training 1.19.2) and onnx's version converter failed: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"{first_line(exc)}"
             ) from None
         m = converted
         m.ir_version = min(max(m.ir_version, 7), MAX_IR)
