@@ -41,6 +41,8 @@ _LAZY = {
     "load_model": "graph",
     "Report": "report",
     "format_report": "report",
+    "check_model_support": "support",
+    "SupportReport": "support",
 }
 
 
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from .graph import PrunableTensor, find_prunable, load_model
     from .pipeline import compress, evaluate_model, inspect_model
     from .report import Report, format_report
+    from .support import SupportReport, check_model_support
 
 __all__ = [
     "ArraySource",
@@ -76,8 +79,10 @@ __all__ = [
     "ResourceError",
     "Slot",
     "SolverError",
+    "SupportReport",
     "UnsupportedOpError",
     "__version__",
+    "check_model_support",
     "compress",
     "evaluate_model",
     "find_prunable",

@@ -29,7 +29,7 @@ from . import __version__
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
-from .errors import ConfigError, ModelError, OutputError
+from .errors import ChitaError, ConfigError, ModelError, OutputError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -49,6 +49,7 @@ from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, s
 from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
+from .support import assert_supported, refuse_quantized
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def prepare(
     """Load the model and the data and check everything that can be checked up front."""
     path = Path(model_path)
     model = load_model(path)
+    refuse_quantized(model, str(path))
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -142,6 +144,8 @@ def prepare(
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
+    # refuse quantized models, and (with gradients) ops nothing can differentiate, before any work
+    assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -157,10 +161,35 @@ def prepare(
         whole = materialize(calib, specs, batch_size=config.batch_size)
         calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
         eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
+    if calib is not None and config.needs_gradients and any(t.scope for t in tensors):
+        tensors = _drop_unreached(model, tensors, calib)
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
     return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
+
+
+def _drop_unreached(
+    model: onnx.ModelProto, tensors: Sequence[PrunableTensor], calib: CalibrationSource
+) -> list[PrunableTensor]:
+    """Weights inside If branches that the calibration data does not take stay unpruned (no
+    gradient reaches them); they are left out of the prunable set, with a warning."""
+    from .gradients.engine import reached_weights
+
+    scoped = [t.name for t in tensors if t.scope]
+    try:
+        reached, _ = reached_weights(model, scoped, next(iter(calib)))
+    except ChitaError as exc:  # the gradient engine reports them later as zero columns
+        log.info("could not tell which If branches the calibration data takes (%s)", exc)
+        return list(tensors)
+    gone = [n for n in scoped if n not in set(reached)]
+    if gone:
+        log.warning(
+            "%d weight tensor(s) sit in If branches the calibration data never takes; they stay unpruned: %s",
+            len(gone),
+            ", ".join(gone[:4]) + (" ..." if len(gone) > 4 else ""),
+        )
+    return [t for t in tensors if t.name not in set(gone)]
 
 
 # ------------------------------------------------------------------------------------- gradients

@@ -272,9 +272,19 @@ def compress(
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Report whether MODEL will go through compress: refusals, exact rewrites, ops on the gradient path.",
+)
+@click.option("--data", default=None, help="With --check: calibration data, to build the gradient graph for real.")
+@click.option("--output", default=None, help="With --check: the model output to differentiate (default: the first).")
 @_run
-def inspect(model: str, as_json: bool) -> None:
-    """List the prunable weight tensors of MODEL."""
+def inspect(model: str, as_json: bool, check: bool, data: str | None, output: str | None) -> None:
+    """List the prunable weight tensors of MODEL (with --check: will it go through?)."""
+    if check:
+        _inspect_check(model, data, output, as_json)
+        return
     tensors = chita_onnx.inspect_model(model)
     if as_json:
         click.echo(json.dumps([{**dataclasses.asdict(t), "size": t.size} for t in tensors], indent=2))
@@ -282,6 +292,17 @@ def inspect(model: str, as_json: bool) -> None:
     rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
     click.echo(table(rows, ["tensor", "op", "node", "shape", "weights"]))
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+
+
+def _inspect_check(model: str, data: str | None, output: str | None, as_json: bool) -> None:
+    """``inspect --check``: print the support report; exit 1 with the first refusal."""
+    from chita_onnx.errors import UnsupportedOpError
+    from chita_onnx.support import check_model_support, format_support
+
+    report = check_model_support(model, data, output=output)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_support(report))
+    if not report.ok:
+        raise UnsupportedOpError(report.refusals[0])
 
 
 @cli.command()

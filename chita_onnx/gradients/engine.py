@@ -939,6 +939,16 @@ def _first_batch(data: CalibrationSource) -> Batch:
     raise DataError("the calibration data is empty")
 
 
+def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch) -> tuple[list[str], list[Any]]:
+    """Which of ``names`` (weights inside If branches) the example batch reaches: every If is
+    resolved on it (:func:`.static.weights_reached`).  Returns ``(reached, guards)``."""
+    from .static import weights_reached
+
+    feeds = {k: np.asarray(v) for k, v in example[0].items()}
+    reached, guards = weights_reached(model, feeds, names)
+    return reached, list(guards)
+
+
 def per_sample_gradients(
     model: onnx.ModelProto,
     data: CalibrationSource,

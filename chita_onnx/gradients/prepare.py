@@ -802,6 +802,22 @@ class _Rewriter:
         return changed
 
 
+#: Ops that :func:`legalize` rewrites into differentiable ones (besides adding explicit pads and
+#: LayerNormalization's optional outputs to ops that already have a gradient).
+LEGALIZED_OPS = frozenset(
+    {
+        "Dropout",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "HardSigmoid",
+        "HardSwish",
+        "Elu",
+        "Sum",
+        "GlobalMaxPool",
+    }
+)
+
+
 def legalize(
     model: onnx.ModelProto, keep_params: Iterable[str] = (), counts: MutableMapping[str, int] | None = None
 ) -> int:
