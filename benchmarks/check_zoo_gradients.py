@@ -120,6 +120,49 @@ def _erf64_class() -> type:
 _Erf64 = _erf64_class()
 
 
+def float64_copy(model: onnx.ModelProto, weights: list[str] | set[str]) -> onnx.ModelProto:
+    """A float64 copy of ``model`` whose ``weights`` (initializers or Constant nodes, in any scope)
+    are main-graph inputs (so that ``onnx.reference`` can evaluate it at other weight values)."""
+    from onnx import numpy_helper
+
+    from chita_onnx.graph import walk_graphs
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    wanted = set(weights)
+    F, D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+    for _, g in walk_graphs(m.graph):
+        inits = []
+        for t in g.initializer:
+            a = numpy_helper.to_array(t)
+            a = a.astype(np.float64) if a.dtype == np.float32 else a
+            if t.name in wanted:
+                m.graph.input.append(helper.make_tensor_value_info(t.name, D, list(a.shape)))
+            else:
+                inits.append(numpy_helper.from_array(a, t.name))
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        keep = []
+        for n in g.node:
+            if n.op_type == "Constant" and n.output[0] in wanted:
+                shape = list(next(a.t.dims for a in n.attribute if a.name == "value"))
+                m.graph.input.append(helper.make_tensor_value_info(n.output[0], D, shape))
+                continue
+            for a in n.attribute:
+                if a.name == "to" and a.i == F:
+                    a.i = D
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F:
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            keep.append(n)
+        del g.node[:]
+        g.node.extend(keep)
+        del g.value_info[:]
+        for v in [*g.input, *g.output]:
+            if v.type.tensor_type.elem_type == F:
+                v.type.tensor_type.elem_type = D
+    return m
+
+
 class Float64Reference:
     """The original model in float64 under ``onnx.reference`` (independent of onnxruntime), with the
     weights ``names`` as inputs (initializers and Constant nodes in any scope).
@@ -130,47 +173,15 @@ class Float64Reference:
     example; opset 14+ agrees with onnxruntime to 2e-7)."""
 
     def __init__(self, model: onnx.ModelProto, names: list[str]) -> None:
-        from onnx import numpy_helper
         from onnx.reference import ReferenceEvaluator
 
         from chita_onnx.gradients.prepare import opset_of
-        from chita_onnx.graph import walk_graphs
 
         m = onnx.ModelProto()
         m.CopyFrom(model)
         if opset_of(m) < 15:
             m = onnx.version_converter.convert_version(m, 15)
-        wanted = set(names)
-        F, D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
-        for _, g in walk_graphs(m.graph):
-            inits = []
-            for t in g.initializer:
-                a = numpy_helper.to_array(t)
-                a = a.astype(np.float64) if a.dtype == np.float32 else a
-                if t.name in wanted:
-                    m.graph.input.append(helper.make_tensor_value_info(t.name, D, list(a.shape)))
-                else:
-                    inits.append(numpy_helper.from_array(a, t.name))
-            del g.initializer[:]
-            g.initializer.extend(inits)
-            keep = []
-            for n in g.node:
-                if n.op_type == "Constant" and n.output[0] in wanted:
-                    shape = list(next(a.t.dims for a in n.attribute if a.name == "value"))
-                    m.graph.input.append(helper.make_tensor_value_info(n.output[0], D, shape))
-                    continue
-                for a in n.attribute:
-                    if a.name == "to" and a.i == F:
-                        a.i = D
-                    if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F:
-                        a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
-                keep.append(n)
-            del g.node[:]
-            g.node.extend(keep)
-            del g.value_info[:]
-            for v in [*g.input, *g.output]:
-                if v.type.tensor_type.elem_type == F:
-                    v.type.tensor_type.elem_type = D
+        m = float64_copy(m, names)
         self.evaluator = ReferenceEvaluator(m, new_ops=[_Erf64])
         self.inputs = {i.name for i in m.graph.input}
 
