@@ -161,7 +161,7 @@ def prepare(
         whole = materialize(calib, specs, batch_size=config.batch_size)
         calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
         eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
-    if calib is not None and config.needs_gradients and any(t.scope for t in tensors):
+    if calib is not None and config.needs_gradients and any(n.op_type == "If" for n in model.graph.node):
         tensors = _drop_unreached(model, tensors, calib)
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
@@ -172,11 +172,12 @@ def prepare(
 def _drop_unreached(
     model: onnx.ModelProto, tensors: Sequence[PrunableTensor], calib: CalibrationSource
 ) -> list[PrunableTensor]:
-    """Weights inside If branches that the calibration data does not take stay unpruned (no
-    gradient reaches them); they are left out of the prunable set, with a warning."""
+    """Weights used only inside If branches that the calibration data does not take (stored there,
+    or main-graph initializers read by them) stay unpruned: no gradient reaches them.  They are left
+    out of the prunable set, with a warning."""
     from .gradients.engine import reached_weights
 
-    scoped = [t.name for t in tensors if t.scope]
+    scoped = [t.name for t in tensors]
     try:
         reached, _ = reached_weights(model, scoped, next(iter(calib)))
     except ChitaError as exc:  # the gradient engine reports them later as zero columns

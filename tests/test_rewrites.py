@@ -665,3 +665,40 @@ def test_lstm_layout1_unroll_matches_the_reference_forward() -> None:
     want = ReferenceEvaluator(model).run(None, {"x": x})[0]
     got = ReferenceEvaluator(wc).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_jax2tf_layernorm_attention_block() -> None:
+    """A tf2onnx/jax2tf-style block: decomposed LayerNorm with Rsqrt written as Sqrt → Reciprocal,
+    single-head attention whose softmax subtracts Max(−inf, ReduceMax(scores)) (opset 13)."""
+    w = Init(81)
+    a1 = _i(w, "ax_last", [-1])
+    nodes = [
+        node("MatMul", ["z", w("W0", 6, 8)], ["z8"]),
+        node("Reshape", ["z8", _i(w, "tok", [-1, 2, 4])], ["t"]),  # 2 tokens of width 4
+        node("ReduceMean", ["t"], ["mu"], axes=[-1], keepdims=1),
+        node("Sub", ["t", "mu"], ["d"]),
+        node("Mul", ["d", "d"], ["d2"]),
+        node("ReduceMean", ["d2"], ["var"], axes=[-1], keepdims=1),
+        node("Add", ["var", _f(w, "eps", 1e-6)], ["ve"]),
+        node("Sqrt", ["ve"], ["sd"]),
+        node("Reciprocal", ["sd"], ["rs"]),
+        node("Mul", ["d", "rs"], ["n"]),
+        node("Mul", ["n", _f(w, "gamma", [1.1, 0.9, 1.0, 0.8])], ["ng"]),
+        node("Add", ["ng", _f(w, "beta", [0.05, -0.05, 0.0, 0.1])], ["ln"]),
+        node("MatMul", ["ln", w("Wq", 4, 4)], ["q"]),
+        node("MatMul", ["ln", w("Wk", 4, 4)], ["k"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["sc"]),
+        node("ReduceMax", ["sc"], ["m"], axes=[-1], keepdims=1),
+        node("Max", [_f(w, "ninf", NEG_INF), "m"], ["mm"]),
+        node("Sub", ["sc", "mm"], ["s"]),
+        node("Exp", ["s"], ["e"]),
+        node("ReduceSum", ["e", a1], ["den"], keepdims=1),
+        node("Div", ["e", "den"], ["p"]),
+        node("MatMul", ["p", "ln"], ["att"]),
+        node("Reshape", ["att", _i(w, "flat", [-1, 8])], ["y"]),
+    ]
+    model = vec_chain(nodes, w, 8, opset=13)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "W0", "Wq", "Wk", "W2"])
+    assert e.fwd.rewrites.get("Reciprocal") == 1 and e.fwd.rewrites.get("softmax shift (stop-gradient)") == 1
+    fd_check(gm, model, feeds, labels)

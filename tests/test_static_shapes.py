@@ -140,20 +140,22 @@ def test_written_model_keeps_dynamic_dims_and_runs_at_other_shapes(tmp_path: Pat
 # ---------------------------------------------------------------------------------------- If nodes
 
 
-def _branch(name: str, w: Init, act: str, weight: str) -> onnx.GraphProto:
-    """A branch holding its weight in a Constant node (as spox and torch write them)."""
+def _branch(name: str, w: Init, act: str, weight: str, outer: bool = False) -> onnx.GraphProto:
+    """A branch holding its weight in a Constant node (as spox writes them), or reading a main-graph
+    initializer (``outer``, as torch's dynamo exporter does)."""
     value = w.rng.standard_normal((6, 4)).astype(np.float32) * 0.5
+    tensor = onnx.numpy_helper.from_array(value, weight)
+    if outer:
+        w.items.append(tensor)
     nodes = [
-        helper.make_node(
-            "Constant", [], [weight], value=onnx.numpy_helper.from_array(value, weight), name=f"{weight}_c"
-        ),
+        *([] if outer else [helper.make_node("Constant", [], [weight], value=tensor, name=f"{weight}_c")]),
         helper.make_node("MatMul", ["z", weight], [f"{name}_mm"], name=f"{name}_mm"),
         helper.make_node(act, [f"{name}_mm"], [f"{name}_out"], name=f"{name}_act"),
     ]
     return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
 
 
-def if_model(cond: str) -> onnx.ModelProto:
+def if_model(cond: str, outer: bool = False) -> onnx.ModelProto:
     """x[N,5] → MatMul W1 → z; If(cond) → then: MatMul(z, Wa) → Tanh, else: MatMul(z, Wb) → Sigmoid;
     → Gemm W2.  ``cond``: "shape" (width == 5) or "value" (max of an int64 input ``mode`` == 1)."""
     w = Init(21)
@@ -171,7 +173,7 @@ def if_model(cond: str) -> onnx.ModelProto:
             node("ReduceMax", ["mode"], ["mm"], keepdims=0),
             node("Equal", ["mm", w.const("one", 1, np.int64)], ["c"]),
         ]
-    then_g, else_g = _branch("then", w, "Tanh", "Wa"), _branch("else", w, "Sigmoid", "Wb")
+    then_g, else_g = _branch("then", w, "Tanh", "Wa", outer), _branch("else", w, "Sigmoid", "Wb", outer)
     nodes.append(helper.make_node("If", ["c"], ["h"], then_branch=then_g, else_branch=else_g, name="the_if"))
     nodes.append(node("Gemm", ["h", w("W2", 3, 4)], ["logits"], transB=1))
     return model_of(nodes, inputs, [vi("logits", ["N", 3])], w.items, 17)
@@ -218,10 +220,12 @@ def test_value_condition_is_decided_by_the_data_and_every_batch_must_agree() -> 
         e.compute(ArraySource(mixed, batch_size=2))
 
 
+@pytest.mark.parametrize("outer", [False, True], ids=["constant-in-branch", "initializer-read-by-branch"])
 def test_compress_keeps_weights_of_a_branch_the_data_never_takes(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    outer: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = if_model("value")
+    model = if_model("value", outer)
+    assert {t.name: t.scope for t in find_prunable(model)}["Wb"] == ("" if outer else "the_if/else_branch")
     src = tmp_path / "if.onnx"
     onnx.save(model, src)
     data = _mode_feeds(30, 1, seed=3)

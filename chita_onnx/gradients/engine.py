@@ -496,6 +496,8 @@ class GradientEngine:
             weights=self.weights,
             updatable=self.updatable,
             feeds=self._example_feeds(batch),
+            # other batch sizes (batched path, block predictions) are checked against this one
+            self_check=batch == self.m,
         )
 
     def _example_feeds(self, batch: int) -> dict[str, NDArray[Any]]:

@@ -9,12 +9,14 @@ The user's model is never modified: every function here works on a copy.  The st
    through ``ZipMap``/``Identity``/``Cast``, the tensor the loss attaches to (logits before a softmax,
    a probability tensor, or the output itself for a regression head).
 3. :func:`build_forward` — cut the graph to that tensor, fix every input dim to the calibration shape
-   (batch = rows fed per call), run shape inference, legalize (eval-mode BatchNormalization,
-   Dropout, HardSigmoid, HardSwish, Elu, Sum, LayerNormalization outputs, GlobalMaxPool,
-   softmax-style ReduceMax, InstanceNormalization, Split with unused outputs), check that every op
-   between a requested weight and the loss has a gradient (:class:`UnsupportedOpError` otherwise),
-   and turn the updatable weights into graph inputs so that their values can change without
-   rebuilding anything.
+   (batch = rows fed per call) and build the :func:`working_copy`: static shapes and inlined If
+   nodes (:mod:`.static`), exact rewrites of the ops without a usable gradient on the path
+   (:mod:`.rewrites`: Resize, ConvTranspose, LSTM/GRU/RNN, ReduceMax/Min, Gelu, ...), legalize
+   (eval-mode BatchNormalization, Dropout, HardSigmoid, HardSwish, Elu, Sum, LayerNormalization
+   outputs, GlobalMaxPool, InstanceNormalization) and a check that the copy reproduces the model's
+   output on the calibration example; then check that every op between a requested weight and the
+   loss has a gradient (:class:`UnsupportedOpError` otherwise), and turn the updatable weights into
+   graph inputs so that their values can change without rebuilding anything.
 4. :func:`attach_loss` — the loss ``ReduceSum(T ⊙ f(h))`` with a float target tensor ``T`` fed at run
    time: ``f = LogSoftmax`` (cross-entropy on logits), ``f = log ∘ clip(·, 1e-30, 1)`` (NLL on
    probabilities) or ``f = id`` (a Gauss-Newton probe, see the engine).  The loss is linear in ``T``,
@@ -951,19 +953,20 @@ def build_forward(
     updatable: Iterable[str],
     keep_params: Iterable[str] = (),
     feeds: Mapping[str, NDArray[Any]] | None = None,
+    self_check: bool = True,
 ) -> Forward:
     """Cut, fix dims, fold shapes (:mod:`.static`), rewrite exactly (:mod:`.rewrites`), legalize,
     check coverage and expose weights as graph inputs.
 
     ``feeds`` (calibration inputs at the working shapes) let shape folding run the model, resolve If
-    conditions on input values and check that the working copy reproduces the model's output on
-    them; without them, shape-only tensors are computed on zeros.
+    conditions on input values and (``self_check``) check that the working copy reproduces the
+    model's output on them; without them, shape-only tensors are computed on zeros.
     """
     m = cut_to(normalized, tensor)
     fix_input_dims(m, batch, sample_shapes)
     updatable = list(updatable)
     protect = set(weights) | set(updatable) | set(keep_params)
-    m, counts, static = working_copy(m, tensor, feeds=feeds, weights=weights, protect=protect)
+    m, counts, static = working_copy(m, tensor, feeds=feeds, weights=weights, protect=protect, check=self_check)
     table = _shape_table(m)
     elem, dims = table.get(tensor, (TensorProto.FLOAT, None))
     if dims is None or any(d is None or d <= 0 for d in dims):
@@ -1033,6 +1036,7 @@ def working_copy(
     feeds: Mapping[str, NDArray[Any]] | None = None,
     weights: Iterable[str] = (),
     protect: Iterable[str] = (),
+    check: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, int], StaticInfo]:
     """The static, differentiable working copy of ``normalized`` computing ``tensor`` (one name or
     several).
@@ -1061,7 +1065,7 @@ def working_copy(
     m, counts = apply_rewrites(m, [w for w in weights if w in inits], targets, reinfer)
     if legalize(m, keep_params=protect, counts=counts):
         m = reinfer(m)
-    if feeds is not None:
+    if feeds is not None and check:
         for t in targets:
             check_working_copy(cut, m, t, feeds)
     return m, dict(counts), static

@@ -649,7 +649,10 @@ def _shift_invariant_use(c: Ctx, s: str, axis: int, rank: int) -> bool:
             sums = [v for v in c.consumers.get(e, []) if v.op_type == "ReduceSum"]
             for v in c.consumers.get(e, []):
                 if v.op_type == "ReduceSum":
-                    if _reduce_axes(c, v, rank) != [axis]:
+                    try:
+                        if _reduce_axes(c, v, rank) != [axis]:
+                            return False
+                    except UnsupportedOpError:  # axes computed at run time: not provably a softmax
                         return False
                     if any(
                         w.op_type != "Div" or list(w.input) != [e, v.output[0]]

@@ -464,6 +464,7 @@ def make_static(
             break
     else:  # pragma: no cover - a bug guard
         raise ModelError(f"shape folding did not settle after {_MAX_ROUNDS} rounds")
+    _drop_dead(m)
     m = _infer(m)
     recorded = _record_shapes(m, run_feeds, protect, info)
     info.recorded = len(recorded)
@@ -480,6 +481,33 @@ def make_static(
         info.seconds,
     )
     return m, info
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove the nodes and initializers the outputs no longer need (the untaken branches' weights
+    among them), in place; graph inputs stay."""
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output if o}
+    need: set[str] = set()
+    live: set[int] = set()
+    stack = [o.name for o in g.output]
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        node = prod.get(t)
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            stack.extend(node_inputs(node))
+    nodes = [n for n in g.node if id(n) in live]
+    if len(nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(nodes)
+    inits = [t for t in g.initializer if t.name in need]
+    if len(inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(inits)
 
 
 def _zeros_for(model: onnx.ModelProto) -> dict[str, NDArray[Any]]:
@@ -565,6 +593,7 @@ def weights_reached(
                 info.guards.append(Guard(n.name or f"If#{k}", n.input[0], v))
             decisions[k] = v
         _inline(m, decisions, info)
+    _drop_dead(m)
     present = {t.name for t in m.graph.initializer}
     return [w for w in names if w in present], info.guards
 
