@@ -93,6 +93,8 @@ ENTRIES = [
     Entry("ddddocr_det", "ddddocr/common_det.onnx", lambda s: {"images": _image(s, 1, 3, 416, 416)}),
     Entry("silero_vad", "silero_vad/data/silero_vad.onnx", lambda s: _silero(s)),
     Entry("silero_vad_op18_ifless", "silero_vad/data/silero_vad_op18_ifless.onnx", lambda s: _silero(s)),
+    # built by the zoo (benchmarks/zoo/build_vit.py): torch.onnx.export(dynamo=True), opset 20, external data
+    Entry("vit_digits_dynamo", "vit_digits.onnx", lambda s: {"image": _image(s, 1, 1, 32, 32)}),
     Entry(
         "openwakeword_embedding",
         "openwakeword/resources/models/embedding_model.onnx",
@@ -101,7 +103,7 @@ ENTRIES = [
 ]
 
 
-def _erf64_class() -> type:
+def _erf64_class() -> list[type]:
     from onnx.reference.op_run import OpRun
     from scipy.special import erf
 
@@ -114,10 +116,30 @@ def _erf64_class() -> type:
         def _run(self, x: NDArray[Any]) -> tuple[NDArray[Any]]:
             return (np.asarray(erf(x), dtype=x.dtype),)
 
-    return Erf
+    class LayerNormalization(OpRun):  # type: ignore[misc]
+        """LayerNormalization in float64: onnx.reference's computes in ``stash_type`` (float32)."""
+
+        op_domain = ""
+
+        def _run(
+            self,
+            x: NDArray[Any],
+            scale: NDArray[Any],
+            bias: NDArray[Any] | None = None,
+            axis: int = -1,
+            epsilon: float = 1e-5,
+            stash_type: int = 1,
+        ) -> tuple[NDArray[Any], ...]:
+            axes = tuple(range(axis % x.ndim, x.ndim))
+            mu = x.mean(axis=axes, keepdims=True)
+            inv = 1.0 / np.sqrt(((x - mu) ** 2).mean(axis=axes, keepdims=True) + epsilon)
+            y = (x - mu) * inv * scale + (0 if bias is None else bias)
+            return (y.astype(x.dtype), mu.astype(x.dtype), inv.astype(x.dtype))
+
+    return [Erf, LayerNormalization]
 
 
-_Erf64 = _erf64_class()
+_F64_OPS = _erf64_class()
 
 
 def float64_copy(model: onnx.ModelProto, weights: list[str] | set[str]) -> onnx.ModelProto:
@@ -182,7 +204,7 @@ class Float64Reference:
         if opset_of(m) < 15:
             m = onnx.version_converter.convert_version(m, 15)
         m = float64_copy(m, names)
-        self.evaluator = ReferenceEvaluator(m, new_ops=[_Erf64])
+        self.evaluator = ReferenceEvaluator(m, new_ops=_F64_OPS)
         self.inputs = {i.name for i in m.graph.input}
 
     def run(self, output: str, feeds: Feeds, weights: dict[str, NDArray[np.float64]]) -> NDArray[np.float64]:
@@ -242,7 +264,7 @@ class Result:
 
 
 def check(
-    entry: Entry, path: Path, tensors: int = 3, seed: int = 0, steps: tuple[float, ...] = (1e-6, 1e-4, 1e-8)
+    entry: Entry, path: Path, tensors: int = 3, seed: int = 0, steps: tuple[float, ...] = (1e-6, 1e-8, 1e-4, 1e-3)
 ) -> Result:
     model = onnx.load(str(path))
     feeds = entry.feeds(seed)
@@ -307,11 +329,13 @@ def check(
             # orthogonal to g, and then float32 rounding in g dominates |g·v|)
             floor = float(np.linalg.norm(g64)) / np.sqrt(g64.size)
             best = (np.inf, np.nan)
-            for rel in steps:  # small steps feel onnx.reference's Erf (~3e-8 off), large ones ReLU kinks
+            # small steps feel the float32 rounding left inside onnx.reference (its function ops compute
+            # in float32), large ones the kinks of ReLU-like ops: the best of a few steps is reported
+            for rel in steps:
                 h = rel * max(float(np.linalg.norm(base[w])), 1.0)
                 fd = (loss(w, base[w] + h * v) - loss(w, base[w] - h * v)) / (2 * h)
                 best = min(best, (abs(fd - an) / max(abs(fd), abs(an), floor, 1e-30), fd))
-                if best[0] < 1e-3:
+                if best[0] < 1e-4:
                     break
             checks.append((f"{w} ({label})", an, best[1], best[0]))
     return Result(

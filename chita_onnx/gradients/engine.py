@@ -437,8 +437,10 @@ class GradientEngine:
                 "exact rewrites for gradients: %s",
                 ", ".join(f"{k} ×{v}" for k, v in sorted(self.fwd.rewrites.items())),
             )
-        present_now = set(self.fwd.weight_inputs)
-        self.unreached = tuple(w for w in self.weights if w not in present_now)
+        # weights the cut model holds (in any scope) that the working copy lost: only If inlining
+        # drops them (weights that do not feed the head are not in the cut model at all)
+        present_now, present_cut = set(self.fwd.weight_inputs), set(_tensor_shapes(self.norm))
+        self.unreached = tuple(w for w in self.weights if w in present_cut and w not in present_now)
         if self.unreached:
             log.warning(
                 "%d weight(s) sit in If branches the calibration data does not take; their gradient columns "
