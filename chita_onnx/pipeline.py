@@ -144,7 +144,7 @@ def prepare(
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
-    # refuse quantized models, and (with gradients) ops nothing can differentiate, before any work
+    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
     assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
