@@ -702,3 +702,68 @@ def test_jax2tf_layernorm_attention_block() -> None:
     e, gm, feeds, labels = engine_grads(model, ["W1", "W0", "Wq", "Wk", "W2"])
     assert e.fwd.rewrites.get("Reciprocal") == 1 and e.fwd.rewrites.get("softmax shift (stop-gradient)") == 1
     fd_check(gm, model, feeds, labels)
+
+
+# ops added to GRADIENT_OPS after measuring onnxruntime-training's own gradient (no rewrite needed)
+NATIVE: dict[str, tuple[Callable[[Init], tuple[list[onnx.NodeProto], int]], int]] = {
+    "Abs": (lambda w: ([node("Abs", ["z"], ["y"])], 6), 17),
+    "Sin": (lambda w: ([node("Sin", ["z"], ["y"])], 6), 17),
+    "Cos": (lambda w: ([node("Cos", ["z"], ["y"])], 6), 17),
+    "Tile": (lambda w: ([node("Tile", ["z", _i(w, "rep", [1, 2])], ["y"])], 12), 17),
+    "TopK": (lambda w: ([node("TopK", ["z", _i(w, "k", [3])], ["y", "idx"], axis=1)], 3), 17),
+    "Trilu": (
+        lambda w: (
+            [
+                node("Reshape", ["z", _i(w, "sh", [-1, 2, 3])], ["m"]),
+                node("Trilu", ["m"], ["t"], upper=0),
+                node("Reshape", ["t", _i(w, "fl", [-1, 6])], ["y"]),
+            ],
+            6,
+        ),
+        17,
+    ),
+    "ScatterElements": (
+        lambda w: (
+            [
+                node("Tanh", ["z"], ["t"]),
+                node("Slice", ["t", _i(w, "s0", [0]), _i(w, "s1", [2]), _i(w, "sa", [1])], ["u"]),
+                node("ScatterElements", ["z", _i(w, "ix", [[4, 1]]), "u"], ["y"], axis=1),
+            ],
+            6,
+        ),
+        17,
+    ),
+    "GatherND": (
+        lambda w: (
+            [
+                node("Transpose", ["z"], ["zt"], perm=[1, 0]),
+                node("GatherND", ["zt", _i(w, "ix", [[5], [0], [2]])], ["g"]),
+                node("Transpose", ["g"], ["y"], perm=[1, 0]),
+            ],
+            3,
+        ),
+        17,
+    ),
+    "ReduceL2": (
+        lambda w: ([node("ReduceL2", ["z"], ["r"], axes=[1], keepdims=1), node("Mul", ["r", "z"], ["y"])], 6),
+        17,
+    ),
+    "ReduceLogSumExp": (
+        lambda w: ([node("ReduceLogSumExp", ["z"], ["r"], axes=[1], keepdims=1), node("Sub", ["z", "r"], ["y"])], 6),
+        17,
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NATIVE))
+def test_native_gradient_ops_match_finite_differences(op: str) -> None:
+    from chita_onnx.gradients import GRADIENT_OPS
+
+    assert op in GRADIENT_OPS
+    build, opset = NATIVE[op]
+    w = Init(91)
+    nodes, d_out = build(w)
+    model = vec_chain(nodes, w, d_out, opset)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "W2"])
+    assert op not in e.fwd.rewrites
+    fd_check(gm, model, feeds, labels)
