@@ -42,6 +42,8 @@ _LAZY = {
     "Report": "report",
     "format_report": "report",
     "check_pattern": "patterns",
+    "check_model_support": "support",
+    "SupportReport": "support",
 }
 
 
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from .patterns import check_pattern
     from .pipeline import compress, evaluate_model, inspect_model
     from .report import Report, format_report
+    from .support import SupportReport, check_model_support
 
 __all__ = [
     "ArraySource",
@@ -78,8 +81,10 @@ __all__ = [
     "ResourceError",
     "Slot",
     "SolverError",
+    "SupportReport",
     "UnsupportedOpError",
     "__version__",
+    "check_model_support",
     "check_pattern",
     "compress",
     "evaluate_model",

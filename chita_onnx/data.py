@@ -335,7 +335,7 @@ def to_model_layout(arr: NDArray[np.generic], spec: InputSpec) -> NDArray[np.gen
     a = np.asarray(arr)
     if spec.batch_axis not in (None, 0):
         a = np.moveaxis(a, 0, spec.batch_axis)
-    return np.ascontiguousarray(a, dtype=spec.dtype)
+    return np.require(a, dtype=spec.dtype, requirements="C")  # keeps a rank-0 input rank 0
 
 
 def feed(batch: Batch, specs: Sequence[InputSpec]) -> dict[str, NDArray[np.generic]]:

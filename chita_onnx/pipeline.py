@@ -33,7 +33,7 @@ from .config import CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ConfigError, ModelError
+from .errors import ChitaError, ConfigError, ModelError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -59,6 +59,7 @@ from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
+from .support import assert_supported, refuse_quantized
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def prepare(
     """Load the model and the data and check everything that can be checked up front."""
     path = Path(model_path)
     model = load_model(path)
+    refuse_quantized(model, str(path))
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -155,6 +157,8 @@ def prepare(
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
+    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
+    assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -170,6 +174,8 @@ def prepare(
         whole = materialize(calib, specs, batch_size=config.batch_size)
         calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
         eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
+    if calib is not None and config.needs_gradients and any(n.op_type == "If" for n in model.graph.node):
+        tensors = _drop_unreached(model, tensors, calib)
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
@@ -214,6 +220,30 @@ def _check_constants(model: onnx.ModelProto, where: str | os.PathLike[str]) -> N
     """No NaN in any float initializer (see :func:`~chita_onnx.checks.check_no_nan`)."""
     floats = (t for t in model.graph.initializer if t.data_type in _FLOATS)
     check_no_nan(((t.name, numpy_helper.to_array(t)) for t in floats), str(where))
+
+
+def _drop_unreached(
+    model: onnx.ModelProto, tensors: Sequence[PrunableTensor], calib: CalibrationSource
+) -> list[PrunableTensor]:
+    """Weights used only inside If branches that the calibration data does not take (stored there,
+    or main-graph initializers read by them) stay unpruned: no gradient reaches them.  They are left
+    out of the prunable set, with a warning."""
+    from .gradients.engine import reached_weights
+
+    scoped = [t.name for t in tensors]
+    try:
+        reached, _ = reached_weights(model, scoped, next(iter(calib)))
+    except ChitaError as exc:  # the gradient engine reports them later as zero columns
+        log.info("could not tell which If branches the calibration data takes (%s)", exc)
+        return list(tensors)
+    gone = [n for n in scoped if n not in set(reached)]
+    if gone:
+        log.warning(
+            "%d weight tensor(s) sit in If branches the calibration data never takes; they stay unpruned: %s",
+            len(gone),
+            ", ".join(gone[:4]) + (" ..." if len(gone) > 4 else ""),
+        )
+    return [t for t in tensors if t.name not in set(gone)]
 
 
 # ------------------------------------------------------------------------------------- gradients
@@ -758,9 +788,11 @@ def write_gradients(
     outputs = [Output("--out", dest), Output("--out", layout_path, "layout")]
     with plan_outputs(outputs, model=model, data=data) as plan:
         m = load_model(model)
+        refuse_quantized(m, str(model))
         tensors = find_prunable(m)
         if not tensors:
             raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+        assert_supported(m, str(model), output, gradients=True)
         for name, why in refused_weights(m, tensors).items():
             raise ModelError(f"{model}: cannot differentiate weight {name!r}: {why}")
         _check_constants(m, model)

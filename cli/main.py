@@ -339,12 +339,26 @@ def compress(
     help="Check an N:M pattern such as 2:4 instead: per tensor, every group of M weights along the reduction "
     "axis must hold at most N nonzeros.",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Report whether MODEL will go through compress: refusals, exact rewrites, ops on the gradient path.",
+)
+@click.option("--data", default=None, help="With --check: calibration data, to build the gradient graph for real.")
+@click.option("--output", default=None, help="With --check: the model output to differentiate (default: the first).")
 @_run
-def inspect(model: str, as_json: bool, pattern: str | None) -> None:
-    """List the prunable weight tensors of MODEL (marking those that compress refuses), or check them
-    against an N:M pattern."""
+def inspect(
+    model: str, as_json: bool, pattern: str | None, check: bool, data: str | None, output: str | None
+) -> None:
+    """List the prunable weight tensors of MODEL (marking those that compress refuses); with --check:
+    will it go through compress?; with --pattern: does it satisfy an N:M pattern?"""
     from chita_onnx.pipeline import inspect_weights
 
+    if check and pattern is not None:
+        raise ConfigError("--check and --pattern: choose one")
+    if check:
+        _inspect_check(model, data, output, as_json)
+        return
     if pattern is not None:
         _inspect_pattern(model, pattern, as_json)
         return
@@ -391,6 +405,17 @@ def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
         f"\n{model} {verdict} {nm} on its {len(info['eligible'])} eligible tensor(s): "
         f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {nm.n} nonzeros{dense}"
     )
+
+
+def _inspect_check(model: str, data: str | None, output: str | None, as_json: bool) -> None:
+    """``inspect --check``: print the support report; exit 1 with the first refusal."""
+    from chita_onnx.errors import UnsupportedOpError
+    from chita_onnx.support import check_model_support, format_support
+
+    report = check_model_support(model, data, output=output)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_support(report))
+    if not report.ok:
+        raise UnsupportedOpError(report.refusals[0])
 
 
 @cli.command()

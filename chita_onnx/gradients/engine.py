@@ -37,10 +37,11 @@ from typing import Any, Literal, cast
 import numpy as np
 import onnx
 from numpy.typing import NDArray
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError
+from ..graph import get_weights
 from ..layout import Layout
 from ..progress import progress
 from ._ort import Runner, build_gradient_model
@@ -384,13 +385,17 @@ def _default_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Initializers and Constant-node tensors: ``name -> (shape, elem_type)``."""
-    out = {t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output:
-            for a in n.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    out[n.output[0]] = (tuple(int(d) for d in a.t.dims), int(a.t.data_type))
+    """Initializers and Constant-node tensors of every scope: ``name -> (shape, elem_type)``."""
+    from ..graph import walk_graphs
+
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    for _, g in walk_graphs(model.graph):
+        out.update({t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in g.initializer})
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        out[n.output[0]] = (tuple(int(d) for d in a.t.dims), int(a.t.data_type))
     return out
 
 
@@ -482,11 +487,11 @@ class GradientEngine:
         else:
             t = walk_back(self.output)
             self.norm = normalize(cut_to(model, t))
-        inits = {i.name: i for i in self.norm.graph.initializer}
+        self.example_inputs = {k: np.asarray(v) for k, v in ex_inputs.items()}
+        present = set(_tensor_shapes(self.norm))
         self.values: dict[str, NDArray[np.float32]] = {
-            w: np.ascontiguousarray(numpy_helper.to_array(inits[w]), dtype=np.float32)
-            for w in self.updatable
-            if w in inits
+            w: np.ascontiguousarray(v, dtype=np.float32)
+            for w, v in get_weights(self.norm, [w for w in self.updatable if w in present]).items()
         }
         head_tensor: str | tuple[str, ...]
         kind: HeadKind
@@ -508,7 +513,24 @@ class GradientEngine:
         self.loss_description = describe_loss(self.head, head_tensor, why)
         log.info("loss: %s", self.loss_description)
         self.on_path = self.fwd.on_path
-        missing = [w for w in self.weights if w not in self.on_path]
+        self.guards = tuple(self.fwd.static.guards) if self.fwd.static is not None else ()
+        if self.fwd.rewrites:
+            log.info(
+                "exact rewrites for gradients: %s",
+                ", ".join(f"{k} ×{v}" for k, v in sorted(self.fwd.rewrites.items())),
+            )
+        # weights the cut model holds (in any scope) that the working copy lost: only If inlining
+        # drops them (weights that do not feed the head are not in the cut model at all)
+        present_now, present_cut = set(self.fwd.weight_inputs), set(_tensor_shapes(self.norm))
+        self.unreached = tuple(w for w in self.weights if w in present_cut and w not in present_now)
+        if self.unreached:
+            log.warning(
+                "%d weight(s) sit in If branches the calibration data does not take; their gradient columns "
+                "are zero: %s",
+                len(self.unreached),
+                ", ".join(self.unreached[:5]) + (" ..." if len(self.unreached) > 5 else ""),
+            )
+        missing = [w for w in self.weights if w not in self.on_path and w not in self.unreached]
         if missing:
             log.warning(
                 "%d weight(s) do not influence the loss; their gradient columns are zero: %s",
@@ -564,6 +586,9 @@ class GradientEngine:
             weights=self.weights,
             updatable=self.updatable,
             scales=self._scales if kind is None else scales,
+            feeds=self._example_feeds(batch),
+            # other batch sizes (batched path, block predictions) are checked against this one
+            self_check=batch == self.m,
         )
 
     def _run_probe(self, probe: Forward, ex_inputs: Mapping[str, Any], b: int) -> NDArray[Any]:
@@ -601,6 +626,44 @@ class GradientEngine:
                 parts.append(self._run_probe(probe, part, self.m))
             y = np.concatenate(parts)
         return tuple(output_scales(y.reshape(y.shape[0], -1), probe.segments))
+
+    def _example_feeds(self, batch: int) -> dict[str, NDArray[Any]]:
+        """The first ``batch`` samples of the example (repeated when it has fewer), in the model's
+        input dtypes: shape folding runs the working copy on them."""
+        dtypes = {
+            vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            for vi in self.norm.graph.input
+        }
+        out: dict[str, NDArray[Any]] = {}
+        for name, v in self.example_inputs.items():
+            axis = self.batch_axes.get(name, 0)
+            if axis is None:  # a static input: one value for every sample
+                arr = v
+            else:
+                arr = v[:batch] if v.shape[0] >= batch else np.resize(v, (batch, *v.shape[1:]))
+                if axis != 0:
+                    arr = np.moveaxis(arr, 0, axis)
+            want = dtypes.get(name)
+            if want is not None and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
+                arr = arr.astype(want)
+            out[name] = np.require(arr, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
+        return out
+
+    def _check_guards(self, inputs: Mapping[str, NDArray[Any]], block: int) -> None:
+        """Every calibration block must take the If branches the working copy was built with."""
+        if not self.guards:
+            return
+        from .static import weights_reached
+
+        _, seen = weights_reached(self.norm, self._model_feed(inputs, 0, self._block_size(inputs)), ())
+        now = {g.node: g.value for g in seen}
+        for g in self.guards:
+            if g.node in now and now[g.node] != g.value:
+                raise DataError(
+                    f"calibration block {block} takes the other branch of If node {g.node!r} (condition "
+                    f"{g.tensor!r} is {now[g.node]}, the first batch gave {g.value}); all calibration "
+                    "batches must agree"
+                )
 
     def _decide_head(
         self, guess: Any, loss: Loss, ex_inputs: Mapping[str, Any]
@@ -740,12 +803,15 @@ class GradientEngine:
             row = 0
             t_fwd = t_chk = 0.0
             nblocks = -(-(n * self.m) // size)
-            for block in progress(
-                _stream(data, specs, size, n * self.m, need_labels, pad=may_batch),
-                total=nblocks,
-                desc="per-sample gradients",
-                unit="block",
+            for block_no, block in enumerate(
+                progress(
+                    _stream(data, specs, size, n * self.m, need_labels, pad=may_batch),
+                    total=nblocks,
+                    desc="per-sample gradients",
+                    unit="block",
+                )
             ):
+                self._check_guards(block.inputs, block_no)
                 rows = block.count // self.m
                 preds = None
                 if self.kind == "binary" or (fk != "empirical" and self.kind != "regression"):
@@ -856,7 +922,7 @@ class GradientEngine:
         for name, arr in inputs.items():
             axis = self.batch_axes.get(name, 0)
             if axis is None:
-                out[name] = np.ascontiguousarray(arr)
+                out[name] = np.require(arr, requirements="C")
             elif axis == 0:
                 out[name] = arr[lo:hi] if arr[lo:hi].flags.c_contiguous else np.ascontiguousarray(arr[lo:hi])
             else:
@@ -1072,6 +1138,22 @@ def _first_batch(data: CalibrationSource) -> Batch:
     for batch in data:
         return Batch(batch[0], batch[1])
     raise DataError("the calibration data is empty")
+
+
+def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch) -> tuple[list[str], list[Any]]:
+    """Which of ``names`` (weights inside If branches) the example batch reaches: every If is
+    resolved on it (:func:`.static.weights_reached`).  Returns ``(reached, guards)``."""
+    from ..data import to_model_layout
+    from ..graph import model_inputs
+    from .static import weights_reached
+
+    specs = {s.name: s for s in model_inputs(model)}
+    feeds = {
+        k: to_model_layout(np.asarray(v), specs[k]) if k in specs else np.asarray(v)
+        for k, v in example[0].items()
+    }
+    reached, guards = weights_reached(model, feeds, names)
+    return reached, list(guards)
 
 
 def per_sample_gradients(

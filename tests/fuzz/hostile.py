@@ -526,8 +526,8 @@ def model_cases() -> list[Case]:
     add(_model_case("overflowing-weight", "nan-inf-weights", _edit(_huge_weight), ("compress", "gradients")))
     add(_model_case("float16", "fp16-bf16", _fp16, train, needles=("W1", "float16")))
     add(_model_case("bfloat16", "fp16-bf16", _bf16, (*train, "evaluate"), needles=("bfloat16",)))
-    add(_model_case("qdq-int8", "quantized-ops", _quantized, train, needles=("no prunable",)))
-    add(_model_case("matmul-integer", "quantized-ops", _matmul_integer, train, needles=("no prunable",)))
+    add(_model_case("qdq-int8", "quantized-ops", _quantized, train, needles=("quantized",)))
+    add(_model_case("matmul-integer", "quantized-ops", _matmul_integer, train, needles=("quantized",)))
     add(_model_case("no-prunable-weights", "quantized-ops", _no_prunable, train, needles=("no prunable",)))
     ext = {
         "absolute": _external("/etc/passwd"),
