@@ -1009,11 +1009,9 @@ def build_forward(
     shape = tuple(int(d) for d in dims if d is not None)
     if elem not in _FLOAT_ELEM:
         raise ModelError(f"the loss input {tensor!r} is not a floating-point tensor")
-    if not shape:
-        raise ModelError(f"the loss input {tensor!r} is a scalar: expected the batch ({batch}) on axis 0")
     if class_axis is not None and class_axis < 0:
         class_axis += len(shape)
-    if shape[0] != batch:
+    if shape[:1] != (batch,):  # also a scalar: a batch of one squeezed away (see batch_first)
         tensor, shape, perm = batch_first(m, tensor, shape, batch)
         class_axis = None if class_axis is None else perm.index(class_axis)
     axis = class_axis

@@ -1,0 +1,98 @@
+"""Export quirks met on real third-party models (the zoo's new wheels), on small synthetic graphs.
+
+* A torch export that squeezed the batch axis away (``.squeeze()`` traced at batch 1): the declared
+  output is a scalar, and onnxruntime returns ``[N]`` for a batch of N (speechmos' PLCMOS).  The
+  gradient rows must equal those of the same model whose output keeps its batch axis.
+* A static input that pins the batch to one (a recurrent state exported as ``[layers, 1, hidden]``
+  next to an input with a dynamic batch, speechmos' AECMOS): onnxruntime refuses batches of several
+  samples, so the evaluation runs one sample at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_gradients import Init, mk, node, vi
+
+from chita_onnx import CompressConfig, compress
+from chita_onnx.data import ArraySource, static_names
+from chita_onnx.evaluate import make_session, run_outputs
+from chita_onnx.gradients import per_sample_gradients
+from chita_onnx.graph import model_inputs
+
+
+def scorer(seed: int = 0, *, squeeze: bool = True) -> onnx.ModelProto:
+    """``x [N, 6]`` → tanh MLP → one score per sample; with ``squeeze`` the output is ``Squeeze``d
+    without axes and declared as a scalar (what torch writes for ``y.squeeze()`` traced at batch 1),
+    else it keeps its shape ``[N, 1]``."""
+    w = Init(seed)
+    nodes = [
+        node("MatMul", ["x", w("W1", 6, 8)], ["h0"]),
+        node("Tanh", ["h0"], ["h"]),
+        node("MatMul", ["h", w("W2", 8, 1)], ["z" if squeeze else "score"]),
+    ]
+    if squeeze:
+        nodes.append(node("Squeeze", ["z"], ["score"]))
+    out = vi("score", [] if squeeze else ["N", 1])
+    return mk(nodes, [vi("x", ["N", 6])], [out], w.items)
+
+
+@pytest.mark.parametrize("method", ["single", "batched"])
+def test_squeezed_batch_axis_gives_the_rows_of_the_unsqueezed_model(method: str) -> None:
+    x = np.random.default_rng(1).standard_normal((7, 6)).astype(np.float32)
+    src = ArraySource({"x": x}, batch_size=4)
+    squeezed = per_sample_gradients(scorer(3), src, ["W1", "W2"], seed=5, method=method)
+    plain = per_sample_gradients(scorer(3, squeeze=False), src, ["W1", "W2"], seed=5, method=method)
+    assert squeezed.head == plain.head == "regression"
+    assert np.abs(squeezed.X).max() > 0
+    np.testing.assert_allclose(squeezed.X, plain.X, rtol=1e-6, atol=1e-7)
+
+
+def test_squeezed_batch_axis_compresses_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "score.onnx"
+    onnx.save(scorer(4), path)
+    rng = np.random.default_rng(2)
+    calib = {"x": rng.standard_normal((40, 6)).astype(np.float32)}
+    test = {"x": rng.standard_normal((12, 6)).astype(np.float32)}
+    report = compress(path, tmp_path / "out.onnx", calib, CompressConfig(sparsity=0.5), eval_data=test)
+    assert report.nnz <= report.k == round(0.5 * report.p)
+    e = report.evaluation
+    assert e is not None and e.samples == 12 and e.relative_error is not None and 0 < e.relative_error < 1
+    y = make_session(tmp_path / "out.onnx").run(None, test)[0]
+    assert y.shape == (12,)
+
+
+def pinned_state(seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 4]`` (dynamic batch) concatenated with a state ``h [1, 3]`` declared with a fixed
+    batch of one: the Concat only runs for N = 1."""
+    w = Init(seed)
+    nodes = [
+        node("Concat", ["x", "h"], ["xh"], axis=1),
+        node("MatMul", ["xh", w("W1", 7, 5)], ["a"]),
+        node("Tanh", ["a"], ["t"]),
+        node("MatMul", ["t", w("W2", 5, 2)], ["y"]),
+    ]
+    return mk(nodes, [vi("x", ["N", 4]), vi("h", [1, 3])], [vi("y", ["N", 2])], w.items)
+
+
+def test_static_input_pinning_the_batch_runs_one_sample_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "pinned.onnx"
+    model = pinned_state(5)
+    onnx.save(model, path)
+    specs = model_inputs(model)
+    assert static_names(specs) == {"h"}
+    rng = np.random.default_rng(6)
+    data = {"x": rng.standard_normal((9, 4)).astype(np.float32), "h": rng.standard_normal((1, 3)).astype(np.float32)}
+    session = make_session(path)
+    with pytest.raises(Exception, match="Concat"):  # onnxruntime itself refuses a batch of several
+        session.run(None, data)
+    ys, _ = run_outputs(session, ArraySource(data, batch_size=4, static=["h"]), specs, ["y"])
+    want = np.concatenate([session.run(None, {"x": data["x"][i : i + 1], "h": data["h"]})[0] for i in range(9)])
+    np.testing.assert_array_equal(ys["y"], want)
+    calib = {"x": rng.standard_normal((30, 4)).astype(np.float32), "h": data["h"]}
+    report = compress(path, tmp_path / "out.onnx", calib, CompressConfig(sparsity=0.5), eval_data=data)
+    assert report.nnz <= report.k
+    assert report.evaluation is not None and report.evaluation.samples == 9
