@@ -14,6 +14,7 @@ recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ def data_dir(e: entries.Entry) -> Path:
 
 
 def save_dataset(path: Path, ds: entries.Dataset) -> None:
-    np.savez(path, **ds.inputs, **{f"meta_{k}": v for k, v in ds.meta.items()})
+    tmp = path.with_name(path.name + ".tmp.npz")  # atomic: an interrupted run leaves no partial file
+    np.savez(tmp, **ds.inputs, **{f"meta_{k}": v for k, v in ds.meta.items()})
+    tmp.replace(path)
 
 
 def load_dataset(path: Path) -> entries.Dataset:
@@ -59,15 +62,28 @@ def load_dataset(path: Path) -> entries.Dataset:
     return entries.Dataset(inputs, meta)
 
 
+def generator_fingerprint(e: entries.Entry) -> str:
+    """Changes whenever the data a cached file holds could change: the entry's generator source,
+    the renderer, the shared preprocessing helpers, the model file and the seeds."""
+    parts = [inspect.getsource(e.make), (HERE / "render.py").read_text(), inspect.getsource(entries.to_bgr_chw)]
+    parts += [e.wheel, e.version, e.member, str((SEED_CALIB, SEED_HELDOUT))]
+    return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
+
+
 def datasets(e: entries.Entry, calib: int | None) -> tuple[entries.Dataset, entries.Dataset]:
-    """Calibration and held-out data, generated once per size and cached."""
+    """Calibration and held-out data, generated once per size and generator version and cached
+    (files named by :func:`generator_fingerprint`, so an edited generator never reuses stale data)."""
     n_cal = calib or e.calib
     d = data_dir(e)
-    paths = d / f"calib_{n_cal}.npz", d / f"heldout_{e.heldout}.npz"
+    fp = generator_fingerprint(e)
+    paths = d / f"calib_{n_cal}_{fp}.npz", d / f"heldout_{e.heldout}_{fp}.npz"
     if not paths[0].exists():
         save_dataset(paths[0], e.make(e, rng_for(e.name, SEED_CALIB), n_cal, "calib"))
     if not paths[1].exists():
         save_dataset(paths[1], e.make(e, rng_for(e.name, SEED_HELDOUT), e.heldout, "heldout"))
+    for old in d.glob("*.npz"):  # data of an earlier generator version
+        if old.name.startswith(("calib_", "heldout_")) and old not in paths and not old.stem.endswith(fp):
+            old.unlink()
     return load_dataset(paths[0]), load_dataset(paths[1])
 
 
