@@ -96,3 +96,31 @@ def test_static_input_pinning_the_batch_runs_one_sample_at_a_time(tmp_path: Path
     report = compress(path, tmp_path / "out.onnx", calib, CompressConfig(sparsity=0.5), eval_data=data)
     assert report.nnz <= report.k
     assert report.evaluation is not None and report.evaluation.samples == 9
+
+
+def test_weights_on_path_in_one_pass_matches_the_per_weight_definition() -> None:
+    """``weights_on_path`` (one backward cone) gives the same answer as asking
+    ``differentiable_nodes`` weight by weight: a weight feeding only a dead branch, one reaching the
+    target only through an integer tensor (Shape), and weights on float paths."""
+    from chita_onnx.gradients.prepare import differentiable_nodes, weights_on_path
+
+    w = Init(8)
+    nodes = [
+        node("MatMul", ["x", w("W1", 4, 5)], ["a"]),
+        node("MatMul", ["x", w("Wdead", 4, 3)], ["dead"]),  # not consumed on the way to y
+        node("Shape", [w("Wshape", 5, 5)], ["shp"]),  # only its (int64) shape reaches y
+        node("Gather", ["shp", w.const("i0", 0, np.int64)], ["s0"], axis=0),
+        node("Unsqueeze", ["s0", w.const("ax", [0], np.int64)], ["s1"]),
+        node("Concat", [w.const("m1", [-1], np.int64), "s1"], ["shp2"], axis=0),
+        node("Reshape", ["a", "shp2"], ["a2"]),
+        node("Relu", ["a2"], ["r"]),
+        node("Add", ["r", w("b", 5)], ["rb"]),
+        node("MatMul", ["rb", w("W2", 5, 2)], ["y"]),
+    ]
+    model = mk(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 2]), vi("dead", ["N", 3])], w.items)
+    model = onnx.shape_inference.infer_shapes(model)
+    names = ["W1", "Wdead", "Wshape", "b", "W2"]
+    per_weight = [n for n in names if differentiable_nodes(model, [n], "y")]
+    assert per_weight == ["W1", "b", "W2"]
+    assert weights_on_path(model, names, "y") == per_weight
+    assert weights_on_path(model, names, "dead") == [n for n in names if differentiable_nodes(model, [n], "dead")]
