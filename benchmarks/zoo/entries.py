@@ -562,6 +562,57 @@ def metric_mos(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[s
     }
 
 
+# ------------------------------------------------------------------------------------- PLCMOS
+
+
+def _wheel_module(e: Entry, member: str, name: str) -> Any:
+    """A module of the wheel loaded from its file (not through its package ``__init__``, whose other
+    imports the zoo does not install)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, e.file(member))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_lossy_speech(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
+    """speechmos/plcmos.py PLCMOS.get_mos: the wheel's own ``stft_transform`` (512-point Hamming
+    STFT, hop 256, log power / 20) of 16 kHz audio as ``(1, frames, 257)``, and a rater embedding
+    drawn from N(0, 1) ``(64,)`` per sample (the wheel averages 15 such draws).  Speech-like audio of
+    1.5 s (``render.audio_clip``) with 20 ms packets lost (zeroed) at a rate drawn from 0–30%, kept as
+    the label the score should fall with."""
+    plc = _wheel_module(e, "speechmos/plcmos.py", "zoo_plcmos")
+    feats = object.__new__(plc.PLCMOS)  # its STFT methods only; no session
+    xs, embeds, rates = [], [], []
+    while len(xs) < n:
+        clip = render.audio_clip(rng, 1.5).astype(np.float64)
+        if np.abs(clip).max() < 0.02:  # mostly silence: nothing to conceal
+            continue
+        rate = float(rng.uniform(0, 0.3))
+        lost = rng.random(len(clip) // 320 + 1) < rate
+        clip[np.repeat(lost, 320)[: len(clip)]] = 0.0
+        xs.append(np.float32(feats.stft_transform(clip))[None])
+        embeds.append(rng.standard_normal(64).astype(np.float32))
+        rates.append(rate)
+    return Dataset({"degraded_audio": np.stack(xs), "rater_embed": np.stack(embeds)}, {"loss_rate": np.asarray(rates)})
+
+
+def metric_plcmos(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[str, float]:
+    """Pearson correlation of the pruned MOS with the dense MOS over samples, mean |ΔMOS|, and the
+    Spearman correlation of the pruned MOS with the negated packet-loss rate."""
+    from scipy.stats import spearmanr
+
+    md = next(iter(dense.values())).astype(np.float64).reshape(-1)
+    mp = next(iter(pruned.values())).astype(np.float64).reshape(-1)
+    return {
+        "MOS r with dense": float(np.corrcoef(md, mp)[0, 1]) if mp.std() > 0 else 0.0,
+        "mean |ΔMOS|": float(np.abs(md - mp).mean()),
+        "MOS Spearman with −loss": float(spearmanr(mp, -data.meta["loss_rate"]).correlation),
+    }
+
+
 # ------------------------------------------------------------------------------ the zoo's own ViT
 
 
@@ -624,6 +675,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("dnsmos", "speechmos", "0.0.1.1", "speechmos/dnsmos_models/sig_bak_ovr.onnx",
           "keras2onnx 1.8.1, opset 12", "speech quality MOS from raw audio (STFT in the graph), 3 scores",
           32, 24, make_noisy_speech, run_all, metric_mos),
+    Entry("plcmos", "speechmos", "0.0.1.1", "speechmos/plcmos_models/plcmos_v2.onnx",
+          "torch 1.11, opset 11", "concealment MOS: 2 inputs, bidirectional GRUs, scalar output at batch 1",
+          128, 64, make_lossy_speech, run_all, metric_plcmos),
 )  # fmt: skip
 
 BY_NAME = {e.name: e for e in ENTRIES}
