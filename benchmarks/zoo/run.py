@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -233,8 +234,35 @@ def fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
-def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
-    lines = [f"Machine: {machine}", "", f"Command: `{command}`", ""]
+def short(message: str, header: dict[str, Any]) -> str:
+    """``message`` with the cached model's absolute path shortened to its path inside the wheel."""
+    return re.sub(r"/\S*/" + re.escape(header.get("file", "")), header.get("file", ""), message).replace("|", "/")
+
+
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """One row per model: its primary metric (the first one) dense and for every run, and the
+    status of its runs (a refusal's message)."""
+    runs = sorted({(r["sparsity"], r["method"]) for m in results for r in m["runs"]})
+    hdr = ["model", "exporter", "prunable weights", "primary metric", "dense"]
+    hdr += [f"{method} {s}" for s, method in runs] + ["status"]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for m in results:
+        h = m["header"]
+        if "error" in h:
+            lines.append(f"| {h['model']} | | | | | " + "| " * len(runs) + f"not run: {h['error']} |")
+            continue
+        key = next(iter(h["dense"]))
+        by = {(r["sparsity"], r["method"]): r for r in m["runs"]}
+        cells = [fmt(by[k].get("metric", {}).get(key)) if k in by else "" for k in runs]
+        bad = {f"{r['status']}: {short(r.get('message', ''), h)}" for r in m["runs"] if r["status"] != "ok"}
+        status = "; ".join(sorted(bad)) if bad else "ok"
+        row = [h["model"], h["exporter"], fmt(h.get("p")), key, fmt(h["dense"][key]), *cells, status]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -> str:
+    lines = [f"Machine: {machine}", ""] + ([f"Command: `{command}`", ""] if command else []) + [*summary(results), ""]
     for model in results:
         h = model["header"]
         lines += [f"#### {h['model']}", ""]
@@ -265,12 +293,12 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
         for r in model["runs"]:
             metric = r.get("metric", {})
             phases = " · ".join(f"{k} {v:.1f}" for k, v in r.get("timings", {}).items() if v >= 0.05)
-            status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"
+            status = "ok" if r["status"] == "ok" else f"{r['status']}: {short(r.get('message', ''), h)}"
             lines.append(
                 f"| {r['sparsity']} | {r['method']} | "
                 + " | ".join(fmt(metric.get(k)) for k in keys)
                 + f" | {phases or '–'} | {fmt(r.get('wall_s'))} | "
-                f"{fmt(r.get('peak_rss_mb'))} | {status.replace('|', '/')} |"
+                f"{fmt(r.get('peak_rss_mb'))} | {status} |"
             )
         losses = sorted({r["loss"] for r in model["runs"] if r.get("loss")})
         if losses:
@@ -313,8 +341,7 @@ def main() -> None:
             for m in json.loads(Path(f).read_text()):
                 by_model[m["header"]["model"]] = m
         merged = list(by_model.values())
-        command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
-        (out / "zoo.md").write_text(markdown(merged, machine_line(), command))
+        (out / "zoo.md").write_text(markdown(merged, machine_line(), None))  # the runs' commands differ
         return
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in entries.BY_NAME]
