@@ -124,3 +124,49 @@ def test_weights_on_path_in_one_pass_matches_the_per_weight_definition() -> None
     assert per_weight == ["W1", "b", "W2"]
     assert weights_on_path(model, names, "y") == per_weight
     assert weights_on_path(model, names, "dead") == [n for n in names if differentiable_nodes(model, [n], "dead")]
+
+
+def test_weights_of_a_taken_branch_that_do_not_feed_the_loss_are_not_called_unreached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An If with two outputs (silero-vad's probability and next state): with ``output`` the second,
+    the taken branch's weight of the first is dead code, not a weight of an untaken branch."""
+    from onnx import TensorProto, helper
+
+    from chita_onnx.data_types import Batch
+    from chita_onnx.gradients import GradientEngine
+
+    rng = np.random.default_rng(3)
+
+    def const(name: str, *shape: int) -> onnx.NodeProto:
+        value = onnx.numpy_helper.from_array((0.5 * rng.standard_normal(shape)).astype(np.float32), name)
+        return helper.make_node("Constant", [], [name], value=value, name=f"{name}_c")
+
+    def branch(tag: str) -> onnx.GraphProto:
+        nodes = [
+            const(f"Wp_{tag}", 4, 1),
+            const(f"Ws_{tag}", 4, 3),
+            helper.make_node("MatMul", ["x", f"Wp_{tag}"], [f"p_{tag}"]),
+            helper.make_node("MatMul", ["x", f"Ws_{tag}"], [f"s_{tag}"]),
+        ]
+        outs = [helper.make_tensor_value_info(f"{k}_{tag}", TensorProto.FLOAT, None) for k in ("p", "s")]
+        return helper.make_graph(nodes, tag, [], outs)
+
+    w = Init(4)
+    nodes = [
+        node("Equal", ["sr", w.const("k16", 16000, np.int64)], ["c"]),
+        helper.make_node("If", ["c"], ["prob", "state"], then_branch=branch("hi"), else_branch=branch("lo")),
+    ]
+    model = mk(
+        nodes,
+        [vi("x", ["N", 4]), vi("sr", [], TensorProto.INT64)],
+        [vi("prob", ["N", 1]), vi("state", ["N", 3])],
+        w.items,
+    )
+    feeds = {"x": rng.standard_normal((5, 4)).astype(np.float32), "sr": np.asarray(16000, np.int64)}
+    names = ["Wp_hi", "Ws_hi", "Wp_lo", "Ws_lo"]
+    with caplog.at_level("WARNING"):
+        e = GradientEngine(model, names, example=Batch(feeds, None), output="state", method="single")
+    assert e.on_path == ("Ws_hi",)
+    assert e.unreached == ("Wp_lo", "Ws_lo")  # the 8 kHz branch; Wp_hi is only off the loss's path
+    assert any("do not influence the loss" in r.message and "Wp_hi" in r.message for r in caplog.records)
