@@ -41,6 +41,9 @@ _LAZY = {
     "load_model": "graph",
     "Report": "report",
     "format_report": "report",
+    "check_pattern": "patterns",
+    "check_model_support": "support",
+    "SupportReport": "support",
 }
 
 
@@ -55,8 +58,10 @@ def __getattr__(name: str) -> object:
 if TYPE_CHECKING:
     from .gradients import per_sample_gradients
     from .graph import PrunableTensor, find_prunable, load_model
+    from .patterns import check_pattern
     from .pipeline import compress, evaluate_model, inspect_model
     from .report import Report, format_report
+    from .support import SupportReport, check_model_support
 
 __all__ = [
     "ArraySource",
@@ -76,8 +81,11 @@ __all__ = [
     "ResourceError",
     "Slot",
     "SolverError",
+    "SupportReport",
     "UnsupportedOpError",
     "__version__",
+    "check_model_support",
+    "check_pattern",
     "compress",
     "evaluate_model",
     "find_prunable",

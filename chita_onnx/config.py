@@ -7,11 +7,12 @@ construction; a bad value raises :class:`~chita_onnx.errors.ConfigError` naming 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, SolverError
+from .limits import check_limits, total_memory
+from .solver.nm import NMPattern
 
 Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
 METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
@@ -32,16 +33,9 @@ DEFAULT_RIDGE = 1e-3
 DEFAULT_STAGES = 10
 
 
-def _total_memory() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 def default_max_memory() -> int:
     """Bytes the gradient matrix X may take before the block approximation is used: 40% of RAM."""
-    return int(0.4 * _total_memory())
+    return int(0.4 * total_memory())
 
 
 def _flag(name: str) -> str:
@@ -77,6 +71,8 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None
+    pattern: str = "unstructured"
+    allow_empty: bool = False
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
     channel_multiple: int = 0
@@ -116,19 +112,34 @@ class CompressConfig:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
             raise bad("stages", self.stages, "multi-stage pruning is --method chita++")
-        if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
-            raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
+        nm = self._parse_pattern()
+        if nm is None:
+            object.__setattr__(self, "pattern", "unstructured")
+            if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
+                raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
+        else:
+            # --pattern N:M fixes the sparsity: N of every M kept on each eligible tensor (see the README)
+            if self.min_density > 0:
+                raise bad("min_density", self.min_density, f"not used with --pattern {nm} (it fixes every density)")
+            if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= nm.sparsity:
+                raise bad("start_sparsity", self.start_sparsity, f"must be in [0, {nm.sparsity:g}] with --pattern {nm}")
+            object.__setattr__(self, "pattern", str(nm))
+            if self.start_sparsity is None:  # CHITA++ tightens the per-group cap from about half the pattern
+                object.__setattr__(self, "start_sparsity", nm.sparsity / 2)
         for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, getattr(self, name), "must be ≥ 1")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
+        check_limits(self)
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         if self.structure == "channel" and self.method not in ("chita", "magnitude"):
             raise bad("method", self.method, "channel pruning (--structure channel) supports chita and magnitude")
+        if self.structure == "channel" and nm is not None:
+            raise bad("pattern", self.pattern, "is weight pruning; --structure channel removes whole channels instead")
         if self.structure != "channel" and self.sparsity_of != "channels":
             raise bad("sparsity_of", self.sparsity_of, "counts FLOPs only with --structure channel")
         if self.channel_multiple < 0:
@@ -144,6 +155,18 @@ class CompressConfig:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:
             object.__setattr__(self, "max_memory", default_max_memory())
+
+    def _parse_pattern(self) -> NMPattern | None:
+        try:
+            return NMPattern.parse(str(self.pattern))
+        except SolverError:
+            msg = "must be unstructured or N:M with 0 < N < M, e.g. 2:4"
+            raise ConfigError(f"--pattern={self.pattern!r}: {msg}") from None
+
+    @property
+    def nm(self) -> NMPattern | None:
+        """The N:M pattern, or ``None`` for unstructured pruning."""
+        return NMPattern.parse(self.pattern)
 
     @property
     def needs_gradients(self) -> bool:

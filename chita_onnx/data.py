@@ -2,8 +2,11 @@
 
 Formats accepted wherever a data source is expected:
 
-* a ``.npz`` file whose keys are the model's input names (batch on axis 0), plus an optional integer
-  ``labels`` array of shape ``(N,)``; for a single-input model any one non-label array will do;
+* a ``.npz`` file whose keys are the model's input names, plus an optional integer ``labels`` array
+  of shape ``(N,)``; for a single-input model any one non-label array will do.  Every input with a
+  batch axis holds its samples on axis 0 whatever the model's batch axis is (``feed`` moves it); an
+  input without one (``InputSpec.batch_axis is None``, e.g. a rank-0 sample rate) is stored once
+  with the model's shape and shared by all samples;
 * a folder of such ``.npz`` files, one batch each, read in name order;
 * the word ``random``: Gaussian inputs for a quick try (quality needs real data);
 * in the Python API, a mapping ``{input name: array}`` (optionally with ``labels``), or any
@@ -23,8 +26,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .checks import check_finite, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError
+from .errors import DataError, first_line
+from .limits import check_npz, check_npz_folder, check_random_size
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,17 @@ LABELS_KEY = "labels"
 DataSpec = str | os.PathLike[str] | Mapping[str, Any] | CalibrationSource
 
 
+def static_names(specs: Sequence[InputSpec] | None) -> frozenset[str]:
+    """The inputs without a batch axis: one value shared by every sample."""
+    return frozenset(s.name for s in specs or () if s.batch_axis is None)
+
+
 class ArraySource:
-    """In-memory arrays served in batches of ``batch_size`` (re-iterable)."""
+    """In-memory arrays served in batches of ``batch_size`` (re-iterable).
+
+    ``static`` names the inputs without a batch axis: they are passed whole with every batch (after
+    the batched ones) instead of being sliced.
+    """
 
     def __init__(
         self,
@@ -42,10 +56,14 @@ class ArraySource:
         *,
         batch_size: int = 64,
         origin: str = "arrays",
+        static: Sequence[str] | frozenset[str] = (),
     ) -> None:
         if not inputs:
             raise DataError(f"{origin}: no input arrays")
-        sizes = {k: int(np.shape(v)[0]) if np.ndim(v) else -1 for k, v in inputs.items()}
+        self.static = frozenset(k for k in static if k in inputs)
+        sizes = {k: int(np.shape(v)[0]) if np.ndim(v) else -1 for k, v in inputs.items() if k not in self.static}
+        if not sizes:
+            raise DataError(f"{origin}: every input is static (no batch axis); nothing holds samples")
         n = next(iter(sizes.values()))
         if any(s != n for s in sizes.values()) or n <= 0:
             raise DataError(f"{origin}: arrays differ in length (axis 0) or are empty: {sizes}")
@@ -55,34 +73,40 @@ class ArraySource:
                 raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},)")
             if not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{origin}: 'labels' must be integers, got dtype {labels.dtype}")
-        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        batched = {k: np.asarray(v) for k, v in inputs.items() if k not in self.static}
+        self.inputs = {**batched, **{k: np.asarray(v) for k, v in inputs.items() if k in self.static}}
         self.labels: NDArray[np.int64] | None = None if labels is None else labels.astype(np.int64, copy=False)
         self.batch_size = max(1, int(batch_size))
         self.origin = origin
 
     @property
     def num_samples(self) -> int:
-        return int(next(iter(self.inputs.values())).shape[0])
+        return int(next(v for k, v in self.inputs.items() if k not in self.static).shape[0])
 
     def __iter__(self) -> Iterator[Batch]:
         n, b = self.num_samples, self.batch_size
         for start in range(0, n, b):
             sl = slice(start, min(n, start + b))
-            yield Batch({k: v[sl] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[sl])
+            yield Batch(
+                {k: v if k in self.static else v[sl] for k, v in self.inputs.items()},
+                None if self.labels is None else self.labels[sl],
+            )
 
     def take(self, index: NDArray[np.integer]) -> ArraySource:
-        """A new source holding the samples at ``index`` (in that order)."""
+        """A new source holding the samples at ``index`` (in that order); static inputs are kept."""
         return ArraySource(
-            {k: v[index] for k, v in self.inputs.items()},
+            {k: v if k in self.static else v[index] for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[index],
             batch_size=self.batch_size,
             origin=self.origin,
+            static=self.static,
         )
 
 
 def _read_npz(
     path: Path, specs: Sequence[InputSpec] | None
 ) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
+    check_npz(path)  # headers and sizes first: no FIFO, zip bomb or object array is ever read
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {}
@@ -100,7 +124,7 @@ def _read_npz(
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {first_line(exc)})") from None
     labels = arrays.pop(LABELS_KEY, None)
     if specs is not None:
         names = [s.name for s in specs]
@@ -128,17 +152,20 @@ class NpzFolderSource:
         self.files = sorted(folder.glob("*.npz"))
         if not self.files:
             raise DataError(f"{folder}: folder holds no .npz files")
+        check_npz_folder(self.files)
         self.specs = specs
         self.origin = str(folder)
 
     def __iter__(self) -> Iterator[Batch]:
         for f in self.files:
             arrays, labels = _read_npz(f, self.specs)
-            yield ArraySource(arrays, labels, batch_size=1 << 30, origin=str(f)).__iter__().__next__()
+            source = ArraySource(arrays, labels, batch_size=1 << 30, origin=str(f), static=static_names(self.specs))
+            yield source.__iter__().__next__()
 
 
 class RandomSource(ArraySource):
-    """Seeded random inputs for a quick try; symbolic dims become 1 (batch 64 on the first axis)."""
+    """Seeded random inputs for a quick try; symbolic dims become 1.  Static inputs (no batch axis)
+    get one random value; integer inputs are drawn from {0, 1}."""
 
     def __init__(
         self, specs: Sequence[InputSpec], *, num_samples: int = 128, seed: int = 0, batch_size: int = 64
@@ -146,14 +173,25 @@ class RandomSource(ArraySource):
         rng = np.random.default_rng(seed)
         arrays: dict[str, NDArray[np.generic]] = {}
         for spec in specs:
-            shape = [num_samples] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+            sample = [d if isinstance(d, int) and d > 0 else 1 for d in spec.sample_shape]
+            shape = sample if spec.batch_axis is None else [num_samples, *sample]
+            check_random_size(spec.name, shape)
             if np.issubdtype(spec.dtype, np.floating):
                 arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_:
                 arrays[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
             else:
                 raise DataError(f"--data random: cannot make random data for input {spec.name!r} of dtype {spec.dtype}")
-        super().__init__(arrays, None, batch_size=batch_size, origin="random data")
+        super().__init__(arrays, None, batch_size=batch_size, origin="random data", static=static_names(specs))
+
+
+def _check_shapes(arrays: Mapping[str, NDArray[np.generic]], specs: Sequence[InputSpec] | None, origin: str) -> None:
+    """Name the first array whose shape does not fit its input (before lengths are compared)."""
+    for spec in specs or ():
+        if spec.name in arrays:
+            problem = check_array(np.asarray(arrays[spec.name]), spec)
+            if problem is not None:
+                raise DataError(f"{origin}: {problem}")
 
 
 def open_source(
@@ -177,13 +215,17 @@ def open_source(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         arrays, labels = _read_npz(path, specs)
-        return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path))
+        _check_shapes(arrays, specs, str(path))
+        return ArraySource(arrays, labels, batch_size=batch_size, origin=str(path), static=static_names(specs))
     if isinstance(spec, Mapping):
         arrays = {str(k): np.asarray(v) for k, v in spec.items() if k != LABELS_KEY}
         labels = spec.get(LABELS_KEY)
         if specs is not None and len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
             arrays = {specs[0].name: next(iter(arrays.values()))}
-        return ArraySource(arrays, None if labels is None else np.asarray(labels), batch_size=batch_size)
+        _check_shapes(arrays, specs, "data")
+        return ArraySource(
+            arrays, None if labels is None else np.asarray(labels), batch_size=batch_size, static=static_names(specs)
+        )
     if isinstance(spec, CalibrationSource):
         return spec
     raise DataError(f"unsupported data specification of type {type(spec).__name__}")
@@ -191,6 +233,38 @@ def open_source(
 
 def _dim_ok(expected: int | str | None, got: int) -> bool:
     return not isinstance(expected, int) or expected <= 0 or expected == got
+
+
+def _show(dims: Sequence[int | str | None]) -> tuple[int | str, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else "?" for d in dims)
+
+
+def expected_shape(spec: InputSpec) -> str:
+    """How a calibration array for ``spec`` must look, for error messages."""
+    if spec.batch_axis is None:
+        return f"{_show(spec.shape)} (no batch axis in the model: one value shared by all samples)"
+    if spec.batch_axis == 0:
+        return str(_show(spec.shape))
+    want = "(" + ", ".join(["samples", *map(str, _show(spec.sample_shape))]) + ")"
+    return (
+        f"{want}: samples on axis 0, moved to the model's batch axis {spec.batch_axis} of {_show(spec.shape)} when fed"
+    )
+
+
+def check_array(arr: NDArray[np.generic], spec: InputSpec) -> str | None:
+    """Why ``arr`` does not fit ``spec`` (samples on axis 0 unless static), or ``None``."""
+    want = spec.shape if spec.batch_axis is None else (None, *spec.sample_shape)
+    if arr.ndim != len(want) or not all(_dim_ok(e, g) for e, g in zip(want, arr.shape, strict=False)):
+        return f"input {spec.name!r} has shape {tuple(arr.shape)}, the model expects {expected_shape(spec)}"
+    return None
+
+
+def batch_size(batch: Batch, specs: Sequence[InputSpec]) -> int:
+    """Samples in ``batch``: axis 0 of its first batched input."""
+    for s in specs:
+        if s.batch_axis is not None and s.name in batch.inputs:
+            return int(np.shape(batch.inputs[s.name])[0])
+    return batch.size
 
 
 def validate_source(
@@ -204,29 +278,40 @@ def validate_source(
     origin = getattr(source, "origin", origin)
     names = [s.name for s in specs]
     total = 0
+    for spec in specs:
+        check_input_dtype(spec.name, spec.dtype)
+    labelled: bool | None = None
+    files = getattr(source, "files", None)
     for i, batch in enumerate(source):
         where = f"{origin} (batch {i})" if not isinstance(source, ArraySource) else origin
+        if isinstance(files, list) and i < len(files):
+            where = str(files[i])
+        if labelled is not None and labelled != (batch.labels is not None):
+            raise DataError(
+                f"{where}: {'has' if batch.labels is not None else 'has no'} 'labels' but the data before it "
+                f"{'has none' if batch.labels is not None else 'has'}; label every batch or none"
+            )
+        labelled = batch.labels is not None
         missing = [n for n in names if n not in batch.inputs]
         if missing:
             raise DataError(f"{where}: missing model input(s) {missing}; found {sorted(batch.inputs)}")
         size = None
         for spec in specs:
             arr = np.asarray(batch.inputs[spec.name])
-            if arr.ndim != len(spec.shape) or not all(
-                _dim_ok(e, g) for e, g in zip(spec.shape, arr.shape, strict=False)
-            ):
-                raise DataError(
-                    f"{where}: input {spec.name!r} has shape {tuple(arr.shape)}, the model expects "
-                    f"{tuple(d if isinstance(d, int) and d > 0 else '?' for d in spec.shape)}"
-                )
+            problem = check_array(arr, spec)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
             same_kind = (
                 np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)
             ) or arr.dtype == spec.dtype
             if not same_kind:
                 raise DataError(f"{where}: input {spec.name!r} has dtype {arr.dtype}, the model expects {spec.dtype}")
+            if spec.batch_axis is None:
+                continue
             if size is not None and arr.shape[0] != size:
                 raise DataError(f"{where}: inputs differ in batch size ({size} vs {arr.shape[0]} for {spec.name!r})")
             size = arr.shape[0]
+            check_finite(arr, where, spec.name, total)
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
             if labels.shape != (size,):
@@ -245,9 +330,18 @@ def validate_source(
     return total
 
 
+def to_model_layout(arr: NDArray[np.generic], spec: InputSpec) -> NDArray[np.generic]:
+    """A samples-first array moved to the model's batch axis, contiguous, in the model's dtype."""
+    a = np.asarray(arr)
+    if spec.batch_axis not in (None, 0):
+        a = np.moveaxis(a, 0, spec.batch_axis)
+    return np.require(a, dtype=spec.dtype, requirements="C")  # keeps a rank-0 input rank 0
+
+
 def feed(batch: Batch, specs: Sequence[InputSpec]) -> dict[str, NDArray[np.generic]]:
-    """The ORT feed dict of a batch, cast to the model's input dtypes."""
-    return {s.name: np.ascontiguousarray(batch.inputs[s.name], dtype=s.dtype) for s in specs}
+    """The ORT feed dict of a batch: cast to the model's input dtypes, samples moved from axis 0 to
+    each input's batch axis; static inputs as given."""
+    return {s.name: to_model_layout(batch.inputs[s.name], s) for s in specs}
 
 
 def materialize(source: CalibrationSource, specs: Sequence[InputSpec], *, batch_size: int = 64) -> ArraySource:
@@ -257,18 +351,21 @@ def materialize(source: CalibrationSource, specs: Sequence[InputSpec], *, batch_
     parts: dict[str, list[NDArray[np.generic]]] = {s.name: [] for s in specs}
     labels: list[NDArray[np.integer]] = []
     has_labels = True
+    static = static_names(specs)
     for batch in source:
         for s in specs:
-            parts[s.name].append(np.asarray(batch.inputs[s.name]))
+            if s.name not in static or not parts[s.name]:
+                parts[s.name].append(np.asarray(batch.inputs[s.name]))
         if batch.labels is None:
             has_labels = False
         else:
             labels.append(np.asarray(batch.labels))
     return ArraySource(
-        {k: np.concatenate(v) for k, v in parts.items()},
+        {k: v[0] if k in static else np.concatenate(v) for k, v in parts.items()},
         np.concatenate(labels) if has_labels and labels else None,
         batch_size=batch_size,
         origin=getattr(source, "origin", "data"),
+        static=static,
     )
 
 

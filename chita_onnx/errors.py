@@ -8,11 +8,46 @@ configuration value), 1 for everything else.
 
 from __future__ import annotations
 
+import unicodedata
+
+#: Characters that would break a message over several lines or reorder what a terminal shows:
+#: line and paragraph separators, and the bidirectional overrides and isolates.
+_INVISIBLE = {"\u2028", "\u2029", "\u0085", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))}
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u2028`` ...), so that a
+    message naming a hostile file name still prints as exactly one line."""
+    if text.isprintable() and not any(c in _INVISIBLE for c in text):
+        return text
+    out = []
+    for c in text:
+        if c in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif c in _INVISIBLE or unicodedata.category(c) in ("Cc", "Zl", "Zp") or (c.isspace() and c != " "):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
 
 class ChitaError(Exception):
-    """Base class of all errors raised by chita-onnx on purpose."""
+    """Base class of all errors raised by chita-onnx on purpose.
+
+    The message is made one line on construction: control characters (a newline in a file name, an
+    escape sequence in a tensor name) are escaped.
+    """
 
     exit_code: int = 1
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(one_line(str(message)), *args)
 
 
 class ConfigError(ChitaError, ValueError):

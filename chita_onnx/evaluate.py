@@ -9,16 +9,17 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from .data import feed
+from .batching import output_batch_axis
+from .data import batch_size, feed, static_names
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, first_line
 from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 
@@ -52,19 +53,100 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
         )
     except Exception as exc:
         where = "model" if isinstance(model, bytes) else str(model)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise ModelError(f"{where}: onnxruntime {ort.__version__} cannot load it: {msg}") from None
 
 
-def _chunks(batch: Batch, fixed: int | None) -> Iterator[tuple[Batch, int]]:
-    """Split a batch into pieces of a fixed batch size, padding the last (returns the real count)."""
+def _chunks(batch: Batch, fixed: int | None, specs: Sequence[InputSpec]) -> Iterator[tuple[Batch, int]]:
+    """Split a batch into pieces of a fixed batch size, padding the last (returns the real count).
+    Static inputs (no batch axis) go whole with every piece."""
+    size = batch_size(batch, specs)
     if fixed is None:
-        yield batch, batch.size
+        yield batch, size
         return
-    for start in range(0, batch.size, fixed):
-        real = min(fixed, batch.size - start)
-        idx = np.minimum(np.arange(start, start + fixed), batch.size - 1)
-        yield Batch({k: np.asarray(v)[idx] for k, v in batch.inputs.items()}, None), real
+    static = static_names(specs)
+    for start in range(0, size, fixed):
+        real = min(fixed, size - start)
+        idx = np.minimum(np.arange(start, start + fixed), size - 1)
+        yield Batch({k: v if k in static else np.asarray(v)[idx] for k, v in batch.inputs.items()}, None), real
+
+
+def _fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    for s in specs:
+        if s.batch_axis is not None:
+            d = s.shape[s.batch_axis]
+            return d if isinstance(d, int) and d > 0 else None
+    return None
+
+
+def run_outputs(
+    session: ort.InferenceSession,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    names: Sequence[str],
+    *,
+    desc: str = "evaluate",
+) -> tuple[dict[str, NDArray[np.floating]], NDArray[np.int64] | None]:
+    """Run ``session`` over every batch; return each named output with its samples on axis 0
+    (``(N, ...)``, moved from the output's batch axis) and the labels ``(N,)``."""
+    declared = {o.name: o.shape for o in session.get_outputs()}
+    for name in names:
+        if name not in declared:
+            raise DataError(f"--output={name!r}: the model has outputs {list(declared)}")
+    batch_names = [
+        str(s.shape[s.batch_axis]) for s in specs if s.batch_axis is not None and isinstance(s.shape[s.batch_axis], str)
+    ]
+    fixed = _fixed_batch(specs)
+    try:
+        return _run_all(session, source, specs, names, batch_names, fixed, desc)
+    except _BatchRefusedError as exc:
+        # a static input can pin the batch: a recurrent state exported as [layers, 1, hidden] next to
+        # an input with a dynamic batch only runs one sample at a time
+        log.info("onnxruntime refused a batch of %d with static input(s) (%s): running one sample at a time", *exc.args)
+        return _run_all(session, source, specs, names, batch_names, 1, desc)
+
+
+class _BatchRefusedError(Exception):
+    """onnxruntime failed on a batch of several samples of a model with static inputs."""
+
+
+def _run_all(
+    session: ort.InferenceSession,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    names: Sequence[str],
+    batch_names: Sequence[str],
+    fixed: int | None,
+    desc: str,
+) -> tuple[dict[str, NDArray[np.floating]], NDArray[np.int64] | None]:
+    declared = {o.name: o.shape for o in session.get_outputs()}
+    axes: dict[str, int] = {}
+    outs: dict[str, list[NDArray[np.floating]]] = {n: [] for n in names}
+    labels: list[NDArray[np.int64]] = []
+    have_labels = True
+    for batch in progress(source, desc=desc, unit="batch"):
+        for piece, real in _chunks(batch, fixed, specs):
+            fed = batch_size(piece, specs)
+            try:
+                ys = session.run(list(names), feed(piece, specs))
+            except Exception as exc:  # onnxruntime's own exception types
+                if fed > 1 and static_names(specs) and not outs[names[0]]:
+                    raise _BatchRefusedError(fed, first_line(exc)) from None
+                raise
+            for name, y in zip(names, ys, strict=True):
+                arr = np.asarray(y)
+                if name not in axes:
+                    axes[name] = output_batch_axis(declared[name], batch_names, arr.shape, fed) if arr.ndim else 0
+                arr = np.moveaxis(arr, axes[name], 0)[:real] if arr.ndim else arr.reshape(1)
+                outs[name].append(arr)
+        if batch.labels is None:
+            have_labels = False
+        else:
+            labels.append(np.asarray(batch.labels, dtype=np.int64))
+    return (
+        {n: np.concatenate(v) for n, v in outs.items()},
+        (np.concatenate(labels) if have_labels and labels else None),
+    )
 
 
 def run_model(
@@ -76,24 +158,9 @@ def run_model(
     desc: str = "evaluate",
 ) -> tuple[NDArray[np.floating], NDArray[np.int64] | None]:
     """Run ``session`` over every batch; return the chosen output ``(N, ...)`` and the labels ``(N,)``."""
-    names = [o.name for o in session.get_outputs()]
-    name = output or names[0]
-    if name not in names:
-        raise DataError(f"--output={name!r}: the model has outputs {names}")
-    first = specs[0].shape[0] if specs and specs[0].shape else None
-    fixed = first if isinstance(first, int) and first > 0 else None
-    outs: list[NDArray[np.floating]] = []
-    labels: list[NDArray[np.int64]] = []
-    have_labels = True
-    for batch in progress(source, desc=desc, unit="batch"):
-        for piece, real in _chunks(batch, fixed):
-            (y,) = session.run([name], feed(piece, specs))
-            outs.append(np.asarray(y)[:real])
-        if batch.labels is None:
-            have_labels = False
-        else:
-            labels.append(np.asarray(batch.labels, dtype=np.int64))
-    return np.concatenate(outs), (np.concatenate(labels) if have_labels and labels else None)
+    name = output or session.get_outputs()[0].name
+    ys, labels = run_outputs(session, source, specs, [name], desc=desc)
+    return ys[name], labels
 
 
 def _is_classifier(y: NDArray[np.floating]) -> bool:
@@ -104,6 +171,11 @@ def top1(y: NDArray[np.floating], labels: NDArray[np.int64] | None) -> float | N
     """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)``; None if not applicable."""
     if labels is None or not _is_classifier(y):
         return None
+    if y.shape[0] != labels.shape[0]:
+        raise ModelError(
+            f"the model output has {y.shape[0]} rows for {labels.shape[0]} labelled samples: its first axis is "
+            "not the batch axis, so top-1 accuracy is undefined"
+        )
     return float(np.mean(np.argmax(y, axis=1) == labels))
 
 
@@ -117,11 +189,56 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class OutputComparison:
+    """One output of a pruned model against the dense one, for any kind of output.
+
+    ``relative_error`` is ``‖y_pruned − y_dense‖ / ‖y_dense‖`` over all samples (Frobenius);
+    ``cosine`` the mean over samples of the cosine similarity of the flattened outputs;
+    ``argmax_agreement`` the fraction of positions whose arg-max over the last axis is unchanged, for
+    ``(N, C)`` and ``(N, T, C)`` outputs (classes per sample, per time step or per anchor), else None.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    relative_error: float
+    cosine: float
+    max_abs_diff: float
+    argmax_agreement: float | None
+
+
+def compare_arrays(name: str, yd: NDArray[np.floating], yp: NDArray[np.floating]) -> OutputComparison:
+    """Compare two ``(N, ...)`` arrays of the same shape (dense first)."""
+    d = yd.reshape(yd.shape[0], -1).astype(np.float64)
+    p = yp.reshape(yp.shape[0], -1).astype(np.float64)
+    diff = p - d
+    ref = float(np.linalg.norm(d))
+    rel = float(np.linalg.norm(diff)) / ref if ref > 0 else (0.0 if not diff.any() else float("inf"))
+    nd, npn = np.linalg.norm(d, axis=1), np.linalg.norm(p, axis=1)
+    dot = (d * p).sum(axis=1)
+    both = (nd > 0) & (npn > 0)
+    cos = np.where(both, dot / np.where(both, nd * npn, 1.0), np.where((nd == 0) & (npn == 0), 1.0, 0.0))
+    agree = None
+    if yd.ndim in (2, 3) and yd.shape[-1] > 1:
+        agree = float(np.mean(np.argmax(yd, axis=-1) == np.argmax(yp, axis=-1)))
+    return OutputComparison(
+        name=name,
+        shape=tuple(int(x) for x in yd.shape[1:]),
+        relative_error=rel,
+        cosine=float(cos.mean()) if cos.size else 1.0,
+        max_abs_diff=float(np.abs(diff).max(initial=0.0)),
+        argmax_agreement=agree,
+    )
+
+
+@dataclass(frozen=True)
 class Comparison:
     """A pruned model against its dense original on the same samples.
 
-    ``agreement`` is the fraction of samples whose top-1 class is unchanged; the differences are
-    taken elementwise over the chosen output.
+    ``agreement`` is the fraction of samples whose top-1 class is unchanged (classifier outputs
+    ``(N, C)`` only); the differences are taken elementwise over the chosen output.  For outputs that
+    are not class scores, ``relative_error`` and ``cosine`` (see :class:`OutputComparison`) are the
+    measures that matter; ``outputs`` compares every evaluated output (several for detectors and
+    stateful models).
     """
 
     samples: int
@@ -132,6 +249,9 @@ class Comparison:
     max_abs_diff: float
     mean_abs_diff: float
     seconds: float
+    relative_error: float | None = None
+    cosine: float | None = None
+    outputs: tuple[OutputComparison, ...] = ()
 
 
 def evaluate(
@@ -147,12 +267,19 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Reference:
-    """The dense model's outputs on an evaluation set, computed once and compared against many times."""
+    """The dense model's outputs on an evaluation set, computed once and compared against many times.
+
+    ``y`` is the primary output ``output``; ``others`` holds further outputs that are compared too.
+    """
 
     output: str
     y: NDArray[np.floating]
     labels: NDArray[np.int64] | None
     seconds: float
+    others: dict[str, NDArray[np.floating]] = field(default_factory=dict)
+
+
+_FLOAT_OUTPUTS = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
 
 
 def reference(
@@ -160,13 +287,20 @@ def reference(
     source: CalibrationSource,
     specs: Sequence[InputSpec],
     output: str | None = None,
+    *,
+    all_outputs: bool = False,
 ) -> Reference:
-    """Run the dense model once over ``source``."""
+    """Run the dense model once over ``source``.  With ``all_outputs`` (and no ``output``), every
+    floating-point output is kept for comparison, the first output being the primary one."""
     t0 = time.perf_counter()
     session = make_session(dense)
     name = output or session.get_outputs()[0].name
-    y, labels = run_model(session, source, specs, name, desc="evaluate")
-    return Reference(name, y, labels, time.perf_counter() - t0)
+    names = [name]
+    if all_outputs and output is None:
+        names += [o.name for o in session.get_outputs() if o.name != name and o.type in _FLOAT_OUTPUTS]
+    ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
+    others = {n: ys[n] for n in names[1:]}
+    return Reference(name, ys[name], labels, time.perf_counter() - t0, others)
 
 
 def compare_to(
@@ -174,10 +308,13 @@ def compare_to(
 ) -> Comparison:
     """Evaluate the pruned model on the same ``source`` and compare it with the dense reference."""
     t0 = time.perf_counter()
-    yp, _ = run_model(make_session(pruned), source, specs, ref.output, desc="evaluate pruned")
+    names = [ref.output, *ref.others]
+    ys, _ = run_outputs(make_session(pruned), source, specs, names, desc="evaluate pruned")
+    yp = ys[ref.output]
     yd = ref.y
     diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
     agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
+    per = tuple(compare_arrays(n, ref.y if n == ref.output else ref.others[n], ys[n]) for n in names)
     return Comparison(
         samples=int(yd.shape[0]),
         output=ref.output,
@@ -187,6 +324,9 @@ def compare_to(
         max_abs_diff=float(diff.max(initial=0.0)),
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         seconds=ref.seconds + time.perf_counter() - t0,
+        relative_error=per[0].relative_error,
+        cosine=per[0].cosine,
+        outputs=per if len(per) > 1 else (),
     )
 
 

@@ -30,8 +30,11 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from .batching import infer_batch_axes
 from .data_types import InputSpec
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, first_line
+from .paths import regular_file
+from .validate import check_external_file, validate_graph, validate_header
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class PrunableTensor:
     shape: tuple[int, ...]
     dtype: str
     source: str
+    #: ``""`` for the main graph, else the subgraph holding the tensor (``"If_0/then_branch"``)
+    scope: str = ""
 
     @property
     def size(self) -> int:
@@ -70,16 +75,17 @@ class PrunableTensor:
 def _check_external_location(tensor: TensorProto, base: Path, model_path: Path) -> None:
     """Refuse external-data paths that are absolute or escape the model's folder."""
     location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    if not location:
-        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a location")
+    if not location or "\0" in location:
+        raise ModelError(f"{model_path}: tensor {tensor.name!r} uses external data without a valid location")
     resolved = (base / location).resolve()
     if Path(location).is_absolute() or not resolved.is_relative_to(base.resolve()):
         raise ModelError(
             f"{model_path}: tensor {tensor.name!r} points to external data {location!r} outside the "
             "model's folder; refusing to read it"
         )
-    if not resolved.is_file():
+    if not resolved.exists():
         raise ModelError(f"{model_path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+    check_external_file(tensor, resolved, str(model_path))
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
@@ -101,29 +107,31 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing anything unsafe or malformed.
 
-    Raises :class:`ModelError` for a missing file, a file that is not ONNX, or external-data paths
-    that point outside the model's folder (models come from untrusted sources).
+    Raises :class:`ModelError` for a missing or non-regular file, a file that is not ONNX,
+    external-data paths that point outside the model's folder (models come from untrusted sources),
+    and anything :func:`~chita_onnx.validate.validate_header` or
+    :func:`~chita_onnx.validate.validate_graph` refuses — before external data is read or a sparse
+    tensor densified.  Every command loads through here, so every command validates alike.
     """
     p = Path(path)
-    if not p.exists():
-        raise ModelError(f"{p}: no such file")
-    if not p.is_file():
-        raise ModelError(f"{p}: not a file")
+    regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various
-        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise ModelError(f"{p}: not a valid ONNX model (no graph or no opset_import)")
+    validate_header(model, p)
     base = p.parent
     external = [t for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
     for t in external:
         _check_external_location(t, base, p)
+    validate_graph(model, p)
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:
-            raise ModelError(f"{p}: cannot read external data ({exc})".splitlines()[0]) from None
+            raise ModelError(f"{p}: cannot read external data ({first_line(exc)})") from None
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)
@@ -167,46 +175,94 @@ def _weight_slots(node: onnx.NodeProto, constant: set[str]) -> list[int]:
     return []
 
 
-def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
-    """The prunable weight tensors of ``model``, in the order of their first consumer."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consts = _constant_values(graph)
-    graph_inputs = {i.name for i in graph.input}
-    constant = (set(inits) - graph_inputs) | set(consts)
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """The ``(attribute name, graph)`` pairs of a node (If branches, Loop/Scan bodies)."""
+    out: list[tuple[str, onnx.GraphProto]] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append((a.name, a.g))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend((a.name, g) for g in a.graphs)
+    return out
 
-    uses: dict[str, list[tuple[onnx.NodeProto, bool]]] = {}
-    for node in graph.node:
-        slots = set(_weight_slots(node, constant))
-        for i, name in enumerate(node.input):
-            if name in constant:
-                uses.setdefault(name, []).append((node, i in slots))
-        for attr in node.attribute:  # a constant captured by a subgraph counts as another use
-            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    for sub in g.node:
-                        for name in sub.input:
-                            if name in constant:
-                                uses.setdefault(name, []).append((sub, False))
-    outputs = {o.name for o in graph.output}
+
+def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterable[tuple[str, onnx.GraphProto]]:
+    """``graph`` and every nested subgraph, with a readable scope path (``""`` for the main graph,
+    ``"If_0/then_branch"`` for a branch of node ``If_0``)."""
+    yield path, graph
+    for k, node in enumerate(graph.node):
+        for attr, sub in subgraphs(node):
+            label = node.name or f"{node.op_type}#{k}"
+            yield from walk_graphs(sub, f"{path}/{label}/{attr}" if path else f"{label}/{attr}")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a constant tensor lives: its graph, scope path, and the Constant node (None for an
+    initializer)."""
+
+    graph: onnx.GraphProto
+    scope: str
+    node: onnx.NodeProto | None
+    tensor: TensorProto
+
+
+def _stored_constants(model: onnx.ModelProto) -> tuple[dict[str, _Stored], set[str]]:
+    """Every constant tensor in every scope (initializers not listed as graph inputs, and Constant
+    nodes with a ``value``), and the names defined in more than one scope (ambiguous, never pruned)."""
+    found: dict[str, _Stored] = {}
+    twice: set[str] = set()
+    for scope, g in walk_graphs(model.graph):
+        ins = {i.name for i in g.input}
+        here = [(t.name, _Stored(g, scope, None, t)) for t in g.initializer if t.name not in ins]
+        here += [(name, _Stored(g, scope, node, t)) for name, (node, t) in _constant_values(g).items()]
+        for name, st in here:
+            if name in found:
+                twice.add(name)
+            found[name] = st
+    return found, twice
+
+
+def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
+    """The prunable weight tensors of ``model``, in the order of their first consumer.
+
+    Weights stored inside subgraphs (``Constant`` nodes or initializers of If branches, as spox and
+    torch's exporters write them) count too; their ``scope`` names the subgraph.  A name defined in
+    more than one scope cannot be addressed and is left alone.
+    """
+    stored, twice = _stored_constants(model)
+    constant = set(stored)
+    uses: dict[str, list[tuple[onnx.NodeProto, bool, int]]] = {}
+    outputs: set[str] = set()
+    for _, g in walk_graphs(model.graph):
+        outputs.update(o.name for o in g.output)
+        for k, node in enumerate(g.node):
+            slots = set(_weight_slots(node, constant))
+            for i, name in enumerate(node.input):
+                if name in constant:
+                    uses.setdefault(name, []).append((node, i in slots, k))
 
     found: list[PrunableTensor] = []
     for name, use in uses.items():
-        if not use or not all(is_weight for _, is_weight in use) or name in outputs:
+        if not use or not all(is_weight for _, is_weight, _ in use) or name in outputs or name in twice:
             continue
-        tensor = inits[name] if name in inits else consts[name][1]
+        st = stored[name]
+        tensor = st.tensor
         if tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2:
             continue
         found.append(
             PrunableTensor(
                 name=name,
                 op_type=use[0][0].op_type,
-                nodes=tuple(n.name or f"<{n.op_type} #{list(graph.node).index(n)}>" for n, _ in use),
+                nodes=tuple(n.name or f"<{n.op_type} #{k}>" for n, _, k in use),
                 shape=tuple(int(d) for d in tensor.dims),
                 dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type).name,
-                source="initializer" if name in inits else "constant",
+                source="initializer" if st.node is None else "constant",
+                scope=st.scope,
             )
         )
+    if any(t.scope for t in found):
+        log.debug("%d prunable tensors live inside subgraphs", sum(1 for t in found if t.scope))
     return found
 
 
@@ -235,12 +291,23 @@ def materialize_constants(model: onnx.ModelProto, names: Iterable[str] | None = 
 
 
 def get_weights(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, NDArray[np.floating]]:
-    """The values of the named initializers or Constant-node tensors (external data already loaded)."""
+    """The values of the named initializers or Constant-node tensors, in any scope (external data
+    already loaded)."""
     inits = {t.name: t for t in model.graph.initializer}
     consts = _constant_values(model.graph)
+    stored: dict[str, _Stored] | None = None
     out: dict[str, NDArray[np.floating]] = {}
     for name in names:
-        tensor = inits[name] if name in inits else consts[name][1]
+        if name in inits:
+            tensor = inits[name]
+        elif name in consts:
+            tensor = consts[name][1]
+        else:
+            if stored is None:
+                stored = _stored_constants(model)[0]
+            if name not in stored:
+                raise ModelError(f"tensor {name!r} is neither an initializer nor a Constant node of the model")
+            tensor = stored[name].tensor
         out[name] = np.array(numpy_helper.to_array(tensor), copy=True)
     return out
 
@@ -280,9 +347,9 @@ def write_weights(
 
     ``storage="auto"`` writes a ``sparse_initializer`` only where it is smaller than the dense tensor
     (int64 linear indices: above 2/3 sparsity for fp32, 80% for fp16); ``"sparse"`` does so for every
-    pruned initializer; ``"dense"`` keeps dense tensors with zeros.  Constant-node weights are always
-    written back into their node, dense.  Opset, IR version, inputs, outputs and metadata are kept;
-    ``metadata`` is recorded as JSON under the ``chita_onnx`` key.
+    pruned initializer; ``"dense"`` keeps dense tensors with zeros.  Constant-node weights and weights
+    inside subgraphs are always written back where they live, dense.  Opset, IR version, inputs,
+    outputs and metadata are kept; ``metadata`` is recorded as JSON under the ``chita_onnx`` key.
     """
     if storage not in ("auto", "sparse", "dense"):
         raise ValueError(f"storage must be auto, sparse or dense, got {storage!r}")
@@ -313,15 +380,25 @@ def write_weights(
         stored.append(StoredTensor(init.name, "sparse" if sparse else "dense", nnz, array.size, dense_b, sparse_b))
     del graph.initializer[:]
     graph.initializer.extend(keep_inits)
+    scoped: dict[str, _Stored] | None = None
     for name in list(pending):
-        if name not in consts:
-            raise ModelError(f"tensor {name!r} is neither an initializer nor a Constant node of the model")
         array = pending.pop(name)
-        node, tensor = consts[name]
+        node: onnx.NodeProto | None
+        if name in consts:
+            node, tensor = consts[name]
+        else:  # a weight inside a subgraph: written back where it lives, dense
+            if scoped is None:
+                scoped = _stored_constants(out)[0]
+            if name not in scoped:
+                raise ModelError(f"tensor {name!r} is neither an initializer nor a Constant node of the model")
+            node, tensor = scoped[name].node, scoped[name].tensor
         array = np.ascontiguousarray(array, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        for attr in node.attribute:
-            if attr.name == "value":
-                attr.t.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        if node is None:
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        else:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    attr.t.CopyFrom(numpy_helper.from_array(array, tensor.name))
         nnz = int(np.count_nonzero(array))
         item = array.dtype.itemsize
         stored.append(StoredTensor(name, "dense", nnz, array.size, array.size * item, nnz * (item + 8)))
@@ -414,11 +491,12 @@ def check_model(path: str | os.PathLike[str]) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{path}: the written model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{path}: the written model fails onnx.checker: {first_line(exc)}") from None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real (non-initializer) inputs of ``model`` with their shapes and dtypes."""
+    """The real (non-initializer) inputs of ``model`` with their shapes, dtypes and batch axes
+    (:func:`chita_onnx.batching.infer_batch_axes`)."""
     inits = {t.name for t in model.graph.initializer} | {s.values.name for s in model.graph.sparse_initializer}
     specs: list[InputSpec] = []
     for vi in model.graph.input:
@@ -436,7 +514,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return specs
+    axes = infer_batch_axes([s.shape for s in specs])
+    return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
 
 
 def output_names(model: onnx.ModelProto) -> list[str]:
@@ -476,7 +555,7 @@ def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:
             raise ModelError(
                 f"the model uses opset {opset}; the bundled onnxruntime loads opset ≤ {RUNTIME_MAX_OPSET} and "
-                f"onnx's version converter failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"onnx's version converter failed: {first_line(exc)}"
             ) from None
     else:
         out = onnx.ModelProto()

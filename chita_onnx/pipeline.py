@@ -8,6 +8,7 @@ layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps betw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,17 +25,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 from numpy.typing import NDArray
+from onnx import TensorProto, numpy_helper
 
 from . import __version__
+from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import CompressConfig
-from .data import ArraySource, DataSpec, materialize, open_source, split_holdout, validate_source
+from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
-from .errors import ConfigError, ModelError, OutputError
+from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
+from .errors import ChitaError, ConfigError, ModelError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
     PrunableTensor,
     check_model,
+    densify,
     find_prunable,
     get_weights,
     load_model,
@@ -42,15 +47,23 @@ from .graph import (
     save_model,
     write_weights,
 )
+from .guard import guarded
 from .layout import Layout
+from .limits import MAX_SEED, check_int, data_budget
+from .paths import Output, OutputPlan, plan_outputs
+from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
+from .solver.nm import NMStructure, solve_nm
+from .support import assert_supported, refuse_quantized
 
 log = logging.getLogger(__name__)
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -128,6 +141,7 @@ def prepare(
     """Load the model and the data and check everything that can be checked up front."""
     path = Path(model_path)
     model = load_model(path)
+    refuse_quantized(model, str(path))
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -138,10 +152,13 @@ def prepare(
     tensors = [t for t in tensors if t.name not in config.keep]
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
+    _check_prunable(path, model, tensors, config)
     specs = tuple(model_inputs(model))
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
+    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
+    assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -157,10 +174,76 @@ def prepare(
         whole = materialize(calib, specs, batch_size=config.batch_size)
         calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
         eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
+    if calib is not None and config.needs_gradients and any(n.op_type == "If" for n in model.graph.node):
+        tensors = _drop_unreached(model, tensors, calib)
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
     return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
+
+
+def refused_weights(
+    model: onnx.ModelProto, tensors: Sequence[PrunableTensor], *, gradients: bool = True
+) -> dict[str, str]:
+    """``{tensor: why}`` for the prunable tensors that ``compress`` refuses: a dtype the gradient engine
+    cannot differentiate (when ``gradients``), or a NaN/Inf value.  ``inspect`` marks the same ones."""
+    out: dict[str, str] = {}
+    for t in tensors:
+        reason = weight_refusal(t.dtype, t.size, gradients=gradients)
+        if reason is not None:
+            out[t.name] = reason
+    values = get_weights(model, [t.name for t in tensors if t.name not in out])
+    for name, array in values.items():
+        bad = first_bad(array)
+        if bad is not None:
+            out[name] = f"holds {array[bad]} at index {list(bad)}; weights must be finite"
+    return out
+
+
+def _check_prunable(
+    path: Path, model: onnx.ModelProto, tensors: Sequence[PrunableTensor], config: CompressConfig
+) -> None:
+    """Refuse weights the method cannot prune, NaN constants, and a budget that keeps nothing (unless
+    allowed)."""
+    for name, why in refused_weights(model, tensors, gradients=config.needs_gradients).items():
+        raise ModelError(f"{path}: cannot prune weight {name!r}: {why}")
+    _check_constants(model, path)
+    p = sum(t.size for t in tensors)
+    if keep_count(config.sparsity, p) == 0 and not config.allow_empty:
+        raise ConfigError(
+            f"--sparsity={config.sparsity!r}: keeps round((1 - s)·p) = 0 of the {p:,} prunable weights, an all-zero "
+            "model; pass --allow-empty if that is what you want"
+        )
+
+
+def _check_constants(model: onnx.ModelProto, where: str | os.PathLike[str]) -> None:
+    """No NaN in any float initializer (see :func:`~chita_onnx.checks.check_no_nan`)."""
+    floats = (t for t in model.graph.initializer if t.data_type in _FLOATS)
+    check_no_nan(((t.name, numpy_helper.to_array(t)) for t in floats), str(where))
+
+
+def _drop_unreached(
+    model: onnx.ModelProto, tensors: Sequence[PrunableTensor], calib: CalibrationSource
+) -> list[PrunableTensor]:
+    """Weights used only inside If branches that the calibration data does not take (stored there,
+    or main-graph initializers read by them) stay unpruned: no gradient reaches them.  They are left
+    out of the prunable set, with a warning."""
+    from .gradients.engine import reached_weights
+
+    scoped = [t.name for t in tensors]
+    try:
+        reached, _ = reached_weights(model, scoped, next(iter(calib)))
+    except ChitaError as exc:  # the gradient engine reports them later as zero columns
+        log.info("could not tell which If branches the calibration data takes (%s)", exc)
+        return list(tensors)
+    gone = [n for n in scoped if n not in set(reached)]
+    if gone:
+        log.warning(
+            "%d weight tensor(s) sit in If branches the calibration data never takes; they stay unpruned: %s",
+            len(gone),
+            ", ".join(gone[:4]) + (" ..." if len(gone) > 4 else ""),
+        )
+    return [t for t in tensors if t.name not in set(gone)]
 
 
 # ------------------------------------------------------------------------------------- gradients
@@ -176,13 +259,17 @@ class GradientOracle:
     def __init__(self, prep: Prepared, config: CompressConfig) -> None:
         self.prep, self.config = prep, config
         self._engines: dict[tuple[str, ...], GradientEngine] = {}
-        total = sum(b.size for b in prep.calib)
+        total = sum(batch_size(b, prep.specs) for b in prep.calib)
         self.n = min(total, config.num_samples) // config.mini_batch
         if self.n < 1:
-            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
+            have = f"the {total} calibration samples"
+            if config.num_samples < total:
+                have = f"--num-samples={config.num_samples}"
+            raise ConfigError(f"--mini-batch={config.mini_batch}: larger than {have}")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
+        self.loss_description = ""  # which loss the gradients are of (set when an engine is built)
 
     def _engine(self, names: tuple[str, ...]) -> GradientEngine:
         if names not in self._engines:
@@ -197,6 +284,7 @@ class GradientOracle:
                 output=self.config.output,
                 mini_batch=self.config.mini_batch,
             )
+            self.loss_description = self._engines[names].loss_description
         return self._engines[names]
 
     def fits(self) -> bool:
@@ -222,6 +310,7 @@ class GradientOracle:
             out = self._mapped(sum(layout.slot(k).size for k in key))
         g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out)
         X = g.X
+        check_gradients(X, engine.layout)
         if names is None and cfg.first_order:
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
@@ -281,6 +370,7 @@ class GradientOracle:
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
             g = engine.compute(part, fisher=self.config.fisher, seed=self.config.seed + r0)
+            check_gradients(g.X, engine.layout, first_row=r0)
             out[r0:r1] = g.X[:, start : start + width]
         out *= self.scale
         return out
@@ -296,8 +386,11 @@ def solve(
     w: NDArray[np.float32],
     budget: Budget,
     alpha: NDArray[np.float64] | None = None,
+    blocks: Sequence[tuple[int, int]] | None = None,
 ) -> SolverResult:
-    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p)."""
+    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p).
+
+    ``blocks`` are WoodFisher's diagonal blocks when the budget's segments are not the tensors."""
     if method == "magnitude" and config.update != "obs":
         return magnitude(w, budget, X=X, ridge=config.ridge)
     if X is None:
@@ -307,10 +400,26 @@ def solve(
     if method == "magnitude":
         return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
     if method == "wf":
-        return wf_solver(X, w, budget, config.ridge, update=config.update != "none")
+        return wf_solver(X, w, budget, config.ridge, update=config.update != "none", blocks=blocks)
     if method in ("cbs", "cbs-s"):
         return cbs_solver(X, w, budget, config.ridge, update=method == "cbs" and config.update != "none")
     raise ConfigError(f"--method={method!r}: unknown")
+
+
+def pattern_structure(prep: Prepared, config: CompressConfig) -> tuple[tuple[PatternTensor, ...], NMStructure] | None:
+    """For ``--pattern N:M``: every tensor's reduction axis (or why it stays dense) and the solvers'
+    :class:`NMStructure` over the layout; ``None`` for unstructured pruning."""
+    nm = config.nm
+    if nm is None:
+        return None
+    plan = plan_pattern(prep.model, prep.tensors, nm)
+    groups = pattern_groups(plan, prep.layout, nm.m)
+    if groups.shape[0] == 0:
+        raise ConfigError(
+            f"--pattern={nm}: no prunable tensor of {prep.path} has a reduction axis whose length is a multiple of "
+            f"{nm.m} ({'; '.join(f'{t.name}: {t.reason}' for t in plan[:3])})"
+        )
+    return plan, NMStructure.build(prep.layout.p, groups, nm, prep.layout.segments)
 
 
 def _model_with(prep: Prepared, w: NDArray[np.float32]) -> onnx.ModelProto:
@@ -329,31 +438,48 @@ def prune(
     timer: PhaseTimer | None = None,
     on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None = None,
     X0: NDArray[np.float32] | None = None,
+    structure: NMStructure | None = None,
 ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
 
     ``X0`` is an already computed, scaled gradient matrix at ``w̄`` that the first stage may reuse
     (the sweep shares it between methods).  Later CHITA++ stages recompute X at the current weights.
+    With ``--pattern N:M`` every solve keeps at most N of every group (``structure``, built from the
+    graph when not given); CHITA++ stages tighten the per-group cap towards N (``NMStructure.budget``).
     """
     timer = timer or PhaseTimer()
     w = initial_weights(prep)
     sizes = [s.size for s in prep.layout.slots]
+    if structure is None and config.nm is not None:
+        planned = pattern_structure(prep, config)
+        assert planned is not None
+        structure = planned[1]
+    target = config.sparsity if structure is None else structure.pattern.sparsity
     if config.method == "chita++":
         assert config.stages is not None and config.start_sparsity is not None
-        levels = sparsity_schedule(config.stages, config.sparsity, config.schedule, config.start_sparsity)
+        levels = sparsity_schedule(config.stages, target, config.schedule, min(config.start_sparsity, target))
     else:
-        levels = (config.sparsity,)
+        levels = (target,)
     if config.needs_gradients and oracle is None:
         oracle = GradientOracle(prep, config)
     stages: list[StageReport] = []
     result: SolverResult | None = None
     for t, level in enumerate(levels, start=1):
         t0 = time.perf_counter()
-        budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        if structure is None:
+            budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        else:
+            budget = structure.budget(level)
         if oracle is None:
             with timer.phase("solve"):
-                result = solve(config.method, config, None, w, budget)
+                result = _solve_stage(config, None, w, budget, None, structure, level)
         elif not oracle.fits():
+            if structure is not None:
+                raise ConfigError(
+                    f"--pattern={structure.pattern}: the gradient matrix needs "
+                    f"{oracle.n * prep.layout.p * 4 / 2**30:.2f} GiB, more than --max-memory, and the block "
+                    "approximation does not support N:M patterns; raise --max-memory or give --workdir"
+                )
             if config.method not in ("chita", "chita++"):
                 raise ConfigError(
                     f"--max-memory={config.max_memory}: the gradient matrix needs "
@@ -382,7 +508,8 @@ def prune(
                 with timer.phase("gradients"):
                     X = oracle.matrix(w)
             with timer.phase("solve"):
-                result = solve(config.method, config, X, w, budget, oracle.alpha if config.first_order else None)
+                alpha = oracle.alpha if config.first_order else None
+                result = _solve_stage(config, X, w, budget, alpha, structure, level)
             del X
         if not result.converged:
             log.warning(
@@ -412,6 +539,28 @@ def prune(
     return w, stages, result
 
 
+def _solve_stage(
+    config: CompressConfig,
+    X: NDArray[np.float32] | None,
+    w: NDArray[np.float32],
+    budget: Budget,
+    alpha: NDArray[np.float64] | None,
+    structure: NMStructure | None,
+    level: float,
+) -> SolverResult:
+    """One solve: plain, or under the N:M pattern (permuted problem, see :func:`solve_nm`)."""
+    if structure is None:
+        return solve(config.method, config, X, w, budget, alpha)
+
+    def run(Xp: NDArray[np.floating] | None, wp: NDArray[np.floating], b: Budget, ap: NDArray[np.floating] | None,
+            blocks: tuple[tuple[int, int], ...]) -> SolverResult:  # fmt: skip
+        Xf = None if Xp is None else np.asarray(Xp, dtype=np.float32)
+        a64 = None if ap is None else np.asarray(ap, dtype=np.float64)
+        return solve(config.method, config, Xf, np.asarray(wp, dtype=np.float32), b, a64, blocks)
+
+    return solve_nm(run, X, w, structure, alpha, level)
+
+
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -419,6 +568,7 @@ def _finite(x: float) -> float | None:
 # ------------------------------------------------------------------------------------ entry point
 
 
+@guarded
 def compress(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -426,25 +576,41 @@ def compress(
     config: CompressConfig | None = None,
     *,
     eval_data: DataSpec | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Prune ``model`` to ``config.sparsity`` with ``config.method`` and write it to ``output``.
 
     ``data`` is the calibration data (a ``.npz`` path, a folder of them, ``"random"``, a mapping of
     arrays, or any re-iterable source of batches).  The dense and pruned models are evaluated with
     onnxruntime on ``eval_data``, or on a held-out part of ``data`` that is never used for pruning.
-    The input file is never modified; the output is written atomically.
+    ``report`` is an optional path for the report as JSON.
+
+    Every path is checked before any work (:mod:`chita_onnx.paths`): no output may be an input or
+    another output.  The inputs are never modified; the outputs appear together and atomically
+    when the run succeeds, and nothing is left behind when it fails.
     """
     config = config or CompressConfig()
+    plan = plan_outputs(
+        [("OUTPUT", output), ("--report", report)], model=model, data=data, eval_data=eval_data, workdir=config.workdir
+    )
+    with plan, data_budget(config.max_memory):
+        result = _compress(model, plan, data, config, eval_data)
+        if report is not None:
+            plan.staged("--report").write_text(result.to_json() + "\n")
+        plan.commit()
+    return result
+
+
+def _compress(
+    model: str | os.PathLike[str], plan: OutputPlan, data: DataSpec, config: CompressConfig, eval_data: DataSpec | None
+) -> Report:
+    """The run itself; the pruned model is written to ``plan.staged("OUTPUT")``."""
     timer = PhaseTimer()
-    in_path, out_path = Path(model), Path(output)
-    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
-        raise ConfigError(f"OUTPUT={out_path}: the output path is the input model; choose another file")
-    if out_path.is_dir():
-        raise OutputError(f"{out_path}: the output path is a directory")
-    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
-        raise OutputError(f"{out_path}: the output folder {out_path.parent} does not exist")
+    in_path, out_path, staged = Path(model), plan.path("OUTPUT"), plan.staged("OUTPUT")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
+        planned = pattern_structure(prep, config)
+    structure = None if planned is None else planned[1]
     warnings: list[str] = []
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
@@ -452,11 +618,11 @@ def compress(
     ref: Reference | None = None
     if prep.eval is not None:
         with timer.phase("evaluate"):
-            ref = reference(in_path, prep.eval, prep.specs, config.output)
+            ref = reference(in_path, prep.eval, prep.specs, config.output, all_outputs=True)
     if config.structure == "channel":  # channel pruning: its own orchestration (chita_onnx.structured)
         from .structured.run import compress_channels
 
-        return compress_channels(prep, out_path, config, ref, timer, warnings)
+        return compress_channels(prep, out_path, staged, config, ref, timer, warnings)
 
     def stage_eval(t: int, level: float, res: SolverResult, w: NDArray[np.float32], seconds: float) -> StageReport:
         acc = agree = None
@@ -465,39 +631,60 @@ def compress(
             with timer.phase("evaluate"):
                 c = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
             acc, agree = c.pruned_accuracy, c.agreement
-        k = keep_count(level, prep.layout.p)
+        k = keep_count(level, prep.layout.p) if structure is None else structure.budget(level).k
         return StageReport(
             t, level, k, _finite(res.objective), res.iterations, res.converged, acc, agree, time.perf_counter() - t0
         )
 
-    w, stages, result = prune(prep, config, None, timer, stage_eval)
+    oracle = GradientOracle(prep, config) if config.needs_gradients else None
+    w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     layout = prep.layout
+    k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {
         "tool": f"chita-onnx {__version__}",
         "method": config.method,
-        "sparsity": config.sparsity,
-        "k": keep_count(config.sparsity, layout.p),
+        "sparsity": config.sparsity if structure is None else 1.0 - k_final / layout.p,
+        "k": k_final,
         "p": layout.p,
         "scope": config.scope,
         "tensors": list(layout.names),
+        **({} if structure is None else {"pattern": config.pattern}),
     }
+    storage = config.storage
+    if structure is not None:
+        storage = "dense"  # TensorRT, the consumer of N:M models, parses only dense graph.initializer
+        if config.storage == "sparse":
+            warnings.append(f"--storage sparse ignored: {PATTERN_STORAGE_NOTE}")
     with timer.phase("write"):
-        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=config.storage, metadata=meta)
-        save_model(pruned, out_path, input_path=in_path)
-        check_model(out_path)
+        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=storage, metadata=meta)
+        written = save_model(pruned, staged, input_path=in_path)
+        check_model(staged)
+        # read the written file back and count every group (independent of the solver's projection)
+        pattern_info = (
+            None
+            if structure is None
+            else pattern_summary(check_pattern(staged, structure.pattern), structure.pattern)
+        )
+    if pattern_info is not None and not pattern_info["satisfied"]:
+        warnings.append(f"the written model violates {config.pattern} in {pattern_info['violated']}")
     comparison: Comparison | None = None
     if ref is not None and prep.eval is not None:
         with timer.phase("evaluate"):
-            comparison = compare_to(ref, out_path, prep.eval, prep.specs)
+            comparison = compare_to(ref, staged, prep.eval, prep.specs)
     with timer.phase("sizes"):
         dr, dz = file_sizes(in_path)
-        pr, pz = file_sizes(out_path)
+        pr, pz = file_sizes(staged)
     by_name = {s.name: s for s in stored}
     tensors = tuple(
         TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage)
         for t in prep.tensors
     )
     nnz = sum(t.nnz for t in tensors)
+    sparse_names = [s.name for s in stored if s.storage == "sparse"]
+    if sparse_names and len(written) == 1:
+        with timer.phase("sizes"):
+            zeros_zstd = zstd_size(densify(pruned).SerializeToString())
+        warnings.append(sparse_storage_note(len(sparse_names), pr, pz, zeros_zstd))
     if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
         warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
     return Report(
@@ -506,7 +693,7 @@ def compress(
         method=config.method,
         config=config.to_dict(),
         p=layout.p,
-        k=keep_count(config.sparsity, layout.p),
+        k=k_final,
         nnz=nnz,
         tensors=tensors,
         stages=tuple(stages),
@@ -522,25 +709,58 @@ def compress(
             **dict(result.info),
         },
         warnings=tuple(warnings),
+        pattern=pattern_info,
+        loss="" if oracle is None else oracle.loss_description,
     )
 
 
+@guarded
 def evaluate_model(
-    model: str | os.PathLike[str], data: DataSpec, *, output: str | None = None, batch_size: int = 64
+    model: str | os.PathLike[str],
+    data: DataSpec,
+    *,
+    output: str | None = None,
+    batch_size: int = 64,
+    report: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
-    """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime."""
-    m = load_model(model)
-    specs = model_inputs(m)
-    source = open_source(data, specs, batch_size=batch_size)
-    validate_source(source, specs, num_classes=_num_classes(m, output))
-    return evaluate(model, source, specs, output)
+    """Top-1 accuracy of one ONNX model on labelled data, measured with onnxruntime.
+
+    ``report`` is an optional path for the result as JSON, checked before any work and written
+    atomically (never onto the model or the data).
+    """
+    check_int("--batch-size", batch_size, 1)
+    with plan_outputs([("--report", report)], model=model, data=data) as plan:
+        m = load_model(model)
+        outputs = [o.name for o in m.graph.output]
+        if output is not None and output not in outputs:
+            raise ConfigError(f"--output={output!r}: {model} has outputs {outputs}")
+        specs = model_inputs(m)
+        source = open_source(data, specs, batch_size=batch_size)
+        validate_source(source, specs, num_classes=_num_classes(m, output))
+        result = evaluate(model, source, specs, output)
+        if report is not None:
+            payload = {"model": str(model), **dataclasses.asdict(result)}
+            plan.staged("--report").write_text(json.dumps(payload, indent=2) + "\n")
+        plan.commit()
+    return result
 
 
+@guarded
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
     return find_prunable(load_model(model))
 
 
+@guarded
+def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
+    """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
+    (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
+    m = load_model(model)
+    tensors = find_prunable(m)
+    return tensors, refused_weights(m, tensors)
+
+
+@guarded
 def write_gradients(
     model: str | os.PathLike[str],
     data: DataSpec,
@@ -556,48 +776,60 @@ def write_gradients(
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
     The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
-    column layout is written next to it as ``<out>.layout.json``.
+    column layout is written next to it as ``<out>.layout.json``.  Both paths are checked before any
+    work (never an input), and both appear only when the run succeeds.
     """
     from numpy.lib.format import open_memmap
 
     from .gradients import GradientEngine
 
-    m = load_model(model)
-    tensors = find_prunable(m)
-    if not tensors:
-        raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
-    specs = model_inputs(m)
-    source = open_source(data, specs)
-    total = validate_source(source, specs, num_classes=_num_classes(m, output))
-    engine = GradientEngine(
-        m,
-        [t.name for t in tensors],
-        example=next(iter(source)),
-        loss=loss,  # type: ignore[arg-type]
-        output=output,
-        mini_batch=mini_batch,
-    )
-    n = min(total, num_samples or total) // mini_batch
+    check_int("--mini-batch", mini_batch, 1)
+    if num_samples is not None:
+        check_int("--num-samples", num_samples, 1)
+    check_int("--seed", seed, 0, MAX_SEED)
     dest = Path(out)
-    tmp = dest.with_name(f".{dest.name}.tmp.npy")
-    X = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
-    try:
+    layout_path = Path(str(dest) + ".layout.json")
+    outputs = [Output("--out", dest), Output("--out", layout_path, "layout")]
+    with plan_outputs(outputs, model=model, data=data) as plan:
+        m = load_model(model)
+        refuse_quantized(m, str(model))
+        tensors = find_prunable(m)
+        if not tensors:
+            raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+        assert_supported(m, str(model), output, gradients=True)
+        for name, why in refused_weights(m, tensors).items():
+            raise ModelError(f"{model}: cannot differentiate weight {name!r}: {why}")
+        _check_constants(m, model)
+        specs = model_inputs(m)
+        source = open_source(data, specs)
+        total = validate_source(source, specs, num_classes=_num_classes(m, output))
+        engine = GradientEngine(
+            m,
+            [t.name for t in tensors],
+            example=next(iter(source)),
+            loss=loss,  # type: ignore[arg-type]
+            output=output,
+            mini_batch=mini_batch,
+        )
+        n = min(total, num_samples or total) // mini_batch
+        if n < 1:
+            have = f"--num-samples={num_samples}" if num_samples and num_samples < total else f"the {total} samples"
+            raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
+        X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(source, fisher=fisher, num_samples=num_samples, seed=seed, out=X)  # type: ignore[arg-type]
+        check_gradients(X, engine.layout)
         X.flush()
         del X
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
-    meta = {
-        "n": g.n,
-        "p": g.layout.p,
-        "loss": g.loss,
-        "fisher": g.fisher,
-        "mini_batch": g.mini_batch,
-        "output": g.output,
-        "tensors": layout,
-    }
-    Path(str(dest) + ".layout.json").write_text(json.dumps(meta, indent=2) + "\n")
+        layout = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in g.layout.slots]
+        meta = {
+            "n": g.n,
+            "p": g.layout.p,
+            "loss": g.loss,
+            "fisher": g.fisher,
+            "mini_batch": g.mini_batch,
+            "output": g.output,
+            "tensors": layout,
+        }
+        plan.staged("--out:layout").write_text(json.dumps(meta, indent=2) + "\n")
+        plan.commit()
     return g

@@ -70,6 +70,9 @@ class Report:
     versions: dict[str, str]
     solver: dict[str, object] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    pattern: dict[str, Any] | None = None
+    #: the loss whose per-sample gradients were used, and why it was chosen ("" without gradients)
+    loss: str = ""
     structured: Any = None  # a chita_onnx.structured.report.ChannelReport for --structure channel
 
     @property
@@ -115,6 +118,7 @@ def format_report(r: Report) -> str:
         f"{r.input} -> {r.output}",
         f"method {r.method}: kept {r.nnz:,} of {r.p:,} prunable weights (k = {r.k:,}), "
         f"sparsity {100 * r.sparsity:.2f}%",
+        *([f"loss: {r.loss}"] if r.loss else []),
         "",
         table(
             [
@@ -132,6 +136,8 @@ def format_report(r: Report) -> str:
             ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
         ),
     ]
+    if r.pattern is not None:
+        parts += ["", *format_pattern(r.pattern, r.output)]
     if r.structured is not None:  # channel pruning: groups, parameters, FLOPs and latency instead
         from .structured.report import channel_summary
 
@@ -165,10 +171,35 @@ def format_report(r: Report) -> str:
                     ["top-1 agreement with dense", "", _pct(e.agreement)],
                     ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
                     ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"],
+                    *(
+                        [
+                            ["relative output error", "", f"{e.relative_error:.4g}"],
+                            ["cosine similarity with dense", "", f"{e.cosine:.5f}"],
+                        ]
+                        if e.relative_error is not None and e.cosine is not None
+                        else []
+                    ),
                 ],
                 ["", "dense", "pruned"],
             ),
         ]
+        if e.outputs:
+            parts += [
+                "",
+                table(
+                    [
+                        [
+                            o.name,
+                            "x".join(map(str, o.shape)),
+                            f"{o.relative_error:.4g}",
+                            f"{o.cosine:.5f}",
+                            _pct(o.argmax_agreement),
+                        ]
+                        for o in e.outputs
+                    ],
+                    ["output", "shape", "rel. error", "cosine", "argmax agreement"],
+                ),
+            ]
     if r.sizes is not None:
         s = r.sizes
         parts += [
@@ -184,3 +215,33 @@ def format_report(r: Report) -> str:
     parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
     parts += [f"warning: {w}" for w in r.warnings]
     return "\n".join(parts)
+
+
+def format_pattern(info: dict[str, Any], output: str) -> list[str]:
+    """The N:M section of the report: per-tensor check of the written file, then how to deploy it."""
+    pat = info["pattern"]
+    n, m = pat.split(":")
+    rows = [
+        [
+            t["name"],
+            t["op_type"],
+            "-" if t["axis"] is None else str(t["axis"]),
+            f"{t['groups']:,}" if t["status"] != "dense" else "-",
+            f"{t['violating']:,}" if t["status"] != "dense" else "-",
+            t["status"] if t["status"] != "dense" else f"dense: {t['reason']}",
+        ]
+        for t in info["tensors"]
+    ]
+    verdict = (
+        f"all {info['checked_groups']:,} groups of {len(info['eligible'])} tensor(s) hold at most {n} nonzeros"
+        if info["satisfied"]
+        else f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {n} nonzeros"
+    )
+    return [
+        f"pattern {pat}: at most {n} nonzeros in every {m} consecutive weights along each tensor's reduction axis "
+        "(the pattern sets the sparsity; --sparsity is not used)",
+        table(rows, ["tensor", "op", "axis", "groups", "violating", "status"]),
+        f"checked by reading {output} back: {verdict}; eligible sparsity {_pct(info['eligible_sparsity'])}",
+        f"TensorRT: trtexec --onnx={output} --sparsity=enable --fp16 (or --int8); weights are stored dense, as its "
+        "parser requires; sparse kernels are picked only where they time faster (mostly convs with >= 256 channels)",
+    ]

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,9 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, CompressConfig
+from .data import DataSpec
 from .errors import ConfigError
 from .evaluate import compare_to, reference, top1
-from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prune
+from .guard import guarded
+from .limits import data_budget
+from .paths import Output, plan_outputs
+from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prepare, prune
 from .progress import progress
 from .report import table
 from .solver import objective
@@ -114,6 +119,8 @@ def sweep(
     """Prune with every method at every sparsity; evaluate each pruned model with onnxruntime."""
     if prep.eval is None:
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
+    if base.nm is not None:
+        raise ConfigError(f"--pattern={base.pattern}: sweep compares sparsities; use compress --pattern instead")
     layout = prep.layout
     w_bar = initial_weights(prep)
     ref = reference(prep.path, prep.eval, prep.specs, base.output)
@@ -245,3 +252,33 @@ def plot_sweep(result: SweepResult, path: str | Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+@guarded
+def run_sweep(
+    model: str | os.PathLike[str],
+    data: DataSpec,
+    base: CompressConfig,
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    *,
+    eval_data: DataSpec | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> tuple[SweepResult, list[Path]]:
+    """:func:`sweep` from files: load and check everything, compare, and write ``<out>.csv``,
+    ``<out>.json`` and ``<out>.png`` (the plot only with matplotlib) atomically, checked before
+    any work like every output (:mod:`chita_onnx.paths`).  Returns the result and the files written."""
+    prefix = None if out is None else os.fspath(out)
+    exts = ("csv", "json", "png") if prefix is not None else ()
+    outputs = [Output("--out", Path(f"{prefix}.{ext}"), ext) for ext in exts]
+    plan = plan_outputs(outputs, model=model, data=data, eval_data=eval_data, workdir=base.workdir)
+    with plan, data_budget(base.max_memory):
+        prep = prepare(model, data, base, eval_data)
+        result = sweep(prep, base, methods, sparsities, model_label=os.fspath(model))
+        if prefix is not None:
+            plan.staged("--out:csv").write_text(result.to_csv())
+            plan.staged("--out:json").write_text(result.to_json() + "\n")
+            if not plot_sweep(result, plan.staged("--out:png")):
+                log.warning("no plot written; install matplotlib (pip install 'chita-onnx[plot]') to get one")
+        written = plan.commit()
+    return result, written

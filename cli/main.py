@@ -11,7 +11,9 @@ import functools
 import json
 import logging
 import re
+import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +22,8 @@ import click
 
 import chita_onnx
 from chita_onnx.config import METHODS, CompressConfig
-from chita_onnx.errors import ChitaError
+from chita_onnx.errors import ChitaError, ConfigError, one_line
+from chita_onnx.guard import translate
 from chita_onnx.progress import set_progress
 from chita_onnx.report import format_report, table
 
@@ -51,7 +54,11 @@ def _parse_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _run(fn: F) -> F:
-    """Map library errors to a one-line message and the error's exit code, without a traceback."""
+    """Map library errors to a one-line message and the error's exit code, without a traceback.
+
+    Exceptions of other libraries that user input can cause are translated by
+    :func:`chita_onnx.guard.translate`; only what it does not know is an internal error (a bug).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -63,20 +70,49 @@ def _run(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except MemoryError:
-            click.echo("error: out of memory; lower --num-samples or --max-memory", err=True)
-            sys.exit(1)
         except Exception as exc:
             if log.isEnabledFor(logging.DEBUG):
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            mapped = translate(exc)
+            if mapped is not None:
+                click.echo(f"error: {mapped}", err=True)
+                sys.exit(mapped.exit_code)
+            first = one_line(" ".join(str(exc).split()))[:300]
             click.echo(f"error: internal error {type(exc).__name__}: {first} (run with -v -v for details)", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineGroup(click.Group):
+    """A click group whose usage errors print as one ``error:`` line (exit 2), like every other error."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(chita_onnx.__version__, prog_name="chita-onnx")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -v -v debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
@@ -87,7 +123,15 @@ def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
     # force=True: importing onnxruntime(-training) already configured the root logger
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("chita_onnx").setLevel(level)
+    warnings.showwarning = _log_warning
     set_progress(False if quiet else progress)
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: object, **kwargs: object
+) -> None:
+    """Python warnings (NumPy's on NaN input, say) as one-line log records, never a stray source line."""
+    log.warning("%s", one_line(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"))
 
 
 def _config_options(fn: F) -> F:
@@ -178,7 +222,7 @@ def _config_options(fn: F) -> F:
             callback=_parse_bytes,
             default=None,
             help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
-            "(default 40% of RAM).",
+            "(default 40% of RAM).  Also caps the decompressed size of a data file (at least 256M).",
         ),
         click.option(
             "--loss",
@@ -239,6 +283,19 @@ def _config_options(fn: F) -> F:
             "RAM, the full (unblocked) solvers then run on it from disk.",
         ),
         click.option(
+            "--pattern",
+            default=d.pattern,
+            show_default=True,
+            help="unstructured, or N:M such as 2:4 / 4:8: at most N nonzeros in every M consecutive weights along "
+            "the reduction axis (TensorRT sparse tensor cores); sets the sparsity, so --sparsity is not used.",
+        ),
+        click.option(
+            "--allow-empty",
+            is_flag=True,
+            default=d.allow_empty,
+            help="Accept a --sparsity that keeps no weight at all (an all-zero model); refused otherwise.",
+        ),
+        click.option(
             "--structure",
             type=click.Choice(["none", "channel"]),
             default=d.structure,
@@ -279,16 +336,20 @@ def _config_options(fn: F) -> F:
     return fn
 
 
+def _refuse_sparsity_with_pattern(kwargs: dict[str, Any]) -> None:
+    """``--sparsity`` given explicitly together with ``--pattern N:M`` is a usage error (the pattern sets it)."""
+    ctx = click.get_current_context()
+    pattern = str(kwargs.get("pattern", "unstructured")).strip().lower()
+    if pattern != "unstructured" and ctx.get_parameter_source("sparsity") == click.core.ParameterSource.COMMANDLINE:
+        raise ConfigError(
+            f"--sparsity={kwargs['sparsity']}: not used with --pattern {pattern}, which keeps N of every M weights "
+            "of each eligible tensor; drop --sparsity"
+        )
+
+
 def _config_from(kwargs: dict[str, Any]) -> CompressConfig:
     names = {f.name for f in dataclasses.fields(CompressConfig)}
     return CompressConfig(**{k: v for k, v in kwargs.items() if k in names})
-
-
-def _write_json(path: str | None, payload: str) -> None:
-    if path:
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.write_text(payload + "\n")
-        tmp.replace(path)
 
 
 @cli.command()
@@ -305,25 +366,98 @@ def compress(
     model: str, output_path: str, data: str, eval_data: str | None, report_path: str | None, **kwargs: Any
 ) -> None:
     """Prune MODEL and write the pruned model to OUTPUT, with an accuracy report."""
+    _refuse_sparsity_with_pattern(kwargs)
     config = _config_from(kwargs)
-    report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data)
+    report = chita_onnx.compress(model, output_path, data, config, eval_data=eval_data, report=report_path)
     click.echo(format_report(report))
-    _write_json(report_path, report.to_json())
 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--pattern",
+    default=None,
+    help="Check an N:M pattern such as 2:4 instead: per tensor, every group of M weights along the reduction "
+    "axis must hold at most N nonzeros.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Report whether MODEL will go through compress: refusals, exact rewrites, ops on the gradient path.",
+)
+@click.option("--data", default=None, help="With --check: calibration data, to build the gradient graph for real.")
+@click.option("--output", default=None, help="With --check: the model output to differentiate (default: the first).")
 @_run
-def inspect(model: str, as_json: bool) -> None:
-    """List the prunable weight tensors of MODEL."""
-    tensors = chita_onnx.inspect_model(model)
+def inspect(
+    model: str, as_json: bool, pattern: str | None, check: bool, data: str | None, output: str | None
+) -> None:
+    """List the prunable weight tensors of MODEL (marking those that compress refuses); with --check:
+    will it go through compress?; with --pattern: does it satisfy an N:M pattern?"""
+    from chita_onnx.pipeline import inspect_weights
+
+    if check and pattern is not None:
+        raise ConfigError("--check and --pattern: choose one")
+    if check:
+        _inspect_check(model, data, output, as_json)
+        return
+    if pattern is not None:
+        _inspect_pattern(model, pattern, as_json)
+        return
+    tensors, refused = inspect_weights(model)
     if as_json:
-        click.echo(json.dumps([{**dataclasses.asdict(t), "size": t.size} for t in tensors], indent=2))
+        items = [{**dataclasses.asdict(t), "size": t.size, "refused": refused.get(t.name)} for t in tensors]
+        click.echo(json.dumps(items, indent=2))
         return
     rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
-    click.echo(table(rows, ["tensor", "op", "node", "shape", "weights"]))
+    head = ["tensor", "op", "node", "shape", "weights"]
+    if refused:
+        notes = [f"refused: {refused[t.name]}" if t.name in refused else "" for t in tensors]
+        rows = [[*r, note] for r, note in zip(rows, notes, strict=True)]
+        head.append("compress")
+    click.echo(table(rows, head))
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+    if refused:
+        click.echo(f"{len(refused)} of them refused by compress (see the last column)")
+
+
+def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
+    from chita_onnx.patterns import check_pattern, pattern_summary
+    from chita_onnx.report import format_pattern
+    from chita_onnx.solver.nm import NMPattern
+
+    try:
+        nm = NMPattern.parse(pattern)
+    except ChitaError:
+        nm = None
+    if nm is None:
+        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M, e.g. 2:4")
+    info = pattern_summary(check_pattern(model, nm), nm)
+    if as_json:
+        click.echo(json.dumps({"model": model, **info}, indent=2))
+        return
+    lines = format_pattern(info, model)
+    click.echo(lines[1])
+    if not info["eligible"]:
+        click.echo(f"\n{model} has no tensor eligible for {nm} (no reduction axis of a multiple of {nm.m} weights)")
+        return
+    verdict = "satisfies" if info["satisfied"] else "does NOT satisfy"
+    dense = f"; {len(info['dense'])} tensor(s) not eligible (dense)" if info["dense"] else ""
+    click.echo(
+        f"\n{model} {verdict} {nm} on its {len(info['eligible'])} eligible tensor(s): "
+        f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {nm.n} nonzeros{dense}"
+    )
+
+
+def _inspect_check(model: str, data: str | None, output: str | None, as_json: bool) -> None:
+    """``inspect --check``: print the support report; exit 1 with the first refusal."""
+    from chita_onnx.errors import UnsupportedOpError
+    from chita_onnx.support import check_model_support, format_support
+
+    report = check_model_support(model, data, output=output)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_support(report))
+    if not report.ok:
+        raise UnsupportedOpError(report.refusals[0])
 
 
 @cli.command()
@@ -337,10 +471,9 @@ def inspect(model: str, as_json: bool) -> None:
 @_run
 def evaluate(model: str, data: str, output: str | None, batch_size: int, report_path: str | None) -> None:
     """Measure MODEL's top-1 accuracy with onnxruntime."""
-    ev = chita_onnx.evaluate_model(model, data, output=output, batch_size=batch_size)
+    ev = chita_onnx.evaluate_model(model, data, output=output, batch_size=batch_size, report=report_path)
     acc = "n/a (no labels or not a classifier)" if ev.accuracy is None else f"{100 * ev.accuracy:.2f}%"
     click.echo(f"{model}: top-1 accuracy {acc} on {ev.samples} samples ({ev.seconds:.2f}s)")
-    _write_json(report_path, json.dumps({"model": model, **dataclasses.asdict(ev)}, indent=2))
 
 
 @cli.command()
@@ -420,30 +553,28 @@ def sweep(
     model: str, data: str, eval_data: str | None, methods: str, sparsities: str, out_prefix: str, **kwargs: Any
 ) -> None:
     """Compare pruning methods on MODEL across sparsities: table, JSON/CSV and a plot."""
-    from chita_onnx.pipeline import prepare
-    from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, plot_sweep
-    from chita_onnx.sweep import sweep as run_sweep
+    from chita_onnx.sweep import format_sweep, parse_methods, parse_sparsities, run_sweep
 
+    if str(kwargs.get("pattern", "unstructured")).strip().lower() != "unstructured":
+        raise ConfigError(f"--pattern={kwargs['pattern']}: sweep compares sparsities; use compress --pattern instead")
     method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
     kwargs.pop("method", None)
     kwargs.pop("sparsity", None)
     stages = kwargs.pop("stages", None)
     base = _config_from(kwargs).with_(method="chita++", stages=stages, sparsity=max(levels))
-    prep = prepare(model, data, base, eval_data)
-    result = run_sweep(prep, base, method_list, levels, model_label=model)
+    result, written = run_sweep(model, data, base, method_list, levels, eval_data=eval_data, out=out_prefix)
     click.echo(format_sweep(result))
-    _write_json(out_prefix + ".json", result.to_json())
-    Path(out_prefix + ".csv").write_text(result.to_csv())
-    written = [out_prefix + ".csv", out_prefix + ".json"]
-    if plot_sweep(result, out_prefix + ".png"):
-        written.append(out_prefix + ".png")
-    else:
-        click.echo("note: no plot written; install matplotlib (pip install 'chita-onnx[plot]') to get one", err=True)
-    click.echo("\nwrote " + ", ".join(written))
+    click.echo("\nwrote " + ", ".join(map(str, written)))
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that staged outputs are removed on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="chita-onnx")
 
 

@@ -164,3 +164,47 @@ def test_model_newer_than_the_bundled_runtime_keeps_its_versions(cnn: tuple[Path
     onnx.checker.check_model(out)
     assert out.ir_version == 11 and out.opset_import[0].version == 22
     assert report.structured.channels_after < report.structured.channels_before
+
+
+def test_channel_run_writes_through_the_output_plan(
+    cnn: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pruned model is staged and committed with the report: a run that fails after writing the
+    model leaves the earlier output untouched and no temporary file; a run that succeeds replaces it."""
+    from chita_onnx.paths import STAGING_PREFIX
+    from chita_onnx.structured import run
+
+    model, data = cnn
+    out, rep = tmp_path / "pruned.onnx", tmp_path / "r.json"
+    out.write_bytes(b"an earlier result")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    seen: list[Path] = []
+
+    def failing_compare(ref: object, path: Path, *args: object) -> None:
+        seen.append(Path(path))
+        assert Path(path).is_file() and Path(path) != out  # the staged copy, written before evaluation
+        raise RuntimeError("evaluation failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(run, "compare_to", failing_compare)
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            chita_onnx.compress(model, out, data, cfg, report=rep)
+    assert seen and seen[0].parent.name.startswith(STAGING_PREFIX)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert out.read_bytes() == b"an earlier result"
+    report = chita_onnx.compress(model, out, data, cfg, report=rep)
+    assert report.output == str(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    assert json.loads(rep.read_text())["structured"]["written"] == "pruned"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)] == []
+
+
+def test_channel_structure_refuses_an_nm_pattern(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--pattern='2:4'"):
+        chita_onnx.CompressConfig(structure="channel", pattern="2:4")
+    args = ["compress", str(MODELS / "digits_cnn.onnx"), str(tmp_path / "o.onnx"), "--data"]
+    args += [str(MODELS / "digits_calib.npz"), "--structure", "channel", "--pattern", "2:4"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--pattern='2:4'" in result.output, result.output
+    assert not (tmp_path / "o.onnx").exists()

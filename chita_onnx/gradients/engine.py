@@ -37,10 +37,11 @@ from typing import Any, Literal, cast
 import numpy as np
 import onnx
 from numpy.typing import NDArray
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError
+from ..graph import get_weights
 from ..layout import Layout
 from ..progress import progress
 from ._ort import Runner, build_gradient_model
@@ -71,6 +72,8 @@ CHECK_ROWS = 4
 CHECK_RTOL = 1e-5
 CHECK_ROW_RTOL = 1e-4
 _PROBE_SEED = 0x5EED
+#: Samples of the example batch used to measure the output scales of a multi-output head.
+SCALE_SAMPLES = 16
 #: ``method="auto"`` tries the batched path only when a one-sample row costs less than this.
 AUTO_BATCHED_MAX_ROW_S = 1e-3
 
@@ -106,6 +109,7 @@ class GradientMatrix:
     output: str = ""
     mini_batch: int = 1
     method: Literal["single", "batched"] = "single"
+    loss_description: str = ""
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -120,9 +124,13 @@ class _Block:
 
 @dataclass(frozen=True)
 class _InputSpec:
+    """A data input of the working copy: ``sample_shape`` excludes the batch axis (samples are on axis
+    0 of the calibration arrays); a static input (``batch_axis is None``) has its full shape there."""
+
     name: str
     dtype: np.dtype[Any]
     sample_shape: tuple[int, ...]
+    batch_axis: int | None = 0
 
 
 def _check_batch(
@@ -135,6 +143,14 @@ def _check_batch(
         if s.name not in inputs:
             raise DataError(f"the calibration data has no array for model input {s.name!r} (has {sorted(inputs)})")
         arr = np.asarray(inputs[s.name])
+        if s.batch_axis is None:
+            if tuple(arr.shape) != s.sample_shape:
+                raise DataError(
+                    f"calibration input {s.name!r} has shape {list(arr.shape)}; expected {list(s.sample_shape)} "
+                    "(the model gives it no batch axis: one value for all samples)"
+                )
+            arrays[s.name] = arr if arr.dtype == s.dtype else arr.astype(s.dtype)
+            continue
         if arr.ndim == 0 or tuple(arr.shape[1:]) != s.sample_shape:
             raise DataError(
                 f"calibration input {s.name!r} has shape {list(arr.shape)}; "
@@ -161,10 +177,11 @@ def _check_batch(
     return arrays, labels, size
 
 
-def _count_samples(data: CalibrationSource, limit: int | None) -> tuple[int, bool]:
+def _count_samples(data: CalibrationSource, limit: int | None, batched: Sequence[str]) -> tuple[int, bool]:
     total, has_labels = 0, False
     for batch in data:
-        total += int(np.shape(next(iter(batch[0].values())))[0])
+        first = next((batch[0][k] for k in batched if k in batch[0]), None)
+        total += int(np.shape(first)[0]) if first is not None else Batch(batch[0], batch[1]).size
         has_labels = has_labels or batch[1] is not None
         if limit is not None and total >= limit:
             break
@@ -179,11 +196,15 @@ def _stream(
     pend: dict[str, list[NDArray[Any]]] = {s.name: [] for s in specs}
     pend_lab: list[NDArray[np.int64]] = []
     have = taken = 0
+    static: dict[str, NDArray[Any]] = {}
 
     def emit() -> _Block:
         nonlocal have
         inputs: dict[str, NDArray[Any]] = {}
         for s in specs:
+            if s.batch_axis is None:
+                inputs[s.name] = static[s.name]
+                continue
             parts = pend[s.name]
             arr = np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
             if pad and have < size:
@@ -200,10 +221,17 @@ def _stream(
 
     for batch in data:
         arrays, labels, b = _check_batch(batch, specs, True if need_labels else None)
+        for s in specs:
+            if s.batch_axis is None:
+                if s.name in static and not np.array_equal(static[s.name], arrays[s.name]):
+                    raise DataError(f"calibration input {s.name!r} has no batch axis but differs between batches")
+                static[s.name] = arrays[s.name]
         pos = 0
         while pos < b and taken < limit:
             k = min(b - pos, size - have, limit - taken)
             for s in specs:
+                if s.batch_axis is None:
+                    continue
                 pend[s.name].append(arrays[s.name][pos : pos + k])
             if need_labels:
                 assert labels is not None
@@ -254,6 +282,9 @@ def make_targets(
         eps = rng.standard_normal((count, *per))
         T[:count] = (eps * scale).astype(np.float32)
         return T
+    if head.kind == "binary":
+        T[:count] = _binary_targets(head, fisher, labels, preds, rng, count) / mini_batch
+        return T
     axis = head.class_axis
     C = head.num_classes
     assert axis is not None
@@ -294,6 +325,38 @@ def make_targets(
     return T
 
 
+def _binary_targets(
+    head: Head,
+    fisher: str,
+    labels: NDArray[np.int64] | None,
+    preds: NDArray[np.floating] | None,
+    rng: np.random.Generator,
+    count: int,
+) -> NDArray[np.float32]:
+    """``T = σ(z) − y`` per element of a sigmoid head on its logits ``z``: the gradient of the binary
+    cross-entropy ``softplus(z) − y·z`` is ``(σ(z) − y)·∂z``.  ``y`` is the label (empirical, one
+    output per sample only), a Bernoulli draw from ``σ(z)`` (sampled: ``E[g gᵀ]`` is the Bernoulli
+    Fisher ``Jᵀ diag(σ(1 − σ)) J``) or ``σ(z) > ½`` (argmax)."""
+    per = head.shape[1:]
+    assert preds is not None
+    z = preds[:count].astype(np.float64)
+    p = 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z) without overflow
+    if fisher == "empirical":
+        if labels is None:
+            raise DataError("fisher='empirical' needs labels in the calibration data")
+        if head.positions != 1:
+            raise DataError(f"labels of shape (batch,) cannot label an output of shape {list(head.shape)}")
+        lab = labels[:count]
+        if np.any((lab < 0) | (lab > 1)):
+            raise DataError(f"the sigmoid output {head.tensor!r} needs labels 0 or 1, got {sorted(set(lab.tolist()))}")
+        y = lab.reshape(count, *per).astype(np.float64)
+    elif fisher == "argmax":
+        y = (p > 0.5).astype(np.float64)
+    else:
+        y = (rng.random((count, *per)) < p).astype(np.float64)
+    return (p - y).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------- engine
 
 
@@ -322,13 +385,17 @@ def _default_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Initializers and Constant-node tensors: ``name -> (shape, elem_type)``."""
-    out = {t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output:
-            for a in n.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    out[n.output[0]] = (tuple(int(d) for d in a.t.dims), int(a.t.data_type))
+    """Initializers and Constant-node tensors of every scope: ``name -> (shape, elem_type)``."""
+    from ..graph import walk_graphs
+
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    for _, g in walk_graphs(model.graph):
+        out.update({t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in g.initializer})
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        out[n.output[0]] = (tuple(int(d) for d in a.t.dims), int(a.t.data_type))
     return out
 
 
@@ -388,45 +455,92 @@ class GradientEngine:
         prunable = [w for w in self._prunable(model) if w in known and known[w][1] == onnx.TensorProto.FLOAT]
         self.updatable = tuple(dict.fromkeys([*names, *prunable]))
 
-        # the example's shapes and labels
+        # the example's shapes and labels; every batched input has its samples on axis 0 of the data
+        # and its own batch axis in the model (static inputs: one value, the model's shape)
+        from ..graph import model_inputs
+
         ex_inputs = example[0]
-        self.sample_shapes = {k: tuple(int(d) for d in np.shape(v)[1:]) for k, v in ex_inputs.items()}
+        self.batch_axes: dict[str, int | None] = {s.name: s.batch_axis for s in model_inputs(model)}
+        self.sample_shapes = {
+            k: tuple(int(d) for d in (np.shape(v) if self.batch_axes.get(k, 0) is None else np.shape(v)[1:]))
+            for k, v in ex_inputs.items()
+        }
         self.has_labels = example[1] is not None
 
         # output, head
         self.output = select_output(model, output)
-        t = self.output
         prod = {o: n for n in model.graph.node for o in n.output}
-        while (node := prod.get(t)) is not None and node.op_type in ("ZipMap", "Identity", "Cast"):
-            t = node.input[0]
-        self.norm = normalize(cut_to(model, t))
-        guess = find_head(self.norm, t)
-        inits = {i.name: i for i in self.norm.graph.initializer}
+
+        def walk_back(t: str) -> str:
+            while (node := prod.get(t)) is not None and node.op_type in ("ZipMap", "Identity", "Cast"):
+                t = node.input[0]
+            return t
+
+        several = [] if output is not None or loss == "ce" else _non_classifier_outputs(model)
+        self._scales: tuple[float, ...] | None = None
+        if len(several) > 1:
+            # several outputs and none is a classifier (a detector, a recurrent model): one
+            # Gauss-Newton head over all of them, each normalised by its scale (see .heads)
+            tensors = tuple(walk_back(o) for o in several)
+            self.output = ", ".join(several)
+            self.norm = normalize(cut_to(model, list(tensors)))
+        else:
+            t = walk_back(self.output)
+            self.norm = normalize(cut_to(model, t))
+        self.example_inputs = {k: np.asarray(v) for k, v in ex_inputs.items()}
+        present = set(_tensor_shapes(self.norm))
         self.values: dict[str, NDArray[np.float32]] = {
-            w: np.ascontiguousarray(numpy_helper.to_array(inits[w]), dtype=np.float32)
-            for w in self.updatable
-            if w in inits
+            w: np.ascontiguousarray(v, dtype=np.float32)
+            for w, v in get_weights(self.norm, [w for w in self.updatable if w in present]).items()
         }
-        kind, tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
-        log.info(
-            "loss: %s on %r (%s)",
-            {
-                "logits": "cross-entropy",
-                "probabilities": "NLL on probabilities",
-                "regression": "Gauss-Newton",
-            }[kind],
-            tensor,
-            why,
-        )
+        head_tensor: str | tuple[str, ...]
+        kind: HeadKind
+        if len(several) > 1:
+            kind, head_tensor, axis = "regression", tensors, None
+            self._scales = self._output_scales(tensors, ex_inputs)
+            shown = ", ".join(f"{o} ({sc:.3g})" for o, sc in zip(several, self._scales, strict=True))
+            why = f"{len(several)} outputs, none a class distribution; each divided by its RMS norm: {shown}"
+        else:
+            guess = find_head(self.norm, t)
+            kind, head_tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
         self.kind: HeadKind = kind
         self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
-        self._head_args = (kind, tensor, axis)
+        self._head_args: tuple[HeadKind, str | tuple[str, ...], int | None] = (kind, head_tensor, axis)
 
         # the one-sample path
         self.fwd = self._forward(self.m)
         self.head = self.fwd.head
+        self.loss_description = describe_loss(self.head, head_tensor, why)
+        log.info("loss: %s", self.loss_description)
         self.on_path = self.fwd.on_path
-        missing = [w for w in self.weights if w not in self.on_path]
+        self.guards = tuple(self.fwd.static.guards) if self.fwd.static is not None else ()
+        if self.fwd.rewrites:
+            log.info(
+                "exact rewrites for gradients: %s",
+                ", ".join(f"{k} ×{v}" for k, v in sorted(self.fwd.rewrites.items())),
+            )
+        # weights the cut model holds (in any scope) that the working copy lost: If inlining drops
+        # those of untaken branches, and the dead code after it those of a taken branch that do not
+        # feed the head (an If whose other outputs are not the loss): only the former are unreached
+        present_now, present_cut = set(self.fwd.weight_inputs), set(_tensor_shapes(self.norm))
+        lost = [w for w in self.weights if w in present_cut and w not in present_now]
+        self.unreached = tuple(lost)
+        if lost:
+            from .static import weights_reached
+
+            try:
+                taken, _ = weights_reached(model, self._example_feeds(self.m), lost)  # every output kept
+                self.unreached = tuple(w for w in lost if w not in set(taken))
+            except ChitaError as exc:  # keep the coarser answer
+                log.debug("could not tell untaken If branches from dead code (%s)", exc)
+        if self.unreached:
+            log.warning(
+                "%d weight(s) sit in If branches the calibration data does not take; their gradient columns "
+                "are zero: %s",
+                len(self.unreached),
+                ", ".join(self.unreached[:5]) + (" ..." if len(self.unreached) > 5 else ""),
+            )
+        missing = [w for w in self.weights if w not in self.on_path and w not in self.unreached]
         if missing:
             log.warning(
                 "%d weight(s) do not influence the loss; their gradient columns are zero: %s",
@@ -462,7 +576,12 @@ class GradientEngine:
             return []
 
     def _forward(
-        self, batch: int, kind: HeadKind | None = None, tensor: str | None = None, axis: int | None = None
+        self,
+        batch: int,
+        kind: HeadKind | None = None,
+        tensor: str | tuple[str, ...] | None = None,
+        axis: int | None = None,
+        scales: tuple[float, ...] | None = None,
     ) -> Forward:
         k, t, a = self._head_args if kind is None else (kind, tensor, axis)
         assert t is not None
@@ -473,9 +592,88 @@ class GradientEngine:
             a,
             batch=batch,
             sample_shapes=self.sample_shapes,
+            batch_axes=self.batch_axes,
             weights=self.weights,
             updatable=self.updatable,
+            scales=self._scales if kind is None else scales,
+            feeds=self._example_feeds(batch),
+            # other batch sizes (batched path, block predictions) are checked against this one
+            self_check=batch == self.m,
         )
+
+    def _run_probe(self, probe: Forward, ex_inputs: Mapping[str, Any], b: int) -> NDArray[Any]:
+        """The head tensor of ``probe`` on the first ``b`` example samples (dense weights)."""
+        runner = Runner(probe.model, self.values, self.threads)
+        arrays, _, _ = _check_batch(Batch(ex_inputs, None), self._specs(probe), None)
+        for name, arr in self._model_feed(arrays, 0, b).items():
+            runner.bind_input(name, arr)
+        y = np.zeros(probe.head.shape, _np_dtype(probe.head.elem_type))
+        runner.bind_output_array(probe.head.tensor, y)
+        runner.run()
+        return y
+
+    def _probe_batch(self, ex_inputs: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        size = self._block_size(ex_inputs)
+        b = self.m if size >= self.m else size
+        return {
+            k: np.asarray(v) if self.batch_axes.get(k, 0) is None else np.asarray(v)[:b] for k, v in ex_inputs.items()
+        }, b
+
+    def _output_scales(self, tensors: tuple[str, ...], ex_inputs: Mapping[str, Any]) -> tuple[float, ...]:
+        """Per-output scales of the combined Gauss-Newton head, from up to :data:`SCALE_SAMPLES`
+        samples of the example batch (at once, or ``mini_batch`` at a time for a fixed-batch model)."""
+        from .heads import output_scales
+
+        full = min(self._block_size(ex_inputs), SCALE_SAMPLES)
+        try:
+            probe = self._forward(full, "regression", tensors, None, None)
+            y = self._run_probe(probe, ex_inputs, full)
+        except ChitaError:
+            probe = self._forward(self.m, "regression", tensors, None, None)
+            parts = []
+            for lo in range(0, max(full - self.m + 1, 1), self.m):
+                part = {k: v if self.batch_axes.get(k, 0) is None else np.asarray(v)[lo:] for k, v in ex_inputs.items()}
+                parts.append(self._run_probe(probe, part, self.m))
+            y = np.concatenate(parts)
+        return tuple(output_scales(y.reshape(y.shape[0], -1), probe.segments))
+
+    def _example_feeds(self, batch: int) -> dict[str, NDArray[Any]]:
+        """The first ``batch`` samples of the example (repeated when it has fewer), in the model's
+        input dtypes: shape folding runs the working copy on them."""
+        dtypes = {
+            vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            for vi in self.norm.graph.input
+        }
+        out: dict[str, NDArray[Any]] = {}
+        for name, v in self.example_inputs.items():
+            axis = self.batch_axes.get(name, 0)
+            if axis is None:  # a static input: one value for every sample
+                arr = v
+            else:
+                arr = v[:batch] if v.shape[0] >= batch else np.resize(v, (batch, *v.shape[1:]))
+                if axis != 0:
+                    arr = np.moveaxis(arr, 0, axis)
+            want = dtypes.get(name)
+            if want is not None and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
+                arr = arr.astype(want)
+            out[name] = np.require(arr, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
+        return out
+
+    def _check_guards(self, inputs: Mapping[str, NDArray[Any]], block: int) -> None:
+        """Every calibration block must take the If branches the working copy was built with."""
+        if not self.guards:
+            return
+        from .static import weights_reached
+
+        _, seen = weights_reached(self.norm, self._model_feed(inputs, 0, self._block_size(inputs)), ())
+        now = {g.node: g.value for g in seen}
+        for g in self.guards:
+            if g.node in now and now[g.node] != g.value:
+                raise DataError(
+                    f"calibration block {block} takes the other branch of If node {g.node!r} (condition "
+                    f"{g.tensor!r} is {now[g.node]}, the first batch gave {g.value}); all calibration "
+                    "batches must agree"
+                )
 
     def _decide_head(
         self, guess: Any, loss: Loss, ex_inputs: Mapping[str, Any]
@@ -485,22 +683,13 @@ class GradientEngine:
         if guess.kind is not None:
             return cast(HeadKind, guess.kind), guess.tensor, guess.class_axis, guess.reason
         # Decide from the data: a forward run on the example batch.
-        size = int(np.shape(next(iter(ex_inputs.values())))[0])
-        b = self.m if size >= self.m else size
-        ex_inputs = {k: np.asarray(v)[:b] for k, v in ex_inputs.items()}
+        ex_inputs, b = self._probe_batch(ex_inputs)
         probe = self._forward(b, "regression", guess.tensor, None)
         shape = probe.head.shape
         axis = default_class_axis(shape)
         y: NDArray[Any] | None = None
         if axis is not None and shape[axis] >= 2:
-            runner = Runner(probe.model, self.values, self.threads)
-            specs = [_InputSpec(n, d, s[1:]) for n, d, s in probe.data_inputs]
-            arrays, _, _ = _check_batch(Batch(ex_inputs, None), specs, None)
-            for name, arr in arrays.items():
-                runner.bind_input(name, np.ascontiguousarray(arr))
-            y = np.zeros(shape, _np_dtype(probe.head.elem_type))
-            runner.bind_output_array(guess.tensor, y)
-            runner.run()
+            y = self._run_probe(probe, ex_inputs, b)
             sums = y.astype(np.float64).sum(axis=axis)
             if y.min() >= -1e-6 and np.all(np.abs(sums - 1.0) <= 1e-4):
                 return "probabilities", guess.tensor, axis, "non-negative rows summing to one"
@@ -521,6 +710,11 @@ class GradientEngine:
         return "regression", guess.tensor, None, "not a class distribution"
 
     # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def output_scales(self) -> tuple[float, ...] | None:
+        """The scales that divide each output of a multi-output Gauss-Newton head (else ``None``)."""
+        return self._scales
 
     def set_weights(self, values: Mapping[str, NDArray[np.floating]]) -> None:
         """Replace weight values (any of :attr:`updatable`) without rebuilding the gradient graphs."""
@@ -550,7 +744,8 @@ class GradientEngine:
                 )
             return "sampled"
         if fisher == "auto":
-            return "empirical" if has_labels else "sampled"
+            # labels of shape (batch,) label one prediction per sample, not a map or a sequence
+            return "empirical" if has_labels and self.head.positions == 1 else "sampled"
         if fisher == "empirical" and not has_labels:
             raise DataError("fisher='empirical' needs labels in the calibration data")
         return fisher
@@ -584,7 +779,8 @@ class GradientEngine:
     ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
-        total, has_labels = _count_samples(data, num_samples)
+        batched = [k for k, a in self.batch_axes.items() if a is not None]
+        total, has_labels = _count_samples(data, num_samples, batched)
         used = min(total, num_samples) if num_samples is not None else total
         n = used // self.m
         if n < 1:
@@ -600,7 +796,7 @@ class GradientEngine:
         cg = time.process_time()
         timings["allocate"] = tg - ta
         rng = np.random.default_rng(seed)
-        specs = [_InputSpec(nm, d, s[1:]) for nm, d, s in self.fwd.data_inputs]
+        specs = self._specs(self.fwd)
 
         # "batched": build the batched path now.  "auto": the first block goes through the
         # one-sample path; the batched path is tried from the second block on, only when rows are
@@ -617,15 +813,18 @@ class GradientEngine:
             row = 0
             t_fwd = t_chk = 0.0
             nblocks = -(-(n * self.m) // size)
-            for block in progress(
-                _stream(data, specs, size, n * self.m, need_labels, pad=may_batch),
-                total=nblocks,
-                desc="per-sample gradients",
-                unit="block",
+            for block_no, block in enumerate(
+                progress(
+                    _stream(data, specs, size, n * self.m, need_labels, pad=may_batch),
+                    total=nblocks,
+                    desc="per-sample gradients",
+                    unit="block",
+                )
             ):
+                self._check_guards(block.inputs, block_no)
                 rows = block.count // self.m
                 preds = None
-                if fk != "empirical" and self.kind != "regression":
+                if self.kind == "binary" or (fk != "empirical" and self.kind != "regression"):
                     tf = time.perf_counter()
                     preds = self._predict(block.inputs, block.count)
                     t_fwd += time.perf_counter() - tf
@@ -636,7 +835,7 @@ class GradientEngine:
                     preds,
                     rng,
                     block.count,
-                    len(next(iter(block.inputs.values()))),
+                    self._block_size(block.inputs),
                     self.m,
                 )
                 if use_batched and self._batched is not None:
@@ -648,7 +847,9 @@ class GradientEngine:
                         t_chk += time.perf_counter() - tc
                         row += rows
                         continue
-                    self._batched.run(block.inputs, T, X, row, rows)
+                    self._batched.run(
+                        self._model_feed(block.inputs, 0, self._block_size(block.inputs)), T, X, row, rows
+                    )
                 else:
                     ts = time.perf_counter()
                     self._single_rows(block.inputs, T, X, row, rows)
@@ -687,6 +888,7 @@ class GradientEngine:
             output=self.output,
             mini_batch=self.m,
             method=chosen,
+            loss_description=self.loss_description,
         )
 
     # -- internals ------------------------------------------------------------------------------
@@ -714,9 +916,32 @@ class GradientEngine:
         X.reshape(-1)[:: 4096 // 4] = 0  # fault every page in now, not inside onnxruntime's writes
         return X
 
-    def _bind_block(self, runner: Runner, inputs: Mapping[str, NDArray[Any]], lo: int, hi: int) -> None:
+    def _specs(self, fwd: Forward) -> list[_InputSpec]:
+        """The working copy's data inputs with per-sample shapes (batch axis removed)."""
+        out = []
+        for name, dtype, shape in fwd.data_inputs:
+            axis = self.batch_axes.get(name, 0)
+            sample = shape if axis is None else shape[:axis] + shape[axis + 1 :]
+            out.append(_InputSpec(name, dtype, tuple(sample), axis))
+        return out
+
+    def _model_feed(self, inputs: Mapping[str, NDArray[Any]], lo: int, hi: int) -> dict[str, NDArray[Any]]:
+        """Samples ``lo:hi`` of samples-first block arrays, each moved to its model batch axis
+        (contiguous); static inputs as they are."""
+        out: dict[str, NDArray[Any]] = {}
         for name, arr in inputs.items():
-            runner.bind_input(name, arr[lo:hi])
+            axis = self.batch_axes.get(name, 0)
+            if axis is None:
+                out[name] = np.require(arr, requirements="C")
+            elif axis == 0:
+                out[name] = arr[lo:hi] if arr[lo:hi].flags.c_contiguous else np.ascontiguousarray(arr[lo:hi])
+            else:
+                out[name] = np.ascontiguousarray(np.moveaxis(arr[lo:hi], 0, axis))
+        return out
+
+    def _bind_block(self, runner: Runner, inputs: Mapping[str, NDArray[Any]], lo: int, hi: int) -> None:
+        for name, arr in self._model_feed(inputs, lo, hi).items():
+            runner.bind_input(name, arr)
 
     def _single_rows(
         self,
@@ -748,13 +973,13 @@ class GradientEngine:
         against the batch-``m`` forward on the first block (fixed-batch exports fail the check or
         the build, and then every ``m`` samples get their own run).
         """
-        size = len(next(iter(inputs.values())))
+        size = self._block_size(inputs)
         out = np.zeros((size, *self.head.shape[1:]), np.float32)
         fast = self._block_predictor(size)
         if fast is not None and (self._fast_pred_ok or count >= self.m):
             runner, buf = fast
-            for name, arr in inputs.items():
-                runner.bind_input(name, arr if len(arr) == size else np.resize(arr, (size, *arr.shape[1:])))
+            for name, arr in self._model_feed(inputs, 0, size).items():
+                runner.bind_input(name, arr)
             runner.run()
             if self._fast_pred_ok:
                 out[:count] = buf[:count]
@@ -788,6 +1013,12 @@ class GradientEngine:
         self._fast_pred = (runner, buf)
         self._fast_pred_ok = False
         return self._fast_pred
+
+    def _block_size(self, inputs: Mapping[str, NDArray[Any]]) -> int:
+        for name, arr in inputs.items():
+            if self.batch_axes.get(name, 0) is not None:
+                return len(arr)
+        raise DataError("the calibration data has no input with a batch axis")
 
     def _predict_small(self, inputs: Mapping[str, NDArray[Any]], count: int, size: int) -> NDArray[np.float32]:
         m = self.m
@@ -844,7 +1075,7 @@ class GradientEngine:
         self._single_rows(block.inputs, probe, ref, 0, k)
         t_single = (time.perf_counter() - ts) / k
         try:
-            self._batched.run(block.inputs, probe, got, 0, k)
+            self._batched.run(self._model_feed(block.inputs, 0, self._block_size(block.inputs)), probe, got, 0, k)
             err, worst = _disagreement(got, ref)
             ok = err <= CHECK_RTOL and worst <= CHECK_ROW_RTOL
             if not ok:
@@ -864,7 +1095,7 @@ class GradientEngine:
             return False
         # verified: this block's rows from the batched path, timed for the race
         tb = time.perf_counter()
-        self._batched.run(block.inputs, T, X, row0, rows)
+        self._batched.run(self._model_feed(block.inputs, 0, self._block_size(block.inputs)), T, X, row0, rows)
         t_batch = (time.perf_counter() - tb) / max(rows, 1)
         if self.method == "auto" and t_single < 0.9 * t_batch:
             log.info(
@@ -877,10 +1108,61 @@ class GradientEngine:
         return True
 
 
+_FLOAT_ELEMS = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+)
+
+
+def _non_classifier_outputs(model: onnx.ModelProto) -> list[str]:
+    """The floating-point outputs, when there are several and none is structurally a classifier
+    (softmax logits or class probabilities); otherwise ``[]`` (the first output is used alone)."""
+    outs = [
+        o.name
+        for o in model.graph.output
+        if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_ELEMS
+    ]
+    if len(outs) < 2:
+        return []
+    if any(find_head(model, o).kind in ("logits", "probabilities") for o in outs):
+        return []
+    return outs
+
+
+def describe_loss(head: Head, tensor: str | Sequence[str], why: str) -> str:
+    """One line saying which loss the gradients are of, on what, and why it was chosen."""
+    if head.kind == "regression":
+        what = "Gauss-Newton (sampled ½‖y − (y + ε)‖²)"
+    elif head.kind == "binary":
+        what = "binary cross-entropy per element (Bernoulli Fisher)"
+    else:
+        base = "cross-entropy" if head.kind == "logits" else "NLL on probabilities"
+        what = base if head.positions == 1 else f"per-position {base} ({head.positions} positions per sample)"
+    on = tensor if isinstance(tensor, str) else f"{len(tensor)} outputs"
+    return f"{what} on {on!r} ({why})" if isinstance(tensor, str) else f"{what} on {on} ({why})"
+
+
 def _first_batch(data: CalibrationSource) -> Batch:
     for batch in data:
         return Batch(batch[0], batch[1])
     raise DataError("the calibration data is empty")
+
+
+def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch) -> tuple[list[str], list[Any]]:
+    """Which of ``names`` (weights inside If branches) the example batch reaches: every If is
+    resolved on it (:func:`.static.weights_reached`).  Returns ``(reached, guards)``."""
+    from ..data import to_model_layout
+    from ..graph import model_inputs
+    from .static import weights_reached
+
+    specs = {s.name: s for s in model_inputs(model)}
+    feeds = {
+        k: to_model_layout(np.asarray(v), specs[k]) if k in specs else np.asarray(v) for k, v in example[0].items()
+    }
+    reached, guards = weights_reached(model, feeds, names)
+    return reached, list(guards)
 
 
 def per_sample_gradients(

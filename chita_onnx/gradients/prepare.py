@@ -9,12 +9,14 @@ The user's model is never modified: every function here works on a copy.  The st
    through ``ZipMap``/``Identity``/``Cast``, the tensor the loss attaches to (logits before a softmax,
    a probability tensor, or the output itself for a regression head).
 3. :func:`build_forward` — cut the graph to that tensor, fix every input dim to the calibration shape
-   (batch = rows fed per call), run shape inference, legalize (eval-mode BatchNormalization,
-   Dropout, HardSigmoid, HardSwish, Elu, Sum, LayerNormalization outputs, GlobalMaxPool,
-   softmax-style ReduceMax, InstanceNormalization, Split with unused outputs), check that every op
-   between a requested weight and the loss has a gradient (:class:`UnsupportedOpError` otherwise),
-   and turn the updatable weights into graph inputs so that their values can change without
-   rebuilding anything.
+   (batch = rows fed per call) and build the :func:`working_copy`: static shapes and inlined If
+   nodes (:mod:`.static`), exact rewrites of the ops without a usable gradient on the path
+   (:mod:`.rewrites`: Resize, ConvTranspose, LSTM/GRU/RNN, ReduceMax/Min, Gelu, ...), legalize
+   (eval-mode BatchNormalization, Dropout, HardSigmoid, HardSwish, Elu, Sum, LayerNormalization
+   outputs, GlobalMaxPool, InstanceNormalization) and a check that the copy reproduces the model's
+   output on the calibration example; then check that every op between a requested weight and the
+   loss has a gradient (:class:`UnsupportedOpError` otherwise), and turn the updatable weights into
+   graph inputs so that their values can change without rebuilding anything.
 4. :func:`attach_loss` — the loss ``ReduceSum(T ⊙ f(h))`` with a float target tensor ``T`` fed at run
    time: ``f = LogSoftmax`` (cross-entropy on logits), ``f = log ∘ clip(·, 1e-30, 1)`` (NLL on
    probabilities) or ``f = id`` (a Gauss-Newton probe, see the engine).  The loss is linear in ``T``,
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -36,8 +38,10 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError
+from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError, first_line
 from ..graph import densify
+from .static import StaticInfo
+from .subgraphs import node_inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ MIN_OPSET = 13
 MAX_OPSET = 21
 MAX_IR = 10
 
-HeadKind = Literal["logits", "probabilities", "regression"]
+HeadKind = Literal["logits", "probabilities", "regression", "binary"]
 
 #: Ops (default domain) whose gradient onnxruntime-training 1.19.2 builds and computes correctly on
 #: CPU after :func:`legalize` (see docs/ort-gradients.md §7; each one is checked against float64
@@ -66,6 +70,9 @@ GRADIENT_OPS = frozenset(
         "Slice", "Pad", "Expand", "Gather", "GatherElements",
         # pooling and reductions
         "GlobalAveragePool", "AveragePool", "MaxPool", "ReduceMean", "ReduceSum",
+        # measured to have correct gradients too (tests/test_rewrites.py)
+        "Abs", "Sin", "Cos", "Tile", "TopK", "Trilu", "ScatterElements", "GatherND", "ReduceL2",
+        "ReduceLogSumExp",
         # normalisation (with its optional outputs declared by legalize)
         "LayerNormalization",
     }
@@ -74,12 +81,19 @@ GRADIENT_OPS = frozenset(
 #: Ops that carry no gradient but only route it (integer/bool outputs) are never "on the path";
 #: these float-producing ops are known to have no usable gradient, to name them in error messages.
 _NO_GRADIENT_HINT = {
-    "ConvTranspose": "ORT-training has no CPU kernel for ConvTransposeGrad",
-    "Resize": "ORT-training has no CPU kernel for ResizeGrad",
-    "Einsum": "ORT-training has no gradient builder for Einsum",
+    "Einsum": "ORT-training has no gradient builder for Einsum; re-export it as MatMul/Transpose/Reshape",
     "BatchNormalization": "its statistics are not constant initializers",
-    "ReduceMax": "ReduceMax is only differentiated as the max-subtraction of a softmax",
     "GlobalMaxPool": "the input's spatial size is unknown",
+    "Loop": (
+        "onnxruntime-training cannot differentiate through an ONNX loop; re-export the model with the loop "
+        "unrolled (a fixed sequence length), or pass --output to differentiate a tensor before it"
+    ),
+    "Scan": (
+        "onnxruntime-training cannot differentiate through an ONNX scan; re-export the model with the scan "
+        "unrolled (a fixed sequence length), or pass --output to differentiate a tensor before it"
+    ),
+    "If": "its condition could not be fixed from constants, shapes or the calibration data",
+    "ReduceProd": "ORT-training has no gradient builder for ReduceProd, and no exact rewrite exists for signed inputs",
 }
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -191,7 +205,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise ModelError(f"shape inference failed on the gradient working copy: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"shape inference failed on the gradient working copy: {first_line(exc)}") from None
 
 
 def _const(graph: onnx.GraphProto, names: _Names, base: str, value: NDArray[np.generic]) -> str:
@@ -239,6 +253,23 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Turn the graph's ``Constant`` nodes into initializers of the same names, in place."""
+    keep: list[onnx.NodeProto] = []
+    for node in graph.node:
+        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None
+        if tensor is not None and node.output and node.output[0]:
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    moved = len(graph.node) - len(keep)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A working copy in the opset/IR range the gradient builder accepts, with no Constant nodes.
 
@@ -257,7 +288,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             m = onnx.inliner.inline_local_functions(m)
         except Exception as exc:
-            raise ModelError(f"cannot inline the model's local functions: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"cannot inline the model's local functions: {first_line(exc)}") from None
     if len(m.graph.sparse_initializer):
         m = densify(m)
 
@@ -276,24 +307,14 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(
                 f"the model uses opset {opset}; gradients need ai.onnx opset {MIN_OPSET}..{MAX_OPSET} "
                 f"and IR ≤ {MAX_IR} (onnxruntime-training 1.19.2) and onnx's version converter failed: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"{first_line(exc)}"
             ) from None
         m = converted
         m.ir_version = min(max(m.ir_version, 7), MAX_IR)
 
     # Constant nodes → initializers (same names), so that weights and BN statistics are plain data.
     g = m.graph
-    keep: list[onnx.NodeProto] = []
-    for node in g.node:
-        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None
-        if tensor is not None and node.output and node.output[0]:
-            tensor.name = node.output[0]
-            g.initializer.append(tensor)
-        else:
-            keep.append(node)
-    if len(keep) != len(g.node):
-        del g.node[:]
-        g.node.extend(keep)
+    constants_to_initializers(g)
     # Initializers listed as graph inputs (IR < 4 style) are constants for us.
     inits = {t.name for t in g.initializer}
     if any(i.name in inits for i in g.input):
@@ -363,6 +384,9 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     * ``Softmax``/``LogSoftmax``, or a hand-written ``Div(Exp(z [− max]), ReduceSum(...))`` →
       ``"logits"`` on the softmax input (cross-entropy).
     * ``Concat`` of ``Sigmoid``/``1 − Sigmoid`` columns (the skl2onnx binary head) → ``"probabilities"``.
+    * ``Sigmoid`` (a probability map, a multi-label or detection score) → ``"binary"`` on its input:
+      binary cross-entropy per element, whose sampled Fisher is the Bernoulli Fisher
+      ``Jᵀ diag(p(1 − p)) J``.
     * anything else → ``kind=None``: the engine decides from the data (rows summing to one) and the
       labels.
     """
@@ -406,15 +430,17 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     ):
         axis = attr_int(node, "axis", 1)
         return HeadGuess("probabilities", t, axis, output, f"sigmoid/complement columns concatenated by {node.name!r}")
+    if node is not None and node.op_type == "Sigmoid":
+        return HeadGuess("binary", node.input[0], None, output, f"Sigmoid node {node.name!r}: Bernoulli per element")
     return HeadGuess(None, t, None, output, "no softmax found")
 
 
 # ------------------------------------------------------------------------------------------- cut
 
 
-def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """A copy that computes only ``tensor`` (its single graph output); unused inputs, initializers
-    and opset imports are dropped."""
+def cut_to(model: onnx.ModelProto, tensor: str | Sequence[str]) -> onnx.ModelProto:
+    """A copy that computes only ``tensor`` (its graph output; several tensors give several outputs);
+    unused inputs, initializers and opset imports are dropped."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -422,7 +448,8 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     table = _shape_table(model)
     needed: set[str] = set()
     keep_ids: set[int] = set()
-    stack = [tensor]
+    targets = [tensor] if isinstance(tensor, str) else list(tensor)
+    stack = list(targets)
     while stack:
         t = stack.pop()
         if t in needed:
@@ -437,8 +464,9 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
                     for sn in sub.node:
                         stack.extend(i for i in sn.input if i)
     all_known = {i.name for i in g.input} | {t.name for t in g.initializer} | set(prod)
-    if tensor not in all_known:
-        raise ModelError(f"tensor {tensor!r} is not computed by the graph")
+    for t in targets:
+        if t not in all_known:
+            raise ModelError(f"tensor {t!r} is not computed by the graph")
     nodes = [n for n in g.node if id(n) in keep_ids]
     del g.node[:]
     g.node.extend(nodes)
@@ -448,9 +476,9 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     ins = [i for i in g.input if i.name in needed]
     del g.input[:]
     g.input.extend(ins)
-    elem = table.get(tensor, (TensorProto.FLOAT, None))[0]
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info(tensor, elem, None))
+    for t in targets:
+        g.output.append(helper.make_tensor_value_info(t, table.get(t, (TensorProto.FLOAT, None))[0], None))
     del g.value_info[:]
     domains = {n.domain for n in g.node}
     imports = [o for o in m.opset_import if o.domain in domains or o.domain in _DEFAULT_DOMAINS]
@@ -459,23 +487,34 @@ def cut_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     return m
 
 
-def fix_input_dims(model: onnx.ModelProto, batch: int, sample_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Set every graph input to ``(batch, *sample_shapes[name])`` in place; check fixed dims."""
+def fix_input_dims(
+    model: onnx.ModelProto,
+    batch: int,
+    sample_shapes: Mapping[str, tuple[int, ...]],
+    batch_axes: Mapping[str, int | None] | None = None,
+) -> None:
+    """Set every graph input to its per-sample shape with ``batch`` inserted at its batch axis
+    (``batch_axes[name]``, default 0; ``None``: a static input whose ``sample_shapes`` entry is its
+    whole shape), in place; check fixed dims."""
+    axes = batch_axes or {}
     for vi in model.graph.input:
         if vi.name not in sample_shapes:
             raise DataError(f"the calibration data has no array for model input {vi.name!r}")
-        want = (batch, *sample_shapes[vi.name])
+        sample = tuple(sample_shapes[vi.name])
+        axis = axes.get(vi.name, 0)
+        want = sample if axis is None else (*sample[:axis], batch, *sample[axis:])
         tt = vi.type.tensor_type
         if tt.HasField("shape") and len(tt.shape.dim) != len(want):
             have = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            where = "no batch axis" if axis is None else f"batch on axis {axis}"
             raise DataError(
                 f"model input {vi.name!r} has shape {have}, but the calibration arrays have per-sample shape "
-                f"{list(sample_shapes[vi.name])} (batch on axis 0)"
+                f"{list(sample)} ({where})"
             )
         if tt.HasField("shape"):
             for k, (d, w) in enumerate(zip(tt.shape.dim, want, strict=True)):
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != w:
-                    if k == 0:
+                    if k == axis:
                         raise DataError(
                             f"model input {vi.name!r} has a fixed batch dimension {d.dim_value}, but {w} "
                             f"sample(s) are fed per call; use mini_batch={d.dim_value} or export the model "
@@ -514,6 +553,7 @@ class _Rewriter:
         self.consumers = _consumers(g)
         self.producers = _producers(g)
         self.outputs = {o.name for o in g.output}
+        self.counts: dict[str, int] = {}
 
     def used(self, name: str) -> bool:
         return bool(name) and (name in self.outputs or bool(self.consumers.get(name)))
@@ -709,73 +749,6 @@ class _Rewriter:
             axes = [int(a) for a in arr.reshape(-1)]
         return axes
 
-    def reduce_max(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-        """``ReduceMax`` used only as the max-subtraction of a softmax → ``GatherElements(x, ArgMax(x))``.
-
-        The value is identical and the op is differentiable (GatherElementsGrad routes the gradient
-        to the arg-max entry, which is the exact gradient of ReduceMax away from ties).  In a softmax
-        the total gradient through the subtracted maximum is zero anyway (shift invariance), so the
-        result is exact even at ties.
-        """
-        x, m = n.input[0], n.output[0]
-        axes = self._reduce_axes(n)
-        users = self.consumers.get(m, [])
-        if axes is None or len(axes) != 1 or m in self.outputs or not users:
-            return None
-        for u in users:
-            if u.op_type != "Sub" or list(u.input) != [x, m]:
-                return None
-            if not any(c.op_type == "Exp" for c in self.consumers.get(u.output[0], [])):
-                return None
-        axis = axes[0]
-        keep = attr_int(n, "keepdims", 1)
-        idx = self.tmp(f"{m}_argmax")
-        nodes = [self.node("ArgMax", [x], [idx], axis=axis, keepdims=1)]
-        if keep:
-            nodes.append(self.node("GatherElements", [x, idx], [m], axis=axis))
-        else:
-            g = self.tmp(f"{m}_gathered")
-            ax = self.const(f"{m}_sq_axes", np.asarray([axis], np.int64))
-            nodes += [
-                self.node("GatherElements", [x, idx], [g], axis=axis),
-                self.node("Squeeze", [g, ax], [m]),
-            ]
-        return nodes
-
-    def split(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-        """A Split with an unused output builds but fails at run time in ORT → Slices of the used ones."""
-        if all(self.used(o) for o in n.output):
-            return None
-        x = n.input[0]
-        dims = self.dims(x)
-        axis = attr_int(n, "axis", 0)
-        if dims is None:
-            return None
-        axis = axis + len(dims) if axis < 0 else axis
-        total = dims[axis]
-        sizes: list[int] | None = None
-        if len(n.input) > 1 and n.input[1]:
-            arr = self.array(n.input[1])
-            sizes = None if arr is None else [int(v) for v in arr.reshape(-1)]
-        elif attr_ints(n, "split") is not None:
-            sizes = attr_ints(n, "split")
-        elif total is not None:
-            k = len(n.output)
-            step = -(-total // k)
-            sizes = [min(step, max(0, total - i * step)) for i in range(k)]
-        if sizes is None or len(sizes) != len(n.output):
-            return None
-        out: list[onnx.NodeProto] = []
-        start = 0
-        for o, sz in zip(n.output, sizes, strict=True):
-            if self.used(o):
-                st = self.const(f"{o}_starts", np.asarray([start], np.int64))
-                en = self.const(f"{o}_ends", np.asarray([start + sz], np.int64))
-                ax = self.const(f"{o}_axes", np.asarray([axis], np.int64))
-                out.append(self.node("Slice", [x, st, en, ax], [o]))
-            start += sz
-        return out
-
     def explicit_pads(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         """``auto_pad`` SAME_UPPER/SAME_LOWER/VALID → explicit ``pads``.
 
@@ -827,8 +800,6 @@ class _Rewriter:
             "Sum": self.sum_,
             "LayerNormalization": self.layer_norm,
             "GlobalMaxPool": self.global_max_pool,
-            "ReduceMax": self.reduce_max,
-            "Split": self.split,
         }
         g = self.model.graph
         new: list[onnx.NodeProto] = []
@@ -841,6 +812,7 @@ class _Rewriter:
             else:
                 new.extend(repl)
                 changed += 1
+                self.counts[n.op_type] = self.counts.get(n.op_type, 0) + 1
         if changed:
             nodes = [copy.deepcopy(n) for n in new]
             del g.node[:]
@@ -848,13 +820,37 @@ class _Rewriter:
         return changed
 
 
-def legalize(model: onnx.ModelProto, keep_params: Iterable[str] = ()) -> int:
+#: Ops that :func:`legalize` rewrites into differentiable ones (besides adding explicit pads and
+#: LayerNormalization's optional outputs to ops that already have a gradient).
+LEGALIZED_OPS = frozenset(
+    {
+        "Dropout",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "HardSigmoid",
+        "HardSwish",
+        "Elu",
+        "Sum",
+        "GlobalMaxPool",
+    }
+)
+
+
+def legalize(
+    model: onnx.ModelProto, keep_params: Iterable[str] = (), counts: MutableMapping[str, int] | None = None
+) -> int:
     """Rewrite ops without a usable gradient into equivalent differentiable ones, in place.
 
     ``keep_params`` names tensors that must stay differentiable (BatchNormalization scale/bias are
-    folded into constants unless listed).  Needs inferred shapes.  Returns the number of rewrites.
+    folded into constants unless listed).  Needs inferred shapes.  Returns the number of rewrites;
+    ``counts`` (if given) is incremented per rewritten op type.
     """
-    return _Rewriter(model, frozenset(keep_params)).run()
+    rw = _Rewriter(model, frozenset(keep_params))
+    changed = rw.run()
+    if counts is not None:
+        for op, k in rw.counts.items():
+            counts[op] = counts.get(op, 0) + k
+    return changed
 
 
 # -------------------------------------------------------------------------------------- coverage
@@ -864,17 +860,31 @@ def differentiable_nodes(
     model: onnx.ModelProto, weights: Iterable[str], target: str
 ) -> list[tuple[int, onnx.NodeProto]]:
     """Nodes on a float path from any of ``weights`` to ``target`` (index in graph order, node)."""
-    g = model.graph
     table = _shape_table(model)
 
     def is_float(name: str) -> bool:
         return table.get(name, (TensorProto.FLOAT, None))[0] in _FLOAT_ELEM
 
+    nodes, ins, nodes_back, back = _backward_cone(model, target, is_float)
     fwd: set[str] = {w for w in weights}
-    for n in g.node:
-        if any(i in fwd for i in n.input if i):
+    for n in nodes:
+        if any(i in fwd for i in ins[id(n)]):
             fwd.update(o for o in n.output if o and is_float(o))
-    prod = _producers(g)
+    out = []
+    for k, n in enumerate(nodes):
+        if id(n) in nodes_back and any(i in fwd for i in ins[id(n)]) and any(o in back for o in n.output):
+            out.append((k, n))
+    return out
+
+
+def _backward_cone(
+    model: onnx.ModelProto, target: str, is_float: Callable[[str], bool]
+) -> tuple[list[onnx.NodeProto], dict[int, list[str]], set[int], set[str]]:
+    """``(nodes, inputs by node id, ids of the nodes that reach target through float tensors, those
+    float tensors)``."""
+    nodes = list(model.graph.node)  # keeps the node wrappers (and so their ids) alive
+    ins = {id(n): node_inputs(n) for n in nodes}
+    prod = {o: n for n in nodes for o in n.output if o}
     back: set[str] = {target}
     nodes_back: set[int] = set()
     stack = [target]
@@ -884,15 +894,11 @@ def differentiable_nodes(
         if node is None or id(node) in nodes_back:
             continue
         nodes_back.add(id(node))
-        for i in node.input:
+        for i in ins[id(node)]:
             if i and i not in back and is_float(i):
                 back.add(i)
                 stack.append(i)
-    out = []
-    for k, n in enumerate(g.node):
-        if id(n) in nodes_back and any(i in fwd for i in n.input if i) and any(o in back for o in n.output):
-            out.append((k, n))
-    return out
+    return nodes, ins, nodes_back, back
 
 
 def check_coverage(model: onnx.ModelProto, weights: Iterable[str], target: str) -> None:
@@ -909,12 +915,19 @@ def check_coverage(model: onnx.ModelProto, weights: Iterable[str], target: str) 
 
 
 def weights_on_path(model: onnx.ModelProto, weights: Sequence[str], target: str) -> list[str]:
-    """The subset of ``weights`` that reach ``target`` through float tensors."""
-    found: list[str] = []
-    for w in weights:
-        if differentiable_nodes(model, [w], target):
-            found.append(w)
-    return found
+    """The subset of ``weights`` that reach ``target`` through float tensors: those with a consumer
+    in the backward cone of ``target`` (the same answer as ``differentiable_nodes(model, [w],
+    target)`` being non-empty: a float path from a weight enters the cone at the weight's consumer),
+    in one pass over the graph instead of one per weight."""
+    table = _shape_table(model)
+
+    def is_float(name: str) -> bool:
+        return table.get(name, (TensorProto.FLOAT, None))[0] in _FLOAT_ELEM
+
+    nodes, ins, nodes_back, _ = _backward_cone(model, target, is_float)
+    wanted = set(weights)
+    reached = {i for n in nodes if id(n) in nodes_back for i in ins[id(n)] if i in wanted}
+    return [w for w in weights if w in reached]
 
 
 # ------------------------------------------------------------------------------------ the forward
@@ -944,7 +957,10 @@ class Head:
 
 @dataclass
 class Forward:
-    """A prepared forward graph: single output ``head.tensor``; weights are graph inputs."""
+    """A prepared forward graph: single output ``head.tensor``; weights are graph inputs.
+
+    ``rewrites`` counts the exact rewrites applied per op (see :mod:`.rewrites`); ``static`` says
+    what shape folding did, including the If conditions every calibration batch must reproduce."""
 
     model: onnx.ModelProto
     head: Head
@@ -952,28 +968,55 @@ class Forward:
     data_inputs: tuple[tuple[str, np.dtype[np.generic], tuple[int, ...]], ...]
     weight_inputs: dict[str, tuple[int, ...]]
     on_path: tuple[str, ...]
+    #: per-sample sizes of the outputs combined into the head (multi-output Gauss-Newton), else ()
+    segments: tuple[int, ...] = ()
+    rewrites: dict[str, int] = field(default_factory=dict)
+    static: StaticInfo | None = None
 
 
 def build_forward(
     normalized: onnx.ModelProto,
     kind: HeadKind,
-    tensor: str,
+    tensor: str | Sequence[str],
     class_axis: int | None,
     *,
     batch: int,
     sample_shapes: Mapping[str, tuple[int, ...]],
+    batch_axes: Mapping[str, int | None] | None = None,
     weights: Sequence[str],
     updatable: Iterable[str],
     keep_params: Iterable[str] = (),
+    scales: Sequence[float] | None = None,
+    feeds: Mapping[str, NDArray[Any]] | None = None,
+    self_check: bool = True,
 ) -> Forward:
-    """Cut, fix dims, infer shapes, legalize, check coverage and expose weights as graph inputs."""
-    m = cut_to(normalized, tensor)
-    fix_input_dims(m, batch, sample_shapes)
-    m = _infer_shapes(m)
+    """Cut, fix dims, fold shapes (:mod:`.static`), rewrite exactly (:mod:`.rewrites`), legalize,
+    check coverage and expose weights as graph inputs.
+
+    ``feeds`` (calibration inputs at the working shapes, in the model's own layout) let shape folding
+    run the model, resolve If conditions on input values and (``self_check``) check that the working
+    copy reproduces the model's output on them; without them, shape-only tensors are computed on zeros.
+
+    Several ``tensor`` names (``kind="regression"`` only) are combined into one head scaled by
+    ``1/scales`` (:func:`~chita_onnx.gradients.heads.combine_outputs`); a head whose batch is not on
+    axis 0 is transposed (:func:`~chita_onnx.gradients.heads.batch_first`).
+    """
+    from .heads import batch_first, combine_outputs
+
+    tensors = [tensor] if isinstance(tensor, str) else list(tensor)
+    target: str | list[str] = tensors[0] if len(tensors) == 1 else tensors
+    m = cut_to(normalized, target)
+    fix_input_dims(m, batch, sample_shapes, batch_axes)
     updatable = list(updatable)
-    if legalize(m, keep_params=set(keep_params) | set(weights) | set(updatable)):
-        del m.graph.value_info[:]
-        m = _infer_shapes(m)
+    protect = set(weights) | set(updatable) | set(keep_params)
+    m, counts, static = working_copy(m, target, feeds=feeds, weights=weights, protect=protect, check=self_check)
+    segments: tuple[int, ...] = ()
+    if len(tensors) > 1:
+        if kind != "regression":
+            raise ModelError(f"several outputs {tensors} can only share a Gauss-Newton (regression) head")
+        m, tensor, _, segments = combine_outputs(m, tensors, batch, scales)
+    else:
+        tensor = tensors[0]
     table = _shape_table(m)
     elem, dims = table.get(tensor, (TensorProto.FLOAT, None))
     if dims is None or any(d is None or d <= 0 for d in dims):
@@ -981,13 +1024,13 @@ def build_forward(
     shape = tuple(int(d) for d in dims if d is not None)
     if elem not in _FLOAT_ELEM:
         raise ModelError(f"the loss input {tensor!r} is not a floating-point tensor")
-    if not shape or shape[0] != batch:
-        raise ModelError(
-            f"the loss input {tensor!r} has shape {list(shape)}: expected the batch ({batch}) on axis 0; "
-            "the model may have a fixed batch size baked into a Reshape"
-        )
-    axis = class_axis if class_axis is None or class_axis >= 0 else class_axis + len(shape)
-    if kind != "regression":
+    if class_axis is not None and class_axis < 0:
+        class_axis += len(shape)
+    if shape[:1] != (batch,):  # also a scalar: a batch of one squeezed away (see batch_first)
+        tensor, shape, perm = batch_first(m, tensor, shape, batch)
+        class_axis = None if class_axis is None else perm.index(class_axis)
+    axis = class_axis
+    if kind in ("logits", "probabilities"):
         if axis is None:
             axis = default_class_axis(shape)
         if axis is None or not 1 <= axis < len(shape):
@@ -1022,9 +1065,88 @@ def build_forward(
             )
         )
     # the head tensor's shape on the graph output (the builder copies it)
-    out = m.graph.output[0]
-    out.CopyFrom(helper.make_tensor_value_info(tensor, elem, list(shape)))
-    return Forward(m, Head(kind, tensor, axis, shape, int(elem)), batch, tuple(data_inputs), moved, tuple(on_path))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(tensor, elem, list(shape)))
+    head = Head(kind, tensor, axis, shape, int(elem))
+    return Forward(
+        m, head, batch, tuple(data_inputs), moved, tuple(on_path), segments, rewrites=dict(counts), static=static
+    )
+
+
+def working_copy(
+    normalized: onnx.ModelProto,
+    tensor: str | Sequence[str],
+    *,
+    feeds: Mapping[str, NDArray[Any]] | None = None,
+    weights: Iterable[str] = (),
+    protect: Iterable[str] = (),
+    check: bool = True,
+) -> tuple[onnx.ModelProto, dict[str, int], StaticInfo]:
+    """The static, differentiable working copy of ``normalized`` computing ``tensor`` (one name or
+    several).
+
+    Steps: cut to ``tensor``; fix the input dims (to ``feeds``' shapes, else as declared) and fold
+    shapes and If nodes (:func:`.static.make_static`); rewrite the ops on the path from ``weights`` to
+    ``tensor`` exactly (:func:`.rewrites.apply_rewrites`); legalize; and, with ``feeds``, check that
+    the copy reproduces ``tensor`` of ``normalized`` on them (:func:`check_working_copy`).
+    ``protect`` names initializers that must stay tensors (never folded or rewritten into constants).
+    Returns the model (weights are still initializers), the rewrite counts and the folding summary.
+    """
+    from .rewrites import apply_rewrites
+    from .static import _infer, make_static
+
+    targets = [tensor] if isinstance(tensor, str) else list(tensor)
+    cut = cut_to(normalized, targets)
+    weights = list(weights)
+    protect = set(protect) | set(weights)
+    m, static = make_static(cut, feeds, protect=protect)
+    recorded = [v.name for v in m.graph.value_info if v.name in static.recorded_names]
+
+    def reinfer(model: onnx.ModelProto) -> onnx.ModelProto:
+        return _infer(model, recorded)
+
+    inits = _initializers(m.graph)
+    m, counts = apply_rewrites(m, [w for w in weights if w in inits], targets, reinfer)
+    if legalize(m, keep_params=protect, counts=counts):
+        m = reinfer(m)
+    if feeds is not None and check:
+        for t in targets:
+            check_working_copy(cut, m, t, feeds)
+    return m, dict(counts), static
+
+
+#: The working copy must reproduce the model's output on the calibration example to within
+#: ``RTOL·max|output| + ATOL``: float32 reassociation in the rewrites stays far below the relative
+#: part; the absolute part covers onnxruntime's approximate Sigmoid/Tanh, whose error is absolute
+#: (~1e-7), which matters for probabilities near 0.
+SELF_CHECK_RTOL = 1e-3
+SELF_CHECK_ATOL = 1e-6
+
+
+def check_working_copy(
+    original: onnx.ModelProto, working: onnx.ModelProto, tensor: str, feeds: Mapping[str, NDArray[Any]]
+) -> None:
+    """Run ``original`` (dynamic shapes) and the static, rewritten ``working`` copy on ``feeds`` and
+    raise :class:`ModelError` when their ``tensor`` values differ: shape folding and every rewrite
+    must be exact."""
+    from .static import _run
+
+    want = _run(original, [tensor], feeds)[tensor]
+    got = _run(working, [tensor], feeds)[tensor]
+    if want.shape != got.shape:
+        raise ModelError(
+            f"the gradient working copy computes {tensor!r} with shape {list(got.shape)}, the model "
+            f"{list(want.shape)}; please report this model"
+        )
+    a, b = np.asarray(want, np.float64), np.asarray(got, np.float64)
+    scale = float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
+    err = float(np.abs(a - b).max(initial=0.0)) if np.isfinite(a).all() else 0.0
+    if not err <= SELF_CHECK_RTOL * scale + SELF_CHECK_ATOL:
+        raise ModelError(
+            f"the gradient working copy does not reproduce the model's output {tensor!r} on the calibration "
+            f"data (max error {err:.3g} at scale {scale:.3g}); please report this model"
+        )
+    log.debug("working copy reproduces %r (max error %.3g at scale %.3g)", tensor, err, scale)
 
 
 def default_class_axis(shape: Sequence[int]) -> int | None:

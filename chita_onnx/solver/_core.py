@@ -93,27 +93,23 @@ def hard_threshold(v: FloatArray, budget: Budget) -> IntArray:
             return np.empty(0, dtype=np.int64)
         idx = np.argpartition(-a, k - 1)[:k]
         return np.sort(idx).astype(np.int64)
+    # Rank of every entry within its own segment in descending |v| (stable: ties by index).  The first
+    # `lower` of each segment are taken; the remaining budget goes to the largest entries ranked in
+    # [lower, upper) of their segment.  Vectorised, so budgets with very many segments (one per N:M
+    # group) cost O(p log p) rather than a Python loop over the segments.
+    order = np.argsort(-a, kind="stable")
+    seg_of = budget.segment_ids()[order]
+    by_seg = np.argsort(seg_of, kind="stable")
+    first = np.searchsorted(seg_of[by_seg], seg_of[by_seg], side="left")
+    ranks = np.empty_like(order)
+    ranks[by_seg] = np.arange(order.shape[0], dtype=np.int64) - first
+    lower = np.asarray(budget.lower, dtype=np.int64)[seg_of]
+    upper = np.asarray(budget.upper, dtype=np.int64)[seg_of]
     chosen = np.zeros(p, dtype=bool)
-    seg = budget.segments
-    for t in range(len(seg) - 1):
-        lo = budget.lower[t]
-        if lo == 0:
-            continue
-        part = a[seg[t] : seg[t + 1]]
-        top = np.argpartition(-part, lo - 1)[:lo] if lo < part.shape[0] else np.arange(part.shape[0])
-        chosen[seg[t] + top] = True
+    chosen[order[ranks < lower]] = True
     rest = k - int(chosen.sum())
     if rest > 0:
-        order = np.argsort(-a, kind="stable")
-        order = order[~chosen[order]]
-        room = np.asarray(budget.upper, dtype=np.int64) - np.asarray(budget.lower, dtype=np.int64)
-        seg_of = budget.segment_ids()[order]
-        # rank of each candidate within its own segment, in descending |v| order
-        by_seg = np.argsort(seg_of, kind="stable")
-        first = np.searchsorted(seg_of[by_seg], seg_of[by_seg], side="left")
-        ranks = np.empty_like(order)
-        ranks[by_seg] = np.arange(order.shape[0], dtype=np.int64) - first
-        eligible = order[ranks < room[seg_of]]
+        eligible = order[(ranks >= lower) & (ranks < upper)]
         chosen[eligible[:rest]] = True
     return np.flatnonzero(chosen).astype(np.int64)
 

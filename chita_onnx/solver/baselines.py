@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -293,6 +294,7 @@ def woodfisher(
     block_size: int | None = None,
     update: bool = True,
     scale: float = 1.0,
+    blocks: Sequence[tuple[int, int]] | None = None,
 ) -> SolverResult:
     """WoodFisher pruning with a block-diagonal damped Fisher ``F = λI + XᵀX``.
 
@@ -307,6 +309,8 @@ def woodfisher(
       ``update=False`` is WF-S (selection only, ``w = w̄`` masked).
 
     ``objective`` is ``f(w)`` (with α = 0).  ``info`` has the number of blocks and timings.
+    ``blocks`` (``[(start, stop), ...]``, disjoint) replaces the blocks derived from the budget — for
+    budgets whose segments are not tensors (an N:M pattern has one segment per group).
     """
     w_bar = np.asarray(w_bar)
     check_problem(X, w_bar, budget, ridge)
@@ -316,8 +320,14 @@ def woodfisher(
     if budget.k >= w_bar.shape[0]:
         return _dense_result(X, w_bar, ridge, None, method)
     t0 = time.perf_counter()
-    blocks = woodfisher_blocks(budget, block_size)
     p = w_bar.shape[0]
+    if blocks is None:
+        blocks = woodfisher_blocks(budget, block_size)
+    else:
+        blocks = [(int(a), int(b)) for a, b in blocks]
+        edges = [e for ab in blocks for e in ab]
+        if not blocks or edges[0] != 0 or edges[-1] != p or edges != sorted(edges) or edges[1:-1:2] != edges[2::2]:
+            raise SolverError(f"woodfisher: blocks must tile [0, {p}) in order, got {blocks[:4]}")
     diag = np.empty(p, dtype=np.float64)
     cache: dict[tuple[int, int], BlockFisherInverse] = {}
     cached = 0

@@ -60,7 +60,8 @@ def sparsity_schedule(stages: int, target: float, kind: ScheduleKind = "poly", s
         elif kind == "geom":
             s = 1.0 - (1.0 - b) * ((1.0 - S) / (1.0 - b)) ** ((t + 1) / n)
         else:  # exp
-            s = b + (S - b) * 2.0 ** (n - 1) / (2.0 ** (n - 1) - 1.0) * (2.0**t - 1.0) / 2.0**t
+            # = b + (S − b)·2^{N−1}/(2^{N−1} − 1)·(2^t − 1)/2^t, written without 2^N (overflows past N ≈ 1024)
+            s = b + (S - b) * (1.0 - 2.0**-t) / (1.0 - 2.0 ** -(n - 1))
         levels.append(min(S, max(b, s)))
     levels[-1] = S
     for t in range(1, n):  # guard monotonicity against rounding

@@ -154,12 +154,18 @@ def _changed_tensors(result: ChannelResult, pruned: onnx.ModelProto) -> tuple[Te
 def compress_channels(
     prep: Prepared,
     out_path: Path,
+    staged: Path,
     config: CompressConfig,
     ref: Reference | None,
     timer: PhaseTimer,
     warnings: list[str],
 ) -> Report:
-    """Channel-prune ``prep.model`` into ``out_path`` and report (see the module docstring)."""
+    """Channel-prune ``prep.model`` and report (see the module docstring).
+
+    The model is written to ``staged``, the output plan's temporary file (:mod:`chita_onnx.paths`),
+    which the caller commits to ``out_path`` when the whole run succeeded; ``out_path`` is what the
+    report names.
+    """
     from ..pipeline import _versions
 
     multiple = config.channel_multiple or kernel_multiple()
@@ -236,15 +242,15 @@ def compress_channels(
     out_model.metadata_props.extend(entries)
     helper.set_model_props(out_model, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(meta)})
     with timer.phase("write"):
-        save_model(out_model, out_path, input_path=prep.path)
-        check_model(out_path)
+        save_model(out_model, staged, input_path=prep.path)
+        check_model(staged)
     comparison = None
     if ref is not None and prep.eval is not None:
         with timer.phase("evaluate"):
-            comparison = compare_to(ref, out_path, prep.eval, prep.specs)
+            comparison = compare_to(ref, staged, prep.eval, prep.specs)
     with timer.phase("sizes"):
         dr, dz = file_sizes(prep.path)
-        pr, pz = file_sizes(out_path)
+        pr, pz = file_sizes(staged)
     sample = _sample(prep, 1)
     shapes = {k: tuple(np.shape(v)) for k, v in sample.inputs.items()}
     from .capture import probe_shapes

@@ -1,0 +1,361 @@
+"""Will a model go through?  An up-front check, before any long work.
+
+:func:`check_model_support` answers with a frozen :class:`SupportReport`:
+
+* without data, structurally: the model is not quantized, its prunable weights are float32, its
+  opset converts, and every op between a prunable weight and the output either has a gradient in
+  onnxruntime-training 1.19.2 or an exact rewrite (counted per op), with Loop/Scan and ops that
+  cannot be differentiated refused — one line each, naming the op, the node and what to do;
+* with calibration data, for real: the gradient working copy is built (shapes folded, If nodes
+  inlined, rewrites made and checked against onnxruntime) and onnxruntime-training's gradient graph
+  is built from it, exactly as ``compress`` would.
+
+:func:`assert_supported` raises the first structural refusal (``compress`` calls it before loading
+data).  ``chita-onnx inspect MODEL --check [--data D]`` prints the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import onnx
+
+from .errors import ChitaError, ModelError, UnsupportedOpError
+
+log = logging.getLogger(__name__)
+
+#: Quantized or integer-arithmetic ops (default domain): gradients do not flow through them.
+QUANTIZED_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)
+#: com.microsoft quantized ops not caught by their prefix (``QLinear*``, ``QOrdered*``, ``DynamicQuantize*``).
+_MS_QUANTIZED = frozenset(
+    {
+        "MatMulIntegerToFloat",
+        "QAttention",
+        "QGemm",
+        "QEmbedLayerNormalization",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "GatherBlockQuantized",
+        "QuickGeluQuantized",
+    }
+)
+_MS_PREFIXES = ("QLinear", "QOrdered", "DynamicQuantize")
+_FLOAT32_ONLY_HINT = (
+    "chita-onnx prunes float32 weights; prune the float32 model, then convert it (e.g. with "
+    "onnxconverter-common's float16 converter)"
+)
+
+
+@dataclass(frozen=True)
+class SupportReport:
+    """The answer of :func:`check_model_support`.
+
+    ``refusals`` are one-line reasons (the first is what ``compress`` would stop with); ``rewrites``
+    and ``native`` count, per op type, the nodes on the differentiable path that are rewritten
+    exactly or that onnxruntime-training differentiates as they are; ``conditional`` names If nodes
+    whose branch is decided by the data; ``unreached`` are weights in If branches the calibration
+    data does not take (they stay unpruned); ``static`` summarises shape folding (with data only).
+    """
+
+    model: str
+    ok: bool
+    refusals: tuple[str, ...]
+    prunable_tensors: int
+    prunable_weights: int
+    output: str
+    rewrites: tuple[tuple[str, int], ...] = ()
+    native: tuple[tuple[str, int], ...] = ()
+    conditional: tuple[str, ...] = ()
+    subgraph_weights: int = 0
+    unreached: tuple[str, ...] = ()
+    checked_with_data: bool = False
+    static: tuple[tuple[str, int], ...] = ()
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- refusals
+
+
+def quantized_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The first quantized/integer-arithmetic node of ``model`` (any scope), if any."""
+    from .graph import walk_graphs
+
+    for _, g in walk_graphs(model.graph):
+        for n in g.node:
+            default = n.domain in ("", "ai.onnx") and n.op_type in QUANTIZED_OPS
+            ms = n.domain == "com.microsoft" and (n.op_type in _MS_QUANTIZED or n.op_type.startswith(_MS_PREFIXES))
+            if default or ms:
+                found: onnx.NodeProto = n
+                return found
+    return None
+
+
+def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
+    """Refusals that need neither data nor shapes: quantized models and non-float32 weights."""
+    from .graph import find_prunable
+
+    q = quantized_node(model)
+    if q is not None:
+        dom = f"{q.domain}." if q.domain not in ("", "ai.onnx") else ""
+        return [
+            f"{name}: the model is quantized (node {q.name or '<unnamed>'!r} is {dom}{q.op_type}); "
+            "prune the float model before quantizing it"
+        ]
+    tensors = find_prunable(model)
+    if not tensors:
+        return [f"{name}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)"]
+    other = [t for t in tensors if t.dtype != "float32"]
+    if other:
+        t = other[0]
+        return [f"{name}: weight {t.name!r} is {t.dtype} ({len(other)} such tensors); {_FLOAT32_ONLY_HINT}"]
+    return []
+
+
+def _op_verdicts(model: onnx.ModelProto, output: str) -> tuple[Counter[str], Counter[str], list[str], list[str]]:
+    """Per-op counts of exact rewrites and native gradients on the path from the prunable weights to
+    ``output``, the If nodes on it, and refusals (op, node, what to do)."""
+    from .gradients.prepare import _NO_GRADIENT_HINT, GRADIENT_OPS, LEGALIZED_OPS, cut_to, differentiable_nodes
+    from .gradients.prepare import normalize as normalize_model
+    from .gradients.rewrites import op_key, rewritable_ops
+    from .gradients.static import _infer
+    from .graph import find_prunable
+
+    names = [t.name for t in find_prunable(model) if not t.scope]
+    m = _infer(normalize_model(cut_to(model, output)))
+    rewritable = rewritable_ops() | LEGALIZED_OPS
+    rewrites: Counter[str] = Counter()
+    native: Counter[str] = Counter()
+    conditional: list[str] = []
+    refusals: list[str] = []
+    inits = {t.name for t in m.graph.initializer}
+    present = [w for w in names if w in inits]
+    for k, n in differentiable_nodes(m, present, output):
+        key = op_key(n)
+        label = n.name or f"<{n.op_type} #{k}>"
+        if key == "If":
+            conditional.append(label)
+        elif key in ("Loop", "Scan"):
+            refusals.append(f"cannot differentiate op {key} (node {label!r}): {_NO_GRADIENT_HINT[key]}")
+        elif key in rewritable and _fires(n, m):
+            rewrites[key] += 1
+        elif key in GRADIENT_OPS:
+            native[key] += 1
+        else:
+            hint = _NO_GRADIENT_HINT.get(
+                n.op_type,
+                "it has no gradient in onnxruntime-training 1.19.2 and no exact rewrite; pass --output to "
+                "differentiate a tensor before it",
+            )
+            refusals.append(
+                f"cannot differentiate op {key} (node {label!r}) on the path from the prunable weights: {hint}"
+            )
+    return rewrites, native, conditional, refusals
+
+
+def _fires(n: onnx.NodeProto, m: onnx.ModelProto) -> bool:
+    """Whether the exact rewrite of an op that also has a native gradient applies to ``n``: Pad in a
+    non-constant mode, Slice with a negative step, Pow with an integer exponent."""
+    from onnx import numpy_helper
+
+    from .gradients.prepare import attr_str
+
+    if n.op_type == "Pad":
+        return attr_str(n, "mode", "constant") != "constant"
+    inits = {t.name: t for t in m.graph.initializer}
+    if n.op_type == "Slice":
+        steps = inits.get(n.input[4]) if len(n.input) > 4 else None
+        return steps is not None and bool((numpy_helper.to_array(steps) < 0).any())
+    if n.op_type == "Pow":
+        e = inits.get(n.input[1])
+        return e is not None and e.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    return True
+
+
+def _branch_weights(model: onnx.ModelProto) -> list[str]:
+    """Main-graph If/Loop/Scan nodes whose subgraphs hold prunable weights."""
+    from .graph import find_prunable
+
+    owners = {t.scope.split("/")[0] for t in find_prunable(model) if t.scope}
+    return [
+        n.name or f"<{n.op_type} #{k}>"
+        for k, n in enumerate(model.graph.node)
+        if (n.name or f"{n.op_type}#{k}") in owners
+    ]
+
+
+def _output_of(model: onnx.ModelProto, output: str | None) -> str:
+    from .gradients.prepare import select_output
+
+    return select_output(model, output)
+
+
+def refuse_quantized(model: onnx.ModelProto, name: str = "model") -> None:
+    """Raise :class:`UnsupportedOpError` (one line, with the advice) for a quantized model."""
+    if quantized_node(model) is not None:
+        raise UnsupportedOpError(_structural_refusals(model, name)[0])
+
+
+def assert_supported(
+    model: onnx.ModelProto, name: str = "model", output: str | None = None, *, gradients: bool = True
+) -> None:
+    """Raise the first structural refusal (see the module docstring): a quantized model; and, when
+    ``gradients`` are needed, non-float32 weights, an opset that cannot be converted, or Loop/Scan or
+    an op without gradient or exact rewrite between a prunable weight and ``output``."""
+    q = quantized_node(model)
+    if q is not None or gradients:
+        first = _structural_refusals(model, name)
+        if first:
+            raise (UnsupportedOpError if q is not None else ModelError)(first[0])
+    if not gradients:
+        return
+    *_, refusals = _op_verdicts(model, _output_of(model, output))
+    if refusals:
+        raise UnsupportedOpError(refusals[0])
+
+
+def check_model_support(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    data: Any = None,
+    *,
+    output: str | None = None,
+    loss: str = "auto",
+    batch_size: int = 64,
+) -> SupportReport:
+    """Check whether ``model`` goes through (see the module docstring).
+
+    ``data`` (any calibration data specification ``compress`` accepts) turns on the real check: the
+    gradient working copy and gradient graph are built on its first batch.  Errors in the model file
+    or the data themselves are raised; everything that makes the model unsupported is reported.
+    """
+    from .graph import find_prunable, load_model, model_inputs
+
+    t0 = time.perf_counter()
+    name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else "model"
+    m = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    refusals = _structural_refusals(m, name)
+    tensors = [] if refusals and "quantized" in refusals[0] else find_prunable(m)
+    base = SupportReport(
+        model=name,
+        ok=not refusals,
+        refusals=tuple(refusals),
+        prunable_tensors=len(tensors),
+        prunable_weights=sum(t.size for t in tensors),
+        output="",
+        subgraph_weights=sum(1 for t in tensors if t.scope),
+    )
+    if refusals:
+        return replace(base, seconds=time.perf_counter() - t0)
+    out = _output_of(m, output)
+    try:
+        rewrites, native, conditional, refusals = _op_verdicts(m, out)
+    except ChitaError as exc:
+        return replace(base, ok=False, refusals=(str(exc),), output=out, seconds=time.perf_counter() - t0)
+    report = replace(
+        base,
+        ok=not refusals,
+        refusals=tuple(refusals),
+        output=out,
+        rewrites=tuple(sorted(rewrites.items())),
+        native=tuple(sorted(native.items())),
+        conditional=tuple(dict.fromkeys([*conditional, *_branch_weights(m)])),
+        seconds=time.perf_counter() - t0,
+    )
+    if data is None or refusals:
+        return report
+    from .data import open_source
+    from .gradients import GradientEngine
+
+    source = open_source(data, model_inputs(m), batch_size=batch_size)
+    example = next(iter(source), None)
+    if example is None:
+        from .errors import DataError
+
+        raise DataError(f"{data}: the calibration data is empty")
+    try:
+        engine = GradientEngine(m, None, example=example, loss=loss, output=output, method="single")  # type: ignore[arg-type]
+    except ChitaError as exc:
+        return replace(report, ok=False, refusals=(str(exc),), checked_with_data=True)
+    fwd = engine.fwd
+    st = fwd.static
+    static = (
+        ()
+        if st is None
+        else (
+            ("folded tensors", st.folded),
+            ("If nodes inlined", len(st.inlined)),
+            ("shapes recorded from a run", st.recorded),
+            ("onnxruntime runs", st.runs),
+        )
+    )
+    return replace(
+        report,
+        rewrites=tuple(sorted(fwd.rewrites.items())),
+        unreached=tuple(engine.unreached),
+        checked_with_data=True,
+        static=static,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def format_support(r: SupportReport) -> str:
+    """The report as text (what ``chita-onnx inspect --check`` prints)."""
+    lines = [
+        f"{r.model}: {'supported' if r.ok else 'NOT supported'}"
+        + (" (checked with data)" if r.checked_with_data else " (structural check; pass --data for the full check)")
+    ]
+    lines.append(
+        f"  prunable: {r.prunable_tensors} tensors, {r.prunable_weights:,} weights"
+        + (f" ({r.subgraph_weights} tensors inside If branches)" if r.subgraph_weights else "")
+    )
+    if r.output:
+        lines.append(f"  differentiated output: {r.output}")
+    if r.rewrites:
+        lines.append("  exact rewrites: " + ", ".join(f"{op} ×{k}" for op, k in r.rewrites))
+    if r.native:
+        lines.append("  native gradients: " + ", ".join(f"{op} ×{k}" for op, k in r.native))
+    if r.conditional:
+        lines.append(
+            f"  If nodes on the path (inlined once the data fixes their condition): {', '.join(r.conditional)}"
+        )
+    if r.static:
+        lines.append("  static shapes: " + ", ".join(f"{k} {v}" for k, v in r.static))
+    if r.unreached:
+        lines.append(
+            f"  {len(r.unreached)} weight tensors sit in If branches the calibration data does not take; they stay "
+            f"unpruned: {', '.join(r.unreached[:4])}{' ...' if len(r.unreached) > 4 else ''}"
+        )
+    for why in r.refusals:
+        lines.append(f"  refused: {why}")
+    lines.append(f"  ({r.seconds:.2f}s)")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "QUANTIZED_OPS",
+    "SupportReport",
+    "assert_supported",
+    "check_model_support",
+    "format_support",
+    "quantized_node",
+    "refuse_quantized",
+]

@@ -1,0 +1,249 @@
+"""Up-front refusals and the support report (chita_onnx.support, ``inspect --check``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from chita_onnx_cli.main import cli
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from rewrite_kit import MS, Init, engine_grads, img_chain, model_of, node, vec_chain, vi
+
+import chita_onnx
+from chita_onnx import CompressConfig
+from chita_onnx.errors import UnsupportedOpError
+from chita_onnx.support import assert_supported, check_model_support, format_support
+
+I8, U8 = TensorProto.INT8, TensorProto.UINT8
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, path)
+    return path
+
+
+def _run_cli(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------------ quantized
+
+
+def _q(name: str, shape: tuple[int, ...], dtype: int = I8) -> onnx.TensorProto:
+    arr = np.random.default_rng(0).integers(-5, 5, shape)
+    return numpy_helper.from_array(arr.astype(np.int8 if dtype == I8 else np.uint8), name)
+
+
+def _scalar(name: str, value: float, dtype: type = np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype), name)
+
+
+def quantized(kind: str) -> onnx.ModelProto:
+    """Small models as onnxruntime's quantization tools write them."""
+    x = [vi("x", ["N", 2, 5, 5])]
+    # outputs declare their shapes: a graph output without one fails onnx.checker, which load refuses
+    y = [vi("y", ["N", 3, 3, 3])]
+    if kind == "ConvInteger":  # dynamic quantization of a Conv
+        nodes = [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dq"),
+            helper.make_node("ConvInteger", ["xq", "Wq", "xz"], ["yi"], name="conv_int"),
+            helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT, name="cast"),
+        ]
+        return model_of(nodes, x, y, [_q("Wq", (3, 2, 3, 3), U8)], 13, check=False)
+    if kind == "QLinearConv":
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+            helper.make_node("QLinearConv", ["xq", "s", "z", "Wq", "s", "zw", "s", "z"], ["yq"], name="qconv"),
+            helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dq"),
+        ]
+        inits = [_q("Wq", (3, 2, 3, 3)), _scalar("s", 0.1), _scalar("z", 0, np.int8), _scalar("zw", 0, np.int8)]
+        return model_of(nodes, x, y, inits, 13, check=False)
+    if kind == "QDQ":  # float ops between Quantize/Dequantize pairs, integer weights
+        nodes = [
+            helper.make_node("DequantizeLinear", ["Wq", "s", "z"], ["W"], name="w_dq"),
+            helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+        ]
+        return model_of(
+            nodes, x, y, [_q("Wq", (3, 2, 3, 3)), _scalar("s", 0.1), _scalar("z", 0, np.int8)], 13, check=False
+        )
+    if kind == "MatMulInteger":
+        nodes = [
+            helper.make_node("DynamicQuantizeLinear", ["v"], ["vq", "vs", "vz"], name="dq"),
+            helper.make_node("MatMulInteger", ["vq", "Wq", "vz"], ["yi"], name="mm_int"),
+            helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT, name="cast"),
+        ]
+        return model_of(nodes, [vi("v", ["N", 4])], [vi("y", ["N", 3])], [_q("Wq", (4, 3), U8)], 13, check=False)
+    # com.microsoft, as in ddddocr's common_old.onnx
+    nodes = [
+        helper.make_node("DynamicQuantizeLSTM", ["v"], ["y"], name="qlstm", domain=MS),
+    ]
+    return model_of(nodes, [vi("v", [2, 1, 4])], [vi("y", [2, 1, 1, 4])], [], 13, ms=True)
+
+
+@pytest.mark.parametrize("kind", ["ConvInteger", "QLinearConv", "QDQ", "MatMulInteger", "DynamicQuantizeLSTM"])
+def test_quantized_models_are_refused_up_front_with_advice(kind: str, tmp_path: Path) -> None:
+    path = _save(quantized(kind), tmp_path / f"{kind}.onnx")
+    report = check_model_support(path)
+    assert not report.ok and len(report.refusals) == 1
+    assert "is quantized" in report.refusals[0] and "prune the float model before quantizing" in report.refusals[0]
+    code, _out, err = _run_cli("compress", path, tmp_path / "o.onnx", "--data", tmp_path / "missing.npz")
+    assert code == 1 and err.count("\n") == 1 and "quantized" in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_float16_weights_are_refused_with_a_clear_message() -> None:
+    w = Init(1)
+    model = vec_chain([node("Tanh", ["z"], ["y"])], w)
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+        t.data_type = TensorProto.FLOAT16
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    report = check_model_support(model)
+    assert not report.ok
+    assert "'W1' is float16" in report.refusals[0] and "prune the float32 model" in report.refusals[0]
+
+
+# ---------------------------------------------------------------------------------- control flow
+
+
+def _loop_body() -> onnx.GraphProto:
+    nodes = [
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("Tanh", ["v_in"], ["t"]),
+        helper.make_node("Add", ["t", "z"], ["v_out"]),  # reads z from the outer scope
+    ]
+    return helper.make_graph(
+        nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+
+
+def loop_model(on_path: bool = True) -> onnx.ModelProto:
+    w = Init(5)
+    trip, cond = w.const("trip", 2, np.int64), w.const("cond", True, np.bool_)
+    if on_path:
+        nodes = [
+            node("MatMul", ["x", w("W1", 5, 6)], ["z"]),
+            helper.make_node("Loop", [trip, cond, "z"], ["y"], body=_loop_body(), name="the_loop"),
+        ]
+    else:  # a loop on the input only, before any weight
+        nodes = [
+            node("Identity", ["x"], ["z"]),
+            helper.make_node("Loop", [trip, cond, "z"], ["xl"], body=_loop_body(), name="the_loop"),
+            node("MatMul", ["xl", w("W1", 5, 6)], ["y"]),
+        ]
+    nodes.append(node("Gemm", ["y", w("W2", 3, 6)], ["logits"], transB=1))
+    return model_of(nodes, [vi("x", ["N", 5])], [vi("logits", ["N", 3])], w.items, 17)
+
+
+def scan_model() -> onnx.ModelProto:
+    w = Init(6)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "x_t"], ["s_out"]), helper.make_node("Identity", ["s_out"], ["y_t"])],
+        "body",
+        [
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [6]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [6]),
+        ],
+    )
+    nodes = [
+        node("MatMul", ["x", w("W1", 5, 6)], ["z"]),
+        helper.make_node(
+            "Scan", [w.const("s0", np.zeros(6)), "z"], ["s", "y"], body=body, num_scan_inputs=1, name="the_scan"
+        ),
+        node("Gemm", ["y", w("W2", 3, 6)], ["logits"], transB=1),
+    ]
+    return model_of(nodes, [vi("x", ["N", 5])], [vi("logits", ["N", 3])], w.items, 17)
+
+
+@pytest.mark.parametrize(("build", "op", "name"), [(loop_model, "Loop", "the_loop"), (scan_model, "Scan", "the_scan")])
+def test_loops_on_the_path_are_refused_before_any_work(build: object, op: str, name: str, tmp_path: Path) -> None:
+    model = build()  # type: ignore[operator]
+    with pytest.raises(UnsupportedOpError, match=rf"op {op} \(node '{name}'\).*unrolled.*--output"):
+        assert_supported(model)
+    path = _save(model, tmp_path / "loop.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 5), np.float32))
+    code, _, err = _run_cli("compress", path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert code == 1 and f"op {op} (node '{name}')" in err and err.count("\n") == 1
+
+
+def test_a_loop_before_the_weights_is_fine() -> None:
+    assert_supported(loop_model(on_path=False))
+    assert check_model_support(loop_model(on_path=False)).ok
+
+
+def test_an_op_without_gradient_or_rewrite_is_named() -> None:
+    w = Init(7)
+    model = vec_chain([node("Einsum", ["z", w("E", 6, 6)], ["y"], equation="ij,jk->ik")], w)
+    report = check_model_support(model)
+    assert not report.ok and "op Einsum (node 'Einsum_y')" in report.refusals[0]
+    with pytest.raises(UnsupportedOpError, match="Einsum"):
+        assert_supported(model)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _detector(w: Init) -> onnx.ModelProto:
+    nodes = [
+        node("Resize", ["z", "", w.const("sc", [1, 1, 2, 2])], ["r"], mode="linear"),
+        node("HardSwish", ["r"], ["y"]),
+    ]
+    return img_chain(nodes, w, 3 * 64)
+
+
+def test_report_counts_rewrites_and_agrees_with_the_engine(tmp_path: Path) -> None:
+    model = _detector(Init(8))
+    report = check_model_support(model)
+    assert report.ok and not report.checked_with_data
+    assert dict(report.rewrites) == {"HardSwish": 1, "Resize": 1}
+    assert dict(report.native) == {"Conv": 1, "Flatten": 1, "Gemm": 1}
+    e, *_ = engine_grads(model, ["C1", "W2"])
+    assert {k: v for k, v in e.fwd.rewrites.items() if k in ("Resize", "HardSwish")} == dict(report.rewrites)
+    data = {"x": np.random.default_rng(0).standard_normal((4, 2, 4, 4)).astype(np.float32)}
+    full = check_model_support(model, data)
+    assert full.ok and full.checked_with_data and dict(full.static)["If nodes inlined"] == 0
+    json.dumps(full.to_dict())
+    text = format_support(full)
+    assert "supported (checked with data)" in text and "Resize ×1" in text
+
+
+def test_inspect_check_cli(tmp_path: Path) -> None:
+    model = _save(_detector(Init(9)), tmp_path / "det.onnx")
+    code, out, _ = _run_cli("inspect", model, "--check")
+    assert code == 0 and "supported" in out and "exact rewrites: HardSwish ×1, Resize ×1" in out
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).standard_normal((3, 2, 4, 4)).astype(np.float32))
+    code, out, _ = _run_cli("inspect", model, "--check", "--data", tmp_path / "d.npz", "--json")
+    assert code == 0 and json.loads(out)["checked_with_data"] is True
+    code, out, err = _run_cli("inspect", _save(quantized("QDQ"), tmp_path / "q.onnx"), "--check")
+    assert code == 1 and "NOT supported" in out and err.startswith("error:") and "quantized" in err
+    code, out, _ = _run_cli("inspect", model)  # without --check: the tensor table as before
+    assert code == 0 and "prunable tensors" in out
+
+
+def test_compress_api_refuses_unsupported_models_before_reading_data(tmp_path: Path) -> None:
+    # the data file exists (the output plan checks paths first) but is not an .npz: never read
+    (tmp_path / "d.npz").write_bytes(b"not read")
+    with pytest.raises(UnsupportedOpError, match="Loop"):
+        chita_onnx.compress(
+            _save(loop_model(), tmp_path / "l.onnx"), tmp_path / "o.onnx", tmp_path / "d.npz", CompressConfig()
+        )
