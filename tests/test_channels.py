@@ -452,6 +452,33 @@ def test_refit_reduces_the_error_and_stays_equivalent() -> None:
     assert errs[("chita", True)] < errs[("magnitude", False)]
 
 
+def test_equivalence_check_accepts_rounding_noise_and_refuses_a_wrong_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sliced model passes against the masked one on the masked model's own rounding noise
+    (fused vs unfused kernels) even with no fixed tolerance; a rewrite off by 0.1% does not."""
+    from chita_onnx.data_types import Batch
+    from chita_onnx.structured import run
+
+    model = _tiny_cnn()
+    x = _data(model, 64)
+    specs = model_inputs(model)
+    r = prune_channels(model, ArraySource(x), specs, ChannelOptions(0.5, method="chita", update=True, multiple=4))
+    masked, sliced = r.masked(), r.sliced()
+    batch = Batch({k: v[:8] for k, v in x.items()}, None)
+    floor = run.rounding_floor(masked, batch, specs)
+    assert 0.0 < floor < 1e-5  # Conv+BatchNormalization fused or not: different float rounding
+    monkeypatch.setattr(run, "EQUIVALENCE_RTOL", 0.0)
+    diff = run.max_difference(masked, sliced, batch, specs)
+    assert diff <= run.ROUNDING_FACTOR * floor and run.equivalent(masked, diff, batch, specs)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(sliced)
+    fc = next(t for t in wrong.graph.initializer if t.name.startswith("fc.w"))
+    fc.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(fc) * np.float32(1.001), fc.name))
+    bad = run.max_difference(masked, wrong, batch, specs)
+    assert not run.equivalent(masked, bad, batch, specs)
+    monkeypatch.undo()
+    assert not run.equivalent(masked, bad, batch, specs) and bad > run.EQUIVALENCE_RTOL
+
+
 def test_round_count_prefers_kernel_friendly_counts() -> None:
     assert round_count(12, 16, 16) == 16  # 12 is no friendly count; 8 and 16 are, ties go up
     assert round_count(10, 16, 16) == 8

@@ -86,13 +86,16 @@ def _runnable(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def session(model: onnx.ModelProto | bytes, *, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session with all graph optimisations; load failures become a one-line :class:`ModelError`.
+def session(model: onnx.ModelProto | bytes, *, threads: int = 1, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session with all graph optimisations (none when not ``optimize``); load failures become a
+    one-line :class:`ModelError`.
 
     A model newer than the bundled onnxruntime loads is converted down first (for running only).
     """
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else model

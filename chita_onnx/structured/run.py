@@ -45,8 +45,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Largest |pruned − masked| output difference accepted, relative to the output scale.
+#: Largest |pruned − masked| output difference always accepted, relative to the output scale.
 EQUIVALENCE_RTOL = 1e-4
+#: A larger difference is accepted when it is within this factor of the masked model's own rounding
+#: noise (:func:`rounding_floor`): a deep network with re-fitted weights can amplify float rounding
+#: past EQUIVALENCE_RTOL (1.4e-4 measured on a PP-OCR recogniser), while a wrong rewrite changes the
+#: outputs on the scale of the outputs themselves.
+ROUNDING_FACTOR = 20.0
 LATENCY_THREADS = 1
 
 
@@ -58,7 +63,10 @@ def _sample(prep: Prepared, n: int = 8) -> Batch:
 def max_difference(a: onnx.ModelProto, b: onnx.ModelProto, batch: Batch, specs: list[InputSpec]) -> float:
     """Largest |output difference| over all outputs, relative to max(1, largest |output|)."""
     x = feed(batch, specs)
-    ya, yb = session(a).run(None, x), session(b).run(None, x)
+    return _relative_difference(session(a).run(None, x), session(b).run(None, x))
+
+
+def _relative_difference(ya: list[np.ndarray], yb: list[np.ndarray]) -> float:
     worst = 0.0
     for u, v in zip(ya, yb, strict=True):
         u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
@@ -67,6 +75,23 @@ def max_difference(a: onnx.ModelProto, b: onnx.ModelProto, batch: Batch, specs: 
         scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
         worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
     return worst
+
+
+def rounding_floor(model: onnx.ModelProto, batch: Batch, specs: list[InputSpec]) -> float:
+    """The model's float rounding noise: the relative :func:`max_difference` between onnxruntime
+    with every graph optimisation (fused kernels) and with none, on the same inputs."""
+    x = feed(batch, specs)
+    return _relative_difference(session(model).run(None, x), session(model, optimize=False).run(None, x))
+
+
+def equivalent(masked: onnx.ModelProto, diff: float, batch: Batch, specs: list[InputSpec]) -> bool:
+    """Whether a sliced model that differs from ``masked`` by ``diff`` computes the same function:
+    within EQUIVALENCE_RTOL, or within ROUNDING_FACTOR times the masked model's rounding noise."""
+    if diff <= EQUIVALENCE_RTOL:
+        return True
+    floor = rounding_floor(masked, batch, specs)
+    log.info("pruned vs masked %.3g; rounding noise of the masked model %.3g", diff, floor)
+    return diff <= ROUNDING_FACTOR * floor
 
 
 def verified(
@@ -79,7 +104,7 @@ def verified(
         result = prune_channels(prep.model, prep.calib, prep.specs, opts, blocked=blocked)
         sliced, masked = result.sliced(), result.masked()
         diff = max_difference(masked, sliced, batch, specs)
-        if diff <= EQUIVALENCE_RTOL:
+        if equivalent(masked, diff, batch, specs):
             return result, sliced, diff
         suspects = {
             g.id: "its rewrite (a shape computed at run time) did not reproduce the masked model"
