@@ -16,7 +16,7 @@ Tasks are pluggable: the bundled digits CNN is built in; other models come from 
 module with ``TASKS = {name: Task(...)}`` (see :class:`Task`) — e.g. the zoo's data generators.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_channels.py \\
-        --tasks /path/to/zoo_tasks.py --json bench_channels.json
+        --tasks benchmarks/zoo/channel_tasks.py --json bench_channels.json
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ class Task:
     batch_axis: int = 0  # of the first output (ddddocr's is [T, N, C])
     num_samples: int = 128
     notes: list[str] = field(default_factory=list)
+    #: scores a whole model on the held-out data instead of ``metric`` (the zoo's runners and metrics)
+    score: Callable[[onnx.ModelProto], dict[str, float]] | None = None
+
+    def evaluate(self, model: onnx.ModelProto, chunk: int) -> dict[str, float]:
+        if self.score is not None:
+            return self.score(model)
+        return self.metric(outputs(model, self.eval_inputs, self, chunk))
 
 
 def digits_task() -> Task:
@@ -75,15 +82,16 @@ def digits_task() -> Task:
     )
 
 
-def load_tasks(path: str | None) -> dict[str, Task]:
-    tasks = {"digits_cnn": digits_task()}
+def load_tasks(path: str | None, only: list[str] | None = None) -> dict[str, Task]:
+    """The digits CNN and the tasks of ``path`` (built only when named in ``only``, if given)."""
+    makers: dict[str, Callable[[], Task]] = {"digits_cnn": digits_task}
     if path:
         spec = importlib.util.spec_from_file_location("bench_tasks", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        tasks.update(module.TASKS)
-    return tasks
+        makers.update({k: (lambda k=k: module.TASKS[k]) for k in module.TASKS})
+    return {k: make() for k, make in makers.items() if only is None or k in only}
 
 
 def fixed_batch(model: onnx.ModelProto) -> bool:
@@ -130,7 +138,7 @@ def run(
     fixed = fixed_batch(dense)
     chunk = 1 if fixed else 64
     first = {k: v[:1] for k, v in task.eval_inputs.items()}
-    dense_metric = task.metric(outputs(dense, task.eval_inputs, task, chunk))
+    dense_metric = task.evaluate(dense, chunk)
     rows: list[dict[str, object]] = []
     print(f"\n== {name}: dense {dense_metric}", flush=True)
     for s in sparsities:
@@ -175,7 +183,7 @@ def run(
         print(f"  s={s} control (dense vs its copy): b1 {control[1]:.2f}x b32 {control[32]:.2f}x", flush=True)
         for k, meth in enumerate(pruned, start=2):
             m = pruned[meth]
-            score = task.metric(outputs(m, task.eval_inputs, task, chunk))
+            score = task.evaluate(m, chunk)
             row = {
                 "model": name,
                 "sparsity": s,
@@ -200,6 +208,34 @@ def run(
     return rows
 
 
+def markdown(rows: list[dict[str, object]]) -> str:
+    """The results as a Markdown table (``--render``): per model, sparsity and method."""
+    out = [
+        "| model | channels removed | method | metric (dense) | params | FLOPs | batch 1: speed-up (ms) "
+        "| batch 32: speed-up (ms) | control b1 / b32 | written |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        m, dm = r["metric"], r["dense_metric"]
+        assert isinstance(m, dict) and isinstance(dm, dict)
+        head = next(iter(m))
+        ch, p, f = r["channels"], r["params"], r["flops"]
+        lat, sp, c = r["latency_ms"], r["speedup"], r["control_speedup"]
+        assert isinstance(ch, list) and isinstance(p, list) and isinstance(f, list)
+        assert isinstance(lat, dict) and isinstance(sp, dict) and isinstance(c, dict)
+        lat = {str(k): v for k, v in lat.items()}
+        sp = {str(k): v for k, v in sp.items()}
+        c = {str(k): v for k, v in c.items()}
+        out.append(
+            f"| {r['model']} | {r['sparsity']:g} ({ch[1] - ch[0]}/{ch[1]}) | {r['method']} "
+            f"| {head} {100 * m[head]:.1f} ({100 * dm[head]:.1f}) | {p[0] / p[1]:.2f} | {f[0] / f[1]:.2f} "
+            f"| {sp['1']:.2f}x ({lat['1'][0]:.3g} vs {lat['1'][1]:.3g}) "
+            f"| {sp['32']:.2f}x ({lat['32'][0]:.3g} vs {lat['32'][1]:.3g}) | {c['1']:.2f} / {c['32']:.2f} "
+            f"| {r['written']} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=None, help="Python file defining TASKS = {name: Task}")
@@ -208,10 +244,12 @@ def main() -> None:
     ap.add_argument("--methods", default="chita,l1,l1+refit")
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of timing per model set and batch size")
+    ap.add_argument("--render", default=None, help="only print the Markdown table of these JSON files (comma-sep.)")
     args = ap.parse_args()
-    tasks = load_tasks(args.tasks)
-    if args.only:
-        tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
+    if args.render:
+        print(markdown([r for f in args.render.split(",") for r in json.loads(Path(f).read_text())["rows"]]))
+        return
+    tasks = load_tasks(args.tasks, args.only.split(",") if args.only else None)
     import onnxruntime as ort
 
     cpu = next(
