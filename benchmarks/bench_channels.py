@@ -165,6 +165,13 @@ def run(
                 "guard": [{"batch": r.batch, "speedup": r.speedup} for r in c.latency],
                 "notes": list(c.notes),
                 "multiple": c.multiple,
+                "prunable_channels": c.prunable_channels,
+                # groups kept whole by the analysis (not by the allocation): producers, channels, why
+                "whole": [
+                    [list(g.producers), g.channels, list(g.reasons)]
+                    for g in c.groups
+                    if g.reasons and not any("keeps every channel" in why or "--keep" in why for why in g.reasons)
+                ],
             }
             print(
                 f"  s={s} {meth}: {seconds:.0f}s, kept {c.channels_after}/{c.channels_before} channels, "
@@ -211,7 +218,7 @@ def run(
 def markdown(rows: list[dict[str, object]]) -> str:
     """The results as a Markdown table (``--render``): per model, sparsity and method."""
     out = [
-        "| model | channels removed | method | metric (dense) | params | FLOPs | batch 1: speed-up (ms) "
+        "| model | channels removed (of prunable) | method | metric (dense) | params | FLOPs | batch 1: speed-up (ms) "
         "| batch 32: speed-up (ms) | control b1 / b32 | written |",
         "|---|---|---|---|---:|---:|---:|---:|---|---|",
     ]
@@ -227,7 +234,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
         sp = {str(k): v for k, v in sp.items()}
         c = {str(k): v for k, v in c.items()}
         out.append(
-            f"| {r['model']} | {r['sparsity']:g} ({ch[1] - ch[0]}/{ch[1]}) | {r['method']} "
+            f"| {r['model']} | {r['sparsity']:g} ({ch[1] - ch[0]}/{r.get('prunable_channels', ch[1])}) | {r['method']} "
             f"| {head} {100 * m[head]:.1f} ({100 * dm[head]:.1f}) | {p[0] / p[1]:.2f} | {f[0] / f[1]:.2f} "
             f"| {sp['1']:.2f}x ({lat['1'][0]:.3g} vs {lat['1'][1]:.3g}) "
             f"| {sp['32']:.2f}x ({lat['32'][0]:.3g} vs {lat['32'][1]:.3g}) | {c['1']:.2f} / {c['32']:.2f} "
