@@ -9,7 +9,7 @@ CompressConfig(structure="channel"))`` — exactly what the CLI runs, latency gu
 * ``l1+refit``: the baseline's channels with our re-fit (tells selection and update apart).
 
 Then, in one process, the dense model and the three pruned ones are timed side by side with
-onnxruntime CPU (1 thread; interleaved rounds over three sets of freshly created sessions; medians,
+onnxruntime CPU (1 thread; interleaved rounds over five sets of freshly created sessions; medians,
 and the speed-up as the median of the per-round ratios) at batch 1 and 32, and scored on held-out data.
 
 Tasks are pluggable: the bundled digits CNN is built in; other models come from ``--tasks FILE.py``, a
