@@ -557,6 +557,8 @@ def sweep(
 
     if str(kwargs.get("pattern", "unstructured")).strip().lower() != "unstructured":
         raise ConfigError(f"--pattern={kwargs['pattern']}: sweep compares sparsities; use compress --pattern instead")
+    if kwargs.get("structure", "none") != "none":
+        raise ConfigError(f"--structure={kwargs['structure']}: sweep compares weight pruning; use compress --structure")
     method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
     kwargs.pop("method", None)
     kwargs.pop("sparsity", None)

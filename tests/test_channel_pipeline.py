@@ -208,3 +208,11 @@ def test_channel_structure_refuses_an_nm_pattern(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--pattern='2:4'" in result.output, result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_sweep_refuses_channel_structure(tmp_path: Path) -> None:
+    args = ["sweep", str(MODELS / "digits_cnn.onnx"), "--data", str(MODELS / "digits_calib.npz")]
+    args += ["--structure", "channel", "--methods", "magnitude", "--out", str(tmp_path / "sw")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--structure=channel" in result.output, result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
