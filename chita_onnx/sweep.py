@@ -102,7 +102,7 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
 
 def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
     if method == "magnitude+obs":
-        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
+        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None, start_sparsity=None)
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
     start = min(0.5 if base.start_sparsity is None else base.start_sparsity, sparsity) if method == "chita++" else None
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)

@@ -62,6 +62,7 @@ from numpy.typing import NDArray
 from ..errors import SolverError
 from ._core import Budget, FloatArray, IntArray, SolverResult, check_problem, hard_threshold, objective
 from .backsolve import _chunks, matvec, ridge_backsolve, rmatvec
+from .exchange import exchange_search
 
 __all__ = ["chita_iht"]
 
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 F64 = NDArray[np.float64]
 Init = Literal["backsolve", "magnitude"]
 Start = Literal["magnitude", "obd"]
-Method = Literal["auto", "iht", "swap"]
+Method = Literal["auto", "iht", "swap", "exchange"]
 
 #: Fraction of the columns above which the active set is the whole matrix (no copy is made).
 _FULL_SPACE_FRACTION = 0.5
@@ -707,6 +708,12 @@ def _solve(
         return SolverResult(w, supp, f, (f,), 0, True, "chita", {"time_s": time.perf_counter() - t0})
 
     nonzero, colsq = column_scan(X)
+    zero_columns = int(p - np.count_nonzero(nonzero))
+    if ridge > 0:
+        # An identically zero gradient column still costs (λ/2)(w̄ − α/λ)² in f when its weight is
+        # pruned: with λ > 0 it competes for the budget like any other weight (the reference drops
+        # such weights up front, which minimises a different objective than the f reported).
+        nonzero = np.ones(p, dtype=bool)
     budget_nz, zkeep = split_zero_columns(budget, nonzero, wb)
     k_nz = budget_nz.k
     elig = np.flatnonzero(nonzero).astype(np.int64)
@@ -733,9 +740,21 @@ def _solve(
     iters = outer = a_size = 0
     converged = True
     w_first: F64 | None = None  # the backsolve on the starting support, reused if the support never moves
+    first_support = supp0
+    exchange_info: dict[str, float | int | str] = {}
     if k_nz in (0, elig.shape[0]):
         supp_cols = supp0
+    elif ridge > 0 and (method == "exchange" or (method == "auto" and k_nz > swap_max_k)):
+        # Exchange search in the Woodbury form: exact scores and exact re-fits, any k (see exchange.py).
+        mode = "exchange"
+        ex = exchange_search(X, wb, budget_nz, ridge, alpha, supp0, max_iter=max_iter, tol=tol)
+        iters, converged, a_size, supp_cols, w_iter = ex.iterations, ex.converged, p, ex.support, ex.w
+        trace.extend(ex.trace)
+        w_first, first_support = ex.w, supp_cols  # the exact minimiser on the support found
+        exchange_info = {"swaps": ex.swaps, **ex.info}
     else:
+        if method == "exchange":
+            log.warning("CHITA: the exchange search needs ridge > 0; using IHT")
         if init == "backsolve":
             w_start = ridge_backsolve(X, wb, supp0, ridge, alpha).astype(np.float64)
             w_first = w_start
@@ -751,7 +770,7 @@ def _solve(
             A = np.union1d(supp0, rest).astype(np.int64)
         # The swap search holds the Gram of its space: only for small supports and spaces.
         space_size = p if A is None else A.shape[0]
-        swap = (method == "swap" or (method == "auto" and k_nz <= swap_max_k)) and (
+        swap = (method == "swap" or (method != "iht" and k_nz <= swap_max_k)) and (
             space_size <= 8 * max(swap_max_k, 1)
         )
         if method == "swap" and not swap:
@@ -762,7 +781,7 @@ def _solve(
         supp_cols = st_cols
 
     support = np.union1d(supp_cols, zkeep).astype(np.int64)
-    if w_first is not None and zkeep.shape[0] == 0 and np.array_equal(support, np.sort(supp0)):
+    if w_first is not None and zkeep.shape[0] == 0 and np.array_equal(support, np.sort(first_support)):
         w_bs = w_first.astype(np.float32)  # the exact minimiser on this very support, already computed
     else:
         w_bs = ridge_backsolve(X, wb, support, ridge, alpha)
@@ -795,10 +814,11 @@ def _solve(
         "mode": mode,
         "outer_iterations": outer,
         "active_set_size": a_size,
-        "zero_columns": int(p - elig.shape[0]),
+        "zero_columns": zero_columns,
         "zero_columns_kept": int(zkeep.shape[0]),
         "new_vs_start": int(np.setdiff1d(supp_cols, supp0, assume_unique=True).shape[0]),
         "objective_before_backsolve": trace[-2] if len(trace) > 1 else f_bs,
+        **exchange_info,
     }
     return SolverResult(
         w=np.asarray(w_bs, dtype=np.float32),
@@ -929,8 +949,8 @@ def _validate_options(
             raise SolverError(f"{name} must be a finite number ≥ {lo:g}, got {val!r}")
     if init not in ("backsolve", "magnitude"):
         raise SolverError(f"init must be 'backsolve' or 'magnitude', got {init!r}")
-    if method not in ("auto", "iht", "swap"):
-        raise SolverError(f"method must be 'auto', 'iht' or 'swap', got {method!r}")
+    if method not in ("auto", "iht", "swap", "exchange"):
+        raise SolverError(f"method must be 'auto', 'iht', 'swap' or 'exchange', got {method!r}")
     if not is_int(swap_max_k) or swap_max_k < 0:
         raise SolverError(f"swap_max_k must be an integer ≥ 0, got {swap_max_k!r}")
 
