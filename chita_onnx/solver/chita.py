@@ -707,8 +707,17 @@ def _solve(
         f = objective(X, w, wb, ridge, alpha)
         return SolverResult(w, supp, f, (f,), 0, True, "chita", {"time_s": time.perf_counter() - t0})
 
-    nonzero, colsq = column_scan(X)
-    zero_columns = int(p - np.count_nonzero(nonzero))
+    use_exchange = ridge > 0 and (method == "exchange" or (method == "auto" and k > swap_max_k))
+    if use_exchange and start != "obd":
+        # The exchange search needs neither the column norms nor the zero-column split: one pass
+        # (a column sum) is enough to refuse NaN/inf, and the full scan only runs to name the column.
+        if not np.all(np.isfinite(rmatvec(X, np.ones(X.shape[0])))):
+            column_scan(X)
+            raise SolverError("X contains NaN or infinity")
+        nonzero, colsq, zero_columns = np.ones(p, dtype=bool), np.zeros(p), -1
+    else:
+        nonzero, colsq = column_scan(X)
+        zero_columns = int(p - np.count_nonzero(nonzero))
     if ridge > 0:
         # An identically zero gradient column still costs (λ/2)(w̄ − α/λ)² in f when its weight is
         # pruned: with λ > 0 it competes for the budget like any other weight (the reference drops
@@ -744,7 +753,7 @@ def _solve(
     exchange_info: dict[str, float | int | str] = {}
     if k_nz in (0, elig.shape[0]):
         supp_cols = supp0
-    elif ridge > 0 and (method == "exchange" or (method == "auto" and k_nz > swap_max_k)):
+    elif use_exchange:
         # Exchange search in the Woodbury form: exact scores and exact re-fits, any k (see exchange.py).
         mode = "exchange"
         ex = exchange_search(X, wb, budget_nz, ridge, alpha, supp0, max_iter=max_iter, tol=tol)
@@ -814,7 +823,7 @@ def _solve(
         "mode": mode,
         "outer_iterations": outer,
         "active_set_size": a_size,
-        "zero_columns": zero_columns,
+        "zero_columns": zero_columns,  # -1: not counted (exchange search)
         "zero_columns_kept": int(zkeep.shape[0]),
         "new_vs_start": int(np.setdiff1d(supp_cols, supp0, assume_unique=True).shape[0]),
         "objective_before_backsolve": trace[-2] if len(trace) > 1 else f_bs,

@@ -47,7 +47,6 @@ term ``(λ/2)m_j²``, exactly as ``f`` counts it.  Memory: ``O(n² + n·r)`` flo
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +54,7 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
-from ._core import Budget, FloatArray, IntArray, hard_threshold
+from ._core import Budget, FloatArray, IntArray
 from .backsolve import _chunks, matvec, rmatvec
 
 __all__ = ["ExchangeResult", "exchange_search"]
@@ -64,8 +63,8 @@ log = logging.getLogger(__name__)
 
 F64 = NDArray[np.float64]
 
-#: Default shortlist size ``r`` (kept and pruned candidates scored exactly per iteration).
-DEFAULT_SHORTLIST = 2048
+#: Default shortlist size ``r`` (kept and pruned candidates per iteration; see exchange_search).
+DEFAULT_SHORTLIST = 512
 #: Relative decrease of ``f*`` below which a candidate is not counted as an improvement (rounding).
 _NOISE = 1e-11
 
@@ -163,16 +162,16 @@ def exchange_search(
     tol: float = 1e-6,
     shortlist: int = DEFAULT_SHORTLIST,
 ) -> ExchangeResult:
-    """Improve the support ``start`` by exact-scored batched exchanges (see the module docstring).
+    """Improve the support ``start`` by exact exchanges (see the module docstring).
 
     Args:
         X: ``(n, p)`` float32/float64 scaled gradients (never copied whole).
         w_bar: ``(p,)`` float64 trained weights; ``alpha``: ``(p,)`` float64 first-order term or None.
         budget: the budget; ``start`` must satisfy it (sorted int64 indices, ``budget.k`` of them).
         ridge: ``λ > 0`` (the closed form needs it; CHITA uses its IHT for λ = 0).
-        max_iter: cap on exchange iterations; tol: stop when an iteration lowers ``f*`` by less than
-            ``tol·f*``; shortlist: the largest ``r`` (candidates per side scored exactly per
-            iteration; it starts at 64 and doubles while the favourable swaps fill it).
+        max_iter: cap on outer iterations (each one: a full gradient, a shortlist, a run of
+            exchanges, an exact re-factorisation); tol: stop when an outer iteration lowers ``f*``
+            by less than ``tol·f*``; shortlist: ``r``, the candidates per side of one run.
 
     Returns:
         :class:`ExchangeResult`; ``w`` is the exact minimiser of ``f`` on the returned support.
@@ -193,14 +192,17 @@ def exchange_search(
     c = matvec(X, w_bar - mS)
     mP = m[~kept]
     sys_ = _system(kept, G, c, float(mP @ mP), lam)
+    seg_of = budget.segment_ids()
+    lower = np.asarray(budget.lower, dtype=np.int64)
+    upper = np.asarray(budget.upper, dtype=np.int64)
+    free_segments = bool(np.all(lower == 0) and np.all(upper == np.diff(np.asarray(budget.segments))))
 
     def value(F: float) -> float:
         return 0.5 * lam * F + const
 
     trace = [value(sys_.F)]
-    r_max = max(1, int(shortlist))
-    r = min(64, r_max)
-    iters = swaps = evaluated = 0
+    r = max(1, int(shortlist))
+    iters = swaps = 0
     converged = False
     v = m + rmatvec(X, sys_.z)
     for it in range(max_iter):
@@ -218,85 +220,144 @@ def exchange_search(
         if float(v2[E].max()) <= float(v2[R].min()):
             converged = True  # no single exchange can pay off, even by the bounds
             break
-        RE = np.concatenate([R, E])
-        W = _lsolve(sys_.L, np.asarray(X[:, RE], dtype=np.float64))  # (n, rs + re)
-        s = np.einsum("ij,ij->j", W, W)
-        cost = v2[R] / np.maximum(1.0 - s[:rs], 1e-300)
-        gain = v2[E] / (1.0 + s[rs:])
-        col = np.full(p, -1, dtype=np.int64)  # position of a shortlisted coordinate in W
-        col[RE] = np.arange(RE.size)
-        # Scores for the budget projection: kept weights outside the shortlist always stay.
-        score = np.zeros(p, dtype=np.float64)
-        score[S] = np.inf
-        score[R] = np.maximum(cost, 1e-300)
-        order = np.argsort(-gain, kind="stable")
-        E_sorted, g_sorted = E[order], gain[order]
-        fav = int(np.count_nonzero(g_sorted > float(cost.min())))
-        best_F = sys_.F
-        best_moves: tuple[IntArray, IntArray] | None = None
-        q = fav
-        tried: set[int] = set()
-        while q >= 1:
-            sc = score.copy()
-            sc[E_sorted[:q]] = np.maximum(g_sorted[:q], 1e-300)
-            S2 = hard_threshold(sc, budget)
-            inn = S2[~kept[S2]]
-            if inn.size and inn.size not in tried:
-                tried.add(inn.size)
-                new_kept = np.zeros(p, dtype=bool)
-                new_kept[S2] = True
-                out = S[~new_kept[S]]
-                F2 = _woodbury_value(sys_, W, col[out], col[inn], m[out], m[inn])
-                evaluated += 1
-                if best_F - _NOISE * abs(sys_.F) > F2:
-                    best_F, best_moves = F2, (out, inn)
-                elif best_moves is not None:
-                    break  # smaller batches got worse again: keep the best one
-            q //= 2
+        C = np.concatenate([R, E])
+        W = _lsolve(sys_.L, np.asarray(X[:, C], dtype=np.float64))  # (n, |C|): K^-1/2 X_C
+        run = _Exchanges(W, v[C], m[C], kept[C], seg_of[C], np.bincount(seg_of[S], minlength=lower.size))
+        moves = run.search(sys_.F, lower, upper, free_segments, max_steps=min(re, rs))
         del W
-        if best_moves is None:
+        if not moves:
             converged = True
             break
-        out, inn = best_moves
+        was = kept[C]
+        out, inn = np.sort(C[was & ~run.kept]), np.sort(C[~was & run.kept])  # net moves
         cand = _apply(X, sys_, out, inn, m, lam)
-        if not cand.F < sys_.F:  # the exact value disagrees with the low-rank one (rounding): stop
+        if not cand.F < sys_.F:  # the exact value disagrees with the rank-one updates (rounding): stop
+            log.debug("exchange %d: exact f* %.12g ≥ %.12g, stopping", iters, cand.F, sys_.F)
             converged = True
             break
         rel = (sys_.F - cand.F) / max(abs(sys_.F), 1e-300)
+        log.debug(
+            "exchange %d: %d swaps (r %d), f* %.9g (predicted %.9g)",
+            iters,
+            inn.size,
+            r,
+            value(cand.F),
+            value(run.F),
+        )
         sys_ = cand
         swaps += int(inn.size)
         trace.append(value(sys_.F))
         v = m + rmatvec(X, sys_.z)
-        log.debug("exchange %d: %d swaps (r %d, %d favourable), f* %.9g", iters, inn.size, r, fav, trace[-1])
-        r = min(r_max, 2 * r) if fav >= min(rs, re) else max(min(64, r_max), min(r, 4 * fav))
         if rel <= tol:
             converged = True
             break
     S = np.flatnonzero(sys_.kept).astype(np.int64)
     w = np.zeros(p, dtype=np.float64)
     w[S] = v[S]
-    info: dict[str, float | int | str] = {"exchange_candidates": evaluated}
-    return ExchangeResult(S, w, tuple(trace), iters, converged, swaps, info)
+    return ExchangeResult(S, w, tuple(trace), iters, converged, swaps, {})
 
 
-def _woodbury_value(sys_: _System, W: F64, pos_out: IntArray, pos_in: IntArray, m_out: F64, m_in: F64) -> float:
-    """``F`` after pruning ``out`` and keeping ``inn``, from the columns ``W = L⁻¹X_{R∪E}`` only.
+class _Exchanges:
+    """Exact sequential exchanges among the shortlisted columns ``C`` by rank-one updates.
 
-    ``K' = K + UDUᵀ`` with ``U = [X_in, X_out]``, ``D = diag(+1, −1)``, so with ``B = L⁻¹U`` and
-    ``ĉ' = L⁻¹c'``: ``c'ᵀK'⁻¹c' = ‖ĉ'‖² − hᵀ(D + BᵀB)⁻¹h``, ``h = Bᵀĉ'``.  ``O(n·u² + u³)``, u = swaps.
+    In the whitened coordinates ``W = L⁻¹X_C`` the quantities that decide a move are
+    ``s_j = x_jᵀK⁻¹x_j`` (leverage), ``t_j = x_jᵀK⁻¹c`` and ``v_j = m_j + t_j``.  Keeping (``σ = +1``)
+    or pruning (``σ = −1``) a column ``a`` changes ``K`` by ``σx_ax_aᵀ`` and ``c`` by ``−σm_ax_a``;
+    with ``M = X_CᵀK⁻¹X_C``:
+
+        F  ← F − σ·v_a²/(1 + σs_a)
+        s_j ← s_j − σ·M_ja²/(1 + σs_a),     t_j ← t_j − σ·M_ja·v_a/(1 + σs_a),
+
+    and ``M ← M − σ·M_{:,a}M_{a,:}/(1 + σs_a)``, kept implicitly as ``M₀ − Σ coef·col colᵀ`` (a column
+    costs ``O((n + steps)·|C|)``).  Every step is exact, interactions between the exchanges included.
     """
-    B = np.concatenate([W[:, pos_in], W[:, pos_out]], axis=1)
-    ch = sys_.ch + W[:, pos_out] @ m_out - W[:, pos_in] @ m_in
-    d = np.concatenate([np.ones(pos_in.size), -np.ones(pos_out.size)])
-    M = B.T @ B
-    M[np.diag_indices_from(M)] += d
-    h = B.T @ ch
-    try:
-        sol = sla.solve(M, h, assume_a="sym", check_finite=False)
-    except (np.linalg.LinAlgError, ValueError):
-        return math.inf
-    mp2 = sys_.mp2 + float(m_out @ m_out) - float(m_in @ m_in)
-    return mp2 + float(ch @ ch) - float(h @ sol)
+
+    def __init__(
+        self, W: F64, v: F64, m: F64, kept: NDArray[np.bool_], seg: IntArray, counts: NDArray[np.int64]
+    ) -> None:
+        self.M0 = W.T @ W  # (|C|, |C|) = X_CᵀK⁻¹X_C at the start of the run
+        self.m = m
+        self.t = v - m
+        self.s = np.diag(self.M0).copy()
+        self.kept = kept.copy()
+        self.seg = seg
+        self.counts = counts.copy()
+        self.U = np.empty((W.shape[1], 0), dtype=np.float64)  # columns of the updates so far
+        self.coefs = np.empty(0, dtype=np.float64)
+        self.q = 0
+        self.F = 0.0
+
+    def column(self, a: int) -> F64:
+        """``M_{:,a}`` under the updates so far."""
+        col = self.M0[:, a].copy()
+        if self.q:
+            U = self.U[:, : self.q]
+            col -= U @ (self.coefs[: self.q] * U[a])
+        return np.asarray(col, dtype=np.float64)
+
+    def apply(self, a: int, sign: float, col: F64) -> None:
+        va = self.m[a] + self.t[a]
+        den = 1.0 + sign * self.s[a]
+        self.F -= sign * va * va / den
+        self.s -= sign * col * col / den
+        self.t -= sign * col * (va / den)
+        if self.q == self.U.shape[1]:  # grow the update store geometrically
+            grow = max(16, self.q)
+            self.U = np.concatenate([self.U, np.empty((self.U.shape[0], grow))], axis=1)
+            self.coefs = np.concatenate([self.coefs, np.empty(grow)])
+        self.U[:, self.q] = col
+        self.coefs[self.q] = sign / den
+        self.q += 1
+        self.kept[a] = sign > 0
+        self.counts[self.seg[a]] += 1 if sign > 0 else -1
+
+    def search(
+        self,
+        F0: float,
+        lower: NDArray[np.int64],
+        upper: NDArray[np.int64],
+        free: bool,
+        *,
+        max_steps: int,
+        tries: int = 3,
+    ) -> list[tuple[int, float]]:
+        """Greedy exchanges while one lowers ``F``; returns the moves ``(position, σ)`` in order."""
+        self.F = F0
+        moves: list[tuple[int, float]] = []
+        noise = _NOISE * max(abs(F0), 1e-300)
+        for _ in range(max_steps):
+            v = self.m + self.t
+            cost = np.where(self.kept, v * v / np.maximum(1.0 - self.s, 1e-300), np.inf)
+            out_order = np.argsort(cost)[:tries]
+            done = False
+            for j in out_order.tolist():
+                if not np.isfinite(cost[j]):
+                    break
+                sj = int(self.seg[j])
+                if not free and self.counts[sj] <= lower[sj]:
+                    ok = (~self.kept) & (self.seg == sj)  # only a swap inside j's segment keeps its count
+                else:
+                    ok = ~self.kept
+                    if not free:
+                        ok = ok & ((self.seg == sj) | (self.counts[self.seg] < upper[self.seg]))
+                if not ok.any():
+                    continue
+                col = self.column(j)
+                den = 1.0 - self.s[j]
+                # leverage and residual of every candidate after pruning j (σ = −1), without applying it
+                s2 = self.s + col * col / den
+                v2 = self.m + self.t + col * (v[j] / den)
+                gain = np.where(ok, v2 * v2 / (1.0 + s2), -np.inf)
+                i = int(np.argmax(gain))
+                if cost[j] - gain[i] < -noise:
+                    self.apply(j, -1.0, col)
+                    self.apply(i, 1.0, self.column(i))
+                    moves += [(j, -1.0), (i, 1.0)]
+                    done = True
+                    break
+            if not done:
+                break
+        return moves
 
 
 def _apply(X: FloatArray, sys_: _System, out: IntArray, inn: IntArray, m: F64, lam: float) -> _System:
