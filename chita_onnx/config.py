@@ -20,7 +20,7 @@ Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Rank = Literal["magnitude", "obd"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
@@ -75,6 +75,7 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None
+    fisher_rows: int = 10
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -89,7 +90,7 @@ class CompressConfig:
             "storage": ("auto", "sparse", "dense"),
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
-            "fisher": ("auto", "empirical", "sampled", "argmax"),
+            "fisher": ("auto", "empirical", "sampled", "argmax", "kl"),
             "rank": ("magnitude", "obd"),
         }
         for name, allowed in choices.items():
@@ -109,13 +110,15 @@ class CompressConfig:
             raise bad("stages", self.stages, "multi-stage pruning is --method chita++")
         if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
             raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
-        for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size"):
+        for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size", "fisher_rows"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, getattr(self, name), "must be ≥ 1")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if self.fisher == "kl" and self.mini_batch != 1:
+            raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         object.__setattr__(self, "sparsity", float(self.sparsity))

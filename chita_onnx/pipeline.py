@@ -183,13 +183,23 @@ class GradientOracle:
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
+        # Rows of X per input (--fisher kl): a guess from the output shape until an engine says.
+        self.reps = 1
+        if config.fisher == "kl":
+            classes = _num_classes(prep.model, config.output)
+            self.reps = classes if classes is not None and classes <= config.fisher_rows else config.fisher_rows
+
+    @property
+    def rows(self) -> int:
+        """Rows of X: ``n`` inputs times :attr:`reps` rows each."""
+        return self.n * self.reps
 
     def _engine(self, names: tuple[str, ...]) -> GradientEngine:
         if names not in self._engines:
             if not self.fits():
                 self._engines.clear()  # block path: one onnxruntime session at a time bounds memory
             example = next(iter(self.prep.calib))
-            self._engines[names] = GradientEngine(
+            engine = GradientEngine(
                 self.prep.model,
                 list(names),
                 example=example,
@@ -197,6 +207,9 @@ class GradientOracle:
                 output=self.config.output,
                 mini_batch=self.config.mini_batch,
             )
+            fk = engine.resolve_fisher(self.config.fisher, example[1] is not None)
+            self.reps = engine.rows_per_sample(fk, self.config.fisher_rows)
+            self._engines[names] = engine
         return self._engines[names]
 
     def fits(self) -> bool:
@@ -204,7 +217,7 @@ class GradientOracle:
         ``--workdir``, in a memory-mapped file there (if the disk has room).  Otherwise the solvers use
         the block approximation."""
         assert self.config.max_memory is not None
-        need = self.n * self.prep.layout.p * 4
+        need = self.rows * self.prep.layout.p * 4
         if self.config.workdir is not None and Path(self.config.workdir).is_dir():
             return need <= 0.9 * shutil.disk_usage(self.config.workdir).free
         return need <= self.config.max_memory
@@ -220,9 +233,18 @@ class GradientOracle:
         cfg = self.config
         if out is None and cfg.workdir is not None:
             out = self._mapped(sum(layout.slot(k).size for k in key))
-        g = engine.compute(self.prep.calib, fisher=cfg.fisher, num_samples=cfg.num_samples, seed=cfg.seed, out=out)
+        g = engine.compute(
+            self.prep.calib,
+            fisher=cfg.fisher,
+            num_samples=cfg.num_samples,
+            seed=cfg.seed,
+            out=out,
+            fisher_rows=cfg.fisher_rows,
+        )
         X = g.X
         if names is None and cfg.first_order:
+            if g.rows_per_sample > 1:
+                raise ConfigError("--first-order: the mean gradient is not defined for --fisher kl rows")
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
         return X
@@ -233,11 +255,15 @@ class GradientOracle:
         if not folder.is_dir():
             raise ConfigError(f"--workdir={folder}: not an existing folder")
         fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)  # noqa: SIM115 (lives with the map)
-        fh.truncate(self.n * p * 4)
+        fh.truncate(self.rows * p * 4)
         log.info(
-            "gradient matrix (%d x %d, %.2f GiB) memory-mapped under %s", self.n, p, self.n * p * 4 / 2**30, folder
+            "gradient matrix (%d x %d, %.2f GiB) memory-mapped under %s",
+            self.rows,
+            p,
+            self.rows * p * 4 / 2**30,
+            folder,
         )
-        return np.memmap(fh, dtype=np.float32, mode="r+", shape=(self.n, p))
+        return np.memmap(fh, dtype=np.float32, mode="r+", shape=(self.rows, p))
 
     def columns(self, w: NDArray[np.float32], timer: PhaseTimer) -> Callable[[int, int], NDArray[np.float32]]:
         """A ``columns(a, b)`` callback for the block solver: scaled gradient columns ``[a, b)`` at ``w``.
@@ -256,9 +282,9 @@ class GradientOracle:
             start = a - hit[0].offset
             width = sum(s.size for s in hit)
             with timer.phase("gradients"):
-                if self.n * width * 4 <= room:
+                if self.rows * width * 4 <= room:
                     return np.ascontiguousarray(self.matrix(w, names)[:, start : start + (b - a)])
-                return self._columns_by_rows(w, names, start, b - a, max(1, room // (width * 4)))
+                return self._columns_by_rows(w, names, start, b - a, max(1, room // (width * 4 * self.reps)))
 
         return columns
 
@@ -276,12 +302,15 @@ class GradientOracle:
         engine = self._engine(key)
         engine.set_weights({k: v for k, v in self.prep.layout.unflatten(w).items() if k in key})
         m = self.config.mini_batch
-        out = np.empty((self.n, width), np.float32)
+        R = self.reps
+        out = np.empty((self.rows, width), np.float32)
         for r0 in progress(range(0, self.n, rows), total=-(-self.n // rows), desc="gradient rows", unit="chunk"):
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
-            g = engine.compute(part, fisher=self.config.fisher, seed=self.config.seed + r0)
-            out[r0:r1] = g.X[:, start : start + width]
+            g = engine.compute(
+                part, fisher=self.config.fisher, seed=self.config.seed + r0, fisher_rows=self.config.fisher_rows
+            )
+            out[r0 * R : r1 * R] = g.X[:, start : start + width]
         out *= self.scale
         return out
 
@@ -357,9 +386,9 @@ def prune(
             if config.method not in ("chita", "chita++"):
                 raise ConfigError(
                     f"--max-memory={config.max_memory}: the gradient matrix needs "
-                    f"{oracle.n * prep.layout.p * 4 / 2**30:.2f} GiB and only chita and chita++ have a block path"
+                    f"{oracle.rows * prep.layout.p * 4 / 2**30:.2f} GiB and only chita and chita++ have a block path"
                 )
-            log.info("X (%d x %d) exceeds --max-memory: block approximation", oracle.n, prep.layout.p)
+            log.info("X (%d x %d) exceeds --max-memory: block approximation", oracle.rows, prep.layout.p)
             if config.first_order or config.rank != "magnitude":
                 log.warning("the block path ranks by magnitude and ignores --first-order and --rank")
             assert config.max_memory is not None
@@ -372,7 +401,7 @@ def prune(
                     None,
                     block_size=config.block_size,
                     max_memory_bytes=config.max_memory,
-                    n=oracle.n,
+                    n=oracle.rows,
                     max_iter=config.max_iter,
                 )
         else:
@@ -548,6 +577,7 @@ def write_gradients(
     mini_batch: int = 1,
     num_samples: int | None = None,
     seed: int = 0,
+    fisher_rows: int = 1,
 ) -> GradientMatrix:
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
@@ -574,11 +604,20 @@ def write_gradients(
         mini_batch=mini_batch,
     )
     n = min(total, num_samples or total) // mini_batch
+    has_labels = next(iter(source))[1] is not None
+    n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)  # type: ignore[arg-type]
     dest = Path(out)
     tmp = dest.with_name(f".{dest.name}.tmp.npy")
     X = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
     try:
-        g = engine.compute(source, fisher=fisher, num_samples=num_samples, seed=seed, out=X)  # type: ignore[arg-type]
+        g = engine.compute(
+            source,
+            fisher=fisher,  # type: ignore[arg-type]
+            num_samples=num_samples,
+            seed=seed,
+            out=X,
+            fisher_rows=fisher_rows,
+        )
         X.flush()
         del X
         os.replace(tmp, dest)
@@ -592,6 +631,7 @@ def write_gradients(
         "loss": g.loss,
         "fisher": g.fisher,
         "mini_batch": g.mini_batch,
+        "rows_per_sample": g.rows_per_sample,
         "output": g.output,
         "tensors": layout,
     }

@@ -124,7 +124,9 @@ def sweep(
     t_shared = 0.0
     if oracle is not None:
         if not oracle.fits():
-            raise ConfigError(f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.n} x {layout.p}) in memory")
+            raise ConfigError(
+                f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.rows} x {layout.p}) in memory"
+            )
         t0 = time.perf_counter()
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0
@@ -159,7 +161,7 @@ def sweep(
         eval_samples=int(ref.y.shape[0]),
         eval_source=prep.eval_source,
         p=layout.p,
-        n=oracle.n if oracle else 0,
+        n=oracle.rows if oracle else 0,
         shared_gradient_s=t_shared,
         rows=tuple(rows),
         config=base.to_dict(),

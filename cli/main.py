@@ -182,10 +182,11 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--fisher",
-            type=click.Choice(["auto", "empirical", "sampled", "argmax"]),
+            type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]),
             default=d.fisher,
             show_default=True,
-            help="Targets: true labels (empirical), sampled from the model, or its argmax.",
+            help="Targets: true labels (empirical), sampled from the model, or its argmax; kl: the true "
+            "Fisher (Gauss-Newton of the KL to the model's output) over all classes, --fisher-rows rows per input.",
         ),
         click.option("--output", default=None, help="Model output to use (multi-output models)."),
         click.option(
@@ -230,6 +231,14 @@ def _config_options(fn: F) -> F:
             default=None,
             help="Keep the gradient matrix in a memory-mapped file in this folder: for matrices larger than "
             "RAM, the full (unblocked) solvers then run on it from disk.",
+        ),
+        click.option(
+            "--fisher-rows",
+            type=int,
+            default=d.fisher_rows,
+            show_default=True,
+            help="--fisher kl: rows per input; every class exactly when the model has at most this many "
+            "classes, else this many Gaussian sketches over all classes.",
         ),
     ]
     for opt in reversed(options):
@@ -313,12 +322,13 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 )
 @click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default="auto", show_default=True)
 @click.option(
-    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto", show_default=True
+    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]), default="auto", show_default=True
 )
 @click.option("--output", default=None, help="Model output to use (multi-output models).")
 @click.option("--mini-batch", type=int, default=1, show_default=True)
 @click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fisher-rows", type=int, default=10, show_default=True, help="--fisher kl: rows per input.")
 @_run
 def gradients(
     model: str,
@@ -330,6 +340,7 @@ def gradients(
     mini_batch: int,
     num_samples: int | None,
     seed: int,
+    fisher_rows: int,
 ) -> None:
     """Write the per-sample gradient matrix X of MODEL's prunable weights (rows: samples)."""
     from chita_onnx.pipeline import write_gradients
@@ -344,6 +355,7 @@ def gradients(
         mini_batch=mini_batch,
         num_samples=num_samples,
         seed=seed,
+        fisher_rows=fisher_rows,
     )
     rows = [[s.name, "x".join(map(str, s.shape)), f"{s.offset:,}", f"{s.size:,}"] for s in g.layout.slots]
     click.echo(table(rows, ["tensor", "shape", "first column", "columns"]))

@@ -17,6 +17,15 @@ mean loss of the ``i``-th group of ``mini_batch`` consecutive samples).  The los
 The class ``y`` is the label (``fisher="empirical"``), a draw from the model's own predictive
 distribution (``"sampled"``, seeded) or its arg-max (``"argmax"``).
 
+``fisher="kl"`` estimates the Gauss-Newton matrix of the KL divergence to the model's own output, i.e.
+the *true* Fisher ``E_x Σ_c p_c ∇log p_c ∇log p_cᵀ = E_x Jᵀ(diag p − ppᵀ)J``, with ``R`` rows per input
+(``fisher_rows``): the class rows ``√p_c ∇log p_c`` of every class (exact, ``R = C``) when the head
+has at most ``R`` classes and one position, otherwise ``R`` Gaussian sketches ``Σ_c ε_c √p_c ∇log p_c
+/ √R`` (``ε ~ N(0, I)``, seeded; unbiased).  Unlike one sampled or empirical label, whose gradient
+vanishes as the predicted probability goes to 1, every class contributes in proportion to its
+probability.  ``X`` then has ``n·R`` rows (input ``i``'s rows are consecutive) and ``XᵀX/n`` is the
+estimate.
+
 Two code paths produce identical rows: the one-sample path (recipe A′ of docs/ort-gradients.md:
 the gradient graph run once per row, with each ``<w>_grad`` output bound straight to its slice of
 the row) and the batched path (see :mod:`.batched`), which is checked against the one-sample path
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -61,7 +71,7 @@ from .prepare import (
 log = logging.getLogger(__name__)
 
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Method = Literal["auto", "single", "batched"]
 
 #: Rows checked against the one-sample path before the batched path is trusted.
@@ -99,13 +109,15 @@ class GradientMatrix:
     X: NDArray[np.float32]
     layout: Layout
     loss: Literal["ce", "mse"]
-    fisher: Literal["empirical", "sampled", "argmax"]
+    fisher: Literal["empirical", "sampled", "argmax", "kl"]
     n: int
     timings: dict[str, float] = field(default_factory=dict)
     head: HeadKind = "logits"
     output: str = ""
     mini_batch: int = 1
     method: Literal["single", "batched"] = "single"
+    #: Rows per input (``fisher="kl"``); ``n`` counts rows, so ``n // rows_per_sample`` inputs.
+    rows_per_sample: int = 1
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -238,12 +250,17 @@ def make_targets(
     count: int,
     size: int,
     mini_batch: int,
+    rows: int = 1,
+    row0: int = 0,
 ) -> NDArray[np.float32]:
     """The loss weights ``T`` (``(size, *head.shape[1:])``) for ``count`` samples; rows ≥ count are 0.
 
     The graph loss is ``Σ T ⊙ f(h)``: ``T = −onehot(y)/m`` gives the mean cross-entropy/NLL of the
     ``m`` samples of a row; ``T = −ε/m`` gives the Gauss-Newton probe.  ``rng`` is consumed in sample
-    order, so blocks of any size see the same draws.
+    order, so blocks of any size see the same draws.  ``fisher="kl"``: each input is repeated over
+    ``rows`` consecutive rows and ``row0`` is the global index of this block's first row; the row
+    ``r`` of an input gets ``T = −√p ⊙ e_r`` (exact class rows, when ``rows`` equals the number of
+    classes and there is one position) or ``T = −√p ⊙ ε/√rows`` (Gaussian sketch).
     """
     per = head.shape[1:]
     T = np.zeros((size, *per), np.float32)
@@ -282,6 +299,18 @@ def make_targets(
             q64 = np.clip(q.astype(np.float64), 0.0, None)
             s = q64.sum(-1, keepdims=True)
             probs = np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C)
+        if fisher == "kl":
+            root = np.sqrt(probs)
+            if P == 1 and rows == C:
+                weights = np.zeros_like(root)
+                cls = (row0 + np.arange(count)) % C
+                weights[np.arange(count), 0, cls] = root[np.arange(count), 0, cls]
+            else:
+                weights = root * rng.standard_normal(root.shape) / math.sqrt(rows)
+            other = [d for k, d in enumerate(per, start=1) if k != axis]
+            W = (scale * weights).astype(np.float32).reshape(count, *other, C)
+            T[:count] = np.moveaxis(W, -1, axis)
+            return T
         if fisher == "argmax":
             idx = probs.argmax(-1)
         else:
@@ -540,9 +569,9 @@ class GradientEngine:
         if self._batched is not None:
             self._batched.bind_weights(new)
 
-    def resolve_fisher(self, fisher: Fisher, has_labels: bool) -> Literal["empirical", "sampled", "argmax"]:
-        if fisher not in ("auto", "empirical", "sampled", "argmax"):
-            raise ConfigError(f"fisher must be auto, empirical, sampled or argmax, got {fisher!r}")
+    def resolve_fisher(self, fisher: Fisher, has_labels: bool) -> Literal["empirical", "sampled", "argmax", "kl"]:
+        if fisher not in ("auto", "empirical", "sampled", "argmax", "kl"):
+            raise ConfigError(f"fisher must be auto, empirical, sampled, argmax or kl, got {fisher!r}")
         if self.kind == "regression":
             if fisher in ("empirical", "argmax"):
                 raise ConfigError(
@@ -553,7 +582,21 @@ class GradientEngine:
             return "empirical" if has_labels else "sampled"
         if fisher == "empirical" and not has_labels:
             raise DataError("fisher='empirical' needs labels in the calibration data")
+        if fisher == "kl" and self.m != 1:
+            raise ConfigError(f"fisher='kl' needs per-sample rows (mini_batch=1), got mini_batch={self.m}")
         return fisher
+
+    def rows_per_sample(self, fisher: str, fisher_rows: int = 1) -> int:
+        """Rows of ``X`` per input: 1, or for ``fisher="kl"`` the number of classes when the head has
+        at most ``fisher_rows`` of them and one position (exact), else ``fisher_rows`` (sketch)."""
+        if fisher != "kl" or self.kind == "regression":
+            return 1
+        if int(fisher_rows) < 1:
+            raise ConfigError(f"fisher_rows must be ≥ 1, got {fisher_rows}")
+        C = self.head.num_classes
+        if C is not None and self.head.positions == 1 and fisher_rows >= C:
+            return int(C)
+        return int(fisher_rows)
 
     def compute(
         self,
@@ -564,12 +607,14 @@ class GradientEngine:
         seed: int = 0,
         out: NDArray[np.float32] | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        fisher_rows: int = 1,
     ) -> GradientMatrix:
-        """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows)."""
+        """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows, times
+        :meth:`rows_per_sample` for ``fisher="kl"``)."""
         t0 = time.perf_counter()
         c0 = time.process_time()
         with _blas_threads(self.threads):
-            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0)
+            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows)
 
     def _compute(
         self,
@@ -581,6 +626,7 @@ class GradientEngine:
         workdir: str | os.PathLike[str] | None,
         t0: float,
         c0: float,
+        fisher_rows: int = 1,
     ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
@@ -591,6 +637,10 @@ class GradientEngine:
             raise DataError(f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}")
         fk = self.resolve_fisher(fisher, has_labels)
         need_labels = fk == "empirical" and self.kind != "regression"
+        reps = self.rows_per_sample(fk, fisher_rows)
+        if reps > 1:  # every input is repeated over its rows (consecutive), each with its own target
+            data = _Repeated(data, reps)
+            n *= reps
         p = self.layout.p
         timings = dict(self.timings)
         ta = time.perf_counter()
@@ -638,6 +688,8 @@ class GradientEngine:
                     block.count,
                     len(next(iter(block.inputs.values()))),
                     self.m,
+                    reps,
+                    row,
                 )
                 if use_batched and self._batched is not None:
                     if not verified:
@@ -687,6 +739,7 @@ class GradientEngine:
             output=self.output,
             mini_batch=self.m,
             method=chosen,
+            rows_per_sample=reps,
         )
 
     # -- internals ------------------------------------------------------------------------------
@@ -877,6 +930,19 @@ class GradientEngine:
         return True
 
 
+class _Repeated:
+    """The samples of ``data`` each repeated ``reps`` times in a row (labels too); re-iterable."""
+
+    def __init__(self, data: CalibrationSource, reps: int) -> None:
+        self.data, self.reps = data, reps
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.data:
+            inputs = {k: np.repeat(np.asarray(v), self.reps, axis=0) for k, v in batch[0].items()}
+            labels = None if batch[1] is None else np.repeat(np.asarray(batch[1]), self.reps)
+            yield Batch(inputs, labels)
+
+
 def _first_batch(data: CalibrationSource) -> Batch:
     for batch in data:
         return Batch(batch[0], batch[1])
@@ -898,13 +964,15 @@ def per_sample_gradients(
     workdir: str | os.PathLike[str] | None = None,
     method: Method = "auto",
     threads: int = 1,
+    fisher_rows: int = 1,
 ) -> GradientMatrix:
     """Per-sample loss gradients ``X`` (``(n, p)`` float32) of ``model`` on ``data``.
 
     ``weights`` picks (and orders) the tensors, default all prunable ones; ``n = ⌊min(N,
     num_samples)/mini_batch⌋``.  ``out`` (a C-contiguous float32 ``(n, p)`` array or memmap) is filled
     in place; otherwise ``workdir`` holds a memory-mapped file, otherwise RAM.  See the module
-    docstring for ``loss``/``fisher``/``output``; ``method`` and ``threads`` are tuning knobs.
+    docstring for ``loss``/``fisher``/``output``/``fisher_rows``; ``method`` and ``threads`` are
+    tuning knobs.
     """
     example = _first_batch(data)
     engine = GradientEngine(
@@ -917,4 +985,6 @@ def per_sample_gradients(
         method=method,
         threads=threads,
     )
-    return engine.compute(data, fisher=fisher, num_samples=num_samples, seed=seed, out=out, workdir=workdir)
+    return engine.compute(
+        data, fisher=fisher, num_samples=num_samples, seed=seed, out=out, workdir=workdir, fisher_rows=fisher_rows
+    )

@@ -1,0 +1,139 @@
+"""``--fisher kl``: the true Fisher (Gauss-Newton of the KL to the model's output), checked exactly.
+
+``XᵀX`` must equal ``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i`` with ``J_i`` the Jacobian of the logits with
+respect to the prunable weights, here from central finite differences on a float64 copy of the model
+run with onnxruntime (an independent path: no gradient graph involved).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import labelled_data, tiny_mlp
+from onnx import TensorProto, numpy_helper
+
+from chita_onnx import CompressConfig
+from chita_onnx.data import ArraySource
+from chita_onnx.errors import ConfigError
+from chita_onnx.gradients import GradientEngine
+from chita_onnx.pipeline import GradientOracle, compress, initial_weights, prepare
+
+
+def float64_with_weight_inputs(model: onnx.ModelProto, weights: list[str]) -> onnx.ModelProto:
+    """A float64 copy of ``model`` whose ``weights`` are graph inputs (one session, any values)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    keep = []
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init).astype(np.float64)
+        if init.name in weights:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, TensorProto.DOUBLE, list(arr.shape)))
+        else:
+            keep.append(numpy_helper.from_array(arr, init.name))
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return m
+
+
+def true_fisher_by_finite_differences(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> np.ndarray:
+    """``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i`` (p × p), J by central differences in float64."""
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    m64 = float64_with_weight_inputs(model, names)
+    sess = ort.InferenceSession(m64.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": x.astype(np.float64), **{k: inits[k] for k in names}}
+    flat = np.concatenate([inits[k].ravel() for k in names])
+    sizes = [inits[k].size for k in names]
+
+    def logits(w: np.ndarray) -> np.ndarray:
+        parts = np.split(w, np.cumsum(sizes)[:-1])
+        f = dict(feeds)
+        f.update({k: v.reshape(inits[k].shape) for k, v in zip(names, parts, strict=True)})
+        return np.asarray(sess.run(None, f)[0])
+
+    z0 = logits(flat)
+    n, C = z0.shape
+    J = np.zeros((n, C, flat.size))
+    h = 1e-6
+    for j in range(flat.size):
+        e = np.zeros_like(flat)
+        e[j] = h
+        J[:, :, j] = (logits(flat + e) - logits(flat - e)) / (2 * h)
+    p = np.exp(z0 - z0.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    F = np.zeros((flat.size, flat.size))
+    for i in range(n):
+        B = np.diag(p[i]) - np.outer(p[i], p[i])
+        F += J[i].T @ B @ J[i]
+    return F
+
+
+def engine_rows(model: onnx.ModelProto, x: np.ndarray, fisher_rows: int, seed: int = 0) -> tuple[np.ndarray, int]:
+    src = ArraySource({"x": x}, None, batch_size=5)
+    eng = GradientEngine(model, ["W1", "W2"], example=next(iter(src)), loss="ce")  # no labels: say "logits"
+    g = eng.compute(src, fisher="kl", fisher_rows=fisher_rows, seed=seed)
+    return g.X.astype(np.float64), g.rows_per_sample
+
+
+def test_kl_rows_give_exactly_the_true_fisher() -> None:
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((12, 12)).astype(np.float32)
+    X, reps = engine_rows(model, x, fisher_rows=8)  # 5 classes ≤ 8: every class, exactly
+    assert reps == 5 and X.shape == (12 * 5, 12 * 16 + 5 * 16)
+    F = true_fisher_by_finite_differences(model, x, ["W1", "W2"])
+    err = np.linalg.norm(X.T @ X - F) / np.linalg.norm(F)
+    assert err < 1e-4
+    # the empirical Fisher with the argmax labels is a different (smaller) matrix
+    src = ArraySource({"x": x}, None, batch_size=5)
+    eng = GradientEngine(model, ["W1", "W2"], example=next(iter(src)), loss="ce")
+    Xa = eng.compute(src, fisher="argmax").X.astype(np.float64)
+    assert np.trace(Xa.T @ Xa) < np.trace(F)
+
+
+def test_kl_sketch_rows_are_unbiased_combinations_of_the_class_rows() -> None:
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((6, 12)).astype(np.float32)
+    exact, _ = engine_rows(model, x, fisher_rows=5)
+    F = exact.T @ exact
+    acc = np.zeros_like(F)
+    seeds = 60
+    for seed in range(seeds):
+        Xs, reps = engine_rows(model, x, fisher_rows=2, seed=seed)  # 5 classes > 2: sketches
+        assert reps == 2 and Xs.shape[0] == 12
+        for i in range(6):  # every sketch row is a combination of its own input's class rows
+            A = exact[5 * i : 5 * i + 5].T
+            for row in Xs[2 * i : 2 * i + 2]:
+                coef = np.linalg.lstsq(A, row, rcond=None)[0]
+                assert np.linalg.norm(A @ coef - row) <= 1e-4 * max(np.linalg.norm(row), 1e-12)
+        acc += Xs.T @ Xs
+    err = np.linalg.norm(acc / seeds - F) / np.linalg.norm(F)
+    assert err < 0.2  # Monte Carlo: 60 draws of 2 rows per input (about 1/sqrt(120) per entry)
+
+
+def test_oracle_scales_kl_rows_per_input_and_the_block_path_runs(tmp_path: Path) -> None:
+    model = tiny_mlp(seed=5, d_in=12, hidden=16, classes=5)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "d.npz"
+    np.savez(data, **labelled_data(model, n=40))
+    cfg = CompressConfig(method="chita", sparsity=0.5, fisher="kl")
+    prep = prepare(path, data, cfg, data)  # evaluation data given: the calibration data stays whole, in order
+    oracle = GradientOracle(prep, cfg)
+    X = oracle.matrix(initial_weights(prep))
+    assert oracle.reps == 5 and X.shape == (oracle.n * 5, 272)
+    raw, _ = engine_rows(model, np.load(data)["x"][: oracle.n], fisher_rows=10)
+    np.testing.assert_allclose(X.astype(np.float64).T @ X, raw.T @ raw / oracle.n, rtol=1e-4, atol=1e-9)
+    # the block path (X over --max-memory) gets its columns with the same rows per input
+    report = compress(
+        path, tmp_path / "out.onnx", data, CompressConfig(method="chita", sparsity=0.5, fisher="kl", max_memory=2**20)
+    )
+    assert report.nnz <= report.k
+    with pytest.raises(ConfigError, match="--fisher='kl'.*mini-batch"):
+        CompressConfig(fisher="kl", mini_batch=4)
