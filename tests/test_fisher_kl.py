@@ -135,5 +135,5 @@ def test_oracle_scales_kl_rows_per_input_and_the_block_path_runs(tmp_path: Path)
         path, tmp_path / "out.onnx", data, CompressConfig(method="chita", sparsity=0.5, fisher="kl", max_memory=2**20)
     )
     assert report.nnz <= report.k
-    with pytest.raises(ConfigError, match="--fisher='kl'.*mini-batch"):
+    with pytest.raises(ConfigError, match=r"--fisher='kl'.*mini-batch"):
         CompressConfig(fisher="kl", mini_batch=4)
