@@ -76,6 +76,7 @@ class CompressConfig:
     batch_size: int = 64
     workdir: str | None = None
     fisher_rows: int = 10
+    distill: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -117,6 +118,14 @@ class CompressConfig:
             raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if self.distill and self.first_order:
+            raise bad("distill", self.distill, "replaces --first-order (the linear term is the KL's gradient)")
+        if self.distill and self.mini_batch != 1:
+            raise bad("distill", self.distill, f"needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if self.distill and self.fisher not in ("auto", "kl"):
+            raise bad("fisher", self.fisher, "--distill uses the KL's own curvature: --fisher kl (or auto)")
+        if self.distill:
+            object.__setattr__(self, "fisher", "kl")
         if self.fisher == "kl" and self.mini_batch != 1:
             raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
         if self.update == "none" and self.method in ("chita", "chita++"):

@@ -52,6 +52,10 @@ from .solver.budgets import keep_count, make_budget
 
 log = logging.getLogger(__name__)
 
+#: Multiply-adds one exact re-fit may cost when ``--fisher kl`` chooses its rows per input (see
+#: :meth:`GradientOracle.plan_rows`): a few seconds on one core.
+KL_ROWS_BUDGET = 5e10
+
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -182,12 +186,48 @@ class GradientOracle:
             raise ConfigError(f"--mini-batch={config.mini_batch}: larger than the {total} calibration samples")
         self.scale = np.float32(1.0 / math.sqrt(self.n))
         self.alpha: NDArray[np.float64] | None = None  # mean gradient of the last full matrix
+        self.offset: NDArray[np.float64] | None = None  # row offsets of the last full matrix (--distill)
         self._samples: ArraySource | None = None  # calibration samples in memory, for row chunks
-        # Rows of X per input (--fisher kl): a guess from the output shape until an engine says.
+        self.reference_probs: NDArray[np.float64] | None = None  # dense class distributions (--distill)
+        # Rows of X per input (--fisher kl): at most --fisher-rows, lowered by plan_rows; reps is a
+        # guess from the output shape until an engine says.
+        self.fisher_rows = config.fisher_rows
+        self.classes = _num_classes(prep.model, config.output)
         self.reps = 1
         if config.fisher == "kl":
-            classes = _num_classes(prep.model, config.output)
-            self.reps = classes if classes is not None and classes <= config.fisher_rows else config.fisher_rows
+            exact = self.classes is not None and self.classes <= self.fisher_rows
+            self.reps = self.classes if exact and self.classes is not None else self.fisher_rows
+
+    def plan_rows(self, k: int) -> int:
+        """Choose the rows per input of ``--fisher kl`` for a solve keeping ``k`` weights; returns it.
+
+        The exact re-fit costs about ``N·k·min(N, k)`` multiply-adds for ``N = n·R`` rows, so ``R`` is
+        the largest count that keeps this under :data:`KL_ROWS_BUDGET` (and ``X`` under
+        ``--max-memory``), at most ``--fisher-rows``, and at least 1: every class exactly when the
+        model has few enough of them, Gaussian sketches otherwise.  With many weights (low
+        sparsity) that is one sketch per input, as cheap as the other Fisher choices; with few
+        (high sparsity) it is the exact true Fisher.
+        """
+        if self.config.fisher != "kl":
+            return 1
+        n, cap = self.n, self.config.fisher_rows
+        assert self.config.max_memory is not None
+        mem_rows = max(1, self.config.max_memory // max(1, 4 * n * self.prep.layout.p))
+
+        def ok(R: int) -> bool:
+            N = n * R
+            return N * k * min(N, k) <= KL_ROWS_BUDGET and mem_rows >= R
+
+        C = self.classes
+        if C is not None and cap >= C and ok(C):
+            rows = C
+        else:
+            rows = 1
+            while rows < cap and (C is None or rows + 1 < C) and ok(rows + 1):
+                rows += 1
+        self.fisher_rows = rows
+        self.reps = rows
+        return rows
 
     @property
     def rows(self) -> int:
@@ -208,7 +248,7 @@ class GradientOracle:
                 mini_batch=self.config.mini_batch,
             )
             fk = engine.resolve_fisher(self.config.fisher, example[1] is not None)
-            self.reps = engine.rows_per_sample(fk, self.config.fisher_rows)
+            self.reps = engine.rows_per_sample(fk, self.fisher_rows)
             self._engines[names] = engine
         return self._engines[names]
 
@@ -239,15 +279,26 @@ class GradientOracle:
             num_samples=cfg.num_samples,
             seed=cfg.seed,
             out=out,
-            fisher_rows=cfg.fisher_rows,
+            fisher_rows=self.fisher_rows,
+            reference=self.reference_probs if names is None and cfg.distill else None,
         )
         X = g.X
+        self.reps = g.rows_per_sample
+        # ½‖X(w − w_t) + b‖² is then the Gauss-Newton model of the mean KL from the dense outputs
+        self.offset = None if g.offsets is None else g.offsets * float(self.scale)
         if names is None and cfg.first_order:
             if g.rows_per_sample > 1:
                 raise ConfigError("--first-order: the mean gradient is not defined for --fisher kl rows")
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
         return X
+
+    def set_reference(self, w: NDArray[np.float32]) -> None:
+        """Remember the class distributions of the model at ``w`` (the dense one) on the calibration
+        inputs: the targets of ``--distill``."""
+        engine = self._engine(self.prep.layout.names)
+        engine.set_weights(self.prep.layout.unflatten(w))
+        self.reference_probs = engine.probabilities(self.prep.calib, self.config.num_samples)[: self.n]
 
     def _mapped(self, p: int) -> NDArray[np.float32]:
         """An (n, p) float32 matrix in an anonymous file under ``--workdir`` (deleted when unmapped)."""
@@ -308,7 +359,7 @@ class GradientOracle:
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
             g = engine.compute(
-                part, fisher=self.config.fisher, seed=self.config.seed + r0, fisher_rows=self.config.fisher_rows
+                part, fisher=self.config.fisher, seed=self.config.seed + r0, fisher_rows=self.fisher_rows
             )
             out[r0 * R : r1 * R] = g.X[:, start : start + width]
         out *= self.scale
@@ -325,14 +376,18 @@ def solve(
     w: NDArray[np.float32],
     budget: Budget,
     alpha: NDArray[np.float64] | None = None,
+    offset: NDArray[np.float64] | None = None,
 ) -> SolverResult:
-    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p)."""
+    """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p).
+
+    ``offset`` (``--distill``, CHITA only): row offsets ``b`` of the least-squares model
+    ``½‖X(w − w̄) + b‖²`` (see :func:`chita_iht`)."""
     if method == "magnitude" and config.update != "obs":
         return magnitude(w, budget, X=X, ridge=config.ridge)
     if X is None:
         raise ValueError(f"method {method} needs the gradient matrix")
     if method in ("chita", "chita++"):
-        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter, start=config.rank)
+        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter, start=config.rank, offset=offset)
     if method == "magnitude":
         return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
     if method == "wf":
@@ -379,6 +434,8 @@ def prune(
     for t, level in enumerate(levels, start=1):
         t0 = time.perf_counter()
         budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
+        if oracle is not None and config.fisher == "kl" and not (X0 is not None and t == 1):
+            oracle.plan_rows(budget.k)
         if oracle is None:
             with timer.phase("solve"):
                 result = solve(config.method, config, None, w, budget)
@@ -405,13 +462,18 @@ def prune(
                     max_iter=config.max_iter,
                 )
         else:
+            if config.distill and t == 1:
+                with timer.phase("gradients"):
+                    oracle.set_reference(w)  # the dense outputs: at w̄ the KL and its gradient are 0
             if X0 is not None and t == 1:
                 X = X0
             else:
                 with timer.phase("gradients"):
                     X = oracle.matrix(w)
+            alpha = oracle.alpha if config.first_order else None
+            offset = oracle.offset if config.distill and t > 1 else None
             with timer.phase("solve"):
-                result = solve(config.method, config, X, w, budget, oracle.alpha if config.first_order else None)
+                result = solve(config.method, config, X, w, budget, alpha, offset)
             del X
         if not result.converged:
             log.warning(

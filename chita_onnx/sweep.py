@@ -127,6 +127,8 @@ def sweep(
             raise ConfigError(
                 f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.rows} x {layout.p}) in memory"
             )
+        if base.fisher == "kl":  # one X for every sparsity: rows per input that suit the largest k
+            oracle.plan_rows(max(keep_count(s, layout.p) for s in sparsities))
         t0 = time.perf_counter()
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0

@@ -240,6 +240,13 @@ def _config_options(fn: F) -> F:
             help="--fisher kl: rows per input; every class exactly when the model has at most this many "
             "classes, else this many Gaussian sketches over all classes.",
         ),
+        click.option(
+            "--distill",
+            is_flag=True,
+            default=d.distill,
+            help="Every stage minimises the Gauss-Newton model of the KL from the dense model's outputs "
+            "(first-order term included; implies --fisher kl). For high sparsity with chita++.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)

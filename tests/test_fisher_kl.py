@@ -19,7 +19,7 @@ from onnx import TensorProto, numpy_helper
 from chita_onnx import CompressConfig
 from chita_onnx.data import ArraySource
 from chita_onnx.errors import ConfigError
-from chita_onnx.gradients import GradientEngine
+from chita_onnx.gradients import GradientEngine, GradientMatrix
 from chita_onnx.pipeline import GradientOracle, compress, initial_weights, prepare
 
 
@@ -43,8 +43,10 @@ def float64_with_weight_inputs(model: onnx.ModelProto, weights: list[str]) -> on
     return m
 
 
-def true_fisher_by_finite_differences(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> np.ndarray:
-    """``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i`` (p × p), J by central differences in float64."""
+def jacobians_by_finite_differences(
+    model: onnx.ModelProto, x: np.ndarray, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(J, p)``: ``J`` (n, C, p) the logits' Jacobian by central differences in float64, ``p`` the softmax."""
     inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     m64 = float64_with_weight_inputs(model, names)
     sess = ort.InferenceSession(m64.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -68,18 +70,32 @@ def true_fisher_by_finite_differences(model: onnx.ModelProto, x: np.ndarray, nam
         J[:, :, j] = (logits(flat + e) - logits(flat - e)) / (2 * h)
     p = np.exp(z0 - z0.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    F = np.zeros((flat.size, flat.size))
-    for i in range(n):
-        B = np.diag(p[i]) - np.outer(p[i], p[i])
-        F += J[i].T @ B @ J[i]
-    return F
+    return J, p
 
 
-def engine_rows(model: onnx.ModelProto, x: np.ndarray, fisher_rows: int, seed: int = 0) -> tuple[np.ndarray, int]:
+def true_fisher(J: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i``."""
+    return sum(J[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J[i] for i in range(J.shape[0]))
+
+
+def true_fisher_by_finite_differences(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> np.ndarray:
+    """``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i`` (p × p), J by central differences in float64."""
+    return true_fisher(*jacobians_by_finite_differences(model, x, names))
+
+
+def engine_rows(
+    model: onnx.ModelProto, x: np.ndarray, fisher_rows: int, seed: int = 0, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    g = engine_matrix(model, x, fisher_rows, seed, reference)
+    return g.X.astype(np.float64), g.rows_per_sample
+
+
+def engine_matrix(
+    model: onnx.ModelProto, x: np.ndarray, fisher_rows: int, seed: int = 0, reference: np.ndarray | None = None
+) -> GradientMatrix:
     src = ArraySource({"x": x}, None, batch_size=5)
     eng = GradientEngine(model, ["W1", "W2"], example=next(iter(src)), loss="ce")  # no labels: say "logits"
-    g = eng.compute(src, fisher="kl", fisher_rows=fisher_rows, seed=seed)
-    return g.X.astype(np.float64), g.rows_per_sample
+    return eng.compute(src, fisher="kl", fisher_rows=fisher_rows, seed=seed, reference=reference)
 
 
 def test_kl_rows_give_exactly_the_true_fisher() -> None:
@@ -137,3 +153,23 @@ def test_oracle_scales_kl_rows_per_input_and_the_block_path_runs(tmp_path: Path)
     assert report.nnz <= report.k
     with pytest.raises(ConfigError, match=r"--fisher='kl'.*mini-batch"):
         CompressConfig(fisher="kl", mini_batch=4)
+
+
+def test_kl_offsets_give_the_gradient_of_the_kl_and_midpoint_curvature() -> None:
+    """With reference distributions p (the dense model's, in --distill), the exact class rows carry
+    the curvature at the midpoint r = (q + p)/2 and offsets b with Σ b·row = Σ_i J_iᵀ(q_i − p_i), the
+    gradient of Σ_i KL(p_i ‖ q_i): ½‖Xδ + b‖² is the Gauss-Newton model of the KL."""
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((12, 12)).astype(np.float32)
+    J, q = jacobians_by_finite_differences(model, x, ["W1", "W2"])
+    ref = np.random.default_rng(5).dirichlet(np.ones(5), size=12)
+    g = engine_matrix(model, x, fisher_rows=8, reference=ref[:, None, :])
+    X, b = g.X.astype(np.float64), g.offsets
+    assert b is not None and b.shape == (60,)
+    grad = sum(J[i].T @ (q[i] - ref[i]) for i in range(12))
+    np.testing.assert_allclose(X.T @ b, grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
+    F_mid = true_fisher(J, 0.5 * (q + ref))
+    assert np.linalg.norm(X.T @ X - F_mid) / np.linalg.norm(F_mid) < 1e-4
+    # at the reference itself the offsets vanish and the curvature is the true Fisher
+    g0 = engine_matrix(model, x, fisher_rows=8, reference=q[:, None, :])
+    assert g0.offsets is not None and np.abs(g0.offsets).max() < 1e-6

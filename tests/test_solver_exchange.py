@@ -129,3 +129,22 @@ def test_exchange_stops_at_once_when_magnitude_is_optimal() -> None:
     ex = exchange_search(X, w_bar, budget, 1e-3, None, start)
     assert ex.swaps == 0 and ex.converged
     np.testing.assert_array_equal(ex.support, start)
+
+
+@pytest.mark.parametrize(("k", "with_offset"), [(30, False), (30, True), (90, True)])
+def test_dual_and_primal_forms_agree(k: int, with_offset: bool) -> None:
+    """The n × n (row space) and k × k (weight space) forms give the same search, k < n and k > n."""
+    n, p = 60, 300
+    X, w_bar = random_problem(11, n, p)
+    offset = np.random.default_rng(12).standard_normal(n) * 0.05 if with_offset else None
+    budget = BUDGETS["segments"](p, k)
+    start = hard_threshold(w_bar, budget)
+    res = {
+        form: exchange_search(X, w_bar, budget, 1e-3, None, start, offset=offset, form=form)
+        for form in ("dual", "primal")
+    }
+    np.testing.assert_array_equal(res["dual"].support, res["primal"].support)
+    np.testing.assert_allclose(res["dual"].trace, res["primal"].trace, rtol=1e-8)
+    np.testing.assert_allclose(res["dual"].w, res["primal"].w, rtol=1e-6, atol=1e-9)
+    alpha = None if offset is None else X.T @ offset
+    assert res["primal"].trace[-1] == pytest.approx(objective(X, res["primal"].w, w_bar, 1e-3, alpha), rel=1e-6)

@@ -81,6 +81,8 @@ CHECK_ROWS = 4
 CHECK_RTOL = 1e-5
 CHECK_ROW_RTOL = 1e-4
 _PROBE_SEED = 0x5EED
+#: Floor of √p in the KL offsets (a class the model gives probability ≲ 1e-20 adds no curvature).
+_ROOT_FLOOR = 1e-10
 #: ``method="auto"`` tries the batched path only when a one-sample row costs less than this.
 AUTO_BATCHED_MAX_ROW_S = 1e-3
 
@@ -118,6 +120,11 @@ class GradientMatrix:
     method: Literal["single", "batched"] = "single"
     #: Rows per input (``fisher="kl"``); ``n`` counts rows, so ``n // rows_per_sample`` inputs.
     rows_per_sample: int = 1
+    #: ``(n,)`` float64 row offsets ``b`` (``fisher="kl"`` with reference distributions): with raw rows
+    #: ``x_r``, ``Σ_r ½(x_rᵀδ + b_r)²`` is the Gauss-Newton model of ``Σ_inputs KL(ref ‖ model)``
+    #: around the current weights, first-order term ``Σ_r b_r x_r`` included (in expectation over the
+    #: sketches; exactly with every class).
+    offsets: NDArray[np.float64] | None = None
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -241,6 +248,18 @@ def _softmax(z: NDArray[np.floating], axis: int) -> NDArray[np.float64]:
     return cast(NDArray[np.float64], e / e.sum(axis=axis, keepdims=True))
 
 
+def head_probabilities(head: Head, preds: NDArray[np.floating]) -> NDArray[np.float64]:
+    """``(count, P, C)`` float64 class distributions from the head tensor (``(count, *head.shape[1:])``)."""
+    axis, C, P = head.class_axis, head.num_classes, head.positions
+    assert axis is not None and C is not None
+    q = np.moveaxis(preds, axis, -1).reshape(preds.shape[0], P, C)
+    if head.kind == "logits":
+        return _softmax(q, -1)
+    q64 = np.clip(q.astype(np.float64), 0.0, None)
+    s = q64.sum(-1, keepdims=True)
+    return cast(NDArray[np.float64], np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C))
+
+
 def make_targets(
     head: Head,
     fisher: str,
@@ -252,6 +271,8 @@ def make_targets(
     mini_batch: int,
     rows: int = 1,
     row0: int = 0,
+    reference: NDArray[np.floating] | None = None,
+    offsets: NDArray[np.float64] | None = None,
 ) -> NDArray[np.float32]:
     """The loss weights ``T`` (``(size, *head.shape[1:])``) for ``count`` samples; rows ≥ count are 0.
 
@@ -260,7 +281,9 @@ def make_targets(
     order, so blocks of any size see the same draws.  ``fisher="kl"``: each input is repeated over
     ``rows`` consecutive rows and ``row0`` is the global index of this block's first row; the row
     ``r`` of an input gets ``T = −√p ⊙ e_r`` (exact class rows, when ``rows`` equals the number of
-    classes and there is one position) or ``T = −√p ⊙ ε/√rows`` (Gaussian sketch).
+    classes and there is one position) or ``T = −√p ⊙ ε/√rows`` (Gaussian sketch).  With ``reference``
+    class distributions (``(n_inputs, P, C)``) it also writes each row's offset ``b = Σ ε_c(p_c −
+    ref_c)/√p_c`` into ``offsets[row0 : row0 + count]`` (see :class:`GradientMatrix`).
     """
     per = head.shape[1:]
     T = np.zeros((size, *per), np.float32)
@@ -292,21 +315,28 @@ def make_targets(
         idx = lab.reshape(count, 1)
     else:
         assert preds is not None
-        q = np.moveaxis(preds[:count], axis, -1).reshape(count, P, C)
-        if head.kind == "logits":
-            probs = _softmax(q, -1)
-        else:
-            q64 = np.clip(q.astype(np.float64), 0.0, None)
-            s = q64.sum(-1, keepdims=True)
-            probs = np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C)
+        probs = head_probabilities(head, preds[:count])
         if fisher == "kl":
-            root = np.sqrt(probs)
+            ref = None if reference is None else reference[(row0 + np.arange(count)) // rows]
+            # curvature at the model's distribution q, or with a reference p at the midpoint r = (q + p)/2
+            # (the KL's Hessian in the logits is diag(q) − qqᵀ *at the current q*; far from p its
+            # Gauss-Newton step (p − q)/q explodes where q ≪ p, the midpoint keeps it near 2)
+            r = probs if ref is None or os.environ.get("CHITA_KL_NOMID") else 0.5 * (probs + ref)
+            root = np.sqrt(r)
             if P == 1 and rows == C:
-                weights = np.zeros_like(root)
-                cls = (row0 + np.arange(count)) % C
-                weights[np.arange(count), 0, cls] = root[np.arange(count), 0, cls]
+                eps = np.zeros_like(root)
+                eps[np.arange(count), 0, (row0 + np.arange(count)) % C] = 1.0
             else:
-                weights = root * rng.standard_normal(root.shape) / math.sqrt(rows)
+                eps = rng.standard_normal(root.shape) / math.sqrt(rows)
+            # T = (I − r1ᵀ)(√r ⊙ ε): a zero-sum target, so the row is Jᵀ(diag √r − r√rᵀ)ε whatever q is
+            weights = root * eps
+            weights -= r * (root * eps).sum(-1, keepdims=True)
+            if ref is not None and offsets is not None:
+                # the row is −Jᵀ(diag √r − r√rᵀ)ε (the loss is −Σ T log q), so b = −εᵀu with
+                # u = (q − p)/√r gives Σ_rows b·row = Jᵀ(q − p) (in expectation over ε; exactly with every
+                # class): the gradient of the KL from p to the model, in the span of the rows
+                u = (probs - ref) / np.maximum(root, _ROOT_FLOOR)
+                offsets[row0 : row0 + count] = -(eps * u).sum(axis=(1, 2))
             other = [d for k, d in enumerate(per, start=1) if k != axis]
             W = (scale * weights).astype(np.float32).reshape(count, *other, C)
             T[:count] = np.moveaxis(W, -1, axis)
@@ -608,13 +638,17 @@ class GradientEngine:
         out: NDArray[np.float32] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         fisher_rows: int = 1,
+        reference: NDArray[np.floating] | None = None,
     ) -> GradientMatrix:
         """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows, times
-        :meth:`rows_per_sample` for ``fisher="kl"``)."""
+        :meth:`rows_per_sample` for ``fisher="kl"``).  ``reference`` (``fisher="kl"`` only): the
+        class distributions ``(n, P, C)`` of a reference model on the same samples (e.g. the dense
+        model's :meth:`probabilities`); the result then carries the row ``offsets`` of the KL from
+        them to the model."""
         t0 = time.perf_counter()
         c0 = time.process_time()
         with _blas_threads(self.threads):
-            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows)
+            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference)
 
     def _compute(
         self,
@@ -627,6 +661,7 @@ class GradientEngine:
         t0: float,
         c0: float,
         fisher_rows: int = 1,
+        reference: NDArray[np.floating] | None = None,
     ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
@@ -636,11 +671,16 @@ class GradientEngine:
         if n < 1:
             raise DataError(f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}")
         fk = self.resolve_fisher(fisher, has_labels)
+        if reference is not None and (fk != "kl" or self.kind == "regression"):
+            raise ConfigError("reference distributions (the KL offsets) need fisher='kl' on a classifier head")
         need_labels = fk == "empirical" and self.kind != "regression"
         reps = self.rows_per_sample(fk, fisher_rows)
         if reps > 1:  # every input is repeated over its rows (consecutive), each with its own target
             data = _Repeated(data, reps)
             n *= reps
+        offsets = None if reference is None else np.zeros(n, np.float64)
+        if reference is not None and reference.shape[0] * reps < n:
+            raise ConfigError(f"reference distributions cover {reference.shape[0]} inputs, need {n // reps}")
         p = self.layout.p
         timings = dict(self.timings)
         ta = time.perf_counter()
@@ -690,6 +730,8 @@ class GradientEngine:
                     self.m,
                     reps,
                     row,
+                    reference,
+                    offsets,
                 )
                 if use_batched and self._batched is not None:
                     if not verified:
@@ -740,7 +782,28 @@ class GradientEngine:
             mini_batch=self.m,
             method=chosen,
             rows_per_sample=reps,
+            offsets=offsets,
         )
+
+    def probabilities(self, data: CalibrationSource, num_samples: int | None = None) -> NDArray[np.float64]:
+        """The model's class distributions ``(n, P, C)`` (float64) on the first ``num_samples`` samples,
+        at the current weights (one forward pass per block; for ``soft`` targets later)."""
+        if self.kind == "regression":
+            raise ConfigError("class probabilities need a classifier head (logits or probabilities)")
+        total, _ = _count_samples(data, num_samples)
+        n = min(total, num_samples) if num_samples is not None else total
+        specs = [_InputSpec(nm, d, s[1:]) for nm, d, s in self.fwd.data_inputs]
+        C, P = self.head.num_classes, self.head.positions
+        assert C is not None
+        out = np.zeros((n, P, C), np.float64)
+        row = 0
+        size = self.chunk
+        with _blas_threads(self.threads):
+            for block in _stream(data, specs, size, n, False, pad=True):
+                preds = self._predict(block.inputs, block.count)
+                out[row : row + block.count] = head_probabilities(self.head, preds[: block.count])
+                row += block.count
+        return out
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -694,8 +694,13 @@ def _solve(
     method: Method = "auto",
     swap_max_k: int = 500,
     warn: bool = True,
+    offset: F64 | None = None,
+    alpha_own: F64 | None = None,
 ) -> SolverResult:
-    """The solver proper on validated inputs (``wb``, ``alpha`` float64; X float32/float64)."""
+    """The solver proper on validated inputs (``wb``, ``alpha`` float64; X float32/float64).
+
+    With row offsets ``b`` (``offset``), ``alpha`` is the whole first-order term ``α + Xᵀb`` and
+    ``alpha_own`` the ``α`` part (the exchange search keeps ``Xᵀb`` in its least-squares form)."""
     t0 = time.perf_counter()
     p = X.shape[1]
     k = budget.k
@@ -756,7 +761,17 @@ def _solve(
     elif use_exchange:
         # Exchange search in the Woodbury form: exact scores and exact re-fits, any k (see exchange.py).
         mode = "exchange"
-        ex = exchange_search(X, wb, budget_nz, ridge, alpha, supp0, max_iter=max_iter, tol=tol)
+        ex = exchange_search(
+            X,
+            wb,
+            budget_nz,
+            ridge,
+            alpha if offset is None else alpha_own,
+            supp0,
+            max_iter=max_iter,
+            tol=tol,
+            offset=offset,
+        )
         iters, converged, a_size, supp_cols, w_iter = ex.iterations, ex.converged, p, ex.support, ex.w
         trace.extend(ex.trace)
         w_first, first_support = ex.w, supp_cols  # the exact minimiser on the support found
@@ -859,6 +874,7 @@ def chita_iht(
     start: Start = "magnitude",
     method: Method = "auto",
     swap_max_k: int = 500,
+    offset: FloatArray | None = None,
 ) -> SolverResult:
     """Prune with CHITA-IHT: minimise ``f`` under ``budget``, then backsolve on the chosen support.
 
@@ -887,6 +903,10 @@ def chita_iht(
             (exact re-fit of every candidate support on the Gram of the active set, ``O(n·|A|²)``
             once plus ``O(k³)`` per candidate), or ``"auto"``: swap when ``k ≤ swap_max_k``.
         swap_max_k: largest ``k`` for which ``"auto"`` uses the swap search.
+        offset: ``(n,)`` row offsets ``b``: minimise ``½‖X(w − w̄) + b‖² + (λ/2)‖w − w̄‖² + αᵀ(w − w̄)``
+            instead, i.e. ``f`` with the first-order term ``α + Xᵀb`` (reported that way).  This is
+            the Gauss-Newton form of a least-squares model (e.g. the KL to a reference model, see
+            ``--distill``): its linear term lies in the row space of ``X``.
 
     Returns:
         :class:`SolverResult` with ``w`` ``(p,)`` float32, sorted ``support``, final ``objective``,
@@ -910,12 +930,19 @@ def chita_iht(
     )
     if start not in ("magnitude", "obd"):
         raise SolverError(f"start must be 'magnitude' or 'obd', got {start!r}")
+    b64: F64 | None = None
+    a_all = a64
+    if offset is not None:
+        b64 = np.array(offset, dtype=np.float64)
+        if b64.shape != (Xa.shape[0],) or not np.all(np.isfinite(b64)):
+            raise SolverError(f"offset must be a finite ({Xa.shape[0]},) vector, got shape {b64.shape}")
+        a_all = rmatvec(Xa, b64) if a64 is None else a64 + rmatvec(Xa, b64)
     return _solve(
         Xa,
         wb,
         budget,
         ridge_f,
-        a64,
+        a_all,
         max_iter=int(max_iter),
         tol=float(tol),
         active_set=bool(active_set),
@@ -927,6 +954,8 @@ def chita_iht(
         start=start,
         method=method,
         swap_max_k=int(swap_max_k),
+        offset=b64,
+        alpha_own=a64,
     )
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import scipy.linalg as sla
@@ -123,11 +124,11 @@ def _lsolve(L: F64, b: F64) -> F64:
 
 
 @dataclass
-class _System:
-    """The exact re-fit on one support.
+class _Dual:
+    """The exact re-fit on one support in the ``n``-dimensional row space (for ``k ≥ n``).
 
     ``G`` — upper triangle of ``X_S X_Sᵀ``; ``c = y − X_S m_S``; ``L`` — Cholesky factor of
-    ``λI + G``; ``ch = L⁻¹c``; ``F = ‖m_P‖² + ‖ch‖²`` (``= ‖m_P‖² + cᵀK⁻¹c``, i.e. ``2(f* − const)/λ``).
+    ``K = λI + G``; ``ch = L⁻¹c``; ``F = ‖m_P‖² + ‖ch‖²`` (``= ‖m_P‖² + cᵀK⁻¹c``, i.e. ``2(f* − const)/λ``).
     """
 
     kept: NDArray[np.bool_]
@@ -138,16 +139,106 @@ class _System:
     ch: F64
     F: float
 
+    @staticmethod
+    def build(X: FloatArray, kept: NDArray[np.bool_], c: F64, mp2: float, lam: float) -> _Dual:
+        n = X.shape[0]
+        G = np.zeros((n, n), dtype=np.float64, order="F")  # Fortran order: syrk updates it in place
+        _gram_update(G, X, np.flatnonzero(kept), 1.0)
+        return _Dual.make(kept, G, c, mp2, lam)
+
+    @staticmethod
+    def make(kept: NDArray[np.bool_], G: F64, c: F64, mp2: float, lam: float) -> _Dual:
+        L = _factor(G, lam)
+        ch = _lsolve(L, c)
+        return _Dual(kept, G, c, mp2, L, ch, mp2 + float(ch @ ch))
+
     @property
     def z(self) -> F64:
         """``K⁻¹c`` (n,)."""
         return np.asarray(sla.solve_triangular(self.L, self.ch, lower=True, trans=1, check_finite=False))
 
+    def gram(self, X: FloatArray, C: IntArray) -> F64:
+        """``X_CᵀK⁻¹X_C`` (|C| × |C|)."""
+        W = _lsolve(self.L, np.asarray(X[:, C], dtype=np.float64))
+        return np.asarray(W.T @ W)
 
-def _system(kept: NDArray[np.bool_], G: F64, c: F64, mp2: float, lam: float) -> _System:
-    L = _factor(G, lam)
-    ch = _lsolve(L, c)
-    return _System(kept, G, c, mp2, L, ch, mp2 + float(ch @ ch))
+    def apply(self, X: FloatArray, out: IntArray, inn: IntArray, m: F64, lam: float) -> _Dual:
+        """The exact system after pruning ``out`` and keeping ``inn`` (``O(n²·moves + n³)``)."""
+        G = self.G.copy(order="F")
+        _gram_update(G, X, out, -1.0)
+        _gram_update(G, X, inn, 1.0)
+        kept, c, mp2 = _moved(X, self.kept, self.c, self.mp2, out, inn, m)
+        return _Dual.make(kept, G, c, mp2, lam)
+
+
+@dataclass
+class _Primal:
+    """The exact re-fit on one support in the ``k``-dimensional weight space (for ``k < n``).
+
+    ``S`` — the kept columns in the order of ``XS = X[:, S]`` (float64 copy) and of ``H = XSᵀXS``;
+    ``L`` — Cholesky factor of ``H + λI``; ``delta = (H + λI)⁻¹XSᵀc``, ``r = c − XS·delta``, so that
+    ``K⁻¹c = r/λ`` and ``F = ‖m_P‖² + ‖r‖²/λ + ‖delta‖²`` (no cancellation).
+    """
+
+    kept: NDArray[np.bool_]
+    S: IntArray
+    XS: F64
+    H: F64
+    c: F64
+    mp2: float
+    L: F64
+    r: F64
+    F: float
+    lam: float
+
+    @staticmethod
+    def build(X: FloatArray, kept: NDArray[np.bool_], c: F64, mp2: float, lam: float) -> _Primal:
+        S = np.flatnonzero(kept).astype(np.int64)
+        XS = np.asarray(X[:, S], dtype=np.float64)
+        return _Primal.make(kept, S, XS, XS.T @ XS, c, mp2, lam)
+
+    @staticmethod
+    def make(kept: NDArray[np.bool_], S: IntArray, XS: F64, H: F64, c: F64, mp2: float, lam: float) -> _Primal:
+        L = _factor(H, lam)
+        delta = np.asarray(sla.cho_solve((L, True), XS.T @ c, check_finite=False), dtype=np.float64)
+        r = c - XS @ delta
+        return _Primal(kept, S, XS, H, c, mp2, L, r, mp2 + float(r @ r) / lam + float(delta @ delta), lam)
+
+    @property
+    def z(self) -> F64:
+        return self.r / self.lam
+
+    def gram(self, X: FloatArray, C: IntArray) -> F64:
+        """``X_CᵀK⁻¹X_C = (X_CᵀX_C − AᵀH_λ⁻¹A)/λ`` with ``A = XSᵀX_C``."""
+        XC = np.asarray(X[:, C], dtype=np.float64)
+        W = _lsolve(self.L, self.XS.T @ XC)
+        return np.asarray((XC.T @ XC - W.T @ W) / self.lam)
+
+    def apply(self, X: FloatArray, out: IntArray, inn: IntArray, m: F64, lam: float) -> _Primal:
+        """The exact system after the moves: ``H`` updated by the moved rows/columns (``O(n·k·moves + k³)``)."""
+        keep = ~np.isin(self.S, out)
+        XI = np.asarray(X[:, inn], dtype=np.float64)
+        XS = np.concatenate([self.XS[:, keep], XI], axis=1)
+        cross = XS[:, : int(keep.sum())].T @ XI
+        H = np.block([[self.H[np.ix_(keep, keep)], cross], [cross.T, XI.T @ XI]])
+        S = np.concatenate([self.S[keep], inn])
+        kept, c, mp2 = _moved(X, self.kept, self.c, self.mp2, out, inn, m)
+        return _Primal.make(kept, S, XS, H, c, mp2, lam)
+
+
+def _moved(
+    X: FloatArray, kept: NDArray[np.bool_], c: F64, mp2: float, out: IntArray, inn: IntArray, m: F64
+) -> tuple[NDArray[np.bool_], F64, float]:
+    """``(kept, c, ‖m_P‖²)`` after pruning ``out`` and keeping ``inn``."""
+    c = c.copy()
+    if out.size:
+        c += np.asarray(X[:, out], dtype=np.float64) @ m[out]
+    if inn.size:
+        c -= np.asarray(X[:, inn], dtype=np.float64) @ m[inn]
+    kept = kept.copy()
+    kept[out] = False
+    kept[inn] = True
+    return kept, c, mp2 + float(m[out] @ m[out]) - float(m[inn] @ m[inn])
 
 
 def exchange_search(
@@ -161,6 +252,8 @@ def exchange_search(
     max_iter: int = 50,
     tol: float = 1e-6,
     shortlist: int = DEFAULT_SHORTLIST,
+    offset: F64 | None = None,
+    form: Literal["auto", "dual", "primal"] = "auto",
 ) -> ExchangeResult:
     """Improve the support ``start`` by exact exchanges (see the module docstring).
 
@@ -172,6 +265,11 @@ def exchange_search(
         max_iter: cap on outer iterations (each one: a full gradient, a shortlist, a run of
             exchanges, an exact re-factorisation); tol: stop when an outer iteration lowers ``f*``
             by less than ``tol·f*``; shortlist: ``r``, the candidates per side of one run.
+        offset: ``(n,)`` row offsets ``b``: the problem is then ``½‖X(w − w̄) + b‖² + (λ/2)‖w − w̄‖²
+            + αᵀ(w − w̄)`` (its linear part ``Xᵀb`` stays in the row space, and ``f*`` is reported
+            without the constant ``½‖b‖²``, i.e. as ``f`` with first-order term ``α + Xᵀb``).
+        form: the exact re-fit in the ``n × n`` row space ("dual", ``O(n²k + n³)``) or the ``k × k``
+            weight space ("primal", ``O(nk² + k³)``); "auto" takes the cheaper (primal when ``k < n``).
 
     Returns:
         :class:`ExchangeResult`; ``w`` is the exact minimiser of ``f`` on the returned support.
@@ -182,16 +280,19 @@ def exchange_search(
     lam = float(ridge)
     m = w_bar if alpha is None else w_bar - alpha / lam
     const = 0.0 if alpha is None else -float(alpha @ alpha) / (2.0 * lam)
+    if offset is not None:
+        const -= 0.5 * float(offset @ offset)
     kept = np.zeros(p, dtype=bool)
     kept[start] = True
     S = np.flatnonzero(kept).astype(np.int64)
-    G = np.zeros((n, n), dtype=np.float64, order="F")  # Fortran order: syrk updates it in place
-    _gram_update(G, X, S, 1.0)
     mS = np.zeros(p, dtype=np.float64)
     mS[S] = m[S]
-    c = matvec(X, w_bar - mS)
+    c = matvec(X, w_bar - mS) if offset is None else matvec(X, w_bar - mS) - offset
     mP = m[~kept]
-    sys_ = _system(kept, G, c, float(mP @ mP), lam)
+    # the cheaper exact form: n × n (cost n²k + n³) or k × k (cost nk² + k³)
+    primal = form == "primal" or (form == "auto" and S.size < n)
+    system: type[_Dual] | type[_Primal] = _Primal if primal else _Dual
+    sys_: _Dual | _Primal = system.build(X, kept, c, float(mP @ mP), lam)
     seg_of = budget.segment_ids()
     lower = np.asarray(budget.lower, dtype=np.int64)
     upper = np.asarray(budget.upper, dtype=np.int64)
@@ -221,16 +322,16 @@ def exchange_search(
             converged = True  # no single exchange can pay off, even by the bounds
             break
         C = np.concatenate([R, E])
-        W = _lsolve(sys_.L, np.asarray(X[:, C], dtype=np.float64))  # (n, |C|): K^-1/2 X_C
-        run = _Exchanges(W, v[C], m[C], kept[C], seg_of[C], np.bincount(seg_of[S], minlength=lower.size))
+        M0 = sys_.gram(X, C)  # (|C|, |C|): X_CᵀK⁻¹X_C
+        run = _Exchanges(M0, v[C], m[C], kept[C], seg_of[C], np.bincount(seg_of[S], minlength=lower.size))
         moves = run.search(sys_.F, lower, upper, free_segments, max_steps=min(re, rs))
-        del W
+        del M0
         if not moves:
             converged = True
             break
         was = kept[C]
         out, inn = np.sort(C[was & ~run.kept]), np.sort(C[~was & run.kept])  # net moves
-        cand = _apply(X, sys_, out, inn, m, lam)
+        cand = sys_.apply(X, out, inn, m, lam)
         if not cand.F < sys_.F:  # the exact value disagrees with the rank-one updates (rounding): stop
             log.debug("exchange %d: exact f* %.12g ≥ %.12g, stopping", iters, cand.F, sys_.F)
             converged = True
@@ -260,7 +361,7 @@ def exchange_search(
 class _Exchanges:
     """Exact sequential exchanges among the shortlisted columns ``C`` by rank-one updates.
 
-    In the whitened coordinates ``W = L⁻¹X_C`` the quantities that decide a move are
+    With ``K = λI + X_S X_Sᵀ`` the quantities that decide a move are
     ``s_j = x_jᵀK⁻¹x_j`` (leverage), ``t_j = x_jᵀK⁻¹c`` and ``v_j = m_j + t_j``.  Keeping (``σ = +1``)
     or pruning (``σ = −1``) a column ``a`` changes ``K`` by ``σx_ax_aᵀ`` and ``c`` by ``−σm_ax_a``;
     with ``M = X_CᵀK⁻¹X_C``:
@@ -273,16 +374,16 @@ class _Exchanges:
     """
 
     def __init__(
-        self, W: F64, v: F64, m: F64, kept: NDArray[np.bool_], seg: IntArray, counts: NDArray[np.int64]
+        self, M0: F64, v: F64, m: F64, kept: NDArray[np.bool_], seg: IntArray, counts: NDArray[np.int64]
     ) -> None:
-        self.M0 = W.T @ W  # (|C|, |C|) = X_CᵀK⁻¹X_C at the start of the run
+        self.M0 = M0  # (|C|, |C|) = X_CᵀK⁻¹X_C at the start of the run
         self.m = m
         self.t = v - m
         self.s = np.diag(self.M0).copy()
         self.kept = kept.copy()
         self.seg = seg
         self.counts = counts.copy()
-        self.U = np.empty((W.shape[1], 0), dtype=np.float64)  # columns of the updates so far
+        self.U = np.empty((M0.shape[0], 0), dtype=np.float64)  # columns of the updates so far
         self.coefs = np.empty(0, dtype=np.float64)
         self.q = 0
         self.F = 0.0
@@ -358,20 +459,3 @@ class _Exchanges:
             if not done:
                 break
         return moves
-
-
-def _apply(X: FloatArray, sys_: _System, out: IntArray, inn: IntArray, m: F64, lam: float) -> _System:
-    """The exact system after pruning ``out`` and keeping ``inn`` (``O(n²·(|out|+|inn|) + n³)``)."""
-    G = sys_.G.copy(order="F")
-    _gram_update(G, X, out, -1.0)
-    _gram_update(G, X, inn, 1.0)
-    c = sys_.c.copy()
-    if out.size:
-        c += np.asarray(X[:, out], dtype=np.float64) @ m[out]
-    if inn.size:
-        c -= np.asarray(X[:, inn], dtype=np.float64) @ m[inn]
-    mp2 = sys_.mp2 + float(m[out] @ m[out]) - float(m[inn] @ m[inn])
-    kept = sys_.kept.copy()
-    kept[out] = False
-    kept[inn] = True
-    return _system(kept, G, c, mp2, lam)
