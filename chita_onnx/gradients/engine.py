@@ -321,7 +321,7 @@ def make_targets(
             # curvature at the model's distribution q, or with a reference p at the midpoint r = (q + p)/2
             # (the KL's Hessian in the logits is diag(q) − qqᵀ *at the current q*; far from p its
             # Gauss-Newton step (p − q)/q explodes where q ≪ p, the midpoint keeps it near 2)
-            r = probs if ref is None or os.environ.get("CHITA_KL_NOMID") else 0.5 * (probs + ref)
+            r = probs if ref is None else 0.5 * (probs + ref)
             root = np.sqrt(r)
             if P == 1 and rows == C:
                 eps = np.zeros_like(root)
