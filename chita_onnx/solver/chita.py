@@ -9,15 +9,23 @@ with ``X`` ``(n, p)`` float32/float64 already scaled by 1/√n, ``n ≪ p``.  No
 The algorithm (CHITA's Active-IHT, ``docs/chita-algorithm.md`` §2.2, with the reference's quirks fixed
 and its cost removed):
 
-1. **Preprocess.**  Columns of ``X`` that are identically zero carry only ridge/α terms; they get no
-   budget unless it would otherwise go unspent (then they are taken by ``|w̄|``).
+0. **Exchange search** (``method="exchange"``, and ``"auto"`` when ``k > swap_max_k`` and λ > 0): the
+   default for large supports, in :mod:`.exchange` — exact single-move scores in the Woodbury form,
+   sequential exchanges with exact rank-one updates, exact re-fit after every round; it works for
+   ``k ≫ n``, where the IHT below stays at the magnitude support.  Steps 1–5 are the IHT/swap path
+   (λ = 0, ``k ≤ swap_max_k`` or ``method="iht"``/``"swap"``).
+1. **Preprocess.**  With λ > 0 an identically zero gradient column still costs ``(λ/2)(w̄ − α/λ)²``
+   when pruned, so it competes for the budget like any other weight (the reference drops such
+   weights up front, which minimises a different objective than the ``f`` reported).  With λ = 0
+   they get no budget unless it would otherwise go unspent (then they are taken by ``|w̄|``).
 2. **Start.**  ``S₀`` = the budget-feasible top-k of ``|v₀|`` with ``v₀ = w̄`` (α = 0) or the exact
    Cauchy step ``w̄ − τα`` (α ≠ 0).  By default the iterate starts at the exact backsolve on ``S₀``,
    so the result is never worse than magnitude pruning + backsolve (``init="magnitude"`` starts at
    ``w̄`` masked to ``S₀`` as the reference does).
 3. **Active set** ``A`` = ``S₀`` plus the next ``⌈(factor−1)·k⌉`` largest ``|v₀|`` (factor 1.5); the inner
    search only touches ``X_A`` (a copy, ``O(n·|A|)`` memory).
-4. **Inner search** on ``A``, one of two kinds (``method``; ``"auto"`` = swap for ``k ≤ swap_max_k``):
+4. **Inner search** on ``A``, one of two kinds (``method``; ``"auto"`` = swap for ``k ≤ swap_max_k``,
+   IHT for larger ``k`` when λ = 0):
 
    * **IHT** (``O(n·|A|)`` per iteration), each iteration with one gradient ``g``: a fixed-support
      step along a conjugate-gradient direction on the current support (steepest descent after a
@@ -75,6 +83,10 @@ Method = Literal["auto", "iht", "swap", "exchange"]
 
 #: Fraction of the columns above which the active set is the whole matrix (no copy is made).
 _FULL_SPACE_FRACTION = 0.5
+#: The exchange search stops once an outer round (a full gradient, a run of exchanges, an exact
+#: re-factorisation) lowers f by less than this fraction: on ResNet-20 at sparsity 0.9 the rounds
+#: after that gain 5e-5, 8e-6, 3e-7 (relative) at ~1.5 s each.
+EXCHANGE_TOL = 1e-4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,7 +781,7 @@ def _solve(
             alpha if offset is None else alpha_own,
             supp0,
             max_iter=max_iter,
-            tol=tol,
+            tol=max(tol, EXCHANGE_TOL),
             offset=offset,
         )
         iters, converged, a_size, supp_cols, w_iter = ex.iterations, ex.converged, p, ex.support, ex.w
@@ -899,9 +911,11 @@ def chita_iht(
         start: how the starting support and the active set are ranked: ``"magnitude"`` (``|w̄|``;
             the result is then never worse than magnitude pruning + backsolve) or ``"obd"`` (the
             saliency ``(‖X_j‖² + λ)·w̄_j²``, the model's loss increase of pruning ``j`` alone).
-        method: inner search — ``"iht"`` (step-size IHT, ``O(n·|A|)`` per iteration), ``"swap"``
-            (exact re-fit of every candidate support on the Gram of the active set, ``O(n·|A|²)``
-            once plus ``O(k³)`` per candidate), or ``"auto"``: swap when ``k ≤ swap_max_k``.
+        method: support search — ``"exchange"`` (exact exchanges in the Woodbury form, any ``k``,
+            needs λ > 0; :mod:`.exchange`), ``"iht"`` (step-size IHT, ``O(n·|A|)`` per iteration),
+            ``"swap"`` (exact re-fit of every candidate support on the Gram of the active set,
+            ``O(n·|A|²)`` once plus ``O(k³)`` per candidate), or ``"auto"``: swap when
+            ``k ≤ swap_max_k``, otherwise exchange (IHT when λ = 0).
         swap_max_k: largest ``k`` for which ``"auto"`` uses the swap search.
         offset: ``(n,)`` row offsets ``b``: minimise ``½‖X(w − w̄) + b‖² + (λ/2)‖w − w̄‖² + αᵀ(w − w̄)``
             instead, i.e. ``f`` with the first-order term ``α + Xᵀb`` (reported that way).  This is
