@@ -75,7 +75,7 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None
-    fisher_rows: int = 10
+    fisher_rows: int = 0
     distill: bool = False
 
     def __post_init__(self) -> None:
@@ -111,13 +111,15 @@ class CompressConfig:
             raise bad("stages", self.stages, "multi-stage pruning is --method chita++")
         if self.start_sparsity is not None and not 0.0 <= self.start_sparsity <= self.sparsity:
             raise bad("start_sparsity", self.start_sparsity, f"must be in [0, --sparsity={self.sparsity}]")
-        for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size", "fisher_rows"):
+        for name in ("max_iter", "block_size", "mini_batch", "num_samples", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, getattr(self, name), "must be ≥ 1")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise bad("max_memory", self.max_memory, "must be at least 1 MiB")
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if not isinstance(self.fisher_rows, int) or self.fisher_rows < 0:
+            raise bad("fisher_rows", self.fisher_rows, "must be an integer ≥ 0 (0: automatic)")
         if self.distill and self.first_order:
             raise bad("distill", self.distill, "replaces --first-order (the linear term is the KL's gradient)")
         if self.distill and self.mini_batch != 1:

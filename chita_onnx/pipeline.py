@@ -53,8 +53,10 @@ from .solver.budgets import keep_count, make_budget
 log = logging.getLogger(__name__)
 
 #: Multiply-adds one exact re-fit may cost when ``--fisher kl`` chooses its rows per input (see
-#: :meth:`GradientOracle.plan_rows`): a few seconds on one core.
-KL_ROWS_BUDGET = 5e10
+#: :meth:`GradientOracle.plan_rows`): about a second on one core.  ``--distill`` spends
+#: :data:`DISTILL_ROWS_BUDGET` (measured in BENCHMARKS.md: more rows per input pay off there).
+KL_ROWS_BUDGET = 1e10
+DISTILL_ROWS_BUDGET = 5e10
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -191,10 +193,14 @@ class GradientOracle:
         self.reference_probs: NDArray[np.float64] | None = None  # dense class distributions (--distill)
         # Rows of X per input (--fisher kl): at most --fisher-rows, lowered by plan_rows; reps is a
         # guess from the output shape until an engine says.
-        self.fisher_rows = config.fisher_rows
+        self.fisher_rows = max(1, config.fisher_rows)
         self.classes = _num_classes(prep.model, config.output)
+        # --fisher auto is the true Fisher (kl); on a non-classifier head the engine makes it the
+        # Gauss-Newton probe, as before (see BENCHMARKS.md for the measurement behind the choice).
+        # --first-order needs one gradient row per sample (its term is their mean): labels then.
+        self.fisher = "kl" if config.fisher == "auto" and not config.first_order else config.fisher
         self.reps = 1
-        if config.fisher == "kl":
+        if self.fisher == "kl":
             exact = self.classes is not None and self.classes <= self.fisher_rows
             self.reps = self.classes if exact and self.classes is not None else self.fisher_rows
 
@@ -202,21 +208,24 @@ class GradientOracle:
         """Choose the rows per input of ``--fisher kl`` for a solve keeping ``k`` weights; returns it.
 
         The exact re-fit costs about ``N·k·min(N, k)`` multiply-adds for ``N = n·R`` rows, so ``R`` is
-        the largest count that keeps this under :data:`KL_ROWS_BUDGET` (and ``X`` under
-        ``--max-memory``), at most ``--fisher-rows``, and at least 1: every class exactly when the
-        model has few enough of them, Gaussian sketches otherwise.  With many weights (low
-        sparsity) that is one sketch per input, as cheap as the other Fisher choices; with few
-        (high sparsity) it is the exact true Fisher.
+        the largest count that keeps this under :data:`KL_ROWS_BUDGET` (:data:`DISTILL_ROWS_BUDGET`
+        with ``--distill``) and ``X`` under ``--max-memory``, at most the cap, and at least 1: every
+        class exactly when the model has few enough of them, Gaussian sketches otherwise.  The cap
+        is ``--fisher-rows``; its default (0) means one row (as cheap as the other Fisher choices),
+        or with ``--distill`` every class.  So with many weights (low sparsity) ``R`` is 1, with few
+        (high sparsity) the rows can be the exact true Fisher.
         """
-        if self.config.fisher != "kl":
+        if self.fisher != "kl":
             return 1
-        n, cap = self.n, self.config.fisher_rows
+        n = self.n
+        cap = self.config.fisher_rows or (max(1, self.classes or 1) if self.config.distill else 1)
+        budget = DISTILL_ROWS_BUDGET if self.config.distill else KL_ROWS_BUDGET
         assert self.config.max_memory is not None
         mem_rows = max(1, self.config.max_memory // max(1, 4 * n * self.prep.layout.p))
 
         def ok(R: int) -> bool:
             N = n * R
-            return N * k * min(N, k) <= KL_ROWS_BUDGET and mem_rows >= R
+            return N * k * min(N, k) <= budget and mem_rows >= R
 
         C = self.classes
         if C is not None and cap >= C and ok(C):
@@ -247,7 +256,7 @@ class GradientOracle:
                 output=self.config.output,
                 mini_batch=self.config.mini_batch,
             )
-            fk = engine.resolve_fisher(self.config.fisher, example[1] is not None)
+            fk = engine.resolve_fisher(self.fisher, example[1] is not None)
             self.reps = engine.rows_per_sample(fk, self.fisher_rows)
             self._engines[names] = engine
         return self._engines[names]
@@ -275,7 +284,7 @@ class GradientOracle:
             out = self._mapped(sum(layout.slot(k).size for k in key))
         g = engine.compute(
             self.prep.calib,
-            fisher=cfg.fisher,
+            fisher=self.fisher,
             num_samples=cfg.num_samples,
             seed=cfg.seed,
             out=out,
@@ -344,8 +353,8 @@ class GradientOracle:
     ) -> NDArray[np.float32]:
         """Columns ``start : start + width`` of the tensors ``names``, computed ``rows`` rows at a time.
 
-        With ``--fisher sampled`` each chunk draws its own seeded labels, so rows differ from an
-        unchunked run (both are valid samples of the Fisher); with labels they are identical.
+        Seeded draws (sampled labels, KL sketches) continue where the previous chunk stopped, so the
+        rows equal those of an unchunked run.
         """
         if self._samples is None:
             self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
@@ -359,7 +368,7 @@ class GradientOracle:
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
             g = engine.compute(
-                part, fisher=self.config.fisher, seed=self.config.seed + r0, fisher_rows=self.fisher_rows
+                part, fisher=self.fisher, seed=self.config.seed, fisher_rows=self.fisher_rows, first_sample=r0
             )
             out[r0 * R : r1 * R] = g.X[:, start : start + width]
         out *= self.scale
@@ -434,7 +443,7 @@ def prune(
     for t, level in enumerate(levels, start=1):
         t0 = time.perf_counter()
         budget = make_budget(sizes, level, scope=config.scope, min_density=config.min_density)
-        if oracle is not None and config.fisher == "kl" and not (X0 is not None and t == 1):
+        if oracle is not None and not (X0 is not None and t == 1):
             oracle.plan_rows(budget.k)
         if oracle is None:
             with timer.phase("solve"):

@@ -64,6 +64,8 @@ class SweepResult:
     shared_gradient_s: float
     rows: tuple[SweepRow, ...]
     config: dict[str, object]
+    #: rows of X (``n`` samples times the rows per sample of ``--fisher kl``)
+    x_rows: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -127,8 +129,8 @@ def sweep(
             raise ConfigError(
                 f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.rows} x {layout.p}) in memory"
             )
-        if base.fisher == "kl":  # one X for every sparsity: rows per input that suit the largest k
-            oracle.plan_rows(max(keep_count(s, layout.p) for s in sparsities))
+        # one X for every sparsity: --fisher kl rows per input that suit the largest k
+        oracle.plan_rows(max(keep_count(s, layout.p) for s in sparsities))
         t0 = time.perf_counter()
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0
@@ -163,10 +165,11 @@ def sweep(
         eval_samples=int(ref.y.shape[0]),
         eval_source=prep.eval_source,
         p=layout.p,
-        n=oracle.rows if oracle else 0,
+        n=oracle.n if oracle else 0,
         shared_gradient_s=t_shared,
         rows=tuple(rows),
         config=base.to_dict(),
+        x_rows=0 if X0 is None else int(X0.shape[0]),
     )
 
 
@@ -191,7 +194,7 @@ def format_sweep(result: SweepResult) -> str:
         for r in result.rows
     ]
     head = (
-        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
+        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} samples ({result.x_rows} gradient rows), "
         f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
     )
     return (

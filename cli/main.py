@@ -237,8 +237,9 @@ def _config_options(fn: F) -> F:
             type=int,
             default=d.fisher_rows,
             show_default=True,
-            help="--fisher kl: rows per input; every class exactly when the model has at most this many "
-            "classes, else this many Gaussian sketches over all classes.",
+            help="--fisher kl: at most this many rows per input, as many as a compute budget allows "
+            "(every class exactly when they fit, else Gaussian sketches); 0: one, or up to every class "
+            "with --distill.",
         ),
         click.option(
             "--distill",

@@ -139,7 +139,7 @@ def test_oracle_scales_kl_rows_per_input_and_the_block_path_runs(tmp_path: Path)
     onnx.save(model, path)
     data = tmp_path / "d.npz"
     np.savez(data, **labelled_data(model, n=40))
-    cfg = CompressConfig(method="chita", sparsity=0.5, fisher="kl")
+    cfg = CompressConfig(method="chita", sparsity=0.5, fisher="kl", fisher_rows=10)
     prep = prepare(path, data, cfg, data)  # evaluation data given: the calibration data stays whole, in order
     oracle = GradientOracle(prep, cfg)
     X = oracle.matrix(initial_weights(prep))
@@ -173,3 +173,52 @@ def test_kl_offsets_give_the_gradient_of_the_kl_and_midpoint_curvature() -> None
     # at the reference itself the offsets vanish and the curvature is the true Fisher
     g0 = engine_matrix(model, x, fisher_rows=8, reference=q[:, None, :])
     assert g0.offsets is not None and np.abs(g0.offsets).max() < 1e-6
+
+
+def test_rows_per_input_follow_the_compute_budget(tmp_path: Path) -> None:
+    """--fisher kl plans its rows per input from the cost of the exact re-fit, N·k·min(N, k): one row
+    by default, every class when they fit under the cap (--fisher-rows, or every class with
+    --distill), fewer (sketches) when k is large."""
+    from chita_onnx import pipeline
+
+    model = tiny_mlp(seed=5, d_in=12, hidden=16, classes=5)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "d.npz"
+    np.savez(data, **labelled_data(model, n=40))
+
+    def oracle(**kw: object) -> GradientOracle:
+        cfg = CompressConfig(method="chita", sparsity=0.5, **kw)  # type: ignore[arg-type]
+        return GradientOracle(prepare(path, data, cfg, data), cfg)
+
+    n = 40
+    assert oracle().plan_rows(100) == 1  # the default (--fisher auto is kl): one sketch per input
+    assert oracle(fisher_rows=3).plan_rows(100) == 3  # below the 5 classes: three sketches
+    assert oracle(fisher_rows=8).plan_rows(100) == 5  # every class
+    assert oracle(distill=True).plan_rows(100) == 5  # --distill: up to every class by default
+    # a budget that allows N·k·min(N, k) for N = 2n rows but not 3n: two sketches
+    k = 100
+    budget = 2 * n * k * min(2 * n, k)
+    old = pipeline.KL_ROWS_BUDGET
+    try:
+        pipeline.KL_ROWS_BUDGET = budget
+        assert oracle(fisher_rows=8).plan_rows(k) == 2
+    finally:
+        pipeline.KL_ROWS_BUDGET = old
+    assert oracle(fisher="empirical", fisher_rows=8).plan_rows(k) == 1
+
+
+@pytest.mark.parametrize(("fisher", "rows"), [("kl", 2), ("sampled", 1)])
+def test_rows_computed_in_chunks_equal_one_pass(fisher: str, rows: int) -> None:
+    """The block path computes X in chunks of samples; the seeded draws continue across chunks."""
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((12, 12)).astype(np.float32)
+    eng = GradientEngine(model, ["W1", "W2"], example=(({"x": x[:5]}), None), loss="ce")
+    whole = eng.compute(ArraySource({"x": x}, None, batch_size=5), fisher=fisher, fisher_rows=rows, seed=3).X.copy()
+    parts = [
+        eng.compute(
+            ArraySource({"x": x[a:b]}, None, batch_size=5), fisher=fisher, fisher_rows=rows, seed=3, first_sample=a
+        ).X.copy()
+        for a, b in [(0, 5), (5, 12)]
+    ]
+    np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-7)

@@ -639,16 +639,21 @@ class GradientEngine:
         workdir: str | os.PathLike[str] | None = None,
         fisher_rows: int = 1,
         reference: NDArray[np.floating] | None = None,
+        first_sample: int = 0,
     ) -> GradientMatrix:
         """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows, times
         :meth:`rows_per_sample` for ``fisher="kl"``).  ``reference`` (``fisher="kl"`` only): the
         class distributions ``(n, P, C)`` of a reference model on the same samples (e.g. the dense
         model's :meth:`probabilities`); the result then carries the row ``offsets`` of the KL from
-        them to the model."""
+        them to the model.  ``first_sample``: ``data`` starts at that sample of a longer source, so
+        the seeded draws (sampled labels, sketches, probes) are the ones that source would get
+        there: rows computed in chunks equal the rows of one pass."""
         t0 = time.perf_counter()
         c0 = time.process_time()
         with _blas_threads(self.threads):
-            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference)
+            return self._compute(
+                data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference, first_sample
+            )
 
     def _compute(
         self,
@@ -662,6 +667,7 @@ class GradientEngine:
         c0: float,
         fisher_rows: int = 1,
         reference: NDArray[np.floating] | None = None,
+        first_sample: int = 0,
     ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
@@ -690,6 +696,8 @@ class GradientEngine:
         cg = time.process_time()
         timings["allocate"] = tg - ta
         rng = np.random.default_rng(seed)
+        if first_sample:
+            self._skip_draws(rng, fk, reps, first_sample)
         specs = [_InputSpec(nm, d, s[1:]) for nm, d, s in self.fwd.data_inputs]
 
         # "batched": build the batched path now.  "auto": the first block goes through the
@@ -806,6 +814,17 @@ class GradientEngine:
         return out
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _skip_draws(self, rng: np.random.Generator, fk: str, reps: int, samples: int) -> None:
+        """Advance ``rng`` past the draws :func:`make_targets` makes for ``samples`` samples."""
+        per = self.head.shape[1:]
+        C, P = self.head.num_classes, self.head.positions
+        if self.kind == "regression":
+            rng.standard_normal((samples, *per))
+        elif fk == "sampled":
+            rng.random((samples, P))
+        elif fk == "kl" and C is not None and not (P == 1 and reps == C):
+            rng.standard_normal((samples * reps, P, C))
 
     @staticmethod
     def _allocate(
