@@ -28,6 +28,8 @@ Rank = Literal["magnitude", "obd"]
 DEFAULT_RIDGE = 1e-3
 #: Stages of CHITA++ when --stages is not given (the number of stages matters most for quality).
 DEFAULT_STAGES = 10
+#: Stages of --distill when --stages is not given (measured on the paper MLPNet, BENCHMARKS.md §6).
+DISTILL_STAGES = 30
 
 
 def _total_memory() -> int:
@@ -105,6 +107,10 @@ class CompressConfig:
             )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
+        if self.distill and self.method not in ("chita", "chita++"):
+            raise bad("distill", self.distill, f"is a CHITA++ objective; --method={self.method} does not use it")
+        if self.distill:  # the high-sparsity switch: multi-stage CHITA on the KL to the dense model
+            object.__setattr__(self, "method", "chita++")
         if self.stages is not None and self.stages < 1:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
@@ -135,7 +141,8 @@ class CompressConfig:
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.stages is None:
-            object.__setattr__(self, "stages", DEFAULT_STAGES if self.method == "chita++" else 1)
+            default = DISTILL_STAGES if self.distill else DEFAULT_STAGES
+            object.__setattr__(self, "stages", default if self.method == "chita++" else 1)
         if self.start_sparsity is None:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:

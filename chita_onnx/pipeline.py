@@ -455,8 +455,8 @@ def prune(
                     f"{oracle.rows * prep.layout.p * 4 / 2**30:.2f} GiB and only chita and chita++ have a block path"
                 )
             log.info("X (%d x %d) exceeds --max-memory: block approximation", oracle.rows, prep.layout.p)
-            if config.first_order or config.rank != "magnitude":
-                log.warning("the block path ranks by magnitude and ignores --first-order and --rank")
+            if config.first_order or config.rank != "magnitude" or config.distill:
+                log.warning("the block path ranks by magnitude and ignores --first-order, --rank and --distill")
             assert config.max_memory is not None
             with timer.phase("solve"):
                 result = chita_blocked(

@@ -103,6 +103,7 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
 
 
 def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
+    base = base if method == "chita++" or not base.distill else base.with_(distill=False, stages=None)
     if method == "magnitude+obs":
         return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None, start_sparsity=None)
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None

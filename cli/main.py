@@ -245,8 +245,9 @@ def _config_options(fn: F) -> F:
             "--distill",
             is_flag=True,
             default=d.distill,
-            help="Every stage minimises the Gauss-Newton model of the KL from the dense model's outputs "
-            "(first-order term included; implies --fisher kl). For high sparsity with chita++.",
+            help="High-sparsity switch: CHITA++ (30 stages unless --stages) where every stage minimises the "
+            "Gauss-Newton model of the KL from the dense model's outputs (first-order term included, "
+            "--fisher kl with up to every class per input).",
         ),
     ]
     for opt in reversed(options):

@@ -222,3 +222,22 @@ def test_rows_computed_in_chunks_equal_one_pass(fisher: str, rows: int) -> None:
         for a, b in [(0, 5), (5, 12)]
     ]
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_is_one_switch_for_multi_stage_kl_pruning(tmp_path: Path) -> None:
+    model = tiny_mlp(seed=5, d_in=12, hidden=16, classes=5)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "d.npz"
+    np.savez(data, **labelled_data(model, n=60))
+    cfg = CompressConfig(sparsity=0.8, distill=True, stages=3)
+    assert cfg.method == "chita++" and cfg.fisher == "kl"
+    assert CompressConfig(sparsity=0.8, distill=True).stages == 30
+    report = compress(path, tmp_path / "out.onnx", data, cfg)
+    assert report.method == "chita++" and len(report.stages) == 3
+    assert report.nnz <= report.k
+    assert all(s.objective is not None and np.isfinite(s.objective) for s in report.stages)
+    with pytest.raises(ConfigError, match="--distill"):
+        CompressConfig(distill=True, method="magnitude")
+    with pytest.raises(ConfigError, match="--fisher"):
+        CompressConfig(distill=True, fisher="empirical")
