@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: :data:`DISTILL_ROWS_BUDGET` (measured in BENCHMARKS.md: more rows per input pay off there).
 KL_ROWS_BUDGET = 1e10
 DISTILL_ROWS_BUDGET = 5e10
+#: Exchange rounds of every --distill stage but the last.
+DISTILL_ROUNDS = 2
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -386,6 +388,7 @@ def solve(
     budget: Budget,
     alpha: NDArray[np.float64] | None = None,
     offset: NDArray[np.float64] | None = None,
+    max_rounds: int | None = None,
 ) -> SolverResult:
     """Dispatch one solve of ``method`` on the (already scaled) gradient matrix ``X`` (n × p).
 
@@ -396,7 +399,17 @@ def solve(
     if X is None:
         raise ValueError(f"method {method} needs the gradient matrix")
     if method in ("chita", "chita++"):
-        return chita_iht(X, w, budget, config.ridge, alpha, max_iter=config.max_iter, start=config.rank, offset=offset)
+        return chita_iht(
+            X,
+            w,
+            budget,
+            config.ridge,
+            alpha,
+            max_iter=config.max_iter,
+            start=config.rank,
+            offset=offset,
+            max_rounds=max_rounds,
+        )
     if method == "magnitude":
         return magnitude(w, budget, X=X, ridge=config.ridge, update="obs", alpha=alpha)
     if method == "wf":
@@ -481,8 +494,11 @@ def prune(
                     X = oracle.matrix(w)
             alpha = oracle.alpha if config.first_order else None
             offset = oracle.offset if config.distill and t > 1 else None
+            # --distill: the next stage re-linearises and searches again, so only the last stage
+            # runs the exchange search to convergence (BENCHMARKS.md §6)
+            rounds = DISTILL_ROUNDS if config.distill and t < len(levels) else None
             with timer.phase("solve"):
-                result = solve(config.method, config, X, w, budget, alpha, offset)
+                result = solve(config.method, config, X, w, budget, alpha, offset, rounds)
             del X
         if not result.converged:
             log.warning(

@@ -708,6 +708,7 @@ def _solve(
     warn: bool = True,
     offset: F64 | None = None,
     alpha_own: F64 | None = None,
+    max_rounds: int | None = None,
 ) -> SolverResult:
     """The solver proper on validated inputs (``wb``, ``alpha`` float64; X float32/float64).
 
@@ -780,11 +781,12 @@ def _solve(
             ridge,
             alpha if offset is None else alpha_own,
             supp0,
-            max_iter=max_iter,
+            max_iter=max_iter if max_rounds is None else min(max_iter, max_rounds),
             tol=max(tol, EXCHANGE_TOL),
             offset=offset,
         )
         iters, converged, a_size, supp_cols, w_iter = ex.iterations, ex.converged, p, ex.support, ex.w
+        converged = converged or (max_rounds is not None and iters >= max_rounds)  # a cap asked for
         trace.extend(ex.trace)
         w_first, first_support = ex.w, supp_cols  # the exact minimiser on the support found
         exchange_info = {"swaps": ex.swaps, **ex.info}
@@ -887,6 +889,7 @@ def chita_iht(
     method: Method = "auto",
     swap_max_k: int = 500,
     offset: FloatArray | None = None,
+    max_rounds: int | None = None,
 ) -> SolverResult:
     """Prune with CHITA-IHT: minimise ``f`` under ``budget``, then backsolve on the chosen support.
 
@@ -921,6 +924,8 @@ def chita_iht(
             instead, i.e. ``f`` with the first-order term ``α + Xᵀb`` (reported that way).  This is
             the Gauss-Newton form of a least-squares model (e.g. the KL to a reference model, see
             ``--distill``): its linear term lies in the row space of ``X``.
+        max_rounds: cap on the exchange search's outer rounds (``None``: ``max_iter``); each round is
+            a full gradient, a run of exchanges and an exact re-fit.
 
     Returns:
         :class:`SolverResult` with ``w`` ``(p,)`` float32, sorted ``support``, final ``objective``,
@@ -970,6 +975,7 @@ def chita_iht(
         swap_max_k=int(swap_max_k),
         offset=b64,
         alpha_own=a64,
+        max_rounds=max_rounds,
     )
 
 
