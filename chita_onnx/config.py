@@ -21,7 +21,7 @@ Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Rank = Literal["magnitude", "obd"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
@@ -29,6 +29,8 @@ Rank = Literal["magnitude", "obd"]
 DEFAULT_RIDGE = 1e-3
 #: Stages of CHITA++ when --stages is not given (the number of stages matters most for quality).
 DEFAULT_STAGES = 10
+#: Stages of --distill when --stages is not given (measured on the paper MLPNet, BENCHMARKS.md §6).
+DISTILL_STAGES = 30
 
 
 def default_max_memory() -> int:
@@ -71,6 +73,8 @@ class CompressConfig:
     workdir: str | None = None
     pattern: str = "unstructured"
     allow_empty: bool = False
+    fisher_rows: int = 0
+    distill: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -85,7 +89,7 @@ class CompressConfig:
             "storage": ("auto", "sparse", "dense"),
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
-            "fisher": ("auto", "empirical", "sampled", "argmax"),
+            "fisher": ("auto", "empirical", "sampled", "argmax", "kl"),
             "rank": ("magnitude", "obd"),
         }
         for name, allowed in choices.items():
@@ -99,6 +103,10 @@ class CompressConfig:
             )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
+        if self.distill and self.method not in ("chita", "chita++"):
+            raise bad("distill", self.distill, f"is a CHITA++ objective; --method={self.method} does not use it")
+        if self.distill:  # the high-sparsity switch: multi-stage CHITA on the KL to the dense model
+            object.__setattr__(self, "method", "chita++")
         if self.stages is not None and self.stages < 1:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
@@ -125,12 +133,25 @@ class CompressConfig:
         check_limits(self)
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if not isinstance(self.fisher_rows, int) or not 0 <= self.fisher_rows <= 65536:
+            raise bad("fisher_rows", self.fisher_rows, "must be an integer in [0, 65536] (0: automatic)")
+        if self.distill and self.first_order:
+            raise bad("distill", self.distill, "replaces --first-order (the linear term is the KL's gradient)")
+        if self.distill and self.mini_batch != 1:
+            raise bad("distill", self.distill, f"needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if self.distill and self.fisher not in ("auto", "kl"):
+            raise bad("fisher", self.fisher, "--distill uses the KL's own curvature: --fisher kl (or auto)")
+        if self.distill:
+            object.__setattr__(self, "fisher", "kl")
+        if self.fisher == "kl" and self.mini_batch != 1:
+            raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.stages is None:
-            object.__setattr__(self, "stages", DEFAULT_STAGES if self.method == "chita++" else 1)
+            default = DISTILL_STAGES if self.distill else DEFAULT_STAGES
+            object.__setattr__(self, "stages", default if self.method == "chita++" else 1)
         if self.start_sparsity is None:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:

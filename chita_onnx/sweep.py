@@ -69,6 +69,8 @@ class SweepResult:
     shared_gradient_s: float
     rows: tuple[SweepRow, ...]
     config: dict[str, object]
+    #: rows of X (``n`` samples times the rows per sample of ``--fisher kl``)
+    x_rows: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -106,8 +108,9 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
 
 
 def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
+    base = base if method == "chita++" or not base.distill else base.with_(distill=False, stages=None)
     if method == "magnitude+obs":
-        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
+        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None, start_sparsity=None)
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
     start = min(0.5 if base.start_sparsity is None else base.start_sparsity, sparsity) if method == "chita++" else None
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
@@ -131,7 +134,11 @@ def sweep(
     t_shared = 0.0
     if oracle is not None:
         if not oracle.fits():
-            raise ConfigError(f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.n} x {layout.p}) in memory")
+            raise ConfigError(
+                f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.rows} x {layout.p}) in memory"
+            )
+        # one X for every sparsity: --fisher kl rows per input that suit the largest k
+        oracle.plan_rows(max(keep_count(s, layout.p) for s in sparsities))
         t0 = time.perf_counter()
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0
@@ -170,6 +177,7 @@ def sweep(
         shared_gradient_s=t_shared,
         rows=tuple(rows),
         config=base.to_dict(),
+        x_rows=0 if X0 is None else int(X0.shape[0]),
     )
 
 
@@ -194,7 +202,7 @@ def format_sweep(result: SweepResult) -> str:
         for r in result.rows
     ]
     head = (
-        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
+        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} samples ({result.x_rows} gradient rows), "
         f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
     )
     return (

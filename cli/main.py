@@ -226,10 +226,11 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--fisher",
-            type=click.Choice(["auto", "empirical", "sampled", "argmax"]),
+            type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]),
             default=d.fisher,
             show_default=True,
-            help="Targets: true labels (empirical), sampled from the model, or its argmax.",
+            help="Targets: true labels (empirical), sampled from the model, or its argmax; kl: the true "
+            "Fisher (Gauss-Newton of the KL to the model's output) over all classes, --fisher-rows rows per input.",
         ),
         click.option("--output", default=None, help="Model output to use (multi-output models)."),
         click.option(
@@ -287,6 +288,23 @@ def _config_options(fn: F) -> F:
             is_flag=True,
             default=d.allow_empty,
             help="Accept a --sparsity that keeps no weight at all (an all-zero model); refused otherwise.",
+        ),
+        click.option(
+            "--fisher-rows",
+            type=int,
+            default=d.fisher_rows,
+            show_default=True,
+            help="--fisher kl: at most this many rows per input, as many as a compute budget allows "
+            "(every class exactly when they fit, else Gaussian sketches); 0: one, or up to every class "
+            "with --distill.",
+        ),
+        click.option(
+            "--distill",
+            is_flag=True,
+            default=d.distill,
+            help="High-sparsity switch: CHITA++ (30 stages unless --stages) where every stage minimises the "
+            "Gauss-Newton model of the KL from the dense model's outputs (first-order term included, "
+            "--fisher kl with up to every class per input).",
         ),
     ]
     for opt in reversed(options):
@@ -446,12 +464,13 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 )
 @click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default="auto", show_default=True)
 @click.option(
-    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto", show_default=True
+    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]), default="auto", show_default=True
 )
 @click.option("--output", default=None, help="Model output to use (multi-output models).")
 @click.option("--mini-batch", type=int, default=1, show_default=True)
 @click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fisher-rows", type=int, default=10, show_default=True, help="--fisher kl: rows per input.")
 @_run
 def gradients(
     model: str,
@@ -463,6 +482,7 @@ def gradients(
     mini_batch: int,
     num_samples: int | None,
     seed: int,
+    fisher_rows: int,
 ) -> None:
     """Write the per-sample gradient matrix X of MODEL's prunable weights (rows: samples)."""
     from chita_onnx.pipeline import write_gradients
@@ -477,6 +497,7 @@ def gradients(
         mini_batch=mini_batch,
         num_samples=num_samples,
         seed=seed,
+        fisher_rows=fisher_rows,
     )
     rows = [[s.name, "x".join(map(str, s.shape)), f"{s.offset:,}", f"{s.size:,}"] for s in g.layout.slots]
     click.echo(table(rows, ["tensor", "shape", "first column", "columns"]))
