@@ -8,6 +8,7 @@ layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps betw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from .graph import (
 )
 from .layout import Layout
 from .progress import progress
+from .reconstruct import correct_statistics, split_decision
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
@@ -336,6 +338,8 @@ def prune(
     (the sweep shares it between methods).  Later CHITA++ stages recompute X at the current weights.
     """
     timer = timer or PhaseTimer()
+    if config.method == "layerwise":
+        return _prune_layerwise(prep, config, oracle, timer, on_stage, X0)
     w = initial_weights(prep)
     sizes = [s.size for s in prep.layout.slots]
     if config.method == "chita++":
@@ -409,7 +413,53 @@ def prune(
             )
         log.info("stage %d/%d: sparsity %.4f, objective %s", t, len(levels), level, stages[-1].objective)
     assert result is not None
+    if config.update == "layerwise":
+        from .reconstruct import refit_layerwise
+
+        with timer.phase("layerwise"):
+            w, extra = refit_layerwise(prep, config, w)
+        result = dataclasses.replace(result, w=w, info={**result.info, **extra})
     return w, stages, result
+
+
+def _prune_layerwise(
+    prep: Prepared,
+    config: CompressConfig,
+    oracle: GradientOracle | None,
+    timer: PhaseTimer,
+    on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None,
+    X0: NDArray[np.float32] | None,
+) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
+    """``--method layerwise``: budget allocation, then select and re-fit layer by layer in graph order."""
+    from .reconstruct import prune_layerwise
+
+    t0 = time.perf_counter()
+    w_bar = initial_weights(prep)
+    grad_oracle = oracle
+
+    def gradients() -> NDArray[np.float32] | None:
+        nonlocal grad_oracle
+        if X0 is not None:
+            return X0
+        if grad_oracle is None:
+            grad_oracle = GradientOracle(prep, config)
+        if not grad_oracle.fits():
+            return None
+        with timer.phase("gradients"):
+            return grad_oracle.matrix(w_bar)
+
+    with timer.phase("layerwise"):
+        result = prune_layerwise(prep, config, w_bar, gradients)
+    w = np.asarray(result.w, dtype=np.float32)
+    k = keep_count(config.sparsity, prep.layout.p)
+    if int(np.count_nonzero(w)) > k:
+        raise AssertionError(f"layer-wise pass kept {np.count_nonzero(w)} > k={k} weights")
+    seconds = time.perf_counter() - t0
+    if on_stage is not None:
+        stage = on_stage(1, config.sparsity, result, w, seconds)
+    else:
+        stage = StageReport(1, config.sparsity, k, None, 1, True, None, None, seconds)
+    return w, [stage], result
 
 
 def _finite(x: float) -> float | None:
@@ -445,6 +495,7 @@ def compress(
         raise OutputError(f"{out_path}: the output folder {out_path.parent} does not exist")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
+        prep, decide = split_decision(prep, config)
     warnings: list[str] = []
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
@@ -467,6 +518,8 @@ def compress(
         )
 
     w, stages, result = prune(prep, config, None, timer, stage_eval)
+    with timer.phase("statistics"):
+        corrected, correction = correct_statistics(prep, config, w, decide, config.output)
     layout = prep.layout
     meta = {
         "tool": f"chita-onnx {__version__}",
@@ -478,7 +531,9 @@ def compress(
         "tensors": list(layout.names),
     }
     with timer.phase("write"):
-        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=config.storage, metadata=meta)
+        meta["statistics"] = correction.describe()
+        base = prep.model if corrected is None else corrected
+        pruned, stored = write_weights(base, layout.unflatten(w), storage=config.storage, metadata=meta)
         save_model(pruned, out_path, input_path=in_path)
         check_model(out_path)
     comparison: Comparison | None = None
@@ -516,6 +571,7 @@ def compress(
             "iterations": result.iterations,
             "converged": result.converged,
             **dict(result.info),
+            "statistics": correction.describe(),
         },
         warnings=tuple(warnings),
     )

@@ -131,6 +131,8 @@ def format_report(r: Report) -> str:
             ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
         ),
     ]
+    if "statistics" in r.solver:
+        parts.insert(2, f"statistics correction: {r.solver['statistics']}")
     if len(r.stages) > 1:
         parts += [
             "",
