@@ -185,6 +185,11 @@ class Correction:
     decided_on: int = 0
     seconds: float = 0.0
 
+    def short(self) -> str:
+        """``none``, ``bn``, ``bias`` or ``bn+bias``, marked ``auto:`` when chosen by measurement."""
+        label = _label((self.bn_recalibrate, self.bias_correction))
+        return f"auto:{label}" if self.scores else label
+
     def describe(self) -> str:
         parts = [f"BN re-estimation {self.bn_recalibrate}", f"bias correction {self.bias_correction}"]
         if self.scores:

@@ -25,7 +25,9 @@ from .config import METHODS, CompressConfig
 from .errors import ConfigError
 from .evaluate import compare_to, reference, top1
 from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prune
+from .peers import ONNXSIM_METHODS, PeerUnavailable, onnxsim_python, run_onnxsim
 from .progress import progress
+from .reconstruct import batches_of, correct_statistics, split_decision
 from .report import table
 from .solver import objective
 from .solver.budgets import keep_count
@@ -49,6 +51,9 @@ class SweepRow:
     solve_s: float
     evaluate_s: float
     converged: bool
+    statistics: str = ""
+    statistics_s: float = 0.0
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,22 @@ class SweepResult:
         return buf.getvalue()
 
 
+def _known(method: str) -> bool:
+    if method in METHODS or method == "magnitude+obs" or method in ONNXSIM_METHODS:
+        return True
+    head, _, tail = method.rpartition("+")
+    return tail == "layerwise" and head in METHODS
+
+
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Method names: every ``--method``, ``magnitude+obs``, ``<method>+layerwise`` (that method's mask
+    re-fitted layer by layer), and the onnxsim peers ``onnxsim-sparsegpt|wanda|magnitude``."""
     items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    bad = [m for m in items if m not in METHODS and m != "magnitude+obs"]
+    bad = [m for m in items if not _known(m)]
     if bad or not items:
         raise ConfigError(
             f"--methods={','.join(items)}: unknown method {bad[0] if bad else ''!r}; "
-            f"choose from {', '.join((*METHODS, 'magnitude+obs'))}"
+            f"choose from {', '.join((*METHODS, 'magnitude+obs', '<method>+layerwise', *ONNXSIM_METHODS))}"
         )
     return tuple(dict.fromkeys(items))
 
@@ -103,6 +117,11 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
 def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
     if method == "magnitude+obs":
         return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
+    if method in ONNXSIM_METHODS:
+        return base.with_(method="magnitude", update="auto", sparsity=sparsity, stages=None)
+    head, _, tail = method.rpartition("+")
+    if tail == "layerwise" and head in METHODS:
+        return _config_for(base, head, sparsity).with_(update="layerwise")
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
     start = min(0.5 if base.start_sparsity is None else base.start_sparsity, sparsity) if method == "chita++" else None
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
@@ -114,11 +133,12 @@ def sweep(
     """Prune with every method at every sparsity; evaluate each pruned model with onnxruntime."""
     if prep.eval is None:
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
+    prep, decide = split_decision(prep, base)
     layout = prep.layout
     w_bar = initial_weights(prep)
     ref = reference(prep.path, prep.eval, prep.specs, base.output)
     configs = [(m, s, _config_for(base, m, s)) for s in sparsities for m in methods]
-    need_x = any(c.needs_gradients for _, _, c in configs)
+    need_x = any(c.needs_gradients for m, _, c in configs if m not in ONNXSIM_METHODS)
     oracle = GradientOracle(prep, base) if need_x else None
     X0 = None
     t_shared = 0.0
@@ -129,14 +149,36 @@ def sweep(
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0
     rows: list[SweepRow] = []
+    peer_batches = None
     for method, sparsity, cfg in progress(configs, total=len(configs), desc="sweep", unit="run"):
         timer = PhaseTimer()
-        w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+        note = ""
+        if method in ONNXSIM_METHODS:
+            if onnxsim_python() is None:
+                log.warning("%s skipped: no onnxsim environment", method)
+                continue
+            if peer_batches is None:
+                peer_batches = batches_of(prep, base)
+            try:
+                values, peer_s, version = run_onnxsim(method, prep.model, layout.names, peer_batches, sparsity)
+            except PeerUnavailable as exc:
+                log.warning("%s", exc)
+                continue
+            w = layout.flatten(values, dtype=np.float32)
+            timer.seconds["solve"] = peer_s
+            converged, note = True, f"onnxsim {version}, uniform per-layer sparsity"
+        else:
+            w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+            converged = result.converged
+        with timer.phase("statistics"):
+            corrected, correction = correct_statistics(prep, cfg, w, decide, cfg.output)
         t0 = time.perf_counter()
-        cmp = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
+        model = _model_with(prep, w) if corrected is None else corrected
+        cmp = compare_to(ref, model.SerializeToString(), prep.eval, prep.specs)
         t_eval = time.perf_counter() - t0
         obj = objective(X0, w, w_bar, cfg.ridge) if X0 is not None else None
-        grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if cfg.needs_gradients else 0.0)
+        needs = cfg.needs_gradients and method not in ONNXSIM_METHODS
+        grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if needs else 0.0)
         row = SweepRow(
             method,
             sparsity,
@@ -147,9 +189,12 @@ def sweep(
             cmp.max_abs_diff,
             obj,
             grad_s,
-            timer.seconds.get("solve", 0.0),
+            timer.seconds.get("solve", 0.0) + timer.seconds.get("layerwise", 0.0),
             t_eval,
-            result.converged,
+            converged,
+            correction.short(),
+            timer.seconds.get("statistics", 0.0),
+            note,
         )
         rows.append(row)
         log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
@@ -183,6 +228,7 @@ def format_sweep(result: SweepResult) -> str:
             f"{r.gradient_s:.2f}",
             f"{r.solve_s:.2f}",
             f"{r.evaluate_s:.2f}",
+            r.statistics or "-",
         ]
         for r in result.rows
     ]
@@ -205,6 +251,7 @@ def format_sweep(result: SweepResult) -> str:
                 "gradients s",
                 "solve s",
                 "evaluate s",
+                "statistics",
             ],
         )
     )
