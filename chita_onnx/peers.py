@@ -39,7 +39,7 @@ DEFAULT_VENV = Path.home() / ".cache" / "chita-onnx" / "onnxsim-venv"
 RUNNER = Path(__file__).with_name("_onnxsim_runner.py")
 
 
-class PeerUnavailable(ChitaError):
+class PeerUnavailableError(ChitaError):
     """The peer's environment is missing or the peer failed on this model."""
 
 
@@ -68,11 +68,13 @@ def run_onnxsim(
     """Prune ``model`` with onnxsim (``method`` one of :data:`ONNXSIM_METHODS`) at ``sparsity``.
 
     Returns the pruned values of the tensors ``names``, the seconds onnxsim spent (its own clock,
-    without the subprocess start) and its version.  Raises :class:`PeerUnavailable`.
+    without the subprocess start) and its version.  Raises :class:`PeerUnavailableError`.
     """
     exe = onnxsim_python()
     if exe is None:
-        raise PeerUnavailable(f"{method}: no onnxsim environment (set CHITA_ONNXSIM_PYTHON or create {DEFAULT_VENV})")
+        raise PeerUnavailableError(
+            f"{method}: no onnxsim environment (set CHITA_ONNXSIM_PYTHON or create {DEFAULT_VENV})"
+        )
     kind = method.split("-", 1)[1]
     with tempfile.TemporaryDirectory(prefix="chita-onnxsim-") as tmp:
         src, dst, data = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "calib.npz"
@@ -85,10 +87,10 @@ def run_onnxsim(
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise PeerUnavailable(f"{method}: onnxsim took longer than {timeout:.0f}s") from None
+            raise PeerUnavailableError(f"{method}: onnxsim took longer than {timeout:.0f}s") from None
         if proc.returncode != 0 or not dst.exists():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PeerUnavailable(f"{method}: onnxsim failed: {last[:300]}")
+            raise PeerUnavailableError(f"{method}: onnxsim failed: {last[:300]}")
         wall = time.perf_counter() - t0
         info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
         out = load_model(dst)
@@ -110,10 +112,10 @@ def _renamed(before: onnx.ModelProto, after: onnx.ModelProto, names: Sequence[st
     for name in names:
         hit = next(((n, i) for n in before.graph.node for i, x in enumerate(n.input) if x == name), None)
         if hit is None:
-            raise PeerUnavailable(f"{method}: tensor {name!r} has no consumer in the input model")
+            raise PeerUnavailableError(f"{method}: tensor {name!r} has no consumer in the input model")
         node, slot = hit
         twin = nodes.get((node.name, node.op_type))
         if twin is None or len(twin.input) <= slot:
-            raise PeerUnavailable(f"{method}: onnxsim's output has no node {node.name!r} to read {name!r} from")
+            raise PeerUnavailableError(f"{method}: onnxsim's output has no node {node.name!r} to read {name!r} from")
         out[name] = twin.input[slot]
     return out

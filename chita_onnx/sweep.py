@@ -24,8 +24,8 @@ import numpy as np
 from .config import METHODS, CompressConfig
 from .errors import ConfigError
 from .evaluate import compare_to, reference, top1
+from .peers import ONNXSIM_METHODS, PeerUnavailableError, onnxsim_python, run_onnxsim
 from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prune
-from .peers import ONNXSIM_METHODS, PeerUnavailable, onnxsim_python, run_onnxsim
 from .progress import progress
 from .reconstruct import batches_of, correct_statistics, split_decision
 from .report import table
@@ -134,9 +134,11 @@ def sweep(
     if prep.eval is None:
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
     prep, decide = split_decision(prep, base)
+    evaluation = prep.eval
+    assert evaluation is not None
     layout = prep.layout
     w_bar = initial_weights(prep)
-    ref = reference(prep.path, prep.eval, prep.specs, base.output)
+    ref = reference(prep.path, evaluation, prep.specs, base.output)
     configs = [(m, s, _config_for(base, m, s)) for s in sparsities for m in methods]
     need_x = any(c.needs_gradients for m, _, c in configs if m not in ONNXSIM_METHODS)
     oracle = GradientOracle(prep, base) if need_x else None
@@ -161,7 +163,7 @@ def sweep(
                 peer_batches = batches_of(prep, base)
             try:
                 values, peer_s, version = run_onnxsim(method, prep.model, layout.names, peer_batches, sparsity)
-            except PeerUnavailable as exc:
+            except PeerUnavailableError as exc:
                 log.warning("%s", exc)
                 continue
             w = layout.flatten(values, dtype=np.float32)
@@ -174,7 +176,7 @@ def sweep(
             corrected, correction = correct_statistics(prep, cfg, w, decide, cfg.output)
         t0 = time.perf_counter()
         model = _model_with(prep, w) if corrected is None else corrected
-        cmp = compare_to(ref, model.SerializeToString(), prep.eval, prep.specs)
+        cmp = compare_to(ref, model.SerializeToString(), evaluation, prep.specs)
         t_eval = time.perf_counter() - t0
         obj = objective(X0, w, w_bar, cfg.ridge) if X0 is not None else None
         needs = cfg.needs_gradients and method not in ONNXSIM_METHODS
