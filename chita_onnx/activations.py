@@ -18,8 +18,11 @@ reshapes: the rows, Grams and solves live in :mod:`chita_onnx.layerstats` and
 from __future__ import annotations
 
 import logging
+import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -266,8 +269,20 @@ class SegmentRunner:
     replaces a constant; segments built later use the new value.
     """
 
-    def __init__(self, model: onnx.ModelProto, batches: Sequence[Arrays], *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        batches: Sequence[Arrays],
+        *,
+        threads: int = 1,
+        max_bytes: int | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
         self.model = model
+        self.max_bytes = max_bytes
+        self._spill_root = spill_dir
+        self._spill: tempfile.TemporaryDirectory[str] | None = None
+        self._spilled = 0
         self.graph = model.graph
         self.nodes = list(self.graph.node)
         self.threads = threads
@@ -319,8 +334,6 @@ class SegmentRunner:
         stop = min(stop, len(self.nodes))
         if stop <= self.position:
             return
-        import time
-
         t0 = time.perf_counter()
         seg = self.nodes[self.position : stop]
         produced: list[str] = []
@@ -351,16 +364,38 @@ class SegmentRunner:
             m.functions.extend(self.model.functions)
             sess = _session(m, self.threads)
             results: list[list[NDArray[np.generic]]] = [[] for _ in outputs]
+            held = self.frontier_bytes()
             for b in range(self.num_batches):
                 feed = {n: self.state[n][b] for n in inputs}
                 for k, r in enumerate(sess.run(outputs, feed)):
-                    results[k].append(r)
+                    held += int(np.asarray(r).nbytes)
+                    results[k].append(self._keep(r) if self.max_bytes is not None and held > self.max_bytes else r)
             for o, r in zip(outputs, results, strict=True):
                 self.state[o] = r
         self.position = stop
         for name in [n for n in self.state if self.last_use.get(n, -1) < stop and n not in keep_extra]:
-            del self.state[name]
+            for a in self.state.pop(name):
+                if isinstance(a, np.memmap) and a.filename:
+                    Path(a.filename).unlink(missing_ok=True)  # the mapping stays valid until released
         self.seconds += time.perf_counter() - t0
+
+    def _keep(self, value: NDArray[np.generic]) -> NDArray[np.generic]:
+        """Spill ``value`` to a memory-mapped ``.npy`` file (the frontier is over ``max_bytes``)."""
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="chita-activations-", dir=self._spill_root)
+            log.info("activations exceed %d bytes: spilling them to %s", self.max_bytes, self._spill.name)
+        path = Path(self._spill.name) / f"{self._spilled}.npy"
+        self._spilled += 1
+        np.save(path, np.asarray(value))
+        mapped: NDArray[np.generic] = np.load(path, mmap_mode="r")
+        return mapped
+
+    def close(self) -> None:
+        """Drop the kept tensors and any spilled files."""
+        self.state.clear()
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
         arr = self.state[name][0]
@@ -374,7 +409,8 @@ class SegmentRunner:
         return {o.name: self.values(o.name) for o in self.graph.output}
 
     def frontier_bytes(self) -> int:
-        return sum(int(a.nbytes) for v in self.state.values() for a in v)
+        """Bytes of the kept tensors held in memory (spilled ones excluded)."""
+        return sum(int(a.nbytes) for v in self.state.values() for a in v if not isinstance(a, np.memmap))
 
 
 def model_specs(model: onnx.ModelProto) -> list[InputSpec]:

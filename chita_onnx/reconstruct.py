@@ -62,6 +62,8 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         dense_targets=config.targets == "dense",
         refit=config.refit,
         seed=config.seed,
+        max_bytes=None if config.max_memory is None else config.max_memory // 4,
+        spill_dir=config.workdir,
     )
 
 
@@ -282,11 +284,12 @@ def correct_statistics(
     if bn_opts == ["off"] and bias_opts == ["off"]:
         return None, Correction(bn_label or "off", "off", seconds=time.perf_counter() - t0)
     fit = batches_of(prep, config)
+    spill = {"max_bytes": options(config).max_bytes, "spill_dir": config.workdir}
     candidates: dict[tuple[str, str], onnx.ModelProto] = {}
     for bias in bias_opts:
-        base = pruned if bias == "off" else bias_correction(dense, pruned, names, fit)[0]
+        base = pruned if bias == "off" else bias_correction(dense, pruned, names, fit, **spill)[0]  # type: ignore[arg-type]
         for bn in bn_opts:
-            candidates[(bn, bias)] = base if bn == "off" else recalibrate_batchnorm(base, fit)[0]
+            candidates[(bn, bias)] = base if bn == "off" else recalibrate_batchnorm(base, fit, **spill)[0]  # type: ignore[arg-type]
     scores: dict[str, float] = {}
     if len(candidates) > 1:
         assert decide

@@ -43,6 +43,8 @@ class LayerwiseOptions:
     select: str = "sparsegpt"
     seed: int = 0
     threads: int = 1
+    max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
+    spill_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ def layerwise_prune(
     names = list(keep if keep is not None else masks or {})
     sites = find_layers(model, names)
     t0 = time.perf_counter()
-    pruned = SegmentRunner(model, batches, threads=opts.threads)
-    dense = SegmentRunner(model, batches, threads=opts.threads) if opts.dense_targets else None
+    kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
+    pruned = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
+    dense = SegmentRunner(model, batches, **kw) if opts.dense_targets else None  # type: ignore[arg-type]
     weights: dict[str, NDArray[np.float32]] = {}
     reports: list[LayerReport] = []
     t_stats = t_solve = 0.0
@@ -154,6 +157,9 @@ def layerwise_prune(
         )  # fmt: skip
     total = time.perf_counter() - t0
     fwd = pruned.seconds + (dense.seconds if dense is not None else 0.0)
+    pruned.close()
+    if dense is not None:
+        dense.close()
     return PassResult(weights, reports, {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total})
 
 
@@ -287,6 +293,8 @@ def bias_correction(
     batches: Sequence[Arrays],
     *,
     threads: int = 1,
+    max_bytes: int | None = None,
+    spill_dir: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, float]]:
     """Restore each output channel's mean, layer by layer: ``bias += mean(dense out) − mean(pruned out)``.
 
@@ -296,8 +304,8 @@ def bias_correction(
     """
     dm, bias_d = ensure_biases(dense_model, weights)
     pm, bias_p = ensure_biases(pruned_model, weights)
-    dense = SegmentRunner(dm, batches, threads=threads)
-    pruned = SegmentRunner(pm, batches, threads=threads)
+    dense = SegmentRunner(dm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
+    pruned = SegmentRunner(pm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
     sites = {s.weight: s for s in find_layers(pm, weights)}
     order = sorted(bias_p, key=lambda w: _consumer_of_bias(pm, bias_p[w])[0])
     moved: dict[str, float] = {}
@@ -319,7 +327,10 @@ def bias_correction(
         ref = float(np.linalg.norm(sd / max(c, 1)))
         moved[w] = float(np.linalg.norm(delta)) / ref if ref > 0 else 0.0
     del bias_d
-    return pruned.current_model(), moved
+    dense.close()
+    out = pruned.current_model()
+    pruned.close()
+    return out, moved
 
 
 def batchnorm_nodes(model: onnx.ModelProto) -> list[int]:
@@ -334,12 +345,17 @@ def batchnorm_nodes(model: onnx.ModelProto) -> list[int]:
 
 
 def recalibrate_batchnorm(
-    pruned_model: onnx.ModelProto, batches: Sequence[Arrays], *, threads: int = 1
+    pruned_model: onnx.ModelProto,
+    batches: Sequence[Arrays],
+    *,
+    threads: int = 1,
+    max_bytes: int | None = None,
+    spill_dir: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, float]]:
     """Re-estimate every BatchNormalization's running mean and variance from the calibration batches,
     BN by BN in graph order (each with the upstream BNs already re-estimated).  Returns the model and,
     per BN node, the relative change of its mean."""
-    runner = SegmentRunner(pruned_model, batches, threads=threads)
+    runner = SegmentRunner(pruned_model, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
     changed: dict[str, float] = {}
     for pos in batchnorm_nodes(pruned_model):
         node = runner.nodes[pos]
@@ -362,7 +378,9 @@ def recalibrate_batchnorm(
         changed[node.name or f"<BatchNormalization #{pos}>"] = (
             float(np.linalg.norm(mean - old.reshape(-1))) / denom if denom > 0 else 0.0
         )
-    return runner.current_model(), changed
+    out = runner.current_model()
+    runner.close()
+    return out, changed
 
 
 def run_outputs(
@@ -371,4 +389,6 @@ def run_outputs(
     """One full forward pass; the named output concatenated over batches (float64)."""
     r = SegmentRunner(model, batches, threads=threads)
     r.advance(len(r.nodes))
-    return np.concatenate([np.asarray(v, np.float64) for v in r.values(output)])
+    out = np.concatenate([np.asarray(v, np.float64) for v in r.values(output)])
+    r.close()
+    return out

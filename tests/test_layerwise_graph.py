@@ -141,6 +141,21 @@ def test_segment_runner_reproduces_the_whole_model_at_every_split() -> None:
     assert len(out) == 4 and sum(o.shape[0] for o in out) == 100
 
 
+def test_segment_runner_spills_to_disk_above_its_memory_cap(tmp_path: Path) -> None:
+    model = working_copy(onnx.load(CNN))
+    specs = model_inputs(model)
+    batches = calibration_batches(open_source(str(CALIB), specs), specs, 64, 16)
+    ref = [_run(model, b)[0] for b in batches]
+    r = SegmentRunner(model, batches, max_bytes=0, spill_dir=str(tmp_path))
+    r.advance(4)
+    assert r.frontier_bytes() == 0 and any(tmp_path.rglob("*.npy"))
+    out = r.run_to_end()["logits"]
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    r.close()
+    assert not any(tmp_path.rglob("*.npy"))
+
+
 def test_ensure_biases_keeps_outputs_and_adds_one_bias_per_layer() -> None:
     for model in (onnx.load(CNN), tiny_mlp()):
         names = [s.weight for s in find_layers(model, [t.name for t in find_prunable(model)])]
