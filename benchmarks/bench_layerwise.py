@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "layerwise-uniform": ("layerwise", {**OFF, "allocation": "uniform"}),
     "layerwise-magalloc": ("layerwise", {**OFF, "allocation": "magnitude"}),
     "layerwise-obd": ("layerwise", {**OFF, "allocation": "obd"}),
+    "layerwise-obdall": ("layerwise", {**OFF, "allocation": "obd", "allocation_samples": 0}),
     "layerwise-chitaalloc": ("layerwise", {**OFF, "allocation": "chita"}),
     "layerwise-floor0": ("layerwise", {**OFF, "layer_floor": 0.0}),
     "layerwise-floor0.1": ("layerwise", {**OFF, "layer_floor": 0.1}),
@@ -181,7 +182,11 @@ def run_model(
                 cfg = base.with_(method=method, sparsity=s, stages=st, start_sparsity=None, **changes)
                 w, _, res = prune(prep, cfg, oracle, timer, None, X0=X0)
                 alloc = str(res.info.get("allocation", ""))
-                uses_x = cfg.needs_gradients
+                # the shared X counts for a variant that used it; the obd allocation computes its own
+                # smaller X (timed in its "gradients" phase) when --allocation-samples < X's rows
+                own = method == "layerwise" and alloc == "obd" and X0 is not None
+                own = own and 0 < cfg.allocation_samples < X0.shape[0]  # type: ignore[union-attr]
+                uses_x = cfg.needs_gradients and not own
             with timer.phase("statistics"):
                 corrected, corr = correct_statistics(prep, cfg, w, decide, None)
             m = (_model_with(prep, w) if corrected is None else corrected).SerializeToString()

@@ -148,7 +148,9 @@ def main() -> None:
         with torch.no_grad():  # a quick look on the selection images (the test set is scored later)
             sel = torch.from_numpy(xtr[1000:2000])
             acc = (model(sel).argmax(1).numpy() == ytr[1000:2000]).mean()
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, selection accuracy {100 * acc:.2f}% ({time.time() - t0:.0f}s)")
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.4f}, selection accuracy {100 * acc:.2f}% ({time.time() - t0:.0f}s)"
+        )
     export(model, out / "resnet_mnist_bn.onnx")
     folded = fold(model)
     with torch.no_grad():

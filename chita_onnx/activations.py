@@ -122,6 +122,9 @@ class LayerSite:
     bias: str | None
     channel_axis: int
     shared: bool = False
+    offset: str | None = None  # the constant the node itself adds to its output (Conv B, Gemm C)
+    offset_scale: float = 1.0  # Gemm's beta
+    opaque_offset: bool = False  # the node adds something that is not a usable constant
 
 
 def find_layers(model: onnx.ModelProto, weights: Iterable[str]) -> list[LayerSite]:
@@ -188,8 +191,12 @@ def _site(
             pads_end=pads[s:],
             auto_pad=auto_s,
         )
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        return LayerSite(name, label, pos, node.input[0], node.output[0], geom, bias, 1)
+        has = len(node.input) > 2 and bool(node.input[2])
+        bias = node.input[2] if has and node.input[2] in inits else None
+        opaque = has and bias is None
+        return LayerSite(
+            name, label, pos, node.input[0], node.output[0], geom, bias, 1, offset=bias, opaque_offset=opaque
+        )
     if op == "Gemm" and slot == 1:
         geom = LayerGeometry(
             "gemm",
@@ -198,10 +205,16 @@ def _site(
             trans_a=bool(_attr(node, "transA", 0)),
             trans_b=bool(_attr(node, "transB", 0)),
         )
-        bias = None
-        if len(node.input) > 2 and node.input[2] in inits and float(_attr(node, "beta", 1.0)) == 1.0:  # type: ignore[arg-type]
-            bias = node.input[2]
-        return LayerSite(name, label, pos, node.input[0], node.output[0], geom, bias, -1)
+        beta = float(_attr(node, "beta", 1.0))  # type: ignore[arg-type]
+        has = len(node.input) > 2 and bool(node.input[2])
+        c = node.input[2] if has and node.input[2] in inits else None
+        channels = geom.outputs_per_group
+        usable = c is not None and int(np.prod(inits[c].dims)) in (1, channels)
+        bias = c if usable and beta == 1.0 else None
+        return LayerSite(
+            name, label, pos, node.input[0], node.output[0], geom, bias, -1,
+            offset=c if usable else None, offset_scale=beta, opaque_offset=has and not usable,
+        )  # fmt: skip
     if op == "MatMul" and len(shape) == 2:
         if slot == 1:
             return LayerSite(

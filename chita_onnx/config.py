@@ -88,6 +88,7 @@ class CompressConfig:
     refit: bool = True
     bn_recalibrate: Switch = "auto"
     bias_correction: Switch = "auto"
+    allocation_samples: int = 256
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -137,6 +138,8 @@ class CompressConfig:
             raise bad("layer_floor", self.layer_floor, "must be in [0, 1]")
         if not (self.damp > 0.0 and self.damp < float("inf")):
             raise bad("damp", self.damp, "must be a finite number > 0")
+        if int(self.allocation_samples) < 0:
+            raise bad("allocation_samples", self.allocation_samples, "must be ≥ 0 (0: --num-samples)")
         if int(self.max_rows) < 0:
             raise bad("max_rows", self.max_rows, "must be ≥ 0 (0: every input row)")
         if self.update == "none" and self.method in ("chita", "chita++"):

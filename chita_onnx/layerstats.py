@@ -9,7 +9,7 @@ bounded per layer (``O(g·d·(d + M_g))``):
 * ``H = Σ x_p x_pᵀ``            (g, d, d)   the Gram of the rows seen by the *pruned* model,
 * ``B = Σ x_p (W̄ x_d)ᵀ``        (g, d, M_g) the cross term with the *dense* layer's outputs,
 * ``yy = Σ (W̄ x_d)²``           (g, M_g)    the dense output energy (for relative errors),
-* ``mean_p``, ``mean_d``        (g, d)      mean input rows (for bias correction),
+* ``mean_p``                    (g, d)      the mean input row,
 
 over ``rows`` rows, optionally a seeded random subset of them (``max_rows``).  The layer-wise
 objective of output row ``i`` is then ``‖X_p w − X_d w̄_i‖² = wᵀHw − 2wᵀB_i + yy_i``.
@@ -222,7 +222,6 @@ class LayerStats:
     B: NDArray[np.float64] | None
     yy: NDArray[np.float64] | None
     mean_p: NDArray[np.float64]
-    mean_d: NDArray[np.float64]
     rows: int = 0
     seen: int = 0  # rows before subsampling
 
@@ -234,7 +233,6 @@ class LayerStats:
             np.zeros((g, d, d)),
             np.zeros((g, d, m)) if cross else None,
             np.zeros((g, m)) if cross else None,
-            np.zeros((g, d)),
             np.zeros((g, d)),
         )
 
@@ -269,67 +267,100 @@ class RowSampler:
         return np.sort(self._rng.choice(rows, size=take, replace=False)).astype(np.int64)
 
 
+def output_rows(
+    z: NDArray[np.floating],
+    geom: LayerGeometry,
+    index: NDArray[np.int64] | None = None,
+    offset: NDArray[np.floating] | None = None,
+) -> NDArray[np.float32]:
+    """The layer's output rows ``(R, g, M_g)`` float32 in the order of :func:`input_rows`, minus
+    ``offset`` (the per-channel bias the node adds, shape ``(g·M_g,)``)."""
+    z = np.asarray(z, np.float32)
+    if geom.kind == "conv":
+        m = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+    elif geom.kind == "matmul_left":
+        m = np.swapaxes(z, -1, -2).reshape(-1, z.shape[-2])
+    else:
+        m = z.reshape(-1, z.shape[-1])
+    if index is not None:
+        m = m[index]
+    if offset is not None:
+        m = m - np.asarray(offset, np.float32).reshape(1, -1)
+    return np.ascontiguousarray(m).reshape(m.shape[0], geom.groups, geom.outputs_per_group)
+
+
 def accumulate(
     stats: LayerStats,
     a_pruned: NDArray[np.floating],
-    a_dense: NDArray[np.floating] | None,
-    w_dense_rows: NDArray[np.floating] | None,
+    *,
+    a_dense: NDArray[np.floating] | None = None,
+    w_dense_rows: NDArray[np.floating] | None = None,
+    z_dense: NDArray[np.floating] | None = None,
+    offset: NDArray[np.floating] | None = None,
     index: NDArray[np.int64] | None = None,
 ) -> None:
-    """Add one batch: ``a_pruned`` (and ``a_dense``, same shape) are the layer's input tensors in the
-    pruned and the dense model; ``w_dense_rows`` is ``W̄`` as ``(g, M_g, d)``.  ``index`` picks rows
-    (see :class:`RowSampler`); large inputs are processed in chunks of samples."""
+    """Add one batch.  ``a_pruned``: the layer's input tensor in the pruned model.  The dense targets
+    ``W̄ x_d`` come either from the dense model's input ``a_dense`` and ``w_dense_rows`` (``W̄`` as
+    ``(g, M_g, d)``), or directly from the dense layer's output ``z_dense`` minus ``offset`` (its
+    bias).  Without either only ``H`` is accumulated.  ``index`` picks rows (see
+    :class:`RowSampler`); without it a Conv is processed in chunks of samples."""
     geom = stats.geom
     total = num_rows(tuple(a_pruned.shape), geom)
     stats.seen += total
     wT = None
     if stats.B is not None and a_dense is not None and w_dense_rows is not None:
         wT = np.ascontiguousarray(np.swapaxes(w_dense_rows, 1, 2), dtype=np.float32)
-    cross = wT is not None
+    use_z = stats.B is not None and z_dense is not None
+
+    def targets(sl: slice, idx: NDArray[np.int64] | None) -> NDArray[np.float32] | None:
+        if use_z:
+            assert z_dense is not None
+            return output_rows(z_dense[sl], geom, idx, offset)
+        if wT is not None:
+            assert a_dense is not None
+            xd = input_rows(a_dense[sl], geom, idx)
+            return np.matmul(np.ascontiguousarray(xd.transpose(1, 0, 2)), wT).transpose(1, 0, 2)
+        return None
+
     if geom.kind == "conv" and index is None:
         step = row_chunks(tuple(a_pruned.shape), geom)
         for s0 in range(0, a_pruned.shape[0], step):
-            xp = input_rows(a_pruned[s0 : s0 + step], geom)
-            xd = input_rows(a_dense[s0 : s0 + step], geom) if cross and a_dense is not None else None
-            _add_rows(stats, xp, xd, wT)
+            sl = slice(s0, s0 + step)
+            _add_rows(stats, input_rows(a_pruned[sl], geom), targets(sl, None))
         return
-    xp = input_rows(a_pruned, geom, index)
-    xd = input_rows(a_dense, geom, index) if cross and a_dense is not None else None
-    _add_rows(stats, xp, xd, wT)
+    _add_rows(stats, input_rows(a_pruned, geom, index), targets(slice(None), index))
 
 
-def _add_rows(
-    stats: LayerStats,
-    xp: NDArray[np.float32],
-    xd: NDArray[np.float32] | None,
-    wT: NDArray[np.float32] | None,
-) -> None:
-    """Accumulate rows ``xp``/``xd`` of shape ``(R, g, d)`` (float32 products, float64 sums)."""
+def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32] | None) -> None:
+    """Accumulate input rows ``xp (R, g, d)`` and dense output rows ``y (R, g, M_g)`` (float32
+    products per batch, float64 sums)."""
     R = xp.shape[0]
     if R == 0:
         return
     stats.rows += R
-    stats.mean_p += xp.sum(axis=0, dtype=np.float64)
-    if xd is not None:
-        stats.mean_d += xd.sum(axis=0, dtype=np.float64)
-    for gi in range(xp.shape[1]) if xp.shape[1] <= 4 else ():
-        x = xp[:, gi, :]
-        stats.H[gi] += x.T @ x
-        if xd is not None and wT is not None and stats.B is not None and stats.yy is not None:
-            y = xd[:, gi, :] @ wT[gi]
-            stats.B[gi] += x.T @ y
-            stats.yy[gi] += np.einsum("ij,ij->j", y, y, dtype=np.float64)
-    if xp.shape[1] > 4:  # many groups (depthwise): one batched product
-        xg = np.ascontiguousarray(xp.transpose(1, 2, 0))  # (g, d, R)
-        stats.H += np.matmul(xg, xg.transpose(0, 2, 1))
-        if xd is not None and wT is not None and stats.B is not None and stats.yy is not None:
-            y = np.matmul(np.ascontiguousarray(xd.transpose(1, 0, 2)), wT)  # (g, R, M_g)
-            stats.B += np.matmul(xg, y)
-            stats.yy += np.einsum("grm,grm->gm", y, y, dtype=np.float64)
+    ones = np.ones(R, np.float32)
+    stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
+    cross = y is not None and stats.B is not None and stats.yy is not None
+    if xp.shape[1] <= 4:
+        for gi in range(xp.shape[1]):
+            x = xp[:, gi, :]
+            stats.H[gi] += x.T @ x
+            if cross:
+                assert y is not None and stats.B is not None and stats.yy is not None
+                yg = np.ascontiguousarray(y[:, gi, :])
+                stats.B[gi] += x.T @ yg
+                stats.yy[gi] += ones @ (yg * yg)
+        return
+    xg = np.ascontiguousarray(xp.transpose(1, 2, 0))  # many groups (depthwise): batched products
+    stats.H += np.matmul(xg, xg.transpose(0, 2, 1))
+    if cross:
+        assert y is not None and stats.B is not None and stats.yy is not None
+        yg = np.ascontiguousarray(y.transpose(1, 0, 2))  # (g, R, M_g)
+        stats.B += np.matmul(xg, yg)
+        stats.yy += np.einsum("grm,grm->gm", yg, yg, dtype=np.float64)
 
 
 def finalize_means(stats: LayerStats) -> None:
-    """Turn the accumulated sums of ``mean_p``/``mean_d`` into means (call once, after the pass)."""
+    """Turn the accumulated sum of ``mean_p`` into the mean input row (call once, after the pass)."""
     if stats.rows:
         stats.mean_p /= stats.rows
-        stats.mean_d /= stats.rows

@@ -437,12 +437,14 @@ def _prune_layerwise(
     w_bar = initial_weights(prep)
     grad_oracle = oracle
 
-    def gradients() -> NDArray[np.float32] | None:
+    def gradients(rows: int | None = None) -> NDArray[np.float32] | None:
+        """X at w̄ on ``rows`` calibration samples (all of --num-samples when None); reuses ``X0``."""
         nonlocal grad_oracle
-        if X0 is not None:
+        cfg = config if rows is None else config.with_(num_samples=min(rows, config.num_samples))
+        if X0 is not None and (rows is None or X0.shape[0] <= rows):
             return X0
-        if grad_oracle is None:
-            grad_oracle = GradientOracle(prep, config)
+        if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
+            grad_oracle = GradientOracle(prep, cfg)
         if not grad_oracle.fits():
             return None
         with timer.phase("gradients"):

@@ -85,12 +85,14 @@ def allocate(
     config: CompressConfig,
     w_bar: NDArray[np.float32],
     sparsity: float,
-    gradients: Callable[[], NDArray[np.float32] | None],
+    gradients: Callable[[int | None], NDArray[np.float32] | None],
 ) -> tuple[dict[str, int], str]:
     """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used.
 
-    ``gradients()`` returns the scaled per-sample gradient matrix ``X (n, p)`` at ``w̄`` (or None when
-    it cannot be held); it is called only by the ``obd`` and ``chita`` allocations.
+    ``gradients(rows)`` returns the scaled per-sample gradient matrix ``X (rows, p)`` at ``w̄`` (or
+    None when it cannot be held); it is called only by the ``obd`` allocation (on
+    ``allocation_samples`` samples: the Fisher diagonal of a whole tensor needs far fewer than the
+    solvers) and the ``chita`` allocation (on all of them).
     """
     layout = prep.layout
     sizes = [s.size for s in layout.slots]
@@ -101,7 +103,7 @@ def allocate(
     budget = floor_budget(sizes, config, sparsity)
     score: NDArray[np.floating] = np.abs(w_bar)
     if how in ("obd", "chita"):
-        X = gradients()
+        X = gradients((config.allocation_samples or None) if how == "obd" else None)
         if X is None:
             log.warning("allocation %s needs the gradient matrix, which does not fit: using magnitude", how)
             how = "magnitude"
@@ -150,7 +152,7 @@ def prune_layerwise(
     prep: Prepared,
     config: CompressConfig,
     w_bar: NDArray[np.float32],
-    gradients: Callable[[], NDArray[np.float32] | None],
+    gradients: Callable[[int | None], NDArray[np.float32] | None],
 ) -> SolverResult:
     """``--method layerwise``: allocate the budget, then select and re-fit layer by layer."""
     t0 = time.perf_counter()

@@ -72,22 +72,44 @@ class PassResult:
 
 def _stats_for(
     site: LayerSite,
-    pruned: Sequence[NDArray[np.generic]],
-    dense: Sequence[NDArray[np.generic]] | None,
+    pruned: SegmentRunner,
+    dense: SegmentRunner | None,
     W_bar_rows: NDArray[np.float64],
     opts: LayerwiseOptions,
     layer_index: int,
 ) -> LayerStats:
+    """The layer's statistics over all batches.  ``pruned`` stands before the layer's node; the dense
+    targets come from the dense runner's layer *output* (minus the node's own bias), or — when that
+    bias is not a constant — from its layer input times ``W̄``."""
     geom = site.geometry
     stats = LayerStats.empty(geom, cross=dense is not None)
-    total = sum(num_rows(tuple(a.shape), geom) for a in pruned)
+    xs = pruned.values(site.input)
+    z: Sequence[NDArray[np.generic]] | None = None
+    ad: Sequence[NDArray[np.generic]] | None = None
+    offset = None
+    if dense is not None:
+        if site.opaque_offset:
+            dense.advance(site.position)
+            ad = dense.values(site.input)
+        else:
+            dense.advance(site.position + 1, extra=[site.output])
+            z = dense.values(site.output)
+            if site.offset is not None:
+                c = np.asarray(dense.initializer(site.offset), np.float64).reshape(-1) * site.offset_scale
+                m = geom.outputs_per_group * geom.groups
+                offset = np.full(m, c[0]) if c.size == 1 else c
+    total = sum(num_rows(tuple(a.shape), geom) for a in xs)
     cap = opts.max_rows * geom.d if opts.max_rows > 0 else None
     sampler = RowSampler(total, cap, seed=opts.seed * 1_000_003 + layer_index)
-    for b, a in enumerate(pruned):
+    for b, a in enumerate(xs):
         a32 = np.asarray(a, np.float32)
         idx = sampler.pick(num_rows(tuple(a32.shape), geom))
-        ad = None if dense is None else np.asarray(dense[b], np.float32)
-        accumulate(stats, a32, ad, W_bar_rows, idx)
+        if z is not None:
+            accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx)
+        elif ad is not None:
+            accumulate(stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx)
+        else:
+            accumulate(stats, a32, index=idx)
     finalize_means(stats)
     return stats
 
@@ -115,15 +137,11 @@ def layerwise_prune(
     t_stats = t_solve = 0.0
     for i, site in enumerate(progress(sites, total=len(sites), desc="layer-wise", unit="layer")):
         pruned.advance(site.position)
-        if dense is not None:
-            dense.advance(site.position)
         W_bar = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
         geom = site.geometry
         Wr = weight_rows(W_bar, geom)
         ts = time.perf_counter()
-        stats = _stats_for(
-            site, pruned.values(site.input), None if dense is None else dense.values(site.input), Wr, opts, i
-        )
+        stats = _stats_for(site, pruned, dense, Wr, opts, i)
         t_stats += time.perf_counter() - ts
         ts = time.perf_counter()
         if keep is not None:

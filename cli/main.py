@@ -293,6 +293,13 @@ def _config_options(fn: F) -> F:
             help="Restore each pruned layer's per-channel output mean through its bias (adds a bias where "
             "there is none); auto decides on held-out calibration samples.",
         ),
+        click.option(
+            "--allocation-samples",
+            type=int,
+            default=d.allocation_samples,
+            show_default=True,
+            help="--allocation obd: calibration samples for the Fisher diagonal (0: --num-samples).",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)

@@ -115,10 +115,24 @@ def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
     Wr = rng.standard_normal((1, 4, 27))
     st = LayerStats.empty(geom, cross=True)
     for x in xs:
-        accumulate(st, x, 2 * x, Wr)
+        accumulate(st, x, a_dense=2 * x, w_dense_rows=Wr)
     rows = np.concatenate([input_rows(x, geom) for x in xs])[:, 0, :].astype(np.float64)
     np.testing.assert_allclose(st.H[0], rows.T @ rows, rtol=1e-4)
     np.testing.assert_allclose(st.B[0], rows.T @ (2 * rows @ Wr[0].T), rtol=1e-4)
+    # the same targets from the dense layer's output (onnxruntime's Conv with a bias) minus that bias
+    bias = rng.standard_normal(4).astype(np.float32)
+    conv = _single(
+        helper.make_node("Conv", ["x", "W", "b"], ["y"], pads=[1, 1, 1, 1]),
+        [None, 3, 6, 6],
+        Wr[0].reshape(4, 3, 3, 3).astype(np.float32),
+    )
+    conv.graph.initializer.append(numpy_helper.from_array(bias, "b"))
+    st2 = LayerStats.empty(geom, cross=True)
+    for x in xs:
+        (z,) = _run(conv, {"x": 2 * x})
+        accumulate(st2, x, z_dense=z, offset=bias)
+    np.testing.assert_allclose(st2.B, st.B, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(st2.yy, st.yy, rtol=1e-3)
     a = RowSampler(540, 100, seed=3)
     b = RowSampler(540, 100, seed=3)
     ia, ib = a.pick(180), b.pick(180)
@@ -272,3 +286,24 @@ def test_auto_statistics_correction_is_reported_and_decided_on_calibration_only(
     )
     assert r.evaluation.pruned_accuracy > off.evaluation.pruned_accuracy
     onnx.checker.check_model(str(tmp_path / "a.onnx"))
+
+
+def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
+    from chita_onnx_cli.main import cli
+    from click.testing import CliRunner
+
+    out = tmp_path / "o.onnx"
+    args = ["compress", str(CNN), str(out), "--data", str(CALIB), "--eval-data", str(TEST), "--sparsity", "0.6"]
+    res = CliRunner().invoke(
+        cli,
+        [*args, "--method", "layerwise", "--allocation", "magnitude", "--layer-floor", "0.1", "--damp", "0.05",
+         "--max-rows", "64", "--targets", "pruned", "--no-refit", "--bn-recalibrate", "on", "--bias-correction", "off"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "statistics correction: BN re-estimation on; bias correction off" in res.output
+    assert out.exists()
+    onnx.checker.check_model(str(out))
+    bad = CliRunner().invoke(cli, [*args, "--method", "layerwise", "--layer-floor", "1.5"])
+    assert bad.exit_code == 2 and "--layer-floor=1.5" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--damp", "0"])
+    assert bad.exit_code == 2 and "--damp=0" in bad.output
