@@ -319,7 +319,8 @@ def accumulate(
         if wT is not None:
             assert a_dense is not None
             xd = input_rows(a_dense[sl], geom, idx)
-            return np.matmul(np.ascontiguousarray(xd.transpose(1, 0, 2)), wT).transpose(1, 0, 2)
+            y: NDArray[np.float32] = np.matmul(np.ascontiguousarray(xd.transpose(1, 0, 2)), wT).transpose(1, 0, 2)
+            return y
         return None
 
     if geom.kind == "conv" and index is None:
