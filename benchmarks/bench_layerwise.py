@@ -73,6 +73,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "layerwise-chitaalloc": ("layerwise", {**OFF, "allocation": "chita"}),
     "layerwise-floor0": ("layerwise", {**OFF, "layer_floor": 0.0}),
     "layerwise-floor0.1": ("layerwise", {**OFF, "layer_floor": 0.1}),
+    "layerwise-floor0.3": ("layerwise", {**OFF, "layer_floor": 0.3}),
     "layerwise-floor0.5": ("layerwise", {**OFF, "layer_floor": 0.5}),
     "layerwise-pruned-targets": ("layerwise", {**OFF, "targets": "pruned"}),
     "layerwise-norefit": ("layerwise", {**OFF, "refit": False}),
@@ -250,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--stages", type=int, default=None, help="CHITA++ stages (default: the library's)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path, help="print the tables of an earlier --json result and exit")
+    ap.add_argument("--column", default="test_accuracy", help="with --markdown: which column to tabulate")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown, args.column))
+        return 0
     logging.basicConfig(level=logging.ERROR, force=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -275,6 +281,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
+
+
+
+def markdown(path: Path, column: str = "test_accuracy") -> str:
+    """The rows of a ``--json`` result as one markdown table per model: variants × sparsities."""
+    data = json.loads(path.read_text())
+    out: list[str] = []
+    for model, info in data["models"].items():
+        rows = [r for r in data["rows"] if r["model"] == model]
+        levels = sorted({r["sparsity"] for r in rows})
+        names = list(dict.fromkeys(r["variant"] for r in rows))
+        out.append(f"**{model}** (p = {info['p']:,}; X on {info['n_fit']} samples in {info['x_seconds']:.1f} s)\n")
+        out.append("| variant | " + " | ".join(f"{s:g}" for s in levels) + " | seconds (gradients + method) at each |")
+        out.append("|---|" + "---:|" * len(levels) + "---|")
+        for v in names:
+            cells, secs = [], []
+            for s in levels:
+                r = next((x for x in rows if x["variant"] == v and x["sparsity"] == s), None)
+                if r is None or r[column] is None:
+                    cells.append("-")
+                    secs.append("-")
+                    continue
+                stat = r["statistics"].replace("auto:", "")
+                cells.append(f"{100 * r[column]:.2f}" + (f" ({stat})" if stat not in ("", "none") else ""))
+                secs.append(f"{r['gradients_s'] + r['method_s']:.1f}")
+            out.append(f"| {v} | " + " | ".join(cells) + " | " + " / ".join(secs) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class CompressConfig:
     allocation: Allocation = "obd"
     layer_floor: float = 0.2
     damp: float = 0.01
-    max_rows: int = 0
+    max_rows: int = 64
     targets: Targets = "dense"
     refit: bool = True
     bn_recalibrate: Switch = "auto"

@@ -171,6 +171,36 @@ def _conv_windows(a: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.fl
     )
 
 
+def _gather_patches(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64]) -> NDArray[np.float32]:
+    """The im2col rows at ``index`` ``(R, g, d)``, gathered straight from the unpadded input (zeros
+    where a kernel tap falls into the padding): no copy of the whole activation."""
+    s = geom.spatial
+    k = geom.weight_shape[2:]
+    in_sp = tuple(a.shape[2:])
+    pb, pe = geom.conv_pads(in_sp)
+    out = tuple(
+        (in_sp[i] + pb[i] + pe[i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1 for i in range(s)
+    )
+    pos = np.unravel_index(index, (a.shape[0], *out))
+    R = len(index)
+    idx: list[NDArray[np.int64]] = [pos[0].reshape(R, *([1] * s))]
+    valid = np.ones((R, *k), dtype=bool)
+    for i in range(s):
+        shape = [R] + [1] * s
+        shape[1 + i] = k[i]
+        tap = np.arange(k[i]) * geom.dilations[i]
+        coord = (pos[1 + i] * geom.strides[i] - pb[i])[:, None] + tap[None, :]
+        coord = coord.reshape(shape)
+        valid &= (coord >= 0) & (coord < in_sp[i])
+        idx.append(np.clip(coord, 0, in_sp[i] - 1))
+    a32 = np.asarray(a, np.float32)
+    # advanced indices around the channel slice: the result is (R, *k, C)
+    got = a32[(idx[0], slice(None), *idx[1:])]
+    got = got * valid[..., None]
+    got = np.moveaxis(got, -1, 1)  # (R, C, *k)
+    return np.ascontiguousarray(got, dtype=np.float32).reshape(R, geom.group, geom.d)
+
+
 def input_rows(
     a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64] | None = None
 ) -> NDArray[np.float32]:
@@ -178,16 +208,14 @@ def input_rows(
 
     Row order: sample-major, then output position (Conv) / leading index (MatMul).
     """
+    if geom.kind == "conv" and index is not None:
+        return _gather_patches(a, geom, index)
     if geom.kind == "conv":
         view = _conv_windows(a, geom)
         lead = view.shape[: 1 + geom.spatial]
         flat_lead = int(np.prod(lead))
         g, d = geom.group, geom.d
-        if index is None:
-            rows = np.ascontiguousarray(view).reshape(flat_lead, g, d)
-        else:
-            pos = np.unravel_index(index, lead)
-            rows = view[pos].reshape(len(index), g, d)
+        rows = np.ascontiguousarray(view).reshape(flat_lead, g, d)
         return np.ascontiguousarray(rows, dtype=np.float32)
     a = np.asarray(a, np.float32)
     if geom.kind == "gemm":
@@ -276,7 +304,12 @@ def output_rows(
     """The layer's output rows ``(R, g, M_g)`` float32 in the order of :func:`input_rows`, minus
     ``offset`` (the per-channel bias the node adds, shape ``(g·M_g,)``)."""
     z = np.asarray(z, np.float32)
-    if geom.kind == "conv":
+    if geom.kind == "conv" and index is not None:  # gather first: no copy of the whole output
+        L = int(np.prod(z.shape[2:], dtype=np.int64))
+        b, pos = np.divmod(index, L)
+        m = z.reshape(z.shape[0], z.shape[1], L)[b, :, pos]
+        index = None
+    elif geom.kind == "conv":
         m = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
     elif geom.kind == "matmul_left":
         m = np.swapaxes(z, -1, -2).reshape(-1, z.shape[-2])

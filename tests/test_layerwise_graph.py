@@ -17,7 +17,7 @@ from chita_onnx import CompressConfig
 from chita_onnx.activations import SegmentRunner, calibration_batches, find_layers, working_copy
 from chita_onnx.data import open_source
 from chita_onnx.graph import find_prunable, model_inputs
-from chita_onnx.layerstats import LayerStats, RowSampler, accumulate, input_rows, num_rows, weight_rows
+from chita_onnx.layerstats import LayerStats, RowSampler, accumulate, input_rows, num_rows, output_rows, weight_rows
 from chita_onnx.sequential import bias_correction, ensure_biases, recalibrate_batchnorm, run_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,9 @@ def test_conv_input_rows_reproduce_onnxruntime(
     got = out.reshape(x.shape[0], *y.shape[2:], -1)
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), y, rtol=1e-4, atol=1e-4)
     idx = np.array([0, 3, rows.shape[0] - 1])
-    np.testing.assert_array_equal(input_rows(x, geom, idx), rows[idx])
+    np.testing.assert_array_equal(input_rows(x, geom, idx), rows[idx])  # gathered without padding
+    np.testing.assert_array_equal(output_rows(y, geom, idx), output_rows(y, geom)[idx])
+    np.testing.assert_allclose(output_rows(y, geom)[:, :, :], out.astype(np.float32), rtol=1e-4, atol=1e-4)
 
 
 DENSE = [

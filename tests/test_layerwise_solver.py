@@ -195,3 +195,29 @@ def test_sweep_keeps_exact_count_across_blocks() -> None:
         Wp, m = sparsegpt_sweep(W, inverse(dh), keep=keep, block=16)
         assert int(m.sum()) == keep
         assert np.all(Wp[~m] == 0)
+
+
+@pytest.mark.parametrize("select", ["sparsegpt", "magnitude"])
+def test_batched_groups_agree_with_the_per_group_path(select: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small groups (a depthwise Conv) take a batched path; it must match the loop over groups."""
+    import chita_onnx.solver.layerwise as lw
+
+    rng = np.random.default_rng(10)
+    g, M, d = 12, 2, 9
+    Hs, Bs, yys = [], [], []
+    W_bar = rng.standard_normal((g, M, d))
+    for k in range(g):
+        Xp = rng.standard_normal((60, d)) * (1 + k % 3)
+        Xd = Xp + 0.2 * rng.standard_normal((60, d))
+        H, B, yy = _stats(Xp, Xd, W_bar[k])
+        Hs.append(H), Bs.append(B), yys.append(yy)
+    H, B, yy = np.stack(Hs), np.stack(Bs), np.stack(yys)
+    fast = prune_layer(W_bar, H, B, yy, keep=90, select=select)  # type: ignore[arg-type]
+    assert fast.info["refit"] == "batched"
+    calls = []
+    monkeypatch.setattr(lw, "_prune_groups_batched", lambda *a: calls.append(1))
+    slow = prune_layer(W_bar, H, B, yy, keep=90, select=select)  # type: ignore[arg-type]
+    assert calls and slow.info["refit"] == "cholesky"
+    np.testing.assert_array_equal(fast.mask, slow.mask)
+    np.testing.assert_allclose(fast.W, slow.W, atol=1e-8)
+    assert fast.error == pytest.approx(slow.error, rel=1e-8)
