@@ -26,6 +26,7 @@ Allocation = Literal["uniform", "magnitude", "obd", "chita"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "magnitude", "obd", "chita")
 Targets = Literal["dense", "pruned"]
 Switch = Literal["auto", "on", "off"]
+Select = Literal["sparsegpt", "magnitude"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
 #: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
@@ -89,6 +90,7 @@ class CompressConfig:
     bn_recalibrate: Switch = "auto"
     bias_correction: Switch = "auto"
     allocation_samples: int = 256
+    select: Select = "sparsegpt"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -109,6 +111,7 @@ class CompressConfig:
             "targets": ("dense", "pruned"),
             "bn_recalibrate": ("auto", "on", "off"),
             "bias_correction": ("auto", "on", "off"),
+            "select": ("sparsegpt", "magnitude"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -112,20 +112,20 @@ def weight_rows(w: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.floa
     """The ONNX weight as ``(g, M_g, d)`` float64: row ``i`` of group ``g`` maps input rows to output ``i``."""
     a: NDArray[np.float64] = np.asarray(w, dtype=np.float64)
     if geom.kind == "conv":
-        return np.array(a.reshape(geom.group, a.shape[0] // geom.group, -1), dtype=np.float64)
+        return np.array(a.reshape(geom.group, a.shape[0] // geom.group, -1), dtype=np.float64, order="C")
     if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
-        return np.array(a[None], dtype=np.float64)
-    return np.array(a.T[None], dtype=np.float64)  # Gemm without transB, MatMul A·W: W is [K, N]
+        return np.array(a[None], dtype=np.float64, order="C")
+    return np.array(a.T[None], dtype=np.float64, order="C")  # Gemm without transB, MatMul A·W: W is [K, N]
 
 
 def rows_to_weight(r: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.float64]:
     """Inverse of :func:`weight_rows`: ``(g, M_g, d)`` back to the ONNX weight shape."""
     a: NDArray[np.float64] = np.asarray(r, dtype=np.float64)
     if geom.kind == "conv":
-        return np.array(a.reshape(geom.weight_shape), dtype=np.float64)
+        return np.array(a.reshape(geom.weight_shape), dtype=np.float64, order="C")
     if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
-        return np.array(a[0], dtype=np.float64)
-    return np.array(a[0].T, dtype=np.float64)
+        return np.array(a[0], dtype=np.float64, order="C")
+    return np.array(a[0].T, dtype=np.float64, order="C")
 
 
 # -------------------------------------------------------------------------------------- input rows

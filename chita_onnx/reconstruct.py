@@ -61,6 +61,7 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         max_rows=int(config.max_rows),
         dense_targets=config.targets == "dense",
         refit=config.refit,
+        select=config.select,
         seed=config.seed,
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
         spill_dir=config.workdir,

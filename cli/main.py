@@ -300,6 +300,14 @@ def _config_options(fn: F) -> F:
             show_default=True,
             help="--allocation obd: calibration samples for the Fisher diagonal (0: --num-samples).",
         ),
+        click.option(
+            "--select",
+            type=click.Choice(["sparsegpt", "magnitude"]),
+            default=d.select,
+            show_default=True,
+            help="--method layerwise: which weights each layer keeps: SparseGPT's OBS column sweep with "
+            "adaptive masks, or the largest least-squares weights; the kept ones are re-fitted either way.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)

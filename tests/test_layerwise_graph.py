@@ -309,3 +309,29 @@ def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--layer-floor=1.5" in bad.output
     bad = CliRunner().invoke(cli, [*args, "--damp", "0"])
     assert bad.exit_code == 2 and "--damp=0" in bad.output
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "magnitude", "obd", "chita"])
+def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) -> None:
+    from chita_onnx.pipeline import GradientOracle, initial_weights, prepare
+    from chita_onnx.reconstruct import allocate
+    from chita_onnx.solver.budgets import keep_count
+
+    cfg = CompressConfig(sparsity=0.9, method="layerwise", allocation=allocation, layer_floor=0.5)  # type: ignore[arg-type]
+    prep = prepare(CNN, CALIB, cfg, None, hold_out=False)
+    w = initial_weights(prep)
+    asked: list[int | None] = []
+
+    def gradients(rows: int | None) -> np.ndarray:
+        asked.append(rows)
+        return GradientOracle(prep, cfg if rows is None else cfg.with_(num_samples=rows)).matrix(w)
+
+    keep, how = allocate(prep, cfg, w, 0.9, gradients)
+    assert how == allocation
+    assert sum(keep.values()) == keep_count(0.9, prep.layout.p)
+    sizes = {s.name: s.size for s in prep.layout.slots}
+    if allocation == "uniform":
+        assert max(abs(keep[n] / sizes[n] - 0.1) for n in keep) < 0.01
+    elif allocation != "chita":  # the floor: 0.5 × the overall density 0.1
+        assert all(keep[n] >= int(np.ceil(0.05 * sizes[n] - 1e-9)) for n in keep)
+    assert asked == ([256] if allocation == "obd" else [None] if allocation == "chita" else [])

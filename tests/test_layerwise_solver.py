@@ -221,3 +221,12 @@ def test_batched_groups_agree_with_the_per_group_path(select: str, monkeypatch: 
     np.testing.assert_array_equal(fast.mask, slow.mask)
     np.testing.assert_allclose(fast.W, slow.W, atol=1e-8)
     assert fast.error == pytest.approx(slow.error, rel=1e-8)
+
+
+@pytest.mark.parametrize("select", ["sparsegpt", "magnitude"])
+def test_exact_count_for_a_weight_in_fortran_order(select: str) -> None:
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((200, 16))
+    W = np.asfortranarray(rng.standard_normal((1, 6, 16)))  # as a transposed MatMul weight can arrive
+    sol = prune_layer(W, (X.T @ X)[None], keep=30, select=select)  # type: ignore[arg-type]
+    assert int(sol.mask.sum()) == 30 and int(np.count_nonzero(sol.W)) <= 30

@@ -141,11 +141,18 @@ def reconstruction_error(W: F64, H: F64, B: F64 | None, yy: F64 | None, W_bar: F
     return float(max(0.0, WH - 2.0 * np.einsum("ij,ji->", W, B) + float(np.sum(yy))))
 
 
-def _block_counts(prune: int, d: int, block: int) -> list[int]:
-    """How many of the ``prune`` weights each column block removes (proportional, exact total)."""
+def _block_counts(prune: int, d: int, block: int, saliency: F64) -> list[int]:
+    """How many of the ``prune`` weights each column block removes: as many as the block holds among
+    the layer's ``prune`` smallest OBS saliencies ``(M, d)``, so that blocks of unimportant columns
+    (dead pixels, say) give more (SparseGPT itself removes the same fraction in every block)."""
     edges = [*range(0, d, block), d]
-    cum = [round(prune * e / d) for e in edges]
-    return [b - a for a, b in itertools.pairwise(cum)]
+    if prune <= 0:
+        return [0] * (len(edges) - 1)
+    flat = saliency.reshape(-1)
+    low = np.zeros(flat.size, dtype=bool)
+    low[np.argpartition(flat, min(prune, flat.size) - 1)[:prune]] = True
+    per_col = low.reshape(saliency.shape).sum(axis=0)
+    return [int(per_col[a:b].sum()) for a, b in itertools.pairwise(edges)]
 
 
 def sparsegpt_sweep(
@@ -168,7 +175,9 @@ def sparsegpt_sweep(
         raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
     W = W_star.copy()
     kept = np.ones((M, d), dtype=bool) if mask is None else mask.astype(bool, copy=True)
-    counts = _block_counts(M * d - int(keep or 0), d, block) if keep is not None else []
+    counts: list[int] = []
+    if keep is not None:
+        counts = _block_counts(M * d - int(keep), d, block, W_star**2 / np.maximum(np.diag(Hinv), 1e-300)[None, :])
     for bi, i1 in enumerate(range(0, d, block)):
         i2 = min(d, i1 + block)
         W1 = W[:, i1:i2].copy()
@@ -298,7 +307,7 @@ def prune_layer(
     adds the exact ridge re-fit of every row on the final support.  The budget is split over the
     groups of a grouped Conv by the OBS saliency of all its weights.
     """
-    W_bar = np.asarray(W_bar, dtype=np.float64)
+    W_bar = np.ascontiguousarray(W_bar, dtype=np.float64)
     g, M, d = W_bar.shape
     if H.shape != (g, d, d):
         raise SolverError(f"{name}: H has shape {H.shape}, expected {(g, d, d)}")
@@ -324,12 +333,14 @@ def prune_layer(
             scores = np.stack([obs_saliency(w, np.diag(iv)) for (_, w), iv in zip(tg, invs, strict=True)])
         counts = split_budget(scores, keep)
         if select == "magnitude":
-            mask = np.zeros_like(W_bar, dtype=bool)
+            mask = np.zeros(W_bar.shape, dtype=bool)
             for k in range(g):
                 flat = np.abs(tg[k][1]).reshape(-1)
                 c = int(counts[k])
+                chosen = np.zeros(flat.size, dtype=bool)
                 if c:
-                    mask[k].reshape(-1)[np.argpartition(-flat, c - 1)[:c]] = True
+                    chosen[np.argpartition(-flat, c - 1)[:c]] = True
+                mask[k] = chosen.reshape(M, d)
     out = np.zeros_like(W_bar)
     kept = np.zeros_like(W_bar, dtype=bool)
     how = ""
