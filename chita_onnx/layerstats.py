@@ -195,7 +195,8 @@ def _gather_patches(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray
         idx.append(np.clip(coord, 0, in_sp[i] - 1))
     a32 = np.asarray(a, np.float32)
     # advanced indices around the channel slice: the result is (R, *k, C)
-    got = a32[(idx[0], slice(None), *idx[1:])]
+    key: tuple[object, ...] = (idx[0], slice(None), *idx[1:])
+    got = a32[key]  # type: ignore[index]
     got = got * valid[..., None]
     got = np.moveaxis(got, -1, 1)  # (R, C, *k)
     return np.ascontiguousarray(got, dtype=np.float32).reshape(R, geom.group, geom.d)

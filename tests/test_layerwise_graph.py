@@ -225,11 +225,11 @@ def test_layerwise_method_gives_exact_budget_and_beats_magnitude(tmp_path: Path)
     off = {"bn_recalibrate": "off", "bias_correction": "off"}
     res = {}
     for method in ("magnitude", "layerwise"):
-        cfg = CompressConfig(sparsity=0.7, method=method, allocation="uniform", **off)  # type: ignore[arg-type]
+        cfg = CompressConfig(sparsity=0.7, method=method, **off)  # type: ignore[arg-type]
         r = chita_onnx.compress(CNN, tmp_path / f"{method}.onnx", CALIB, cfg, eval_data=TEST)
         assert r.nnz <= r.k
         res[method] = r.evaluation.pruned_accuracy
-    assert res["layerwise"] > res["magnitude"] + 0.05
+    assert res["layerwise"] > res["magnitude"] + 0.1
 
 
 def test_update_layerwise_keeps_the_mask_and_lowers_output_error(tmp_path: Path) -> None:

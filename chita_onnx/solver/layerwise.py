@@ -423,7 +423,8 @@ def _prune_groups_batched(
         diag = np.einsum("gii->gi", Hinv)
         score = np.abs(W_star) if select == "magnitude" else W_star**2 / np.maximum(diag, 1e-300)[:, None, :]
         counts = split_budget(score, keep)
-        sweep_score = np.abs(W_star) if select == "magnitude" else W_star**2 / (np.einsum("gii->gi", U) ** 2)[:, None, :]
+        udiag = np.einsum("gii->gi", U) ** 2
+        sweep_score = np.abs(W_star) if select == "magnitude" else W_star**2 / udiag[:, None, :]
         flat = sweep_score.reshape(g, -1)
         rank = np.empty_like(flat, dtype=np.int64)
         order = np.argsort(-flat, axis=1, kind="stable")
