@@ -14,15 +14,20 @@ from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
 from .solver.nm import NMPattern
 
-Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
-METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
-Update = Literal["auto", "none", "obs"]
+Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
+METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise")
+Update = Literal["auto", "none", "obs", "layerwise"]
 Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
 Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Rank = Literal["magnitude", "obd"]
+Allocation = Literal["uniform", "magnitude", "obd", "chita"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "magnitude", "obd", "chita")
+Targets = Literal["dense", "pruned"]
+Switch = Literal["auto", "on", "off"]
+Select = Literal["sparsegpt", "magnitude"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
 #: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
@@ -75,6 +80,17 @@ class CompressConfig:
     allow_empty: bool = False
     fisher_rows: int = 0
     distill: bool = False
+    # layer-wise reconstruction (--method layerwise, --update layerwise) and statistics correction
+    allocation: Allocation = "obd"
+    layer_floor: float = 0.2
+    damp: float = 0.01
+    max_rows: int = 64
+    targets: Targets = "dense"
+    refit: bool = True
+    bn_recalibrate: Switch = "auto"
+    bias_correction: Switch = "auto"
+    allocation_samples: int = 256
+    select: Select = "sparsegpt"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -84,13 +100,18 @@ class CompressConfig:
             raise bad("sparsity", self.sparsity, "must be in [0, 1)")
         choices: dict[str, tuple[str, ...]] = {
             "method": METHODS,
-            "update": ("auto", "none", "obs"),
+            "update": ("auto", "none", "obs", "layerwise"),
             "scope": ("global", "layer"),
             "storage": ("auto", "sparse", "dense"),
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
             "fisher": ("auto", "empirical", "sampled", "argmax", "kl"),
             "rank": ("magnitude", "obd"),
+            "allocation": ALLOCATIONS,
+            "targets": ("dense", "pruned"),
+            "bn_recalibrate": ("auto", "on", "off"),
+            "bias_correction": ("auto", "on", "off"),
+            "select": ("sparsegpt", "magnitude"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -145,6 +166,17 @@ class CompressConfig:
             object.__setattr__(self, "fisher", "kl")
         if self.fisher == "kl" and self.mini_batch != 1:
             raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise bad("layer_floor", self.layer_floor, "must be in [0, 1]")
+        if not (self.damp > 0.0 and self.damp < float("inf")):
+            raise bad("damp", self.damp, "must be a finite number > 0")
+        for name in ("max_rows", "allocation_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+                raise bad(name, value, "must be an integer in [0, 2147483647] (0: see --help)")
+        layerwise = self.method == "layerwise" or self.update == "layerwise"
+        if self.pattern.strip().lower() != "unstructured" and layerwise:
+            raise bad("pattern", self.pattern, "the layer-wise pass does not keep N:M patterns; use another --method")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         object.__setattr__(self, "sparsity", float(self.sparsity))
@@ -172,7 +204,14 @@ class CompressConfig:
     @property
     def needs_gradients(self) -> bool:
         """Whether the method uses the per-sample gradient matrix X."""
+        if self.method == "layerwise":
+            return self.allocation in ("obd", "chita")
         return not (self.method == "magnitude" and self.update != "obs")
+
+    @property
+    def layerwise_update(self) -> bool:
+        """Whether the kept weights are re-fitted layer by layer after the method's selection."""
+        return self.method == "layerwise" or self.update == "layerwise"
 
     def with_(self, **changes: Any) -> CompressConfig:
         """A validated copy with some fields changed."""

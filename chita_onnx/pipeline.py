@@ -53,6 +53,7 @@ from .limits import MAX_SEED, check_int, data_budget
 from .paths import Output, OutputPlan, plan_outputs
 from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
+from .reconstruct import correct_statistics, split_decision
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
@@ -552,6 +553,8 @@ def prune(
     graph when not given); CHITA++ stages tighten the per-group cap towards N (``NMStructure.budget``).
     """
     timer = timer or PhaseTimer()
+    if config.method == "layerwise":
+        return _prune_layerwise(prep, config, oracle, timer, on_stage, X0)
     w = initial_weights(prep)
     sizes = [s.size for s in prep.layout.slots]
     if structure is None and config.nm is not None:
@@ -649,6 +652,12 @@ def prune(
             )
         log.info("stage %d/%d: sparsity %.4f, objective %s", t, len(levels), level, stages[-1].objective)
     assert result is not None
+    if config.update == "layerwise":
+        from .reconstruct import refit_layerwise
+
+        with timer.phase("layerwise"):
+            w, extra = refit_layerwise(prep, config, w)
+        result = dataclasses.replace(result, w=w, info={**result.info, **extra})
     return w, stages, result
 
 
@@ -678,6 +687,46 @@ def _solve_stage(
         )
 
     return solve_nm(run, X, w, structure, alpha, level)
+def _prune_layerwise(
+    prep: Prepared,
+    config: CompressConfig,
+    oracle: GradientOracle | None,
+    timer: PhaseTimer,
+    on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None,
+    X0: NDArray[np.float32] | None,
+) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
+    """``--method layerwise``: budget allocation, then select and re-fit layer by layer in graph order."""
+    from .reconstruct import prune_layerwise
+
+    t0 = time.perf_counter()
+    w_bar = initial_weights(prep)
+    grad_oracle = oracle
+
+    def gradients(rows: int | None = None) -> NDArray[np.float32] | None:
+        """X at w̄ on ``rows`` calibration samples (all of --num-samples when None); reuses ``X0``."""
+        nonlocal grad_oracle
+        cfg = config if rows is None else config.with_(num_samples=min(rows, config.num_samples))
+        if X0 is not None and (rows is None or X0.shape[0] <= rows):
+            return X0
+        if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
+            grad_oracle = GradientOracle(prep, cfg)
+        if not grad_oracle.fits():
+            return None
+        with timer.phase("gradients"):
+            return grad_oracle.matrix(w_bar)
+
+    with timer.phase("layerwise"):
+        result = prune_layerwise(prep, config, w_bar, gradients)
+    w = np.asarray(result.w, dtype=np.float32)
+    k = keep_count(config.sparsity, prep.layout.p)
+    if int(np.count_nonzero(w)) > k:
+        raise AssertionError(f"layer-wise pass kept {np.count_nonzero(w)} > k={k} weights")
+    seconds = time.perf_counter() - t0
+    if on_stage is not None:
+        stage = on_stage(1, config.sparsity, result, w, seconds)
+    else:
+        stage = StageReport(1, config.sparsity, k, None, 1, True, None, None, seconds)
+    return w, [stage], result
 
 
 def _finite(x: float) -> float | None:
@@ -729,6 +778,7 @@ def _compress(
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
         planned = pattern_structure(prep, config)
+        prep, decide = split_decision(prep, config)
     structure = None if planned is None else planned[1]
     warnings: list[str] = []
     if isinstance(data, str) and data == "random":
@@ -753,6 +803,8 @@ def _compress(
 
     oracle = GradientOracle(prep, config) if config.needs_gradients else None
     w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+    with timer.phase("statistics"):
+        corrected, correction = correct_statistics(prep, config, w, decide, config.output)
     layout = prep.layout
     k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {
@@ -771,7 +823,9 @@ def _compress(
         if config.storage == "sparse":
             warnings.append(f"--storage sparse ignored: {PATTERN_STORAGE_NOTE}")
     with timer.phase("write"):
-        pruned, stored = write_weights(prep.model, layout.unflatten(w), storage=storage, metadata=meta)
+        meta["statistics"] = correction.describe()
+        base = prep.model if corrected is None else corrected
+        pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
         written = save_model(pruned, staged, input_path=in_path)
         check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)
@@ -822,6 +876,7 @@ def _compress(
             "iterations": result.iterations,
             "converged": result.converged,
             **dict(result.info),
+            "statistics": correction.describe(),
         },
         warnings=tuple(warnings),
         pattern=pattern_info,
