@@ -307,7 +307,42 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto(ir_version=model.ir_version, graph=light)
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
+    version = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version:
+        _explicit_defaults(out.graph, version)
     return out
+
+
+def _explicit_defaults(graph: onnx.GraphProto, version: int) -> None:
+    """Write out the default attribute values of the standard ops that onnx infers through their
+    function body (no inference function of their own), subgraphs included, in place.
+
+    onnx's function-body inference does not substitute an attribute's default: a valid
+    ``MeanVarianceNormalization`` without ``axes`` fails strict inference (onnx 1.16–1.23), although
+    the model is valid and onnxruntime runs it with its own kernel.
+    """
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _explicit_defaults(sub, version)
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=version, domain="")
+        except onnx.defs.SchemaError:
+            continue
+        if not getattr(schema, "has_function", False) or schema.has_type_and_shape_inference_function:
+            continue
+        present = {a.name for a in node.attribute}
+        for name, spec in schema.attributes.items():
+            if name not in present and spec.default_value.type != onnx.AttributeProto.UNDEFINED:
+                node.attribute.append(spec.default_value)
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without the bytes of its large, external and sparse initializers (typed graph inputs
+    in their place): what ``onnx.checker`` and shape inference need, at any model size."""
+    return _light(model)
 
 
 def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:

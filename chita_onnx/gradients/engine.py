@@ -545,7 +545,7 @@ class GradientEngine:
             gm = build_gradient_model(lm, self.on_path, lname)
             self.timings["build"] = time.perf_counter() - tb
             ts = time.perf_counter()
-            self._single = Runner(gm, self.values, self.threads)
+            self._single = Runner(gm, self.values, self.threads, check=False)
             self.timings["session"] = time.perf_counter() - ts
         self._predictor: Runner | None = None
         self._pred_buf: NDArray[Any] | None = None
