@@ -96,6 +96,29 @@ def run_outputs(
         str(s.shape[s.batch_axis]) for s in specs if s.batch_axis is not None and isinstance(s.shape[s.batch_axis], str)
     ]
     fixed = _fixed_batch(specs)
+    try:
+        return _run_all(session, source, specs, names, batch_names, fixed, desc)
+    except _BatchRefusedError as exc:
+        # a static input can pin the batch: a recurrent state exported as [layers, 1, hidden] next to
+        # an input with a dynamic batch only runs one sample at a time
+        log.info("onnxruntime refused a batch of %d with static input(s) (%s): running one sample at a time", *exc.args)
+        return _run_all(session, source, specs, names, batch_names, 1, desc)
+
+
+class _BatchRefusedError(Exception):
+    """onnxruntime failed on a batch of several samples of a model with static inputs."""
+
+
+def _run_all(
+    session: ort.InferenceSession,
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    names: Sequence[str],
+    batch_names: Sequence[str],
+    fixed: int | None,
+    desc: str,
+) -> tuple[dict[str, NDArray[np.floating]], NDArray[np.int64] | None]:
+    declared = {o.name: o.shape for o in session.get_outputs()}
     axes: dict[str, int] = {}
     outs: dict[str, list[NDArray[np.floating]]] = {n: [] for n in names}
     labels: list[NDArray[np.int64]] = []
@@ -103,7 +126,12 @@ def run_outputs(
     for batch in progress(source, desc=desc, unit="batch"):
         for piece, real in _chunks(batch, fixed, specs):
             fed = batch_size(piece, specs)
-            ys = runtime.run(session, names, feed(piece, specs), what=f"onnxruntime running the model ({desc})")
+            try:
+                ys = runtime.run(session, names, feed(piece, specs), what=f"onnxruntime running the model ({desc})")
+            except ModelError as exc:  # onnxruntime failed (a timeout or a signal is not a ModelError)
+                if fed > 1 and static_names(specs) and not outs[names[0]]:
+                    raise _BatchRefusedError(fed, str(exc)) from None
+                raise
             for name, y in zip(names, ys, strict=True):
                 arr = np.asarray(y)
                 if name not in axes:

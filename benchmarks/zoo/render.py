@@ -7,13 +7,14 @@ Every function takes a ``numpy.random.Generator``; the same seed gives the same 
 
 from __future__ import annotations
 
+import io
 import string
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 WORDS = (
     "the",
@@ -184,6 +185,27 @@ def page(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return img
 
 
+def photo(rng: np.random.Generator, img: Image.Image) -> Image.Image:
+    """``img`` as a phone photo or a cheap scan of part of it: a skew of up to ±8° (70% of the
+    time), a crop of 35–100% of each side, lowered contrast, a brightness change, blur (60%),
+    sensor noise and JPEG compression at quality 15–80."""
+    if rng.random() < 0.7:
+        img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR, expand=True, fillcolor=_paper(rng))
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.35, 1.0)), int(h * rng.uniform(0.35, 1.0))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = img.crop((x0, y0, x0 + cw, y0 + ch))
+    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.3, 1.0)))
+    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.7, 1.2)))
+    if rng.random() < 0.6:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.8))))
+    noisy = np.asarray(img).astype(np.float32) + rng.normal(0, rng.uniform(0, 18), (img.height, img.width, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(15, 80)))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def line_image(rng: np.random.Generator, text: str, height: int) -> Image.Image:
     """One line of ``text`` on plain paper, tightly cropped around the ink with a small margin."""
     size = int(height * rng.uniform(0.55, 0.75))
@@ -251,3 +273,48 @@ def audio_clip(rng: np.random.Generator, seconds: float, sr: int = 16000) -> NDA
         out[t0 : t0 + t.size] = seg
         t0 += t.size
     return np.clip(out, -1, 1).astype(np.float32)
+
+
+def speech_noisy(rng: np.random.Generator, n: int, snr_db: float) -> NDArray[np.float32]:
+    """``n`` samples of speech-like audio (:func:`audio_clip` segments back to back with short
+    gaps) plus white or pink-ish noise at ``snr_db`` dB, peak-limited to [-1, 1]."""
+    clean = np.zeros(n)
+    t0 = 0
+    while t0 < n:
+        seg = audio_clip(rng, float(rng.uniform(1, 3)))
+        clean[t0 : t0 + seg.size] = seg[: n - t0]
+        t0 += seg.size + int(rng.integers(0, 4000))
+    noise = rng.standard_normal(n)
+    if rng.random() < 0.5:  # pink-ish: integrated white noise with its slow drift removed
+        noise = np.cumsum(noise)
+        noise -= np.convolve(noise, np.ones(200) / 200, "same")
+    noise *= np.sqrt(np.mean(clean**2) / max(np.mean(noise**2), 1e-12) / 10 ** (snr_db / 10))
+    x = clean + noise
+    return (x / max(1.0, float(np.abs(x).max()))).astype(np.float32)
+
+
+def notes(
+    rng: np.random.Generator, n: int, sr: int, fps: float, frames: int, lowest: int = 21
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """``n`` samples of 2–6 instrument-like notes (MIDI 36–84, 7 harmonics, percussive envelope with
+    a short release, random onsets and lengths) and their piano roll ``(frames, 88)`` at ``fps``
+    frames per second (column ``k`` is MIDI ``lowest + k``)."""
+    x = np.zeros(n)
+    roll = np.zeros((frames, 88), bool)
+    t = np.arange(n) / sr
+    for _ in range(int(rng.integers(2, 7))):
+        midi = int(rng.integers(36, 85))
+        f0 = 440.0 * 2 ** ((midi - 69) / 12)
+        on = float(rng.uniform(0, 0.8 * n / sr))
+        off = min(on + float(rng.uniform(0.2, 1.2)), n / sr)
+        env = np.clip((t - on) / 0.01, 0, 1) * np.exp(-(t - on) * rng.uniform(0.5, 4)) * ((t >= on) & (t < off))
+        env += (t >= off) * np.exp(-(t - off) * 30) * np.exp(-(off - on) * 2)
+        tone = sum(
+            np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) * rng.uniform(0.3, 1) / k**1.2
+            for k in range(1, 8)
+            if k * f0 < sr / 2
+        )
+        x += tone * env * rng.uniform(0.1, 0.4)
+        roll[int(on * fps) : int(off * fps) + 1, midi - lowest] = True
+    x += rng.standard_normal(n) * 0.002
+    return (x / max(1.0, float(np.abs(x).max()))).astype(np.float32), roll

@@ -14,10 +14,12 @@ recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +38,8 @@ import wheels  # noqa: E402
 
 SEED_CALIB, SEED_HELDOUT = 1, 2
 RUN_TIMEOUT_S = 3600
+#: Held-out samples of compress's own before/after check (``Report.evaluation``).
+EVAL_SAMPLES = 8
 
 
 def rng_for(name: str, seed: int) -> np.random.Generator:
@@ -49,7 +53,9 @@ def data_dir(e: entries.Entry) -> Path:
 
 
 def save_dataset(path: Path, ds: entries.Dataset) -> None:
-    np.savez(path, **ds.inputs, **{f"meta_{k}": v for k, v in ds.meta.items()})
+    tmp = path.with_name(path.name + ".tmp.npz")  # atomic: an interrupted run leaves no partial file
+    np.savez(tmp, **ds.inputs, **{f"meta_{k}": v for k, v in ds.meta.items()})
+    tmp.replace(path)
 
 
 def load_dataset(path: Path) -> entries.Dataset:
@@ -59,16 +65,38 @@ def load_dataset(path: Path) -> entries.Dataset:
     return entries.Dataset(inputs, meta)
 
 
+def generator_fingerprint(e: entries.Entry) -> str:
+    """Changes whenever the data a cached file holds could change: the entry's generator source,
+    the renderer, the shared preprocessing helpers, the model file and the seeds."""
+    parts = [inspect.getsource(e.make), (HERE / "render.py").read_text(), inspect.getsource(entries.to_bgr_chw)]
+    parts += [e.wheel, e.version, e.member, str((SEED_CALIB, SEED_HELDOUT))]
+    return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
+
+
 def datasets(e: entries.Entry, calib: int | None) -> tuple[entries.Dataset, entries.Dataset]:
-    """Calibration and held-out data, generated once per size and cached."""
+    """Calibration and held-out data, generated once per size and generator version and cached
+    (files named by :func:`generator_fingerprint`, so an edited generator never reuses stale data)."""
     n_cal = calib or e.calib
     d = data_dir(e)
-    paths = d / f"calib_{n_cal}.npz", d / f"heldout_{e.heldout}.npz"
+    fp = generator_fingerprint(e)
+    paths = d / f"calib_{n_cal}_{fp}.npz", d / f"heldout_{e.heldout}_{fp}.npz"
     if not paths[0].exists():
         save_dataset(paths[0], e.make(e, rng_for(e.name, SEED_CALIB), n_cal, "calib"))
     if not paths[1].exists():
         save_dataset(paths[1], e.make(e, rng_for(e.name, SEED_HELDOUT), e.heldout, "heldout"))
+    for old in d.glob("*.npz"):  # data of an earlier generator version
+        if old.name.startswith(("calib_", "heldout_")) and old not in paths and not old.stem.endswith(fp):
+            old.unlink()
     return load_dataset(paths[0]), load_dataset(paths[1])
+
+
+def head_of(e: entries.Entry, ds: entries.Dataset, n: int) -> entries.Dataset:
+    """The first ``n`` samples of ``ds`` (the model's static inputs stay whole)."""
+    from chita_onnx.data import static_names
+    from chita_onnx.graph import load_model, model_inputs
+
+    static = static_names(model_inputs(load_model(e.path())))
+    return entries.Dataset({k: v if k in static else v[:n] for k, v in ds.inputs.items()})
 
 
 def method_config(method: str, sparsity: float) -> Any:
@@ -96,7 +124,10 @@ def worker(name: str, method: str, sparsity: float, calib_n: int | None, out_jso
             dense = {k: z[k] for k in z.files}
         out = data_dir(e) / f"pruned_{method}_{sparsity}.onnx"
         cfg = method_config(method, sparsity)
-        report = compress(e.path(), out, calib.inputs, cfg, eval_data=held.inputs)
+        # compress's own before/after check on the first few held-out samples only: the zoo's metric
+        # below covers the whole held-out set, and the dense side of that check is recomputed on
+        # every run (on 2 shared cores it cost as much as the pruning of the image models)
+        report = compress(e.path(), out, calib.inputs, cfg, eval_data=head_of(e, held, EVAL_SAMPLES).inputs)
         pruned = e.run(e, make_session(out), held)
         ev = report.evaluation
         rec.update(
@@ -203,8 +234,35 @@ def fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
-def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
-    lines = [f"Machine: {machine}", "", f"Command: `{command}`", ""]
+def short(message: str, header: dict[str, Any]) -> str:
+    """``message`` with the cached model's absolute path shortened to its path inside the wheel."""
+    return re.sub(r"/\S*/" + re.escape(header.get("file", "")), header.get("file", ""), message).replace("|", "/")
+
+
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """One row per model: its primary metric (the first one) dense and for every run, and the
+    status of its runs (a refusal's message)."""
+    runs = sorted({(r["sparsity"], r["method"]) for m in results for r in m["runs"]})
+    hdr = ["model", "exporter", "prunable weights", "primary metric", "dense"]
+    hdr += [f"{method} {s}" for s, method in runs] + ["status"]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for m in results:
+        h = m["header"]
+        if "error" in h:
+            lines.append(f"| {h['model']} | | | | | " + "| " * len(runs) + f"not run: {h['error']} |")
+            continue
+        key = next(iter(h["dense"]))
+        by = {(r["sparsity"], r["method"]): r for r in m["runs"]}
+        cells = [fmt(by[k].get("metric", {}).get(key)) if k in by else "" for k in runs]
+        bad = {f"{r['status']}: {short(r.get('message', ''), h)}" for r in m["runs"] if r["status"] != "ok"}
+        status = "; ".join(sorted(bad)) if bad else "ok"
+        row = [h["model"], h["exporter"], fmt(h.get("p")), key, fmt(h["dense"][key]), *cells, status]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -> str:
+    lines = [f"Machine: {machine}", ""] + ([f"Command: `{command}`", ""] if command else []) + [*summary(results), ""]
     for model in results:
         h = model["header"]
         lines += [f"#### {h['model']}", ""]
@@ -235,12 +293,12 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str) -> str:
         for r in model["runs"]:
             metric = r.get("metric", {})
             phases = " · ".join(f"{k} {v:.1f}" for k, v in r.get("timings", {}).items() if v >= 0.05)
-            status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"
+            status = "ok" if r["status"] == "ok" else f"{r['status']}: {short(r.get('message', ''), h)}"
             lines.append(
                 f"| {r['sparsity']} | {r['method']} | "
                 + " | ".join(fmt(metric.get(k)) for k in keys)
                 + f" | {phases or '–'} | {fmt(r.get('wall_s'))} | "
-                f"{fmt(r.get('peak_rss_mb'))} | {status.replace('|', '/')} |"
+                f"{fmt(r.get('peak_rss_mb'))} | {status} |"
             )
         losses = sorted({r["loss"] for r in model["runs"] if r.get("loss")})
         if losses:
@@ -283,8 +341,7 @@ def main() -> None:
             for m in json.loads(Path(f).read_text()):
                 by_model[m["header"]["model"]] = m
         merged = list(by_model.values())
-        command = "python benchmarks/zoo/run.py " + " ".join(sys.argv[1:])
-        (out / "zoo.md").write_text(markdown(merged, machine_line(), command))
+        (out / "zoo.md").write_text(markdown(merged, machine_line(), None))  # the runs' commands differ
         return
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in entries.BY_NAME]

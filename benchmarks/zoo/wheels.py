@@ -71,16 +71,36 @@ def read_member(name: str, version: str, member: str) -> bytes:
         return z.read(member)
 
 
+#: Title lines of common licence texts, for a dist-info that ships the text but declares nothing.
+LICENCE_TITLES = (
+    ("Apache License", "Apache-2.0"),
+    ("MIT License", "MIT"),
+    ("Permission is hereby granted, free of charge", "MIT"),
+    ("BSD 3-Clause", "BSD-3-Clause"),
+    ("GNU AFFERO GENERAL PUBLIC LICENSE", "AGPL-3.0"),
+    ("GNU GENERAL PUBLIC LICENSE", "GPL"),
+)
+
+
 def licence(name: str, version: str) -> str:
     """The licence the wheel's dist-info declares: License-Expression, else License, else the
-    licence classifiers."""
+    licence classifiers, else the title of the licence file it ships (marked "from <file>")."""
     with zipfile.ZipFile(download(name, version)) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        names = z.namelist()
+        meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         msg = email.parser.Parser().parsestr(z.read(meta).decode("utf-8", "replace"), headersonly=True)
+        files = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1].upper().startswith("LICEN")]
+        texts = {f: z.read(f).decode("utf-8", "replace")[:2000] for f in files}
     if msg.get("License-Expression"):
         return str(msg["License-Expression"])
     lic = (msg.get("License") or "").strip()
     if lic and len(lic) < 60 and "\n" not in lic:
         return lic
     classes = [c.split("::")[-1].strip() for c in msg.get_all("Classifier") or [] if c.startswith("License ::")]
-    return ", ".join(classes) or "unknown"
+    if classes:
+        return ", ".join(classes)
+    for f, text in texts.items():
+        for title, spdx in LICENCE_TITLES:
+            if title.lower() in text.lower():
+                return f"{spdx} (from {f.rsplit('/', 1)[-1]})"
+    return "unknown"

@@ -519,10 +519,20 @@ class GradientEngine:
                 "exact rewrites for gradients: %s",
                 ", ".join(f"{k} ×{v}" for k, v in sorted(self.fwd.rewrites.items())),
             )
-        # weights the cut model holds (in any scope) that the working copy lost: only If inlining
-        # drops them (weights that do not feed the head are not in the cut model at all)
+        # weights the cut model holds (in any scope) that the working copy lost: If inlining drops
+        # those of untaken branches, and the dead code after it those of a taken branch that do not
+        # feed the head (an If whose other outputs are not the loss): only the former are unreached
         present_now, present_cut = set(self.fwd.weight_inputs), set(_tensor_shapes(self.norm))
-        self.unreached = tuple(w for w in self.weights if w in present_cut and w not in present_now)
+        lost = [w for w in self.weights if w in present_cut and w not in present_now]
+        self.unreached = tuple(lost)
+        if lost:
+            from .static import weights_reached
+
+            try:
+                taken, _ = weights_reached(model, self._example_feeds(self.m), lost)  # every output kept
+                self.unreached = tuple(w for w in lost if w not in set(taken))
+            except ChitaError as exc:  # keep the coarser answer
+                log.debug("could not tell untaken If branches from dead code (%s)", exc)
         if self.unreached:
             log.warning(
                 "%d weight(s) sit in If branches the calibration data does not take; their gradient columns "
@@ -1149,8 +1159,7 @@ def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch
 
     specs = {s.name: s for s in model_inputs(model)}
     feeds = {
-        k: to_model_layout(np.asarray(v), specs[k]) if k in specs else np.asarray(v)
-        for k, v in example[0].items()
+        k: to_model_layout(np.asarray(v), specs[k]) if k in specs else np.asarray(v) for k, v in example[0].items()
     }
     reached, guards = weights_reached(model, feeds, names)
     return reached, list(guards)

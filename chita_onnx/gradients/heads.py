@@ -32,14 +32,18 @@ from .prepare import _const, _infer_shapes, _Names, _shape_table
 COMBINED = "chita_outputs"
 
 
-def batch_axis_of(name: str, dims: Sequence[int | None] | None, batch: int) -> int:
+def batch_axis_of(name: str, dims: Sequence[int | None] | None, batch: int) -> int | None:
     """The axis of ``dims`` that holds the ``batch`` rows: 0 when it fits, else the only axis of that
-    size; :class:`ModelError` when none or several fit."""
+    size.  ``None`` for a batch of one that has no axis of size 1 (an export that squeezed the batch
+    axis away, e.g. a scalar score from torch's ``.squeeze()`` traced at batch 1).
+    :class:`ModelError` when none or several fit."""
     if dims is None or any(d is None for d in dims):
         raise ModelError(f"cannot infer the static shape of the loss input {name!r} (got {dims})")
     if dims and dims[0] == batch:
         return 0
     hits = [k for k, d in enumerate(dims) if d == batch]
+    if batch == 1 and not hits:
+        return None
     if len(hits) != 1:
         raise ModelError(
             f"the loss input {name!r} has shape {list(dims)}: expected the batch ({batch}) on axis 0; "
@@ -54,13 +58,20 @@ def batch_first(
     """Move ``tensor``'s batch axis to the front with a Transpose appended to ``model`` (in place).
 
     Returns ``(tensor, shape, perm)``; ``perm`` is the identity (and nothing is added) when the batch
-    already leads.  ``perm[k]`` is the original axis now at position ``k``.
+    already leads.  ``perm[k]`` is the original axis now at position ``k`` (``-1``: a new axis).  A
+    batch of one squeezed away by the export gets a new leading axis of size 1 (a Reshape).
     """
     axis = batch_axis_of(tensor, dims, batch)
+    names = _Names(model.graph)
+    if axis is None:
+        shape = (1, *(int(d) for d in dims))
+        out = names(f"{tensor}_batch_axis")
+        target = _const(model.graph, names, f"{tensor}_batch_shape", np.asarray(shape, np.int64))
+        model.graph.node.append(helper.make_node("Reshape", [tensor, target], [out], name=names("chita_batch_axis")))
+        return out, shape, (-1, *range(len(dims)))
     perm = (axis, *[k for k in range(len(dims)) if k != axis])
     if axis == 0:
         return tensor, tuple(int(d) for d in dims), perm
-    names = _Names(model.graph)
     out = names(f"{tensor}_batch_first")
     model.graph.node.append(
         helper.make_node("Transpose", [tensor], [out], perm=list(perm), name=names("chita_batch_first"))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -860,18 +860,30 @@ def differentiable_nodes(
     model: onnx.ModelProto, weights: Iterable[str], target: str
 ) -> list[tuple[int, onnx.NodeProto]]:
     """Nodes on a float path from any of ``weights`` to ``target`` (index in graph order, node)."""
-    g = model.graph
     table = _shape_table(model)
 
     def is_float(name: str) -> bool:
         return table.get(name, (TensorProto.FLOAT, None))[0] in _FLOAT_ELEM
 
+    nodes, ins, nodes_back, back = _backward_cone(model, target, is_float)
     fwd: set[str] = {w for w in weights}
-    nodes = list(g.node)  # keeps the node wrappers (and so their ids) alive
-    ins = {id(n): node_inputs(n) for n in nodes}
     for n in nodes:
         if any(i in fwd for i in ins[id(n)]):
             fwd.update(o for o in n.output if o and is_float(o))
+    out = []
+    for k, n in enumerate(nodes):
+        if id(n) in nodes_back and any(i in fwd for i in ins[id(n)]) and any(o in back for o in n.output):
+            out.append((k, n))
+    return out
+
+
+def _backward_cone(
+    model: onnx.ModelProto, target: str, is_float: Callable[[str], bool]
+) -> tuple[list[onnx.NodeProto], dict[int, list[str]], set[int], set[str]]:
+    """``(nodes, inputs by node id, ids of the nodes that reach target through float tensors, those
+    float tensors)``."""
+    nodes = list(model.graph.node)  # keeps the node wrappers (and so their ids) alive
+    ins = {id(n): node_inputs(n) for n in nodes}
     prod = {o: n for n in nodes for o in n.output if o}
     back: set[str] = {target}
     nodes_back: set[int] = set()
@@ -886,11 +898,7 @@ def differentiable_nodes(
             if i and i not in back and is_float(i):
                 back.add(i)
                 stack.append(i)
-    out = []
-    for k, n in enumerate(nodes):
-        if id(n) in nodes_back and any(i in fwd for i in ins[id(n)]) and any(o in back for o in n.output):
-            out.append((k, n))
-    return out
+    return nodes, ins, nodes_back, back
 
 
 def check_coverage(model: onnx.ModelProto, weights: Iterable[str], target: str) -> None:
@@ -907,12 +915,19 @@ def check_coverage(model: onnx.ModelProto, weights: Iterable[str], target: str) 
 
 
 def weights_on_path(model: onnx.ModelProto, weights: Sequence[str], target: str) -> list[str]:
-    """The subset of ``weights`` that reach ``target`` through float tensors."""
-    found: list[str] = []
-    for w in weights:
-        if differentiable_nodes(model, [w], target):
-            found.append(w)
-    return found
+    """The subset of ``weights`` that reach ``target`` through float tensors: those with a consumer
+    in the backward cone of ``target`` (the same answer as ``differentiable_nodes(model, [w],
+    target)`` being non-empty: a float path from a weight enters the cone at the weight's consumer),
+    in one pass over the graph instead of one per weight."""
+    table = _shape_table(model)
+
+    def is_float(name: str) -> bool:
+        return table.get(name, (TensorProto.FLOAT, None))[0] in _FLOAT_ELEM
+
+    nodes, ins, nodes_back, _ = _backward_cone(model, target, is_float)
+    wanted = set(weights)
+    reached = {i for n in nodes if id(n) in nodes_back for i in ins[id(n)] if i in wanted}
+    return [w for w in weights if w in reached]
 
 
 # ------------------------------------------------------------------------------------ the forward
@@ -1009,11 +1024,9 @@ def build_forward(
     shape = tuple(int(d) for d in dims if d is not None)
     if elem not in _FLOAT_ELEM:
         raise ModelError(f"the loss input {tensor!r} is not a floating-point tensor")
-    if not shape:
-        raise ModelError(f"the loss input {tensor!r} is a scalar: expected the batch ({batch}) on axis 0")
     if class_axis is not None and class_axis < 0:
         class_axis += len(shape)
-    if shape[0] != batch:
+    if shape[:1] != (batch,):  # also a scalar: a batch of one squeezed away (see batch_first)
         tensor, shape, perm = batch_first(m, tensor, shape, batch)
         class_axis = None if class_axis is None else perm.index(class_axis)
     axis = class_axis
