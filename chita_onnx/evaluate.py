@@ -51,9 +51,7 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
             converted = for_runtime(proto)
     if converted is not None:
         runtime.check_graph(converted, f"{where}: the copy converted for onnxruntime {ort.__version__}")
-    return runtime.session(
-        converted if converted is not None else model, what=where, threads=threads, check=False
-    )
+    return runtime.session(converted if converted is not None else model, what=where, threads=threads, check=False)
 
 
 def _chunks(batch: Batch, fixed: int | None, specs: Sequence[InputSpec]) -> Iterator[tuple[Batch, int]]:
@@ -89,6 +87,7 @@ def run_outputs(
     """Run ``session`` over every batch; return each named output with its samples on axis 0
     (``(N, ...)``, moved from the output's batch axis) and the labels ``(N,)``."""
     declared = {o.name: o.shape for o in session.get_outputs()}
+    names = list(dict.fromkeys(names))  # a graph may list one output twice: run and keep it once
     for name in names:
         if name not in declared:
             raise DataError(f"--output={name!r}: the model has outputs {list(declared)}")
@@ -297,6 +296,7 @@ def reference(
     names = [name]
     if all_outputs and output is None:
         names += [o.name for o in session.get_outputs() if o.name != name and o.type in _FLOAT_OUTPUTS]
+        names = list(dict.fromkeys(names))
     ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
     others = {n: ys[n] for n in names[1:]}
     return Reference(name, ys[name], labels, time.perf_counter() - t0, others)

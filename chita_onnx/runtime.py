@@ -79,8 +79,9 @@ def check_graph(model: onnx.ModelProto, what: str) -> None:
     ``what`` says what the graph is for (``"the gradient working copy"``, ``"a check of the rewrite of
     node 'up'"``); it starts the :class:`ModelError`'s message, followed by onnx's reason.
     """
-    from .validate import light_copy
+    from .validate import light_copy, refuse_crashing_attributes
 
+    refuse_crashing_attributes(model.graph, what)
     light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)

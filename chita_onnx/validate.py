@@ -345,6 +345,26 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return _light(model)
 
 
+#: Attribute values with which onnxruntime 1.19.2 kills the process (SIGFPE) instead of raising, on
+#: graphs that onnx's checker and shape inference accept: ``(op, attribute, the smallest valid value)``.
+_CRASHING_ATTRIBUTES = (("GroupNormalization", "num_groups", 1),)
+
+
+def refuse_crashing_attributes(graph: onnx.GraphProto, where: str) -> None:
+    """Refuse the attribute values of :data:`_CRASHING_ATTRIBUTES`, in every subgraph."""
+    for g in _graphs(graph):
+        for node in g.node:
+            for op, name, least in _CRASHING_ATTRIBUTES:
+                if node.op_type != op or node.domain not in ("", "ai.onnx"):
+                    continue
+                for a in node.attribute:
+                    if a.name == name and a.type == onnx.AttributeProto.INT and a.i < least:
+                        raise ModelError(
+                            f"{where}: node {node.name or node.output[0]!r} ({op}) has {name}={a.i}; it must be "
+                            f"at least {least}"
+                        )
+
+
 def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Sort the nodes (or name a cycle), run ``onnx.checker`` and strict shape inference.
 
@@ -367,6 +387,7 @@ def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ModelError(f"{where}: initializer names are not unique: {twice[:5]}")
     sort_graph(model.graph, where)
+    refuse_crashing_attributes(model.graph, where)
     light = _light(model)
     try:
         onnx.checker.check_model(light)

@@ -852,6 +852,21 @@ def rewritable_ops() -> frozenset[str]:
     return frozenset(RULES) | frozenset(_structural())
 
 
+def _apply_rule(rule: Rule, c: Ctx, nd: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """``rule(c, nd)``; a rule that trips over attributes or shapes out of their range (an axis past
+    the rank, a zero divisor, a list of the wrong length: a node onnx's checker lets through but
+    onnxruntime would refuse) refuses the node in one line instead of failing inside chita-onnx."""
+    try:
+        return rule(c, nd)
+    except (IndexError, ValueError, ZeroDivisionError, OverflowError, KeyError) as exc:
+        log.debug("rewrite of node %r failed", label(nd), exc_info=True)
+        attrs = ", ".join(f"{a.name}={helper.get_attribute_value(a)!r}"[:60] for a in nd.attribute) or "none"
+        raise UnsupportedOpError(
+            f"cannot differentiate op {nd.op_type} (node {label(nd)!r}): its attributes or input shapes are out "
+            f"of range for the exact rewrite (attributes: {attrs}; {type(exc).__name__}: {exc})"
+        ) from None
+
+
 def apply_rewrites(
     model: onnx.ModelProto,
     weights: Iterable[str],
@@ -875,7 +890,7 @@ def apply_rewrites(
         changed = 0
         for nd in g.node:
             rule = rule_for(nd) if any(o in path_out for o in nd.output) else None
-            repl = rule(c, nd) if rule is not None else None
+            repl = _apply_rule(rule, c, nd) if rule is not None else None
             if repl is None:
                 new.append(nd)
                 continue
