@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, numpy_helper
 
 from . import __version__
+from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
@@ -471,7 +472,7 @@ def prune(
         else:
             budget = structure.budget(level)
         if oracle is None:
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 result = _solve_stage(config, None, w, budget, None, structure, level)
         elif not oracle.fits():
             if structure is not None:
@@ -489,7 +490,7 @@ def prune(
             if config.first_order or config.rank != "magnitude":
                 log.warning("the block path ranks by magnitude and ignores --first-order and --rank")
             assert config.max_memory is not None
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 result = chita_blocked(
                     oracle.columns(w, timer),
                     w,
@@ -507,7 +508,7 @@ def prune(
             else:
                 with timer.phase("gradients"):
                     X = oracle.matrix(w)
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 alpha = oracle.alpha if config.first_order else None
                 result = _solve_stage(config, X, w, budget, alpha, structure, level)
             del X
