@@ -14,21 +14,28 @@ from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
 from .solver.nm import MAX_GROUP, NMPattern
 
-Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
-METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
-Update = Literal["auto", "none", "obs"]
+Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
+METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise")
+Update = Literal["auto", "none", "obs", "layerwise"]
 Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Rank = Literal["magnitude", "obd"]
+Allocation = Literal["uniform", "magnitude", "obd", "chita"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "magnitude", "obd", "chita")
+Targets = Literal["dense", "pruned"]
+Switch = Literal["auto", "on", "off"]
+Select = Literal["sparsegpt", "magnitude"]
 
 #: Default ridge λ of the quadratic model (the trust region around the trained weights).  Chosen by
 #: measurement on the MLPNet/MNIST sweep, see BENCHMARKS.md.
 DEFAULT_RIDGE = 1e-3
 #: Stages of CHITA++ when --stages is not given (the number of stages matters most for quality).
 DEFAULT_STAGES = 10
+#: Stages of --distill when --stages is not given (measured on the paper MLPNet, BENCHMARKS.md §6).
+DISTILL_STAGES = 30
 
 
 def default_max_memory() -> int:
@@ -71,6 +78,19 @@ class CompressConfig:
     workdir: str | None = None
     pattern: str = "unstructured"
     allow_empty: bool = False
+    fisher_rows: int = 0
+    distill: bool = False
+    # layer-wise reconstruction (--method layerwise, --update layerwise) and statistics correction
+    allocation: Allocation = "obd"
+    layer_floor: float = 0.2
+    damp: float = 0.01
+    max_rows: int = 64
+    targets: Targets = "dense"
+    refit: bool = True
+    bn_recalibrate: Switch = "auto"
+    bias_correction: Switch = "auto"
+    allocation_samples: int = 256
+    select: Select = "sparsegpt"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
@@ -80,13 +100,18 @@ class CompressConfig:
             raise bad("sparsity", self.sparsity, "must be in [0, 1)")
         choices: dict[str, tuple[str, ...]] = {
             "method": METHODS,
-            "update": ("auto", "none", "obs"),
+            "update": ("auto", "none", "obs", "layerwise"),
             "scope": ("global", "layer"),
             "storage": ("auto", "sparse", "dense"),
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
-            "fisher": ("auto", "empirical", "sampled", "argmax"),
+            "fisher": ("auto", "empirical", "sampled", "argmax", "kl"),
             "rank": ("magnitude", "obd"),
+            "allocation": ALLOCATIONS,
+            "targets": ("dense", "pruned"),
+            "bn_recalibrate": ("auto", "on", "off"),
+            "bias_correction": ("auto", "on", "off"),
+            "select": ("sparsegpt", "magnitude"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -99,6 +124,10 @@ class CompressConfig:
             )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
+        if self.distill and self.method not in ("chita", "chita++"):
+            raise bad("distill", self.distill, f"is a CHITA++ objective; --method={self.method} does not use it")
+        if self.distill:  # the high-sparsity switch: multi-stage CHITA on the KL to the dense model
+            object.__setattr__(self, "method", "chita++")
         if self.stages is not None and self.stages < 1:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
@@ -125,12 +154,36 @@ class CompressConfig:
         check_limits(self)
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
+        if not isinstance(self.fisher_rows, int) or not 0 <= self.fisher_rows <= 65536:
+            raise bad("fisher_rows", self.fisher_rows, "must be an integer in [0, 65536] (0: automatic)")
+        if self.distill and self.first_order:
+            raise bad("distill", self.distill, "replaces --first-order (the linear term is the KL's gradient)")
+        if self.distill and self.mini_batch != 1:
+            raise bad("distill", self.distill, f"needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if self.distill and self.fisher not in ("auto", "kl"):
+            raise bad("fisher", self.fisher, "--distill uses the KL's own curvature: --fisher kl (or auto)")
+        if self.distill:
+            object.__setattr__(self, "fisher", "kl")
+        if self.fisher == "kl" and self.mini_batch != 1:
+            raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise bad("layer_floor", self.layer_floor, "must be in [0, 1]")
+        if not (self.damp > 0.0 and self.damp < float("inf")):
+            raise bad("damp", self.damp, "must be a finite number > 0")
+        for name in ("max_rows", "allocation_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+                raise bad(name, value, "must be an integer in [0, 2147483647] (0: see --help)")
+        layerwise = self.method == "layerwise" or self.update == "layerwise"
+        if self.pattern.strip().lower() != "unstructured" and layerwise:
+            raise bad("pattern", self.pattern, "the layer-wise pass does not keep N:M patterns; use another --method")
         if self.update == "none" and self.method in ("chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.stages is None:
-            object.__setattr__(self, "stages", DEFAULT_STAGES if self.method == "chita++" else 1)
+            default = DISTILL_STAGES if self.distill else DEFAULT_STAGES
+            object.__setattr__(self, "stages", default if self.method == "chita++" else 1)
         if self.start_sparsity is None:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:
@@ -151,7 +204,14 @@ class CompressConfig:
     @property
     def needs_gradients(self) -> bool:
         """Whether the method uses the per-sample gradient matrix X."""
+        if self.method == "layerwise":
+            return self.allocation in ("obd", "chita")
         return not (self.method == "magnitude" and self.update != "obs")
+
+    @property
+    def layerwise_update(self) -> bool:
+        """Whether the kept weights are re-fitted layer by layer after the method's selection."""
+        return self.method == "layerwise" or self.update == "layerwise"
 
     def with_(self, **changes: Any) -> CompressConfig:
         """A validated copy with some fields changed."""

@@ -137,6 +137,8 @@ def format_report(r: Report) -> str:
     ]
     if r.pattern is not None:
         parts += ["", *format_pattern(r.pattern, r.output)]
+    if "statistics" in r.solver:
+        parts.insert(2, f"statistics correction: {r.solver['statistics']}")
     if len(r.stages) > 1:
         parts += [
             "",
