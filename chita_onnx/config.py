@@ -14,8 +14,10 @@ from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
 from .solver.nm import MAX_GROUP, NMPattern
 
-Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
-METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise")
+Method = Literal["auto", "chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
+#: ``auto`` (the default) is ``layerwise`` where the layer-wise pass can run on the model, else
+#: ``chita`` (see :func:`chita_onnx.pipeline.resolve_method` and the README's "Default recipe").
+METHODS: tuple[str, ...] = ("auto", "chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise")
 Update = Literal["auto", "none", "obs", "layerwise"]
 Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
@@ -52,7 +54,7 @@ class CompressConfig:
     """Validated settings of one run.  ``None`` fields are resolved to documented defaults."""
 
     sparsity: float = 0.7
-    method: Method = "chita"
+    method: Method = "auto"
     update: Update = "auto"
     scope: Scope = "global"
     keep: tuple[str, ...] = ()
@@ -124,7 +126,7 @@ class CompressConfig:
             )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
-        if self.distill and self.method not in ("chita", "chita++"):
+        if self.distill and self.method not in ("auto", "chita", "chita++"):
             raise bad("distill", self.distill, f"is a CHITA++ objective; --method={self.method} does not use it")
         if self.distill:  # the high-sparsity switch: multi-stage CHITA on the KL to the dense model
             object.__setattr__(self, "method", "chita++")
@@ -175,9 +177,9 @@ class CompressConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
                 raise bad(name, value, "must be an integer in [0, 2147483647] (0: see --help)")
         layerwise = self.method == "layerwise" or self.update == "layerwise"
-        if self.pattern.strip().lower() != "unstructured" and layerwise:
+        if self.pattern.strip().lower() != "unstructured" and layerwise:  # (auto then resolves to chita)
             raise bad("pattern", self.pattern, "the layer-wise pass does not keep N:M patterns; use another --method")
-        if self.update == "none" and self.method in ("chita", "chita++"):
+        if self.update == "none" and self.method in ("auto", "chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))

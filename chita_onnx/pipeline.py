@@ -718,6 +718,8 @@ def _prune_layerwise(
 
     with timer.phase("layerwise"), solver_threads():
         result = prune_layerwise(prep, config, w_bar, gradients)
+    if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
+        oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report
     w = np.asarray(result.w, dtype=np.float32)
     k = keep_count(config.sparsity, prep.layout.p)
     if int(np.count_nonzero(w)) > k:
@@ -728,6 +730,38 @@ def _prune_layerwise(
     else:
         stage = StageReport(1, config.sparsity, k, None, 1, True, None, None, seconds)
     return w, [stage], result
+
+
+def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConfig, str]:
+    """``--method auto`` (the default): the configuration to run and one line saying why.
+
+    The default recipe is layer-wise reconstruction (``layerwise``: OBD allocation of the global
+    budget, SparseGPT selection and an exact ridge re-fit per layer on its input Gram) wherever every
+    prunable weight is the weight of a Conv, Gemm or MatMul of the main graph; otherwise (weights of
+    LSTM/GRU nodes or inside subgraphs), and with options only CHITA has (``--pattern``,
+    ``--update``, ``--first-order``, ``--rank obd``), it is one-shot ``chita``.  The choice was made
+    on held-out selection data (README, "Default recipe"; BENCHMARKS.md).  Any other method is
+    returned unchanged with an empty reason.
+    """
+    if config.method != "auto":
+        return config, ""
+    from .activations import find_layers, working_copy
+
+    why = ""
+    if config.nm is not None:
+        why = f"--pattern {config.pattern} (the layer-wise pass does not keep N:M patterns)"
+    elif config.update != "auto":
+        why = f"--update {config.update} is given"
+    elif config.first_order or config.rank != "magnitude":
+        why = "--first-order/--rank obd are CHITA options"
+    else:
+        try:
+            find_layers(working_copy(prep.model), prep.layout.names)
+        except ChitaError as exc:
+            why = f"the layer-wise pass cannot handle every weight ({exc})"
+    if not why:
+        return config.with_(method="layerwise"), "method auto: layerwise (every prunable weight is a layer's weight)"
+    return config.with_(method="chita"), f"method auto: chita, because {why}"
 
 
 def _finite(x: float) -> float | None:
@@ -778,10 +812,14 @@ def _compress(
     in_path, out_path, staged = Path(model), plan.path("OUTPUT"), plan.staged("OUTPUT")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
+        requested = config
+        config, chosen = resolve_method(prep, config)
         planned = pattern_structure(prep, config)
         prep, decide = split_decision(prep, config)
     structure = None if planned is None else planned[1]
     warnings: list[str] = []
+    if chosen:
+        log.info("%s", chosen)
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
 
@@ -803,7 +841,18 @@ def _compress(
         )
 
     oracle = GradientOracle(prep, config) if config.needs_gradients else None
-    w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+    try:
+        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+    except Exception as exc:
+        if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, MemoryError):
+            raise
+        # the default recipe must not refuse a model CHITA can prune: fall back, and say so
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        log.warning("the layer-wise pass failed (%s): falling back to chita", why)
+        config = config.with_(method="chita")
+        chosen = f"method auto: chita, because the layer-wise pass failed ({why})"
+        oracle = GradientOracle(prep, config)
+        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     with timer.phase("statistics"):
         corrected, correction = correct_statistics(prep, config, w, decide, config.output)
     layout = prep.layout
@@ -878,6 +927,7 @@ def _compress(
             "converged": result.converged,
             **dict(result.info),
             "statistics": correction.describe(),
+            **({"method_choice": chosen} if chosen else {}),
         },
         warnings=tuple(warnings),
         pattern=pattern_info,

@@ -139,6 +139,8 @@ def format_report(r: Report) -> str:
         parts += ["", *format_pattern(r.pattern, r.output)]
     if "statistics" in r.solver:
         parts.insert(2, f"statistics correction: {r.solver['statistics']}")
+    if "method_choice" in r.solver:
+        parts.insert(2, str(r.solver["method_choice"]))
     if len(r.stages) > 1:
         parts += [
             "",

@@ -30,7 +30,16 @@ from .guard import guarded
 from .limits import data_budget
 from .paths import Output, plan_outputs
 from .peers import ONNXSIM_METHODS, PeerUnavailableError, onnxsim_python, run_onnxsim
-from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prepare, prune
+from .pipeline import (
+    GradientOracle,
+    PhaseTimer,
+    Prepared,
+    _model_with,
+    initial_weights,
+    prepare,
+    prune,
+    resolve_method,
+)
 from .progress import progress
 from .reconstruct import batches_of, correct_statistics, split_decision
 from .report import table
@@ -149,7 +158,8 @@ def sweep(
     layout = prep.layout
     w_bar = initial_weights(prep)
     ref = reference(prep.path, evaluation, prep.specs, base.output)
-    configs = [(m, s, _config_for(base, m, s)) for s in sparsities for m in methods]
+    # "auto" is resolved per model as compress resolves it (the sweep's row keeps the name "auto")
+    configs = [(m, s, resolve_method(prep, _config_for(base, m, s))[0]) for s in sparsities for m in methods]
     need_x = any(c.needs_gradients for m, _, c in configs if m not in ONNXSIM_METHODS)
     oracle = GradientOracle(prep, base) if need_x else None
     X0 = None

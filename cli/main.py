@@ -593,9 +593,10 @@ def gradients(
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
 @click.option(
     "--methods",
-    default="magnitude,wf,cbs,chita,chita++",
+    default="magnitude,wf,cbs,chita,chita++,layerwise",
     show_default=True,
-    help="Comma-separated methods (also magnitude+obs).",
+    help="Comma-separated methods: any --method (auto is the default recipe), magnitude+obs, <method>+layerwise "
+    "(that method's mask re-fitted layer by layer), onnxsim-sparsegpt|wanda|magnitude (the peer, in its own venv).",
 )
 @click.option("--sparsities", default="0.5,0.7,0.9", show_default=True, help="Comma-separated sparsities.")
 @click.option(

@@ -145,7 +145,8 @@ def test_oracle_scales_kl_rows_per_input_and_the_block_path_runs(tmp_path: Path)
     X = oracle.matrix(initial_weights(prep))
     assert oracle.reps == 5 and X.shape == (oracle.n * 5, 272)
     raw, _ = engine_rows(model, np.load(data)["x"][: oracle.n], fisher_rows=10)
-    np.testing.assert_allclose(X.astype(np.float64).T @ X, raw.T @ raw / oracle.n, rtol=1e-4, atol=1e-9)
+    want = raw.T @ raw / oracle.n  # float32 rows: entries far below the largest carry its rounding
+    np.testing.assert_allclose(X.astype(np.float64).T @ X, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     # the block path (X over --max-memory) gets its columns with the same rows per input
     report = compress(
         path, tmp_path / "out.onnx", data, CompressConfig(method="chita", sparsity=0.5, fisher="kl", max_memory=2**20)
