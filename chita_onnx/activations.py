@@ -30,6 +30,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from . import runtime
 from .data import to_model_layout
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import ModelError
@@ -279,16 +280,9 @@ def calibration_batches(
 # --------------------------------------------------------------------------------------- the runner
 
 
-def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = max(1, threads)
-    so.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"onnxruntime {ort.__version__} cannot run a segment of the model: {msg}") from None
+def _session(model: onnx.ModelProto, threads: int, what: str) -> ort.InferenceSession:
+    """A checked session for a segment graph (:func:`chita_onnx.runtime.session`)."""
+    return runtime.session(model, what=what, threads=max(1, threads))
 
 
 class SegmentRunner:
@@ -392,14 +386,16 @@ class SegmentRunner:
             m = helper.make_model(g, opset_imports=list(self.model.opset_import))
             m.ir_version = self.model.ir_version
             m.functions.extend(self.model.functions)
-            sess = _session(m, self.threads)
+            what = f"a segment of the model (nodes {self.position}..{stop - 1})"
+            sess = _session(m, self.threads, what)
             results: list[list[NDArray[np.generic]]] = [[] for _ in outputs]
             held = self.frontier_bytes()
             for b in range(self.num_batches):
                 feed = {n: self.state[n][b] for n in inputs}
-                for k, r in enumerate(sess.run(outputs, feed)):
-                    held += int(np.asarray(r).nbytes)
-                    results[k].append(self._keep(r) if self.max_bytes is not None and held > self.max_bytes else r)
+                for k, value in enumerate(runtime.run(sess, outputs, feed, what=what)):
+                    held += int(value.nbytes)
+                    spill = self.max_bytes is not None and held > self.max_bytes
+                    results[k].append(self._keep(value) if spill else value)
             for o, r in zip(outputs, results, strict=True):
                 self.state[o] = r
         self.position = stop
@@ -430,8 +426,8 @@ class SegmentRunner:
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
         arr = self.state[name][0]
         elem = helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype)
-        vi = helper.make_tensor_value_info(name, elem, None)
-        return vi
+        # rank known, dims left open (the batches differ in size): onnx.checker wants a shape
+        return helper.make_tensor_value_info(name, elem, [None] * np.ndim(arr))
 
     def run_to_end(self) -> dict[str, list[NDArray[np.generic]]]:
         """Finish the pass; the graph outputs per batch."""

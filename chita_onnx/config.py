@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
-from .solver.nm import NMPattern
+from .solver.nm import MAX_GROUP, NMPattern
 
 Method = Literal["auto", "chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
 #: ``auto`` (the default) is ``layerwise`` where the layer-wise pass can run on the model, else
@@ -195,7 +195,7 @@ class CompressConfig:
         try:
             return NMPattern.parse(str(self.pattern))
         except SolverError:
-            msg = "must be unstructured or N:M with 0 < N < M, e.g. 2:4"
+            msg = f"must be unstructured or N:M with 0 < N < M ≤ {MAX_GROUP}, e.g. 2:4"
             raise ConfigError(f"--pattern={self.pattern!r}: {msg}") from None
 
     @property

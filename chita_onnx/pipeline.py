@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, numpy_helper
 
 from . import __version__
+from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
@@ -580,7 +581,7 @@ def prune(
         if oracle is not None and not (X0 is not None and t == 1):
             oracle.plan_rows(budget.k)
         if oracle is None:
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 result = _solve_stage(config, None, w, budget, None, structure, level)
         elif not oracle.fits():
             if structure is not None:
@@ -598,7 +599,7 @@ def prune(
             if config.first_order or config.rank != "magnitude" or config.distill:
                 log.warning("the block path ranks by magnitude and ignores --first-order, --rank and --distill")
             assert config.max_memory is not None
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 result = chita_blocked(
                     oracle.columns(w, timer),
                     w,
@@ -624,7 +625,7 @@ def prune(
             # --distill: the next stage re-linearises and searches again, so only the last stage
             # runs the exchange search to convergence (BENCHMARKS.md §6)
             rounds = DISTILL_ROUNDS if config.distill and t < len(levels) else None
-            with timer.phase("solve"):
+            with timer.phase("solve"), solver_threads():
                 result = _solve_stage(config, X, w, budget, alpha, structure, level, offset, rounds)
             del X
         if not result.converged:
@@ -655,7 +656,7 @@ def prune(
     if config.update == "layerwise":
         from .reconstruct import refit_layerwise
 
-        with timer.phase("layerwise"):
+        with timer.phase("layerwise"), solver_threads():
             w, extra = refit_layerwise(prep, config, w)
         result = dataclasses.replace(result, w=w, info={**result.info, **extra})
     return w, stages, result
@@ -715,7 +716,7 @@ def _prune_layerwise(
         with timer.phase("gradients"):
             return grad_oracle.matrix(w_bar)
 
-    with timer.phase("layerwise"):
+    with timer.phase("layerwise"), solver_threads():
         result = prune_layerwise(prep, config, w_bar, gradients)
     if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
         oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report

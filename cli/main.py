@@ -451,6 +451,9 @@ def inspect(
 
     if check and pattern is not None:
         raise ConfigError("--check and --pattern: choose one")
+    for flag, value in (("--data", data), ("--output", output)):
+        if value is not None and not check:
+            raise ConfigError(f"{flag}={value!r} is only used with --check")
     if check:
         _inspect_check(model, data, output, as_json)
         return
@@ -477,14 +480,14 @@ def inspect(
 def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
     from chita_onnx.patterns import check_pattern, pattern_summary
     from chita_onnx.report import format_pattern
-    from chita_onnx.solver.nm import NMPattern
+    from chita_onnx.solver.nm import MAX_GROUP, NMPattern
 
     try:
         nm = NMPattern.parse(pattern)
     except ChitaError:
         nm = None
     if nm is None:
-        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M, e.g. 2:4")
+        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M ≤ {MAX_GROUP}, e.g. 2:4")
     info = pattern_summary(check_pattern(model, nm), nm)
     if as_json:
         click.echo(json.dumps({"model": model, **info}, indent=2))

@@ -422,14 +422,10 @@ def _binary_targets(
 @contextlib.contextmanager
 def _blas_threads(n: int) -> Iterator[None]:
     """Limit NumPy's BLAS to ``n`` threads while the batched path runs (busy-waiting BLAS threads
-    competing with onnxruntime made the im2col GEMMs many times slower).  Best effort: needs the
-    optional ``threadpoolctl`` (installed with scikit-learn); ``OPENBLAS_NUM_THREADS=1`` works too."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=n, user_api="blas"):
+    competing with onnxruntime made the im2col GEMMs many times slower)."""
+    from ..blas import limit_blas_threads
+
+    with limit_blas_threads(n):
         yield
 
 
@@ -564,6 +560,8 @@ class GradientEngine:
             kind, head_tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
         self.kind: HeadKind = kind
         self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
+        if kind == "regression" and loss != "mse" and self.has_labels:
+            log.warning("the calibration labels are not used: %s, so the loss is Gauss-Newton (%s)", why, kind)
         self._head_args: tuple[HeadKind, str | tuple[str, ...], int | None] = (kind, head_tensor, axis)
 
         # the one-sample path
@@ -614,7 +612,7 @@ class GradientEngine:
             gm = build_gradient_model(lm, self.on_path, lname)
             self.timings["build"] = time.perf_counter() - tb
             ts = time.perf_counter()
-            self._single = Runner(gm, self.values, self.threads)
+            self._single = Runner(gm, self.values, self.threads, check=False)
             self.timings["session"] = time.perf_counter() - ts
         self._predictor: Runner | None = None
         self._pred_buf: NDArray[Any] | None = None
