@@ -3,10 +3,9 @@
 OpenBLAS starts one thread per CPU it sees and its threads spin while they wait.  When the cores
 are busy with other work (other processes, onnxruntime's own threads) those spinning threads fight
 for the same cores, and the solvers' matrix-vector products and factorizations get many times
-slower: on a loaded 2-core machine, NumPy/SciPy solver calls ran 40-90x slower with OpenBLAS's
-default threading than with ``OPENBLAS_NUM_THREADS=1`` (and ``X.T @ (X @ w)`` on a 1000 x 20000
-matrix 1.4-2.1x, a 1500 x 1500 Cholesky 2-10x slower with 2 threads than with 1, measured on the
-team's 2-core machine while the fuzz suite ran).
+slower: ``X.T @ (X @ w)`` on a 1000 x 20000 matrix ran 1.4-2.1x and a 1500 x 1500 Cholesky
+2.3-10x slower with 2 threads than with 1, measured on the team's 2-core machine while the fuzz
+suite ran.
 
 The policy (:func:`solver_threads`):
 
@@ -17,7 +16,7 @@ The policy (:func:`solver_threads`):
   units and do not speed up BLAS), minus the cores other work keeps busy (the 1-minute load
   average, less the one core this process uses itself), and at least 1.  The load average is
   system-wide: in a container on a busy host it gives 1 thread, the safe side (one thread is never
-  more than the core count slower; spinning threads on busy cores were 40-90x slower).
+  more than the core count slower; spinning threads on busy cores were up to 10x slower).
 
 The limit is applied with ``threadpoolctl`` for the duration of a ``with`` block and the previous
 limits are restored afterwards.  This module has no other dependency (the solver may use it).
