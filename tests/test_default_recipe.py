@@ -67,6 +67,7 @@ def test_default_is_layerwise_on_a_cnn_and_keeps_the_budget(tmp_path: Path) -> N
     report = chita_onnx.compress(CNN, out, CALIB, CompressConfig(sparsity=0.7), eval_data=TEST)
     assert report.method == "layerwise"
     assert str(report.solver["method_choice"]).startswith("method auto: layerwise")
+    assert report.config["bias_correction"] == report.config["bn_recalibrate"] == "off"  # see resolve_method
     nnz, p = _nnz(out)
     assert nnz <= keep_count(0.7, p)
     assert report.evaluation is not None and report.evaluation.pruned_accuracy is not None
@@ -92,6 +93,8 @@ def test_default_falls_back_to_chita_when_a_weight_is_not_a_layer_weight(tmp_pat
 def test_options_only_chita_has_resolve_auto_to_chita() -> None:
     prep = prepare(CNN, CALIB, CompressConfig(), TEST)
     assert resolve_method(prep, CompressConfig())[0].method == "layerwise"
+    forced = resolve_method(prep, CompressConfig(bias_correction="on"))[0]
+    assert (forced.bias_correction, forced.bn_recalibrate) == ("on", "off")
     for cfg in (CompressConfig(pattern="2:4"), CompressConfig(update="obs"), CompressConfig(first_order=True)):
         resolved, why = resolve_method(prep, cfg)
         assert resolved.method == "chita" and why.startswith("method auto: chita")
