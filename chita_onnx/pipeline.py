@@ -30,7 +30,7 @@ from onnx import TensorProto, numpy_helper
 from . import __version__
 from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
-from .config import CompressConfig
+from .config import DEFAULT_STAGES, CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
@@ -737,11 +737,12 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
 
     The default recipe is layer-wise reconstruction (``layerwise``: OBD allocation of the global
     budget, SparseGPT selection and an exact ridge re-fit per layer on its input Gram) wherever every
-    prunable weight is the weight of a Conv, Gemm or MatMul of the main graph; otherwise (weights of
-    LSTM/GRU nodes or inside subgraphs), and with options only CHITA has (``--pattern``,
-    ``--update``, ``--first-order``, ``--rank obd``), it is one-shot ``chita``.  The choice was made
-    on held-out selection data (README, "Default recipe"; BENCHMARKS.md).  Any other method is
-    returned unchanged with an empty reason.
+    prunable weight is the weight of a Conv, Gemm or MatMul of the main graph, chosen on held-out
+    selection data (README, "Default recipe"; BENCHMARKS.md §7).  Otherwise (weights of LSTM/GRU
+    nodes or inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
+    ``--rank obd``), it is one-shot ``chita``.  With ``--pattern N:M`` it is ``chita++`` (10
+    stages), the best N:M method on every model of the N:M benchmark.  Any other method is returned
+    unchanged with an empty reason.
     """
     if config.method != "auto":
         return config, ""
@@ -749,8 +750,13 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
 
     why = ""
     if config.nm is not None:
-        why = f"--pattern {config.pattern} (the layer-wise pass does not keep N:M patterns)"
-    elif config.update != "auto":
+        # N:M: multi-stage CHITA++ was the best 2:4 method on every model measured (BENCHMARKS.md, N:M
+        # section: +0.1 to +51 points over one-shot CHITA); the layer-wise pass does not keep patterns
+        return (
+            config.with_(method="chita++", stages=DEFAULT_STAGES),
+            f"method auto: chita++ with {DEFAULT_STAGES} stages, the best method for --pattern {config.pattern}",
+        )
+    if config.update != "auto":
         why = f"--update {config.update} is given"
     elif config.first_order or config.rank != "magnitude":
         why = "--first-order/--rank obd are CHITA options"

@@ -95,9 +95,11 @@ def test_options_only_chita_has_resolve_auto_to_chita() -> None:
     assert resolve_method(prep, CompressConfig())[0].method == "layerwise"
     forced = resolve_method(prep, CompressConfig(bias_correction="on"))[0]
     assert (forced.bias_correction, forced.bn_recalibrate) == ("on", "off")
-    for cfg in (CompressConfig(pattern="2:4"), CompressConfig(update="obs"), CompressConfig(first_order=True)):
+    for cfg in (CompressConfig(update="obs"), CompressConfig(first_order=True)):
         resolved, why = resolve_method(prep, cfg)
         assert resolved.method == "chita" and why.startswith("method auto: chita")
+    nm, why = resolve_method(prep, CompressConfig(pattern="2:4"))
+    assert (nm.method, nm.stages, nm.pattern) == ("chita++", 10, "2:4") and "chita++" in why
     named = CompressConfig(method="magnitude")
     assert resolve_method(prep, named) == (named, "")
 
