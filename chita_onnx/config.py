@@ -12,17 +12,24 @@ from typing import Any, Literal
 
 from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
-from .solver.nm import NMPattern
+from .solver.nm import MAX_GROUP, NMPattern
 
-Method = Literal["chita", "chita++", "magnitude", "wf", "cbs", "cbs-s"]
-METHODS: tuple[str, ...] = ("chita", "chita++", "magnitude", "wf", "cbs", "cbs-s")
-Update = Literal["auto", "none", "obs"]
+Method = Literal["auto", "chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise"]
+#: ``auto`` (the default) is ``layerwise`` where the layer-wise pass can run on the model, else
+#: ``chita`` (see :func:`chita_onnx.pipeline.resolve_method` and the README's "Default recipe").
+METHODS: tuple[str, ...] = ("auto", "chita", "chita++", "magnitude", "wf", "cbs", "cbs-s", "layerwise")
+Update = Literal["auto", "none", "obs", "layerwise"]
 Scope = Literal["global", "layer"]
 Storage = Literal["auto", "sparse", "dense"]
 Schedule = Literal["poly", "exp", "linear", "const", "geom"]
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Rank = Literal["magnitude", "obd"]
+Allocation = Literal["uniform", "magnitude", "obd", "chita"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "magnitude", "obd", "chita")
+Targets = Literal["dense", "pruned"]
+Switch = Literal["auto", "on", "off"]
+Select = Literal["sparsegpt", "magnitude"]
 Structure = Literal["none", "channel"]
 SparsityOf = Literal["channels", "flops"]
 
@@ -31,6 +38,8 @@ SparsityOf = Literal["channels", "flops"]
 DEFAULT_RIDGE = 1e-3
 #: Stages of CHITA++ when --stages is not given (the number of stages matters most for quality).
 DEFAULT_STAGES = 10
+#: Stages of --distill when --stages is not given (measured on the paper MLPNet, BENCHMARKS.md §6).
+DISTILL_STAGES = 30
 
 
 def default_max_memory() -> int:
@@ -47,7 +56,7 @@ class CompressConfig:
     """Validated settings of one run.  ``None`` fields are resolved to documented defaults."""
 
     sparsity: float = 0.7
-    method: Method = "chita"
+    method: Method = "auto"
     update: Update = "auto"
     scope: Scope = "global"
     keep: tuple[str, ...] = ()
@@ -73,6 +82,19 @@ class CompressConfig:
     workdir: str | None = None
     pattern: str = "unstructured"
     allow_empty: bool = False
+    fisher_rows: int = 0
+    distill: bool = False
+    # layer-wise reconstruction (--method layerwise, --update layerwise) and statistics correction
+    allocation: Allocation = "obd"
+    layer_floor: float = 0.2
+    damp: float = 0.01
+    max_rows: int = 64
+    targets: Targets = "dense"
+    refit: bool = True
+    bn_recalibrate: Switch = "auto"
+    bias_correction: Switch = "auto"
+    allocation_samples: int = 256
+    select: Select = "sparsegpt"
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
     channel_multiple: int = 0
@@ -87,13 +109,18 @@ class CompressConfig:
             raise bad("sparsity", self.sparsity, "must be in [0, 1)")
         choices: dict[str, tuple[str, ...]] = {
             "method": METHODS,
-            "update": ("auto", "none", "obs"),
+            "update": ("auto", "none", "obs", "layerwise"),
             "scope": ("global", "layer"),
             "storage": ("auto", "sparse", "dense"),
             "schedule": ("poly", "exp", "linear", "const", "geom"),
             "loss": ("auto", "ce", "mse"),
-            "fisher": ("auto", "empirical", "sampled", "argmax"),
+            "fisher": ("auto", "empirical", "sampled", "argmax", "kl"),
             "rank": ("magnitude", "obd"),
+            "allocation": ALLOCATIONS,
+            "targets": ("dense", "pruned"),
+            "bn_recalibrate": ("auto", "on", "off"),
+            "bias_correction": ("auto", "on", "off"),
+            "select": ("sparsegpt", "magnitude"),
             "structure": ("none", "channel"),
             "sparsity_of": ("channels", "flops"),
         }
@@ -108,6 +135,10 @@ class CompressConfig:
             )
         if not (self.ridge >= 0.0 and self.ridge < float("inf")):
             raise bad("ridge", self.ridge, "must be a finite number ≥ 0")
+        if self.distill and self.method not in ("auto", "chita", "chita++"):
+            raise bad("distill", self.distill, f"is a CHITA++ objective; --method={self.method} does not use it")
+        if self.distill:  # the high-sparsity switch: multi-stage CHITA on the KL to the dense model
+            object.__setattr__(self, "method", "chita++")
         if self.stages is not None and self.stages < 1:
             raise bad("stages", self.stages, "must be ≥ 1")
         if self.stages is not None and self.stages > 1 and self.method != "chita++":
@@ -134,8 +165,33 @@ class CompressConfig:
         check_limits(self)
         if not 0.0 < self.holdout < 1.0:
             raise bad("holdout", self.holdout, "must be in (0, 1)")
-        if self.update == "none" and self.method in ("chita", "chita++"):
+        if not isinstance(self.fisher_rows, int) or not 0 <= self.fisher_rows <= 65536:
+            raise bad("fisher_rows", self.fisher_rows, "must be an integer in [0, 65536] (0: automatic)")
+        if self.distill and self.first_order:
+            raise bad("distill", self.distill, "replaces --first-order (the linear term is the KL's gradient)")
+        if self.distill and self.mini_batch != 1:
+            raise bad("distill", self.distill, f"needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if self.distill and self.fisher not in ("auto", "kl"):
+            raise bad("fisher", self.fisher, "--distill uses the KL's own curvature: --fisher kl (or auto)")
+        if self.distill:
+            object.__setattr__(self, "fisher", "kl")
+        if self.fisher == "kl" and self.mini_batch != 1:
+            raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise bad("layer_floor", self.layer_floor, "must be in [0, 1]")
+        if not (self.damp > 0.0 and self.damp < float("inf")):
+            raise bad("damp", self.damp, "must be a finite number > 0")
+        for name in ("max_rows", "allocation_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+                raise bad(name, value, "must be an integer in [0, 2147483647] (0: see --help)")
+        layerwise = self.method == "layerwise" or self.update == "layerwise"
+        if self.pattern.strip().lower() != "unstructured" and layerwise:  # (auto then resolves to chita)
+            raise bad("pattern", self.pattern, "the layer-wise pass does not keep N:M patterns; use another --method")
+        if self.update == "none" and self.method in ("auto", "chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
+        if self.structure == "channel" and self.method == "auto":  # channel pruning's own default selection
+            object.__setattr__(self, "method", "chita")
         if self.structure == "channel" and self.method not in ("chita", "magnitude"):
             raise bad("method", self.method, "channel pruning (--structure channel) supports chita and magnitude")
         if self.structure == "channel" and nm is not None:
@@ -150,7 +206,8 @@ class CompressConfig:
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.stages is None:
-            object.__setattr__(self, "stages", DEFAULT_STAGES if self.method == "chita++" else 1)
+            default = DISTILL_STAGES if self.distill else DEFAULT_STAGES
+            object.__setattr__(self, "stages", default if self.method == "chita++" else 1)
         if self.start_sparsity is None:
             object.__setattr__(self, "start_sparsity", min(0.5, self.sparsity))
         if self.max_memory is None:
@@ -160,7 +217,7 @@ class CompressConfig:
         try:
             return NMPattern.parse(str(self.pattern))
         except SolverError:
-            msg = "must be unstructured or N:M with 0 < N < M, e.g. 2:4"
+            msg = f"must be unstructured or N:M with 0 < N < M ≤ {MAX_GROUP}, e.g. 2:4"
             raise ConfigError(f"--pattern={self.pattern!r}: {msg}") from None
 
     @property
@@ -171,7 +228,14 @@ class CompressConfig:
     @property
     def needs_gradients(self) -> bool:
         """Whether the method uses the per-sample gradient matrix X."""
+        if self.method == "layerwise":
+            return self.allocation in ("obd", "chita")
         return not (self.method == "magnitude" and self.update != "obs")
+
+    @property
+    def layerwise_update(self) -> bool:
+        """Whether the kept weights are re-fitted layer by layer after the method's selection."""
+        return self.method == "layerwise" or self.update == "layerwise"
 
     def with_(self, **changes: Any) -> CompressConfig:
         """A validated copy with some fields changed."""

@@ -16,10 +16,11 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from . import runtime
 from .batching import output_batch_axis
 from .data import batch_size, feed, static_names
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import DataError, ModelError, first_line
+from .errors import DataError, ModelError
 from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 
@@ -27,7 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session; load failures become a one-line :class:`ModelError`."""
+    """An onnxruntime CPU session; load failures become a one-line :class:`ModelError`.
+
+    A model newer than onnxruntime reads is converted down first, and the converted graph is
+    checked like every graph chita-onnx makes (:func:`chita_onnx.runtime.check_graph`)."""
+    where = "model" if isinstance(model, bytes) else str(model)
+    converted: onnx.ModelProto | None = None
     if not isinstance(model, bytes):
         head = onnx.load(str(model), load_external_data=False)
         if head.ir_version > RUNTIME_MAX_IR or opset_version(head) > RUNTIME_MAX_OPSET:
@@ -38,23 +44,14 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
                 opset_version(head),
                 ort.__version__,
             )
-            model = for_runtime(load_model(model)).SerializeToString()
+            converted = for_runtime(load_model(model))
     else:
         proto = onnx.load_model_from_string(model)
         if proto.ir_version > RUNTIME_MAX_IR or opset_version(proto) > RUNTIME_MAX_OPSET:
-            model = for_runtime(proto).SerializeToString()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(
-            model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:
-        where = "model" if isinstance(model, bytes) else str(model)
-        msg = first_line(exc)
-        raise ModelError(f"{where}: onnxruntime {ort.__version__} cannot load it: {msg}") from None
+            converted = for_runtime(proto)
+    if converted is not None:
+        runtime.check_graph(converted, f"{where}: the copy converted for onnxruntime {ort.__version__}")
+    return runtime.session(converted if converted is not None else model, what=where, threads=threads, check=False)
 
 
 def _chunks(batch: Batch, fixed: int | None, specs: Sequence[InputSpec]) -> Iterator[tuple[Batch, int]]:
@@ -90,6 +87,7 @@ def run_outputs(
     """Run ``session`` over every batch; return each named output with its samples on axis 0
     (``(N, ...)``, moved from the output's batch axis) and the labels ``(N,)``."""
     declared = {o.name: o.shape for o in session.get_outputs()}
+    names = list(dict.fromkeys(names))  # a graph may list one output twice: run and keep it once
     for name in names:
         if name not in declared:
             raise DataError(f"--output={name!r}: the model has outputs {list(declared)}")
@@ -128,10 +126,10 @@ def _run_all(
         for piece, real in _chunks(batch, fixed, specs):
             fed = batch_size(piece, specs)
             try:
-                ys = session.run(list(names), feed(piece, specs))
-            except Exception as exc:  # onnxruntime's own exception types
+                ys = runtime.run(session, names, feed(piece, specs), what=f"onnxruntime running the model ({desc})")
+            except ModelError as exc:  # onnxruntime failed (a timeout or a signal is not a ModelError)
                 if fed > 1 and static_names(specs) and not outs[names[0]]:
-                    raise _BatchRefusedError(fed, first_line(exc)) from None
+                    raise _BatchRefusedError(fed, str(exc)) from None
                 raise
             for name, y in zip(names, ys, strict=True):
                 arr = np.asarray(y)
@@ -298,6 +296,7 @@ def reference(
     names = [name]
     if all_outputs and output is None:
         names += [o.name for o in session.get_outputs() if o.name != name and o.type in _FLOAT_OUTPUTS]
+        names = list(dict.fromkeys(names))
     ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
     others = {n: ys[n] for n in names[1:]}
     return Reference(name, ys[name], labels, time.perf_counter() - t0, others)

@@ -138,6 +138,10 @@ def format_report(r: Report) -> str:
     ]
     if r.pattern is not None:
         parts += ["", *format_pattern(r.pattern, r.output)]
+    if "statistics" in r.solver:
+        parts.insert(2, f"statistics correction: {r.solver['statistics']}")
+    if "method_choice" in r.solver:
+        parts.insert(2, str(r.solver["method_choice"]))
     if r.structured is not None:  # channel pruning: groups, parameters, FLOPs and latency instead
         from .structured.report import channel_summary
 

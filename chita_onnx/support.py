@@ -282,10 +282,12 @@ def check_model_support(
     )
     if data is None or refusals:
         return report
-    from .data import open_source
+    from .data import open_source, validate_source
     from .gradients import GradientEngine
 
-    source = open_source(data, model_inputs(m), batch_size=batch_size)
+    specs = model_inputs(m)
+    source = open_source(data, specs, batch_size=batch_size)
+    validate_source(source, specs)  # as compress does: shapes, dtypes, NaN/Inf, labels are integers
     example = next(iter(source), None)
     if example is None:
         from .errors import DataError

@@ -29,8 +29,19 @@ from .evaluate import compare_to, reference, top1
 from .guard import guarded
 from .limits import data_budget
 from .paths import Output, plan_outputs
-from .pipeline import GradientOracle, PhaseTimer, Prepared, _model_with, initial_weights, prepare, prune
+from .peers import ONNXSIM_METHODS, PeerUnavailableError, onnxsim_python, run_onnxsim
+from .pipeline import (
+    GradientOracle,
+    PhaseTimer,
+    Prepared,
+    _model_with,
+    initial_weights,
+    prepare,
+    prune,
+    resolve_method,
+)
 from .progress import progress
+from .reconstruct import batches_of, correct_statistics, split_decision
 from .report import table
 from .solver import objective
 from .solver.budgets import keep_count
@@ -54,6 +65,9 @@ class SweepRow:
     solve_s: float
     evaluate_s: float
     converged: bool
+    statistics: str = ""
+    statistics_s: float = 0.0
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class SweepResult:
     shared_gradient_s: float
     rows: tuple[SweepRow, ...]
     config: dict[str, object]
+    #: rows of X (``n`` samples times the rows per sample of ``--fisher kl``)
+    x_rows: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -83,13 +99,22 @@ class SweepResult:
         return buf.getvalue()
 
 
+def _known(method: str) -> bool:
+    if method in METHODS or method == "magnitude+obs" or method in ONNXSIM_METHODS:
+        return True
+    head, _, tail = method.rpartition("+")
+    return tail == "layerwise" and head in METHODS
+
+
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Method names: every ``--method``, ``magnitude+obs``, ``<method>+layerwise`` (that method's mask
+    re-fitted layer by layer), and the onnxsim peers ``onnxsim-sparsegpt|wanda|magnitude``."""
     items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    bad = [m for m in items if m not in METHODS and m != "magnitude+obs"]
+    bad = [m for m in items if not _known(m)]
     if bad or not items:
         raise ConfigError(
             f"--methods={','.join(items)}: unknown method {bad[0] if bad else ''!r}; "
-            f"choose from {', '.join((*METHODS, 'magnitude+obs'))}"
+            f"choose from {', '.join((*METHODS, 'magnitude+obs', '<method>+layerwise', *ONNXSIM_METHODS))}"
         )
     return tuple(dict.fromkeys(items))
 
@@ -106,8 +131,14 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
 
 
 def _config_for(base: CompressConfig, method: str, sparsity: float) -> CompressConfig:
+    base = base if method == "chita++" or not base.distill else base.with_(distill=False, stages=None)
     if method == "magnitude+obs":
-        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None)
+        return base.with_(method="magnitude", update="obs", sparsity=sparsity, stages=None, start_sparsity=None)
+    if method in ONNXSIM_METHODS:
+        return base.with_(method="magnitude", update="auto", sparsity=sparsity, stages=None, start_sparsity=None)
+    head, _, tail = method.rpartition("+")
+    if tail == "layerwise" and head in METHODS:
+        return _config_for(base, head, sparsity).with_(update="layerwise")
     stages = base.stages if method == "chita++" and base.stages and base.stages > 1 else None
     start = min(0.5 if base.start_sparsity is None else base.start_sparsity, sparsity) if method == "chita++" else None
     return base.with_(method=method, sparsity=sparsity, stages=stages, start_sparsity=start)
@@ -121,29 +152,59 @@ def sweep(
         raise ConfigError("sweep needs evaluation data: pass --eval-data or keep --holdout > 0")
     if base.nm is not None:
         raise ConfigError(f"--pattern={base.pattern}: sweep compares sparsities; use compress --pattern instead")
+    prep, decide = split_decision(prep, base)
+    evaluation = prep.eval
+    assert evaluation is not None
     layout = prep.layout
     w_bar = initial_weights(prep)
-    ref = reference(prep.path, prep.eval, prep.specs, base.output)
-    configs = [(m, s, _config_for(base, m, s)) for s in sparsities for m in methods]
-    need_x = any(c.needs_gradients for _, _, c in configs)
+    ref = reference(prep.path, evaluation, prep.specs, base.output)
+    # "auto" is resolved per model as compress resolves it (the sweep's row keeps the name "auto")
+    configs = [(m, s, resolve_method(prep, _config_for(base, m, s))[0]) for s in sparsities for m in methods]
+    need_x = any(c.needs_gradients for m, _, c in configs if m not in ONNXSIM_METHODS)
     oracle = GradientOracle(prep, base) if need_x else None
     X0 = None
     t_shared = 0.0
     if oracle is not None:
         if not oracle.fits():
-            raise ConfigError(f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.n} x {layout.p}) in memory")
+            raise ConfigError(
+                f"--max-memory={base.max_memory}: the sweep keeps X ({oracle.rows} x {layout.p}) in memory"
+            )
+        # one X for every sparsity: --fisher kl rows per input that suit the largest k
+        oracle.plan_rows(max(keep_count(s, layout.p) for s in sparsities))
         t0 = time.perf_counter()
         X0 = oracle.matrix(w_bar)
         t_shared = time.perf_counter() - t0
     rows: list[SweepRow] = []
+    peer_batches = None
     for method, sparsity, cfg in progress(configs, total=len(configs), desc="sweep", unit="run"):
         timer = PhaseTimer()
-        w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+        note = ""
+        if method in ONNXSIM_METHODS:
+            if onnxsim_python() is None:
+                log.warning("%s skipped: no onnxsim environment", method)
+                continue
+            if peer_batches is None:
+                peer_batches = batches_of(prep, base)
+            try:
+                values, peer_s, version = run_onnxsim(method, prep.model, layout.names, peer_batches, sparsity)
+            except PeerUnavailableError as exc:
+                log.warning("%s", exc)
+                continue
+            w = layout.flatten(values, dtype=np.float32)
+            timer.seconds["solve"] = peer_s
+            converged, note = True, f"onnxsim {version}, uniform per-layer sparsity"
+        else:
+            w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+            converged = result.converged
+        with timer.phase("statistics"):
+            corrected, correction = correct_statistics(prep, cfg, w, decide, cfg.output)
         t0 = time.perf_counter()
-        cmp = compare_to(ref, _model_with(prep, w).SerializeToString(), prep.eval, prep.specs)
+        model = _model_with(prep, w) if corrected is None else corrected
+        cmp = compare_to(ref, model.SerializeToString(), evaluation, prep.specs)
         t_eval = time.perf_counter() - t0
         obj = objective(X0, w, w_bar, cfg.ridge) if X0 is not None else None
-        grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if cfg.needs_gradients else 0.0)
+        needs = cfg.needs_gradients and method not in ONNXSIM_METHODS
+        grad_s = timer.seconds.get("gradients", 0.0) + (t_shared if needs else 0.0)
         row = SweepRow(
             method,
             sparsity,
@@ -154,9 +215,12 @@ def sweep(
             cmp.max_abs_diff,
             obj,
             grad_s,
-            timer.seconds.get("solve", 0.0),
+            timer.seconds.get("solve", 0.0) + timer.seconds.get("layerwise", 0.0),
             t_eval,
-            result.converged,
+            converged,
+            correction.short(),
+            timer.seconds.get("statistics", 0.0),
+            note,
         )
         rows.append(row)
         log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
@@ -170,6 +234,7 @@ def sweep(
         shared_gradient_s=t_shared,
         rows=tuple(rows),
         config=base.to_dict(),
+        x_rows=0 if X0 is None else int(X0.shape[0]),
     )
 
 
@@ -190,11 +255,12 @@ def format_sweep(result: SweepResult) -> str:
             f"{r.gradient_s:.2f}",
             f"{r.solve_s:.2f}",
             f"{r.evaluate_s:.2f}",
+            r.statistics or "-",
         ]
         for r in result.rows
     ]
     head = (
-        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} gradient rows, "
+        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} samples ({result.x_rows} gradient rows), "
         f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
     )
     return (
@@ -212,6 +278,7 @@ def format_sweep(result: SweepResult) -> str:
                 "gradients s",
                 "solve s",
                 "evaluate s",
+                "statistics",
             ],
         )
     )

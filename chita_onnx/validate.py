@@ -307,7 +307,62 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto(ir_version=model.ir_version, graph=light)
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
+    version = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version:
+        _explicit_defaults(out.graph, version)
     return out
+
+
+def _explicit_defaults(graph: onnx.GraphProto, version: int) -> None:
+    """Write out the default attribute values of the standard ops that onnx infers through their
+    function body (no inference function of their own), subgraphs included, in place.
+
+    onnx's function-body inference does not substitute an attribute's default: a valid
+    ``MeanVarianceNormalization`` without ``axes`` fails strict inference (onnx 1.16–1.23), although
+    the model is valid and onnxruntime runs it with its own kernel.
+    """
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _explicit_defaults(sub, version)
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=version, domain="")
+        except onnx.defs.SchemaError:
+            continue
+        if not getattr(schema, "has_function", False) or schema.has_type_and_shape_inference_function:
+            continue
+        present = {a.name for a in node.attribute}
+        for name, spec in schema.attributes.items():
+            if name not in present and spec.default_value.type != onnx.AttributeProto.UNDEFINED:
+                node.attribute.append(spec.default_value)
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without the bytes of its large, external and sparse initializers (typed graph inputs
+    in their place): what ``onnx.checker`` and shape inference need, at any model size."""
+    return _light(model)
+
+
+#: Attribute values with which onnxruntime 1.19.2 kills the process (SIGFPE) instead of raising, on
+#: graphs that onnx's checker and shape inference accept: ``(op, attribute, the smallest valid value)``.
+_CRASHING_ATTRIBUTES = (("GroupNormalization", "num_groups", 1),)
+
+
+def refuse_crashing_attributes(graph: onnx.GraphProto, where: str) -> None:
+    """Refuse the attribute values of :data:`_CRASHING_ATTRIBUTES`, in every subgraph."""
+    for g in _graphs(graph):
+        for node in g.node:
+            for op, name, least in _CRASHING_ATTRIBUTES:
+                if node.op_type != op or node.domain not in ("", "ai.onnx"):
+                    continue
+                for a in node.attribute:
+                    if a.name == name and a.type == onnx.AttributeProto.INT and a.i < least:
+                        raise ModelError(
+                            f"{where}: node {node.name or node.output[0]!r} ({op}) has {name}={a.i}; it must be "
+                            f"at least {least}"
+                        )
 
 
 def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
@@ -332,6 +387,7 @@ def validate_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ModelError(f"{where}: initializer names are not unique: {twice[:5]}")
     sort_graph(model.graph, where)
+    refuse_crashing_attributes(model.graph, where)
     light = _light(model)
     try:
         onnx.checker.check_model(light)

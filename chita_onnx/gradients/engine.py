@@ -17,6 +17,15 @@ mean loss of the ``i``-th group of ``mini_batch`` consecutive samples).  The los
 The class ``y`` is the label (``fisher="empirical"``), a draw from the model's own predictive
 distribution (``"sampled"``, seeded) or its arg-max (``"argmax"``).
 
+``fisher="kl"`` estimates the Gauss-Newton matrix of the KL divergence to the model's own output, i.e.
+the *true* Fisher ``E_x Σ_c p_c ∇log p_c ∇log p_cᵀ = E_x Jᵀ(diag p − ppᵀ)J``, with ``R`` rows per input
+(``fisher_rows``): the class rows ``√p_c ∇log p_c`` of every class (exact, ``R = C``) when the head
+has at most ``R`` classes and one position, otherwise ``R`` Gaussian sketches ``Σ_c ε_c √p_c ∇log p_c
+/ √R`` (``ε ~ N(0, I)``, seeded; unbiased).  Unlike one sampled or empirical label, whose gradient
+vanishes as the predicted probability goes to 1, every class contributes in proportion to its
+probability.  ``X`` then has ``n·R`` rows (input ``i``'s rows are consecutive) and ``XᵀX/n`` is the
+estimate.
+
 Two code paths produce identical rows: the one-sample path (recipe A′ of docs/ort-gradients.md:
 the gradient graph run once per row, with each ``<w>_grad`` output bound straight to its slice of
 the row) and the batched path (see :mod:`.batched`), which is checked against the one-sample path
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -62,7 +72,7 @@ from .prepare import (
 log = logging.getLogger(__name__)
 
 Loss = Literal["auto", "ce", "mse"]
-Fisher = Literal["auto", "empirical", "sampled", "argmax"]
+Fisher = Literal["auto", "empirical", "sampled", "argmax", "kl"]
 Method = Literal["auto", "single", "batched"]
 
 #: Rows checked against the one-sample path before the batched path is trusted.
@@ -74,6 +84,8 @@ CHECK_ROW_RTOL = 1e-4
 _PROBE_SEED = 0x5EED
 #: Samples of the example batch used to measure the output scales of a multi-output head.
 SCALE_SAMPLES = 16
+#: Floor of √p in the KL offsets (a class the model gives probability ≲ 1e-20 adds no curvature).
+_ROOT_FLOOR = 1e-10
 #: ``method="auto"`` tries the batched path only when a one-sample row costs less than this.
 AUTO_BATCHED_MAX_ROW_S = 1e-3
 
@@ -102,7 +114,7 @@ class GradientMatrix:
     X: NDArray[np.float32]
     layout: Layout
     loss: Literal["ce", "mse"]
-    fisher: Literal["empirical", "sampled", "argmax"]
+    fisher: Literal["empirical", "sampled", "argmax", "kl"]
     n: int
     timings: dict[str, float] = field(default_factory=dict)
     head: HeadKind = "logits"
@@ -110,6 +122,13 @@ class GradientMatrix:
     mini_batch: int = 1
     method: Literal["single", "batched"] = "single"
     loss_description: str = ""
+    #: Rows per input (``fisher="kl"``); ``n`` counts rows, so ``n // rows_per_sample`` inputs.
+    rows_per_sample: int = 1
+    #: ``(n,)`` float64 row offsets ``b`` (``fisher="kl"`` with reference distributions): with raw rows
+    #: ``x_r``, ``Σ_r ½(x_rᵀδ + b_r)²`` is the Gauss-Newton model of ``Σ_inputs KL(ref ‖ model)``
+    #: around the current weights, first-order term ``Σ_r b_r x_r`` included (in expectation over the
+    #: sketches; exactly with every class).
+    offsets: NDArray[np.float64] | None = None
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -257,6 +276,18 @@ def _softmax(z: NDArray[np.floating], axis: int) -> NDArray[np.float64]:
     return cast(NDArray[np.float64], e / e.sum(axis=axis, keepdims=True))
 
 
+def head_probabilities(head: Head, preds: NDArray[np.floating]) -> NDArray[np.float64]:
+    """``(count, P, C)`` float64 class distributions from the head tensor (``(count, *head.shape[1:])``)."""
+    axis, C, P = head.class_axis, head.num_classes, head.positions
+    assert axis is not None and C is not None
+    q = np.moveaxis(preds, axis, -1).reshape(preds.shape[0], P, C)
+    if head.kind == "logits":
+        return _softmax(q, -1)
+    q64 = np.clip(q.astype(np.float64), 0.0, None)
+    s = q64.sum(-1, keepdims=True)
+    return cast(NDArray[np.float64], np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C))
+
+
 def make_targets(
     head: Head,
     fisher: str,
@@ -266,12 +297,21 @@ def make_targets(
     count: int,
     size: int,
     mini_batch: int,
+    rows: int = 1,
+    row0: int = 0,
+    reference: NDArray[np.floating] | None = None,
+    offsets: NDArray[np.float64] | None = None,
 ) -> NDArray[np.float32]:
     """The loss weights ``T`` (``(size, *head.shape[1:])``) for ``count`` samples; rows ≥ count are 0.
 
     The graph loss is ``Σ T ⊙ f(h)``: ``T = −onehot(y)/m`` gives the mean cross-entropy/NLL of the
     ``m`` samples of a row; ``T = −ε/m`` gives the Gauss-Newton probe.  ``rng`` is consumed in sample
-    order, so blocks of any size see the same draws.
+    order, so blocks of any size see the same draws.  ``fisher="kl"``: each input is repeated over
+    ``rows`` consecutive rows and ``row0`` is the global index of this block's first row; the row
+    ``r`` of an input gets ``T = −√p ⊙ e_r`` (exact class rows, when ``rows`` equals the number of
+    classes and there is one position) or ``T = −√p ⊙ ε/√rows`` (Gaussian sketch).  With ``reference``
+    class distributions (``(n_inputs, P, C)``) it also writes each row's offset ``b = Σ ε_c(p_c −
+    ref_c)/√p_c`` into ``offsets[row0 : row0 + count]`` (see :class:`GradientMatrix`).
     """
     per = head.shape[1:]
     T = np.zeros((size, *per), np.float32)
@@ -306,13 +346,32 @@ def make_targets(
         idx = lab.reshape(count, 1)
     else:
         assert preds is not None
-        q = np.moveaxis(preds[:count], axis, -1).reshape(count, P, C)
-        if head.kind == "logits":
-            probs = _softmax(q, -1)
-        else:
-            q64 = np.clip(q.astype(np.float64), 0.0, None)
-            s = q64.sum(-1, keepdims=True)
-            probs = np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C)
+        probs = head_probabilities(head, preds[:count])
+        if fisher == "kl":
+            ref = None if reference is None else reference[(row0 + np.arange(count)) // rows]
+            # curvature at the model's distribution q, or with a reference p at the midpoint r = (q + p)/2
+            # (the KL's Hessian in the logits is diag(q) − qqᵀ *at the current q*; far from p its
+            # Gauss-Newton step (p − q)/q explodes where q ≪ p, the midpoint keeps it near 2)
+            r = probs if ref is None else 0.5 * (probs + ref)
+            root = np.sqrt(r)
+            if P == 1 and rows == C:
+                eps = np.zeros_like(root)
+                eps[np.arange(count), 0, (row0 + np.arange(count)) % C] = 1.0
+            else:
+                eps = rng.standard_normal(root.shape) / math.sqrt(rows)
+            # T = (I − r1ᵀ)(√r ⊙ ε): a zero-sum target, so the row is Jᵀ(diag √r − r√rᵀ)ε whatever q is
+            weights = root * eps
+            weights -= r * (root * eps).sum(-1, keepdims=True)
+            if ref is not None and offsets is not None:
+                # the row is −Jᵀ(diag √r − r√rᵀ)ε (the loss is −Σ T log q), so b = −εᵀu with
+                # u = (q − p)/√r gives Σ_rows b·row = Jᵀ(q − p) (in expectation over ε; exactly with every
+                # class): the gradient of the KL from p to the model, in the span of the rows
+                u = (probs - ref) / np.maximum(root, _ROOT_FLOOR)
+                offsets[row0 : row0 + count] = -(eps * u).sum(axis=(1, 2))
+            other = [d for k, d in enumerate(per, start=1) if k != axis]
+            W = (scale * weights).astype(np.float32).reshape(count, *other, C)
+            T[:count] = np.moveaxis(W, -1, axis)
+            return T
         if fisher == "argmax":
             idx = probs.argmax(-1)
         else:
@@ -363,14 +422,10 @@ def _binary_targets(
 @contextlib.contextmanager
 def _blas_threads(n: int) -> Iterator[None]:
     """Limit NumPy's BLAS to ``n`` threads while the batched path runs (busy-waiting BLAS threads
-    competing with onnxruntime made the im2col GEMMs many times slower).  Best effort: needs the
-    optional ``threadpoolctl`` (installed with scikit-learn); ``OPENBLAS_NUM_THREADS=1`` works too."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=n, user_api="blas"):
+    competing with onnxruntime made the im2col GEMMs many times slower)."""
+    from ..blas import limit_blas_threads
+
+    with limit_blas_threads(n):
         yield
 
 
@@ -505,6 +560,8 @@ class GradientEngine:
             kind, head_tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
         self.kind: HeadKind = kind
         self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
+        if kind == "regression" and loss != "mse" and self.has_labels:
+            log.warning("the calibration labels are not used: %s, so the loss is Gauss-Newton (%s)", why, kind)
         self._head_args: tuple[HeadKind, str | tuple[str, ...], int | None] = (kind, head_tensor, axis)
 
         # the one-sample path
@@ -555,7 +612,7 @@ class GradientEngine:
             gm = build_gradient_model(lm, self.on_path, lname)
             self.timings["build"] = time.perf_counter() - tb
             ts = time.perf_counter()
-            self._single = Runner(gm, self.values, self.threads)
+            self._single = Runner(gm, self.values, self.threads, check=False)
             self.timings["session"] = time.perf_counter() - ts
         self._predictor: Runner | None = None
         self._pred_buf: NDArray[Any] | None = None
@@ -734,9 +791,9 @@ class GradientEngine:
         if self._batched is not None:
             self._batched.bind_weights(new)
 
-    def resolve_fisher(self, fisher: Fisher, has_labels: bool) -> Literal["empirical", "sampled", "argmax"]:
-        if fisher not in ("auto", "empirical", "sampled", "argmax"):
-            raise ConfigError(f"fisher must be auto, empirical, sampled or argmax, got {fisher!r}")
+    def resolve_fisher(self, fisher: Fisher, has_labels: bool) -> Literal["empirical", "sampled", "argmax", "kl"]:
+        if fisher not in ("auto", "empirical", "sampled", "argmax", "kl"):
+            raise ConfigError(f"fisher must be auto, empirical, sampled, argmax or kl, got {fisher!r}")
         if self.kind == "regression":
             if fisher in ("empirical", "argmax"):
                 raise ConfigError(
@@ -748,7 +805,21 @@ class GradientEngine:
             return "empirical" if has_labels and self.head.positions == 1 else "sampled"
         if fisher == "empirical" and not has_labels:
             raise DataError("fisher='empirical' needs labels in the calibration data")
+        if fisher == "kl" and self.m != 1:
+            raise ConfigError(f"fisher='kl' needs per-sample rows (mini_batch=1), got mini_batch={self.m}")
         return fisher
+
+    def rows_per_sample(self, fisher: str, fisher_rows: int = 1) -> int:
+        """Rows of ``X`` per input: 1, or for ``fisher="kl"`` the number of classes when the head has
+        at most ``fisher_rows`` of them and one position (exact), else ``fisher_rows`` (sketch)."""
+        if fisher != "kl" or self.kind == "regression":
+            return 1
+        if int(fisher_rows) < 1:
+            raise ConfigError(f"fisher_rows must be ≥ 1, got {fisher_rows}")
+        C = self.head.num_classes
+        if C is not None and self.head.positions == 1 and fisher_rows >= C:
+            return int(C)
+        return int(fisher_rows)
 
     def compute(
         self,
@@ -759,12 +830,23 @@ class GradientEngine:
         seed: int = 0,
         out: NDArray[np.float32] | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        fisher_rows: int = 1,
+        reference: NDArray[np.floating] | None = None,
+        first_sample: int = 0,
     ) -> GradientMatrix:
-        """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows)."""
+        """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows, times
+        :meth:`rows_per_sample` for ``fisher="kl"``).  ``reference`` (``fisher="kl"`` only): the
+        class distributions ``(n, P, C)`` of a reference model on the same samples (e.g. the dense
+        model's :meth:`probabilities`); the result then carries the row ``offsets`` of the KL from
+        them to the model.  ``first_sample``: ``data`` starts at that sample of a longer source, so
+        the seeded draws (sampled labels, sketches, probes) are the ones that source would get
+        there: rows computed in chunks equal the rows of one pass."""
         t0 = time.perf_counter()
         c0 = time.process_time()
         with _blas_threads(self.threads):
-            return self._compute(data, fisher, num_samples, seed, out, workdir, t0, c0)
+            return self._compute(
+                data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference, first_sample
+            )
 
     def _compute(
         self,
@@ -776,6 +858,9 @@ class GradientEngine:
         workdir: str | os.PathLike[str] | None,
         t0: float,
         c0: float,
+        fisher_rows: int = 1,
+        reference: NDArray[np.floating] | None = None,
+        first_sample: int = 0,
     ) -> GradientMatrix:
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
@@ -786,7 +871,16 @@ class GradientEngine:
         if n < 1:
             raise DataError(f"the calibration data has {total} sample(s); mini_batch={self.m} needs at least {self.m}")
         fk = self.resolve_fisher(fisher, has_labels)
+        if reference is not None and (fk != "kl" or self.kind == "regression"):
+            raise ConfigError("reference distributions (the KL offsets) need fisher='kl' on a classifier head")
         need_labels = fk == "empirical" and self.kind != "regression"
+        reps = self.rows_per_sample(fk, fisher_rows)
+        if reps > 1:  # every input is repeated over its rows (consecutive), each with its own target
+            data = _Repeated(data, reps, batched)
+            n *= reps
+        offsets = None if reference is None else np.zeros(n, np.float64)
+        if reference is not None and reference.shape[0] * reps < n:
+            raise ConfigError(f"reference distributions cover {reference.shape[0]} inputs, need {n // reps}")
         p = self.layout.p
         timings = dict(self.timings)
         ta = time.perf_counter()
@@ -796,6 +890,8 @@ class GradientEngine:
         cg = time.process_time()
         timings["allocate"] = tg - ta
         rng = np.random.default_rng(seed)
+        if first_sample:
+            self._skip_draws(rng, fk, reps, first_sample)
         specs = self._specs(self.fwd)
 
         # "batched": build the batched path now.  "auto": the first block goes through the
@@ -837,6 +933,10 @@ class GradientEngine:
                     block.count,
                     self._block_size(block.inputs),
                     self.m,
+                    reps,
+                    row,
+                    reference,
+                    offsets,
                 )
                 if use_batched and self._batched is not None:
                     if not verified:
@@ -889,9 +989,43 @@ class GradientEngine:
             mini_batch=self.m,
             method=chosen,
             loss_description=self.loss_description,
+            rows_per_sample=reps,
+            offsets=offsets,
         )
 
+    def probabilities(self, data: CalibrationSource, num_samples: int | None = None) -> NDArray[np.float64]:
+        """The model's class distributions ``(n, P, C)`` (float64) on the first ``num_samples`` samples,
+        at the current weights (one forward pass per block; for ``soft`` targets later)."""
+        if self.kind == "regression":
+            raise ConfigError("class probabilities need a classifier head (logits or probabilities)")
+        batched = [k for k, a in self.batch_axes.items() if a is not None]
+        total, _ = _count_samples(data, num_samples, batched)
+        n = min(total, num_samples) if num_samples is not None else total
+        specs = self._specs(self.fwd)
+        C, P = self.head.num_classes, self.head.positions
+        assert C is not None
+        out = np.zeros((n, P, C), np.float64)
+        row = 0
+        size = self.chunk
+        with _blas_threads(self.threads):
+            for block in _stream(data, specs, size, n, False, pad=True):
+                preds = self._predict(block.inputs, block.count)
+                out[row : row + block.count] = head_probabilities(self.head, preds[: block.count])
+                row += block.count
+        return out
+
     # -- internals ------------------------------------------------------------------------------
+
+    def _skip_draws(self, rng: np.random.Generator, fk: str, reps: int, samples: int) -> None:
+        """Advance ``rng`` past the draws :func:`make_targets` makes for ``samples`` samples."""
+        per = self.head.shape[1:]
+        C, P = self.head.num_classes, self.head.positions
+        if self.kind == "regression":
+            rng.standard_normal((samples, *per))
+        elif fk == "sampled":
+            rng.random((samples, P))
+        elif fk == "kl" and C is not None and not (P == 1 and reps == C):
+            rng.standard_normal((samples * reps, P, C))
 
     @staticmethod
     def _allocate(
@@ -1142,6 +1276,22 @@ def describe_loss(head: Head, tensor: str | Sequence[str], why: str) -> str:
         what = base if head.positions == 1 else f"per-position {base} ({head.positions} positions per sample)"
     on = tensor if isinstance(tensor, str) else f"{len(tensor)} outputs"
     return f"{what} on {on!r} ({why})" if isinstance(tensor, str) else f"{what} on {on} ({why})"
+class _Repeated:
+    """The samples of ``data`` each repeated ``reps`` times in a row (labels too); re-iterable.
+
+    Only the ``batched`` inputs (samples first) are repeated; static inputs pass unchanged."""
+
+    def __init__(self, data: CalibrationSource, reps: int, batched: Sequence[str]) -> None:
+        self.data, self.reps, self.batched = data, reps, frozenset(batched)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.data:
+            inputs = {
+                k: np.repeat(np.asarray(v), self.reps, axis=0) if k in self.batched else v
+                for k, v in batch[0].items()
+            }
+            labels = None if batch[1] is None else np.repeat(np.asarray(batch[1]), self.reps)
+            yield Batch(inputs, labels)
 
 
 def _first_batch(data: CalibrationSource) -> Batch:
@@ -1180,13 +1330,15 @@ def per_sample_gradients(
     workdir: str | os.PathLike[str] | None = None,
     method: Method = "auto",
     threads: int = 1,
+    fisher_rows: int = 1,
 ) -> GradientMatrix:
     """Per-sample loss gradients ``X`` (``(n, p)`` float32) of ``model`` on ``data``.
 
     ``weights`` picks (and orders) the tensors, default all prunable ones; ``n = ⌊min(N,
     num_samples)/mini_batch⌋``.  ``out`` (a C-contiguous float32 ``(n, p)`` array or memmap) is filled
     in place; otherwise ``workdir`` holds a memory-mapped file, otherwise RAM.  See the module
-    docstring for ``loss``/``fisher``/``output``; ``method`` and ``threads`` are tuning knobs.
+    docstring for ``loss``/``fisher``/``output``/``fisher_rows``; ``method`` and ``threads`` are
+    tuning knobs.
     """
     example = _first_batch(data)
     engine = GradientEngine(
@@ -1199,4 +1351,6 @@ def per_sample_gradients(
         method=method,
         threads=threads,
     )
-    return engine.compute(data, fisher=fisher, num_samples=num_samples, seed=seed, out=out, workdir=workdir)
+    return engine.compute(
+        data, fisher=fisher, num_samples=num_samples, seed=seed, out=out, workdir=workdir, fisher_rows=fisher_rows
+    )

@@ -344,7 +344,7 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
     outs = list(model.graph.output)
     if output is not None:
         if output not in {o.name for o in outs}:
-            raise ConfigError(f"output {output!r} is not an output of the model (outputs: {[o.name for o in outs]})")
+            raise ConfigError(f"--output={output!r}: not an output of the model (outputs: {[o.name for o in outs]})")
         return output
     for o in outs:
         if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_ELEM:
@@ -1131,8 +1131,8 @@ def check_working_copy(
     must be exact."""
     from .static import _run
 
-    want = _run(original, [tensor], feeds)[tensor]
-    got = _run(working, [tensor], feeds)[tensor]
+    want = _run(original, [tensor], feeds, what="the model on the calibration example")[tensor]
+    got = _run(working, [tensor], feeds, what="the gradient working copy on the calibration example")[tensor]
     if want.shape != got.shape:
         raise ModelError(
             f"the gradient working copy computes {tensor!r} with shape {list(got.shape)}, the model "

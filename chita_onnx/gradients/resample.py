@@ -25,7 +25,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
-from ..errors import UnsupportedOpError
+from ..errors import GradientError, ModelError, UnsupportedOpError
 from .prepare import attr_int, attr_ints, attr_str
 from .rewrites import Ctx, _along_axis, _gather_axis, label
 
@@ -43,7 +43,7 @@ def _resize_matrix(
     c: Ctx, n: onnx.NodeProto, rank: int, k: int, n_in: int, n_out: int, scale: float | None
 ) -> NDArray[Any]:
     """``A`` (n_out × n_in) of a 1-D resize along axis ``k``, from onnxruntime's own kernel."""
-    import onnxruntime as ort
+    from .. import runtime
 
     node = onnx.NodeProto()
     node.CopyFrom(n)
@@ -80,12 +80,12 @@ def _resize_matrix(
     for b in range(n_in):
         idx[0], idx[k] = b, b
         X[tuple(idx)] = 1.0
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    what = f"the basis of the Resize rewrite of node {label(n)!r}"
     try:
-        Y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"X": X})[0]
-    except Exception as exc:
-        raise _refuse(n, f"onnxruntime could not resize a basis input ({str(exc).splitlines()[0][:160]})") from None
+        sess = runtime.session(m, what=what)
+        Y = runtime.run(sess, None, {"X": X}, what=what, budget=runtime.ANALYSIS_SECONDS)[0]
+    except (ModelError, GradientError) as exc:
+        raise _refuse(n, f"onnxruntime could not resize a basis input ({str(exc)[:200]})") from None
     Y = np.asarray(Y)
     if Y.shape[k] != n_out:
         raise _refuse(n, f"a 1-D resize of axis {k} gives {Y.shape[k]} elements, the model {n_out}")

@@ -29,7 +29,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import UnsupportedOpError
+from ..errors import GradientError, ModelError, UnsupportedOpError
 from .prepare import (
     _DEFAULT_DOMAINS,
     _reduce,
@@ -109,7 +109,7 @@ class Ctx(_Rewriter):
     def check(self, n: onnx.NodeProto, nodes: Sequence[onnx.NodeProto]) -> str | None:
         """Run ``n`` and its replacement ``nodes`` in onnxruntime on one random input; the reason they
         differ (more than :data:`VERIFY_RTOL` of the output's scale), or ``None``."""
-        import onnxruntime as ort
+        from .. import runtime
 
         g = self.model.graph
         inits = {t.name: t for t in g.initializer}
@@ -137,26 +137,26 @@ class Ctx(_Rewriter):
             feeds[name] = rng.standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(elem))
             inputs.append(helper.make_tensor_value_info(name, elem, dims))
 
+        what = f"a check of the rewrite of node {label(n)!r}"
+
         def run(body: Sequence[onnx.NodeProto]) -> list[NDArray[Any]]:
             graph = helper.make_graph(list(body), "verify", inputs, [onnx.ValueInfoProto(name=o) for o in outs])
             graph.initializer.extend(init_list)
             model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
             model.ir_version = self.model.ir_version
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            return [np.asarray(v, np.float64) for v in sess.run(outs, feeds)]
+            sess = runtime.session(model, what=what, optimize=False)
+            values = runtime.run(sess, outs, feeds, what=what, budget=runtime.ANALYSIS_SECONDS)
+            return [np.asarray(v, np.float64) for v in values]
 
         try:
             want = run([n])
-        except Exception as exc:
+        except (ModelError, GradientError) as exc:  # a timeout (ResourceError) or a signal goes on up
             log.debug("node %r: rewrite not verified (onnxruntime cannot run it alone: %s)", label(n), exc)
             return None
         try:
             got = run(nodes)
-        except Exception as exc:
-            return f"the rewrite fails to run in onnxruntime ({str(exc).splitlines()[0][:200]})"
+        except (ModelError, GradientError) as exc:
+            return f"the rewrite fails to run in onnxruntime ({str(exc)[:300]})"
         for o, a, b in zip(outs, want, got, strict=True):
             scale = max(1.0, float(np.abs(a).max(initial=0.0)))
             err = float(np.abs(a - b).max(initial=0.0)) if a.shape == b.shape else math.inf
@@ -852,6 +852,21 @@ def rewritable_ops() -> frozenset[str]:
     return frozenset(RULES) | frozenset(_structural())
 
 
+def _apply_rule(rule: Rule, c: Ctx, nd: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """``rule(c, nd)``; a rule that trips over attributes or shapes out of their range (an axis past
+    the rank, a zero divisor, a list of the wrong length: a node onnx's checker lets through but
+    onnxruntime would refuse) refuses the node in one line instead of failing inside chita-onnx."""
+    try:
+        return rule(c, nd)
+    except (IndexError, ValueError, ZeroDivisionError, OverflowError, KeyError) as exc:
+        log.debug("rewrite of node %r failed", label(nd), exc_info=True)
+        attrs = ", ".join(f"{a.name}={helper.get_attribute_value(a)!r}"[:60] for a in nd.attribute) or "none"
+        raise UnsupportedOpError(
+            f"cannot differentiate op {nd.op_type} (node {label(nd)!r}): its attributes or input shapes are out "
+            f"of range for the exact rewrite (attributes: {attrs}; {type(exc).__name__}: {exc})"
+        ) from None
+
+
 def apply_rewrites(
     model: onnx.ModelProto,
     weights: Iterable[str],
@@ -875,7 +890,7 @@ def apply_rewrites(
         changed = 0
         for nd in g.node:
             rule = rule_for(nd) if any(o in path_out for o in nd.output) else None
-            repl = rule(c, nd) if rule is not None else None
+            repl = _apply_rule(rule, c, nd) if rule is not None else None
             if repl is None:
                 new.append(nd)
                 continue

@@ -204,12 +204,18 @@ def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
 
 
 def _run(
-    model: onnx.ModelProto, outputs: list[str], feeds: Mapping[str, NDArray[Any]] | None
+    model: onnx.ModelProto,
+    outputs: list[str],
+    feeds: Mapping[str, NDArray[Any]] | None,
+    *,
+    what: str = "the gradient working copy",
+    budget: float | None = None,
 ) -> dict[str, NDArray[Any]]:
-    """Values of ``outputs`` from one onnxruntime run of the part of ``model`` they need."""
-    import onnxruntime as ort
+    """Values of ``outputs`` from one onnxruntime run of the part of ``model`` they need.
 
-    from ._ort import _first_line
+    The part is checked before onnxruntime sees it (:func:`chita_onnx.runtime.check_graph`); the run
+    stops after ``budget`` seconds when given (constant folding), and on Ctrl-C/SIGTERM."""
+    from .. import runtime
     from .prepare import cut_to
 
     m = cut_to(model, outputs)
@@ -218,19 +224,13 @@ def _run(
     del g.output[:]
     for o in outputs:  # untyped: onnxruntime infers the types (cut_to guesses float when unknown)
         g.output.add().name = o
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feed = {i.name: np.asarray((feeds or {})[i.name]) for i in ins}
-        values = sess.run(outputs, feed)
-    except KeyError as exc:
-        raise ModelError(f"no calibration array for model input {exc.args[0]!r}") from None
-    except Exception as exc:
-        raise ModelError(f"onnxruntime could not run the working copy to fix its shapes: {_first_line(exc)}") from None
-    return {o: np.asarray(v) for o, v in zip(outputs, values, strict=True)}
+    missing = [i.name for i in ins if i.name not in (feeds or {})]
+    if missing:
+        raise ModelError(f"no calibration array for model input {missing[0]!r}")
+    feed = {i.name: np.asarray((feeds or {})[i.name]) for i in ins}
+    sess = runtime.session(m, what=what, optimize=False)
+    values = runtime.run(sess, outputs, feed, what=what, budget=budget)
+    return dict(zip(outputs, values, strict=True))
 
 
 # -------------------------------------------------------------------------------- classification
@@ -340,7 +340,12 @@ def _fold(
         add(o.name)
     if not frontier and not extra:
         return 0, {}
-    values = _run(model, frontier + [e for e in extra if e not in seen], feeds)
+    from ..runtime import ANALYSIS_SECONDS
+
+    constant = levels == {CONST} and not extra
+    what = "folding constant tensors of the gradient working copy" if constant else "the gradient working copy"
+    wanted = frontier + [e for e in extra if e not in seen]
+    values = _run(model, wanted, feeds, what=what, budget=ANALYSIS_SECONDS if constant else None)
     info.runs += 1
     for name in frontier:
         v = values[name]

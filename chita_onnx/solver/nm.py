@@ -53,18 +53,21 @@ __all__ = [
 ]
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+#: Largest group size M: no tensor axis is longer (the count-like flags stop at the same value), and
+#: arrays of M columns must stay allocatable.
+MAX_GROUP = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class NMPattern:
-    """At most ``n`` nonzeros in every group of ``m`` consecutive weights (``0 < n < m``)."""
+    """At most ``n`` nonzeros in every group of ``m`` consecutive weights (``0 < n < m ≤ MAX_GROUP``)."""
 
     n: int
     m: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
-            raise SolverError(f"an N:M pattern needs integers 0 < N < M, got {self.n}:{self.m}")
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m <= MAX_GROUP):
+            raise SolverError(f"an N:M pattern needs integers 0 < N < M ≤ {MAX_GROUP}, got {self.n}:{self.m}")
 
     @staticmethod
     def parse(text: str) -> NMPattern | None:

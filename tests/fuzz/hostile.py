@@ -1393,7 +1393,10 @@ class Suite:
 
 def all_cases() -> list[Case]:
     """Every case, in a stable order; ids are unique."""
+    from hostile_features import feature_cases
+
     cases = [*model_cases(), *data_cases(), *flag_cases(), *positive_cases(), *path_cases(), *mutation_cases()]
+    cases += feature_cases()
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     return cases

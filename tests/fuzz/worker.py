@@ -35,6 +35,12 @@ import hostile  # noqa: E402
 from chita_onnx_cli.main import cli  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+from chita_onnx import runtime  # noqa: E402
+
+#: The time budget of analysis runs (constant folding, rewrite checks), shortened from its default
+#: so that the compute-bomb cases cost seconds: the mechanism that enforces it is the same.
+runtime.ANALYSIS_SECONDS = 3.0
+
 TIMEOUT_S = 30
 #: Address space allowed above the worker's own at start: a runaway allocation fails instead of
 #: taking the machine (the test then sees "out of memory", which it rejects).

@@ -1,0 +1,443 @@
+"""Forward passes in graph segments: layer inputs and outputs of the prunable layers, with plain
+onnxruntime inference sessions (no gradients).
+
+:class:`SegmentRunner` runs a model over a fixed list of calibration batches one *segment* of the
+topologically ordered node list at a time.  Between segments it keeps, per batch, exactly the tensors
+that later nodes still need (the frontier).  The caller may change initializers (pruned weights, BN
+statistics, biases) between segments, and the next segment is built from the current values, so one
+pass through the graph gives every layer its inputs *from the already-pruned upstream model* — the
+sequential scheme of OBC/SparseGPT without one forward pass per layer.  A second runner on the dense
+model, advanced in lockstep, gives the dense targets.
+
+:func:`find_layers` describes each prunable weight's consuming node (:class:`LayerSite`) with the
+:class:`~chita_onnx.layerstats.LayerGeometry` that the NumPy statistics need.  No math here beyond
+reshapes: the rows, Grams and solves live in :mod:`chita_onnx.layerstats` and
+:mod:`chita_onnx.solver.layerwise`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+from . import runtime
+from .data import to_model_layout
+from .data_types import Batch, CalibrationSource, InputSpec
+from .errors import ModelError
+from .graph import _constant_values, for_runtime, materialize_constants, model_inputs
+from .layerstats import LayerGeometry
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, NDArray[np.generic]]
+
+
+# ------------------------------------------------------------------------------------- graph helpers
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _outer_refs(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {s.values.name for s in graph.sparse_initializer}
+    refs: set[str] = set()
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                refs.add(name)
+        for sub in _subgraphs(node):
+            refs |= {r for r in _outer_refs(sub) if r not in defined}
+        defined.update(o for o in node.output if o)
+    for o in graph.output:
+        if o.name not in defined:
+            refs.add(o.name)
+    return refs
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
+    names = [n for n in node.input if n]
+    for sub in _subgraphs(node):
+        names.extend(sorted(_outer_refs(sub)))
+    return list(dict.fromkeys(names))
+
+
+def working_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the bundled onnxruntime loads, with prunable Constant-node weights as initializers and
+    initializers removed from the graph inputs (old IR), so that they can be replaced by name."""
+    m = materialize_constants(for_runtime(model))
+    if m is model:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    if any(i.name in inits for i in m.graph.input):
+        keep = [i for i in m.graph.input if i.name not in inits]
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+    return m
+
+
+# --------------------------------------------------------------------------------------- layer sites
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """A prunable weight and the node that consumes it.
+
+    ``position``: index of the node in the graph's (topological) node list; ``input``: the layer's
+    activation input; ``output``: its output.  ``bias``: the initializer added to the output per
+    channel (Conv ``B``, Gemm ``C``), if any.  ``channel_axis``: the output axis of the channels.
+    """
+
+    weight: str
+    node: str
+    position: int
+    input: str
+    output: str
+    geometry: LayerGeometry
+    bias: str | None
+    channel_axis: int
+    shared: bool = False
+    offset: str | None = None  # the constant the node itself adds to its output (Conv B, Gemm C)
+    offset_scale: float = 1.0  # Gemm's beta
+    opaque_offset: bool = False  # the node adds something that is not a usable constant
+
+
+def find_layers(model: onnx.ModelProto, weights: Iterable[str]) -> list[LayerSite]:
+    """The consuming node of each weight (its first consumer when shared), in graph order."""
+    wanted = set(weights)
+    inits: dict[str, TensorProto] = {n: t for n, (_, t) in _constant_values(model.graph).items()}
+    real = {t.name: t for t in model.graph.initializer}
+    inits.update(real)
+    sites: dict[str, LayerSite] = {}
+    uses: dict[str, int] = {}
+    for pos, node in enumerate(model.graph.node):
+        for slot, name in enumerate(node.input):
+            if name not in wanted:
+                continue
+            uses[name] = uses.get(name, 0) + 1
+            if name in sites:
+                continue
+            if name not in inits:
+                raise ModelError(f"weight {name!r} is neither an initializer nor a Constant node")
+            shape = tuple(int(d) for d in inits[name].dims)
+            label = node.name or f"<{node.op_type} #{pos}>"
+            sites[name] = _site(node, slot, name, shape, pos, label, real)
+    missing = wanted - set(sites)
+    if missing:
+        raise ModelError(f"no consuming Conv/Gemm/MatMul node for weight(s) {sorted(missing)}")
+    out = []
+    for name, site in sites.items():
+        if uses[name] > 1:
+            log.warning(
+                "weight %r feeds %d nodes: it is re-fitted on the inputs of the first one only", name, uses[name]
+            )
+            site = LayerSite(**{**site.__dict__, "shared": True})
+        out.append(site)
+    return sorted(out, key=lambda s: s.position)
+
+
+def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    v = _attr(node, name)
+    return tuple(int(x) for x in v) if v is not None else tuple(default)  # type: ignore[attr-defined]
+
+
+def _site(
+    node: onnx.NodeProto,
+    slot: int,
+    name: str,
+    shape: tuple[int, ...],
+    pos: int,
+    label: str,
+    inits: Mapping[str, TensorProto],
+) -> LayerSite:
+    op = node.op_type
+    if op == "Conv" and slot == 1:
+        s = len(shape) - 2
+        pads = _ints(node, "pads", [0] * (2 * s))
+        auto = _attr(node, "auto_pad", b"NOTSET")
+        auto_s = auto.decode() if isinstance(auto, bytes) else str(auto)
+        geom = LayerGeometry(
+            "conv",
+            shape,
+            group=int(_attr(node, "group", 1)),  # type: ignore[call-overload]
+            strides=_ints(node, "strides", [1] * s),
+            dilations=_ints(node, "dilations", [1] * s),
+            pads_begin=pads[:s],
+            pads_end=pads[s:],
+            auto_pad=auto_s,
+        )
+        has = len(node.input) > 2 and bool(node.input[2])
+        bias = node.input[2] if has and node.input[2] in inits else None
+        opaque = has and bias is None
+        return LayerSite(
+            name, label, pos, node.input[0], node.output[0], geom, bias, 1, offset=bias, opaque_offset=opaque
+        )
+    if op == "Gemm" and slot == 1:
+        geom = LayerGeometry(
+            "gemm",
+            shape,
+            alpha=float(_attr(node, "alpha", 1.0)),  # type: ignore[arg-type]
+            trans_a=bool(_attr(node, "transA", 0)),
+            trans_b=bool(_attr(node, "transB", 0)),
+        )
+        beta = float(_attr(node, "beta", 1.0))  # type: ignore[arg-type]
+        has = len(node.input) > 2 and bool(node.input[2])
+        c = node.input[2] if has and node.input[2] in inits else None
+        channels = geom.outputs_per_group
+        usable = c is not None and int(np.prod(inits[c].dims)) in (1, channels)
+        bias = c if usable and beta == 1.0 else None
+        return LayerSite(
+            name, label, pos, node.input[0], node.output[0], geom, bias, -1,
+            offset=c if usable else None, offset_scale=beta, opaque_offset=has and not usable,
+        )  # fmt: skip
+    if op == "MatMul" and len(shape) == 2:
+        if slot == 1:
+            return LayerSite(
+                name, label, pos, node.input[0], node.output[0], LayerGeometry("matmul_right", shape), None, -1
+            )
+        return LayerSite(name, label, pos, node.input[1], node.output[0], LayerGeometry("matmul_left", shape), None, -2)
+    raise ModelError(f"weight {name!r} feeds input {slot} of {op} node {label!r}: not a prunable layer position")
+
+
+# ------------------------------------------------------------------------------------ the batches
+
+
+def calibration_batches(
+    source: CalibrationSource, specs: Sequence[InputSpec], num_samples: int, batch_size: int
+) -> list[Arrays]:
+    """The first ``num_samples`` samples as feed dicts of ``batch_size``, in the model's layout
+    (samples moved to each input's batch axis, cast to the input dtypes; static inputs as given).
+
+    A model input with a fixed batch dimension ``b`` gets batches of exactly ``b`` (a remainder that
+    does not fill one is dropped).
+    """
+    batched = [s for s in specs if s.batch_axis is not None]
+    fixed = None
+    for s in batched:
+        assert s.batch_axis is not None
+        dim = s.shape[s.batch_axis] if s.batch_axis < len(s.shape) else None
+        if isinstance(dim, int) and dim > 0:
+            fixed = dim
+            break
+    size = fixed if fixed is not None else batch_size
+    parts: dict[str, list[NDArray[np.generic]]] = {s.name: [] for s in batched}
+    static: dict[str, NDArray[np.generic]] = {}
+    taken = 0
+    for batch in source:
+        b: Batch = batch
+        take = min(b.size, num_samples - taken)
+        if take <= 0:
+            break
+        for s in specs:
+            if s.batch_axis is None:
+                static.setdefault(s.name, np.asarray(b.inputs[s.name]))
+            else:
+                parts[s.name].append(np.asarray(b.inputs[s.name])[:take])
+        taken += take
+    if taken == 0:
+        raise ModelError("no calibration samples")
+    full = {k: np.concatenate(v) for k, v in parts.items()}
+    n = taken if size == batch_size else (taken // size) * size
+    if n == 0:
+        raise ModelError(f"the model's fixed batch size {size} exceeds the {taken} calibration samples")
+    out: list[Arrays] = []
+    for i in range(0, n, size):
+        feed = {s.name: to_model_layout(full[s.name][i : i + size], s) for s in batched}
+        feed.update({s.name: to_model_layout(static[s.name], s) for s in specs if s.batch_axis is None})
+        out.append(feed)
+    return out
+
+
+
+
+# --------------------------------------------------------------------------------------- the runner
+
+
+def _session(model: onnx.ModelProto, threads: int, what: str) -> ort.InferenceSession:
+    """A checked session for a segment graph (:func:`chita_onnx.runtime.session`)."""
+    return runtime.session(model, what=what, threads=max(1, threads))
+
+
+class SegmentRunner:
+    """Runs ``model`` segment by segment over ``batches``, keeping the frontier tensors per batch.
+
+    ``advance(stop)`` runs the nodes ``[position, stop)``; afterwards :meth:`values` gives, per batch,
+    any tensor that a node at index ≥ ``stop`` reads (or a graph output).  :meth:`set_initializer`
+    replaces a constant; segments built later use the new value.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        batches: Sequence[Arrays],
+        *,
+        threads: int = 1,
+        max_bytes: int | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
+        self.model = model
+        self.max_bytes = max_bytes
+        self._spill_root = spill_dir
+        self._spill: tempfile.TemporaryDirectory[str] | None = None
+        self._spilled = 0
+        self.graph = model.graph
+        self.nodes = list(self.graph.node)
+        self.threads = threads
+        self.inits: dict[str, TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.position = 0
+        self.num_batches = len(batches)
+        self.reads = [node_reads(n) for n in self.nodes]
+        end = len(self.nodes)
+        self.last_use: dict[str, int] = {}
+        for pos, names in enumerate(self.reads):
+            for name in names:
+                self.last_use[name] = pos
+        for o in self.graph.output:
+            self.last_use[o.name] = end
+        self.state: dict[str, list[NDArray[np.generic]]] = {}
+        for inp in self.graph.input:
+            if inp.name in self.inits:
+                continue
+            self.state[inp.name] = [b[inp.name] for b in batches]
+        self.seconds = 0.0
+
+    def set_initializer(self, name: str, value: NDArray[np.generic]) -> None:
+        old = self.inits.get(name)
+        dtype = helper.tensor_dtype_to_np_dtype(old.data_type) if old is not None else np.asarray(value).dtype
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name)
+
+    def initializer(self, name: str) -> NDArray[np.generic]:
+        return numpy_helper.to_array(self.inits[name])
+
+    def values(self, name: str) -> list[NDArray[np.generic]]:
+        if name in self.state:
+            return self.state[name]
+        if name in self.inits:
+            return [self.initializer(name)] * self.num_batches
+        raise KeyError(f"tensor {name!r} is not available at node {self.position}")
+
+    def current_model(self) -> onnx.ModelProto:
+        """The whole model with the current initializer values."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(self.inits[t.name] for t in self.model.graph.initializer)
+        have = {t.name for t in self.model.graph.initializer}
+        m.graph.initializer.extend(t for n, t in self.inits.items() if n not in have)
+        return m
+
+    def advance(self, stop: int, extra: Iterable[str] = ()) -> None:
+        """Run nodes ``[position, stop)`` on every batch; ``extra`` tensors produced there are kept too."""
+        stop = min(stop, len(self.nodes))
+        if stop <= self.position:
+            return
+        t0 = time.perf_counter()
+        seg = self.nodes[self.position : stop]
+        produced: list[str] = []
+        for n in seg:
+            produced.extend(o for o in n.output if o)
+        made = set(produced)
+        reads: list[str] = []
+        for names in self.reads[self.position : stop]:
+            reads.extend(names)
+        reads = list(dict.fromkeys(reads))
+        inputs = [r for r in reads if r not in made and r not in self.inits]
+        used_inits = [r for r in reads if r not in made and r in self.inits]
+        keep_extra = set(extra)
+        outputs = [o for o in produced if self.last_use.get(o, -1) >= stop or o in keep_extra]
+        for name in inputs:
+            if name not in self.state:
+                raise ModelError(f"tensor {name!r} is needed at node {self.position} but was not kept")
+        if outputs:
+            g = helper.make_graph(
+                seg,
+                f"segment_{self.position}_{stop}",
+                [self._value_info(n) for n in inputs],
+                [onnx.ValueInfoProto(name=o) for o in outputs],
+                [self.inits[n] for n in used_inits],
+            )
+            m = helper.make_model(g, opset_imports=list(self.model.opset_import))
+            m.ir_version = self.model.ir_version
+            m.functions.extend(self.model.functions)
+            what = f"a segment of the model (nodes {self.position}..{stop - 1})"
+            sess = _session(m, self.threads, what)
+            results: list[list[NDArray[np.generic]]] = [[] for _ in outputs]
+            held = self.frontier_bytes()
+            for b in range(self.num_batches):
+                feed = {n: self.state[n][b] for n in inputs}
+                for k, value in enumerate(runtime.run(sess, outputs, feed, what=what)):
+                    held += int(value.nbytes)
+                    spill = self.max_bytes is not None and held > self.max_bytes
+                    results[k].append(self._keep(value) if spill else value)
+            for o, r in zip(outputs, results, strict=True):
+                self.state[o] = r
+        self.position = stop
+        for name in [n for n in self.state if self.last_use.get(n, -1) < stop and n not in keep_extra]:
+            for a in self.state.pop(name):
+                if isinstance(a, np.memmap) and a.filename:
+                    Path(a.filename).unlink(missing_ok=True)  # the mapping stays valid until released
+        self.seconds += time.perf_counter() - t0
+
+    def _keep(self, value: NDArray[np.generic]) -> NDArray[np.generic]:
+        """Spill ``value`` to a memory-mapped ``.npy`` file (the frontier is over ``max_bytes``)."""
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="chita-activations-", dir=self._spill_root)
+            log.info("activations exceed %d bytes: spilling them to %s", self.max_bytes, self._spill.name)
+        path = Path(self._spill.name) / f"{self._spilled}.npy"
+        self._spilled += 1
+        np.save(path, np.asarray(value))
+        mapped: NDArray[np.generic] = np.load(path, mmap_mode="r")
+        return mapped
+
+    def close(self) -> None:
+        """Drop the kept tensors and any spilled files."""
+        self.state.clear()
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
+
+    def _value_info(self, name: str) -> onnx.ValueInfoProto:
+        arr = self.state[name][0]
+        elem = helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype)
+        # rank known, dims left open (the batches differ in size): onnx.checker wants a shape
+        return helper.make_tensor_value_info(name, elem, [None] * np.ndim(arr))
+
+    def run_to_end(self) -> dict[str, list[NDArray[np.generic]]]:
+        """Finish the pass; the graph outputs per batch."""
+        self.advance(len(self.nodes))
+        return {o.name: self.values(o.name) for o in self.graph.output}
+
+    def frontier_bytes(self) -> int:
+        """Bytes of the kept tensors held in memory (spilled ones excluded)."""
+        return sum(int(a.nbytes) for v in self.state.values() for a in v if not isinstance(a, np.memmap))
+
+
+def model_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    return model_inputs(model)

@@ -1,0 +1,401 @@
+"""Per-layer input statistics for layer-wise reconstruction (NumPy only; no onnx import).
+
+A prunable layer computes, per group ``g``, ``y = W_g · x`` for every *input row* ``x`` of length
+``d``: the rows are the im2col patches of a Conv (one per sample and output position), the rows of a
+Gemm's (possibly transposed, ``alpha``-scaled) ``A``, or every time step of a MatMul's operand.  This
+module turns a layer's input tensor into those rows and accumulates, batch by batch and with memory
+bounded per layer (``O(g·d·(d + M_g))``):
+
+* ``H = Σ x_p x_pᵀ``            (g, d, d)   the Gram of the rows seen by the *pruned* model,
+* ``B = Σ x_p (W̄ x_d)ᵀ``        (g, d, M_g) the cross term with the *dense* layer's outputs,
+* ``yy = Σ (W̄ x_d)²``           (g, M_g)    the dense output energy (for relative errors),
+* ``mean_p``                    (g, d)      the mean input row,
+
+over ``rows`` rows, optionally a seeded random subset of them (``max_rows``).  The layer-wise
+objective of output row ``i`` is then ``‖X_p w − X_d w̄_i‖² = wᵀHw − 2wᵀB_i + yy_i``.
+
+Weight orientation: :func:`weight_rows` maps an ONNX weight to ``(g, M_g, d)`` ("rows = outputs"),
+:func:`rows_to_weight` maps back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+from numpy.typing import NDArray
+
+Kind = Literal["conv", "gemm", "matmul_right", "matmul_left"]
+
+#: Largest im2col chunk materialised at once (bytes).
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """How a layer turns its input tensor into rows and its ONNX weight into ``(g, M_g, d)``.
+
+    * ``conv``: weight ``[M, C/g, *k]``; ``pads_begin``/``pads_end`` as in ONNX, or ``auto_pad``
+      (``SAME_UPPER``/``SAME_LOWER``/``VALID``) resolved from the input's spatial size.
+    * ``gemm``: ``Y = alpha·A'·B'``; the weight is ``B`` (``[N, K]`` with ``trans_b``, else ``[K, N]``).
+    * ``matmul_right``: ``Y = A·W``, ``W [K, N]``, ``A [..., K]``: every leading index is a row.
+    * ``matmul_left``: ``Y = W·A``, ``W [M, K]``, ``A [..., K, N]``: every column of ``A`` is a row.
+    """
+
+    kind: Kind
+    weight_shape: tuple[int, ...]
+    group: int = 1
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads_begin: tuple[int, ...] = ()
+    pads_end: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+    alpha: float = 1.0
+    trans_a: bool = False
+    trans_b: bool = False
+
+    @property
+    def groups(self) -> int:
+        return self.group if self.kind == "conv" else 1
+
+    @property
+    def d(self) -> int:
+        """Length of one input row (``C/g·Π k`` for a Conv)."""
+        if self.kind == "conv":
+            return int(np.prod(self.weight_shape[1:]))
+        if self.kind == "gemm":
+            return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
+        if self.kind == "matmul_right":
+            return self.weight_shape[0]
+        return self.weight_shape[1]
+
+    @property
+    def outputs_per_group(self) -> int:
+        """``M_g``: output rows of each group."""
+        if self.kind == "conv":
+            return self.weight_shape[0] // self.group
+        if self.kind == "gemm":
+            return self.weight_shape[0] if self.trans_b else self.weight_shape[1]
+        if self.kind == "matmul_right":
+            return self.weight_shape[1]
+        return self.weight_shape[0]
+
+    @property
+    def spatial(self) -> int:
+        return len(self.weight_shape) - 2 if self.kind == "conv" else 0
+
+    def conv_pads(self, in_spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Begin and end pads for an input of spatial size ``in_spatial`` (resolves ``auto_pad``)."""
+        s = self.spatial
+        k = self.weight_shape[2:]
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for i in range(s):
+                out = -(-in_spatial[i] // self.strides[i])
+                total = max(0, (out - 1) * self.strides[i] + (k[i] - 1) * self.dilations[i] + 1 - in_spatial[i])
+                small, big = total // 2, total - total // 2
+                begin.append(small if self.auto_pad == "SAME_UPPER" else big)
+                end.append(big if self.auto_pad == "SAME_UPPER" else small)
+            return tuple(begin), tuple(end)
+        if self.auto_pad == "VALID":
+            return (0,) * s, (0,) * s
+        return (self.pads_begin or (0,) * s), (self.pads_end or (0,) * s)
+
+
+# ------------------------------------------------------------------------------ weight orientation
+
+
+def weight_rows(w: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.float64]:
+    """The ONNX weight as ``(g, M_g, d)`` float64: row ``i`` of group ``g`` maps input rows to output ``i``."""
+    a: NDArray[np.float64] = np.asarray(w, dtype=np.float64)
+    if geom.kind == "conv":
+        return np.array(a.reshape(geom.group, a.shape[0] // geom.group, -1), dtype=np.float64, order="C")
+    if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
+        return np.array(a[None], dtype=np.float64, order="C")
+    return np.array(a.T[None], dtype=np.float64, order="C")  # Gemm without transB, MatMul A·W: W is [K, N]
+
+
+def rows_to_weight(r: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.float64]:
+    """Inverse of :func:`weight_rows`: ``(g, M_g, d)`` back to the ONNX weight shape."""
+    a: NDArray[np.float64] = np.asarray(r, dtype=np.float64)
+    if geom.kind == "conv":
+        return np.array(a.reshape(geom.weight_shape), dtype=np.float64, order="C")
+    if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
+        return np.array(a[0], dtype=np.float64, order="C")
+    return np.array(a[0].T, dtype=np.float64, order="C")
+
+
+# -------------------------------------------------------------------------------------- input rows
+
+
+def num_rows(a_shape: tuple[int, ...], geom: LayerGeometry) -> int:
+    """How many input rows a layer input of shape ``a_shape`` yields."""
+    if geom.kind == "conv":
+        pb, pe = geom.conv_pads(a_shape[2:])
+        k = geom.weight_shape[2:]
+        out = [
+            (a_shape[2 + i] + pb[i] + pe[i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1
+            for i in range(geom.spatial)
+        ]
+        return int(a_shape[0] * np.prod(out, dtype=np.int64))
+    if geom.kind == "gemm":
+        return int(a_shape[1] if geom.trans_a else a_shape[0])
+    if geom.kind == "matmul_right":
+        return int(np.prod(a_shape[:-1], dtype=np.int64))
+    return int(np.prod(a_shape[:-2], dtype=np.int64) * a_shape[-1])
+
+
+def _conv_windows(a: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.float32]:
+    """A read-only ``(N, *out, g, C/g, *k)`` window view of the zero-padded input ``a [N, C, *sp]``."""
+    s = geom.spatial
+    k = geom.weight_shape[2:]
+    pb, pe = geom.conv_pads(tuple(a.shape[2:]))
+    xp = np.pad(np.asarray(a, np.float32), [(0, 0), (0, 0), *zip(pb, pe, strict=True)])
+    out = tuple((xp.shape[2 + i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1 for i in range(s))
+    cg = a.shape[1] // geom.group
+    st = xp.strides
+    return as_strided(
+        xp,
+        shape=(xp.shape[0], *out, geom.group, cg, *k),
+        strides=(
+            st[0],
+            *(st[2 + i] * geom.strides[i] for i in range(s)),
+            cg * st[1],
+            st[1],
+            *(st[2 + i] * geom.dilations[i] for i in range(s)),
+        ),
+        writeable=False,
+    )
+
+
+def _gather_patches(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64]) -> NDArray[np.float32]:
+    """The im2col rows at ``index`` ``(R, g, d)``, gathered straight from the unpadded input (zeros
+    where a kernel tap falls into the padding): no copy of the whole activation."""
+    s = geom.spatial
+    k = geom.weight_shape[2:]
+    in_sp = tuple(a.shape[2:])
+    pb, pe = geom.conv_pads(in_sp)
+    out = tuple(
+        (in_sp[i] + pb[i] + pe[i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1 for i in range(s)
+    )
+    pos = np.unravel_index(index, (a.shape[0], *out))
+    R = len(index)
+    idx: list[NDArray[np.int64]] = [pos[0].reshape(R, *([1] * s))]
+    valid = np.ones((R, *k), dtype=bool)
+    for i in range(s):
+        shape = [R] + [1] * s
+        shape[1 + i] = k[i]
+        tap = np.arange(k[i]) * geom.dilations[i]
+        coord = (pos[1 + i] * geom.strides[i] - pb[i])[:, None] + tap[None, :]
+        coord = coord.reshape(shape)
+        valid &= (coord >= 0) & (coord < in_sp[i])
+        idx.append(np.clip(coord, 0, in_sp[i] - 1))
+    a32 = np.asarray(a, np.float32)
+    # advanced indices around the channel slice: the result is (R, *k, C)
+    key: tuple[object, ...] = (idx[0], slice(None), *idx[1:])
+    got = a32[key]  # type: ignore[index]
+    got = got * valid[..., None]
+    got = np.moveaxis(got, -1, 1)  # (R, C, *k)
+    return np.ascontiguousarray(got, dtype=np.float32).reshape(R, geom.group, geom.d)
+
+
+def input_rows(
+    a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64] | None = None
+) -> NDArray[np.float32]:
+    """The layer's input rows ``(R, g, d)`` float32 (``alpha`` applied), all of them or those at ``index``.
+
+    Row order: sample-major, then output position (Conv) / leading index (MatMul).
+    """
+    if geom.kind == "conv" and index is not None:
+        return _gather_patches(a, geom, index)
+    if geom.kind == "conv":
+        view = _conv_windows(a, geom)
+        lead = view.shape[: 1 + geom.spatial]
+        flat_lead = int(np.prod(lead))
+        g, d = geom.group, geom.d
+        rows = np.ascontiguousarray(view).reshape(flat_lead, g, d)
+        return np.ascontiguousarray(rows, dtype=np.float32)
+    a = np.asarray(a, np.float32)
+    if geom.kind == "gemm":
+        m = a.T if geom.trans_a else a
+    elif geom.kind == "matmul_right":
+        m = a.reshape(-1, a.shape[-1])
+    else:
+        m = np.swapaxes(a, -1, -2).reshape(-1, a.shape[-2])
+    if index is not None:
+        m = m[index]
+    out = np.ascontiguousarray(m, dtype=np.float32).reshape(m.shape[0], 1, m.shape[1])
+    if geom.alpha != 1.0 and geom.kind == "gemm":
+        out = out * np.float32(geom.alpha)
+    return out
+
+
+def row_chunks(a_shape: tuple[int, ...], geom: LayerGeometry) -> int:
+    """Samples per chunk so that one chunk's rows take at most :data:`CHUNK_BYTES`."""
+    per_sample = max(1, num_rows(a_shape, geom) // max(1, a_shape[0])) * geom.groups * geom.d * 4
+    return max(1, CHUNK_BYTES // per_sample)
+
+
+# ------------------------------------------------------------------------------------ accumulation
+
+
+@dataclass
+class LayerStats:
+    """Accumulated statistics of one layer (see the module docstring); all float64."""
+
+    geom: LayerGeometry
+    H: NDArray[np.float64]
+    B: NDArray[np.float64] | None
+    yy: NDArray[np.float64] | None
+    mean_p: NDArray[np.float64]
+    rows: int = 0
+    seen: int = 0  # rows before subsampling
+
+    @staticmethod
+    def empty(geom: LayerGeometry, *, cross: bool) -> LayerStats:
+        g, d, m = geom.groups, geom.d, geom.outputs_per_group
+        return LayerStats(
+            geom,
+            np.zeros((g, d, d)),
+            np.zeros((g, d, m)) if cross else None,
+            np.zeros((g, m)) if cross else None,
+            np.zeros((g, d)),
+        )
+
+
+@dataclass
+class RowSampler:
+    """Seeded choice of a subset of rows: at most about ``max_rows`` over the whole pass.
+
+    ``total`` is the number of rows the whole calibration set yields; each batch keeps the same
+    fraction of its rows (rounded up), chosen uniformly without replacement.
+    """
+
+    total: int
+    max_rows: int | None
+    seed: int
+    _rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    @property
+    def fraction(self) -> float:
+        if self.max_rows is None or self.total <= self.max_rows:
+            return 1.0
+        return self.max_rows / self.total
+
+    def pick(self, rows: int) -> NDArray[np.int64] | None:
+        f = self.fraction
+        if f >= 1.0:
+            return None
+        take = min(rows, max(1, math.ceil(f * rows)))
+        return np.sort(self._rng.choice(rows, size=take, replace=False)).astype(np.int64)
+
+
+def output_rows(
+    z: NDArray[np.floating],
+    geom: LayerGeometry,
+    index: NDArray[np.int64] | None = None,
+    offset: NDArray[np.floating] | None = None,
+) -> NDArray[np.float32]:
+    """The layer's output rows ``(R, g, M_g)`` float32 in the order of :func:`input_rows`, minus
+    ``offset`` (the per-channel bias the node adds, shape ``(g·M_g,)``)."""
+    z = np.asarray(z, np.float32)
+    if geom.kind == "conv" and index is not None:  # gather first: no copy of the whole output
+        L = int(np.prod(z.shape[2:], dtype=np.int64))
+        b, pos = np.divmod(index, L)
+        m = z.reshape(z.shape[0], z.shape[1], L)[b, :, pos]
+        index = None
+    elif geom.kind == "conv":
+        m = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+    elif geom.kind == "matmul_left":
+        m = np.swapaxes(z, -1, -2).reshape(-1, z.shape[-2])
+    else:
+        m = z.reshape(-1, z.shape[-1])
+    if index is not None:
+        m = m[index]
+    if offset is not None:
+        m = m - np.asarray(offset, np.float32).reshape(1, -1)
+    return np.ascontiguousarray(m).reshape(m.shape[0], geom.groups, geom.outputs_per_group)
+
+
+def accumulate(
+    stats: LayerStats,
+    a_pruned: NDArray[np.floating],
+    *,
+    a_dense: NDArray[np.floating] | None = None,
+    w_dense_rows: NDArray[np.floating] | None = None,
+    z_dense: NDArray[np.floating] | None = None,
+    offset: NDArray[np.floating] | None = None,
+    index: NDArray[np.int64] | None = None,
+) -> None:
+    """Add one batch.  ``a_pruned``: the layer's input tensor in the pruned model.  The dense targets
+    ``W̄ x_d`` come either from the dense model's input ``a_dense`` and ``w_dense_rows`` (``W̄`` as
+    ``(g, M_g, d)``), or directly from the dense layer's output ``z_dense`` minus ``offset`` (its
+    bias).  Without either only ``H`` is accumulated.  ``index`` picks rows (see
+    :class:`RowSampler`); without it a Conv is processed in chunks of samples."""
+    geom = stats.geom
+    total = num_rows(tuple(a_pruned.shape), geom)
+    stats.seen += total
+    wT = None
+    if stats.B is not None and a_dense is not None and w_dense_rows is not None:
+        wT = np.ascontiguousarray(np.swapaxes(w_dense_rows, 1, 2), dtype=np.float32)
+    use_z = stats.B is not None and z_dense is not None
+
+    def targets(sl: slice, idx: NDArray[np.int64] | None) -> NDArray[np.float32] | None:
+        if use_z:
+            assert z_dense is not None
+            return output_rows(z_dense[sl], geom, idx, offset)
+        if wT is not None:
+            assert a_dense is not None
+            xd = input_rows(a_dense[sl], geom, idx)
+            y: NDArray[np.float32] = np.matmul(np.ascontiguousarray(xd.transpose(1, 0, 2)), wT).transpose(1, 0, 2)
+            return y
+        return None
+
+    if geom.kind == "conv" and index is None:
+        step = row_chunks(tuple(a_pruned.shape), geom)
+        for s0 in range(0, a_pruned.shape[0], step):
+            sl = slice(s0, s0 + step)
+            _add_rows(stats, input_rows(a_pruned[sl], geom), targets(sl, None))
+        return
+    _add_rows(stats, input_rows(a_pruned, geom, index), targets(slice(None), index))
+
+
+def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32] | None) -> None:
+    """Accumulate input rows ``xp (R, g, d)`` and dense output rows ``y (R, g, M_g)`` (float32
+    products per batch, float64 sums)."""
+    R = xp.shape[0]
+    if R == 0:
+        return
+    stats.rows += R
+    ones = np.ones(R, np.float32)
+    stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
+    cross = y is not None and stats.B is not None and stats.yy is not None
+    if xp.shape[1] <= 4:
+        for gi in range(xp.shape[1]):
+            x = xp[:, gi, :]
+            stats.H[gi] += x.T @ x
+            if cross:
+                assert y is not None and stats.B is not None and stats.yy is not None
+                yg = np.ascontiguousarray(y[:, gi, :])
+                stats.B[gi] += x.T @ yg
+                stats.yy[gi] += ones @ (yg * yg)
+        return
+    xg = np.ascontiguousarray(xp.transpose(1, 2, 0))  # many groups (depthwise): batched products
+    stats.H += np.matmul(xg, xg.transpose(0, 2, 1))
+    if cross:
+        assert y is not None and stats.B is not None and stats.yy is not None
+        yg = np.ascontiguousarray(y.transpose(1, 0, 2))  # (g, R, M_g)
+        stats.B += np.matmul(xg, yg)
+        stats.yy += np.einsum("grm,grm->gm", yg, yg, dtype=np.float64)
+
+
+def finalize_means(stats: LayerStats) -> None:
+    """Turn the accumulated sum of ``mean_p`` into the mean input row (call once, after the pass)."""
+    if stats.rows:
+        stats.mean_p /= stats.rows

@@ -1,0 +1,379 @@
+"""Wiring of the layer-wise method, the layer-wise update and the statistics correction into a run.
+
+* :func:`allocate` — per-tensor keep counts that add up to exactly ``k``: ``uniform`` (the same
+  sparsity everywhere), or one global threshold on a score that is comparable across tensors —
+  ``magnitude`` (``|w|``), ``obd`` (the OBD saliency ``F_jj·w_j²`` with the diagonal of the empirical
+  Fisher from the per-sample gradients), ``chita`` (the per-tensor counts of the global one-shot
+  CHITA solution) — with a floor: every tensor keeps at least ``layer_floor·(1 − s)`` of its weights
+  (and ``min_density``).
+* :func:`prune_layerwise` / :func:`refit_layerwise` — ``--method layerwise`` (allocation, then
+  SparseGPT-style selection and exact re-fit layer by layer) and ``--update layerwise`` (re-fit any
+  method's mask layer by layer).
+* :func:`correct_statistics` — BatchNorm re-estimation and bias correction, each ``on``, ``off`` or
+  ``auto`` (chosen by the KL divergence to the dense outputs on calibration samples held out from
+  everything else).
+
+Called by :mod:`chita_onnx.pipeline` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import numpy_helper
+
+from .activations import Arrays, calibration_batches, working_copy
+from .config import CompressConfig
+from .data import ArraySource, materialize, split_holdout
+from .errors import ConfigError
+from .sequential import (
+    LayerwiseOptions,
+    PassResult,
+    batchnorm_nodes,
+    bias_correction,
+    ensure_biases,
+    layerwise_prune,
+    recalibrate_batchnorm,
+    run_outputs,
+)
+from .solver import Budget, SolverResult, chita_iht, hard_threshold
+from .solver.budgets import make_budget
+
+if TYPE_CHECKING:
+    from .pipeline import Prepared
+
+log = logging.getLogger(__name__)
+
+#: Fraction of the calibration samples held out to decide an ``auto`` statistics correction.
+DECISION_FRACTION = 0.2
+
+
+def options(config: CompressConfig) -> LayerwiseOptions:
+    return LayerwiseOptions(
+        damp=config.damp,
+        max_rows=int(config.max_rows),
+        dense_targets=config.targets == "dense",
+        refit=config.refit,
+        select=config.select,
+        seed=config.seed,
+        max_bytes=None if config.max_memory is None else config.max_memory // 4,
+        spill_dir=config.workdir,
+    )
+
+
+def batches_of(prep: Prepared, config: CompressConfig) -> list[Arrays]:
+    return calibration_batches(prep.calib, prep.specs, config.num_samples, config.batch_size)
+
+
+# ---------------------------------------------------------------------------------------- allocation
+
+
+def floor_budget(sizes: Sequence[int], config: CompressConfig, sparsity: float) -> Budget:
+    """The global budget with every tensor's floor ``max(min_density, layer_floor·(1 − s))``."""
+    floor = max(config.min_density, config.layer_floor * (1.0 - sparsity))
+    return make_budget(sizes, sparsity, scope="global", min_density=min(floor, 1.0 - sparsity))
+
+
+def allocate(
+    prep: Prepared,
+    config: CompressConfig,
+    w_bar: NDArray[np.float32],
+    sparsity: float,
+    gradients: Callable[[int | None], NDArray[np.float32] | None],
+) -> tuple[dict[str, int], str]:
+    """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used.
+
+    ``gradients(rows)`` returns the scaled per-sample gradient matrix ``X (rows, p)`` at ``w̄`` (or
+    None when it cannot be held); it is called only by the ``obd`` allocation (on
+    ``allocation_samples`` samples: the Fisher diagonal of a whole tensor needs far fewer than the
+    solvers) and the ``chita`` allocation (on all of them).
+    """
+    layout = prep.layout
+    sizes = [s.size for s in layout.slots]
+    how = "uniform" if config.scope == "layer" else config.allocation
+    if how == "uniform":
+        budget = make_budget(sizes, sparsity, scope="layer")
+        return {s.name: int(c) for s, c in zip(layout.slots, budget.lower, strict=True)}, how
+    budget = floor_budget(sizes, config, sparsity)
+    score: NDArray[np.floating] = np.abs(w_bar)
+    if how in ("obd", "chita"):
+        X = gradients((config.allocation_samples or None) if how == "obd" else None)
+        if X is None:
+            log.warning("allocation %s needs the gradient matrix, which does not fit: using magnitude", how)
+            how = "magnitude"
+        elif how == "obd":
+            fisher = np.einsum("ij,ij->j", X, X, dtype=np.float64)
+            score = fisher * np.asarray(w_bar, np.float64) ** 2
+            if not np.any(score > 0):
+                log.warning("the Fisher diagonal is zero: allocating by magnitude")
+                score, how = np.abs(w_bar), "magnitude"
+        else:
+            res = chita_iht(X, w_bar, budget, config.ridge, None, max_iter=config.max_iter, start=config.rank)
+            chosen = np.zeros(layout.p, dtype=bool)
+            chosen[res.support] = True
+            return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how
+    support = hard_threshold(score, budget)
+    chosen = np.zeros(layout.p, dtype=bool)
+    chosen[support] = True
+    return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how
+
+
+# ------------------------------------------------------------------------------------ the two modes
+
+
+def _flat(prep: Prepared, res: PassResult, w: NDArray[np.float32]) -> NDArray[np.float32]:
+    out = np.array(w, dtype=np.float32, copy=True)
+    for s in prep.layout.slots:
+        if s.name in res.weights:
+            out[s.offset : s.stop] = res.weights[s.name].reshape(-1)
+    return out
+
+
+def _info(res: PassResult) -> dict[str, float | int | str]:
+    err = sum(r.error for r in res.layers)
+    energy = sum(r.energy for r in res.layers)
+    worst = max((r.error / r.energy for r in res.layers if r.energy > 0), default=0.0)
+    return {
+        "layer_error": float(err / energy) if energy > 0 else 0.0,
+        "worst_layer_error": float(worst),
+        "layer_forward_s": res.seconds.get("forward", 0.0),
+        "layer_statistics_s": res.seconds.get("statistics", 0.0),
+        "layer_solve_s": res.seconds.get("solve", 0.0),
+    }
+
+
+def prune_layerwise(
+    prep: Prepared,
+    config: CompressConfig,
+    w_bar: NDArray[np.float32],
+    gradients: Callable[[int | None], NDArray[np.float32] | None],
+) -> SolverResult:
+    """``--method layerwise``: allocate the budget, then select and re-fit layer by layer."""
+    t0 = time.perf_counter()
+    keep, how = allocate(prep, config, w_bar, config.sparsity, gradients)
+    t_alloc = time.perf_counter() - t0
+    res = layerwise_prune(working_copy(prep.model), batches_of(prep, config), keep=keep, opts=options(config))
+    w = _flat(prep, res, w_bar)
+    support = np.flatnonzero(w).astype(np.int64)
+    info = {**_info(res), "allocation": how, "allocation_s": t_alloc}
+    return SolverResult(w, support, float("nan"), (), 1, True, "layerwise", info)
+
+
+def refit_layerwise(
+    prep: Prepared, config: CompressConfig, w: NDArray[np.float32]
+) -> tuple[NDArray[np.float32], dict[str, float | int | str]]:
+    """``--update layerwise``: re-fit the kept weights of ``w`` layer by layer, from the dense ones."""
+    layout = prep.layout
+    dense = working_copy(prep.model)
+    masks = {s.name: w[s.offset : s.stop].reshape(s.shape) != 0 for s in layout.slots}
+    res = layerwise_prune(dense, batches_of(prep, config), masks=masks, opts=options(config))
+    return _flat(prep, res, w), _info(res)
+
+
+# ------------------------------------------------------------------------------ statistics correction
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What the statistics correction did: the chosen steps, the held-out scores of the candidates."""
+
+    bn_recalibrate: str  # "on", "off" or "n/a" (no BatchNormalization with constant statistics)
+    bias_correction: str  # "on" or "off"
+    scores: dict[str, float] = field(default_factory=dict)
+    decided_on: int = 0
+    seconds: float = 0.0
+    #: Why an ``auto`` correction was not tried (it failed on this model); empty otherwise.
+    skipped: str = ""
+
+    def short(self) -> str:
+        """``none``, ``bn``, ``bias`` or ``bn+bias``, marked ``auto:`` when chosen by measurement."""
+        label = _label((self.bn_recalibrate, self.bias_correction))
+        return f"auto:{label}" if self.scores else label
+
+    def describe(self) -> str:
+        parts = [f"BN re-estimation {self.bn_recalibrate}", f"bias correction {self.bias_correction}"]
+        if self.scores:
+            s = ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items())
+            parts.append(f"(chosen by KL to dense on {self.decided_on} held-out calibration samples: {s})")
+        if self.skipped:
+            parts.append(f"(auto: not applied, it could not run on this model: {self.skipped})")
+        return "; ".join(parts)
+
+
+def needs_decision(config: CompressConfig) -> bool:
+    return "auto" in (config.bn_recalibrate, config.bias_correction)
+
+
+def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, list[Arrays] | None]:
+    """Hold out :data:`DECISION_FRACTION` of the calibration samples for the ``auto`` decisions.
+
+    Returns the prepared run whose calibration excludes them (everything else — gradients, layer
+    statistics, corrections — uses only the rest) and the held-out batches (None when nothing is
+    ``auto``).
+    """
+    from dataclasses import replace
+
+    if not needs_decision(config):
+        return prep, None
+    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
+    if not isinstance(whole, ArraySource) or whole.num_samples < 10:
+        log.warning("too few calibration samples to decide the statistics correction: leaving it off")
+        return prep, []
+    fit, decide = split_holdout(whole, DECISION_FRACTION, seed=config.seed + 7)
+    batches = calibration_batches(decide, prep.specs, decide.num_samples, config.batch_size)
+    return replace(prep, calib=fit), batches
+
+
+def _divergence(dense: NDArray[np.float64], pruned: NDArray[np.float64]) -> float:
+    """Mean KL(dense ‖ pruned) over samples for class scores ``(N, C)``; else the relative MSE."""
+    if dense.ndim == 2 and dense.shape[1] > 1:
+
+        def logp(z: NDArray[np.float64]) -> NDArray[np.float64]:
+            z = z - z.max(axis=1, keepdims=True)
+            out: NDArray[np.float64] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            return out
+
+        if np.all(dense >= 0) and np.allclose(dense.sum(axis=1), 1.0, atol=1e-3):  # probabilities
+            ld, lp = np.log(np.clip(dense, 1e-30, None)), np.log(np.clip(pruned, 1e-30, None))
+        else:
+            ld, lp = logp(dense), logp(pruned)
+        return float(np.mean(np.sum(np.exp(ld) * (ld - lp), axis=1)))
+    scale = float(np.mean(dense**2)) or 1.0
+    return float(np.mean((dense - pruned) ** 2) / scale)
+
+
+def _with_weights(model: onnx.ModelProto, weights: dict[str, NDArray[np.float32]]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(weights[init.name], dtype=np.float32), init.name))
+    return m
+
+
+def correct_statistics(
+    prep: Prepared,
+    config: CompressConfig,
+    w: NDArray[np.float32],
+    decide: list[Arrays] | None,
+    output: str | None,
+) -> tuple[onnx.ModelProto | None, Correction]:
+    """Apply (or choose and apply) BN re-estimation and bias correction to the pruned weights ``w``.
+
+    Returns the corrected model in the *input's* format (same opset, IR, Constant nodes) with the
+    pruned weights in place, or None when no step is applied, and what was done.  A correction left
+    on ``auto`` is a measured option, not a promise: when its layer-by-layer runs fail on a model
+    (an export whose graph cannot be run in segments, for example), it is skipped with a warning
+    and the report says why; an explicit ``on`` raises instead.
+    """
+    t0 = time.perf_counter()
+    try:
+        return _correct_statistics(prep, config, w, decide, output, t0)
+    except Exception as exc:  # auto mode falls back to no correction, explicitly reported
+        if "on" in (config.bn_recalibrate, config.bias_correction) or isinstance(exc, MemoryError):
+            raise
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        log.warning("statistics correction skipped (auto): %s", why)
+        return None, Correction("off", "off", seconds=time.perf_counter() - t0, skipped=why)
+
+
+def _correct_statistics(
+    prep: Prepared,
+    config: CompressConfig,
+    w: NDArray[np.float32],
+    decide: list[Arrays] | None,
+    output: str | None,
+    t0: float,
+) -> tuple[onnx.ModelProto | None, Correction]:
+    dense = working_copy(prep.model)
+    has_bn = bool(batchnorm_nodes(dense))
+    bn_opts = (
+        ["off"]
+        if config.bn_recalibrate == "off" or not has_bn
+        else (["on"] if config.bn_recalibrate == "on" else ["off", "on"])
+    )
+    bias_opts = (
+        ["off"] if config.bias_correction == "off" else (["on"] if config.bias_correction == "on" else ["off", "on"])
+    )
+    if decide is not None and len(decide) == 0:  # too few samples to decide: auto means off
+        bn_opts = [o for o in bn_opts if o == "off" or config.bn_recalibrate == "on"] or ["off"]
+        bias_opts = [o for o in bias_opts if o == "off" or config.bias_correction == "on"] or ["off"]
+    bn_label = "n/a" if not has_bn else ""
+    names = list(prep.layout.names)
+    weights = prep.layout.unflatten(np.asarray(w, dtype=np.float32))
+    pruned = _with_weights(dense, weights)
+    if bn_opts == ["off"] and bias_opts == ["off"]:
+        return None, Correction(bn_label or "off", "off", seconds=time.perf_counter() - t0)
+    fit = batches_of(prep, config)
+    spill = {"max_bytes": options(config).max_bytes, "spill_dir": config.workdir}
+    candidates: dict[tuple[str, str], onnx.ModelProto] = {}
+    for bias in bias_opts:
+        base = pruned if bias == "off" else bias_correction(dense, pruned, names, fit, **spill)[0]  # type: ignore[arg-type]
+        for bn in bn_opts:
+            candidates[(bn, bias)] = base if bn == "off" else recalibrate_batchnorm(base, fit, **spill)[0]  # type: ignore[arg-type]
+    scores: dict[str, float] = {}
+    if len(candidates) > 1:
+        assert decide
+        out = output or dense.graph.output[0].name
+        ref = run_outputs(dense, decide, out)
+        for key, m in candidates.items():
+            scores[_label(key)] = _divergence(ref, run_outputs(m, decide, out))
+        best = min(candidates, key=lambda k: (scores[_label(k)], (k[0] == "on") + (k[1] == "on")))
+    else:
+        best = next(iter(candidates))
+    chosen = candidates[best]
+    n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
+    corr = Correction(bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0)
+    if best == ("off", "off"):
+        return None, corr
+    return _transplant(prep.model, chosen, pruned, names, weights, bias=best[1] == "on"), corr
+
+
+def _label(key: tuple[str, str]) -> str:
+    bn, bias = key
+    return "+".join([p for p, on in (("bn", bn == "on"), ("bias", bias == "on")) if on]) or "none"
+
+
+def _transplant(
+    original: onnx.ModelProto,
+    corrected: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    names: Sequence[str],
+    weights: dict[str, NDArray[np.float32]],
+    *,
+    bias: bool,
+) -> onnx.ModelProto:
+    """The input model with the corrected statistics: initializers that differ between ``corrected``
+    and ``pruned`` (working copies) are copied over by name; new biases are added the same way."""
+    from .graph import write_weights
+
+    target = original
+    new_bias: dict[str, str] = {}
+    if bias:
+        target, new_bias = ensure_biases(original, names)
+        _, work_bias = ensure_biases(pruned, names)
+        rename = {work_bias[k]: new_bias[k] for k in work_bias if k in new_bias}
+    else:
+        rename = {}
+    before = {t.name: t for t in pruned.graph.initializer}
+    changed: dict[str, NDArray[np.floating]] = {}
+    for t in corrected.graph.initializer:
+        if t.name in weights:
+            continue
+        old = before.get(t.name)
+        if old is not None and old.SerializeToString() == t.SerializeToString():
+            continue
+        changed[rename.get(t.name, t.name)] = numpy_helper.to_array(t)
+    have = {t.name for t in target.graph.initializer}
+    missing = [k for k in changed if k not in have]
+    if missing:
+        raise ConfigError(f"statistics correction changed tensors the input model does not hold: {missing[:3]}")
+    out, _ = write_weights(target, {**changed, **weights}, storage="dense")
+    return out

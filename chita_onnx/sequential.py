@@ -1,0 +1,412 @@
+"""Sequential passes through the graph: layer-wise pruning, bias correction, BatchNorm re-estimation.
+
+Each pass walks the prunable layers (or BN nodes) in graph order with a
+:class:`~chita_onnx.activations.SegmentRunner` on the model being changed and, where targets are
+needed, a second runner on the dense model advanced in lockstep.  Every layer therefore sees its
+inputs from the already-changed upstream model, and the whole pass costs about one forward pass of
+each model over the calibration batches (plus the per-layer statistics and solves).
+
+The math is elsewhere: rows and Grams in :mod:`chita_onnx.layerstats`, the per-layer solve in
+:mod:`chita_onnx.solver.layerwise`; this module only moves arrays between them and the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import helper, numpy_helper
+
+from .activations import Arrays, LayerSite, SegmentRunner, find_layers
+from .graph import _constant_values
+from .layerstats import LayerStats, RowSampler, accumulate, finalize_means, num_rows, rows_to_weight, weight_rows
+from .progress import progress
+from .solver.layerwise import prune_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerwiseOptions:
+    """Settings of the layer-wise pass (see :class:`~chita_onnx.config.CompressConfig`)."""
+
+    damp: float = 0.01
+    block: int = 128
+    max_rows: int = 0  # cap on rows per layer as a multiple of d (0: every row)
+    dense_targets: bool = True
+    refit: bool = True
+    select: str = "sparsegpt"
+    seed: int = 0
+    threads: int = 1
+    max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
+    spill_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What the pass did to one tensor (errors are summed squared output errors vs the dense layer)."""
+
+    name: str
+    size: int
+    kept: int
+    rows: int
+    error: float
+    masked_error: float
+    dense_error: float
+    energy: float
+    damp: float
+    seconds: float
+
+
+@dataclass
+class PassResult:
+    weights: dict[str, NDArray[np.float32]]
+    layers: list[LayerReport]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _stats_for(
+    site: LayerSite,
+    pruned: SegmentRunner,
+    dense: SegmentRunner | None,
+    W_bar_rows: NDArray[np.float64],
+    opts: LayerwiseOptions,
+    layer_index: int,
+) -> LayerStats:
+    """The layer's statistics over all batches.  ``pruned`` stands before the layer's node; the dense
+    targets come from the dense runner's layer *output* (minus the node's own bias), or — when that
+    bias is not a constant — from its layer input times ``W̄``."""
+    geom = site.geometry
+    stats = LayerStats.empty(geom, cross=dense is not None)
+    xs = pruned.values(site.input)
+    z: Sequence[NDArray[np.generic]] | None = None
+    ad: Sequence[NDArray[np.generic]] | None = None
+    offset = None
+    if dense is not None:
+        if site.opaque_offset:
+            dense.advance(site.position)
+            ad = dense.values(site.input)
+        else:
+            dense.advance(site.position + 1, extra=[site.output])
+            z = dense.values(site.output)
+            if site.offset is not None:
+                c = np.asarray(dense.initializer(site.offset), np.float64).reshape(-1) * site.offset_scale
+                m = geom.outputs_per_group * geom.groups
+                offset = np.full(m, c[0]) if c.size == 1 else c
+    total = sum(num_rows(tuple(a.shape), geom) for a in xs)
+    cap = opts.max_rows * geom.d if opts.max_rows > 0 else None
+    sampler = RowSampler(total, cap, seed=opts.seed * 1_000_003 + layer_index)
+    for b, a in enumerate(xs):
+        a32 = np.asarray(a, np.float32)
+        idx = sampler.pick(num_rows(tuple(a32.shape), geom))
+        if z is not None:
+            accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx)
+        elif ad is not None:
+            accumulate(stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx)
+        else:
+            accumulate(stats, a32, index=idx)
+    finalize_means(stats)
+    return stats
+
+
+def layerwise_prune(
+    model: onnx.ModelProto,
+    batches: Sequence[Arrays],
+    *,
+    keep: Mapping[str, int] | None = None,
+    masks: Mapping[str, NDArray[np.bool_]] | None = None,
+    opts: LayerwiseOptions | None = None,
+) -> PassResult:
+    """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
+    by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
+    modified.  Returns the new weights (ONNX shapes, float32) and a report per tensor."""
+    opts = opts or LayerwiseOptions()
+    names = list(keep if keep is not None else masks or {})
+    sites = find_layers(model, names)
+    t0 = time.perf_counter()
+    kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
+    pruned = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
+    dense = SegmentRunner(model, batches, **kw) if opts.dense_targets else None  # type: ignore[arg-type]
+    weights: dict[str, NDArray[np.float32]] = {}
+    reports: list[LayerReport] = []
+    t_stats = t_solve = 0.0
+    for i, site in enumerate(progress(sites, total=len(sites), desc="layer-wise", unit="layer")):
+        pruned.advance(site.position)
+        W_bar = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
+        geom = site.geometry
+        Wr = weight_rows(W_bar, geom)
+        ts = time.perf_counter()
+        stats = _stats_for(site, pruned, dense, Wr, opts, i)
+        t_stats += time.perf_counter() - ts
+        ts = time.perf_counter()
+        if keep is not None:
+            sol = prune_layer(
+                Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
+                refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight,
+            )  # fmt: skip
+        else:
+            assert masks is not None
+            m = weight_rows(np.asarray(masks[site.weight], dtype=np.float64), geom) != 0
+            sol = prune_layer(
+                Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
+                block=opts.block, name=site.weight,
+            )  # fmt: skip
+        t_solve += time.perf_counter() - ts
+        W = rows_to_weight(sol.W, geom).astype(np.float32)
+        W[rows_to_weight(sol.mask.astype(np.float64), geom) == 0] = 0.0
+        weights[site.weight] = W
+        pruned.set_initializer(site.weight, W)
+        energy = float(np.sum(stats.yy)) if stats.yy is not None else float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
+        reports.append(
+            LayerReport(
+                site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows, sol.error, sol.masked_error,
+                sol.dense_error, energy, sol.damp, time.perf_counter() - ts,
+            )
+        )  # fmt: skip
+        log.debug(
+            "%s: kept %d/%d, rows %d, relative error %.4g (masked %.4g)",
+            site.weight, int(np.count_nonzero(W)), W.size, stats.rows,
+            sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
+        )  # fmt: skip
+    total = time.perf_counter() - t0
+    fwd = pruned.seconds + (dense.seconds if dense is not None else 0.0)
+    pruned.close()
+    if dense is not None:
+        dense.close()
+    return PassResult(weights, reports, {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total})
+
+
+# ------------------------------------------------------------------------------ statistics correction
+
+
+def _channel_mean(values: Sequence[NDArray[np.generic]], axis: int) -> tuple[NDArray[np.float64], int]:
+    """Per-channel sum over every other axis and the count, summed over batches."""
+    total: NDArray[np.float64] | None = None
+    count = 0
+    for v in values:
+        a = np.asarray(v, np.float64)
+        ax = axis % a.ndim
+        s = a.sum(axis=tuple(i for i in range(a.ndim) if i != ax))
+        total = s if total is None else total + s
+        count += a.size // a.shape[ax]
+    assert total is not None
+    return total, count
+
+
+def ensure_biases(model: onnx.ModelProto, weights: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` in which every layer of ``weights`` adds a constant per-channel bias that
+    can be corrected: Conv gets a zero ``B`` input, Gemm a zero ``C``, and MatMul a following
+    ``Add`` of a zero vector unless its only consumer already adds a constant of shape ``[N]``.
+    The outputs are unchanged.  Returns the copy and ``{weight: bias initializer}``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    weight_tensors = {**{n: t for n, (_, t) in _constant_values(g).items()}, **inits}
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def uses(name: str) -> int:
+        return len(consumers.get(name, []))
+
+    graph_outputs = {o.name for o in g.output}
+    out: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    sites = {s.weight: s for s in find_layers(m, weights)}
+    at = {s.position: s for s in sites.values()}
+    for pos, original in enumerate(g.node):
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        new_nodes.append(node)
+        site = at.get(pos)
+        if site is None:
+            continue
+        w = weight_tensors[site.weight]
+        dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
+        geom = site.geometry
+        channels = geom.outputs_per_group * geom.groups
+        if (
+            site.bias is not None
+            and tuple(inits[site.bias].dims) in ((channels,), (1, channels))
+            and uses(site.bias) == 1
+        ):
+            out[site.weight] = site.bias
+            continue
+        if node.op_type in ("Conv", "Gemm"):
+            if len(node.input) >= 3 and node.input[2]:
+                log.info("%s: its bias is not a per-channel initializer; no bias correction", site.weight)
+                continue
+            name = fresh(f"{site.weight}_bias")
+            g.initializer.append(numpy_helper.from_array(np.zeros(channels, dtype), name))
+            if len(node.input) >= 3:
+                node.input[2] = name
+            else:
+                node.input.append(name)
+            if node.op_type == "Gemm":  # beta had no effect without C; make it 1 for the new bias
+                keep_attrs = [a for a in node.attribute if a.name != "beta"]
+                del node.attribute[:]
+                node.attribute.extend(keep_attrs)
+            out[site.weight] = name
+            continue
+        if node.op_type == "MatMul":
+            z = node.output[0]
+            users = consumers.get(z, [])
+            bshape = (channels,) if geom.kind == "matmul_right" else (channels, 1)
+            if len(users) == 1 and z not in graph_outputs and users[0].op_type == "Add":
+                other = [i for i in users[0].input if i != z]
+                if (
+                    len(other) == 1
+                    and other[0] in inits
+                    and tuple(inits[other[0]].dims) == bshape
+                    and uses(other[0]) == 1
+                ):
+                    out[site.weight] = other[0]
+                    continue
+            name = fresh(f"{site.weight}_bias")
+            g.initializer.append(numpy_helper.from_array(np.zeros(bshape, dtype), name))
+            mid = fresh(f"{z}_unbiased")
+            node.output[0] = mid
+            new_nodes.append(helper.make_node("Add", [mid, name], [z], name=fresh(f"{site.node}_bias_add")))
+            out[site.weight] = name
+            continue
+        log.info("%s: no per-channel bias to correct", site.weight)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return m, out
+
+
+def _producer_positions(model: onnx.ModelProto) -> dict[str, int]:
+    return {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+
+
+def _consumer_of_bias(model: onnx.ModelProto, bias: str) -> tuple[int, str]:
+    """The node that adds ``bias`` and its output tensor."""
+    for i, n in enumerate(model.graph.node):
+        if bias in n.input:
+            return i, n.output[0]
+    raise KeyError(bias)
+
+
+def bias_correction(
+    dense_model: onnx.ModelProto,
+    pruned_model: onnx.ModelProto,
+    weights: Sequence[str],
+    batches: Sequence[Arrays],
+    *,
+    threads: int = 1,
+    max_bytes: int | None = None,
+    spill_dir: str | None = None,
+) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """Restore each output channel's mean, layer by layer: ``bias += mean(dense out) − mean(pruned out)``.
+
+    Both models are working copies with the same graph (the pruned one has different weights).  The
+    result has a bias per corrected layer (see :func:`ensure_biases`).  Returns the corrected model
+    and the relative size of each correction (‖Δb‖ / ‖output mean‖).
+    """
+    dm, bias_d = ensure_biases(dense_model, weights)
+    pm, bias_p = ensure_biases(pruned_model, weights)
+    dense = SegmentRunner(dm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
+    pruned = SegmentRunner(pm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
+    sites = {s.weight: s for s in find_layers(pm, weights)}
+    order = sorted(bias_p, key=lambda w: _consumer_of_bias(pm, bias_p[w])[0])
+    moved: dict[str, float] = {}
+    for w in order:
+        pos, out = _consumer_of_bias(pm, bias_p[w])
+        dense.advance(pos + 1, extra=[out])
+        pruned.advance(pos + 1, extra=[out])
+        axis = sites[w].channel_axis
+        sd, c = _channel_mean(dense.values(out), axis)
+        sp, _ = _channel_mean(pruned.values(out), axis)
+        delta = (sd - sp) / max(c, 1)
+        b = pruned.initializer(bias_p[w]).astype(np.float64)
+        pruned.set_initializer(bias_p[w], (b + delta.reshape(b.shape)).astype(np.float32))
+        vals = pruned.values(out)
+        for k, v in enumerate(vals):
+            shape = [1] * v.ndim
+            shape[axis % v.ndim] = -1
+            vals[k] = (np.asarray(v) + delta.reshape(shape).astype(v.dtype)).astype(v.dtype)
+        ref = float(np.linalg.norm(sd / max(c, 1)))
+        moved[w] = float(np.linalg.norm(delta)) / ref if ref > 0 else 0.0
+    del bias_d
+    dense.close()
+    out = pruned.current_model()
+    pruned.close()
+    return out, moved
+
+
+def batchnorm_nodes(model: onnx.ModelProto) -> list[int]:
+    """Positions of the BatchNormalization nodes whose statistics are initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [
+        i
+        for i, n in enumerate(model.graph.node)
+        if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") and len(n.input) >= 5
+        and n.input[3] in inits and n.input[4] in inits
+    ]  # fmt: skip
+
+
+def recalibrate_batchnorm(
+    pruned_model: onnx.ModelProto,
+    batches: Sequence[Arrays],
+    *,
+    threads: int = 1,
+    max_bytes: int | None = None,
+    spill_dir: str | None = None,
+) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """Re-estimate every BatchNormalization's running mean and variance from the calibration batches,
+    BN by BN in graph order (each with the upstream BNs already re-estimated).  Returns the model and,
+    per BN node, the relative change of its mean."""
+    runner = SegmentRunner(pruned_model, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
+    changed: dict[str, float] = {}
+    for pos in batchnorm_nodes(pruned_model):
+        node = runner.nodes[pos]
+        runner.advance(pos)
+        xs = runner.values(node.input[0])
+        s, c = _channel_mean(xs, 1)
+        mean = s / max(c, 1)
+        sq = 0.0
+        for v in xs:
+            a = np.asarray(v, np.float64)
+            shape = [1] * a.ndim
+            shape[1] = -1
+            diff = a - mean.reshape(shape)
+            sq = sq + (diff**2).sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+        var = np.asarray(sq) / max(c, 1)
+        old = runner.initializer(node.input[3]).astype(np.float64)
+        runner.set_initializer(node.input[3], mean.reshape(old.shape))
+        runner.set_initializer(node.input[4], var.reshape(old.shape))
+        denom = float(np.linalg.norm(old))
+        changed[node.name or f"<BatchNormalization #{pos}>"] = (
+            float(np.linalg.norm(mean - old.reshape(-1))) / denom if denom > 0 else 0.0
+        )
+    out = runner.current_model()
+    runner.close()
+    return out, changed
+
+
+def run_outputs(
+    model: onnx.ModelProto, batches: Sequence[Arrays], output: str, *, threads: int = 1
+) -> NDArray[np.float64]:
+    """One full forward pass; the named output concatenated over batches (float64)."""
+    r = SegmentRunner(model, batches, threads=threads)
+    r.advance(len(r.nodes))
+    out = np.concatenate([np.asarray(v, np.float64) for v in r.values(output)])
+    r.close()
+    return out

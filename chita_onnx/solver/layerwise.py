@@ -1,0 +1,461 @@
+"""Layer-wise reconstruction: prune one layer so that its outputs stay close to the dense layer's.
+
+Pure NumPy/SciPy; never imports onnx.  For one layer (per group ``g`` of a grouped Conv) with input
+statistics from :mod:`chita_onnx.layerstats`:
+
+* ``H`` ``(d, d)`` — Gram of the input rows ``x_p`` that the (already pruned) upstream model produces,
+* ``B`` ``(d, M)`` — cross term ``Σ x_p (W̄ x_d)ᵀ`` with the dense layer's outputs on dense inputs
+  (``None``: the targets are ``W̄ x_p``, i.e. ``B = H W̄ᵀ``, as in SparseGPT),
+* ``W̄`` ``(M, d)`` — the dense weight, rows = outputs,
+
+row ``i`` of the pruned weight minimises, over the kept support ``S_i``,
+
+    E_i(w) + λ‖w − w̄_i‖²,   E_i(w) = Σ_rows (x_pᵀ w − x_dᵀ w̄_i)² = wᵀHw − 2wᵀB_i + yy_i,
+
+with ``λ = damp · mean(diag H)`` (SparseGPT's damping, here a ridge toward the dense weight).  With
+``H_λ = H + λI`` and the unconstrained optimum ``w*_i = H_λ⁻¹(B_i + λ w̄_i)`` this is the quadratic
+``(w − w*_i)ᵀ H_λ (w − w*_i) + const``, so:
+
+* :func:`sparsegpt_sweep` selects and updates by an OBS column sweep over ``w*`` with adaptive mask
+  selection per block of columns (Frantar & Alistarh 2023), for an exact keep count;
+* :func:`ridge_refit` re-fits every row exactly on its support: ``w_S = (H_λ)_SS⁻¹ (B_i + λ w̄_i)_S``
+  (Cholesky per row, or batched conjugate gradients from the current weights for very large layers —
+  both never increase the objective).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import scipy.linalg as sla
+from numpy.typing import NDArray
+
+from ..errors import SolverError
+
+log = logging.getLogger(__name__)
+
+F64 = NDArray[np.float64]
+Select = Literal["sparsegpt", "magnitude", "mask"]
+
+#: Default relative damping: ``λ = DAMP · mean(diag H)`` (SparseGPT's 1%).
+DAMP = 0.01
+#: Column block of the sweep (SparseGPT's 128).
+BLOCK = 128
+#: Rows·|S|³ above which the exact re-fit switches from per-row Cholesky to batched CG.
+EXACT_FLOPS = 4e10
+
+
+@dataclass(frozen=True)
+class Damped:
+    """``H_λ = H + λI`` with its Cholesky factor; ``damp`` is the relative damping actually used."""
+
+    H: F64
+    lam: float
+    damp: float
+    chol: tuple[F64, bool]
+
+
+def damp_gram(H: F64, damp: float = DAMP, *, name: str = "layer", max_tries: int = 8) -> Damped:
+    """Damp ``H`` (d × d, symmetric PSD up to rounding) until it is positive definite.
+
+    ``λ = damp · mean(diag H)`` (``damp`` itself when the diagonal is all zero: every input dead).
+    When the Cholesky factorisation fails, ``damp`` is multiplied by 10 (at most ``max_tries``
+    times) with a warning naming the layer; a Gram with NaN/inf raises :class:`SolverError`.
+    """
+    H = np.asarray(H, dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise SolverError(f"{name}: the input Gram must be square, got shape {H.shape}")
+    if not np.all(np.isfinite(H)):
+        raise SolverError(f"{name}: the input Gram contains NaN or infinity (the layer's inputs overflow)")
+    if damp < 0:
+        raise SolverError(f"{name}: damping must be ≥ 0, got {damp}")
+    H = 0.5 * (H + H.T)
+    scale = float(np.mean(np.diag(H))) if H.size else 0.0
+    if scale <= 0.0:
+        scale = 1.0
+    d0 = damp
+    cur = damp if damp > 0 else 1e-8
+    for _ in range(max_tries + 1):
+        lam = cur * scale
+        Hl = H + lam * np.eye(H.shape[0])
+        try:
+            chol = sla.cho_factor(Hl, lower=False, check_finite=False)
+            if not np.all(np.isfinite(chol[0])) or np.any(np.diag(chol[0]) <= 0):
+                raise np.linalg.LinAlgError("non-positive pivot")
+        except (np.linalg.LinAlgError, ValueError):
+            nxt = cur * 10
+            log.warning(
+                "%s: H + λI is not positive definite with damping %.3g·mean(diag H); retrying with %.3g",
+                name,
+                cur,
+                nxt,
+            )
+            cur = nxt
+            continue
+        if cur != d0:
+            log.warning("%s: used damping %.3g·mean(diag H) instead of %.3g", name, cur, d0)
+        return Damped(Hl, lam, cur, chol)
+    raise SolverError(
+        f"{name}: the input Gram is not positive definite even with damping {cur:.3g}·mean(diag H); "
+        "its inputs are degenerate"
+    )
+
+
+def targets(W_bar: F64, dh: Damped, B: F64 | None) -> tuple[F64, F64]:
+    """``(rhs, W*)``: ``rhs_i = B_i + λ w̄_i`` and ``w*_i = H_λ⁻¹ rhs_i`` (rows = outputs, ``(M, d)``).
+
+    Without ``B`` (targets from the pruned inputs) ``rhs = H_λ w̄`` and ``W* = W̄``.
+    """
+    if B is None:
+        return W_bar @ dh.H, W_bar.copy()
+    rhs = B.T + dh.lam * W_bar
+    return rhs, sla.cho_solve(dh.chol, rhs.T, check_finite=False).T
+
+
+def inverse(dh: Damped) -> F64:
+    """``H_λ⁻¹`` (d × d)."""
+    return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
+
+
+def obs_saliency(W_star: F64, Hinv_diag: F64) -> F64:
+    """OBS cost of zeroing each weight alone: ``w*_ij² / [H_λ⁻¹]_jj`` (``(M, d)``)."""
+    return np.asarray(W_star**2 / np.maximum(Hinv_diag, 1e-300)[None, :])
+
+
+def objective(W: F64, dh: Damped, rhs: F64) -> float:
+    """``Σ_i wᵢᵀH_λwᵢ − 2wᵢᵀrhsᵢ`` (the damped objective up to a constant that does not depend on W)."""
+    return float(np.einsum("ij,ij->", W @ dh.H, W) - 2.0 * np.einsum("ij,ij->", W, rhs))
+
+
+def reconstruction_error(W: F64, H: F64, B: F64 | None, yy: F64 | None, W_bar: F64) -> float:
+    """``Σ_i E_i(w_i)``: the summed squared output error against the dense layer (no damping)."""
+    WH = np.einsum("ij,ij->", W @ H, W)
+    if B is None or yy is None:
+        D = W - W_bar
+        return float(max(0.0, np.einsum("ij,ij->", D @ H, D)))
+    return float(max(0.0, WH - 2.0 * np.einsum("ij,ji->", W, B) + float(np.sum(yy))))
+
+
+def _block_counts(prune: int, d: int, block: int, saliency: F64) -> list[int]:
+    """How many of the ``prune`` weights each column block removes: as many as the block holds among
+    the layer's ``prune`` smallest OBS saliencies ``(M, d)``, so that blocks of unimportant columns
+    (dead pixels, say) give more (SparseGPT itself removes the same fraction in every block)."""
+    edges = [*range(0, d, block), d]
+    if prune <= 0:
+        return [0] * (len(edges) - 1)
+    flat = saliency.reshape(-1)
+    low = np.zeros(flat.size, dtype=bool)
+    low[np.argpartition(flat, min(prune, flat.size) - 1)[:prune]] = True
+    per_col = low.reshape(saliency.shape).sum(axis=0)
+    return [int(per_col[a:b].sum()) for a, b in itertools.pairwise(edges)]
+
+
+def sparsegpt_sweep(
+    W_star: F64, Hinv: F64, keep: int | None = None, mask: NDArray[np.bool_] | None = None, *, block: int = BLOCK
+) -> tuple[F64, NDArray[np.bool_]]:
+    """SparseGPT's OBS column sweep on ``(W − W*)ᵀ H_λ (W − W*)``, keeping exactly ``keep`` weights.
+
+    ``Hinv`` is ``H_λ⁻¹``.  Columns are processed left to right in blocks; within a block the weights
+    of smallest ``w² / [U]_jj²`` (``U`` the upper Cholesky factor of ``H_λ⁻¹``) across all rows are
+    removed (the block's share of the budget), and every removal is compensated on the columns to
+    its right.  With ``mask`` (True = kept) the selection is given and only the updates run.
+    Returns ``(W, mask)``, ``(M, d)`` each.
+    """
+    M, d = W_star.shape
+    if (keep is None) == (mask is None):
+        raise SolverError("give exactly one of keep and mask")
+    try:
+        U = sla.cholesky(Hinv, lower=False, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
+    W = W_star.copy()
+    kept = np.ones((M, d), dtype=bool) if mask is None else mask.astype(bool, copy=True)
+    counts: list[int] = []
+    if keep is not None:
+        counts = _block_counts(M * d - int(keep), d, block, W_star**2 / np.maximum(np.diag(Hinv), 1e-300)[None, :])
+    for bi, i1 in enumerate(range(0, d, block)):
+        i2 = min(d, i1 + block)
+        W1 = W[:, i1:i2].copy()
+        U1 = U[i1:i2, i1:i2]
+        err = np.zeros_like(W1)
+        if keep is not None:
+            q = counts[bi]
+            if q > 0:
+                score = W1**2 / (np.diag(U1)[None, :] ** 2)
+                flat = np.argpartition(score, q - 1, axis=None)[:q] if q < score.size else np.arange(score.size)
+                blk = np.ones(score.size, dtype=bool)
+                blk[flat] = False
+                kept[:, i1:i2] = blk.reshape(score.shape)
+        k1 = kept[:, i1:i2]
+        for j in range(i2 - i1):
+            w = W1[:, j]
+            q_ = np.where(k1[:, j], w, 0.0)
+            e = (w - q_) / U1[j, j]
+            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
+            W1[:, j] = q_
+            err[:, j] = e
+        W[:, i1:i2] = W1
+        if i2 < d:
+            W[:, i2:] -= err @ U[i1:i2, i2:]
+    W[~kept] = 0.0
+    return W, kept
+
+
+def ridge_refit(dh: Damped, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None = None) -> tuple[F64, str]:
+    """Exact re-fit of every row on its support: ``w_S = (H_λ)_SS⁻¹ rhs_S`` (``(M, d)``, zeros off ``S``).
+
+    Per-row Cholesky when ``Σ_i |S_i|³`` is small, otherwise Jacobi-preconditioned conjugate gradients
+    on all rows at once, started from ``W0`` (the masked weights) so that the objective only falls.
+    Returns ``(W, how)``.
+    """
+    M, d = rhs.shape
+    sizes = mask.sum(axis=1)
+    W = np.zeros((M, d))
+    if float(np.sum(sizes.astype(np.float64) ** 3)) <= EXACT_FLOPS:
+        Hl = dh.H
+        full = sizes == d
+        if np.any(full):
+            W[full] = sla.cho_solve(dh.chol, rhs[full].T, check_finite=False).T
+        for i in np.flatnonzero(~full & (sizes > 0)):
+            S = np.flatnonzero(mask[i])
+            c = sla.cho_factor(Hl[np.ix_(S, S)], lower=False, check_finite=False)
+            W[i, S] = sla.cho_solve(c, rhs[i, S], check_finite=False)
+        return W, "cholesky"
+    return _cg_refit(dh.H, rhs, mask, W0), "cg"
+
+
+def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: float = 1e-6, iters: int = 300) -> F64:
+    """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support."""
+    P = mask.astype(np.float64)
+    X = np.zeros_like(rhs) if W0 is None else W0 * P
+    diag = np.maximum(np.diag(H), 1e-300)[None, :]
+    R = (rhs - X @ H) * P
+    Z = R / diag
+    Pd = Z.copy()
+    rz = np.einsum("ij,ij->i", R, Z)
+    stop = tol * np.maximum(np.linalg.norm(rhs * P, axis=1), 1e-300)
+    for _ in range(iters):
+        if np.all(np.linalg.norm(R, axis=1) <= stop):
+            break
+        Ap = (Pd @ H) * P
+        denom = np.einsum("ij,ij->i", Pd, Ap)
+        alpha = np.where(denom > 0, rz / np.where(denom > 0, denom, 1.0), 0.0)
+        X += alpha[:, None] * Pd
+        R -= alpha[:, None] * Ap
+        Z = R / diag
+        rz_new = np.einsum("ij,ij->i", R, Z)
+        beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+        Pd = Z + beta[:, None] * Pd
+        rz = rz_new
+    return X
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """The pruned rows of one layer, ``(g, M_g, d)``, with what it cost.
+
+    ``error`` / ``masked_error`` / ``dense_error``: the summed squared output error against the dense
+    layer (undamped) of the result, of the dense weights under the same mask, and of the unpruned
+    dense weights on the pruned inputs.  ``damp``: the largest relative damping used.
+    """
+
+    W: F64
+    mask: NDArray[np.bool_]
+    error: float
+    masked_error: float
+    dense_error: float
+    damp: float
+    info: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def split_budget(scores: F64, keep: int) -> NDArray[np.int64]:
+    """Per-group keep counts (summing to exactly ``keep``) from the ``keep`` largest ``scores (g, M, d)``."""
+    flat = scores.reshape(-1)
+    if keep >= flat.size:
+        return np.full(scores.shape[0], flat.size // max(1, scores.shape[0]), dtype=np.int64)
+    chosen = np.zeros(flat.size, dtype=bool)
+    if keep > 0:
+        chosen[np.argpartition(-flat, keep - 1)[:keep]] = True
+    counts: NDArray[np.int64] = chosen.reshape(scores.shape[0], -1).sum(axis=1).astype(np.int64)
+    return counts
+
+
+def prune_layer(
+    W_bar: F64,
+    H: F64,
+    B: F64 | None = None,
+    yy: F64 | None = None,
+    *,
+    keep: int | None = None,
+    mask: NDArray[np.bool_] | None = None,
+    select: Select = "sparsegpt",
+    refit: bool = True,
+    damp: float = DAMP,
+    block: int = BLOCK,
+    name: str = "layer",
+) -> LayerSolution:
+    """Prune one layer (all its groups) to exactly ``keep`` weights, or re-fit it on ``mask``.
+
+    ``W_bar (g, M, d)``, ``H (g, d, d)``, ``B (g, d, M)`` or None, ``yy (g, M)`` or None,
+    ``mask (g, M, d)`` bool (True = kept).  ``select``: ``"sparsegpt"`` (OBS sweep, adaptive mask),
+    ``"magnitude"`` (largest ``|w*|``, then the updates), or ``"mask"`` (use ``mask``).  ``refit``
+    adds the exact ridge re-fit of every row on the final support.  The budget is split over the
+    groups of a grouped Conv by the OBS saliency of all its weights.
+    """
+    W_bar = np.ascontiguousarray(W_bar, dtype=np.float64)
+    g, M, d = W_bar.shape
+    if H.shape != (g, d, d):
+        raise SolverError(f"{name}: H has shape {H.shape}, expected {(g, d, d)}")
+    if B is not None and B.shape != (g, d, M):
+        raise SolverError(f"{name}: B has shape {B.shape}, expected {(g, d, M)}")
+    if (mask is None) == (keep is None):
+        raise SolverError(f"{name}: give exactly one of keep and mask")
+    if keep is not None and not 0 <= keep <= W_bar.size:
+        raise SolverError(f"{name}: keep={keep} is outside [0, {W_bar.size}]")
+    if mask is not None and mask.shape != W_bar.shape:
+        raise SolverError(f"{name}: mask has shape {mask.shape}, expected {W_bar.shape}")
+    if g >= 8 and d <= 64 and d <= block:
+        fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp)
+        if fast is not None:
+            return fast
+    damped = [damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name) for k in range(g)]
+    tg = [targets(W_bar[k], damped[k], None if B is None else B[k]) for k in range(g)]
+    invs = [inverse(dh) for dh in damped]
+    if keep is not None:
+        if select == "magnitude":
+            scores = np.stack([np.abs(w) for _, w in tg])
+        else:
+            scores = np.stack([obs_saliency(w, np.diag(iv)) for (_, w), iv in zip(tg, invs, strict=True)])
+        counts = split_budget(scores, keep)
+        if select == "magnitude":
+            mask = np.zeros(W_bar.shape, dtype=bool)
+            for k in range(g):
+                flat = np.abs(tg[k][1]).reshape(-1)
+                c = int(counts[k])
+                chosen = np.zeros(flat.size, dtype=bool)
+                if c:
+                    chosen[np.argpartition(-flat, c - 1)[:c]] = True
+                mask[k] = chosen.reshape(M, d)
+    out = np.zeros_like(W_bar)
+    kept = np.zeros_like(W_bar, dtype=bool)
+    how = ""
+    for k in range(g):
+        rhs, W_star = tg[k]
+        if mask is None:
+            Wk, mk = sparsegpt_sweep(W_star, invs[k], keep=int(counts[k]), block=block)
+        else:
+            Wk, mk = sparsegpt_sweep(W_star, invs[k], mask=mask[k], block=block)
+        if refit:
+            W0 = Wk
+            Wk, how = ridge_refit(damped[k], rhs, mk, W0)
+            if how == "cg" and objective(Wk, damped[k], rhs) > objective(W0, damped[k], rhs):
+                Wk = W0
+        out[k], kept[k] = Wk, mk
+    err = masked = dense = 0.0
+    for k in range(g):
+        Bk = None if B is None else B[k]
+        yk = None if yy is None else yy[k]
+        err += reconstruction_error(out[k], H[k], Bk, yk, W_bar[k])
+        masked += reconstruction_error(W_bar[k] * kept[k], H[k], Bk, yk, W_bar[k])
+        dense += reconstruction_error(W_bar[k], H[k], Bk, yk, W_bar[k])
+    return LayerSolution(
+        out,
+        kept,
+        err,
+        masked,
+        dense,
+        max(dh.damp for dh in damped) if damped else damp,
+        {"refit": how or "none", "select": select if mask is None or keep is not None else "mask"},
+    )
+
+
+def _errors(W: F64, H: F64, B: F64 | None, yy: F64 | None, W_bar: F64) -> float:
+    """:func:`reconstruction_error` summed over groups, batched: ``W (g, M, d)``."""
+    if B is None or yy is None:
+        D = W - W_bar
+        return float(max(0.0, np.einsum("gmd,gde,gme->", D, H, D)))
+    WH = np.einsum("gmd,gde,gme->", W, H, W)
+    return float(max(0.0, WH - 2.0 * np.einsum("gmd,gdm->", W, B) + float(np.sum(yy))))
+
+
+def _prune_groups_batched(
+    W_bar: F64,
+    H: F64,
+    B: F64 | None,
+    yy: F64 | None,
+    keep: int | None,
+    mask: NDArray[np.bool_] | None,
+    select: Select,
+    refit: bool,
+    damp: float,
+) -> LayerSolution | None:
+    """:func:`prune_layer` for many small groups at once (a depthwise Conv): the same math, with every
+    factorisation and solve batched over the groups and rows.  Returns None (use the per-group path)
+    when some group's damped Gram is not positive definite or has NaN."""
+    g, M, d = W_bar.shape
+    if not np.all(np.isfinite(H)):
+        return None
+    Hs = 0.5 * (H + np.swapaxes(H, 1, 2))
+    scale = np.einsum("gii->g", Hs) / d
+    scale = np.where(scale > 0, scale, 1.0)
+    lam = (damp if damp > 0 else 1e-8) * scale
+    eye = np.eye(d)
+    Hl = Hs + lam[:, None, None] * eye
+    try:
+        np.linalg.cholesky(Hl)
+        Hinv = np.linalg.inv(Hl)
+        Hinv = 0.5 * (Hinv + np.swapaxes(Hinv, 1, 2))
+        U = np.swapaxes(np.linalg.cholesky(Hinv), 1, 2)  # upper: H_λ⁻¹ = UᵀU
+    except np.linalg.LinAlgError:
+        return None
+    if B is None:
+        rhs = W_bar @ Hl
+        W_star = W_bar.copy()
+    else:
+        rhs = np.swapaxes(B, 1, 2) + lam[:, None, None] * W_bar
+        W_star = rhs @ Hinv
+    if keep is not None:
+        diag = np.einsum("gii->gi", Hinv)
+        score = np.abs(W_star) if select == "magnitude" else W_star**2 / np.maximum(diag, 1e-300)[:, None, :]
+        counts = split_budget(score, keep)
+        udiag = np.einsum("gii->gi", U) ** 2
+        sweep_score = np.abs(W_star) if select == "magnitude" else W_star**2 / udiag[:, None, :]
+        flat = sweep_score.reshape(g, -1)
+        rank = np.empty_like(flat, dtype=np.int64)
+        order = np.argsort(-flat, axis=1, kind="stable")
+        np.put_along_axis(rank, order, np.arange(M * d)[None, :].repeat(g, 0), axis=1)
+        kept = (rank < counts[:, None]).reshape(g, M, d)
+    else:
+        assert mask is not None
+        kept = mask.astype(bool, copy=True)
+    W = W_star.copy()
+    for j in range(d):
+        w = W[:, :, j]
+        q = np.where(kept[:, :, j], w, 0.0)
+        e = (w - q) / U[:, j, j][:, None]
+        W[:, :, j:] -= e[:, :, None] * U[:, None, j, j:]
+        W[:, :, j] = q
+    W[~kept] = 0.0
+    if refit:
+        m = kept.astype(np.float64)
+        A = Hl[:, None, :, :] * (m[..., :, None] * m[..., None, :]) + (1.0 - m)[..., :, None] * eye
+        W = np.linalg.solve(A, (rhs * m)[..., None])[..., 0] * m
+    return LayerSolution(
+        W,
+        kept,
+        _errors(W, H, B, yy, W_bar),
+        _errors(W_bar * kept, H, B, yy, W_bar),
+        _errors(W_bar, H, B, yy, W_bar),
+        damp,
+        {"refit": "batched" if refit else "none", "select": select if keep is not None else "mask"},
+    )
+
+
+def relative(err: float, energy: float) -> float:
+    """``err / energy`` guarded against an all-zero layer output."""
+    return err / energy if energy > 0 and math.isfinite(energy) else 0.0

@@ -1,0 +1,337 @@
+"""Graph side of layer-wise reconstruction: input rows against onnxruntime, the segment runner,
+the bias/BN statistics passes, and --method/--update layerwise through the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import labelled_data, make_model, tiny_cnn, tiny_mlp
+from onnx import TensorProto, helper, numpy_helper
+
+import chita_onnx
+from chita_onnx import CompressConfig
+from chita_onnx.activations import SegmentRunner, calibration_batches, find_layers, working_copy
+from chita_onnx.data import open_source
+from chita_onnx.graph import find_prunable, model_inputs
+from chita_onnx.layerstats import LayerStats, RowSampler, accumulate, input_rows, num_rows, output_rows, weight_rows
+from chita_onnx.sequential import bias_correction, ensure_biases, recalibrate_batchnorm, run_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+CNN, CALIB, TEST = REPO / "models/digits_cnn.onnx", REPO / "models/digits_calib.npz", REPO / "models/digits_test.npz"
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _single(op: onnx.NodeProto, x_shape: list[object], w: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [op],
+        "single",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+CONVS = [
+    ({"pads": [1, 0, 2, 1]}, (6, 4, 3, 3), (2, 4, 7, 8)),
+    ({"strides": [2, 1], "dilations": [1, 2]}, (5, 4, 3, 2), (2, 4, 9, 7)),
+    ({"group": 2, "pads": [1, 1, 1, 1]}, (6, 2, 3, 3), (2, 4, 5, 5)),
+    ({"group": 4, "pads": [1, 1, 1, 1], "strides": [2, 2]}, (4, 1, 3, 3), (3, 4, 6, 6)),  # depthwise
+    ({"group": 4, "auto_pad": "SAME_UPPER", "strides": [2, 2]}, (8, 1, 2, 2), (2, 4, 5, 5)),  # multiplier 2
+    ({"auto_pad": "SAME_LOWER", "strides": [2, 1]}, (3, 4, 2, 2), (2, 4, 6, 5)),
+    ({"auto_pad": "VALID", "strides": [3, 2]}, (3, 4, 2, 3), (2, 4, 8, 9)),
+    ({"pads": [2, 1], "strides": [2]}, (5, 3, 4), (2, 3, 11)),  # 1-D
+]
+
+
+@pytest.mark.parametrize(("attrs", "wshape", "xshape"), CONVS)
+def test_conv_input_rows_reproduce_onnxruntime(
+    attrs: dict[str, object], wshape: tuple[int, ...], xshape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(wshape).astype(np.float32)
+    x = rng.standard_normal(xshape).astype(np.float32)
+    model = _single(helper.make_node("Conv", ["x", "W"], ["y"], **attrs), list(xshape), w)
+    (y,) = _run(model, {"x": x})
+    (site,) = find_layers(model, ["W"])
+    geom = site.geometry
+    rows = input_rows(x, geom)  # (R, g, d)
+    assert rows.shape[0] == num_rows(x.shape, geom)
+    out = np.einsum("rgd,gmd->rgm", rows.astype(np.float64), weight_rows(w, geom))
+    got = out.reshape(x.shape[0], *y.shape[2:], -1)
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1), y, rtol=1e-4, atol=1e-4)
+    idx = np.array([0, 3, rows.shape[0] - 1])
+    np.testing.assert_array_equal(input_rows(x, geom, idx), rows[idx])  # gathered without padding
+    np.testing.assert_array_equal(output_rows(y, geom, idx), output_rows(y, geom)[idx])
+    np.testing.assert_allclose(output_rows(y, geom)[:, :, :], out.astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
+DENSE = [
+    ("Gemm", {"transB": 1, "alpha": 0.5}, (5, 7), (4, 7), 0),
+    ("Gemm", {"transA": 1}, (7, 5), (7, 4), 0),
+    ("MatMul", {}, (7, 5), (3, 4, 7), 1),  # 3-D input: every time step is a row
+    ("MatMul", {}, (5, 7), (3, 7, 6), 0),  # weight on the left
+]
+
+
+@pytest.mark.parametrize(("op", "attrs", "wshape", "xshape", "slot"), DENSE)
+def test_dense_input_rows_reproduce_onnxruntime(
+    op: str, attrs: dict[str, object], wshape: tuple[int, ...], xshape: tuple[int, ...], slot: int
+) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(wshape).astype(np.float32)
+    x = rng.standard_normal(xshape).astype(np.float32)
+    inputs = ["x", "W"] if slot == 1 or op == "Gemm" else ["W", "x"]
+    model = _single(helper.make_node(op, inputs, ["y"], **attrs), list(xshape), w)
+    (y,) = _run(model, {"x": x})
+    (site,) = find_layers(model, ["W"])
+    geom = site.geometry
+    rows = input_rows(x, geom)[:, 0, :].astype(np.float64)
+    out = rows @ weight_rows(w, geom)[0].T  # (R, M)
+    if geom.kind == "matmul_left":
+        ref = np.swapaxes(y, -1, -2).reshape(-1, y.shape[-2])
+    elif geom.kind == "gemm" or geom.kind == "matmul_right":
+        ref = y.reshape(-1, y.shape[-1])
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
+    rng = np.random.default_rng(2)
+    model = _single(
+        helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1]),
+        [None, 3, 6, 6],
+        np.ones((4, 3, 3, 3), np.float32),
+    )
+    (site,) = find_layers(model, ["W"])
+    geom = site.geometry
+    xs = [rng.standard_normal((5, 3, 6, 6)).astype(np.float32) for _ in range(3)]
+    Wr = rng.standard_normal((1, 4, 27))
+    st = LayerStats.empty(geom, cross=True)
+    for x in xs:
+        accumulate(st, x, a_dense=2 * x, w_dense_rows=Wr)
+    rows = np.concatenate([input_rows(x, geom) for x in xs])[:, 0, :].astype(np.float64)
+    np.testing.assert_allclose(st.H[0], rows.T @ rows, rtol=1e-4)
+    np.testing.assert_allclose(st.B[0], rows.T @ (2 * rows @ Wr[0].T), rtol=1e-4)
+    # the same targets from the dense layer's output (onnxruntime's Conv with a bias) minus that bias
+    bias = rng.standard_normal(4).astype(np.float32)
+    conv = _single(
+        helper.make_node("Conv", ["x", "W", "b"], ["y"], pads=[1, 1, 1, 1]),
+        [None, 3, 6, 6],
+        Wr[0].reshape(4, 3, 3, 3).astype(np.float32),
+    )
+    conv.graph.initializer.append(numpy_helper.from_array(bias, "b"))
+    st2 = LayerStats.empty(geom, cross=True)
+    for x in xs:
+        (z,) = _run(conv, {"x": 2 * x})
+        accumulate(st2, x, z_dense=z, offset=bias)
+    np.testing.assert_allclose(st2.B, st.B, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(st2.yy, st.yy, rtol=1e-3)
+    a = RowSampler(540, 100, seed=3)
+    b = RowSampler(540, 100, seed=3)
+    ia, ib = a.pick(180), b.pick(180)
+    assert ia is not None and ib is not None
+    np.testing.assert_array_equal(ia, ib)
+    assert 30 <= ia.size <= 40
+
+
+def test_segment_runner_reproduces_the_whole_model_at_every_split() -> None:
+    model = working_copy(onnx.load(CNN))
+    specs = model_inputs(model)
+    batches = calibration_batches(open_source(str(CALIB), specs), specs, 100, 32)
+    ref = [_run(model, b)[0] for b in batches]
+    r = SegmentRunner(model, batches)
+    for stop in range(0, len(r.nodes) + 1, 3):
+        r.advance(stop)
+    out = r.run_to_end()["logits"]
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert len(out) == 4 and sum(o.shape[0] for o in out) == 100
+
+
+def test_segment_runner_spills_to_disk_above_its_memory_cap(tmp_path: Path) -> None:
+    model = working_copy(onnx.load(CNN))
+    specs = model_inputs(model)
+    batches = calibration_batches(open_source(str(CALIB), specs), specs, 64, 16)
+    ref = [_run(model, b)[0] for b in batches]
+    r = SegmentRunner(model, batches, max_bytes=0, spill_dir=str(tmp_path))
+    r.advance(4)
+    assert r.frontier_bytes() == 0 and any(tmp_path.rglob("*.npy"))
+    out = r.run_to_end()["logits"]
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    r.close()
+    assert not any(tmp_path.rglob("*.npy"))
+
+
+def test_ensure_biases_keeps_outputs_and_adds_one_bias_per_layer() -> None:
+    for model in (onnx.load(CNN), tiny_mlp()):
+        names = [s.weight for s in find_layers(model, [t.name for t in find_prunable(model)])]
+        m2, biases = ensure_biases(model, names)
+        onnx.checker.check_model(m2)
+        assert set(biases) == set(names)
+        x = labelled_data(model, n=8)
+        feed = {model.graph.input[0].name: x[model.graph.input[0].name]}
+        np.testing.assert_allclose(_run(m2, feed)[0], _run(model, feed)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_bias_correction_restores_each_layers_output_mean() -> None:
+    model = working_copy(tiny_mlp())
+    specs = model_inputs(model)
+    batches = calibration_batches(open_source(labelled_data(model, n=64), specs), specs, 64, 16)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    for init in pruned.graph.initializer:
+        if init.name in ("W1", "W2"):
+            a = numpy_helper.to_array(init).copy()
+            a[np.abs(a) < np.quantile(np.abs(a), 0.6)] = 0
+            init.CopyFrom(numpy_helper.from_array(a, init.name))
+    fixed, moved = bias_correction(model, pruned, ["W1", "W2"], batches)
+    assert set(moved) == {"W1", "W2"} and all(v > 0 for v in moved.values())
+    # the last layer's output mean equals the dense one on the same batches
+    yd = run_outputs(model, batches, "logits")
+    yp = run_outputs(pruned, batches, "logits")
+    yf = run_outputs(fixed, batches, "logits")
+    np.testing.assert_allclose(yf.mean(0), yd.mean(0), atol=1e-5)
+    assert np.abs(yp.mean(0) - yd.mean(0)).max() > 1e-3
+
+
+def test_batchnorm_recalibration_sets_batch_statistics() -> None:
+    model = working_copy(tiny_cnn())
+    specs = model_inputs(model)
+    data = labelled_data(model, n=48)
+    batches = calibration_batches(open_source(data, specs), specs, 48, 16)
+    fixed, changed = recalibrate_batchnorm(model, batches)
+    assert set(changed) == {"bn1", "bn2"}
+    # bn1's input is conv1's output: its new mean/var are that tensor's per-channel batch moments
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    cut.graph.output.append(onnx.ValueInfoProto(name="c1"))
+    c1 = _run(cut, {"x": data["x"]})[1].astype(np.float64)
+    inits = {t.name: numpy_helper.to_array(t) for t in fixed.graph.initializer}
+    np.testing.assert_allclose(inits["bn1.mean"], c1.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(inits["bn1.var"], c1.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_layerwise_method_gives_exact_budget_and_beats_magnitude(tmp_path: Path) -> None:
+    off = {"bn_recalibrate": "off", "bias_correction": "off"}
+    res = {}
+    for method in ("magnitude", "layerwise"):
+        cfg = CompressConfig(sparsity=0.7, method=method, **off)  # type: ignore[arg-type]
+        r = chita_onnx.compress(CNN, tmp_path / f"{method}.onnx", CALIB, cfg, eval_data=TEST)
+        assert r.nnz <= r.k
+        res[method] = r.evaluation.pruned_accuracy
+    assert res["layerwise"] > res["magnitude"] + 0.1
+
+
+def test_update_layerwise_keeps_the_mask_and_lowers_output_error(tmp_path: Path) -> None:
+    off = {"bn_recalibrate": "off", "bias_correction": "off"}
+    base = chita_onnx.compress(
+        CNN, tmp_path / "m.onnx", CALIB, CompressConfig(sparsity=0.7, method="magnitude", **off), eval_data=TEST
+    )  # type: ignore[arg-type]
+    cfg = CompressConfig(sparsity=0.7, method="magnitude", update="layerwise", **off)  # type: ignore[arg-type]
+    re = chita_onnx.compress(CNN, tmp_path / "r.onnx", CALIB, cfg, eval_data=TEST)
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "r.onnx").graph.initializer}
+    for name in ("conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"):
+        np.testing.assert_array_equal(a[name] != 0, b[name] != 0)
+    assert re.evaluation.mean_abs_diff < base.evaluation.mean_abs_diff
+    assert re.evaluation.pruned_accuracy > base.evaluation.pruned_accuracy
+
+
+def test_planted_layer_recovered_through_the_graph(tmp_path: Path) -> None:
+    """A MatMul whose input features come in duplicated pairs: the dense weight spreads over both
+    copies; --method layerwise at 50% keeps one of each pair and reproduces the dense outputs."""
+    rng = np.random.default_rng(3)
+    k, out = 6, 4
+    a = rng.standard_normal((k, out)).astype(np.float32)
+    w = np.concatenate([0.5 * a, 0.5 * a]).astype(np.float32)  # [2k, out]
+    dup = np.concatenate([np.eye(k), np.eye(k)], axis=1).astype(np.float32)  # x → [x, x]
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "D"], ["xx"], name="dup"),
+            helper.make_node("MatMul", ["xx", "W"], ["logits"], name="fc"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", out])],
+        [numpy_helper.from_array(dup, "D"), numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "planted.onnx"
+    onnx.save(model, path)
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    cfg = CompressConfig(
+        sparsity=0.5, method="layerwise", allocation="uniform", damp=1e-6, keep=("D",),
+        bn_recalibrate="off", bias_correction="off",
+    )  # fmt: skip
+    r = chita_onnx.compress(path, tmp_path / "p.onnx", {"x": x}, cfg, eval_data={"x": x})
+    assert r.nnz == w.size // 2
+    assert r.evaluation.max_abs_diff < 1e-3
+    mag = chita_onnx.compress(path, tmp_path / "m.onnx", {"x": x}, cfg.with_(method="magnitude"), eval_data={"x": x})
+    assert mag.evaluation.max_abs_diff > 0.1
+
+
+def test_auto_statistics_correction_is_reported_and_decided_on_calibration_only(tmp_path: Path) -> None:
+    cfg = CompressConfig(sparsity=0.8, method="magnitude")
+    r = chita_onnx.compress(CNN, tmp_path / "a.onnx", CALIB, cfg, eval_data=TEST)
+    stats = r.solver["statistics"]
+    assert "BN re-estimation on" in stats and "held-out calibration samples" in stats
+    off = chita_onnx.compress(
+        CNN, tmp_path / "b.onnx", CALIB, cfg.with_(bn_recalibrate="off", bias_correction="off"), eval_data=TEST
+    )
+    assert r.evaluation.pruned_accuracy > off.evaluation.pruned_accuracy
+    onnx.checker.check_model(str(tmp_path / "a.onnx"))
+
+
+def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
+    from chita_onnx_cli.main import cli
+    from click.testing import CliRunner
+
+    out = tmp_path / "o.onnx"
+    args = ["compress", str(CNN), str(out), "--data", str(CALIB), "--eval-data", str(TEST), "--sparsity", "0.6"]
+    res = CliRunner().invoke(
+        cli,
+        [*args, "--method", "layerwise", "--allocation", "magnitude", "--layer-floor", "0.1", "--damp", "0.05",
+         "--max-rows", "64", "--targets", "pruned", "--no-refit", "--bn-recalibrate", "on", "--bias-correction", "off"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "statistics correction: BN re-estimation on; bias correction off" in res.output
+    assert out.exists()
+    onnx.checker.check_model(str(out))
+    bad = CliRunner().invoke(cli, [*args, "--method", "layerwise", "--layer-floor", "1.5"])
+    assert bad.exit_code == 2 and "--layer-floor=1.5" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--damp", "0"])
+    assert bad.exit_code == 2 and "--damp=0" in bad.output
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "magnitude", "obd", "chita"])
+def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) -> None:
+    from chita_onnx.pipeline import GradientOracle, initial_weights, prepare
+    from chita_onnx.reconstruct import allocate
+    from chita_onnx.solver.budgets import keep_count
+
+    cfg = CompressConfig(sparsity=0.9, method="layerwise", allocation=allocation, layer_floor=0.5)  # type: ignore[arg-type]
+    prep = prepare(CNN, CALIB, cfg, None, hold_out=False)
+    w = initial_weights(prep)
+    asked: list[int | None] = []
+
+    def gradients(rows: int | None) -> np.ndarray:
+        asked.append(rows)
+        return GradientOracle(prep, cfg if rows is None else cfg.with_(num_samples=rows)).matrix(w)
+
+    keep, how = allocate(prep, cfg, w, 0.9, gradients)
+    assert how == allocation
+    assert sum(keep.values()) == keep_count(0.9, prep.layout.p)
+    sizes = {s.name: s.size for s in prep.layout.slots}
+    if allocation == "uniform":
+        assert max(abs(keep[n] / sizes[n] - 0.1) for n in keep) < 0.01
+    elif allocation != "chita":  # the floor: 0.5 × the overall density 0.1
+        assert all(keep[n] >= int(np.ceil(0.05 * sizes[n] - 1e-9)) for n in keep)
+    assert asked == ([256] if allocation == "obd" else [None] if allocation == "chita" else [])

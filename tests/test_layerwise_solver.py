@@ -1,0 +1,232 @@
+"""Layer-wise reconstruction solver (pure NumPy): planted problems, monotonicity and limit cases."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from chita_onnx.errors import SolverError
+from chita_onnx.solver.layerwise import (
+    damp_gram,
+    inverse,
+    objective,
+    prune_layer,
+    reconstruction_error,
+    ridge_refit,
+    sparsegpt_sweep,
+    targets,
+)
+
+
+def _stats(Xp: np.ndarray, Xd: np.ndarray, W_bar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """H, B, yy of one group from rows Xp/Xd (R, d) and W̄ (M, d)."""
+    Y = Xd @ W_bar.T
+    return Xp.T @ Xp, Xp.T @ Y, (Y**2).sum(0)
+
+
+def _planted(seed: int, M: int = 8, d: int = 24, R: int = 400, density: float = 0.4):
+    """A sparse W_true and inputs such that a *dense* W̄ on the dense inputs gives W_true's outputs on
+    the pruned inputs: x_d = A x_p with A invertible, W̄ = W_true A⁻¹."""
+    rng = np.random.default_rng(seed)
+    W_true = rng.standard_normal((M, d)) * (rng.random((M, d)) < density)
+    Xp = rng.standard_normal((R, d))
+    A = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    Xd = Xp @ A.T
+    W_bar = W_true @ np.linalg.inv(A)
+    return W_true, Xp, Xd, W_bar
+
+
+def test_planted_sparse_layer_is_recovered_exactly_from_dense_targets() -> None:
+    W_true, Xp, Xd, W_bar = _planted(0)
+    assert np.count_nonzero(W_bar) == W_bar.size  # the dense weight is dense
+    H, B, yy = _stats(Xp, Xd, W_bar)
+    keep = int(np.count_nonzero(W_true))
+    sol = prune_layer(W_bar[None], H[None], B[None], yy[None], keep=keep, damp=1e-10)
+    assert int(sol.mask.sum()) == keep
+    np.testing.assert_array_equal(sol.mask[0], W_true != 0)
+    np.testing.assert_allclose(sol.W[0], W_true, atol=1e-6)
+    assert sol.error <= 1e-8 * sol.masked_error
+    # magnitude selection on W̄ cannot see the support
+    assert not np.array_equal(np.abs(W_bar) >= np.sort(np.abs(W_bar), axis=None)[-keep], W_true != 0)
+
+
+def test_sweep_alone_finds_the_planted_support_and_refit_makes_it_exact() -> None:
+    W_true, Xp, Xd, W_bar = _planted(1, M=5, d=40)
+    H, B, yy = _stats(Xp, Xd, W_bar)
+    keep = int(np.count_nonzero(W_true))
+    sweep = prune_layer(W_bar[None], H[None], B[None], yy[None], keep=keep, refit=False, damp=1e-10)
+    np.testing.assert_array_equal(sweep.mask[0], W_true != 0)
+    assert sweep.error < 1e-6 * sweep.masked_error
+
+
+def test_sparsegpt_with_pruned_targets_recovers_duplicated_features() -> None:
+    """Features duplicated in the input: W̄ spreads its weight over both copies, magnitude cannot
+    tell which copy to keep, the sweep keeps one per pair and moves the weight there (zero error)."""
+    rng = np.random.default_rng(2)
+    R, k, M = 300, 10, 6
+    base = rng.standard_normal((R, k))
+    X = np.concatenate([base, base], axis=1)
+    a = rng.standard_normal((M, k))
+    W_bar = np.concatenate([0.5 * a, 0.5 * a], axis=1)
+    sol = prune_layer(W_bar[None], (X.T @ X)[None], keep=M * k, damp=1e-9)
+    out = X @ sol.W[0].T
+    np.testing.assert_allclose(out, X @ W_bar.T, atol=1e-5)
+    assert sol.error < 1e-8 * max(1.0, float(np.sum((X @ W_bar.T) ** 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_refit_never_increases_the_damped_objective_over_masked_weights(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    M, d, R = 7, 30, 200
+    Xp = rng.standard_normal((R, d)) * rng.random(d) * 3
+    Xd = Xp + 0.3 * rng.standard_normal((R, d))
+    W_bar = rng.standard_normal((M, d))
+    H, B, yy = _stats(Xp, Xd, W_bar)
+    mask = rng.random((M, d)) < 0.4
+    for Bg in (None, B):
+        dh = damp_gram(H, 0.01)
+        rhs, _ = targets(W_bar, dh, Bg)
+        masked = W_bar * mask
+        W, how = ridge_refit(dh, rhs, mask)
+        assert how == "cholesky"
+        assert np.all(W[~mask] == 0)
+        assert objective(W, dh, rhs) <= objective(masked, dh, rhs) + 1e-9
+        # and with a tiny damping the raw reconstruction error falls as well
+        dh0 = damp_gram(H, 1e-9)
+        rhs0, _ = targets(W_bar, dh0, Bg)
+        W0, _ = ridge_refit(dh0, rhs0, mask)
+        assert reconstruction_error(W0, H, Bg, yy, W_bar) <= reconstruction_error(masked, H, Bg, yy, W_bar) + 1e-9
+
+
+def test_cg_refit_agrees_with_cholesky(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chita_onnx.solver.layerwise as lw
+
+    rng = np.random.default_rng(4)
+    M, d = 6, 25
+    X = rng.standard_normal((120, d))
+    W_bar = rng.standard_normal((M, d))
+    dh = damp_gram(X.T @ X, 0.01)
+    rhs, _ = targets(W_bar, dh, None)
+    mask = rng.random((M, d)) < 0.5
+    exact, how = ridge_refit(dh, rhs, mask)
+    assert how == "cholesky"
+    monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    cg, how = ridge_refit(dh, rhs, mask, W_bar * mask)
+    assert how == "cg"
+    np.testing.assert_allclose(cg, exact, atol=1e-6 * np.abs(exact).max())
+
+
+def test_sparsity_zero_keeps_the_dense_layer() -> None:
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((100, 12))
+    W_bar = rng.standard_normal((1, 4, 12))
+    sol = prune_layer(W_bar, (X.T @ X)[None], keep=W_bar.size)
+    assert sol.mask.all()
+    np.testing.assert_allclose(sol.W, W_bar, atol=1e-9)
+    assert sol.error < 1e-9
+
+
+def test_all_inputs_dead_prunes_by_magnitude_without_error() -> None:
+    W_bar = np.arange(1, 25, dtype=float).reshape(1, 4, 6)
+    sol = prune_layer(W_bar, np.zeros((1, 6, 6)), keep=10)
+    assert int(sol.mask.sum()) == 10
+    kept = np.sort(W_bar[sol.mask])
+    np.testing.assert_array_equal(kept, np.arange(15, 25))  # nothing to reconstruct: keep the largest
+    np.testing.assert_allclose(sol.W[sol.mask], W_bar[sol.mask])
+    assert sol.error == 0.0
+
+
+def test_more_inputs_than_samples_is_damped_and_still_improves() -> None:
+    rng = np.random.default_rng(6)
+    d, R, M = 60, 20, 5
+    X = rng.standard_normal((R, d))
+    W_bar = rng.standard_normal((1, M, d))
+    H = (X.T @ X)[None]
+    sol = prune_layer(W_bar, H, keep=W_bar.size // 2)
+    assert int(sol.mask.sum()) == W_bar.size // 2
+    assert np.all(np.isfinite(sol.W))
+    assert sol.error < sol.masked_error
+
+
+def test_grouped_layer_splits_the_budget_exactly() -> None:
+    rng = np.random.default_rng(7)
+    g, M, d = 4, 1, 9  # depthwise 3x3
+    Hs, Ws = [], []
+    for k in range(g):
+        X = rng.standard_normal((200, d)) * (k + 1)  # later groups matter more
+        Hs.append(X.T @ X)
+        Ws.append(rng.standard_normal((M, d)))
+    sol = prune_layer(np.stack(Ws), np.stack(Hs), keep=14)
+    assert int(sol.mask.sum()) == 14
+    per = sol.mask.reshape(g, -1).sum(1)
+    assert per[-1] >= per[0]
+
+
+def test_not_positive_definite_escalates_damping_with_a_message(caplog: pytest.LogCaptureFixture) -> None:
+    H = np.diag([1.0, 1.0, -50.0])  # indefinite: what float rounding can do to a huge Gram
+    with caplog.at_level(logging.WARNING):
+        dh = damp_gram(H, 0.01, name="conv7")
+    assert dh.damp > 0.01
+    assert "conv7" in caplog.text and "not positive definite" in caplog.text
+    with pytest.raises(SolverError, match="NaN"):
+        damp_gram(np.full((2, 2), np.nan))
+
+
+def test_mask_mode_keeps_the_given_support() -> None:
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((80, 10))
+    W_bar = rng.standard_normal((1, 3, 10))
+    mask = rng.random((1, 3, 10)) < 0.5
+    sol = prune_layer(W_bar, (X.T @ X)[None], mask=mask)
+    np.testing.assert_array_equal(sol.mask, mask)
+    assert np.all(sol.W[~mask] == 0)
+    assert sol.error <= sol.masked_error
+
+
+def test_sweep_keeps_exact_count_across_blocks() -> None:
+    rng = np.random.default_rng(9)
+    d = 50
+    X = rng.standard_normal((300, d))
+    W = rng.standard_normal((7, d))
+    dh = damp_gram(X.T @ X)
+    for keep in (0, 1, 101, 349, 350):
+        Wp, m = sparsegpt_sweep(W, inverse(dh), keep=keep, block=16)
+        assert int(m.sum()) == keep
+        assert np.all(Wp[~m] == 0)
+
+
+@pytest.mark.parametrize("select", ["sparsegpt", "magnitude"])
+def test_batched_groups_agree_with_the_per_group_path(select: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small groups (a depthwise Conv) take a batched path; it must match the loop over groups."""
+    import chita_onnx.solver.layerwise as lw
+
+    rng = np.random.default_rng(10)
+    g, M, d = 12, 2, 9
+    Hs, Bs, yys = [], [], []
+    W_bar = rng.standard_normal((g, M, d))
+    for k in range(g):
+        Xp = rng.standard_normal((60, d)) * (1 + k % 3)
+        Xd = Xp + 0.2 * rng.standard_normal((60, d))
+        H, B, yy = _stats(Xp, Xd, W_bar[k])
+        Hs.append(H), Bs.append(B), yys.append(yy)
+    H, B, yy = np.stack(Hs), np.stack(Bs), np.stack(yys)
+    fast = prune_layer(W_bar, H, B, yy, keep=90, select=select)  # type: ignore[arg-type]
+    assert fast.info["refit"] == "batched"
+    calls = []
+    monkeypatch.setattr(lw, "_prune_groups_batched", lambda *a: calls.append(1))
+    slow = prune_layer(W_bar, H, B, yy, keep=90, select=select)  # type: ignore[arg-type]
+    assert calls and slow.info["refit"] == "cholesky"
+    np.testing.assert_array_equal(fast.mask, slow.mask)
+    np.testing.assert_allclose(fast.W, slow.W, atol=1e-8)
+    assert fast.error == pytest.approx(slow.error, rel=1e-8)
+
+
+@pytest.mark.parametrize("select", ["sparsegpt", "magnitude"])
+def test_exact_count_for_a_weight_in_fortran_order(select: str) -> None:
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((200, 16))
+    W = np.asfortranarray(rng.standard_normal((1, 6, 16)))  # as a transposed MatMul weight can arrive
+    sol = prune_layer(W, (X.T @ X)[None], keep=30, select=select)  # type: ignore[arg-type]
+    assert int(sol.mask.sum()) == 30 and int(np.count_nonzero(sol.W)) <= 30
