@@ -190,6 +190,8 @@ class CompressConfig:
             raise bad("pattern", self.pattern, "the layer-wise pass does not keep N:M patterns; use another --method")
         if self.update == "none" and self.method in ("auto", "chita", "chita++"):
             raise bad("update", self.update, "CHITA always updates the kept weights (use --method magnitude)")
+        if self.structure == "channel" and self.distill:  # (--distill has set the method to chita++ by now)
+            raise bad("distill", self.distill, "is a weight-pruning objective; --structure channel does not use it")
         if self.structure == "channel" and self.method == "auto":  # channel pruning's own default selection
             object.__setattr__(self, "method", "chita")
         if self.structure == "channel" and self.method not in ("chita", "magnitude"):

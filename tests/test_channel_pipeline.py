@@ -117,6 +117,8 @@ def test_config_validation() -> None:
     assert chita_onnx.CompressConfig(structure="channel").method == "chita"
     with pytest.raises(ConfigError, match="--method='layerwise'"):
         chita_onnx.CompressConfig(structure="channel", method="layerwise")
+    with pytest.raises(ConfigError, match="--distill=True"):
+        chita_onnx.CompressConfig(structure="channel", distill=True)
 
 
 SCRIPT = r"""
