@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks" / "zoo"))
 
+import densities
 import run
 
 from chita_onnx.report import TensorReport
@@ -41,3 +43,15 @@ def test_per_model_table_has_the_column_for_old_and_new_records() -> None:
     rows = [ln for ln in md.splitlines() if ln.startswith("| 0")]
     assert len({ln.count("|") for ln in rows}) == 1  # dense, new and old rows have the same columns
     assert "0.000 (`b`), 1 empty" in rows[1] and "| – |" in rows[2]
+
+
+def test_magnitude_mask_keeps_exactly_the_largest_entries() -> None:
+    w = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    for d in (0.0, 0.1, 0.5, 0.93, 1.0):
+        m = densities.magnitude_mask(w, d)
+        k = round(d * w.size)
+        assert np.count_nonzero(m) == k
+        kept = np.abs(w[m != 0])
+        if 0 < k < w.size:  # every kept entry is at least as large as every dropped one
+            assert kept.min() >= np.abs(w[m == 0]).max()
+        np.testing.assert_array_equal(m[m != 0], w[m != 0])
