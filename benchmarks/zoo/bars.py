@@ -10,7 +10,10 @@ rows are shown as "previous default" (e.g. one-shot CHITA before the default cha
 Per model: the primary metric (the first one the zoo entry reports, higher is better), dense and at
 0.3 / 0.5; the loss is ``dense − pruned``; **bar 0.5**: the default's loss at most half of
 magnitude's (or both within 0.005 of dense); **bar 0.3** (classifiers, i.e. entries that report
-top-1 ``agreement``): agreement with dense at least 0.99.
+top-1 ``agreement``): agreement with dense at least 0.99.  The last column puts the default's
+pruning work at 0.5 (gradients + layer-wise pass or solve + statistics, seconds) next to the time the
+previous default (one-shot CHITA) took to compute X — from different runs on a shared machine, so
+only a rough ratio.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def main() -> None:
     runs, prev = load(args.runs), load(args.previous)
     print(
         "| model | metric | dense | default 0.3 | magnitude 0.3 | previous 0.3 | default 0.5 | magnitude 0.5 "
-        "| previous 0.5 | loss 0.5 default / magnitude | bar 0.5 (≤ ½) | agreement 0.3 (≥ 0.99) | method used |"
+        "| previous 0.5 | loss 0.5 default / magnitude | bar 0.5 (≤ ½) | agreement 0.3 (≥ 0.99) | method used "
+        "| pruning s at 0.5: default / previous X |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for name, m in runs.items():
         dense = m["header"]["dense"]
         key = next(iter(dense))
@@ -61,9 +65,9 @@ def main() -> None:
             v = r["metric"].get(k)
             return None if v is None else float(v)
 
-        def both(method: str, s: float) -> float | None:
+        def both(method: str, s: float, m: dict[str, Any] = m, old: dict[str, Any] = prev.get(name, {})) -> float | None:
             v = val(m, method, s)
-            return v if v is not None else val(prev.get(name, {}), method, s)
+            return v if v is not None else val(old, method, s)
 
         d3, d5 = val(m, "default", 0.3), val(m, "default", 0.5)
         g3, g5 = both("magnitude", 0.3), both("magnitude", 0.5)
@@ -80,7 +84,12 @@ def main() -> None:
             agr = "–" if a3 is None else (f"{a3:.3f} yes" if a3 >= 0.99 else f"{a3:.3f} **no**")
         r5 = m["runs"].get(("default", 0.5)) or m["runs"].get(("default", 0.3)) or {}
         used = r5.get("method_used", "–") if r5.get("status") == "ok" else f"refused: {r5.get('status', '–')}"
-        cells = [name, key, fmt(d0), fmt(d3), fmt(g3), fmt(p3), fmt(d5), fmt(g5), fmt(p5), loss, bar5, agr, used]
+        work = ("gradients", "layerwise", "solve", "statistics")
+        t_new = sum(float(v) for k, v in (r5.get("timings") or {}).items() if k in work) if r5 else None
+        pr5 = prev.get(name, {}).get("runs", {}).get(("default", 0.5)) or {}
+        t_x = (pr5.get("timings") or {}).get("gradients")
+        times = "–" if not t_new or not t_x else f"{t_new:.0f} / {float(t_x):.0f} ({t_new / float(t_x):.1f}×)"
+        cells = [name, key, fmt(d0), fmt(d3), fmt(g3), fmt(p3), fmt(d5), fmt(g5), fmt(p5), loss, bar5, agr, used, times]
         print("| " + " | ".join(cells) + " |")
 
 
