@@ -65,12 +65,13 @@ def main() -> None:
             v = r["metric"].get(k)
             return None if v is None else float(v)
 
-        def both(method: str, s: float, m: dict[str, Any] = m, old: dict[str, Any] = prev.get(name, {})) -> float | None:
-            v = val(m, method, s)
-            return v if v is not None else val(old, method, s)
+        old = prev.get(name, {})
+        g3 = val(m, "magnitude", 0.3)
+        g3 = g3 if g3 is not None else val(old, "magnitude", 0.3)
+        g5 = val(m, "magnitude", 0.5)
+        g5 = g5 if g5 is not None else val(old, "magnitude", 0.5)
 
         d3, d5 = val(m, "default", 0.3), val(m, "default", 0.5)
-        g3, g5 = both("magnitude", 0.3), both("magnitude", 0.5)
         p3, p5 = val(prev.get(name, {}), "default", 0.3), val(prev.get(name, {}), "default", 0.5)
         bar5 = "–"
         loss = "–"
