@@ -143,6 +143,7 @@ def worker(name: str, method: str, sparsity: float, calib_n: int | None, out_jso
             method_used=report.method,
             relative_error=None if ev is None else ev.relative_error,
             cosine=None if ev is None else ev.cosine,
+            **density_extremes(report.tensors),
         )
         out.unlink(missing_ok=True)
     except ChitaError as exc:
@@ -152,6 +153,17 @@ def worker(name: str, method: str, sparsity: float, calib_n: int | None, out_jso
         rec["traceback"] = traceback.format_exc()[-3000:]
     rec["wall_s"] = time.perf_counter() - t0
     out_json.write_text(json.dumps(rec, indent=2, default=float))
+
+
+def density_extremes(tensors: Any) -> dict[str, Any]:
+    """The least dense pruned tensor (``lowest_density``: name, density) and the tensors left with no
+    weight at all (``empty_tensors``): a global budget can starve a whole layer, which the task metric
+    shows only as a collapse."""
+    rows = [(t.nnz / t.size, t.name) for t in tensors if t.size]
+    if not rows:
+        return {}
+    low = min(rows)
+    return {"lowest_density": [low[1], low[0]], "empty_tensors": [n for d, n in rows if d == 0.0]}
 
 
 def spawn(name: str, method: str, sparsity: float, calib_n: int | None, tmp: Path) -> dict[str, Any]:
@@ -264,6 +276,16 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def least_dense(run: dict[str, Any]) -> str:
+    """``density (tensor)`` of a run's least dense tensor, and how many were emptied; "–" when the
+    run did not record it (runs before the field existed, refusals)."""
+    low = run.get("lowest_density")
+    if not low:
+        return "–"
+    empty = run.get("empty_tensors") or []
+    return f"{low[1]:.3f} (`{low[0]}`)" + (f", {len(empty)} empty" if empty else "")
+
+
 def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -> str:
     lines = [f"Machine: {machine}", ""] + ([f"Command: `{command}`", ""] if command else []) + [*summary(results), ""]
     for model in results:
@@ -289,10 +311,11 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -
             "wall s by phase",
             "total s",
             "peak RSS MB",
+            "least dense tensor",
         ]
         hdr.append("status")
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | |"]
+        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | | |"]
         for r in model["runs"]:
             metric = r.get("metric", {})
             phases = " · ".join(f"{k} {v:.1f}" for k, v in r.get("timings", {}).items() if v >= 0.05)
@@ -301,7 +324,7 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -
                 f"| {r['sparsity']} | {r['method']} | "
                 + " | ".join(fmt(metric.get(k)) for k in keys)
                 + f" | {phases or '–'} | {fmt(r.get('wall_s'))} | "
-                f"{fmt(r.get('peak_rss_mb'))} | {status} |"
+                f"{fmt(r.get('peak_rss_mb'))} | {least_dense(r)} | {status} |"
             )
         losses = sorted({r["loss"] for r in model["runs"] if r.get("loss")})
         if losses:
