@@ -229,6 +229,68 @@ def _site(
 # ------------------------------------------------------------------------------------ the batches
 
 
+#: Bytes the onnxruntime runs of one layer-wise batch may use for their intermediate tensors.
+BATCH_ACTIVATION_BYTES = 512 * 2**20
+
+
+def largest_activation_bytes(model: onnx.ModelProto, sample_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes of the model's largest intermediate tensor for ONE sample (0 when nothing is known).
+
+    The inputs are fixed at ``(1, *sample_shape)`` (samples on axis 0, as the calibration data hold
+    them; static inputs by their own shape) and onnx's shape inference propagates them; tensors whose
+    shape stays unknown are skipped, so this is a lower bound for graphs inference cannot follow.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:  # big weights add nothing to shape inference; small ones may be shapes
+        if int(np.prod(t.dims, dtype=np.int64)) > 4096:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+    for i in m.graph.input:
+        shape = sample_shapes.get(i.name)
+        if shape is None or not i.type.HasField("tensor_type"):
+            continue
+        dims = i.type.tensor_type.shape
+        dims.ClearField("dim")
+        for d in shape:
+            dims.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        return 0
+    best = 0
+    for v in [*inferred.graph.value_info, *inferred.graph.output]:
+        tt = v.type.tensor_type
+        if not tt.HasField("shape") or not tt.shape.dim:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        if any(x <= 0 for x in dims):
+            continue
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize if tt.elem_type else 4
+        best = max(best, int(np.prod(dims, dtype=np.int64)) * itemsize)
+    return best
+
+
+def layerwise_batch_size(
+    model: onnx.ModelProto, specs: Sequence[InputSpec], source: CalibrationSource, cap: int
+) -> int:
+    """Samples per layer-wise batch: at most ``cap``, and few enough that four copies of the largest
+    intermediate tensor fit in :data:`BATCH_ACTIVATION_BYTES` (a segment run holds its inputs, outputs
+    and a few temporaries; models on raw audio or large images need batches of a few samples)."""
+    first: Batch = next(iter(source))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for s in specs:
+        a = np.asarray(first.inputs[s.name])
+        shapes[s.name] = a.shape if s.batch_axis is None else (1, *a.shape[1:])
+    per_sample = largest_activation_bytes(model, shapes)
+    if per_sample <= 0:
+        return cap
+    size = max(1, min(cap, BATCH_ACTIVATION_BYTES // (4 * per_sample)))
+    if size < cap:
+        log.info("layer-wise batches of %d samples (largest activation %.1f MB per sample)", size, per_sample / 2**20)
+    return size
+
+
 def calibration_batches(
     source: CalibrationSource, specs: Sequence[InputSpec], num_samples: int, batch_size: int
 ) -> list[Arrays]:

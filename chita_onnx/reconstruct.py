@@ -29,7 +29,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from .activations import Arrays, calibration_batches, working_copy
+from .activations import Arrays, calibration_batches, layerwise_batch_size, working_copy
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
 from .errors import ConfigError
@@ -69,7 +69,10 @@ def options(config: CompressConfig) -> LayerwiseOptions:
 
 
 def batches_of(prep: Prepared, config: CompressConfig) -> list[Arrays]:
-    return calibration_batches(prep.calib, prep.specs, config.num_samples, config.batch_size)
+    """The calibration batches of the layer-wise passes, sized so that one batch's activations stay
+    within :data:`~chita_onnx.activations.BATCH_ACTIVATION_BYTES` (see :func:`layerwise_batch_size`)."""
+    size = layerwise_batch_size(prep.model, prep.specs, prep.calib, config.batch_size)
+    return calibration_batches(prep.calib, prep.specs, config.num_samples, size)
 
 
 # ---------------------------------------------------------------------------------------- allocation
@@ -227,7 +230,8 @@ def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, li
         log.warning("too few calibration samples to decide the statistics correction: leaving it off")
         return prep, []
     fit, decide = split_holdout(whole, DECISION_FRACTION, seed=config.seed + 7)
-    batches = calibration_batches(decide, prep.specs, decide.num_samples, config.batch_size)
+    size = layerwise_batch_size(prep.model, prep.specs, decide, config.batch_size)
+    batches = calibration_batches(decide, prep.specs, decide.num_samples, size)
     return replace(prep, calib=fit), batches
 
 

@@ -335,3 +335,41 @@ def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) 
     elif allocation != "chita":  # the floor: 0.5 × the overall density 0.1
         assert all(keep[n] >= int(np.ceil(0.05 * sizes[n] - 1e-9)) for n in keep)
     assert asked == ([256] if allocation == "obd" else [None] if allocation == "chita" else [])
+
+
+def test_layerwise_batches_shrink_for_large_activations() -> None:
+    """One sample of a model that expands its input 10-million-fold gets batches of 1; a small model
+    keeps the requested batch size (shape inference only, nothing is run)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chita_onnx.activations import largest_activation_bytes, layerwise_batch_size
+    from chita_onnx.data import ArraySource
+    from chita_onnx.data_types import InputSpec
+
+    def model(expand: int) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Unsqueeze", ["x", "ax"], ["u"]),
+            helper.make_node("Expand", ["u", "shape"], ["big"]),
+            helper.make_node("ReduceSum", ["big", "ax"], ["s"], keepdims=0),
+            helper.make_node("MatMul", ["s", "W"], ["y"]),
+        ]
+        inits = [
+            numpy_helper.from_array(np.array([2], np.int64), "ax"),
+            numpy_helper.from_array(np.array([1, 16, expand], np.int64), "shape"),
+            numpy_helper.from_array(np.ones((16, 4), np.float32), "W"),
+        ]
+        g = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+            inits,
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    specs = [InputSpec("x", ("N", 16), np.dtype(np.float32), 0)]
+    source = ArraySource({"x": np.zeros((8, 16), np.float32)}, None, batch_size=8)
+    big, small = model(10_000_000), model(10)
+    assert largest_activation_bytes(big, {"x": (1, 16)}) == 16 * 10_000_000 * 4
+    assert layerwise_batch_size(big, specs, source, 64) == 1
+    assert layerwise_batch_size(small, specs, source, 64) == 64
