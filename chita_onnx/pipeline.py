@@ -741,7 +741,7 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     selection data (README, "Default recipe"; BENCHMARKS.md §7).  Otherwise (weights of LSTM/GRU
     nodes or inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
     ``--rank obd``), it is one-shot ``chita``.  With ``--pattern N:M`` it is ``chita++`` (10
-    stages), the best N:M method on 4 of the 5 models of the N:M benchmark.  Any other method is returned
+    stages), the best N:M method on 5 of the 6 models of the N:M benchmark.  Any other method is returned
     unchanged with an empty reason.
     """
     if config.method != "auto":
@@ -750,7 +750,7 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
 
     why = ""
     if config.nm is not None:
-        # N:M: multi-stage CHITA++ was the best 2:4 method on 4 of the 5 models measured (BENCHMARKS.md,
+        # N:M: multi-stage CHITA++ was the best 2:4 method on 5 of the 6 models measured (BENCHMARKS.md,
         # N:M section: +0.1 to +51 points over one-shot CHITA; -9.6 on the PP-OCR tiny recogniser); the
         # layer-wise pass does not keep patterns
         return (

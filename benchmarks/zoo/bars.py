@@ -84,7 +84,7 @@ def main() -> None:
             a3 = val(m, "default", 0.3, "agreement")
             agr = "–" if a3 is None else (f"{a3:.3f} yes" if a3 >= 0.99 else f"{a3:.3f} **no**")
         r5 = m["runs"].get(("default", 0.5)) or m["runs"].get(("default", 0.3)) or {}
-        used = r5.get("method_used", "–") if r5.get("status") == "ok" else f"refused: {r5.get('status', '–')}"
+        used = r5.get("method_used", "–") if r5.get("status") == "ok" else str(r5.get("status", "–"))
         work = ("gradients", "layerwise", "solve", "statistics")
         t_new = sum(float(v) for k, v in (r5.get("timings") or {}).items() if k in work) if r5 else None
         pr5 = prev.get(name, {}).get("runs", {}).get(("default", 0.5)) or {}
