@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import runtime
 from .data import to_model_layout
 from .data_types import Batch, CalibrationSource, InputSpec
-from .errors import ModelError
+from .errors import ChitaError, ModelError
 from .graph import _constant_values, for_runtime, materialize_constants, model_inputs
 from .layerstats import LayerGeometry
 
@@ -100,6 +100,73 @@ def working_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         keep = [i for i in m.graph.input if i.name not in inits]
         del m.graph.input[:]
         m.graph.input.extend(keep)
+    return m
+
+
+def inline_fixed_ifs(model: onnx.ModelProto, batches: Sequence[Arrays], *, rounds: int = 4) -> onnx.ModelProto:
+    """``model`` with every main-graph ``If`` whose condition is the same on the first and the last
+    calibration batch replaced by the branch it takes (nested ones too, up to ``rounds`` levels).
+
+    Exporters such as spox and torch put a model's layers inside ``If`` branches selected by an input
+    that the calibration data fix (silero-vad's sample rate); the layer-wise passes see those layers
+    only once they sit in the main graph.  Names are kept (branch weights stay addressable); any
+    failure to evaluate a condition leaves the model as it is.
+    """
+    from .gradients.prepare import _Names
+    from .gradients.subgraphs import inline_if
+
+    if not batches:
+        return model
+    probe_batches = [batches[0]] if len(batches) == 1 else [batches[0], batches[-1]]
+    m = model
+    for _ in range(rounds):
+        ifs = [(k, n) for k, n in enumerate(m.graph.node) if n.op_type == "If" and n.input and n.input[0]]
+        if not ifs:
+            break
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        del probe.graph.output[:]
+        conds = list(dict.fromkeys(n.input[0] for _, n in ifs))
+        probe.graph.output.extend(onnx.ValueInfoProto(name=c) for c in conds)
+        try:
+            sess = runtime.session(probe, what="the If conditions of the model", threads=1)
+            values = [
+                dict(zip(conds, runtime.run(sess, conds, b, what="the If conditions of the model"), strict=True))
+                for b in probe_batches
+            ]
+        except ChitaError as exc:
+            log.info("If conditions not evaluated (%s): the model stays as it is", exc)
+            return m
+        decisions: dict[int, bool] = {}
+        for k, n in ifs:
+            vs = [np.asarray(v[n.input[0]]).reshape(-1) for v in values]
+            if all(v.size == 1 for v in vs) and len({bool(v[0]) for v in vs}) == 1:
+                decisions[k] = bool(vs[0][0])
+        if not decisions:
+            break
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        g = out.graph
+        fresh = _Names(g)
+        taken = set(fresh.used)
+        new_nodes: list[onnx.NodeProto] = []
+        for k, n in enumerate(g.node):
+            if k not in decisions:
+                new_nodes.append(n)
+                continue
+            nodes, inits = inline_if(n, decisions[k], fresh, taken)
+            for x in nodes:
+                taken.update(x.output)
+            taken.update(t.name for t in inits)
+            new_nodes.extend(nodes)
+            g.initializer.extend(inits)
+        copies = [onnx.NodeProto() for _ in new_nodes]
+        for dst, src in zip(copies, new_nodes, strict=True):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(copies)
+        m = materialize_constants(out)
+        log.info("inlined %d If node(s) whose condition the calibration data fix", len(decisions))
     return m
 
 

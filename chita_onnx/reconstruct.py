@@ -29,7 +29,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from .activations import Arrays, calibration_batches, layerwise_batch_size, working_copy
+from .activations import Arrays, calibration_batches, inline_fixed_ifs, layerwise_batch_size, working_copy
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
 from .errors import ConfigError
@@ -66,6 +66,12 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
         spill_dir=config.workdir,
     )
+
+
+def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
+    """The model the layer-wise passes run: the runtime working copy with the ``If`` nodes that the
+    calibration data decide replaced by their taken branches (:func:`inline_fixed_ifs`)."""
+    return inline_fixed_ifs(working_copy(prep.model), batches)
 
 
 def batches_of(prep: Prepared, config: CompressConfig) -> list[Arrays]:
@@ -162,7 +168,8 @@ def prune_layerwise(
     t0 = time.perf_counter()
     keep, how = allocate(prep, config, w_bar, config.sparsity, gradients)
     t_alloc = time.perf_counter() - t0
-    res = layerwise_prune(working_copy(prep.model), batches_of(prep, config), keep=keep, opts=options(config))
+    batches = batches_of(prep, config)
+    res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config))
     w = _flat(prep, res, w_bar)
     support = np.flatnonzero(w).astype(np.int64)
     info = {**_info(res), "allocation": how, "allocation_s": t_alloc}

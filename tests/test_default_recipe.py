@@ -74,20 +74,51 @@ def test_default_is_layerwise_on_a_cnn_and_keeps_the_budget(tmp_path: Path) -> N
     assert report.evaluation.pruned_accuracy >= 0.9  # dense 0.98; measured 0.99 (BENCHMARKS.md)
 
 
-def test_default_falls_back_to_chita_when_a_weight_is_not_a_layer_weight(tmp_path: Path) -> None:
+def test_default_inlines_fixed_ifs_and_prunes_branch_weights_layer_by_layer(tmp_path: Path) -> None:
     src, out = tmp_path / "if.onnx", tmp_path / "out.onnx"
     onnx.save(if_classifier(), src)
     names = {t.name for t in find_prunable(onnx.load(src))}
-    assert "Wt" in names  # a weight inside the taken branch: prunable, but not a main-graph layer weight
+    assert "Wt" in names  # a weight inside the taken branch
     rng = np.random.default_rng(1)
     data = {"x": rng.standard_normal((40, 6)).astype(np.float32)}
     report = chita_onnx.compress(src, out, data, CompressConfig(sparsity=0.5, holdout=0.25))
-    assert report.method == "chita"
-    choice = str(report.solver["method_choice"])
-    assert choice.startswith("method auto: chita") and "Wt" in choice
+    assert report.method == "layerwise"
     assert report.k == keep_count(0.5, report.p)
     pruned = {t.name: t.nnz for t in report.tensors}
-    assert pruned["Wt"] + pruned["Wout"] <= report.k  # the untaken branch's weight is left as it is
+    assert pruned["Wt"] < 48 and pruned["Wt"] + pruned["Wout"] <= report.k  # the untaken branch's We is left
+    written = onnx.load(out)
+    assert [n.op_type for n in written.graph.node] == ["If", "Relu", "MatMul"]  # the graph is kept
+    onnx.checker.check_model(written)
+
+
+def test_inline_fixed_ifs_is_equivalent_on_the_calibration_data() -> None:
+    from chita_onnx.activations import inline_fixed_ifs, working_copy
+    from chita_onnx.runtime import run, session
+
+    model = working_copy(if_classifier(seed=3))
+    x = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)
+    inlined = inline_fixed_ifs(model, [{"x": x}])
+    assert "If" not in [n.op_type for n in inlined.graph.node]
+    assert {"Wt", "Wout"} <= {t.name for t in inlined.graph.initializer}
+    a = run(session(model, what="original"), ["logits"], {"x": x}, what="original")[0]
+    b = run(session(inlined, what="inlined"), ["logits"], {"x": x}, what="inlined")[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_default_falls_back_to_chita_when_a_weight_is_not_a_layer_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection at the layer-site check: ``auto`` must then run CHITA and say why."""
+    import chita_onnx.activations as activations
+
+    def no_sites(model: object, names: object) -> None:
+        raise ModelError("no consuming Conv/Gemm/MatMul node for weight(s) ['injected']")
+
+    monkeypatch.setattr(activations, "find_layers", no_sites)
+    report = chita_onnx.compress(CNN, tmp_path / "o.onnx", CALIB, CompressConfig(sparsity=0.5), eval_data=TEST)
+    assert report.method == "chita"
+    choice = str(report.solver["method_choice"])
+    assert choice.startswith("method auto: chita") and "injected" in choice
 
 
 def test_options_only_chita_has_resolve_auto_to_chita() -> None:
