@@ -737,7 +737,8 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
 
     The default recipe is layer-wise reconstruction (``layerwise``: OBD allocation of the global
     budget, SparseGPT selection and an exact ridge re-fit per layer on its input Gram) wherever every
-    prunable weight is the weight of a Conv, Gemm or MatMul of the main graph, chosen on held-out
+    prunable weight is the weight of a Conv, Gemm or MatMul of the main graph (after the ``If`` nodes
+    that the calibration data decide are inlined, :func:`~chita_onnx.activations.inline_fixed_ifs`), chosen on held-out
     selection data (README, "Default recipe"; BENCHMARKS.md §7).  Otherwise (weights of LSTM/GRU
     nodes or inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
     ``--rank obd``), it is one-shot ``chita``.  With ``--pattern N:M`` it is ``chita++`` (10
