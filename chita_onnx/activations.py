@@ -113,7 +113,7 @@ def inline_fixed_ifs(model: onnx.ModelProto, batches: Sequence[Arrays], *, round
     failure to evaluate a condition leaves the model as it is.
     """
     from .gradients.prepare import _Names
-    from .gradients.subgraphs import inline_if
+    from .gradients.subgraphs import inline_decided
 
     if not batches:
         return model
@@ -146,25 +146,7 @@ def inline_fixed_ifs(model: onnx.ModelProto, batches: Sequence[Arrays], *, round
             break
         out = onnx.ModelProto()
         out.CopyFrom(m)
-        g = out.graph
-        fresh = _Names(g)
-        taken = set(fresh.used)
-        new_nodes: list[onnx.NodeProto] = []
-        for k, n in enumerate(g.node):
-            if k not in decisions:
-                new_nodes.append(n)
-                continue
-            nodes, inits = inline_if(n, decisions[k], fresh, taken)
-            for x in nodes:
-                taken.update(x.output)
-            taken.update(t.name for t in inits)
-            new_nodes.extend(nodes)
-            g.initializer.extend(inits)
-        copies = [onnx.NodeProto() for _ in new_nodes]
-        for dst, src in zip(copies, new_nodes, strict=True):
-            dst.CopyFrom(src)
-        del g.node[:]
-        g.node.extend(copies)
+        inline_decided(out.graph, decisions, _Names(out.graph))
         m = materialize_constants(out)
         log.info("inlined %d If node(s) whose condition the calibration data fix", len(decisions))
     return m

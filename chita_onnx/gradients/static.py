@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
-from .subgraphs import inline_if, node_inputs, walk_graphs
+from .subgraphs import inline_decided, node_inputs, walk_graphs
 
 log = logging.getLogger(__name__)
 
@@ -374,26 +374,11 @@ def _inline(model: onnx.ModelProto, decisions: Mapping[int, bool], info: StaticI
     from .prepare import _Names
 
     g = model.graph
-    fresh = _Names(g)
-    taken = set(fresh.used)
-    new: list[onnx.NodeProto] = []
     for k, n in enumerate(g.node):
-        if k not in decisions:
-            new.append(n)
-            continue
-        nodes, inits = inline_if(n, decisions[k], fresh, taken)
-        for x in nodes:
-            taken.update(x.output)
-        taken.update(t.name for t in inits)
-        new.extend(nodes)
-        g.initializer.extend(inits)
-        info.inlined[n.name or f"If#{k}"] = "then_branch" if decisions[k] else "else_branch"
-        log.debug("If node %r: inlined its %s", n.name, "then_branch" if decisions[k] else "else_branch")
-    nodes_copy = [onnx.NodeProto() for _ in new]
-    for dst, src in zip(nodes_copy, new, strict=True):
-        dst.CopyFrom(src)
-    del g.node[:]
-    g.node.extend(nodes_copy)
+        if k in decisions:
+            info.inlined[n.name or f"If#{k}"] = "then_branch" if decisions[k] else "else_branch"
+            log.debug("If node %r: inlined its %s", n.name, "then_branch" if decisions[k] else "else_branch")
+    inline_decided(g, decisions, _Names(g))
     _constants_to_initializers(g)
     return len(decisions)
 

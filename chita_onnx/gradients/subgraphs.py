@@ -13,7 +13,7 @@ stored as ``Constant`` nodes inside branches keep their names, so they can be ad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import onnx
 from onnx import helper
@@ -22,6 +22,7 @@ from ..graph import subgraphs, walk_graphs
 
 __all__ = [
     "defined_names",
+    "inline_decided",
     "inline_if",
     "node_inputs",
     "outer_refs",
@@ -122,3 +123,26 @@ def inline_if(
         if dst:
             nodes.append(helper.make_node("Identity", [src], [dst], name=fresh(f"{label}_{branch_name}_{dst}")))
     return nodes, list(g.initializer)
+
+
+def inline_decided(graph: onnx.GraphProto, decisions: Mapping[int, bool], fresh: Callable[[str], str]) -> None:
+    """In place: the ``If`` nodes of ``graph`` at the positions in ``decisions`` replaced by the branch
+    each takes (``True``: then), via :func:`inline_if`.  ``fresh`` makes names that collide with
+    nothing already in ``graph`` (and remembers the ones it made)."""
+    taken = defined_names(graph) | {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    new: list[onnx.NodeProto] = []
+    for k, n in enumerate(graph.node):
+        if k not in decisions:
+            new.append(n)
+            continue
+        nodes, inits = inline_if(n, decisions[k], fresh, taken)
+        for x in nodes:
+            taken.update(x.output)
+        taken.update(t.name for t in inits)
+        new.extend(nodes)
+        graph.initializer.extend(inits)
+    copies = [onnx.NodeProto() for _ in new]
+    for dst, src in zip(copies, new, strict=True):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(copies)
