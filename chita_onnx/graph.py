@@ -168,6 +168,8 @@ def _weight_slots(node: onnx.NodeProto, constant: set[str]) -> list[int]:
         return [1]
     if node.op_type == "Gemm" and len(node.input) > 1:
         return [1]
+    if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 2:
+        return [1, 2]  # W and R (layer-wise: chita_onnx.rnnlayers; gradients: the unrolled working copy)
     if node.op_type == "MatMul" and len(node.input) == 2:
         # the constant operand(s); a MatMul of two constants is constant-folding material, not a layer
         slots = [i for i in (1, 0) if node.input[i] in constant]

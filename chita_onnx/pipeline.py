@@ -747,8 +747,8 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     """
     if config.method != "auto":
         return config, ""
-    from .activations import find_layers
     from .reconstruct import batches_of, layer_model
+    from .rnnlayers import check_layers
 
     why = ""
     if config.nm is not None:
@@ -765,7 +765,7 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         why = "--first-order/--rank obd are CHITA options"
     else:
         try:
-            find_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
+            check_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
         except ChitaError as exc:
             why = f"the layer-wise pass cannot handle every weight ({exc})"
     if not why:

@@ -127,7 +127,10 @@ def layerwise_prune(
     modified.  Returns the new weights (ONNX shapes, float32) and a report per tensor."""
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
-    sites = find_layers(model, names)
+    from .rnnlayers import RecurrentSite, prune_recurrent, recurrent_sites
+
+    model, rnn_sites, names = recurrent_sites(model, names)  # LSTM/GRU/RNN weights: chita_onnx.rnnlayers
+    sites: list[LayerSite | RecurrentSite] = sorted([*find_layers(model, names), *rnn_sites], key=lambda s: s.position)
     t0 = time.perf_counter()
     kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
     pruned = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
@@ -137,6 +140,12 @@ def layerwise_prune(
     t_stats = t_solve = 0.0
     for i, site in enumerate(progress(sites, total=len(sites), desc="layer-wise", unit="layer")):
         pruned.advance(site.position)
+        if isinstance(site, RecurrentSite):
+            new, rep, ts_, tv_ = prune_recurrent(site, pruned, dense, opts, keep=keep, masks=masks, layer_index=i)
+            weights.update(new)
+            reports.append(rep)
+            t_stats, t_solve = t_stats + ts_, t_solve + tv_
+            continue
         W_bar = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
         geom = site.geometry
         Wr = weight_rows(W_bar, geom)
@@ -229,7 +238,9 @@ def ensure_biases(model: onnx.ModelProto, weights: Sequence[str]) -> tuple[onnx.
     graph_outputs = {o.name for o in g.output}
     out: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
-    sites = {s.weight: s for s in find_layers(m, weights)}
+    from .rnnlayers import linear_weights
+
+    sites = {s.weight: s for s in find_layers(m, linear_weights(m, weights))}  # LSTM/GRU/RNN biases: not here
     at = {s.position: s for s in sites.values()}
     for pos, original in enumerate(g.node):
         node = onnx.NodeProto()
@@ -324,7 +335,9 @@ def bias_correction(
     pm, bias_p = ensure_biases(pruned_model, weights)
     dense = SegmentRunner(dm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
     pruned = SegmentRunner(pm, batches, threads=threads, max_bytes=max_bytes, spill_dir=spill_dir)
-    sites = {s.weight: s for s in find_layers(pm, weights)}
+    from .rnnlayers import linear_weights
+
+    sites = {s.weight: s for s in find_layers(pm, linear_weights(pm, weights))}
     order = sorted(bias_p, key=lambda w: _consumer_of_bias(pm, bias_p[w])[0])
     moved: dict[str, float] = {}
     for w in order:

@@ -1,0 +1,328 @@
+"""Layer-wise reconstruction of the ``W``/``R`` weights of ONNX ``LSTM``/``GRU``/``RNN`` nodes.
+
+A recurrent node is a linear layer per direction once its input rows ``z_t = [x_t ; h_{t−1}]`` are
+known (:mod:`chita_onnx.rnnstats`).  :func:`recurrent_sites` finds the nodes whose weights are to be
+pruned (and names the ``Y`` output of the working copy where the exporter left it unnamed);
+:func:`prune_recurrent` is the step of :func:`chita_onnx.sequential.layerwise_prune` for one node:
+
+* rows from the *pruned* model: its ``X``/``initial_h``/``sequence_lens`` at the node, and its ``Y``
+  computed by the node itself with its weights still dense (one extra run of that node alone);
+* targets from the *dense* model: ``[W̄ R̄] z̄_t`` with ``z̄_t`` from the dense model's ``X`` and ``Y``;
+* one budget ``keep[W] + keep[R]`` for the node, split over the exact linear blocks (per direction;
+  GRU's candidate gate in two) by one threshold on their OBS saliencies, then SparseGPT selection and
+  the exact ridge re-fit per block (:func:`chita_onnx.solver.layerwise.prune_layer`).
+
+Graph code only: rows, Grams and solves are in :mod:`chita_onnx.rnnstats`,
+:mod:`chita_onnx.layerstats` and :mod:`chita_onnx.solver.layerwise`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import helper
+
+from . import runtime
+from .activations import SegmentRunner, _attr, _session, find_layers
+from .errors import ModelError
+from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, finalize_means
+from .rnnstats import GATES, Part, RecurrentGeometry, allot, joint_weight, parts, saliency, split_joint, step_rows
+from .solver.layerwise import prune_layer
+
+if TYPE_CHECKING:
+    from .activations import LayerSite
+    from .sequential import LayerReport, LayerwiseOptions
+
+RECURRENT = tuple(GATES)
+
+
+@dataclass(frozen=True)
+class RecurrentSite:
+    """A recurrent node with weights to prune: ``W``/``R`` are the initializer names when they are
+    in the pruned set (None when that tensor stays as it is)."""
+
+    node: str
+    position: int
+    W: str | None
+    R: str | None
+    weight_name: str
+    recurrence_name: str
+    input: str
+    output: str
+    initial_h: str | None
+    lens: str | None
+    geometry: RecurrentGeometry
+
+    @property
+    def weight(self) -> str:
+        """The name the pass reports this node under."""
+        return "+".join(n for n in (self.W, self.R) if n)
+
+
+def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> RecurrentGeometry:
+    D, GH, n_in = (int(x) for x in w_shape)
+    direction = _attr(node, "direction", b"forward")
+    dstr = direction.decode() if isinstance(direction, bytes) else str(direction)
+    return RecurrentGeometry(
+        node.op_type, D, GH // GATES[node.op_type], n_in, direction=dstr,
+        layout=int(_attr(node, "layout", 0)),  # type: ignore[call-overload]
+        linear_before_reset=bool(_attr(node, "linear_before_reset", 0)),
+    )  # fmt: skip
+
+
+def recurrent_sites(
+    model: onnx.ModelProto, names: Sequence[str]
+) -> tuple[onnx.ModelProto, list[RecurrentSite], list[str]]:
+    """The recurrent nodes that consume any of ``names`` (as ``W`` or ``R``), and the other names.
+
+    Returns ``model`` (a copy with the unnamed ``Y`` outputs of those nodes named, when there are
+    any), the sites in graph order, and the names left for :func:`~chita_onnx.activations.find_layers`.
+    A weight read by anything else than one recurrent node's ``W``/``R`` input raises ModelError.
+    """
+    wanted = set(names)
+    hits: list[tuple[int, onnx.NodeProto]] = []
+    taken: set[str] = set()
+    for pos, node in enumerate(model.graph.node):
+        recurrent = node.op_type in RECURRENT and node.domain in ("", "ai.onnx")
+        if recurrent and any(n in wanted for n in node.input[1:3]):
+            hits.append((pos, node))
+            taken.update(n for n in node.input[1:3] if n in wanted)
+    if not hits:
+        return model, [], list(names)
+    for node in model.graph.node:
+        for slot, n in enumerate(node.input):
+            if n in taken and not (node.op_type in RECURRENT and slot in (1, 2)):
+                raise ModelError(f"weight {n!r} of a recurrent node also feeds {node.op_type} node {node.name!r}")
+    readers: dict[str, int] = {}
+    for _, node in hits:
+        for n in {x for x in node.input[1:3] if x in wanted}:
+            readers[n] = readers.get(n, 0) + 1
+    shared = sorted(n for n, c in readers.items() if c > 1)
+    if shared:
+        raise ModelError(f"recurrent weight(s) {shared} feed more than one node")
+    m = model
+    if any(not node.output or not node.output[0] for _, node in hits):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    used = {o for n in m.graph.node for o in n.output} | {t.name for t in m.graph.initializer}
+    inits = {t.name: t for t in m.graph.initializer}
+    sites = []
+    for pos, _ in hits:
+        node = m.graph.node[pos]
+        label = node.name or f"<{node.op_type} #{pos}>"
+        if not node.output:
+            node.output.append("")
+        if not node.output[0]:
+            y, k = f"{label}_Y", 0
+            while y in used:
+                k += 1
+                y = f"{label}_Y_{k}"
+            used.add(y)
+            node.output[0] = y
+        w, r = node.input[1], node.input[2]
+        if w not in inits or r not in inits:
+            raise ModelError(f"{node.op_type} node {label!r}: W and R must be initializers")
+        geom = _geometry(node, tuple(int(d) for d in inits[w].dims))
+        ins = list(node.input) + [""] * (8 - len(node.input))
+        sites.append(
+            RecurrentSite(
+                label, pos, w if w in wanted else None, r if r in wanted else None, w, r, ins[0], node.output[0],
+                ins[5] or None, ins[4] or None, geom,
+            )
+        )  # fmt: skip
+        parts(geom, w in wanted, r in wanted, name=label)  # refuses what cannot be fitted exactly
+    return m, sites, [n for n in names if n not in taken]
+
+
+def linear_weights(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """``names`` without the ``W``/``R`` inputs of recurrent nodes (for the passes that handle
+    Conv/Gemm/MatMul layers only: bias correction)."""
+    rec = {n for node in model.graph.node if node.op_type in RECURRENT for n in node.input[1:3]}
+    return [n for n in names if n not in rec]
+
+
+def check_layers(model: onnx.ModelProto, names: Sequence[str]) -> list[LayerSite | RecurrentSite]:
+    """Every site of the layer-wise pass for ``names`` in graph order (raises ModelError when a weight
+    cannot be handled)."""
+    m, rsites, rest = recurrent_sites(model, names)
+    sites: list[LayerSite | RecurrentSite] = [*find_layers(m, rest), *rsites]
+    return sorted(sites, key=lambda s: s.position)
+
+
+def _run_node(runner: SegmentRunner, position: int, output: str) -> list[NDArray[np.generic]]:
+    """``output`` of the node at ``position`` alone, per batch, on the runner's current values (the
+    runner stands at ``position`` and does not move)."""
+    node = runner.nodes[position]
+    reads = list(dict.fromkeys(n for n in node.input if n))
+    ins = [n for n in reads if n not in runner.inits]
+    inits = [runner.inits[n] for n in reads if n in runner.inits]
+    g = helper.make_graph(
+        [node], f"node_{position}", [runner._value_info(n) for n in ins], [onnx.ValueInfoProto(name=output)], inits
+    )
+    m = helper.make_model(g, opset_imports=list(runner.model.opset_import))
+    m.ir_version = runner.model.ir_version
+    what = f"the recurrent node at position {position}"
+    sess = _session(m, runner.threads, what)
+    feeds = [{n: runner.state[n][b] for n in ins} for b in range(runner.num_batches)]
+    return [runtime.run(sess, [output], feed, what=what)[0] for feed in feeds]
+
+
+@dataclass
+class _Rows:
+    X: list[NDArray[np.generic]]
+    Y: list[NDArray[np.generic]]
+    h0: list[NDArray[np.generic]] | None
+    lens: list[NDArray[np.generic]] | None
+
+    def rows(self, b: int, geom: RecurrentGeometry, k: int) -> NDArray[np.float32]:
+        return step_rows(
+            self.X[b], self.Y[b], geom, k,
+            initial_h=None if self.h0 is None else self.h0[b],
+            lens=None if self.lens is None else np.asarray(self.lens[b]),
+        )  # fmt: skip
+
+
+def _rows_at(runner: SegmentRunner, site: RecurrentSite, Y: list[NDArray[np.generic]]) -> _Rows:
+    return _Rows(
+        runner.values(site.input),
+        Y,
+        runner.values(site.initial_h) if site.initial_h else None,
+        runner.values(site.lens) if site.lens else None,
+    )
+
+
+def part_stats(
+    site: RecurrentSite,
+    pruned: _Rows,
+    dense: _Rows | None,
+    J_bar: NDArray[np.float64],
+    plist: Sequence[Part],
+    *,
+    max_rows: int = 0,
+    seed: int = 0,
+) -> list[LayerStats]:
+    """Per part, the statistics of :mod:`chita_onnx.layerstats` (``H``, and with ``dense`` the cross
+    term ``B`` and energy ``yy`` of the targets ``W̄_part z̄``) over all batches."""
+    geom = site.geometry
+    out = []
+    for p in plist:
+        M, d = p.shape(geom)
+        out.append(LayerStats.empty(LayerGeometry("matmul_right", (d, M)), cross=dense is not None))
+    samplers = {}
+    for k in range(geom.directions):
+        total = sum(pruned.rows(b, geom, k).shape[0] for b in range(len(pruned.X)))
+        samplers[k] = RowSampler(total, max_rows * geom.d if max_rows > 0 else None, seed=seed + k)
+    for b in range(len(pruned.X)):
+        for k in range(geom.directions):
+            zp = pruned.rows(b, geom, k)
+            zd = dense.rows(b, geom, k) if dense is not None else None
+            if zd is not None and zd.shape != zp.shape:
+                raise ModelError(f"{site.node}: the dense and pruned models have different sequence lengths")
+            idx = samplers[k].pick(zp.shape[0])
+            for p, st in zip(plist, out, strict=True):
+                if p.direction != k:
+                    continue
+                cs = p.col_slice(geom)
+                if zd is None:
+                    accumulate(st, zp[:, cs], index=idx)
+                else:
+                    wr = J_bar[k, p.r0 : p.r1, cs][None]
+                    accumulate(st, zp[:, cs], a_dense=zd[:, cs], w_dense_rows=wr, index=idx)
+    for st in out:
+        finalize_means(st)
+    return out
+
+
+def prune_recurrent(
+    site: RecurrentSite,
+    pruned: SegmentRunner,
+    dense: SegmentRunner | None,
+    opts: LayerwiseOptions,
+    *,
+    keep: Mapping[str, int] | None = None,
+    masks: Mapping[str, NDArray[np.bool_]] | None = None,
+    layer_index: int = 0,
+) -> tuple[dict[str, NDArray[np.float32]], LayerReport, float, float]:
+    """Prune (``keep``) or re-fit (``masks``) one recurrent node's ``W``/``R``.  ``pruned`` stands at the
+    node (it does not move: its next segment runs the node with the new weights); ``dense`` is
+    advanced past it.  Returns the new tensors, the report, and the seconds of statistics and solve."""
+    from .sequential import LayerReport
+
+    t0 = time.perf_counter()
+    geom = site.geometry
+    pos = site.position
+    pruned_rows = _rows_at(pruned, site, _run_node(pruned, pos, site.output))
+    dense_rows = None
+    if dense is not None:
+        dense.advance(pos)
+        xd = dense.values(site.input)
+        h0d = dense.values(site.initial_h) if site.initial_h else None
+        lens = dense.values(site.lens) if site.lens else None
+        dense.advance(pos + 1, extra=[site.output])
+        dense_rows = _Rows(xd, dense.values(site.output), h0d, lens)
+    Wb = np.asarray(pruned.initializer(site.weight_name), np.float64)
+    Rb = np.asarray(pruned.initializer(site.recurrence_name), np.float64)
+    J_bar = joint_weight(Wb, Rb)
+    plist = parts(geom, site.W is not None, site.R is not None, name=site.node)
+    stats = part_stats(
+        site, pruned_rows, dense_rows, J_bar, plist, max_rows=opts.max_rows, seed=opts.seed * 1_000_003 + layer_index
+    )
+    t_stats = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    blocks = [J_bar[p.direction, p.r0 : p.r1, p.col_slice(geom)] for p in plist]
+    J = J_bar.copy()
+    err = masked = dense_err = 0.0
+    damp = 0.0
+    if keep is not None:
+        total = sum(int(keep[n]) for n in (site.W, site.R) if n)
+        select = "sparsegpt" if opts.select == "sparsegpt" else "magnitude"
+        scores = [
+            saliency(w, st.H[0], None if st.B is None else st.B[0], opts.damp, select)
+            for w, st in zip(blocks, stats, strict=True)
+        ]
+        counts = allot(scores, total)
+    for i, (p, st, w) in enumerate(zip(plist, stats, blocks, strict=True)):
+        name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols})"
+        common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
+        if keep is not None:
+            sol = prune_layer(w[None], st.H, st.B, st.yy, keep=counts[i], select=opts.select, **common)  # type: ignore[arg-type]
+        else:
+            assert masks is not None
+            mj = _joint_mask(site, masks, J_bar.shape)
+            m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
+            sol = prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
+        J[p.direction, p.r0 : p.r1, p.col_slice(geom)] = np.where(sol.mask[0], sol.W[0], 0.0)
+        err, masked, dense_err = err + sol.error, masked + sol.masked_error, dense_err + sol.dense_error
+        damp = max(damp, sol.damp)
+    W, R = split_joint(J, geom.input_size)
+    out: dict[str, NDArray[np.float32]] = {}
+    for n, v in ((site.W, W), (site.R, R)):
+        if n:
+            out[n] = v.astype(np.float32)
+            pruned.set_initializer(n, out[n])
+    energy = float(sum(float(np.sum(st.yy)) for st in stats if st.yy is not None))
+    if not energy:
+        energy = float(sum(np.einsum("ij,jk,ik->", w, st.H[0], w) for w, st in zip(blocks, stats, strict=True)))
+    size = sum(int(np.prod(a.shape)) for n, a in ((site.W, W), (site.R, R)) if n)
+    kept = sum(int(np.count_nonzero(v)) for v in out.values())
+    t_solve = time.perf_counter() - t1
+    rows = max((st.rows for st in stats), default=0)
+    report = LayerReport(site.weight, size, kept, rows, err, masked, dense_err, energy, damp, t_stats + t_solve)
+    return out, report, t_stats, t_solve
+
+
+def _joint_mask(
+    site: RecurrentSite, masks: Mapping[str, NDArray[np.bool_]], shape: tuple[int, ...]
+) -> NDArray[np.bool_]:
+    """The kept entries of ``[W R]`` (a tensor that is not re-fitted counts as all kept)."""
+    D, GH, d = shape
+    i = site.geometry.input_size
+    mw = np.asarray(masks[site.W], bool) if site.W else np.ones((D, GH, i), bool)
+    mr = np.asarray(masks[site.R], bool) if site.R else np.ones((D, GH, d - i), bool)
+    return np.concatenate([mw.reshape(D, GH, i), mr.reshape(D, GH, d - i)], axis=2)
