@@ -42,7 +42,8 @@ def accuracy(model_path: Path, split: str) -> float:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    out = np.concatenate([sess.run(None, {"image": d["image"][i : i + 256]})[0] for i in range(0, len(d["image"]), 256)])
+    x = d["image"]
+    out = np.concatenate([sess.run(None, {"image": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
     return sequence_accuracy(out, d["labels"])
 
 
@@ -94,8 +95,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = DATA / f"crnn_digits_{name}.onnx"
-            dense = {"model": name, "variant": "dense", "sparsity": 0.0,
-                     "select_accuracy": accuracy(model, "select"), "test_accuracy": accuracy(model, "test")}  # fmt: skip
+            dense = {"model": name, "variant": "dense", "sparsity": 0.0}
+            dense.update({f"{s}_accuracy": accuracy(model, s) for s in ("select", "test")})
             rows.append(dense)
             print(json.dumps(dense), flush=True)
             for s in args.sparsities:

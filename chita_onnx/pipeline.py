@@ -34,7 +34,7 @@ from .config import DEFAULT_STAGES, CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, ModelError
+from .errors import ChitaError, ConfigError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -709,12 +709,16 @@ def _prune_layerwise(
         cfg = config if rows is None else config.with_(num_samples=min(rows, config.num_samples))
         if X0 is not None and (rows is None or X0.shape[0] <= rows):
             return X0
-        if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
-            grad_oracle = GradientOracle(prep, cfg)
-        if not grad_oracle.fits():
+        try:
+            if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
+                grad_oracle = GradientOracle(prep, cfg)
+            if not grad_oracle.fits():
+                return None
+            with timer.phase("gradients"):
+                return grad_oracle.matrix(w_bar)
+        except UnsupportedOpError as exc:  # e.g. a recurrent node too long to unroll: the pass needs no gradients
+            log.warning("no gradients for the allocation (%s)", exc)
             return None
-        with timer.phase("gradients"):
-            return grad_oracle.matrix(w_bar)
 
     with timer.phase("layerwise"), solver_threads():
         result = prune_layerwise(prep, config, w_bar, gradients)
@@ -739,8 +743,10 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     budget, SparseGPT selection and an exact ridge re-fit per layer on its input Gram) wherever every
     prunable weight is the weight of a Conv, Gemm or MatMul of the main graph (after the ``If`` nodes
     that the calibration data decide are inlined, :func:`~chita_onnx.activations.inline_fixed_ifs`), chosen on held-out
-    selection data (README, "Default recipe"; BENCHMARKS.md §7).  Otherwise (weights of LSTM/GRU
-    nodes or inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
+    selection data (README, "Default recipe"; BENCHMARKS.md §7), or the ``W``/``R`` of an LSTM, RNN or
+    GRU (``linear_before_reset=1``) node (:mod:`chita_onnx.rnnlayers`; BENCHMARKS.md, "Recurrent
+    weights in the layer-wise pass").  Otherwise (a GRU's ``R`` with ``linear_before_reset=0``, weights
+    inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
     ``--rank obd``), it is one-shot ``chita``.  With ``--pattern N:M`` it is ``chita++`` (10
     stages), the best N:M method on 5 of the 6 models of the N:M benchmark.  Any other method is returned
     unchanged with an empty reason.
@@ -748,7 +754,9 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     if config.method != "auto":
         return config, ""
     from .reconstruct import batches_of, layer_model
-    from .rnnlayers import check_layers
+    from .rnnlayers import RecurrentSite, check_layers
+
+    rnn = False
 
     why = ""
     if config.nm is not None:
@@ -765,7 +773,8 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         why = "--first-order/--rank obd are CHITA options"
     else:
         try:
-            check_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
+            sites = check_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
+            rnn = any(isinstance(s, RecurrentSite) for s in sites)
         except ChitaError as exc:
             why = f"the layer-wise pass cannot handle every weight ({exc})"
     if not why:
@@ -775,7 +784,8 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         stats = {k: "off" for k in ("bn_recalibrate", "bias_correction") if getattr(config, k) == "auto"}
         return (
             config.with_(method="layerwise", **stats),
-            "method auto: layerwise (every prunable weight is a layer's weight)",
+            "method auto: layerwise (every prunable weight is a layer's weight"
+            + ("; LSTM/GRU/RNN W and R fitted per direction on [x_t; h_t-1])" if rnn else ")"),
         )
     return config.with_(method="chita"), f"method auto: chita, because {why}"
 

@@ -28,8 +28,8 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper
 
-from . import runtime
-from .activations import SegmentRunner, _attr, _session, find_layers
+from . import activations, runtime
+from .activations import SegmentRunner, _attr, _session
 from .errors import ModelError
 from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, finalize_means
 from .rnnstats import GATES, Part, RecurrentGeometry, allot, joint_weight, parts, saliency, split_joint, step_rows
@@ -151,7 +151,7 @@ def check_layers(model: onnx.ModelProto, names: Sequence[str]) -> list[LayerSite
     """Every site of the layer-wise pass for ``names`` in graph order (raises ModelError when a weight
     cannot be handled)."""
     m, rsites, rest = recurrent_sites(model, names)
-    sites: list[LayerSite | RecurrentSite] = [*find_layers(m, rest), *rsites]
+    sites: list[LayerSite | RecurrentSite] = [*activations.find_layers(m, rest), *rsites]
     return sorted(sites, key=lambda s: s.position)
 
 

@@ -24,6 +24,10 @@ from .rewrites import Ctx, label
 
 _DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+#: Most time steps (× directions) one node is unrolled into: beyond it the working copy takes minutes
+#: to build and run (a 3,000-step LSTM did not finish in 200 s), so the node is refused with a clear
+#: error instead (compress's layer-wise default then allocates by magnitude; it needs no gradients).
+MAX_UNROLL_STEPS = 1024
 
 
 def _floats(n: onnx.NodeProto, name: str) -> list[float]:
@@ -109,6 +113,11 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     G = _GATES[op]
     H = attr_int(n, "hidden_size", wdims[1] // G)
     direction = attr_str(n, "direction", "forward")
+    if T * D > MAX_UNROLL_STEPS:
+        raise UnsupportedOpError(
+            f"{op} node {label(n)!r}: {T} time steps × {D} direction(s) are too many to unroll for gradients "
+            f"(at most {MAX_UNROLL_STEPS})"
+        )
     if (direction == "bidirectional") != (D == 2):
         raise UnsupportedOpError(
             f"{op} node {label(n)!r}: direction {direction!r} does not match W of shape {list(wdims)}"
