@@ -743,13 +743,13 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     budget, SparseGPT selection and an exact ridge re-fit per layer on its input Gram) wherever every
     prunable weight is the weight of a Conv, Gemm or MatMul of the main graph (after the ``If`` nodes
     that the calibration data decide are inlined, :func:`~chita_onnx.activations.inline_fixed_ifs`), chosen on held-out
-    selection data (README, "Default recipe"; BENCHMARKS.md §7), or the ``W``/``R`` of an LSTM, RNN or
-    GRU (``linear_before_reset=1``) node (:mod:`chita_onnx.rnnlayers`; BENCHMARKS.md, "Recurrent
-    weights in the layer-wise pass").  Otherwise (a GRU's ``R`` with ``linear_before_reset=0``, weights
-    inside subgraphs), and with options only CHITA has (``--update``, ``--first-order``,
-    ``--rank obd``), it is one-shot ``chita``.  With ``--pattern N:M`` it is ``chita++`` (10
-    stages), the best N:M method on 5 of the 6 models of the N:M benchmark.  Any other method is returned
-    unchanged with an empty reason.
+    selection data (README, "Default recipe"; BENCHMARKS.md §7), or the ``W``/``R`` of an LSTM, GRU or
+    RNN node (:mod:`chita_onnx.rnnlayers`; BENCHMARKS.md, "Recurrent weights in the layer-wise
+    pass").  Otherwise (weights inside subgraphs the data do not decide, the ``R`` of a GRU with
+    ``linear_before_reset=0`` and a non-Sigmoid reset gate), and with options only CHITA has
+    (``--update``, ``--first-order``, ``--rank obd``), it is one-shot ``chita``.  With ``--pattern
+    N:M`` it is ``chita++`` (10 stages), the best N:M method on 5 of the 6 models of the N:M
+    benchmark.  Any other method is returned unchanged with an empty reason.
     """
     if config.method != "auto":
         return config, ""

@@ -32,7 +32,18 @@ from . import activations, runtime
 from .activations import SegmentRunner, _attr, _session
 from .errors import ModelError
 from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, finalize_means
-from .rnnstats import GATES, Part, RecurrentGeometry, allot, joint_weight, parts, saliency, split_joint, step_rows
+from .rnnstats import (
+    GATES,
+    Part,
+    RecurrentGeometry,
+    allot,
+    joint_weight,
+    part_rows,
+    parts,
+    saliency,
+    split_joint,
+    step_rows,
+)
 from .solver.layerwise import prune_layer
 
 if TYPE_CHECKING:
@@ -58,6 +69,7 @@ class RecurrentSite:
     initial_h: str | None
     lens: str | None
     geometry: RecurrentGeometry
+    bias: str | None = None
 
     @property
     def weight(self) -> str:
@@ -69,10 +81,14 @@ def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> RecurrentGeomet
     D, GH, n_in = (int(x) for x in w_shape)
     direction = _attr(node, "direction", b"forward")
     dstr = direction.decode() if isinstance(direction, bytes) else str(direction)
+    acts = [a.decode() if isinstance(a, bytes) else str(a) for a in _attr(node, "activations", []) or []]  # type: ignore[attr-defined]
+    per = {"LSTM": 3, "GRU": 2, "RNN": 1}[node.op_type]
     return RecurrentGeometry(
         node.op_type, D, GH // GATES[node.op_type], n_in, direction=dstr,
         layout=int(_attr(node, "layout", 0)),  # type: ignore[call-overload]
         linear_before_reset=bool(_attr(node, "linear_before_reset", 0)),
+        clip=float(_attr(node, "clip", 0.0) or 0.0),  # type: ignore[arg-type]
+        sigmoid_gates=all(a.lower() == "sigmoid" for a in acts[::per]) if acts else True,
     )  # fmt: skip
 
 
@@ -133,7 +149,7 @@ def recurrent_sites(
         sites.append(
             RecurrentSite(
                 label, pos, w if w in wanted else None, r if r in wanted else None, w, r, ins[0], node.output[0],
-                ins[5] or None, ins[4] or None, geom,
+                ins[5] or None, ins[4] or None, geom, ins[3] or None,
             )
         )  # fmt: skip
         parts(geom, w in wanted, r in wanted, name=label)  # refuses what cannot be fitted exactly
@@ -204,11 +220,13 @@ def part_stats(
     J_bar: NDArray[np.float64],
     plist: Sequence[Part],
     *,
+    bias: NDArray[np.floating] | None = None,
     max_rows: int = 0,
     seed: int = 0,
 ) -> list[LayerStats]:
     """Per part, the statistics of :mod:`chita_onnx.layerstats` (``H``, and with ``dense`` the cross
-    term ``B`` and energy ``yy`` of the targets ``W̄_part z̄``) over all batches."""
+    term ``B`` and energy ``yy`` of the targets ``W̄_part z̄``) over all batches.  ``bias``: the node's
+    ``B`` ``(D, 2·G·H)`` (for the reset gate of a GRU with ``linear_before_reset=0``)."""
     geom = site.geometry
     out = []
     for p in plist:
@@ -228,12 +246,13 @@ def part_stats(
             for p, st in zip(plist, out, strict=True):
                 if p.direction != k:
                     continue
-                cs = p.col_slice(geom)
+                bk = None if bias is None else bias[k]
+                xp = part_rows(zp, p, geom, J_bar[k], bk)
                 if zd is None:
-                    accumulate(st, zp[:, cs], index=idx)
+                    accumulate(st, xp, index=idx)
                 else:
-                    wr = J_bar[k, p.r0 : p.r1, cs][None]
-                    accumulate(st, zp[:, cs], a_dense=zd[:, cs], w_dense_rows=wr, index=idx)
+                    wr = J_bar[k, p.r0 : p.r1, p.col_slice(geom)][None]
+                    accumulate(st, xp, a_dense=part_rows(zd, p, geom, J_bar[k], bk), w_dense_rows=wr, index=idx)
     for st in out:
         finalize_means(st)
     return out
@@ -270,9 +289,11 @@ def prune_recurrent(
     Rb = np.asarray(pruned.initializer(site.recurrence_name), np.float64)
     J_bar = joint_weight(Wb, Rb)
     plist = parts(geom, site.W is not None, site.R is not None, name=site.node)
+    bias = np.asarray(pruned.values(site.bias)[0], np.float64) if site.bias else None
     stats = part_stats(
-        site, pruned_rows, dense_rows, J_bar, plist, max_rows=opts.max_rows, seed=opts.seed * 1_000_003 + layer_index
-    )
+        site, pruned_rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows,
+        seed=opts.seed * 1_000_003 + layer_index,
+    )  # fmt: skip
     t_stats = time.perf_counter() - t0
     t1 = time.perf_counter()
     blocks = [J_bar[p.direction, p.r0 : p.r1, p.col_slice(geom)] for p in plist]

@@ -14,7 +14,9 @@ tensors that forward passes expose — which is all :mod:`chita_onnx.solver.laye
 GRU's candidate gate ``h`` is the exception: with ``linear_before_reset=1`` (PyTorch's export) it
 reads ``W_h x_t + r_t ⊙ (R_h h_{t−1} + Rb_h)``; both products are exact linear layers on their own
 (``W_h`` on ``x``, ``R_h`` on ``h``), so they are separate *parts*.  With ``linear_before_reset=0`` its
-``R_h`` reads ``r_t ⊙ h_{t−1}``, which no exposed tensor holds: :func:`parts` refuses it.
+``R_h`` reads ``r_t ⊙ h_{t−1}``; the reset gate ``r_t = σ(clip([W_r R_r] z_t + b_r))`` is computed here
+from the same rows and the node's dense weights (exactly what the node computes on these inputs), so
+that block is a linear layer on the rows ``r_t ⊙ h_{t−1}`` (part ``rh``; default ``Sigmoid`` only).
 
 Peepholes (``P``) and biases are not fitted (they stay dense).
 """
@@ -31,7 +33,7 @@ from .errors import ModelError
 from .solver.layerwise import damp_gram, inverse, obs_saliency, split_budget, targets
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-Cols = Literal["xh", "x", "h"]
+Cols = Literal["xh", "x", "h", "rh"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class RecurrentGeometry:
     direction: str = "forward"
     layout: int = 0
     linear_before_reset: bool = False
+    clip: float = 0.0  # the node's ``clip`` (0: none), applied to the gate pre-activations
+    sigmoid_gates: bool = True  # the ``f`` activation of every direction is Sigmoid (the default)
 
     @property
     def gates(self) -> int:
@@ -67,7 +71,7 @@ class RecurrentGeometry:
 class Part:
     """A block of the joint weight ``[W_d  R_d]`` fitted as one linear layer: rows ``[r0, r1)`` of
     direction ``direction``, reading ``cols`` (``xh``: all ``I + H`` columns; ``x``: the first ``I``;
-    ``h``: the last ``H``)."""
+    ``h``: the last ``H``; ``rh``: the last ``H`` — the ``R`` columns — on the rows ``r_t ⊙ h_{t−1}``)."""
 
     direction: int
     r0: int
@@ -76,7 +80,7 @@ class Part:
 
     def col_slice(self, geom: RecurrentGeometry) -> slice:
         i = geom.input_size
-        return {"xh": slice(0, geom.d), "x": slice(0, i), "h": slice(i, geom.d)}[self.cols]
+        return {"xh": slice(0, geom.d), "x": slice(0, i), "h": slice(i, geom.d), "rh": slice(i, geom.d)}[self.cols]
 
     def shape(self, geom: RecurrentGeometry) -> tuple[int, int]:
         s = self.col_slice(geom)
@@ -87,23 +91,50 @@ def parts(geom: RecurrentGeometry, fit_w: bool = True, fit_r: bool = True, *, na
     """The exact linear blocks of a node whose ``W`` (``fit_w``) and/or ``R`` (``fit_r``) are fitted.
 
     Raises :class:`~chita_onnx.errors.ModelError` for a GRU with ``linear_before_reset=0`` whose ``R``
-    is to be fitted (its candidate rows read ``r ⊙ h``, not an exposed tensor).
+    is to be fitted and whose reset gate is not a Sigmoid (its rows ``r ⊙ h`` are not reproduced here).
     """
     G, H = geom.gates, geom.hidden
     if not (fit_w or fit_r):
         return []
     only: Cols = "xh" if fit_w and fit_r else ("x" if fit_w else "h")
-    if geom.op == "GRU" and not geom.linear_before_reset and fit_r:
+    if geom.op == "GRU" and not geom.linear_before_reset and fit_r and not geom.sigmoid_gates:
         raise ModelError(
-            f"GRU node {name!r} has linear_before_reset=0: its R reads r⊙h, which the layer-wise pass cannot fit"
+            f"GRU node {name!r} has linear_before_reset=0 and a reset gate that is not a Sigmoid: its R reads "
+            "r⊙h, which the layer-wise pass does not reproduce"
         )
     out: list[Part] = []
+    hcols: Cols = "h" if geom.linear_before_reset else "rh"
     for k in range(geom.directions):
         if geom.op == "GRU" and only == "xh":
-            out += [Part(k, 0, 2 * H, "xh"), Part(k, 2 * H, 3 * H, "x"), Part(k, 2 * H, 3 * H, "h")]
+            out += [Part(k, 0, 2 * H, "xh"), Part(k, 2 * H, 3 * H, "x"), Part(k, 2 * H, 3 * H, hcols)]
+        elif geom.op == "GRU" and only == "h":
+            out += [Part(k, 0, 2 * H, "h"), Part(k, 2 * H, 3 * H, hcols)]
         else:
             out.append(Part(k, 0, G * H, only))
     return out
+
+
+def part_rows(
+    z: NDArray[np.float32],
+    part: Part,
+    geom: RecurrentGeometry,
+    J: NDArray[np.floating] | None = None,
+    bias: NDArray[np.floating] | None = None,
+) -> NDArray[np.float32]:
+    """The input rows of ``part`` from the rows ``z (R, I + H)`` of :func:`step_rows`.  For ``rh``:
+    ``r ⊙ h`` with ``r = σ(clip(J[H:2H]·z + b_r))`` from the direction's dense joint weight ``J (3H,
+    I + H)`` and bias ``bias (6H,)`` (``Wb ; Rb``, zeros when None)."""
+    if part.cols != "rh":
+        return np.ascontiguousarray(z[:, part.col_slice(geom)])
+    if J is None:
+        raise ValueError("the rows r⊙h need the dense weights of the reset gate")
+    H, i = geom.hidden, geom.input_size
+    b = np.zeros(6 * H) if bias is None else np.asarray(bias, np.float64).reshape(-1)
+    pre = z.astype(np.float64) @ np.asarray(J, np.float64)[H : 2 * H].T + b[H : 2 * H] + b[4 * H : 5 * H]
+    if geom.clip > 0:
+        pre = np.clip(pre, -geom.clip, geom.clip)
+    r = 1.0 / (1.0 + np.exp(-pre))
+    return np.ascontiguousarray(r * z[:, i:], dtype=np.float32)
 
 
 def joint_weight(W: NDArray[np.floating], R: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -17,7 +17,7 @@ from chita_onnx.activations import Arrays, working_copy
 from chita_onnx.errors import ModelError
 from chita_onnx.graph import densify, find_prunable
 from chita_onnx.rnnlayers import recurrent_sites
-from chita_onnx.rnnstats import RecurrentGeometry, allot, gate_preactivations, parts, step_rows
+from chita_onnx.rnnstats import Part, RecurrentGeometry, allot, gate_preactivations, part_rows, parts, step_rows
 from chita_onnx.sequential import LayerwiseOptions, layerwise_prune
 from chita_onnx.solver.budgets import keep_count
 
@@ -155,9 +155,11 @@ def test_parts_and_budget_split() -> None:
     assert [p.cols for p in parts(lstm, fit_r=False)] == ["x", "x"]
     gru = RecurrentGeometry("GRU", 1, 3, 4, linear_before_reset=True)
     assert [(p.r0, p.r1, p.cols) for p in parts(gru)] == [(0, 6, "xh"), (6, 9, "x"), (6, 9, "h")]
+    assert [p.cols for p in parts(RecurrentGeometry("GRU", 1, 3, 4))] == ["xh", "x", "rh"]
+    assert [p.cols for p in parts(RecurrentGeometry("GRU", 1, 3, 4), fit_w=False)] == ["h", "rh"]
     with pytest.raises(ModelError, match="linear_before_reset=0"):
-        parts(RecurrentGeometry("GRU", 1, 3, 4))
-    assert [p.cols for p in parts(RecurrentGeometry("GRU", 1, 3, 4), fit_r=False)] == ["x"]  # W alone is exact
+        parts(RecurrentGeometry("GRU", 1, 3, 4, sigmoid_gates=False))
+    assert [p.cols for p in parts(RecurrentGeometry("GRU", 1, 3, 4, sigmoid_gates=False), fit_r=False)] == ["x"]
     scores = [np.array([[5.0, 1.0], [0.5, 4.0]]), np.array([[3.0, 0.1, 2.0]])]
     assert allot(scores, 3) == [2, 1]
     assert allot(scores, 7) == [4, 3]
@@ -171,7 +173,9 @@ def _planted(op: str, D: int, H: int, F: int, density: float, seed: int) -> tupl
     return W, R
 
 
-@pytest.mark.parametrize(("op", "attrs"), [("LSTM", {}), ("GRU", {"linear_before_reset": 1}), ("RNN", {})])
+@pytest.mark.parametrize(
+    ("op", "attrs"), [("LSTM", {}), ("GRU", {"linear_before_reset": 1}), ("GRU", {"clip": 1.5}), ("RNN", {})]
+)
 def test_planted_sparse_recurrent_weights_are_recovered(op: str, attrs: dict[str, Any]) -> None:
     """The dense model's W/R are exactly sparse: pruning to their count finds their support and the
     values (the targets are exactly reachable; only the tiny ridge damping pulls)."""
@@ -210,9 +214,46 @@ def test_refit_on_a_mask_and_the_budget_across_directions() -> None:
     assert rep.error <= rep.masked_error
 
 
-def test_gru_without_linear_before_reset_is_refused_by_the_pass() -> None:
+def test_gru_reset_rows_reproduce_the_candidate_preactivation() -> None:
+    """linear_before_reset=0: the candidate gate reads W_h x + R_h (r ⊙ h); the rows r ⊙ h built from
+    the step rows and the dense reset gate agree with a GRU recurrence run independently (clip on)."""
+    rng = np.random.default_rng(8)
+    T, N, F, H, D, clip = 5, 3, 4, 3, 2, 1.2
+    W, R = rng.standard_normal((D, 3 * H, F)), rng.standard_normal((D, 3 * H, H))
+    B = 0.3 * rng.standard_normal((D, 6 * H))
+    lens = np.array([5, 3, 1])
+    x = rng.standard_normal((T, N, F)).astype(np.float32)
+    Y = _run(rnn_model("GRU", W, R, B, T=T, lens=lens, clip=clip), {"x": x})
+    geom = RecurrentGeometry("GRU", D, H, F, direction="bidirectional", clip=clip)
+    for d in range(D):
+        pre = np.zeros((T, N, H))
+
+        def gate(k: int, xt: np.ndarray, h: np.ndarray, d: int = d) -> np.ndarray:
+            sl = slice(k * H, (k + 1) * H)
+            out: np.ndarray = W[d, sl] @ xt + R[d, sl] @ h + B[d, sl] + B[d, 3 * H + k * H : 3 * H + (k + 1) * H]
+            return out
+
+        for n in range(N):
+            h = np.zeros(H)
+            for t in range(lens[n] - 1, -1, -1) if d == 1 else range(lens[n]):
+                zt = _sig(np.clip(gate(0, x[t, n], h), -clip, clip))
+                rt = _sig(np.clip(gate(1, x[t, n], h), -clip, clip))
+                a = W[d, 2 * H :] @ x[t, n] + R[d, 2 * H :] @ (rt * h) + B[d, 2 * H : 3 * H] + B[d, 5 * H :]
+                pre[t, n] = a
+                h = (1 - zt) * np.tanh(np.clip(a, -clip, clip)) + zt * h
+        ref = [pre[t, n] for t in range(T) for n in range(N) if t < lens[n]]
+        z = step_rows(x, Y, geom, d, lens=lens)
+        J = np.concatenate([W, R], axis=2)[d]
+        got = part_rows(z, Part(d, 2 * H, 3 * H, "x"), geom) @ W[d, 2 * H :].T
+        got = got + part_rows(z, Part(d, 2 * H, 3 * H, "rh"), geom, J, B[d]) @ R[d, 2 * H :].T
+        got = got + B[d, 2 * H : 3 * H] + B[d, 5 * H :]
+        np.testing.assert_allclose(got, np.stack(ref), atol=3e-5)
+
+
+def test_gru_with_a_non_sigmoid_reset_gate_is_refused_by_the_pass() -> None:
     W, R = _planted("GRU", 1, 3, 4, 1.0, seed=0)
-    m = working_copy(rnn_model("GRU", W, R, np.zeros((1, 18)), T=3, direction="forward"))
+    acts: dict[str, Any] = {"activations": ["HardSigmoid", "Tanh"]}
+    m = working_copy(rnn_model("GRU", W, R, np.zeros((1, 18)), T=3, direction="forward", **acts))
     with pytest.raises(ModelError, match="linear_before_reset=0"):
         recurrent_sites(m, ["W", "R"])
     _, sites, rest = recurrent_sites(m, ["W"])  # W alone reads x only: exact
@@ -236,3 +277,19 @@ def test_default_compress_prunes_an_lstm_classifier_layer_by_layer(tmp_path: Pat
     assert nnz == report.k == keep_count(0.6, report.p)
     assert report.evaluation is not None and report.evaluation.agreement is not None
     assert report.evaluation.agreement >= 0.8
+
+
+def test_a_sequence_too_long_to_unroll_still_gets_the_layerwise_default(tmp_path: Path) -> None:
+    """Gradients refuse to unroll 1,100 steps (clear error); the default needs them only for the OBD
+    allocation, which then falls back to magnitude, and still keeps exactly k weights."""
+    D, H, F, T = 1, 3, 2, 1100
+    rng = np.random.default_rng(2)
+    W, R = rng.standard_normal((D, 4 * H, F)), 0.3 * rng.standard_normal((D, 4 * H, H))
+    src, out = tmp_path / "long.onnx", tmp_path / "out.onnx"
+    onnx.save(rnn_model("LSTM", W, R, np.zeros((D, 8 * H)), T=T, direction="forward", head=2), src)
+    x = rng.standard_normal((24, T, F)).astype(np.float32)
+    with pytest.raises(chita_onnx.ChitaError, match="too many to unroll"):
+        chita_onnx.compress(src, tmp_path / "chita.onnx", {"x": x}, CompressConfig(sparsity=0.5, method="chita"))
+    report = chita_onnx.compress(src, out, {"x": x}, CompressConfig(sparsity=0.5))
+    assert report.method == "layerwise" and report.solver["allocation"] == "magnitude"
+    assert report.nnz == report.k
