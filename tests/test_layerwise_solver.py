@@ -113,6 +113,7 @@ def test_cg_refit_agrees_with_cholesky(monkeypatch: pytest.MonkeyPatch) -> None:
     exact, how = ridge_refit(dh, rhs, mask)
     assert how == "cholesky"
     monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    monkeypatch.setattr(lw, "CG_ITERATIONS", 0)
     cg, how = ridge_refit(dh, rhs, mask, W_bar * mask)
     assert how == "cg"
     np.testing.assert_allclose(cg, exact, atol=1e-6 * np.abs(exact).max())
@@ -230,3 +231,23 @@ def test_exact_count_for_a_weight_in_fortran_order(select: str) -> None:
     W = np.asfortranarray(rng.standard_normal((1, 6, 16)))  # as a transposed MatMul weight can arrive
     sol = prune_layer(W, (X.T @ X)[None], keep=30, select=select)  # type: ignore[arg-type]
     assert int(sol.mask.sum()) == 30 and int(np.count_nonzero(sol.W)) <= 30
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.85])
+def test_refit_through_the_pruned_set_equals_the_kept_set_solve(density: float) -> None:
+    """The complement route ``w = w* − H⁻¹[:, T] (H⁻¹)_TT⁻¹ w*_T`` gives the kept-set minimiser."""
+    rng = np.random.default_rng(11)
+    M, d = 7, 30
+    X = rng.standard_normal((50, d)) @ rng.standard_normal((d, d))  # correlated inputs
+    W_bar = rng.standard_normal((M, d))
+    Bg = X.T @ (X @ W_bar.T + 0.1 * rng.standard_normal((50, M)))
+    dh = damp_gram(X.T @ X, 0.01)
+    rhs, W_star = targets(W_bar, dh, Bg)
+    mask = rng.random((M, d)) < density
+    mask[0] = True  # a full row
+    mask[1] = False  # an empty one
+    direct, _ = ridge_refit(dh, rhs, mask)
+    via, how = ridge_refit(dh, rhs, mask, None, inverse(dh), W_star)
+    assert how == "cholesky"
+    np.testing.assert_allclose(via, direct, atol=1e-8 * np.abs(direct).max())
+    assert not np.any(via[~mask])
