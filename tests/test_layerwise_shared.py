@@ -162,3 +162,36 @@ def test_layerwise_pass_on_an_unrolled_rnn_fits_each_weight_once_on_every_step()
             t.CopyFrom(numpy_helper.from_array(res.weights[t.name], t.name))
     again = layerwise_prune(pruned_model, batches, keep={"Wo": 5}, opts=own)
     np.testing.assert_allclose(res.weights["Wo"], again.weights["Wo"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_buffered_gram_accumulation_equals_one_product_over_all_rows(
+    groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small row blocks (one time step of a few samples) are gathered before the Gram update; the
+    statistics equal those of one product over all rows, whatever the flush points."""
+    import chita_onnx.layerstats as ls
+
+    rng = np.random.default_rng(4)
+    g, d, m = groups, 6, 3
+    blocks = [
+        (rng.standard_normal((r, g, d)).astype(np.float32), rng.standard_normal((r, g, m)).astype(np.float32))
+        for r in (5, 1, 17, 3, 40, 2)
+    ]
+    geom = ls.LayerGeometry("conv", (g * m, d, 1), group=g, strides=(1,), dilations=(1,))
+    x = np.concatenate([b[0] for b in blocks]).astype(np.float64)
+    y = np.concatenate([b[1] for b in blocks]).astype(np.float64)
+    for flush_rows in (1, 7, 10_000):
+        monkeypatch.setattr(ls, "FLUSH_ROWS", flush_rows)
+        st = ls.LayerStats.empty(geom, cross=True)
+        for xb, yb in blocks:
+            ls._add_rows(st, xb, yb)
+        assert flush_rows != 10_000 or st.pending  # nothing added yet when the blocks are few
+        ls.finalize_means(st)
+        assert not st.pending and st.rows == x.shape[0]
+        assert st.B is not None and st.yy is not None
+        for k in range(g):
+            np.testing.assert_allclose(st.H[k], x[:, k].T @ x[:, k], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(st.B[k], x[:, k].T @ y[:, k], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(st.yy[k], (y[:, k] ** 2).sum(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(st.mean_p, x.mean(axis=0), rtol=1e-5, atol=1e-6)
