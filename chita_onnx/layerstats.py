@@ -35,6 +35,8 @@ CHUNK_BYTES = 64 * 2**20
 #: Rows (or bytes of rows) gathered before they are added to the Gram in one product (:func:`flush`).
 FLUSH_ROWS = 4096
 FLUSH_BYTES = 64 * 2**20
+#: Row length from which small row blocks are gathered (narrower Grams are cheap to update).
+GATHER_MIN_D = 512
 
 
 @dataclass(frozen=True)
@@ -374,19 +376,26 @@ def accumulate(
 
 def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32] | None) -> None:
     """Add input rows ``xp (R, g, d)`` and dense output rows ``y (R, g, M_g)``: the mean and the row
-    count at once, the products once :data:`FLUSH_ROWS` rows or :data:`FLUSH_BYTES` have gathered
-    (:func:`flush`) — many small blocks (one time step of a few samples) would otherwise each pay a
-    pass over the ``d × d`` Gram."""
+    count at once; the products at once too, except for blocks of fewer than ``d`` rows of a wide
+    layer (``d ≥`` :data:`GATHER_MIN_D`: one time step of a few samples), which are gathered until
+    ``min(d, FLUSH_ROWS)`` rows or :data:`FLUSH_BYTES` (:func:`flush`) — each would otherwise pay a
+    pass over the ``d × d`` float64 Gram."""
     R = xp.shape[0]
     if R == 0:
         return
     stats.rows += R
     ones = np.ones(R, np.float32)
     stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
+    d = xp.shape[2]
+    if d < GATHER_MIN_D or xp.shape[0] >= d:  # a product that BLAS runs well as it is: no gathering
+        flush(stats)
+        stats.pending.append((xp, y))
+        flush(stats)
+        return
     stats.pending.append((xp, y))
     stats.pending_rows += R
-    size = stats.pending_rows * xp.shape[1] * (xp.shape[2] + (0 if y is None else y.shape[2])) * 4
-    if stats.pending_rows >= FLUSH_ROWS or size >= FLUSH_BYTES:
+    size = stats.pending_rows * xp.shape[1] * (d + (0 if y is None else y.shape[2])) * 4
+    if stats.pending_rows >= min(FLUSH_ROWS, d) or size >= FLUSH_BYTES:
         flush(stats)
 
 

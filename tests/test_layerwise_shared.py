@@ -173,20 +173,21 @@ def test_buffered_gram_accumulation_equals_one_product_over_all_rows(
     import chita_onnx.layerstats as ls
 
     rng = np.random.default_rng(4)
-    g, d, m = groups, 6, 3
+    g, d, m = groups, 60, 3
     blocks = [
         (rng.standard_normal((r, g, d)).astype(np.float32), rng.standard_normal((r, g, m)).astype(np.float32))
-        for r in (5, 1, 17, 3, 40, 2)
+        for r in (5, 1, 17, 3, 70, 2, 9)
     ]
     geom = ls.LayerGeometry("conv", (g * m, d, 1), group=g, strides=(1,), dilations=(1,))
     x = np.concatenate([b[0] for b in blocks]).astype(np.float64)
     y = np.concatenate([b[1] for b in blocks]).astype(np.float64)
+    monkeypatch.setattr(ls, "GATHER_MIN_D", 1)
     for flush_rows in (1, 7, 10_000):
         monkeypatch.setattr(ls, "FLUSH_ROWS", flush_rows)
         st = ls.LayerStats.empty(geom, cross=True)
         for xb, yb in blocks:
             ls._add_rows(st, xb, yb)
-        assert flush_rows != 10_000 or st.pending  # nothing added yet when the blocks are few
+        assert flush_rows != 10_000 or st.pending  # the last small blocks wait for more rows
         ls.finalize_means(st)
         assert not st.pending and st.rows == x.shape[0]
         assert st.B is not None and st.yy is not None
