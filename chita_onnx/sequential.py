@@ -136,6 +136,7 @@ class _Open:
     site: LayerSite
     index: int
     W_bar: NDArray[np.float64]
+    rows: NDArray[np.float64]  # W̄ as (g, M_g, d)
     stats: LayerStats
     seen: int = 0
 
@@ -183,9 +184,10 @@ def layerwise_prune(
             if len(consumers) > 1 and rewind is None:
                 rewind = pruned.snapshot()
             W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
-            open_[i] = _Open(site, i, W0, LayerStats.empty(site.geometry, cross=dense is not None))
+            stats0 = LayerStats.empty(site.geometry, cross=dense is not None)
+            open_[i] = _Open(site, i, W0, weight_rows(W0, site.geometry), stats0)
         cur = open_[i]
-        Wr = weight_rows(cur.W_bar, site.geometry)
+        Wr = cur.rows
         seed = opts.seed * 1_000_003 + i + 7_919 * j
         _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
         cur.seen += 1

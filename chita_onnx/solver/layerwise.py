@@ -50,7 +50,8 @@ BLOCK = 128
 #: Above it (a layer of thousands of outputs with inputs of thousands of features), batched CG
 #: started from the sweep's weights runs for :data:`CG_FLOPS`: on such layers the exact re-fit alone
 #: took several times as long as computing CHITA's whole X (issue 9's time bar), and CG reaches
-#: most of its gain in the first 10–20 iterations (BENCHMARKS.md, "Layer-wise time bar").
+#: most of its gain in the first 10–20 iterations (BENCHMARKS.md, "The layer-wise default against
+#: issue 9's time bar").
 EXACT_FLOPS = 2e11
 #: Multiply-adds of the batched CG re-fit of one layer when the exact one costs more.
 CG_FLOPS = 2e11
