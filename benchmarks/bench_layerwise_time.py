@@ -132,8 +132,10 @@ def main() -> None:
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2, default=float))
-    print(f"Machine: {zoo.machine_line()}; sparsity {args.sparsity}; "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")
+    print(
+        f"Machine: {zoo.machine_line()}; sparsity {args.sparsity}; "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n"
+    )
     print(table(rows))
 
 

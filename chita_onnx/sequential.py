@@ -170,9 +170,7 @@ def layerwise_prune(
     reports: list[LayerReport] = []
     t_stats = t_solve = 0.0
     # one event per consuming node, in graph order; a weight is solved at its last consumer
-    events = sorted(
-        (c.position, i, j) for i, s in enumerate(sites) for j, c in enumerate(s.consumers or (s,))
-    )
+    events = sorted((c.position, i, j) for i, s in enumerate(sites) for j, c in enumerate(s.consumers or (s,)))
     open_: dict[int, _Open] = {}
     rewind: tuple[int, dict[str, list[NDArray[np.generic]]]] | None = None  # before the first open shared weight
     for pos, i, j in progress(events, total=len(events), desc="layer-wise", unit="layer"):
