@@ -176,38 +176,71 @@ class LayerSite:
     offset: str | None = None  # the constant the node itself adds to its output (Conv B, Gemm C)
     offset_scale: float = 1.0  # Gemm's beta
     opaque_offset: bool = False  # the node adds something that is not a usable constant
+    #: Every consuming node of a shared weight (an unrolled RNN's time steps), this site first, in
+    #: graph order, when all of them map the weight to the same rows (:func:`same_rows`): the
+    #: layer-wise pass fits the weight once on all their inputs.  Empty for a weight used once.
+    consumers: tuple[LayerSite, ...] = ()
+
+    @property
+    def last_position(self) -> int:
+        """Position of the last consuming node (``position`` for a weight used once)."""
+        return self.consumers[-1].position if self.consumers else self.position
+
+
+def same_rows(a: LayerGeometry, b: LayerGeometry) -> bool:
+    """Whether two consumers of one weight map it to the same ``(g, M_g, d)`` rows (so that their
+    input rows can be stacked into one least-squares problem)."""
+    key = (a.kind, a.weight_shape, a.groups, a.kind == "gemm" and a.trans_b)
+    return key == (b.kind, b.weight_shape, b.groups, b.kind == "gemm" and b.trans_b)
 
 
 def find_layers(model: onnx.ModelProto, weights: Iterable[str]) -> list[LayerSite]:
-    """The consuming node of each weight (its first consumer when shared), in graph order."""
+    """The consuming node of each weight, in graph order of the first consumer.
+
+    A weight read by several nodes (the time steps of an unrolled RNN) gets every consumer in
+    :attr:`LayerSite.consumers` when they all use it the same way (:func:`same_rows`); otherwise the
+    first consumer only, with a warning.
+    """
     wanted = set(weights)
     inits: dict[str, TensorProto] = {n: t for n, (_, t) in _constant_values(model.graph).items()}
     real = {t.name: t for t in model.graph.initializer}
     inits.update(real)
-    sites: dict[str, LayerSite] = {}
-    uses: dict[str, int] = {}
+    sites: dict[str, list[LayerSite]] = {}
+    unfit: set[str] = set()
     for pos, node in enumerate(model.graph.node):
         for slot, name in enumerate(node.input):
             if name not in wanted:
                 continue
-            uses[name] = uses.get(name, 0) + 1
-            if name in sites:
-                continue
             if name not in inits:
                 raise ModelError(f"weight {name!r} is neither an initializer nor a Constant node")
+            if sites.get(name) and sites[name][-1].position == pos:
+                continue  # the same node reads it twice (x·W·W is not a layer; first slot only)
             shape = tuple(int(d) for d in inits[name].dims)
             label = node.name or f"<{node.op_type} #{pos}>"
-            sites[name] = _site(node, slot, name, shape, pos, label, real)
+            if name not in sites:  # the first consumer must be a layer
+                sites[name] = [_site(node, slot, name, shape, pos, label, real)]
+                continue
+            try:
+                sites[name].append(_site(node, slot, name, shape, pos, label, real))
+            except ModelError:  # a later non-layer use (a tied weight read by a Transpose, say)
+                unfit.add(name)
     missing = wanted - set(sites)
     if missing:
         raise ModelError(f"no consuming Conv/Gemm/MatMul node for weight(s) {sorted(missing)}")
     out = []
-    for name, site in sites.items():
-        if uses[name] > 1:
-            log.warning(
-                "weight %r feeds %d nodes: it is re-fitted on the inputs of the first one only", name, uses[name]
-            )
-            site = LayerSite(**{**site.__dict__, "shared": True})
+    for name, found in sites.items():
+        site = found[0]
+        if len(found) > 1 or name in unfit:
+            if name not in unfit and all(same_rows(site.geometry, c.geometry) for c in found[1:]):
+                log.info("weight %r feeds %d nodes: it is fitted once on the inputs of all of them", name, len(found))
+                joint = tuple(LayerSite(**{**c.__dict__, "shared": True}) for c in found)
+                site = LayerSite(**{**site.__dict__, "shared": True, "consumers": joint})
+            else:
+                log.warning(
+                    "weight %r feeds %d nodes that use it differently: it is re-fitted on the inputs of the "
+                    "first one only", name, len(found),
+                )  # fmt: skip
+                site = LayerSite(**{**site.__dict__, "shared": True})
         out.append(site)
     return sorted(out, key=lambda s: s.position)
 
@@ -515,6 +548,17 @@ class SegmentRunner:
                 if isinstance(a, np.memmap) and a.filename:
                     Path(a.filename).unlink(missing_ok=True)  # the mapping stays valid until released
         self.seconds += time.perf_counter() - t0
+
+    def snapshot(self) -> tuple[int, dict[str, list[NDArray[np.generic]]]]:
+        """The position and the kept tensors, to :meth:`restore` later (the arrays are shared, not
+        copied: the runner never writes into a kept array)."""
+        return self.position, {k: list(v) for k, v in self.state.items()}
+
+    def restore(self, snap: tuple[int, dict[str, list[NDArray[np.generic]]]]) -> None:
+        """Go back to a :meth:`snapshot`: the next :meth:`advance` re-runs the nodes from there with
+        the *current* initializers (after a weight used by the nodes in between has changed)."""
+        self.position, state = snap
+        self.state = {k: list(v) for k, v in state.items()}
 
     def _keep(self, value: NDArray[np.generic]) -> NDArray[np.generic]:
         """Spill ``value`` to a memory-mapped ``.npy`` file (the frontier is over ``max_bytes``)."""

@@ -32,6 +32,11 @@ Kind = Literal["conv", "gemm", "matmul_right", "matmul_left"]
 
 #: Largest im2col chunk materialised at once (bytes).
 CHUNK_BYTES = 64 * 2**20
+#: Rows (or bytes of rows) gathered before they are added to the Gram in one product (:func:`flush`).
+FLUSH_ROWS = 4096
+FLUSH_BYTES = 64 * 2**20
+#: Row length from which small row blocks are gathered (narrower Grams are cheap to update).
+GATHER_MIN_D = 512
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,9 @@ class LayerStats:
     mean_p: NDArray[np.float64]
     rows: int = 0
     seen: int = 0  # rows before subsampling
+    #: Row blocks ``(x (R, g, d), y (R, g, M_g) or None)`` not yet in ``H``/``B``/``yy`` (:func:`flush`).
+    pending: list[tuple[NDArray[np.float32], NDArray[np.float32] | None]] = field(default_factory=list)
+    pending_rows: int = 0
 
     @staticmethod
     def empty(geom: LayerGeometry, *, cross: bool) -> LayerStats:
@@ -367,14 +375,40 @@ def accumulate(
 
 
 def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32] | None) -> None:
-    """Accumulate input rows ``xp (R, g, d)`` and dense output rows ``y (R, g, M_g)`` (float32
-    products per batch, float64 sums)."""
+    """Add input rows ``xp (R, g, d)`` and dense output rows ``y (R, g, M_g)``: the mean and the row
+    count at once; the products at once too, except for blocks of fewer than ``d`` rows of a wide
+    layer (``d ≥`` :data:`GATHER_MIN_D`: one time step of a few samples), which are gathered until
+    ``min(d, FLUSH_ROWS)`` rows or :data:`FLUSH_BYTES` (:func:`flush`) — each would otherwise pay a
+    pass over the ``d × d`` float64 Gram."""
     R = xp.shape[0]
     if R == 0:
         return
     stats.rows += R
     ones = np.ones(R, np.float32)
     stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
+    d = xp.shape[2]
+    if d < GATHER_MIN_D or xp.shape[0] >= d:  # a product that BLAS runs well as it is: no gathering
+        flush(stats)
+        stats.pending.append((xp, y))
+        flush(stats)
+        return
+    stats.pending.append((xp, y))
+    stats.pending_rows += R
+    size = stats.pending_rows * xp.shape[1] * (d + (0 if y is None else y.shape[2])) * 4
+    if stats.pending_rows >= min(FLUSH_ROWS, d) or size >= FLUSH_BYTES:
+        flush(stats)
+
+
+def flush(stats: LayerStats) -> None:
+    """Add the pending row blocks to ``H``, ``B`` and ``yy`` (float32 products, float64 sums)."""
+    if not stats.pending:
+        return
+    blocks, stats.pending, stats.pending_rows = stats.pending, [], 0
+    xp = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
+    ys = [b[1] for b in blocks]
+    y = None if any(v is None for v in ys) else (ys[0] if len(ys) == 1 else np.concatenate(ys))  # type: ignore[arg-type]
+    R = xp.shape[0]
+    ones = np.ones(R, np.float32)
     cross = y is not None and stats.B is not None and stats.yy is not None
     if xp.shape[1] <= 4:
         for gi in range(xp.shape[1]):
@@ -396,6 +430,8 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
 
 
 def finalize_means(stats: LayerStats) -> None:
-    """Turn the accumulated sum of ``mean_p`` into the mean input row (call once, after the pass)."""
+    """Add the pending rows (:func:`flush`) and turn the accumulated sum of ``mean_p`` into the mean
+    input row (call once, after the pass)."""
+    flush(stats)
     if stats.rows:
         stats.mean_p /= stats.rows

@@ -70,19 +70,21 @@ class PassResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _stats_for(
+def _add_consumer(
+    stats: LayerStats,
     site: LayerSite,
     pruned: SegmentRunner,
     dense: SegmentRunner | None,
     W_bar_rows: NDArray[np.float64],
     opts: LayerwiseOptions,
-    layer_index: int,
-) -> LayerStats:
-    """The layer's statistics over all batches.  ``pruned`` stands before the layer's node; the dense
-    targets come from the dense runner's layer *output* (minus the node's own bias), or — when that
-    bias is not a constant — from its layer input times ``W̄``."""
+    seed: int,
+    share: int = 1,
+) -> None:
+    """Add one consuming node's rows over all batches to ``stats``.  ``pruned`` stands before the
+    node; the dense targets come from the dense runner's node *output* (minus the node's own bias),
+    or — when that bias is not a constant — from its input times ``W̄``.  ``share``: how many
+    consumers split the ``max_rows`` cap (each gets ``1/share`` of it)."""
     geom = site.geometry
-    stats = LayerStats.empty(geom, cross=dense is not None)
     xs = pruned.values(site.input)
     z: Sequence[NDArray[np.generic]] | None = None
     ad: Sequence[NDArray[np.generic]] | None = None
@@ -99,8 +101,8 @@ def _stats_for(
                 m = geom.outputs_per_group * geom.groups
                 offset = np.full(m, c[0]) if c.size == 1 else c
     total = sum(num_rows(tuple(a.shape), geom) for a in xs)
-    cap = opts.max_rows * geom.d if opts.max_rows > 0 else None
-    sampler = RowSampler(total, cap, seed=opts.seed * 1_000_003 + layer_index)
+    cap = -(-opts.max_rows * geom.d // max(1, share)) if opts.max_rows > 0 else None
+    sampler = RowSampler(total, cap, seed=seed)
     for b, a in enumerate(xs):
         a32 = np.asarray(a, np.float32)
         idx = sampler.pick(num_rows(tuple(a32.shape), geom))
@@ -110,8 +112,33 @@ def _stats_for(
             accumulate(stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx)
         else:
             accumulate(stats, a32, index=idx)
+
+
+def _stats_for(
+    site: LayerSite,
+    pruned: SegmentRunner,
+    dense: SegmentRunner | None,
+    W_bar_rows: NDArray[np.float64],
+    opts: LayerwiseOptions,
+    layer_index: int,
+) -> LayerStats:
+    """The statistics of a weight used by one node, over all batches (see :func:`_add_consumer`)."""
+    stats = LayerStats.empty(site.geometry, cross=dense is not None)
+    _add_consumer(stats, site, pruned, dense, W_bar_rows, opts, opts.seed * 1_000_003 + layer_index)
     finalize_means(stats)
     return stats
+
+
+@dataclass
+class _Open:
+    """A weight whose consumers are being visited: its statistics so far."""
+
+    site: LayerSite
+    index: int
+    W_bar: NDArray[np.float64]
+    rows: NDArray[np.float64]  # W̄ as (g, M_g, d)
+    stats: LayerStats
+    seen: int = 0
 
 
 def layerwise_prune(
@@ -124,7 +151,14 @@ def layerwise_prune(
 ) -> PassResult:
     """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
     by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
-    modified.  Returns the new weights (ONNX shapes, float32) and a report per tensor."""
+    modified.  Returns the new weights (ONNX shapes, float32) and a report per tensor.
+
+    A weight used by several nodes (:attr:`~chita_onnx.activations.LayerSite.consumers`: the time
+    steps of an unrolled RNN) is fitted once, after its last consumer, on the input rows of all of
+    them stacked (one joint Gram and cross term); the pruned runner then goes back to the first of
+    those consumers and re-runs the nodes since then with the new weights, so that the layers after
+    them see the pruned recurrence.
+    """
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
     from .rnnlayers import RecurrentSite, prune_recurrent, recurrent_sites
@@ -138,20 +172,45 @@ def layerwise_prune(
     weights: dict[str, NDArray[np.float32]] = {}
     reports: list[LayerReport] = []
     t_stats = t_solve = 0.0
-    for i, site in enumerate(progress(sites, total=len(sites), desc="layer-wise", unit="layer")):
-        pruned.advance(site.position)
+    # one event per consuming node, in graph order; a weight is solved at its last consumer
+    events: list[tuple[int, int, int]] = []
+    for i, s in enumerate(sites):
+        if isinstance(s, RecurrentSite):
+            events.append((s.position, i, 0))
+        else:
+            events.extend((c.position, i, j) for j, c in enumerate(s.consumers or (s,)))
+    events.sort()
+    open_: dict[int, _Open] = {}
+    rewind: tuple[int, dict[str, list[NDArray[np.generic]]]] | None = None  # before the first open shared weight
+    for pos, i, j in progress(events, total=len(events), desc="layer-wise", unit="layer"):
+        site = sites[i]
+        pruned.advance(pos)
         if isinstance(site, RecurrentSite):
             new, rep, ts_, tv_ = prune_recurrent(site, pruned, dense, opts, keep=keep, masks=masks, layer_index=i)
             weights.update(new)
             reports.append(rep)
             t_stats, t_solve = t_stats + ts_, t_solve + tv_
             continue
-        W_bar = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
-        geom = site.geometry
-        Wr = weight_rows(W_bar, geom)
+        consumers = site.consumers or (site,)
         ts = time.perf_counter()
-        stats = _stats_for(site, pruned, dense, Wr, opts, i)
+        if i not in open_:
+            if len(consumers) > 1 and rewind is None:
+                rewind = pruned.snapshot()
+            W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
+            stats0 = LayerStats.empty(site.geometry, cross=dense is not None)
+            open_[i] = _Open(site, i, W0, weight_rows(W0, site.geometry), stats0)
+        cur = open_[i]
+        Wr = cur.rows
+        seed = opts.seed * 1_000_003 + i + 7_919 * j
+        _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
+        cur.seen += 1
         t_stats += time.perf_counter() - ts
+        if cur.seen < len(consumers):
+            continue
+        del open_[i]
+        stats = cur.stats
+        finalize_means(stats)
+        geom = site.geometry
         ts = time.perf_counter()
         if keep is not None:
             sol = prune_layer(
@@ -170,6 +229,9 @@ def layerwise_prune(
         W[rows_to_weight(sol.mask.astype(np.float64), geom) == 0] = 0.0
         weights[site.weight] = W
         pruned.set_initializer(site.weight, W)
+        if rewind is not None and not any(len(o.site.consumers) > 1 for o in open_.values()):
+            pruned.restore(rewind)  # re-run the recurrence with the pruned shared weights
+            rewind = None
         energy = float(np.sum(stats.yy)) if stats.yy is not None else float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
         reports.append(
             LayerReport(

@@ -17,7 +17,16 @@ from chita_onnx import CompressConfig
 from chita_onnx.activations import SegmentRunner, calibration_batches, find_layers, working_copy
 from chita_onnx.data import open_source
 from chita_onnx.graph import find_prunable, model_inputs
-from chita_onnx.layerstats import LayerStats, RowSampler, accumulate, input_rows, num_rows, output_rows, weight_rows
+from chita_onnx.layerstats import (
+    LayerStats,
+    RowSampler,
+    accumulate,
+    flush,
+    input_rows,
+    num_rows,
+    output_rows,
+    weight_rows,
+)
 from chita_onnx.sequential import bias_correction, ensure_biases, recalibrate_batchnorm, run_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +127,7 @@ def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
     st = LayerStats.empty(geom, cross=True)
     for x in xs:
         accumulate(st, x, a_dense=2 * x, w_dense_rows=Wr)
+    flush(st)
     rows = np.concatenate([input_rows(x, geom) for x in xs])[:, 0, :].astype(np.float64)
     np.testing.assert_allclose(st.H[0], rows.T @ rows, rtol=1e-4)
     np.testing.assert_allclose(st.B[0], rows.T @ (2 * rows @ Wr[0].T), rtol=1e-4)
@@ -133,6 +143,7 @@ def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
     for x in xs:
         (z,) = _run(conv, {"x": 2 * x})
         accumulate(st2, x, z_dense=z, offset=bias)
+    flush(st2)
     np.testing.assert_allclose(st2.B, st.B, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(st2.yy, st.yy, rtol=1e-3)
     a = RowSampler(540, 100, seed=3)
@@ -334,7 +345,7 @@ def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) 
         assert max(abs(keep[n] / sizes[n] - 0.1) for n in keep) < 0.01
     elif allocation != "chita":  # the floor: 0.5 × the overall density 0.1
         assert all(keep[n] >= int(np.ceil(0.05 * sizes[n] - 1e-9)) for n in keep)
-    assert asked == ([256] if allocation == "obd" else [None] if allocation == "chita" else [])
+    assert asked == ([cfg.allocation_samples] if allocation == "obd" else [None] if allocation == "chita" else [])
 
 
 def test_layerwise_batches_shrink_for_large_activations() -> None:

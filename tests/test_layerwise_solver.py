@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -113,8 +114,9 @@ def test_cg_refit_agrees_with_cholesky(monkeypatch: pytest.MonkeyPatch) -> None:
     exact, how = ridge_refit(dh, rhs, mask)
     assert how == "cholesky"
     monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    monkeypatch.setattr(lw, "CG_FLOPS", float("inf"))
     cg, how = ridge_refit(dh, rhs, mask, W_bar * mask)
-    assert how == "cg"
+    assert how == "cg300"
     np.testing.assert_allclose(cg, exact, atol=1e-6 * np.abs(exact).max())
 
 
@@ -230,3 +232,57 @@ def test_exact_count_for_a_weight_in_fortran_order(select: str) -> None:
     W = np.asfortranarray(rng.standard_normal((1, 6, 16)))  # as a transposed MatMul weight can arrive
     sol = prune_layer(W, (X.T @ X)[None], keep=30, select=select)  # type: ignore[arg-type]
     assert int(sol.mask.sum()) == 30 and int(np.count_nonzero(sol.W)) <= 30
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.85])
+def test_refit_through_the_pruned_set_equals_the_kept_set_solve(density: float) -> None:
+    """The complement route ``w = w* − H⁻¹[:, T] (H⁻¹)_TT⁻¹ w*_T`` gives the kept-set minimiser."""
+    rng = np.random.default_rng(11)
+    M, d = 7, 30
+    X = rng.standard_normal((50, d)) @ rng.standard_normal((d, d))  # correlated inputs
+    W_bar = rng.standard_normal((M, d))
+    Bg = X.T @ (X @ W_bar.T + 0.1 * rng.standard_normal((50, M)))
+    dh = damp_gram(X.T @ X, 0.01)
+    rhs, W_star = targets(W_bar, dh, Bg)
+    mask = rng.random((M, d)) < density
+    mask[0] = True  # a full row
+    mask[1] = False  # an empty one
+    direct, _ = ridge_refit(dh, rhs, mask)
+    via, how = ridge_refit(dh, rhs, mask, None, inverse(dh), W_star)
+    assert how == "cholesky"
+    np.testing.assert_allclose(via, direct, atol=1e-8 * np.abs(direct).max())
+    assert not np.any(via[~mask])
+
+
+def test_budgeted_cg_refit_only_lowers_the_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_FLOPS the re-fit is CG from the sweep's weights for as many iterations as
+    CG_FLOPS pays for: each budget gives an objective ≤ the start's, and a larger one ≤ a smaller one."""
+    import chita_onnx.solver.layerwise as lw
+
+    rng = np.random.default_rng(12)
+    M, d = 9, 40
+    X = rng.standard_normal((60, d)) @ rng.standard_normal((d, d))  # ill-conditioned: CG needs many steps
+    W_bar = rng.standard_normal((M, d))
+    dh = damp_gram(X.T @ X, 0.01)
+    rhs, W_star = targets(W_bar, dh, None)
+    mask = rng.random((M, d)) < 0.5
+    W0 = W_bar * mask
+    exact, _ = ridge_refit(dh, rhs, mask)
+    monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    step = lw.refit_cost(mask)[1]
+    objs = [lw.objective(W0, dh, rhs)]
+    for its in (5, 20, 300):
+        monkeypatch.setattr(lw, "CG_FLOPS", its * step)
+        W, how = ridge_refit(dh, rhs, mask, W0, inverse(dh), W_star)
+        assert how == f"cg{its}" and not np.any(W[~mask])
+        objs.append(lw.objective(W, dh, rhs))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(objs))
+    assert objs[-1] <= lw.objective(exact, dh, rhs) + 1e-6 * abs(objs[0])
+
+
+def test_inverse_from_the_cholesky_factor_is_the_inverse() -> None:
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((40, 17))
+    dh = damp_gram(X.T @ X, 0.01)
+    np.testing.assert_allclose(inverse(dh) @ dh.H, np.eye(17), atol=1e-9)
+    np.testing.assert_array_equal(inverse(dh), inverse(dh).T)

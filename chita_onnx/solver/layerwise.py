@@ -46,8 +46,17 @@ Select = Literal["sparsegpt", "magnitude", "mask"]
 DAMP = 0.01
 #: Column block of the sweep (SparseGPT's 128).
 BLOCK = 128
-#: Rows·|S|³ above which the exact re-fit switches from per-row Cholesky to batched CG.
-EXACT_FLOPS = 4e10
+#: Multiply-adds up to which a layer's re-fit is exact (:func:`refit_cost`; about 10–20 s on one core).
+#: Above it (a layer of thousands of outputs with inputs of thousands of features), batched CG
+#: started from the sweep's weights runs for :data:`CG_FLOPS`: on such layers the exact re-fit alone
+#: took several times as long as computing CHITA's whole X (issue 9's time bar), and CG reaches
+#: most of its gain in the first 10–20 iterations (BENCHMARKS.md, "The layer-wise default against
+#: issue 9's time bar").
+EXACT_FLOPS = 2e11
+#: Multiply-adds of the batched CG re-fit of one layer when the exact one costs more.
+CG_FLOPS = 2e11
+CG_MIN_ITERATIONS = 5
+CG_MAX_ITERATIONS = 300
 
 
 @dataclass(frozen=True)
@@ -118,8 +127,15 @@ def targets(W_bar: F64, dh: Damped, B: F64 | None) -> tuple[F64, F64]:
 
 
 def inverse(dh: Damped) -> F64:
-    """``H_λ⁻¹`` (d × d)."""
-    return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
+    """``H_λ⁻¹`` (d × d), from the Cholesky factor (LAPACK ``potri``: a third of the work of solving
+    against the identity)."""
+    c, lower = dh.chol
+    inv, info = sla.lapack.dpotri(c, lower=lower)
+    if info != 0:
+        return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
+    tri = np.tril(inv) if lower else np.triu(inv)
+    out: F64 = tri + np.tril(tri, -1).T if lower else tri + np.triu(tri, 1).T
+    return out
 
 
 def obs_saliency(W_star: F64, Hinv_diag: F64) -> F64:
@@ -206,27 +222,61 @@ def sparsegpt_sweep(
     return W, kept
 
 
-def ridge_refit(dh: Damped, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None = None) -> tuple[F64, str]:
-    """Exact re-fit of every row on its support: ``w_S = (H_λ)_SS⁻¹ rhs_S`` (``(M, d)``, zeros off ``S``).
+def refit_cost(mask: NDArray[np.bool_], complement: bool = True) -> tuple[float, float]:
+    """Estimated multiply-adds of the exact re-fit on ``mask (M, d)`` and of one batched CG iteration.
 
-    Per-row Cholesky when ``Σ_i |S_i|³`` is small, otherwise Jacobi-preconditioned conjugate gradients
-    on all rows at once, started from ``W0`` (the masked weights) so that the objective only falls.
-    Returns ``(W, how)``.
+    Exact: a Cholesky of ``m = min(|S_i|, d − |S_i|)`` per row (the kept set, or with ``H_λ⁻¹``
+    the pruned one; ``m = |S_i|`` without ``complement``), ``m³/3`` each, plus the ``d·m`` update.
+    CG: one product of the ``(M, d)`` weights with ``H``, ``2·M·d²``.
+    """
+    M, d = mask.shape
+    kept = mask.sum(axis=1).astype(np.float64)
+    m = np.minimum(kept, d - kept) if complement else kept
+    return float(np.sum(m**3) / 3.0 + np.sum(m) * d), 2.0 * M * d * d
+
+
+def ridge_refit(
+    dh: Damped,
+    rhs: F64,
+    mask: NDArray[np.bool_],
+    W0: F64 | None = None,
+    Hinv: F64 | None = None,
+    W_star: F64 | None = None,
+) -> tuple[F64, str]:
+    """Re-fit every row on its support: ``w_S = (H_λ)_SS⁻¹ rhs_S`` (``(M, d)``, zeros off ``S``).
+
+    Exact when it costs at most :data:`EXACT_FLOPS` (:func:`refit_cost`): per row, whichever system
+    is smaller — the kept set ``S`` (Cholesky of ``(H_λ)_SS``) or, given ``Hinv = H_λ⁻¹`` and the
+    unconstrained optimum ``W_star = rhs·H_λ⁻¹``, the pruned set ``T``:
+    ``w = w* − H_λ⁻¹[:, T] (H_λ⁻¹)_TT⁻¹ w*_T`` (the OBS removal of all of ``T`` at once; the same
+    minimiser).  Otherwise batched Jacobi-preconditioned conjugate gradients from ``W0`` (the
+    objective falls at every iteration), as many iterations as :data:`CG_FLOPS` pays for (at least
+    :data:`CG_MIN_ITERATIONS`, at most 300, stopping early at convergence).  Returns ``(W, how)``.
     """
     M, d = rhs.shape
     sizes = mask.sum(axis=1)
+    complement = Hinv is not None and W_star is not None
+    exact_cost, cg_step = refit_cost(mask, complement)
+    if exact_cost > EXACT_FLOPS:
+        iters = int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
+        return _cg_refit(dh.H, rhs, mask, W0, iters=iters), f"cg{iters}"
     W = np.zeros((M, d))
-    if float(np.sum(sizes.astype(np.float64) ** 3)) <= EXACT_FLOPS:
-        Hl = dh.H
-        full = sizes == d
-        if np.any(full):
-            W[full] = sla.cho_solve(dh.chol, rhs[full].T, check_finite=False).T
-        for i in np.flatnonzero(~full & (sizes > 0)):
-            S = np.flatnonzero(mask[i])
-            c = sla.cho_factor(Hl[np.ix_(S, S)], lower=False, check_finite=False)
-            W[i, S] = sla.cho_solve(c, rhs[i, S], check_finite=False)
-        return W, "cholesky"
-    return _cg_refit(dh.H, rhs, mask, W0), "cg"
+    Hl = dh.H
+    full = sizes == d
+    if np.any(full):
+        W[full] = sla.cho_solve(dh.chol, rhs[full].T, check_finite=False).T
+    for i in np.flatnonzero(~full & (sizes > 0)):
+        if complement and 2 * int(sizes[i]) > d:
+            assert Hinv is not None and W_star is not None
+            T = np.flatnonzero(~mask[i])
+            c = sla.cho_factor(Hinv[np.ix_(T, T)], lower=False, check_finite=False)
+            W[i] = W_star[i] - Hinv[:, T] @ sla.cho_solve(c, W_star[i, T], check_finite=False)
+            W[i, T] = 0.0
+            continue
+        S = np.flatnonzero(mask[i])
+        c = sla.cho_factor(Hl[np.ix_(S, S)], lower=False, check_finite=False)
+        W[i, S] = sla.cho_solve(c, rhs[i, S], check_finite=False)
+    return W, "cholesky"
 
 
 def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: float = 1e-6, iters: int = 300) -> F64:
@@ -352,8 +402,8 @@ def prune_layer(
             Wk, mk = sparsegpt_sweep(W_star, invs[k], mask=mask[k], block=block)
         if refit:
             W0 = Wk
-            Wk, how = ridge_refit(damped[k], rhs, mk, W0)
-            if how == "cg" and objective(Wk, damped[k], rhs) > objective(W0, damped[k], rhs):
+            Wk, how = ridge_refit(damped[k], rhs, mk, W0, invs[k], W_star)
+            if how.startswith("cg") and objective(Wk, damped[k], rhs) > objective(W0, damped[k], rhs):
                 Wk = W0
         out[k], kept[k] = Wk, mk
     err = masked = dense = 0.0

