@@ -44,9 +44,11 @@ def test_distill_fits_every_calibration_sample(tmp_path: Path, monkeypatch: pyte
         path, tmp_path / "out.onnx", data, CompressConfig(sparsity=0.8, distill=True, stages=2), eval_data=data
     )
     assert report.nnz <= report.k
-    assert seen == [50]  # every sample in the fit, none set aside to decide a correction
+    assert seen[-1] == 2 * 50  # every sample (and a mixture of each) in the fit, none set aside to decide
+    assert report.config["num_samples"] == 1000  # the user's setting is reported as given
+    seen.clear()
     chita = compress(
         path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.8, method="chita++", stages=2), eval_data=data
     )
     assert chita.nnz <= chita.k
-    assert seen[1:] == [40]  # (without --distill, `auto` holds 20% out to decide)
+    assert seen == [40]  # (without --distill, `auto` holds 20% out to decide)
