@@ -19,6 +19,8 @@ from .data import ArraySource
 
 #: Range of the mixing weight λ: each mixture keeps at least 20% of either sample.
 MIX_LOW, MIX_HIGH = 0.2, 0.8
+#: Mixtures per calibration sample.
+MIX_COPIES = 1
 
 
 def mixed_inputs(source: ArraySource, n: int, seed: int = 0) -> ArraySource | None:
@@ -33,19 +35,24 @@ def mixed_inputs(source: ArraySource, n: int, seed: int = 0) -> ArraySource | No
     if n < 2 or any(not np.issubdtype(v.dtype, np.floating) for v in batched.values()):
         return None
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    lam = rng.uniform(MIX_LOW, MIX_HIGH, n)
+    draws = []
+    for _ in range(MIX_COPIES):
+        perm = rng.permutation(n)
+        draws.append((perm, rng.uniform(MIX_LOW, MIX_HIGH, n)))
     arrays: dict[str, np.ndarray] = {}
     for k, v in batched.items():
         x = v[:n]
         shape = (n,) + (1,) * (x.ndim - 1)
-        lk = lam.reshape(shape).astype(x.dtype)
-        arrays[k] = np.concatenate([x, lk * x + (1 - lk) * x[perm]]).astype(x.dtype, copy=False)
+        parts = [x]
+        for perm, lam in draws:
+            lk = lam.reshape(shape).astype(x.dtype)
+            parts.append(lk * x + (1 - lk) * x[perm])
+        arrays[k] = np.concatenate(parts).astype(x.dtype, copy=False)
     arrays.update({k: v for k, v in source.inputs.items() if k in source.static})
     labels = None
     if source.labels is not None:
         own = source.labels[:n]
-        labels = np.concatenate([own, np.where(lam >= 0.5, own, own[perm])])
+        labels = np.concatenate([own, *(np.where(lam >= 0.5, own, own[perm]) for perm, lam in draws)])
     return ArraySource(
         arrays, labels, batch_size=source.batch_size, origin=f"{source.origin} (with mixtures)", static=source.static
     )

@@ -667,7 +667,7 @@ def prune(
 
 
 def _with_mixtures(prep: Prepared, config: CompressConfig) -> tuple[Prepared, CompressConfig]:
-    """``--distill``: the calibration inputs followed by as many mixtures of pairs of them, the inputs
+    """``--distill``: the calibration inputs followed by mixtures of pairs of them, the inputs
     the KL to the dense outputs is fitted on (:func:`chita_onnx.augment.mixed_inputs`; BENCHMARKS.md,
     "The high-sparsity switch").  Unchanged when the inputs cannot be mixed."""
     from .augment import mixed_inputs
@@ -677,7 +677,8 @@ def _with_mixtures(prep: Prepared, config: CompressConfig) -> tuple[Prepared, Co
     if mixed is None:
         log.info("--distill: the calibration inputs are not all floating point; fitting on them alone")
         return prep, config
-    log.info("--distill: fitting on %d calibration inputs and as many mixtures of them", mixed.num_samples // 2)
+    n = min(whole.num_samples, config.num_samples)
+    log.info("--distill: fitting on %d calibration inputs and %d mixtures of them", n, mixed.num_samples - n)
     return dataclasses.replace(prep, calib=mixed), config.with_(num_samples=mixed.num_samples)
 
 

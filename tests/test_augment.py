@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from chita_onnx.augment import MIX_HIGH, MIX_LOW, mixed_inputs
 from chita_onnx.data import ArraySource
@@ -46,3 +47,15 @@ def test_nothing_to_mix() -> None:
     a, b = mixed_inputs(src, 5, seed=1), mixed_inputs(src, 5, seed=1)
     assert a is not None and b is not None and a.labels is None
     np.testing.assert_array_equal(a.inputs["x"], b.inputs["x"])  # seeded
+
+
+def test_more_mixtures_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chita_onnx import augment
+
+    x = np.random.default_rng(2).standard_normal((8, 3)).astype(np.float32)
+    one = mixed_inputs(ArraySource({"x": x}, np.arange(8)), 8, seed=4)
+    monkeypatch.setattr(augment, "MIX_COPIES", 2)
+    two = mixed_inputs(ArraySource({"x": x}, np.arange(8)), 8, seed=4)
+    assert one is not None and two is not None and two.num_samples == 24 and two.labels is not None
+    np.testing.assert_array_equal(two.inputs["x"][:16], one.inputs["x"])  # the first draws are the same
+    assert set(two.labels[16:]) <= set(range(8))
