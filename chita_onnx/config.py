@@ -175,6 +175,12 @@ class CompressConfig:
             raise bad("fisher", self.fisher, "--distill uses the KL's own curvature: --fisher kl (or auto)")
         if self.distill:
             object.__setattr__(self, "fisher", "kl")
+            # --distill fits the dense outputs themselves, so the statistics correction has nothing
+            # to restore; deciding it on `auto` would hold out 20% of the calibration data from the
+            # fit (BENCHMARKS.md, "The high-sparsity switch"). `on` still forces it.
+            for name in ("bn_recalibrate", "bias_correction"):
+                if getattr(self, name) == "auto":
+                    object.__setattr__(self, name, "off")
         if self.fisher == "kl" and self.mini_batch != 1:
             raise bad("fisher", self.fisher, f"kl needs per-sample rows; got --mini-batch={self.mini_batch}")
         if not 0.0 <= self.layer_floor <= 1.0:

@@ -556,6 +556,10 @@ def prune(
     timer = timer or PhaseTimer()
     if config.method == "layerwise":
         return _prune_layerwise(prep, config, oracle, timer, on_stage, X0)
+    if config.distill and X0 is None:
+        prep, mixed = _with_mixtures(prep, config)
+        if mixed is not config:
+            config, oracle = mixed, None  # (an oracle of the calibration inputs alone is rebuilt below)
     w = initial_weights(prep)
     sizes = [s.size for s in prep.layout.slots]
     if structure is None and config.nm is not None:
@@ -660,6 +664,22 @@ def prune(
             w, extra = refit_layerwise(prep, config, w)
         result = dataclasses.replace(result, w=w, info={**result.info, **extra})
     return w, stages, result
+
+
+def _with_mixtures(prep: Prepared, config: CompressConfig) -> tuple[Prepared, CompressConfig]:
+    """``--distill``: the calibration inputs followed by mixtures of pairs of them, the inputs
+    the KL to the dense outputs is fitted on (:func:`chita_onnx.augment.mixed_inputs`; BENCHMARKS.md,
+    "The high-sparsity switch").  Unchanged when the inputs cannot be mixed."""
+    from .augment import mixed_inputs
+
+    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
+    mixed = mixed_inputs(whole, config.num_samples, config.seed)
+    if mixed is None:
+        log.info("--distill: the calibration inputs are not all floating point; fitting on them alone")
+        return prep, config
+    n = min(whole.num_samples, config.num_samples)
+    log.info("--distill: fitting on %d calibration inputs and %d mixtures of them", n, mixed.num_samples - n)
+    return dataclasses.replace(prep, calib=mixed), config.with_(num_samples=mixed.num_samples)
 
 
 def _solve_stage(

@@ -1,0 +1,54 @@
+"""``--distill`` fits the dense outputs, so it leaves the statistics correction off unless asked for,
+and fits on every calibration sample (no 20% held out for an ``auto`` decision)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from conftest import labelled_data, tiny_mlp
+
+from chita_onnx import CompressConfig, pipeline
+from chita_onnx.pipeline import compress
+from chita_onnx.reconstruct import needs_decision
+
+
+def test_distill_turns_the_automatic_statistics_correction_off() -> None:
+    cfg = CompressConfig(sparsity=0.95, distill=True)
+    assert (cfg.bn_recalibrate, cfg.bias_correction) == ("off", "off")
+    assert not needs_decision(cfg)
+    forced = CompressConfig(sparsity=0.95, distill=True, bias_correction="on", bn_recalibrate="on")
+    assert (forced.bn_recalibrate, forced.bias_correction) == ("on", "on")
+    assert needs_decision(CompressConfig(sparsity=0.95, method="chita++"))  # unchanged without --distill
+    assert cfg.with_(stages=3) == CompressConfig(sparsity=0.95, distill=True, stages=3)  # idempotent
+
+
+def test_distill_fits_every_calibration_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    init = pipeline.GradientOracle.__init__
+
+    def spy(self: pipeline.GradientOracle, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        seen.append(self.n)
+
+    monkeypatch.setattr(pipeline.GradientOracle, "__init__", spy)
+    model = tiny_mlp(seed=5, d_in=12, hidden=16, classes=5)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "d.npz"
+    np.savez(data, **labelled_data(model, n=50))  # type: ignore[arg-type]
+    report = compress(
+        path, tmp_path / "out.onnx", data, CompressConfig(sparsity=0.8, distill=True, stages=2), eval_data=data
+    )
+    assert report.nnz <= report.k
+    assert seen[-1] == 2 * 50  # every sample (and a mixture of each) in the fit, none set aside to decide
+    assert report.config["num_samples"] == 1000  # the user's setting is reported as given
+    seen.clear()
+    chita = compress(
+        path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.8, method="chita++", stages=2), eval_data=data
+    )
+    assert chita.nnz <= chita.k
+    assert seen == [40]  # (without --distill, `auto` holds 20% out to decide)
