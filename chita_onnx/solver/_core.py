@@ -82,14 +82,14 @@ def _top(a: NDArray[np.floating], k: int) -> NDArray[np.bool_]:
     """Mask of the ``k`` largest entries of ``a`` (no NaN), ties broken towards the smaller index:
     exactly the first ``k`` of a stable descending sort, in O(len(a))."""
     n = a.shape[0]
-    mask = np.zeros(n, dtype=bool)
+    mask: NDArray[np.bool_] = np.zeros(n, dtype=bool)
     if k <= 0:
         return mask
     if k >= n:
         mask[:] = True
         return mask
     v = np.partition(a, n - k)[n - k]  # the k-th largest value
-    mask: NDArray[np.bool_] = np.greater(a, v)
+    mask = np.greater(a, v)
     need = k - int(np.count_nonzero(mask))
     mask[np.flatnonzero(a == v)[:need]] = True
     return mask
