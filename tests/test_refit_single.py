@@ -73,3 +73,24 @@ def test_spd_solve_float32_path_is_taken_and_accurate_on_a_damped_gram(monkeypat
 
     assert 0 <= f(x) - f(ref) <= 1e-9 * abs(f(ref))  # the float32 rounding of A costs ~nothing
     np.testing.assert_allclose(x, ref, rtol=0, atol=1e-3 * np.abs(ref).max())
+
+
+def test_float32_cg_products_converge_to_the_exact_refit_and_only_lower_the_objective() -> None:
+    rng = np.random.default_rng(6)
+    d, M = L.SINGLE_MIN + 64, 6
+    H = relu_gram(rng, d, 4 * d)
+    W_bar = rng.standard_normal((M, d))
+    dh = L.damp_gram(H, 0.01)
+    rhs, W_star = L.targets(W_bar, dh, H @ W_bar.T)
+    inv = L.inverse(dh)
+    W0, mask = L.sparsegpt_sweep(W_star, inv, keep=M * d // 2, block=64)
+    exact, _ = L.ridge_refit(dh, rhs, mask, W0, inv, W_star)
+    f_exact, f0 = L.objective(exact, dh, rhs), L.objective(W0, dh, rhs)
+    prev = f0
+    for iters in (5, 20, 300):
+        W = L._cg_refit(dh.H, rhs, mask, W0, tol=1e-10, iters=iters)
+        assert np.all(W[~mask] == 0)
+        f = L.objective(W, dh, rhs)
+        assert f <= prev + 1e-9 * abs(f_exact)
+        prev = f
+    assert prev - f_exact <= 1e-6 * (f0 - f_exact)

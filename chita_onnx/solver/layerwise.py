@@ -321,11 +321,21 @@ def spd_solve(A: F64, A32: NDArray[np.float32], idx: NDArray[np.int64], b: F64) 
 
 
 def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: float = 1e-6, iters: int = 300) -> F64:
-    """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support."""
+    """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support.
+
+    With ``d ≥`` :data:`SINGLE_MIN` the products with ``H`` (all the work) are float32 and the
+    iteration's vectors float64 (the caller keeps the start when the result is not better)."""
+    H32 = H.astype(np.float32) if H.shape[0] >= SINGLE_MIN else None
+
+    def times_h(V: F64) -> F64:
+        if H32 is None:
+            return V @ H
+        return np.asarray(V.astype(np.float32) @ H32, dtype=np.float64)
+
     P = mask.astype(np.float64)
     X = np.zeros_like(rhs) if W0 is None else W0 * P
     diag = np.maximum(np.diag(H), 1e-300)[None, :]
-    R = (rhs - X @ H) * P
+    R = (rhs - times_h(X)) * P
     Z = R / diag
     Pd = Z.copy()
     rz = np.einsum("ij,ij->i", R, Z)
@@ -333,7 +343,7 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     for _ in range(iters):
         if np.all(np.linalg.norm(R, axis=1) <= stop):
             break
-        Ap = (Pd @ H) * P
+        Ap = times_h(Pd) * P
         denom = np.einsum("ij,ij->i", Pd, Ap)
         alpha = np.where(denom > 0, rz / np.where(denom > 0, denom, 1.0), 0.0)
         X += alpha[:, None] * Pd
