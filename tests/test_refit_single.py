@@ -14,15 +14,20 @@ def relu_gram(rng: np.random.Generator, d: int, rows: int) -> np.ndarray:
     return A.T @ A
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_refit_above_single_min_matches_float64_rows(seed: int) -> None:
+def layer_problem(seed: int, d: int, M: int, rows: int) -> tuple[L.Damped, np.ndarray, np.ndarray, np.ndarray]:
+    """A damped ReLU-input Gram, the re-fit's right-hand side, ``W*`` and ``H_λ⁻¹``."""
     rng = np.random.default_rng(seed)
-    d, M = 2 * L.SINGLE_MIN + 40, 12
-    H = relu_gram(rng, d, 3 * d)
+    H = relu_gram(rng, d, rows)
     W_bar = rng.standard_normal((M, d))
     dh = L.damp_gram(H, 0.01)
     rhs, W_star = L.targets(W_bar, dh, H @ W_bar.T)
-    inv = L.inverse(dh)
+    return dh, rhs, W_star, L.inverse(dh)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refit_above_single_min_matches_float64_rows(seed: int) -> None:
+    d, M = 2 * L.SINGLE_MIN + 40, 12
+    dh, rhs, W_star, inv = layer_problem(seed, d, M, 3 * d)
     _, mask = L.sparsegpt_sweep(W_star, inv, keep=M * d // 2, block=64)
     mask[0, : d // 4] = False  # rows on both sides of d/2: both the kept-set and the pruned-set systems
     mask[1, : 3 * d // 4] = True
@@ -76,13 +81,8 @@ def test_spd_solve_float32_path_is_taken_and_accurate_on_a_damped_gram(monkeypat
 
 
 def test_float32_cg_products_converge_to_the_exact_refit_and_only_lower_the_objective() -> None:
-    rng = np.random.default_rng(6)
     d, M = L.SINGLE_MIN + 64, 6
-    H = relu_gram(rng, d, 4 * d)
-    W_bar = rng.standard_normal((M, d))
-    dh = L.damp_gram(H, 0.01)
-    rhs, W_star = L.targets(W_bar, dh, H @ W_bar.T)
-    inv = L.inverse(dh)
+    dh, rhs, W_star, inv = layer_problem(6, d, M, 4 * d)
     W0, mask = L.sparsegpt_sweep(W_star, inv, keep=M * d // 2, block=64)
     exact, _ = L.ridge_refit(dh, rhs, mask, W0, inv, W_star)
     f_exact, f0 = L.objective(exact, dh, rhs), L.objective(W0, dh, rhs)
