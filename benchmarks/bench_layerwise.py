@@ -88,6 +88,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "layerwise-rows32": ("layerwise", {**OFF, "max_rows": 32}),
     "layerwise-obd16": ("layerwise", {**OFF, "allocation": "obd", "allocation_samples": 16}),
     "layerwise-obd32": ("layerwise", {**OFF, "allocation": "obd", "allocation_samples": 32}),
+    "layerwise-rows64-obd64": ("layerwise", {**OFF, "max_rows": 64, "allocation_samples": 64}),
     "magnitude+layerwise": ("magnitude", {**OFF, "update": "layerwise"}),
     "chita+layerwise": ("chita", {**OFF, "update": "layerwise"}),
     "chita+layerwise+stats": ("chita", {"update": "layerwise"}),
