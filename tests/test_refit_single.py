@@ -1,4 +1,4 @@
-"""The exact re-fit's float32 factorisation (with float64 refinement) gives the float64 minimiser."""
+"""The exact re-fit's float32 solves (float64 fallback) and float32 CG products give the float64 minimiser."""
 
 from __future__ import annotations
 

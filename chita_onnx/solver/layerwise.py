@@ -58,10 +58,9 @@ CG_FLOPS = 2e11
 #: Systems of the exact re-fit with at least this many unknowns are factored in float32 and refined
 #: once in float64 (:func:`spd_solve`).
 SINGLE_MIN = 128
-#: At most this many float64 refinement steps, to a residual of ``REFINE_TOL·‖b‖``; a system that
-#: does not get there (ill-conditioned beyond float32) is solved in float64.
-REFINE_STEPS = 3
-REFINE_TOL = 1e-8
+#: A float32 solution whose residual exceeds ``RESIDUAL_TOL·‖b‖`` (a system ill-conditioned beyond
+#: float32) is recomputed in float64.
+RESIDUAL_TOL = 1e-3
 CG_MIN_ITERATIONS = 5
 CG_MAX_ITERATIONS = 300
 
@@ -292,11 +291,11 @@ def ridge_refit(
 
 def spd_solve(A: F64, A32: NDArray[np.float32], idx: NDArray[np.int64], b: F64) -> F64:
     """``A_II⁻¹ b`` for ``I = idx`` and a symmetric positive definite ``A (d, d)`` (``A32``: the same
-    in float32).  Systems of at least :data:`SINGLE_MIN` unknowns use a float32 Cholesky factor (half
-    the time and half the bytes gathered of float64) and float64 refinement against ``A32``'s values
-    (:data:`REFINE_STEPS`, :data:`REFINE_TOL`): on damped Grams the objective moves by ~1e-9
-    relative (the weights are written in float32 in the end).  When the float32 factorisation fails
-    or the refinement does not reach the tolerance: float64 Cholesky of ``A``, as below the size."""
+    in float32).  Systems of at least :data:`SINGLE_MIN` unknowns are solved in float32 (half the
+    time and half the bytes gathered of float64): on damped Grams the objective moves by ~1e-9
+    relative (the weights are written in float32 in the end; refinement against ``A32``'s values
+    would not remove the rounding of ``A`` itself).  When the float32 factorisation fails or its
+    residual exceeds :data:`RESIDUAL_TOL`: float64 Cholesky of ``A``, as below the size."""
     m = idx.shape[0]
     if m >= SINGLE_MIN:
         G = A32.take(idx, axis=0).take(idx, axis=1)  # faster than A32[np.ix_(idx, idx)]
@@ -306,15 +305,11 @@ def spd_solve(A: F64, A32: NDArray[np.float32], idx: NDArray[np.int64], b: F64) 
         except (np.linalg.LinAlgError, ValueError):
             ok = False
         if ok:
-            x: F64 = np.asarray(sla.cho_solve(c, b.astype(np.float32), check_finite=False), dtype=np.float64)
-            tol = REFINE_TOL * float(np.linalg.norm(b))
-            for _ in range(REFINE_STEPS):
-                r = b - G @ x
-                if not np.all(np.isfinite(r)) or float(np.linalg.norm(r)) <= tol:
-                    break
-                x += sla.cho_solve(c, r.astype(np.float32), check_finite=False)
-            if np.all(np.isfinite(x)) and float(np.linalg.norm(b - G @ x)) <= tol:
-                return x
+            b32 = b.astype(np.float32)
+            x32 = sla.cho_solve(c, b32, check_finite=False)
+            r = b32 - G @ x32
+            if np.all(np.isfinite(x32)) and float(np.linalg.norm(r)) <= RESIDUAL_TOL * float(np.linalg.norm(b32)):
+                return np.asarray(x32, dtype=np.float64)
     c64 = sla.cho_factor(A[np.ix_(idx, idx)], lower=False, check_finite=False)
     out: F64 = sla.cho_solve(c64, b, check_finite=False)
     return out
