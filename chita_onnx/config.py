@@ -88,12 +88,12 @@ class CompressConfig:
     allocation: Allocation = "obd"
     layer_floor: float = 0.2
     damp: float = 0.01
-    max_rows: int = 64
+    max_rows: int = 16
     targets: Targets = "dense"
     refit: bool = True
     bn_recalibrate: Switch = "auto"
     bias_correction: Switch = "auto"
-    allocation_samples: int = 64
+    allocation_samples: int = 32
     select: Select = "sparsegpt"
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
