@@ -255,7 +255,8 @@ class OutputPlan:
         folder = _real(dest.parent if str(dest.parent) else Path("."))
         if folder not in self._staging:
             try:
-                self._staging[folder] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+                with _signals_held():  # a signal between mkdtemp and the record would orphan the folder
+                    self._staging[folder] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
             except OSError as exc:
                 raise OutputError(f"{self.outputs[key].label()}: cannot write in {folder} ({exc.strerror})") from None
         self._named[self._staging[folder] / dest.name] = dest
