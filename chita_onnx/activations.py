@@ -373,6 +373,17 @@ def layerwise_batch_size(
     return size
 
 
+def fixed_batch_size(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size a model input fixes (its batch axis has a number, e.g. 1), or None."""
+    for s in specs:
+        if s.batch_axis is None:
+            continue
+        dim = s.shape[s.batch_axis] if s.batch_axis < len(s.shape) else None
+        if isinstance(dim, int) and dim > 0:
+            return dim
+    return None
+
+
 def calibration_batches(
     source: CalibrationSource, specs: Sequence[InputSpec], num_samples: int, batch_size: int
 ) -> list[Arrays]:
@@ -383,13 +394,7 @@ def calibration_batches(
     does not fill one is dropped).
     """
     batched = [s for s in specs if s.batch_axis is not None]
-    fixed = None
-    for s in batched:
-        assert s.batch_axis is not None
-        dim = s.shape[s.batch_axis] if s.batch_axis < len(s.shape) else None
-        if isinstance(dim, int) and dim > 0:
-            fixed = dim
-            break
+    fixed = fixed_batch_size(specs)
     size = fixed if fixed is not None else batch_size
     parts: dict[str, list[NDArray[np.generic]]] = {s.name: [] for s in batched}
     static: dict[str, NDArray[np.generic]] = {}

@@ -369,6 +369,13 @@ def materialize(source: CalibrationSource, specs: Sequence[InputSpec], *, batch_
     )
 
 
+def rebatched(source: CalibrationSource, specs: Sequence[InputSpec], batch_size: int) -> ArraySource:
+    """``source`` in memory, served in batches of exactly ``batch_size`` samples (the last may be
+    shorter): for a model whose inputs fix the batch size."""
+    whole = materialize(source, specs, batch_size=batch_size)
+    return ArraySource(whole.inputs, whole.labels, batch_size=batch_size, origin=whole.origin, static=whole.static)
+
+
 def split_holdout(source: ArraySource, fraction: float, *, seed: int = 0) -> tuple[ArraySource, ArraySource]:
     """Split off a seeded random ``fraction`` of the samples for evaluation; return (calib, held-out)."""
     n = source.num_samples

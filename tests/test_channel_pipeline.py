@@ -222,3 +222,20 @@ def test_sweep_refuses_channel_structure(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--structure=channel" in result.output, result.output
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_its_batch_size_fixed_at_one_is_channel_pruned(tmp_path: Path) -> None:
+    """Exporters often bake batch 1 into the input; every calibration run must then feed one sample."""
+    model = _tiny_cnn()
+    x = _data(model, 24)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = 1
+    onnx.save(model, tmp_path / "b1.onnx")
+    np.savez(tmp_path / "calib.npz", x=x["x"])
+    out = tmp_path / "pruned.onnx"
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    report = chita_onnx.compress(tmp_path / "b1.onnx", out, tmp_path / "calib.npz", cfg)
+    c = report.structured
+    assert c is not None and c.channels_after < c.channels_before and c.equivalence_max_diff < 1e-4
+    assert _dims(onnx.load(out).graph.input[0])[0] == 1

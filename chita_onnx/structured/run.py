@@ -26,8 +26,9 @@ import onnx
 from onnx import helper
 
 from .. import __version__
+from ..activations import fixed_batch_size
 from ..config import CompressConfig
-from ..data import feed
+from ..data import feed, rebatched
 from ..data_types import Batch, InputSpec
 from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes
@@ -193,6 +194,9 @@ def compress_channels(
     """
     from ..pipeline import _versions
 
+    fixed = fixed_batch_size(prep.specs)
+    if fixed is not None:  # a batch size baked into the model (often 1): every run feeds exactly that many
+        prep = replace(prep, calib=rebatched(prep.calib, prep.specs, fixed))
     multiple = config.channel_multiple or kernel_multiple()
     update = config.update == "obs" or (config.update == "auto" and config.method == "chita")
     opts = ChannelOptions(
