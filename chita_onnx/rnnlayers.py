@@ -38,6 +38,7 @@ from .rnnstats import (
     RecurrentGeometry,
     allot,
     joint_weight,
+    num_step_rows,
     part_rows,
     parts,
     saliency,
@@ -163,12 +164,20 @@ def linear_weights(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
     return [n for n in names if n not in rec]
 
 
+def layer_sites(
+    model: onnx.ModelProto, names: Sequence[str]
+) -> tuple[onnx.ModelProto, list[LayerSite | RecurrentSite]]:
+    """Every site of the layer-wise pass for ``names`` in graph order, and the model they refer to
+    (:func:`recurrent_sites`' copy); raises ModelError when a weight cannot be handled."""
+    m, rsites, rest = recurrent_sites(model, names)
+    sites: list[LayerSite | RecurrentSite] = [*activations.find_layers(m, rest), *rsites]
+    return m, sorted(sites, key=lambda s: s.position)
+
+
 def check_layers(model: onnx.ModelProto, names: Sequence[str]) -> list[LayerSite | RecurrentSite]:
     """Every site of the layer-wise pass for ``names`` in graph order (raises ModelError when a weight
     cannot be handled)."""
-    m, rsites, rest = recurrent_sites(model, names)
-    sites: list[LayerSite | RecurrentSite] = [*activations.find_layers(m, rest), *rsites]
-    return sorted(sites, key=lambda s: s.position)
+    return layer_sites(model, names)[1]
 
 
 def _run_node(runner: SegmentRunner, position: int, output: str) -> list[NDArray[np.generic]]:
@@ -195,6 +204,9 @@ class _Rows:
     Y: list[NDArray[np.generic]]
     h0: list[NDArray[np.generic]] | None
     lens: list[NDArray[np.generic]] | None
+
+    def count(self, b: int, geom: RecurrentGeometry) -> int:
+        return num_step_rows(self.X[b], geom, None if self.lens is None else np.asarray(self.lens[b]))
 
     def rows(self, b: int, geom: RecurrentGeometry, k: int) -> NDArray[np.float32]:
         return step_rows(
@@ -234,7 +246,7 @@ def part_stats(
         out.append(LayerStats.empty(LayerGeometry("matmul_right", (d, M)), cross=dense is not None))
     samplers = {}
     for k in range(geom.directions):
-        total = sum(pruned.rows(b, geom, k).shape[0] for b in range(len(pruned.X)))
+        total = sum(pruned.count(b, geom) for b in range(len(pruned.X)))
         samplers[k] = RowSampler(total, max_rows * geom.d if max_rows > 0 else None, seed=seed + k)
     for b in range(len(pruned.X)):
         for k in range(geom.directions):
@@ -308,14 +320,15 @@ def prune_recurrent(
             for w, st in zip(blocks, stats, strict=True)
         ]
         counts = allot(scores, total)
+    else:
+        assert masks is not None
+        mj = _joint_mask(site, masks, J_bar.shape)
     for i, (p, st, w) in enumerate(zip(plist, stats, blocks, strict=True)):
         name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols})"
         common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
         if keep is not None:
             sol = prune_layer(w[None], st.H, st.B, st.yy, keep=counts[i], select=opts.select, **common)  # type: ignore[arg-type]
         else:
-            assert masks is not None
-            mj = _joint_mask(site, masks, J_bar.shape)
             m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
             sol = prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
         J[p.direction, p.r0 : p.r1, p.col_slice(geom)] = np.where(sol.mask[0], sol.W[0], 0.0)

@@ -174,6 +174,14 @@ def _time_major(
     return x, y, h
 
 
+def num_step_rows(X: NDArray[np.generic], geom: RecurrentGeometry, lens: NDArray[np.integer] | None = None) -> int:
+    """How many rows :func:`step_rows` returns for ``X`` (per direction), without building them."""
+    T, N = (X.shape[0], X.shape[1]) if geom.layout == 0 else (X.shape[1], X.shape[0])
+    if lens is None:
+        return int(T * N)
+    return int(np.clip(np.asarray(lens, np.int64).reshape(-1), 0, T).sum())
+
+
 def step_rows(
     X: NDArray[np.generic],
     Y: NDArray[np.generic],

@@ -114,28 +114,11 @@ def _add_consumer(
             accumulate(stats, a32, index=idx)
 
 
-def _stats_for(
-    site: LayerSite,
-    pruned: SegmentRunner,
-    dense: SegmentRunner | None,
-    W_bar_rows: NDArray[np.float64],
-    opts: LayerwiseOptions,
-    layer_index: int,
-) -> LayerStats:
-    """The statistics of a weight used by one node, over all batches (see :func:`_add_consumer`)."""
-    stats = LayerStats.empty(site.geometry, cross=dense is not None)
-    _add_consumer(stats, site, pruned, dense, W_bar_rows, opts, opts.seed * 1_000_003 + layer_index)
-    finalize_means(stats)
-    return stats
-
-
 @dataclass
 class _Open:
     """A weight whose consumers are being visited: its statistics so far."""
 
     site: LayerSite
-    index: int
-    W_bar: NDArray[np.float64]
     rows: NDArray[np.float64]  # W̄ as (g, M_g, d)
     stats: LayerStats
     seen: int = 0
@@ -161,10 +144,9 @@ def layerwise_prune(
     """
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
-    from .rnnlayers import RecurrentSite, prune_recurrent, recurrent_sites
+    from .rnnlayers import RecurrentSite, layer_sites, prune_recurrent
 
-    model, rnn_sites, names = recurrent_sites(model, names)  # LSTM/GRU/RNN weights: chita_onnx.rnnlayers
-    sites: list[LayerSite | RecurrentSite] = sorted([*find_layers(model, names), *rnn_sites], key=lambda s: s.position)
+    model, sites = layer_sites(model, names)  # LSTM/GRU/RNN weights: chita_onnx.rnnlayers
     t0 = time.perf_counter()
     kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
     pruned = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
@@ -198,7 +180,7 @@ def layerwise_prune(
                 rewind = pruned.snapshot()
             W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
             stats0 = LayerStats.empty(site.geometry, cross=dense is not None)
-            open_[i] = _Open(site, i, W0, weight_rows(W0, site.geometry), stats0)
+            open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
         cur = open_[i]
         Wr = cur.rows
         seed = opts.seed * 1_000_003 + i + 7_919 * j

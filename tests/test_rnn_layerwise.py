@@ -17,7 +17,16 @@ from chita_onnx.activations import Arrays, working_copy
 from chita_onnx.errors import ModelError
 from chita_onnx.graph import densify, find_prunable
 from chita_onnx.rnnlayers import recurrent_sites
-from chita_onnx.rnnstats import Part, RecurrentGeometry, allot, gate_preactivations, part_rows, parts, step_rows
+from chita_onnx.rnnstats import (
+    Part,
+    RecurrentGeometry,
+    allot,
+    gate_preactivations,
+    num_step_rows,
+    part_rows,
+    parts,
+    step_rows,
+)
 from chita_onnx.sequential import LayerwiseOptions, layerwise_prune
 from chita_onnx.solver.budgets import keep_count
 
@@ -293,3 +302,16 @@ def test_a_sequence_too_long_to_unroll_still_gets_the_layerwise_default(tmp_path
     report = chita_onnx.compress(src, out, {"x": x}, CompressConfig(sparsity=0.5))
     assert report.method == "layerwise" and report.solver["allocation"] == "magnitude"
     assert report.nnz == report.k
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+@pytest.mark.parametrize("lens", [None, [5, 0, 2, 7]])
+def test_num_step_rows_counts_what_step_rows_builds(layout: int, lens: list[int] | None) -> None:
+    rng = np.random.default_rng(3)
+    T, N, D, H, F = 5, 4, 2, 3, 2
+    geom = RecurrentGeometry("LSTM", D, H, F, direction="bidirectional", layout=layout)
+    X = rng.normal(size=(T, N, F) if layout == 0 else (N, T, F))
+    Y = rng.normal(size=(T, D, N, H) if layout == 0 else (N, T, D, H))
+    L = None if lens is None else np.asarray(lens, np.int64)
+    for k in range(D):
+        assert num_step_rows(X, geom, L) == step_rows(X, Y, geom, k, lens=L).shape[0]
