@@ -93,7 +93,7 @@ class CompressConfig:
     refit: bool = True
     bn_recalibrate: Switch = "auto"
     bias_correction: Switch = "auto"
-    allocation_samples: int = 32
+    allocation_samples: int = 64
     select: Select = "sparsegpt"
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
