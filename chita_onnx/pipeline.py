@@ -73,6 +73,8 @@ KL_ROWS_BUDGET = 1e10
 DISTILL_ROWS_BUDGET = 5e10
 #: Exchange rounds of every --distill stage but the last.
 DISTILL_ROUNDS = 2
+#: Largest block of gradient rows :meth:`GradientOracle.fisher_diagonal` holds at once (bytes).
+DIAGONAL_CHUNK_BYTES = 256 * 2**20
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -393,6 +395,42 @@ class GradientOracle:
             self.alpha = X.mean(axis=0, dtype=np.float64)
         X *= self.scale
         return X
+
+    def fisher_diagonal(self, w: NDArray[np.float32], chunk_bytes: int = DIAGONAL_CHUNK_BYTES) -> NDArray[np.float64]:
+        """``diag(XᵀX)`` (``(p,)``, float64) of the scaled ``X`` that :meth:`matrix` would return at ``w``,
+        without holding ``X``: the rows are computed a chunk of inputs at a time into one reused
+        buffer of at most ``chunk_bytes`` (seeded draws continue across chunks, so the rows are those
+        of one pass) and only their squares are summed.  For the OBD allocation, which needs nothing
+        else: on a 13.5 M-weight model with 51 samples this avoids a 2.75 GB matrix.
+        """
+        layout = self.prep.layout
+        p = layout.p
+        engine = self._engine(layout.names)
+        if self._samples is None:
+            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
+        has_labels = any(labels is not None for _, labels in self._samples)
+        R = engine.rows_per_sample(engine.resolve_fisher(self.fisher, has_labels), self.fisher_rows)
+        per_chunk = max(1, chunk_bytes // max(1, 4 * p * R))  # inputs per chunk
+        if per_chunk >= self.n:  # one chunk: the plain matrix
+            X = self.matrix(w)
+            diag: NDArray[np.float64] = np.einsum("ij,ij->j", X, X, dtype=np.float64)
+            return diag
+        engine.set_weights(layout.unflatten(w))
+        m = self.config.mini_batch
+        buf = np.empty((per_chunk * R, p), np.float32)
+        diag = np.zeros(p, np.float64)
+        chunks = range(0, self.n, per_chunk)
+        for r0 in progress(chunks, total=len(chunks), desc="Fisher diagonal", unit="chunk"):
+            r1 = min(self.n, r0 + per_chunk)
+            part = self._samples.take(np.arange(r0 * m, r1 * m))
+            out = buf[: (r1 - r0) * R]
+            g = engine.compute(
+                part, fisher=self.fisher, seed=self.config.seed, fisher_rows=self.fisher_rows, first_sample=r0, out=out
+            )
+            check_gradients(g.X, engine.layout, first_row=r0 * R)
+            diag += np.einsum("ij,ij->j", g.X, g.X, dtype=np.float64)
+        diag *= float(self.scale) ** 2
+        return diag
 
     def set_reference(self, w: NDArray[np.float32]) -> None:
         """Remember the class distributions of the model at ``w`` (the dense one) on the calibration
@@ -740,8 +778,24 @@ def _prune_layerwise(
             log.warning("no gradients for the allocation (%s)", exc)
             return None
 
+    def diagonal(rows: int) -> NDArray[np.float64] | None:
+        """diag(XᵀX) at w̄ on ``rows`` calibration samples, a chunk of rows at a time; reuses ``X0``."""
+        nonlocal grad_oracle
+        if X0 is not None and X0.shape[0] <= rows:
+            d0: NDArray[np.float64] = np.einsum("ij,ij->j", X0, X0, dtype=np.float64)
+            return d0
+        cfg = config.with_(num_samples=min(rows, config.num_samples))
+        try:
+            if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
+                grad_oracle = GradientOracle(prep, cfg)
+            with timer.phase("gradients"):
+                return grad_oracle.fisher_diagonal(w_bar)
+        except UnsupportedOpError as exc:
+            log.warning("no gradients for the allocation (%s)", exc)
+            return None
+
     with timer.phase("layerwise"), solver_threads():
-        result = prune_layerwise(prep, config, w_bar, gradients)
+        result = prune_layerwise(prep, config, w_bar, gradients, diagonal)
     if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
         oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report
     w = np.asarray(result.w, dtype=np.float32)

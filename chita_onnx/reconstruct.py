@@ -96,13 +96,16 @@ def allocate(
     w_bar: NDArray[np.float32],
     sparsity: float,
     gradients: Callable[[int | None], NDArray[np.float32] | None],
+    diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
 ) -> tuple[dict[str, int], str]:
     """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used.
 
     ``gradients(rows)`` returns the scaled per-sample gradient matrix ``X (rows, p)`` at ``w̄`` (or
-    None when it cannot be held); it is called only by the ``obd`` allocation (on
-    ``allocation_samples`` samples: the Fisher diagonal of a whole tensor needs far fewer than the
-    solvers) and the ``chita`` allocation (on all of them).
+    None when it cannot be held); it is called by the ``chita`` allocation (on all the samples).
+    ``diagonal(rows)`` returns ``diag(XᵀX)`` ``(p,)`` of that matrix on ``rows`` samples without
+    necessarily holding it; the ``obd`` allocation calls it (or, when it is not given, sums the
+    squares of ``gradients(rows)``) on ``allocation_samples`` samples: the Fisher diagonal of a
+    whole tensor needs far fewer than the solvers.
     """
     layout = prep.layout
     sizes = [s.size for s in layout.slots]
@@ -112,17 +115,26 @@ def allocate(
         return {s.name: int(c) for s, c in zip(layout.slots, budget.lower, strict=True)}, how
     budget = floor_budget(sizes, config, sparsity)
     score: NDArray[np.floating] = np.abs(w_bar)
-    if how in ("obd", "chita"):
-        X = gradients((config.allocation_samples or None) if how == "obd" else None)
-        if X is None:
-            log.warning("allocation %s needs the gradient matrix, which does not fit: using magnitude", how)
+    if how == "obd":
+        rows = config.allocation_samples or None
+        if diagonal is not None and rows is not None:
+            fisher = diagonal(rows)
+        else:
+            X = gradients(rows)
+            fisher = None if X is None else np.einsum("ij,ij->j", X, X, dtype=np.float64)
+        if fisher is None:
+            log.warning("allocation obd needs per-sample gradients, which are not available: using magnitude")
             how = "magnitude"
-        elif how == "obd":
-            fisher = np.einsum("ij,ij->j", X, X, dtype=np.float64)
-            score = fisher * np.asarray(w_bar, np.float64) ** 2
+        else:
+            score = np.asarray(fisher, np.float64) * np.asarray(w_bar, np.float64) ** 2
             if not np.any(score > 0):
                 log.warning("the Fisher diagonal is zero: allocating by magnitude")
                 score, how = np.abs(w_bar), "magnitude"
+    elif how == "chita":
+        X = gradients(None)
+        if X is None:
+            log.warning("allocation chita needs the gradient matrix, which does not fit: using magnitude")
+            how = "magnitude"
         else:
             res = chita_iht(X, w_bar, budget, config.ridge, None, max_iter=config.max_iter, start=config.rank)
             chosen = np.zeros(layout.p, dtype=bool)
@@ -163,10 +175,12 @@ def prune_layerwise(
     config: CompressConfig,
     w_bar: NDArray[np.float32],
     gradients: Callable[[int | None], NDArray[np.float32] | None],
+    diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
 ) -> SolverResult:
-    """``--method layerwise``: allocate the budget, then select and re-fit layer by layer."""
+    """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
+    ``diagonal``), then select and re-fit layer by layer."""
     t0 = time.perf_counter()
-    keep, how = allocate(prep, config, w_bar, config.sparsity, gradients)
+    keep, how = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
     batches = batches_of(prep, config)
     res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config))
