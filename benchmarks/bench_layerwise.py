@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnxsim-magnitude": ("onnxsim-magnitude", OFF),
     "layerwise": ("layerwise", {}),
     "layerwise-nostats": ("layerwise", OFF),
+    "layerwise-rowsoff": ("layerwise", {"row_weights": "off"}),
     "layerwise-uniform": ("layerwise", {**OFF, "allocation": "uniform"}),
     "layerwise-magalloc": ("layerwise", {**OFF, "allocation": "magnitude"}),
     "layerwise-obd": ("layerwise", {**OFF, "allocation": "obd"}),

@@ -98,6 +98,20 @@ def allocate(
     gradients: Callable[[int | None], NDArray[np.float32] | None],
     diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
 ) -> tuple[dict[str, int], str]:
+    """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used; see
+    :func:`allocate_with_fisher`."""
+    keep, how, _ = allocate_with_fisher(prep, config, w_bar, sparsity, gradients, diagonal)
+    return keep, how
+
+
+def allocate_with_fisher(
+    prep: Prepared,
+    config: CompressConfig,
+    w_bar: NDArray[np.float32],
+    sparsity: float,
+    gradients: Callable[[int | None], NDArray[np.float32] | None],
+    diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
+) -> tuple[dict[str, int], str, NDArray[np.float64] | None]:
     """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used.
 
     ``gradients(rows)`` returns the scaled per-sample gradient matrix ``X (rows, p)`` at ``w̄`` (or
@@ -105,20 +119,23 @@ def allocate(
     ``diagonal(rows)`` returns ``diag(XᵀX)`` ``(p,)`` of that matrix on ``rows`` samples without
     necessarily holding it; the ``obd`` allocation calls it (or, when it is not given, sums the
     squares of ``gradients(rows)``) on ``allocation_samples`` samples: the Fisher diagonal of a
-    whole tensor needs far fewer than the solvers.
+    whole tensor needs far fewer than the solvers.  The third value is that Fisher diagonal
+    ``(p,)`` (``obd`` only, else None): the layer-wise pass weighs output rows with it.
     """
     layout = prep.layout
     sizes = [s.size for s in layout.slots]
     how = "uniform" if config.scope == "layer" else config.allocation
+    fisher: NDArray[np.float64] | None = None
     if how == "uniform":
         budget = make_budget(sizes, sparsity, scope="layer")
-        return {s.name: int(c) for s, c in zip(layout.slots, budget.lower, strict=True)}, how
+        return {s.name: int(c) for s, c in zip(layout.slots, budget.lower, strict=True)}, how, None
     budget = floor_budget(sizes, config, sparsity)
     score: NDArray[np.floating] = np.abs(w_bar)
     if how == "obd":
         rows = config.allocation_samples or None
         if diagonal is not None and rows is not None:
-            fisher = diagonal(rows)
+            got = diagonal(rows)
+            fisher = None if got is None else np.asarray(got, np.float64)
         else:
             X = gradients(rows)
             fisher = None if X is None else np.einsum("ij,ij->j", X, X, dtype=np.float64)
@@ -129,7 +146,7 @@ def allocate(
             score = np.asarray(fisher, np.float64) * np.asarray(w_bar, np.float64) ** 2
             if not np.any(score > 0):
                 log.warning("the Fisher diagonal is zero: allocating by magnitude")
-                score, how = np.abs(w_bar), "magnitude"
+                score, how, fisher = np.abs(w_bar), "magnitude", None
     elif how == "chita":
         X = gradients(None)
         if X is None:
@@ -139,11 +156,11 @@ def allocate(
             res = chita_iht(X, w_bar, budget, config.ridge, None, max_iter=config.max_iter, start=config.rank)
             chosen = np.zeros(layout.p, dtype=bool)
             chosen[res.support] = True
-            return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how
+            return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how, None
     support = hard_threshold(score, budget)
     chosen = np.zeros(layout.p, dtype=bool)
     chosen[support] = True
-    return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how
+    return {s.name: int(chosen[s.offset : s.stop].sum()) for s in layout.slots}, how, fisher
 
 
 # ------------------------------------------------------------------------------------ the two modes
@@ -180,10 +197,13 @@ def prune_layerwise(
     """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
     ``diagonal``), then select and re-fit layer by layer."""
     t0 = time.perf_counter()
-    keep, how = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
+    keep, how, fisher = allocate_with_fisher(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
     batches = batches_of(prep, config)
-    res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config))
+    rows = None
+    if fisher is not None and config.row_weights == "fisher":
+        rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
+    res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config), row_fisher=rows)
     w = _flat(prep, res, w_bar)
     support = np.flatnonzero(w).astype(np.int64)
     info = {**_info(res), "allocation": how, "allocation_s": t_alloc}

@@ -30,6 +30,11 @@ from .solver.layerwise import prune_layer
 
 log = logging.getLogger(__name__)
 
+#: Added to the normalised output-row weights (mean 1) of :func:`output_row_weights`: every row then
+#: weighs between 1 and 1 + s_i/mean(s), which tempers an estimate from a few dozen samples (0.1
+#: and 1.0 measured on selection data, BENCHMARKS.md "Output-row weights").
+ROW_WEIGHT_FLOOR = 1.0
+
 
 @dataclass(frozen=True)
 class LayerwiseOptions:
@@ -131,10 +136,15 @@ def layerwise_prune(
     keep: Mapping[str, int] | None = None,
     masks: Mapping[str, NDArray[np.bool_]] | None = None,
     opts: LayerwiseOptions | None = None,
+    row_fisher: Mapping[str, NDArray[np.floating]] | None = None,
 ) -> PassResult:
     """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
     by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
     modified.  Returns the new weights (ONNX shapes, float32) and a report per tensor.
+
+    ``row_fisher`` (optional, per tensor in its ONNX shape): the diagonal of the Fisher of the
+    model's loss in those weights.  A layer then weighs each output row ``i`` by its output
+    sensitivity ``ρ_i`` (:func:`output_row_weights`) when it selects which weights to remove.
 
     A weight used by several nodes (:attr:`~chita_onnx.activations.LayerSite.consumers`: the time
     steps of an unrolled RNN) is fitted once, after its last consumer, on the input rows of all of
@@ -195,9 +205,12 @@ def layerwise_prune(
         geom = site.geometry
         ts = time.perf_counter()
         if keep is not None:
+            rho = None
+            if row_fisher is not None and site.weight in row_fisher:
+                rho = output_row_weights(weight_rows(row_fisher[site.weight], geom), stats.H)
             sol = prune_layer(
                 Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
-                refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight,
+                refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight, row_weight=rho,
             )  # fmt: skip
         else:
             assert masks is not None
@@ -232,6 +245,28 @@ def layerwise_prune(
     if dense is not None:
         dense.close()
     return PassResult(weights, reports, {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total})
+
+
+def output_row_weights(F: NDArray[np.floating], H: NDArray[np.floating]) -> NDArray[np.float64] | None:
+    """Output-row weights ``ρ (g, M)`` of one layer from the Fisher diagonal of its weights ``F (g, M, d)``
+    (as :func:`~chita_onnx.layerstats.weight_rows`) and its input Gram ``H (g, d, d)``.
+
+    With the Kronecker-factored view of the Fisher of a linear layer, ``F_(i,j),(i,j) ≈ s_i·H_jj/N``:
+    the sensitivity ``s_i`` of the loss to output ``i`` times the input energy.  So
+    ``s_i ∝ Σ_j F_ij / Σ_j H_jj`` per group, and the layer-wise objective ``Σ_i s_i ‖Δw_iᵀX‖²``
+    follows the loss instead of counting every output alike (a classifier over thousands of
+    classes, most of which the calibration data never come near, spends its budget on the classes
+    the data do use).  Normalised to mean 1, plus :data:`ROW_WEIGHT_FLOOR` so that no row is
+    weighed (near) zero from a noisy estimate.  None when ``F`` carries no information (all zero).
+    """
+    Fs = np.asarray(F, np.float64).sum(axis=2)
+    energy = np.einsum("gii->g", np.asarray(H, np.float64))
+    s = Fs / np.maximum(energy, 1e-300)[:, None]
+    mean = float(s.mean()) if s.size else 0.0
+    if not np.isfinite(mean) or mean <= 0:
+        return None
+    rho: NDArray[np.float64] = s / mean + ROW_WEIGHT_FLOOR
+    return rho
 
 
 # ------------------------------------------------------------------------------ statistics correction

@@ -392,6 +392,15 @@ def _config_options(fn: F) -> F:
             "adaptive masks, or the largest least-squares weights; the kept ones are re-fitted either way.",
         ),
         click.option(
+            "--row-weights",
+            type=click.Choice(["fisher", "off"]),
+            default=d.row_weights,
+            show_default=True,
+            help="--method layerwise with --allocation obd: weigh each output row of a layer by the loss's "
+            "sensitivity to it (from the allocation's Fisher diagonal) when choosing which weights to remove "
+            "(fisher), or count every output row alike (off).",
+        ),
+        click.option(
             "--structure",
             type=click.Choice(["none", "channel"]),
             default=d.structure,

@@ -301,6 +301,29 @@ def test_auto_statistics_correction_is_reported_and_decided_on_calibration_only(
     onnx.checker.check_model(str(tmp_path / "a.onnx"))
 
 
+def test_output_row_weights_reach_the_pass_and_keep_the_exact_budget(tmp_path: Path) -> None:
+    """--row-weights fisher (the default) changes which weights the layers keep, not how many: both
+    settings keep exactly k with the same per-tensor counts (the allocation is the same)."""
+    from chita_onnx.graph import get_weights, load_model
+    from chita_onnx.solver.budgets import keep_count
+
+    outs, nnz = {}, {}
+    for how in ("fisher", "off"):
+        cfg = CompressConfig(
+            sparsity=0.8, method="layerwise", row_weights=how, storage="dense", bn_recalibrate="off",  # type: ignore[arg-type]
+            bias_correction="off",
+        )  # fmt: skip
+        out = tmp_path / f"{how}.onnx"
+        report = chita_onnx.compress(CNN, out, CALIB, cfg)
+        names = [t.name for t in report.tensors]
+        nnz[how] = {t.name: t.nnz for t in report.tensors}
+        p = sum(t.size for t in report.tensors)
+        assert sum(nnz[how].values()) == keep_count(0.8, p)
+        outs[how] = get_weights(load_model(out), names)
+    assert nnz["fisher"] == nnz["off"]
+    assert any(not np.array_equal(outs["fisher"][n] != 0, outs["off"][n] != 0) for n in names)
+
+
 def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
     from chita_onnx_cli.main import cli
     from click.testing import CliRunner
@@ -320,6 +343,8 @@ def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--layer-floor=1.5" in bad.output
     bad = CliRunner().invoke(cli, [*args, "--damp", "0"])
     assert bad.exit_code == 2 and "--damp=0" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--row-weights", "kfac"])
+    assert bad.exit_code == 2 and "--row-weights" in bad.output and "kfac" in bad.output
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "magnitude", "obd", "chita"])

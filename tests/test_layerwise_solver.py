@@ -286,3 +286,68 @@ def test_inverse_from_the_cholesky_factor_is_the_inverse() -> None:
     dh = damp_gram(X.T @ X, 0.01)
     np.testing.assert_allclose(inverse(dh) @ dh.H, np.eye(17), atol=1e-9)
     np.testing.assert_array_equal(inverse(dh), inverse(dh).T)
+
+
+# ------------------------------------------------------------------------------ output-row weights
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_row_weights_of_ones_change_nothing(grouped: bool) -> None:
+    """ρ ≡ 1 is the unweighted layer: the same mask and weights (per-group path and batched depthwise path)."""
+    rng = np.random.default_rng(3)
+    g, M, d = (12, 2, 9) if grouped else (1, 6, 20)
+    W_bar = rng.standard_normal((g, M, d))
+    X = rng.standard_normal((g, 300, d))
+    H = np.einsum("grd,gre->gde", X, X)
+    keep = (g * M * d) // 3
+    a = prune_layer(W_bar, H, keep=keep)
+    b = prune_layer(W_bar, H, keep=keep, row_weight=np.ones((g, M)))
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.W, b.W)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_row_weights_spend_the_budget_on_the_rows_that_matter(grouped: bool) -> None:
+    """Two copies of the same rows, one weighed 100× less: with the weights the whole budget of one
+    copy goes to the important copy (it is kept dense and exact); without them it is split evenly."""
+    rng = np.random.default_rng(4)
+    d = 10 if grouped else 16
+    g = 10 if grouped else 1
+    half = rng.choice([-1.0, 1.0], (g, 3, d)) * rng.uniform(0.5, 1.5, (g, 3, d))  # no weight near 0
+    W_bar = np.concatenate([half, half], axis=1)  # rows 0-2 and 3-5 equal
+    X = rng.standard_normal((g, 400, d))
+    H = np.einsum("grd,gre->gde", X, X)
+    keep = g * 3 * d
+    rho = np.tile(np.array([1.0, 1.0, 1.0, 1e-6, 1e-6, 1e-6]), (g, 1))
+    sol = prune_layer(W_bar, H, keep=keep, row_weight=rho)
+    assert int(sol.mask.sum()) == keep
+    assert sol.mask[:, :3].all() and not sol.mask[:, 3:].any()
+    np.testing.assert_allclose(sol.W[:, :3], half, atol=1e-8)
+    plain = prune_layer(W_bar, H, keep=keep)
+    assert 0.3 < plain.mask[:, :3].mean() < 0.7
+
+
+def test_row_weights_are_validated() -> None:
+    W_bar = np.ones((1, 2, 3))
+    H = np.eye(3)[None]
+    with pytest.raises(SolverError, match="row_weight"):
+        prune_layer(W_bar, H, keep=3, row_weight=np.array([[1.0, -1.0]]))
+    with pytest.raises(SolverError, match="row_weight"):
+        prune_layer(W_bar, H, keep=3, row_weight=np.ones((1, 3)))
+
+
+def test_output_row_weights_recover_a_kronecker_factored_sensitivity() -> None:
+    """For F_(i,j) = s_i·H_jj (the Kronecker-factored Fisher of a linear layer), the row weights are
+    s normalised to mean 1, plus the floor; an all-zero F gives None (no information)."""
+    from chita_onnx.sequential import ROW_WEIGHT_FLOOR, output_row_weights
+
+    rng = np.random.default_rng(5)
+    g, M, d = 2, 7, 5
+    X = rng.standard_normal((g, 50, d)) * rng.uniform(0.1, 3.0, (g, 1, d))
+    H = np.einsum("grd,gre->gde", X, X)
+    s = rng.uniform(0.0, 4.0, (g, M))
+    F = s[:, :, None] * np.einsum("gii->gi", H)[:, None, :] * 3.0  # any overall scale
+    rho = output_row_weights(F, H)
+    assert rho is not None
+    np.testing.assert_allclose(rho, s / s.mean() + ROW_WEIGHT_FLOOR, rtol=1e-10)
+    assert output_row_weights(np.zeros_like(F), H) is None

@@ -178,15 +178,24 @@ def _block_counts(prune: int, d: int, block: int, saliency: F64) -> list[int]:
 
 
 def sparsegpt_sweep(
-    W_star: F64, Hinv: F64, keep: int | None = None, mask: NDArray[np.bool_] | None = None, *, block: int = BLOCK
+    W_star: F64,
+    Hinv: F64,
+    keep: int | None = None,
+    mask: NDArray[np.bool_] | None = None,
+    *,
+    block: int = BLOCK,
+    row_weight: F64 | None = None,
 ) -> tuple[F64, NDArray[np.bool_]]:
-    """SparseGPT's OBS column sweep on ``(W − W*)ᵀ H_λ (W − W*)``, keeping exactly ``keep`` weights.
+    """SparseGPT's OBS column sweep on ``Σ_i ρ_i (w_i − w*_i)ᵀ H_λ (w_i − w*_i)``, keeping exactly
+    ``keep`` weights.
 
     ``Hinv`` is ``H_λ⁻¹``.  Columns are processed left to right in blocks; within a block the weights
-    of smallest ``w² / [U]_jj²`` (``U`` the upper Cholesky factor of ``H_λ⁻¹``) across all rows are
-    removed (the block's share of the budget), and every removal is compensated on the columns to
-    its right.  With ``mask`` (True = kept) the selection is given and only the updates run.
-    Returns ``(W, mask)``, ``(M, d)`` each.
+    of smallest ``ρ_i w² / [U]_jj²`` (``U`` the upper Cholesky factor of ``H_λ⁻¹``) across all rows
+    are removed (the block's share of the budget), and every removal is compensated on the columns
+    to its right.  ``row_weight`` ``ρ`` ``(M,)`` (default all ones) weighs the output rows: the rows
+    are independent, so it changes which weights are removed, not how a row is compensated.  With
+    ``mask`` (True = kept) the selection is given and only the updates run.  Returns ``(W, mask)``,
+    ``(M, d)`` each.
     """
     M, d = W_star.shape
     if (keep is None) == (mask is None):
@@ -198,8 +207,10 @@ def sparsegpt_sweep(
     W = W_star.copy()
     kept = np.ones((M, d), dtype=bool) if mask is None else mask.astype(bool, copy=True)
     counts: list[int] = []
+    rho = np.ones((M, 1)) if row_weight is None else np.asarray(row_weight, np.float64).reshape(M, 1)
     if keep is not None:
-        counts = _block_counts(M * d - int(keep), d, block, W_star**2 / np.maximum(np.diag(Hinv), 1e-300)[None, :])
+        sal = rho * W_star**2 / np.maximum(np.diag(Hinv), 1e-300)[None, :]
+        counts = _block_counts(M * d - int(keep), d, block, sal)
     for bi, i1 in enumerate(range(0, d, block)):
         i2 = min(d, i1 + block)
         W1 = W[:, i1:i2].copy()
@@ -208,7 +219,7 @@ def sparsegpt_sweep(
         if keep is not None:
             q = counts[bi]
             if q > 0:
-                score = W1**2 / (np.diag(U1)[None, :] ** 2)
+                score = rho * W1**2 / (np.diag(U1)[None, :] ** 2)
                 flat = np.argpartition(score, q - 1, axis=None)[:q] if q < score.size else np.arange(score.size)
                 blk = np.ones(score.size, dtype=bool)
                 blk[flat] = False
@@ -394,6 +405,7 @@ def prune_layer(
     damp: float = DAMP,
     block: int = BLOCK,
     name: str = "layer",
+    row_weight: F64 | None = None,
 ) -> LayerSolution:
     """Prune one layer (all its groups) to exactly ``keep`` weights, or re-fit it on ``mask``.
 
@@ -401,7 +413,9 @@ def prune_layer(
     ``mask (g, M, d)`` bool (True = kept).  ``select``: ``"sparsegpt"`` (OBS sweep, adaptive mask),
     ``"magnitude"`` (largest ``|w*|``, then the updates), or ``"mask"`` (use ``mask``).  ``refit``
     adds the exact ridge re-fit of every row on the final support.  The budget is split over the
-    groups of a grouped Conv by the OBS saliency of all its weights.
+    groups of a grouped Conv by the OBS saliency of all its weights.  ``row_weight`` ``(g, M)`` (≥ 0;
+    default all ones): how much each output row's error counts in the selection — the layer's
+    objective becomes ``Σ_i ρ_i ‖(w_i − w̄_i)ᵀ X‖²``; each row's re-fit does not depend on it.
     """
     W_bar = np.ascontiguousarray(W_bar, dtype=np.float64)
     g, M, d = W_bar.shape
@@ -415,8 +429,11 @@ def prune_layer(
         raise SolverError(f"{name}: keep={keep} is outside [0, {W_bar.size}]")
     if mask is not None and mask.shape != W_bar.shape:
         raise SolverError(f"{name}: mask has shape {mask.shape}, expected {W_bar.shape}")
+    rho: F64 = np.ones((g, M)) if row_weight is None else np.asarray(row_weight, np.float64)
+    if rho.shape != (g, M) or not np.all(np.isfinite(rho)) or np.any(rho < 0):
+        raise SolverError(f"{name}: row_weight must be finite, non-negative, of shape {(g, M)}")
     if g >= 8 and d <= 64 and d <= block:
-        fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp)
+        fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp, rho)
         if fast is not None:
             return fast
     damped = [damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name) for k in range(g)]
@@ -427,11 +444,12 @@ def prune_layer(
             scores = np.stack([np.abs(w) for _, w in tg])
         else:
             scores = np.stack([obs_saliency(w, np.diag(iv)) for (_, w), iv in zip(tg, invs, strict=True)])
+        scores = scores * rho[:, :, None]
         counts = split_budget(scores, keep)
         if select == "magnitude":
             mask = np.zeros(W_bar.shape, dtype=bool)
             for k in range(g):
-                flat = np.abs(tg[k][1]).reshape(-1)
+                flat = (rho[k][:, None] * np.abs(tg[k][1])).reshape(-1)
                 c = int(counts[k])
                 chosen = np.zeros(flat.size, dtype=bool)
                 if c:
@@ -443,7 +461,7 @@ def prune_layer(
     for k in range(g):
         rhs, W_star = tg[k]
         if mask is None:
-            Wk, mk = sparsegpt_sweep(W_star, invs[k], keep=int(counts[k]), block=block)
+            Wk, mk = sparsegpt_sweep(W_star, invs[k], keep=int(counts[k]), block=block, row_weight=rho[k])
         else:
             Wk, mk = sparsegpt_sweep(W_star, invs[k], mask=mask[k], block=block)
         if refit:
@@ -489,6 +507,7 @@ def _prune_groups_batched(
     select: Select,
     refit: bool,
     damp: float,
+    rho: F64 | None = None,
 ) -> LayerSolution | None:
     """:func:`prune_layer` for many small groups at once (a depthwise Conv): the same math, with every
     factorisation and solve batched over the groups and rows.  Returns None (use the per-group path)
@@ -517,10 +536,11 @@ def _prune_groups_batched(
         W_star = rhs @ Hinv
     if keep is not None:
         diag = np.einsum("gii->gi", Hinv)
-        score = np.abs(W_star) if select == "magnitude" else W_star**2 / np.maximum(diag, 1e-300)[:, None, :]
+        r = np.ones((g, M, 1)) if rho is None else rho[:, :, None]
+        score = r * (np.abs(W_star) if select == "magnitude" else W_star**2 / np.maximum(diag, 1e-300)[:, None, :])
         counts = split_budget(score, keep)
         udiag = np.einsum("gii->gi", U) ** 2
-        sweep_score = np.abs(W_star) if select == "magnitude" else W_star**2 / udiag[:, None, :]
+        sweep_score = r * (np.abs(W_star) if select == "magnitude" else W_star**2 / udiag[:, None, :])
         flat = sweep_score.reshape(g, -1)
         rank = np.empty_like(flat, dtype=np.int64)
         order = np.argsort(-flat, axis=1, kind="stable")
