@@ -31,8 +31,7 @@ from .solver.layerwise import prune_layer
 log = logging.getLogger(__name__)
 
 #: Added to the normalised output-row weights (mean 1) of :func:`output_row_weights`: every row then
-#: weighs between 1 and 1 + s_i/mean(s), which tempers an estimate from a few dozen samples (0.1
-#: and 1.0 measured on selection data, BENCHMARKS.md "Output-row weights").
+#: weighs between 1 and 1 + √s_i/mean(√s).
 ROW_WEIGHT_FLOOR = 1.0
 
 
@@ -256,12 +255,14 @@ def output_row_weights(F: NDArray[np.floating], H: NDArray[np.floating]) -> NDAr
     ``s_i ∝ Σ_j F_ij / Σ_j H_jj`` per group, and the layer-wise objective ``Σ_i s_i ‖Δw_iᵀX‖²``
     follows the loss instead of counting every output alike (a classifier over thousands of
     classes, most of which the calibration data never come near, spends its budget on the classes
-    the data do use).  Normalised to mean 1, plus :data:`ROW_WEIGHT_FLOOR` so that no row is
-    weighed (near) zero from a noisy estimate.  None when ``F`` carries no information (all zero).
+    the data do use).  The weights are tempered, as the estimate comes from a few dozen samples and
+    the factorisation is itself approximate: ``ρ_i = √s_i / mean(√s) +`` :data:`ROW_WEIGHT_FLOOR`
+    (the square root and the floor were chosen on selection data, BENCHMARKS.md "Output-row
+    weights").  None when ``F`` carries no information (all zero).
     """
     Fs = np.asarray(F, np.float64).sum(axis=2)
     energy = np.einsum("gii->g", np.asarray(H, np.float64))
-    s = Fs / np.maximum(energy, 1e-300)[:, None]
+    s = np.sqrt(np.maximum(Fs, 0.0) / np.maximum(energy, 1e-300)[:, None])
     mean = float(s.mean()) if s.size else 0.0
     if not np.isfinite(mean) or mean <= 0:
         return None

@@ -338,7 +338,7 @@ def test_row_weights_are_validated() -> None:
 
 def test_output_row_weights_recover_a_kronecker_factored_sensitivity() -> None:
     """For F_(i,j) = s_i·H_jj (the Kronecker-factored Fisher of a linear layer), the row weights are
-    s normalised to mean 1, plus the floor; an all-zero F gives None (no information)."""
+    √s normalised to mean 1, plus the floor; an all-zero F gives None (no information)."""
     from chita_onnx.sequential import ROW_WEIGHT_FLOOR, output_row_weights
 
     rng = np.random.default_rng(5)
@@ -349,5 +349,5 @@ def test_output_row_weights_recover_a_kronecker_factored_sensitivity() -> None:
     F = s[:, :, None] * np.einsum("gii->gi", H)[:, None, :] * 3.0  # any overall scale
     rho = output_row_weights(F, H)
     assert rho is not None
-    np.testing.assert_allclose(rho, s / s.mean() + ROW_WEIGHT_FLOOR, rtol=1e-10)
+    np.testing.assert_allclose(rho, np.sqrt(s) / np.sqrt(s).mean() + ROW_WEIGHT_FLOOR, rtol=1e-10)
     assert output_row_weights(np.zeros_like(F), H) is None
