@@ -4,8 +4,11 @@
 
 Calibration: the first 1,000 MNIST training images with labels (the papers' setting); scores: the
 full 10k test set, both from ``/work/shared/data/mnist.npz`` (or ``--mnist``), normalised as the
-papers do.  Each sparsity is one ``chita-onnx compress`` process (its wall time and peak RSS from
-``resource``); the table prints the report's dense and pruned top-1 accuracy.
+papers do.  ``--score-on selection`` scores on MNIST training images 1,000–14,261 instead, the
+images the ``--distill`` settings were chosen on (BENCHMARKS.md; never the test set); with
+``--flags "--distill --seed S"`` that is one selection run of pairing seed S.  Each sparsity is
+one ``chita-onnx compress`` process (its wall time and peak RSS from ``resource``); the table
+prints the report's dense and pruned top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--flags", default="--distill", help="extra compress flags (default: the high-sparsity switch)")
     ap.add_argument("--mnist", type=Path, default=MNIST)
     ap.add_argument("--model", type=Path, default=MLPNET)
+    ap.add_argument("--score-on", choices=("test", "selection"), default="test")
     args = ap.parse_args()
     exe = Path(sys.executable).with_name("chita-onnx")
     rows = []
@@ -44,7 +48,11 @@ def main() -> None:
         d = np.load(args.mnist)
         calib, test = Path(tmp) / "calib.npz", Path(tmp) / "test.npz"
         np.savez(calib, input=normalise(d["x_train"][:1000]), labels=d["y_train"][:1000].astype(np.int64))
-        np.savez(test, input=normalise(d["x_test"]), labels=d["y_test"].astype(np.int64))
+        if args.score_on == "selection":
+            xs, ys = d["x_train"][1000:14262], d["y_train"][1000:14262]
+        else:
+            xs, ys = d["x_test"], d["y_test"]
+        np.savez(test, input=normalise(xs), labels=ys.astype(np.int64))
         for s in (float(v) for v in args.sparsities.split(",")):
             out, rep = Path(tmp) / f"p{s}.onnx", Path(tmp) / f"p{s}.json"
             cmd = [str(exe), "compress", str(args.model), str(out), "--sparsity", str(s), "--data", str(calib)]
@@ -59,7 +67,8 @@ def main() -> None:
             r = json.loads(rep.read_text())
             ev = r["evaluation"]
             rows.append((s, ev["dense_accuracy"], ev["pruned_accuracy"], wall, peak, r["method"]))
-    print(f"command flags: {args.flags!r}; calibration 1,000 train images, scores on 10,000 test images\n")
+    scored = "13,262 selection images (train 1,000-14,261)" if args.score_on == "selection" else "10,000 test images"
+    print(f"command flags: {args.flags!r}; calibration 1,000 train images, scores on {scored}\n")
     print("| sparsity | method | dense % | pruned % | wall s | peak RSS MB (max so far) |")
     print("|---:|---|---:|---:|---:|---:|")
     for s, dense, pruned, wall, peak, what in rows:

@@ -75,6 +75,11 @@ DISTILL_ROWS_BUDGET = 5e10
 DISTILL_ROUNDS = 2
 #: Largest block of gradient rows :meth:`GradientOracle.fisher_diagonal` holds at once (bytes).
 DIAGONAL_CHUNK_BYTES = 256 * 2**20
+#: Temperature τ of --distill's KL: it fits ``KL(p_τ ‖ q_τ)`` between the dense and the pruned
+#: model's distributions softened to ``∝ p^(1/τ)`` (logits divided by τ), so the relative logits
+#: of the classes a confident model all but rules out are fitted too.  Chosen on the selection
+#: images of BENCHMARKS.md ("--distill, round 2"): 2 (one value tried) against 1, the plain KL.
+DISTILL_TEMPERATURE = 2.0
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -383,6 +388,7 @@ class GradientOracle:
             out=out,
             fisher_rows=self.fisher_rows,
             reference=self.reference_probs if names is None and cfg.distill else None,
+            temperature=DISTILL_TEMPERATURE if cfg.distill else 1.0,
         )
         X = g.X
         check_gradients(X, engine.layout)

@@ -311,7 +311,8 @@ def _config_options(fn: F) -> F:
             is_flag=True,
             default=d.distill,
             help="High-sparsity switch: CHITA++ (30 stages unless --stages) where every stage minimises the "
-            "Gauss-Newton model of the KL from the dense model's outputs (first-order term included, "
+            "Gauss-Newton model of the KL from the dense model's outputs, both softened at temperature 2 "
+            "(first-order term included, "
             "--fisher kl with up to every class per input), fitted on the calibration inputs and as many "
             "mixtures of pairs of them; the statistics correction stays off unless set to on.",
         ),

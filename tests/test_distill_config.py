@@ -52,3 +52,29 @@ def test_distill_fits_every_calibration_sample(tmp_path: Path, monkeypatch: pyte
     )
     assert chita.nnz <= chita.k
     assert seen == [40]  # (without --distill, `auto` holds 20% out to decide)
+
+
+def test_distill_fits_the_kl_at_its_temperature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--distill's gradient matrices carry the reference distributions and DISTILL_TEMPERATURE;
+    without --distill neither (the temperature only acts on the KL to a reference)."""
+    from chita_onnx.gradients import GradientEngine
+
+    seen: list[tuple[bool, float]] = []
+    compute = GradientEngine.compute
+
+    def spy(self: GradientEngine, *args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs.get("reference") is not None, kwargs.get("temperature", 1.0)))
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientEngine, "compute", spy)
+    model = tiny_mlp(seed=6, d_in=12, hidden=16, classes=5)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "d.npz"
+    np.savez(data, **labelled_data(model, n=30))  # type: ignore[arg-type]
+    compress(path, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.8, distill=True, stages=2), eval_data=data)
+    assert seen and all(ref and t == pipeline.DISTILL_TEMPERATURE for ref, t in seen)
+    assert pipeline.DISTILL_TEMPERATURE > 1.0
+    seen.clear()
+    compress(path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.8, method="chita++", stages=2), eval_data=data)
+    assert seen and all(not ref and t == 1.0 for ref, t in seen)

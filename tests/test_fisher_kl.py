@@ -91,11 +91,18 @@ def engine_rows(
 
 
 def engine_matrix(
-    model: onnx.ModelProto, x: np.ndarray, fisher_rows: int, seed: int = 0, reference: np.ndarray | None = None
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    fisher_rows: int,
+    seed: int = 0,
+    reference: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> GradientMatrix:
     src = ArraySource({"x": x}, None, batch_size=5)
     eng = GradientEngine(model, ["W1", "W2"], example=next(iter(src)), loss="ce")  # no labels: say "logits"
-    return eng.compute(src, fisher="kl", fisher_rows=fisher_rows, seed=seed, reference=reference)
+    return eng.compute(
+        src, fisher="kl", fisher_rows=fisher_rows, seed=seed, reference=reference, temperature=temperature
+    )
 
 
 def test_kl_rows_give_exactly_the_true_fisher() -> None:
@@ -242,3 +249,49 @@ def test_distill_is_one_switch_for_multi_stage_kl_pruning(tmp_path: Path) -> Non
         CompressConfig(distill=True, method="magnitude")
     with pytest.raises(ConfigError, match="--fisher"):
         CompressConfig(distill=True, fisher="empirical")
+
+
+@pytest.mark.parametrize("tau", [2.0, 0.5])
+def test_kl_temperature_rows_model_the_softened_kl(tau: float) -> None:
+    """At temperature τ (``--distill``) the rows and offsets are the Gauss-Newton model of
+    Σ_i KL(p_τ,i ‖ q_τ,i), p_τ ∝ p^(1/τ) (the logits divided by τ): Σ b·row is its gradient,
+    checked against central differences of the softened KL itself, and XᵀX is the Fisher of the
+    logits z/τ at the softened midpoint.  Without a reference the temperature changes nothing."""
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((12, 12)).astype(np.float32)
+    J, q = jacobians_by_finite_differences(model, x, ["W1", "W2"])
+    ref = np.random.default_rng(5).dirichlet(np.ones(5), size=12)
+
+    def soft(p: np.ndarray) -> np.ndarray:
+        e = p ** (1.0 / tau)
+        return e / e.sum(-1, keepdims=True)
+
+    g = engine_matrix(model, x, fisher_rows=8, reference=ref[:, None, :], temperature=tau)
+    X, b = g.X.astype(np.float64), g.offsets
+    assert b is not None
+    grad = sum(J[i].T @ (soft(q[i]) - soft(ref[i])) / tau for i in range(12))
+    np.testing.assert_allclose(X.T @ b, grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
+    # the same gradient from the softened KL's values (central differences, float64 weights as inputs)
+    m64 = float64_with_weight_inputs(model, ["W1", "W2"])
+    sess = ort.InferenceSession(m64.SerializeToString(), providers=["CPUExecutionProvider"])
+    w0 = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+    def kl_at(w1: np.ndarray) -> float:
+        z = np.asarray(sess.run(None, {"x": x.astype(np.float64), "W1": w1, "W2": w0["W2"]})[0])
+        e = np.exp((z - z.max(-1, keepdims=True)) / tau)
+        qt, pt = e / e.sum(-1, keepdims=True), soft(ref)
+        return float((pt * (np.log(pt) - np.log(qt))).sum())
+
+    for j in (3, 17, 40):
+        d = np.zeros(w0["W1"].size)
+        d[j] = 1e-5
+        d = d.reshape(w0["W1"].shape)
+        fd = (kl_at(w0["W1"] + d) - kl_at(w0["W1"] - d)) / 2e-5
+        assert fd == pytest.approx(grad[j], rel=1e-3, abs=1e-7)
+    F_mid = sum(
+        J[i].T @ (np.diag(m) - np.outer(m, m)) @ J[i] / tau**2
+        for i, m in enumerate(0.5 * (soft(q) + soft(ref)))
+    )
+    assert np.linalg.norm(X.T @ X - F_mid) / np.linalg.norm(F_mid) < 1e-4
+    same = engine_matrix(model, x, fisher_rows=8, temperature=tau)  # no reference: the plain true Fisher
+    np.testing.assert_array_equal(same.X, engine_matrix(model, x, fisher_rows=8).X)

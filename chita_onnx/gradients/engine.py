@@ -288,6 +288,11 @@ def head_probabilities(head: Head, preds: NDArray[np.floating]) -> NDArray[np.fl
     return cast(NDArray[np.float64], np.where(s > 0, q64 / np.where(s > 0, s, 1.0), 1.0 / C))
 
 
+def _tempered(p: NDArray[np.float64], tau: float) -> NDArray[np.float64]:
+    """``p^(1/τ)`` renormalised over the last axis (the softmax of the logits divided by ``τ``)."""
+    return _softmax(np.log(np.maximum(p, np.finfo(np.float64).tiny)) / tau, -1)
+
+
 def make_targets(
     head: Head,
     fisher: str,
@@ -301,6 +306,7 @@ def make_targets(
     row0: int = 0,
     reference: NDArray[np.floating] | None = None,
     offsets: NDArray[np.float64] | None = None,
+    temperature: float = 1.0,
 ) -> NDArray[np.float32]:
     """The loss weights ``T`` (``(size, *head.shape[1:])``) for ``count`` samples; rows ≥ count are 0.
 
@@ -312,6 +318,9 @@ def make_targets(
     classes and there is one position) or ``T = −√p ⊙ ε/√rows`` (Gaussian sketch).  With ``reference``
     class distributions (``(n_inputs, P, C)``) it also writes each row's offset ``b = Σ ε_c(p_c −
     ref_c)/√p_c`` into ``offsets[row0 : row0 + count]`` (see :class:`GradientMatrix`).
+    ``temperature`` τ (with ``reference`` only): the rows and offsets model ``KL(p_τ ‖ q_τ)`` with
+    ``p_τ ∝ p^(1/τ)`` (the softmax of the logits divided by τ): the rows above at the softened
+    distributions, divided by τ, and the same offsets.
     """
     per = head.shape[1:]
     T = np.zeros((size, *per), np.float32)
@@ -349,6 +358,9 @@ def make_targets(
         probs = head_probabilities(head, preds[:count])
         if fisher == "kl":
             ref = None if reference is None else reference[(row0 + np.arange(count)) // rows]
+            tau = 1.0 if ref is None else float(temperature)
+            if tau != 1.0 and ref is not None:
+                probs, ref = _tempered(probs, tau), _tempered(np.asarray(ref, np.float64), tau)
             # curvature at the model's distribution q, or with a reference p at the midpoint r = (q + p)/2
             # (the KL's Hessian in the logits is diag(q) − qqᵀ *at the current q*; far from p its
             # Gauss-Newton step (p − q)/q explodes where q ≪ p, the midpoint keeps it near 2)
@@ -362,6 +374,9 @@ def make_targets(
             # T = (I − r1ᵀ)(√r ⊙ ε): a zero-sum target, so the row is Jᵀ(diag √r − r√rᵀ)ε whatever q is
             weights = root * eps
             weights -= r * (root * eps).sum(-1, keepdims=True)
+            # with a temperature the logits are z/τ: the Jacobian and so every row carry 1/τ, and
+            # Σ b·row = Jᵀ(q_τ − p_τ)/τ, the gradient of KL_τ, with b as below
+            weights /= tau
             if ref is not None and offsets is not None:
                 # the row is −Jᵀ(diag √r − r√rᵀ)ε (the loss is −Σ T log q), so b = −εᵀu with
                 # u = (q − p)/√r gives Σ_rows b·row = Jᵀ(q − p) (in expectation over ε; exactly with every
@@ -833,19 +848,21 @@ class GradientEngine:
         fisher_rows: int = 1,
         reference: NDArray[np.floating] | None = None,
         first_sample: int = 0,
+        temperature: float = 1.0,
     ) -> GradientMatrix:
         """The gradient matrix of ``data`` (first ``num_samples`` samples; ``n = ⌊N/m⌋`` rows, times
         :meth:`rows_per_sample` for ``fisher="kl"``).  ``reference`` (``fisher="kl"`` only): the
         class distributions ``(n, P, C)`` of a reference model on the same samples (e.g. the dense
         model's :meth:`probabilities`); the result then carries the row ``offsets`` of the KL from
-        them to the model.  ``first_sample``: ``data`` starts at that sample of a longer source, so
+        them to the model (at ``temperature`` τ: of ``KL(p_τ ‖ q_τ)``, see :func:`make_targets`).
+        ``first_sample``: ``data`` starts at that sample of a longer source, so
         the seeded draws (sampled labels, sketches, probes) are the ones that source would get
         there: rows computed in chunks equal the rows of one pass."""
         t0 = time.perf_counter()
         c0 = time.process_time()
         with _blas_threads(self.threads):
             return self._compute(
-                data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference, first_sample
+                data, fisher, num_samples, seed, out, workdir, t0, c0, fisher_rows, reference, first_sample, temperature
             )
 
     def _compute(
@@ -861,7 +878,10 @@ class GradientEngine:
         fisher_rows: int = 1,
         reference: NDArray[np.floating] | None = None,
         first_sample: int = 0,
+        temperature: float = 1.0,
     ) -> GradientMatrix:
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {temperature}")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
         batched = [k for k, a in self.batch_axes.items() if a is not None]
@@ -937,6 +957,7 @@ class GradientEngine:
                     row,
                     reference,
                     offsets,
+                    temperature,
                 )
                 if use_batched and self._batched is not None:
                     if not verified:
