@@ -312,16 +312,35 @@ class OutputPlan:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the block (main thread, POSIX); they are delivered after it."""
-    hold = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM for the block (main thread); they are delivered after it.
+
+    A process-directed signal goes to any thread that does not block it (onnxruntime and BLAS start
+    threads), so a signal mask on the main thread is not enough: Python would still run the handler
+    inside the block.  Instead the block runs under handlers that only record the signal, and the
+    recorded signals are raised again, with the previous handlers back in place, when it ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
+    hold = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in hold}
+    if any(h is None for h in before.values()):  # a handler not set from Python cannot be restored
+        yield
+        return
+    pending: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    for s in hold:
+        signal.signal(s, record)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in before.items():
+            signal.signal(s, h)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _fsync(path: Path) -> None:

@@ -25,3 +25,27 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt), plan_outputs([("--out", tmp_path / "g.npy")]) as plan:
         plan.staged("--out").write_text("partial")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+
+def test_sigint_with_runtime_threads_alive_leaves_no_staging_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same once onnxruntime has started its thread pool: a process-directed signal can then be
+    delivered to one of those threads, which a signal mask on the main thread does not cover."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 4
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": np.ones((64, 64), np.float32)})
+    for _ in range(5):
+        for p in tmp_path.iterdir():
+            p.rmdir() if p.is_dir() else p.unlink()
+        test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path, monkeypatch)
