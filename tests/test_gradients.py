@@ -1218,3 +1218,28 @@ def test_torch_style_export_compresses_end_to_end(tmp_path: Path) -> None:
     assert out.producer_name == "pytorch" and out.ir_version == 8
     assert r.nnz == round(0.4 * (72 + 36 + 300))
     assert sum(n.op_type == "BatchNormalization" for n in out.graph.node) == 2  # the output keeps BN as it was
+
+
+def test_auto_path_choice_is_a_count_so_runs_repeat_bit_for_bit() -> None:
+    """method="auto" picks the batched or the one-sample path from the layers' multiply-adds per
+    sample (not from a timing): the count matches the hand count, small models always take the
+    batched path, and repeated computations give the identical matrix."""
+    from chita_onnx.gradients import engine as engine_mod
+
+    model = cnn_bn(seed=3)
+    feeds, labels = data_for(model, 40, classes=3)
+    src = ArraySource(feeds, labels, batch_size=8)
+    eng = GradientEngine(model, ["C1", "C2", "W3"], example=next(iter(src)), chunk=8)
+    # Conv 4×(2·3·3) over 7×7 outputs, depthwise 4×(1·3·3) over 3×3 (stride 2), Gemm 3×4
+    assert eng.row_macs() == 49 * 4 * 18 + 9 * 4 * 9 + 3 * 4
+    runs = [eng.compute(src, fisher="sampled", seed=7) for _ in range(3)]
+    assert {g.method for g in runs} == {"batched"}
+    for g in runs[1:]:
+        np.testing.assert_array_equal(g.X, runs[0].X)
+    small = engine_mod.AUTO_BATCHED_MAX_MACS
+    try:
+        engine_mod.AUTO_BATCHED_MAX_MACS = eng.row_macs() - 1  # the same model counted as "large"
+        fresh = GradientEngine(model, ["C1", "C2", "W3"], example=next(iter(src)), chunk=8)
+        assert fresh.compute(src, fisher="sampled", seed=7).method == "single"
+    finally:
+        engine_mod.AUTO_BATCHED_MAX_MACS = small

@@ -60,6 +60,7 @@ from .prepare import (
     Forward,
     Head,
     HeadKind,
+    _shape_table,
     attach_loss,
     build_forward,
     cut_to,
@@ -86,8 +87,39 @@ _PROBE_SEED = 0x5EED
 SCALE_SAMPLES = 16
 #: Floor of √p in the KL offsets (a class the model gives probability ≲ 1e-20 adds no curvature).
 _ROOT_FLOOR = 1e-10
-#: ``method="auto"`` tries the batched path only when a one-sample row costs less than this.
-AUTO_BATCHED_MAX_ROW_S = 1e-3
+#: ``method="auto"`` uses the batched path (when it is eligible and passes its check) only when the
+#: prunable layers cost at most this many multiply-adds per sample (about a millisecond of one core:
+#: there per-call overhead dominates the one-sample path).  A count from the graph's shapes, not a
+#: timing, so that the same run always takes the same path: the two paths agree only to ~1e-7 and
+#: CHITA++'s stages amplify that into different models.
+AUTO_BATCHED_MAX_MACS = 2_000_000
+
+
+def row_macs(fwd: Forward) -> int | None:
+    """Multiply-adds per sample of the Conv/Gemm/MatMul nodes that read a weight of ``fwd``, from the
+    shapes of its graph (``numel(output) · weight size / output channels``, divided by the batch);
+    None when an output shape is unknown."""
+    table = _shape_table(fwd.model)
+    weights = fwd.weight_inputs
+    total = 0
+    for node in fwd.model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        w = next((x for x in node.input if x in weights), None)
+        if w is None:
+            continue
+        dims = table.get(node.output[0], (0, None))[1]
+        if not dims or any(d is None or d <= 0 for d in dims):
+            return None
+        known = [int(d) for d in dims if d is not None]
+        if node.op_type == "Conv":
+            channels = known[1]
+        elif node.op_type == "MatMul" and node.input[0] == w:
+            channels = known[-2] if len(known) > 1 else known[-1]
+        else:
+            channels = known[-1]
+        total += math.prod(known) * math.prod(weights[w]) // max(1, channels)
+    return total // max(1, fwd.batch)
 
 
 def _disagreement(got: NDArray[np.float32], ref: NDArray[np.float32]) -> tuple[float, float]:
@@ -476,8 +508,8 @@ class GradientEngine:
     to them, the batch dim to ``mini_batch``) and tells whether labels exist.  The weights are graph
     inputs of the gradient graphs, so :meth:`set_weights` changes them without rebuilding.
     ``method``: ``"single"`` (one gradient-graph run per row), ``"batched"`` (recipe B, verified,
-    falls back to single), or ``"auto"`` (batched when eligible and verified, unless the
-    one-sample path measures faster on the check rows).
+    falls back to single), or ``"auto"`` (batched when eligible, verified and the prunable layers
+    cost at most :data:`AUTO_BATCHED_MAX_MACS` per sample: a count, not a timing, so runs repeat).
     """
 
     def __init__(
@@ -914,12 +946,19 @@ class GradientEngine:
             self._skip_draws(rng, fk, reps, first_sample)
         specs = self._specs(self.fwd)
 
-        # "batched": build the batched path now.  "auto": the first block goes through the
-        # one-sample path; the batched path is tried from the second block on, only when rows are
-        # cheap (it saves per-call overhead; on rows costing more than AUTO_BATCHED_MAX_ROW_S its
-        # NumPy GEMMs are no faster than onnxruntime's and it cannot win back its build and check).
+        # "batched": build the batched path now.  "auto": the same, when there is more than one block
+        # and the rows are cheap (it saves per-call overhead; on layers costing more than
+        # AUTO_BATCHED_MAX_MACS per row its NumPy GEMMs are no faster than onnxruntime's and it cannot
+        # win back its build and check).  Decided before the first block, from counts only, so every
+        # call with the same data computes every row the same way.
         may_batch = self._single is not None and self.method != "single" and not self._batched_failed
-        use_batched = may_batch and (self.method == "batched" or self._batched is not None) and self._try_batched()
+        wanted = self.method == "batched" or self._batched is not None
+        if may_batch and not wanted and self.method == "auto" and n * self.m > self.chunk:
+            macs = self.row_macs()
+            wanted = macs is not None and macs <= AUTO_BATCHED_MAX_MACS
+            if not wanted:
+                log.debug("rows cost %s multiply-adds: the batched path cannot pay off", macs)
+        use_batched = may_batch and wanted and self._try_batched()
         chosen: Literal["single", "batched"] = "batched" if use_batched else "single"
         if self._single is None:
             X[...] = 0
@@ -972,15 +1011,7 @@ class GradientEngine:
                         self._model_feed(block.inputs, 0, self._block_size(block.inputs)), T, X, row, rows
                     )
                 else:
-                    ts = time.perf_counter()
                     self._single_rows(block.inputs, T, X, row, rows)
-                    per_row = (time.perf_counter() - ts) / max(rows, 1)
-                    if may_batch and row == 0 and self.method == "auto" and rows < n:
-                        if per_row < AUTO_BATCHED_MAX_ROW_S:
-                            use_batched = self._try_batched()
-                            chosen = "batched" if use_batched else "single"
-                        else:
-                            log.debug("rows cost %.3g ms: the batched path cannot pay off", 1e3 * per_row)
                 row += rows
             if row != n:  # pragma: no cover - guarded by the counting pass
                 raise DataError(
@@ -1213,9 +1244,8 @@ class GradientEngine:
         Both paths compute ``Jᵀ T`` for any target ``T``, so the check uses a random Gaussian probe
         target on the first :data:`CHECK_ROWS` rows: with the real one-hot targets the rows of
         confidently classified samples carry float32 cancellation (``1 − p_y``) on either path and
-        cannot be compared tightly.  With ``method="auto"`` the faster path (one-sample timed on the
-        check rows, batched on this block) is kept.  Returns whether the batched path is used for
-        the following blocks.
+        cannot be compared tightly.  Both paths are timed for the log; the choice does not depend on
+        it.  Returns whether the batched path is used for the following blocks.
         """
         assert self._batched is not None
         k = min(CHECK_ROWS, rows)
@@ -1252,15 +1282,14 @@ class GradientEngine:
         tb = time.perf_counter()
         self._batched.run(self._model_feed(block.inputs, 0, self._block_size(block.inputs)), T, X, row0, rows)
         t_batch = (time.perf_counter() - tb) / max(rows, 1)
-        if self.method == "auto" and t_single < 0.9 * t_batch:
-            log.info(
-                "one-sample path is faster here (%.3g vs %.3g ms/row): using it",
-                1e3 * t_single,
-                1e3 * t_batch,
-            )
-            return False
         log.debug("batched path verified (%.3g vs %.3g ms/row one-sample)", 1e3 * t_batch, 1e3 * t_single)
         return True
+
+    def row_macs(self) -> int | None:
+        """:func:`row_macs` of this engine's forward graph (computed once)."""
+        if not hasattr(self, "_row_macs"):
+            self._row_macs = row_macs(self.fwd)
+        return self._row_macs
 
 
 _FLOAT_ELEMS = (
