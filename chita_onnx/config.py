@@ -30,7 +30,7 @@ ALLOCATIONS: tuple[str, ...] = ("uniform", "magnitude", "obd", "chita")
 Targets = Literal["dense", "pruned"]
 Switch = Literal["auto", "on", "off"]
 Select = Literal["sparsegpt", "magnitude"]
-RowWeights = Literal["fisher", "off"]
+RowWeights = Literal["auto", "fisher", "off"]
 Structure = Literal["none", "channel"]
 SparsityOf = Literal["channels", "flops"]
 
@@ -96,7 +96,7 @@ class CompressConfig:
     bias_correction: Switch = "auto"
     allocation_samples: int = 64
     select: Select = "sparsegpt"
-    row_weights: RowWeights = "fisher"
+    row_weights: RowWeights = "auto"
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
     channel_multiple: int = 0
@@ -123,7 +123,7 @@ class CompressConfig:
             "bn_recalibrate": ("auto", "on", "off"),
             "bias_correction": ("auto", "on", "off"),
             "select": ("sparsegpt", "magnitude"),
-            "row_weights": ("fisher", "off"),
+            "row_weights": ("auto", "fisher", "off"),
             "structure": ("none", "channel"),
             "sparsity_of": ("channels", "flops"),
         }

@@ -402,6 +402,12 @@ class GradientOracle:
         X *= self.scale
         return X
 
+    @property
+    def head_kind(self) -> str | None:
+        """What the loss is computed on (``logits``, ``probabilities``, ``binary``, ``regression``),
+        once an engine has been built; else None."""
+        return next((e.kind for e in self._engines.values()), None)
+
     def fisher_diagonal(self, w: NDArray[np.float32], chunk_bytes: int = DIAGONAL_CHUNK_BYTES) -> NDArray[np.float64]:
         """``diag(XᵀX)`` (``(p,)``, float64) of the scaled ``X`` that :meth:`matrix` would return at ``w``,
         without holding ``X``: the rows are computed a chunk of inputs at a time into one reused
@@ -800,8 +806,17 @@ def _prune_layerwise(
             log.warning("no gradients for the allocation (%s)", exc)
             return None
 
+    def row_weights() -> bool:
+        """--row-weights auto: on when the allocation's loss is over a softmax distribution."""
+        if config.row_weights != "auto":
+            return config.row_weights == "fisher"
+        kind = None if grad_oracle is None else grad_oracle.head_kind
+        on = kind in ("logits", "probabilities")
+        log.info("output-row weights %s (the output is %s)", "on" if on else "off", kind or "unknown")
+        return on
+
     with timer.phase("layerwise"), solver_threads():
-        result = prune_layerwise(prep, config, w_bar, gradients, diagonal)
+        result = prune_layerwise(prep, config, w_bar, gradients, diagonal, row_weights)
     if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
         oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report
     w = np.asarray(result.w, dtype=np.float32)

@@ -193,15 +193,19 @@ def prune_layerwise(
     w_bar: NDArray[np.float32],
     gradients: Callable[[int | None], NDArray[np.float32] | None],
     diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
+    row_weights: Callable[[], bool] | None = None,
 ) -> SolverResult:
     """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
-    ``diagonal``), then select and re-fit layer by layer."""
+    ``diagonal``), then select and re-fit layer by layer.  ``row_weights()``, asked after the
+    allocation: whether the layers weigh their output rows by the allocation's Fisher diagonal
+    (default: ``config.row_weights == "fisher"``)."""
     t0 = time.perf_counter()
     keep, how, fisher = allocate_with_fisher(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
     batches = batches_of(prep, config)
     rows = None
-    if fisher is not None and config.row_weights == "fisher":
+    wanted = row_weights() if row_weights is not None else config.row_weights == "fisher"
+    if fisher is not None and wanted:
         rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
     res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config), row_fisher=rows)
     w = _flat(prep, res, w_bar)

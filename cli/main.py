@@ -394,12 +394,13 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--row-weights",
-            type=click.Choice(["fisher", "off"]),
+            type=click.Choice(["auto", "fisher", "off"]),
             default=d.row_weights,
             show_default=True,
             help="--method layerwise with --allocation obd: weigh each output row of a layer by the loss's "
             "sensitivity to it (from the allocation's Fisher diagonal) when choosing which weights to remove "
-            "(fisher), or count every output row alike (off).",
+            "(fisher), or count every output row alike (off); auto: fisher when the model's output is a "
+            "softmax distribution (classifiers, CTC recognisers), off for sigmoid and regression outputs.",
         ),
         click.option(
             "--structure",

@@ -302,7 +302,7 @@ def test_auto_statistics_correction_is_reported_and_decided_on_calibration_only(
 
 
 def test_output_row_weights_reach_the_pass_and_keep_the_exact_budget(tmp_path: Path) -> None:
-    """--row-weights fisher (the default) changes which weights the layers keep, not how many: both
+    """--row-weights fisher changes which weights the layers keep, not how many: both
     settings keep exactly k with the same per-tensor counts (the allocation is the same)."""
     from chita_onnx.graph import get_weights, load_model
     from chita_onnx.solver.budgets import keep_count
@@ -324,6 +324,27 @@ def test_output_row_weights_reach_the_pass_and_keep_the_exact_budget(tmp_path: P
     assert any(not np.array_equal(outs["fisher"][n] != 0, outs["off"][n] != 0) for n in names)
 
 
+@pytest.mark.parametrize("loss", ["auto", "mse"])
+def test_row_weights_auto_follows_the_head(tmp_path: Path, loss: str) -> None:
+    """--row-weights auto (the default) is fisher on a softmax classifier and off when the loss is not
+    over a softmax distribution (here the same model under --loss mse: a regression head)."""
+    from chita_onnx.graph import get_weights, load_model
+
+    got = {}
+    for how in ("auto", "fisher", "off"):
+        cfg = CompressConfig(
+            sparsity=0.8, method="layerwise", row_weights=how, loss=loss, bn_recalibrate="off",  # type: ignore[arg-type]
+            bias_correction="off", storage="dense",
+        )  # fmt: skip
+        out = tmp_path / f"{how}.onnx"
+        report = chita_onnx.compress(CNN, out, CALIB, cfg)
+        got[how] = get_weights(load_model(out), [t.name for t in report.tensors])
+    same = "fisher" if loss == "auto" else "off"
+    other = "off" if same == "fisher" else "fisher"
+    assert all(np.array_equal(got["auto"][n], got[same][n]) for n in got["auto"])
+    assert not all(np.array_equal(got["auto"][n], got[other][n]) for n in got["auto"])
+
+
 def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
     from chita_onnx_cli.main import cli
     from click.testing import CliRunner
@@ -343,7 +364,7 @@ def test_cli_layerwise_flags_and_bad_values(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--layer-floor=1.5" in bad.output
     bad = CliRunner().invoke(cli, [*args, "--damp", "0"])
     assert bad.exit_code == 2 and "--damp=0" in bad.output
-    bad = CliRunner().invoke(cli, [*args, "--row-weights", "kfac"])
+    bad = CliRunner().invoke(cli, [*args, "--row-weights", "kfac"])  # not a choice
     assert bad.exit_code == 2 and "--row-weights" in bad.output and "kfac" in bad.output
 
 
