@@ -340,13 +340,21 @@ def accumulate(
     z_dense: NDArray[np.floating] | None = None,
     offset: NDArray[np.floating] | None = None,
     index: NDArray[np.int64] | None = None,
+    geom: LayerGeometry | None = None,
 ) -> None:
     """Add one batch.  ``a_pruned``: the layer's input tensor in the pruned model.  The dense targets
     ``W̄ x_d`` come either from the dense model's input ``a_dense`` and ``w_dense_rows`` (``W̄`` as
     ``(g, M_g, d)``), or directly from the dense layer's output ``z_dense`` minus ``offset`` (its
     bias).  Without either only ``H`` is accumulated.  ``index`` picks rows (see
-    :class:`RowSampler`); without it a Conv is processed in chunks of samples."""
-    geom = stats.geom
+    :class:`RowSampler`); without it a Conv is processed in chunks of samples.  ``geom``: how this
+    node reads the weight, when it is not ``stats.geom`` (one weight read by several nodes with
+    different strides, pads or dilations: their rows go into the same statistics)."""
+    if geom is None:
+        geom = stats.geom
+    elif (geom.kind, geom.weight_shape, geom.group) != (stats.geom.kind, stats.geom.weight_shape, stats.geom.group):
+        raise ValueError(
+            f"rows of a {geom.kind} {geom.weight_shape} cannot join statistics of {stats.geom.weight_shape}"
+        )
     total = num_rows(tuple(a_pruned.shape), geom)
     stats.seen += total
     wT = None

@@ -111,11 +111,13 @@ def _add_consumer(
         a32 = np.asarray(a, np.float32)
         idx = sampler.pick(num_rows(tuple(a32.shape), geom))
         if z is not None:
-            accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx)
+            accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx, geom=geom)
         elif ad is not None:
-            accumulate(stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx)
+            accumulate(
+                stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx, geom=geom
+            )
         else:
-            accumulate(stats, a32, index=idx)
+            accumulate(stats, a32, index=idx, geom=geom)
 
 
 @dataclass

@@ -196,3 +196,37 @@ def test_buffered_gram_accumulation_equals_one_product_over_all_rows(
             np.testing.assert_allclose(st.B[k], x[:, k].T @ y[:, k], rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(st.yy[k], (y[:, k] ** 2).sum(axis=0), rtol=1e-5)
         np.testing.assert_allclose(st.mean_p, x.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_weight_read_with_two_strides_is_fitted_on_both(tmp_path: Path) -> None:
+    """One Conv weight read by two Conv nodes with different strides (a CQT-like filter bank applied at
+    two hops): each node's sampled im2col rows must follow its own geometry.  The weight is already
+    50% sparse, so pruning to 50% must keep it exactly, through the layer-wise pass (no fallback)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 1, 1, 8)).astype(np.float32)
+    w[:, :, :, ::2] = 0.0
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 1, 64])
+    outs = [
+        helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["N", 2, 1, 8]),
+        helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 2, 1, 29]),
+    ]
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "W"], ["y1"], name="hop8", strides=[1, 8]),
+            helper.make_node("Conv", ["x", "W"], ["y2"], name="hop2", strides=[1, 2]),
+        ],
+        [x],
+        outs,
+        [numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "bank.onnx"
+    onnx.save(model, path)
+    data = {"x": rng.standard_normal((40, 1, 1, 64)).astype(np.float32)}
+    cfg = CompressConfig(
+        sparsity=0.5, method="layerwise", allocation="uniform", damp=1e-6, max_rows=1, bn_recalibrate="off",
+        bias_correction="off",
+    )  # fmt: skip
+    r = chita_onnx.compress(path, tmp_path / "p.onnx", data, cfg, eval_data=data)
+    assert r.method == "layerwise"
+    assert r.nnz == w.size // 2
+    assert r.evaluation is not None and r.evaluation.max_abs_diff < 1e-4
