@@ -418,15 +418,14 @@ class GradientOracle:
         layout = self.prep.layout
         p = layout.p
         engine = self._engine(layout.names)
-        if self._samples is None:
-            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
-        has_labels = any(labels is not None for _, labels in self._samples)
-        R = engine.rows_per_sample(engine.resolve_fisher(self.fisher, has_labels), self.fisher_rows)
+        R = engine.rows_per_sample(engine.resolve_fisher(self.fisher, engine.has_labels), self.fisher_rows)
         per_chunk = max(1, chunk_bytes // max(1, 4 * p * R))  # inputs per chunk
         if per_chunk >= self.n:  # one chunk: the plain matrix
             X = self.matrix(w)
             diag: NDArray[np.float64] = np.einsum("ij,ij->j", X, X, dtype=np.float64)
             return diag
+        if self._samples is None:
+            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
         engine.set_weights(layout.unflatten(w))
         m = self.config.mini_batch
         buf = np.empty((per_chunk * R, p), np.float32)
@@ -773,50 +772,46 @@ def _prune_layerwise(
     w_bar = initial_weights(prep)
     grad_oracle = oracle
 
-    def gradients(rows: int | None = None) -> NDArray[np.float32] | None:
-        """X at w̄ on ``rows`` calibration samples (all of --num-samples when None); reuses ``X0``."""
+    def oracle_for(rows: int | None) -> GradientOracle:
+        """The oracle on ``rows`` calibration samples (all of --num-samples when None), built once."""
         nonlocal grad_oracle
         cfg = config if rows is None else config.with_(num_samples=min(rows, config.num_samples))
+        if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
+            grad_oracle = GradientOracle(prep, cfg)
+        return grad_oracle
+
+    def gradients(rows: int | None = None) -> NDArray[np.float32] | None:
+        """X at w̄ on ``rows`` calibration samples (all of --num-samples when None); reuses ``X0``."""
         if X0 is not None and (rows is None or X0.shape[0] <= rows):
             return X0
         try:
-            if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
-                grad_oracle = GradientOracle(prep, cfg)
-            if not grad_oracle.fits():
+            o = oracle_for(rows)
+            if not o.fits():
                 return None
             with timer.phase("gradients"):
-                return grad_oracle.matrix(w_bar)
+                return o.matrix(w_bar)
         except UnsupportedOpError as exc:  # e.g. a recurrent node too long to unroll: the pass needs no gradients
             log.warning("no gradients for the allocation (%s)", exc)
             return None
 
     def diagonal(rows: int) -> NDArray[np.float64] | None:
         """diag(XᵀX) at w̄ on ``rows`` calibration samples, a chunk of rows at a time; reuses ``X0``."""
-        nonlocal grad_oracle
         if X0 is not None and X0.shape[0] <= rows:
             d0: NDArray[np.float64] = np.einsum("ij,ij->j", X0, X0, dtype=np.float64)
             return d0
-        cfg = config.with_(num_samples=min(rows, config.num_samples))
         try:
-            if grad_oracle is None or grad_oracle.config.num_samples != cfg.num_samples:
-                grad_oracle = GradientOracle(prep, cfg)
+            o = oracle_for(rows)
             with timer.phase("gradients"):
-                return grad_oracle.fisher_diagonal(w_bar)
+                return o.fisher_diagonal(w_bar)
         except UnsupportedOpError as exc:
             log.warning("no gradients for the allocation (%s)", exc)
             return None
 
-    def row_weights() -> bool:
-        """--row-weights auto: on when the allocation's loss is over a softmax distribution."""
-        if config.row_weights != "auto":
-            return config.row_weights == "fisher"
-        kind = None if grad_oracle is None else grad_oracle.head_kind
-        on = kind in ("logits", "probabilities")
-        log.info("output-row weights %s (the output is %s)", "on" if on else "off", kind or "unknown")
-        return on
+    def head_kind() -> str | None:
+        return None if grad_oracle is None else grad_oracle.head_kind
 
     with timer.phase("layerwise"), solver_threads():
-        result = prune_layerwise(prep, config, w_bar, gradients, diagonal, row_weights)
+        result = prune_layerwise(prep, config, w_bar, gradients, diagonal, head_kind)
     if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
         oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report
     w = np.asarray(result.w, dtype=np.float32)

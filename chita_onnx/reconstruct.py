@@ -97,20 +97,6 @@ def allocate(
     sparsity: float,
     gradients: Callable[[int | None], NDArray[np.float32] | None],
     diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
-) -> tuple[dict[str, int], str]:
-    """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used; see
-    :func:`allocate_with_fisher`."""
-    keep, how, _ = allocate_with_fisher(prep, config, w_bar, sparsity, gradients, diagonal)
-    return keep, how
-
-
-def allocate_with_fisher(
-    prep: Prepared,
-    config: CompressConfig,
-    w_bar: NDArray[np.float32],
-    sparsity: float,
-    gradients: Callable[[int | None], NDArray[np.float32] | None],
-    diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
 ) -> tuple[dict[str, int], str, NDArray[np.float64] | None]:
     """Per-tensor keep counts (exactly ``k`` in total) and the allocation actually used.
 
@@ -187,25 +173,34 @@ def _info(res: PassResult) -> dict[str, float | int | str]:
     }
 
 
+def use_row_weights(config: CompressConfig, head_kind: str | None) -> bool:
+    """Whether the layers weigh their output rows by the allocation's Fisher diagonal:
+    ``--row-weights fisher``/``off``, or with ``auto`` when the loss is over a softmax distribution
+    (``head_kind`` ``logits`` or ``probabilities``; the measurements behind it are all on such heads)."""
+    if config.row_weights != "auto":
+        return config.row_weights == "fisher"
+    on = head_kind in ("logits", "probabilities")
+    log.info("output-row weights %s (the output is %s)", "on" if on else "off", head_kind or "unknown")
+    return on
+
+
 def prune_layerwise(
     prep: Prepared,
     config: CompressConfig,
     w_bar: NDArray[np.float32],
     gradients: Callable[[int | None], NDArray[np.float32] | None],
     diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
-    row_weights: Callable[[], bool] | None = None,
+    head_kind: Callable[[], str | None] | None = None,
 ) -> SolverResult:
     """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
-    ``diagonal``), then select and re-fit layer by layer.  ``row_weights()``, asked after the
-    allocation: whether the layers weigh their output rows by the allocation's Fisher diagonal
-    (default: ``config.row_weights == "fisher"``)."""
+    ``diagonal``), then select and re-fit layer by layer.  ``head_kind()``, asked after the
+    allocation: what its gradients' loss was computed on (see :func:`use_row_weights`)."""
     t0 = time.perf_counter()
-    keep, how, fisher = allocate_with_fisher(prep, config, w_bar, config.sparsity, gradients, diagonal)
+    keep, how, fisher = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
     batches = batches_of(prep, config)
     rows = None
-    wanted = row_weights() if row_weights is not None else config.row_weights == "fisher"
-    if fisher is not None and wanted:
+    if fisher is not None and use_row_weights(config, None if head_kind is None else head_kind()):
         rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
     res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config), row_fisher=rows)
     w = _flat(prep, res, w_bar)

@@ -174,12 +174,17 @@ def _time_major(
     return x, y, h
 
 
+def _valid_lengths(lens: NDArray[np.integer] | None, T: int, N: int) -> NDArray[np.int64]:
+    """Steps per sequence ``(N,)``: ``sequence_lens`` clipped to ``[0, T]``, or ``T`` when absent."""
+    if lens is None:
+        return np.full(N, T, np.int64)
+    return np.clip(np.asarray(lens, np.int64).reshape(-1), 0, T)
+
+
 def num_step_rows(X: NDArray[np.generic], geom: RecurrentGeometry, lens: NDArray[np.integer] | None = None) -> int:
     """How many rows :func:`step_rows` returns for ``X`` (per direction), without building them."""
     T, N = (X.shape[0], X.shape[1]) if geom.layout == 0 else (X.shape[1], X.shape[0])
-    if lens is None:
-        return int(T * N)
-    return int(np.clip(np.asarray(lens, np.int64).reshape(-1), 0, T).sum())
+    return int(_valid_lengths(lens, T, N).sum())
 
 
 def step_rows(
@@ -200,7 +205,7 @@ def step_rows(
     x, y, h0 = _time_major(X, Y, initial_h, geom)
     T, N = x.shape[:2]
     hd = y[:, direction]  # [T, N, H]
-    L = np.full(N, T, np.int64) if lens is None else np.clip(np.asarray(lens, np.int64).reshape(-1), 0, T)
+    L = _valid_lengths(lens, T, N)
     prev = np.empty_like(hd)
     if geom.reverse(direction):
         prev[:-1] = hd[1:]

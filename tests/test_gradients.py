@@ -1231,14 +1231,14 @@ def test_auto_path_choice_is_a_count_so_runs_repeat_bit_for_bit() -> None:
     src = ArraySource(feeds, labels, batch_size=8)
     eng = GradientEngine(model, ["C1", "C2", "W3"], example=next(iter(src)), chunk=8)
     # Conv 4×(2·3·3) over 7×7 outputs, depthwise 4×(1·3·3) over 3×3 (stride 2), Gemm 3×4
-    assert eng.row_macs() == 49 * 4 * 18 + 9 * 4 * 9 + 3 * 4
+    assert eng.macs_per_row == 49 * 4 * 18 + 9 * 4 * 9 + 3 * 4
     runs = [eng.compute(src, fisher="sampled", seed=7) for _ in range(3)]
     assert {g.method for g in runs} == {"batched"}
     for g in runs[1:]:
         np.testing.assert_array_equal(g.X, runs[0].X)
     small = engine_mod.AUTO_BATCHED_MAX_MACS
     try:
-        engine_mod.AUTO_BATCHED_MAX_MACS = eng.row_macs() - 1  # the same model counted as "large"
+        engine_mod.AUTO_BATCHED_MAX_MACS = eng.macs_per_row - 1  # the same model counted as "large"
         fresh = GradientEngine(model, ["C1", "C2", "W3"], example=next(iter(src)), chunk=8)
         assert fresh.compute(src, fisher="sampled", seed=7).method == "single"
     finally:

@@ -383,7 +383,7 @@ def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) 
         asked.append(rows)
         return GradientOracle(prep, cfg if rows is None else cfg.with_(num_samples=rows)).matrix(w)
 
-    keep, how = allocate(prep, cfg, w, 0.9, gradients)
+    keep, how, _ = allocate(prep, cfg, w, 0.9, gradients)
     assert how == allocation
     assert sum(keep.values()) == keep_count(0.9, prep.layout.p)
     sizes = {s.name: s.size for s in prep.layout.slots}

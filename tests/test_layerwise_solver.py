@@ -339,7 +339,7 @@ def test_row_weights_are_validated() -> None:
 def test_output_row_weights_recover_a_kronecker_factored_sensitivity() -> None:
     """For F_(i,j) = s_i·H_jj (the Kronecker-factored Fisher of a linear layer), the row weights are
     √s normalised to mean 1, plus the floor; an all-zero F gives None (no information)."""
-    from chita_onnx.sequential import ROW_WEIGHT_FLOOR, output_row_weights
+    from chita_onnx.solver.layerwise import ROW_WEIGHT_FLOOR, output_row_weights
 
     rng = np.random.default_rng(5)
     g, M, d = 2, 7, 5

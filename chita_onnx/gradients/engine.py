@@ -35,6 +35,7 @@ on the first rows of every run and abandoned if it disagrees.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -954,7 +955,7 @@ class GradientEngine:
         may_batch = self._single is not None and self.method != "single" and not self._batched_failed
         wanted = self.method == "batched" or self._batched is not None
         if may_batch and not wanted and self.method == "auto" and n * self.m > self.chunk:
-            macs = self.row_macs()
+            macs = self.macs_per_row
             wanted = macs is not None and macs <= AUTO_BATCHED_MAX_MACS
             if not wanted:
                 log.debug("rows cost %s multiply-adds: the batched path cannot pay off", macs)
@@ -1285,11 +1286,10 @@ class GradientEngine:
         log.debug("batched path verified (%.3g vs %.3g ms/row one-sample)", 1e3 * t_batch, 1e3 * t_single)
         return True
 
-    def row_macs(self) -> int | None:
-        """:func:`row_macs` of this engine's forward graph (computed once)."""
-        if not hasattr(self, "_row_macs"):
-            self._row_macs = row_macs(self.fwd)
-        return self._row_macs
+    @functools.cached_property
+    def macs_per_row(self) -> int | None:
+        """:func:`row_macs` of this engine's forward graph."""
+        return row_macs(self.fwd)
 
 
 _FLOAT_ELEMS = (

@@ -392,6 +392,35 @@ def split_budget(scores: F64, keep: int) -> NDArray[np.int64]:
     return counts
 
 
+#: Added to the normalised output-row weights (mean 1) of :func:`output_row_weights`: every row then
+#: weighs between 1 and 1 + √s_i/mean(√s).
+ROW_WEIGHT_FLOOR = 1.0
+
+
+def output_row_weights(F: NDArray[np.floating], H: NDArray[np.floating]) -> NDArray[np.float64] | None:
+    """Output-row weights ``ρ (g, M)`` of one layer from the Fisher diagonal of its weights ``F (g, M, d)``
+    (as :func:`~chita_onnx.layerstats.weight_rows`) and its input Gram ``H (g, d, d)``.
+
+    With the Kronecker-factored view of the Fisher of a linear layer, ``F_(i,j),(i,j) ≈ s_i·H_jj/N``:
+    the sensitivity ``s_i`` of the loss to output ``i`` times the input energy.  So
+    ``s_i ∝ Σ_j F_ij / Σ_j H_jj`` per group, and the layer-wise objective ``Σ_i s_i ‖Δw_iᵀX‖²``
+    follows the loss instead of counting every output alike (a classifier over thousands of
+    classes, most of which the calibration data never come near, spends its budget on the classes
+    the data do use).  The weights are tempered, as the estimate comes from a few dozen samples and
+    the factorisation is itself approximate: ``ρ_i = √s_i / mean(√s) +`` :data:`ROW_WEIGHT_FLOOR`
+    (the square root and the floor were chosen on selection data, BENCHMARKS.md "Output-row
+    weights").  None when ``F`` carries no information (all zero).
+    """
+    Fs = np.asarray(F, np.float64).sum(axis=2)
+    energy = np.einsum("gii->g", np.asarray(H, np.float64))
+    s = np.sqrt(np.maximum(Fs, 0.0) / np.maximum(energy, 1e-300)[:, None])
+    mean = float(s.mean()) if s.size else 0.0
+    if not np.isfinite(mean) or mean <= 0:
+        return None
+    rho: NDArray[np.float64] = s / mean + ROW_WEIGHT_FLOOR
+    return rho
+
+
 def prune_layer(
     W_bar: F64,
     H: F64,
