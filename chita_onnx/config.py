@@ -94,6 +94,7 @@ class CompressConfig:
     refit: bool = True
     bn_recalibrate: Switch = "auto"
     bias_correction: Switch = "auto"
+    class_offsets: Switch = "auto"
     allocation_samples: int = 64
     select: Select = "sparsegpt"
     row_weights: RowWeights = "auto"
@@ -122,6 +123,7 @@ class CompressConfig:
             "targets": ("dense", "pruned"),
             "bn_recalibrate": ("auto", "on", "off"),
             "bias_correction": ("auto", "on", "off"),
+            "class_offsets": ("auto", "on", "off"),
             "select": ("sparsegpt", "magnitude"),
             "row_weights": ("auto", "fisher", "off"),
             "structure": ("none", "channel"),
@@ -181,7 +183,7 @@ class CompressConfig:
             # --distill fits the dense outputs themselves, so the statistics correction has nothing
             # to restore; deciding it on `auto` would hold out 20% of the calibration data from the
             # fit (BENCHMARKS.md, "The high-sparsity switch"). `on` still forces it.
-            for name in ("bn_recalibrate", "bias_correction"):
+            for name in ("bn_recalibrate", "bias_correction", "class_offsets"):
                 if getattr(self, name) == "auto":
                     object.__setattr__(self, name, "off")
         if self.fisher == "kl" and self.mini_batch != 1:

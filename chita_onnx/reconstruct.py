@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,10 +29,18 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from .activations import Arrays, calibration_batches, inline_fixed_ifs, layerwise_batch_size, working_copy
+from .activations import (
+    Arrays,
+    SegmentRunner,
+    calibration_batches,
+    inline_fixed_ifs,
+    layerwise_batch_size,
+    working_copy,
+)
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
+from .heads import SoftmaxHead, add_class_offset, softmax_head
 from .sequential import (
     LayerwiseOptions,
     PassResult,
@@ -45,6 +53,7 @@ from .sequential import (
 )
 from .solver import Budget, SolverResult, chita_iht, hard_threshold
 from .solver.budgets import make_budget
+from .solver.offsets import fit_class_offsets
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
@@ -234,14 +243,21 @@ class Correction:
     seconds: float = 0.0
     #: Why an ``auto`` correction was not tried (it failed on this model); empty otherwise.
     skipped: str = ""
+    #: Per-class logit offsets of the softmax head: "on", "off" or "n/a" (no softmax head).
+    class_offsets: str = "n/a"
 
     def short(self) -> str:
-        """``none``, ``bn``, ``bias`` or ``bn+bias``, marked ``auto:`` when chosen by measurement."""
+        """``none``, ``bn``, ``bias``, ``offsets`` or a ``+`` of them, marked ``auto:`` when chosen by
+        measurement."""
         label = _label((self.bn_recalibrate, self.bias_correction))
+        if self.class_offsets == "on":
+            label = "offsets" if label == "none" else f"{label}+offsets"
         return f"auto:{label}" if self.scores else label
 
     def describe(self) -> str:
         parts = [f"BN re-estimation {self.bn_recalibrate}", f"bias correction {self.bias_correction}"]
+        if self.class_offsets != "n/a":
+            parts.append(f"class offsets {self.class_offsets}")
         if self.scores:
             s = ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items())
             parts.append(f"(chosen by KL to dense on {self.decided_on} held-out calibration samples: {s})")
@@ -251,6 +267,9 @@ class Correction:
 
 
 def needs_decision(config: CompressConfig) -> bool:
+    """Whether calibration samples are held out from everything for an ``auto`` BN re-estimation or
+    bias correction (``auto`` class offsets make their own split, after the pass; see
+    :func:`correct_statistics`)."""
     return "auto" in (config.bn_recalibrate, config.bias_correction)
 
 
@@ -261,7 +280,6 @@ def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, li
     statistics, corrections — uses only the rest) and the held-out batches (None when nothing is
     ``auto``).
     """
-    from dataclasses import replace
 
     if not needs_decision(config):
         return prep, None
@@ -275,8 +293,13 @@ def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, li
     return replace(prep, calib=fit), batches
 
 
-def _divergence(dense: NDArray[np.float64], pruned: NDArray[np.float64]) -> float:
-    """Mean KL(dense ‖ pruned) over samples for class scores ``(N, C)``; else the relative MSE."""
+def _divergence(dense: NDArray[np.float64], pruned: NDArray[np.float64], axis: int | None = None) -> float:
+    """Mean KL(dense ‖ pruned) over samples for class scores ``(N, C)``, or over every position of
+    scores with the classes on ``axis`` (a softmax head's output); else the relative MSE."""
+    if axis is not None and dense.ndim > 1 and dense.shape[axis] > 1:
+        C = dense.shape[axis]
+        dense = np.moveaxis(dense, axis, -1).reshape(-1, C)
+        pruned = np.moveaxis(pruned, axis, -1).reshape(-1, C)
     if dense.ndim == 2 and dense.shape[1] > 1:
 
         def logp(z: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -349,12 +372,19 @@ def _correct_statistics(
     if decide is not None and len(decide) == 0:  # too few samples to decide: auto means off
         bn_opts = [o for o in bn_opts if o == "off" or config.bn_recalibrate == "on"] or ["off"]
         bias_opts = [o for o in bias_opts if o == "off" or config.bias_correction == "on"] or ["off"]
+    head = softmax_head(dense, output)
+    off_opts = ["off"] if config.class_offsets == "off" or head is None else ["on"]
+    if config.class_offsets == "auto" and head is not None:
+        off_opts = ["off", "on"]
+    if decide is not None and len(decide) == 0:
+        off_opts = [o for o in off_opts if o == "off" or config.class_offsets == "on"] or ["off"]
     bn_label = "n/a" if not has_bn else ""
+    off_label = "n/a" if head is None else "off"
     names = list(prep.layout.names)
     weights = prep.layout.unflatten(np.asarray(w, dtype=np.float32))
     pruned = _with_weights(dense, weights)
-    if bn_opts == ["off"] and bias_opts == ["off"]:
-        return None, Correction(bn_label or "off", "off", seconds=time.perf_counter() - t0)
+    if bn_opts == ["off"] and bias_opts == ["off"] and off_opts == ["off"]:
+        return None, Correction(bn_label or "off", "off", seconds=time.perf_counter() - t0, class_offsets=off_label)
     fit = batches_of(prep, config)
     spill = {"max_bytes": options(config).max_bytes, "spill_dir": config.workdir}
     candidates: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -363,21 +393,140 @@ def _correct_statistics(
         for bn in bn_opts:
             candidates[(bn, bias)] = base if bn == "off" else recalibrate_batchnorm(base, fit, **spill)[0]  # type: ignore[arg-type]
     scores: dict[str, float] = {}
+    out = output or dense.graph.output[0].name
+    ref: NDArray[np.float64] | None = None
+    axis: int | None = None
     if len(candidates) > 1:
         assert decide
-        out = output or dense.graph.output[0].name
         ref = run_outputs(dense, decide, out)
+        axis = None if head is None else head.class_axis(ref.ndim)
         for key, m in candidates.items():
-            scores[_label(key)] = _divergence(ref, run_outputs(m, decide, out))
+            scores[_label(key)] = _divergence(ref, run_outputs(m, decide, out), axis)
         best = min(candidates, key=lambda k: (scores[_label(k)], (k[0] == "on") + (k[1] == "on")))
     else:
         best = next(iter(candidates))
     chosen = candidates[best]
+    offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
-    corr = Correction(bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0)
-    if best == ("off", "off"):
+    if "on" in off_opts:
+        assert head is not None
+        if len(off_opts) == 1:
+            beta, rank = _fit_offsets(dense, chosen, head, fit, spill)
+            offsets = (head, beta, rank)
+        else:
+            # decided on held-out samples: those of the statistics decision when there is one, else
+            # a split of the calibration data made here (the pass itself used all of it); the offsets
+            # compared there are fitted without them, the ones kept on all the fitting samples
+            own = decide is None
+            if own:
+                parts = _offset_split(prep, config)
+                if parts is None:
+                    fit_b: list[Arrays] = []
+                    dec_b: list[Arrays] = []
+                else:
+                    fit_b, dec_b = parts
+            else:
+                assert decide
+                fit_b, dec_b = fit, decide
+            if dec_b and fit_b:
+                dref = ref if ref is not None and not own else run_outputs(dense, dec_b, out)
+                dax = head.class_axis(dref.ndim)
+                beta, rank = _fit_offsets(dense, chosen, head, fit_b, spill)
+                base_label = _label(best)
+                base_score = scores.get(base_label) if not own else None
+                if base_score is None:
+                    base_score = _divergence(dref, run_outputs(chosen, dec_b, out), dax)
+                    scores[base_label] = base_score
+                label = "offsets" if best == ("off", "off") else f"{base_label}+offsets"
+                trial = add_class_offset(chosen, head, beta, rank)
+                scores[label] = _divergence(dref, run_outputs(trial, dec_b, out), dax)
+                if scores[label] < base_score:
+                    offsets = (head, *_fit_offsets(dense, chosen, head, fit, spill)) if own else (head, beta, rank)
+                if own:
+                    n_dec = sum(next(iter(b.values())).shape[0] for b in dec_b)
+    corr = Correction(
+        bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0,
+        class_offsets=off_label if offsets is None else "on",
+    )  # fmt: skip
+    if best == ("off", "off") and offsets is None:
         return None, corr
-    return _transplant(prep.model, chosen, pruned, names, weights, bias=best[1] == "on"), corr
+    result = prep.model
+    if best != ("off", "off"):
+        result = _transplant(prep.model, chosen, pruned, names, weights, bias=best[1] == "on")
+    if offsets is not None:
+        target = softmax_head(result, output)
+        if target is None:
+            raise ModelError(f"output {out!r} of the input model is not a softmax's: cannot add class offsets")
+        result = add_class_offset(result, target, offsets[1], offsets[2])
+    corr = replace(corr, seconds=time.perf_counter() - t0)
+    return result, corr
+
+
+def _offset_split(prep: Prepared, config: CompressConfig) -> tuple[list[Arrays], list[Arrays]] | None:
+    """The calibration data split into fitting and held-out batches (:data:`DECISION_FRACTION`) for
+    an ``auto`` class-offset decision when no statistics decision holds samples out; None when there
+    are too few samples to decide."""
+    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
+    if not isinstance(whole, ArraySource) or whole.num_samples < 10:
+        log.warning("too few calibration samples to decide the class offsets: leaving them off")
+        return None
+    fit, held = split_holdout(whole, DECISION_FRACTION, seed=config.seed + 11)
+    size = layerwise_batch_size(prep.model, prep.specs, whole, config.batch_size)
+    return (
+        calibration_batches(fit, prep.specs, fit.num_samples, size),
+        calibration_batches(held, prep.specs, held.num_samples, size),
+    )
+
+
+#: Logit elements (rows × classes) the class-offset fit holds at most; above it rows are sampled.
+OFFSET_MAX_ELEMENTS = 2**27
+
+
+def _fit_offsets(
+    dense: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    head: SoftmaxHead,
+    fit: Sequence[Arrays],
+    spill: Mapping[str, object],
+) -> tuple[NDArray[np.float64], int]:
+    """The per-class offsets ``β (C,)`` of ``head`` fitted on the ``fit`` batches (see
+    :func:`~chita_onnx.solver.offsets.fit_class_offsets`) and the rank of its logits."""
+    rank = 0
+    pbar: NDArray[np.float64] | None = None
+    rows: list[NDArray[np.float32]] = []
+    probs_name = head.probs
+    r = SegmentRunner(dense, fit, **spill)  # type: ignore[arg-type]
+    r.advance(len(r.nodes), extra=[probs_name])
+    for v in r.values(probs_name):
+        a = np.asarray(v, np.float64)
+        rank = a.ndim
+        ax = head.class_axis(rank)
+        if ax is None:
+            raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{rank} input is not one class axis")
+        p = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax])
+        if head.op_type == "LogSoftmax":
+            p = np.exp(p)
+        pbar = p.sum(axis=0) if pbar is None else pbar + p.sum(axis=0)
+    r.close()
+    r = SegmentRunner(pruned, fit, **spill)  # type: ignore[arg-type]
+    r.advance(len(r.nodes), extra=[head.logits])
+    for v in r.values(head.logits):
+        a = np.asarray(v, np.float32)
+        ax = head.class_axis(a.ndim)
+        assert ax is not None
+        rows.append(np.asarray(np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax]), np.float32))
+    r.close()
+    assert pbar is not None
+    Z = np.concatenate(rows)
+    if Z.size > OFFSET_MAX_ELEMENTS:
+        keep = max(1, OFFSET_MAX_ELEMENTS // Z.shape[1])
+        Z = Z[np.sort(np.random.default_rng(0).choice(Z.shape[0], keep, replace=False))]
+    res = fit_class_offsets(Z, pbar / pbar.sum())
+    log.info(
+        "class offsets of %r: F %.6g -> %.6g in %d iterations (|beta| max %.3g)",
+        head.probs, res.before, res.after, res.iterations, float(np.max(np.abs(res.beta))),
+    )  # fmt: skip
+    return res.beta, rank
 
 
 def _label(key: tuple[str, str]) -> str:

@@ -378,6 +378,15 @@ def _config_options(fn: F) -> F:
             "there is none); auto decides on held-out calibration samples.",
         ),
         click.option(
+            "--class-offsets",
+            type=click.Choice(["auto", "on", "off"]),
+            default=d.class_offsets,
+            show_default=True,
+            help="Softmax heads: re-fit one offset per class on the logits (folded into the head's bias) so "
+            "that the pruned model's mean class probabilities on the calibration data match the dense "
+            "model's; auto decides on held-out calibration samples.",
+        ),
+        click.option(
             "--allocation-samples",
             type=int,
             default=d.allocation_samples,

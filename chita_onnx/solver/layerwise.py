@@ -213,9 +213,9 @@ def sparsegpt_sweep(
         counts = _block_counts(M * d - int(keep), d, block, sal)
     for bi, i1 in enumerate(range(0, d, block)):
         i2 = min(d, i1 + block)
-        W1 = W[:, i1:i2].copy()
+        W1 = np.asfortranarray(W[:, i1:i2])  # columns contiguous: the loop below works column by column
         U1 = U[i1:i2, i1:i2]
-        err = np.zeros_like(W1)
+        err = np.zeros(W1.shape, order="F")
         if keep is not None:
             q = counts[bi]
             if q > 0:
@@ -226,12 +226,12 @@ def sparsegpt_sweep(
                 kept[:, i1:i2] = blk.reshape(score.shape)
         k1 = kept[:, i1:i2]
         for j in range(i2 - i1):
-            w = W1[:, j]
-            q_ = np.where(k1[:, j], w, 0.0)
-            e = (w - q_) / U1[j, j]
-            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
-            W1[:, j] = q_
-            err[:, j] = e
+            # left-looking: column j's compensated value from the errors of the columns before it (one
+            # GEMV), instead of updating every column to its right after each removal
+            w = W1[:, j] - err[:, :j] @ U1[:j, j] if j else W1[:, j]
+            kj = k1[:, j]
+            err[:, j] = np.where(kj, 0.0, w) / U1[j, j]
+            W1[:, j] = np.where(kj, w, 0.0)
         W[:, i1:i2] = W1
         if i2 < d:
             W[:, i2:] -= err @ U[i1:i2, i2:]

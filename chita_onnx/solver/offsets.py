@@ -1,0 +1,152 @@
+"""Per-class logit offsets of a softmax head, fitted to the dense model's predictions.
+
+After pruning, the logits ``z̃ (R, C)`` of a softmax head differ from the dense ones by an error that
+a least-squares re-fit keeps small on average but not in the exponent: a classifier over thousands of
+classes, most of which the calibration data never come near, gets thousands of small upward errors
+whose ``exp`` adds up in the softmax normaliser and takes probability away from the classes in use.
+A per-class offset ``β (C,)`` added to the logits is the last degree of freedom that costs nothing at
+inference (it folds into the head's bias), and its best value is a small convex problem::
+
+    min_β  F(β) = (1/R) Σ_r KL(p_r ‖ softmax(z̃_r + β))
+               = const − p̄ᵀβ + (1/R) Σ_r logsumexp(z̃_r + β),        p̄ = (1/R) Σ_r p_r,
+
+with gradient ``∇F = q̄(β) − p̄`` (``q̄``: the pruned model's mean class probabilities).  At the
+optimum each class's mean predicted probability is the dense model's — the probability-space
+counterpart of restoring each output channel's mean (bias correction).  ``F`` is convex (log-sum-exp
+plus a linear term).  Each step is a Newton step on the few classes that carry probability (their
+Hessian ``mean_r diag(q_r) − q_r q_rᵀ`` restricted to them, ``K × K``) and the iterative-scaling step
+``log(p̄_c / q̄_c)`` on all the others, which interact only through the normaliser; a halving line
+search keeps ``F`` from increasing.  Iterative scaling alone stalls on the dominant classes (a CTC
+blank, say), Newton on all ``C`` classes would need ``C × C``.  The box ``|β_c| ≤ bound`` keeps
+classes that the dense model gives (numerically) zero probability from running off to −∞.
+
+Pure NumPy/SciPy; no onnx imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import SolverError
+
+#: ``|β_c|`` never exceeds this (``e^20 ≈ 5·10⁸``: far past any useful correction).
+OFFSET_BOUND = 20.0
+#: Rows of logits processed at once (bounds the temporaries to about ``ROW_CHUNK·C·4`` bytes).
+ROW_CHUNK = 512
+#: Classes whose dense or pruned mean probability exceeds this get Newton steps (at most
+#: :data:`MAX_NEWTON_CLASSES` of them, the largest); the others, iterative scaling.
+BIG_CLASS = 1e-3
+MAX_NEWTON_CLASSES = 512
+
+
+@dataclass(frozen=True)
+class OffsetFit:
+    """The fitted offsets ``beta (C,)``; ``before`` / ``after``: ``F(0)`` and ``F(β)`` up to the same
+    constant (``after ≤ before``); ``trace``: the lowest ``F`` found after each evaluation."""
+
+    beta: NDArray[np.float64]
+    before: float
+    after: float
+    iterations: int
+    converged: bool
+    trace: tuple[float, ...]
+
+
+def _evaluate(
+    Z: NDArray[np.floating], pbar: NDArray[np.float64], beta: NDArray[np.float64], big: NDArray[np.int64]
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
+    """``F(β)`` (without its constant), ``q̄(β) (C,)`` and the probabilities of the classes ``big``
+    in every row, ``(R, K)``, for logits ``Z (R, C)`` (in float32, a chunk of rows at a time)."""
+    R = Z.shape[0]
+    b32 = beta.astype(np.float32)
+    lse = 0.0
+    qbar = np.zeros(Z.shape[1])
+    QK = np.empty((R, big.size))
+    for r0 in range(0, R, ROW_CHUNK):
+        a = np.asarray(Z[r0 : r0 + ROW_CHUNK], np.float32) + b32
+        m = a.max(axis=1, keepdims=True)
+        np.subtract(a, m, out=a)
+        np.exp(a, out=a)
+        s = a.sum(axis=1, keepdims=True, dtype=np.float64)
+        a /= s.astype(np.float32)
+        lse += float(np.sum(m, dtype=np.float64) + np.sum(np.log(s)))
+        qbar += a.sum(axis=0, dtype=np.float64)
+        QK[r0 : r0 + a.shape[0]] = a[:, big]
+    return float(-pbar @ beta + lse / R), qbar / R, QK
+
+
+def _value_and_grad(
+    Z: NDArray[np.floating], pbar: NDArray[np.float64], beta: NDArray[np.float64]
+) -> tuple[float, NDArray[np.float64]]:
+    """``F(β)`` (without its constant) and ``∇F = q̄ − p̄`` for logits ``Z (R, C)``."""
+    f, qbar, _ = _evaluate(Z, pbar, beta, np.zeros(0, np.int64))
+    return f, qbar - pbar
+
+
+def fit_class_offsets(
+    Z: NDArray[np.floating],
+    pbar: NDArray[np.floating],
+    *,
+    bound: float = OFFSET_BOUND,
+    max_iter: int = 50,
+    tol: float = 1e-9,
+) -> OffsetFit:
+    """Minimise ``F(β) = −p̄ᵀβ + mean_r logsumexp(z̃_r + β)`` over ``|β| ≤ bound`` (see the module doc).
+
+    ``Z (R, C)``: the pruned model's logits, one row per prediction (sample, or sample and position of
+    a sequence); ``pbar (C,)``: the dense model's class probabilities averaged over the same kind of
+    rows (a distribution: non-negative, summing to 1).  Starts from ``β = 0``; ``F`` never increases.
+    Stops when an iteration lowers ``F`` by at most ``tol·max(1, |F|)``, or after ``max_iter``.
+    """
+    Z = np.asarray(Z)
+    p = np.asarray(pbar, np.float64)
+    if Z.ndim != 2 or Z.shape[0] == 0 or Z.shape[1] < 2:
+        raise SolverError(f"logits must be (R ≥ 1, C ≥ 2), got {Z.shape}")
+    if p.shape != (Z.shape[1],):
+        raise SolverError(f"mean probabilities have shape {p.shape}, expected {(Z.shape[1],)}")
+    if not np.all(np.isfinite(Z)) or not np.all(np.isfinite(p)) or np.any(p < 0) or abs(float(p.sum()) - 1.0) > 1e-3:
+        raise SolverError("logits must be finite and the mean probabilities a distribution")
+    if not bound > 0:
+        raise SolverError(f"bound must be > 0, got {bound}")
+    p = p / p.sum()
+    C = Z.shape[1]
+    log_p = np.log(np.maximum(p, 1e-300))
+    beta = np.zeros(C)
+    _, q0, _ = _evaluate(Z, p, beta, np.zeros(0, np.int64))
+    weight = np.maximum(p, q0)
+    big = np.flatnonzero(weight > BIG_CLASS)
+    if big.size > MAX_NEWTON_CLASSES:
+        big = np.sort(np.argpartition(-weight, MAX_NEWTON_CLASSES - 1)[:MAX_NEWTON_CLASSES])
+    f, q, QK = _evaluate(Z, p, beta, big)
+    trace = [f]
+    converged = False
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        step = np.clip(log_p - np.log(np.maximum(q, 1e-300)), -bound, bound)  # scaling: log(p̄ / q̄)
+        if big.size:  # Newton on the classes that carry probability (they are coupled through the normaliser)
+            H = np.diag(QK.mean(axis=0)) - QK.T @ QK / Z.shape[0]
+            H[np.diag_indices_from(H)] += 1e-9 * max(float(np.max(np.diag(H))), 1e-30)
+            with contextlib.suppress(np.linalg.LinAlgError):  # singular: keep the scaling step there
+                step[big] = -np.linalg.solve(H, (q - p)[big])
+        t = 1.0
+        while True:
+            cand = np.clip(beta + t * step, -bound, bound)
+            fc, qc, Qc = _evaluate(Z, p, cand, big)
+            if fc <= f or t < 1e-3:
+                break
+            t *= 0.5
+        if not fc <= f:
+            converged = True  # no descent left along this direction
+            break
+        small = f - fc <= tol * max(1.0, abs(f))
+        beta, f, q, QK = cand, fc, qc, Qc
+        trace.append(f)
+        if small:
+            converged = True
+            break
+    return OffsetFit(beta, trace[0], f, iterations, converged, tuple(trace))

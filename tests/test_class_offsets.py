@@ -1,0 +1,255 @@
+"""Per-class logit offsets of softmax heads (``--class-offsets``): the convex fit, the graph passes that
+find a softmax head and add the offsets, and the step inside ``compress``."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import chita_onnx
+from chita_onnx import CompressConfig
+from chita_onnx.errors import ModelError, SolverError
+from chita_onnx.heads import add_class_offset, softmax_head
+from chita_onnx.solver.offsets import _value_and_grad, fit_class_offsets
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------- the fit
+
+
+def test_planted_offsets_are_recovered() -> None:
+    """Pruned logits = dense logits + a per-class shift c: the fit returns −c (up to the constant
+    that softmax ignores), and the mean class probabilities match the dense ones."""
+    rng = np.random.default_rng(0)
+    Zd = 3.0 * rng.standard_normal((400, 40))
+    c = 2.0 * rng.standard_normal(40)
+    pbar = softmax(Zd).mean(axis=0)
+    res = fit_class_offsets((Zd + c).astype(np.float32), pbar, tol=1e-14, max_iter=2000)
+    shift = res.beta + c
+    assert np.ptp(shift) < 1e-3
+    _, g = _value_and_grad((Zd + c).astype(np.float32), pbar, res.beta)
+    assert np.max(np.abs(g)) < 1e-5  # q̄ = p̄
+    assert res.converged and res.after <= res.before
+
+
+def test_objective_never_increases_and_the_box_holds() -> None:
+    """A class the dense model never predicts (p̄_c = 0) would go to −∞: it stops at the bound."""
+    rng = np.random.default_rng(1)
+    Z = rng.standard_normal((300, 12)) * 2
+    pbar = softmax(rng.standard_normal((300, 12)) * 2).mean(axis=0)
+    pbar[3] = 0.0
+    pbar /= pbar.sum()
+    res = fit_class_offsets(Z, pbar, bound=2.0)
+    assert np.all(np.diff(res.trace) <= 1e-12)
+    assert res.after <= res.before
+    assert np.max(np.abs(res.beta)) <= 2.0 + 1e-12
+    assert res.beta[3] == pytest.approx(-2.0)
+
+
+def test_no_change_needed_gives_zero_offsets() -> None:
+    """When the pruned logits are the dense ones the optimum is β = 0 (up to a constant)."""
+    rng = np.random.default_rng(2)
+    Z = rng.standard_normal((200, 30)) * 2
+    res = fit_class_offsets(Z, softmax(Z).mean(axis=0))
+    assert np.ptp(res.beta) < 1e-6
+    assert res.after == pytest.approx(res.before, rel=1e-6)  # float32 logits: rounding-level moves only
+
+
+@pytest.mark.parametrize(
+    ("Z", "p"),
+    [
+        (np.zeros((0, 3)), np.full(3, 1 / 3)),
+        (np.zeros((4, 1)), np.ones(1)),
+        (np.zeros((4, 3)), np.full(2, 0.5)),
+        (np.zeros((4, 3)), np.array([0.5, 0.6, -0.1])),
+        (np.full((4, 3), np.nan), np.full(3, 1 / 3)),
+    ],
+)
+def test_bad_input_is_refused(Z: np.ndarray, p: np.ndarray) -> None:
+    with pytest.raises(SolverError):
+        fit_class_offsets(Z, p)
+
+
+# ------------------------------------------------------------------------------------- the passes
+
+
+def head_model(
+    *, bias: bool = True, identity: bool = True, raw_output: bool = False, opset: int = 13, rank3: bool = False,
+    axis: int = -1, ir: int = 8, seed: int = 0,
+) -> onnx.ModelProto:  # fmt: skip
+    """``x [N,F] (or [N,T,F]) → MatMul W → (Add b) → (Identity) → Softmax(axis)``; ``raw_output`` also
+    returns the logits (so the Add may not be changed)."""
+    rng = np.random.default_rng(seed)
+    F, C = 5, 7
+    shape_x = ["N", 3, F] if rank3 else ["N", F]
+    inits = [numpy_helper.from_array(rng.standard_normal((F, C)).astype(np.float32), "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"])]
+    last = "mm"
+    if rank3:  # classes on axis 1: [N, T, C] → [N, C, T]
+        nodes.append(helper.make_node("Transpose", ["mm"], ["mmt"], perm=[0, 2, 1]))
+        last = "mmt"
+    if bias:
+        b = rng.standard_normal((C, 1) if rank3 else C).astype(np.float32)
+        inits.append(numpy_helper.from_array(b, "b"))
+        nodes.append(helper.make_node("Add", [last, "b"], ["z"]))
+        last = "z"
+    if identity:
+        nodes.append(helper.make_node("Identity", [last], ["zi"]))
+        last = "zi"
+    nodes.append(helper.make_node("Softmax", [last], ["probs"], axis=axis))
+    nodes.append(helper.make_node("Identity", ["probs"], ["y"]))
+    dims = ["N", "a", "b"] if rank3 else ["N", "a"]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)]
+    if raw_output:
+        outputs.append(helper.make_tensor_value_info(last, TensorProto.FLOAT, dims))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_x)
+    graph = helper.make_graph(nodes, "head", [x], outputs, inits)
+    if ir < 4:
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = ir
+    return m
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, name: str | None = None) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run([name] if name else None, {"x": x})[0]
+
+
+def logits_of(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    head = softmax_head(model)
+    assert head is not None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info(head.logits, TensorProto.FLOAT, None))
+    return run(m, x, head.logits)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # MatMul → Add(b) → Identity → Softmax: folded into b
+        {"bias": False},  # no bias: a new Add
+        {"raw_output": True},  # the logits are an output too: a new Add, the raw output unchanged
+        {"identity": False, "opset": 11, "axis": 1},  # opset 11, axis = last
+        {"rank3": True, "axis": 1},  # classes on axis 1 of [N, C, ...]: offsets shaped (C, 1)
+        {"ir": 3, "opset": 9, "axis": 1, "bias": False},  # IR 3: the new initializer is a graph input too
+    ],
+)
+def test_add_class_offset_shifts_exactly_the_logits(kw: dict[str, object]) -> None:
+    model = head_model(**kw)  # type: ignore[arg-type]
+    before = model.SerializeToString()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 5) if kw.get("rank3") else (4, 5)).astype(np.float32)
+    head = softmax_head(model)
+    assert head is not None
+    z = logits_of(model, x)
+    ax = head.class_axis(z.ndim)
+    assert ax is not None
+    beta = rng.standard_normal(z.shape[ax])
+    out = add_class_offset(model, head, beta, z.ndim)
+    assert model.SerializeToString() == before  # the input is not modified
+    onnx.checker.check_model(out)
+    shape = [1] * z.ndim
+    shape[ax] = -1
+    want = softmax(z.astype(np.float64) + beta.reshape(shape), axis=ax)
+    np.testing.assert_allclose(run(out, x, "y"), want, rtol=1e-5, atol=1e-6)
+    folded = kw.get("bias", True) and not kw.get("raw_output")
+    assert len(out.graph.node) == len(model.graph.node) + (0 if folded else 1)
+    if kw.get("raw_output"):  # the other reader of the logits sees them unchanged
+        np.testing.assert_allclose(run(out, x, "zi"), z, rtol=1e-6)
+    np.testing.assert_allclose(  # zero offsets change nothing
+        run(add_class_offset(model, head, np.zeros_like(beta), z.ndim), x, "y"), run(model, x, "y"), rtol=1e-6
+    )
+
+
+def test_heads_that_are_not_one_softmax_axis() -> None:
+    m = head_model(rank3=True, axis=1, opset=11)  # opset 11: softmax over the flattened [C·F] tail
+    head = softmax_head(m)
+    assert head is not None and head.class_axis(3) is None
+    with pytest.raises(ModelError, match="not one class axis"):
+        add_class_offset(m, head, np.zeros(3), 3)
+    sig = head_model()
+    sig.graph.node[-2].op_type = "Sigmoid"
+    del sig.graph.node[-2].attribute[:]
+    assert softmax_head(sig) is None
+
+
+# --------------------------------------------------------------------------------- inside compress
+
+
+def many_class_model(seed: int = 0, F: int = 16, H: int = 24, C: int = 300) -> onnx.ModelProto:
+    """``x → MatMul W1 → Relu → MatMul W2 → Add b → Softmax``: 300 classes, of which the data
+    (below) make the dense model predict only a handful — a recogniser with a large dictionary."""
+    rng = np.random.default_rng(seed)
+    W2 = 0.4 * rng.standard_normal((H, C))
+    W2[:, :6] *= 6.0
+    inits = [
+        numpy_helper.from_array((0.6 * rng.standard_normal((F, H))).astype(np.float32), "W1"),
+        numpy_helper.from_array(W2.astype(np.float32), "W2"),
+        numpy_helper.from_array(np.zeros(C, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["m"]),
+        helper.make_node("Add", ["m", "b2"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "many",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", F])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_compress_fits_offsets_and_auto_keeps_the_better_candidate(tmp_path: Path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(many_class_model(), src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    x = np.random.default_rng(3).standard_normal((200, 16)).astype(np.float32)
+    reports = {}
+    for mode in ("off", "on", "auto"):
+        out = tmp_path / f"{mode}.onnx"
+        reports[mode] = chita_onnx.compress(src, out, {"x": x}, CompressConfig(sparsity=0.8, class_offsets=mode))
+        onnx.checker.check_model(str(out))
+        run(onnx.load(str(out)), x[:4])  # loads and runs in stock onnxruntime
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest  # the input is never modified
+    stats = {k: r.solver["statistics"] for k, r in reports.items()}
+    assert "class offsets off" in stats["off"]
+    assert "class offsets on" in stats["on"]
+    # auto: chosen by the KL on held-out calibration samples, the lower of the two recorded scores
+    auto = stats["auto"]
+    assert "chosen by KL" in auto
+    scores = dict(part.rsplit(" ", 1) for part in auto.split("samples: ")[1].rstrip(")").split(", "))
+    on = float(scores["offsets"]) < float(scores["none"])
+    assert ("class offsets on" in auto) == on
+    # the offsets sit in the head's bias: no node was added
+    assert len(onnx.load(str(tmp_path / "on.onnx")).graph.node) == 5
+
+
+def test_class_offsets_is_not_applicable_without_a_softmax(tmp_path: Path) -> None:
+    m = many_class_model()
+    m.graph.node[-1].op_type = "Sigmoid"
+    del m.graph.node[-1].attribute[:]
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(3).standard_normal((60, 16)).astype(np.float32)
+    rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, CompressConfig(sparsity=0.5, class_offsets="on"))
+    assert "class offsets" not in rep.solver["statistics"] or "n/a" in rep.solver["statistics"]
