@@ -411,39 +411,32 @@ def _correct_statistics(
     if "on" in off_opts:
         assert head is not None
         if len(off_opts) == 1:
-            beta, rank = _fit_offsets(dense, chosen, head, fit, spill)
-            offsets = (head, beta, rank)
+            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+            beta = _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS)
+            offsets = (head, beta, rows.rank)
         else:
-            # decided on held-out samples: those of the statistics decision when there is one, else
-            # a split of the calibration data made here (the pass itself used all of it); the offsets
-            # compared there are fitted without them, the ones kept on all the fitting samples
+            # Decided on held-out samples: those of the statistics decision when there is one, else a
+            # fifth of the calibration samples picked here (the pass itself used all of them).  The
+            # offsets compared there are fitted without them; the ones kept continue that fit on all
+            # the fitting samples.  The pruned head's output is softmax(logits): the held-out KL of
+            # both candidates comes from one forward pass.
             own = decide is None
-            if own:
-                parts = _offset_split(prep, config)
-                if parts is None:
-                    fit_b: list[Arrays] = []
-                    dec_b: list[Arrays] = []
-                else:
-                    fit_b, dec_b = parts
-            else:
-                assert decide
-                fit_b, dec_b = fit, decide
-            if dec_b and fit_b:
-                dref = ref if ref is not None and not own else run_outputs(dense, dec_b, out)
-                dax = head.class_axis(dref.ndim)
-                beta, rank = _fit_offsets(dense, chosen, head, fit_b, spill)
+            rows = _head_rows(dense, chosen, head, fit, spill, DECISION_FRACTION if own else 0.0, config.seed)
+            held = rows if own else _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
+            fit_mask = ~rows.held
+            if held.held_samples and np.any(fit_mask):
+                Zh = held.Z[held.held]
+                beta0 = _fit_rows(rows.Z[fit_mask], rows.psum_fit, head, DECISION_ITERATIONS)
                 base_label = _label(best)
-                base_score = scores.get(base_label) if not own else None
-                if base_score is None:
-                    base_score = _divergence(dref, run_outputs(chosen, dec_b, out), dax)
-                    scores[base_label] = base_score
                 label = "offsets" if best == ("off", "off") else f"{base_label}+offsets"
-                trial = add_class_offset(chosen, head, beta, rank)
-                scores[label] = _divergence(dref, run_outputs(trial, dec_b, out), dax)
-                if scores[label] < base_score:
-                    offsets = (head, *_fit_offsets(dense, chosen, head, fit, spill)) if own else (head, beta, rank)
-                if own:
-                    n_dec = sum(next(iter(b.values())).shape[0] for b in dec_b)
+                scores[base_label] = _kl_rows(held.P_held, Zh, None)
+                scores[label] = _kl_rows(held.P_held, Zh, beta0)
+                n_dec = held.held_samples
+                if scores[label] < scores[base_label]:  # kept: the fit continues from there
+                    Zk, pk = (rows.Z, rows.psum_all) if own else (rows.Z[fit_mask], rows.psum_fit)
+                    offsets = (head, _fit_rows(Zk, pk, head, OFFSET_ITERATIONS, start=beta0), rows.rank)
+            else:
+                log.warning("too few calibration samples to decide the class offsets: leaving them off")
     corr = Correction(
         bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0,
         class_offsets=off_label if offsets is None else "on",
@@ -462,71 +455,127 @@ def _correct_statistics(
     return result, corr
 
 
-def _offset_split(prep: Prepared, config: CompressConfig) -> tuple[list[Arrays], list[Arrays]] | None:
-    """The calibration data split into fitting and held-out batches (:data:`DECISION_FRACTION`) for
-    an ``auto`` class-offset decision when no statistics decision holds samples out; None when there
-    are too few samples to decide."""
-    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
-    if not isinstance(whole, ArraySource) or whole.num_samples < 10:
-        log.warning("too few calibration samples to decide the class offsets: leaving them off")
-        return None
-    fit, held = split_holdout(whole, DECISION_FRACTION, seed=config.seed + 11)
-    size = layerwise_batch_size(prep.model, prep.specs, whole, config.batch_size)
-    return (
-        calibration_batches(fit, prep.specs, fit.num_samples, size),
-        calibration_batches(held, prep.specs, held.num_samples, size),
-    )
-
-
 #: Logit elements (rows × classes) the class-offset fit holds at most; above it rows are sampled.
 OFFSET_MAX_ELEMENTS = 2**27
+#: Iterations of the class-offset fit that an ``auto`` decision compares (the first few iterations
+#: take most of the gain), and of the fit that is kept.
+DECISION_ITERATIONS = 5
+OFFSET_ITERATIONS = 30
 
 
-def _fit_offsets(
+@dataclass
+class _HeadRows:
+    """A softmax head's predictions on calibration batches, one row per prediction (a sample, or a
+    sample and position): the pruned logits ``Z (R, C)``, which rows belong to held-out samples
+    ``held (R,)``, the dense probabilities of those rows ``P_held (H, C)``, and the sums of the dense
+    probabilities over the other rows ``psum_fit (C,)`` and over all ``psum_all (C,)``."""
+
+    Z: NDArray[np.float32]
+    held: NDArray[np.bool_]
+    P_held: NDArray[np.float32]
+    psum_fit: NDArray[np.float64]
+    psum_all: NDArray[np.float64]
+    rank: int
+    held_samples: int
+
+
+def _head_rows(
     dense: onnx.ModelProto,
     pruned: onnx.ModelProto,
     head: SoftmaxHead,
-    fit: Sequence[Arrays],
+    batches: Sequence[Arrays],
     spill: Mapping[str, object],
-) -> tuple[NDArray[np.float64], int]:
-    """The per-class offsets ``β (C,)`` of ``head`` fitted on the ``fit`` batches (see
-    :func:`~chita_onnx.solver.offsets.fit_class_offsets`) and the rank of its logits."""
-    rank = 0
-    pbar: NDArray[np.float64] | None = None
-    rows: list[NDArray[np.float32]] = []
-    probs_name = head.probs
-    r = SegmentRunner(dense, fit, **spill)  # type: ignore[arg-type]
-    r.advance(len(r.nodes), extra=[probs_name])
-    for v in r.values(probs_name):
-        a = np.asarray(v, np.float64)
-        rank = a.ndim
-        ax = head.class_axis(rank)
-        if ax is None:
-            raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{rank} input is not one class axis")
-        p = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax])
-        if head.op_type == "LogSoftmax":
-            p = np.exp(p)
-        pbar = p.sum(axis=0) if pbar is None else pbar + p.sum(axis=0)
-    r.close()
-    r = SegmentRunner(pruned, fit, **spill)  # type: ignore[arg-type]
-    r.advance(len(r.nodes), extra=[head.logits])
-    for v in r.values(head.logits):
-        a = np.asarray(v, np.float32)
+    held_fraction: float,
+    seed: int,
+) -> _HeadRows:
+    """Run the dense and the pruned model once over ``batches`` and collect :class:`_HeadRows`; a
+    seeded ``held_fraction`` of the samples is held out (0: none, 1: all; none below 10 samples).
+    Rows follow the samples along the output's first axis when it has one per sample, else whole
+    batches are held out together."""
+    sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
+    total = sum(sizes)
+    held_sample = np.zeros(total, dtype=bool)
+    if held_fraction >= 1.0:
+        held_sample[:] = True
+    elif held_fraction > 0 and total >= 10:
+        count = min(total - 1, max(1, round(held_fraction * total)))
+        held_sample[np.random.default_rng(seed + 11).permutation(total)[:count]] = True
+    starts = np.cumsum([0, *sizes])
+
+    def rows_of(v: NDArray[np.generic], k: int) -> tuple[NDArray[np.floating], NDArray[np.bool_], int]:
+        a = np.asarray(v)
         ax = head.class_axis(a.ndim)
-        assert ax is not None
-        rows.append(np.asarray(np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax]), np.float32))
-    r.close()
-    assert pbar is not None
-    Z = np.concatenate(rows)
+        if ax is None:
+            raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{a.ndim} input is not one class axis")
+        r = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax])
+        if ax != 0 and a.shape[0] == sizes[k]:  # sample-major rows
+            flags = np.repeat(held_sample[starts[k] : starts[k + 1]], r.shape[0] // max(sizes[k], 1))
+        else:
+            flags = np.full(r.shape[0], held_sample[starts[k]])
+        return r, flags, a.ndim
+
+    P_held: list[NDArray[np.float32]] = []
+    held: list[NDArray[np.bool_]] = []
+    psum_fit: NDArray[np.float64] | None = None
+    psum_all: NDArray[np.float64] | None = None
+    runner = SegmentRunner(dense, batches, **spill)  # type: ignore[arg-type]
+    runner.advance(len(runner.nodes), extra=[head.probs])
+    for k, v in enumerate(runner.values(head.probs)):
+        p, flags, _ = rows_of(v, k)
+        p = np.exp(np.asarray(p, np.float64)) if head.op_type == "LogSoftmax" else np.asarray(p, np.float64)
+        s_all, s_fit = p.sum(axis=0), p[~flags].sum(axis=0)
+        psum_all = s_all if psum_all is None else psum_all + s_all
+        psum_fit = s_fit if psum_fit is None else psum_fit + s_fit
+        P_held.append(p[flags].astype(np.float32))
+        held.append(flags)
+    runner.close()
+    Z: list[NDArray[np.float32]] = []
+    rank = 0
+    runner = SegmentRunner(pruned, batches, **spill)  # type: ignore[arg-type]
+    runner.advance(len(runner.nodes), extra=[head.logits])
+    for k, v in enumerate(runner.values(head.logits)):
+        z, _, rank = rows_of(v, k)
+        Z.append(np.asarray(z, np.float32))
+    runner.close()
+    assert psum_all is not None and psum_fit is not None
+    return _HeadRows(
+        np.concatenate(Z), np.concatenate(held), np.concatenate(P_held), psum_fit, psum_all, rank,
+        int(held_sample.sum()),
+    )  # fmt: skip
+
+
+def _fit_rows(
+    Z: NDArray[np.float32],
+    psum: NDArray[np.float64],
+    head: SoftmaxHead,
+    iterations: int,
+    start: NDArray[np.float64] | None = None,
+) -> NDArray[np.float64]:
+    """The class offsets ``β (C,)`` fitted to the pruned logits ``Z (R, C)`` and the dense
+    probabilities summed over the same rows ``psum (C,)`` in at most ``iterations`` (see
+    :func:`~chita_onnx.solver.offsets.fit_class_offsets`, from ``start``); rows beyond
+    :data:`OFFSET_MAX_ELEMENTS` logits are sampled."""
     if Z.size > OFFSET_MAX_ELEMENTS:
         keep = max(1, OFFSET_MAX_ELEMENTS // Z.shape[1])
         Z = Z[np.sort(np.random.default_rng(0).choice(Z.shape[0], keep, replace=False))]
-    res = fit_class_offsets(Z, pbar / pbar.sum())
+    res = fit_class_offsets(Z, psum / psum.sum(), max_iter=iterations, start=start)
     log.info(
         "class offsets of %r: F %.6g -> %.6g in %d iterations (|beta| max %.3g)",
         head.probs, res.before, res.after, res.iterations, float(np.max(np.abs(res.beta))),
     )  # fmt: skip
-    return res.beta, rank
+    return res.beta
+
+
+def _kl_rows(P: NDArray[np.float32], Z: NDArray[np.float32], beta: NDArray[np.float64] | None) -> float:
+    """Mean over rows of ``KL(P_r ‖ softmax(Z_r + β))`` (``P, Z (H, C)``)."""
+    total = 0.0
+    for r0 in range(0, Z.shape[0], 512):
+        z = np.asarray(Z[r0 : r0 + 512], np.float64) + (0.0 if beta is None else beta)
+        z -= z.max(axis=1, keepdims=True)
+        logq = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        p = np.asarray(P[r0 : r0 + 512], np.float64)
+        total += float(np.sum(p * (np.log(np.maximum(p, 1e-30)) - logq)))
+    return float(total) / max(int(Z.shape[0]), 1)
 
 
 def _label(key: tuple[str, str]) -> str:

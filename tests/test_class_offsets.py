@@ -253,3 +253,55 @@ def test_class_offsets_is_not_applicable_without_a_softmax(tmp_path: Path) -> No
     x = np.random.default_rng(3).standard_normal((60, 16)).astype(np.float32)
     rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, CompressConfig(sparsity=0.5, class_offsets="on"))
     assert "class offsets" not in rep.solver["statistics"] or "n/a" in rep.solver["statistics"]
+
+
+def test_a_warm_start_continues_the_fit() -> None:
+    """Five iterations, then more from there, reach at least what the same total from zero reaches;
+    from the optimum nothing moves."""
+    rng = np.random.default_rng(4)
+    Zd = 2.0 * rng.standard_normal((300, 60))
+    Zd[:, 0] += 4.0  # a dominant class (a CTC blank)
+    pbar = softmax(Zd).mean(axis=0)
+    Zp = Zd + rng.standard_normal(60) + 0.5 * rng.standard_normal((300, 60))
+    first = fit_class_offsets(Zp, pbar, max_iter=5)
+    more = fit_class_offsets(Zp, pbar, max_iter=30, start=first.beta)
+    assert more.before == pytest.approx(first.after)
+    assert more.after <= first.after
+    full = fit_class_offsets(Zp, pbar, max_iter=200, tol=1e-15)
+    again = fit_class_offsets(Zp, pbar, start=full.beta, tol=1e-15)
+    assert again.after == pytest.approx(full.after, rel=1e-7)
+    with pytest.raises(SolverError, match="start"):
+        fit_class_offsets(Zp, pbar, start=np.zeros(3))
+
+
+@pytest.mark.parametrize("rank3", [False, True])
+def test_held_out_kl_from_the_logits_equals_the_kl_of_the_offset_model(rank3: bool) -> None:
+    """The ``auto`` decision scores the candidates from one pass over the pruned logits; that must be
+    the KL the model with the offsets added (a second pass) has on the same samples."""
+    from chita_onnx.reconstruct import _divergence, _head_rows, _kl_rows
+    from chita_onnx.sequential import run_outputs
+
+    dense = head_model(rank3=rank3, axis=1 if rank3 else -1)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(dense)
+    w = numpy_helper.to_array(pruned.graph.initializer[0]).copy()
+    w[np.abs(w) < 0.6] = 0.0
+    pruned.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    rng = np.random.default_rng(6)
+    batches = [{"x": rng.standard_normal((5, 3, 5) if rank3 else (5, 5)).astype(np.float32)} for _ in range(3)]
+    head = softmax_head(pruned)
+    assert head is not None
+    rows = _head_rows(dense, pruned, head, batches, {}, 1.0, 0)
+    assert rows.held.all() and rows.held_samples == 15
+    beta = rng.standard_normal(7)
+    ref = run_outputs(dense, batches, "y")
+    axis = head.class_axis(ref.ndim)
+    got = _kl_rows(rows.P_held, rows.Z, beta)
+    want = _divergence(ref, run_outputs(add_class_offset(pruned, head, beta, rows.rank), batches, "y"), axis)
+    assert got == pytest.approx(want, rel=1e-4)
+    plain = _divergence(ref, run_outputs(pruned, batches, "y"), axis)
+    assert _kl_rows(rows.P_held, rows.Z, None) == pytest.approx(plain, rel=1e-4)
+    # a fifth of the samples held out: whole samples, the same rows as the flags say
+    part = _head_rows(dense, pruned, head, batches, {}, 0.2, 0)
+    assert part.held_samples == 3 and part.held.sum() == 3 * (3 if rank3 else 1)
+    np.testing.assert_allclose(part.psum_all, rows.psum_all, rtol=1e-6)

@@ -94,13 +94,15 @@ def fit_class_offsets(
     bound: float = OFFSET_BOUND,
     max_iter: int = 50,
     tol: float = 1e-9,
+    start: NDArray[np.floating] | None = None,
 ) -> OffsetFit:
     """Minimise ``F(β) = −p̄ᵀβ + mean_r logsumexp(z̃_r + β)`` over ``|β| ≤ bound`` (see the module doc).
 
     ``Z (R, C)``: the pruned model's logits, one row per prediction (sample, or sample and position of
     a sequence); ``pbar (C,)``: the dense model's class probabilities averaged over the same kind of
-    rows (a distribution: non-negative, summing to 1).  Starts from ``β = 0``; ``F`` never increases.
-    Stops when an iteration lowers ``F`` by at most ``tol·max(1, |F|)``, or after ``max_iter``.
+    rows (a distribution: non-negative, summing to 1).  Starts from ``start`` (default ``β = 0``;
+    clipped to the box); ``F`` never increases.  Stops when an iteration lowers ``F`` by at most
+    ``tol·max(1, |F|)``, or after ``max_iter``.  ``before`` is ``F`` at the start.
     """
     Z = np.asarray(Z)
     p = np.asarray(pbar, np.float64)
@@ -115,7 +117,9 @@ def fit_class_offsets(
     p = p / p.sum()
     C = Z.shape[1]
     log_p = np.log(np.maximum(p, 1e-300))
-    beta = np.zeros(C)
+    beta = np.zeros(C) if start is None else np.clip(np.asarray(start, np.float64).reshape(-1), -bound, bound)
+    if beta.shape != (C,) or not np.all(np.isfinite(beta)):
+        raise SolverError(f"start must be {C} finite offsets")
     _, q0, _ = _evaluate(Z, p, beta, np.zeros(0, np.int64))
     weight = np.maximum(p, q0)
     big = np.flatnonzero(weight > BIG_CLASS)
