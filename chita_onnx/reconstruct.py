@@ -421,8 +421,13 @@ def _correct_statistics(
             # the fitting samples.  The pruned head's output is softmax(logits): the held-out KL of
             # both candidates comes from one forward pass.
             own = decide is None
-            rows = _head_rows(dense, chosen, head, fit, spill, DECISION_FRACTION if own else 0.0, config.seed)
-            held = rows if own else _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
+            if own:  # at most DECISION_SAMPLES samples decide: a large gain shows on few, a small one is small
+                sub = _decision_batches(prep, config)
+                rows = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
+                held = rows
+            else:
+                rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+                held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
             fit_mask = ~rows.held
             if held.held_samples and np.any(fit_mask):
                 Zh = held.Z[held.held]
@@ -432,8 +437,10 @@ def _correct_statistics(
                 scores[base_label] = _kl_rows(held.P_held, Zh, None)
                 scores[label] = _kl_rows(held.P_held, Zh, beta0)
                 n_dec = held.held_samples
-                if scores[label] < scores[base_label]:  # kept: the fit continues from there
-                    Zk, pk = (rows.Z, rows.psum_all) if own else (rows.Z[fit_mask], rows.psum_fit)
+                if scores[label] < scores[base_label]:  # kept: fitted on all the fitting samples from there
+                    if own:
+                        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+                    Zk, pk = rows.Z[~rows.held], rows.psum_fit
                     offsets = (head, _fit_rows(Zk, pk, head, OFFSET_ITERATIONS, start=beta0), rows.rank)
             else:
                 log.warning("too few calibration samples to decide the class offsets: leaving them off")
@@ -461,6 +468,21 @@ OFFSET_MAX_ELEMENTS = 2**27
 #: take most of the gain), and of the fit that is kept.
 DECISION_ITERATIONS = 5
 OFFSET_ITERATIONS = 30
+
+
+#: Calibration samples (at most) on which an ``auto`` class-offset decision is made when no statistics
+#: decision holds samples out; a fifth of them are held out.
+DECISION_SAMPLES = 64
+
+
+def _decision_batches(prep: Prepared, config: CompressConfig) -> list[Arrays]:
+    """A seeded subset of at most :data:`DECISION_SAMPLES` calibration samples, as batches."""
+    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
+    n = whole.num_samples
+    pick = np.sort(np.random.default_rng(config.seed + 13).permutation(n)[: min(n, DECISION_SAMPLES)])
+    sub = whole.take(pick)
+    size = layerwise_batch_size(prep.model, prep.specs, sub, config.batch_size)
+    return calibration_batches(sub, prep.specs, sub.num_samples, size)
 
 
 @dataclass
