@@ -39,6 +39,8 @@ class SoftmaxHead:
     output: str
     axis: int
     opset: int
+    #: The output is the softmax's own values (through ``Identity`` only), not a reshaped view of them.
+    direct: bool = True
 
     def class_axis(self, rank: int) -> int | None:
         """The axis of the classes for a logits tensor of ``rank`` dimensions, or None when the softmax
@@ -55,23 +57,30 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+#: Nodes between a softmax and the model output that only move its values (looked through).
+_VIEWS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
 def softmax_head(model: onnx.ModelProto, output: str | None = None) -> SoftmaxHead | None:
     """The softmax that produces graph output ``output`` (default: the first output), looking through
-    ``Identity`` nodes; None when that output is not a softmax's."""
+    nodes that only move values (``Identity``, ``Transpose``, ``Reshape``, ``Squeeze``,
+    ``Unsqueeze``, ``Flatten``); None when that output is not a softmax's."""
     g = model.graph
     if not g.output:
         return None
     name = output or g.output[0].name
     producer = {o: n for n in g.node for o in n.output}
     node = producer.get(name)
-    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+    direct = True
+    while node is not None and node.op_type in _VIEWS and node.domain in ("", "ai.onnx"):
+        direct = direct and node.op_type == "Identity"
         node = producer.get(node.input[0])
     if node is None or node.op_type not in _SOFTMAX or node.domain not in ("", "ai.onnx"):
         return None
     opset = _opset(model)
     axes = [helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"]
     axis = int(axes[0]) if axes else (-1 if opset >= 13 else 1)
-    return SoftmaxHead(node.op_type, node.input[0], node.output[0], name, axis, opset)
+    return SoftmaxHead(node.op_type, node.input[0], node.output[0], name, axis, opset, direct)
 
 
 def offset_shape(classes: int, rank: int, axis: int) -> tuple[int, ...]:

@@ -399,7 +399,7 @@ def _correct_statistics(
     if len(candidates) > 1:
         assert decide
         ref = run_outputs(dense, decide, out)
-        axis = None if head is None else head.class_axis(ref.ndim)
+        axis = None if head is None or not head.direct else head.class_axis(ref.ndim)
         for key, m in candidates.items():
             scores[_label(key)] = _divergence(ref, run_outputs(m, decide, out), axis)
         best = min(candidates, key=lambda k: (scores[_label(k)], (k[0] == "on") + (k[1] == "on")))

@@ -86,7 +86,7 @@ def test_bad_input_is_refused(Z: np.ndarray, p: np.ndarray) -> None:
 
 def head_model(
     *, bias: bool = True, identity: bool = True, raw_output: bool = False, opset: int = 13, rank3: bool = False,
-    axis: int = -1, ir: int = 8, seed: int = 0,
+    axis: int = -1, ir: int = 8, seed: int = 0, view: bool = False,
 ) -> onnx.ModelProto:  # fmt: skip
     """``x [N,F] (or [N,T,F]) → MatMul W → (Add b) → (Identity) → Softmax(axis)``; ``raw_output`` also
     returns the logits (so the Add may not be changed)."""
@@ -108,7 +108,10 @@ def head_model(
         nodes.append(helper.make_node("Identity", [last], ["zi"]))
         last = "zi"
     nodes.append(helper.make_node("Softmax", [last], ["probs"], axis=axis))
-    nodes.append(helper.make_node("Identity", ["probs"], ["y"]))
+    if view:  # the output is a transposed view of the probabilities
+        nodes.append(helper.make_node("Transpose", ["probs"], ["y"], perm=[1, 0]))
+    else:
+        nodes.append(helper.make_node("Identity", ["probs"], ["y"]))
     dims = ["N", "a", "b"] if rank3 else ["N", "a"]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)]
     if raw_output:
@@ -145,6 +148,7 @@ def logits_of(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
         {"identity": False, "opset": 11, "axis": 1},  # opset 11, axis = last
         {"rank3": True, "axis": 1},  # classes on axis 1 of [N, C, ...]: offsets shaped (C, 1)
         {"ir": 3, "opset": 9, "axis": 1, "bias": False},  # IR 3: the new initializer is a graph input too
+        {"view": True},  # Softmax → Transpose → output
     ],
 )
 def test_add_class_offset_shifts_exactly_the_logits(kw: dict[str, object]) -> None:
@@ -164,6 +168,9 @@ def test_add_class_offset_shifts_exactly_the_logits(kw: dict[str, object]) -> No
     shape = [1] * z.ndim
     shape[ax] = -1
     want = softmax(z.astype(np.float64) + beta.reshape(shape), axis=ax)
+    assert head.direct != bool(kw.get("view"))
+    if kw.get("view"):
+        want = want.T
     np.testing.assert_allclose(run(out, x, "y"), want, rtol=1e-5, atol=1e-6)
     folded = kw.get("bias", True) and not kw.get("raw_output")
     assert len(out.graph.node) == len(model.graph.node) + (0 if folded else 1)
