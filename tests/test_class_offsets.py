@@ -312,3 +312,23 @@ def test_held_out_kl_from_the_logits_equals_the_kl_of_the_offset_model(rank3: bo
     part = _head_rows(dense, pruned, head, batches, {}, 0.2, 0)
     assert part.held_samples == 3 and part.held.sum() == 3 * (3 if rank3 else 1)
     np.testing.assert_allclose(part.psum_all, rows.psum_all, rtol=1e-6)
+
+
+def test_log_softmax_head_gets_offsets_from_its_probabilities(tmp_path: Path) -> None:
+    """A LogSoftmax head: the dense probabilities are exp(output); with the offsets forced on, the
+    written model's output is log_softmax(pruned logits + β) with the β that matches the mean class
+    probabilities of the dense model on the calibration data."""
+    m = many_class_model(C=40)
+    m.graph.node[-1].op_type = "LogSoftmax"
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(8).standard_normal((120, 16)).astype(np.float32)
+    out = tmp_path / "o.onnx"
+    cfg = CompressConfig(sparsity=0.7, class_offsets="on")
+    rep = chita_onnx.compress(src, out, {"x": x}, cfg, eval_data={"x": x[:8]})  # all of x calibrates
+    assert "class offsets on" in rep.solver["statistics"]
+    dense = np.exp(run(m, x).astype(np.float64))
+    pruned = np.exp(run(onnx.load(str(out)), x).astype(np.float64))
+    np.testing.assert_allclose(pruned.sum(axis=1), 1.0, atol=1e-5)
+    # the fit's optimality condition, on the calibration data: mean probabilities match
+    np.testing.assert_allclose(pruned.mean(axis=0), dense.mean(axis=0), atol=2e-3)
