@@ -18,10 +18,12 @@ from chita_onnx.reconstruct import needs_decision
 
 def test_distill_turns_the_automatic_statistics_correction_off() -> None:
     cfg = CompressConfig(sparsity=0.95, distill=True)
-    assert (cfg.bn_recalibrate, cfg.bias_correction) == ("off", "off")
+    assert (cfg.bn_recalibrate, cfg.bias_correction, cfg.class_offsets) == ("off", "off", "off")
     assert not needs_decision(cfg)
-    forced = CompressConfig(sparsity=0.95, distill=True, bias_correction="on", bn_recalibrate="on")
-    assert (forced.bn_recalibrate, forced.bias_correction) == ("on", "on")
+    forced = CompressConfig(
+        sparsity=0.95, distill=True, bias_correction="on", bn_recalibrate="on", class_offsets="on"
+    )
+    assert (forced.bn_recalibrate, forced.bias_correction, forced.class_offsets) == ("on", "on", "on")
     assert needs_decision(CompressConfig(sparsity=0.95, method="chita++"))  # unchanged without --distill
     assert cfg.with_(stages=3) == CompressConfig(sparsity=0.95, distill=True, stages=3)  # idempotent
 
