@@ -513,7 +513,8 @@ def _head_rows(
     """Run the dense and the pruned model once over ``batches`` and collect :class:`_HeadRows`; a
     seeded ``held_fraction`` of the samples is held out (0: none, 1: all; none below 10 samples).
     Rows follow the samples along the output's first axis when it has one per sample, else whole
-    batches are held out together."""
+    batches are held out together.  Beyond :data:`OFFSET_MAX_ELEMENTS` logits a seeded share of the
+    rows is kept (the same rows of both models); the probability sums cover every row."""
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
     total = sum(sizes)
     held_sample = np.zeros(total, dtype=bool)
@@ -538,6 +539,9 @@ def _head_rows(
 
     P_held: list[NDArray[np.float32]] = []
     held: list[NDArray[np.bool_]] = []
+    kept: list[NDArray[np.bool_]] = []
+    share = 1.0
+    rng = np.random.default_rng(seed + 17)
     psum_fit: NDArray[np.float64] | None = None
     psum_all: NDArray[np.float64] | None = None
     runner = SegmentRunner(dense, batches, **spill)  # type: ignore[arg-type]
@@ -548,8 +552,13 @@ def _head_rows(
         s_all, s_fit = p.sum(axis=0), p[~flags].sum(axis=0)
         psum_all = s_all if psum_all is None else psum_all + s_all
         psum_fit = s_fit if psum_fit is None else psum_fit + s_fit
-        P_held.append(p[flags].astype(np.float32))
-        held.append(flags)
+        if k == 0:  # the expected logits of all batches, from the first one's rows per sample
+            expected = p.shape[0] / max(sizes[0], 1) * total * p.shape[1]
+            share = min(1.0, OFFSET_MAX_ELEMENTS / max(expected, 1.0))
+        keep = np.asarray(rng.random(p.shape[0]) < share, dtype=bool)  # all rows when share = 1
+        kept.append(keep)
+        P_held.append(p[flags & keep].astype(np.float32))
+        held.append(flags[keep])
     runner.close()
     Z: list[NDArray[np.float32]] = []
     rank = 0
@@ -557,7 +566,7 @@ def _head_rows(
     runner.advance(len(runner.nodes), extra=[head.logits])
     for k, v in enumerate(runner.values(head.logits)):
         z, _, rank = rows_of(v, k)
-        Z.append(np.asarray(z, np.float32))
+        Z.append(np.asarray(z[kept[k]], np.float32))
     runner.close()
     assert psum_all is not None and psum_fit is not None
     return _HeadRows(

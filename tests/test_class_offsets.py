@@ -332,3 +332,27 @@ def test_log_softmax_head_gets_offsets_from_its_probabilities(tmp_path: Path) ->
     np.testing.assert_allclose(pruned.sum(axis=1), 1.0, atol=1e-5)
     # the fit's optimality condition, on the calibration data: mean probabilities match
     np.testing.assert_allclose(pruned.mean(axis=0), dense.mean(axis=0), atol=2e-3)
+
+
+def test_head_rows_keep_a_share_of_the_rows_beyond_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above OFFSET_MAX_ELEMENTS logits only a seeded share of the rows is kept, the same rows of
+    both models (the held-out KL then still matches the rewritten model on those rows), while the
+    probability sums still cover every row."""
+    import chita_onnx.reconstruct as rc
+
+    dense = head_model(rank3=True, axis=1)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(dense)
+    rng = np.random.default_rng(9)
+    batches = [{"x": rng.standard_normal((10, 3, 5)).astype(np.float32)} for _ in range(4)]
+    head = softmax_head(pruned)
+    assert head is not None
+    full = rc._head_rows(dense, pruned, head, batches, {}, 1.0, 0)
+    assert full.Z.shape == (120, 7)
+    monkeypatch.setattr(rc, "OFFSET_MAX_ELEMENTS", 7 * 40)
+    part = rc._head_rows(dense, pruned, head, batches, {}, 1.0, 0)
+    assert 10 < part.Z.shape[0] < 80 and part.P_held.shape == part.Z.shape
+    np.testing.assert_allclose(part.psum_all, full.psum_all, rtol=1e-6)
+    # every kept row is one of the full rows, paired with its own probabilities
+    idx = [int(np.flatnonzero(np.all(z == full.Z, axis=1))[0]) for z in part.Z]
+    np.testing.assert_array_equal(part.P_held, full.P_held[idx])
