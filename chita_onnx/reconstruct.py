@@ -344,7 +344,9 @@ def correct_statistics(
     try:
         return _correct_statistics(prep, config, w, decide, output, t0)
     except Exception as exc:  # auto mode falls back to no correction, explicitly reported
-        if "on" in (config.bn_recalibrate, config.bias_correction) or isinstance(exc, MemoryError):
+        if "on" in (config.bn_recalibrate, config.bias_correction, config.class_offsets) or isinstance(
+            exc, MemoryError
+        ):
             raise
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.warning("statistics correction skipped (auto): %s", why)
@@ -408,42 +410,15 @@ def _correct_statistics(
     chosen = candidates[best]
     offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
-    if "on" in off_opts:
-        assert head is not None
-        if len(off_opts) == 1:
-            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-            beta = _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS)
-            offsets = (head, beta, rows.rank)
-        else:
-            # Decided on held-out samples: those of the statistics decision when there is one, else a
-            # fifth of the calibration samples picked here (the pass itself used all of them).  The
-            # offsets compared there are fitted without them; the ones kept continue that fit on all
-            # the fitting samples.  The pruned head's output is softmax(logits): the held-out KL of
-            # both candidates comes from one forward pass.
-            own = decide is None
-            if own:  # at most DECISION_SAMPLES samples decide: a large gain shows on few, a small one is small
-                sub = _decision_batches(prep, config)
-                rows = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
-                held = rows
-            else:
-                rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-                held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
-            fit_mask = ~rows.held
-            if held.held_samples and np.any(fit_mask):
-                Zh = held.Z[held.held]
-                beta0 = _fit_rows(rows.Z[fit_mask], rows.psum_fit, head, DECISION_ITERATIONS)
-                base_label = _label(best)
-                label = "offsets" if best == ("off", "off") else f"{base_label}+offsets"
-                scores[base_label] = _kl_rows(held.P_held, Zh, None)
-                scores[label] = _kl_rows(held.P_held, Zh, beta0)
-                n_dec = held.held_samples
-                if scores[label] < scores[base_label]:  # kept: fitted on all the fitting samples from there
-                    if own:
-                        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-                    Zk, pk = rows.Z[~rows.held], rows.psum_fit
-                    offsets = (head, _fit_rows(Zk, pk, head, OFFSET_ITERATIONS, start=beta0), rows.rank)
-            else:
-                log.warning("too few calibration samples to decide the class offsets: leaving them off")
+    try:
+        offsets, n_dec = _class_offsets(
+            dense, chosen, head, best, off_opts, prep, config, fit, decide, spill, scores, n_dec
+        )
+    except ModelError as exc:  # a softmax the offsets cannot follow: they are left off, the rest stays
+        if config.class_offsets == "on":
+            raise
+        log.warning("class offsets skipped: %s", exc)
+        off_label = "n/a"
     corr = Correction(
         bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0,
         class_offsets=off_label if offsets is None else "on",
@@ -460,6 +435,63 @@ def _correct_statistics(
         result = add_class_offset(result, target, offsets[1], offsets[2])
     corr = replace(corr, seconds=time.perf_counter() - t0)
     return result, corr
+
+
+def _class_offsets(
+    dense: onnx.ModelProto,
+    chosen: onnx.ModelProto,
+    head: SoftmaxHead | None,
+    best: tuple[str, str],
+    off_opts: Sequence[str],
+    prep: Prepared,
+    config: CompressConfig,
+    fit: Sequence[Arrays],
+    decide: Sequence[Arrays] | None,
+    spill: Mapping[str, object],
+    scores: dict[str, float],
+    n_dec: int,
+) -> tuple[tuple[SoftmaxHead, NDArray[np.float64], int] | None, int]:
+    """The class offsets to add to ``chosen`` (the head, ``β``, the logits' rank) or None, and the
+    held-out samples that decided; ``scores`` gets the decision's KLs."""
+    offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
+    if "on" not in off_opts:
+        return None, n_dec
+    assert head is not None
+    if len(off_opts) == 1:
+        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+        beta = _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS)
+        offsets = (head, beta, rows.rank)
+    else:
+        # Decided on held-out samples: those of the statistics decision when there is one, else a
+        # fifth of the calibration samples picked here (the pass itself used all of them).  The
+        # offsets compared there are fitted without them; the ones kept continue that fit on all
+        # the fitting samples.  The pruned head's output is softmax(logits): the held-out KL of
+        # both candidates comes from one forward pass.
+        own = decide is None
+        if own:  # at most DECISION_SAMPLES samples decide: a large gain shows on few, a small one is small
+            sub = _decision_batches(prep, config)
+            rows = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
+            held = rows
+        else:
+            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+            held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
+        fit_mask = ~rows.held
+        if np.any(held.held) and np.any(fit_mask):
+            Zh = held.Z[held.held]
+            beta0 = _fit_rows(rows.Z[fit_mask], rows.psum_fit, head, DECISION_ITERATIONS)
+            base_label = _label(best)
+            label = "offsets" if best == ("off", "off") else f"{base_label}+offsets"
+            scores[base_label] = _kl_rows(held.P_held, Zh, None)
+            scores[label] = _kl_rows(held.P_held, Zh, beta0)
+            n_dec = held.held_samples
+            if scores[label] < scores[base_label]:  # kept: fitted on all the fitting samples from there
+                if own:
+                    rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+                Zk, pk = rows.Z[~rows.held], rows.psum_fit
+                offsets = (head, _fit_rows(Zk, pk, head, OFFSET_ITERATIONS, start=beta0), rows.rank)
+        else:
+            log.warning("too few calibration samples to decide the class offsets: leaving them off")
+    return offsets, n_dec
 
 
 #: Logit elements (rows × classes) the class-offset fit holds at most; above it rows are sampled.
@@ -512,9 +544,10 @@ def _head_rows(
 ) -> _HeadRows:
     """Run the dense and the pruned model once over ``batches`` and collect :class:`_HeadRows`; a
     seeded ``held_fraction`` of the samples is held out (0: none, 1: all; none below 10 samples).
-    Rows follow the samples along the output's first axis when it has one per sample, else whole
-    batches are held out together.  Beyond :data:`OFFSET_MAX_ELEMENTS` logits a seeded share of the
-    rows is kept (the same rows of both models); the probability sums cover every row."""
+    Rows follow the samples along the first axis of the output as long as the batch (``[N, T, C]``
+    or ``[T, N, C]``), else whole batches are held out together.  Beyond
+    :data:`OFFSET_MAX_ELEMENTS` logits a seeded share of the rows is kept (the same rows of both
+    models); the probability sums cover every row."""
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
     total = sum(sizes)
     held_sample = np.zeros(total, dtype=bool)
@@ -531,10 +564,14 @@ def _head_rows(
         if ax is None:
             raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{a.ndim} input is not one class axis")
         r = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax])
-        if ax != 0 and a.shape[0] == sizes[k]:  # sample-major rows
-            flags = np.repeat(held_sample[starts[k] : starts[k + 1]], r.shape[0] // max(sizes[k], 1))
-        else:
+        # the samples' axis: the first other axis as long as the batch ([N, T, C] or CTC's [T, N, C])
+        bax = next((i for i in range(a.ndim) if i != ax and a.shape[i] == sizes[k]), None)
+        if bax is None:
             flags = np.full(r.shape[0], held_sample[starts[k]])
+        else:
+            sid = np.arange(sizes[k]).reshape([sizes[k] if i == bax else 1 for i in range(a.ndim)])
+            sid = np.moveaxis(np.broadcast_to(sid, a.shape), ax, -1)[..., 0].reshape(-1)
+            flags = held_sample[starts[k] + sid]
         return r, flags, a.ndim
 
     P_held: list[NDArray[np.float32]] = []

@@ -356,3 +356,60 @@ def test_head_rows_keep_a_share_of_the_rows_beyond_the_cap(monkeypatch: pytest.M
     # every kept row is one of the full rows, paired with its own probabilities
     idx = [int(np.flatnonzero(np.all(z == full.Z, axis=1))[0]) for z in part.Z]
     np.testing.assert_array_equal(part.P_held, full.P_held[idx])
+
+
+def ctc_model(seed: int = 0, F: int = 5, C: int = 7, T: int = 3) -> onnx.ModelProto:
+    """``x [N, T, F] → MatMul W → Add b → Transpose → [T, N, C] → LogSoftmax(axis=2)``: the CTC
+    layout PyTorch recognisers export (time first)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["z"]),
+        helper.make_node("Transpose", ["z"], ["zt"], perm=[1, 0, 2]),
+        helper.make_node("LogSoftmax", ["zt"], ["y"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ctc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, F])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [T, "N", C])],
+        [
+            numpy_helper.from_array((2 * rng.standard_normal((F, C))).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b"),
+        ],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_time_first_outputs_hold_out_whole_samples() -> None:
+    """``[T, N, C]``: the held-out rows are all the time steps of the held-out samples."""
+    from chita_onnx.reconstruct import _head_rows
+
+    m = ctc_model()
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((20, 3, 5)).astype(np.float32)
+    head = softmax_head(m)
+    assert head is not None
+    rows = _head_rows(m, m, head, [{"x": x[:10]}, {"x": x[10:]}], {}, 0.2, 0)
+    assert rows.held_samples == 4 and int(rows.held.sum()) == 4 * 3
+    dense = np.exp(run(m, x).astype(np.float64))  # [T, N, C]
+    per_sample = [dense[:, s, :] for s in range(20)]
+    found = {s for p in rows.P_held for s in range(20) if np.any(np.all(np.isclose(per_sample[s], p), axis=1))}
+    assert len(found) == 4  # four whole samples, three rows each
+
+
+def test_an_offset_the_graph_cannot_take_leaves_the_other_corrections(tmp_path: Path) -> None:
+    """Opset 11 Softmax over axis 1 of a rank-3 tensor (over the flattened tail, not one class axis):
+    `auto` leaves them out (n/a) and keeps the bias correction; `on` refuses."""
+    m = head_model(rank3=True, axis=1, opset=11)
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(2).standard_normal((40, 3, 5)).astype(np.float32)
+    rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, CompressConfig(sparsity=0.5, bias_correction="on"))
+    assert "class offsets" not in rep.solver["statistics"]  # n/a: not listed
+    assert "bias correction on" in rep.solver["statistics"]
+    with pytest.raises(ModelError, match="not one class axis"):
+        chita_onnx.compress(src, tmp_path / "o2.onnx", {"x": x}, CompressConfig(sparsity=0.5, class_offsets="on"))
+    assert not (tmp_path / "o2.onnx").exists()
