@@ -413,3 +413,23 @@ def test_an_offset_the_graph_cannot_take_leaves_the_other_corrections(tmp_path: 
     with pytest.raises(ModelError, match="not one class axis"):
         chita_onnx.compress(src, tmp_path / "o2.onnx", {"x": x}, CompressConfig(sparsity=0.5, class_offsets="on"))
     assert not (tmp_path / "o2.onnx").exists()
+
+
+def test_offsets_reach_a_model_whose_bias_is_a_constant_node(tmp_path: Path) -> None:
+    """paddle2onnx writes weights as Constant nodes; the written model (in the input's own format)
+    gets the offsets by a new Add in front of the softmax, and still runs."""
+    m = many_class_model()
+    b2 = next(t for t in m.graph.initializer if t.name == "b2")
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["b2"], value=b2))
+    m.graph.initializer.remove(b2)
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(3).standard_normal((200, 16)).astype(np.float32)
+    out = tmp_path / "o.onnx"
+    rep = chita_onnx.compress(src, out, {"x": x}, CompressConfig(sparsity=0.8, class_offsets="on"))
+    assert "class offsets on" in rep.solver["statistics"]
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written)
+    assert [n.op_type for n in written.graph.node].count("Add") == 2  # the bias Add and the offsets' Add
+    y = run(written, x[:16])
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
