@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
 from .errors import ModelError
+from .graph import opset_version
 
 _SOFTMAX = ("Softmax", "LogSoftmax")
 
@@ -53,10 +54,6 @@ class SoftmaxHead:
         return a
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 #: Nodes between a softmax and the model output that only move its values (looked through).
 _VIEWS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
@@ -77,7 +74,7 @@ def softmax_head(model: onnx.ModelProto, output: str | None = None) -> SoftmaxHe
         node = producer.get(node.input[0])
     if node is None or node.op_type not in _SOFTMAX or node.domain not in ("", "ai.onnx"):
         return None
-    opset = _opset(model)
+    opset = opset_version(model)
     axes = [helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"]
     axis = int(axes[0]) if axes else (-1 if opset >= 13 else 1)
     return SoftmaxHead(node.op_type, node.input[0], node.output[0], name, axis, opset, direct)

@@ -83,11 +83,14 @@ def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
     return inline_fixed_ifs(working_copy(prep.model), batches)
 
 
-def batches_of(prep: Prepared, config: CompressConfig) -> list[Arrays]:
-    """The calibration batches of the layer-wise passes, sized so that one batch's activations stay
-    within :data:`~chita_onnx.activations.BATCH_ACTIVATION_BYTES` (see :func:`layerwise_batch_size`)."""
-    size = layerwise_batch_size(prep.model, prep.specs, prep.calib, config.batch_size)
-    return calibration_batches(prep.calib, prep.specs, config.num_samples, size)
+def batches_of(prep: Prepared, config: CompressConfig, source: ArraySource | None = None) -> list[Arrays]:
+    """The calibration batches of the layer-wise passes (of ``source``, all its samples, when given),
+    sized so that one batch's activations stay within
+    :data:`~chita_onnx.activations.BATCH_ACTIVATION_BYTES` (see :func:`layerwise_batch_size`)."""
+    data = prep.calib if source is None else source
+    size = layerwise_batch_size(prep.model, prep.specs, data, config.batch_size)
+    n = config.num_samples if source is None else source.num_samples
+    return calibration_batches(data, prep.specs, n, size)
 
 
 # ---------------------------------------------------------------------------------------- allocation
@@ -288,9 +291,7 @@ def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, li
         log.warning("too few calibration samples to decide the statistics correction: leaving it off")
         return prep, []
     fit, decide = split_holdout(whole, DECISION_FRACTION, seed=config.seed + 7)
-    size = layerwise_batch_size(prep.model, prep.specs, decide, config.batch_size)
-    batches = calibration_batches(decide, prep.specs, decide.num_samples, size)
-    return replace(prep, calib=fit), batches
+    return replace(prep, calib=fit), batches_of(prep, config, decide)
 
 
 def _divergence(dense: NDArray[np.float64], pruned: NDArray[np.float64], axis: int | None = None) -> float:
@@ -408,23 +409,23 @@ def _correct_statistics(
     else:
         best = next(iter(candidates))
     chosen = candidates[best]
-    offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
-    try:
-        offsets, n_dec = _class_offsets(
-            dense, chosen, head, best, off_opts, prep, config, fit, decide, spill, scores, n_dec
-        )
-    except ModelError as exc:  # a softmax the offsets cannot follow: they are left off, the rest stays
-        if config.class_offsets == "on":
-            raise
-        log.warning("class offsets skipped: %s", exc)
-        off_label = "n/a"
-    corr = Correction(
-        bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0,
-        class_offsets=off_label if offsets is None else "on",
-    )  # fmt: skip
+    offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
+    if head is not None and "on" in off_opts:
+        try:
+            offsets, held = _class_offsets(
+                dense, chosen, head, _label(best), len(off_opts) > 1, prep, config, fit, decide, spill, scores
+            )
+            n_dec = held or n_dec
+        except ModelError as exc:  # a softmax the offsets cannot follow: they are left off, the rest stays
+            if config.class_offsets == "on":
+                raise
+            log.warning("class offsets skipped: %s", exc)
+            off_label = "n/a"
     if best == ("off", "off") and offsets is None:
-        return None, corr
+        return None, Correction(
+            bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0, class_offsets=off_label
+        )
     result = prep.model
     if best != ("off", "off"):
         result = _transplant(prep.model, chosen, pruned, names, weights, bias=best[1] == "on")
@@ -433,68 +434,63 @@ def _correct_statistics(
         if target is None:
             raise ModelError(f"output {out!r} of the input model is not a softmax's: cannot add class offsets")
         result = add_class_offset(result, target, offsets[1], offsets[2])
-    corr = replace(corr, seconds=time.perf_counter() - t0)
+    corr = Correction(
+        bn_label or best[0], best[1], scores, n_dec, time.perf_counter() - t0,
+        class_offsets=off_label if offsets is None else "on",
+    )  # fmt: skip
     return result, corr
 
 
 def _class_offsets(
     dense: onnx.ModelProto,
     chosen: onnx.ModelProto,
-    head: SoftmaxHead | None,
-    best: tuple[str, str],
-    off_opts: Sequence[str],
+    head: SoftmaxHead,
+    base_label: str,
+    decide_auto: bool,
     prep: Prepared,
     config: CompressConfig,
     fit: Sequence[Arrays],
     decide: Sequence[Arrays] | None,
     spill: Mapping[str, object],
     scores: dict[str, float],
-    n_dec: int,
 ) -> tuple[tuple[SoftmaxHead, NDArray[np.float64], int] | None, int]:
-    """The class offsets to add to ``chosen`` (the head, ``β``, the logits' rank) or None, and the
-    held-out samples that decided; ``scores`` gets the decision's KLs."""
-    offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
-    if "on" not in off_opts:
-        return None, n_dec
-    assert head is not None
-    if len(off_opts) == 1:
+    """The class offsets to add to ``chosen`` (the head, ``β``, the logits' rank) or None, and how
+    many held-out samples decided (0: no decision).  ``decide_auto``: decide on held-out samples
+    (``scores`` gets both KLs) rather than always fit them.
+
+    Decided on held-out samples: those of the statistics decision when there is one, else a fifth of
+    at most :data:`DECISION_SAMPLES` calibration samples picked here (the pass itself used all of
+    them: a large gain shows on few samples, a small one is small).  The offsets compared there are
+    fitted without them; the ones kept continue that fit on all the fitting samples.  The pruned
+    head's output is softmax(logits), so both candidates' held-out KL comes from one forward pass."""
+    if not decide_auto:
         rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-        beta = _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS)
-        offsets = (head, beta, rows.rank)
+        return (head, _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS), rows.rank), 0
+    own = decide is None
+    if own:
+        sub = _decision_batches(prep, config)
+        rows = held = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
     else:
-        # Decided on held-out samples: those of the statistics decision when there is one, else a
-        # fifth of the calibration samples picked here (the pass itself used all of them).  The
-        # offsets compared there are fitted without them; the ones kept continue that fit on all
-        # the fitting samples.  The pruned head's output is softmax(logits): the held-out KL of
-        # both candidates comes from one forward pass.
-        own = decide is None
-        if own:  # at most DECISION_SAMPLES samples decide: a large gain shows on few, a small one is small
-            sub = _decision_batches(prep, config)
-            rows = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
-            held = rows
-        else:
-            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-            held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
-        fit_mask = ~rows.held
-        if np.any(held.held) and np.any(fit_mask):
-            Zh = held.Z[held.held]
-            beta0 = _fit_rows(rows.Z[fit_mask], rows.psum_fit, head, DECISION_ITERATIONS)
-            base_label = _label(best)
-            label = "offsets" if best == ("off", "off") else f"{base_label}+offsets"
-            scores[base_label] = _kl_rows(held.P_held, Zh, None)
-            scores[label] = _kl_rows(held.P_held, Zh, beta0)
-            n_dec = held.held_samples
-            if scores[label] < scores[base_label]:  # kept: fitted on all the fitting samples from there
-                if own:
-                    rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
-                Zk, pk = rows.Z[~rows.held], rows.psum_fit
-                offsets = (head, _fit_rows(Zk, pk, head, OFFSET_ITERATIONS, start=beta0), rows.rank)
-        else:
-            log.warning("too few calibration samples to decide the class offsets: leaving them off")
-    return offsets, n_dec
+        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+        held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
+    if not (np.any(held.held) and np.any(~rows.held)):
+        log.warning("too few calibration samples to decide the class offsets: leaving them off")
+        return None, 0
+    Zh = held.Z[held.held]
+    beta0 = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, DECISION_ITERATIONS)
+    label = "offsets" if base_label == "none" else f"{base_label}+offsets"
+    scores[base_label] = _kl_rows(held.P_held, Zh, None)
+    scores[label] = _kl_rows(held.P_held, Zh, beta0)
+    if not scores[label] < scores[base_label]:
+        return None, held.held_samples
+    if own:  # kept: fitted on all the fitting samples, from there
+        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+    beta = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, OFFSET_ITERATIONS, start=beta0)
+    return (head, beta, rows.rank), held.held_samples
 
 
-#: Logit elements (rows × classes) the class-offset fit holds at most; above it rows are sampled.
+#: Logit elements (rows × classes) the class offsets are fitted on at most; above it rows are sampled
+#: as they are collected (:func:`_head_rows`).
 OFFSET_MAX_ELEMENTS = 2**27
 #: Iterations of the class-offset fit that an ``auto`` decision compares (the first few iterations
 #: take most of the gain), and of the fit that is kept.
@@ -512,9 +508,7 @@ def _decision_batches(prep: Prepared, config: CompressConfig) -> list[Arrays]:
     whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
     n = whole.num_samples
     pick = np.sort(np.random.default_rng(config.seed + 13).permutation(n)[: min(n, DECISION_SAMPLES)])
-    sub = whole.take(pick)
-    size = layerwise_batch_size(prep.model, prep.specs, sub, config.batch_size)
-    return calibration_batches(sub, prep.specs, sub.num_samples, size)
+    return batches_of(prep, config, whole.take(pick))
 
 
 @dataclass
@@ -621,11 +615,7 @@ def _fit_rows(
 ) -> NDArray[np.float64]:
     """The class offsets ``β (C,)`` fitted to the pruned logits ``Z (R, C)`` and the dense
     probabilities summed over the same rows ``psum (C,)`` in at most ``iterations`` (see
-    :func:`~chita_onnx.solver.offsets.fit_class_offsets`, from ``start``); rows beyond
-    :data:`OFFSET_MAX_ELEMENTS` logits are sampled."""
-    if Z.size > OFFSET_MAX_ELEMENTS:
-        keep = max(1, OFFSET_MAX_ELEMENTS // Z.shape[1])
-        Z = Z[np.sort(np.random.default_rng(0).choice(Z.shape[0], keep, replace=False))]
+    :func:`~chita_onnx.solver.offsets.fit_class_offsets`, from ``start``)."""
     res = fit_class_offsets(Z, psum / psum.sum(), max_iter=iterations, start=start)
     log.info(
         "class offsets of %r: F %.6g -> %.6g in %d iterations (|beta| max %.3g)",

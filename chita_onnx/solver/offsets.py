@@ -79,14 +79,6 @@ def _evaluate(
     return float(-pbar @ beta + lse / R), qbar / R, QK
 
 
-def _value_and_grad(
-    Z: NDArray[np.floating], pbar: NDArray[np.float64], beta: NDArray[np.float64]
-) -> tuple[float, NDArray[np.float64]]:
-    """``F(β)`` (without its constant) and ``∇F = q̄ − p̄`` for logits ``Z (R, C)``."""
-    f, qbar, _ = _evaluate(Z, pbar, beta, np.zeros(0, np.int64))
-    return f, qbar - pbar
-
-
 def fit_class_offsets(
     Z: NDArray[np.floating],
     pbar: NDArray[np.floating],
