@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from .activations import Arrays
 from .errors import ChitaError
-from .graph import get_weights, load_model
+from .graph import get_weights, load_model, materialize_constants
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def run_onnxsim(
     kind = method.split("-", 1)[1]
     with tempfile.TemporaryDirectory(prefix="chita-onnxsim-") as tmp:
         src, dst, data = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "calib.npz"
-        onnx.save(model, str(src))
+        # weights held in Constant nodes (paddle2onnx, some tf2onnx exports) become initializers
+        # first: onnxsim prunes only initializers and would silently leave those layers dense
+        onnx.save(materialize_constants(model, names), str(src))
         arrays = {f"b{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
         np.savez(data, **arrays)  # type: ignore[arg-type]
         cmd = [exe, str(RUNNER), str(src), str(dst), "--method", kind, "--sparsity", repr(float(sparsity))]

@@ -136,3 +136,30 @@ def test_onnxsim_peer_prunes_when_its_environment_exists(mlp_path: Path, mlp_dat
     assert len(result.rows) == 2
     for r in result.rows:
         assert 0.4 * 272 <= r.nnz <= 0.6 * 272  # per-row rounding: not our exact budget
+
+
+def test_onnxsim_peer_prunes_weights_held_in_constant_nodes(cnn_path: Path, cnn_data: Path, tmp_path: Path) -> None:
+    """onnxsim prunes only Conv weights stored as initializers: the peer is handed a copy whose
+    Constant-node weights became initializers, so a paddle2onnx-style model is pruned instead of
+    silently left dense."""
+    import onnx
+    from onnx import helper
+
+    from chita_onnx import peers
+
+    if peers.onnxsim_python() is None:
+        pytest.skip("no onnxsim environment (see chita_onnx/peers.py)")
+    model = onnx.load(str(cnn_path))
+    weights = list(model.graph.initializer)
+    assert weights
+    for t in weights:
+        model.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t))
+    del model.graph.initializer[:]
+    path = tmp_path / "constant_weights.onnx"
+    onnx.save(model, str(path))
+    base = CompressConfig(method="magnitude", sparsity=0.5, bn_recalibrate="off", bias_correction="off")
+    prep = prepare(path, cnn_data, base)
+    result = sweep(prep, base, ["onnxsim-magnitude"], [0.5])
+    assert len(result.rows) == 1
+    p = prep.layout.p
+    assert 0.4 * p <= result.rows[0].nnz <= 0.6 * p

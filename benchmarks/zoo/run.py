@@ -28,6 +28,7 @@ import time
 import traceback
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,12 @@ def worker(
         with np.load(data_dir(e) / "dense_outputs.npz", allow_pickle=False) as z:
             dense = {k: z[k] for k in z.files}
         out = data_dir(e) / f"pruned_{method}_{sparsity}.onnx"
+        if method in PEERS:
+            rec.update(peer_run(e, method, sparsity, calib, held, dense, out))
+            out.unlink(missing_ok=True)
+            rec["wall_s"] = time.perf_counter() - t0
+            out_json.write_text(json.dumps(rec, indent=2, default=float))
+            return
         cfg = method_config(method, sparsity)
         # compress's own before/after check on the first few held-out samples only: the zoo's metric
         # below covers the whole held-out set, and the dense side of that check is recomputed on
@@ -163,6 +170,51 @@ def worker(
         rec["traceback"] = traceback.format_exc()[-3000:]
     rec["wall_s"] = time.perf_counter() - t0
     out_json.write_text(json.dumps(rec, indent=2, default=float))
+
+
+#: The peer pruners (onnxsim 0.8.1 in its own environment, see ``chita_onnx.peers``), run as in ``sweep``.
+PEERS = ("onnxsim-sparsegpt", "onnxsim-wanda", "onnxsim-magnitude")
+
+
+def peer_run(
+    e: entries.Entry,
+    method: str,
+    sparsity: float,
+    calib: entries.Dataset,
+    held: entries.Dataset,
+    dense: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """One onnxsim peer run, exactly as ``sweep`` runs it: onnxsim prunes chita-onnx's working copy of
+    the model (where weights held in ``Constant`` nodes have become initializers, which onnxsim
+    would otherwise skip) with the same calibration batches; nothing is added after it (no statistics
+    correction).  The pruned weights are written back and the model is measured on the held-out data."""
+    import onnx
+
+    from chita_onnx import CompressConfig
+    from chita_onnx.evaluate import make_session
+    from chita_onnx.peers import run_onnxsim
+    from chita_onnx.pipeline import _model_with, prepare
+    from chita_onnx.reconstruct import batches_of
+
+    cfg = CompressConfig(sparsity=sparsity)
+    prep = prepare(e.path(), calib.inputs, cfg)
+    values, seconds, version = run_onnxsim(method, prep.model, prep.layout.names, batches_of(prep, cfg), sparsity)
+    w = prep.layout.flatten(values, dtype=np.float32)
+    onnx.save(_model_with(prep, w), str(out))
+    pruned = e.run(e, make_session(out), held)
+    tensors = [
+        SimpleNamespace(name=s.name, size=s.size, nnz=int(np.count_nonzero(values[s.name]))) for s in prep.layout.slots
+    ]
+    return {
+        "status": "ok",
+        "metric": e.metric(e, dense, pruned, held),
+        "p": prep.layout.p,
+        "nnz": int(np.count_nonzero(w)),
+        "timings": {"onnxsim": seconds},
+        "method_used": f"onnxsim {version}",
+        **density_extremes(tensors),
+    }
 
 
 def density_extremes(tensors: Any) -> dict[str, Any]:
