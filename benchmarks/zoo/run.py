@@ -8,7 +8,8 @@ held-out data (seed B) offline, measure the dense model, then for every method a
 ``chita_onnx.compress`` in a fresh subprocess (for an honest peak-memory figure) and measure the
 pruned model on the held-out data.  ``default`` is ``CompressConfig(sparsity=s)`` — whatever the
 default method is at the time; ``magnitude`` is plain global magnitude pruning (no statistics
-correction); any other name is ``method=<name>``.  A refusal (``ChitaError``) is
+correction); ``onnxsim-sparsegpt|wanda|magnitude`` is the onnxsim peer as ``sweep`` runs it;
+any other name is ``method=<name>``.  A refusal (``ChitaError``) is
 recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 """
 
@@ -128,6 +129,7 @@ def worker(
     """One compress run in this process; writes a JSON record."""
     from chita_onnx import ChitaError, compress
     from chita_onnx.evaluate import make_session
+    from chita_onnx.peers import ONNXSIM_METHODS
 
     e = entry(name, heldout)
     t0 = time.perf_counter()
@@ -137,31 +139,28 @@ def worker(
         with np.load(data_dir(e) / "dense_outputs.npz", allow_pickle=False) as z:
             dense = {k: z[k] for k in z.files}
         out = data_dir(e) / f"pruned_{method}_{sparsity}.onnx"
-        if method in PEERS:
+        if method in ONNXSIM_METHODS:
             rec.update(peer_run(e, method, sparsity, calib, held, dense, out))
-            out.unlink(missing_ok=True)
-            rec["wall_s"] = time.perf_counter() - t0
-            out_json.write_text(json.dumps(rec, indent=2, default=float))
-            return
-        cfg = method_config(method, sparsity)
-        # compress's own before/after check on the first few held-out samples only: the zoo's metric
-        # below covers the whole held-out set, and the dense side of that check is recomputed on
-        # every run (on 2 shared cores it cost as much as the pruning of the image models)
-        report = compress(e.path(), out, calib.inputs, cfg, eval_data=head_of(e, held, EVAL_SAMPLES).inputs)
-        pruned = e.run(e, make_session(out), held)
-        ev = report.evaluation
-        rec.update(
-            status="ok",
-            metric=e.metric(e, dense, pruned, held),
-            p=report.p,
-            nnz=report.nnz,
-            loss=report.loss,
-            timings=report.timings,
-            method_used=report.method,
-            relative_error=None if ev is None else ev.relative_error,
-            cosine=None if ev is None else ev.cosine,
-            **density_extremes(report.tensors),
-        )
+        else:
+            cfg = method_config(method, sparsity)
+            # compress's own before/after check on the first few held-out samples only: the zoo's metric
+            # below covers the whole held-out set, and the dense side of that check is recomputed on
+            # every run (on 2 shared cores it cost as much as the pruning of the image models)
+            report = compress(e.path(), out, calib.inputs, cfg, eval_data=head_of(e, held, EVAL_SAMPLES).inputs)
+            pruned = e.run(e, make_session(out), held)
+            ev = report.evaluation
+            rec.update(
+                status="ok",
+                metric=e.metric(e, dense, pruned, held),
+                p=report.p,
+                nnz=report.nnz,
+                loss=report.loss,
+                timings=report.timings,
+                method_used=report.method,
+                relative_error=None if ev is None else ev.relative_error,
+                cosine=None if ev is None else ev.cosine,
+                **density_extremes(report.tensors),
+            )
         out.unlink(missing_ok=True)
     except ChitaError as exc:
         rec.update(status="refused", message=str(exc))
@@ -170,10 +169,6 @@ def worker(
         rec["traceback"] = traceback.format_exc()[-3000:]
     rec["wall_s"] = time.perf_counter() - t0
     out_json.write_text(json.dumps(rec, indent=2, default=float))
-
-
-#: The peer pruners (onnxsim 0.8.1 in its own environment, see ``chita_onnx.peers``), run as in ``sweep``.
-PEERS = ("onnxsim-sparsegpt", "onnxsim-wanda", "onnxsim-magnitude")
 
 
 def peer_run(
@@ -185,10 +180,10 @@ def peer_run(
     dense: dict[str, Any],
     out: Path,
 ) -> dict[str, Any]:
-    """One onnxsim peer run, exactly as ``sweep`` runs it: onnxsim prunes chita-onnx's working copy of
-    the model (where weights held in ``Constant`` nodes have become initializers, which onnxsim
-    would otherwise skip) with the same calibration batches; nothing is added after it (no statistics
-    correction).  The pruned weights are written back and the model is measured on the held-out data."""
+    """One onnxsim peer run (``ONNXSIM_METHODS``, onnxsim in its own venv), exactly as ``sweep`` runs
+    it: :func:`chita_onnx.peers.run_onnxsim` on chita-onnx's working copy of the model with the same
+    calibration batches; nothing is added after it (no statistics correction).  The pruned weights
+    are written back and the model is measured on the held-out data."""
     import onnx
 
     from chita_onnx import CompressConfig
