@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from .activations import Arrays
 from .errors import ChitaError
-from .graph import get_weights, load_model, materialize_constants
+from .graph import get_weights, load_model, materialize_constants, walk_graphs
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,34 @@ def run_onnxsim(
     )
 
 
+def _nodes(model: onnx.ModelProto) -> dict[tuple[str, str, str], onnx.NodeProto]:
+    """Every node of every scope (main graph, If branches, Loop/Scan bodies) keyed by ``(scope,
+    node name, op type)``; an unnamed node is keyed by its position in its graph instead."""
+    return {
+        (scope, n.name or f"#{k}", n.op_type): n
+        for scope, g in walk_graphs(model.graph)
+        for k, n in enumerate(g.node)
+    }
+
+
 def _renamed(before: onnx.ModelProto, after: onnx.ModelProto, names: Sequence[str], method: str) -> dict[str, str]:
     """Where each weight went: onnxsim may write a pruned weight under a new name, so follow the
-    consuming node (same name and op, same input slot)."""
-    nodes = {(n.name, n.op_type): n for n in after.graph.node if n.name}
+    consuming node (same scope, same name and op, same input slot).  Weights read inside an ``If``
+    branch or a ``Loop``/``Scan`` body are followed there."""
+    twins = _nodes(after)
+    wanted = set(names)
+    consumer: dict[str, tuple[tuple[str, str, str], int]] = {}
+    for key, node in _nodes(before).items():
+        for i, x in enumerate(node.input):
+            if x in wanted:
+                consumer.setdefault(x, (key, i))
     out: dict[str, str] = {}
     for name in names:
-        hit = next(((n, i) for n in before.graph.node for i, x in enumerate(n.input) if x == name), None)
-        if hit is None:
+        if name not in consumer:
             raise PeerUnavailableError(f"{method}: tensor {name!r} has no consumer in the input model")
-        node, slot = hit
-        twin = nodes.get((node.name, node.op_type))
+        key, slot = consumer[name]
+        twin = twins.get(key)
         if twin is None or len(twin.input) <= slot:
-            raise PeerUnavailableError(f"{method}: onnxsim's output has no node {node.name!r} to read {name!r} from")
+            raise PeerUnavailableError(f"{method}: onnxsim's output has no node {key[1]!r} to read {name!r} from")
         out[name] = twin.input[slot]
     return out

@@ -193,6 +193,10 @@ def sweep(
             w = layout.flatten(values, dtype=np.float32)
             timer.seconds["solve"] = peer_s
             converged, note = True, f"onnxsim {version}, uniform per-layer sparsity"
+            short = _peer_shortfall(values, layout.p, sparsity)
+            if short:
+                log.warning("%s @ %g: %s", method, sparsity, short)
+                note += f"; {short}"
         else:
             w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
             converged = result.converged
@@ -238,6 +242,18 @@ def sweep(
     )
 
 
+def _peer_shortfall(values: dict[str, np.ndarray], p: int, sparsity: float, tol: float = 0.005) -> str:
+    """Why a peer's result is not at ``sparsity``: the sparsity it reached over the ``p`` prunable
+    weights and the tensors it left (almost) dense, or "" when it is within ``tol`` of the target."""
+    nnz = sum(int(np.count_nonzero(v)) for v in values.values())
+    got = 1.0 - nnz / p if p else sparsity
+    if got >= sparsity - tol:
+        return ""
+    dense = [k for k, v in values.items() if v.size and np.count_nonzero(v) >= 0.99 * v.size]
+    shown = ", ".join(dense[:3]) + (f" and {len(dense) - 3} more" if len(dense) > 3 else "")
+    return f"reached sparsity {got:.3f}, not {sparsity:g}" + (f"; left dense: {shown}" if dense else "")
+
+
 def format_sweep(result: SweepResult) -> str:
     """The comparison as a readable table (accuracy, agreement, objective, seconds)."""
 
@@ -249,6 +265,7 @@ def format_sweep(result: SweepResult) -> str:
             r.method,
             f"{r.sparsity:g}",
             f"{r.nnz:,}",
+            f"{1.0 - r.nnz / result.p:.3f}" if result.p else "-",
             pct(r.accuracy),
             pct(r.agreement),
             "-" if r.objective is None else f"{r.objective:.4g}",
@@ -272,6 +289,7 @@ def format_sweep(result: SweepResult) -> str:
                 "method",
                 "sparsity",
                 "kept",
+                "reached",
                 "accuracy %",
                 "agreement %",
                 "objective",

@@ -164,3 +164,82 @@ def test_onnxsim_peer_prunes_weights_held_in_constant_nodes(cnn_path: Path, cnn_
     assert len(result.rows) == 1
     p = prep.layout.p
     assert 0.4 * p <= result.rows[0].nnz <= 0.6 * p
+
+
+def test_peer_shortfall_names_the_reached_sparsity_and_the_dense_tensors() -> None:
+    import numpy as np
+
+    from chita_onnx.sweep import _peer_shortfall
+
+    rng = np.random.default_rng(0)
+    half = rng.normal(size=(10, 10)) * (rng.random((10, 10)) < 0.5)
+    dense = rng.normal(size=(10, 10)) + 5.0  # no zeros: a tensor the peer did not touch
+    got = _peer_shortfall({"a": half, "stft": dense}, 200, 0.5)
+    nnz = np.count_nonzero(half) + 100
+    assert f"reached sparsity {1 - nnz / 200:.3f}, not 0.5" in got
+    assert got.endswith("left dense: stft")
+    assert _peer_shortfall({"a": half}, 100, 1 - np.count_nonzero(half) / 100) == ""
+
+
+def test_sweep_table_shows_the_sparsity_each_method_reached(mlp_path: Path, mlp_data: Path) -> None:
+    from chita_onnx.sweep import format_sweep
+
+    base = CompressConfig(method="magnitude", sparsity=0.5, bn_recalibrate="off", bias_correction="off")
+    prep = prepare(mlp_path, mlp_data, base)
+    result = sweep(prep, base, ["magnitude"], [0.5, 0.75])
+    lines = format_sweep(result).splitlines()
+    header = next(ln.split() for ln in lines if ln.startswith("method"))
+    col = header.index("reached")
+    rows = [ln.split() for ln in lines if ln.startswith("magnitude")]
+    assert len(rows) == 2
+    for r, cells in zip(result.rows, rows, strict=True):
+        assert float(cells[col]) == pytest.approx(1 - r.nnz / result.p, abs=5e-4)
+        assert float(cells[col]) == pytest.approx(r.sparsity, abs=0.01)  # magnitude keeps the exact budget
+
+
+def test_peer_weights_are_followed_into_if_branches_and_renames() -> None:
+    """onnxsim may rename a pruned weight; the mapping follows its consumer, also when that
+    consumer sits in an If branch (silero-vad keeps its weights there)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chita_onnx.peers import _renamed
+
+    rng = np.random.default_rng(0)
+
+    def model(branch_weight: str, top_weight: str) -> onnx.ModelProto:
+        then = helper.make_graph(
+            [helper.make_node("MatMul", ["x", branch_weight], ["y_then"], name="mm_then")],
+            "then",
+            [],
+            [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1, 4])],
+        )
+        other = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y_else"])],
+            "else",
+            [],
+            [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, 4])],
+        )
+        g = helper.make_graph(
+            [
+                helper.make_node("If", ["c"], ["h"], then_branch=then, else_branch=other, name="if0"),
+                helper.make_node("MatMul", ["h", top_weight], ["y"]),  # unnamed: matched by position
+            ],
+            "g",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [
+                numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), branch_weight),
+                numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), top_weight),
+            ],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    before, after = model("w_branch", "w_top"), model("w_branch_pruned", "w_top_pruned")
+    got = _renamed(before, after, ["w_branch", "w_top"], "onnxsim-sparsegpt")
+    assert got == {"w_branch": "w_branch_pruned", "w_top": "w_top_pruned"}
+    assert _renamed(before, before, ["w_branch", "w_top"], "x") == {"w_branch": "w_branch", "w_top": "w_top"}

@@ -11,6 +11,12 @@ default method is at the time; ``magnitude`` is plain global magnitude pruning (
 correction); ``onnxsim-sparsegpt|wanda|magnitude`` is the onnxsim peer as ``sweep`` runs it;
 any other name is ``method=<name>``.  A refusal (``ChitaError``) is
 recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
+
+Every run records the sparsity it reached (``1 − nnz/p`` over chita-onnx's prunable weights).  The
+peer may leave tensors it does not handle dense and so fall short of the target; with
+``--match-peer`` every peer run that misses its target by more than ``MATCH_TOLERANCE`` is followed
+by a ``default`` run at the sparsity the peer reached (recorded with ``matched_to``), so that the
+two are compared at the same number of kept weights.
 """
 
 from __future__ import annotations
@@ -223,6 +229,15 @@ def density_extremes(tensors: Any) -> dict[str, Any]:
     return {"lowest_density": [low[1], low[0]], "empty_tensors": [n for d, n in rows if d == 0.0]}
 
 
+MATCH_TOLERANCE = 0.005  # a peer run further than this from its target gets a matched default run
+
+
+def reached(run: dict[str, Any]) -> float | None:
+    """The sparsity a run reached over the prunable weights, ``1 − nnz/p`` (None when not recorded)."""
+    p, nnz = run.get("p"), run.get("nnz")
+    return None if not p or nnz is None else 1.0 - nnz / p
+
+
 def spawn(
     name: str, method: str, sparsity: float, calib_n: int | None, tmp: Path, heldout: int | None = None
 ) -> dict[str, Any]:
@@ -372,11 +387,12 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -
             "wall s by phase",
             "total s",
             "peak RSS MB",
+            "reached",
             "least dense tensor",
         ]
         hdr.append("status")
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | | |"]
+        lines += ["| 0 | dense | " + " | ".join(fmt(h["dense"][k]) for k in keys) + " | | | | | | |"]
         for r in model["runs"]:
             metric = r.get("metric", {})
             phases = " · ".join(f"{k} {v:.1f}" for k, v in r.get("timings", {}).items() if v >= 0.05)
@@ -385,11 +401,14 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -
                 f"| {r['sparsity']} | {r['method']} | "
                 + " | ".join(fmt(metric.get(k)) for k in keys)
                 + f" | {phases or '–'} | {fmt(r.get('wall_s'))} | "
-                f"{fmt(r.get('peak_rss_mb'))} | {least_dense(r)} | {status} |"
+                f"{fmt(r.get('peak_rss_mb'))} | {fmt(reached(r))} | {least_dense(r)} | {status} |"
             )
         losses = sorted({r["loss"] for r in model["runs"] if r.get("loss")})
         if losses:
             lines += ["", "Loss chosen: " + "; ".join(losses)]
+        matched = [r for r in model["runs"] if r.get("matched_to")]
+        if matched:
+            lines += ["", "Matched: " + "; ".join(f"default at {r['sparsity']} is {r['matched_to']}'s reached sparsity" for r in matched)]
         lines.append("")
     return "\n".join(lines)
 
@@ -412,6 +431,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: per model)")
     ap.add_argument("--heldout", type=int, default=None, help="held-out samples (default: per model)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument(
+        "--match-peer",
+        action="store_true",
+        help="after a peer run that misses its target sparsity, run the default at the sparsity it reached",
+    )
     ap.add_argument("--render", help="only write zoo.md into --out from these zoo.json files (comma-separated)")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "SPARSITY"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -458,6 +482,14 @@ def main() -> None:
                 print(f"   {method} @ {s}: {rec['status']} {shown} ({fmt(rec.get('wall_s'))} s)", flush=True)
                 for f in out.glob(f"{name}_{method}_{s}.json"):
                     f.unlink()
+                got = reached(rec) if args.match_peer and method.startswith("onnxsim-") else None
+                if got is not None and abs(got - s) > MATCH_TOLERANCE:
+                    m = round(got, 3)
+                    match = spawn(name, "default", m, args.calib, out, args.heldout)
+                    match["matched_to"] = f"{method} {s}"
+                    runs.append(match)
+                    shown = match.get("metric") if match["status"] == "ok" else match.get("message")
+                    print(f"   default @ {m} (the sparsity {method} reached): {match['status']} {shown}", flush=True)
         results.append({"header": header, "runs": runs})
         (out / "zoo.json").write_text(json.dumps(results, indent=2, default=float))
     machine = machine_line()
