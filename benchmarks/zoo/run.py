@@ -488,6 +488,7 @@ def main() -> None:
                     match = spawn(name, "default", m, args.calib, out, args.heldout)
                     match["matched_to"] = f"{method} {s}"
                     runs.append(match)
+                    (out / f"{name}_default_{m}.json").unlink(missing_ok=True)
                     shown = match.get("metric") if match["status"] == "ok" else match.get("message")
                     print(f"   default @ {m} (the sparsity {method} reached): {match['status']} {shown}", flush=True)
         results.append({"header": header, "runs": runs})
