@@ -408,7 +408,8 @@ def markdown(results: list[dict[str, Any]], machine: str, command: str | None) -
             lines += ["", "Loss chosen: " + "; ".join(losses)]
         matched = [r for r in model["runs"] if r.get("matched_to")]
         if matched:
-            lines += ["", "Matched: " + "; ".join(f"default at {r['sparsity']} is {r['matched_to']}'s reached sparsity" for r in matched)]
+            said = (f"default at {r['sparsity']} is {r['matched_to']}'s reached sparsity" for r in matched)
+            lines += ["", "Matched: " + "; ".join(said)]
         lines.append("")
     return "\n".join(lines)
 
