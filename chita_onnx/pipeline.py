@@ -62,6 +62,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .support import assert_supported, refuse_quantized
+from .weightchains import WeightChain, fold_weight_chains, unfold_weight_chains
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class Prepared:
     calib: CalibrationSource
     eval: CalibrationSource | None
     eval_source: str
+    #: weights folded out of Transpose/Cast/Reshape chains (restored in the written model)
+    chains: tuple[WeightChain, ...] = ()
 
 
 def prepare(
@@ -158,6 +161,7 @@ def prepare(
     path = Path(model_path)
     model = load_model(path)
     refuse_quantized(model, str(path))
+    model, chains = fold_weight_chains(model)
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -195,7 +199,7 @@ def prepare(
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
-    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
+    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains)
 
 
 def refused_weights(
@@ -1000,6 +1004,7 @@ def _compress(
         meta["statistics"] = correction.describe()
         base = prep.model if corrected is None else corrected
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
+        pruned = unfold_weight_chains(pruned, prep.chains)
         written = save_model(pruned, staged, input_path=in_path)
         check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)
@@ -1093,14 +1098,14 @@ def evaluate_model(
 @guarded
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
-    return find_prunable(load_model(model))
+    return find_prunable(fold_weight_chains(load_model(model))[0])
 
 
 @guarded
 def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
     """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
     (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
-    m = load_model(model)
+    m = fold_weight_chains(load_model(model))[0]
     tensors = find_prunable(m)
     return tensors, refused_weights(m, tensors)
 

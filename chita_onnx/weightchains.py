@@ -1,0 +1,275 @@
+"""Weights that reach their layer through value-preserving ops on constants.
+
+A Conv/Gemm/MatMul (or LSTM/GRU/RNN) weight slot is often fed not by the stored tensor itself but by
+a short chain of ops that only re-lay or re-type it: a ``Transpose`` (a weight stored ``[out, in]``
+and read by a MatMul, or one tensor shared by tied layers), a ``Cast`` (float16 storage computed in
+float32), ``Reshape``/``Flatten``/``Squeeze``/``Unsqueeze`` with constant shapes, ``Identity``.
+Such weights used to be invisible to :func:`~chita_onnx.graph.find_prunable`: a model with them
+was pruned to the requested sparsity over the *other* tensors and the chained ones silently stayed
+dense (or, with every weight behind a Cast, refused as having no prunable weights).
+
+:func:`fold_weight_chains` folds every such chain into one initializer that the weight slots read
+directly (named after the stored tensor, so reports name what the file holds), and records the
+chain; :func:`unfold_weight_chains` puts the chain back into a written model, with the stored
+tensor re-derived from the folded one by the inverse ops (inverse permutation, reshape to the
+stored shape, cast back to the stored type), so the output keeps the input's layout and dtypes.
+A chain is folded only when the stored tensor feeds nothing but the chain, every op of the chain
+feeds only the next, and its output feeds only weight slots; anything else is left as it is.
+Pure re-layout and re-typing: no arithmetic (a float16 round trip of a pruned zero stays zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import _constant_values, _to_sparse, _weight_slots
+
+#: Ops a chain may consist of (each has one data input; other inputs must be constants).
+CHAIN_OPS = frozenset({"Identity", "Transpose", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: Types a chained Cast may convert between (numpy has no bfloat16).
+_CASTABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class WeightChain:
+    """One folded chain: the stored tensor ``source`` (dtype ``source_type``, shape
+    ``source_shape``), the chain's ``nodes`` in order, and ``result``, the name its output had."""
+
+    source: str
+    source_type: int
+    source_shape: tuple[int, ...]
+    nodes: tuple[onnx.NodeProto, ...]
+    result: str
+    #: the shape of each node's data input, in chain order (for the inverse reshapes)
+    in_shapes: tuple[tuple[int, ...], ...]
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == name:
+            return [int(v) for v in a.ints]
+    return None
+
+
+def _step(
+    node: onnx.NodeProto, x: NDArray[np.generic], consts: dict[str, NDArray[np.generic]]
+) -> NDArray[np.generic] | None:
+    """``node`` applied to ``x``, or None when it is not a pure re-layout/re-type with constant
+    arguments."""
+    op = node.op_type
+    extra = [consts.get(i) for i in node.input[1:] if i]
+    if any(e is None for e in extra):
+        return None
+    if op == "Identity":
+        return x
+    if op == "Transpose":
+        return np.transpose(x, _ints(node, "perm"))
+    if op == "Cast":
+        to = _int(node, "to", 0)
+        if to not in _CASTABLE or x.dtype not in (np.float16, np.float32, np.float64):
+            return None
+        return x.astype(helper.tensor_dtype_to_np_dtype(to))
+    if op == "Reshape":
+        if not extra:
+            return None
+        shape = [int(v) for v in np.asarray(extra[0]).reshape(-1)]
+        if not _int(node, "allowzero", 0):
+            shape = [x.shape[i] if v == 0 and i < x.ndim else v for i, v in enumerate(shape)]
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            return None
+    if op == "Flatten":
+        axis = _int(node, "axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _ints(node, "axes")
+        if axes is None and extra:
+            axes = [int(v) for v in np.asarray(extra[0]).reshape(-1)]
+        if op == "Squeeze":
+            return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(axes))
+        if axes is None:
+            return None
+        out_rank = x.ndim + len(axes)
+        return np.expand_dims(x, tuple(a + out_rank if a < 0 else a for a in axes))
+    return None
+
+
+def _inverse(chain: WeightChain, value: NDArray[np.floating]) -> NDArray[np.floating]:
+    """The stored tensor whose chain gives ``value``."""
+    for node, shape in zip(reversed(chain.nodes), reversed(chain.in_shapes), strict=True):
+        if node.op_type == "Transpose":
+            perm = _ints(node, "perm") or list(range(value.ndim))[::-1]
+            value = np.transpose(value, np.argsort(perm))
+        value = value.reshape(shape)
+    return np.ascontiguousarray(value, dtype=helper.tensor_dtype_to_np_dtype(chain.source_type))
+
+
+def fold_weight_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[WeightChain, ...]]:
+    """A copy of ``model`` in which every foldable weight chain of the main graph is one initializer
+    named after its stored tensor, read directly by the weight slots; and the chains folded.
+
+    Returns ``model`` itself (not a copy) and ``()`` when there is nothing to fold.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    inits = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    const_nodes = _constant_values(g)
+    stored = set(inits) | set(const_nodes)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((node, i))
+    outputs = {o.name for o in g.output}
+    small: dict[str, NDArray[np.generic]] = {}  # constant shape/axes arguments (int64)
+    for name in stored:
+        t = inits[name] if name in inits else const_nodes[name][1]
+        if t.data_type == TensorProto.INT64 and int(np.prod(t.dims)) <= 16:
+            small[name] = numpy_helper.to_array(t)
+
+    found: list[tuple[WeightChain, NDArray[np.generic]]] = []
+    for source in sorted(stored):
+        uses = consumers.get(source, [])
+        if len(uses) != 1 or source in outputs:
+            continue
+        node, slot = uses[0]
+        if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or slot != 0:
+            continue
+        tensor = inits[source] if source in inits else const_nodes[source][1]
+        if tensor.data_type not in _CASTABLE or len(tensor.dims) < 1:
+            continue
+        value: NDArray[np.generic] | None = numpy_helper.to_array(tensor)
+        nodes: list[onnx.NodeProto] = []
+        shapes: list[tuple[int, ...]] = []
+        while True:
+            assert value is not None
+            nxt = _step(node, value, small)
+            if nxt is None:
+                break
+            nodes.append(node)
+            shapes.append(tuple(value.shape))
+            value = nxt
+            readers = consumers.get(node.output[0], [])
+            if node.output[0] in outputs or len(readers) != 1:
+                break
+            cand, cslot = readers[0]
+            if cand.op_type not in CHAIN_OPS or cand.domain not in ("", "ai.onnx") or cslot != 0:
+                break
+            node = cand
+        if not nodes or value is None:
+            continue
+        result = nodes[-1].output[0]
+        readers = consumers.get(result, [])
+        if (
+            result in outputs
+            or not readers
+            or value.dtype not in (np.float16, np.float32, np.float64)
+            or value.ndim < 2
+        ):
+            continue
+        if not all(i in _weight_slots(n, stored | {result}) for n, i in readers):
+            continue
+        chain = WeightChain(
+            source, tensor.data_type, tuple(int(d) for d in tensor.dims), tuple(nodes), result, tuple(shapes)
+        )
+        found.append((chain, value))
+    if not found:
+        return model, ()
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    drop_nodes = {n.output[0] for c, _ in found for n in c.nodes}
+    drop_nodes |= {c.source for c, _ in found if c.source in const_nodes}
+    renamed = {c.result: c.source for c, _ in found}
+    keep = [n for n in g.node if not (n.output and n.output[0] in drop_nodes)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+    del g.node[:]
+    g.node.extend(keep)
+    sources = {c.source for c, _ in found}
+    kept_inits = [t for t in g.initializer if t.name not in sources]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), c.source) for c, v in found)
+    return out, tuple(c for c, _ in found)
+
+
+def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:
+    """``model`` (written from a folded model) with every chain restored: the stored tensor in its
+    own layout and dtype, re-derived from the folded tensor, and the chain's nodes before the first
+    node that reads the chain's output.  Storage follows the folded tensor's (dense or sparse)."""
+    if not chains:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    dense = {t.name: i for i, t in enumerate(g.initializer)}
+    sparse = {s.values.name: i for i, s in enumerate(g.sparse_initializer)}
+    from .graph import _dense_from_sparse
+
+    new_sparse: list[onnx.SparseTensorProto] = []
+    drop_dense: set[str] = set()
+    drop_sparse: set[str] = set()
+    new_dense: list[TensorProto] = []
+    for c in chains:
+        if c.source in dense:
+            folded = numpy_helper.to_array(g.initializer[dense[c.source]])
+            drop_dense.add(c.source)
+            as_sparse = False
+        elif c.source in sparse:
+            folded = numpy_helper.to_array(_dense_from_sparse(g.sparse_initializer[sparse[c.source]]))
+            drop_sparse.add(c.source)
+            as_sparse = True
+        else:
+            continue
+        stored = _inverse(c, folded)
+        if as_sparse:
+            new_sparse.append(_to_sparse(c.source, stored))
+        else:
+            new_dense.append(numpy_helper.from_array(stored, c.source))
+    kept = [t for t in g.initializer if t.name not in drop_dense]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_dense)
+    kept_sp = [s for s in g.sparse_initializer if s.values.name not in drop_sparse]
+    del g.sparse_initializer[:]
+    g.sparse_initializer.extend(kept_sp + new_sparse)
+
+    nodes = list(g.node)
+    for c in chains:
+        readers = [k for k, n in enumerate(nodes) if c.source in n.input]
+        for k in readers:
+            n = nodes[k]
+            for i, name in enumerate(n.input):
+                if name == c.source:
+                    n.input[i] = c.result
+        at = readers[0] if readers else len(nodes)
+        chain_inputs = {i for n in c.nodes for i in n.input[1:] if i}
+        moved = [n for n in nodes[at:] if n.op_type == "Constant" and n.output and n.output[0] in chain_inputs]
+        ids = {id(n) for n in moved}
+        nodes = nodes[:at] + moved + [_copy(n) for n in c.nodes] + [n for n in nodes[at:] if id(n) not in ids]
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    return n

@@ -1,0 +1,137 @@
+"""Weights behind Transpose / Cast / Reshape chains (chita_onnx.weightchains).
+
+Found on hand-written and mixed-precision graphs in the unseen-architectures audit: a weight read
+through ``Transpose`` (tied layers) was silently left dense, and a model whose weights are float16
+behind ``Cast`` was refused as having no prunable weights.  Folding must give the same outputs,
+unfolding must restore the layout and dtypes, and ``compress`` must prune the chained weights to the
+exact budget and write them back where they were stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from chita_onnx import CompressConfig, compress
+from chita_onnx.evaluate import make_session
+from chita_onnx.graph import densify, find_prunable, get_weights, load_model
+from chita_onnx.weightchains import fold_weight_chains, unfold_weight_chains
+
+
+def chained(seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 12]`` → four layers whose weights reach them through chains:
+
+    * ``A`` float16 ``[12, 16]`` → Cast(float) → Gemm (transB=0);
+    * ``T`` ``[10, 16]`` (stored [out, in]) → Transpose → read by two MatMuls (tied layer, twice
+      would not type-check here, so once on each of two branches that are added);
+    * ``R`` flat ``[60]`` → Reshape([6, 10]) → Identity → MatMul with the weight on the left;
+    * ``D`` ``[10, 6]`` read by a MatMul directly *and* through a Transpose: not foldable.
+    """
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(arr(12, 16).astype(np.float16), "A"),
+        numpy_helper.from_array(arr(10, 16), "T"),
+        numpy_helper.from_array(arr(60), "R"),
+        numpy_helper.from_array(np.array([6, 10], dtype=np.int64), "shape_R"),
+        numpy_helper.from_array(arr(10, 6), "D"),
+        numpy_helper.from_array(arr(16), "bA"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "ax"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["A"], ["A32"], to=TensorProto.FLOAT, name="castA"),
+        n("Gemm", ["x", "A32", "bA"], ["h0"], transB=0, name="gemmA"),
+        n("Tanh", ["h0"], ["h"], name="tanh0"),
+        n("Transpose", ["T"], ["Tt"], perm=[1, 0], name="tT"),
+        n("MatMul", ["h", "Tt"], ["u1"], name="mmT1"),
+        n("Sigmoid", ["h"], ["hs"], name="sig"),
+        n("MatMul", ["hs", "Tt"], ["u2"], name="mmT2"),
+        n("Add", ["u1", "u2"], ["u"], name="addT"),
+        n("Tanh", ["u"], ["ut"], name="tanh1"),  # [N, 10]
+        n("Reshape", ["R", "shape_R"], ["R2"], name="reshapeR"),
+        n("Identity", ["R2"], ["R3"], name="idR"),
+        n("Transpose", ["ut"], ["utT"], perm=[1, 0], name="tin"),
+        n("MatMul", ["R3", "utT"], ["vT"], name="mmR"),  # [6, N]
+        n("Transpose", ["vT"], ["v"], perm=[1, 0], name="tout"),  # [N, 6]
+        n("MatMul", ["ut", "D"], ["d1"], name="mmD"),  # [N, 6]
+        n("Transpose", ["D"], ["Dt"], perm=[1, 0], name="tD"),  # [6, 10]
+        n("MatMul", ["v", "Dt"], ["d2"], name="mmDt"),  # [N, 10]
+        n("ReduceSum", ["d2", "ax"], ["d2s"], keepdims=1, name="sum"),
+        n("Add", ["d1", "d2s"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chained",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return make_session(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def test_fold_lists_chained_weights_and_keeps_the_outputs() -> None:
+    model = chained(1)
+    before = {t.name for t in find_prunable(model)}
+    assert before == set()  # every weight sits behind a chain or is shared (D)
+    folded, chains = fold_weight_chains(model)
+    assert {c.source for c in chains} == {"A", "T", "R"}  # D feeds a MatMul and a Transpose: left alone
+    prunable = {t.name: t for t in find_prunable(folded)}
+    assert set(prunable) == {"A", "T", "R"}
+    assert prunable["T"].nodes == ("mmT1", "mmT2") and prunable["T"].shape == (16, 10)
+    assert prunable["A"].dtype == "float32" and prunable["R"].shape == (6, 10)
+    x = np.random.default_rng(2).standard_normal((5, 12)).astype(np.float32)
+    np.testing.assert_allclose(run(folded, x), run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_unfold_restores_layout_and_dtypes() -> None:
+    model = chained(3)
+    folded, chains = fold_weight_chains(model)
+    back = unfold_weight_chains(folded, chains)
+    onnx.checker.check_model(back, full_check=True)
+    inits = {t.name: t for t in back.graph.initializer}
+    assert inits["A"].data_type == TensorProto.FLOAT16 and list(inits["T"].dims) == [10, 16]
+    assert list(inits["R"].dims) == [60]
+    for name in ("A", "T", "R"):
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[name]), get_weights(model, [name])[name])
+    ops = [n.op_type for n in back.graph.node]
+    assert sorted(ops) == sorted(n.op_type for n in model.graph.node)  # every chain node is back
+    x = np.random.default_rng(4).standard_normal((3, 12)).astype(np.float32)
+    np.testing.assert_array_equal(run(back, x), run(model, x))
+
+
+def test_compress_prunes_chained_weights_to_the_exact_budget(tmp_path: Path) -> None:
+    src, out = tmp_path / "chained.onnx", tmp_path / "pruned.onnx"
+    model = chained(5)
+    onnx.save(model, src)
+    rng = np.random.default_rng(6)
+    calib = {"x": rng.standard_normal((48, 12)).astype(np.float32)}
+    test = {"x": rng.standard_normal((16, 12)).astype(np.float32)}
+    for method in ("auto", "magnitude"):
+        rep = compress(src, out, calib, CompressConfig(sparsity=0.5, method=method), eval_data=test)  # type: ignore[arg-type]
+        assert {t.name for t in rep.tensors} == {"A", "T", "R"}
+        assert rep.p == 12 * 16 + 16 * 10 + 60 and rep.nnz == rep.k == round(0.5 * rep.p)
+        written = densify(load_model(out))
+        inits = {t.name: t for t in written.graph.initializer}
+        assert inits["A"].data_type == TensorProto.FLOAT16 and list(inits["T"].dims) == [10, 16]
+        assert "D" in inits and np.count_nonzero(numpy_helper.to_array(inits["D"])) == 60  # not prunable: untouched
+        nnz = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in ("A", "T", "R"))
+        assert nnz == rep.k
+        assert [n.op_type for n in written.graph.node].count("Cast") == 1
+        y = make_session(out).run(None, test)[0]
+        assert y.shape == (16, 6) and np.isfinite(y).all()
+        assert rep.evaluation is not None and rep.evaluation.relative_error is not None
+        assert rep.evaluation.relative_error < 1.0
