@@ -211,6 +211,57 @@ def fold_weight_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[W
     return out, tuple(c for c, _ in found)
 
 
+#: Ops that read only the type or shape of an input: ``{op: input slot}``.
+_METADATA_READS = {"Shape": 0, "Size": 0, "CastLike": 1}
+
+
+def detach_metadata_reads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which ``Shape``/``Size`` of a constant tensor of the main graph are
+    replaced by their int64 values and ``CastLike(x, constant)`` by ``Cast(x, to=its type)``.
+
+    These ops read a tensor's shape or type, never its values, but they made a weight look shared
+    with a non-layer op, so it was not prunable: torch's dynamo exporter without its optimizer
+    (``optimize=False``) builds each bias-less Conv's zero bias from ``Shape(weight)``, which left every
+    such Conv weight dense.  The rewrite is exact for any values of the tensor.  Returns ``model``
+    itself when nothing matches.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored: dict[str, TensorProto] = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    hits = [
+        k
+        for k, n in enumerate(g.node)
+        if n.op_type in _METADATA_READS
+        and n.domain in ("", "ai.onnx")
+        and len(n.input) > _METADATA_READS[n.op_type]
+        and n.input[_METADATA_READS[n.op_type]] in stored
+    ]
+    if not hits:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    for k in hits:
+        n = nodes[k]
+        t = stored[n.input[_METADATA_READS[n.op_type]]]
+        dims = [int(d) for d in t.dims]
+        if n.op_type == "CastLike":
+            nodes[k] = helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=t.data_type)
+            continue
+        if n.op_type == "Size":
+            value = np.array(int(np.prod(dims)), dtype=np.int64)
+        else:
+            rank = len(dims)
+            start, end = _int(n, "start", 0), _int(n, "end", rank)
+            start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+            value = np.array(dims[start:end], dtype=np.int64)
+        nodes[k] = helper.make_node("Constant", [], list(n.output), name=n.name, value=numpy_helper.from_array(value))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:
     """``model`` (written from a folded model) with every chain restored: the stored tensor in its
     own layout and dtype, re-derived from the folded tensor, and the chain's nodes before the first

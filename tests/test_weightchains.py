@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from chita_onnx import CompressConfig, compress
 from chita_onnx.evaluate import make_session
 from chita_onnx.graph import densify, find_prunable, get_weights, load_model
-from chita_onnx.weightchains import fold_weight_chains, unfold_weight_chains
+from chita_onnx.weightchains import detach_metadata_reads, fold_weight_chains, unfold_weight_chains
 
 
 def chained(seed: int = 0) -> onnx.ModelProto:
@@ -66,14 +66,21 @@ def chained(seed: int = 0) -> onnx.ModelProto:
         n("ReduceSum", ["d2", "ax"], ["d2s"], keepdims=1, name="sum"),
         n("Add", ["d1", "d2s"], ["y"], name="out"),
     ]
+    return checked(nodes, inits, ["N", 12], ["N", 6], 13)
+
+
+def checked(
+    nodes: list[onnx.NodeProto], inits: list[TensorProto], x: list[object], y: list[object], opset: int
+) -> onnx.ModelProto:
+    """The graph ``x → nodes → y`` as a model that passes the full checker."""
     graph = helper.make_graph(
         nodes,
-        "chained",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -135,3 +142,50 @@ def test_compress_prunes_chained_weights_to_the_exact_budget(tmp_path: Path) -> 
         assert y.shape == (16, 6) and np.isfinite(y).all()
         assert rep.evaluation is not None and rep.evaluation.relative_error is not None
         assert rep.evaluation.relative_error < 1.0
+
+
+def dynamo_unoptimized(seed: int = 0) -> onnx.ModelProto:
+    """What torch's dynamo exporter writes with ``optimize=False`` for a bias-less Conv → ReLU6: the
+    zero bias is ``Expand(CastLike(0, x), Shape(W)[0:1])``, and the Clip bounds are ``CastLike``'d."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((4, 2, 3, 3)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((3, 4 * 6 * 6)) / 12).astype(np.float32)
+    n = helper.make_node
+    inits = [
+        numpy_helper.from_array(w, "conv.weight"),
+        numpy_helper.from_array(w2, "fc.weight"),
+        numpy_helper.from_array(np.array([-1, 4 * 6 * 6], dtype=np.int64), "flat"),
+    ]
+    nodes = [
+        n("Shape", ["conv.weight"], ["wshape"], start=0, end=1, name="shape_w"),
+        n("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, dtype=np.float32)), name="c0"),
+        n("Constant", [], ["six"], value=numpy_helper.from_array(np.array(6.0, dtype=np.float32)), name="c6"),
+        n("CastLike", ["zero", "x"], ["zero_x"], name="castlike_bias"),
+        n("Expand", ["zero_x", "wshape"], ["bias"], name="expand_bias"),
+        n("Conv", ["x", "conv.weight", "bias"], ["c"], name="conv"),
+        n("CastLike", ["zero", "c"], ["lo"], name="castlike_lo"),
+        n("CastLike", ["six", "c"], ["hi"], name="castlike_hi"),
+        n("Clip", ["c", "lo", "hi"], ["r"], name="relu6"),
+        n("Reshape", ["r", "flat"], ["f"], name="flatten"),
+        n("Gemm", ["f", "fc.weight"], ["y"], transB=1, name="fc"),
+    ]
+    return checked(nodes, inits, ["N", 2, 8, 8], ["N", 3], 18)
+
+
+def test_shape_of_a_weight_does_not_hide_it(tmp_path: Path) -> None:
+    model = dynamo_unoptimized(7)
+    assert [t.name for t in find_prunable(model)] == ["fc.weight"]  # Shape(conv.weight) hid the conv
+    detached = detach_metadata_reads(model)
+    assert [t.name for t in find_prunable(detached)] == ["conv.weight", "fc.weight"]
+    assert "Shape" not in {nd.op_type for nd in detached.graph.node}
+    x = np.random.default_rng(8).standard_normal((5, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(detached, x), run(model, x))
+    # end to end with the default (gradients run through the CastLike'd Clip bounds)
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(9)
+    calib = {"x": rng.standard_normal((32, 2, 8, 8)).astype(np.float32)}
+    rep = compress(src, out, calib, CompressConfig(sparsity=0.5), eval_data={"x": x})
+    assert [t.name for t in rep.tensors] == ["conv.weight", "fc.weight"]
+    assert rep.nnz == rep.k == round(0.5 * (72 + 432))
+    assert all(t.nnz < t.size for t in rep.tensors)
