@@ -62,7 +62,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .support import assert_supported, refuse_quantized
-from .weightchains import WeightChain, detach_metadata_reads, fold_weight_chains, unfold_weight_chains
+from .weightchains import WeightChain, expose_weights, unfold_weight_chains
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def prepare(
     refuse_quantized(model, str(path))
     chains: tuple[WeightChain, ...] = ()
     if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
-        model, chains = fold_weight_chains(detach_metadata_reads(model))
+        model, chains = expose_weights(model)
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -1100,14 +1100,14 @@ def evaluate_model(
 @guarded
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
-    return find_prunable(fold_weight_chains(detach_metadata_reads(load_model(model)))[0])
+    return find_prunable(expose_weights(load_model(model))[0])
 
 
 @guarded
 def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
     """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
     (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
-    m = fold_weight_chains(detach_metadata_reads(load_model(model)))[0]
+    m = expose_weights(load_model(model))[0]
     tensors = find_prunable(m)
     return tensors, refused_weights(m, tensors)
 

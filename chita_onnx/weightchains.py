@@ -20,6 +20,7 @@ Pure re-layout and re-typing: no arithmetic (a float16 round trip of a pruned ze
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import _constant_values, _to_sparse, _weight_slots
+
+log = logging.getLogger(__name__)
 
 #: Ops a chain may consist of (each has one data input; other inputs must be constants).
 CHAIN_OPS = frozenset({"Identity", "Transpose", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
@@ -260,6 +263,143 @@ def detach_metadata_reads(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
+
+
+#: Ops a computed weight is never folded through (random values, subgraphs).
+_NO_FOLD = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+    | {"If", "Loop", "Scan", "SequenceMap"}
+)
+#: At most this many nodes are folded into one weight (a weight is a few Slices and Concats).
+MAX_FOLD_NODES = 256
+
+
+def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every weight slot fed by a value computed from constants alone
+    (in the main graph, by default-domain ops) reads an initializer holding that value instead; the
+    nodes and stored tensors that only served it are dropped.
+
+    torch's dynamo exporter writes an LSTM's ``W``/``R`` as ``Concat``s of ``Slice``s of the PyTorch
+    weights (the gate order differs), which its optimizer leaves unfolded: the LSTM's weights were
+    not prunable.  The folded tensor holds the same number of values as the slices it replaces, so
+    the written model is no larger.  Values are computed with ``onnx.reference``; a subgraph it cannot
+    run is left alone.  Returns ``model`` itself when nothing matches.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name for t in g.initializer if t.name not in graph_inputs} | set(_constant_values(g))
+    computable = set(stored)
+    producer: dict[str, int] = {}
+    for k, n in enumerate(g.node):
+        for o in n.output:
+            if o:
+                producer[o] = k
+        if (
+            n.domain in ("", "ai.onnx")
+            and n.op_type not in _NO_FOLD
+            and n.op_type != "Constant"
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+            and all(i in computable for i in n.input if i)
+            and any(i for i in n.input)
+        ):
+            computable.update(o for o in n.output if o)
+    outputs = {o.name for o in g.output}
+    wanted: list[str] = []
+    for n in g.node:
+        slots = {"Conv": [1], "Gemm": [1], "LSTM": [1, 2], "GRU": [1, 2], "RNN": [1, 2]}.get(n.op_type, [])
+        if n.op_type == "MatMul" and len(n.input) == 2:
+            c = [i for i in (0, 1) if n.input[i] in computable]
+            slots = c if len(c) == 1 else []
+        for i in slots:
+            v = n.input[i] if i < len(n.input) else ""
+            if v and v in computable and v not in stored and v not in outputs and v not in wanted:
+                wanted.append(v)
+    if not wanted:
+        return model
+    float_stored = {t.name for t in g.initializer if t.data_type in _CASTABLE} | {
+        k for k, (_, t) in _constant_values(g).items() if t.data_type in _CASTABLE
+    }
+    readers: dict[str, set[int]] = {}
+    for k, n in enumerate(g.node):
+        for i in n.input:
+            readers.setdefault(i, set()).add(k)
+    needed: set[int] = set()
+    for v in list(wanted):
+        mine: set[int] = set()
+        leaves: set[str] = set()
+        stack = [v]
+        while stack:
+            name = stack.pop()
+            at = producer.get(name)
+            if name in stored:
+                leaves.add(name)
+                if at is not None:  # a Constant node: dropped with the rest when nothing else reads it
+                    mine.add(at)
+                continue
+            if at is None or at in mine:
+                continue
+            mine.add(at)
+            stack.extend(i for i in g.node[at].input if i)
+        # a float tensor also read outside this computation (a weight shared with another layer, as
+        # is or transposed) would be stored twice and its copies pruned apart: left alone
+        inner = {o for k in mine for o in g.node[k].output if g.node[k].op_type != "Constant"} - {v}
+        shared = any(readers.get(x, set()) - mine for x in (leaves & float_stored) | inner)
+        if shared or len(mine) > MAX_FOLD_NODES:
+            wanted.remove(v)
+            continue
+        needed |= mine
+    if not wanted:
+        return model
+    order = sorted(needed)
+    used = {i for k in order for i in g.node[k].input if i}
+    inits = [t for t in g.initializer if t.name in used and t.name not in graph_inputs]
+    sub = helper.make_graph(
+        [g.node[k] for k in order], "fold", [], [helper.make_empty_tensor_value_info(v) for v in wanted], inits
+    )
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
+        values = ReferenceEvaluator(sub_model).run(None, {})
+    except Exception as exc:  # an op the reference runtime lacks: leave the model as it is
+        log.debug("computed weights %s not folded: %s", wanted, exc)
+        return model
+    folded = {
+        v: np.asarray(x)
+        for v, x in zip(wanted, values, strict=True)
+        if np.asarray(x).dtype in (np.float16, np.float32, np.float64) and np.asarray(x).ndim >= 2
+    }
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = [n for n in g.node if not any(o in folded for o in n.output)]
+    # drop what only served the folded values: nodes whose outputs nobody reads, then stored tensors
+    while True:
+        read = {i for n in nodes for i in n.input if i} | outputs
+        dead = [n for n in nodes if all(o not in read for o in n.output if o) and any(n.output)]
+        dead = [n for n in dead if producer.get(n.output[0]) in needed]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        nodes = [n for n in nodes if id(n) not in ids]
+    read = {i for n in nodes for i in n.input if i} | outputs
+    kept = [t for t in g.initializer if t.name in read or t.name not in used]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(kept + [numpy_helper.from_array(np.ascontiguousarray(x), v) for v, x in folded.items()])
+    log.info("folded %d computed weight(s) into initializers: %s", len(folded), ", ".join(folded))
+    return out
+
+
+def expose_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[WeightChain, ...]]:
+    """Every rewrite that lets :func:`~chita_onnx.graph.find_prunable` see the weights a layer reads
+    through constant ops: :func:`detach_metadata_reads`, :func:`fold_weight_chains` (restored on
+    writing by :func:`unfold_weight_chains`), then :func:`fold_computed_weights`."""
+    model, chains = fold_weight_chains(detach_metadata_reads(model))
+    return fold_computed_weights(model), chains
 
 
 def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from chita_onnx import CompressConfig, compress
 from chita_onnx.evaluate import make_session
 from chita_onnx.graph import densify, find_prunable, get_weights, load_model
-from chita_onnx.weightchains import detach_metadata_reads, fold_weight_chains, unfold_weight_chains
+from chita_onnx.weightchains import detach_metadata_reads, expose_weights, fold_weight_chains, unfold_weight_chains
 
 
 def chained(seed: int = 0) -> onnx.ModelProto:
@@ -189,3 +189,55 @@ def test_shape_of_a_weight_does_not_hide_it(tmp_path: Path) -> None:
     assert [t.name for t in rep.tensors] == ["conv.weight", "fc.weight"]
     assert rep.nnz == rep.k == round(0.5 * (72 + 432))
     assert all(t.nnz < t.size for t in rep.tensors)
+
+
+def dynamo_lstm(seed: int = 0) -> onnx.ModelProto:
+    """A one-direction LSTM as torch's dynamo exporter writes it: ``W``/``R`` are ``Concat``s of
+    ``Slice``s of PyTorch's ``weight_ih``/``weight_hh`` (gate order i, f, g, o → ONNX's i, o, f, c),
+    ``Unsqueeze``d to ``[1, 4H, ·]``; then a linear head on the last axis."""
+    rng = np.random.default_rng(seed)
+    hid, inp = 3, 4
+    n = helper.make_node
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4 * hid, inp)) / 2).astype(np.float32), "rnn.weight_ih"),
+        numpy_helper.from_array((rng.standard_normal((4 * hid, hid)) / 2).astype(np.float32), "rnn.weight_hh"),
+        numpy_helper.from_array((rng.standard_normal((hid, 2)) / 2).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "ax0"),
+    ]
+    nodes = []
+    for k in range(5):
+        inits.append(numpy_helper.from_array(np.array([k * hid], dtype=np.int64), f"at{k}"))
+    for src, dst in (("rnn.weight_ih", "W"), ("rnn.weight_hh", "R")):
+        gates = []
+        for g, k in (("i", 0), ("o", 3), ("f", 1), ("c", 2)):  # ONNX order, from torch's i, f, g, o
+            nodes.append(n("Slice", [src, f"at{k}", f"at{k + 1}", "ax0"], [f"{dst}_{g}"], name=f"slice_{dst}_{g}"))
+            gates.append(f"{dst}_{g}")
+        nodes.append(n("Concat", gates, [f"{dst}_cat"], axis=0, name=f"concat_{dst}"))
+        nodes.append(n("Unsqueeze", [f"{dst}_cat", "ax0"], [dst], name=f"unsqueeze_{dst}"))
+    nodes += [
+        n("LSTM", ["x", "W", "R"], ["Y"], hidden_size=hid, name="lstm"),
+        n("Squeeze", ["Y", "ax1"], ["Ys"], name="squeeze"),
+        n("MatMul", ["Ys", "head"], ["y"], name="head_mm"),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "ax1"))
+    return checked(nodes, inits, [5, "N", inp], [5, "N", 2], 18)
+
+
+def test_weights_computed_from_constants_are_folded(tmp_path: Path) -> None:
+    model = dynamo_lstm(11)
+    assert [t.name for t in find_prunable(model)] == ["head"]  # the LSTM's W and R were computed
+    exposed, chains = expose_weights(model)
+    assert chains == ()
+    assert [t.name for t in find_prunable(exposed)] == ["W", "R", "head"]
+    assert {nd.op_type for nd in exposed.graph.node} == {"LSTM", "Squeeze", "MatMul"}
+    names = {t.name for t in exposed.graph.initializer}
+    assert "rnn.weight_ih" not in names and "rnn.weight_hh" not in names  # nothing is stored twice
+    x = np.random.default_rng(12).standard_normal((5, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(exposed, x), run(model, x), rtol=1e-6, atol=1e-7)
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    calib = {"x": np.random.default_rng(13).standard_normal((24, 5, 4)).astype(np.float32)}  # samples first
+    rep = compress(src, out, calib, CompressConfig(sparsity=0.5), eval_data={"x": x.transpose(1, 0, 2)})
+    assert {t.name for t in rep.tensors} == {"W", "R", "head"}
+    assert rep.nnz == rep.k == round(0.5 * (48 + 36 + 6))
+    assert out.stat().st_size <= src.stat().st_size + 1024
