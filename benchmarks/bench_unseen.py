@@ -97,6 +97,12 @@ def unlisted_weights(path: Path) -> list[str]:
     from chita_onnx.graph import load_model
 
     m = load_model(path)
+    try:  # what the pruning sees: the model after the weight-exposing rewrites (when they exist)
+        from chita_onnx.weightchains import expose_weights
+
+        m = expose_weights(m)[0]
+    except ImportError:
+        pass
     listed = {t.name for t in inspect_model(path)}
     big: list[tuple[str, onnx.TensorProto]] = [(t.name, t) for t in m.graph.initializer]
     big += [
@@ -291,12 +297,24 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
     ap.add_argument("--json", type=Path, default=UNSEEN / "bench_unseen.json")
     ap.add_argument("--no-cli", action="store_true")
+    ap.add_argument("--no-peer", action="store_true", help="skip the onnxsim peer")
+    ap.add_argument(
+        "--render",
+        help="only print the tables of these JSON files (comma-separated; a later file's "
+        "record of a model replaces an earlier one)",
+    )
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
         name, method, s, out_json = args.worker
         worker(name, method, float(s), Path(out_json))
+        return
+    if args.render:
+        merged: dict[str, dict[str, Any]] = {}
+        for f in args.render.split(","):
+            merged.update({m["model"]: m for m in json.loads(Path(f).read_text())})
+        print(markdown(list(merged.values()), [float(x) for x in args.sparsities.split(",")]))
         return
     from chita_onnx.peers import onnxsim_python
 
@@ -322,7 +340,7 @@ def main() -> None:
             )
             runs = []
             jobs = [(m, s) for s in sparsities for m in ("default", "magnitude")]
-            if onnxsim_python() is not None:
+            if not args.no_peer and onnxsim_python() is not None:
                 jobs.append(("onnxsim-sparsegpt", 0.5))
             for method, s in jobs:
                 rec = spawn(name, method, s, tmp)

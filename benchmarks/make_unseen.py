@@ -31,7 +31,8 @@ Models (name: family; exporter, opset; what it stresses):
   TorchScript exporter, opset 15 (one GRU node). Test metric: greedy-decode character accuracy
   (1 − edit distance / length). Its ``.npz`` files keep the strings under ``text`` (padded with −1),
   except the calibration file, which holds the images only (compress's ``labels`` are per sample).
-* ``crnn_lstm_dyn``   the same recogniser with a bidirectional LSTM, dynamo exporter, opset 18.
+* ``crnn_lstm_dyn``   the same recogniser with a bidirectional LSTM, dynamo exporter, opset 18 (its
+  optimizer folds the BN into the convolutions and writes the LSTM's W/R as Concats of Slices).
 * ``tcn1d``           1-D conv net over the 28 rows as time steps (28 channels): Conv1d, a grouped
   conv (groups 4, dilation 2), a depthwise conv (dilation 4) with a residual add, strided conv, flatten
   + linear; TorchScript exporter, opset 15.
@@ -374,7 +375,8 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             arrays = {"image": x} if split == "calib" else {"image": x, "text": t}
             np.savez(out / f"{name}_{split}.npz", **arrays)  # type: ignore[arg-type]
         record(name, family=f"CRNN (conv+BN, bidirectional {cell.upper()}, CTC)",
-               exporter="dynamo" if dyn else "torchscript", opset=opset, bn="kept", task="ctc", input="image",
+               exporter="dynamo" if dyn else "torchscript", opset=opset, task="ctc", input="image",
+               bn="folded by the exporter" if dyn else "kept",
                torch_test_accuracy=acc, train_s=round(time.time() - t0, 1))  # fmt: skip
 
     # ---------------------------------------------------------------- 5. 1-D conv net

@@ -211,6 +211,12 @@ def fold_weight_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[W
     del g.initializer[:]
     g.initializer.extend(kept_inits)
     g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), c.source) for c, v in found)
+    # shape annotations of the stored tensors and of the chains' values no longer hold (a transposed
+    # tensor now carries the stored name): dropped, so strict shape inference sees no conflict
+    stale = sources | drop_nodes
+    kept_vi = [vi for vi in g.value_info if vi.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(kept_vi)
     return out, tuple(c for c, _ in found)
 
 

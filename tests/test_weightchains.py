@@ -94,7 +94,12 @@ def test_fold_lists_chained_weights_and_keeps_the_outputs() -> None:
     model = chained(1)
     before = {t.name for t in find_prunable(model)}
     assert before == set()  # every weight sits behind a chain or is shared (D)
+    # exporters annotate intermediate values: the transposed weight's annotation must not survive
+    model.graph.value_info.extend(
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in (("T", [10, 16]), ("Tt", [16, 10]))]
+    )
     folded, chains = fold_weight_chains(model)
+    onnx.shape_inference.infer_shapes(folded, check_type=True, strict_mode=True)
     assert {c.source for c in chains} == {"A", "T", "R"}  # D feeds a MatMul and a Transpose: left alone
     prunable = {t.name: t for t in find_prunable(folded)}
     assert set(prunable) == {"A", "T", "R"}
