@@ -400,11 +400,86 @@ def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _linear_einsum(eq: str, weight_first: bool) -> bool | None:
+    """For an ``Einsum`` equation of an activation and a 2-D weight that is a plain linear layer
+    (contract the activation's last axis with one weight axis, keep the other weight axis last):
+    whether the weight is stored ``[in, out]`` (True) or ``[out, in]`` (False); None otherwise."""
+    eq = eq.replace(" ", "")
+    if eq.count("->") != 1:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    tw, tx = (terms[0], terms[1]) if weight_first else (terms[1], terms[0])
+    ell = tx.startswith("...")
+    if ell != out.startswith("...") or "." in tw or "." in tx.removeprefix("...") or "." in out.removeprefix("..."):
+        return None
+    tx, out = tx.removeprefix("..."), out.removeprefix("...")
+    if len(tw) != 2 or tw[0] == tw[1] or not tx or len(set(tx)) != len(tx):
+        return None
+    c = tx[-1]
+    if c not in tw:
+        return None
+    o = tw[1] if tw[0] == c else tw[0]
+    if o in tx or out != tx[:-1] + o:
+        return None
+    return tw[0] == c
+
+
+def einsums_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every ``Einsum`` of an activation and a stored 2-D float tensor
+    that is a linear layer (``"bi,io->bo"``, ``"...i,oi->...o"``, either operand order) is a
+    ``MatMul``, behind a ``Transpose`` of the weight when it is stored ``[out, in]`` (which
+    :func:`fold_weight_chains` then folds).  Exporters write dense layers as such Einsums (tf2onnx's
+    ``EinsumDense``), and an Einsum is not a prunable slot, so their weights were left dense.  Exact.
+    Returns ``model`` itself when nothing matches."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    names = {o for n in g.node for o in n.output} | set(stored) | graph_inputs
+    new: list[onnx.NodeProto] = []
+    changed = False
+    for n in g.node:
+        eq = next((a.s.decode() for a in n.attribute if a.name == "equation"), "")
+        if n.op_type != "Einsum" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            new.append(n)
+            continue
+        first = n.input[0] in stored and n.input[1] not in stored
+        second = n.input[1] in stored and n.input[0] not in stored
+        w = n.input[0] if first else n.input[1]
+        t = stored.get(w)
+        in_out = _linear_einsum(eq, weight_first=first) if (first or second) else None
+        if t is None or in_out is None or len(t.dims) != 2 or t.data_type not in _CASTABLE:
+            new.append(n)
+            continue
+        x = n.input[1] if first else n.input[0]
+        label = n.name or f"einsum_{len(new)}"
+        if not in_out:
+            wt = f"{w}_t"
+            while wt in names:
+                wt += "_"
+            names.add(wt)
+            new.append(helper.make_node("Transpose", [w], [wt], perm=[1, 0], name=f"{label}_weight_t"))
+            w = wt
+        new.append(helper.make_node("MatMul", [x, w], list(n.output), name=label))
+        changed = True
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(new)
+    return out
+
+
 def expose_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[WeightChain, ...]]:
     """Every rewrite that lets :func:`~chita_onnx.graph.find_prunable` see the weights a layer reads
-    through constant ops: :func:`detach_metadata_reads`, :func:`fold_weight_chains` (restored on
-    writing by :func:`unfold_weight_chains`), then :func:`fold_computed_weights`."""
-    model, chains = fold_weight_chains(detach_metadata_reads(model))
+    through constant ops: :func:`einsums_as_matmuls`, :func:`detach_metadata_reads`,
+    :func:`fold_weight_chains` (restored on writing by :func:`unfold_weight_chains`), then
+    :func:`fold_computed_weights`."""
+    model, chains = fold_weight_chains(detach_metadata_reads(einsums_as_matmuls(model)))
     return fold_computed_weights(model), chains
 
 

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from chita_onnx import CompressConfig, compress
 from chita_onnx.evaluate import make_session
 from chita_onnx.graph import densify, find_prunable, get_weights, load_model
-from chita_onnx.weightchains import detach_metadata_reads, expose_weights, fold_weight_chains, unfold_weight_chains
+from chita_onnx.weightchains import (
+    detach_metadata_reads,
+    einsums_as_matmuls,
+    expose_weights,
+    fold_weight_chains,
+    unfold_weight_chains,
+)
 
 
 def chained(seed: int = 0) -> onnx.ModelProto:
@@ -246,3 +253,49 @@ def test_weights_computed_from_constants_are_folded(tmp_path: Path) -> None:
     assert {t.name for t in rep.tensors} == {"W", "R", "head"}
     assert rep.nnz == rep.k == round(0.5 * (48 + 36 + 6))
     assert out.stat().st_size <= src.stat().st_size + 1024
+
+
+def einsum_layer(equation: str, w_shape: tuple[int, int], x_shape: list[object], weight_first: bool) -> onnx.ModelProto:
+    """``x`` → ``Einsum(equation)`` with a stored weight → ``Tanh`` → ``y``."""
+    w = (np.random.default_rng(21).standard_normal(w_shape) / 4).astype(np.float32)
+    ins = ["W", "x"] if weight_first else ["x", "W"]
+    nodes = [
+        helper.make_node("Einsum", ins, ["h"], equation=equation, name="dense"),
+        helper.make_node("Tanh", ["h"], ["y"], name="act"),
+    ]
+    ops = (w, np.zeros(x_shape, np.float32)) if weight_first else (np.zeros(x_shape, np.float32), w)
+    y_shape: list[object] = ["N", *np.einsum(equation, *ops).shape[1:]]  # the batch axis stays first
+    return checked(nodes, [numpy_helper.from_array(w, "W")], ["N", *x_shape[1:]], y_shape, 13)
+
+
+@pytest.mark.parametrize(
+    ("equation", "w_shape", "x_shape", "weight_first", "linear"),
+    [
+        ("bi,io->bo", (12, 5), [4, 12], False, True),  # tf2onnx EinsumDense, weight [in, out]
+        ("...i,oi->...o", (5, 12), [4, 3, 12], False, True),  # weight [out, in]: behind a Transpose
+        ("oi,bti->bto", (5, 12), [4, 3, 12], True, True),  # weight first
+        ("bji,jk->bik", (3, 5), [4, 3, 12], False, False),  # contracts a middle axis: not a layer
+        ("bi,io->ob", (12, 5), [4, 12], False, False),  # output axes swapped: not a layer
+    ],
+)
+def test_linear_einsums_become_prunable_matmuls(
+    tmp_path: Path, equation: str, w_shape: tuple[int, int], x_shape: list[int], weight_first: bool, linear: bool
+) -> None:
+    model = einsum_layer(equation, w_shape, x_shape, weight_first)
+    assert find_prunable(model) == []
+    rewritten = einsums_as_matmuls(model)
+    if not linear:
+        assert rewritten is model and find_prunable(expose_weights(model)[0]) == []
+        return
+    assert "Einsum" not in {nd.op_type for nd in rewritten.graph.node}
+    x = np.random.default_rng(22).standard_normal(x_shape).astype(np.float32)
+    np.testing.assert_allclose(run(rewritten, x), run(model, x), rtol=1e-5, atol=1e-6)
+    exposed, _ = expose_weights(model)
+    assert [t.name for t in find_prunable(exposed)] == ["W"]
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    calib = {"x": np.random.default_rng(23).standard_normal([32, *x_shape[1:]]).astype(np.float32)}
+    rep = compress(src, out, calib, CompressConfig(sparsity=0.5), eval_data={"x": x})
+    assert rep.nnz == rep.k == 30
+    stored = numpy_helper.to_array(next(t for t in load_model(out).graph.initializer if t.name == "W"))
+    assert stored.shape == w_shape and np.count_nonzero(stored) == 30  # written back in its own layout
