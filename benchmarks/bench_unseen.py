@@ -9,8 +9,9 @@ config and with ``method="magnitude"`` (no statistics correction, as the zoo run
 sparsity, and the onnxsim peer's SparseGPT at 0.5 when its venv exists (:mod:`chita_onnx.peers`,
 run as ``benchmarks/zoo/run.py`` does). Each pruned model is scored on the TEST split: top-1
 accuracy and agreement with dense (classifiers), greedy-decode character accuracy and exact-string
-agreement with dense (CTC recognisers). ``compress``'s own check uses 8 SELECTION samples; the
-calibration file is the model's ``_calib.npz`` (256 labelled samples). Recorded per run: wall time,
+agreement with dense (CTC recognisers), foreground IoU and pixel agreement with dense (segmenter).
+``compress``'s own check uses 8 SELECTION samples; the calibration file is the model's
+``_calib.npz`` (256 samples, labelled for the classifiers). Recorded per run: wall time,
 p, the exact budget ``k = round((1−s)·p)`` against the nonzeros counted in the written file, tensors
 left unpruned, weights ``inspect`` does not list (big float constants no prunable slot reads).
 
@@ -62,6 +63,12 @@ def run_model(path: Path, x: np.ndarray, inp: str) -> np.ndarray:
 
 
 def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str, np.ndarray]) -> dict[str, float]:
+    if info["task"] == "segment":  # foreground IoU against the true mask; pixel agreement with dense
+        fg, truth = y > 0, test["mask"] > 0.5
+        return {
+            "metric": float((fg & truth).sum() / (fg | truth).sum()),
+            "agreement": float((fg == (dense > 0)).mean()),
+        }
     if info["task"] == "ctc":
         same = [a == b for a, b in zip(greedy_decode(y), greedy_decode(dense), strict=True)]
         return {"metric": char_accuracy(y, test["text"]), "agreement": float(np.mean(same))}
@@ -273,7 +280,9 @@ def markdown(results: list[dict[str, Any]], sparsities: list[float]) -> str:
         cli_s = f"exit {cli['exit']}" + (
             f", {cli.get('stock_ort', '')}" if cli["exit"] == 0 else f": {cli.get('message', '')}"
         )
-        metric = "char accuracy (string agreement)" if info["task"] == "ctc" else "top-1 (agreement)"
+        metric = {"ctc": "char accuracy (string agreement)", "segment": "foreground IoU (pixel agreement)"}.get(
+            info["task"], "top-1 (agreement)"
+        )
         row = [m["model"], f"{info['exporter']}, {info['opset']}", str(m.get("p", "–")), metric,
                f"{m['dense']:.4f}", *cells, b["bar 0.3"], b["bar 0.5"], cli_s]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")

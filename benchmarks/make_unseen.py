@@ -36,6 +36,10 @@ Models (name: family; exporter, opset; what it stresses):
 * ``tcn1d``           1-D conv net over the 28 rows as time steps (28 channels): Conv1d, a grouped
   conv (groups 4, dilation 2), a depthwise conv (dilation 4) with a residual add, strided conv, flatten
   + linear; TorchScript exporter, opset 15.
+* ``unet_seg``        U-Net-style segmenter (two stride-2 Conv+BN stages, two ConvTranspose
+  upsamplings with skip Concats, 1×1 logits) on noisy, blotted digits → foreground mask; TorchScript
+  exporter, opset 17. Test metric: foreground IoU against the true mask (logit > 0); the ``.npz``
+  files keep the masks under ``mask`` (not in the calibration file).
 * ``stress_mlp``      a trained MLP written by hand with ``onnx.helper`` in odd but valid forms: a Gemm
   with ``transB=0``, a MatMul with the weight on the left (``(W·hᵀ)ᵀ``), one weight behind a
   ``Transpose`` node read by two MatMuls (tied layer), a Gemm with ``transA=1``; opset 13.
@@ -407,6 +411,56 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
         record("tcn1d", family="1-D conv net (grouped, depthwise, dilated, residual)", exporter="torchscript",
                opset=15, bn="none", task="classifier", input="input", torch_test_accuracy=acc,
                train_s=round(time.time() - t0, 1))  # fmt: skip
+
+    # ---------------------------------------------------------------- 7. U-Net-style segmenter
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.e2 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+            self.e3 = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+            self.u2 = nn.ConvTranspose2d(64, 32, 2, 2)
+            self.d2 = nn.Sequential(nn.Conv2d(64, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+            self.u1 = nn.ConvTranspose2d(32, 16, 2, 2)
+            self.d1 = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.out = nn.Conv2d(16, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.e1(x)
+            b = self.e2(a)
+            c = self.e3(b)
+            d = self.d2(torch.cat([self.u2(c), b], 1))
+            return self.out(self.d1(torch.cat([self.u1(d), a], 1)))
+
+    if want("unet_seg"):
+        t0 = time.time()
+        noise = np.random.default_rng(seed + 7)
+        bg = np.float32((0.0 - MEAN) / STD)
+
+        def noisy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Digits with Gaussian noise and random 4x4 blots (input) and their foreground mask."""
+            mask = (x > 0.0).astype(np.float32)  # pixels above ~0.13 of full intensity
+            y = x + noise.normal(0, 0.8, x.shape).astype(np.float32)
+            for i in range(len(y)):
+                r, c = noise.integers(0, 24, size=2)
+                y[i, r : r + 4, c : c + 4] = bg + 2.5
+            return y[:, None].astype(np.float32), mask[:, None]
+
+        torch.manual_seed(seed)
+        net = UNet()
+        xs, ms = noisy(xtr)
+        train(net, xs, ms, epochs=3, lr=0.05, loss_fn=lambda o, t: F.binary_cross_entropy_with_logits(o, t))
+        splits = {k: noisy(P[k][0]) for k in ("calib", "select", "test")}
+        with torch.no_grad():
+            pred = net(torch.from_numpy(splits["test"][0])).numpy() > 0
+        truth = splits["test"][1] > 0.5
+        acc = float((pred & truth).sum() / (pred | truth).sum())
+        export(net, "unet_seg", torch.zeros(2, 1, 28, 28), dynamo=False, opset=17)
+        for split, (x, m) in splits.items():
+            np.savez(out / f"unet_seg_{split}.npz", **({"input": x} if split == "calib" else {"input": x, "mask": m}))
+        record("unet_seg", family="U-Net-style segmenter (ConvTranspose upsampling, skip Concats, BN folded)",
+               exporter="torchscript", opset=17, bn="folded by the exporter", task="segment", input="input",
+               torch_test_accuracy=acc, train_s=round(time.time() - t0, 1))  # fmt: skip
 
     # ---------------------------------------------------------------- 6. graph-side stress MLP
     class MLP(nn.Module):
