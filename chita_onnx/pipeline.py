@@ -62,7 +62,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .support import assert_supported, refuse_quantized
-from .weightchains import WeightChain, expose_weights, unfold_weight_chains
+from .weightchains import WeightChain, expose_weights, unfold_weight_chains, unprunable_layer_weights
 
 log = logging.getLogger(__name__)
 
@@ -945,6 +945,14 @@ def _compress(
         log.info("%s", chosen)
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
+    dense_layers = unprunable_layer_weights(prep.model, {t.name for t in prep.tensors} | set(config.keep))
+    if dense_layers:
+        listed = ", ".join(f"{n} ({op}, {size:,})" for n, op, size in dense_layers[:5])
+        more = f" and {len(dense_layers) - 5} more" if len(dense_layers) > 5 else ""
+        warnings.append(
+            f"{len(dense_layers)} layer weight tensor(s) with {sum(s for *_, s in dense_layers):,} weights are not "
+            f"prunable and stay dense, outside the sparsity budget: {listed}{more}"
+        )
 
     ref: Reference | None = None
     if prep.eval is not None:

@@ -483,6 +483,37 @@ def expose_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[Weigh
     return fold_computed_weights(model), chains
 
 
+#: Input slots that hold a layer's weight, by op (whether or not chita-onnx can prune it there).
+_LAYER_SLOTS = {
+    "Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Einsum": (0, 1),
+    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
+}  # fmt: skip
+
+
+def unprunable_layer_weights(
+    model: onnx.ModelProto, prunable: set[str], *, min_size: int = 16
+) -> list[tuple[str, str, int]]:
+    """``(tensor, op, size)`` of the stored float tensors of ≥ 2 dims and ``min_size`` values that
+    a layer reads as its weight but that are not among ``prunable`` (a ``ConvTranspose`` weight, an
+    Einsum that is not a linear layer, a weight also read by another op): they stay dense, which
+    the report says instead of leaving it silent."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    out: dict[str, tuple[str, str, int]] = {}
+    for n in g.node:
+        for i in _LAYER_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ():
+            name = n.input[i] if i < len(n.input) else ""
+            t = stored.get(name)
+            if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
+                continue
+            size = int(np.prod(t.dims)) if t.dims else 1
+            if len(t.dims) >= 2 and size >= min_size:
+                out[name] = (name, n.op_type, size)
+    return list(out.values())
+
+
 def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:
     """``model`` (written from a folded model) with every chain restored: the stored tensor in its
     own layout and dtype, re-derived from the folded tensor, and the chain's nodes before the first

@@ -299,3 +299,31 @@ def test_linear_einsums_become_prunable_matmuls(
     assert rep.nnz == rep.k == 30
     stored = numpy_helper.to_array(next(t for t in load_model(out).graph.initializer if t.name == "W"))
     assert stored.shape == w_shape and np.count_nonzero(stored) == 30  # written back in its own layout
+
+
+def test_a_layer_weight_left_dense_is_reported(tmp_path: Path) -> None:
+    """A ConvTranspose weight is not prunable: the run must say it stays dense, not stay silent."""
+    rng = np.random.default_rng(31)
+    n = helper.make_node
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) / 3).astype(np.float32), "conv.weight"),
+        numpy_helper.from_array((rng.standard_normal((4, 2, 2, 2)) / 3).astype(np.float32), "up.weight"),
+    ]
+    nodes = [
+        n("Conv", ["x", "conv.weight"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1], name="down"),
+        n("Relu", ["c"], ["r"], name="relu"),
+        n("ConvTranspose", ["r", "up.weight"], ["y"], strides=[2, 2], name="up"),
+    ]
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(checked(nodes, inits, ["N", 3, 8, 8], ["N", 2, 8, 8], 13), src)
+    calib = {"x": rng.standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    rep = compress(src, out, calib, CompressConfig(sparsity=0.5), eval_data={"x": calib["x"][:4]})
+    assert [t.name for t in rep.tensors] == ["conv.weight"]
+    said = [w for w in rep.warnings if "not prunable" in w]
+    assert len(said) == 1 and "up.weight (ConvTranspose, 32)" in said[0] and "1 layer weight tensor(s)" in said[0]
+    chained_src = tmp_path / "c.onnx"
+    onnx.save(chained(5), chained_src)  # D is read by a MatMul and a Transpose: named too
+    x = {"x": rng.standard_normal((24, 12)).astype(np.float32)}
+    rep = compress(chained_src, tmp_path / "c_out.onnx", x, CompressConfig(sparsity=0.5), eval_data=x)
+    said = [w for w in rep.warnings if "not prunable" in w]
+    assert len(said) == 1 and "D (MatMul, 60)" in said[0]
