@@ -62,6 +62,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .support import assert_supported, refuse_quantized
+from .weightchains import WeightChain, expose_weights, unfold_weight_chains, unprunable_layer_weights
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class Prepared:
     calib: CalibrationSource
     eval: CalibrationSource | None
     eval_source: str
+    #: weights folded out of Transpose/Cast/Reshape chains (restored in the written model)
+    chains: tuple[WeightChain, ...] = ()
 
 
 def prepare(
@@ -158,6 +161,9 @@ def prepare(
     path = Path(model_path)
     model = load_model(path)
     refuse_quantized(model, str(path))
+    chains: tuple[WeightChain, ...] = ()
+    if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
+        model, chains = expose_weights(model)
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
@@ -195,7 +201,7 @@ def prepare(
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
-    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source)
+    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains)
 
 
 def refused_weights(
@@ -939,6 +945,14 @@ def _compress(
         log.info("%s", chosen)
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
+    dense_layers = unprunable_layer_weights(prep.model, {t.name for t in prep.tensors} | set(config.keep))
+    if dense_layers:
+        listed = ", ".join(f"{n} ({op}, {size:,})" for n, op, size in dense_layers[:5])
+        more = f" and {len(dense_layers) - 5} more" if len(dense_layers) > 5 else ""
+        warnings.append(
+            f"{len(dense_layers)} layer weight tensor(s) with {sum(s for *_, s in dense_layers):,} weights are not "
+            f"prunable and stay dense, outside the sparsity budget: {listed}{more}"
+        )
 
     ref: Reference | None = None
     if prep.eval is not None:
@@ -1000,6 +1014,7 @@ def _compress(
         meta["statistics"] = correction.describe()
         base = prep.model if corrected is None else corrected
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
+        pruned = unfold_weight_chains(pruned, prep.chains)
         written = save_model(pruned, staged, input_path=in_path)
         check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)
@@ -1093,14 +1108,14 @@ def evaluate_model(
 @guarded
 def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
     """The prunable tensors of an ONNX model file (name, op, consuming nodes, shape, size)."""
-    return find_prunable(load_model(model))
+    return find_prunable(expose_weights(load_model(model))[0])
 
 
 @guarded
 def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
     """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
     (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
-    m = load_model(model)
+    m = expose_weights(load_model(model))[0]
     tensors = find_prunable(m)
     return tensors, refused_weights(m, tensors)
 

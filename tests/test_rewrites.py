@@ -50,6 +50,20 @@ VEC: dict[str, tuple[Callable[[Init], tuple[list[onnx.NodeProto], int]], int, st
         "Reciprocal",
         False,
     ),
+    # ReLU6 as torch's dynamo exporter writes it without its optimizer: Clip bounds CastLike'd to z
+    "CastLike": (
+        lambda w: (
+            [
+                node("CastLike", [_f(w, "lo", np.float32(0.0)), "z"], ["lo_z"]),
+                node("CastLike", [_f(w, "hi", np.float32(0.6)), "z"], ["hi_z"]),
+                node("Clip", ["z", "lo_z", "hi_z"], ["y"]),
+            ],
+            6,
+        ),
+        17,
+        "CastLike",
+        False,
+    ),
     "Gelu": (lambda w: ([node("Gelu", ["z"], ["y"])], 6), 20, "Gelu", False),
     "Gelu-tanh": (lambda w: ([node("Gelu", ["z"], ["y"], approximate="tanh")], 6), 20, "Gelu", False),
     "ms.Gelu": (lambda w: ([node("Gelu", ["z"], ["y"], domain=MS)], 6), 17, f"{MS}.Gelu", True),

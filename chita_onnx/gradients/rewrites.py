@@ -176,6 +176,17 @@ def reciprocal(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     return [c.node("Div", [c.scalar(f"{x}_one", 1.0, x), x], [n.output[0]])]
 
 
+def cast_like(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """``CastLike(x, like)`` → ``Cast(x, to=type of like)``: ``like`` gives only its element type (torch's
+    dynamo exporter without its optimizer writes ``CastLike(constant, activation)`` for the bounds of
+    ReLU6's Clip, which put an op with no gradient on every path).  Left alone when the type is unknown."""
+    like = n.input[1]
+    if like not in c.table:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}  # saturate (opset 19)
+    return [c.node("Cast", [n.input[0]], [n.output[0]], to=c.table[like][0], **attrs)]
+
+
 def _gelu(c: Ctx, x: str, y: str, approximate: str) -> list[onnx.NodeProto]:
     """``y = ½·x·(1 + erf(x/√2))``, or the tanh form ``½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``."""
     half, one = c.scalar(f"{y}_half", 0.5, x), c.scalar(f"{y}_one", 1.0, x)
@@ -801,6 +812,7 @@ def _structural() -> dict[str, Rule]:
 
 RULES: dict[str, Rule] = {
     "Reciprocal": reciprocal,
+    "CastLike": cast_like,
     "Gelu": gelu,
     "com.microsoft.Gelu": ms_gelu,
     "com.microsoft.BiasGelu": ms_gelu,

@@ -1,0 +1,578 @@
+"""Weights that reach their layer through value-preserving ops on constants.
+
+A Conv/Gemm/MatMul (or LSTM/GRU/RNN) weight slot is often fed not by the stored tensor itself but by
+a short chain of ops that only re-lay or re-type it: a ``Transpose`` (a weight stored ``[out, in]``
+and read by a MatMul, or one tensor shared by tied layers), a ``Cast`` (float16 storage computed in
+float32), ``Reshape``/``Flatten``/``Squeeze``/``Unsqueeze`` with constant shapes, ``Identity``.
+Such weights used to be invisible to :func:`~chita_onnx.graph.find_prunable`: a model with them
+was pruned to the requested sparsity over the *other* tensors and the chained ones silently stayed
+dense (or, with every weight behind a Cast, refused as having no prunable weights).
+
+:func:`fold_weight_chains` folds every such chain into one initializer that the weight slots read
+directly (named after the stored tensor, so reports name what the file holds), and records the
+chain; :func:`unfold_weight_chains` puts the chain back into a written model, with the stored
+tensor re-derived from the folded one by the inverse ops (inverse permutation, reshape to the
+stored shape, cast back to the stored type), so the output keeps the input's layout and dtypes.
+A chain is folded only when the stored tensor feeds nothing but the chain, every op of the chain
+feeds only the next, and its output feeds only weight slots; anything else is left as it is.
+Pure re-layout and re-typing: no arithmetic (a float16 round trip of a pruned zero stays zero).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import _constant_values, _to_sparse, _weight_slots
+
+log = logging.getLogger(__name__)
+
+#: Ops a chain may consist of (each has one data input; other inputs must be constants).
+CHAIN_OPS = frozenset({"Identity", "Transpose", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: Types a chained Cast may convert between (numpy has no bfloat16).
+_CASTABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class WeightChain:
+    """One folded chain: the stored tensor ``source`` (dtype ``source_type``, shape
+    ``source_shape``), the chain's ``nodes`` in order, and ``result``, the name its output had."""
+
+    source: str
+    source_type: int
+    source_shape: tuple[int, ...]
+    nodes: tuple[onnx.NodeProto, ...]
+    result: str
+    #: the shape of each node's data input, in chain order (for the inverse reshapes)
+    in_shapes: tuple[tuple[int, ...], ...]
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == name:
+            return [int(v) for v in a.ints]
+    return None
+
+
+def _step(
+    node: onnx.NodeProto, x: NDArray[np.generic], consts: dict[str, NDArray[np.generic]]
+) -> NDArray[np.generic] | None:
+    """``node`` applied to ``x``, or None when it is not a pure re-layout/re-type with constant
+    arguments."""
+    op = node.op_type
+    extra = [consts.get(i) for i in node.input[1:] if i]
+    if any(e is None for e in extra):
+        return None
+    if op == "Identity":
+        return x
+    if op == "Transpose":
+        return np.transpose(x, _ints(node, "perm"))
+    if op == "Cast":
+        to = _int(node, "to", 0)
+        if to not in _CASTABLE or x.dtype not in (np.float16, np.float32, np.float64):
+            return None
+        return x.astype(helper.tensor_dtype_to_np_dtype(to))
+    if op == "Reshape":
+        if not extra:
+            return None
+        shape = [int(v) for v in np.asarray(extra[0]).reshape(-1)]
+        if not _int(node, "allowzero", 0):
+            shape = [x.shape[i] if v == 0 and i < x.ndim else v for i, v in enumerate(shape)]
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            return None
+    if op == "Flatten":
+        axis = _int(node, "axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _ints(node, "axes")
+        if axes is None and extra:
+            axes = [int(v) for v in np.asarray(extra[0]).reshape(-1)]
+        if op == "Squeeze":
+            return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(axes))
+        if axes is None:
+            return None
+        out_rank = x.ndim + len(axes)
+        return np.expand_dims(x, tuple(a + out_rank if a < 0 else a for a in axes))
+    return None
+
+
+def _inverse(chain: WeightChain, value: NDArray[np.floating]) -> NDArray[np.floating]:
+    """The stored tensor whose chain gives ``value``."""
+    for node, shape in zip(reversed(chain.nodes), reversed(chain.in_shapes), strict=True):
+        if node.op_type == "Transpose":
+            perm = _ints(node, "perm") or list(range(value.ndim))[::-1]
+            value = np.transpose(value, np.argsort(perm))
+        value = value.reshape(shape)
+    return np.ascontiguousarray(value, dtype=helper.tensor_dtype_to_np_dtype(chain.source_type))
+
+
+def fold_weight_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[WeightChain, ...]]:
+    """A copy of ``model`` in which every foldable weight chain of the main graph is one initializer
+    named after its stored tensor, read directly by the weight slots; and the chains folded.
+
+    Returns ``model`` itself (not a copy) and ``()`` when there is nothing to fold.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    inits = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    const_nodes = _constant_values(g)
+    stored = set(inits) | set(const_nodes)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((node, i))
+    outputs = {o.name for o in g.output}
+    small: dict[str, NDArray[np.generic]] = {}  # constant shape/axes arguments (int64)
+    for name in stored:
+        t = inits[name] if name in inits else const_nodes[name][1]
+        if t.data_type == TensorProto.INT64 and int(np.prod(t.dims)) <= 16:
+            small[name] = numpy_helper.to_array(t)
+
+    found: list[tuple[WeightChain, NDArray[np.generic]]] = []
+    for source in sorted(stored):
+        uses = consumers.get(source, [])
+        if len(uses) != 1 or source in outputs:
+            continue
+        node, slot = uses[0]
+        if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or slot != 0:
+            continue
+        tensor = inits[source] if source in inits else const_nodes[source][1]
+        if tensor.data_type not in _CASTABLE or len(tensor.dims) < 1:
+            continue
+        value: NDArray[np.generic] | None = numpy_helper.to_array(tensor)
+        nodes: list[onnx.NodeProto] = []
+        shapes: list[tuple[int, ...]] = []
+        while True:
+            assert value is not None
+            nxt = _step(node, value, small)
+            if nxt is None:
+                break
+            nodes.append(node)
+            shapes.append(tuple(value.shape))
+            value = nxt
+            readers = consumers.get(node.output[0], [])
+            if node.output[0] in outputs or len(readers) != 1:
+                break
+            cand, cslot = readers[0]
+            if cand.op_type not in CHAIN_OPS or cand.domain not in ("", "ai.onnx") or cslot != 0:
+                break
+            node = cand
+        if not nodes or value is None:
+            continue
+        result = nodes[-1].output[0]
+        readers = consumers.get(result, [])
+        if (
+            result in outputs
+            or not readers
+            or value.dtype not in (np.float16, np.float32, np.float64)
+            or value.ndim < 2
+        ):
+            continue
+        if not all(i in _weight_slots(n, stored | {result}) for n, i in readers):
+            continue
+        chain = WeightChain(
+            source, tensor.data_type, tuple(int(d) for d in tensor.dims), tuple(nodes), result, tuple(shapes)
+        )
+        found.append((chain, value))
+    if not found:
+        return model, ()
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    drop_nodes = {n.output[0] for c, _ in found for n in c.nodes}
+    drop_nodes |= {c.source for c, _ in found if c.source in const_nodes}
+    renamed = {c.result: c.source for c, _ in found}
+    keep = [n for n in g.node if not (n.output and n.output[0] in drop_nodes)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+    del g.node[:]
+    g.node.extend(keep)
+    sources = {c.source for c, _ in found}
+    kept_inits = [t for t in g.initializer if t.name not in sources]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), c.source) for c, v in found)
+    # shape annotations of the stored tensors and of the chains' values no longer hold (a transposed
+    # tensor now carries the stored name): dropped, so strict shape inference sees no conflict
+    stale = sources | drop_nodes
+    kept_vi = [vi for vi in g.value_info if vi.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(kept_vi)
+    return out, tuple(c for c, _ in found)
+
+
+#: Ops that read only the type or shape of an input: ``{op: input slot}``.
+_METADATA_READS = {"Shape": 0, "Size": 0, "CastLike": 1}
+
+
+def detach_metadata_reads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which ``Shape``/``Size`` of a constant tensor of the main graph are
+    replaced by their int64 values and ``CastLike(x, constant)`` by ``Cast(x, to=its type)``.
+
+    These ops read a tensor's shape or type, never its values, but they made a weight look shared
+    with a non-layer op, so it was not prunable: torch's dynamo exporter without its optimizer
+    (``optimize=False``) builds each bias-less Conv's zero bias from ``Shape(weight)``, which left every
+    such Conv weight dense.  The rewrite is exact for any values of the tensor.  Returns ``model``
+    itself when nothing matches.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored: dict[str, TensorProto] = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    hits = [
+        k
+        for k, n in enumerate(g.node)
+        if n.op_type in _METADATA_READS
+        and n.domain in ("", "ai.onnx")
+        and len(n.input) > _METADATA_READS[n.op_type]
+        and n.input[_METADATA_READS[n.op_type]] in stored
+    ]
+    if not hits:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    for k in hits:
+        n = nodes[k]
+        t = stored[n.input[_METADATA_READS[n.op_type]]]
+        dims = [int(d) for d in t.dims]
+        if n.op_type == "CastLike":
+            nodes[k] = helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=t.data_type)
+            continue
+        if n.op_type == "Size":
+            value = np.array(int(np.prod(dims)), dtype=np.int64)
+        else:
+            rank = len(dims)
+            start, end = _int(n, "start", 0), _int(n, "end", rank)
+            start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+            value = np.array(dims[start:end], dtype=np.int64)
+        nodes[k] = helper.make_node("Constant", [], list(n.output), name=n.name, value=numpy_helper.from_array(value))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+#: Ops a computed weight is never folded through (random values, subgraphs).
+_NO_FOLD = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+    | {"If", "Loop", "Scan", "SequenceMap"}
+)
+#: At most this many nodes are folded into one weight (a weight is a few Slices and Concats).
+MAX_FOLD_NODES = 256
+
+
+def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every weight slot fed by a value computed from constants alone
+    (in the main graph, by default-domain ops) reads an initializer holding that value instead; the
+    nodes and stored tensors that only served it are dropped.
+
+    torch's dynamo exporter writes an LSTM's ``W``/``R`` as ``Concat``s of ``Slice``s of the PyTorch
+    weights (the gate order differs), which its optimizer leaves unfolded: the LSTM's weights were
+    not prunable.  The folded tensor holds the same number of values as the slices it replaces, so
+    the written model is no larger.  Values are computed with ``onnx.reference``; a subgraph it cannot
+    run is left alone.  Returns ``model`` itself when nothing matches.
+    """
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name for t in g.initializer if t.name not in graph_inputs} | set(_constant_values(g))
+    computable = set(stored)
+    producer: dict[str, int] = {}
+    for k, n in enumerate(g.node):
+        for o in n.output:
+            if o:
+                producer[o] = k
+        if (
+            n.domain in ("", "ai.onnx")
+            and n.op_type not in _NO_FOLD
+            and n.op_type != "Constant"
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+            and all(i in computable for i in n.input if i)
+            and any(i for i in n.input)
+        ):
+            computable.update(o for o in n.output if o)
+    outputs = {o.name for o in g.output}
+    wanted: list[str] = []
+    for n in g.node:
+        slots = {"Conv": [1], "Gemm": [1], "LSTM": [1, 2], "GRU": [1, 2], "RNN": [1, 2]}.get(n.op_type, [])
+        if n.op_type == "MatMul" and len(n.input) == 2:
+            c = [i for i in (0, 1) if n.input[i] in computable]
+            slots = c if len(c) == 1 else []
+        for i in slots:
+            v = n.input[i] if i < len(n.input) else ""
+            if v and v in computable and v not in stored and v not in outputs and v not in wanted:
+                wanted.append(v)
+    if not wanted:
+        return model
+    float_stored = {t.name for t in g.initializer if t.data_type in _CASTABLE} | {
+        k for k, (_, t) in _constant_values(g).items() if t.data_type in _CASTABLE
+    }
+    readers: dict[str, set[int]] = {}
+    for k, n in enumerate(g.node):
+        for i in n.input:
+            readers.setdefault(i, set()).add(k)
+    needed: set[int] = set()
+    for v in list(wanted):
+        mine: set[int] = set()
+        leaves: set[str] = set()
+        stack = [v]
+        while stack:
+            name = stack.pop()
+            at = producer.get(name)
+            if name in stored:
+                leaves.add(name)
+                if at is not None:  # a Constant node: dropped with the rest when nothing else reads it
+                    mine.add(at)
+                continue
+            if at is None or at in mine:
+                continue
+            mine.add(at)
+            stack.extend(i for i in g.node[at].input if i)
+        # a float tensor also read outside this computation (a weight shared with another layer, as
+        # is or transposed) would be stored twice and its copies pruned apart: left alone
+        inner = {o for k in mine for o in g.node[k].output if g.node[k].op_type != "Constant"} - {v}
+        shared = any(readers.get(x, set()) - mine for x in (leaves & float_stored) | inner)
+        if shared or len(mine) > MAX_FOLD_NODES:
+            wanted.remove(v)
+            continue
+        needed |= mine
+    if not wanted:
+        return model
+    order = sorted(needed)
+    used = {i for k in order for i in g.node[k].input if i}
+    inits = [t for t in g.initializer if t.name in used and t.name not in graph_inputs]
+    sub = helper.make_graph(
+        [g.node[k] for k in order], "fold", [], [helper.make_empty_tensor_value_info(v) for v in wanted], inits
+    )
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
+        values = ReferenceEvaluator(sub_model).run(None, {})
+    except Exception as exc:  # an op the reference runtime lacks: leave the model as it is
+        log.debug("computed weights %s not folded: %s", wanted, exc)
+        return model
+    folded = {
+        v: np.asarray(x)
+        for v, x in zip(wanted, values, strict=True)
+        if np.asarray(x).dtype in (np.float16, np.float32, np.float64) and np.asarray(x).ndim >= 2
+    }
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = [n for n in g.node if not any(o in folded for o in n.output)]
+    # drop what only served the folded values: nodes whose outputs nobody reads, then stored tensors
+    while True:
+        read = {i for n in nodes for i in n.input if i} | outputs
+        dead = [n for n in nodes if all(o not in read for o in n.output if o) and any(n.output)]
+        dead = [n for n in dead if producer.get(n.output[0]) in needed]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        nodes = [n for n in nodes if id(n) not in ids]
+    read = {i for n in nodes for i in n.input if i} | outputs
+    kept = [t for t in g.initializer if t.name in read or t.name not in used]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(kept + [numpy_helper.from_array(np.ascontiguousarray(x), v) for v, x in folded.items()])
+    log.info("folded %d computed weight(s) into initializers: %s", len(folded), ", ".join(folded))
+    return out
+
+
+def _linear_einsum(eq: str, weight_first: bool) -> bool | None:
+    """For an ``Einsum`` equation of an activation and a 2-D weight that is a plain linear layer
+    (contract the activation's last axis with one weight axis, keep the other weight axis last):
+    whether the weight is stored ``[in, out]`` (True) or ``[out, in]`` (False); None otherwise."""
+    eq = eq.replace(" ", "")
+    if eq.count("->") != 1:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    tw, tx = (terms[0], terms[1]) if weight_first else (terms[1], terms[0])
+    ell = tx.startswith("...")
+    if ell != out.startswith("...") or "." in tw or "." in tx.removeprefix("...") or "." in out.removeprefix("..."):
+        return None
+    tx, out = tx.removeprefix("..."), out.removeprefix("...")
+    if len(tw) != 2 or tw[0] == tw[1] or not tx or len(set(tx)) != len(tx):
+        return None
+    c = tx[-1]
+    if c not in tw:
+        return None
+    o = tw[1] if tw[0] == c else tw[0]
+    if o in tx or out != tx[:-1] + o:
+        return None
+    return tw[0] == c
+
+
+def einsums_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every ``Einsum`` of an activation and a stored 2-D float tensor
+    that is a linear layer (``"bi,io->bo"``, ``"...i,oi->...o"``, either operand order) is a
+    ``MatMul``, behind a ``Transpose`` of the weight when it is stored ``[out, in]`` (which
+    :func:`fold_weight_chains` then folds).  Exporters write dense layers as such Einsums (tf2onnx's
+    ``EinsumDense``), and an Einsum is not a prunable slot, so their weights were left dense.  Exact.
+    Returns ``model`` itself when nothing matches."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    names = {o for n in g.node for o in n.output} | set(stored) | graph_inputs
+    new: list[onnx.NodeProto] = []
+    changed = False
+    for n in g.node:
+        eq = next((a.s.decode() for a in n.attribute if a.name == "equation"), "")
+        if n.op_type != "Einsum" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            new.append(n)
+            continue
+        first = n.input[0] in stored and n.input[1] not in stored
+        second = n.input[1] in stored and n.input[0] not in stored
+        w = n.input[0] if first else n.input[1]
+        t = stored.get(w)
+        in_out = _linear_einsum(eq, weight_first=first) if (first or second) else None
+        if t is None or in_out is None or len(t.dims) != 2 or t.data_type not in _CASTABLE:
+            new.append(n)
+            continue
+        x = n.input[1] if first else n.input[0]
+        label = n.name or f"einsum_{len(new)}"
+        if not in_out:
+            wt = f"{w}_t"
+            while wt in names:
+                wt += "_"
+            names.add(wt)
+            new.append(helper.make_node("Transpose", [w], [wt], perm=[1, 0], name=f"{label}_weight_t"))
+            w = wt
+        new.append(helper.make_node("MatMul", [x, w], list(n.output), name=label))
+        changed = True
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(new)
+    return out
+
+
+def expose_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[WeightChain, ...]]:
+    """Every rewrite that lets :func:`~chita_onnx.graph.find_prunable` see the weights a layer reads
+    through constant ops: :func:`einsums_as_matmuls`, :func:`detach_metadata_reads`,
+    :func:`fold_weight_chains` (restored on writing by :func:`unfold_weight_chains`), then
+    :func:`fold_computed_weights`."""
+    model, chains = fold_weight_chains(detach_metadata_reads(einsums_as_matmuls(model)))
+    return fold_computed_weights(model), chains
+
+
+#: Input slots that hold a layer's weight, by op (whether or not chita-onnx can prune it there).
+_LAYER_SLOTS = {
+    "Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Einsum": (0, 1),
+    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
+}  # fmt: skip
+
+
+def unprunable_layer_weights(
+    model: onnx.ModelProto, prunable: set[str], *, min_size: int = 16
+) -> list[tuple[str, str, int]]:
+    """``(tensor, op, size)`` of the stored float tensors of ≥ 2 dims and ``min_size`` values that
+    a layer reads as its weight but that are not among ``prunable`` (a ``ConvTranspose`` weight, an
+    Einsum that is not a linear layer, a weight also read by another op): they stay dense, which
+    the report says instead of leaving it silent."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    out: dict[str, tuple[str, str, int]] = {}
+    for n in g.node:
+        for i in _LAYER_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ():
+            name = n.input[i] if i < len(n.input) else ""
+            t = stored.get(name)
+            if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
+                continue
+            size = int(np.prod(t.dims)) if t.dims else 1
+            if len(t.dims) >= 2 and size >= min_size:
+                out[name] = (name, n.op_type, size)
+    return list(out.values())
+
+
+def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:
+    """``model`` (written from a folded model) with every chain restored: the stored tensor in its
+    own layout and dtype, re-derived from the folded tensor, and the chain's nodes before the first
+    node that reads the chain's output.  Storage follows the folded tensor's (dense or sparse)."""
+    if not chains:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    dense = {t.name: i for i, t in enumerate(g.initializer)}
+    sparse = {s.values.name: i for i, s in enumerate(g.sparse_initializer)}
+    from .graph import _dense_from_sparse
+
+    new_sparse: list[onnx.SparseTensorProto] = []
+    drop_dense: set[str] = set()
+    drop_sparse: set[str] = set()
+    new_dense: list[TensorProto] = []
+    for c in chains:
+        if c.source in dense:
+            folded = numpy_helper.to_array(g.initializer[dense[c.source]])
+            drop_dense.add(c.source)
+            as_sparse = False
+        elif c.source in sparse:
+            folded = numpy_helper.to_array(_dense_from_sparse(g.sparse_initializer[sparse[c.source]]))
+            drop_sparse.add(c.source)
+            as_sparse = True
+        else:
+            continue
+        stored = _inverse(c, folded)
+        if as_sparse:
+            new_sparse.append(_to_sparse(c.source, stored))
+        else:
+            new_dense.append(numpy_helper.from_array(stored, c.source))
+    kept = [t for t in g.initializer if t.name not in drop_dense]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_dense)
+    kept_sp = [s for s in g.sparse_initializer if s.values.name not in drop_sparse]
+    del g.sparse_initializer[:]
+    g.sparse_initializer.extend(kept_sp + new_sparse)
+
+    nodes = list(g.node)
+    for c in chains:
+        readers = [k for k, n in enumerate(nodes) if c.source in n.input]
+        for k in readers:
+            n = nodes[k]
+            for i, name in enumerate(n.input):
+                if name == c.source:
+                    n.input[i] = c.result
+        at = readers[0] if readers else len(nodes)
+        chain_inputs = {i for n in c.nodes for i in n.input[1:] if i}
+        moved = [n for n in nodes[at:] if n.op_type == "Constant" and n.output and n.output[0] in chain_inputs]
+        ids = {id(n) for n in moved}
+        nodes = nodes[:at] + moved + [_copy(n) for n in c.nodes] + [n for n in nodes[at:] if id(n) not in ids]
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    return n
