@@ -260,13 +260,14 @@ def _site(
     inits: Mapping[str, TensorProto],
 ) -> LayerSite:
     op = node.op_type
-    if op == "Conv" and slot == 1:
+    if op in ("Conv", "ConvTranspose") and slot == 1:
         s = len(shape) - 2
         pads = _ints(node, "pads", [0] * (2 * s))
         auto = _attr(node, "auto_pad", b"NOTSET")
         auto_s = auto.decode() if isinstance(auto, bytes) else str(auto)
+        transposed = op == "ConvTranspose"
         geom = LayerGeometry(
-            "conv",
+            "convt" if transposed else "conv",
             shape,
             group=int(_attr(node, "group", 1)),  # type: ignore[call-overload]
             strides=_ints(node, "strides", [1] * s),
@@ -274,6 +275,8 @@ def _site(
             pads_begin=pads[:s],
             pads_end=pads[s:],
             auto_pad=auto_s,
+            output_padding=_ints(node, "output_padding", [0] * s) if transposed else (),
+            output_shape=_ints(node, "output_shape", []) if transposed else (),
         )
         has = len(node.input) > 2 and bool(node.input[2])
         bias = node.input[2] if has and node.input[2] in inits else None

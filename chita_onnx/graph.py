@@ -164,7 +164,7 @@ def _weight_slots(node: onnx.NodeProto, constant: set[str]) -> list[int]:
     """Which inputs of ``node`` are weight positions."""
     if node.domain not in ("", "ai.onnx"):
         return []
-    if node.op_type == "Conv" and len(node.input) > 1:
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
         return [1]
     if node.op_type == "Gemm" and len(node.input) > 1:
         return [1]

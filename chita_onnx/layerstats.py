@@ -28,7 +28,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from numpy.typing import NDArray
 
-Kind = Literal["conv", "gemm", "matmul_right", "matmul_left"]
+Kind = Literal["conv", "gemm", "matmul_right", "matmul_left", "convt"]
 
 #: Largest im2col chunk materialised at once (bytes).
 CHUNK_BYTES = 64 * 2**20
@@ -48,6 +48,11 @@ class LayerGeometry:
     * ``gemm``: ``Y = alpha·A'·B'``; the weight is ``B`` (``[N, K]`` with ``trans_b``, else ``[K, N]``).
     * ``matmul_right``: ``Y = A·W``, ``W [K, N]``, ``A [..., K]``: every leading index is a row.
     * ``matmul_left``: ``Y = W·A``, ``W [M, K]``, ``A [..., K, N]``: every column of ``A`` is a row.
+    * ``convt`` (ConvTranspose): weight ``[C, M/g, *k]``; output position ``p`` of group ``g`` is
+      ``Σ_{c, t} W[g·C/g + c, o, t] · x[c, (p + pb − t·dil)/stride]`` over the taps ``t`` whose
+      input position is integral and inside the input: one row per sample and output position, of
+      length ``C/g·Π k`` (channel-major, like the weight's rows).  ``output_padding``,
+      ``output_shape`` and ``auto_pad`` resolve the pads as onnxruntime does (:meth:`convt_pads`).
     """
 
     kind: Kind
@@ -61,16 +66,20 @@ class LayerGeometry:
     alpha: float = 1.0
     trans_a: bool = False
     trans_b: bool = False
+    output_padding: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
 
     @property
     def groups(self) -> int:
-        return self.group if self.kind == "conv" else 1
+        return self.group if self.kind in ("conv", "convt") else 1
 
     @property
     def d(self) -> int:
         """Length of one input row (``C/g·Π k`` for a Conv)."""
         if self.kind == "conv":
             return int(np.prod(self.weight_shape[1:]))
+        if self.kind == "convt":
+            return self.weight_shape[0] // self.group * int(np.prod(self.weight_shape[2:]))
         if self.kind == "gemm":
             return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
         if self.kind == "matmul_right":
@@ -82,6 +91,8 @@ class LayerGeometry:
         """``M_g``: output rows of each group."""
         if self.kind == "conv":
             return self.weight_shape[0] // self.group
+        if self.kind == "convt":
+            return self.weight_shape[1]
         if self.kind == "gemm":
             return self.weight_shape[0] if self.trans_b else self.weight_shape[1]
         if self.kind == "matmul_right":
@@ -90,7 +101,7 @@ class LayerGeometry:
 
     @property
     def spatial(self) -> int:
-        return len(self.weight_shape) - 2 if self.kind == "conv" else 0
+        return len(self.weight_shape) - 2 if self.kind in ("conv", "convt") else 0
 
     def conv_pads(self, in_spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Begin and end pads for an input of spatial size ``in_spatial`` (resolves ``auto_pad``)."""
@@ -110,6 +121,29 @@ class LayerGeometry:
         return (self.pads_begin or (0,) * s), (self.pads_end or (0,) * s)
 
 
+    def convt_geometry(self, in_spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A ConvTranspose's begin pads and output size for an input of spatial size ``in_spatial``
+        (``output_shape`` and ``SAME_*`` fix the output size; the padding that gives it is split as
+        onnxruntime 1.19 splits it, measured: the odd unit at the beginning, except at the end for
+        ``SAME_UPPER``)."""
+        s = self.spatial
+        k = self.weight_shape[2:]
+        dil = self.dilations or (1,) * s
+        st = self.strides or (1,) * s
+        op = self.output_padding or (0,) * s
+        full = [st[i] * (in_spatial[i] - 1) + op[i] + (k[i] - 1) * dil[i] + 1 for i in range(s)]
+        if self.output_shape or self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out = list(self.output_shape[-s:]) if self.output_shape else [in_spatial[i] * st[i] for i in range(s)]
+            total = [max(0, full[i] - out[i]) for i in range(s)]
+            upper = self.auto_pad == "SAME_UPPER"
+            begin = [t // 2 if upper else t - t // 2 for t in total]
+            return tuple(begin), tuple(out)
+        if self.auto_pad == "VALID":
+            return (0,) * s, tuple(full)
+        pb, pe = self.pads_begin or (0,) * s, self.pads_end or (0,) * s
+        return tuple(pb), tuple(full[i] - pb[i] - pe[i] for i in range(s))
+
+
 # ------------------------------------------------------------------------------ weight orientation
 
 
@@ -118,6 +152,10 @@ def weight_rows(w: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.floa
     a: NDArray[np.float64] = np.asarray(w, dtype=np.float64)
     if geom.kind == "conv":
         return np.array(a.reshape(geom.group, a.shape[0] // geom.group, -1), dtype=np.float64, order="C")
+    if geom.kind == "convt":  # [C, M/g, *k] → (g, M/g, C/g·Πk)
+        k = a.shape[2:]
+        b = a.reshape(geom.group, a.shape[0] // geom.group, a.shape[1], *k).swapaxes(1, 2)
+        return np.array(b.reshape(geom.group, a.shape[1], -1), dtype=np.float64, order="C")
     if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
         return np.array(a[None], dtype=np.float64, order="C")
     return np.array(a.T[None], dtype=np.float64, order="C")  # Gemm without transB, MatMul A·W: W is [K, N]
@@ -128,6 +166,10 @@ def rows_to_weight(r: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.f
     a: NDArray[np.float64] = np.asarray(r, dtype=np.float64)
     if geom.kind == "conv":
         return np.array(a.reshape(geom.weight_shape), dtype=np.float64, order="C")
+    if geom.kind == "convt":
+        c, m, *k = geom.weight_shape
+        b = a.reshape(geom.group, m, c // geom.group, *k).swapaxes(1, 2)
+        return np.array(b.reshape(geom.weight_shape), dtype=np.float64, order="C")
     if geom.kind == "matmul_left" or (geom.kind == "gemm" and geom.trans_b):
         return np.array(a[0], dtype=np.float64, order="C")
     return np.array(a[0].T, dtype=np.float64, order="C")
@@ -146,6 +188,8 @@ def num_rows(a_shape: tuple[int, ...], geom: LayerGeometry) -> int:
             for i in range(geom.spatial)
         ]
         return int(a_shape[0] * np.prod(out, dtype=np.int64))
+    if geom.kind == "convt":
+        return int(a_shape[0] * np.prod(geom.convt_geometry(tuple(a_shape[2:]))[1], dtype=np.int64))
     if geom.kind == "gemm":
         return int(a_shape[1] if geom.trans_a else a_shape[0])
     if geom.kind == "matmul_right":
@@ -198,6 +242,38 @@ def _gather_patches(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray
         coord = coord.reshape(shape)
         valid &= (coord >= 0) & (coord < in_sp[i])
         idx.append(np.clip(coord, 0, in_sp[i] - 1))
+    return _take_taps(a, geom, idx, valid)
+
+
+def _gather_convt(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64]) -> NDArray[np.float32]:
+    """A ConvTranspose's input rows at ``index`` ``(R, g, d)``: tap ``t`` of output position ``p``
+    reads input position ``(p + pb − t·dil)/stride`` where that is an integer inside the input, else 0."""
+    s = geom.spatial
+    k = geom.weight_shape[2:]
+    in_sp = tuple(a.shape[2:])
+    pb, out = geom.convt_geometry(in_sp)
+    dil = geom.dilations or (1,) * s
+    st = geom.strides or (1,) * s
+    pos = np.unravel_index(index, (a.shape[0], *out))
+    R = len(index)
+    idx: list[NDArray[np.int64]] = [pos[0].reshape(R, *([1] * s))]
+    valid = np.ones((R, *k), dtype=bool)
+    for i in range(s):
+        shape = [R] + [1] * s
+        shape[1 + i] = k[i]
+        num = (pos[1 + i] + pb[i])[:, None] - (np.arange(k[i]) * dil[i])[None, :]
+        q, r = np.divmod(num, st[i])
+        valid &= ((r == 0) & (q >= 0) & (q < in_sp[i])).reshape(shape)
+        idx.append(np.clip(q, 0, in_sp[i] - 1).reshape(shape))
+    return _take_taps(a, geom, idx, valid)
+
+
+def _take_taps(
+    a: NDArray[np.floating], geom: LayerGeometry, idx: list[NDArray[np.int64]], valid: NDArray[np.bool_]
+) -> NDArray[np.float32]:
+    """``a[sample, :, *taps]`` at the broadcast indices ``idx`` ``(R, *k)`` each, zero where not
+    ``valid``: the rows ``(R, g, d)`` (channel-major, then taps)."""
+    R = valid.shape[0]
     a32 = np.asarray(a, np.float32)
     # advanced indices around the channel slice: the result is (R, *k, C)
     key: tuple[object, ...] = (idx[0], slice(None), *idx[1:])
@@ -216,6 +292,8 @@ def input_rows(
     """
     if geom.kind == "conv" and index is not None:
         return _gather_patches(a, geom, index)
+    if geom.kind == "convt":
+        return _gather_convt(a, geom, np.arange(num_rows(tuple(a.shape), geom)) if index is None else index)
     if geom.kind == "conv":
         view = _conv_windows(a, geom)
         lead = view.shape[: 1 + geom.spatial]
@@ -313,12 +391,12 @@ def output_rows(
     """The layer's output rows ``(R, g, M_g)`` float32 in the order of :func:`input_rows`, minus
     ``offset`` (the per-channel bias the node adds, shape ``(g·M_g,)``)."""
     z = np.asarray(z, np.float32)
-    if geom.kind == "conv" and index is not None:  # gather first: no copy of the whole output
+    if geom.kind in ("conv", "convt") and index is not None:  # gather first: no copy of the whole output
         L = int(np.prod(z.shape[2:], dtype=np.int64))
         b, pos = np.divmod(index, L)
         m = z.reshape(z.shape[0], z.shape[1], L)[b, :, pos]
         index = None
-    elif geom.kind == "conv":
+    elif geom.kind in ("conv", "convt"):
         m = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
     elif geom.kind == "matmul_left":
         m = np.swapaxes(z, -1, -2).reshape(-1, z.shape[-2])
@@ -373,7 +451,7 @@ def accumulate(
             return y
         return None
 
-    if geom.kind == "conv" and index is None:
+    if geom.kind in ("conv", "convt") and index is None:
         step = row_chunks(tuple(a_pruned.shape), geom)
         for s0 in range(0, a_pruned.shape[0], step):
             sl = slice(s0, s0 + step)

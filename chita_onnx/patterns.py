@@ -62,6 +62,8 @@ def reduction_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
     """The reduction axis of the weight at input ``slot`` (rank ``rank``) of ``node``; ``None`` if unknown."""
     if node.op_type == "Conv" and slot == 1:
         return 1
+    if node.op_type == "ConvTranspose" and slot == 1:
+        return 0  # [C_in, C_out/g, *k]: the input channels are summed over
     if node.op_type == "Gemm" and slot == 1:
         trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
         return 1 if trans_b else 0

@@ -316,7 +316,7 @@ def ensure_biases(model: onnx.ModelProto, weights: Sequence[str]) -> tuple[onnx.
         ):
             out[site.weight] = site.bias
             continue
-        if node.op_type in ("Conv", "Gemm"):
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             if len(node.input) >= 3 and node.input[2]:
                 log.info("%s: its bias is not a per-channel initializer; no bias correction", site.weight)
                 continue

@@ -159,6 +159,27 @@ def _flipped_kernel(W: NDArray[Any], group: int) -> NDArray[Any]:
     return np.ascontiguousarray(Wg[flip])
 
 
+def _flipped_kernel_nodes(
+    c: Ctx, w: str, shape: tuple[int, ...], group: int
+) -> tuple[str, list[onnx.NodeProto]]:
+    """:func:`_flipped_kernel` of the tensor ``w`` as Reshape/Transpose/Reshape and one reversing
+    ``Gather`` per kernel axis (ops with a gradient), so that the gradient reaches ``w`` itself."""
+    cin, coutg = shape[0], shape[1]
+    k = list(shape[2:])
+    s = len(k)
+    r1, t1, cur = c.tmp(f"{w}_ct_grouped"), c.tmp(f"{w}_ct_swapped"), c.tmp(f"{w}_ct_unflipped")
+    nodes = [
+        c.node("Reshape", [w, c.const(f"{w}_ct_g", np.asarray([group, cin // group, coutg, *k], np.int64))], [r1]),
+        c.node("Transpose", [r1], [t1], perm=[0, 2, 1, *range(3, 3 + s)]),
+        c.node("Reshape", [t1, c.const(f"{w}_ct_c", np.asarray([group * coutg, cin // group, *k], np.int64))], [cur]),
+    ]
+    for j in range(s):
+        nxt = c.tmp(f"{w}_ct_flip{j}")
+        nodes.append(_gather_axis(c, cur, range(k[j] - 1, -1, -1), 2 + j, nxt))
+        cur = nxt
+    return cur, nodes
+
+
 def conv_transpose(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     x, w, y = n.input[0], n.input[1], n.output[0]
     bias = n.input[2] if len(n.input) > 2 else ""
@@ -185,10 +206,15 @@ def conv_transpose(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         lo = [t // 2 for t in total]
         hi = [t - t // 2 for t in total]
         candidates += [(lo, hi), (hi, lo)] if auto != "SAME_UPPER" else [(hi, lo), (lo, hi)]
-    Wc = c.const(f"{w}_as_conv", _flipped_kernel(W, group).astype(W.dtype))
+    if w in c.on_path_tensors:  # a weight being differentiated: the same permutation, as graph ops
+        Wc, prep = _flipped_kernel_nodes(c, w, W.shape, group)
+    else:
+        Wc, prep = c.const(f"{w}_as_conv", _flipped_kernel(W, group).astype(W.dtype)), []
     last = ""
     for begin, end in candidates:
-        nodes = _conv_transpose_as_conv(c, n, x, y, bias, Wc, dims_in, kernel, strides, dil, outpad, group, begin, end)
+        nodes = prep + _conv_transpose_as_conv(
+            c, n, x, y, bias, Wc, dims_in, kernel, strides, dil, outpad, group, begin, end
+        )
         err = c.check(n, nodes)
         if err is None:
             return nodes
