@@ -80,3 +80,25 @@ def test_distill_fits_the_kl_at_its_temperature(tmp_path: Path, monkeypatch: pyt
     seen.clear()
     compress(path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.8, method="chita++", stages=2), eval_data=data)
     assert seen and all(not ref and t == 1.0 for ref, t in seen)
+
+
+def test_distill_on_an_output_that_is_not_a_class_distribution_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    """Raw outputs without labels are read as regression (dnsmos's MOS scores, say): there is no
+    class distribution to fit a KL to, so ``--distill`` is refused naming the flag and the output."""
+    from chita_onnx_cli.main import cli
+    from click.testing import CliRunner
+
+    model = tiny_mlp()
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "unlabelled.npz"
+    np.savez(data, **{k: v for k, v in labelled_data(model).items() if k != "labels"})
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(
+        cli, ["compress", str(path), str(out), "--data", str(data), "--sparsity", "0.9", "--distill"]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert "--distill" in lines[-1] and "'logits'" in lines[-1] and "not a class distribution" in lines[-1]
+    assert "Traceback" not in result.output
+    assert not out.exists()

@@ -1050,7 +1050,10 @@ class GradientEngine:
         """The model's class distributions ``(n, P, C)`` (float64) on the first ``num_samples`` samples,
         at the current weights (one forward pass per block; for ``soft`` targets later)."""
         if self.kind == "regression":
-            raise ConfigError("class probabilities need a classifier head (logits or probabilities)")
+            raise ConfigError(
+                f"--distill: output {self.output!r} is not a class distribution (logits or probabilities), "
+                "so there is no KL to the dense model to fit; drop --distill"
+            )
         batched = [k for k, a in self.batch_axes.items() if a is not None]
         total, _ = _count_samples(data, num_samples, batched)
         n = min(total, num_samples) if num_samples is not None else total
