@@ -841,8 +841,12 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     that the calibration data decide are inlined, :func:`~chita_onnx.activations.inline_fixed_ifs`), chosen on held-out
     selection data (README, "Default recipe"; BENCHMARKS.md §7), or the ``W``/``R`` of an LSTM, GRU or
     RNN node (:mod:`chita_onnx.rnnlayers`; BENCHMARKS.md, "Recurrent weights in the layer-wise
-    pass").  Otherwise (weights inside subgraphs the data do not decide, the ``R`` of a GRU with
-    ``linear_before_reset=0`` and a non-Sigmoid reset gate), and with options only CHITA has
+    pass").  Weights the pass cannot reconstruct (weights inside subgraphs the data do not decide,
+    the ``R`` of a GRU with ``linear_before_reset=0`` and a non-Sigmoid reset gate, a MatMul's 3-D
+    constant weight, ...; :func:`~chita_onnx.rnnlayers.split_layers`) degrade per weight: while they
+    hold at most half of the ``p`` prunable weights the method stays ``layerwise`` and they are only
+    pruned to their allocated share before the pass (:func:`~chita_onnx.reconstruct.prune_refused`;
+    the reason names them).  Beyond that, and with options only CHITA has
     (``--update``, ``--first-order``, ``--rank obd``), it is one-shot ``chita``.  With ``--pattern
     N:M`` it is ``chita++`` (10 stages), the best N:M method on 5 of the 6 models of the N:M
     benchmark.  Any other method is returned unchanged with an empty reason.
@@ -850,9 +854,10 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     if config.method != "auto":
         return config, ""
     from .reconstruct import batches_of, layer_model
-    from .rnnlayers import RecurrentSite, check_layers
+    from .rnnlayers import RecurrentSite, split_layers
 
     rnn = False
+    refused: dict[str, str] = {}
 
     why = ""
     if config.nm is not None:
@@ -869,19 +874,38 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         why = "--first-order/--rank obd are CHITA options"
     else:
         try:
-            sites = check_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
+            sites, refused = split_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
             rnn = any(isinstance(s, RecurrentSite) for s in sites)
         except ChitaError as exc:
             why = f"the layer-wise pass cannot handle every weight ({exc})"
+        if refused:
+            # per weight: the pass reconstructs the rest and prunes these by their allocation alone
+            # (reconstruct.prune_refused), as long as they hold at most half of the prunable weights
+            sizes = {sl.name: sl.size for sl in prep.layout.slots}
+            left = sum(sizes[n] for n in refused)
+            listed = "; ".join(f"{n} ({r})" for n, r in list(refused.items())[:5])
+            more = f"; and {len(refused) - 5} more" if len(refused) > 5 else ""
+            if 2 * left > prep.layout.p or not sites:
+                why = (
+                    f"the layer-wise pass cannot handle {left:,} of the {prep.layout.p:,} prunable weights "
+                    f"(more than half): {listed}{more}"
+                )
     if not why:
         # after the layer-wise re-fit (which fits the dense layer outputs, means included) the automatic
         # statistics correction changed the selection scores by at most 0.2 points at 0.5-0.9 and cost
         # 25-50% more time (BENCHMARKS.md §7): the default leaves it off; --method layerwise keeps auto
         stats = {k: "off" for k in ("bn_recalibrate", "bias_correction") if getattr(config, k) == "auto"}
+        rec = "; LSTM/GRU/RNN W and R fitted per direction on [x_t; h_t-1]" if rnn else ""
+        if refused:
+            return (
+                config.with_(method="layerwise", **stats),
+                f"method auto: layerwise{f' ({rec[2:]})' if rec else ''}; {len(refused)} tensor(s) with {left:,} of "
+                f"the {prep.layout.p:,} prunable weights are not reconstructed: each is pruned to its allocated "
+                f"share of the budget by its allocation saliency before the pass, nothing re-fitted: {listed}{more}",
+            )
         return (
             config.with_(method="layerwise", **stats),
-            "method auto: layerwise (every prunable weight is a layer's weight"
-            + ("; LSTM/GRU/RNN W and R fitted per direction on [x_t; h_t-1])" if rnn else ")"),
+            f"method auto: layerwise (every prunable weight is a layer's weight{rec})",
         )
     return config.with_(method="chita"), f"method auto: chita, because {why}"
 

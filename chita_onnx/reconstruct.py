@@ -41,6 +41,7 @@ from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
 from .errors import ConfigError, ModelError
 from .heads import SoftmaxHead, add_class_offset, softmax_head
+from .rnnlayers import split_layers
 from .sequential import (
     LayerwiseOptions,
     PassResult,
@@ -205,8 +206,11 @@ def prune_layerwise(
     head_kind: Callable[[], str | None] | None = None,
 ) -> SolverResult:
     """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
-    ``diagonal``), then select and re-fit layer by layer.  ``head_kind()``, asked after the
-    allocation: what its gradients' loss was computed on (see :func:`use_row_weights`)."""
+    ``diagonal``), then select and re-fit layer by layer.  Weights the pass cannot reconstruct
+    (:func:`~chita_onnx.rnnlayers.split_layers`) are pruned to their allocated counts first
+    (:func:`prune_refused`), so that the layers after them are fitted on their pruned outputs.
+    ``head_kind()``, asked after the allocation: what its gradients' loss was computed on (see
+    :func:`use_row_weights`)."""
     t0 = time.perf_counter()
     keep, how, fisher = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
@@ -214,11 +218,54 @@ def prune_layerwise(
     rows = None
     if fisher is not None and use_row_weights(config, None if head_kind is None else head_kind()):
         rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
-    res = layerwise_prune(layer_model(prep, batches), batches, keep=keep, opts=options(config), row_fisher=rows)
-    w = _flat(prep, res, w_bar)
+    model = layer_model(prep, batches)
+    _, refused = split_layers(model, prep.layout.names)
+    if refused and len(refused) == len(prep.layout.names):
+        first = next(iter(refused.items()))
+        raise ModelError(f"the layer-wise pass cannot handle any prunable weight: {first[0]} ({first[1]})")
+    salience = None if fisher is None else fisher * np.asarray(w_bar, np.float64) ** 2
+    start, fixed = prune_refused(prep, w_bar, keep, refused, salience)
+    handled = {n: c for n, c in keep.items() if n not in refused}
+    res = layerwise_prune(model, batches, keep=handled, opts=options(config), row_fisher=rows, fixed=fixed)
+    w = _flat(prep, res, start)
     support = np.flatnonzero(w).astype(np.int64)
-    info = {**_info(res), "allocation": how, "allocation_s": t_alloc}
+    info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc}
+    if refused:
+        info["not_reconstructed"] = ", ".join(sorted(refused))
     return SolverResult(w, support, float("nan"), (), 1, True, "layerwise", info)
+
+
+def prune_refused(
+    prep: Prepared,
+    w_bar: NDArray[np.float32],
+    keep: Mapping[str, int],
+    refused: Mapping[str, str],
+    saliency: NDArray[np.float64] | None,
+) -> tuple[NDArray[np.float32], dict[str, NDArray[np.float32]]]:
+    """The weights the layer-wise pass does not reconstruct (``refused``: name → why), each pruned to
+    its allocated count ``keep[name]`` by the allocation's ``saliency (p,)`` (``F_jj·w_j²``; ``|w|``
+    when None or zero on the tensor), with nothing re-fitted.  Returns ``w̄ (p,)`` with them pruned and
+    the pruned tensors in their ONNX shapes (for :func:`~chita_onnx.sequential.layerwise_prune`'s
+    ``fixed``, so that the layers downstream are fitted on their pruned outputs)."""
+    out = np.array(w_bar, dtype=np.float32, copy=True)
+    fixed: dict[str, NDArray[np.float32]] = {}
+    for s in prep.layout.slots:
+        if s.name not in refused:
+            continue
+        w = out[s.offset : s.stop]
+        score, by = np.abs(w).astype(np.float64), "magnitude"
+        if saliency is not None and np.any(saliency[s.offset : s.stop] > 0):
+            score, by = np.asarray(saliency[s.offset : s.stop], np.float64), "OBD saliency"
+        kept = np.argsort(-score, kind="stable")[: int(keep[s.name])]
+        pruned = np.zeros_like(w)
+        pruned[kept] = w[kept]
+        out[s.offset : s.stop] = pruned
+        fixed[s.name] = pruned.reshape(s.shape)
+        log.warning(
+            "%s is not reconstructed by the layer-wise pass (%s): pruned to its allocated %d of %d weights by %s, "
+            "not re-fitted", s.name, refused[s.name], len(kept), s.size, by,
+        )  # fmt: skip
+    return out, fixed
 
 
 def refit_layerwise(

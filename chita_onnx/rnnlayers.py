@@ -30,7 +30,7 @@ from onnx import helper
 
 from . import activations, runtime
 from .activations import SegmentRunner, _attr, _session
-from .errors import ModelError
+from .errors import ChitaError, ModelError
 from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, finalize_means
 from .rnnstats import (
     GATES,
@@ -178,6 +178,29 @@ def check_layers(model: onnx.ModelProto, names: Sequence[str]) -> list[LayerSite
     """Every site of the layer-wise pass for ``names`` in graph order (raises ModelError when a weight
     cannot be handled)."""
     return layer_sites(model, names)[1]
+
+
+def split_layers(
+    model: onnx.ModelProto, names: Sequence[str]
+) -> tuple[list[LayerSite | RecurrentSite], dict[str, str]]:
+    """Like :func:`check_layers`, but tolerant: the sites of the names the layer-wise pass can handle
+    (graph order) and ``{name: why}`` for the others, instead of raising.
+
+    When the whole set is not handled, each name is checked alone (a GRU's ``W`` and ``R`` are
+    checked separately, so one refused tensor does not take the other with it); the handled ones are
+    then checked together again, and a failure there still raises ModelError."""
+    try:
+        return check_layers(model, names), {}
+    except ChitaError:
+        pass
+    refused: dict[str, str] = {}
+    for n in names:
+        try:
+            layer_sites(model, [n])
+        except ChitaError as exc:
+            refused[n] = " ".join(str(exc).split())
+    handled = [n for n in names if n not in refused]
+    return (check_layers(model, handled) if handled else []), refused
 
 
 def _run_node(runner: SegmentRunner, position: int, output: str) -> list[NDArray[np.generic]]:

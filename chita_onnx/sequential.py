@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
 from .activations import Arrays, LayerSite, SegmentRunner, find_layers
-from .graph import _constant_values
+from .graph import _constant_values, write_weights
 from .layerstats import LayerStats, RowSampler, accumulate, finalize_means, num_rows, rows_to_weight, weight_rows
 from .progress import progress
 from .solver.layerwise import output_row_weights, prune_layer
@@ -135,6 +135,7 @@ def layerwise_prune(
     masks: Mapping[str, NDArray[np.bool_]] | None = None,
     opts: LayerwiseOptions | None = None,
     row_fisher: Mapping[str, NDArray[np.floating]] | None = None,
+    fixed: Mapping[str, NDArray[np.floating]] | None = None,
 ) -> PassResult:
     """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
     by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
@@ -150,6 +151,10 @@ def layerwise_prune(
     them stacked (one joint Gram and cross term); the pruned runner then goes back to the first of
     those consumers and re-runs the nodes since then with the new weights, so that the layers after
     them see the pruned recurrence.
+
+    ``fixed`` (optional, per tensor in its ONNX shape): weights outside ``keep``/``masks`` that hold
+    these values in the pruned model from the start (already pruned, not re-fitted); the dense
+    targets still come from ``model`` as it is.
     """
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
@@ -158,7 +163,8 @@ def layerwise_prune(
     model, sites = layer_sites(model, names)  # LSTM/GRU/RNN weights: chita_onnx.rnnlayers
     t0 = time.perf_counter()
     kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
-    pruned = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
+    start = write_weights(model, fixed, storage="dense")[0] if fixed else model
+    pruned = SegmentRunner(start, batches, **kw)  # type: ignore[arg-type]
     dense = SegmentRunner(model, batches, **kw) if opts.dense_targets else None  # type: ignore[arg-type]
     weights: dict[str, NDArray[np.float32]] = {}
     reports: list[LayerReport] = []
