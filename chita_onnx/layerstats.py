@@ -21,6 +21,7 @@ Weight orientation: :func:`weight_rows` maps an ONNX weight to ``(g, M_g, d)`` (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -223,26 +224,19 @@ def _conv_windows(a: NDArray[np.floating], geom: LayerGeometry) -> NDArray[np.fl
 def _gather_patches(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64]) -> NDArray[np.float32]:
     """The im2col rows at ``index`` ``(R, g, d)``, gathered straight from the unpadded input (zeros
     where a kernel tap falls into the padding): no copy of the whole activation."""
-    s = geom.spatial
-    k = geom.weight_shape[2:]
     in_sp = tuple(a.shape[2:])
     pb, pe = geom.conv_pads(in_sp)
+    k = geom.weight_shape[2:]
     out = tuple(
-        (in_sp[i] + pb[i] + pe[i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1 for i in range(s)
+        (in_sp[i] + pb[i] + pe[i] - geom.dilations[i] * (k[i] - 1) - 1) // geom.strides[i] + 1
+        for i in range(geom.spatial)
     )
-    pos = np.unravel_index(index, (a.shape[0], *out))
-    R = len(index)
-    idx: list[NDArray[np.int64]] = [pos[0].reshape(R, *([1] * s))]
-    valid = np.ones((R, *k), dtype=bool)
-    for i in range(s):
-        shape = [R] + [1] * s
-        shape[1 + i] = k[i]
-        tap = np.arange(k[i]) * geom.dilations[i]
-        coord = (pos[1 + i] * geom.strides[i] - pb[i])[:, None] + tap[None, :]
-        coord = coord.reshape(shape)
-        valid &= (coord >= 0) & (coord < in_sp[i])
-        idx.append(np.clip(coord, 0, in_sp[i] - 1))
-    return _take_taps(a, geom, idx, valid)
+
+    def taps(i: int, p: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        coord = (p * geom.strides[i] - pb[i])[:, None] + (np.arange(k[i]) * geom.dilations[i])[None, :]
+        return coord, (coord >= 0) & (coord < in_sp[i])
+
+    return _gather_taps(a, geom, index, out, taps)
 
 
 def _gather_convt(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[np.int64]) -> NDArray[np.float32]:
@@ -254,6 +248,27 @@ def _gather_convt(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[n
     pb, out = geom.convt_geometry(in_sp)
     dil = geom.dilations or (1,) * s
     st = geom.strides or (1,) * s
+
+    def taps(i: int, p: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        q, r = np.divmod((p + pb[i])[:, None] - (np.arange(k[i]) * dil[i])[None, :], st[i])
+        return q, (r == 0) & (q >= 0) & (q < in_sp[i])
+
+    return _gather_taps(a, geom, index, tuple(out), taps)
+
+
+def _gather_taps(
+    a: NDArray[np.floating],
+    geom: LayerGeometry,
+    index: NDArray[np.int64],
+    out: tuple[int, ...],
+    taps: Callable[[int, NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.bool_]]],
+) -> NDArray[np.float32]:
+    """The rows at ``index`` (flat over ``(N, *out)``) of a layer whose tap ``t`` along spatial axis
+    ``i`` at output coordinate ``p`` reads input coordinate ``taps(i, p)[0][:, t]`` where
+    ``taps(i, p)[1]`` holds, else 0 (Conv and ConvTranspose differ only in ``taps``)."""
+    s = geom.spatial
+    k = geom.weight_shape[2:]
+    in_sp = tuple(a.shape[2:])
     pos = np.unravel_index(index, (a.shape[0], *out))
     R = len(index)
     idx: list[NDArray[np.int64]] = [pos[0].reshape(R, *([1] * s))]
@@ -261,10 +276,9 @@ def _gather_convt(a: NDArray[np.floating], geom: LayerGeometry, index: NDArray[n
     for i in range(s):
         shape = [R] + [1] * s
         shape[1 + i] = k[i]
-        num = (pos[1 + i] + pb[i])[:, None] - (np.arange(k[i]) * dil[i])[None, :]
-        q, r = np.divmod(num, st[i])
-        valid &= ((r == 0) & (q >= 0) & (q < in_sp[i])).reshape(shape)
-        idx.append(np.clip(q, 0, in_sp[i] - 1).reshape(shape))
+        coord, ok = taps(i, np.asarray(pos[1 + i], np.int64))
+        valid &= ok.reshape(shape)
+        idx.append(np.clip(coord, 0, in_sp[i] - 1).reshape(shape))
     return _take_taps(a, geom, idx, valid)
 
 
