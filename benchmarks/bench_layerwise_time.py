@@ -13,7 +13,9 @@ For each zoo model (``benchmarks/zoo/entries.py``; same calibration and held-out
   chita run;
 * ``default s`` — ``compress`` with ``CompressConfig(sparsity=s)`` (the layer-wise default): its
   ``gradients`` (the allocation's) + ``layerwise`` + ``statistics`` phases;
-* the ratio, and the default's zoo metric (the entry's primary metric) on the held-out data.
+* the ratio, and the default's zoo metric (the entry's primary metric) on the held-out data;
+* the default's time split into the OBD allocation's per-sample gradients and the layer-wise pass
+  (with its statistics correction), and the pass alone over X.
 
 Prints a markdown table (and writes ``--json``).  Issue 9's bar: ratio ≤ 2.
 """
@@ -110,19 +112,24 @@ def measure(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | calibration samples | X s (chita) | X rows × p | default pruning s | ratio | ≤ 2× | method used "
+        "| model | calibration samples | X s (chita) | X rows × p | default pruning s | ratio | ≤ 2× "
+        "| allocation gradients / pass s | pass ÷ X | method used "
         "| metric | dense "
         "| default 0.5 | load |",
-        "|---|---:|---:|---|---:|---:|---|---|---|---:|---:|---|",
+        "|---|---:|---:|---|---:|---:|---|---|---:|---|---|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | – | – | – | – | – | – | – | error: {r['error']} | | | |")
+            lines.append(f"| {r['model']} | – | – | – | – | – | – | – | – | – | error: {r['error']} | | | |")
             continue
         n, p = r["x_shape"]
+        ph = r["default_phases"]
+        alloc = float(ph.get("gradients", 0.0))
+        pass_s = float(ph.get("layerwise", 0.0)) + float(ph.get("statistics", 0.0))
         lines.append(
             f"| {r['model']} | {r['calib']} | {r['x_s']:.1f} | {n} × {p:,} | {r['default_s']:.1f} | {r['ratio']:.2f} | "
-            f"{'yes' if r['ratio'] <= 2 else '**no**'} | {r['method_used']} | {r['metric_name']} | "
+            f"{'yes' if r['ratio'] <= 2 else '**no**'} | {alloc:.1f} / {pass_s:.1f} | {pass_s / r['x_s']:.2f} | "
+            f"{r['method_used']} | {r['metric_name']} | "
             f"{r['dense_metric']:.4g} | {r['metric']:.4g} | {r['load_before']:.1f}–{r['load_after']:.1f} |"
         )
     return "\n".join(lines)

@@ -585,10 +585,17 @@ class SegmentRunner:
             self._spill = None
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
-        arr = self.state[name][0]
+        """The segment input ``name`` typed as its kept values are: each dimension that all batches
+        share is given (onnxruntime then plans and optimises the segment for it), the others are left
+        open."""
+        values = self.state[name]
+        arr = values[0]
         elem = helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype)
-        # rank known, dims left open (the batches differ in size): onnx.checker wants a shape
-        return helper.make_tensor_value_info(name, elem, [None] * np.ndim(arr))
+        shapes = {tuple(np.shape(v)) for v in values}
+        dims: list[int | None] = [
+            int(arr.shape[k]) if len({s[k] for s in shapes}) == 1 else None for k in range(np.ndim(arr))
+        ]
+        return helper.make_tensor_value_info(name, elem, dims)
 
     def run_to_end(self) -> dict[str, list[NDArray[np.generic]]]:
         """Finish the pass; the graph outputs per batch."""

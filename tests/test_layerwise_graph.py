@@ -162,10 +162,22 @@ def test_segment_runner_reproduces_the_whole_model_at_every_split() -> None:
     r = SegmentRunner(model, batches)
     for stop in range(0, len(r.nodes) + 1, 3):
         r.advance(stop)
+        for name in r.state:  # segment inputs: the dims every batch shares are given, the batch axis open
+            vi = r._value_info(name).type.tensor_type.shape.dim
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi]
+            assert dims == [None, *r.state[name][0].shape[1:]]
     out = r.run_to_end()["logits"]
     for a, b in zip(out, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert len(out) == 4 and sum(o.shape[0] for o in out) == 100
+    same = [b for b in batches if b[specs[0].name].shape[0] == 32]  # equal batches: every dim given
+    r2 = SegmentRunner(model, same)
+    r2.advance(3)
+    for name in r2.state:
+        vi = r2._value_info(name).type.tensor_type.shape.dim
+        assert [d.dim_value for d in vi] == list(r2.state[name][0].shape)
+    for a, b in zip(r2.run_to_end()["logits"], ref, strict=False):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_segment_runner_spills_to_disk_above_its_memory_cap(tmp_path: Path) -> None:
