@@ -36,6 +36,7 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
+from .batched_spd import solve_subsystems
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ SINGLE_MIN = 128
 #: float32) is recomputed in float64.
 RESIDUAL_TOL = 1e-3
 CG_MIN_ITERATIONS = 5
+#: Solve the exact re-fit's per-row systems bucketed by size and batched (:mod:`.batched_spd`);
+#: ``False``: one :func:`spd_solve` per row (the reference path; the same results up to rounding).
+BATCHED_REFIT = True
 CG_MAX_ITERATIONS = 300
 
 
@@ -270,13 +274,24 @@ def ridge_refit(
     objective falls at every iteration), as many iterations as :data:`CG_FLOPS` pays for (at least
     :data:`CG_MIN_ITERATIONS`, at most 300, stopping early at convergence).  Returns ``(W, how)``.
     """
-    M, d = rhs.shape
-    sizes = mask.sum(axis=1)
     complement = Hinv is not None and W_star is not None
     exact_cost, cg_step = refit_cost(mask, complement)
     if exact_cost > EXACT_FLOPS:
         iters = int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
         return _cg_refit(dh.H, rhs, mask, W0, iters=iters), f"cg{iters}"
+    return _exact_refit(dh, rhs, mask, Hinv, W_star, batched=BATCHED_REFIT), "cholesky"
+
+
+def _exact_refit(
+    dh: Damped, rhs: F64, mask: NDArray[np.bool_], Hinv: F64 | None, W_star: F64 | None, *, batched: bool
+) -> F64:
+    """The exact branch of :func:`ridge_refit`: every row solved on ``S`` or (with ``Hinv`` and
+    ``W_star``) on the smaller ``T``.  ``batched``: the systems bucketed by size and solved together
+    (:func:`chita_onnx.solver.batched_spd.solve_subsystems`); otherwise one :func:`spd_solve` per row
+    (the reference; the same results up to rounding)."""
+    M, d = rhs.shape
+    sizes = mask.sum(axis=1)
+    complement = Hinv is not None and W_star is not None
     W = np.zeros((M, d))
     Hl = dh.H
     full = sizes == d
@@ -284,20 +299,35 @@ def ridge_refit(
         W[full] = sla.cho_solve(dh.chol, rhs[full].T, check_finite=False).T
     rows = np.flatnonzero(~full & (sizes > 0))
     by_t = rows[2 * sizes[rows] > d] if complement else rows[:0]
+    by_s = np.setdiff1d(rows, by_t, assume_unique=True)
     if by_t.size:  # w = w* − H_λ⁻¹ z with z_T = (H_λ⁻¹)_TT⁻¹ w*_T: the products in one GEMM
         assert Hinv is not None and W_star is not None
-        Hinv32 = Hinv.astype(np.float32)
-        Z = np.zeros((by_t.size, d))
-        for r, i in enumerate(by_t):
-            T = np.flatnonzero(~mask[i])
-            Z[r, T] = spd_solve(Hinv, Hinv32, T, W_star[i, T])
+        if batched:
+            Z = _solve_rows(Hinv, ~mask[by_t], W_star[by_t])
+        else:
+            Hinv32 = Hinv.astype(np.float32)
+            Z = np.zeros((by_t.size, d))
+            for r, i in enumerate(by_t):
+                T = np.flatnonzero(~mask[i])
+                Z[r, T] = spd_solve(Hinv, Hinv32, T, W_star[i, T])
         W[by_t] = W_star[by_t] - Z @ Hinv
         W[by_t] *= mask[by_t]
+    if batched:
+        if by_s.size:
+            W[by_s] = _solve_rows(Hl, mask[by_s], rhs[by_s])
+        return W
     H32 = Hl.astype(np.float32)
-    for i in np.setdiff1d(rows, by_t, assume_unique=True):
+    for i in by_s:
         S = np.flatnonzero(mask[i])
         W[i, S] = spd_solve(Hl, H32, S, rhs[i, S])
-    return W, "cholesky"
+    return W
+
+
+def _solve_rows(A: F64, sel: NDArray[np.bool_], R: F64) -> F64:
+    """:func:`spd_solve` for every row of ``sel``/``R`` at once (zeros off each row's set)."""
+    return solve_subsystems(
+        A, sel, R, single_min=SINGLE_MIN, tol=RESIDUAL_TOL, fallback=lambda idx, b: _spd_solve64(A, idx, b)
+    )
 
 
 def spd_solve(A: F64, A32: NDArray[np.float32], idx: NDArray[np.int64], b: F64) -> F64:
@@ -321,6 +351,11 @@ def spd_solve(A: F64, A32: NDArray[np.float32], idx: NDArray[np.int64], b: F64) 
             r = b32 - G @ x32
             if np.all(np.isfinite(x32)) and float(np.linalg.norm(r)) <= RESIDUAL_TOL * float(np.linalg.norm(b32)):
                 return np.asarray(x32, dtype=np.float64)
+    return _spd_solve64(A, idx, b)
+
+
+def _spd_solve64(A: F64, idx: NDArray[np.int64], b: F64) -> F64:
+    """``A_II⁻¹ b`` by float64 Cholesky (raises ``LinAlgError`` when ``A_II`` is not positive definite)."""
     c64 = sla.cho_factor(A[np.ix_(idx, idx)], lower=False, check_finite=False)
     out: F64 = sla.cho_solve(c64, b, check_finite=False)
     return out
