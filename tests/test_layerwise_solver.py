@@ -376,3 +376,33 @@ def test_sweep_matches_sequential_obs_on_the_columns_not_yet_processed() -> None
                 w[F] -= w[j] / Hinv_F[0, 0] * Hinv_F[:, 0]
                 w[j] = 0.0
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cg_refit_keeps_each_rows_better_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are independent problems: the CG re-fit (float32 products at d ≥ SINGLE_MIN, a Gram
+    conditioned beyond float32) ends every row at the better of its start and its last iterate, so no
+    row's objective rises (in float64), including rows that start at their exact optimum; the
+    others improve."""
+    import chita_onnx.solver.layerwise as lw
+
+    rng = np.random.default_rng(21)
+    M, d = 12, 160
+    X = rng.standard_normal((300, d)) * np.logspace(0, 4, d)  # ill-conditioned beyond float32
+    W_bar = rng.standard_normal((M, d))
+    dh = damp_gram(X.T @ X, 1e-9)
+    rhs, W_star = targets(W_bar, dh, None)
+    mask = rng.random((M, d)) < 0.5
+    exact, _ = ridge_refit(dh, rhs, mask)
+    W0 = W_bar * mask
+    W0[:4] = exact[:4]  # already optimal
+    monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    monkeypatch.setattr(lw, "CG_FLOPS", 5 * lw.refit_cost(mask)[1])
+
+    def per_row(W: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", W @ dh.H, W) - 2 * np.einsum("ij,ij->i", W, rhs)
+
+    W, how = ridge_refit(dh, rhs, mask, W0, inverse(dh), W_star)
+    assert how == "cg5" and not np.any(W[~mask])
+    start, end = per_row(W0), per_row(W)
+    assert np.all(end <= start + 1e-6 * np.abs(start))
+    assert np.all(end[4:] < start[4:])  # the others improve

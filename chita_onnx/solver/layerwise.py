@@ -365,7 +365,10 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support.
 
     With ``d ≥`` :data:`SINGLE_MIN` the products with ``H`` (all the work) are float32 and the
-    iteration's vectors float64 (the caller keeps the start when the result is not better)."""
+    iteration's vectors float64.  Each row ends at the better of its start ``W0`` and its last
+    iterate, by ``f_i(w) = wᵀH_λw − 2wᵀrhs_i = −wᵀ(rhs_i + r)`` with the explicit residual
+    ``r = (rhs_i − H_λw)`` on the support (``w`` is zero off it): one product with ``H`` for the end,
+    the start's is the iteration's first residual."""
     H32 = H.astype(np.float32) if H.shape[0] >= SINGLE_MIN else None
 
     def times_h(V: F64) -> F64:
@@ -377,6 +380,8 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     X = np.zeros_like(rhs) if W0 is None else W0 * P
     diag = np.maximum(np.diag(H), 1e-300)[None, :]
     R = (rhs - times_h(X)) * P
+    X0 = X.copy()
+    f0 = -np.einsum("ij,ij->i", X0, rhs + R)
     Z = R / diag
     Pd = Z.copy()
     rz = np.einsum("ij,ij->i", R, Z)
@@ -394,6 +399,9 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
         beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
         Pd = Z + beta[:, None] * Pd
         rz = rz_new
+    f = -np.einsum("ij,ij->i", X, rhs + (rhs - times_h(X)) * P)
+    worse = f > f0
+    X[worse] = X0[worse]
     return X
 
 
@@ -529,10 +537,7 @@ def prune_layer(
         else:
             Wk, mk = sparsegpt_sweep(W_star, invs[k], mask=mask[k], block=block)
         if refit:
-            W0 = Wk
-            Wk, how = ridge_refit(damped[k], rhs, mk, W0, invs[k], W_star)
-            if how.startswith("cg") and objective(Wk, damped[k], rhs) > objective(W0, damped[k], rhs):
-                Wk = W0
+            Wk, how = ridge_refit(damped[k], rhs, mk, Wk, invs[k], W_star)  # CG keeps each row's better end
         out[k], kept[k] = Wk, mk
     err = masked = dense = 0.0
     for k in range(g):
