@@ -288,6 +288,21 @@ def test_inverse_from_the_cholesky_factor_is_the_inverse() -> None:
     np.testing.assert_array_equal(inverse(dh), inverse(dh).T)
 
 
+@pytest.mark.parametrize("lower", [True, False])
+def test_mirror_copies_one_triangle_across_blocks(lower: bool) -> None:
+    """The in-place symmetrisation behind :func:`inverse` keeps the given triangle and mirrors it, over
+    sizes that do and do not divide into its blocks."""
+    from chita_onnx.solver.layerwise import _mirror
+
+    rng = np.random.default_rng(14)
+    for d in (1, 7, 256, 600):
+        A = rng.standard_normal((d, d))
+        tri = np.tril(A) if lower else np.triu(A)
+        want = tri + np.tril(tri, -1).T if lower else tri + np.triu(tri, 1).T
+        _mirror(A, lower, block=256)
+        np.testing.assert_array_equal(A, want)
+
+
 # ------------------------------------------------------------------------------ output-row weights
 
 

@@ -143,10 +143,23 @@ def inverse(dh: Damped) -> F64:
     inv, info = sla.lapack.dpotri(c, lower=lower)
     if info != 0:
         return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
-    tri = np.tril(inv) if lower else np.triu(inv)
-    out: F64 = tri + np.tril(tri, -1).T if lower else tri + np.triu(tri, 1).T
+    out: F64 = np.asarray(inv, dtype=np.float64)
+    _mirror(out, lower)
     return out
 
+
+def _mirror(A: F64, lower: bool, block: int = 256) -> None:
+    """Make ``A (d, d)`` symmetric in place from its ``lower`` (else upper) triangle, a block column
+    at a time (no ``d × d`` temporaries)."""
+    d = A.shape[0]
+    for j in range(0, d, block):
+        j2 = min(d, j + block)
+        if lower:  # the strictly upper part of column block j..j2 from the lower rows
+            A[:j, j:j2] = A[j:j2, :j].T
+        else:
+            A[j2:, j:j2] = A[j:j2, j2:].T
+        D = A[j:j2, j:j2]
+        D[...] = np.tril(D) + np.tril(D, -1).T if lower else np.triu(D) + np.triu(D, 1).T
 
 def obs_saliency(W_star: F64, Hinv_diag: F64) -> F64:
     """OBS cost of zeroing each weight alone: ``w*_ij² / [H_λ⁻¹]_jj`` (``(M, d)``)."""
