@@ -406,7 +406,7 @@ def test_allocation_is_an_exact_budget_with_a_floor_per_tensor(allocation: str) 
     assert asked == ([cfg.allocation_samples] if allocation == "obd" else [None] if allocation == "chita" else [])
 
 
-@pytest.mark.parametrize("fisher", ["auto", "sampled", "empirical"])
+@pytest.mark.parametrize("fisher", ["auto", "sampled", "empirical", "kl"])
 def test_fisher_diagonal_in_chunks_equals_the_matrix(fisher: str) -> None:
     """The allocation's streamed Fisher diagonal (rows a chunk at a time, never the whole X) equals
     the column sums of squares of the matrix, including the seeded draws that continue across chunks."""
