@@ -141,3 +141,17 @@ def test_planted_sparse_layer_is_recovered_through_prune_layer(seed: int) -> Non
     assert sol.info["refit"] == "cholesky"
     np.testing.assert_array_equal(sol.mask[0], W_true != 0)
     np.testing.assert_allclose(sol.W[0], W_true, rtol=0, atol=1e-5 * np.abs(W_true).max())
+
+
+def test_a_fortran_ordered_matrix_gives_the_same_solutions() -> None:
+    """LAPACK hands back Fortran-ordered inverses; the solver gathers rows of the same (symmetric)
+    matrix either way and returns the same solutions."""
+    _, rhs, _, inv, mask = problem(3, L.SINGLE_MIN + 20, 12)
+
+    def fallback(idx: np.ndarray, b: np.ndarray) -> np.ndarray:
+        raise AssertionError("no float64 breakdown expected")
+
+    kw = {"single_min": L.SINGLE_MIN, "tol": 1e-3, "fallback": fallback}
+    c = batched_spd.solve_subsystems(np.ascontiguousarray(inv), mask, rhs, **kw)  # type: ignore[arg-type]
+    f = batched_spd.solve_subsystems(np.asfortranarray(inv), mask, rhs, **kw)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(c, f)

@@ -424,6 +424,31 @@ def test_fisher_diagonal_in_chunks_equals_the_matrix(fisher: str) -> None:
     assert np.count_nonzero(want) > p // 2
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_chunks_of_mini_batches_draw_what_one_pass_draws(m: int) -> None:
+    """Rows of m samples with sampled labels, computed in two chunks, equal one pass's rows both when
+    the second chunk goes on from the first call's generator and when it starts fresh and skips the
+    earlier rows' draws (``first_sample`` counts rows of m samples)."""
+    from chita_onnx.data import ArraySource
+    from chita_onnx.gradients import GradientEngine
+
+    model = tiny_mlp(seed=2, d_in=12, hidden=16, classes=5)
+    x = np.random.default_rng(4).standard_normal((12, 12)).astype(np.float32)
+    eng = GradientEngine(model, ["W1", "W2"], example=({"x": x[:6]}, None), loss="ce", mini_batch=m)
+
+    def rows(a: int, b: int, first: int, fresh: bool) -> np.ndarray:
+        if fresh:
+            eng._draws = None
+        src = ArraySource({"x": x[a * m : b * m]}, None, batch_size=6)
+        return eng.compute(src, fisher="sampled", seed=3, first_sample=first).X.copy()
+
+    n, cut = 12 // m, 3
+    whole = rows(0, n, 0, True)
+    for fresh in (False, True):
+        both = np.concatenate([rows(0, cut, 0, fresh), rows(cut, n, cut, fresh)])
+        np.testing.assert_allclose(both, whole, rtol=1e-5, atol=1e-7)
+
+
 def test_layerwise_batches_shrink_for_large_activations() -> None:
     """One sample of a model that expands its input 10-million-fold gets batches of 1; a small model
     keeps the requested batch size (shape inference only, nothing is run)."""

@@ -286,6 +286,7 @@ def test_inverse_from_the_cholesky_factor_is_the_inverse() -> None:
     dh = damp_gram(X.T @ X, 0.01)
     np.testing.assert_allclose(inverse(dh) @ dh.H, np.eye(17), atol=1e-9)
     np.testing.assert_array_equal(inverse(dh), inverse(dh).T)
+    assert inverse(dh).flags.c_contiguous  # the batched re-fit gathers its rows
 
 
 @pytest.mark.parametrize("lower", [True, False])

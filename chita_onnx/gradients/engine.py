@@ -892,7 +892,7 @@ class GradientEngine:
         class distributions ``(n, P, C)`` of a reference model on the same samples (e.g. the dense
         model's :meth:`probabilities`); the result then carries the row ``offsets`` of the KL from
         them to the model (at ``temperature`` τ: of ``KL(p_τ ‖ q_τ)``, see :func:`make_targets`).
-        ``first_sample``: ``data`` starts at that sample of a longer source, so
+        ``first_sample``: ``data`` starts at that row (of ``m`` samples) of a longer source, so
         the seeded draws (sampled labels, sketches, probes) are the ones that source would get
         there: rows computed in chunks equal the rows of one pass."""
         t0 = time.perf_counter()
@@ -954,7 +954,7 @@ class GradientEngine:
         else:
             rng = np.random.default_rng(seed)
             if first_sample:
-                self._skip_draws(rng, fk, reps, first_sample)
+                self._skip_draws(rng, fk, reps, first_sample * self.m)  # first_sample counts rows
         specs = self._specs(self.fwd)
 
         # "batched": build the batched path now.  "auto": the same, when there is more than one block

@@ -83,6 +83,9 @@ def solve_subsystems(
     solves one system in float64 (called only for rows whose float64 factorisation fails).
     """
     n, d = sel.shape
+    if not A.flags.c_contiguous and A.T.flags.c_contiguous:
+        A = A.T  # symmetric: the same matrix, with rows contiguous for the gathers below
+    A = np.ascontiguousarray(A)
     X = np.zeros((n, d))
     sizes = sel.sum(axis=1)
     A32: NDArray[np.float32] | None = None
@@ -91,7 +94,7 @@ def solve_subsystems(
         """Solve ``rows`` (float32 with the residual check, or float64); returns the rows that failed."""
         nonlocal A32
         if single and A32 is None:
-            A32 = A.astype(np.float32)
+            A32 = A.astype(np.float32, order="C")
         M = A32 if single and A32 is not None else A
         failed: list[NDArray[np.int64]] = []
         for m in np.unique(sizes[rows]):

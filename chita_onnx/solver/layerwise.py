@@ -145,7 +145,7 @@ def inverse(dh: Damped) -> F64:
         return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
     out: F64 = np.asarray(inv, dtype=np.float64)
     _mirror(out, lower)
-    return out
+    return out.T if not out.flags.c_contiguous else out  # LAPACK's is Fortran-ordered; symmetric
 
 
 def _mirror(A: F64, lower: bool, block: int = 256) -> None:
@@ -413,7 +413,7 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
         Pd = Z + beta[:, None] * Pd
         rz = rz_new
     f = -np.einsum("ij,ij->i", X, rhs + (rhs - times_h(X)) * P)
-    worse = f > f0
+    worse = ~(f <= f0)  # a NaN iterate is worse
     X[worse] = X0[worse]
     return X
 
