@@ -302,6 +302,7 @@ def markdown(results: list[dict[str, Any]], sparsities: list[float]) -> str:
 
 
 def main() -> None:
+    global UNSEEN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
@@ -316,7 +317,6 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=UNSEEN, help=f"the audit set (default {UNSEEN}; make_unseen*.py --out)")
     args = ap.parse_args()
-    global UNSEEN
     UNSEEN = args.dir.expanduser()
     args.json = args.json or UNSEEN / "bench_unseen.json"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
