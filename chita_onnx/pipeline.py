@@ -34,7 +34,7 @@ from .config import DEFAULT_STAGES, CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, ModelError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -1025,7 +1025,7 @@ def _compress(
         oracle = GradientOracle(prep, config)
         try:
             w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
-        except ChitaError as exc2:
+        except (ModelError, GradientError) as exc2:  # the model, not the flags: a ConfigError stands
             if layer_config.allocation not in ("obd", "chita"):
                 raise
             # no gradients at all (e.g. onnxruntime-training cannot build them past a Loop upstream of
