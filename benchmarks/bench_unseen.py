@@ -194,7 +194,8 @@ def peer(src: Path, out: Path, s: float) -> dict[str, Any]:
 
 def spawn(name: str, method: str, s: float, tmp: Path) -> dict[str, Any]:
     out_json = tmp / f"{name}_{method}_{s}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, method, str(s), str(out_json)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--dir", str(UNSEEN), "--worker", name, method, str(s),
+           str(out_json)]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if not out_json.exists():
@@ -301,10 +302,11 @@ def markdown(results: list[dict[str, Any]], sparsities: list[float]) -> str:
 
 
 def main() -> None:
+    global UNSEEN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
-    ap.add_argument("--json", type=Path, default=UNSEEN / "bench_unseen.json")
+    ap.add_argument("--json", type=Path, default=None, help="default: DIR/bench_unseen.json")
     ap.add_argument("--no-cli", action="store_true")
     ap.add_argument("--no-peer", action="store_true", help="skip the onnxsim peer")
     ap.add_argument(
@@ -313,7 +315,10 @@ def main() -> None:
         "record of a model replaces an earlier one)",
     )
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", type=Path, default=UNSEEN, help=f"the audit set (default {UNSEEN}; make_unseen*.py --out)")
     args = ap.parse_args()
+    UNSEEN = args.dir.expanduser()
+    args.json = args.json or UNSEEN / "bench_unseen.json"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
         name, method, s, out_json = args.worker

@@ -198,6 +198,20 @@ def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterable[tuple[str, o
             yield from walk_graphs(sub, f"{path}/{label}/{attr}" if path else f"{label}/{attr}")
 
 
+def loop_scopes(graph: onnx.GraphProto) -> set[str]:
+    """The :func:`walk_graphs` scope paths of every subgraph that runs inside a Loop or Scan body (at
+    any depth)."""
+    out: set[str] = set()
+    for path, g in walk_graphs(graph):
+        inside = path in out
+        for k, node in enumerate(g.node):
+            label = node.name or f"{node.op_type}#{k}"
+            for attr, _ in subgraphs(node):
+                if inside or node.op_type in ("Loop", "Scan"):
+                    out.add(f"{path}/{label}/{attr}" if path else f"{label}/{attr}")
+    return out
+
+
 @dataclass(frozen=True)
 class _Stored:
     """Where a constant tensor lives: its graph, scope path, and the Constant node (None for an
@@ -236,10 +250,12 @@ def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
     constant = set(stored)
     uses: dict[str, list[tuple[onnx.NodeProto, bool, int]]] = {}
     outputs: set[str] = set()
-    for _, g in walk_graphs(model.graph):
+    looped = loop_scopes(model.graph)
+    for scope, g in walk_graphs(model.graph):
         outputs.update(o.name for o in g.output)
         for k, node in enumerate(g.node):
-            slots = set(_weight_slots(node, constant))
+            # a layer run once per Loop/Scan iteration: neither gradients nor layer inputs reach it
+            slots = set() if scope in looped else set(_weight_slots(node, constant))
             for i, name in enumerate(node.input):
                 if name in constant:
                     uses.setdefault(name, []).append((node, i in slots, k))

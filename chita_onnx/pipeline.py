@@ -34,7 +34,7 @@ from .config import DEFAULT_STAGES, CompressConfig
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, ModelError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .graph import (
@@ -1020,9 +1020,22 @@ def _compress(
             method="chita", bn_recalibrate=requested.bn_recalibrate, bias_correction=requested.bias_correction
         )
         chosen = f"method auto: chita, because the layer-wise pass failed ({why})"
+        layer_prep, layer_decide, layer_config = prep, decide, config.with_(method="layerwise")
         prep, decide = split_decision(prep, config)
         oracle = GradientOracle(prep, config)
-        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+        try:
+            w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+        except (ModelError, GradientError) as exc2:  # the model, not the flags: a ConfigError stands
+            if layer_config.allocation not in ("obd", "chita"):
+                raise
+            # no gradients at all (e.g. onnxruntime-training cannot build them past a Loop upstream of
+            # the weights): layer-wise reconstruction with the gradient-free magnitude allocation
+            why = " ".join(f"{type(exc2).__name__}: {exc2}".split())[:300]
+            log.warning("no gradients for this model (%s): layer-wise with the magnitude allocation", why)
+            prep, decide, config = layer_prep, layer_decide, layer_config.with_(allocation="magnitude")
+            chosen = f"method auto: layerwise with --allocation magnitude, because gradients failed ({why})"
+            warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
+            w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
     with timer.phase("statistics"):
         corrected, correction = correct_statistics(prep, config, w, decide, config.output)
     layout = prep.layout

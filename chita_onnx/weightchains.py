@@ -28,7 +28,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import _constant_values, _to_sparse, _weight_slots
+from .graph import _constant_values, _to_sparse, _weight_slots, subgraphs, walk_graphs
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,36 @@ def unprunable_layer_weights(
             size = int(np.prod(t.dims)) if t.dims else 1
             if len(t.dims) >= 2 and size >= min_size:
                 out[name] = (name, n.op_type, size)
+    for name, op in _loop_layer_reads(g).items():
+        t = stored.get(name)
+        if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
+            continue
+        size = int(np.prod(t.dims)) if t.dims else 1
+        if len(t.dims) >= 2 and size >= min_size:
+            out[name] = (name, op, size)
     return list(out.values())
+
+
+def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, str]:
+    """``{main-graph tensor: "MatMul in Loop <node>"}`` for the tensors a layer inside a Loop or Scan
+    body reads as its weight, from the outer scope or as a loop operand (tf2onnx carries a Keras
+    GRU's kernels into its ``Loop`` as loop state: Loop operand ``i ≥ 2`` and Scan operand ``i``
+    are body input ``i``)."""
+    out: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type not in ("Loop", "Scan"):
+            continue
+        for _, body in subgraphs(n):
+            first = 2 if n.op_type == "Loop" else 0
+            alias = {b.name: n.input[i] for i, b in enumerate(body.input) if first <= i < len(n.input)}
+            for _, sub in walk_graphs(body):
+                for b in sub.node:
+                    for i in _LAYER_SLOTS.get(b.op_type, ()):
+                        name = b.input[i] if i < len(b.input) else ""
+                        outer = alias.get(name, name)
+                        if outer:
+                            out.setdefault(outer, f"{b.op_type} in {n.op_type} {n.name or '<unnamed>'}")
+    return out
 
 
 def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:

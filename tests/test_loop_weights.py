@@ -1,0 +1,93 @@
+"""Layer weights a control-flow body reads (tf2onnx writes a Keras GRU it cannot match to an ONNX
+``GRU`` as a ``Loop`` that carries the kernels as loop state): ``compress`` cannot prune them, and
+its report must say so instead of leaving them dense in silence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from chita_onnx import CompressConfig, compress
+from chita_onnx.weightchains import unprunable_layer_weights
+
+
+def loop_model(seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 8]`` → ``Loop`` (3 trips) ``h ← tanh(h·W + h·U)``, with ``W [8, 8]`` a loop-carried
+    operand (passed on unchanged, as tf2onnx carries a recurrent kernel) and ``U [8, 8]`` read from
+    the outer scope → ``MatMul`` by ``head [8, 4]`` (prunable)."""
+    rng = np.random.default_rng(seed)
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w_in"], ["hw"]),
+            helper.make_node("MatMul", ["h_in", "U"], ["hu"]),
+            helper.make_node("Add", ["hw", "hu"], ["s"]),
+            helper.make_node("Tanh", ["s"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["w_in"], ["w_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", f, ["N", 8]),
+            helper.make_tensor_value_info("w_in", f, [8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", f, ["N", 8]),
+            helper.make_tensor_value_info("w_out", f, [8, 8]),
+        ],
+    )
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "U"),
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array(3, dtype=np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "cond"),
+    ]
+    nodes = [
+        helper.make_node("Loop", ["trips", "cond", "x", "W"], ["h", "w_last"], body=body, name="rnn_loop"),
+        helper.make_node("MatMul", ["h", "head"], ["y"], name="head_mm"),
+    ]
+    io = [helper.make_tensor_value_info("x", f, ["N", 8])], [helper.make_tensor_value_info("y", f, ["N", 4])]
+    g = helper.make_graph(nodes, "m", *io, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_weights_read_inside_a_loop_body_are_named() -> None:
+    found = unprunable_layer_weights(loop_model(), {"head"})
+    assert sorted(found) == [("U", "MatMul in Loop rnn_loop", 64), ("W", "MatMul in Loop rnn_loop", 64)]
+    assert unprunable_layer_weights(loop_model(), {"head", "W", "U"}) == []
+
+
+def test_compress_reports_loop_weights_left_dense(tmp_path: Path) -> None:
+    src, out = tmp_path / "loop.onnx", tmp_path / "out.onnx"
+    onnx.save(loop_model(3), src)
+    x = {"x": np.random.default_rng(4).standard_normal((32, 8)).astype(np.float32)}
+    # magnitude: the default's gradient working copy of a Loop model is a separate gap (BENCHMARKS stop 19)
+    cfg = CompressConfig(sparsity=0.5, method="magnitude", bn_recalibrate="off", bias_correction="off")
+    rep = compress(src, out, x, cfg, eval_data={"x": x["x"][:4]})
+    assert [t.name for t in rep.tensors] == ["head"] and rep.nnz == 16
+    said = [w for w in rep.warnings if "not prunable" in w]
+    assert len(said) == 1 and "2 layer weight tensor(s) with 128 weights" in said[0]
+    assert "W (MatMul in Loop rnn_loop, 64)" in said[0] and "U (MatMul in Loop rnn_loop, 64)" in said[0]
+
+
+def test_default_prunes_a_model_whose_gradients_cannot_be_built(tmp_path: Path) -> None:
+    """The default recipe does not refuse a model whose gradient working copy fails (a Loop upstream
+    of the weights, as tf2onnx writes a Keras GRU): it prunes layer-wise with the magnitude
+    allocation, to the exact budget, and says why."""
+    src, out = tmp_path / "loop.onnx", tmp_path / "out.onnx"
+    onnx.save(loop_model(5), src)
+    x = {"x": np.random.default_rng(6).standard_normal((48, 8)).astype(np.float32)}
+    rep = compress(src, out, x, CompressConfig(sparsity=0.5), eval_data={"x": x["x"][:4]})
+    assert rep.method == "layerwise" and rep.nnz == 16
+    assert any("no gradients for this model" in w for w in rep.warnings)
+    assert any("not prunable" in w for w in rep.warnings)  # the Loop's W and U, still named
