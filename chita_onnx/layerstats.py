@@ -423,6 +423,12 @@ def output_rows(
     return np.ascontiguousarray(m).reshape(m.shape[0], geom.groups, geom.outputs_per_group)
 
 
+def dense_weight_t(w_rows: NDArray[np.floating]) -> NDArray[np.float32]:
+    """``W̄`` as :func:`accumulate` multiplies dense input rows by it: ``(g, d, M_g)`` float32, contiguous."""
+    out: NDArray[np.float32] = np.ascontiguousarray(np.swapaxes(w_rows, 1, 2), dtype=np.float32)
+    return out
+
+
 def accumulate(
     stats: LayerStats,
     a_pruned: NDArray[np.floating],
@@ -433,10 +439,12 @@ def accumulate(
     offset: NDArray[np.floating] | None = None,
     index: NDArray[np.int64] | None = None,
     geom: LayerGeometry | None = None,
+    w_dense_t: NDArray[np.float32] | None = None,
 ) -> None:
     """Add one batch.  ``a_pruned``: the layer's input tensor in the pruned model.  The dense targets
     ``W̄ x_d`` come either from the dense model's input ``a_dense`` and ``w_dense_rows`` (``W̄`` as
-    ``(g, M_g, d)``), or directly from the dense layer's output ``z_dense`` minus ``offset`` (its
+    ``(g, M_g, d)``; or ``w_dense_t``, the same as :func:`dense_weight_t` gives, made once for all
+    batches), or directly from the dense layer's output ``z_dense`` minus ``offset`` (its
     bias).  Without either only ``H`` is accumulated.  ``index`` picks rows (see
     :class:`RowSampler`); without it a Conv is processed in chunks of samples.  ``geom``: how this
     node reads the weight, when it is not ``stats.geom`` (one weight read by several nodes with
@@ -450,8 +458,8 @@ def accumulate(
     total = num_rows(tuple(a_pruned.shape), geom)
     stats.seen += total
     wT = None
-    if stats.B is not None and a_dense is not None and w_dense_rows is not None:
-        wT = np.ascontiguousarray(np.swapaxes(w_dense_rows, 1, 2), dtype=np.float32)
+    if stats.B is not None and a_dense is not None:
+        wT = w_dense_t if w_dense_t is not None else None if w_dense_rows is None else dense_weight_t(w_dense_rows)
     use_z = stats.B is not None and z_dense is not None
 
     def targets(sl: slice, idx: NDArray[np.int64] | None) -> NDArray[np.float32] | None:

@@ -24,7 +24,16 @@ from onnx import helper, numpy_helper
 
 from .activations import Arrays, LayerSite, SegmentRunner, find_layers
 from .graph import _constant_values, write_weights
-from .layerstats import LayerStats, RowSampler, accumulate, finalize_means, num_rows, rows_to_weight, weight_rows
+from .layerstats import (
+    LayerStats,
+    RowSampler,
+    accumulate,
+    dense_weight_t,
+    finalize_means,
+    num_rows,
+    rows_to_weight,
+    weight_rows,
+)
 from .progress import progress
 from .solver.layerwise import output_row_weights, prune_layer
 
@@ -104,6 +113,7 @@ def _add_consumer(
     total = sum(num_rows(tuple(a.shape), geom) for a in xs)
     cap = -(-opts.max_rows * geom.d // max(1, share)) if opts.max_rows > 0 else None
     sampler = RowSampler(total, cap, seed=seed)
+    wT = dense_weight_t(W_bar_rows) if ad is not None and stats.B is not None else None  # once, not per batch
     for b, a in enumerate(xs):
         a32 = np.asarray(a, np.float32)
         idx = sampler.pick(num_rows(tuple(a32.shape), geom))
@@ -111,7 +121,7 @@ def _add_consumer(
             accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx, geom=geom)
         elif ad is not None:
             accumulate(
-                stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_rows=W_bar_rows, index=idx, geom=geom
+                stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_t=wT, index=idx, geom=geom
             )
         else:
             accumulate(stats, a32, index=idx, geom=geom)

@@ -21,6 +21,7 @@ from chita_onnx.layerstats import (
     LayerStats,
     RowSampler,
     accumulate,
+    dense_weight_t,
     flush,
     input_rows,
     num_rows,
@@ -128,6 +129,12 @@ def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
     for x in xs:
         accumulate(st, x, a_dense=2 * x, w_dense_rows=Wr)
     flush(st)
+    st_t = LayerStats.empty(geom, cross=True)  # W̄ made once for all batches: the same statistics
+    for x in xs:
+        accumulate(st_t, x, a_dense=2 * x, w_dense_t=dense_weight_t(Wr))
+    flush(st_t)
+    assert st_t.B is not None and st.B is not None
+    np.testing.assert_array_equal(st_t.B, st.B)
     rows = np.concatenate([input_rows(x, geom) for x in xs])[:, 0, :].astype(np.float64)
     np.testing.assert_allclose(st.H[0], rows.T @ rows, rtol=1e-4)
     np.testing.assert_allclose(st.B[0], rows.T @ (2 * rows @ Wr[0].T), rtol=1e-4)

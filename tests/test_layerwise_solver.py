@@ -422,3 +422,23 @@ def test_cg_refit_keeps_each_rows_better_end(monkeypatch: pytest.MonkeyPatch) ->
     start, end = per_row(W0), per_row(W)
     assert np.all(end <= start + 1e-6 * np.abs(start))
     assert np.all(end[4:] < start[4:])  # the others improve
+
+
+def test_diagnostic_errors_in_float32_match_float64() -> None:
+    """The reported masked/dense errors of big layers use float32 products with H: they agree with
+    the float64 ones to float32 rounding of the layer's output energy, with and without targets B."""
+    from chita_onnx.solver.layerwise import reconstruction_error
+
+    rng = np.random.default_rng(22)
+    M, d = 30, 200
+    X = rng.standard_normal((500, d))
+    H = X.T @ X
+    W_bar = rng.standard_normal((M, d))
+    W = W_bar * (rng.random((M, d)) < 0.6)
+    B = X.T @ (X @ W_bar.T)
+    yy = ((X @ W_bar.T) ** 2).sum(axis=0)
+    energy = float(yy.sum())
+    for b, y in ((None, None), (B, yy)):
+        e64 = reconstruction_error(W, H, b, y, W_bar)
+        e32 = reconstruction_error(W, H, b, y, W_bar, single=True)
+        assert e64 > 1e-3 * energy and abs(e32 - e64) <= 1e-5 * energy

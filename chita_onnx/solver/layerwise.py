@@ -171,13 +171,25 @@ def objective(W: F64, dh: Damped, rhs: F64) -> float:
     return float(np.einsum("ij,ij->", W @ dh.H, W) - 2.0 * np.einsum("ij,ij->", W, rhs))
 
 
-def reconstruction_error(W: F64, H: F64, B: F64 | None, yy: F64 | None, W_bar: F64) -> float:
-    """``Σ_i E_i(w_i)``: the summed squared output error against the dense layer (no damping)."""
-    WH = np.einsum("ij,ij->", W @ H, W)
+#: A layer's two diagnostic errors (the dense weights under the mask, and unpruned) take float32
+#: products with ``H`` from this many multiply-adds (``M·d²``) on: they are only reported.
+DIAGNOSTIC_SINGLE_MACS = 1e8
+
+
+def reconstruction_error(
+    W: F64, H: F64, B: F64 | None, yy: F64 | None, W_bar: F64, *, single: bool = False
+) -> float:
+    """``Σ_i E_i(w_i)``: the summed squared output error against the dense layer (no damping).
+    ``single``: the product with ``H`` in float32 (for reported diagnostics; rounding ~1e-7 of the
+    layer's output energy)."""
+
+    def quad(V: F64) -> float:  # Σ_i v_iᵀ H v_i
+        VH = (V.astype(np.float32) @ H.astype(np.float32)).astype(np.float64) if single else V @ H
+        return float(np.einsum("ij,ij->", VH, V))
+
     if B is None or yy is None:
-        D = W - W_bar
-        return float(max(0.0, np.einsum("ij,ij->", D @ H, D)))
-    return float(max(0.0, WH - 2.0 * np.einsum("ij,ji->", W, B) + float(np.sum(yy))))
+        return max(0.0, quad(W - W_bar))
+    return float(max(0.0, quad(W) - 2.0 * np.einsum("ij,ji->", W, B) + float(np.sum(yy))))
 
 
 def _block_counts(prune: int, d: int, block: int, saliency: F64) -> list[int]:
@@ -557,8 +569,9 @@ def prune_layer(
         Bk = None if B is None else B[k]
         yk = None if yy is None else yy[k]
         err += reconstruction_error(out[k], H[k], Bk, yk, W_bar[k])
-        masked += reconstruction_error(W_bar[k] * kept[k], H[k], Bk, yk, W_bar[k])
-        dense += reconstruction_error(W_bar[k], H[k], Bk, yk, W_bar[k])
+        single = M * d * d >= DIAGNOSTIC_SINGLE_MACS
+        masked += reconstruction_error(W_bar[k] * kept[k], H[k], Bk, yk, W_bar[k], single=single)
+        dense += reconstruction_error(W_bar[k], H[k], Bk, yk, W_bar[k], single=single)
     return LayerSolution(
         out,
         kept,
