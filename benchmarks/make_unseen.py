@@ -553,15 +553,24 @@ def write_stress(path: Path, w: dict[str, np.ndarray], half: bool) -> None:
     onnx.save(model, str(path))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=OUT)
+def builder_args(doc: str | None, out: Path, n_train: int | None = None) -> tuple[argparse.Namespace, set[str] | None]:
+    """The command line every audit-set builder takes (``--out --mnist --only --seed``, and
+    ``--n-train`` when given a default); returns the arguments (``--out`` created) and the ``--only``
+    names (None: all)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=out)
     ap.add_argument("--mnist", type=Path, default=MNIST)
     ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    if n_train is not None:
+        ap.add_argument("--n-train", type=int, default=n_train, help="training images used (from the training pool)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    only = {s for s in args.only.split(",") if s} or None
+    return args, {s for s in args.only.split(",") if s} or None
+
+
+def main() -> int:
+    args, only = builder_args(__doc__, OUT)
     t0 = time.time()
     build(only, args.out, args.seed, args.mnist)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}")

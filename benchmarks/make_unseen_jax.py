@@ -20,7 +20,6 @@ reads up to 21; jax2onnx's default is 23).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_unseen import MNIST, pools  # numpy only
+from make_unseen import builder_args, pools  # numpy only
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-keras"
 
@@ -144,16 +143,9 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--mnist", type=Path, default=MNIST)
-    ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=20000)
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, only = builder_args(__doc__, OUT, n_train=20000)
     t0 = time.time()
-    build({s for s in args.only.split(",") if s} or None, args.out, args.seed, args.mnist, args.n_train)
+    build(only, args.out, args.seed, args.mnist, args.n_train)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}")
     return 0
 

@@ -33,7 +33,6 @@ Models (name: family; tf2onnx opset; what it stresses):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_unseen import MNIST, pools  # numpy only
+from make_unseen import builder_args, pools  # numpy only
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-keras"
 
@@ -225,15 +224,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--mnist", type=Path, default=MNIST)
-    ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=20000, help="training images used (from the training pool)")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    only = {s for s in args.only.split(",") if s} or None
+    args, only = builder_args(__doc__, OUT, n_train=20000)
     t0 = time.time()
     build(only, args.out, args.seed, args.mnist, args.n_train)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}")

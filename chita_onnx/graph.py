@@ -188,27 +188,31 @@ def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     return out
 
 
+def _scope(path: str, node: onnx.NodeProto, k: int, attr: str) -> str:
+    """The scope path of attribute ``attr``'s subgraph of node ``k`` in the graph at ``path``."""
+    label = node.name or f"{node.op_type}#{k}"
+    return f"{path}/{label}/{attr}" if path else f"{label}/{attr}"
+
+
 def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterable[tuple[str, onnx.GraphProto]]:
     """``graph`` and every nested subgraph, with a readable scope path (``""`` for the main graph,
     ``"If_0/then_branch"`` for a branch of node ``If_0``)."""
     yield path, graph
     for k, node in enumerate(graph.node):
         for attr, sub in subgraphs(node):
-            label = node.name or f"{node.op_type}#{k}"
-            yield from walk_graphs(sub, f"{path}/{label}/{attr}" if path else f"{label}/{attr}")
+            yield from walk_graphs(sub, _scope(path, node, k, attr))
 
 
-def loop_scopes(graph: onnx.GraphProto) -> set[str]:
+def loop_scopes(graph: onnx.GraphProto, path: str = "", inside: bool = False) -> set[str]:
     """The :func:`walk_graphs` scope paths of every subgraph that runs inside a Loop or Scan body (at
     any depth)."""
     out: set[str] = set()
-    for path, g in walk_graphs(graph):
-        inside = path in out
-        for k, node in enumerate(g.node):
-            label = node.name or f"{node.op_type}#{k}"
-            for attr, _ in subgraphs(node):
-                if inside or node.op_type in ("Loop", "Scan"):
-                    out.add(f"{path}/{label}/{attr}" if path else f"{label}/{attr}")
+    for k, node in enumerate(graph.node):
+        for attr, sub in subgraphs(node):
+            scope, looped = _scope(path, node, k, attr), inside or node.op_type in ("Loop", "Scan")
+            if looped:
+                out.add(scope)
+            out |= loop_scopes(sub, scope, looped)
     return out
 
 

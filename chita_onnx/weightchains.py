@@ -501,17 +501,13 @@ def unprunable_layer_weights(
     graph_inputs = {i.name for i in g.input}
     stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    reads = [
+        (n.input[i] if i < len(n.input) else "", n.op_type)
+        for n in g.node
+        for i in (_LAYER_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ())
+    ]
     out: dict[str, tuple[str, str, int]] = {}
-    for n in g.node:
-        for i in _LAYER_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ():
-            name = n.input[i] if i < len(n.input) else ""
-            t = stored.get(name)
-            if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
-                continue
-            size = int(np.prod(t.dims)) if t.dims else 1
-            if len(t.dims) >= 2 and size >= min_size:
-                out[name] = (name, n.op_type, size)
-    for name, op in _loop_layer_reads(g).items():
+    for name, op in [*reads, *_loop_layer_reads(g).items()]:
         t = stored.get(name)
         if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
             continue
