@@ -20,6 +20,11 @@ Models (name: family; exporter, opset; what it stresses):
   slice + zero channel pad), BN kept as BatchNormalization; TorchScript exporter, opset 13.
 * ``resnet20_folded`` the same weights with BN folded into the convolutions by the exporter's
   constant folding; TorchScript exporter, opset 16.
+* ``resnet20_initinputs`` the same weights, BN kept, with ``keep_initializers_as_inputs=True`` (every
+  initializer also a graph input, as IR 3 required); TorchScript exporter, opset 11.
+* ``resnet20_functions`` the same weights, BN folded, with ``export_modules_as_functions={Basic}``
+  (each residual block a model-local function that reads its convolution weights as parameters);
+  TorchScript exporter, opset 17.
 * ``mobilenetv2``     MobileNetV2-style (depthwise separable, inverted residuals with expansion 4,
   ReLU6 → Clip, BN kept: exported with ``optimize=False``, since the dynamo exporter's optimizer
   folds eval-mode BN into the convolutions); dynamo exporter, opset 18.
@@ -180,9 +185,11 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             np.savez(out / f"{name}_{split}.npz", **{key: x.reshape(len(x), *shape)}, labels=y)
 
     def export(model: nn.Module, name: str, x: Any, dynamo: bool, opset: int, inp: str = "input",
-               outname: str = "logits", fold: bool = True, optimize: bool = True) -> None:  # fmt: skip
+               outname: str = "logits", fold: bool = True, optimize: bool = True,
+               extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         path = out / f"{name}.onnx"
         kw: dict[str, Any] = {"input_names": [inp], "output_names": [outname], "opset_version": opset}
+        kw.update(extra or {})
         if dynamo:
             kw["dynamic_shapes"] = ({0: torch.export.Dim("N", min=1, max=4096)},)
             kw["external_data"] = False
@@ -238,19 +245,31 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             x = self.layers(F.relu(self.bn(self.conv(x))))
             return self.fc(x.mean(dim=(2, 3)))
 
-    if want("resnet20_bn") or want("resnet20_folded"):
+    # the same trained network in four exports: BN kept / folded, and two legacy forms of the
+    # TorchScript exporter (initializers listed as graph inputs; residual blocks as local functions)
+    variants: tuple[tuple[str, bool, int, dict[str, Any]], ...] = (
+        ("resnet20_bn", False, 13, {}),
+        ("resnet20_folded", True, 16, {}),
+        ("resnet20_initinputs", False, 11, {"keep_initializers_as_inputs": True}),
+        ("resnet20_functions", True, 17, {"export_modules_as_functions": {Basic}}),
+    )
+    if any(want(v[0]) for v in variants):
         t0 = time.time()
         torch.manual_seed(seed)
         net = ResNet20()
         train(net, xtr.reshape(-1, *img), ytr, epochs=3, lr=0.1)
         acc = accuracy(net, P["test"][0].reshape(-1, *img), P["test"][1])
         x0 = torch.zeros(2, *img)
-        for name, fold, opset in (("resnet20_bn", False, 13), ("resnet20_folded", True, 16)):
-            export(net, name, x0, dynamo=False, opset=opset, fold=fold)
+        for name, fold, opset, extra in variants:
+            if not want(name):
+                continue
+            export(net, name, x0, dynamo=False, opset=opset, fold=fold, extra=extra)
             save_split(name, "input", img)
             record(name, family="ResNet-20 (CIFAR style, option-A shortcuts)", exporter="torchscript",
                    opset=opset, bn="kept" if not fold else "folded", task="classifier", input="input",
-                   torch_test_accuracy=acc, train_s=round(time.time() - t0, 1))  # fmt: skip
+                   torch_test_accuracy=acc, train_s=round(time.time() - t0, 1),
+                   **{k: sorted(c.__name__ for c in v) if isinstance(v, set) else v
+                      for k, v in extra.items()})  # fmt: skip
 
     # ---------------------------------------------------------------- 2. MobileNetV2 style
     class InvRes(nn.Module):

@@ -34,6 +34,7 @@ from .batching import infer_batch_axes
 from .data_types import InputSpec
 from .errors import ModelError, OutputError, first_line
 from .paths import regular_file
+from .standardize import standardize
 from .validate import check_external_file, validate_graph, validate_header
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)
-    return model
+    return standardize(model, str(p))
 
 
 def opset_version(model: onnx.ModelProto) -> int:

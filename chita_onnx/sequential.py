@@ -36,6 +36,7 @@ from .layerstats import (
 )
 from .progress import progress
 from .solver.layerwise import output_row_weights, prune_layer
+from .standardize import fresh_namer
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +290,9 @@ def ensure_biases(model: onnx.ModelProto, weights: Sequence[str]) -> tuple[onnx.
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     weight_tensors = {**{n: t for n, (_, t) in _constant_values(g).items()}, **inits}
-    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+    fresh = fresh_namer(
+        {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    )
 
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:

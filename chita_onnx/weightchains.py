@@ -488,6 +488,19 @@ _LAYER_SLOTS = {
     "Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Einsum": (0, 1),
     "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
 }  # fmt: skip
+#: The same for onnxruntime's own layers (``com.microsoft``) that stay after
+#: :func:`~chita_onnx.standardize.unfuse_contrib_layers` (an activation with no standard op, an
+#: attention block): never pruned, and named.
+_CONTRIB_SLOTS = {
+    "FusedConv": (1,), "FusedGemm": (0, 1), "FusedMatMul": (0, 1), "NhwcConv": (1,), "Attention": (1,),
+    "GemmFastGelu": (1,),
+}  # fmt: skip
+
+
+def _layer_slots(node: onnx.NodeProto) -> tuple[int, ...]:
+    if node.domain in ("", "ai.onnx"):
+        return _LAYER_SLOTS.get(node.op_type, ())
+    return _CONTRIB_SLOTS.get(node.op_type, ()) if node.domain == "com.microsoft" else ()
 
 
 def unprunable_layer_weights(
@@ -501,11 +514,7 @@ def unprunable_layer_weights(
     graph_inputs = {i.name for i in g.input}
     stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
-    reads = [
-        (n.input[i] if i < len(n.input) else "", n.op_type)
-        for n in g.node
-        for i in (_LAYER_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ())
-    ]
+    reads = [(n.input[i] if i < len(n.input) else "", n.op_type) for n in g.node for i in _layer_slots(n)]
     out: dict[str, tuple[str, str, int]] = {}
     for name, op in [*reads, *_loop_layer_reads(g).items()]:
         t = stored.get(name)
@@ -531,7 +540,7 @@ def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, str]:
             alias = {b.name: n.input[i] for i, b in enumerate(body.input) if first <= i < len(n.input)}
             for _, sub in walk_graphs(body):
                 for b in sub.node:
-                    for i in _LAYER_SLOTS.get(b.op_type, ()):
+                    for i in _layer_slots(b):
                         name = b.input[i] if i < len(b.input) else ""
                         outer = alias.get(name, name)
                         if outer:

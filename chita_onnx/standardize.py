@@ -1,0 +1,298 @@
+"""Two load-time passes that put models from older or function-based exporters in the form the
+rest of chita-onnx reads.  Each keeps the model's outputs identical for every input it accepts.
+
+* :func:`detach_initializer_inputs`: an initializer that is also listed as a graph input (IR 3
+  required it; caffe2-era converters and torch's ``keep_initializers_as_inputs=True`` still write it)
+  is only a default value that a caller may override, so nothing treats it as a constant: such a
+  model had "no prunable weights".  The pass removes those names from the graph inputs, which is
+  also what onnxruntime recommends for them (it cannot constant-fold them).  IR 3 is raised to 4,
+  the first version that allows initializers outside the inputs.
+* :func:`inline_functions`: a layer inside a model-local function (``FunctionProto``, written by
+  onnxscript, spox and torch's ``export_modules_as_functions``) reads its weight as a formal
+  parameter, never as a constant.  The pass inlines every local function call.
+* :func:`unfuse_contrib_layers`: a model saved by onnxruntime after its graph optimizations
+  (``SessionOptions.optimized_model_filepath``) holds its layers as ``com.microsoft`` ``FusedConv``,
+  ``FusedGemm`` and ``FusedMatMul`` nodes, which nothing else reads as layers: their weights stayed
+  dense without a word.  The pass writes each back as the standard layer followed by its activation
+  (onnxruntime fuses them again when it loads the written model).
+
+:func:`standardize` runs all three; :func:`~chita_onnx.graph.load_model` calls it, so every command sees
+(and writes) the same graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+from onnx import AttributeProto, helper, numpy_helper
+
+from .errors import ModelError, first_line
+
+log = logging.getLogger(__name__)
+
+#: First IR version that lets an initializer stay out of the graph inputs.
+IR_INITIALIZERS_AS_CONSTANTS = 4
+
+
+def detach_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the main-graph inputs that an initializer of the same name backs.
+
+    Returns ``model`` itself when there are none, else a copy (IR raised to at least 4)."""
+    g = model.graph
+    stored = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
+    backed = [i.name for i in g.input if i.name in stored]
+    if not backed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [i for i in out.graph.input if i.name not in stored]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    if out.ir_version < IR_INITIALIZERS_AS_CONSTANTS:
+        out.ir_version = IR_INITIALIZERS_AS_CONSTANTS
+    log.info(
+        "%d initializer(s) listed as graph inputs are treated as constants and no longer listed as inputs",
+        len(backed),
+    )
+    return out
+
+
+def _called(graph: onnx.GraphProto, local: set[tuple[str, str]]) -> int:
+    """How many nodes of ``graph`` and its subgraphs call a function in ``local``."""
+    count = 0
+    for node in graph.node:
+        count += (node.domain, node.op_type) in local
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                count += _called(attr.g, local)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                count += sum(_called(sub, local) for sub in attr.graphs)
+    return count
+
+
+def inline_functions(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
+    """``model`` with every call of a model-local function replaced by the function's body.
+
+    Returns ``model`` itself when it defines no local function.  Raises :class:`ModelError` (naming
+    ``where``) when onnx's inliner rejects the model (a malformed function)."""
+    if not model.functions:
+        return model
+    local = {(f.domain, f.name) for f in model.functions}
+    calls = _called(model.graph, local)
+    try:
+        out = onnx.inliner.inline_local_functions(model)
+    except Exception as exc:  # the C++ inliner raises plain exceptions on malformed functions
+        names = ", ".join(f"{d}.{n}" if d else n for d, n in sorted(local))
+        raise ModelError(f"{where}: cannot inline the model's local functions ({names}): {first_line(exc)}") from None
+    if calls:
+        log.info("inlined %d call(s) of %d local function(s)", calls, len(local))
+    return out
+
+
+CONTRIB = "com.microsoft"
+
+#: Activations of onnxruntime's fused layers that have a standard op, with that op's float attributes
+#: in the order ``FusedConv``'s ``activation_params`` lists them, and their ONNX defaults.
+_ACTIVATIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    "Relu": (),
+    "Tanh": (),
+    "Sigmoid": (),
+    "LeakyRelu": (("alpha", 0.01),),
+    "HardSigmoid": (("alpha", 0.2), ("beta", 0.5)),
+    "Clip": (("min", float(np.finfo(np.float32).min)), ("max", float(np.finfo(np.float32).max))),
+}
+
+
+_CONV_ATTRS = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
+_GEMM_ATTRS = {"alpha", "beta", "transA", "transB"}
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def fresh_namer(taken: set[str]) -> Callable[[str], str]:
+    """``fresh(base)``: ``base``, or ``base_1``, ``base_2``, … — the first name not in ``taken``
+    (which it then joins)."""
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    return fresh
+
+
+def _fresh_names(model: onnx.ModelProto) -> Callable[[str], str]:
+    taken: set[str] = set()
+    for g in _graphs(model.graph):
+        taken.update(t.name for t in g.initializer)
+        taken.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for n in g.node:
+            taken.update((*n.input, *n.output, n.name))
+    return fresh_namer(taken)
+
+
+def _activation(
+    kind: str, params: dict[str, float], x: str, y: str, opset: int, fresh: Callable[[str], str]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard nodes computing ``y = kind(x)``; Clip's bounds as float32 scalar initializers from
+    opset 11 on (before: attributes)."""
+    name = fresh(f"{y}_{kind.lower()}")
+    if kind == "Clip" and opset >= 11:
+        lo, hi = fresh(f"{y}_clip_min"), fresh(f"{y}_clip_max")
+        consts = [
+            numpy_helper.from_array(np.array(params["min"], np.float32), lo),
+            numpy_helper.from_array(np.array(params["max"], np.float32), hi),
+        ]
+        return [helper.make_node("Clip", [x, lo, hi], [y], name=name)], consts
+    kw: dict[str, Any] = dict(params)
+    return [helper.make_node(kind, [x], [y], name=name, **kw)], []
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _as_text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _unfused(
+    node: onnx.NodeProto, opset: int, fresh: Callable[[str], str], stored: dict[str, onnx.TensorProto]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """The standard nodes (and new scalar initializers) equal to one fused node, or None to leave it."""
+    attrs = _attrs(node)
+    kind = _as_text(attrs.pop("activation", ""))
+    if kind and kind not in _ACTIVATIONS:
+        return None
+    names = [n for n, _ in _ACTIVATIONS.get(kind, ())]
+    defaults = dict(_ACTIVATIONS.get(kind, ()))
+    y = node.output[0]
+    if node.op_type == "FusedConv":
+        listed = [float(v) for v in attrs.pop("activation_params", [])]
+        if len(listed) > len(names):
+            return None
+        params = {**defaults, **dict(zip(names, listed, strict=False))}
+        if not set(attrs) <= _CONV_ATTRS:
+            return None
+        ins = list(node.input)
+        z = ins[3] if len(ins) > 3 and ins[3] else ""
+        layer = helper.make_node("Conv", [i for i in ins[:3]], [fresh(f"{y}_conv") if (kind or z) else y],
+                                 name=node.name or fresh(f"{y}_conv"), **attrs)  # fmt: skip
+        nodes = [layer]
+        last = layer.output[0]
+        if z:
+            summed = fresh(f"{y}_sum") if kind else y
+            nodes.append(helper.make_node("Add", [last, z], [summed], name=fresh(f"{y}_add")))
+            last = summed
+    elif node.op_type == "FusedGemm":
+        params = {}
+        for n in names:
+            v = attrs.pop(f"activation_{n}", None)
+            params[n] = float(v) if v is not None else defaults[n]
+        if not set(attrs) <= _GEMM_ATTRS or kind == "Clip":
+            return None
+        ins = list(node.input)
+        extra: list[onnx.TensorProto] = []
+        if opset < 11 and (len(ins) < 3 or not ins[2]):  # C is optional from opset 11 on
+            weight = stored.get(ins[1]) or stored.get(ins[0])
+            if weight is None:
+                return None
+            c = fresh(f"{y}_no_bias")
+            extra.append(numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(weight.data_type)), c))
+            ins = [*ins[:2], c]
+        layer = helper.make_node("Gemm", ins, [fresh(f"{y}_gemm") if kind else y],
+                                 name=node.name or fresh(f"{y}_gemm"), **attrs)  # fmt: skip
+        nodes, last = [layer], layer.output[0]
+        if not kind:
+            return nodes, extra
+        act, consts = _activation(kind, params, last, y, opset, fresh)
+        return nodes + act, extra + consts
+    else:  # FusedMatMul: alpha · op(A) @ op(B), op a transpose of the last two axes
+        if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0) or kind:
+            return None
+        ins, pre = list(node.input), []
+        for i, flag in ((0, "transA"), (1, "transB")):
+            if attrs.get(flag, 0):
+                t = stored.get(ins[i])
+                if t is None or len(t.dims) < 2:
+                    return None  # the rank of an activation is not known here
+                r = len(t.dims)
+                out = fresh(f"{ins[i]}_t")
+                perm = [*range(r - 2), r - 1, r - 2]
+                pre.append(helper.make_node("Transpose", [ins[i]], [out], name=fresh(f"{out}_node"), perm=perm))
+                ins[i] = out
+        alpha = float(attrs.get("alpha", 1.0))
+        weight = next((stored[n] for n in node.input if n in stored), None)
+        if alpha != 1.0 and weight is None:
+            return None
+        mm = helper.make_node("MatMul", ins, [fresh(f"{y}_matmul") if alpha != 1.0 else y],
+                              name=node.name or fresh(f"{y}_matmul"))  # fmt: skip
+        scale: list[onnx.TensorProto] = []
+        nodes = [*pre, mm]
+        if alpha != 1.0:
+            assert weight is not None
+            a = fresh(f"{y}_alpha")
+            dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
+            scale.append(numpy_helper.from_array(np.array(alpha, dtype), a))
+            nodes.append(helper.make_node("Mul", [mm.output[0], a], [y], name=fresh(f"{y}_scale")))
+        return nodes, scale
+    if not kind:
+        return nodes, []
+    act, consts = _activation(kind, params, last, y, opset, fresh)
+    return nodes + act, consts
+
+
+def unfuse_contrib_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with onnxruntime's ``FusedConv`` / ``FusedGemm`` / ``FusedMatMul`` written back as
+    ``Conv`` (``+ Z``) / ``Gemm`` / ``MatMul`` (behind ``Transpose``, times ``alpha``) and a standard
+    activation node.  Fused nodes with an activation or attribute that has no standard equivalent
+    are left as they are.  Returns ``model`` itself when nothing changes."""
+    fused = ("FusedConv", "FusedGemm", "FusedMatMul")
+    if not any(n.domain == CONTRIB and n.op_type in fused for g in _graphs(model.graph) for n in g.node):
+        return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not opset:
+        return model  # no standard opset to write the layers in
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fresh = _fresh_names(out)
+    count = 0
+    for g in _graphs(out.graph):
+        stored = {t.name: t for t in g.initializer}
+        nodes: list[onnx.NodeProto] = []
+        for node in g.node:
+            done = _unfused(node, opset, fresh, stored) if node.domain == CONTRIB and node.op_type in fused else None
+            if done is None:
+                nodes.append(node)
+                continue
+            new, consts = done
+            nodes.extend(new)
+            g.initializer.extend(consts)
+            count += 1
+        del g.node[:]
+        g.node.extend(nodes)
+    if count:
+        log.info("wrote %d onnxruntime fused layer(s) back as standard layers and activations", count)
+    return out if count else model
+
+
+def standardize(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
+    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, then :func:`detach_initializer_inputs`."""
+    return detach_initializer_inputs(unfuse_contrib_layers(inline_functions(model, where)))

@@ -1,0 +1,318 @@
+"""The load-time passes of :mod:`chita_onnx.standardize`: weights that old-IR exporters list as graph
+inputs, and weights that layers inside model-local functions read as formal parameters.  Before
+them both kinds of model had "no prunable weights".  Each pass is checked for equivalence in
+onnxruntime, then end to end through ``compress``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from chita_onnx_cli.main import cli
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from chita_onnx import CompressConfig, compress
+from chita_onnx.errors import ModelError
+from chita_onnx.graph import find_prunable, load_model
+from chita_onnx.standardize import detach_initializer_inputs, inline_functions, unfuse_contrib_layers
+from chita_onnx.weightchains import expose_weights, unprunable_layer_weights
+
+F = TensorProto.FLOAT
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, *, basic: bool = False) -> np.ndarray:
+    """``model``'s first output on ``x``; ``basic``: without onnxruntime's layout optimizations (its
+    NCHWc rewrite fails on a hand-written FusedConv with a residual input of 4 channels)."""
+    so = ort.SessionOptions()
+    if basic:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out: np.ndarray = sess.run(None, {"x": x})[0]
+    return out
+
+
+def old_ir_model(seed: int = 0) -> onnx.ModelProto:
+    """IR 3 / opset 9, as caffe2-era converters wrote it: ``x [N, 2, 6, 6]`` → Conv (4 filters 3×3)
+    → Relu → Flatten → Gemm ``[64, 5]`` (transB=0), every initializer also a graph input."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 2, 3, 3)) / 3).astype(np.float32), "conv_w"),
+        numpy_helper.from_array((rng.standard_normal(4) / 10).astype(np.float32), "conv_b"),
+        numpy_helper.from_array((rng.standard_normal((64, 5)) / 8).astype(np.float32), "fc_w"),
+        numpy_helper.from_array((rng.standard_normal(5) / 10).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", F, ["N", 2, 6, 6])]
+    inputs += [helper.make_tensor_value_info(t.name, F, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "old", inputs, [helper.make_tensor_value_info("y", F, ["N", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    return m
+
+
+def function_model(seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 6]`` → ``Block(x, W1, b1)`` → ``Block(·, W2, b2)`` → ``Head(·)``, where the local
+    function ``Block`` calls the local function ``Dense`` (MatMul + Add) and then Relu, and ``Head``
+    holds its ``[8, 3]`` weight as a Constant node inside its body (as onnxscript writes one)."""
+    rng = np.random.default_rng(seed)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("lib", 1)]
+    dense = helper.make_function(
+        "lib",
+        "Dense",
+        ["x", "W", "b"],
+        ["y"],
+        [helper.make_node("MatMul", ["x", "W"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])],
+        ops,
+    )
+    block = helper.make_function(
+        "lib",
+        "Block",
+        ["x", "W", "b"],
+        ["y"],
+        [helper.make_node("Dense", ["x", "W", "b"], ["d"], domain="lib"), helper.make_node("Relu", ["d"], ["y"])],
+        ops,
+    )
+    head_w = numpy_helper.from_array((rng.standard_normal((8, 3)) / 3).astype(np.float32), "hw")
+    head = helper.make_function(
+        "lib",
+        "Head",
+        ["x"],
+        ["y"],
+        [helper.make_node("Constant", [], ["hw"], value=head_w), helper.make_node("MatMul", ["x", "hw"], ["y"])],
+        ops,
+    )
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((6, 8)) / 2).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal(8) / 10).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "W2"),
+        numpy_helper.from_array((rng.standard_normal(8) / 10).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Block", ["x", "W1", "b1"], ["h1"], domain="lib", name="block1"),
+        helper.make_node("Block", ["h1", "W2", "b2"], ["h2"], domain="lib", name="block2"),
+        helper.make_node("Head", ["h2"], ["y"], domain="lib", name="head"),
+    ]
+    io = [helper.make_tensor_value_info("x", F, ["N", 6])], [helper.make_tensor_value_info("y", F, ["N", 3])]
+    g = helper.make_graph(nodes, "fn", *io, inits)
+    m = helper.make_model(g, opset_imports=ops, functions=[dense, block, head])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_detached_initializer_inputs_give_the_same_outputs_and_are_prunable() -> None:
+    m = old_ir_model(1)
+    assert find_prunable(m) == []  # overridable inputs: nothing is a constant
+    out = detach_initializer_inputs(m)
+    assert [i.name for i in out.graph.input] == ["x"] and out.ir_version == 4
+    assert [i.name for i in m.graph.input] == ["x", "conv_w", "conv_b", "fc_w", "fc_b"]  # the input is not touched
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(2).standard_normal((5, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, x), run(m, x))
+    assert [t.name for t in find_prunable(out)] == ["conv_w", "fc_w"]
+    assert detach_initializer_inputs(out) is out  # nothing left to do
+
+
+def test_inlined_functions_give_the_same_outputs_and_expose_every_weight() -> None:
+    m = function_model(3)
+    assert find_prunable(m) == []  # the layers read formal parameters
+    out = inline_functions(m)
+    assert not out.functions and {n.op_type for n in out.graph.node} == {"MatMul", "Add", "Relu", "Constant"}
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(4).standard_normal((7, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(out, x), run(m, x), rtol=0, atol=0)
+    found = find_prunable(out)
+    assert [t.shape for t in found] == [(6, 8), (8, 8), (8, 3)]
+    assert [t.source for t in found] == ["initializer", "initializer", "constant"]
+    assert inline_functions(out) is out
+
+
+def test_a_malformed_local_function_is_one_model_error(tmp_path: Path) -> None:
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("lib", 1)]
+    fn = helper.make_function("lib", "Twice", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], ops)
+    node = helper.make_node("Twice", ["x", "x", "x"], ["y"], domain="lib")  # 3 actual parameters, 1 formal
+    io = [helper.make_tensor_value_info("x", F, ["N", 6])], [helper.make_tensor_value_info("y", F, ["N", 6])]
+    m = helper.make_model(helper.make_graph([node], "bad", *io), opset_imports=ops, functions=[fn])
+    with pytest.raises(ModelError, match=r"cannot inline the model's local functions \(lib\.Twice\)"):
+        inline_functions(m, "bad.onnx")
+    src = tmp_path / "bad.onnx"
+    onnx.save(m, src)
+    np.savez(tmp_path / "calib.npz", x=np.zeros((8, 6), np.float32))
+    args = [
+        "compress",
+        str(src),
+        str(tmp_path / "out.onnx"),
+        "--sparsity",
+        "0.5",
+        "--data",
+        str(tmp_path / "calib.npz"),
+    ]
+    result = CliRunner().invoke(cli, args)
+    said = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(said) == 1 and str(src) in said[0] and "lib.Twice" in said[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["old_ir", "functions"])
+def test_compress_prunes_both_kinds_to_the_exact_budget(tmp_path: Path, kind: str) -> None:
+    """The default end to end: every weight in the budget, the written file loads in onnxruntime and
+    keeps the dense model's decisions on most inputs, and the input file is left as it was."""
+    shape: tuple[int, ...]
+    if kind == "old_ir":
+        m, shape = old_ir_model(5), (96, 2, 6, 6)
+    else:
+        m, shape = function_model(5), (96, 6)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    before = src.read_bytes()
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    rep = compress(src, out, {"x": x[:64]}, CompressConfig(sparsity=0.5), eval_data={"x": x[64:]})
+    p = sum(t.size for t in find_prunable(load_model(src)))
+    assert p > 0 and rep.nnz == round(0.5 * p)
+    written = load_model(out)
+    weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    weights |= {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in written.graph.node if n.op_type == "Constant"
+    }
+    assert sum(int(np.count_nonzero(weights[t.name])) for t in find_prunable(written)) == rep.nnz
+    assert src.read_bytes() == before
+    agree = (run(written, x[64:]).argmax(1) == run(m, x[64:]).argmax(1)).mean()
+    assert agree >= 0.75
+
+
+# ------------------------------------------------------------------ onnxruntime's fused layers
+
+
+def fused_model(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 3, 8, 8]`` through every fused form onnxruntime's optimizer writes: FusedConv with
+    Relu, LeakyRelu, Clip (with a residual ``Z``), HardSigmoid and none; then Flatten → FusedGemm
+    (transB=1, alpha, beta, LeakyRelu via ``activation_alpha``) → FusedGemm (no bias: before opset
+    11 the standard Gemm needs one) → FusedMatMul (transB=1, alpha=0.5)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return np.asarray(rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:])), np.float32)
+
+    inits = {
+        "c1": w(4, 3, 3, 3),
+        "c1b": w(4),
+        "c2": w(4, 4, 3, 3),
+        "c3": w(4, 4, 3, 3),
+        "c3b": w(4),
+        "c4": w(4, 4, 1, 1),
+        "c5": w(2, 4, 3, 3),
+        "g1": w(16, 18),
+        "g1b": w(16),
+        "g2": w(16, 12),
+        "m1": w(6, 12),
+    }
+    ms = "com.microsoft"
+    conv: dict[str, Any] = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("FusedConv", ["x", "c1", "c1b"], ["a1"], domain=ms, activation="Relu", **conv),
+        helper.make_node(
+            "FusedConv", ["a1", "c2"], ["a2"], domain=ms, activation="LeakyRelu", activation_params=[0.1], **conv
+        ),
+        helper.make_node(
+            "FusedConv",
+            ["a2", "c3", "c3b", "a1"],
+            ["a3"],
+            domain=ms,
+            activation="Clip",
+            activation_params=[0.0, 6.0],
+            **conv,
+        ),
+        helper.make_node(
+            "FusedConv",
+            ["a3", "c4"],
+            ["a4"],
+            domain=ms,
+            activation="HardSigmoid",
+            activation_params=[0.3, 0.4],
+            kernel_shape=[1, 1],
+        ),
+        helper.make_node("FusedConv", ["a4", "c5"], ["a5"], domain=ms, strides=[2, 2], kernel_shape=[3, 3]),
+        helper.make_node("Flatten", ["a5"], ["f"]),
+        helper.make_node(
+            "FusedGemm",
+            ["f", "g1", "g1b"],
+            ["h1"],
+            domain=ms,
+            transB=1,
+            alpha=0.7,
+            beta=1.3,
+            activation="LeakyRelu",
+            activation_alpha=0.2,
+        ),
+        helper.make_node("FusedGemm", ["h1", "g2"], ["h2"], domain=ms, activation="Tanh"),
+        helper.make_node("FusedMatMul", ["h2", "m1"], ["y"], domain=ms, transB=1, alpha=0.5),
+    ]
+    io = [helper.make_tensor_value_info("x", F, ["N", 3, 8, 8])], [helper.make_tensor_value_info("y", F, ["N", 6])]
+    g = helper.make_graph(nodes, "fused", *io, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ms, 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_unfused_layers_give_the_same_outputs_and_expose_every_weight(opset: int) -> None:
+    m = fused_model(opset, seed=opset)
+    assert find_prunable(m) == []
+    out = unfuse_contrib_layers(m)
+    assert not [n for n in out.graph.node if n.domain == "com.microsoft"]
+    assert sum(n.op_type == "Clip" for n in out.graph.node) == 1
+    x = np.random.default_rng(8).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(out, x, basic=True), run(m, x, basic=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(out, x), run(m, x, basic=True), rtol=1e-5, atol=1e-6)
+    exposed = find_prunable(expose_weights(out)[0])  # m1 is read behind a Transpose (transB=1)
+    assert sorted(t.name for t in exposed) == ["c1", "c2", "c3", "c4", "c5", "g1", "g2", "m1"]
+    assert unfuse_contrib_layers(out) is out
+
+
+def test_a_fused_layer_without_a_standard_form_is_left_alone() -> None:
+    m = fused_model()
+    g = m.graph
+    next(a for a in g.node[0].attribute if a.name == "activation").s = b"ScaledTanh"  # onnxruntime-only
+    for a in g.node[-1].attribute:
+        if a.name == "transB":
+            a.i = 0
+    g.node[-1].attribute.append(helper.make_attribute("transBatchB", 1))
+    out = unfuse_contrib_layers(m)
+    left = [n.op_type for n in out.graph.node if n.domain == "com.microsoft"]
+    assert left == ["FusedConv", "FusedMatMul"]
+    named = unprunable_layer_weights(out, {t.name for t in find_prunable(out)})
+    assert [(n, op) for n, op, _ in named] == [("c1", "FusedConv"), ("m1", "FusedMatMul")]
+
+
+def test_an_onnxruntime_optimized_model_is_pruned_like_the_original(tmp_path: Path) -> None:
+    """A CNN saved by onnxruntime after its optimizations (FusedConv/FusedGemm) prunes every weight
+    of the original, to the exact budget, and the written model runs in onnxruntime."""
+    rng = np.random.default_rng(9)
+    m = old_ir_model(9)
+    plain = detach_initializer_inputs(m)
+    plain.graph.node.insert(4, helper.make_node("Relu", ["y"], ["z"]))
+    plain.graph.output[0].name = "z"
+    src, opt, out = tmp_path / "plain.onnx", tmp_path / "opt.onnx", tmp_path / "out.onnx"
+    onnx.save(plain, src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    saved = onnx.load(opt)
+    assert {n.op_type for n in saved.graph.node if n.domain == "com.microsoft"} == {"FusedConv", "FusedGemm"}
+    x = rng.standard_normal((96, 2, 6, 6)).astype(np.float32)
+    rep = compress(opt, out, {"x": x[:64]}, CompressConfig(sparsity=0.5), eval_data={"x": x[64:]})
+    p = sum(t.size for t in find_prunable(load_model(src)))
+    assert p == 4 * 2 * 9 + 64 * 5 and rep.nnz == round(0.5 * p)
+    assert rep.evaluation is not None and rep.evaluation.agreement is not None and rep.evaluation.agreement >= 0.75
