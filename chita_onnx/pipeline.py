@@ -147,6 +147,9 @@ class Prepared:
     eval_source: str
     #: weights folded out of Transpose/Cast/Reshape chains (restored in the written model)
     chains: tuple[WeightChain, ...] = ()
+    #: why no gradients can be built for this model (``--method auto`` only; then the default
+    #: allocates by magnitude instead of refusing), or ""
+    no_gradients: str = ""
 
 
 def prepare(
@@ -179,8 +182,16 @@ def prepare(
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
-    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
-    assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
+    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read;
+    # the default recipe needs gradients only for its allocation, which magnitudes can replace
+    no_gradients = ""
+    try:
+        assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
+    except ModelError as exc:
+        if config.method != "auto" or not config.needs_gradients:
+            raise
+        assert_supported(model, str(path), config.output, gradients=False)  # a quantized model stays refused
+        no_gradients = str(exc)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -201,7 +212,7 @@ def prepare(
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
-    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains)
+    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients)
 
 
 def refused_weights(
@@ -973,6 +984,13 @@ def _compress(
         prep, decide = (prep, None) if config.structure == "channel" else split_decision(prep, config)
     structure = None if planned is None else planned[1]
     warnings: list[str] = []
+    if prep.no_gradients:
+        if config.method != "layerwise" or config.allocation not in ("obd", "chita"):
+            raise ModelError(prep.no_gradients)  # the default chose a method that needs gradients
+        why = " ".join(prep.no_gradients.split())[:300]
+        config = config.with_(allocation="magnitude")
+        chosen = f"method auto: layerwise with --allocation magnitude, because no gradients can be built ({why})"
+        warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
     if chosen:
         log.info("%s", chosen)
     if isinstance(data, str) and data == "random":

@@ -188,3 +188,53 @@ def test_fixed_upstream_weights_are_seen_pruned_by_the_layers_after_them() -> No
     assert np.max(np.abs(x @ Pp @ seen.weights["W2"] - dense)) < 1e-3 * np.max(np.abs(dense))
     assert np.max(np.abs(x @ Pp @ blind.weights["W2"] - dense)) > 0.05 * np.max(np.abs(dense))
     assert set(seen.weights) == {"W2"}  # the fixed weight is not re-fitted
+
+
+def _cnn_with(op_nodes: list[onnx.NodeProto], seed: int) -> onnx.ModelProto:
+    """``x [N,2,6,6] → Conv(6, 3×3, pads 1) → OPS (z → y) → Relu → Flatten → Gemm(5)``."""
+    rng = np.random.default_rng(seed)
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Conv", ["x", "Wc"], ["z"], pads=[1, 1, 1, 1], name="conv"),
+        *op_nodes,
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["fl"]),
+        helper.make_node("Gemm", ["fl", "Wg"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((6, 2, 3, 3)) / 4).astype(np.float32), "Wc"),
+        numpy_helper.from_array((rng.standard_normal((5, 216)) / 15).astype(np.float32), "Wg"),
+    ]
+    io = [helper.make_tensor_value_info("x", f, ["N", 2, 6, 6])], [helper.make_tensor_value_info("logits", f, ["N", 5])]
+    m = helper.make_model(helper.make_graph(nodes, "cnn", *io, inits), opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_default_allocates_by_magnitude_when_an_op_has_no_gradient(tmp_path: Path) -> None:
+    """An op onnxruntime-training cannot differentiate and nothing rewrites (Shrink) between the
+    weights and the loss: ``--method chita`` refuses, the default prunes layer-wise to the exact
+    budget with the magnitude allocation, and says why."""
+    src, out = tmp_path / "shrink.onnx", tmp_path / "out.onnx"
+    onnx.save(_cnn_with([helper.make_node("Shrink", ["z"], ["y"], lambd=0.1, bias=0.05)], seed=3), src)
+    x = {"x": np.random.default_rng(4).standard_normal((48, 2, 6, 6)).astype(np.float32)}
+    with pytest.raises(chita_onnx.errors.UnsupportedOpError, match="Shrink"):
+        chita_onnx.compress(src, out, x, CompressConfig(sparsity=0.5, method="chita"))
+    rep = chita_onnx.compress(src, out, x, CompressConfig(sparsity=0.5), eval_data={"x": x["x"][:8]})
+    assert rep.method == "layerwise" and rep.config["allocation"] == "magnitude"
+    assert rep.nnz == keep_count(0.5, 108 + 1080)
+    said = [w for w in rep.warnings if "no gradients for this model" in w]
+    assert len(said) == 1 and "Shrink" in said[0]
+
+
+def test_lrn_models_get_gradients_and_the_default_allocation(tmp_path: Path) -> None:
+    """LRN (AlexNet, GoogLeNet) has an exact rewrite for gradients: the default keeps its OBD
+    allocation, and one-shot chita runs."""
+    src, out = tmp_path / "lrn.onnx", tmp_path / "out.onnx"
+    onnx.save(_cnn_with([helper.make_node("LRN", ["z"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], 5), src)
+    x = {"x": np.random.default_rng(6).standard_normal((48, 2, 6, 6)).astype(np.float32)}
+    rep = chita_onnx.compress(src, out, x, CompressConfig(sparsity=0.5), eval_data={"x": x["x"][:8]})
+    assert rep.config["allocation"] == "obd" and not [w for w in rep.warnings if "no gradients" in w]
+    assert rep.nnz == keep_count(0.5, 108 + 1080)
+    rep = chita_onnx.compress(src, out, x, CompressConfig(sparsity=0.5, method="chita"), eval_data={"x": x["x"][:8]})
+    assert rep.method == "chita" and rep.nnz == keep_count(0.5, 108 + 1080)

@@ -6,7 +6,7 @@ gradient working copy only, and only on nodes between a weight being differentia
 Which ops lack a gradient was measured, not assumed (docs/ort-gradients.md §7 and the probes in the
 tests): no gradient builder for Reciprocal's relatives Softplus/Softsign/Selu/Celu/PRelu/
 ThresholdedRelu/Mish/Mean/ReduceMax/ReduceMin/ReduceL1/ReduceSumSquare/DepthToSpace/SpaceToDepth/
-LpNormalization/GroupNormalization/MeanVarianceNormalization/CumSum/LSTM/GRU/RNN/Floor/Ceil/Round/
+LpNormalization/GroupNormalization/MeanVarianceNormalization/CumSum/LSTM/GRU/RNN/LRN/Floor/Ceil/Round/
 Sign and com.microsoft's SkipLayerNormalization/FusedMatMul; builders but no CPU kernels for
 ConvTranspose and Resize; a run-time failure for Slice with negative steps and for Pad in reflect/
 edge mode; a build failure for Pow with an integer exponent or an exponent on the path.
@@ -800,6 +800,35 @@ def skip_layer_norm(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     return nodes
 
 
+def lrn(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """LRN (AlexNet, GoogLeNet, CaffeNet, ZFNet) → ``x / (bias + α/size · B ⊛ x²)^β``, where the sum of
+    squares over the window of channels ``[c − ⌊(size−1)/2⌋, c + ⌈(size−1)/2⌉]`` is a 1×…×1 ``Conv``
+    with a constant ``C × C`` band of ones (the number of channels must be static)."""
+    x, y = n.input[0], n.output[0]
+    dims = c.dims(x)
+    if dims is None or len(dims) < 3 or dims[1] is None:
+        raise UnsupportedOpError(
+            f"cannot rewrite op LRN (node {label(n)!r}) for gradients: the number of channels of {x!r} is not static"
+        )
+    C, size = int(dims[1]), attr_int(n, "size", 0)
+    if size < 1:
+        raise ValueError(f"size={size}")
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    ch = np.arange(C)
+    band = ((ch[None, :] >= ch[:, None] - lo) & (ch[None, :] <= ch[:, None] + hi)).astype(c.dtype_of(x))
+    kernel = c.const(f"{y}_lrn_band", band.reshape(C, C, *([1] * (len(dims) - 2))))
+    sq, ssum, scaled, base, den = (c.tmp(f"{y}_{k}") for k in ("sq", "ssum", "scaled", "base", "den"))
+    alpha, beta, bias = attr_float(n, "alpha", 1e-4), attr_float(n, "beta", 0.75), attr_float(n, "bias", 1.0)
+    return [
+        c.node("Mul", [x, x], [sq]),
+        c.node("Conv", [sq, kernel], [ssum]),
+        c.node("Mul", [ssum, c.scalar(f"{y}_alpha", alpha / size, x)], [scaled]),
+        c.node("Add", [scaled, c.scalar(f"{y}_bias", bias, x)], [base]),
+        c.node("Pow", [base, c.scalar(f"{y}_beta", beta, x)], [den]),
+        c.node("Div", [x, den], [y]),
+    ]
+
+
 # ---------------------------------------------------------------------------------------- driver
 
 
@@ -846,10 +875,13 @@ RULES: dict[str, Rule] = {
     "ReduceSumSquare": reduce_l1_sumsq,
     "ReduceMax": reduce_max_min,
     "ReduceMin": reduce_max_min,
+    "LRN": lrn,
 }
 
 #: Rules whose replacement is checked against onnxruntime when made.
-VERIFIED = frozenset({"Resize", "ConvTranspose", "LSTM", "GRU", "RNN", "Pad", "Slice", "DepthToSpace", "SpaceToDepth"})
+VERIFIED = frozenset(
+    {"Resize", "ConvTranspose", "LSTM", "GRU", "RNN", "Pad", "Slice", "DepthToSpace", "SpaceToDepth", "LRN"}
+)
 
 
 def rule_for(n: onnx.NodeProto) -> Rule | None:
