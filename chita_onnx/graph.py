@@ -136,7 +136,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)
-    return standardize(model, str(p))
+    return standardize(model, str(p), in_place=True)  # the loaded copy is ours
 
 
 def opset_version(model: onnx.ModelProto) -> int:

@@ -177,16 +177,23 @@ def prepare(
     tensors = [t for t in tensors if t.name not in config.keep]
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
-    _check_prunable(path, model, tensors, config)
+    # The default recipe needs gradients only for its allocation, which magnitudes can replace: for
+    # it, what rules gradients out (a weight dtype, an op without gradient) is a reason, not a refusal.
+    no_gradients = ""
+    try:
+        _check_prunable(path, model, tensors, config)
+    except ModelError as exc:
+        if config.method != "auto" or not config.needs_gradients:
+            raise
+        _check_prunable(path, model, tensors, config, gradients=False)  # NaN weights stay refused
+        no_gradients = str(exc)
     specs = tuple(model_inputs(model))
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
-    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read;
-    # the default recipe needs gradients only for its allocation, which magnitudes can replace
-    no_gradients = ""
+    # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
     try:
-        assert_supported(model, str(path), config.output, gradients=config.needs_gradients)
+        assert_supported(model, str(path), config.output, gradients=config.needs_gradients and not no_gradients)
     except ModelError as exc:
         if config.method != "auto" or not config.needs_gradients:
             raise
@@ -234,11 +241,18 @@ def refused_weights(
 
 
 def _check_prunable(
-    path: Path, model: onnx.ModelProto, tensors: Sequence[PrunableTensor], config: CompressConfig
+    path: Path,
+    model: onnx.ModelProto,
+    tensors: Sequence[PrunableTensor],
+    config: CompressConfig,
+    *,
+    gradients: bool | None = None,
 ) -> None:
-    """Refuse weights the method cannot prune, NaN constants, and a budget that keeps nothing (unless
+    """Refuse weights the method cannot prune (``gradients``: whether it needs the gradient engine;
+    default: ``config.needs_gradients``), NaN constants, and a budget that keeps nothing (unless
     allowed)."""
-    for name, why in refused_weights(model, tensors, gradients=config.needs_gradients).items():
+    needs = config.needs_gradients if gradients is None else gradients
+    for name, why in refused_weights(model, tensors, gradients=needs).items():
         raise ModelError(f"{path}: cannot prune weight {name!r}: {why}")
     _check_constants(model, path)
     p = sum(t.size for t in tensors)

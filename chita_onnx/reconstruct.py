@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from numpy.typing import NDArray
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .activations import (
     Arrays,
@@ -369,7 +369,8 @@ def _with_weights(model: onnx.ModelProto, weights: dict[str, NDArray[np.float32]
     m.CopyFrom(model)
     for init in m.graph.initializer:
         if init.name in weights:
-            init.CopyFrom(numpy_helper.from_array(np.asarray(weights[init.name], dtype=np.float32), init.name))
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)  # a float16 model keeps float16 weights
+            init.CopyFrom(numpy_helper.from_array(np.asarray(weights[init.name], dtype=dtype), init.name))
     return m
 
 

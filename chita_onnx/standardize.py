@@ -39,17 +39,20 @@ log = logging.getLogger(__name__)
 IR_INITIALIZERS_AS_CONSTANTS = 4
 
 
-def detach_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+def detach_initializer_inputs(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``model`` without the main-graph inputs that an initializer of the same name backs.
 
-    Returns ``model`` itself when there are none, else a copy (IR raised to at least 4)."""
+    Returns ``model`` itself when there are none, else a copy (``model`` itself, changed, with
+    ``in_place``: no second copy of the weights), with IR raised to at least 4."""
     g = model.graph
     stored = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
     backed = [i.name for i in g.input if i.name in stored]
     if not backed:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     keep = [i for i in out.graph.input if i.name not in stored]
     del out.graph.input[:]
     out.graph.input.extend(keep)
@@ -259,19 +262,22 @@ def _unfused(
     return nodes + act, consts
 
 
-def unfuse_contrib_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+def unfuse_contrib_layers(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``model`` with onnxruntime's ``FusedConv`` / ``FusedGemm`` / ``FusedMatMul`` written back as
     ``Conv`` (``+ Z``) / ``Gemm`` / ``MatMul`` (behind ``Transpose``, times ``alpha``) and a standard
     activation node.  Fused nodes with an activation or attribute that has no standard equivalent
-    are left as they are.  Returns ``model`` itself when nothing changes."""
+    are left as they are.  Returns ``model`` itself when nothing changes (and, with ``in_place``,
+    when something does: changed)."""
     fused = ("FusedConv", "FusedGemm", "FusedMatMul")
     if not any(n.domain == CONTRIB and n.op_type in fused for g in _graphs(model.graph) for n in g.node):
         return model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not opset:
         return model  # no standard opset to write the layers in
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     fresh = _fresh_names(out)
     count = 0
     for g in _graphs(out.graph):
@@ -293,6 +299,8 @@ def unfuse_contrib_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out if count else model
 
 
-def standardize(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
-    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, then :func:`detach_initializer_inputs`."""
-    return detach_initializer_inputs(unfuse_contrib_layers(inline_functions(model, where)))
+def standardize(model: onnx.ModelProto, where: str = "model", *, in_place: bool = False) -> onnx.ModelProto:
+    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, then :func:`detach_initializer_inputs`
+    (``in_place``: change ``model`` rather than copy its weights; inlining still makes a new model)."""
+    m = inline_functions(model, where)
+    return detach_initializer_inputs(unfuse_contrib_layers(m, in_place=in_place), in_place=in_place)
