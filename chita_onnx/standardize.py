@@ -16,7 +16,11 @@ rest of chita-onnx reads.  Each keeps the model's outputs identical for every in
   dense without a word.  The pass writes each back as the standard layer followed by its activation
   (onnxruntime fuses them again when it loads the written model).
 
-:func:`standardize` runs all three; :func:`~chita_onnx.graph.load_model` calls it, so every command sees
+* :func:`replace_image_scaler`: the experimental ``ImageScaler`` (removed from ONNX; the classic
+  zoo's Tiny YOLOv2 and FER+ open with it) stops onnx's version converter, so no gradients could be
+  built.  The pass writes it as ``Mul`` and ``Add``.
+
+:func:`standardize` runs all four; :func:`~chita_onnx.graph.load_model` calls it, so every command sees
 (and writes) the same graph.
 """
 
@@ -299,8 +303,47 @@ def unfuse_contrib_layers(model: onnx.ModelProto, *, in_place: bool = False) -> 
     return out if count else model
 
 
+def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """``model`` with every ``ImageScaler`` (an experimental op of opsets 1–9, removed from ONNX; the
+    classic zoo's Tiny YOLOv2 and FER+ start with it) written as ``Mul`` by its scale and ``Add`` of
+    its per-channel bias ``[1, C, 1, …]``: the same values, in ops that onnx's version converter and
+    the gradient engine know.  Returns ``model`` itself when there is none."""
+    if not any(
+        n.op_type == "ImageScaler" and n.domain in ("", "ai.onnx") for g in _graphs(model.graph) for n in g.node
+    ):
+        return model
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    fresh = _fresh_names(out)
+    for g in _graphs(out.graph):
+        nodes: list[onnx.NodeProto] = []
+        for n in g.node:
+            if n.op_type != "ImageScaler" or n.domain not in ("", "ai.onnx"):
+                nodes.append(n)
+                continue
+            attrs = _attrs(n)
+            bias = np.asarray(attrs.get("bias", []), np.float32)
+            x, y = n.input[0], n.output[0]
+            scale = fresh(f"{y}_scale")
+            g.initializer.append(numpy_helper.from_array(np.array(float(attrs.get("scale", 1.0)), np.float32), scale))
+            if bias.size == 0:
+                nodes.append(helper.make_node("Mul", [x, scale], [y], name=n.name or fresh(f"{y}_mul")))
+                continue
+            scaled, b = fresh(f"{y}_scaled"), fresh(f"{y}_bias")
+            g.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), b))
+            nodes.append(helper.make_node("Mul", [x, scale], [scaled], name=fresh(f"{y}_mul")))
+            nodes.append(helper.make_node("Add", [scaled, b], [y], name=n.name or fresh(f"{y}_add")))
+        del g.node[:]
+        g.node.extend(nodes)
+    log.info("replaced the experimental op ImageScaler by Mul and Add")
+    return out
+
+
 def standardize(model: onnx.ModelProto, where: str = "model", *, in_place: bool = False) -> onnx.ModelProto:
-    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, then :func:`detach_initializer_inputs`
-    (``in_place``: change ``model`` rather than copy its weights; inlining still makes a new model)."""
-    m = inline_functions(model, where)
-    return detach_initializer_inputs(unfuse_contrib_layers(m, in_place=in_place), in_place=in_place)
+    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, :func:`replace_image_scaler`, then
+    :func:`detach_initializer_inputs` (``in_place``: change ``model`` rather than copy its weights;
+    inlining still makes a new model)."""
+    m = unfuse_contrib_layers(inline_functions(model, where), in_place=in_place)
+    return detach_initializer_inputs(replace_image_scaler(m, in_place=in_place), in_place=in_place)

@@ -19,7 +19,12 @@ from onnx import TensorProto, helper, numpy_helper
 from chita_onnx import CompressConfig, compress
 from chita_onnx.errors import ModelError
 from chita_onnx.graph import find_prunable, load_model
-from chita_onnx.standardize import detach_initializer_inputs, inline_functions, unfuse_contrib_layers
+from chita_onnx.standardize import (
+    detach_initializer_inputs,
+    inline_functions,
+    replace_image_scaler,
+    unfuse_contrib_layers,
+)
 from chita_onnx.weightchains import expose_weights, unprunable_layer_weights
 
 F = TensorProto.FLOAT
@@ -316,3 +321,34 @@ def test_an_onnxruntime_optimized_model_is_pruned_like_the_original(tmp_path: Pa
     p = sum(t.size for t in find_prunable(load_model(src)))
     assert p == 4 * 2 * 9 + 64 * 5 and rep.nnz == round(0.5 * p)
     assert rep.evaluation is not None and rep.evaluation.agreement is not None and rep.evaluation.agreement >= 0.75
+
+
+def test_image_scaler_is_replaced_exactly_and_gradients_follow(tmp_path: Path) -> None:
+    """Tiny YOLOv2's opening ImageScaler (opset 8): the same outputs as Mul + Add, and the default
+    keeps its gradient-based allocation (before, the version converter stopped at the op)."""
+    rng = np.random.default_rng(12)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) / 4).astype(np.float32), "Wc"),
+        numpy_helper.from_array((rng.standard_normal((5, 64)) / 8).astype(np.float32), "Wg"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "bg"),
+    ]
+    nodes = [
+        helper.make_node("ImageScaler", ["x"], ["s"], scale=0.7, bias=[0.1, -0.2, 0.3]),
+        helper.make_node("Conv", ["s", "Wc"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wg", "bg"], ["y"], transB=1),
+    ]
+    io = [helper.make_tensor_value_info("x", F, ["N", 3, 4, 4])], [helper.make_tensor_value_info("y", F, ["N", 5])]
+    m = helper.make_model(helper.make_graph(nodes, "yolo", *io, inits), opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 4
+    out = replace_image_scaler(m)
+    assert [n.op_type for n in out.graph.node][:2] == ["Mul", "Add"] and replace_image_scaler(out) is out
+    x = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(out, x), run(m, x), rtol=1e-6, atol=1e-6)
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    xs = rng.standard_normal((48, 3, 4, 4)).astype(np.float32)
+    rep = compress(src, dst, {"x": xs}, CompressConfig(sparsity=0.5), eval_data={"x": xs[:8]})
+    assert rep.config["allocation"] == "obd" and not [w for w in rep.warnings if "no gradients" in w]
+    assert rep.nnz == round(0.5 * (108 + 320))
