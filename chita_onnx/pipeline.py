@@ -886,7 +886,7 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     """
     if config.method != "auto":
         return config, ""
-    from .reconstruct import batches_of, layer_model
+    from .reconstruct import batches_of, layer_model, too_wide
     from .rnnlayers import RecurrentSite, split_layers
 
     rnn = False
@@ -909,6 +909,11 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         try:
             sites, refused = split_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
             rnn = any(isinstance(s, RecurrentSite) for s in sites)
+            # layers too wide to solve in memory are pruned by their allocation (reconstruct.too_wide):
+            # chita's X would not fit either, so they do not send the model to chita
+            assert config.max_memory is not None
+            wide = set(too_wide(sites, config.max_memory))
+            sites = [s for s in sites if getattr(s, "weight", None) not in wide]
         except ChitaError as exc:
             why = f"the layer-wise pass cannot handle every weight ({exc})"
         if refused:

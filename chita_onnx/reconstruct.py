@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from .activations import (
     Arrays,
+    LayerSite,
     SegmentRunner,
     calibration_batches,
     inline_fixed_ifs,
@@ -41,6 +42,7 @@ from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
 from .errors import ConfigError, ModelError
 from .heads import SoftmaxHead, add_class_offset, softmax_head
+from .limits import gib
 from .rnnlayers import split_layers
 from .sequential import (
     LayerwiseOptions,
@@ -197,6 +199,34 @@ def use_row_weights(config: CompressConfig, head_kind: str | None) -> bool:
     return on
 
 
+#: A layer's solve holds about this many float64 ``d × d`` matrices per group at once (the Gram, its
+#: damped copy, the Cholesky factor and inverse, the OBS sweep's factor) ...
+GRAM_COPIES = 5
+#: ... and this many float64 copies of its ``M × d`` weight (dense, target, sweep, re-fit, errors).
+WEIGHT_COPIES = 6
+
+
+def layer_bytes(site: LayerSite) -> int:
+    """Estimated peak bytes of one layer's solve in the layer-wise pass."""
+    g = site.geometry
+    d, size = g.d, int(np.prod(g.weight_shape))
+    return 8 * (GRAM_COPIES * g.groups * d * d + WEIGHT_COPIES * size)
+
+
+def too_wide(sites: Sequence[object], max_memory: int) -> dict[str, str]:
+    """``{weight: why}`` for the layers whose solve would not fit in ``max_memory`` bytes (VGG's
+    25088-wide fc6: a 5 GB Gram, several times over): pruned by their allocation alone, like the
+    weights the pass cannot handle, instead of exhausting the machine's memory."""
+    out: dict[str, str] = {}
+    for site in sites:
+        if isinstance(site, LayerSite) and layer_bytes(site) > max_memory:
+            out[site.weight] = (
+                f"its input rows are {site.geometry.d:,} wide: its solve needs about {gib(layer_bytes(site))}, "
+                f"over --max-memory {gib(max_memory)}"
+            )
+    return out
+
+
 def prune_layerwise(
     prep: Prepared,
     config: CompressConfig,
@@ -219,7 +249,16 @@ def prune_layerwise(
     if fisher is not None and use_row_weights(config, None if head_kind is None else head_kind()):
         rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
     model = layer_model(prep, batches)
-    _, refused = split_layers(model, prep.layout.names)
+    sites, refused = split_layers(model, prep.layout.names)
+    assert config.max_memory is not None
+    big = too_wide(sites, config.max_memory)
+    if big:
+        log.warning(
+            "%d layer(s) too wide for the layer-wise solve are pruned by their allocation alone: %s",
+            len(big),
+            "; ".join(f"{n} ({why})" for n, why in big.items()),
+        )
+    refused = {**refused, **big}
     if refused and len(refused) == len(prep.layout.names):
         first = next(iter(refused.items()))
         raise ModelError(f"the layer-wise pass cannot handle any prunable weight: {first[0]} ({first[1]})")

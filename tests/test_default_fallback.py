@@ -261,3 +261,32 @@ def test_a_float16_model_is_pruned_by_the_default_in_float16(tmp_path: Path) -> 
     assert {stored[n].data_type for n in ("Wc", "Wg")} == {TensorProto.FLOAT16}
     y = session(written, what="the written model").run(None, {"x": x["x"][:4]})[0]
     assert y.dtype == np.float16 and np.all(np.isfinite(y))
+
+
+def test_a_layer_too_wide_to_solve_in_memory_is_pruned_by_its_allocation(tmp_path: Path) -> None:
+    """A layer whose Gram and factors would pass ``--max-memory`` (VGG's 25088-wide fc6 needs tens
+    of GB) is pruned by its allocated count alone, like a weight the pass cannot handle: the run
+    stays layer-wise, keeps exactly k, and reconstructs the other layers."""
+    rng = np.random.default_rng(13)
+    f = TensorProto.FLOAT
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((200, 16)) / 14).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((3, 16)) / 4).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="wide"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["logits"], transB=1, name="head"),
+    ]
+    io = [helper.make_tensor_value_info("x", f, ["N", 200])], [helper.make_tensor_value_info("logits", f, ["N", 3])]
+    m = helper.make_model(helper.make_graph(nodes, "wide", *io, inits), opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src, out = tmp_path / "wide.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = {"x": rng.standard_normal((48, 200)).astype(np.float32)}
+    cfg = CompressConfig(sparsity=0.5, max_memory=2**20)  # W1's solve: ~1.8 MB; W2's: ~3 KB
+    rep = chita_onnx.compress(src, out, x, cfg, eval_data={"x": x["x"][:8]})
+    assert rep.method == "layerwise" and rep.nnz == keep_count(0.5, 3200 + 48)
+    assert rep.solver["not_reconstructed"] == "W1"
+    roomy = chita_onnx.compress(src, out, x, cfg.with_(max_memory=2**30), eval_data={"x": x["x"][:8]})
+    assert "not_reconstructed" not in roomy.solver and roomy.nnz == rep.nnz
