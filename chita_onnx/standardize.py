@@ -117,6 +117,7 @@ _ACTIVATIONS: dict[str, tuple[tuple[str, float], ...]] = {
 
 _CONV_ATTRS = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
 _GEMM_ATTRS = {"alpha", "beta", "transA", "transB"}
+_MATMUL_ATTRS = {"alpha", "transA", "transB", "transBatchA", "transBatchB"}
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -156,16 +157,23 @@ def _fresh_names(model: onnx.ModelProto) -> Callable[[str], str]:
 
 
 def _activation(
-    kind: str, params: dict[str, float], x: str, y: str, opset: int, fresh: Callable[[str], str]
+    kind: str,
+    params: dict[str, float],
+    x: str,
+    y: str,
+    opset: int,
+    fresh: Callable[[str], str],
+    dtype: np.dtype[Any] | None = None,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Standard nodes computing ``y = kind(x)``; Clip's bounds as float32 scalar initializers from
-    opset 11 on (before: attributes)."""
+    """Standard nodes computing ``y = kind(x)``; Clip's bounds as scalar initializers of ``dtype``
+    (the layer's; default float32) from opset 11 on (before: attributes)."""
     name = fresh(f"{y}_{kind.lower()}")
     if kind == "Clip" and opset >= 11:
         lo, hi = fresh(f"{y}_clip_min"), fresh(f"{y}_clip_max")
+        dt = np.dtype(np.float32) if dtype is None else dtype
         consts = [
-            numpy_helper.from_array(np.array(params["min"], np.float32), lo),
-            numpy_helper.from_array(np.array(params["max"], np.float32), hi),
+            numpy_helper.from_array(np.array(params["min"], dt), lo),
+            numpy_helper.from_array(np.array(params["max"], dt), hi),
         ]
         return [helper.make_node("Clip", [x, lo, hi], [y], name=name)], consts
     kw: dict[str, Any] = dict(params)
@@ -232,7 +240,7 @@ def _unfused(
         act, consts = _activation(kind, params, last, y, opset, fresh)
         return nodes + act, extra + consts
     else:  # FusedMatMul: alpha · op(A) @ op(B), op a transpose of the last two axes
-        if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0) or kind:
+        if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0) or kind or not set(attrs) <= _MATMUL_ATTRS:
             return None
         ins, pre = list(node.input), []
         for i, flag in ((0, "transA"), (1, "transB")):
@@ -262,7 +270,10 @@ def _unfused(
         return nodes, scale
     if not kind:
         return nodes, []
-    act, consts = _activation(kind, params, last, y, opset, fresh)
+    w = stored.get(node.input[1]) if len(node.input) > 1 else None
+    act, consts = _activation(
+        kind, params, last, y, opset, fresh, None if w is None else helper.tensor_dtype_to_np_dtype(w.data_type)
+    )
     return nodes + act, consts
 
 
