@@ -34,7 +34,7 @@ from .batching import infer_batch_axes
 from .data_types import InputSpec
 from .errors import ModelError, OutputError, first_line
 from .paths import regular_file
-from .standardize import standardize
+from .standardize import DetachedInputs, inline_functions, standardize
 from .validate import check_external_file, validate_graph, validate_header
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,16 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
                     yield from _all_tensors(g)
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike[str], *, record: DetachedInputs | None = None) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing anything unsafe or malformed.
 
     Raises :class:`ModelError` for a missing or non-regular file, a file that is not ONNX,
     external-data paths that point outside the model's folder (models come from untrusted sources),
     and anything :func:`~chita_onnx.validate.validate_header` or
     :func:`~chita_onnx.validate.validate_graph` refuses — before external data is read or a sparse
-    tensor densified.  Every command loads through here, so every command validates alike.
+    tensor densified.  Every command loads through here, so every command validates alike; and
+    every command sees the model in the form :func:`~chita_onnx.standardize.standardize` gives
+    (``record`` receives the graph inputs it detaches, for the writer to put back).
     """
     p = Path(path)
     regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
@@ -128,6 +130,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     for t in external:
         _check_external_location(t, base, p)
     validate_graph(model, p)
+    # before the external data is read: onnx's inliner serializes the model (2 GB protobuf limit)
+    model = inline_functions(model, str(p))
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
@@ -136,7 +140,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if len(model.graph.sparse_initializer):
         # e.g. a model pruned before: every layer works on dense initializers, the writer re-sparsifies
         model = densify(model)
-    return standardize(model, str(p), in_place=True)  # the loaded copy is ours
+    return standardize(model, str(p), in_place=True, record=record)  # the loaded copy is ours
 
 
 def opset_version(model: onnx.ModelProto) -> int:

@@ -61,6 +61,7 @@ from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
+from .standardize import DetachedInputs, restore_initializer_inputs
 from .support import assert_supported, refuse_quantized
 from .weightchains import WeightChain, expose_weights, unfold_weight_chains, unprunable_layer_weights
 
@@ -150,6 +151,8 @@ class Prepared:
     #: why no gradients can be built for this model (``--method auto`` only; then the default
     #: allocates by magnitude instead of refusing), or ""
     no_gradients: str = ""
+    #: graph inputs that the loader detached from their initializers (put back on writing)
+    detached: DetachedInputs = field(default_factory=DetachedInputs)
 
 
 def prepare(
@@ -162,7 +165,8 @@ def prepare(
 ) -> Prepared:
     """Load the model and the data and check everything that can be checked up front."""
     path = Path(model_path)
-    model = load_model(path)
+    detached = DetachedInputs()
+    model = load_model(path, record=detached)
     refuse_quantized(model, str(path))
     chains: tuple[WeightChain, ...] = ()
     if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
@@ -219,7 +223,7 @@ def prepare(
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
-    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients)
+    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached)
 
 
 def refused_weights(
@@ -886,7 +890,7 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
     """
     if config.method != "auto":
         return config, ""
-    from .reconstruct import batches_of, layer_model, too_wide
+    from .reconstruct import batches_of, layer_model
     from .rnnlayers import RecurrentSite, split_layers
 
     rnn = False
@@ -909,11 +913,8 @@ def resolve_method(prep: Prepared, config: CompressConfig) -> tuple[CompressConf
         try:
             sites, refused = split_layers(layer_model(prep, batches_of(prep, config)), prep.layout.names)
             rnn = any(isinstance(s, RecurrentSite) for s in sites)
-            # layers too wide to solve in memory are pruned by their allocation (reconstruct.too_wide):
-            # chita's X would not fit either, so they do not send the model to chita
-            assert config.max_memory is not None
-            wide = set(too_wide(sites, config.max_memory))
-            sites = [s for s in sites if getattr(s, "weight", None) not in wide]
+            # (layers too wide to solve in memory are handled sites here: the pass prunes them by their
+            # allocation, reconstruct.too_wide; chita's X would not fit either)
         except ChitaError as exc:
             why = f"the layer-wise pass cannot handle every weight ({exc})"
         if refused:
@@ -1003,9 +1004,9 @@ def _compress(
         prep, decide = (prep, None) if config.structure == "channel" else split_decision(prep, config)
     structure = None if planned is None else planned[1]
     warnings: list[str] = []
-    if prep.no_gradients:
-        if config.method != "layerwise" or config.allocation not in ("obd", "chita"):
-            raise ModelError(prep.no_gradients)  # the default chose a method that needs gradients
+    if prep.no_gradients and config.needs_gradients:
+        if config.method != "layerwise":
+            raise ModelError(f"{prep.no_gradients} ({chosen})")  # the default chose a method that needs them
         why = " ".join(prep.no_gradients.split())[:300]
         config = config.with_(allocation="magnitude")
         chosen = f"method auto: layerwise with --allocation magnitude, because no gradients can be built ({why})"
@@ -1049,6 +1050,8 @@ def _compress(
         w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     except Exception as exc:
         if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, MemoryError):
+            raise
+        if prep.no_gradients:  # chita would need the gradients that cannot be built: the pass's error stands
             raise
         # the default recipe must not refuse a model CHITA can prune: fall back, and say so
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -1096,7 +1099,7 @@ def _compress(
         meta["statistics"] = correction.describe()
         base = prep.model if corrected is None else corrected
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
-        pruned = unfold_weight_chains(pruned, prep.chains)
+        pruned = restore_initializer_inputs(unfold_weight_chains(pruned, prep.chains), prep.detached)
         written = save_model(pruned, staged, input_path=in_path)
         check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)

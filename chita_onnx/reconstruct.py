@@ -258,13 +258,19 @@ def prune_layerwise(
             len(big),
             "; ".join(f"{n} ({why})" for n, why in big.items()),
         )
-    refused = {**refused, **big}
     if refused and len(refused) == len(prep.layout.names):
         first = next(iter(refused.items()))
         raise ModelError(f"the layer-wise pass cannot handle any prunable weight: {first[0]} ({first[1]})")
+    refused = {**refused, **big}
     salience = None if fisher is None else fisher * np.asarray(w_bar, np.float64) ** 2
     start, fixed = prune_refused(prep, w_bar, keep, refused, salience)
     handled = {n: c for n, c in keep.items() if n not in refused}
+    if not handled:  # every layer too wide: the allocation alone
+        info0: dict[str, float | int | str] = {"allocation": how, "allocation_s": t_alloc}
+        info0["not_reconstructed"] = ", ".join(sorted(refused))
+        return SolverResult(
+            start, np.flatnonzero(start).astype(np.int64), float("nan"), (), 1, True, "layerwise", info0
+        )
     res = layerwise_prune(model, batches, keep=handled, opts=options(config), row_fisher=rows, fixed=fixed)
     w = _flat(prep, res, start)
     support = np.flatnonzero(w).astype(np.int64)

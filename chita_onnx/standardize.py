@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx.inliner
+import onnx.shape_inference
 from onnx import AttributeProto, helper, numpy_helper
 
 from .errors import ModelError, first_line
@@ -43,16 +45,31 @@ log = logging.getLogger(__name__)
 IR_INITIALIZERS_AS_CONSTANTS = 4
 
 
-def detach_initializer_inputs(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+@dataclass
+class DetachedInputs:
+    """What :func:`detach_initializer_inputs` took away, for :func:`restore_initializer_inputs`:
+    the original graph inputs (in order) and IR version."""
+
+    inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    ir_version: int = 0
+
+
+def detach_initializer_inputs(
+    model: onnx.ModelProto, *, in_place: bool = False, record: DetachedInputs | None = None
+) -> onnx.ModelProto:
     """``model`` without the main-graph inputs that an initializer of the same name backs.
 
     Returns ``model`` itself when there are none, else a copy (``model`` itself, changed, with
-    ``in_place``: no second copy of the weights), with IR raised to at least 4."""
+    ``in_place``: no second copy of the weights), with IR raised to at least 4.  ``record``, when
+    given, receives the original inputs and IR version (the writer puts them back)."""
     g = model.graph
     stored = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
     backed = [i.name for i in g.input if i.name in stored]
     if not backed:
         return model
+    if record is not None:
+        record.inputs = [_copy_value_info(v) for v in g.input]
+        record.ir_version = model.ir_version
     out = model
     if not in_place:
         out = onnx.ModelProto()
@@ -67,6 +84,51 @@ def detach_initializer_inputs(model: onnx.ModelProto, *, in_place: bool = False)
         len(backed),
     )
     return out
+
+
+def _copy_value_info(v: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(v)
+    return out
+
+
+def restore_initializer_inputs(model: onnx.ModelProto, record: DetachedInputs) -> onnx.ModelProto:
+    """Put back, in place, the graph inputs and IR version that :func:`detach_initializer_inputs`
+    recorded, so that a written model keeps the input's interface.  An input whose initializer is
+    gone is left out; at IR 3 every initializer is listed (as IR 3 requires, new ones included), and
+    a listed initializer stored sparse is stored dense again (an overridable input cannot be sparse).
+    Returns ``model``."""
+    if not record.inputs:
+        return model
+    g = model.graph
+    sparse = {sp.values.name: sp for sp in g.sparse_initializer}
+    dense = {t.name for t in g.initializer}
+    current = {v.name: v for v in g.input}
+    listed: list[onnx.ValueInfoProto] = []
+    for v in record.inputs:
+        if v.name in current:
+            listed.append(current.pop(v.name))
+        elif v.name in dense or v.name in sparse:
+            listed.append(_copy_value_info(v))
+    listed += current.values()
+    if record.ir_version < IR_INITIALIZERS_AS_CONSTANTS:
+        names = {v.name for v in listed}
+        for t in [*g.initializer, *(sp.values for sp in g.sparse_initializer)]:
+            if t.name not in names:
+                listed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        model.ir_version = record.ir_version
+    inputs = {v.name for v in listed}
+    back = [sp for name, sp in sparse.items() if name in inputs]
+    if back:
+        from .graph import _dense_from_sparse  # graph imports this module
+
+        keep = [sp for sp in g.sparse_initializer if sp.values.name not in inputs]
+        g.initializer.extend(_dense_from_sparse(sp) for sp in back)
+        del g.sparse_initializer[:]
+        g.sparse_initializer.extend(keep)
+    del g.input[:]
+    g.input.extend(listed)
+    return model
 
 
 def _called(graph: onnx.GraphProto, local: set[tuple[str, str]]) -> int:
@@ -323,22 +385,30 @@ def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> o
         n.op_type == "ImageScaler" and n.domain in ("", "ai.onnx") for g in _graphs(model.graph) for n in g.node
     ):
         return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 7:  # Mul/Add broadcast by attribute before opset 7
+        return model
+    types = _elem_types(model)
     out = model
     if not in_place:
         out = onnx.ModelProto()
         out.CopyFrom(model)
     fresh = _fresh_names(out)
+    count = 0
     for g in _graphs(out.graph):
         nodes: list[onnx.NodeProto] = []
         for n in g.node:
-            if n.op_type != "ImageScaler" or n.domain not in ("", "ai.onnx"):
+            elem = types.get(n.input[0]) if n.input else None
+            if n.op_type != "ImageScaler" or n.domain not in ("", "ai.onnx") or elem is None:
                 nodes.append(n)
                 continue
+            dtype = helper.tensor_dtype_to_np_dtype(elem)  # the scale and bias in the image's own type
             attrs = _attrs(n)
-            bias = np.asarray(attrs.get("bias", []), np.float32)
+            bias = np.asarray(attrs.get("bias", []), dtype)
             x, y = n.input[0], n.output[0]
             scale = fresh(f"{y}_scale")
-            g.initializer.append(numpy_helper.from_array(np.array(float(attrs.get("scale", 1.0)), np.float32), scale))
+            count += 1
+            g.initializer.append(numpy_helper.from_array(np.array(float(attrs.get("scale", 1.0)), dtype), scale))
             if bias.size == 0:
                 nodes.append(helper.make_node("Mul", [x, scale], [y], name=n.name or fresh(f"{y}_mul")))
                 continue
@@ -348,13 +418,31 @@ def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> o
             nodes.append(helper.make_node("Add", [scaled, b], [y], name=n.name or fresh(f"{y}_add")))
         del g.node[:]
         g.node.extend(nodes)
-    log.info("replaced the experimental op ImageScaler by Mul and Add")
+    if count:
+        log.info("replaced %d ImageScaler node(s), an experimental op, by Mul and Add", count)
     return out
 
 
-def standardize(model: onnx.ModelProto, where: str = "model", *, in_place: bool = False) -> onnx.ModelProto:
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the values onnx's shape inference can tell (every graph, declared or inferred)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # an inconsistent graph: the declared types only
+        inferred = model
+    out: dict[str, int] = {}
+    for g in _graphs(inferred.graph):
+        for v in (*g.input, *g.output, *g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                out[v.name] = v.type.tensor_type.elem_type
+        out.update({t.name: t.data_type for t in g.initializer})
+    return out
+
+
+def standardize(
+    model: onnx.ModelProto, where: str = "model", *, in_place: bool = False, record: DetachedInputs | None = None
+) -> onnx.ModelProto:
     """:func:`inline_functions`, :func:`unfuse_contrib_layers`, :func:`replace_image_scaler`, then
     :func:`detach_initializer_inputs` (``in_place``: change ``model`` rather than copy its weights;
-    inlining still makes a new model)."""
+    inlining still makes a new model; ``record``: see :func:`detach_initializer_inputs`)."""
     m = unfuse_contrib_layers(inline_functions(model, where), in_place=in_place)
-    return detach_initializer_inputs(replace_image_scaler(m, in_place=in_place), in_place=in_place)
+    return detach_initializer_inputs(replace_image_scaler(m, in_place=in_place), in_place=in_place, record=record)

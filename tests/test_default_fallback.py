@@ -261,6 +261,9 @@ def test_a_float16_model_is_pruned_by_the_default_in_float16(tmp_path: Path) -> 
     assert {stored[n].data_type for n in ("Wc", "Wg")} == {TensorProto.FLOAT16}
     y = session(written, what="the written model").run(None, {"x": x["x"][:4]})[0]
     assert y.dtype == np.float16 and np.all(np.isfinite(y))
+    # a gradient-free allocation asked for explicitly is no reason to refuse either
+    rep = chita_onnx.compress(src, out, x, CompressConfig(sparsity=0.5, allocation="uniform"))
+    assert rep.config["allocation"] == "uniform" and rep.nnz == keep_count(0.5, 108 + 1080)
 
 
 def test_a_layer_too_wide_to_solve_in_memory_is_pruned_by_its_allocation(tmp_path: Path) -> None:

@@ -20,9 +20,11 @@ from chita_onnx import CompressConfig, compress
 from chita_onnx.errors import ModelError
 from chita_onnx.graph import find_prunable, load_model
 from chita_onnx.standardize import (
+    DetachedInputs,
     detach_initializer_inputs,
     inline_functions,
     replace_image_scaler,
+    restore_initializer_inputs,
     unfuse_contrib_layers,
 )
 from chita_onnx.weightchains import expose_weights, unprunable_layer_weights
@@ -127,6 +129,10 @@ def test_detached_initializer_inputs_give_the_same_outputs_and_are_prunable() ->
     np.testing.assert_array_equal(run(out, x), run(m, x))
     assert [t.name for t in find_prunable(out)] == ["conv_w", "fc_w"]
     assert detach_initializer_inputs(out) is out  # nothing left to do
+    record = DetachedInputs()
+    back = restore_initializer_inputs(detach_initializer_inputs(m, record=record), record)
+    assert [i.name for i in back.graph.input] == [i.name for i in m.graph.input] and back.ir_version == 3
+    np.testing.assert_array_equal(run(back, x), run(m, x))
 
 
 def test_inlined_functions_give_the_same_outputs_and_expose_every_weight() -> None:
@@ -194,6 +200,10 @@ def test_compress_prunes_both_kinds_to_the_exact_budget(tmp_path: Path, kind: st
     assert src.read_bytes() == before
     agree = (run(written, x[64:]).argmax(1) == run(m, x[64:]).argmax(1)).mean()
     assert agree >= 0.75
+    raw = onnx.load(out)  # the written file keeps the input's interface and IR version
+    assert [i.name for i in raw.graph.input] == [i.name for i in m.graph.input] and raw.ir_version == m.ir_version
+    assert not raw.graph.sparse_initializer or kind != "old_ir"  # IR 3 has no sparse initializers
+    onnx.checker.check_model(raw)
 
 
 # ------------------------------------------------------------------ onnxruntime's fused layers
@@ -352,3 +362,24 @@ def test_image_scaler_is_replaced_exactly_and_gradients_follow(tmp_path: Path) -
     rep = compress(src, dst, {"x": xs}, CompressConfig(sparsity=0.5), eval_data={"x": xs[:8]})
     assert rep.config["allocation"] == "obd" and not [w for w in rep.warnings if "no gradients" in w]
     assert rep.nnz == round(0.5 * (108 + 320))
+
+
+@pytest.mark.parametrize(("opset", "elem"), [(8, TensorProto.FLOAT16), (6, F)])
+def test_image_scaler_keeps_the_image_type_and_old_opsets(opset: int, elem: int) -> None:
+    """The scale and bias take the image's own type (a float16 model stays valid); before opset 7
+    (Mul/Add broadcast by attribute) the node is left as it is."""
+    np_t = helper.tensor_dtype_to_np_dtype(elem)
+    node = helper.make_node("ImageScaler", ["x"], ["y"], scale=0.5, bias=[1.0, 2.0, 3.0])
+    io = (
+        [helper.make_tensor_value_info("x", elem, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("y", elem, ["N", 3, 2, 2])],
+    )
+    m = helper.make_model(helper.make_graph([node], "s", *io), opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 4
+    out = replace_image_scaler(m)
+    if opset < 7:
+        assert out is m
+        return
+    assert {t.data_type for t in out.graph.initializer} == {elem}
+    x = np.random.default_rng(14).standard_normal((2, 3, 2, 2)).astype(np_t)
+    np.testing.assert_allclose(run(out, x), run(m, x), rtol=1e-3, atol=1e-3)
