@@ -97,25 +97,29 @@ def restore_initializer_inputs(model: onnx.ModelProto, record: DetachedInputs) -
     recorded, so that a written model keeps the input's interface.  An input whose initializer is
     gone is left out; at IR 3 every initializer is listed (as IR 3 requires, new ones included), and
     a listed initializer stored sparse is stored dense again (an overridable input cannot be sparse).
-    Returns ``model``."""
+    Each restored input is typed from the tensor now stored under its name.  Returns ``model``."""
     if not record.inputs:
         return model
     g = model.graph
     sparse = {sp.values.name: sp for sp in g.sparse_initializer}
-    dense = {t.name for t in g.initializer}
+    typed = {t.name: (t.data_type, list(t.dims)) for t in g.initializer}
+    typed |= {name: (sp.values.data_type, list(sp.dims)) for name, sp in sparse.items()}  # the dense shape
+
+    def value_info(name: str) -> onnx.ValueInfoProto:
+        elem, dims = typed[name]
+        return helper.make_tensor_value_info(name, elem, dims)
+
     current = {v.name: v for v in g.input}
     listed: list[onnx.ValueInfoProto] = []
     for v in record.inputs:
         if v.name in current:
             listed.append(current.pop(v.name))
-        elif v.name in dense or v.name in sparse:
-            listed.append(_copy_value_info(v))
+        elif v.name in typed:
+            listed.append(value_info(v.name))
     listed += current.values()
     if record.ir_version < IR_INITIALIZERS_AS_CONSTANTS:
         names = {v.name for v in listed}
-        for t in [*g.initializer, *(sp.values for sp in g.sparse_initializer)]:
-            if t.name not in names:
-                listed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        listed += [value_info(name) for name in typed if name not in names]
         model.ir_version = record.ir_version
     inputs = {v.name for v in listed}
     back = [sp for name, sp in sparse.items() if name in inputs]

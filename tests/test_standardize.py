@@ -204,6 +204,12 @@ def test_compress_prunes_both_kinds_to_the_exact_budget(tmp_path: Path, kind: st
     assert [i.name for i in raw.graph.input] == [i.name for i in m.graph.input] and raw.ir_version == m.ir_version
     assert not raw.graph.sparse_initializer or kind != "old_ir"  # IR 3 has no sparse initializers
     onnx.checker.check_model(raw)
+    if kind == "old_ir":  # even when sparse storage is asked for, an IR 3 input gets dense inputs back
+        compress(src, out, {"x": x[:64]}, CompressConfig(sparsity=0.9, storage="sparse"), eval_data={"x": x[64:]})
+        raw = onnx.load(out)
+        assert raw.ir_version == 3 and not raw.graph.sparse_initializer
+        assert [i.name for i in raw.graph.input] == [i.name for i in m.graph.input]
+        run(raw, x[:4])
 
 
 # ------------------------------------------------------------------ onnxruntime's fused layers
