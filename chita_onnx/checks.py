@@ -16,7 +16,7 @@ from .errors import DataError, ModelError
 from .layout import Layout
 
 #: Weight dtypes the gradient engine differentiates.
-GRADIENT_DTYPES = ("float32",)
+GRADIENT_DTYPES = ("float32", "float16", "float64")  # the last two via a float32 twin
 
 
 def weight_refusal(dtype: str, size: int = 1, *, gradients: bool = True) -> str | None:
@@ -26,7 +26,7 @@ def weight_refusal(dtype: str, size: int = 1, *, gradients: bool = True) -> str 
         return "has no elements"
     if dtype in GRADIENT_DTYPES or not gradients:
         return None
-    return f"{dtype} weights: the gradient engine differentiates float32 only (--method magnitude works)"
+    return f"{dtype} weights: the gradient engine takes float32, float16 and float64 only (--method magnitude works)"
 
 
 def check_no_nan(arrays: Iterable[tuple[str, NDArray[np.generic]]], where: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import onnx
 
+from .checks import GRADIENT_DTYPES
 from .errors import ChitaError, ModelError, UnsupportedOpError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
     tensors = find_prunable(model)
     if not tensors:
         return [f"{name}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)"]
-    other = [t for t in tensors if t.dtype != "float32"]
+    other = [t for t in tensors if t.dtype not in GRADIENT_DTYPES]
     if other:
         t = other[0]
         return [f"{name}: weight {t.name!r} is {t.dtype} ({len(other)} such tensors); {_FLOAT32_ONLY_HINT}"]

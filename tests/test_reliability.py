@@ -164,10 +164,13 @@ def test_a_budget_of_zero_weights_needs_allow_empty(tmp_path: Path, mlp_path: Pa
 
 
 def test_inspect_marks_exactly_the_weights_compress_refuses(tmp_path: Path) -> None:
-    half = hostile.mlp(dtype=TensorProto.FLOAT16)
+    half = hostile.mlp(dtype=TensorProto.BFLOAT16)  # float16 has a float32 twin for its gradients
     hostile.save(half, tmp_path / "half.onnx")
     code, out, _ = run("inspect", tmp_path / "half.onnx")
-    assert code == 0 and "refused: float16 weights" in out and "2 of them refused by compress" in out
+    assert code == 0 and "refused: bfloat16 weights" in out and "2 of them refused by compress" in out
+    hostile.save(hostile.mlp(dtype=TensorProto.FLOAT16), tmp_path / "f16.onnx")
+    code, out, _ = run("inspect", tmp_path / "f16.onnx")
+    assert code == 0 and "refused" not in out
     nan = hostile.mlp()
     hostile._nan_weight(nan)
     hostile.save(nan, tmp_path / "nan.onnx")
@@ -178,7 +181,7 @@ def test_inspect_marks_exactly_the_weights_compress_refuses(tmp_path: Path) -> N
     code, _, err = run("compress", tmp_path / "nan.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
     assert code == 1 and "'W1'" in err and "nan at index [1, 2]" in err
     code, _, err = run(  # magnitude pruning needs no gradients: float16 weights are fine there
-        "compress", tmp_path / "half.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz", "--method", "magnitude"
+        "compress", tmp_path / "f16.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz", "--method", "magnitude"
     )
     assert code == 0, err
 

@@ -96,17 +96,23 @@ def test_quantized_models_are_refused_up_front_with_advice(kind: str, tmp_path: 
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_float16_weights_are_refused_with_a_clear_message() -> None:
+def test_bfloat16_weights_are_refused_with_a_clear_message_and_float16_is_supported() -> None:
     w = Init(1)
     model = vec_chain([node("Tanh", ["z"], ["y"])], w)
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
     for t in model.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-        t.data_type = TensorProto.FLOAT16
+        t.CopyFrom(helper.make_tensor(t.name, TensorProto.BFLOAT16, t.dims, numpy_helper.to_array(t).ravel()))
     for v in [*model.graph.input, *model.graph.output]:
-        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+        v.type.tensor_type.elem_type = TensorProto.BFLOAT16
     report = check_model_support(model)
     assert not report.ok
-    assert "'W1' is float16" in report.refusals[0] and "prune the float32 model" in report.refusals[0]
+    assert "'W1' is bfloat16" in report.refusals[0] and "prune the float32 model" in report.refusals[0]
+    for t in half.graph.initializer:  # float16: the gradients come from a float32 twin
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*half.graph.input, *half.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    assert check_model_support(half).ok
 
 
 # ---------------------------------------------------------------------------------- control flow

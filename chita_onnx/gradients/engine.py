@@ -57,6 +57,7 @@ from ..layout import Layout
 from ..progress import progress
 from ._ort import Runner, build_gradient_model
 from .batched import BatchedPath, NotEligibleError
+from .precision import float32_twin, needs_twin
 from .prepare import (
     Forward,
     Head,
@@ -539,8 +540,10 @@ class GradientEngine:
         self.threads = max(1, int(threads))
         self.timings: dict[str, float] = {}
 
-        known = _tensor_shapes(model)
         names = list(weights) if weights is not None else _default_weights(model)
+        if needs_twin(model, names):  # float16/float64 weights: differentiate a float32 twin
+            model = float32_twin(model)
+        known = _tensor_shapes(model)
         if not names:
             raise ModelError("no prunable weights: nothing to differentiate")
         if len(set(names)) != len(names):

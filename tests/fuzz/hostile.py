@@ -524,10 +524,18 @@ def model_cases() -> list[Case]:
     add(_model_case("inf-weight", "nan-inf-weights", _edit(_inf_weight), train, needles=("W2", "inf")))
     add(_model_case("nan-bias", "nan-inf-weights", _edit(_nan_bias), ("compress", "gradients"), needles=("b1", "nan")))
     add(_model_case("overflowing-weight", "nan-inf-weights", _edit(_huge_weight), ("compress", "gradients")))
-    # the default needs gradients only for its allocation: a float16 model is pruned (by magnitude
-    # allocation, in float16); the commands that need the gradient engine refuse it
-    add(_model_case("float16", "fp16-bf16", _fp16, ("gradients", "sweep"), needles=("W1", "float16")))
+    # a float16 model's gradients come from its float32 twin: every training command takes it
     add(_model_case("float16", "fp16-bf16", _fp16, ("compress",), codes=(0,), outputs=("out/o.onnx",)))
+    add(
+        _model_case(
+            "float16", "fp16-bf16", _fp16, ("gradients",), codes=(0,), outputs=("out/g.npy", "out/g.npy.layout.json")
+        )
+    )
+    add(
+        _model_case(
+            "float16", "fp16-bf16", _fp16, ("sweep",), codes=(0,), outputs=("out/s.csv", "out/s.json", "out/s.png")
+        )
+    )
     add(_model_case("bfloat16", "fp16-bf16", _bf16, (*train, "evaluate"), needles=("bfloat16",)))
     add(_model_case("qdq-int8", "quantized-ops", _quantized, train, needles=("quantized",)))
     add(_model_case("matmul-integer", "quantized-ops", _matmul_integer, train, needles=("quantized",)))
