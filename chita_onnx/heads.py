@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.shape_inference
 from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
@@ -85,7 +86,30 @@ def offset_shape(classes: int, rank: int, axis: int) -> tuple[int, ...]:
     return (classes, *([1] * (rank - 1 - axis)))
 
 
-def _fold_site(model: onnx.ModelProto, head: SoftmaxHead, shape: tuple[int, ...]) -> str | None:
+def logits_type(model: onnx.ModelProto, head: SoftmaxHead) -> int:
+    """Element type of the softmax input (declared, else from onnx's shape inference; float32 when
+    neither tells)."""
+    name = head.logits
+
+    def declared(m: onnx.ModelProto) -> int | None:
+        g = m.graph
+        for v in (*g.input, *g.output, *g.value_info):
+            if v.name == name and v.type.tensor_type.elem_type:
+                return int(v.type.tensor_type.elem_type)
+        return next((int(t.data_type) for t in g.initializer if t.name == name), None)
+
+    found = declared(model)
+    if found is None:
+        try:
+            found = declared(onnx.shape_inference.infer_shapes(model))
+        except Exception:  # an inconsistent graph: the default below
+            found = None
+    return found or onnx.TensorProto.FLOAT
+
+
+def _fold_site(
+    model: onnx.ModelProto, head: SoftmaxHead, shape: tuple[int, ...], elem: int = onnx.TensorProto.FLOAT
+) -> str | None:
     """The initializer of the ``Add`` producing the logits that an offset of ``shape`` can be added
     into: it broadcasts exactly like the offset, and neither it nor the sum (nor any ``Identity`` on
     the way to the softmax) is read by anything else or is a graph output."""
@@ -107,7 +131,7 @@ def _fold_site(model: onnx.ModelProto, head: SoftmaxHead, shape: tuple[int, ...]
         return None
     for cand in node.input:
         t = inits.get(cand)
-        if t is None or uses[cand] != 1 or cand in outputs or t.data_type != onnx.TensorProto.FLOAT:
+        if t is None or uses[cand] != 1 or cand in outputs or t.data_type != elem:
             continue
         dims = list(t.dims)
         while dims and dims[0] == 1 and len(dims) > len(shape):
@@ -125,26 +149,29 @@ def add_class_offset(
     axis = head.class_axis(rank)
     if axis is None:
         raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{rank} input is not one class axis")
-    b = np.asarray(beta, np.float32).reshape(-1)
+    elem = logits_type(model, head)  # β in the logits' own type (a float16 classifier stays float16)
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    b = np.asarray(beta, np.float64).reshape(-1)
     shape = offset_shape(b.size, rank, axis)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    site = _fold_site(m, head, shape)
+    site = _fold_site(m, head, shape, elem)
     if site is not None:
         for t in g.initializer:
             if t.name == site:
-                old = numpy_helper.to_array(t).astype(np.float32)
-                t.CopyFrom(numpy_helper.from_array((old + b.reshape(shape)).reshape(old.shape), site))
+                old = numpy_helper.to_array(t).astype(np.float64)
+                new = (old + b.reshape(shape)).reshape(old.shape).astype(dtype)
+                t.CopyFrom(numpy_helper.from_array(new, site))
         return m
     taken = {t.name for t in g.initializer} | {v for n in g.node for v in (*n.input, *n.output)}
     taken |= {i.name for i in g.input}
     init_name, out_name = f"{head.logits}_class_offset", f"{head.logits}_offset"
     while init_name in taken or out_name in taken:
         init_name, out_name = init_name + "_", out_name + "_"
-    g.initializer.append(numpy_helper.from_array(b.reshape(shape), init_name))
+    g.initializer.append(numpy_helper.from_array(b.reshape(shape).astype(dtype), init_name))
     if m.ir_version < 4:  # before IR 4 every initializer is also a graph input
-        g.input.append(helper.make_tensor_value_info(init_name, onnx.TensorProto.FLOAT, list(shape)))
+        g.input.append(helper.make_tensor_value_info(init_name, elem, list(shape)))
     pos = next(i for i, n in enumerate(g.node) if head.probs in n.output)
     g.node[pos].input[0] = out_name
     g.node.insert(pos, helper.make_node("Add", [head.logits, init_name], [out_name], name=f"{init_name}_add"))

@@ -1056,11 +1056,11 @@ def _compress(
         # the default recipe must not refuse a model CHITA can prune: fall back, and say so
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.warning("the layer-wise pass failed (%s): falling back to chita", why)
+        layer_prep, layer_decide, layer_config = prep, decide, config  # the default's own statistics settings
         config = config.with_(
             method="chita", bn_recalibrate=requested.bn_recalibrate, bias_correction=requested.bias_correction
         )
         chosen = f"method auto: chita, because the layer-wise pass failed ({why})"
-        layer_prep, layer_decide, layer_config = prep, decide, config.with_(method="layerwise")
         prep, decide = split_decision(prep, config)
         oracle = GradientOracle(prep, config)
         try:
@@ -1100,6 +1100,11 @@ def _compress(
         base = prep.model if corrected is None else corrected
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
         pruned = restore_initializer_inputs(unfold_weight_chains(pruned, prep.chains), prep.detached)
+        still_sparse = {sp.values.name for sp in pruned.graph.sparse_initializer}  # restored inputs are dense
+        stored = [
+            s if s.storage != "sparse" or s.name in still_sparse else dataclasses.replace(s, storage="dense")
+            for s in stored
+        ]
         written = save_model(pruned, staged, input_path=in_path)
         check_model(staged)
         # read the written file back and count every group (independent of the solver's projection)

@@ -91,3 +91,5 @@ def test_default_prunes_a_model_whose_gradients_cannot_be_built(tmp_path: Path) 
     assert rep.method == "layerwise" and rep.nnz == 16
     assert any("no gradients for this model" in w for w in rep.warnings)
     assert any("not prunable" in w for w in rep.warnings)  # the Loop's W and U, still named
+    # the fallback keeps the default's statistics settings (it used to ask for a decision it had no data for)
+    assert "Error" not in str(rep.solver["statistics"]), rep.solver["statistics"]

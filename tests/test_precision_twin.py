@@ -17,6 +17,7 @@ from chita_onnx import CompressConfig
 from chita_onnx.data import ArraySource
 from chita_onnx.gradients import per_sample_gradients
 from chita_onnx.gradients.precision import float32_twin, needs_twin
+from chita_onnx.runtime import session
 from chita_onnx.solver.budgets import keep_count
 
 
@@ -81,3 +82,21 @@ def test_default_keeps_the_obd_allocation_on_a_float16_model(tmp_path: Path) -> 
     assert rep.nnz == keep_count(0.5, 108 + 1080)
     written = onnx.load(out)
     assert {t.data_type for t in written.graph.initializer if t.name in ("Wc", "Wg")} == {TensorProto.FLOAT16}
+
+
+def test_class_offsets_take_the_logits_type(tmp_path: Path) -> None:
+    """A float16 classifier with class offsets on: the offset is stored in the logits' own type (a
+    float32 one made the written model unloadable), and the written model runs.  (onnxruntime's CPU
+    provider has no float64 Conv, so the float64 model cannot run at all.)"""
+    elem = TensorProto.FLOAT16
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(cnn(elem, seed=6), src)
+    x, y = data(elem, 64)
+    rep = chita_onnx.compress(src, out, {"x": x, "labels": y}, CompressConfig(sparsity=0.5, class_offsets="on"))
+    assert "class offsets on" in str(rep.solver["statistics"]), rep.solver["statistics"]
+    written = onnx.load(out)
+    offsets = [t for t in written.graph.initializer if "class_offset" in t.name]
+    assert offsets and {t.data_type for t in offsets} == {elem}
+    sess = session(written, what="the written model")
+    probs = sess.run(None, {"x": x[:4]})[0]
+    assert probs.dtype == helper.tensor_dtype_to_np_dtype(elem) and np.all(np.isfinite(probs))

@@ -554,7 +554,7 @@ class GradientEngine:
             if known[w][1] != onnx.TensorProto.FLOAT:
                 raise ModelError(
                     f"weight {w!r} is {helper.tensor_dtype_to_np_dtype(known[w][1])}; "
-                    "only float32 weights are supported"
+                    "only float32 weights (float16/float64 through a float32 twin) are supported"
                 )
         self.weights = tuple(names)
         self.layout = Layout.from_shapes((w, known[w][0]) for w in names)

@@ -11,6 +11,7 @@ reach the twin through the engine's usual cast to the model's input type.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -38,15 +39,19 @@ def _types(values: list[onnx.ValueInfoProto]) -> None:
             v.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def _graph(g: onnx.GraphProto) -> int:
-    changed = sum(_tensor(t) for t in g.initializer)
-    for sp in g.sparse_initializer:
-        changed += _tensor(sp.values)
-    _types([*g.input, *g.output, *g.value_info])
-    for node in g.node:
+#: INT attributes that name an element type (Cast's ``to``; ``dtype`` of the Random*/EyeLike ops;
+#: ``output_datatype`` of the window and mel-matrix generators).
+_TYPE_ATTRS = ("dtype", "output_datatype")
+
+
+def _nodes(nodes: Iterable[onnx.NodeProto]) -> int:
+    changed = 0
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == AttributeProto.TENSOR:
                 changed += _tensor(attr.t)
+            elif attr.type == AttributeProto.SPARSE_TENSOR:
+                changed += _tensor(attr.sparse_tensor.values)
             elif attr.type == AttributeProto.GRAPH:
                 changed += _graph(attr.g)
             elif attr.type == AttributeProto.GRAPHS:
@@ -54,11 +59,19 @@ def _graph(g: onnx.GraphProto) -> int:
             elif (
                 attr.type == AttributeProto.INT
                 and attr.i in WIDENED
-                and ((node.op_type == "Cast" and attr.name == "to") or attr.name == "dtype")
+                and ((node.op_type == "Cast" and attr.name == "to") or attr.name in _TYPE_ATTRS)
             ):
                 attr.i = TensorProto.FLOAT
                 changed += 1
     return changed
+
+
+def _graph(g: onnx.GraphProto) -> int:
+    changed = sum(_tensor(t) for t in g.initializer)
+    for sp in g.sparse_initializer:
+        changed += _tensor(sp.values)
+    _types([*g.input, *g.output, *g.value_info])
+    return changed + _nodes(g.node)
 
 
 def needs_twin(model: onnx.ModelProto, weights: list[str]) -> bool:
@@ -78,9 +91,10 @@ def needs_twin(model: onnx.ModelProto, weights: list[str]) -> bool:
 def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` computed in float32 wherever it computed in float16 or float64: every
     such initializer, Constant/ConstantOfShape value, graph input, output and value_info type, and
-    the target type of Cast (``to``) and of the ops with a ``dtype`` attribute; subgraphs too."""
+    the target type of Cast (``to``) and of the ops with a ``dtype``/``output_datatype`` attribute;
+    subgraphs and local functions too."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    changed = _graph(out.graph)
+    changed = _graph(out.graph) + sum(_nodes(f.node) for f in out.functions)
     log.info("gradients computed on a float32 twin of the model (%d tensors and types widened)", changed)
     return out
