@@ -363,6 +363,17 @@ def _to_sparse(name: str, array: NDArray[np.floating]) -> onnx.SparseTensorProto
     return helper.make_sparse_tensor(values, indices, list(array.shape))
 
 
+def _keep_wider(init: TensorProto, array: NDArray[np.floating]) -> NDArray[np.floating]:
+    """``array`` (in ``init``'s dtype), with every value that is the original float64 value rounded
+    to float32 (the solvers' precision) set back to the original: a float64 weight a method kept
+    unchanged is written bit for bit."""
+    if init.data_type != TensorProto.DOUBLE:
+        return array
+    orig = numpy_helper.to_array(init).reshape(array.shape)
+    same = array == orig.astype(np.float32).astype(np.float64)
+    return np.where(same & (array != 0), orig, array)
+
+
 def write_weights(
     model: onnx.ModelProto,
     weights: Mapping[str, NDArray[np.floating]],
@@ -393,7 +404,7 @@ def write_weights(
         if array is None:
             keep_inits.append(init)
             continue
-        array = np.ascontiguousarray(array, dtype=helper.tensor_dtype_to_np_dtype(init.data_type))
+        array = _keep_wider(init, np.ascontiguousarray(array, dtype=helper.tensor_dtype_to_np_dtype(init.data_type)))
         nnz = int(np.count_nonzero(array))
         item = array.dtype.itemsize
         dense_b, sparse_b = array.size * item, nnz * (item + 8)

@@ -17,6 +17,7 @@ from chita_onnx import CompressConfig
 from chita_onnx.data import ArraySource
 from chita_onnx.gradients import per_sample_gradients
 from chita_onnx.gradients.precision import float32_twin, needs_twin
+from chita_onnx.graph import load_model
 from chita_onnx.runtime import session
 from chita_onnx.solver.budgets import keep_count
 
@@ -100,3 +101,31 @@ def test_class_offsets_take_the_logits_type(tmp_path: Path) -> None:
     sess = session(written, what="the written model")
     probs = sess.run(None, {"x": x[:4]})[0]
     assert probs.dtype == helper.tensor_dtype_to_np_dtype(elem) and np.all(np.isfinite(probs))
+
+
+def test_float64_weights_a_method_keeps_unchanged_are_written_bit_for_bit(tmp_path: Path) -> None:
+    """The solvers work in float32; a float64 weight that magnitude pruning keeps unchanged is
+    written back with its original float64 value, not its float32 rounding."""
+    rng = np.random.default_rng(21)
+    f = TensorProto.DOUBLE
+    w1, w2 = rng.standard_normal((6, 16)) / 3, rng.standard_normal((16, 4)) / 4  # not float32-exact
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+    io = [helper.make_tensor_value_info("x", f, ["N", 6])], [helper.make_tensor_value_info("y", f, ["N", 4])]
+    m = helper.make_model(helper.make_graph(nodes, "mlp64", *io, inits), opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = rng.standard_normal((48, 6))
+    cfg = CompressConfig(sparsity=0.5, method="magnitude", bias_correction="off", bn_recalibrate="off")
+    rep = chita_onnx.compress(src, out, {"x": x}, cfg)
+    assert rep.nnz == keep_count(0.5, 96 + 64)
+    written = {t.name: numpy_helper.to_array(t) for t in load_model(out).graph.initializer}  # sparse ones densified
+    for name, orig in (("W1", w1), ("W2", w2)):
+        kept = written[name] != 0
+        assert written[name].dtype == np.float64 and kept.any()
+        np.testing.assert_array_equal(written[name][kept], orig[kept])
