@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -34,8 +35,10 @@ from .batching import infer_batch_axes
 from .data_types import InputSpec
 from .errors import ModelError, OutputError, first_line
 from .paths import regular_file
-from .standardize import DetachedInputs, inline_functions, standardize
 from .validate import check_external_file, validate_graph, validate_header
+
+if TYPE_CHECKING:
+    from .standardize import DetachedInputs
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,8 @@ def load_model(path: str | os.PathLike[str], *, record: DetachedInputs | None = 
     every command sees the model in the form :func:`~chita_onnx.standardize.standardize` gives
     (``record`` receives the graph inputs it detaches, for the writer to put back).
     """
+    from .standardize import inline_functions, standardize  # it builds on this module's helpers
+
     p = Path(path)
     regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
     try:

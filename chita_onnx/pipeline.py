@@ -9,6 +9,7 @@ layer sees per-tensor arrays only.  :class:`~chita_onnx.layout.Layout` maps betw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -181,28 +182,17 @@ def prepare(
     tensors = [t for t in tensors if t.name not in config.keep]
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
-    # The default recipe needs gradients only for its allocation, which magnitudes can replace: for
-    # it, what rules gradients out (a weight dtype, an op without gradient) is a reason, not a refusal.
-    no_gradients = ""
-    try:
-        _check_prunable(path, model, tensors, config)
-    except ModelError as exc:
-        if config.method != "auto" or not config.needs_gradients:
-            raise
-        _check_prunable(path, model, tensors, config, gradients=False)  # NaN weights stay refused
-        no_gradients = str(exc)
+    no_gradients = _gradient_refusal(lambda g: _check_prunable(path, model, tensors, config, gradients=g), config)
     specs = tuple(model_inputs(model))
     outputs = [o.name for o in model.graph.output]
     if config.output is not None and config.output not in outputs:
         raise ConfigError(f"--output={config.output!r}: {path} has outputs {outputs}")
     # with gradients: refuse Loop/Scan and ops nothing can differentiate, before any data is read
-    try:
-        assert_supported(model, str(path), config.output, gradients=config.needs_gradients and not no_gradients)
-    except ModelError as exc:
-        if config.method != "auto" or not config.needs_gradients:
-            raise
+    if not no_gradients:
+        supported = functools.partial(assert_supported, model, str(path), config.output)
+        no_gradients = _gradient_refusal(lambda g: supported(gradients=g), config)
+    else:
         assert_supported(model, str(path), config.output, gradients=False)  # a quantized model stays refused
-        no_gradients = str(exc)
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
     if data is not None:
@@ -242,6 +232,21 @@ def refused_weights(
         if bad is not None:
             out[name] = f"holds {array[bad]} at index {list(bad)}; weights must be finite"
     return out
+
+
+def _gradient_refusal(check: Callable[[bool], None], config: CompressConfig) -> str:
+    """Run ``check(gradients)`` with the method's need for gradients.  The default recipe needs them
+    only for its allocation, which magnitudes can replace: for it, a refusal that only gradients
+    cause (a weight dtype, an op without gradient) is returned as the reason, once ``check(False)``
+    passes (NaN weights and quantized models stay refused); any other method raises it."""
+    try:
+        check(config.needs_gradients)
+        return ""
+    except ModelError as exc:
+        if config.method != "auto" or not config.needs_gradients:
+            raise
+        check(False)
+        return str(exc)
 
 
 def _check_prunable(

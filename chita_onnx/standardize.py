@@ -35,9 +35,10 @@ import numpy as np
 import onnx
 import onnx.inliner
 import onnx.shape_inference
-from onnx import AttributeProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .errors import ModelError, first_line
+from .graph import _dense_from_sparse, opset_version, walk_graphs
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,7 @@ def detach_initializer_inputs(
     if record is not None:
         record.inputs = [_copy_value_info(v) for v in g.input]
         record.ir_version = model.ir_version
-    out = model
-    if not in_place:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    out = _target(model, in_place)
     keep = [i for i in out.graph.input if i.name not in stored]
     del out.graph.input[:]
     out.graph.input.extend(keep)
@@ -124,8 +122,6 @@ def restore_initializer_inputs(model: onnx.ModelProto, record: DetachedInputs) -
     inputs = {v.name for v in listed}
     back = [sp for name, sp in sparse.items() if name in inputs]
     if back:
-        from .graph import _dense_from_sparse  # graph imports this module
-
         keep = [sp for sp in g.sparse_initializer if sp.values.name not in inputs]
         g.initializer.extend(_dense_from_sparse(sp) for sp in back)
         del g.sparse_initializer[:]
@@ -137,15 +133,7 @@ def restore_initializer_inputs(model: onnx.ModelProto, record: DetachedInputs) -
 
 def _called(graph: onnx.GraphProto, local: set[tuple[str, str]]) -> int:
     """How many nodes of ``graph`` and its subgraphs call a function in ``local``."""
-    count = 0
-    for node in graph.node:
-        count += (node.domain, node.op_type) in local
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                count += _called(attr.g, local)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                count += sum(_called(sub, local) for sub in attr.graphs)
-    return count
+    return sum((n.domain, n.op_type) in local for g in _graphs(graph) for n in g.node)
 
 
 def inline_functions(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
@@ -187,14 +175,46 @@ _MATMUL_ATTRS = {"alpha", "transA", "transB", "transBatchA", "transBatchB"}
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
+    return (g for _, g in walk_graphs(graph))
+
+
+def _target(model: onnx.ModelProto, in_place: bool) -> onnx.ModelProto:
+    """``model`` itself (``in_place``) or a copy of it to change."""
+    if in_place:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+Rewrite = Callable[
+    [onnx.NodeProto, dict[str, onnx.TensorProto], Callable[[str], str]],
+    "tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None",
+]
+
+
+def _rewrite_nodes(model: onnx.ModelProto, rewrite: Rewrite, in_place: bool) -> tuple[onnx.ModelProto, int]:
+    """Replace every node for which ``rewrite(node, initializers of its graph, fresh)`` returns
+    ``(nodes, new initializers)``, in every graph; the model (``model`` itself when nothing was
+    rewritten) and how many nodes were."""
+    out = _target(model, in_place)
+    fresh = _fresh_names(out)
+    count = 0
+    for g in _graphs(out.graph):
+        stored = {t.name: t for t in g.initializer}
+        nodes: list[onnx.NodeProto] = []
+        for node in g.node:
+            done = rewrite(node, stored, fresh)
+            if done is None:
+                nodes.append(node)
+                continue
+            new, consts = done
+            nodes.extend(new)
+            g.initializer.extend(consts)
+            count += 1
+        del g.node[:]
+        g.node.extend(nodes)
+    return (out if count else model), count
 
 
 def fresh_namer(taken: set[str]) -> Callable[[str], str]:
@@ -352,32 +372,21 @@ def unfuse_contrib_layers(model: onnx.ModelProto, *, in_place: bool = False) -> 
     fused = ("FusedConv", "FusedGemm", "FusedMatMul")
     if not any(n.domain == CONTRIB and n.op_type in fused for g in _graphs(model.graph) for n in g.node):
         return model
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_version(model)
     if not opset:
         return model  # no standard opset to write the layers in
-    out = model
-    if not in_place:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    fresh = _fresh_names(out)
-    count = 0
-    for g in _graphs(out.graph):
-        stored = {t.name: t for t in g.initializer}
-        nodes: list[onnx.NodeProto] = []
-        for node in g.node:
-            done = _unfused(node, opset, fresh, stored) if node.domain == CONTRIB and node.op_type in fused else None
-            if done is None:
-                nodes.append(node)
-                continue
-            new, consts = done
-            nodes.extend(new)
-            g.initializer.extend(consts)
-            count += 1
-        del g.node[:]
-        g.node.extend(nodes)
+
+    def rewrite(
+        node: onnx.NodeProto, stored: dict[str, onnx.TensorProto], fresh: Callable[[str], str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+        if node.domain != CONTRIB or node.op_type not in fused:
+            return None
+        return _unfused(node, opset, fresh, stored)
+
+    out, count = _rewrite_nodes(model, rewrite, in_place)
     if count:
         log.info("wrote %d onnxruntime fused layer(s) back as standard layers and activations", count)
-    return out if count else model
+    return out
 
 
 def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
@@ -389,39 +398,30 @@ def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> o
         n.op_type == "ImageScaler" and n.domain in ("", "ai.onnx") for g in _graphs(model.graph) for n in g.node
     ):
         return model
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 7:  # Mul/Add broadcast by attribute before opset 7
+    if opset_version(model) < 7:  # Mul/Add broadcast by attribute before opset 7
         return model
     types = _elem_types(model)
-    out = model
-    if not in_place:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    fresh = _fresh_names(out)
-    count = 0
-    for g in _graphs(out.graph):
-        nodes: list[onnx.NodeProto] = []
-        for n in g.node:
-            elem = types.get(n.input[0]) if n.input else None
-            if n.op_type != "ImageScaler" or n.domain not in ("", "ai.onnx") or elem is None:
-                nodes.append(n)
-                continue
-            dtype = helper.tensor_dtype_to_np_dtype(elem)  # the scale and bias in the image's own type
-            attrs = _attrs(n)
-            bias = np.asarray(attrs.get("bias", []), dtype)
-            x, y = n.input[0], n.output[0]
-            scale = fresh(f"{y}_scale")
-            count += 1
-            g.initializer.append(numpy_helper.from_array(np.array(float(attrs.get("scale", 1.0)), dtype), scale))
-            if bias.size == 0:
-                nodes.append(helper.make_node("Mul", [x, scale], [y], name=n.name or fresh(f"{y}_mul")))
-                continue
-            scaled, b = fresh(f"{y}_scaled"), fresh(f"{y}_bias")
-            g.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), b))
-            nodes.append(helper.make_node("Mul", [x, scale], [scaled], name=fresh(f"{y}_mul")))
-            nodes.append(helper.make_node("Add", [scaled, b], [y], name=n.name or fresh(f"{y}_add")))
-        del g.node[:]
-        g.node.extend(nodes)
+
+    def rewrite(
+        n: onnx.NodeProto, stored: dict[str, onnx.TensorProto], fresh: Callable[[str], str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+        elem = types.get(n.input[0]) if n.input else None
+        if n.op_type != "ImageScaler" or n.domain not in ("", "ai.onnx") or elem is None:
+            return None
+        dtype = helper.tensor_dtype_to_np_dtype(elem)  # the scale and bias in the image's own type
+        attrs = _attrs(n)
+        bias = np.asarray(attrs.get("bias", []), dtype)
+        x, y = n.input[0], n.output[0]
+        scale = fresh(f"{y}_scale")
+        consts = [numpy_helper.from_array(np.array(float(attrs.get("scale", 1.0)), dtype), scale)]
+        if bias.size == 0:
+            return [helper.make_node("Mul", [x, scale], [y], name=n.name or fresh(f"{y}_mul"))], consts
+        scaled, b = fresh(f"{y}_scaled"), fresh(f"{y}_bias")
+        consts.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), b))
+        mul = helper.make_node("Mul", [x, scale], [scaled], name=fresh(f"{y}_mul"))
+        return [mul, helper.make_node("Add", [scaled, b], [y], name=n.name or fresh(f"{y}_add"))], consts
+
+    out, count = _rewrite_nodes(model, rewrite, in_place)
     if count:
         log.info("replaced %d ImageScaler node(s), an experimental op, by Mul and Add", count)
     return out
