@@ -57,6 +57,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -588,12 +589,19 @@ def builder_args(doc: str | None, out: Path, n_train: int | None = None) -> tupl
     return args, {s for s in args.only.split(",") if s} or None
 
 
-def main() -> int:
-    args, only = builder_args(__doc__, OUT)
+def builder_main(doc: str | None, out: Path, build: Callable[..., Any], n_train: int | None = None) -> int:
+    """The whole run of an audit-set builder: its command line (:func:`builder_args`), then
+    ``build(only, out, seed, mnist[, n_train])``, timed."""
+    args, only = builder_args(doc, out, n_train)
     t0 = time.time()
-    build(only, args.out, args.seed, args.mnist)
+    extra = () if n_train is None else (args.n_train,)
+    build(only, args.out, args.seed, args.mnist, *extra)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}")
     return 0
+
+
+def main() -> int:
+    return builder_main(__doc__, OUT, build)
 
 
 if __name__ == "__main__":

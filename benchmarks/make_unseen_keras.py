@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_unseen import builder_args, pools  # numpy only
+from make_unseen import builder_main, pools  # numpy only
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-keras"
 
@@ -224,11 +224,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
 
 
 def main() -> int:
-    args, only = builder_args(__doc__, OUT, n_train=20000)
-    t0 = time.time()
-    build(only, args.out, args.seed, args.mnist, args.n_train)
-    print(f"done in {time.time() - t0:.0f}s -> {args.out}")
-    return 0
+    return builder_main(__doc__, OUT, build, n_train=20000)
 
 
 if __name__ == "__main__":
