@@ -215,6 +215,26 @@ def test_compress_prunes_both_kinds_to_the_exact_budget(tmp_path: Path, kind: st
         run(raw, x[:4])
 
 
+def test_channel_pruning_keeps_initializer_inputs_with_their_new_shapes(tmp_path: Path) -> None:
+    """``--structure channel`` on an IR 3 model: the written file lists every initializer as an
+    input again, in the input's order and IR version, each typed with its sliced shape."""
+    m = old_ir_model(7)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(8).standard_normal((96, 2, 6, 6)).astype(np.float32)
+    cfg = CompressConfig(sparsity=0.5, structure="channel", channel_multiple=1)
+    compress(src, out, {"x": x[:64]}, cfg, eval_data={"x": x[64:]})
+    raw = onnx.load(out)
+    assert raw.ir_version == 3
+    assert [i.name for i in raw.graph.input] == [i.name for i in m.graph.input]
+    shapes = {t.name: list(t.dims) for t in raw.graph.initializer}
+    assert shapes["conv_w"][0] < 4  # channels were removed ...
+    for v in raw.graph.input[1:]:  # ... and every listed input has its tensor's new shape
+        assert [d.dim_value for d in v.type.tensor_type.shape.dim] == shapes[v.name]
+    onnx.checker.check_model(raw)
+    assert run(raw, x[:4]).shape == (4, 5)
+
+
 # ------------------------------------------------------------------ onnxruntime's fused layers
 
 

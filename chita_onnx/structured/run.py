@@ -32,8 +32,9 @@ from ..data import feed, rebatched
 from ..data_types import Batch, InputSpec
 from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes
-from ..graph import METADATA_KEY, check_model, save_model
+from ..graph import METADATA_KEY, check_model, save_model, walk_graphs
 from ..report import FileSizes, Report, StageReport, TensorReport
+from ..standardize import DetachedInputs, restore_initializer_inputs
 from .capture import session
 from .graphutil import Constants
 from .latency import batch_feed, count_params, kernel_multiple, paired_speedup, timings
@@ -177,6 +178,35 @@ def _changed_tensors(result: ChannelResult, pruned: onnx.ModelProto) -> tuple[Te
     return tuple(seen.values())
 
 
+def _rename_sliced_inputs(model: onnx.ModelProto, detached: DetachedInputs, tag: str = "ch") -> None:
+    """Give a sliced initializer back the name of the graph input it came from, in place.
+
+    The channel surgery writes each sliced tensor under a fresh name (``fc_w__ch1``).  For a model whose
+    initializers were also graph inputs, the writer lists them again; so that the interface keeps its
+    names, a detached input whose tensor is gone and was sliced into exactly one new tensor takes that
+    tensor's place (every reader, in every subgraph, renamed with it)."""
+    if not detached.inputs:
+        return
+    g = model.graph
+    present = {t.name for t in g.initializer}
+    wanted = {v.name for v in detached.inputs} - present
+    derived: dict[str, list[str]] = {}
+    for t in g.initializer:
+        base, sep, count = t.name.rpartition(f"__{tag}")
+        if sep and count.isdigit() and base in wanted:
+            derived.setdefault(base, []).append(t.name)
+    rename = {new[0]: base for base, new in derived.items() if len(new) == 1}
+    if not rename:
+        return
+    for t in g.initializer:
+        t.name = rename.get(t.name, t.name)
+    for _, sub in walk_graphs(g):
+        for node in sub.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+
+
 def compress_channels(
     prep: Prepared,
     out_path: Path,
@@ -271,6 +301,8 @@ def compress_channels(
     out_model.metadata_props.extend(entries)
     helper.set_model_props(out_model, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(meta)})
     with timer.phase("write"):
+        _rename_sliced_inputs(out_model, prep.detached)
+        restore_initializer_inputs(out_model, prep.detached)  # typed from the sliced tensors
         save_model(out_model, staged, input_path=prep.path)
         check_model(staged)
     comparison = None
