@@ -165,8 +165,21 @@ def _is_classifier(y: NDArray[np.floating]) -> bool:
     return y.ndim == 2 and y.shape[1] > 1
 
 
-def top1(y: NDArray[np.floating], labels: NDArray[np.int64] | None) -> float | None:
-    """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)``; None if not applicable."""
+def _is_labels(y: NDArray[np.generic]) -> bool:
+    """A predicted-label output: one integer, boolean or string value per sample (``(N,)``), as
+    scikit-learn classifiers exported by skl2onnx write first (``output_label``)."""
+    return y.ndim == 1 and not np.issubdtype(y.dtype, np.floating)
+
+
+def top1(
+    y: NDArray[np.floating], labels: NDArray[np.int64] | None, classes: Sequence[object] | None = None
+) -> float | None:
+    """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)`` (class indices); None if
+    not applicable.  Predicted labels ``y (N,)`` are scored when ``classes`` gives the class value of
+    each index (a ZipMap's ``classlabels``), else not: a class value is not an index."""
+    if labels is not None and _is_labels(y) and classes is not None and len(y) == len(labels):
+        index = {c: i for i, c in enumerate(classes)}
+        return float(np.mean(np.array([index.get(_plain(v), -1) for v in y]) == labels))
     if labels is None or not _is_classifier(y):
         return None
     if y.shape[0] != labels.shape[0]:
@@ -205,7 +218,12 @@ class OutputComparison:
 
 
 def compare_arrays(name: str, yd: NDArray[np.floating], yp: NDArray[np.floating]) -> OutputComparison:
-    """Compare two ``(N, ...)`` arrays of the same shape (dense first)."""
+    """Compare two ``(N, ...)`` arrays of the same shape (dense first).  Predicted labels (``(N,)``,
+    integer or string) are compared by equality: the relative error is the fraction of changed
+    labels, the cosine and agreement the fraction kept."""
+    if _is_labels(yd):
+        same = float(np.mean(yd == yp)) if yd.size else 1.0
+        return OutputComparison(name, (), 1.0 - same, same, float(same < 1.0), same)
     d = yd.reshape(yd.shape[0], -1).astype(np.float64)
     p = yp.reshape(yp.shape[0], -1).astype(np.float64)
     diff = p - d
@@ -260,14 +278,22 @@ def evaluate(
 ) -> Evaluation:
     """Top-1 accuracy of one model (``None`` without labels or for non-classifier outputs)."""
     ref = reference(model, source, specs, output)
-    return Evaluation(samples=int(ref.y.shape[0]), accuracy=top1(ref.y, ref.labels), seconds=ref.seconds)
+    return Evaluation(samples=int(ref.y.shape[0]), accuracy=top1(ref.y, ref.labels, ref.classes), seconds=ref.seconds)
+
+
+def _plain(v: object) -> object:
+    """A predicted label as a hashable Python value (``bytes`` decoded)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v.item() if isinstance(v, np.generic) else v
 
 
 @dataclass(frozen=True)
 class Reference:
     """The dense model's outputs on an evaluation set, computed once and compared against many times.
 
-    ``y`` is the primary output ``output``; ``others`` holds further outputs that are compared too.
+    ``y`` is the primary output ``output``; ``others`` holds further outputs that are compared too;
+    ``classes`` the class value of each class index when ``y`` holds predicted labels (see :func:`top1`).
     """
 
     output: str
@@ -275,6 +301,39 @@ class Reference:
     labels: NDArray[np.int64] | None
     seconds: float
     others: dict[str, NDArray[np.floating]] = field(default_factory=dict)
+    classes: tuple[object, ...] | None = None
+
+
+def _primary_output(session: ort.InferenceSession) -> str:
+    """The output to score: the first one, unless it is not floating point and a later one is (a
+    scikit-learn classifier's ``output_label`` before its ``output_probability``)."""
+    outs = session.get_outputs()
+    if outs[0].type not in _FLOAT_OUTPUTS:
+        for o in outs[1:]:
+            if o.type in _FLOAT_OUTPUTS:
+                return str(o.name)
+    return str(outs[0].name)
+
+
+def _zipmap_classes(model: str | os.PathLike[str] | bytes) -> tuple[object, ...] | None:
+    """The class values of the model's one ``ZipMap`` (``classlabels_int64s`` or ``_strings``), if any."""
+    try:
+        proto = (
+            onnx.load_model_from_string(model)
+            if isinstance(model, bytes)
+            else onnx.load(os.fspath(model), load_external_data=False)
+        )
+    except Exception:  # the session already loaded it; no classes is the safe answer
+        return None
+    found = [n for n in proto.graph.node if n.op_type == "ZipMap"]
+    if len(found) != 1:
+        return None
+    for a in found[0].attribute:
+        if a.name == "classlabels_int64s":
+            return tuple(int(v) for v in a.ints)
+        if a.name == "classlabels_strings":
+            return tuple(v.decode("utf-8", "replace") for v in a.strings)
+    return None
 
 
 _FLOAT_OUTPUTS = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
@@ -292,14 +351,15 @@ def reference(
     floating-point output is kept for comparison, the first output being the primary one."""
     t0 = time.perf_counter()
     session = make_session(dense)
-    name = output or session.get_outputs()[0].name
+    name = output or _primary_output(session)
     names = [name]
     if all_outputs and output is None:
         names += [o.name for o in session.get_outputs() if o.name != name and o.type in _FLOAT_OUTPUTS]
         names = list(dict.fromkeys(names))
     ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
     others = {n: ys[n] for n in names[1:]}
-    return Reference(name, ys[name], labels, time.perf_counter() - t0, others)
+    classes = _zipmap_classes(dense) if _is_labels(ys[name]) else None
+    return Reference(name, ys[name], labels, time.perf_counter() - t0, others, classes)
 
 
 def compare_to(
@@ -311,14 +371,18 @@ def compare_to(
     ys, _ = run_outputs(make_session(pruned), source, specs, names, desc="evaluate pruned")
     yp = ys[ref.output]
     yd = ref.y
-    diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
-    agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
+    if _is_labels(yd):  # predicted labels: a changed label counts 1 (string labels have no difference)
+        diff = (yd != yp).astype(np.float64)
+        agree: float | None = float(np.mean(yd == yp)) if yd.size else 1.0
+    else:
+        diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
+        agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
     per = tuple(compare_arrays(n, ref.y if n == ref.output else ref.others[n], ys[n]) for n in names)
     return Comparison(
         samples=int(yd.shape[0]),
         output=ref.output,
-        dense_accuracy=top1(yd, ref.labels),
-        pruned_accuracy=top1(yp, ref.labels),
+        dense_accuracy=top1(yd, ref.labels, ref.classes),
+        pruned_accuracy=top1(yp, ref.labels, ref.classes),
         agreement=agree,
         max_abs_diff=float(diff.max(initial=0.0)),
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
