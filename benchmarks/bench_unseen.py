@@ -54,11 +54,18 @@ def load(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def run_model(path: Path, x: np.ndarray, inp: str) -> np.ndarray:
+def feeds(info: dict[str, Any], d: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
+    """The model's inputs from an ``.npz`` split (``info["inputs"]``, or the one ``info["input"]``),
+    the first ``n`` samples of each."""
+    return {k: d[k][:n] for k in info.get("inputs", [info["input"]])}
+
+
+def run_model(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
     from chita_onnx.evaluate import make_session
 
     sess = make_session(path)
-    outs = [sess.run(None, {inp: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
+    n = len(next(iter(x.values())))
+    outs = [sess.run(None, {k: v[i : i + 256] for k, v in x.items()})[0] for i in range(0, n, 256)]
     return np.concatenate(outs)
 
 
@@ -142,9 +149,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                 rec.update(peer(src, out, s))
             else:
                 sel = load(UNSEEN / f"{name}_select.npz")
-                ev = {info["input"]: sel[info["input"]][:8]} | (
-                    {"labels": sel["labels"][:8]} if "labels" in sel else {}
-                )
+                ev = feeds(info, sel, 8) | ({"labels": sel["labels"][:8]} if "labels" in sel else {})
                 rep = compress(src, out, UNSEEN / f"{name}_calib.npz", config_for(method, s), eval_data=ev)
                 names = [t.name for t in rep.tensors]
                 counted = written_nnz(out, names)
@@ -160,7 +165,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                     timings=rep.timings,
                 )
             rec["wall_s"] = time.perf_counter() - t0
-            y = run_model(out, test[info["input"]], info["input"])
+            y = run_model(out, feeds(info, test))
             rec.update(score(info, y, dense, test))
         except ChitaError as exc:
             rec.update(status="refused", message=str(exc))
@@ -218,18 +223,18 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
         rec["message"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
         return rec
     test = load(UNSEEN / f"{name}_test.npz")
-    x = test[info["input"]][:16]
-    np.save(tmp / "x.npy", x)
-    ours = run_model(out, x, info["input"])
+    x = feeds(info, test, 16)
+    np.savez(tmp / "x.npz", **x)
+    ours = run_model(out, x)
     if not STOCK.exists():
         rec["stock_ort"] = "no stock-ort venv"
         return rec
     code = (
         "import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
-        f"y = s.run(None, {{{info['input']!r}: np.load(sys.argv[2])}})[0]; "
+        "y = s.run(None, dict(np.load(sys.argv[2])))[0]; "
         "np.save(sys.argv[3], y); print(ort.__version__)"
     )
-    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npy"), str(tmp / "y.npy")],
+    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy")],
                         capture_output=True, text=True, check=False)  # fmt: skip
     if p2.returncode != 0:
         rec["stock_ort"] = "failed: " + (p2.stderr.strip().splitlines() or [""])[-1][:300]
@@ -345,7 +350,7 @@ def main() -> None:
         for name in names:
             info = manifest[name]
             test = load(UNSEEN / f"{name}_test.npz")
-            dense = run_model(UNSEEN / f"{name}.onnx", test[info["input"]], info["input"])
+            dense = run_model(UNSEEN / f"{name}.onnx", feeds(info, test))
             np.save(UNSEEN / f"{name}_dense_test.npy", dense)
             dense_metric = score(info, dense, dense, test)["metric"]
             unlisted = unlisted_weights(UNSEEN / f"{name}.onnx")
