@@ -66,7 +66,8 @@ def run_model(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
     sess = make_session(path)
     n = len(next(iter(x.values())))
     outs = [sess.run(None, {k: v[i : i + 256] for k, v in x.items()})[0] for i in range(0, n, 256)]
-    return np.concatenate(outs)
+    y = np.concatenate(outs)
+    return y.astype(str) if y.dtype == object else y  # string labels: saved without pickling
 
 
 def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str, np.ndarray]) -> dict[str, float]:
@@ -79,6 +80,10 @@ def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str
     if info["task"] == "ctc":
         same = [a == b for a, b in zip(greedy_decode(y), greedy_decode(dense), strict=True)]
         return {"metric": char_accuracy(y, test["text"]), "agreement": float(np.mean(same))}
+    if y.ndim == 1:  # a label output (skl2onnx): class values, mapped to indices by the manifest's classes
+        index = {str(c): i for i, c in enumerate(info["classes"])}
+        got = np.array([index.get(v.decode() if isinstance(v, bytes) else str(v), -1) for v in y])
+        return {"metric": float((got == test["labels"]).mean()), "agreement": float((y == dense).mean())}
     return {
         "metric": float((y.argmax(-1) == test["labels"]).mean()),
         "agreement": float((y.argmax(-1) == dense.argmax(-1)).mean()),
@@ -231,7 +236,7 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
         return rec
     code = (
         "import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
-        "y = s.run(None, dict(np.load(sys.argv[2])))[0]; "
+        "y = np.asarray(s.run(None, dict(np.load(sys.argv[2])))[0]); y = y.astype(str) if y.dtype == object else y; "
         "np.save(sys.argv[3], y); print(ort.__version__)"
     )
     p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy")],
@@ -240,7 +245,11 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
         rec["stock_ort"] = "failed: " + (p2.stderr.strip().splitlines() or [""])[-1][:300]
         return rec
     theirs = np.load(tmp / "y.npy")
-    rec["stock_ort"] = f"ok (onnxruntime {p2.stdout.strip()}, max |diff| {float(np.abs(theirs - ours).max()):.2g})"
+    if theirs.dtype.kind in "fiu":
+        shown = f"max |diff| {float(np.abs(theirs.astype(np.float64) - ours).max()):.2g}"
+    else:  # string labels
+        shown = f"{int((theirs != ours).sum())} of {theirs.size} labels differ"
+    rec["stock_ort"] = f"ok (onnxruntime {p2.stdout.strip()}, {shown})"
     out.unlink(missing_ok=True)
     return rec
 
