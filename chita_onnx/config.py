@@ -90,6 +90,7 @@ class CompressConfig:
     layer_floor: float = 0.2
     damp: float = 0.01
     max_rows: int = 16
+    recurrent_refits: int = 1
     targets: Targets = "dense"
     refit: bool = True
     bn_recalibrate: Switch = "auto"
@@ -192,6 +193,12 @@ class CompressConfig:
             raise bad("layer_floor", self.layer_floor, "must be in [0, 1]")
         if not (self.damp > 0.0 and self.damp < float("inf")):
             raise bad("damp", self.damp, "must be a finite number > 0")
+        if (
+            isinstance(self.recurrent_refits, bool)
+            or not isinstance(self.recurrent_refits, int)
+            or not (0 <= self.recurrent_refits <= 10)
+        ):
+            raise bad("recurrent_refits", self.recurrent_refits, "must be an integer in [0, 10]")
         for name in ("max_rows", "allocation_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:

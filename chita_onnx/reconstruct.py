@@ -71,6 +71,7 @@ def options(config: CompressConfig) -> LayerwiseOptions:
     return LayerwiseOptions(
         damp=config.damp,
         max_rows=int(config.max_rows),
+        recurrent_refits=config.recurrent_refits,
         dense_targets=config.targets == "dense",
         refit=config.refit,
         select=config.select,

@@ -18,6 +18,7 @@ Graph code only: rows, Grams and solves are in :mod:`chita_onnx.rnnstats`,
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,13 +46,18 @@ from .rnnstats import (
     split_joint,
     step_rows,
 )
-from .solver.layerwise import prune_layer
+from .solver.layerwise import prune_layer, warm_refit
 
 if TYPE_CHECKING:
     from .activations import LayerSite
     from .sequential import LayerReport, LayerwiseOptions
 
 RECURRENT = tuple(GATES)
+log = logging.getLogger(__name__)
+#: closed-loop re-fit: the step sizes tried toward each round's re-fit (the best one is kept)
+STEPS = (1.0, 0.5)
+#: closed-loop re-fit: CG iterations per round, from the current weights
+CLOSED_LOOP_CG = 10
 
 
 @dataclass(frozen=True)
@@ -346,6 +352,7 @@ def prune_recurrent(
     else:
         assert masks is not None
         mj = _joint_mask(site, masks, J_bar.shape)
+    part_masks = []
     for i, (p, st, w) in enumerate(zip(plist, stats, blocks, strict=True)):
         name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols})"
         common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
@@ -355,8 +362,12 @@ def prune_recurrent(
             m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
             sol = prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
         J[p.direction, p.r0 : p.r1, p.col_slice(geom)] = np.where(sol.mask[0], sol.W[0], 0.0)
+        part_masks.append(sol.mask)
         err, masked, dense_err = err + sol.error, masked + sol.masked_error, dense_err + sol.dense_error
         damp = max(damp, sol.damp)
+    _set_joint(pruned, site, J)
+    if dense_rows is not None and opts.refit and opts.recurrent_refits > 0:
+        J = _closed_loop_refit(site, pruned, dense_rows, J_bar, J, plist, part_masks, bias, opts, layer_index)
     W, R = split_joint(J, geom.input_size)
     out: dict[str, NDArray[np.float32]] = {}
     for n, v in ((site.W, W), (site.R, R)):
@@ -372,6 +383,79 @@ def prune_recurrent(
     rows = max((st.rows for st in stats), default=0)
     report = LayerReport(site.weight, size, kept, rows, err, masked, dense_err, energy, damp, t_stats + t_solve)
     return out, report, t_stats, t_solve
+
+
+def _set_joint(runner: SegmentRunner, site: RecurrentSite, J: NDArray[np.float64]) -> None:
+    """Store the joint weight ``J`` ``(D, G·H, i + H)`` in ``runner`` as the node's pruned ``W``/``R``."""
+    W, R = split_joint(J, site.geometry.input_size)
+    for n, v in ((site.W, W), (site.R, R)):
+        if n:
+            runner.set_initializer(n, v.astype(np.float32))
+
+
+def _output_error(Y: Sequence[NDArray[np.generic]], Y_dense: Sequence[NDArray[np.generic]]) -> float:
+    """``Σ_b ‖Y_b − Ȳ_b‖²``: the node's hidden states against the dense model's, over all batches."""
+    pairs = zip(Y, Y_dense, strict=True)
+    return float(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2) for a, b in pairs))
+
+
+def _closed_loop_refit(
+    site: RecurrentSite,
+    pruned: SegmentRunner,
+    dense_rows: _Rows,
+    J_bar: NDArray[np.float64],
+    J: NDArray[np.float64],
+    plist: Sequence[Part],
+    part_masks: Sequence[NDArray[np.bool_]],
+    bias: NDArray[np.float64] | None,
+    opts: LayerwiseOptions,
+    layer_index: int,
+) -> NDArray[np.float64]:
+    """Re-fit the pruned ``J`` on its support with rows from its *own* recurrence, keeping a round only
+    if it brings the node's hidden states closer to the dense model's.
+
+    The first fit reads ``h_{t−1}`` from the node run with its dense weights on the pruned inputs, so it
+    fits ``[W R] z_t ≈ [W̄ R̄] z̄_t`` as if each step started from the dense recurrence.  Once pruned,
+    the node feeds back its own ``h_{t−1}``: each round runs the node with the current weights, takes
+    its rows ``z_t = [x_t ; h_{t−1}]`` (same dense targets) and solves the exact ridge re-fit on the
+    fixed support.  Fed back, a full step can overshoot, so the steps :data:`STEPS` toward it are tried
+    and the one with the lowest ``Σ ‖Y − Ȳ‖²`` (all steps, directions and batches) is kept if it is
+    lower than before; else the rounds stop.  ``pruned`` ends holding the returned weights.  Up to
+    ``opts.recurrent_refits`` rounds."""
+    geom = site.geometry
+    Y = _run_node(pruned, site.position, site.output)
+    best = _output_error(Y, dense_rows.Y)
+    for r in range(opts.recurrent_refits):
+        t0 = time.perf_counter()
+        rows = _rows_at(pruned, site, Y)
+        stats = part_stats(
+            site, rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows,
+            seed=opts.seed * 1_000_003 + layer_index + 104_729 * (r + 1),
+        )  # fmt: skip
+        J_new = J.copy()
+        for p, st, m in zip(plist, stats, part_masks, strict=True):
+            at = (p.direction, slice(p.r0, p.r1), p.col_slice(geom))
+            name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols}), closed-loop round {r + 1}"
+            B = None if st.B is None else st.B[0]
+            W = warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
+            J_new[at] = np.where(m[0], W, 0.0)
+        t1 = time.perf_counter()
+        step: tuple[float, NDArray[np.float64], list[NDArray[np.generic]]] | None = None
+        for alpha in STEPS:  # the step from J toward the re-fit: the feedback can overshoot
+            J_try = J + alpha * (J_new - J)
+            _set_joint(pruned, site, J_try)
+            Y_try = _run_node(pruned, site.position, site.output)
+            e = _output_error(Y_try, dense_rows.Y)
+            if e < (best if step is None else step[0]):
+                step = (e, J_try, Y_try)
+        log.debug("%s: closed-loop round %d: hidden-state error %.6g -> %s (re-fit %.2f s, steps %.2f s)",
+                  site.node, r + 1, best, "no step lowers it" if step is None else f"{step[0]:.6g}",
+                  t1 - t0, time.perf_counter() - t1)  # fmt: skip
+        if step is None:
+            break
+        best, J, Y = step
+    _set_joint(pruned, site, J)
+    return J
 
 
 def _joint_mask(

@@ -56,6 +56,7 @@ class LayerwiseOptions:
     threads: int = 1
     max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
     spill_dir: str | None = None
+    recurrent_refits: int = 1  # closed-loop re-fit rounds of a recurrent node (chita_onnx.rnnlayers)
 
 
 @dataclass(frozen=True)

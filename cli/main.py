@@ -348,6 +348,14 @@ def _config_options(fn: F) -> F:
             "random subset of the im2col rows); 0 uses every row.",
         ),
         click.option(
+            "--recurrent-refits",
+            type=int,
+            default=d.recurrent_refits,
+            show_default=True,
+            help="Layer-wise LSTM/GRU/RNN: rounds of closed-loop re-fit (rows from the pruned node's own "
+            "recurrence, a step kept only if the hidden states get closer to the dense model's); 0: off.",
+        ),
+        click.option(
             "--targets",
             type=click.Choice(["dense", "pruned"]),
             default=d.targets,

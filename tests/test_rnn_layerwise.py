@@ -315,3 +315,53 @@ def test_num_step_rows_counts_what_step_rows_builds(layout: int, lens: list[int]
     L = None if lens is None else np.asarray(lens, np.int64)
     for k in range(D):
         assert num_step_rows(X, geom, L) == step_rows(X, Y, geom, k, lens=L).shape[0]
+
+
+def _with(m: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for t in out.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name].astype(np.float32), t.name))
+    return out
+
+
+@pytest.mark.parametrize(("op", "attrs"), [("LSTM", {}), ("GRU", {"linear_before_reset": 1}), ("GRU", {})])
+def test_closed_loop_refit_keeps_the_support_and_brings_the_hidden_states_closer(
+    op: str, attrs: dict[str, Any]
+) -> None:
+    """The closed-loop rounds re-fit on the support the first fit chose (same budget, same mask) and
+    only ever lower the node's hidden-state error against the dense model, measured here with
+    onnxruntime on the calibration batches; with a strong recurrence (the first fit's rows, from the
+    dense recurrence, then differ most from the pruned node's own) they lower it."""
+    D, H, F, T = 2, 6, 5, 12
+    rng = np.random.default_rng(3)
+    W, R = rng.standard_normal((D, G[op] * H, F)) / 2, 4.0 * rng.standard_normal((D, G[op] * H, H)) / np.sqrt(H)
+    B = 0.1 * rng.standard_normal((D, 2 * G[op] * H))
+    model = rnn_model(op, W, R, B, T=T, **attrs)  # x [T, N, F] -> Y [T, D, N, H]
+    m = working_copy(model)
+    batches: list[Arrays] = [{"x": rng.standard_normal((T, 24, F)).astype(np.float32)} for _ in range(2)]
+    keep = {"W": W.size // 3, "R": R.size // 3}
+    results = {n: layerwise_prune(m, batches, keep=keep, opts=LayerwiseOptions(recurrent_refits=n)) for n in (0, 1, 3)}
+    for res in results.values():
+        for name in ("W", "R"):
+            np.testing.assert_array_equal(res.weights[name] != 0, results[0].weights[name] != 0)
+    dense = [_run(model, b) for b in batches]
+
+    def hidden_error(weights: dict[str, np.ndarray]) -> float:
+        pruned = _with(model, weights)
+        return float(
+            sum(np.sum((_run(pruned, b).astype(np.float64) - y) ** 2) for b, y in zip(batches, dense, strict=True))
+        )
+
+    errors = {n: hidden_error(res.weights) for n, res in results.items()}
+    assert errors[3] <= errors[1] * (1 + 1e-5) and errors[1] <= errors[0] * (1 + 1e-5)
+    assert errors[3] < 0.95 * errors[0]
+
+
+@pytest.mark.parametrize("bad", [-1, 11, 1.5, True])
+def test_recurrent_refits_is_validated(bad: Any) -> None:
+    from chita_onnx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--recurrent-refits"):
+        CompressConfig(recurrent_refits=bad)

@@ -430,6 +430,27 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     return X
 
 
+def warm_refit(
+    W_bar: F64,
+    H: F64,
+    B: F64 | None,
+    mask: NDArray[np.bool_],
+    W0: F64,
+    *,
+    damp: float = DAMP,
+    iterations: int = CG_MIN_ITERATIONS,
+    name: str = "layer",
+) -> F64:
+    """Move ``W0`` ``(M, d)`` toward the exact re-fit of its rows on the support ``mask``: the objective
+    of :func:`prune_layer`'s re-fit, ``Σ_i (w_i − w̄_i)ᵀ H (w_i − w̄_i)`` with cross term ``B``
+    ``(d, M)`` (``‖w_iᵀX − ȳ_i‖²`` up to a constant) plus ``λ‖w_i − w̄_i‖²``, by ``iterations`` of
+    batched preconditioned CG from ``W0``; each row ends at the better of ``W0`` and its last iterate.
+    For a support that barely moves the optimum: a few products with ``H`` instead of the factorisations."""
+    dh = damp_gram(H, damp, name=name)
+    rhs = W_bar @ dh.H if B is None else B.T + dh.lam * W_bar
+    return _cg_refit(dh.H, rhs, mask, W0, iters=iterations)
+
+
 @dataclass(frozen=True)
 class LayerSolution:
     """The pruned rows of one layer, ``(g, M_g, d)``, with what it cost.
