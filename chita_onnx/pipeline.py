@@ -64,7 +64,13 @@ from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .standardize import DetachedInputs, restore_initializer_inputs
 from .support import assert_supported, refuse_quantized
-from .weightchains import WeightChain, expose_weights, unfold_weight_chains, unprunable_layer_weights
+from .weightchains import (
+    WeightChain,
+    embedding_tables,
+    expose_weights,
+    unfold_weight_chains,
+    unprunable_layer_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1027,6 +1033,14 @@ def _compress(
         warnings.append(
             f"{len(dense_layers)} layer weight tensor(s) with {sum(s for *_, s in dense_layers):,} weights are not "
             f"prunable and stay dense, outside the sparsity budget: {listed}{more}"
+        )
+    tables = embedding_tables(prep.model, {t.name for t in prep.tensors})
+    if tables:
+        listed = ", ".join(f"{n} ({size:,})" for n, size in tables[:5])
+        more = f" and {len(tables) - 5} more" if len(tables) > 5 else ""
+        warnings.append(
+            f"{len(tables)} embedding table(s) read by Gather with {sum(s for _, s in tables):,} weights are not "
+            f"pruned (as usual for embeddings) and stay dense, outside the sparsity budget: {listed}{more}"
         )
 
     ref: Reference | None = None

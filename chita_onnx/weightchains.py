@@ -526,6 +526,27 @@ def unprunable_layer_weights(
     return list(out.values())
 
 
+def embedding_tables(model: onnx.ModelProto, prunable: set[str], *, min_size: int = 1024) -> list[tuple[str, int]]:
+    """``(tensor, size)`` of the stored float tables of ≥ 2 dims and ``min_size`` values that a main-graph
+    ``Gather`` reads as its data (token or position embeddings): no layer reads them, so they stay
+    dense and outside the sparsity budget, which the report says."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    stored.update({k: t for k, (_, t) in _constant_values(g).items()})
+    out: dict[str, tuple[str, int]] = {}
+    for n in g.node:
+        if n.op_type != "Gather" or not n.input or n.input[0] in prunable:
+            continue
+        t = stored.get(n.input[0])
+        if t is None or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16} or len(t.dims) < 2:
+            continue
+        size = int(np.prod(t.dims))
+        if size >= min_size:
+            out.setdefault(n.input[0], (n.input[0], size))
+    return list(out.values())
+
+
 def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, str]:
     """``{main-graph tensor: "MatMul in Loop <node>"}`` for the tensors a layer inside a Loop or Scan
     body reads as its weight, from the outer scope or as a loop operand (tf2onnx carries a Keras

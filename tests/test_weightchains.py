@@ -327,3 +327,39 @@ def test_a_layer_weight_left_dense_is_reported(tmp_path: Path) -> None:
     rep = compress(chained_src, tmp_path / "c_out.onnx", x, CompressConfig(sparsity=0.5), eval_data=x)
     said = [w for w in rep.warnings if "not prunable" in w]
     assert len(said) == 1 and "D (MatMul, 60)" in said[0] and "1 layer weight tensor(s)" in said[0]
+
+
+def test_embedding_tables_are_named_in_the_report(tmp_path: Path) -> None:
+    """Token ids → Gather of a [100, 16] table → MatMul [16, 4]: the table is no layer's weight, so it
+    stays dense, and the report says so with its size; the MatMul weight is pruned to the budget."""
+    from chita_onnx.weightchains import embedding_tables
+
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((100, 16)).astype(np.float32), "tok"),
+        numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["tok", "ids"], ["e"]),
+        helper.make_node("ReduceMean", ["e", "axis1"], ["h"], keepdims=0),
+        helper.make_node("MatMul", ["h", "W"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    assert embedding_tables(m, {"W"}) == [("tok", 1600)]
+    assert embedding_tables(m, {"W"}, min_size=2000) == []
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    ids = rng.integers(0, 100, (64, 7)).astype(np.int64)
+    rep = compress(src, tmp_path / "out.onnx", {"ids": ids}, CompressConfig(sparsity=0.5, method="magnitude"))
+    assert rep.nnz == 32
+    said = [w for w in rep.warnings if "embedding table" in w]
+    assert len(said) == 1 and "tok (1,600)" in said[0]
