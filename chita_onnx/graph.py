@@ -23,10 +23,11 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
@@ -583,6 +584,75 @@ RUNTIME_MAX_IR = 10
 RUNTIME_MAX_OPSET = 21
 
 
+#: the domain of the temporary functions through which :func:`expand_newer_ops` inlines op bodies
+_EXPAND_DOMAIN = "chita_onnx.expand"
+
+
+def expand_newer_ops(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``model``, or a copy in which every main-graph node of an ``ai.onnx`` op that does not exist at
+    opset ``target`` (``Attention``, ``RMSNormalization``, ``RotaryEmbedding`` of opset 23, ...) is
+    replaced by the op's own ONNX function body (for the node's input types and attributes), so that
+    onnx's version converter, which has no earlier version to adapt such a node to, can take the copy
+    down to ``target``.  The same math in standard ops: for working copies only (a written model keeps
+    the input's ops).  A node whose op defines no function body is left for the converter to refuse."""
+    from onnx import defs
+
+    opset = opset_version(model)
+    if opset <= target:
+        return model
+
+    def newer(n: onnx.NodeProto) -> bool:
+        if n.domain not in ("", "ai.onnx"):
+            return False
+        try:
+            defs.get_schema(n.op_type, target)
+        except defs.SchemaError:
+            return True
+        return False
+
+    todo = [k for k, n in enumerate(model.graph.node) if newer(n)]
+    if not todo:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: helper.make_tensor_type_proto(t.data_type, list(t.dims)) for t in model.graph.initializer})
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    functions: list[onnx.FunctionProto] = []
+    for k in todo:
+        node = out.graph.node[k]
+        schema: Any = defs.get_schema(node.op_type, opset)  # (onnx's stubs lack the function accessors)
+        body = onnx.FunctionProto()
+        if schema.has_function:
+            body.ParseFromString(schema.get_function_with_opset_version(opset))
+        elif schema.has_context_dependent_function:
+            empty = onnx.TypeProto()
+            ins = [(types.get(i, empty) if i else empty).SerializeToString() for i in node.input]
+            body.ParseFromString(
+                schema.get_context_dependent_function_with_opset_version(opset, node.SerializeToString(), ins)
+            )
+        else:
+            continue
+        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
+        node.domain, node.op_type = _EXPAND_DOMAIN, body.name
+        functions.append(body)
+    if not functions:
+        return model
+    out.functions.extend(functions)
+    out.opset_import.append(helper.make_opsetid(_EXPAND_DOMAIN, 1))
+    try:
+        out = onnx.inliner.inline_local_functions(out)
+    except Exception as exc:
+        names = sorted({f.name for f in functions})
+        raise ModelError(f"cannot expand the opset-{opset} ops {names}: {first_line(exc)}") from None
+    keep = [o for o in out.opset_import if o.domain != _EXPAND_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    log.info("expanded %d node(s) of ops newer than opset %d into their ONNX function bodies", len(functions), target)
+    return out
+
+
 def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model``, or a copy converted down to IR ≤ 10 / opset ≤ 21 so that onnxruntime 1.19.2 loads it.
 
@@ -594,7 +664,7 @@ def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
     out = model
     if opset > RUNTIME_MAX_OPSET:
         try:
-            out = onnx.version_converter.convert_version(model, RUNTIME_MAX_OPSET)
+            out = onnx.version_converter.convert_version(expand_newer_ops(model, RUNTIME_MAX_OPSET), RUNTIME_MAX_OPSET)
         except Exception as exc:
             raise ModelError(
                 f"the model uses opset {opset}; the bundled onnxruntime loads opset ≤ {RUNTIME_MAX_OPSET} and "

@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError, first_line
-from ..graph import densify
+from ..graph import densify, expand_newer_ops
 from .static import StaticInfo
 from .subgraphs import node_inputs
 
@@ -302,7 +302,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     if target != opset:
         log.info("converting the gradient working copy from opset %d to %d", opset, target)
         try:
-            converted = onnx.version_converter.convert_version(m, target)
+            converted = onnx.version_converter.convert_version(expand_newer_ops(m, target), target)
         except Exception as exc:
             raise ModelError(
                 f"the model uses opset {opset}; gradients need ai.onnx opset {MIN_OPSET}..{MAX_OPSET} "
