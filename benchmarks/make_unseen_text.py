@@ -22,6 +22,7 @@ Models (name: family; exporter, opset):
 * ``t_transformer``     token + learned position embeddings, 2 pre-norm encoder layers (d=64, 4 heads,
   GELU) with the key-padding mask, masked mean pool, LayerNorm, linear head; TorchScript, opset 14.
 * ``t_transformer_dyn`` the same weights; dynamo exporter, opset 18.
+* ``t_transformer_op23`` the same weights; dynamo exporter, opset 23 (its ``Attention`` op).
 * ``t_bilstm``          embedding → bidirectional LSTM(64) → masked mean pool → linear; TorchScript,
   opset 15 (one LSTM node; the padded tail is read by the recurrence, as without packing).
 * ``t_textcnn``         embedding → parallel Conv1d (widths 3, 7 and 15, 64 channels each) → ReLU →
@@ -168,7 +169,13 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             return self.fc(torch.cat(pooled, 1))
 
     specs: list[tuple[str, type[nn.Module], int, float, list[tuple[str, bool, int]]]] = [
-        ("transformer", TokTransformer, 20, 2e-3, [("t_transformer", False, 14), ("t_transformer_dyn", True, 18)]),
+        (
+            "transformer",
+            TokTransformer,
+            20,
+            2e-3,
+            [("t_transformer", False, 14), ("t_transformer_dyn", True, 18), ("t_transformer_op23", True, 23)],
+        ),
         ("bilstm", TokLSTM, 20, 3e-3, [("t_bilstm", False, 15)]),
         ("textcnn", TextCNN, 20, 3e-3, [("t_textcnn", False, 13)]),
     ]

@@ -166,9 +166,9 @@ def _is_classifier(y: NDArray[np.floating]) -> bool:
 
 
 def _is_labels(y: NDArray[np.generic]) -> bool:
-    """A predicted-label output: one integer, boolean or string value per sample (``(N,)``), as
-    scikit-learn classifiers exported by skl2onnx write first (``output_label``)."""
-    return y.ndim == 1 and not np.issubdtype(y.dtype, np.floating)
+    """A predicted-label output: one integer, boolean or string value per sample (``(N,)`` or
+    ``(N, 1)``), as scikit-learn classifiers exported by skl2onnx write first (``output_label``)."""
+    return (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)) and not np.issubdtype(y.dtype, np.floating)
 
 
 def top1(
@@ -179,7 +179,7 @@ def top1(
     each index (a ZipMap's ``classlabels``), else not: a class value is not an index."""
     if labels is not None and _is_labels(y) and classes is not None and len(y) == len(labels):
         index = {c: i for i, c in enumerate(classes)}
-        return float(np.mean(np.array([index.get(_plain(v), -1) for v in y]) == labels))
+        return float(np.mean(np.array([index.get(_plain(v), -1) for v in y.reshape(-1)]) == labels))
     if labels is None or not _is_classifier(y):
         return None
     if y.shape[0] != labels.shape[0]:
@@ -220,10 +220,11 @@ class OutputComparison:
 def compare_arrays(name: str, yd: NDArray[np.floating], yp: NDArray[np.floating]) -> OutputComparison:
     """Compare two ``(N, ...)`` arrays of the same shape (dense first).  Predicted labels (``(N,)``,
     integer or string) are compared by equality: the relative error is the fraction of changed
-    labels, the cosine and agreement the fraction kept."""
-    if _is_labels(yd):
-        same = float(np.mean(yd == yp)) if yd.size else 1.0
-        return OutputComparison(name, (), 1.0 - same, same, float(same < 1.0), same)
+    labels, the cosine and agreement the fraction kept; any other non-numeric output likewise by
+    element."""
+    if _is_labels(yd) or not (np.issubdtype(yd.dtype, np.number) or yd.dtype == np.bool_):
+        same = float(np.mean(yd.reshape(-1) == yp.reshape(-1))) if yd.size else 1.0
+        return OutputComparison(name, tuple(int(x) for x in yd.shape[1:]), 1.0 - same, same, float(same < 1.0), same)
     d = yd.reshape(yd.shape[0], -1).astype(np.float64)
     p = yp.reshape(yp.shape[0], -1).astype(np.float64)
     diff = p - d
@@ -372,8 +373,11 @@ def compare_to(
     yp = ys[ref.output]
     yd = ref.y
     if _is_labels(yd):  # predicted labels: a changed label counts 1 (string labels have no difference)
+        diff = (yd.reshape(-1) != yp.reshape(-1)).astype(np.float64)
+        agree: float | None = float(np.mean(diff == 0)) if yd.size else 1.0
+    elif not np.issubdtype(yd.dtype, np.number) and yd.dtype != np.bool_:  # any other non-numeric output
         diff = (yd != yp).astype(np.float64)
-        agree: float | None = float(np.mean(yd == yp)) if yd.size else 1.0
+        agree = None
     else:
         diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
         agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None

@@ -264,10 +264,14 @@ def part_stats(
     bias: NDArray[np.floating] | None = None,
     max_rows: int = 0,
     seed: int = 0,
+    J_rows: NDArray[np.float64] | None = None,
 ) -> list[LayerStats]:
     """Per part, the statistics of :mod:`chita_onnx.layerstats` (``H``, and with ``dense`` the cross
     term ``B`` and energy ``yy`` of the targets ``W̄_part z̄``) over all batches.  ``bias``: the node's
-    ``B`` ``(D, 2·G·H)`` (for the reset gate of a GRU with ``linear_before_reset=0``)."""
+    ``B`` ``(D, 2·G·H)`` (for the reset gate of a GRU with ``linear_before_reset=0``).  ``J_rows``:
+    the joint weight whose reset gate the *pruned* rows use (default ``J_bar``: the rows of the node
+    run with its dense weights; the closed-loop re-fit passes the node's current weights)."""
+    J_p = J_bar if J_rows is None else J_rows
     geom = site.geometry
     out = []
     for p in plist:
@@ -288,7 +292,7 @@ def part_stats(
                 if p.direction != k:
                     continue
                 bk = None if bias is None else bias[k]
-                xp = part_rows(zp, p, geom, J_bar[k], bk)
+                xp = part_rows(zp, p, geom, J_p[k], bk)
                 if zd is None:
                     accumulate(st, xp, index=idx)
                 else:
@@ -430,7 +434,7 @@ def _closed_loop_refit(
         rows = _rows_at(pruned, site, Y)
         stats = part_stats(
             site, rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows,
-            seed=opts.seed * 1_000_003 + layer_index + 104_729 * (r + 1),
+            seed=opts.seed * 1_000_003 + layer_index + 104_729 * (r + 1), J_rows=J,
         )  # fmt: skip
         J_new = J.copy()
         for p, st, m in zip(plist, stats, part_masks, strict=True):

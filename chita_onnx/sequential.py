@@ -485,9 +485,10 @@ def recalibrate_batchnorm(
 def run_outputs(
     model: onnx.ModelProto, batches: Sequence[Arrays], output: str, *, threads: int = 1
 ) -> NDArray[np.float64]:
-    """One full forward pass; the named output concatenated over batches (float64)."""
+    """One full forward pass; the named tensor (a graph output or any tensor it computes) concatenated
+    over batches (float64)."""
     r = SegmentRunner(model, batches, threads=threads)
-    r.advance(len(r.nodes))
+    r.advance(len(r.nodes), extra=[output])
     out = np.concatenate([np.asarray(v, np.float64) for v in r.values(output)])
     r.close()
     return out

@@ -205,15 +205,9 @@ def _branch_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def _output_of(model: onnx.ModelProto, output: str | None) -> str:
-    """The tensor the gradients are taken of: the selected output, or, for a ``ZipMap`` output
-    (a sequence of maps, as skl2onnx writes class probabilities), the tensor the ZipMap reads."""
-    from .gradients.prepare import select_output
+    from .gradients.prepare import differentiated_tensor
 
-    name = select_output(model, output)
-    zipmap = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "ZipMap" and n.output and n.input}
-    while name in zipmap:
-        name = zipmap[name]
-    return name
+    return differentiated_tensor(model, output)
 
 
 def refuse_quantized(model: onnx.ModelProto, name: str = "model") -> None:

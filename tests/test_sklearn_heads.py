@@ -21,10 +21,11 @@ INT_CLASSES = [10, 20, 30]
 STR_CLASSES = ["cat", "dog", "eel"]
 
 
-def skl_classifier(kind: str, head: str = "zipmap", seed: int = 0) -> onnx.ModelProto:
+def skl_classifier(kind: str, head: str = "zipmap", seed: int = 0, column: bool = False) -> onnx.ModelProto:
     """``x [N, 4]`` → MatMul/Add/Relu → MatMul/Add → Softmax → ``label`` (``kind``: "int" or "string"
-    class values, Gather of ArgMax) and, by ``head``: "zipmap" (``probabilities``, a ZipMap with the
-    class values), "tensor" (``probabilities [N, 3]``), or "none" (the label only)."""
+    class values, Gather of ArgMax; ``[N, 1]`` with ``column``) and, by ``head``: "zipmap"
+    (``probabilities``, a ZipMap with the class values), "tensor" (``probabilities [N, 3]``), or "none"
+    (the label only)."""
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array((rng.standard_normal((4, 16)) / 2).astype(np.float32), "W1"),
@@ -46,9 +47,12 @@ def skl_classifier(kind: str, head: str = "zipmap", seed: int = 0) -> onnx.Model
         helper.make_node("Add", ["m2", "b2"], ["z"]),
         helper.make_node("Softmax", ["z"], ["probs"], axis=1),
         helper.make_node("ArgMax", ["probs"], ["idx"], axis=1, keepdims=0),
-        helper.make_node("Gather", ["classes", "idx"], ["label"], axis=0),
+        helper.make_node("Gather", ["classes", "idx"], ["label_flat" if column else "label"], axis=0),
     ]
-    outputs = [helper.make_tensor_value_info("label", label_type, ["N"])]
+    if column:  # labels as a column, [N, 1]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+        nodes.append(helper.make_node("Unsqueeze", ["label_flat", "one"], ["label"]))
+    outputs = [helper.make_tensor_value_info("label", label_type, ["N", 1] if column else ["N"])]
     opsets = [helper.make_opsetid("", 15)]
     if head == "zipmap":
         nodes.append(helper.make_node("ZipMap", ["probs"], ["probabilities"], domain="ai.onnx.ml", **zip_attr))
@@ -70,7 +74,7 @@ def data(model: onnx.ModelProto, n: int, seed: int) -> tuple[np.ndarray, np.ndar
     """Inputs and the dense model's own class indices, with 10% of them changed (so accuracy < 1)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 4)).astype(np.float32)
-    probs = run(model, x, "label")  # any output: fetch the index through the class table below
+    probs = run(model, x, "label").reshape(-1)  # the class values, mapped to indices below
     idx = np.array([(INT_CLASSES if probs.dtype.kind in "iu" else STR_CLASSES).index(_plain(v)) for v in probs])
     flip = rng.random(n) < 0.1
     idx[flip] = (idx[flip] + 1) % 3
@@ -88,11 +92,11 @@ def run(model: onnx.ModelProto | Path, x: np.ndarray, output: str) -> np.ndarray
     return out
 
 
-@pytest.mark.parametrize("kind", ["int", "string"])
-def test_zipmap_classifier_gets_gradients_and_scored_labels(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "column"), [("int", False), ("string", False), ("string", True)])
+def test_zipmap_classifier_gets_gradients_and_scored_labels(tmp_path: Path, kind: str, column: bool) -> None:
     """The default prunes with gradients (no magnitude fallback for the ZipMap), and the report's
     accuracy and agreement are those of the label output, recomputed here with onnxruntime."""
-    m = skl_classifier(kind)
+    m = skl_classifier(kind, column=column)
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(m, src)
     x, y = data(m, 400, seed=1)
@@ -105,7 +109,7 @@ def test_zipmap_classifier_gets_gradients_and_scored_labels(tmp_path: Path, kind
     ev = rep.evaluation
     assert ev is not None and ev.output == "label"
     classes = INT_CLASSES if kind == "int" else STR_CLASSES
-    dense, pruned = run(m, x[200:], "label"), run(out, x[200:], "label")
+    dense, pruned = run(m, x[200:], "label").reshape(-1), run(out, x[200:], "label").reshape(-1)
     index = np.array([classes.index(_plain(v)) for v in dense])
     assert ev.dense_accuracy == pytest.approx(float(np.mean(index == y[200:])))
     assert ev.agreement == pytest.approx(float(np.mean(dense == pruned)))
@@ -136,3 +140,18 @@ def test_a_probability_tensor_after_the_label_is_the_scored_output(tmp_path: Pat
     ev = rep.evaluation
     assert ev is not None and ev.output == "probabilities"
     assert ev.dense_accuracy == pytest.approx(float(np.mean(run(m, x[200:], "probabilities").argmax(1) == y[200:])))
+
+
+def test_the_statistics_correction_is_decided_on_the_probabilities(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` statistics correction compares candidates on the tensor the loss reads (the
+    probabilities before the ZipMap), not on the string labels, which it cannot measure."""
+    m = skl_classifier("string")
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    x, y = data(m, 300, seed=4)
+    cfg = CompressConfig(sparsity=0.5, method="magnitude")
+    rep = compress(src, tmp_path / "out.onnx", {"x": x[:200], "labels": y[:200]}, cfg, eval_data={"x": x[200:]})
+    assert "statistics correction skipped" not in caplog.text
+    assert not [w for w in rep.warnings if "skipped" in w]

@@ -357,6 +357,16 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
     raise ModelError(f"the model has no floating-point output to differentiate (outputs: {[o.name for o in outs]})")
 
 
+def differentiated_tensor(model: onnx.ModelProto, output: str | None) -> str:
+    """The tensor the loss is taken of: :func:`select_output`, or, for a ``ZipMap`` output (a sequence
+    of maps, as skl2onnx writes class probabilities), the tensor the ZipMap reads."""
+    name = select_output(model, output)
+    zipmap = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "ZipMap" and n.output and n.input}
+    while name in zipmap:
+        name = zipmap[name]
+    return name
+
+
 def _is_sigmoid_or_complement(name: str, prod: Mapping[str, onnx.NodeProto]) -> bool:
     node = prod.get(name)
     if node is None:
