@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
     def mkdtemp_then_interrupt(*args: object, **kwargs: object) -> str:
         made = real_mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the folder's creation and its record
+        # A process-directed signal may be taken by another thread (onnxruntime's pool) a moment
+        # after kill() returns; the sleep lets it land while the folder is still unrecorded, as the
+        # test means (a handler that is due ends the sleep early).
+        time.sleep(0.2)
         return str(made)
 
     monkeypatch.setattr(paths.tempfile, "mkdtemp", mkdtemp_then_interrupt)
