@@ -32,7 +32,6 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
-
 def test_sigint_with_runtime_threads_alive_leaves_no_staging_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
