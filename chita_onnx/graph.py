@@ -589,7 +589,7 @@ _EXPAND_DOMAIN = "chita_onnx.expand"
 
 
 def expand_newer_ops(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """``model``, or a copy in which every main-graph node of an ``ai.onnx`` op that does not exist at
+    """``model``, or a copy in which every node (in any graph) of an ``ai.onnx`` op that does not exist at
     opset ``target`` (``Attention``, ``RMSNormalization``, ``RotaryEmbedding`` of opset 23, ...) is
     replaced by the op's own ONNX function body (for the node's input types and attributes), so that
     onnx's version converter, which has no earlier version to adapt such a node to, can take the copy
@@ -610,33 +610,38 @@ def expand_newer_ops(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             return True
         return False
 
-    todo = [k for k, n in enumerate(model.graph.node) if newer(n)]
-    if not todo:
+    if not any(newer(n) for _, sub in walk_graphs(model.graph) for n in sub.node):
         return model
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    types = {v.name: v.type for v in [*g.value_info, *g.input, *g.output]}
-    types.update({t.name: helper.make_tensor_type_proto(t.data_type, list(t.dims)) for t in model.graph.initializer})
+    try:  # the input types a context-dependent body is built for (subgraphs get theirs too)
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # (a model past protobuf's 2 GB limit): bodies that need no types still build
+        inferred = model
+    types: dict[str, onnx.TypeProto] = {}
+    for _, sub in walk_graphs(inferred.graph):
+        types.update({v.name: v.type for v in [*sub.value_info, *sub.input, *sub.output]})
+        types.update({t.name: helper.make_tensor_type_proto(t.data_type, list(t.dims)) for t in sub.initializer})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     functions: list[onnx.FunctionProto] = []
-    for k in todo:
-        node = out.graph.node[k]
-        schema: Any = defs.get_schema(node.op_type, opset)  # (onnx's stubs lack the function accessors)
-        body = onnx.FunctionProto()
-        if schema.has_function:
-            body.ParseFromString(schema.get_function_with_opset_version(opset))
-        elif schema.has_context_dependent_function:
-            empty = onnx.TypeProto()
-            ins = [(types.get(i, empty) if i else empty).SerializeToString() for i in node.input]
-            body.ParseFromString(
-                schema.get_context_dependent_function_with_opset_version(opset, node.SerializeToString(), ins)
-            )
-        else:
-            continue
-        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
-        node.domain, node.op_type = _EXPAND_DOMAIN, body.name
-        functions.append(body)
+    for _, sub in walk_graphs(out.graph):
+        for node in sub.node:
+            if not newer(node):
+                continue
+            schema: Any = defs.get_schema(node.op_type, opset)  # (onnx's stubs lack the function accessors)
+            body = onnx.FunctionProto()
+            if schema.has_function:
+                body.ParseFromString(schema.get_function_with_opset_version(opset))
+            elif schema.has_context_dependent_function:
+                empty = onnx.TypeProto()
+                ins = [(types.get(i, empty) if i else empty).SerializeToString() for i in node.input]
+                body.ParseFromString(
+                    schema.get_context_dependent_function_with_opset_version(opset, node.SerializeToString(), ins)
+                )
+            else:
+                continue
+            body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{len(functions)}"
+            node.domain, node.op_type = _EXPAND_DOMAIN, body.name
+            functions.append(body)
     if not functions:
         return model
     out.functions.extend(functions)

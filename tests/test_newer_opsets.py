@@ -85,3 +85,42 @@ def test_an_opset_23_model_is_pruned_by_the_default_and_keeps_its_ops(tmp_path: 
     assert {"Attention", "RMSNormalization"} <= {n.op_type for n in written.graph.node}
     assert [(o.domain, o.version) for o in written.opset_import] == [("", 23)]
     assert rep.evaluation is not None and rep.evaluation.agreement is not None and rep.evaluation.agreement >= 0.75
+
+
+def test_a_newer_op_inside_an_if_branch_is_expanded_too() -> None:
+    """``RMSNormalization`` in the then-branch of an ``If`` (outer-scope input and scale): the branch
+    is expanded as well, and the down-converted copy computes what onnx's reference evaluator does."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array((0.5 * rng.standard_normal((4, 6))).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "g"),
+        numpy_helper.from_array(np.array(True), "cond"),
+    ]
+    then = helper.make_graph(
+        [helper.make_node("RMSNormalization", ["z", "g"], ["t"], axis=-1)],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", F, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["z"], ["e"])], "else", [], [helper.make_tensor_value_info("e", F, None)]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["z"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "branch",
+        [helper.make_tensor_value_info("x", F, ["N", 4])],
+        [helper.make_tensor_value_info("y", F, ["N", 6])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    m.ir_version = 11
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    want = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    down = onnx.version_converter.convert_version(expand_newer_ops(m, RUNTIME_MAX_OPSET), RUNTIME_MAX_OPSET)
+    down.ir_version = 10
+    got = make_session(down.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
