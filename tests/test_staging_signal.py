@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,11 +20,24 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
 
     def mkdtemp_then_interrupt(*args: object, **kwargs: object) -> str:
         made = real_mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the folder's creation and its record
-        # A process-directed signal may be taken by another thread (onnxruntime's pool) a moment
-        # after kill() returns; the sleep lets it land while the folder is still unrecorded, as the
-        # test means (a handler that is due ends the sleep early).
-        time.sleep(0.2)
+        # Ctrl-C between the folder's creation and its record.  A process-directed signal may be
+        # taken by another thread (onnxruntime's pool), and on a loaded machine its handler can run
+        # well after kill() returns: wait until whatever handler is installed now has seen it, so
+        # that it lands while the folder is still unrecorded, as the test means.
+        seen = threading.Event()
+        current = signal.getsignal(signal.SIGINT)
+
+        def note(signum: int, frame: object) -> None:
+            seen.set()
+            signal.signal(signal.SIGINT, current)
+            if callable(current):
+                current(signum, frame)  # type: ignore[arg-type]
+
+        signal.signal(signal.SIGINT, note)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 10.0
+        while not seen.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the main thread runs pending handlers between these sleeps
         return str(made)
 
     monkeypatch.setattr(paths.tempfile, "mkdtemp", mkdtemp_then_interrupt)
