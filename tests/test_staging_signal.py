@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import tempfile
 import threading
@@ -15,15 +14,15 @@ from chita_onnx import paths
 from chita_onnx.paths import STAGING_PREFIX, plan_outputs
 
 
-def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _interrupt_between_mkdtemp_and_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elsewhere: bool) -> None:
+    """Ctrl-C between the staging folder's creation and its record: raised in the main thread, or
+    (``elsewhere``) taken by another thread, as a process-directed signal can be when onnxruntime's
+    or BLAS's threads run; the Python handler then runs in the main thread a moment later, so the
+    test waits until the installed handler has seen it (the folder still unrecorded)."""
     real_mkdtemp = tempfile.mkdtemp
 
     def mkdtemp_then_interrupt(*args: object, **kwargs: object) -> str:
         made = real_mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
-        # Ctrl-C between the folder's creation and its record.  A process-directed signal may be
-        # taken by another thread (onnxruntime's pool), and on a loaded machine its handler can run
-        # well after kill() returns: wait until whatever handler is installed now has seen it, so
-        # that it lands while the folder is still unrecorded, as the test means.
         seen = threading.Event()
         current = signal.getsignal(signal.SIGINT)
 
@@ -34,10 +33,16 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
                 current(signum, frame)  # type: ignore[arg-type]
 
         signal.signal(signal.SIGINT, note)
-        os.kill(os.getpid(), signal.SIGINT)
+        if elsewhere:  # the C-level handler runs in that thread, the Python one in the main thread
+            other = threading.Thread(target=lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT))
+            other.start()
+            other.join()
+        else:
+            signal.raise_signal(signal.SIGINT)
         deadline = time.monotonic() + 10.0
         while not seen.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)  # the main thread runs pending handlers between these sleeps
+        assert seen.is_set()
         return str(made)
 
     monkeypatch.setattr(paths.tempfile, "mkdtemp", mkdtemp_then_interrupt)
@@ -46,11 +51,18 @@ def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path: Path, mon
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["main-thread", "other-thread"])
+def test_sigint_right_after_mkdtemp_leaves_no_staging_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elsewhere: bool
+) -> None:
+    _interrupt_between_mkdtemp_and_record(tmp_path, monkeypatch, elsewhere)
+
+
 def test_sigint_with_runtime_threads_alive_leaves_no_staging_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same once onnxruntime has started its thread pool: a process-directed signal can then be
-    delivered to one of those threads, which a signal mask on the main thread does not cover."""
+    """The same once onnxruntime has started its thread pool (a process-directed signal can then be
+    delivered to one of those threads, which a signal mask on the main thread does not cover)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -66,4 +78,4 @@ def test_sigint_with_runtime_threads_alive_leaves_no_staging_folder(
     for _ in range(5):
         for p in tmp_path.iterdir():
             p.rmdir() if p.is_dir() else p.unlink()
-        test_sigint_right_after_mkdtemp_leaves_no_staging_folder(tmp_path, monkeypatch)
+        _interrupt_between_mkdtemp_and_record(tmp_path, monkeypatch, elsewhere=True)
