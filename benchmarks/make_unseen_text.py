@@ -25,12 +25,16 @@ Models (name: family; exporter, opset):
 * ``t_transformer_op23`` the same weights; dynamo exporter, opset 23 (its ``Attention`` op).
 * ``t_bilstm``          embedding → bidirectional LSTM(64) → masked mean pool → linear; TorchScript,
   opset 15 (one LSTM node; the padded tail is read by the recurrence, as without packing).
+* ``t_bert``            BERT written out (token, position and type embeddings, LayerNorm; 2 post-norm
+  layers, d=48, 4 heads, attention as MatMul/Softmax with the additive ``(1 − mask)·−10000`` mask,
+  exact GELU through ``Erf``; tanh pooler on the first position); TorchScript, opset 11.
 * ``t_textcnn``         embedding → parallel Conv1d (widths 3, 7 and 15, 64 channels each) → ReLU →
   masked max pool over time → linear (Kim-style text CNN); TorchScript, opset 13.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -153,6 +157,43 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             h, _ = self.rnn(self.tok(ids))
             return self.fc(masked_mean(h, mask))
 
+    class BertLayer(nn.Module):  # written out as BERT's reference code does (no fused attention)
+        def __init__(self, d: int = 48, heads: int = 4) -> None:
+            super().__init__()
+            self.heads = heads
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:
+            n, t, d = x.shape
+            hd = d // self.heads
+
+            def split(z: torch.Tensor) -> torch.Tensor:
+                return z.view(n, t, self.heads, hd).permute(0, 2, 1, 3)
+
+            scores = torch.matmul(split(self.q(x)), split(self.k(x)).transpose(-1, -2)) / math.sqrt(hd) + ext
+            a = torch.matmul(scores.softmax(-1), split(self.v(x))).permute(0, 2, 1, 3).reshape(n, t, d)
+            x = self.ln1(x + self.o(a))
+            h = self.f1(x)
+            return self.ln2(x + self.f2(0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))))  # exact GELU
+
+    class MiniBert(nn.Module):
+        def __init__(self, d: int = 48) -> None:
+            super().__init__()
+            self.tok, self.pos, self.typ = nn.Embedding(17, d), nn.Embedding(L, d), nn.Embedding(2, d)
+            self.ln = nn.LayerNorm(d)
+            self.layers = nn.ModuleList([BertLayer(d), BertLayer(d)])
+            self.pool, self.cls = nn.Linear(d, d), nn.Linear(d, 10)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+            x = self.ln(self.tok(ids) + self.pos(pos) + self.typ(torch.zeros_like(ids)))
+            ext = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0  # BERT's additive mask
+            for layer in self.layers:
+                x = layer(x, ext)
+            return self.cls(torch.tanh(self.pool(x[:, 0])))
+
     class TextCNN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -177,6 +218,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             [("t_transformer", False, 14), ("t_transformer_dyn", True, 18), ("t_transformer_op23", True, 23)],
         ),
         ("bilstm", TokLSTM, 20, 3e-3, [("t_bilstm", False, 15)]),
+        ("bert", MiniBert, 12, 2e-3, [("t_bert", False, 11)]),
         ("textcnn", TextCNN, 20, 3e-3, [("t_textcnn", False, 13)]),
     ]
     for _, cls, epochs, lr, exports in specs:
