@@ -115,7 +115,11 @@ def unlisted_weights(path: Path) -> list[str]:
     from chita_onnx import inspect_model
     from chita_onnx.graph import load_model
 
-    m = load_model(path)
+    from chita_onnx.standardize import DetachedInputs
+
+    record = DetachedInputs()
+    m = load_model(path, record=record)
+    stand_ins = {r.identity for r in record.projections}  # the split Attention's identities (never written)
     try:  # what the pruning sees: the model after the weight-exposing rewrites (when they exist)
         from chita_onnx.weightchains import expose_weights
 
@@ -129,7 +133,7 @@ def unlisted_weights(path: Path) -> list[str]:
     ]
     out = []
     for name, t in big:
-        if name in listed or len(t.dims) < 2 or int(np.prod(t.dims)) < 256:
+        if name in listed or name in stand_ins or len(t.dims) < 2 or int(np.prod(t.dims)) < 256:
             continue
         if not np.issubdtype(numpy_helper.to_array(t).dtype, np.floating):
             continue

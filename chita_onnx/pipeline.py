@@ -63,7 +63,7 @@ from .solver import cbs as cbs_solver
 from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
-from .standardize import DetachedInputs, restore_initializer_inputs
+from .standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
 from .support import assert_supported, refuse_quantized
 from .weightchains import (
     WeightChain,
@@ -1043,7 +1043,8 @@ def _compress(
         log.info("%s", chosen)
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
-    dense_layers = unprunable_layer_weights(prep.model, {t.name for t in prep.tensors} | set(config.keep))
+    identities = {r.identity for r in prep.detached.projections}  # stand-ins that the writer removes
+    dense_layers = unprunable_layer_weights(prep.model, {t.name for t in prep.tensors} | set(config.keep) | identities)
     if dense_layers:
         listed = ", ".join(f"{n} ({op}, {size:,})" for n, op, size in dense_layers[:5])
         more = f" and {len(dense_layers) - 5} more" if len(dense_layers) > 5 else ""
@@ -1135,7 +1136,8 @@ def _compress(
         meta["statistics"] = correction.describe()
         base = prep.model if corrected is None else corrected
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
-        pruned = restore_initializer_inputs(unfold_weight_chains(pruned, prep.chains), prep.detached)
+        pruned = unfold_weight_chains(pruned, prep.chains)
+        pruned = restore_initializer_inputs(restore_attention_projections(pruned, prep.detached), prep.detached)
         still_sparse = {sp.values.name for sp in pruned.graph.sparse_initializer}  # restored inputs are dense
         stored = [
             s if s.storage != "sparse" or s.name in still_sparse else dataclasses.replace(s, storage="dense")

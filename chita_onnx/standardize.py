@@ -20,7 +20,12 @@ rest of chita-onnx reads.  Each keeps the model's outputs identical for every in
   zoo's Tiny YOLOv2 and FER+ open with it) stops onnx's version converter, so no gradients could be
   built.  The pass writes it as ``Mul`` and ``Add``.
 
-:func:`standardize` runs all four; :func:`~chita_onnx.graph.load_model` calls it, so every command sees
+* :func:`split_attention_projections`: onnxruntime's transformer optimizer folds a BERT layer's
+  Q/K/V projections into one ``com.microsoft.Attention``, whose weight no layer reads.  The pass
+  computes the projection as a ``MatMul`` in front of the node (which then reads an identity); the
+  writer puts the fused node back (:func:`restore_attention_projections`).
+
+:func:`standardize` runs them all; :func:`~chita_onnx.graph.load_model` calls it, so every command sees
 (and writes) the same graph.
 """
 
@@ -46,13 +51,27 @@ log = logging.getLogger(__name__)
 IR_INITIALIZERS_AS_CONSTANTS = 4
 
 
+@dataclass(frozen=True)
+class SplitProjection:
+    """One onnxruntime ``Attention`` whose input projection :func:`split_attention_projections` took
+    out: the node now reads ``projected = MatMul(source, weight)`` through an ``identity`` weight."""
+
+    source: str
+    weight: str
+    identity: str
+    projected: str
+
+
 @dataclass
 class DetachedInputs:
-    """What :func:`detach_initializer_inputs` took away, for :func:`restore_initializer_inputs`:
-    the original graph inputs (in order) and IR version."""
+    """What the load-time passes took apart, for the writer to put back: the original graph inputs
+    (in order) and IR version (:func:`detach_initializer_inputs`, :func:`restore_initializer_inputs`),
+    and the split ``Attention`` projections (:func:`split_attention_projections`,
+    :func:`restore_attention_projections`)."""
 
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     ir_version: int = 0
+    projections: list[SplitProjection] = field(default_factory=list)
 
 
 def detach_initializer_inputs(
@@ -389,6 +408,103 @@ def unfuse_contrib_layers(model: onnx.ModelProto, *, in_place: bool = False) -> 
     return out
 
 
+def split_attention_projections(
+    model: onnx.ModelProto, *, in_place: bool = False, record: DetachedInputs | None = None
+) -> onnx.ModelProto:
+    """``model`` with the Q/K/V projection of every onnxruntime ``com.microsoft.Attention`` taken out
+    of the node: ``Attention(x, W, b, …)`` becomes ``Attention(MatMul(x, W), I, b, …)`` with ``I``
+    the identity (``x·W·I + b`` is ``x·W + b``).  onnxruntime's transformer optimizer folds a BERT
+    layer's three projections into that node, whose weight no Gemm/MatMul reads, so a third of the
+    layer weights stayed dense; as a MatMul weight it is a layer like any other.  ``record`` receives
+    each split so that the writer puts the fused node back (:func:`restore_attention_projections`).
+    Returns ``model`` itself when there is nothing to split."""
+    if not any(n.domain == CONTRIB and n.op_type == "Attention" for g in _graphs(model.graph) for n in g.node):
+        return model
+    splits: list[SplitProjection] = []
+
+    def rewrite(
+        node: onnx.NodeProto, stored: dict[str, onnx.TensorProto], fresh: Callable[[str], str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+        if node.domain != CONTRIB or node.op_type != "Attention" or len(node.input) < 2 or not node.input[0]:
+            return None
+        w = stored.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            return None
+        label = node.name or "Attention"
+        projected, identity = fresh(f"{label}_projected"), fresh(f"{node.input[1]}_identity")
+        eye = np.eye(int(w.dims[1]), dtype=helper.tensor_dtype_to_np_dtype(w.data_type))
+        matmul = helper.make_node(
+            "MatMul", [node.input[0], node.input[1]], [projected], name=fresh(f"{label}_projection")
+        )
+        fused = onnx.NodeProto()
+        fused.CopyFrom(node)
+        fused.input[0], fused.input[1] = projected, identity
+        splits.append(SplitProjection(node.input[0], node.input[1], identity, projected))
+        return [matmul, fused], [numpy_helper.from_array(eye, identity)]
+
+    out, count = _rewrite_nodes(model, rewrite, in_place)
+    if count:
+        log.info("took the input projection out of %d onnxruntime Attention node(s)", count)
+        if record is not None:
+            record.projections.extend(splits)
+    return out
+
+
+def restore_attention_projections(model: onnx.ModelProto, record: DetachedInputs) -> onnx.ModelProto:
+    """Put each split ``Attention`` back together, in place: the node reads ``source`` and the (now
+    pruned) ``weight`` again, and the MatMul and identity go.  A constant ``Add`` that the bias
+    correction put on the projection is folded into the node's bias.  A split whose pieces are no
+    longer as the pass left them (a channel surgery renamed or sliced them) stays split: the same
+    outputs, one extra product.  Returns ``model``."""
+    if not record.projections:
+        return model
+    by_identity = {r.identity: r for r in record.projections}
+    for g in _graphs(model.graph):
+        stored = {t.name: t for t in g.initializer}
+        prod = {o: n for n in g.node for o in n.output if o}
+        readers: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        drop_nodes: set[int] = set()
+        drop_inits: set[str] = set()
+        for node in g.node:
+            rec = by_identity.get(node.input[1]) if node.domain == CONTRIB and node.op_type == "Attention" else None
+            if rec is None or rec.identity not in stored or rec.weight not in stored:
+                continue
+            if node.input[0] != rec.projected or readers.get(rec.projected, 0) != 1:
+                continue
+            mm, add, c = prod.get(rec.projected), None, None
+            if mm is not None and mm.op_type == "Add":  # the bias correction's Add(projection, shift)
+                add = mm
+                ins = list(add.input)
+                c = stored.get(ins[1]) if ins[1] in stored else stored.get(ins[0])
+                inner = ins[0] if c is not None and ins[1] == c.name else ins[1]
+                mm = prod.get(inner) if c is not None and readers.get(inner, 0) == 1 else None
+                if not (len(node.input) > 2 and node.input[2] in stored):
+                    mm = None  # no constant bias to fold the shift into: stay split
+            if mm is None or mm.op_type != "MatMul" or list(mm.input) != [rec.source, rec.weight]:
+                continue
+            if add is not None and c is not None:
+                b = stored[node.input[2]]
+                shift = numpy_helper.to_array(c).reshape(-1).astype(helper.tensor_dtype_to_np_dtype(b.data_type))
+                b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b) + shift, b.name))
+                drop_nodes.add(id(add))
+                if readers.get(c.name, 0) == 1:
+                    drop_inits.add(c.name)
+            node.input[0], node.input[1] = rec.source, rec.weight
+            drop_nodes.add(id(mm))
+            drop_inits.add(rec.identity)
+        if drop_nodes or drop_inits:
+            keep = [n for n in g.node if id(n) not in drop_nodes]
+            del g.node[:]
+            g.node.extend(keep)
+            inits = [t for t in g.initializer if t.name not in drop_inits]
+            del g.initializer[:]
+            g.initializer.extend(inits)
+    return model
+
+
 def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``model`` with every ``ImageScaler`` (an experimental op of opsets 1–9, removed from ONNX; the
     classic zoo's Tiny YOLOv2 and FER+ start with it) written as ``Mul`` by its scale and ``Add`` of
@@ -449,4 +565,5 @@ def standardize(
     :func:`detach_initializer_inputs` (``in_place``: change ``model`` rather than copy its weights;
     inlining still makes a new model; ``record``: see :func:`detach_initializer_inputs`)."""
     m = unfuse_contrib_layers(inline_functions(model, where), in_place=in_place)
+    m = split_attention_projections(m, in_place=in_place, record=record)
     return detach_initializer_inputs(replace_image_scaler(m, in_place=in_place), in_place=in_place, record=record)

@@ -46,6 +46,16 @@ def _interrupt_between_mkdtemp_and_record(tmp_path: Path, monkeypatch: pytest.Mo
         return str(made)
 
     monkeypatch.setattr(paths.tempfile, "mkdtemp", mkdtemp_then_interrupt)
+    # A process started in the background by a non-interactive shell begins with SIGINT ignored, and
+    # Python then leaves it so (no KeyboardInterrupt at all): give the test Python's own handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _expect_interrupt(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _expect_interrupt(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt), plan_outputs([("--out", tmp_path / "g.npy")]) as plan:
         plan.staged("--out").write_text("partial")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]

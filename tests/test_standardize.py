@@ -412,3 +412,98 @@ def test_image_scaler_keeps_the_image_type_and_old_opsets(opset: int, elem: int)
     assert {t.data_type for t in out.graph.initializer} == {elem}
     x = np.random.default_rng(14).standard_normal((2, 3, 2, 2)).astype(np_t)
     np.testing.assert_allclose(run(out, x), run(m, x), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ onnxruntime's fused Attention
+
+
+def ms_attention_model(seed: int = 0) -> onnx.ModelProto:
+    """``x [N, 6, 8]`` → ``com.microsoft.Attention`` (2 heads, Q/K/V weight ``[8, 24]`` and bias) → mean
+    over the sequence → MatMul ``[8, 3]``: a BERT layer as onnxruntime's transformer optimizer writes it."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((0.5 * rng.standard_normal((8, 24))).astype(np.float32), "qkv_w"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(24)).astype(np.float32), "qkv_b"),
+        numpy_helper.from_array((0.5 * rng.standard_normal((8, 3))).astype(np.float32), "out_w"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Attention", ["x", "qkv_w", "qkv_b"], ["a"], domain="com.microsoft", num_heads=2, name="att"),
+        helper.make_node("ReduceMean", ["a", "axis1"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "out_w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "msattn", [helper.make_tensor_value_info("x", F, ["N", 6, 8])],
+        [helper.make_tensor_value_info("y", F, ["N", 3])], inits,
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+def test_split_attention_projection_is_exact_and_restores_the_fused_node() -> None:
+    from chita_onnx.standardize import restore_attention_projections, split_attention_projections
+
+    m = ms_attention_model(1)
+    x = np.random.default_rng(2).standard_normal((5, 6, 8)).astype(np.float32)
+    rec = DetachedInputs()
+    split = split_attention_projections(m, record=rec)
+    assert [r.weight for r in rec.projections] == ["qkv_w"]
+    assert any(n.op_type == "MatMul" and list(n.input) == ["x", "qkv_w"] for n in split.graph.node)
+    assert "qkv_w" in {t.name for t in find_prunable(split)} and "qkv_w" not in {t.name for t in find_prunable(m)}
+    np.testing.assert_allclose(run(split, x), run(m, x), rtol=1e-5, atol=1e-5)
+    back = restore_attention_projections(split, rec)
+    assert [(n.op_type, list(n.input)) for n in back.graph.node] == [(n.op_type, list(n.input)) for n in m.graph.node]
+    assert {t.name for t in back.graph.initializer} == {t.name for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("bias_correction", ["off", "on"])
+def test_an_onnxruntime_attention_weight_is_pruned_and_written_back_fused(tmp_path: Path, bias_correction: str) -> None:
+    """The fused Q/K/V weight is in the budget, the written model has the input's nodes (the bias
+    correction's shift folded into the node's bias), and it loads and keeps most decisions."""
+    m = ms_attention_model(3)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(4).standard_normal((96, 6, 8)).astype(np.float32)
+    method = "magnitude" if bias_correction == "on" else "auto"
+    cfg = CompressConfig(sparsity=0.5, bias_correction=bias_correction, method=method)
+    rep = compress(src, out, {"x": x[:64]}, cfg, eval_data={"x": x[64:]})
+    assert rep.p == 8 * 24 + 8 * 3 and rep.nnz == round(0.5 * rep.p)
+    assert not [w for w in rep.warnings if "not prunable" in w]
+    written = onnx.load(out)  # as written (load_model would split it again)
+    nodes = [(n.op_type, list(n.input)) for n in written.graph.node]
+    assert nodes[0] == ("Attention", ["x", "qkv_w", "qkv_b"]) and not [n for n in nodes[1:] if "qkv_w" in n[1]]
+    assert not [t.name for t in written.graph.initializer if "identity" in t.name or t.name == "qkv_w_bias"]
+    b0, b1 = (
+        numpy_helper.to_array(next(t for t in g.initializer if t.name == "qkv_b")) for g in (m.graph, written.graph)
+    )
+    if bias_correction == "off":
+        assert nodes == [(n.op_type, list(n.input)) for n in m.graph.node]
+        np.testing.assert_array_equal(b0, b1)
+    else:  # the shift on the projection is in the fused node's bias now
+        assert not np.allclose(b0, b1)
+    w = numpy_helper.to_array(next(t for t in written.graph.initializer if t.name == "qkv_w"))
+    assert 0 < np.count_nonzero(w) < w.size
+    if bias_correction == "off":  # the default: layer-wise on the projection's own rows
+        assert (run(written, x[64:]).argmax(1) == run(m, x[64:]).argmax(1)).mean() >= 0.7
+
+
+def test_restoring_folds_a_shift_on_the_projection_into_the_fused_bias() -> None:
+    """``Attention(MatMul(x, W) + c, I, b)`` is written back as ``Attention(x, W, b + c)``: exactly."""
+    from chita_onnx.standardize import restore_attention_projections, split_attention_projections
+
+    m = ms_attention_model(5)
+    rec = DetachedInputs()
+    split = split_attention_projections(m, record=rec)
+    r = rec.projections[0]
+    mm = next(n for n in split.graph.node if n.op_type == "MatMul" and list(n.output) == [r.projected])
+    mm.output[0] = r.projected + "_unbiased"  # what the bias correction writes
+    shift = np.random.default_rng(6).standard_normal(24).astype(np.float32)
+    split.graph.initializer.append(numpy_helper.from_array(shift, "shift"))
+    at = next(i for i, n in enumerate(split.graph.node) if n is mm) + 1
+    split.graph.node.insert(at, helper.make_node("Add", [r.projected + "_unbiased", "shift"], [r.projected]))
+    x = np.random.default_rng(7).standard_normal((4, 6, 8)).astype(np.float32)
+    want = run(split, x)
+    back = restore_attention_projections(split, rec)
+    assert [n.op_type for n in back.graph.node] == [n.op_type for n in m.graph.node]
+    np.testing.assert_allclose(run(back, x), want, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes
 from ..graph import METADATA_KEY, check_model, save_model, walk_graphs
 from ..report import FileSizes, Report, StageReport, TensorReport
-from ..standardize import DetachedInputs, restore_initializer_inputs
+from ..standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
 from .capture import session
 from .graphutil import Constants
 from .latency import batch_feed, count_params, kernel_multiple, paired_speedup, timings
@@ -301,6 +301,7 @@ def compress_channels(
     out_model.metadata_props.extend(entries)
     helper.set_model_props(out_model, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(meta)})
     with timer.phase("write"):
+        restore_attention_projections(out_model, prep.detached)  # unless the surgery sliced them
         _rename_sliced_inputs(out_model, prep.detached)
         restore_initializer_inputs(out_model, prep.detached)  # typed from the sliced tensors
         save_model(out_model, staged, input_path=prep.path)
