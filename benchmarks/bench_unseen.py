@@ -114,7 +114,6 @@ def unlisted_weights(path: Path) -> list[str]:
 
     from chita_onnx import inspect_model
     from chita_onnx.graph import load_model
-
     from chita_onnx.standardize import DetachedInputs
 
     record = DetachedInputs()
