@@ -109,6 +109,24 @@ VEC: dict[str, tuple[Callable[[Init], tuple[list[onnx.NodeProto], int]], int, st
         f"{MS}.SkipLayerNormalization",
         True,
     ),
+    "ms.SkipLayerNormalization-13": (  # before opset 17: the layer norm written out (no LayerNormalization)
+        lambda w: (
+            [
+                node("Tanh", ["z"], ["t"]),
+                node(
+                    "SkipLayerNormalization",
+                    ["z", "t", _f(w, "g", np.linspace(0.5, 1.5, 6)), _f(w, "b", np.linspace(-0.1, 0.1, 6))],
+                    ["y"],
+                    domain=MS,
+                    epsilon=1e-5,
+                ),
+            ],
+            6,
+        ),
+        13,
+        f"{MS}.SkipLayerNormalization",
+        True,
+    ),
     "Softplus": (lambda w: ([node("Softplus", ["z"], ["y"])], 6), 17, "Softplus", False),
     "Softsign": (lambda w: ([node("Softsign", ["z"], ["y"])], 6), 17, "Softsign", False),
     "Mish": (lambda w: ([node("Mish", ["z"], ["y"])], 6), 18, "Mish", False),
@@ -797,3 +815,71 @@ def test_native_gradient_ops_match_finite_differences(op: str) -> None:
     e, gm, feeds, labels = engine_grads(model, ["W1", "W2"])
     assert op not in e.fwd.rewrites
     fd_check(gm, model, feeds, labels)
+
+
+# --------------------------------------------------------------------------- onnxruntime's fused Attention
+
+
+def _ms_attention_model(mask: str, seed: int = 0) -> tuple[onnx.ModelProto, list[str]]:
+    """``x [N, 5, 8]`` → com.microsoft Attention (2 heads, Q/K/V weight ``[8, 24]`` and bias; ``mask``:
+    "none", "raw" (an ``(N, 5)`` 0/1 mask computed from ``x``) or "end" (``(N,)`` end positions, its
+    count of ones)) → mean over the sequence → MatMul ``[8, 3]`` → logits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((0.6 * rng.standard_normal((8, 24))).astype(np.float32), "qkv_w"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(24)).astype(np.float32), "qkv_b"),
+        numpy_helper.from_array((0.6 * rng.standard_normal((8, 3))).astype(np.float32), "out_w"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    att_in = ["x", "qkv_w", "qkv_b"]
+    pre: list[onnx.NodeProto] = []
+    if mask != "none":  # a mask computed from the input (per sample): keep key j when x[j, 0] > -0.3
+        inits += [
+            numpy_helper.from_array(np.array(0, np.int64), "feat0"),
+            numpy_helper.from_array(np.array(-0.3, np.float32), "cut"),
+        ]
+        pre += [
+            helper.make_node("Gather", ["x", "feat0"], ["x0"], axis=2),
+            helper.make_node("Greater", ["x0", "cut"], ["kept"]),
+            helper.make_node("Cast", ["kept"], ["raw"], to=TensorProto.INT32),
+        ]
+        if mask == "end":  # end positions: as many leading keys as the raw mask keeps
+            inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_l"))
+            pre.append(helper.make_node("ReduceSum", ["raw", "axis_l"], ["end"], keepdims=0))
+        att_in.append("raw" if mask == "raw" else "end")
+    nodes = [
+        *pre,
+        helper.make_node("Attention", att_in, ["a"], domain=MS, num_heads=2, name="att"),
+        helper.make_node("ReduceMean", ["a", "axis1"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "out_w"], ["logits"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "msatt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
+    m.ir_version = 8
+    return m, ["qkv_w", "out_w"]
+
+
+@pytest.mark.parametrize("mask", ["none", "raw", "end"])
+def test_ms_attention_gradients_match_finite_differences_of_onnxruntimes_kernel(mask: str) -> None:
+    """The rewrite's per-sample gradients against central differences of the original model, whose
+    Attention onnxruntime computes with its own kernel (masked keys included)."""
+    model, weights = _ms_attention_model(mask)
+    e, gm, feeds, labels = engine_grads(model, weights)
+    assert "com.microsoft.Attention" in e.fwd.rewrites, e.fwd.rewrites
+    assert np.abs(gm.X).max() > 0
+    ort_fd_check(gm, model, feeds, labels, rows=(0, 1))
+
+
+def test_ms_attention_with_past_state_is_refused() -> None:
+    model, weights = _ms_attention_model("none")
+    model.graph.node[0].output.append("present")
+    with pytest.raises(UnsupportedOpError, match="present state"):
+        engine_grads(model, weights)

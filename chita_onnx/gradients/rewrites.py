@@ -794,9 +794,122 @@ def skip_layer_norm(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     outs = list(n.output) + [""] * 4
     if outs[3]:
         nodes.append(c.node("Identity", [src], [outs[3]]))
-    ln_ins = [src, gamma] + ([beta] if beta else [])
-    ln_outs = [y, outs[1] or c.tmp(f"{y}_mean"), outs[2] or c.tmp(f"{y}_invstd")]
-    nodes.append(c.node("LayerNormalization", ln_ins, ln_outs, axis=-1, epsilon=attr_float(n, "epsilon", 1e-12)))
+    eps = attr_float(n, "epsilon", 1e-12)
+    if c.opset >= 17:
+        ln_ins = [src, gamma] + ([beta] if beta else [])
+        ln_outs = [y, outs[1] or c.tmp(f"{y}_mean"), outs[2] or c.tmp(f"{y}_invstd")]
+        nodes.append(c.node("LayerNormalization", ln_ins, ln_outs, axis=-1, epsilon=eps))
+        return nodes
+    # before opset 17 (no LayerNormalization): (s − mean) / √(var + ε) · γ + β over the last axis
+    mean, d, dd, var, ve, sd, inv, e, f = (c.tmp(f"{y}_ln_{k}") for k in ("mean", "d", "dd", "var", "ve", "sd",
+                                                                          "inv", "e", "f"))  # fmt: skip
+    nodes += [
+        c.reduce("ReduceMean", src, [-1], 1, outs[1] or mean),
+        c.node("Sub", [src, outs[1] or mean], [d]),
+        c.node("Mul", [d, d], [dd]),
+        c.reduce("ReduceMean", dd, [-1], 1, var),
+        c.node("Add", [var, c.scalar(f"{y}_ln_eps", eps, x)], [ve]),
+        c.node("Sqrt", [ve], [sd]),
+        c.node("Div", [c.scalar(f"{y}_ln_one", 1.0, x), sd], [outs[2] or inv]),
+        c.node("Mul", [d, outs[2] or inv], [e]),
+    ]
+    if beta:
+        nodes += [c.node("Mul", [e, gamma], [f]), c.node("Add", [f, beta], [y])]
+    else:
+        nodes.append(c.node("Mul", [e, gamma], [y]))
+    return nodes
+
+
+def ms_attention(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """com.microsoft Attention (BERT self-attention as onnxruntime's transformer optimizer writes it)
+    → ``x·W + b`` split into Q, K, V, per head ``Softmax(scale·Q·Kᵀ + mask)·V``, heads merged.  The
+    mask: none, a raw ``(N, L)`` 0/1 mask, or ``(N,)`` end positions (right padding), each turned into
+    ``mask_filter_value`` on the masked keys.  Past/present state, attention bias, unidirectional or
+    rotary attention and unequal ``qkv_hidden_sizes`` are refused."""
+    ins = [*n.input, "", "", "", "", "", "", "", ""]
+    x, w, b, mask = ins[0], ins[1], ins[2], ins[3]
+
+    def refuse(why: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"cannot rewrite op com.microsoft.Attention (node {label(n)!r}) for gradients: {why}")
+
+    if any(ins[4:8]):
+        raise refuse("it reads a past state, an attention bias or a past sequence length")
+    if any(n.output[1:]):
+        raise refuse("its present state is used")
+    if attr_int(n, "unidirectional", 0) or attr_int(n, "do_rotary", 0):
+        raise refuse("unidirectional and rotary attention are not rewritten")
+    sizes = attr_ints(n, "qkv_hidden_sizes") or []
+    if sizes and len(set(sizes)) != 1:
+        raise refuse(f"qkv_hidden_sizes={sizes} are not equal")
+    heads = attr_int(n, "num_heads", 0)
+    width = c.static(w, n)[-1]
+    if heads < 1 or width % (3 * heads):
+        raise refuse(f"num_heads={heads} does not divide the projection width {width} into 3 parts")
+    hidden = width // 3
+    hd = hidden // heads
+    scale = attr_float(n, "scale", 0.0) or 1.0 / math.sqrt(hd)
+    y = n.output[0]
+    t = {k: c.tmp(f"{y}_{k}") for k in ("xw", "qkv", "q", "k", "v", "q4", "k4", "v4", "qt", "kt", "vt", "s", "ss",
+                                         "sm", "p", "o", "ot")}  # fmt: skip
+    i64 = np.int64
+    nodes = [c.node("MatMul", [x, w], [t["xw"]])]
+    if b:
+        nodes.append(c.node("Add", [t["xw"], b], [t["qkv"]]))
+    else:
+        nodes.append(c.node("Identity", [t["xw"]], [t["qkv"]]))
+    split = c.const(f"{y}_split", np.array([hidden] * 3, i64))
+    nodes.append(c.node("Split", [t["qkv"], split], [t["q"], t["k"], t["v"]], axis=-1))
+    per_head = c.const(f"{y}_per_head", np.array([0, 0, heads, hd], i64))
+    for z in ("q", "k", "v"):
+        nodes.append(c.node("Reshape", [t[z], per_head], [t[f"{z}4"]]))
+    nodes += [
+        c.node("Transpose", [t["q4"]], [t["qt"]], perm=[0, 2, 1, 3]),
+        c.node("Transpose", [t["k4"]], [t["kt"]], perm=[0, 2, 3, 1]),
+        c.node("Transpose", [t["v4"]], [t["vt"]], perm=[0, 2, 1, 3]),
+        c.node("MatMul", [t["qt"], t["kt"]], [t["s"]]),
+        c.node("Mul", [t["s"], c.scalar(f"{y}_scale", scale, x)], [t["ss"]]),
+    ]
+    scores = t["ss"]
+    if mask:
+        mdims = c.dims(mask)
+        keep = c.tmp(f"{y}_keep")
+        if mdims is not None and len(mdims) == 2:
+            nodes.append(c.node("Cast", [mask], [keep], to=int(helper.np_dtype_to_tensor_dtype(c.dtype_of(x)))))
+        elif mdims is not None and len(mdims) == 1:  # end positions: key j is kept when j < end
+            names = ("shape", "len", "pos", "row", "end", "col", "less")
+            shape, length, pos, row, end, col, less = (c.tmp(f"{y}_{k}") for k in names)
+            nodes += [
+                c.node("Shape", [x], [shape]),
+                c.node("Gather", [shape, c.const(f"{y}_one_idx", np.array(1, i64))], [length], axis=0),
+                c.node(
+                    "Range",
+                    [c.const(f"{y}_zero", np.array(0, i64)), length, c.const(f"{y}_step", np.array(1, i64))],
+                    [pos],
+                ),
+                c.node("Unsqueeze", [pos, c.const(f"{y}_ax0", np.array([0], i64))], [row]),
+                c.node("Cast", [mask], [end], to=int(TensorProto.INT64)),
+                c.node("Unsqueeze", [end, c.const(f"{y}_ax1", np.array([1], i64))], [col]),
+                c.node("Less", [row, col], [less]),
+                c.node("Cast", [less], [keep], to=int(helper.np_dtype_to_tensor_dtype(c.dtype_of(x)))),
+            ]
+        else:
+            raise refuse(f"its mask has {'an unknown rank' if mdims is None else f'{len(mdims)} dimensions'}")
+        dropped, shift, shift4, masked = (c.tmp(f"{y}_{k}") for k in ("dropped", "shift", "shift4", "masked"))
+        filt = attr_float(n, "mask_filter_value", -10000.0)
+        nodes += [
+            c.node("Sub", [c.scalar(f"{y}_one", 1.0, x), keep], [dropped]),
+            c.node("Mul", [dropped, c.scalar(f"{y}_filter", filt, x)], [shift]),
+            c.node("Unsqueeze", [shift, c.const(f"{y}_ax12", np.array([1, 2], i64))], [shift4]),
+            c.node("Add", [scores, shift4], [masked]),
+        ]
+        scores = masked
+    merge = c.const(f"{y}_merge", np.array([0, 0, hidden], i64))
+    nodes += [
+        c.node("Softmax", [scores], [t["sm"]], axis=-1),
+        c.node("MatMul", [t["sm"], t["vt"]], [t["o"]]),
+        c.node("Transpose", [t["o"]], [t["ot"]], perm=[0, 2, 1, 3]),
+        c.node("Reshape", [t["ot"], merge], [y]),
+    ]
     return nodes
 
 
@@ -849,6 +962,7 @@ RULES: dict[str, Rule] = {
     "com.microsoft.QuickGelu": quick_gelu,
     "com.microsoft.FusedMatMul": fused_matmul,
     "com.microsoft.SkipLayerNormalization": skip_layer_norm,
+    "com.microsoft.Attention": ms_attention,
     "Softplus": softplus,
     "Softsign": softsign,
     "Mish": mish,
