@@ -38,7 +38,7 @@ from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
 from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
-from .gradients.prepare import differentiated_tensor
+from .gradients.prepare import scored_output
 from .graph import (
     PrunableTensor,
     check_model,
@@ -131,25 +131,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-_FLOAT_ELEMS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-
-
 def _num_classes(model: onnx.ModelProto, output: str | None) -> int | None:
-    """``C`` of a ``[N, C]`` class output (``output``, else the first output; a non-float first output,
-    such as a scikit-learn ``output_label``, gives way to the tensor the loss is taken of)."""
-    outs = {o.name: o for o in model.graph.output}
-    vi = outs.get(output) if output else model.graph.output[0]
-    if output is None and vi is not None and vi.type.tensor_type.elem_type not in _FLOAT_ELEMS:
-        try:
-            name = differentiated_tensor(model, None)
-        except ModelError:
-            name = ""
-        known = {v.name: v for v in model.graph.value_info} | outs
-        if name and name not in known:
-            with suppress(Exception):  # shapes are a hint here; none is a valid answer
-                inferred = onnx.shape_inference.infer_shapes(model).graph
-                known |= {v.name: v for v in inferred.value_info}
-        vi = known.get(name)
+    """``C`` of a ``[N, C]`` class output (``output``, else :func:`~.gradients.prepare.scored_output`:
+    a scikit-learn ``output_label`` gives way to the probabilities the loss is taken of)."""
+    name = output or scored_output(model)
+    known = {v.name: v for v in model.graph.value_info} | {o.name: o for o in model.graph.output}
+    if name not in known:
+        with suppress(Exception):  # shapes are a hint here; none is a valid answer
+            known |= {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    vi = known.get(name)
     if vi is None or not vi.type.HasField("tensor_type"):
         return None
     dims = vi.type.tensor_type.shape.dim

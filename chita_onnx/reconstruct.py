@@ -41,6 +41,7 @@ from .activations import (
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout
 from .errors import ConfigError, ModelError
+from .gradients.prepare import scored_output
 from .heads import SoftmaxHead, add_class_offset, softmax_head
 from .limits import gib
 from .rnnlayers import split_layers
@@ -387,22 +388,6 @@ def split_decision(prep: Prepared, config: CompressConfig) -> tuple[Prepared, li
     return replace(prep, calib=fit), batches_of(prep, config, decide)
 
 
-def _decision_output(model: onnx.ModelProto) -> str:
-    """The tensor the statistics correction is decided on without ``--output``: the first output when
-    it is floating point, else the tensor the loss is taken of (a scikit-learn classifier's
-    probabilities before its ZipMap, not its ``output_label``)."""
-    from .gradients.prepare import differentiated_tensor
-
-    first = model.graph.output[0]
-    elem = first.type.tensor_type.elem_type if first.type.HasField("tensor_type") else 0
-    if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-        return str(first.name)
-    try:
-        return differentiated_tensor(model, None)
-    except ModelError:
-        return str(first.name)
-
-
 def _divergence(dense: NDArray[np.float64], pruned: NDArray[np.float64], axis: int | None = None) -> float:
     """Mean KL(dense ‖ pruned) over samples for class scores ``(N, C)``, or over every position of
     scores with the classes on ``axis`` (a softmax head's output); else the relative MSE."""
@@ -506,7 +491,7 @@ def _correct_statistics(
         for bn in bn_opts:
             candidates[(bn, bias)] = base if bn == "off" else recalibrate_batchnorm(base, fit, **spill)[0]  # type: ignore[arg-type]
     scores: dict[str, float] = {}
-    out = output or _decision_output(dense)
+    out = output or scored_output(dense)
     ref: NDArray[np.float64] | None = None
     axis: int | None = None
     if len(candidates) > 1:

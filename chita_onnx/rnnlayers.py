@@ -372,12 +372,8 @@ def prune_recurrent(
     _set_joint(pruned, site, J)
     if dense_rows is not None and opts.refit and opts.recurrent_refits > 0:
         J = _closed_loop_refit(site, pruned, dense_rows, J_bar, J, plist, part_masks, bias, opts, layer_index)
-    W, R = split_joint(J, geom.input_size)
-    out: dict[str, NDArray[np.float32]] = {}
-    for n, v in ((site.W, W), (site.R, R)):
-        if n:
-            out[n] = v.astype(np.float32)
-            pruned.set_initializer(n, out[n])
+    W, R = split_joint(J, geom.input_size)  # ``pruned`` already holds them (_set_joint)
+    out = {n: v.astype(np.float32) for n, v in ((site.W, W), (site.R, R)) if n}
     energy = float(sum(float(np.sum(st.yy)) for st in stats if st.yy is not None))
     if not energy:
         energy = float(sum(np.einsum("ij,jk,ik->", w, st.H[0], w) for w, st in zip(blocks, stats, strict=True)))

@@ -204,12 +204,6 @@ def _branch_weights(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def _output_of(model: onnx.ModelProto, output: str | None) -> str:
-    from .gradients.prepare import differentiated_tensor
-
-    return differentiated_tensor(model, output)
-
-
 def refuse_quantized(model: onnx.ModelProto, name: str = "model") -> None:
     """Raise :class:`UnsupportedOpError` (one line, with the advice) for a quantized model."""
     if quantized_node(model) is not None:
@@ -229,7 +223,9 @@ def assert_supported(
             raise (UnsupportedOpError if q is not None else ModelError)(first[0])
     if not gradients:
         return
-    *_, refusals = _op_verdicts(model, _output_of(model, output))
+    from .gradients.prepare import differentiated_tensor
+
+    *_, refusals = _op_verdicts(model, differentiated_tensor(model, output))
     if refusals:
         raise UnsupportedOpError(refusals[0])
 
@@ -266,7 +262,9 @@ def check_model_support(
     )
     if refusals:
         return replace(base, seconds=time.perf_counter() - t0)
-    out = _output_of(m, output)
+    from .gradients.prepare import differentiated_tensor
+
+    out = differentiated_tensor(m, output)
     try:
         rewrites, native, conditional, refusals = _op_verdicts(m, out)
     except ChitaError as exc:

@@ -40,6 +40,17 @@ def _i(w: Init, name: str, value: Any) -> str:
     return w.const(name, value, np.int64)
 
 
+def _skip_layer_norm(w: Init) -> tuple[list[onnx.NodeProto], int]:
+    skip = node(
+        "SkipLayerNormalization",
+        ["z", "t", _f(w, "g", np.linspace(0.5, 1.5, 6)), _f(w, "b", np.linspace(-0.1, 0.1, 6))],
+        ["y"],
+        domain=MS,
+        epsilon=1e-5,
+    )
+    return [node("Tanh", ["z"], ["t"]), skip], 6
+
+
 # --------------------------------------------------------------------------- elementwise and shape
 
 # name -> (build(w) -> (nodes, d_out), opset, rewrite key expected in engine.fwd.rewrites, ms domain)
@@ -92,37 +103,13 @@ VEC: dict[str, tuple[Callable[[Init], tuple[list[onnx.NodeProto], int]], int, st
         True,
     ),
     "ms.SkipLayerNormalization": (
-        lambda w: (
-            [
-                node("Tanh", ["z"], ["t"]),
-                node(
-                    "SkipLayerNormalization",
-                    ["z", "t", _f(w, "g", np.linspace(0.5, 1.5, 6)), _f(w, "b", np.linspace(-0.1, 0.1, 6))],
-                    ["y"],
-                    domain=MS,
-                    epsilon=1e-5,
-                ),
-            ],
-            6,
-        ),
+        _skip_layer_norm,
         17,
         f"{MS}.SkipLayerNormalization",
         True,
     ),
     "ms.SkipLayerNormalization-13": (  # before opset 17: the layer norm written out (no LayerNormalization)
-        lambda w: (
-            [
-                node("Tanh", ["z"], ["t"]),
-                node(
-                    "SkipLayerNormalization",
-                    ["z", "t", _f(w, "g", np.linspace(0.5, 1.5, 6)), _f(w, "b", np.linspace(-0.1, 0.1, 6))],
-                    ["y"],
-                    domain=MS,
-                    epsilon=1e-5,
-                ),
-            ],
-            6,
-        ),
+        _skip_layer_norm,
         13,
         f"{MS}.SkipLayerNormalization",
         True,

@@ -367,6 +367,19 @@ def differentiated_tensor(model: onnx.ModelProto, output: str | None) -> str:
     return name
 
 
+def scored_output(model: onnx.ModelProto) -> str:
+    """The tensor to compare dense and pruned models on when no ``--output`` is given: the first
+    output when it is floating point, else :func:`differentiated_tensor` (a scikit-learn classifier's
+    probabilities before its ZipMap, not its ``output_label``), else still the first output."""
+    first = model.graph.output[0]
+    if first.type.HasField("tensor_type") and first.type.tensor_type.elem_type in _FLOAT_ELEM:
+        return str(first.name)
+    try:
+        return differentiated_tensor(model, None)
+    except ModelError:
+        return str(first.name)
+
+
 def _is_sigmoid_or_complement(name: str, prod: Mapping[str, onnx.NodeProto]) -> bool:
     node = prod.get(name)
     if node is None:
@@ -640,31 +653,38 @@ class _Rewriter:
             self.node("Add", [f, br], [y]),
         ]
 
-    def instance_norm(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-        x, s, b = n.input[0], n.input[1], n.input[2]
-        r = self.rank(x)
-        if r is None or r < 3:
-            return None
-        eps = attr_float(n, "epsilon", 1e-5)
+    def standardized(
+        self, x: str, axes: Sequence[int], eps: float, prefix: str, mean: str = "", inv: str = ""
+    ) -> tuple[list[onnx.NodeProto], str]:
+        """The nodes of ``(x − mean) · 1/√(var + eps)`` over ``axes`` (kept), and the tensor they make;
+        ``mean`` / ``inv`` name the mean and ``1/√(var + eps)`` when a caller needs them."""
         dtype = helper.tensor_dtype_to_np_dtype(self.table.get(x, (TensorProto.FLOAT, None))[0])
-        axes = list(range(2, r))
-        y = n.output[0]
-        mean, d, dd, var, ve, sd, inv, e, sr, f, br = (
-            self.tmp(f"{y}_in_{k}") for k in ("mean", "d", "dd", "var", "ve", "sd", "inv", "e", "s", "f", "b")
-        )
+        mean = mean or self.tmp(f"{prefix}_mean")
+        inv = inv or self.tmp(f"{prefix}_inv")
+        d, dd, var, ve, sd, e = (self.tmp(f"{prefix}_{k}") for k in ("d", "dd", "var", "ve", "sd", "e"))
         g = self.model.graph
-        epsn = self.const(f"{y}_in_eps", np.asarray(eps, dtype))
-        one = self.const(f"{y}_in_one", np.asarray(1.0, dtype))
-        shp = self.const(f"{y}_in_shape", np.asarray([-1] + [1] * (r - 2), np.int64))
         return [
             _reduce("ReduceMean", x, axes, 1, mean, self.opset, g, self.names),
             self.node("Sub", [x, mean], [d]),
             self.node("Mul", [d, d], [dd]),
             _reduce("ReduceMean", dd, axes, 1, var, self.opset, g, self.names),
-            self.node("Add", [var, epsn], [ve]),
+            self.node("Add", [var, self.const(f"{prefix}_eps", np.asarray(eps, dtype))], [ve]),
             self.node("Sqrt", [ve], [sd]),
-            self.node("Div", [one, sd], [inv]),
+            self.node("Div", [self.const(f"{prefix}_one", np.asarray(1.0, dtype)), sd], [inv]),
             self.node("Mul", [d, inv], [e]),
+        ], e
+
+    def instance_norm(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        x, s, b = n.input[0], n.input[1], n.input[2]
+        r = self.rank(x)
+        if r is None or r < 3:
+            return None
+        y = n.output[0]
+        nodes, e = self.standardized(x, list(range(2, r)), attr_float(n, "epsilon", 1e-5), f"{y}_in")
+        sr, f, br = (self.tmp(f"{y}_in_{k}") for k in ("s", "f", "b"))
+        shp = self.const(f"{y}_in_shape", np.asarray([-1] + [1] * (r - 2), np.int64))
+        return [
+            *nodes,
             self.node("Reshape", [s, shp], [sr]),
             self.node("Mul", [e, sr], [f]),
             self.node("Reshape", [b, shp], [br]),

@@ -801,18 +801,9 @@ def skip_layer_norm(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         nodes.append(c.node("LayerNormalization", ln_ins, ln_outs, axis=-1, epsilon=eps))
         return nodes
     # before opset 17 (no LayerNormalization): (s − mean) / √(var + ε) · γ + β over the last axis
-    mean, d, dd, var, ve, sd, inv, e, f = (c.tmp(f"{y}_ln_{k}") for k in ("mean", "d", "dd", "var", "ve", "sd",
-                                                                          "inv", "e", "f"))  # fmt: skip
-    nodes += [
-        c.reduce("ReduceMean", src, [-1], 1, outs[1] or mean),
-        c.node("Sub", [src, outs[1] or mean], [d]),
-        c.node("Mul", [d, d], [dd]),
-        c.reduce("ReduceMean", dd, [-1], 1, var),
-        c.node("Add", [var, c.scalar(f"{y}_ln_eps", eps, x)], [ve]),
-        c.node("Sqrt", [ve], [sd]),
-        c.node("Div", [c.scalar(f"{y}_ln_one", 1.0, x), sd], [outs[2] or inv]),
-        c.node("Mul", [d, outs[2] or inv], [e]),
-    ]
+    norm, e = c.standardized(src, [-1], eps, f"{y}_ln", mean=outs[1], inv=outs[2])
+    nodes += norm
+    f = c.tmp(f"{y}_ln_f")
     if beta:
         nodes += [c.node("Mul", [e, gamma], [f]), c.node("Add", [f, beta], [y])]
     else:
@@ -849,8 +840,8 @@ def ms_attention(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     hd = hidden // heads
     scale = attr_float(n, "scale", 0.0) or 1.0 / math.sqrt(hd)
     y = n.output[0]
-    t = {k: c.tmp(f"{y}_{k}") for k in ("xw", "qkv", "q", "k", "v", "q4", "k4", "v4", "qt", "kt", "vt", "s", "ss",
-                                         "sm", "p", "o", "ot")}  # fmt: skip
+    parts = ("xw", "qkv", "q", "k", "v", "q4", "k4", "v4", "qt", "kt", "vt", "s", "ss", "sm", "o", "ot")
+    t = {k: c.tmp(f"{y}_{k}") for k in parts}
     i64 = np.int64
     nodes = [c.node("MatMul", [x, w], [t["xw"]])]
     if b:
