@@ -137,6 +137,20 @@ def char_accuracy(logprobs: np.ndarray, text: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- torch
 
 
+class Manifest:
+    """An audit set's ``manifest.json``: the entries already there, and :meth:`record`, which adds one
+    and rewrites the file (so an interrupted build keeps what it made)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "manifest.json"
+        self.entries: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def record(self, name: str, info: dict[str, Any]) -> None:
+        self.entries[name] = info
+        self.path.write_text(json.dumps(self.entries, indent=2))
+        print(f"{name}: {info}", flush=True)
+
+
 def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str, Any]:
     import torch
     from torch import nn
@@ -144,10 +158,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
 
     torch.set_num_threads(1)
     P = pools(mnist)
-    manifest: dict[str, Any] = {}
-    mpath = out / "manifest.json"
-    if mpath.exists():
-        manifest = json.loads(mpath.read_text())
+    manifest = Manifest(out)
 
     def want(name: str) -> bool:
         return only is None or name in only
@@ -203,9 +214,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, **kw)
 
     def record(name: str, **info: Any) -> None:
-        manifest[name] = info
-        mpath.write_text(json.dumps(manifest, indent=2))
-        print(f"{name}: {info}", flush=True)
+        manifest.record(name, info)
 
     xtr, ytr = P["train"]
     img = (1, 28, 28)
@@ -512,7 +521,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
                        "tied weight behind Transpose" + (", fp16 weights behind Cast)" if half else ")"),
                        exporter="onnx.helper", opset=13, bn="none", task="classifier", input="input",
                        torch_test_accuracy=acc, train_s=round(time.time() - t0, 1))  # fmt: skip
-    return manifest
+    return manifest.entries
 
 
 def write_stress(path: Path, w: dict[str, np.ndarray], half: bool) -> None:

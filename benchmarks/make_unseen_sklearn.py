@@ -24,12 +24,14 @@ ZipMap), ``s_strlabels`` (MLP 64 on pixel/16 with the digits' English names as c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_unseen import Manifest
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-sklearn"
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -62,8 +64,7 @@ def main() -> int:
         "select": slice(1256, 1456),
         "test": slice(1456, None),
     }
-    mpath = out / "manifest.json"
-    manifest: dict[str, Any] = json.loads(mpath.read_text()) if mpath.exists() else {}
+    manifest = Manifest(out)
     exporter = f"skl2onnx {skl2onnx.__version__} (scikit-learn {sklearn.__version__})"
 
     def mlp(hidden: tuple[int, ...]) -> Any:
@@ -97,17 +98,18 @@ def main() -> int:
             sl = splits[split]
             np.savez(out / f"{name}_{split}.npz", X=xs[sl].astype(np.float32), labels=index[sl])
         acc = float(est.score(xs[splits["test"]], ys[splits["test"]]))
-        manifest[name] = {
-            "family": f"scikit-learn {family}",
-            "exporter": exporter,
-            "opset": 15,
-            "task": "classifier",
-            "input": "X",
-            "classes": [c.item() if isinstance(c, np.generic) else c for c in classes],
-            "sklearn_test_accuracy": acc,
-        }
-        mpath.write_text(json.dumps(manifest, indent=2))
-        print(f"{name}: {manifest[name]}", flush=True)
+        manifest.record(
+            name,
+            {
+                "family": f"scikit-learn {family}",
+                "exporter": exporter,
+                "opset": 15,
+                "task": "classifier",
+                "input": "X",
+                "classes": [c.item() if isinstance(c, np.generic) else c for c in classes],
+                "sklearn_test_accuracy": acc,
+            },
+        )
     return 0
 
 

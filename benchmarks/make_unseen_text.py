@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_unseen import builder_main, pools
+from make_unseen import Manifest, builder_main, pools
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-text"
 L = 49
@@ -68,18 +68,13 @@ def tokenize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str, Any]:
-    import json
-
     import torch
     from torch import nn
     from torch.nn import functional as F  # noqa: N812
 
     torch.set_num_threads(1)
     P = {k: (*tokenize(x), y) for k, (x, y) in pools(mnist).items()}
-    manifest: dict[str, Any] = {}
-    mpath = out / "manifest.json"
-    if mpath.exists():
-        manifest = json.loads(mpath.read_text())
+    manifest = Manifest(out)
 
     def want(name: str) -> bool:
         return only is None or name in only
@@ -122,9 +117,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
             np.savez(out / f"{name}_{split}.npz", input_ids=i, attention_mask=m, labels=y)
 
     def record(name: str, **info: Any) -> None:
-        manifest[name] = info | {"input": INPUTS[0], "inputs": INPUTS, "task": "classifier"}
-        mpath.write_text(json.dumps(manifest, indent=2))
-        print(f"{name}: {manifest[name]}", flush=True)
+        manifest.record(name, info | {"input": INPUTS[0], "inputs": INPUTS, "task": "classifier"})
 
     def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(h.dtype)
@@ -239,7 +232,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path) -> dict[str,
                 continue
             record(name, family=f"token classifier: {cls.__name__}", exporter="dynamo" if dyn else "torchscript",
                    opset=opset, torch_test_accuracy=acc, train_s=round(time.time() - t0, 1))  # fmt: skip
-    return manifest
+    return manifest.entries
 
 
 def main() -> int:
