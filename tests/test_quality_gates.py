@@ -59,6 +59,13 @@ def test_wheel_installs_the_cli_under_a_specific_name(tmp_path: Path) -> None:
     tops = {n.split("/")[0] for n in names}
     assert "cli" not in tops and "chita_onnx_cli" in tops and "chita_onnx" in tops
     assert "chita_onnx/py.typed" in names
+    # Every module of the source tree ships: a subpackage missing from pyproject's package list works
+    # in the editable install the tests use and fails with ModuleNotFoundError in `pip install .`.
+    shipped = {n for n in names if n.endswith(".py")}
+    for folder, installed in (("chita_onnx", "chita_onnx"), ("cli", "chita_onnx_cli")):
+        for module in sorted((REPO / folder).rglob("*.py")):
+            name = f"{installed}/{module.relative_to(REPO / folder).as_posix()}"
+            assert name in shipped, f"{name} is not in the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "chita-onnx = chita_onnx_cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
