@@ -433,3 +433,26 @@ def test_offsets_reach_a_model_whose_bias_is_a_constant_node(tmp_path: Path) -> 
     assert [n.op_type for n in written.graph.node].count("Add") == 2  # the bias Add and the offsets' Add
     y = run(written, x[:16])
     np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_fit_ends_at_a_box_constrained_minimum(seed: int) -> None:
+    """KKT conditions at the end: ``∇F = q̄ − p̄`` is zero on free offsets and points out of the box on
+    offsets at a bound.  Classes the dense model never predicts push offsets onto the bound, where a
+    Newton step clipped to the box can fail to descend; the fit must then go on with the scaling step
+    instead of stopping early (it did stop at −1.92 of −2 on one machine's LAPACK)."""
+    rng = np.random.default_rng(seed)
+    R, C = 200 + 50 * seed, 6 + seed
+    Z = rng.standard_normal((R, C)) * (1 + seed % 3)
+    pbar = softmax(rng.standard_normal((R, C)) * 2).mean(axis=0)
+    pbar[rng.choice(C, size=1 + seed % 3, replace=False)] = 0.0
+    pbar /= pbar.sum()
+    bound = 2.0
+    res = fit_class_offsets(Z, pbar, bound=bound, max_iter=500, tol=1e-15)
+    _, qbar, _ = _evaluate(Z, pbar, res.beta, np.zeros(0, np.int64))
+    g = qbar - pbar
+    low, high = res.beta <= -bound + 1e-9, res.beta >= bound - 1e-9
+    free = ~(low | high)
+    assert np.all(np.abs(g[free]) <= 1e-4), (res.beta, g)
+    assert np.all(g[low] >= -1e-4) and np.all(g[high] <= 1e-4)
+    assert np.all(np.diff(res.trace) <= 1e-12)

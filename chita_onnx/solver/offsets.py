@@ -123,21 +123,28 @@ def fit_class_offsets(
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        step = np.clip(log_p - np.log(np.maximum(q, 1e-300)), -bound, bound)  # scaling: log(p̄ / q̄)
+        # scaling: log(p̄ / q̄); each entry has the sign of −∇F = p̄ − q̄, so it descends even clipped to the box
+        scaling = np.clip(log_p - np.log(np.maximum(q, 1e-300)), -bound, bound)
+        steps = [scaling]
         if big.size:  # Newton on the classes that carry probability (they are coupled through the normaliser)
             H = np.diag(QK.mean(axis=0)) - QK.T @ QK / Z.shape[0]
             H[np.diag_indices_from(H)] += 1e-9 * max(float(np.max(np.diag(H))), 1e-30)
             with contextlib.suppress(np.linalg.LinAlgError):  # singular: keep the scaling step there
-                step[big] = -np.linalg.solve(H, (q - p)[big])
-        t = 1.0
-        while True:
-            cand = np.clip(beta + t * step, -bound, bound)
-            fc, qc, Qc = _evaluate(Z, p, cand, big)
-            if fc <= f or t < 1e-3:
+                newton = scaling.copy()
+                newton[big] = -np.linalg.solve(H, (q - p)[big])
+                steps.insert(0, newton)
+        for step in steps:  # a Newton step clipped to the box need not descend: then the scaling step
+            t = 1.0
+            while True:
+                cand = np.clip(beta + t * step, -bound, bound)
+                fc, qc, Qc = _evaluate(Z, p, cand, big)
+                if fc < f or t < 1e-3:
+                    break
+                t *= 0.5
+            if fc < f:  # strict: a step the box clips to nothing is no step
                 break
-            t *= 0.5
-        if not fc <= f:
-            converged = True  # no descent left along this direction
+        if not fc < f:
+            converged = True  # no descent left along either direction
             break
         small = f - fc <= tol * max(1.0, abs(f))
         beta, f, q, QK = cand, fc, qc, Qc
