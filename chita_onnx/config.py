@@ -214,6 +214,10 @@ class CompressConfig:
             object.__setattr__(self, "method", "chita")
         if self.structure == "channel" and self.method not in ("chita", "magnitude"):
             raise bad("method", self.method, "channel pruning (--structure channel) supports chita and magnitude")
+        if self.structure == "channel" and self.update == "layerwise":
+            raise bad(
+                "update", self.update, "channel pruning re-fits by least squares itself; use --update auto, obs or none"
+            )
         if self.structure == "channel" and nm is not None:
             raise bad("pattern", self.pattern, "is weight pruning; --structure channel removes whole channels instead")
         if self.structure != "channel" and self.sparsity_of != "channels":

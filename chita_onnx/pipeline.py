@@ -1188,8 +1188,17 @@ def _compress(
         },
         warnings=tuple(warnings),
         pattern=pattern_info,
-        loss="" if oracle is None else oracle.loss_description,
+        loss=_loss_line(config, "" if oracle is None else oracle.loss_description),
     )
+
+
+def _loss_line(config: CompressConfig, described: str) -> str:
+    """The report's ``loss:`` line: what the gradients were of (``--distill`` fits the dense model's
+    outputs, in an oracle of its own, so it is named here)."""
+    if not config.distill:
+        return described
+    distill = f"--distill: KL(dense ‖ pruned) of the class distributions at temperature {DISTILL_TEMPERATURE:g}"
+    return f"{distill}; {described}" if described else distill
 
 
 @guarded
@@ -1254,6 +1263,10 @@ def write_gradients(
 ) -> GradientMatrix:
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
+    ``fisher="auto"`` gives the rows ``compress`` uses by default: the true Fisher (``kl``) with
+    ``fisher_rows`` rows per input (1, as ``compress``'s default); with ``mini_batch > 1`` (which
+    ``kl`` does not allow) the empirical Fisher when there are labels, else sampled labels.
+
     The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
     column layout is written next to it as ``<out>.layout.json``.  Both paths are checked before any
     work (never an input), and both appear only when the run succeeds.
@@ -1296,6 +1309,8 @@ def write_gradients(
             raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
         check_int("--fisher-rows", fisher_rows, 1, 65536)
         has_labels = next(iter(source))[1] is not None
+        if fisher == "auto" and mini_batch == 1:  # what compress computes: the true Fisher (see GradientOracle)
+            fisher = "kl"
         n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)  # type: ignore[arg-type]
         X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(

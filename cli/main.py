@@ -115,10 +115,12 @@ class _OneLineGroup(click.Group):
 @click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(chita_onnx.__version__, prog_name="chita-onnx")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -v -v debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Log only errors, no progress bars (the result summary still goes to stdout)."
+)
 @click.option("--progress/--no-progress", default=None, help="Force progress bars on or off (default: on a terminal).")
 def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
-    """Prune ONNX models with CHITA: combinatorial optimisation over the empirical Fisher."""
+    """Prune ONNX models with CHITA: combinatorial optimisation over a Fisher model of the loss."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     # force=True: importing onnxruntime(-training) already configured the root logger
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -150,7 +152,9 @@ def _config_options(fn: F) -> F:
             type=click.Choice(METHODS),
             default=d.method,
             show_default=True,
-            help="chita (one shot), chita++ (multi-stage), or a baseline: magnitude, wf, cbs, cbs-s.",
+            help="auto (the default recipe: layer-wise reconstruction with a Fisher-based allocation, chita "
+            "where that cannot run), layerwise, chita (one shot), chita++ (multi-stage), or a baseline: "
+            "magnitude, wf, cbs, cbs-s.",
         ),
         click.option(
             "--update",
@@ -200,7 +204,8 @@ def _config_options(fn: F) -> F:
             "--start-sparsity",
             type=float,
             default=None,
-            help="CHITA++ sparsity of the first stage (default min(0.5, --sparsity)).",
+            help="CHITA++ sparsity of the first stage (default min(0.5, --sparsity); with --pattern N:M, half "
+            "the pattern's).",
         ),
         click.option("--max-iter", type=int, default=d.max_iter, show_default=True, help="Solver iteration cap."),
         click.option(
@@ -621,7 +626,13 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 @click.option("--mini-batch", type=int, default=1, show_default=True)
 @click.option("--num-samples", type=int, default=None, help="Use at most this many samples (default: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--fisher-rows", type=int, default=10, show_default=True, help="--fisher kl: rows per input.")
+@click.option(
+    "--fisher-rows",
+    type=int,
+    default=1,
+    show_default=True,
+    help="--fisher kl (and auto, which is kl as in compress): rows per input.",
+)
 @_run
 def gradients(
     model: str,
@@ -690,6 +701,11 @@ def sweep(
         raise ConfigError(f"--pattern={kwargs['pattern']}: sweep compares sparsities; use compress --pattern instead")
     if kwargs.get("structure", "none") != "none":
         raise ConfigError(f"--structure={kwargs['structure']}: sweep compares weight pruning; use compress --structure")
+    ctx = click.get_current_context()
+    for name, plural in (("method", "--methods"), ("sparsity", "--sparsities")):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name
+            raise ConfigError(f"{flag}={kwargs[name]}: sweep takes {plural} (comma-separated) instead")
     method_list, levels = parse_methods(methods), parse_sparsities(sparsities)
     kwargs.pop("method", None)
     kwargs.pop("sparsity", None)

@@ -187,6 +187,25 @@ def test_gradients_command_writes_matrix_and_layout(tmp_path: Path, mlp_path: Pa
     assert "16 x 272 float32" in stdout
 
 
+def test_gradients_command_defaults_to_the_rows_compress_uses(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    """``gradients`` with no flags writes the X of ``compress``'s default (the true Fisher, one row
+    per input), not the empirical Fisher: two code paths, one matrix."""
+    from chita_onnx.pipeline import GradientOracle, initial_weights, prepare
+
+    out = tmp_path / "g.npy"
+    code, stdout, err = run("gradients", mlp_path, "--data", mlp_data, "--out", out)
+    assert code == 0, err
+    layout = json.loads((tmp_path / "g.npy.layout.json").read_text())
+    assert layout["fisher"] == "kl" and layout["rows_per_sample"] == 1 and "kl Fisher" in stdout
+    config = CompressConfig(sparsity=0.5)
+    prep = prepare(mlp_path, mlp_data, config, hold_out=False)
+    oracle = GradientOracle(prep, config)
+    X = oracle.matrix(initial_weights(prep))
+    raw = np.load(out)
+    assert raw.shape == X.shape
+    np.testing.assert_allclose(raw * oracle.scale, X, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "extra",
     [

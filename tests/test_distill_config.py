@@ -48,6 +48,8 @@ def test_distill_fits_every_calibration_sample(tmp_path: Path, monkeypatch: pyte
     assert report.nnz <= report.k
     assert seen[-1] == 2 * 50  # every sample (and a mixture of each) in the fit, none set aside to decide
     assert report.config["num_samples"] == 1000  # the user's setting is reported as given
+    # the printed report says the objective was the distillation KL (its oracle is its own)
+    assert report.loss.startswith("--distill: KL(dense ‖ pruned)") and "temperature 2" in report.loss
     seen.clear()
     chita = compress(
         path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.8, method="chita++", stages=2), eval_data=data

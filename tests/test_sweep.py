@@ -243,3 +243,21 @@ def test_peer_weights_are_followed_into_if_branches_and_renames() -> None:
     got = _renamed(before, after, ["w_branch", "w_top"], "onnxsim-sparsegpt")
     assert got == {"w_branch": "w_branch_pruned", "w_top": "w_top_pruned"}
     assert _renamed(before, before, ["w_branch", "w_top"], "x") == {"w_branch": "w_branch", "w_top": "w_top"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "chita"], "--method=chita: sweep takes --methods"),
+        (["--sparsity", "0.3"], "--sparsity=0.3: sweep takes --sparsities"),
+    ],
+)
+def test_sweep_refuses_the_single_run_flags(
+    tmp_path: Path, mlp_path: Path, mlp_data: Path, extra: list[str], message: str
+) -> None:
+    """``--method`` and ``--sparsity`` (shared with compress) were accepted and silently ignored."""
+    args = ["sweep", str(mlp_path), "--data", str(mlp_data), "--methods", "magnitude", "--sparsities", "0.5"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s"), *extra])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.glob("s.*"))
