@@ -461,6 +461,8 @@ def restore_attention_projections(model: onnx.ModelProto, record: DetachedInputs
     by_identity = {r.identity: r for r in record.projections}
     for g in _graphs(model.graph):
         stored = {t.name: t for t in g.initializer}
+        # the pruned weight may already be a sparse_initializer (--storage sparse/auto): the node only names it
+        weights = set(stored) | {sp.values.name for sp in g.sparse_initializer}
         prod = {o: n for n in g.node for o in n.output if o}
         readers: dict[str, int] = {}
         for n in g.node:
@@ -470,7 +472,7 @@ def restore_attention_projections(model: onnx.ModelProto, record: DetachedInputs
         drop_inits: set[str] = set()
         for node in g.node:
             rec = by_identity.get(node.input[1]) if node.domain == CONTRIB and node.op_type == "Attention" else None
-            if rec is None or rec.identity not in stored or rec.weight not in stored:
+            if rec is None or rec.identity not in stored or rec.weight not in weights:
                 continue
             if node.input[0] != rec.projected or readers.get(rec.projected, 0) != 1:
                 continue
@@ -481,8 +483,8 @@ def restore_attention_projections(model: onnx.ModelProto, record: DetachedInputs
                 c = stored.get(ins[1]) if ins[1] in stored else stored.get(ins[0])
                 inner = ins[0] if c is not None and ins[1] == c.name else ins[1]
                 mm = prod.get(inner) if c is not None and readers.get(inner, 0) == 1 else None
-                if not (len(node.input) > 2 and node.input[2] in stored):
-                    mm = None  # no constant bias to fold the shift into: stay split
+                if not (len(node.input) > 2 and node.input[2] in stored and readers.get(node.input[2], 0) == 1):
+                    mm = None  # no constant bias of this node's own to fold the shift into: stay split
             if mm is None or mm.op_type != "MatMul" or list(mm.input) != [rec.source, rec.weight]:
                 continue
             if add is not None and c is not None:

@@ -832,10 +832,31 @@ def _ms_attention_model(mask: str, seed: int = 0) -> tuple[onnx.ModelProto, list
             helper.make_node("Greater", ["x0", "cut"], ["kept"]),
             helper.make_node("Cast", ["kept"], ["raw"], to=TensorProto.INT32),
         ]
-        if mask == "end":  # end positions: as many leading keys as the raw mask keeps
+        if mask == "raw2":  # values 0/1/2, not 0/1: onnxruntime keeps every key whose value is > 0
+            inits.append(numpy_helper.from_array(np.array(1, np.int64), "feat1m"))
+            inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero_m"))
+            pre += [
+                helper.make_node("Gather", ["x", "feat1m"], ["x1m"], axis=2),
+                helper.make_node("Greater", ["x1m", "zero_m"], ["up"]),
+                helper.make_node("Cast", ["up"], ["up_i"], to=TensorProto.INT32),
+                helper.make_node("Mul", ["raw", "up_i"], ["extra"]),
+                helper.make_node("Add", ["raw", "extra"], ["raw2"]),
+            ]
+        if mask in ("end", "endstart"):  # end positions: as many leading keys as the raw mask keeps
             inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_l"))
             pre.append(helper.make_node("ReduceSum", ["raw", "axis_l"], ["end"], keepdims=0))
-        att_in.append("raw" if mask == "raw" else "end")
+        if mask == "endstart":  # (2N,): the ends, then start positions (1 where x[0, 1] > 0, else 0)
+            inits.append(numpy_helper.from_array(np.array(1, np.int64), "feat1"))
+            inits.append(numpy_helper.from_array(np.array(0, np.int64), "pos0"))
+            inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"))
+            pre += [
+                helper.make_node("Gather", ["x", "feat1"], ["x1"], axis=2),
+                helper.make_node("Gather", ["x1", "pos0"], ["x10"], axis=1),
+                helper.make_node("Greater", ["x10", "zero_f"], ["late"]),
+                helper.make_node("Cast", ["late"], ["start"], to=TensorProto.INT32),
+                helper.make_node("Concat", ["end", "start"], ["endstart"], axis=0),
+            ]
+        att_in.append({"raw": "raw", "raw2": "raw2", "end": "end", "endstart": "endstart"}[mask])
     nodes = [
         *pre,
         helper.make_node("Attention", att_in, ["a"], domain=MS, num_heads=2, name="att"),
@@ -854,7 +875,7 @@ def _ms_attention_model(mask: str, seed: int = 0) -> tuple[onnx.ModelProto, list
     return m, ["qkv_w", "out_w"]
 
 
-@pytest.mark.parametrize("mask", ["none", "raw", "end"])
+@pytest.mark.parametrize("mask", ["none", "raw", "raw2", "end", "endstart"])
 def test_ms_attention_gradients_match_finite_differences_of_onnxruntimes_kernel(mask: str) -> None:
     """The rewrite's per-sample gradients against central differences of the original model, whose
     Attention onnxruntime computes with its own kernel (masked keys included)."""

@@ -507,3 +507,41 @@ def test_restoring_folds_a_shift_on_the_projection_into_the_fused_bias() -> None
     back = restore_attention_projections(split, rec)
     assert [n.op_type for n in back.graph.node] == [n.op_type for n in m.graph.node]
     np.testing.assert_allclose(run(back, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparse_stored_attention_weight_is_still_written_back_fused(tmp_path: Path) -> None:
+    """Sparse storage moves the pruned Q/K/V weight to ``sparse_initializer`` before the fused node is
+    put back; the node must still be restored (it was left split, with a dense 3H×3H identity)."""
+    m = ms_attention_model(3)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(4).standard_normal((96, 6, 8)).astype(np.float32)
+    compress(src, out, {"x": x[:64]}, CompressConfig(sparsity=0.9, storage="sparse"), eval_data={"x": x[64:]})
+    written = onnx.load(out)
+    assert [(n.op_type, list(n.input)) for n in written.graph.node] == [
+        (n.op_type, list(n.input)) for n in m.graph.node
+    ]
+    assert "qkv_w" in {sp.values.name for sp in written.graph.sparse_initializer}
+    assert not [t.name for t in written.graph.initializer if "identity" in t.name]
+    assert run(written, x[64:]).shape == (32, 3)
+
+
+def test_channel_pruning_counts_the_parameters_of_the_written_attention_model(tmp_path: Path) -> None:
+    """The identity stand-in of a split Attention is not a parameter of the input or of the output."""
+    m = ms_attention_model(3)
+    rng = np.random.default_rng(0)
+    m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w0"))
+    m.graph.node.insert(0, helper.make_node("MatMul", ["x", "w0"], ["h0"]))
+    m.graph.node.insert(1, helper.make_node("Relu", ["h0"], ["h"]))
+    m.graph.node[2].input[0] = "h"
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    x = rng.standard_normal((96, 6, 8)).astype(np.float32)
+    cfg = CompressConfig(sparsity=0.5, structure="channel", channel_multiple=1, latency_check=False)
+    rep = compress(src, out, {"x": x[:64]}, cfg, eval_data={"x": x[64:]})
+
+    def floats(model: onnx.ModelProto) -> int:
+        return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == F)
+
+    assert rep.structured.params_before == floats(m) == 8 * 8 + 8 * 24 + 24 + 8 * 3
+    assert rep.structured.params_after == floats(onnx.load(out))

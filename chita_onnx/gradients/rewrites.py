@@ -864,24 +864,44 @@ def ms_attention(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     if mask:
         mdims = c.dims(mask)
         keep = c.tmp(f"{y}_keep")
-        if mdims is not None and len(mdims) == 2:
-            nodes.append(c.node("Cast", [mask], [keep], to=int(helper.np_dtype_to_tensor_dtype(c.dtype_of(x)))))
-        elif mdims is not None and len(mdims) == 1:  # end positions: key j is kept when j < end
-            names = ("shape", "len", "pos", "row", "end", "col", "less")
-            shape, length, pos, row, end, col, less = (c.tmp(f"{y}_{k}") for k in names)
+        fdt = int(helper.np_dtype_to_tensor_dtype(c.dtype_of(x)))
+        if mdims is not None and len(mdims) == 2:  # raw (N, L) mask: onnxruntime keeps key j where it is > 0
+            above = c.tmp(f"{y}_above")
+            zero = c.const(f"{y}_mask_zero", np.array(0, c.dtype_of(mask)))
+            nodes += [c.node("Greater", [mask, zero], [above]), c.node("Cast", [above], [keep], to=fdt)]
+        elif mdims is not None and len(mdims) == 1:
+            # (N,) end positions, or (2N,) end then start positions: key j is kept when start <= j < end.
+            # Both forms at run time: the starts are mask[N:2N] of the mask with N zeros appended.
+            names = ("shape", "len", "batch", "pos", "row", "ends", "zeros", "padded", "starts", "two_n")
+            shape, length, batch, pos, row, ends, zeros, padded, starts, two_n = (c.tmp(f"{y}_{k}") for k in names)
+            end, start, e_col, s_col, less, before, after, both = (
+                c.tmp(f"{y}_{k}") for k in ("end", "start", "ecol", "scol", "less", "before", "after", "both")
+            )
+            zero1 = c.const(f"{y}_zero1", np.array([0], i64))
             nodes += [
                 c.node("Shape", [x], [shape]),
                 c.node("Gather", [shape, c.const(f"{y}_one_idx", np.array(1, i64))], [length], axis=0),
+                c.node("Slice", [shape, zero1, c.const(f"{y}_one1", np.array([1], i64))], [batch]),
                 c.node(
                     "Range",
                     [c.const(f"{y}_zero", np.array(0, i64)), length, c.const(f"{y}_step", np.array(1, i64))],
                     [pos],
                 ),
                 c.node("Unsqueeze", [pos, c.const(f"{y}_ax0", np.array([0], i64))], [row]),
-                c.node("Cast", [mask], [end], to=int(TensorProto.INT64)),
-                c.node("Unsqueeze", [end, c.const(f"{y}_ax1", np.array([1], i64))], [col]),
-                c.node("Less", [row, col], [less]),
-                c.node("Cast", [less], [keep], to=int(helper.np_dtype_to_tensor_dtype(c.dtype_of(x)))),
+                c.node("Slice", [mask, zero1, batch], [ends]),
+                c.node("Sub", [ends, ends], [zeros]),
+                c.node("Concat", [mask, zeros], [padded], axis=0),
+                c.node("Add", [batch, batch], [two_n]),
+                c.node("Slice", [padded, batch, two_n], [starts]),
+                c.node("Cast", [ends], [end], to=int(TensorProto.INT64)),
+                c.node("Cast", [starts], [start], to=int(TensorProto.INT64)),
+                c.node("Unsqueeze", [end, c.const(f"{y}_ax1", np.array([1], i64))], [e_col]),
+                c.node("Unsqueeze", [start, c.const(f"{y}_ax1s", np.array([1], i64))], [s_col]),
+                c.node("Less", [row, e_col], [less]),
+                c.node("Less", [row, s_col], [before]),
+                c.node("Not", [before], [after]),
+                c.node("And", [less, after], [both]),
+                c.node("Cast", [both], [keep], to=fdt),
             ]
         else:
             raise refuse(f"its mask has {'an unknown rank' if mdims is None else f'{len(mdims)} dimensions'}")

@@ -207,6 +207,17 @@ def _rename_sliced_inputs(model: onnx.ModelProto, detached: DetachedInputs, tag:
                     node.input[i] = rename[name]
 
 
+def _as_written(model: onnx.ModelProto, record: DetachedInputs) -> onnx.ModelProto:
+    """``model`` with the onnxruntime ``Attention`` nodes that loading split put back together (a copy;
+    ``model`` itself when none was split): what is timed and counted is what gets written, without
+    the identity stand-in and its extra product (a 3H×3H product per token)."""
+    if not record.projections:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return restore_attention_projections(out, record)
+
+
 def compress_channels(
     prep: Prepared,
     out_path: Path,
@@ -241,7 +252,7 @@ def compress_channels(
     blocked: dict[int, str] = {}
     if config.keep:
         blocked = _keep_blocked(prep, config.keep)
-    dense = prep.model
+    dense = _as_written(prep.model, prep.detached)
     batches = latency_batches(prep, config.latency_batches)
     notes: list[str] = []
     attempts = [multiple, 2 * multiple] if config.latency_check else [multiple]
@@ -253,7 +264,7 @@ def compress_channels(
         rows: list[LatencyRow] = []
         if config.latency_check:
             with timer.phase("latency"):
-                rows = time_models(dense, sliced, prep, batches)
+                rows = time_models(dense, _as_written(sliced, prep.detached), prep, batches)
         chosen = (result, sliced, diff, rows, m)
         slow = [r for r in rows if r.speedup < 1.0]
         if not slow:
@@ -279,7 +290,7 @@ def compress_channels(
     for g in result.analysis.groups:
         if g.id in blocked and blocked[g.id].startswith("its rewrite"):
             notes.append(f"group {g.id} kept whole: {blocked[g.id]}")
-    final = sliced if written == "pruned" else dense
+    final = _as_written(sliced, prep.detached) if written == "pruned" else dense
     before, after, prunable = _channel_totals(result)
     if written == "input":
         after = before
