@@ -109,10 +109,12 @@ def logits_type(model: onnx.ModelProto, head: SoftmaxHead) -> int:
 
 def _fold_site(
     model: onnx.ModelProto, head: SoftmaxHead, shape: tuple[int, ...], elem: int = onnx.TensorProto.FLOAT
-) -> str | None:
-    """The initializer of the ``Add`` producing the logits that an offset of ``shape`` can be added
-    into: it broadcasts exactly like the offset, and neither it nor the sum (nor any ``Identity`` on
-    the way to the softmax) is read by anything else or is a graph output."""
+) -> tuple[str, float] | None:
+    """The initializer that an offset of ``shape`` can be added into, and the factor the node applies
+    to it: the constant of the ``Add`` producing the logits (factor 1), or the bias ``C`` of a
+    ``Gemm`` producing them (its ``beta``, which must not be 0).  It broadcasts exactly like the
+    offset, and neither it nor the result (nor any ``Identity`` on the way to the softmax) is read
+    by anything else or is a graph output."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     uses = Counter(i for n in g.node for i in n.input)
@@ -127,9 +129,19 @@ def _fold_site(
             break
         name = node.input[0]
         node = producer.get(name)
-    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if node.domain not in ("", "ai.onnx"):
         return None
-    for cand in node.input:
+    factor = 1.0
+    if node.op_type == "Gemm" and len(node.input) == 3 and node.input[2]:
+        factor = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        if factor == 0.0:
+            return None
+        candidates = [node.input[2]]
+    elif node.op_type == "Add" and len(node.input) == 2:
+        candidates = list(node.input)
+    else:
+        return None
+    for cand in candidates:
         t = inits.get(cand)
         if t is None or uses[cand] != 1 or cand in outputs or t.data_type != elem:
             continue
@@ -137,7 +149,7 @@ def _fold_site(
         while dims and dims[0] == 1 and len(dims) > len(shape):
             dims.pop(0)
         if tuple(dims) == shape:
-            return str(cand)
+            return str(cand), float(factor)
     return None
 
 
@@ -158,11 +170,12 @@ def add_class_offset(
     g = m.graph
     site = _fold_site(m, head, shape, elem)
     if site is not None:
+        name, factor = site
         for t in g.initializer:
-            if t.name == site:
+            if t.name == name:
                 old = numpy_helper.to_array(t).astype(np.float64)
-                new = (old + b.reshape(shape)).reshape(old.shape).astype(dtype)
-                t.CopyFrom(numpy_helper.from_array(new, site))
+                new = (old + b.reshape(shape) / factor).reshape(old.shape).astype(dtype)
+                t.CopyFrom(numpy_helper.from_array(new, name))
         return m
     taken = {t.name for t in g.initializer} | {v for n in g.node for v in (*n.input, *n.output)}
     taken |= {i.name for i in g.input}

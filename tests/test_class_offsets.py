@@ -181,6 +181,35 @@ def test_add_class_offset_shifts_exactly_the_logits(kw: dict[str, object]) -> No
     )
 
 
+@pytest.mark.parametrize(("gemm_beta", "bias_shape"), [(1.0, (3,)), (0.5, (1, 3)), (0.0, (3,))])
+def test_a_gemm_heads_bias_takes_the_offsets(gemm_beta: float, bias_shape: tuple[int, ...]) -> None:
+    """``Gemm(x, W, C)`` → Softmax (tf2onnx's fixed-batch Dense heads): the offsets go into ``C``,
+    divided by the Gemm's ``beta``; with ``beta = 0`` the bias is not read, so a new ``Add``."""
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((5, 3)).astype(np.float32)
+    C = rng.standard_normal(bias_shape).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "W", "C"], ["z"], beta=gemm_beta),
+            helper.make_node("Softmax", ["z"], ["y"], axis=1),
+        ],
+        "gemm_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(C, "C")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    head = softmax_head(model)
+    assert head is not None
+    beta = rng.standard_normal(3)
+    out = add_class_offset(model, head, beta, 2)
+    z = x.astype(np.float64) @ W + gemm_beta * C.reshape(1, 3)
+    np.testing.assert_allclose(run(out, x, "y"), softmax(z + beta, axis=1), rtol=1e-5, atol=1e-6)
+    assert len(out.graph.node) == len(model.graph.node) + (1 if gemm_beta == 0.0 else 0)
+
+
 def test_heads_that_are_not_one_softmax_axis() -> None:
     m = head_model(rank3=True, axis=1, opset=11)  # opset 11: softmax over the flattened [C·F] tail
     head = softmax_head(m)
