@@ -1239,12 +1239,19 @@ def inspect_model(model: str | os.PathLike[str]) -> list[PrunableTensor]:
 
 
 @guarded
-def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str]]:
-    """The prunable tensors of a model file, and ``{tensor: why}`` for those ``compress`` refuses
-    (see :func:`refused_weights`).  The model is validated exactly as ``compress`` validates it."""
-    m = expose_weights(load_model(model))[0]
+def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor], dict[str, str], str]:
+    """The prunable tensors of a model file, ``{tensor: why}`` for those ``compress`` refuses (see
+    :func:`refused_weights`), and why ``compress`` refuses the whole model when it is quantized
+    (else "").  The model is validated exactly as ``compress`` validates it."""
+    loaded = load_model(model)
+    try:
+        refuse_quantized(loaded, str(model))
+        whole = ""
+    except ChitaError as exc:
+        whole = str(exc)
+    m = expose_weights(loaded)[0]
     tensors = find_prunable(m)
-    return tensors, refused_weights(m, tensors)
+    return tensors, refused_weights(m, tensors), whole
 
 
 @guarded

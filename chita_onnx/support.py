@@ -322,7 +322,13 @@ def format_support(r: SupportReport) -> str:
     """The report as text (what ``chita-onnx inspect --check`` prints)."""
     lines = [
         f"{r.model}: {'supported' if r.ok else 'NOT supported'}"
-        + (" (checked with data)" if r.checked_with_data else " (structural check; pass --data for the full check)")
+        + (
+            " (checked with data)"
+            if r.checked_with_data
+            else " (structural check; pass --data for the full check)"
+            if r.ok
+            else " (refused by the structural check, before any data)"
+        )
     ]
     lines.append(
         f"  prunable: {r.prunable_tensors} tensors, {r.prunable_weights:,} weights"

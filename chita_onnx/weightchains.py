@@ -516,8 +516,9 @@ def unprunable_layer_weights(
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
     reads = [(n.input[i] if i < len(n.input) else "", n.op_type) for n in g.node for i in _layer_slots(n)]
     out: dict[str, tuple[str, str, int]] = {}
-    for name, op in [*reads, *_loop_layer_reads(g).items()]:
-        t = stored.get(name)
+    looped = [(name, op, t) for name, (op, t) in _loop_layer_reads(g).items()]
+    for name, op, t in [*((name, op, None) for name, op in reads), *looped]:
+        t = t if t is not None else stored.get(name)
         if t is None or name in prunable or name in out or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16}:
             continue
         size = int(np.prod(t.dims)) if t.dims else 1
@@ -547,26 +548,52 @@ def embedding_tables(model: onnx.ModelProto, prunable: set[str], *, min_size: in
     return list(out.values())
 
 
-def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, str]:
-    """``{main-graph tensor: "MatMul in Loop <node>"}`` for the tensors a layer inside a Loop or Scan
-    body reads as its weight, from the outer scope or as a loop operand (tf2onnx carries a Keras
-    GRU's kernels into its ``Loop`` as loop state: Loop operand ``i ≥ 2`` and Scan operand ``i``
-    are body input ``i``)."""
-    out: dict[str, str] = {}
+def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, tuple[str, TensorProto | None]]:
+    """``{tensor: ("MatMul in Loop <node>", stored)}`` for the tensors a layer inside a Loop or Scan
+    body reads as its weight: from the outer scope, as a loop operand that the body passes on
+    unchanged (tf2onnx carries a Keras GRU's kernels into its ``Loop`` as loop state: Loop operand
+    ``i ≥ 2`` is body input ``i`` and body output ``i − 1``; a Scan state operand ``i`` is body
+    input and output ``i``), or stored in the body itself (an initializer or ``Constant`` there, as
+    tf2onnx writes a TFLite ``WHILE``'s kernels).  ``stored`` is the body's own tensor, or ``None``
+    for a main-graph name.  A loop-carried value the body changes (a hidden state) is no weight."""
+    out: dict[str, tuple[str, TensorProto | None]] = {}
     for n in graph.node:
         if n.op_type not in ("Loop", "Scan"):
             continue
         for _, body in subgraphs(n):
-            first = 2 if n.op_type == "Loop" else 0
-            alias = {b.name: n.input[i] for i, b in enumerate(body.input) if first <= i < len(n.input)}
+            if n.op_type == "Loop":
+                carried = range(2, min(len(n.input), len(body.input)))
+                passed = {i for i in carried if i - 1 < len(body.output) and _passes_on(body, i, i - 1)}
+            else:
+                scans = next((a.i for a in n.attribute if a.name == "num_scan_inputs"), 0)
+                states = range(0, max(0, min(len(n.input), len(body.input)) - scans))
+                passed = {i for i in states if i < len(body.output) and _passes_on(body, i, i)}
+            alias = {body.input[i].name: n.input[i] for i in passed}
+            where = f"{n.op_type} {n.name or '<unnamed>'}"
             for _, sub in walk_graphs(body):
+                local = {t.name: t for t in sub.initializer}
+                local.update({k: t for k, (_, t) in _constant_values(sub).items()})
                 for b in sub.node:
                     for i in _layer_slots(b):
                         name = b.input[i] if i < len(b.input) else ""
-                        outer = alias.get(name, name)
-                        if outer:
-                            out.setdefault(outer, f"{b.op_type} in {n.op_type} {n.name or '<unnamed>'}")
+                        if not name:
+                            continue
+                        if name in local:
+                            out.setdefault(name, (f"{b.op_type} in {where}", local[name]))
+                        elif name in alias:
+                            out.setdefault(alias[name], (f"{b.op_type} in {where}", None))
+                        elif name not in {v.name for v in body.input}:
+                            out.setdefault(name, (f"{b.op_type} in {where}", None))  # outer scope
     return out
+
+
+def _passes_on(body: onnx.GraphProto, i: int, o: int) -> bool:
+    """Whether body output ``o`` is body input ``i`` unchanged (directly or through ``Identity``)."""
+    produced = {x: nd for nd in body.node for x in nd.output}
+    name = body.output[o].name
+    while name in produced and produced[name].op_type == "Identity":
+        name = produced[name].input[0]
+    return bool(name == body.input[i].name)
 
 
 def unfold_weight_chains(model: onnx.ModelProto, chains: tuple[WeightChain, ...]) -> onnx.ModelProto:

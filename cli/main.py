@@ -536,7 +536,7 @@ def inspect(
     if pattern is not None:
         _inspect_pattern(model, pattern, as_json)
         return
-    tensors, refused = inspect_weights(model)
+    tensors, refused, whole = inspect_weights(model)
     if as_json:
         items = [{**dataclasses.asdict(t), "size": t.size, "refused": refused.get(t.name)} for t in tensors]
         click.echo(json.dumps(items, indent=2))
@@ -551,6 +551,8 @@ def inspect(
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
     if refused:
         click.echo(f"{len(refused)} of them refused by compress (see the last column)")
+    if whole:
+        click.echo(f"compress refuses this model: {whole}")
 
 
 def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:

@@ -93,3 +93,29 @@ def test_default_prunes_a_model_whose_gradients_cannot_be_built(tmp_path: Path) 
     assert any("not prunable" in w for w in rep.warnings)  # the Loop's W and U, still named
     # the fallback keeps the default's statistics settings (it used to ask for a decision it had no data for)
     assert "Error" not in str(rep.solver["statistics"]), rep.solver["statistics"]
+
+
+def test_kernels_stored_in_the_body_are_named_and_a_carried_state_is_not() -> None:
+    """tf2onnx's TFLite ``WHILE``: the kernels are initializers of the body itself, and the initial
+    hidden state is a main-graph zeros tensor carried through the loop and changed by it.  The
+    report named the state (a 1×32 "weight") and missed the kernels (5,120 weights of an LSTM)."""
+    m = loop_model()
+    g = m.graph
+    body = next(a.g for a in g.node[0].attribute if a.name == "body")
+    rng = np.random.default_rng(1)
+    body.initializer.append(numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "V"))
+    body.node.insert(0, helper.make_node("MatMul", ["h_in", "V"], ["hv"]))
+    body.node[body_index(body, "Add")].input[1] = "hv_hu"
+    body.node.insert(1, helper.make_node("Add", ["hv", "hu"], ["hv_hu"]))
+    g.initializer.append(numpy_helper.from_array(np.zeros((2, 8), np.float32), "h0"))
+    g.node[0].input[2] = "h0"  # the carried state now starts from a stored zeros tensor
+    found = {name: (op, size) for name, op, size in unprunable_layer_weights(m, {"head"})}
+    assert found == {
+        "W": ("MatMul in Loop rnn_loop", 64),
+        "U": ("MatMul in Loop rnn_loop", 64),
+        "V": ("MatMul in Loop rnn_loop", 64),
+    }
+
+
+def body_index(body: onnx.GraphProto, op: str) -> int:
+    return next(i for i, n in enumerate(body.node) if n.op_type == op)

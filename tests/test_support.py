@@ -245,6 +245,9 @@ def test_inspect_check_cli(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out)["checked_with_data"] is True
     code, out, err = _run_cli("inspect", _save(quantized("QDQ"), tmp_path / "q.onnx"), "--check")
     assert code == 1 and "NOT supported" in out and err.startswith("error:") and "quantized" in err
+    assert "refused by the structural check" in out and "pass --data" not in out
+    code, out, _ = _run_cli("inspect", tmp_path / "q.onnx")  # the plain listing says so too
+    assert code == 0 and "compress refuses this model" in out and "quantized" in out
     code, out, _ = _run_cli("inspect", model)  # without --check: the tensor table as before
     assert code == 0 and "prunable tensors" in out
 
