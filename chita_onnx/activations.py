@@ -481,7 +481,7 @@ class SegmentRunner:
     def set_initializer(self, name: str, value: NDArray[np.generic]) -> None:
         old = self.inits.get(name)
         dtype = helper.tensor_dtype_to_np_dtype(old.data_type) if old is not None else np.asarray(value).dtype
-        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name)
+        self.inits[name] = numpy_helper.from_array(np.require(value, dtype=dtype, requirements="C"), name)
 
     def initializer(self, name: str) -> NDArray[np.generic]:
         return numpy_helper.to_array(self.inits[name])

@@ -210,7 +210,7 @@ def fold_weight_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[W
     kept_inits = [t for t in g.initializer if t.name not in sources]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
-    g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), c.source) for c, v in found)
+    g.initializer.extend(numpy_helper.from_array(np.require(v, requirements="C"), c.source) for c, v in found)
     # shape annotations of the stored tensors and of the chains' values no longer hold (a transposed
     # tensor now carries the stored name): dropped, so strict shape inference sees no conflict
     stale = sources | drop_nodes
@@ -395,7 +395,8 @@ def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes)
     del g.initializer[:]
-    g.initializer.extend(kept + [numpy_helper.from_array(np.ascontiguousarray(x), v) for v, x in folded.items()])
+    made = [numpy_helper.from_array(np.require(x, requirements="C"), v) for v, x in folded.items()]
+    g.initializer.extend(kept + made)
     log.info("folded %d computed weight(s) into initializers: %s", len(folded), ", ".join(folded))
     return out
 

@@ -263,3 +263,29 @@ def test_make_static_without_data_folds_shapes_on_zeros() -> None:
     static, info = make_static(m, None, input_shapes={"x": (2, 3, 6, 7)})
     dims = [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 3, 6, 7] and info.folded >= 2 and not info.guards
+
+
+def test_a_folded_scalar_keeps_rank_zero() -> None:
+    """A constant scalar computed by the graph (tf2onnx's TFLite ``WHILE`` computes a ``Loop``'s
+    condition as ``And(Less(a, b), ...)``) is folded as a rank-0 initializer.  ``np.ascontiguousarray``
+    made it ``[1]``, which the Loop's rank-0 condition input then contradicted in shape inference."""
+    f = TensorProto.FLOAT
+    inits = [
+        onnx.numpy_helper.from_array(np.array(2.0, np.float32), "a"),
+        onnx.numpy_helper.from_array(np.array(3.0, np.float32), "b"),
+        onnx.numpy_helper.from_array(np.ones((4, 2), np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Mul", ["x", "s"], ["xs"]),
+        helper.make_node("MatMul", ["xs", "W"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "scalar", [helper.make_tensor_value_info("x", f, ["N", 4])],
+        [helper.make_tensor_value_info("y", f, ["N", 2])], inits,
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    static, info = make_static(normalize(m), None, input_shapes={"x": (3, 4)}, protect={"W"})
+    folded = {t.name: list(t.dims) for t in static.graph.initializer}
+    assert info.folded >= 1 and folded["s"] == []

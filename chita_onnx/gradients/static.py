@@ -351,7 +351,7 @@ def _fold(
         v = values[name]
         if v.dtype == object:
             raise ModelError(f"tensor {name!r} holds strings; cannot fold it into the gradient working copy")
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), name))
+        g.initializer.append(numpy_helper.from_array(np.require(v, requirements="C"), name))  # (keeps rank 0)
     if frontier:
         keep = [n for n in g.node if not (n.output and n.output[0] and st.status.get(n.output[0], VALUE) in levels)]
         del g.node[:]

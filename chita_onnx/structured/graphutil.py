@@ -114,7 +114,7 @@ class Rewriter:
 
     def add_initializer(self, base: str, array: NDArray[np.generic]) -> str:
         name = self.fresh(base or "const")
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.graph.initializer.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         if self.model.ir_version < 4:  # old IR: every initializer is also a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, self._elem(array), list(array.shape)))
         return name
