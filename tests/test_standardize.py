@@ -545,3 +545,6 @@ def test_channel_pruning_counts_the_parameters_of_the_written_attention_model(tm
 
     assert rep.structured.params_before == floats(m) == 8 * 8 + 8 * 24 + 24 + 8 * 3
     assert rep.structured.params_after == floats(onnx.load(out))
+    # FLOPs of one sample [1, 6, 8]: x·w0, the fused node's Q/K/V projection x·W (which the restored
+    # node alone would hide), and the head; not the identity stand-in
+    assert rep.structured.flops_before == 2 * (6 * 8 * 8 + 6 * 8 * 24 + 8 * 3)

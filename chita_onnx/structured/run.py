@@ -328,8 +328,12 @@ def compress_channels(
     shapes = {k: tuple(np.shape(v)) for k, v in sample.inputs.items()}
     from .capture import probe_shapes
 
-    flops_before = 2 * sum(node_macs(dense, probe_shapes(dense, [sample], prep.specs)[0]).values())
-    flops_after = 2 * sum(node_macs(final, probe_shapes(final, [sample], prep.specs)[0]).values())
+    # FLOPs on the split forms: a fused Attention's Q/K/V projection is a MatMul there, which
+    # node_macs counts (and it skips the identity product), while the fused node counts nothing
+    split_dense = prep.model
+    split_final = sliced if written == "pruned" else split_dense
+    flops_before = 2 * sum(node_macs(split_dense, probe_shapes(split_dense, [sample], prep.specs)[0]).values())
+    flops_after = 2 * sum(node_macs(split_final, probe_shapes(split_final, [sample], prep.specs)[0]).values())
     params_before, params_after = count_params(dense), count_params(final)
     if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
         warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
