@@ -64,7 +64,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
-from .support import assert_supported, refuse_quantized
+from .support import assert_supported, no_weights_message, refuse_quantized
 from .weightchains import (
     WeightChain,
     embedding_tables,
@@ -187,7 +187,7 @@ def prepare(
         model, chains = expose_weights(model)
     tensors = find_prunable(model)
     if not tensors:
-        raise ModelError(f"{path}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+        raise ModelError(no_weights_message(model, str(path)))
     names = {t.name for t in tensors}
     unknown = [n for n in config.keep if n not in names]
     if unknown:
@@ -1294,7 +1294,7 @@ def write_gradients(
         refuse_quantized(m, str(model))
         tensors = find_prunable(m)
         if not tensors:
-            raise ModelError(f"{model}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)")
+            raise ModelError(no_weights_message(m, str(model)))
         assert_supported(m, str(model), output, gradients=True)
         for name, why in refused_weights(m, tensors).items():
             raise ModelError(f"{model}: cannot differentiate weight {name!r}: {why}")

@@ -111,6 +111,23 @@ def quantized_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return None
 
 
+def no_weights_message(model: onnx.ModelProto, name: str) -> str:
+    """The one-line refusal of a model without prunable weights; for a classical-ML export
+    (skl2onnx's ``LinearClassifier``, ``TreeEnsembleClassifier``, ``SVMClassifier`` ...), what its
+    weights are instead."""
+    from .graph import walk_graphs
+
+    ml = sorted({n.op_type for _, g in walk_graphs(model.graph) for n in g.node if n.domain == "ai.onnx.ml"})
+    ml = [op for op in ml if op.startswith(("Linear", "TreeEnsemble", "SVM"))]
+    hint = (
+        f"; its {', '.join(ml)} node(s) hold their parameters as attributes of ai.onnx.ml operators, "
+        "not as layer weights, which chita-onnx does not prune"
+        if ml
+        else ""
+    )
+    return f"{name}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor){hint}"
+
+
 def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
     """Refusals that need neither data nor shapes: quantized models and non-float32 weights."""
     from .graph import find_prunable
@@ -124,7 +141,7 @@ def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
         ]
     tensors = find_prunable(model)
     if not tensors:
-        return [f"{name}: no prunable weights (Conv, Gemm or MatMul fed by a constant weight tensor)"]
+        return [no_weights_message(model, name)]
     other = [t for t in tensors if t.dtype not in GRADIENT_DTYPES]
     if other:
         t = other[0]

@@ -259,3 +259,26 @@ def test_bad_output_folder_and_output_name_fail_before_any_work(tmp_path: Path, 
     assert out == ""  # nothing was pruned or reported
     code, out, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--output", "probs")
     assert_one_line_error(code, err, 2, "--output='probs'", "logits")
+
+
+def test_a_classical_ml_export_is_refused_with_what_its_weights_are(tmp_path: Path) -> None:
+    """skl2onnx writes a logistic regression as ``ai.onnx.ml.LinearClassifier``: its coefficients
+    are attributes, not layer weights; the refusal says so instead of only "no prunable weights"."""
+    coef = np.random.default_rng(0).standard_normal(3 * 4).astype(np.float32)
+    node = helper.make_node(
+        "LinearClassifier", ["x"], ["label", "probs"], domain="ai.onnx.ml",
+        coefficients=coef.tolist(), intercepts=[0.0, 0.0, 0.0], classlabels_ints=[0, 1, 2],
+    )  # fmt: skip
+    g = helper.make_graph(
+        [node], "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    m.ir_version = 8
+    path, data = tmp_path / "lr.onnx", tmp_path / "d.npz"
+    onnx.save(m, path)
+    np.savez(data, x=np.zeros((8, 4), np.float32))
+    code, _, err = run("compress", path, tmp_path / "o.onnx", "--data", data)
+    assert_one_line_error(code, err, 1, "lr.onnx", "no prunable weights", "LinearClassifier", "attributes")
+    assert not (tmp_path / "o.onnx").exists()
