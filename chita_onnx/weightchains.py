@@ -562,14 +562,16 @@ def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, tuple[str, TensorProt
         if n.op_type not in ("Loop", "Scan"):
             continue
         for _, body in subgraphs(n):
+            shift = 0  # node input of body input i: i + shift
             if n.op_type == "Loop":
                 carried = range(2, min(len(n.input), len(body.input)))
                 passed = {i for i in carried if i - 1 < len(body.output) and _passes_on(body, i, i - 1)}
             else:
+                shift = 1 if len(n.input) == len(body.input) + 1 else 0  # Scan-8: sequence_lens comes first
                 scans = next((a.i for a in n.attribute if a.name == "num_scan_inputs"), 0)
-                states = range(0, max(0, min(len(n.input), len(body.input)) - scans))
+                states = range(0, max(0, min(len(n.input) - shift, len(body.input)) - scans))
                 passed = {i for i in states if i < len(body.output) and _passes_on(body, i, i)}
-            alias = {body.input[i].name: n.input[i] for i in passed}
+            alias = {body.input[i].name: n.input[i + shift] for i in passed}
             where = f"{n.op_type} {n.name or '<unnamed>'}"
             for _, sub in walk_graphs(body):
                 local = {t.name: t for t in sub.initializer}

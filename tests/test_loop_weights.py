@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from chita_onnx import CompressConfig, compress
@@ -119,3 +120,28 @@ def test_kernels_stored_in_the_body_are_named_and_a_carried_state_is_not() -> No
 
 def body_index(body: onnx.GraphProto, op: str) -> int:
     return next(i for i, n in enumerate(body.node) if n.op_type == op)
+
+
+@pytest.mark.parametrize("opset", [8, 11])
+def test_a_weight_carried_through_scan_is_named_in_both_scan_forms(opset: int) -> None:
+    """Scan carries a weight as a state it passes on unchanged.  Scan-8 puts ``sequence_lens`` before
+    the states, so its node input ``i + 1`` is body input ``i``; Scan-9+ has no such input."""
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w_in"], ["y_t"]),
+            helper.make_node("Identity", ["w_in"], ["w_out"]),
+        ],
+        "scan_body",
+        [helper.make_tensor_value_info("w_in", f, [8, 8]), helper.make_tensor_value_info("x_t", f, [2, 8])],
+        [helper.make_tensor_value_info("w_out", f, [8, 8]), helper.make_tensor_value_info("y_t", f, [2, 8])],
+    )
+    ins = ["", "W", "x"] if opset == 8 else ["W", "x"]
+    scan = helper.make_node("Scan", ins, ["w_last", "ys"], body=body, num_scan_inputs=1, name="scan")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "W")
+    g = helper.make_graph(
+        [scan], "m", [helper.make_tensor_value_info("x", f, [3, 2, 8])],
+        [helper.make_tensor_value_info("ys", f, [3, 2, 8])], [w],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    assert unprunable_layer_weights(m, set()) == [("W", "MatMul in Scan scan", 64)]
