@@ -327,6 +327,15 @@ def _column_squares(X: NDArray[np.float32]) -> NDArray[np.float32]:
     return out
 
 
+def auto_fisher(fisher: str, *, mini_batch: int = 1, first_order: bool = False) -> str:
+    """What ``--fisher auto`` means for ``compress`` and ``gradients``: the true Fisher (``kl``; on a
+    non-classifier head the engine makes it the Gauss-Newton probe; see BENCHMARKS.md for the
+    measurement behind the choice) when the rows are per sample.  Mini-batch rows
+    (``mini_batch > 1``) and ``--first-order`` (its term is the mean of one row per sample) keep the
+    engine's ``auto``: the empirical Fisher with labels, else sampled labels.  Other values as given."""
+    return "kl" if fisher == "auto" and mini_batch == 1 and not first_order else fisher
+
+
 class GradientOracle:
     """Per-sample gradient matrices at given weights, scaled by 1/√n for the solvers.
 
@@ -354,10 +363,7 @@ class GradientOracle:
         # guess from the output shape until an engine says.
         self.fisher_rows = max(1, config.fisher_rows)
         self.classes = _num_classes(prep.model, config.output)
-        # --fisher auto is the true Fisher (kl); on a non-classifier head the engine makes it the
-        # Gauss-Newton probe, as before (see BENCHMARKS.md for the measurement behind the choice).
-        # --first-order needs one gradient row per sample (its term is their mean): labels then.
-        self.fisher = "kl" if config.fisher == "auto" and not config.first_order else config.fisher
+        self.fisher = auto_fisher(config.fisher, mini_batch=config.mini_batch, first_order=config.first_order)
         self.reps = 1
         if self.fisher == "kl":
             exact = self.classes is not None and self.classes <= self.fisher_rows
@@ -1316,8 +1322,7 @@ def write_gradients(
             raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
         check_int("--fisher-rows", fisher_rows, 1, 65536)
         has_labels = next(iter(source))[1] is not None
-        if fisher == "auto" and mini_batch == 1:  # what compress computes: the true Fisher (see GradientOracle)
-            fisher = "kl"
+        fisher = auto_fisher(fisher, mini_batch=mini_batch)  # the rows compress computes
         n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)  # type: ignore[arg-type]
         X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(

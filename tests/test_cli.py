@@ -282,3 +282,20 @@ def test_a_classical_ml_export_is_refused_with_what_its_weights_are(tmp_path: Pa
     code, _, err = run("compress", path, tmp_path / "o.onnx", "--data", data)
     assert_one_line_error(code, err, 1, "lr.onnx", "no prunable weights", "LinearClassifier", "attributes")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_compress_with_mini_batch_rows_keeps_the_engines_auto_fisher(
+    tmp_path: Path, mlp_path: Path, mlp_data: Path
+) -> None:
+    """``--fisher auto`` is the true Fisher only for per-sample rows; with ``--mini-batch 4`` the
+    default used to ask for it anyway and fail ("fisher='kl' needs per-sample rows")."""
+    from chita_onnx.pipeline import auto_fisher
+
+    assert auto_fisher("auto") == "kl" and auto_fisher("auto", mini_batch=4) == "auto"
+    assert auto_fisher("auto", first_order=True) == "auto" and auto_fisher("sampled") == "sampled"
+    out = tmp_path / "o.onnx"
+    code, stdout, err = run(
+        "compress", mlp_path, out, "--sparsity", "0.5", "--method", "chita", "--mini-batch", "4", "--data", mlp_data
+    )
+    assert code == 0, err
+    assert "sparsity 50.00%" in stdout and out.exists()
