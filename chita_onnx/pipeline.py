@@ -31,7 +31,7 @@ from onnx import TensorProto, numpy_helper
 from . import __version__
 from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
-from .config import DEFAULT_STAGES, CompressConfig
+from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
@@ -327,7 +327,7 @@ def _column_squares(X: NDArray[np.float32]) -> NDArray[np.float32]:
     return out
 
 
-def auto_fisher(fisher: str, *, mini_batch: int = 1, first_order: bool = False) -> str:
+def auto_fisher(fisher: Fisher, *, mini_batch: int = 1, first_order: bool = False) -> Fisher:
     """What ``--fisher auto`` means for ``compress`` and ``gradients``: the true Fisher (``kl``; on a
     non-classifier head the engine makes it the Gauss-Newton probe; see BENCHMARKS.md for the
     measurement behind the choice) when the rows are per sample.  Mini-batch rows
@@ -1322,12 +1322,12 @@ def write_gradients(
             raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
         check_int("--fisher-rows", fisher_rows, 1, 65536)
         has_labels = next(iter(source))[1] is not None
-        fisher = auto_fisher(fisher, mini_batch=mini_batch)  # the rows compress computes
-        n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)  # type: ignore[arg-type]
+        fisher = auto_fisher(fisher, mini_batch=mini_batch)  # type: ignore[arg-type]  # the rows compress computes
+        n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)
         X = open_memmap(plan.staged("--out"), mode="w+", dtype=np.float32, shape=(n, engine.layout.p))
         g = engine.compute(
             source,
-            fisher=fisher,  # type: ignore[arg-type]
+            fisher=fisher,
             num_samples=num_samples,
             seed=seed,
             out=X,
