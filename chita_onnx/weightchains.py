@@ -562,15 +562,17 @@ def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, tuple[str, TensorProt
         if n.op_type not in ("Loop", "Scan"):
             continue
         for _, body in subgraphs(n):
+            produced = {x: nd for nd in body.node for x in nd.output}
+            body_inputs = {v.name for v in body.input}
             shift = 0  # node input of body input i: i + shift
             if n.op_type == "Loop":
                 carried = range(2, min(len(n.input), len(body.input)))
-                passed = {i for i in carried if i - 1 < len(body.output) and _passes_on(body, i, i - 1)}
+                passed = {i for i in carried if i - 1 < len(body.output) and _passes_on(body, produced, i, i - 1)}
             else:
                 shift = 1 if len(n.input) == len(body.input) + 1 else 0  # Scan-8: sequence_lens comes first
                 scans = next((a.i for a in n.attribute if a.name == "num_scan_inputs"), 0)
                 states = range(0, max(0, min(len(n.input) - shift, len(body.input)) - scans))
-                passed = {i for i in states if i < len(body.output) and _passes_on(body, i, i)}
+                passed = {i for i in states if i < len(body.output) and _passes_on(body, produced, i, i)}
             alias = {body.input[i].name: n.input[i + shift] for i in passed}
             where = f"{n.op_type} {n.name or '<unnamed>'}"
             for _, sub in walk_graphs(body):
@@ -585,14 +587,14 @@ def _loop_layer_reads(graph: onnx.GraphProto) -> dict[str, tuple[str, TensorProt
                             out.setdefault(name, (f"{b.op_type} in {where}", local[name]))
                         elif name in alias:
                             out.setdefault(alias[name], (f"{b.op_type} in {where}", None))
-                        elif name not in {v.name for v in body.input}:
+                        elif name not in body_inputs:
                             out.setdefault(name, (f"{b.op_type} in {where}", None))  # outer scope
     return out
 
 
-def _passes_on(body: onnx.GraphProto, i: int, o: int) -> bool:
-    """Whether body output ``o`` is body input ``i`` unchanged (directly or through ``Identity``)."""
-    produced = {x: nd for nd in body.node for x in nd.output}
+def _passes_on(body: onnx.GraphProto, produced: dict[str, onnx.NodeProto], i: int, o: int) -> bool:
+    """Whether body output ``o`` is body input ``i`` unchanged (directly or through ``Identity``);
+    ``produced`` maps each body tensor to its node."""
     name = body.output[o].name
     while name in produced and produced[name].op_type == "Identity":
         name = produced[name].input[0]

@@ -256,16 +256,17 @@ def compress_channels(
     batches = latency_batches(prep, config.latency_batches)
     notes: list[str] = []
     attempts = [multiple, 2 * multiple] if config.latency_check else [multiple]
-    chosen: tuple[ChannelResult, onnx.ModelProto, float, list[LatencyRow], int] | None = None
+    chosen: tuple[ChannelResult, onnx.ModelProto, onnx.ModelProto, float, list[LatencyRow], int] | None = None
     written = "pruned"
     for m in attempts:
         with timer.phase("prune"):
             result, sliced, diff = verified(prep, replace(opts, multiple=m), blocked)
+            restored = _as_written(sliced, prep.detached)
         rows: list[LatencyRow] = []
         if config.latency_check:
             with timer.phase("latency"):
-                rows = time_models(dense, _as_written(sliced, prep.detached), prep, batches)
-        chosen = (result, sliced, diff, rows, m)
+                rows = time_models(dense, restored, prep, batches)
+        chosen = (result, sliced, restored, diff, rows, m)
         slow = [r for r in rows if r.speedup < 1.0]
         if not slow:
             break
@@ -278,7 +279,7 @@ def compress_channels(
             notes.append("no pruned candidate was faster than the input: the input model was written unchanged")
             written = "input"
     assert chosen is not None
-    result, sliced, diff, rows, m = chosen
+    result, sliced, restored, diff, rows, m = chosen
     if all(g.kept == g.channels for g in result.groups):
         notes.append(
             "no channel was removed (rounding to kernel-friendly counts keeps every group whole at this "
@@ -290,7 +291,7 @@ def compress_channels(
     for g in result.analysis.groups:
         if g.id in blocked and blocked[g.id].startswith("its rewrite"):
             notes.append(f"group {g.id} kept whole: {blocked[g.id]}")
-    final = _as_written(sliced, prep.detached) if written == "pruned" else dense
+    final = restored if written == "pruned" else dense  # Attention nodes put back together
     before, after, prunable = _channel_totals(result)
     if written == "input":
         after = before
@@ -312,7 +313,6 @@ def compress_channels(
     out_model.metadata_props.extend(entries)
     helper.set_model_props(out_model, {**{e.key: e.value for e in entries}, METADATA_KEY: json.dumps(meta)})
     with timer.phase("write"):
-        restore_attention_projections(out_model, prep.detached)  # unless the surgery sliced them
         _rename_sliced_inputs(out_model, prep.detached)
         restore_initializer_inputs(out_model, prep.detached)  # typed from the sliced tensors
         save_model(out_model, staged, input_path=prep.path)
