@@ -29,19 +29,19 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/chita-onnx/unseen-tflite")
-os.makedirs(OUT, exist_ok=True)
+DEFAULT_OUT = os.path.expanduser("~/.cache/chita-onnx/unseen-tflite")
 SEED = 0
 tf.keras.utils.set_random_seed(SEED)
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
-d = load_digits()
-X = (d.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0,1]
-y = d.target.astype(np.int64)
-Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=500, random_state=SEED, stratify=y)
-np.savez(os.path.join(OUT, "split.npz"), Xtr=Xtr, Xte=Xte, ytr=ytr, yte=yte)
-Xtr4, Xte4 = Xtr[..., None], Xte[..., None]  # NHWC
+
+def digits_split():
+    """scikit-learn's digits in [0, 1], ``(n, 8, 8)``: 1297 train / 500 test, stratified, seed 0."""
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    return train_test_split(X, y, test_size=500, random_state=SEED, stratify=y)
 
 
 def cnn():
@@ -104,55 +104,65 @@ def tf2onnx_convert(tfl, onx):
     return r.returncode
 
 
-info = {}
-for name, fn, epochs in [("cnn", cnn, 15), ("mlp", mlp, 30), ("dw", dw, 25)]:
-    tf.keras.utils.set_random_seed(SEED)
-    m = fn()
-    m.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    m.fit(Xtr4, ytr, epochs=epochs, batch_size=32, verbose=0)
-    acc = float(m.evaluate(Xte4, yte, verbose=0)[1])
-    print(name, "keras test acc", acc)
-    info[name] = {"keras_acc": acc}
-    m.save(os.path.join(OUT, f"digits_{name}.keras"))
-    variants = [("", None)]
-    if name == "cnn":
-        variants += [("_fp16", "fp16"), ("_b1", "b1")]
-    for suf, q in variants:
-        src = m
-        if q == "b1":  # same weights, input batch fixed at 1
-            src = tf.keras.Sequential(
-                [tf.keras.Input((8, 8, 1), batch_size=1)]
-                + [layer.__class__.from_config(layer.get_config()) for layer in m.layers]
+def main(OUT):
+    os.makedirs(OUT, exist_ok=True)
+    Xtr, Xte, ytr, yte = digits_split()
+    np.savez(os.path.join(OUT, "split.npz"), Xtr=Xtr, Xte=Xte, ytr=ytr, yte=yte)
+    Xtr4, Xte4 = Xtr[..., None], Xte[..., None]  # NHWC
+    info = {}
+    for name, fn, epochs in [("cnn", cnn, 15), ("mlp", mlp, 30), ("dw", dw, 25)]:
+        tf.keras.utils.set_random_seed(SEED)
+        m = fn()
+        m.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        m.fit(Xtr4, ytr, epochs=epochs, batch_size=32, verbose=0)
+        acc = float(m.evaluate(Xte4, yte, verbose=0)[1])
+        print(name, "keras test acc", acc)
+        info[name] = {"keras_acc": acc}
+        m.save(os.path.join(OUT, f"digits_{name}.keras"))
+        variants = [("", None)]
+        if name == "cnn":
+            variants += [("_fp16", "fp16"), ("_b1", "b1")]
+        for suf, q in variants:
+            src = m
+            if q == "b1":  # same weights, input batch fixed at 1
+                src = tf.keras.Sequential(
+                    [tf.keras.Input((8, 8, 1), batch_size=1)]
+                    + [layer.__class__.from_config(layer.get_config()) for layer in m.layers]
+                )
+                src.set_weights(m.get_weights())
+            conv = tf.lite.TFLiteConverter.from_keras_model(src)
+            if q == "fp16":
+                conv.optimizations = [tf.lite.Optimize.DEFAULT]
+                conv.target_spec.supported_types = [tf.float16]
+            tfl = os.path.join(OUT, f"digits_{name}{suf}.tflite")
+            Path(tfl).write_bytes(conv.convert())
+            # TFLite interpreter accuracy
+            it = tf.lite.Interpreter(model_path=tfl)
+            it.allocate_tensors()
+            inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+            pred = []
+            for x in Xte4:  # batch 1 even for dynamic-batch models
+                it.set_tensor(inp["index"], x[None])
+                it.invoke()
+                pred.append(int(np.argmax(it.get_tensor(outp["index"]))))
+            info[name + suf + "_tflite_acc"] = float(np.mean(np.array(pred) == yte))
+            onx = os.path.join(OUT, f"digits_{name}{suf}.onnx")
+            if tf2onnx_convert(tfl, onx):
+                continue
+            om = onnx.load(onx)
+            iname = om.graph.input[0].name
+            shp = [dd.dim_value or dd.dim_param for dd in om.graph.input[0].type.tensor_type.shape.dim]
+            print(" onnx input", iname, shp, "outputs", [o.name for o in om.graph.output])
+            xs = Xtr4[:256] if len(shp) == 4 else Xtr[:256]
+            np.savez(os.path.join(OUT, f"digits_{name}{suf}_calib.npz"), **{iname: xs[:256], "labels": ytr[:256]})
+            np.savez(
+                os.path.join(OUT, f"digits_{name}{suf}_test.npz"),
+                **{iname: Xte4 if len(shp) == 4 else Xte, "labels": yte},
             )
-            src.set_weights(m.get_weights())
-        conv = tf.lite.TFLiteConverter.from_keras_model(src)
-        if q == "fp16":
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.target_spec.supported_types = [tf.float16]
-        tfl = os.path.join(OUT, f"digits_{name}{suf}.tflite")
-        Path(tfl).write_bytes(conv.convert())
-        # TFLite interpreter accuracy
-        it = tf.lite.Interpreter(model_path=tfl)
-        it.allocate_tensors()
-        inp, outp = it.get_input_details()[0], it.get_output_details()[0]
-        pred = []
-        for x in Xte4:  # batch 1 even for dynamic-batch models
-            it.set_tensor(inp["index"], x[None])
-            it.invoke()
-            pred.append(int(np.argmax(it.get_tensor(outp["index"]))))
-        info[name + suf + "_tflite_acc"] = float(np.mean(np.array(pred) == yte))
-        onx = os.path.join(OUT, f"digits_{name}{suf}.onnx")
-        if tf2onnx_convert(tfl, onx):
-            continue
-        om = onnx.load(onx)
-        iname = om.graph.input[0].name
-        shp = [dd.dim_value or dd.dim_param for dd in om.graph.input[0].type.tensor_type.shape.dim]
-        print(" onnx input", iname, shp, "outputs", [o.name for o in om.graph.output])
-        xs = Xtr4[:256] if len(shp) == 4 else Xtr[:256]
-        np.savez(os.path.join(OUT, f"digits_{name}{suf}_calib.npz"), **{iname: xs[:256], "labels": ytr[:256]})
-        np.savez(
-            os.path.join(OUT, f"digits_{name}{suf}_test.npz"), **{iname: Xte4 if len(shp) == 4 else Xte, "labels": yte}
-        )
 
-Path(OUT, "build_info.json").write_text(json.dumps(info, indent=1))
-print(json.dumps(info, indent=1))
+    Path(OUT, "build_info.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_OUT)

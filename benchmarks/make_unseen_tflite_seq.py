@@ -12,48 +12,25 @@ quantized: ``compress`` must refuse it in one line).  OUT defaults to
 """
 
 import collections
+import contextlib
+import io
 import json
 import os
-import subprocess
+import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import onnx
 import tensorflow as tf
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from make_unseen_tflite import DEFAULT_OUT, SEED, cnn, digits_split, tf2onnx_convert
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/chita-onnx/unseen-tflite")
+OUT = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_OUT
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
 os.makedirs(OUT, exist_ok=True)
-SEED = 0
-tf.keras.utils.set_random_seed(SEED)
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
-d = load_digits()
-X = (d.images / 16.0).astype(np.float32)
-y = d.target.astype(np.int64)
-Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=500, random_state=SEED, stratify=y)
+Xtr, Xte, ytr, yte = digits_split()
 Xtr4, Xte4 = Xtr[..., None], Xte[..., None]
 L = tf.keras.layers
-
-
-def cnn():
-    return tf.keras.Sequential(
-        [
-            tf.keras.Input((8, 8, 1)),
-            L.Conv2D(16, 3, padding="same", activation="relu"),
-            L.Conv2D(32, 3, padding="same", use_bias=False),
-            L.BatchNormalization(),
-            L.ReLU(),
-            L.MaxPooling2D(2),
-            L.Flatten(),
-            L.Dense(64, activation="relu"),
-            L.Dense(10, activation="softmax"),
-        ]
-    )
 
 
 def lstm():
@@ -76,30 +53,12 @@ def conv1d():
     )
 
 
-def tf2onnx_convert(tfl, onx):
-    r = subprocess.run(
-        [sys.executable, "-m", "tf2onnx.convert", "--tflite", tfl, "--output", onx, "--opset", "13"],
-        capture_output=True,
-        text=True,
-    )
-    Path(onx + ".tf2onnx.log").write_text(r.stdout + r.stderr)
-    print("tf2onnx", os.path.basename(tfl), "rc", r.returncode)
-    if r.returncode:
-        print(r.stderr[-2000:])
-    return r.returncode
-
-
 def tfl_ops(tfl):
+    """``[(TFLite op, count)]`` of a .tflite file, from TensorFlow's analyzer (its error text if it fails)."""
     try:
-        from tensorflow.lite.python import analyzer  # noqa
-        import io
-        import contextlib
-
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             tf.lite.experimental.Analyzer.analyze(model_path=tfl)
-        import re
-
         return sorted(collections.Counter(re.findall(r"Op#\d+ (\w+)\(", buf.getvalue())).items())
     except Exception as e:
         return str(e)
