@@ -32,7 +32,7 @@ from onnx import helper
 from . import activations, runtime
 from .activations import SegmentRunner, _attr, _session
 from .errors import ChitaError, ModelError
-from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, finalize_means
+from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, dense_weight_t, finalize_means
 from .rnnstats import (
     GATES,
     Part,
@@ -278,6 +278,12 @@ def part_stats(
         M, d = p.shape(geom)
         out.append(LayerStats.empty(LayerGeometry("matmul_right", (d, M)), cross=dense is not None))
     samplers = {}
+    # each part's dense weight as accumulate multiplies by it, made once instead of once per batch
+    dense_t = (
+        [dense_weight_t(J_bar[p.direction, p.r0 : p.r1, p.col_slice(geom)][None]) for p in plist]
+        if dense is not None
+        else [None] * len(plist)
+    )
     for k in range(geom.directions):
         total = sum(pruned.count(b, geom) for b in range(len(pruned.X)))
         samplers[k] = RowSampler(total, max_rows * geom.d if max_rows > 0 else None, seed=seed + k)
@@ -288,7 +294,7 @@ def part_stats(
             if zd is not None and zd.shape != zp.shape:
                 raise ModelError(f"{site.node}: the dense and pruned models have different sequence lengths")
             idx = samplers[k].pick(zp.shape[0])
-            for p, st in zip(plist, out, strict=True):
+            for p, st, wT in zip(plist, out, dense_t, strict=True):
                 if p.direction != k:
                     continue
                 bk = None if bias is None else bias[k]
@@ -296,8 +302,7 @@ def part_stats(
                 if zd is None:
                     accumulate(st, xp, index=idx)
                 else:
-                    wr = J_bar[k, p.r0 : p.r1, p.col_slice(geom)][None]
-                    accumulate(st, xp, a_dense=part_rows(zd, p, geom, J_bar[k], bk), w_dense_rows=wr, index=idx)
+                    accumulate(st, xp, a_dense=part_rows(zd, p, geom, J_bar[k], bk), w_dense_t=wT, index=idx)
     for st in out:
         finalize_means(st)
     return out

@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import ModelError
-from .solver.layerwise import damp_gram, inverse, obs_saliency, split_budget, targets
+from .solver.layerwise import damp_gram, obs_saliency, split_budget, targets
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 Cols = Literal["xh", "x", "h", "rh"]
@@ -249,7 +249,7 @@ def saliency(
     _, W_star = targets(np.asarray(W_bar, np.float64), dh, None if B is None else np.asarray(B, np.float64))
     if select == "magnitude":
         return np.abs(W_star)
-    return obs_saliency(W_star, np.diag(inverse(dh)))
+    return obs_saliency(W_star, dh.inverse_diag())
 
 
 def allot(scores: list[NDArray[np.float64]], keep: int) -> list[int]:

@@ -442,3 +442,48 @@ def test_diagnostic_errors_in_float32_match_float64() -> None:
         e64 = reconstruction_error(W, H, b, y, W_bar)
         e32 = reconstruction_error(W, H, b, y, W_bar, single=True)
         assert e64 > 1e-3 * energy and abs(e32 - e64) <= 1e-5 * energy
+
+
+@pytest.mark.parametrize("d", [1, 7, 130])
+def test_reversed_cholesky_gives_the_inverse_its_factor_and_solves(d: int) -> None:
+    """``Damped``'s one factorisation of the reversed ``H_λ`` gives what the sweep used to get from
+    three (factor, invert, factor the inverse): ``U`` upper with ``UᵀU = H_λ⁻¹`` equal to the Cholesky
+    factor of the inverse, ``H_λ⁻¹`` itself, its diagonal, and solves against ``H_λ``."""
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((d + 3, d)) * np.geomspace(1.0, 1e-2, d)
+    dh = damp_gram(X.T @ X, 0.01)
+    ref_inv = np.linalg.inv(dh.H)
+    scale = np.abs(ref_inv).max()
+    np.testing.assert_allclose(dh.inverse(), ref_inv, rtol=0, atol=1e-10 * scale)
+    assert dh.inverse().flags.c_contiguous and np.array_equal(dh.inverse(), dh.inverse().T)
+    U = dh.inverse_factor()
+    assert U.flags.f_contiguous and np.all(np.tril(U, -1) == 0) and np.all(np.diag(U) > 0)
+    np.testing.assert_allclose(U, np.linalg.cholesky(ref_inv).T, rtol=0, atol=1e-10 * np.sqrt(scale))
+    np.testing.assert_allclose(dh.inverse_diag(), np.diag(ref_inv), rtol=1e-10)
+    b = rng.standard_normal((d, 3))
+    np.testing.assert_allclose(dh.solve(b), np.linalg.solve(dh.H, b), rtol=0, atol=1e-10 * np.abs(ref_inv @ b).max())
+    np.testing.assert_allclose(dh.solve(b[:, 0]), np.linalg.solve(dh.H, b[:, 0]), rtol=0, atol=1e-10 * scale * 10)
+
+
+def test_sweep_on_the_given_factor_equals_the_sweep_on_the_inverse() -> None:
+    rng = np.random.default_rng(4)
+    d, M = 70, 9
+    X = rng.standard_normal((200, d))
+    W = rng.standard_normal((M, d))
+    dh = damp_gram(X.T @ X)
+    for kw in ({"keep": 300}, {"mask": rng.random((M, d)) < 0.4}):
+        a, ma = sparsegpt_sweep(W, inverse(dh), block=16, **kw)  # type: ignore[arg-type]
+        b, mb = sparsegpt_sweep(W, None, block=16, U=dh.inverse_factor(), **kw)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(ma, mb)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * np.abs(a).max())
+    with pytest.raises(SolverError, match="factor U"):
+        sparsegpt_sweep(W, None, keep=3)
+
+
+def test_a_gram_that_is_not_positive_definite_is_damped_more_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    H = np.diag([1.0, -5.0, 1.0])  # damping 1% of the mean diagonal (−1) cannot make it definite at first
+    with caplog.at_level(logging.WARNING):
+        dh = damp_gram(H, 0.01, name="w9")
+    assert dh.damp > 0.01 and "w9" in caplog.text
+    assert np.all(np.linalg.eigvalsh(dh.H) > 0)
+    np.testing.assert_allclose(dh.inverse() @ dh.H, np.eye(3), atol=1e-12)

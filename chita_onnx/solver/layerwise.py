@@ -71,12 +71,78 @@ CG_MAX_ITERATIONS = 300
 
 @dataclass(frozen=True)
 class Damped:
-    """``H_λ = H + λI`` with its Cholesky factor; ``damp`` is the relative damping actually used."""
+    """``H_λ = H + λI`` with its Cholesky factor; ``damp`` is the relative damping actually used.
+
+    ``factor`` is the lower Cholesky factor ``L`` of ``P H_λ P``, ``P`` the reversal of the ``d``
+    coordinates (``H_λ = (PLP)(PLP)ᵀ``, a "UL" factorisation).  Its point: ``U = P L⁻¹ P`` is upper
+    triangular with ``H_λ⁻¹ = UᵀU``, the factor SparseGPT's sweep runs on.  The usual route factors
+    ``H_λ``, inverts it and factors the inverse again (``4/3·d³``); from ``L`` it takes one triangular
+    inversion (``2/3·d³`` in all), and ``H_λ⁻¹`` itself one more product (:meth:`inverse`), formed
+    only when a re-fit needs it.  The three are cached.
+    """
 
     H: F64
     lam: float
     damp: float
-    chol: tuple[F64, bool]
+    factor: F64
+    _cache: dict[str, F64] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, Hl: F64, lam: float = 0.0, damp: float = 0.0) -> Damped:
+        """Factor an already damped ``Hl`` (d × d, symmetric); raises ``LinAlgError`` when it is not
+        positive definite."""
+        L = _reversed_cholesky(np.asarray(Hl, np.float64))
+        if L is None:
+            raise np.linalg.LinAlgError("not positive definite")
+        return cls(np.asarray(Hl, np.float64), lam, damp, L)
+
+    def solve(self, b: F64) -> F64:
+        """``H_λ⁻¹ b`` for ``b`` of shape ``(d,)`` or ``(d, k)``."""
+        x = sla.cho_solve((self.factor, True), np.asarray(b, np.float64)[::-1], check_finite=False)
+        return np.ascontiguousarray(x[::-1])
+
+    def _linv(self) -> F64:
+        if "linv" not in self._cache:
+            inv, info = sla.lapack.dtrtri(self.factor, lower=1)
+            if info != 0:
+                raise SolverError("the Cholesky factor of H_λ is singular; raise the damping")
+            self._cache["linv"] = inv  # lower triangular: dpotrf(clean=1) zeroed the rest, dtrtri keeps it
+        return self._cache["linv"]
+
+    def inverse_factor(self) -> F64:
+        """``U`` (d × d, upper triangular, Fortran-ordered) with ``H_λ⁻¹ = UᵀU``.  (Reversing both
+        axes of the Fortran-ordered ``L⁻¹`` into Fortran order reads its memory backwards, in
+        sequence; into C order it would be a transposing copy, several times slower.)"""
+        if "u" not in self._cache:
+            self._cache["u"] = np.asfortranarray(self._linv()[::-1, ::-1])
+        return self._cache["u"]
+
+    def inverse_diag(self) -> F64:
+        """``diag(H_λ⁻¹)`` ``(d,)``: the squared column norms of ``U``."""
+        if "diag" not in self._cache:
+            self._cache["diag"] = np.einsum("ij,ij->j", self.inverse_factor(), self.inverse_factor())
+        return self._cache["diag"]
+
+    def inverse(self) -> F64:
+        """``H_λ⁻¹`` (d × d, symmetric, C-ordered): ``P L⁻ᵀL⁻¹ P`` (LAPACK ``lauum``)."""
+        if "inv" not in self._cache:
+            A, info = sla.lapack.dlauum(self._linv(), lower=1)
+            if info != 0:  # pragma: no cover - lauum of a valid triangle does not fail
+                raise SolverError("H_λ⁻¹ could not be formed")
+            A = np.asarray(A, np.float64)
+            _mirror(A, lower=True)
+            # symmetric: the Fortran-ordered reversal, transposed, is the same matrix in C order
+            self._cache["inv"] = np.asfortranarray(A[::-1, ::-1]).T
+        return self._cache["inv"]
+
+
+def _reversed_cholesky(Hl: F64) -> F64 | None:
+    """The lower Cholesky factor of ``Hl`` with its coordinates reversed (see :class:`Damped`), or
+    None when ``Hl`` is not positive definite (a failed or non-finite factorisation)."""
+    L, info = sla.lapack.dpotrf(Hl[::-1, ::-1], lower=1, clean=1)
+    if info != 0 or not np.all(np.isfinite(np.diag(L))) or np.any(np.diag(L) <= 0):
+        return None
+    return np.asarray(L, np.float64)
 
 
 def damp_gram(H: F64, damp: float = DAMP, *, name: str = "layer", max_tries: int = 8) -> Damped:
@@ -93,20 +159,19 @@ def damp_gram(H: F64, damp: float = DAMP, *, name: str = "layer", max_tries: int
         raise SolverError(f"{name}: the input Gram contains NaN or infinity (the layer's inputs overflow)")
     if damp < 0:
         raise SolverError(f"{name}: damping must be ≥ 0, got {damp}")
-    H = 0.5 * (H + H.T)
+    H = _symmetrized(H)
     scale = float(np.mean(np.diag(H))) if H.size else 0.0
     if scale <= 0.0:
         scale = 1.0
     d0 = damp
     cur = damp if damp > 0 else 1e-8
+    diag = np.einsum("ii->i", H)  # a view: the damping is added in place
+    base = diag.copy()
     for _ in range(max_tries + 1):
         lam = cur * scale
-        Hl = H + lam * np.eye(H.shape[0])
-        try:
-            chol = sla.cho_factor(Hl, lower=False, check_finite=False)
-            if not np.all(np.isfinite(chol[0])) or np.any(np.diag(chol[0]) <= 0):
-                raise np.linalg.LinAlgError("non-positive pivot")
-        except (np.linalg.LinAlgError, ValueError):
+        diag[:] = base + lam
+        L = _reversed_cholesky(H)
+        if L is None:
             nxt = cur * 10
             log.warning(
                 "%s: H + λI is not positive definite with damping %.3g·mean(diag H); retrying with %.3g",
@@ -118,7 +183,7 @@ def damp_gram(H: F64, damp: float = DAMP, *, name: str = "layer", max_tries: int
             continue
         if cur != d0:
             log.warning("%s: used damping %.3g·mean(diag H) instead of %.3g", name, cur, d0)
-        return Damped(Hl, lam, cur, chol)
+        return Damped(H, lam, cur, L)
     raise SolverError(
         f"{name}: the input Gram is not positive definite even with damping {cur:.3g}·mean(diag H); "
         "its inputs are degenerate"
@@ -133,19 +198,29 @@ def targets(W_bar: F64, dh: Damped, B: F64 | None) -> tuple[F64, F64]:
     if B is None:
         return W_bar @ dh.H, W_bar.copy()
     rhs = B.T + dh.lam * W_bar
-    return rhs, sla.cho_solve(dh.chol, rhs.T, check_finite=False).T
+    return rhs, dh.solve(rhs.T).T
 
 
 def inverse(dh: Damped) -> F64:
-    """``H_λ⁻¹`` (d × d), from the Cholesky factor (LAPACK ``potri``: a third of the work of solving
-    against the identity)."""
-    c, lower = dh.chol
-    inv, info = sla.lapack.dpotri(c, lower=lower)
-    if info != 0:
-        return np.asarray(sla.cho_solve(dh.chol, np.eye(dh.H.shape[0]), check_finite=False))
-    out: F64 = np.asarray(inv, dtype=np.float64)
-    _mirror(out, lower)
-    return out.T if not out.flags.c_contiguous else out  # LAPACK's is Fortran-ordered; symmetric
+    """``H_λ⁻¹`` (d × d, C-ordered; :meth:`Damped.inverse`)."""
+    return dh.inverse()
+
+
+def _symmetrized(H: F64, block: int = 256) -> F64:
+    """``(H + Hᵀ)/2`` (d × d, a new C-ordered array), block by block: the transposed read of
+    ``H + H.T`` walks memory across rows, several times slower on wide Grams."""
+    d = H.shape[0]
+    A = np.array(H, dtype=np.float64, order="C", copy=True)
+    for i in range(0, d, block):
+        i2 = min(d, i + block)
+        D = A[i:i2, i:i2]
+        D[...] = 0.5 * (D + D.T)
+        for j in range(i2, d, block):
+            j2 = min(d, j + block)
+            avg = 0.5 * (A[i:i2, j:j2] + A[j:j2, i:i2].T)
+            A[i:i2, j:j2] = avg
+            A[j:j2, i:i2] = avg.T
+    return A
 
 
 def _mirror(A: F64, lower: bool, block: int = 256) -> None:
@@ -208,12 +283,13 @@ def _block_counts(prune: int, d: int, block: int, saliency: F64) -> list[int]:
 
 def sparsegpt_sweep(
     W_star: F64,
-    Hinv: F64,
+    Hinv: F64 | None,
     keep: int | None = None,
     mask: NDArray[np.bool_] | None = None,
     *,
     block: int = BLOCK,
     row_weight: F64 | None = None,
+    U: F64 | None = None,
 ) -> tuple[F64, NDArray[np.bool_]]:
     """SparseGPT's OBS column sweep on ``Σ_i ρ_i (w_i − w*_i)ᵀ H_λ (w_i − w*_i)``, keeping exactly
     ``keep`` weights.
@@ -224,21 +300,26 @@ def sparsegpt_sweep(
     to its right.  ``row_weight`` ``ρ`` ``(M,)`` (default all ones) weighs the output rows: the rows
     are independent, so it changes which weights are removed, not how a row is compensated.  With
     ``mask`` (True = kept) the selection is given and only the updates run.  Returns ``(W, mask)``,
-    ``(M, d)`` each.
+    ``(M, d)`` each.  ``U`` (optional): that factor, given (:meth:`Damped.inverse_factor`); then
+    ``Hinv`` may be None.
     """
     M, d = W_star.shape
     if (keep is None) == (mask is None):
         raise SolverError("give exactly one of keep and mask")
-    try:
-        U = sla.cholesky(Hinv, lower=False, check_finite=False)
-    except np.linalg.LinAlgError:
-        raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
+    if U is None:
+        if Hinv is None:
+            raise SolverError("give H_λ⁻¹ or its factor U")
+        try:
+            U = sla.cholesky(Hinv, lower=False, check_finite=False)
+        except np.linalg.LinAlgError:
+            raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
+    hinv_diag = np.diag(Hinv) if Hinv is not None else np.einsum("ij,ij->j", U, U)
     W = W_star.copy()
     kept = np.ones((M, d), dtype=bool) if mask is None else mask.astype(bool, copy=True)
     counts: list[int] = []
     rho = np.ones((M, 1)) if row_weight is None else np.asarray(row_weight, np.float64).reshape(M, 1)
     if keep is not None:
-        sal = rho * W_star**2 / np.maximum(np.diag(Hinv), 1e-300)[None, :]
+        sal = rho * W_star**2 / np.maximum(hinv_diag, 1e-300)[None, :]
         counts = _block_counts(M * d - int(keep), d, block, sal)
     for bi, i1 in enumerate(range(0, d, block)):
         i2 = min(d, i1 + block)
@@ -295,11 +376,12 @@ def ridge_refit(
     is smaller — the kept set ``S`` (Cholesky of ``(H_λ)_SS``) or, given ``Hinv = H_λ⁻¹`` and the
     unconstrained optimum ``W_star = rhs·H_λ⁻¹``, the pruned set ``T``:
     ``w = w* − H_λ⁻¹[:, T] (H_λ⁻¹)_TT⁻¹ w*_T`` (the OBS removal of all of ``T`` at once; the same
-    minimiser).  Otherwise batched Jacobi-preconditioned conjugate gradients from ``W0`` (the
+    minimiser; ``Hinv`` defaults to :meth:`Damped.inverse`, formed only when some row needs it).
+    Otherwise batched Jacobi-preconditioned conjugate gradients from ``W0`` (the
     objective falls at every iteration), as many iterations as :data:`CG_FLOPS` pays for (at least
     :data:`CG_MIN_ITERATIONS`, at most 300, stopping early at convergence).  Returns ``(W, how)``.
     """
-    complement = Hinv is not None and W_star is not None
+    complement = W_star is not None
     exact_cost, cg_step = refit_cost(mask, complement)
     if exact_cost > EXACT_FLOPS:
         iters = int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
@@ -316,17 +398,19 @@ def _exact_refit(
     (the reference; the same results up to rounding)."""
     M, d = rhs.shape
     sizes = mask.sum(axis=1)
-    complement = Hinv is not None and W_star is not None
+    complement = W_star is not None
     W = np.zeros((M, d))
     Hl = dh.H
     full = sizes == d
     if np.any(full):
-        W[full] = sla.cho_solve(dh.chol, rhs[full].T, check_finite=False).T
+        W[full] = dh.solve(rhs[full].T).T
     rows = np.flatnonzero(~full & (sizes > 0))
     by_t = rows[2 * sizes[rows] > d] if complement else rows[:0]
     by_s = np.setdiff1d(rows, by_t, assume_unique=True)
     if by_t.size:  # w = w* − H_λ⁻¹ z with z_T = (H_λ⁻¹)_TT⁻¹ w*_T: the products in one GEMM
-        assert Hinv is not None and W_star is not None
+        assert W_star is not None
+        if Hinv is None:
+            Hinv = dh.inverse()
         if batched:
             Z = _solve_rows(Hinv, ~mask[by_t], W_star[by_t])
         else:
@@ -389,42 +473,65 @@ def _spd_solve64(A: F64, idx: NDArray[np.int64], b: F64) -> F64:
 def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: float = 1e-6, iters: int = 300) -> F64:
     """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support.
 
-    With ``d ≥`` :data:`SINGLE_MIN` the products with ``H`` (all the work) are float32 and the
+    With ``d ≥`` :data:`SINGLE_MIN` the products with ``H`` (all the arithmetic) are float32 and the
     iteration's vectors float64.  Each row ends at the better of its start ``W0`` and its last
     iterate, by ``f_i(w) = wᵀH_λw − 2wᵀrhs_i = −wᵀ(rhs_i + r)`` with the explicit residual
     ``r = (rhs_i − H_λw)`` on the support (``w`` is zero off it): one product with ``H`` for the end,
-    the start's is the iteration's first residual."""
+    the start's is the iteration's first.  The iteration works in preallocated ``(M, d)`` buffers:
+    on a wide layer a fresh temporary per operation costs more in page faults than the product."""
     H32 = H.astype(np.float32) if H.shape[0] >= SINGLE_MIN else None
+    V32 = np.empty(rhs.shape, np.float32) if H32 is not None else None
+    HV32 = np.empty(rhs.shape, np.float32) if H32 is not None else None
 
-    def times_h(V: F64) -> F64:
+    def times_h(V: F64, out: F64) -> F64:
+        """``V H`` into ``out``."""
         if H32 is None:
-            return V @ H
-        return np.asarray(V.astype(np.float32) @ H32, dtype=np.float64)
+            return np.matmul(V, H, out=out)
+        assert V32 is not None and HV32 is not None
+        np.copyto(V32, V, casting="same_kind")
+        np.matmul(V32, H32, out=HV32)
+        np.copyto(out, HV32)
+        return out
 
     P = mask.astype(np.float64)
     X = np.zeros_like(rhs) if W0 is None else W0 * P
     diag = np.maximum(np.diag(H), 1e-300)[None, :]
-    R = (rhs - times_h(X)) * P
+    R = np.empty_like(rhs)
+    tmp = np.empty_like(rhs)
+    times_h(X, R)
+    np.subtract(rhs, R, out=R)
+    R *= P
     X0 = X.copy()
-    f0 = -np.einsum("ij,ij->i", X0, rhs + R)
+    np.add(rhs, R, out=tmp)
+    f0 = -np.einsum("ij,ij->i", X0, tmp)
     Z = R / diag
     Pd = Z.copy()
+    Ap = np.empty_like(rhs)
     rz = np.einsum("ij,ij->i", R, Z)
-    stop = tol * np.maximum(np.linalg.norm(rhs * P, axis=1), 1e-300)
+    np.multiply(rhs, P, out=tmp)
+    stop2 = (tol * np.maximum(np.sqrt(np.einsum("ij,ij->i", tmp, tmp)), 1e-300)) ** 2
     for _ in range(iters):
-        if np.all(np.linalg.norm(R, axis=1) <= stop):
+        if np.all(np.einsum("ij,ij->i", R, R) <= stop2):  # ‖r_i‖ ≤ tol·‖rhs_i‖ on the support
             break
-        Ap = times_h(Pd) * P
+        times_h(Pd, Ap)
+        Ap *= P
         denom = np.einsum("ij,ij->i", Pd, Ap)
         alpha = np.where(denom > 0, rz / np.where(denom > 0, denom, 1.0), 0.0)
-        X += alpha[:, None] * Pd
-        R -= alpha[:, None] * Ap
-        Z = R / diag
+        np.multiply(Pd, alpha[:, None], out=tmp)
+        X += tmp
+        np.multiply(Ap, alpha[:, None], out=tmp)
+        R -= tmp
+        np.divide(R, diag, out=Z)
         rz_new = np.einsum("ij,ij->i", R, Z)
         beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
-        Pd = Z + beta[:, None] * Pd
+        Pd *= beta[:, None]
+        Pd += Z
         rz = rz_new
-    f = -np.einsum("ij,ij->i", X, rhs + (rhs - times_h(X)) * P)
+    times_h(X, tmp)
+    np.subtract(rhs, tmp, out=tmp)
+    tmp *= P
+    tmp += rhs
+    f = -np.einsum("ij,ij->i", X, tmp)
     worse = ~(f <= f0)  # a NaN iterate is worse
     X[worse] = X0[worse]
     return X
@@ -556,12 +663,11 @@ def prune_layer(
             return fast
     damped = [damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name) for k in range(g)]
     tg = [targets(W_bar[k], damped[k], None if B is None else B[k]) for k in range(g)]
-    invs = [inverse(dh) for dh in damped]
     if keep is not None:
         if select == "magnitude":
             scores = np.stack([np.abs(w) for _, w in tg])
         else:
-            scores = np.stack([obs_saliency(w, np.diag(iv)) for (_, w), iv in zip(tg, invs, strict=True)])
+            scores = np.stack([obs_saliency(w, dh.inverse_diag()) for (_, w), dh in zip(tg, damped, strict=True)])
         scores = scores * rho[:, :, None]
         counts = split_budget(scores, keep)
         if select == "magnitude":
@@ -579,11 +685,13 @@ def prune_layer(
     for k in range(g):
         rhs, W_star = tg[k]
         if mask is None:
-            Wk, mk = sparsegpt_sweep(W_star, invs[k], keep=int(counts[k]), block=block, row_weight=rho[k])
+            Wk, mk = sparsegpt_sweep(
+                W_star, None, keep=int(counts[k]), block=block, row_weight=rho[k], U=damped[k].inverse_factor()
+            )
         else:
-            Wk, mk = sparsegpt_sweep(W_star, invs[k], mask=mask[k], block=block)
+            Wk, mk = sparsegpt_sweep(W_star, None, mask=mask[k], block=block, U=damped[k].inverse_factor())
         if refit:
-            Wk, how = ridge_refit(damped[k], rhs, mk, Wk, invs[k], W_star)  # CG keeps each row's better end
+            Wk, how = ridge_refit(damped[k], rhs, mk, Wk, None, W_star)  # CG keeps each row's better end
         out[k], kept[k] = Wk, mk
     err = masked = dense = 0.0
     for k in range(g):
