@@ -22,7 +22,7 @@ import click
 
 import chita_onnx
 from chita_onnx.config import ALLOCATIONS, METHODS, CompressConfig
-from chita_onnx.errors import ChitaError, ConfigError, one_line
+from chita_onnx.errors import ChitaError, ConfigError, ModelError, one_line
 from chita_onnx.guard import translate
 from chita_onnx.progress import set_progress
 from chita_onnx.report import format_report, table
@@ -508,7 +508,7 @@ def compress(
     "--pattern",
     default=None,
     help="Check an N:M pattern such as 2:4 instead: per tensor, every group of M weights along the reduction "
-    "axis must hold at most N nonzeros.",
+    "axis must hold at most N nonzeros.  Exits 1 when some group holds more.",
 )
 @click.option(
     "--check",
@@ -522,7 +522,7 @@ def inspect(
     model: str, as_json: bool, pattern: str | None, check: bool, data: str | None, output: str | None
 ) -> None:
     """List the prunable weight tensors of MODEL (marking those that compress refuses); with --check:
-    will it go through compress?; with --pattern: does it satisfy an N:M pattern?"""
+    will it go through compress?; with --pattern: does it satisfy an N:M pattern (exit 1 if not)?"""
     from chita_onnx.pipeline import inspect_weights
 
     if check and pattern is not None:
@@ -567,8 +567,15 @@ def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
     if nm is None:
         raise ConfigError(f"--pattern={pattern!r}: must be N:M with 0 < N < M ≤ {MAX_GROUP}, e.g. 2:4")
     info = pattern_summary(check_pattern(model, nm), nm)
+    violated = bool(info["eligible"]) and not info["satisfied"]
+    failure = ModelError(
+        f"{model} does not satisfy {nm}: {info['violating_groups']:,} of {info['checked_groups']:,} groups in "
+        f"{len(info['violated'])} tensor(s) hold more than {nm.n} nonzeros (first: {', '.join(info['violated'][:3])})"
+    )
     if as_json:
         click.echo(json.dumps({"model": model, **info}, indent=2))
+        if violated:  # a gate, like --check: the report first, then exit 1
+            raise failure
         return
     lines = format_pattern(info, model)
     click.echo(lines[1])
@@ -581,6 +588,8 @@ def _inspect_pattern(model: str, pattern: str, as_json: bool) -> None:
         f"\n{model} {verdict} {nm} on its {len(info['eligible'])} eligible tensor(s): "
         f"{info['violating_groups']:,} of {info['checked_groups']:,} groups hold more than {nm.n} nonzeros{dense}"
     )
+    if violated:
+        raise failure
 
 
 def _inspect_check(model: str, data: str | None, output: str | None, as_json: bool) -> None:

@@ -171,7 +171,13 @@ def test_cli_pattern_flags(tmp_path: Path) -> None:
     r = runner.invoke(cli, ["inspect", str(out), "--pattern", "2:4"])
     assert r.exit_code == 0 and "satisfies 2:4 on its 3 eligible tensor(s)" in r.output
     r = runner.invoke(cli, ["inspect", str(src), "--pattern", "2:4", "--json"])
-    assert r.exit_code == 0 and json.loads(r.output)["satisfied"] is False
+    assert r.exit_code == 1  # a gate, like --check: the JSON report, then one error line
+    report, _, last = r.output.rpartition("\n}\n")
+    assert json.loads(report + "\n}")["satisfied"] is False
+    assert last.startswith("error: ") and "does not satisfy 2:4" in last and "c1.w" in last
+    assert "Traceback" not in r.output
+    r = runner.invoke(cli, ["inspect", str(src), "--pattern", "2:4"])
+    assert r.exit_code == 1 and "does NOT satisfy 2:4" in r.output and r.output.count("error: ") == 1
     r = runner.invoke(cli, ["sweep", str(src), "--data", str(data), "--pattern", "2:4"])
     assert r.exit_code == 2 and "--pattern" in r.output
 
