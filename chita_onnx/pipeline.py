@@ -35,7 +35,7 @@ from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, GradientError, ModelError, OutputError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .gradients.prepare import scored_output
@@ -521,7 +521,7 @@ class GradientOracle:
         """An (n, p) float32 matrix in an anonymous file under ``--workdir`` (deleted when unmapped)."""
         folder = Path(self.config.workdir or ".")
         if not folder.is_dir():
-            raise ConfigError(f"--workdir={folder}: not an existing folder")
+            raise OutputError(f"--workdir={folder}: not an existing folder")
         fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)  # noqa: SIM115 (lives with the map)
         fh.truncate(self.rows * p * 4)
         log.info(
@@ -1104,7 +1104,8 @@ def _compress(
             # no gradients at all (e.g. onnxruntime-training cannot build them past a Loop upstream of
             # the weights): layer-wise reconstruction with the gradient-free magnitude allocation
             why = " ".join(f"{type(exc2).__name__}: {exc2}".split())[:300]
-            log.warning("no gradients for this model (%s): layer-wise with the magnitude allocation", why)
+            # the report's warning below says it; a log warning too would print it twice
+            log.info("no gradients for this model (%s): layer-wise with the magnitude allocation", why)
             prep, decide, config = layer_prep, layer_decide, layer_config.with_(allocation="magnitude")
             chosen = f"method auto: layerwise with --allocation magnitude, because gradients failed ({why})"
             warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
