@@ -255,7 +255,8 @@ class Comparison:
     ``(N, C)`` only); the differences are taken elementwise over the chosen output.  For outputs that
     are not class scores, ``relative_error`` and ``cosine`` (see :class:`OutputComparison`) are the
     measures that matter; ``outputs`` compares every evaluated output (several for detectors and
-    stateful models).
+    stateful models).  ``position_agreement``: for a sequence output ``(N, T, C)`` (a CTC recogniser,
+    a tagger), the fraction of positions whose argmax class is unchanged.
     """
 
     samples: int
@@ -269,6 +270,7 @@ class Comparison:
     relative_error: float | None = None
     cosine: float | None = None
     outputs: tuple[OutputComparison, ...] = ()
+    position_agreement: float | None = None
 
 
 def evaluate(
@@ -394,6 +396,7 @@ def compare_to(
         relative_error=per[0].relative_error,
         cosine=per[0].cosine,
         outputs=per if len(per) > 1 else (),
+        position_agreement=per[0].argmax_agreement if yd.ndim == 3 else None,
     )
 
 

@@ -1299,6 +1299,7 @@ def write_gradients(
     with plan_outputs(outputs, model=model, data=data) as plan:
         m = load_model(model)
         refuse_quantized(m, str(model))
+        m = expose_weights(m)[0]  # the weights compress prunes (a layer reading one through a Transpose too)
         tensors = find_prunable(m)
         if not tensors:
             raise ModelError(no_weights_message(m, str(model)))

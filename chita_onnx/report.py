@@ -173,6 +173,11 @@ def format_report(r: Report) -> str:
                 [
                     ["top-1 accuracy", _pct(e.dense_accuracy), _pct(e.pruned_accuracy)],
                     ["top-1 agreement with dense", "", _pct(e.agreement)],
+                    *(
+                        [["per-position argmax agreement", "", _pct(e.position_agreement)]]
+                        if e.position_agreement is not None
+                        else []
+                    ),
                     ["max |output difference|", "", f"{e.max_abs_diff:.4g}"],
                     ["mean |output difference|", "", f"{e.mean_abs_diff:.4g}"],
                     *(

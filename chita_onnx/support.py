@@ -266,6 +266,10 @@ def check_model_support(
     t0 = time.perf_counter()
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else "model"
     m = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if quantized_node(m) is None:
+        from .weightchains import expose_weights
+
+        m = expose_weights(m)[0]  # as compress and inspect see the model: weights behind a Transpose too
     refusals = _structural_refusals(m, name)
     tensors = [] if refusals and "quantized" in refusals[0] else find_prunable(m)
     base = SupportReport(

@@ -320,3 +320,31 @@ def test_non_classifier_heads_compress_end_to_end(
     yp = pruned.run(None, test)
     for a, b in zip(yd, yp, strict=True):
         assert a.shape == b.shape
+
+
+def test_report_gives_per_position_agreement_for_a_sequence_output(tmp_path: Path) -> None:
+    """A single ``(N, T, C)`` output (a CTC recogniser's log-probabilities) has no top-1 agreement per
+    sample; the report gives the fraction of positions whose argmax class is unchanged instead of
+    leaving the line empty (it was computed and dropped)."""
+    from chita_onnx.report import format_report
+
+    w = Init(4)
+    nodes = [
+        node("MatMul", ["x", w("W1", 6, 16)], ["h0"]),
+        node("Tanh", ["h0"], ["h"]),
+        node("MatMul", ["h", w("W2", 16, 15)], ["z"]),
+        node("Reshape", ["z", w.const("shp", [-1, 3, 5], np.int64)], ["logits"]),
+    ]
+    src, out = tmp_path / "seq.onnx", tmp_path / "o.onnx"
+    onnx.save(mk(nodes, [vi("x", ["N", 6])], [vi("logits", ["N", 3, 5])], w.items), src)
+    rng = np.random.default_rng(5)
+    calib, test = ({"x": rng.standard_normal((n, 6)).astype(np.float32)} for n in (40, 30))
+    rep = compress(src, out, calib, CompressConfig(sparsity=0.6, method="magnitude"), eval_data=test)
+    e = rep.evaluation
+    assert e is not None and e.agreement is None
+    yd = make_session(src).run(None, test)[0]
+    yp = make_session(out).run(None, test)[0]
+    want = float(np.mean(np.argmax(yd, -1) == np.argmax(yp, -1)))
+    assert e.position_agreement == pytest.approx(want) and 0.0 < want < 1.0
+    assert "per-position argmax agreement" in format_report(rep)
+    assert rep.to_dict()["evaluation"]["position_agreement"] == pytest.approx(want)

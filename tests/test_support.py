@@ -262,3 +262,55 @@ def test_compress_api_refuses_unsupported_models_before_reading_data(tmp_path: P
             tmp_path / "d.npz",
             CompressConfig(method="chita"),
         )
+
+
+def _linear_behind_transpose(extra: list[onnx.NodeProto] | None = None) -> onnx.ModelProto:
+    """``x @ Transpose(W)`` (``W`` stored [out, in], as torch's dynamo exporter writes ``nn.Linear``),
+    Relu, a Gemm head; ``extra`` nodes read ``logits`` and end in the output ``y``."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="t"),
+        helper.make_node("MatMul", ["x", "Wt"], ["h"], name="mm"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "C"], ["logits" if extra else "y"], transB=1, name="gemm"),
+        *(extra or []),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "C"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_check_and_gradients_see_a_weight_stored_behind_a_transpose(tmp_path: Path) -> None:
+    """``inspect --check`` and the ``gradients`` command see the weights ``compress`` prunes, a layer
+    reading its weight through a Transpose included: the support report used to count only the Gemm
+    (160 of 288 weights) and passed a model whose MatMul weight has no gradient, and ``gradients``
+    wrote X for the Gemm alone."""
+    src = _save(_linear_behind_transpose(), tmp_path / "t.onnx")
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(12).standard_normal((24, 8)).astype(np.float32))
+    listed = chita_onnx.inspect_model(src)
+    rep = check_model_support(src, data)
+    assert rep.ok and rep.prunable_tensors == len(listed) == 2 and rep.prunable_weights == 288
+    out = tmp_path / "g.npy"
+    code, _, err = _run_cli("gradients", src, "--data", data, "--out", out)
+    assert code == 0, err
+    assert np.load(out).shape == (24, 288)
+    layout = json.loads((tmp_path / "g.npy.layout.json").read_text())
+    assert sorted(t["name"] for t in layout["tensors"]) == sorted(t.name for t in listed)
+    shrink = [helper.make_node("Shrink", ["logits"], ["y"], lambd=0.1, name="shrink")]
+    bad = _save(_linear_behind_transpose(shrink), tmp_path / "s.onnx")
+    rep = check_model_support(bad, data)
+    assert not rep.ok and "Shrink" in rep.refusals[0] and rep.prunable_weights == 288
+    with pytest.raises(UnsupportedOpError, match="Shrink"):  # what --check now predicts
+        chita_onnx.compress(bad, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
