@@ -201,8 +201,7 @@ def _writable_folder(folder: Path, label: str, missing: type[Exception]) -> None
 
 def check_workdir(workdir: PathLike) -> None:
     """``--workdir`` must be an existing folder in which files can be created."""
-    # a missing folder is a path that is not there, exit 1 (as for OUTPUT's folder or --data), not a usage error
-    _writable_folder(Path(workdir), f"--workdir={workdir}", OutputError)
+    _writable_folder(Path(workdir), f"--workdir={workdir}", ConfigError)
 
 
 class OutputPlan:

@@ -35,7 +35,7 @@ from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, GradientError, ModelError, OutputError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .gradients.prepare import scored_output
@@ -521,7 +521,7 @@ class GradientOracle:
         """An (n, p) float32 matrix in an anonymous file under ``--workdir`` (deleted when unmapped)."""
         folder = Path(self.config.workdir or ".")
         if not folder.is_dir():
-            raise OutputError(f"--workdir={folder}: not an existing folder")
+            raise ConfigError(f"--workdir={folder}: not an existing folder")
         fh = tempfile.TemporaryFile(prefix="chita_gradients_", dir=folder)  # noqa: SIM115 (lives with the map)
         fh.truncate(self.rows * p * 4)
         log.info(

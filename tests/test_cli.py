@@ -259,9 +259,6 @@ def test_bad_output_folder_and_output_name_fail_before_any_work(tmp_path: Path, 
     assert out == ""  # nothing was pruned or reported
     code, out, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--output", "probs")
     assert_one_line_error(code, err, 2, "--output='probs'", "logits")
-    code, out, err = run("compress", mlp_path, tmp_path / "o.onnx", "--data", mlp_data, "--workdir", tmp_path / "nope")
-    assert_one_line_error(code, err, 1, "--workdir=", "does not exist")  # a missing path, as for OUTPUT's folder
-    assert out == "" and not (tmp_path / "o.onnx").exists()
 
 
 def test_a_classical_ml_export_is_refused_with_what_its_weights_are(tmp_path: Path) -> None:

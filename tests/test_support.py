@@ -202,11 +202,24 @@ def test_a_loop_before_the_weights_is_fine() -> None:
 
 def test_an_op_without_gradient_or_rewrite_is_named() -> None:
     w = Init(7)
+    model = vec_chain([node("Shrink", ["z"], ["y"], lambd=0.1)], w)
+    report = check_model_support(model)
+    assert not report.ok and "op Shrink (node 'Shrink_y')" in report.refusals[0]
+    with pytest.raises(UnsupportedOpError, match="Shrink"):
+        assert_supported(model)
+
+
+def test_an_einsum_layer_is_checked_as_compress_sees_it(tmp_path: Path) -> None:
+    """``compress`` reads a weight-bearing ``Einsum`` (``ij,jk->ik``) as the MatMul it is and prunes it
+    with gradients; the support check used to look at the graph before that rewrite and refuse it."""
+    w = Init(7)
     model = vec_chain([node("Einsum", ["z", w("E", 6, 6)], ["y"], equation="ij,jk->ik")], w)
     report = check_model_support(model)
-    assert not report.ok and "op Einsum (node 'Einsum_y')" in report.refusals[0]
-    with pytest.raises(UnsupportedOpError, match="Einsum"):
-        assert_supported(model)
+    assert report.ok and report.prunable_tensors == 3
+    src = _save(model, tmp_path / "e.onnx")
+    x = {"x": np.random.default_rng(0).standard_normal((16, 5)).astype(np.float32)}
+    rep = chita_onnx.compress(src, tmp_path / "o.onnx", x, CompressConfig(sparsity=0.5, method="chita"))
+    assert "E" in {t.name for t in rep.tensors}
 
 
 # ---------------------------------------------------------------------------------------- report
