@@ -540,6 +540,8 @@ def inspect(
     if as_json:
         items = [{**dataclasses.asdict(t), "size": t.size, "refused": refused.get(t.name)} for t in tensors]
         click.echo(json.dumps(items, indent=2))
+        if whole:  # stdout stays a JSON list; the whole-model refusal goes to stderr
+            click.echo(f"warning: compress refuses this model: {whole}", err=True)
         return
     rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
     head = ["tensor", "op", "node", "shape", "weights"]

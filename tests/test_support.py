@@ -261,6 +261,8 @@ def test_inspect_check_cli(tmp_path: Path) -> None:
     assert "refused by the structural check" in out and "pass --data" not in out
     code, out, _ = _run_cli("inspect", tmp_path / "q.onnx")  # the plain listing says so too
     assert code == 0 and "compress refuses this model" in out and "quantized" in out
+    code, out, err = _run_cli("inspect", tmp_path / "q.onnx", "--json")  # JSON on stdout, the refusal on stderr
+    assert code == 0 and isinstance(json.loads(out), list) and "compress refuses this model" in err
     code, out, _ = _run_cli("inspect", model)  # without --check: the tensor table as before
     assert code == 0 and "prunable tensors" in out
 
