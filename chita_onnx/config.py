@@ -77,7 +77,7 @@ class CompressConfig:
     mini_batch: int = 1
     num_samples: int = 1000
     seed: int = 0
-    storage: Storage = "auto"
+    storage: Storage = "dense"
     holdout: float = 0.2
     batch_size: int = 64
     workdir: str | None = None

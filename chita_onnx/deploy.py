@@ -29,7 +29,20 @@ def sparse_storage_note(count: int, sparse_raw: int, sparse_zstd: int, dense_zst
     """
     return (
         f"{count} tensor(s) written as sparse_initializer ({_kb(sparse_raw)}; zstd {_kb(sparse_zstd)}). "
-        "onnxruntime densifies them at load, and TensorRT's ONNX parser reads only dense graph.initializer, "
-        "so this file will not build there: use --storage dense for TensorRT. Stored dense with zeros, the "
-        f"same model compresses to {_kb(dense_zstd)} with zstd"
+        "onnxruntime densifies them at load; TensorRT's ONNX parser and OpenVINO read only dense "
+        "graph.initializer, and onnxruntime builds without sparse-tensor support (minimal and web builds) "
+        "cannot load them either: this file runs in full onnxruntime builds only. Stored dense with zeros "
+        f"(--storage dense, the default), the same model compresses to {_kb(dense_zstd)} with zstd"
+    )
+
+
+def dense_storage_note(count: int, saving: int) -> str:
+    """The report's note when a dense-with-zeros file could have been smaller raw.
+
+    ``count`` tensors are past the break-even of sparse storage; ``saving``: bytes they would save.
+    """
+    return (
+        f"stored dense with zeros, which every runtime reads (onnxruntime of any build, TensorRT, OpenVINO) "
+        f"and which compresses best; --storage auto would write {count} tensor(s) as sparse_initializer, "
+        f"about {_kb(saving)} smaller raw, for full onnxruntime builds only"
     )

@@ -34,7 +34,7 @@ from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
-from .deploy import PATTERN_STORAGE_NOTE, sparse_storage_note, zstd_size
+from .deploy import PATTERN_STORAGE_NOTE, dense_storage_note, sparse_storage_note, zstd_size
 from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
@@ -1164,10 +1164,15 @@ def _compress(
     )
     nnz = sum(t.nnz for t in tensors)
     sparse_names = [s.name for s in stored if s.storage == "sparse"]
+    storage_note = ""
     if sparse_names and len(written) == 1:
         with timer.phase("sizes"):
             zeros_zstd = zstd_size(densify(pruned).SerializeToString())
         warnings.append(sparse_storage_note(len(sparse_names), pr, pz, zeros_zstd))
+    elif storage == "dense" and structure is None:
+        smaller = [s for s in stored if s.sparse_bytes < s.dense_bytes]
+        if smaller:
+            storage_note = dense_storage_note(len(smaller), sum(s.dense_bytes - s.sparse_bytes for s in smaller))
     if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
         warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
     return Report(
@@ -1194,6 +1199,7 @@ def _compress(
             **({"method_choice": chosen} if chosen else {}),
         },
         warnings=tuple(warnings),
+        storage_note=storage_note,
         pattern=pattern_info,
         loss=_loss_line(config, "" if oracle is None else oracle.loss_description),
     )

@@ -74,6 +74,8 @@ class Report:
     #: the loss whose per-sample gradients were used, and why it was chosen ("" without gradients)
     loss: str = ""
     structured: Any = None  # a chita_onnx.structured.report.ChannelReport for --structure channel
+    #: how the weights were stored, when another --storage would have made a smaller raw file
+    storage_note: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -221,6 +223,8 @@ def format_report(r: Report) -> str:
                 ["file size", "dense", "pruned", "ratio"],
             ),
         ]
+        if r.storage_note:
+            parts.append(f"storage: {r.storage_note}")
     parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
     parts += [f"warning: {w}" for w in r.warnings]
     return "\n".join(parts)

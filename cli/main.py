@@ -266,7 +266,8 @@ def _config_options(fn: F) -> F:
             type=click.Choice(["auto", "sparse", "dense"]),
             default=d.storage,
             show_default=True,
-            help="sparse_initializer where smaller (auto), always (sparse), or dense with zeros.",
+            help="dense with zeros (read by every runtime), or sparse_initializer where smaller (auto) or "
+            "always (sparse): smaller raw files that only full onnxruntime builds load.",
         ),
         click.option(
             "--holdout",

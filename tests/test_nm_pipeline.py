@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import chita_onnx
 from chita_onnx import CompressConfig
 from chita_onnx.errors import ConfigError
+from chita_onnx.report import format_report
 
 
 def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -184,11 +186,37 @@ def test_cli_pattern_flags(tmp_path: Path) -> None:
 
 def test_unstructured_sparse_storage_says_what_breaks(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
-    cfg = CompressConfig(sparsity=0.9, method="magnitude")
+    cfg = CompressConfig(sparsity=0.9, method="magnitude", storage="auto")
     report = chita_onnx.compress(MODELS / "digits_cnn.onnx", out, MODELS / "digits_calib.npz", cfg)
-    assert any(t.storage == "sparse" for t in report.tensors)
+    assert any(t.storage == "sparse" for t in report.tensors) and not report.storage_note
     note = next(w for w in report.warnings if "sparse_initializer" in w)
-    assert "TensorRT" in note and "--storage dense" in note and "zstd" in note
+    assert "TensorRT" in note and "OpenVINO" in note and "--storage dense" in note and "zstd" in note
+
+
+def test_the_default_storage_is_dense_and_says_what_sparse_would_save(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    report = chita_onnx.compress(
+        MODELS / "digits_cnn.onnx", out, MODELS / "digits_calib.npz", CompressConfig(sparsity=0.9, method="magnitude")
+    )
+    written = onnx.load(out)
+    assert len(written.graph.sparse_initializer) == 0 and all(t.storage == "dense" for t in report.tensors)
+    assert not any("sparse_initializer" in w for w in report.warnings)
+    # the note's saving is what --storage auto really saves on the same weights (to within a KB)
+    auto = tmp_path / "auto.onnx"
+    chita_onnx.compress(
+        MODELS / "digits_cnn.onnx", auto, MODELS / "digits_calib.npz",
+        CompressConfig(sparsity=0.9, method="magnitude", storage="auto"),
+    )  # fmt: skip
+    saved_kb = (out.stat().st_size - auto.stat().st_size) / 1024
+    m = re.search(r"about ([0-9.]+) KB smaller raw", report.storage_note)
+    assert m is not None and "OpenVINO" in report.storage_note
+    assert saved_kb > 1 and abs(float(m.group(1)) - saved_kb) < 1.0
+    assert "storage: stored dense with zeros" in format_report(report)
+    # below the break-even nothing would be saved, and nothing is said
+    r5 = chita_onnx.compress(
+        MODELS / "digits_cnn.onnx", out, MODELS / "digits_calib.npz", CompressConfig(sparsity=0.3, method="magnitude")
+    )
+    assert r5.storage_note == ""
 
 
 def test_chita_with_pattern_beats_magnitude_2_4_on_the_bundled_cnn(tmp_path: Path) -> None:
