@@ -10,7 +10,9 @@ Formats accepted wherever a data source is expected:
 * a folder of such ``.npz`` files, one batch each, read in name order;
 * the word ``random``: Gaussian inputs for a quick try (quality needs real data);
 * in the Python API, a mapping ``{input name: array}`` (optionally with ``labels``), or any
-  re-iterable :class:`~chita_onnx.data_types.CalibrationSource`.
+  re-iterable :class:`~chita_onnx.data_types.CalibrationSource`; its batches may also be feed dicts
+  (optionally with ``labels``) or ``(inputs, labels)`` pairs.  A one-shot iterator (a generator) or
+  an object with ``get_next()`` (onnxruntime's ``CalibrationDataReader``) is read once into memory.
 
 ``.npz`` files are always opened with ``allow_pickle=False``: an object array is refused.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +210,8 @@ def open_source(
             raise DataError("--data random needs the model's inputs")
         log.warning("using random calibration data: fine for a quick try, but pruning quality needs real data")
         return RandomSource(specs, num_samples=random_samples, seed=seed, batch_size=batch_size)
-    if isinstance(spec, (str, os.PathLike)):
-        path = Path(spec)
+    if isinstance(spec, (str, bytes, os.PathLike)):
+        path = Path(os.fsdecode(spec))
         if path.is_dir():
             return NpzFolderSource(path, specs)
         if not path.exists():
@@ -226,9 +228,73 @@ def open_source(
         return ArraySource(
             arrays, None if labels is None else np.asarray(labels), batch_size=batch_size, static=static_names(specs)
         )
-    if isinstance(spec, CalibrationSource):
+    if isinstance(spec, np.ndarray):
+        names = [s.name for s in specs or ()]
+        raise DataError(f"data: a bare ndarray; pass a mapping {{input name: array}} (inputs {names}) or a .npz file")
+    if isinstance(spec, CalibrationSource) or callable(getattr(spec, "get_next", None)):
+        return _user_source(spec)
+    raise DataError(
+        f"unsupported data specification of type {type(spec).__name__}: pass a .npz path, a folder, 'random', a "
+        "mapping {input name: array}, an iterable of batches or an object with get_next()"
+    )
+
+
+class _Batches:
+    """User batches held in memory (a drained one-shot iterator or reader): re-iterable."""
+
+    def __init__(self, batches: list[Batch], origin: str) -> None:
+        self.batches = batches
+        self.origin = origin
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
+class _AsBatches:
+    """A re-iterable user source whose items are feed dicts or ``(inputs, labels)`` pairs, as Batches."""
+
+    def __init__(self, items: Iterable[Any], origin: str) -> None:
+        self.items = items
+        self.origin = origin
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, item in enumerate(self.items):
+            yield _as_batch(item, f"{self.origin} (batch {i})")
+
+
+def _as_batch(item: Any, where: str) -> Batch:
+    """One user batch as a :class:`Batch`: a Batch, a feed dict (optionally with ``labels``, as
+    onnxruntime's ``CalibrationDataReader.get_next()`` returns) or an ``(inputs, labels)`` pair."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, Mapping):
+        labels = item.get(LABELS_KEY)
+        return Batch({str(k): v for k, v in item.items() if k != LABELS_KEY}, None if labels is None else labels)
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Mapping):
+        return Batch(dict(item[0]), None if item[1] is None else item[1])
+    raise DataError(
+        f"{where}: got a {type(item).__name__}; each batch must be a chita_onnx.Batch, a mapping "
+        "{input name: array} (optionally with 'labels') or an (inputs, labels) pair"
+    )
+
+
+def _user_source(spec: Any) -> CalibrationSource:
+    """A user's source as a re-iterable source of :class:`Batch`.  A one-shot iterator (a generator,
+    an onnxruntime ``CalibrationDataReader``) is read once into memory, since the run iterates the
+    data several times; a re-iterable of feed dicts or pairs is converted batch by batch."""
+    if isinstance(spec, (ArraySource, NpzFolderSource)):
         return spec
-    raise DataError(f"unsupported data specification of type {type(spec).__name__}")
+    origin = "data"
+    if not isinstance(spec, CalibrationSource):  # get_next() until None
+        items: Iterable[Any] = iter(spec.get_next, None)
+    elif iter(spec) is spec:  # an iterator: single use
+        items = spec
+    else:
+        first = next(iter(spec), None)
+        return spec if first is None or isinstance(first, Batch) else _AsBatches(spec, origin)
+    batches = [_as_batch(item, f"{origin} (batch {i})") for i, item in enumerate(items)]
+    log.info("read a single-use calibration source (%d batches) into memory", len(batches))
+    return _Batches(batches, origin)
 
 
 def _dim_ok(expected: int | str | None, got: int) -> bool:
