@@ -231,7 +231,7 @@ def open_source(
     if isinstance(spec, np.ndarray):
         names = [s.name for s in specs or ()]
         raise DataError(f"data: a bare ndarray; pass a mapping {{input name: array}} (inputs {names}) or a .npz file")
-    if isinstance(spec, CalibrationSource) or callable(getattr(spec, "get_next", None)):
+    if callable(getattr(spec, "get_next", None)) or isinstance(spec, CalibrationSource):
         return _user_source(spec)
     raise DataError(
         f"unsupported data specification of type {type(spec).__name__}: pass a .npz path, a folder, 'random', a "
