@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .checks import check_finite, check_input_dtype
+from .checks import check_finite, check_fits, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, first_line
 from .limits import check_npz, check_npz_folder, check_random_size
@@ -378,6 +378,7 @@ def validate_source(
                 raise DataError(f"{where}: inputs differ in batch size ({size} vs {arr.shape[0]} for {spec.name!r})")
             size = arr.shape[0]
             check_finite(arr, where, spec.name, total)
+            check_fits(arr, spec.dtype, where, spec.name, total)
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
             if labels.shape != (size,):
