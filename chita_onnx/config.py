@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -75,6 +75,18 @@ _INTS = (
 )
 _BOOLS = ("first_order", "allow_empty", "distill", "refit", "latency_check")
 _OPTIONAL = ("start_sparsity", "stages", "max_memory", "output", "workdir")
+#: Fields that ``__post_init__`` may resolve from what the caller gave (a ``None`` default, or what
+#: ``--distill`` / ``--structure channel`` imply); :meth:`CompressConfig.with_` starts from the given values.
+_RESOLVED = (
+    "method",
+    "fisher",
+    "bn_recalibrate",
+    "bias_correction",
+    "class_offsets",
+    "stages",
+    "start_sparsity",
+    "max_memory",
+)
 
 
 def _names(value: object) -> tuple[str, ...] | None:
@@ -159,6 +171,7 @@ class CompressConfig:
             return ConfigError(f"{_flag(name)}={value!r}: {why}")
 
         self._check_types(bad)
+        object.__setattr__(self, "_given", {name: getattr(self, name) for name in _RESOLVED})
 
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise bad("sparsity", self.sparsity, "must be in [0, 1)")
@@ -350,8 +363,14 @@ class CompressConfig:
         return self.method == "layerwise" or self.update == "layerwise"
 
     def with_(self, **changes: Any) -> CompressConfig:
-        """A validated copy with some fields changed."""
-        return replace(self, **changes)
+        """A validated copy with some fields changed: what the constructor gives for this config's
+        arguments with ``changes`` applied (resolved defaults such as ``stages`` are resolved again)."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} of CompressConfig; the fields are the compress flags")
+        given = {name: getattr(self, name) for name in names} | getattr(self, "_given", {})
+        return CompressConfig(**(given | changes))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
