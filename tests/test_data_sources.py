@@ -105,3 +105,11 @@ def test_per_sample_gradients_opens_paths_and_mappings(tmp_path: Path) -> None:
     for data in (tmp_path / "d.npz", str(tmp_path / "d.npz"), {"x": X, "labels": Y}, [{"x": X}]):
         g = chita_onnx.per_sample_gradients(model, data)
         assert g.X.shape[0] == 40
+
+
+def test_per_sample_gradients_takes_a_model_path(tmp_path: Path) -> None:
+    onnx.save(tiny_mlp(), tmp_path / "m.onnx")
+    g = chita_onnx.per_sample_gradients(tmp_path / "m.onnx", {"x": X})
+    assert g.X.shape == (40, chita_onnx.per_sample_gradients(tiny_mlp(), {"x": X}).X.shape[1])
+    with pytest.raises(chita_onnx.ConfigError, match=r"model: expected an onnx\.ModelProto or a file path, got a int"):
+        chita_onnx.per_sample_gradients(3, {"x": X})  # type: ignore[arg-type]
