@@ -352,6 +352,11 @@ def validate_source(
         where = f"{origin} (batch {i})" if not isinstance(source, ArraySource) else origin
         if isinstance(files, list) and i < len(files):
             where = str(files[i])
+        if not (hasattr(batch, "inputs") and hasattr(batch, "labels")):
+            raise DataError(
+                f"{where}: got a {type(batch).__name__}, not a chita_onnx.Batch; give every batch in one form "
+                "(and open user data with chita_onnx.open_source)"
+            )
         if labelled is not None and labelled != (batch.labels is not None):
             raise DataError(
                 f"{where}: {'has' if batch.labels is not None else 'has no'} 'labels' but the data before it "

@@ -113,3 +113,13 @@ def test_per_sample_gradients_takes_a_model_path(tmp_path: Path) -> None:
     assert g.X.shape == (40, chita_onnx.per_sample_gradients(tiny_mlp(), {"x": X}).X.shape[1])
     with pytest.raises(chita_onnx.ConfigError, match=r"model: expected an onnx\.ModelProto or a file path, got a int"):
         chita_onnx.per_sample_gradients(3, {"x": X})  # type: ignore[arg-type]
+
+
+def test_a_source_mixing_batches_and_other_items_is_one_data_error() -> None:
+    class Mixed:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield Batch({"x": X[:8]}, None)
+            yield {"x": X[8:16]}
+
+    with pytest.raises(DataError, match=r"data \(batch 1\): got a dict, not a chita_onnx\.Batch; give every batch"):
+        validate_source(open_source(Mixed(), SPECS), SPECS)
