@@ -37,3 +37,9 @@ def test_model_must_be_a_path(tmp_path: Path, files: tuple[Path, Path]) -> None:
         chita_onnx.evaluate_model(tiny_mlp(), data)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"--report: expected a file path, got a int"):
         chita_onnx.compress(files[0], tmp_path / "o.onnx", data, report=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", 24, None])
+def test_check_pattern_refuses_a_non_pattern_with_a_config_error(files: tuple[Path, Path], pattern: object) -> None:
+    with pytest.raises(ConfigError, match=r"pattern=.*N:M pattern such as"):
+        chita_onnx.check_pattern(files[0], pattern)  # type: ignore[arg-type]
