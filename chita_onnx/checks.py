@@ -8,6 +8,7 @@ gradient-based methods refuse, so that ``inspect`` marks exactly what ``compress
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -76,6 +77,22 @@ def check_finite(array: NDArray[np.generic], where: str, name: str, first_sample
             f"{where}: array {name!r} holds {value} at sample {first_sample + bad[0]} (index {list(bad)}); "
             "data must be finite"
         )
+
+
+def check_fits(array: NDArray[np.generic], dtype: np.dtype[Any], where: str, name: str, first_sample: int = 0) -> None:
+    """Refuse finite float data that the cast to the model's narrower float ``dtype`` (float16 from
+    float32, say) would turn into inf, naming the array, the first such sample and the value."""
+    a = np.asarray(array)
+    if not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
+        return
+    top = float(np.finfo(dtype).max)
+    if a.dtype.itemsize <= np.dtype(dtype).itemsize or not a.size or float(np.abs(a).max()) <= top:
+        return
+    bad = tuple(int(i) for i in np.argwhere(np.abs(a) > top)[0])
+    raise DataError(
+        f"{where}: array {name!r} holds {a[bad]} at sample {first_sample + bad[0]} (index {list(bad)}), beyond "
+        f"the range of the model's {np.dtype(dtype)} input (±{top:g}); it would become inf"
+    )
 
 
 def check_gradients(X: NDArray[np.floating], layout: Layout, *, first_row: int = 0) -> None:

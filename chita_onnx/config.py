@@ -7,8 +7,13 @@ construction; a bad value raises :class:`~chita_onnx.errors.ConfigError` naming 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import numbers
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
+
+import numpy as np
 
 from .errors import ConfigError, SolverError
 from .limits import check_limits, total_memory
@@ -50,6 +55,62 @@ def default_max_memory() -> int:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_FLOATS = ("sparsity", "min_density", "ridge", "holdout", "layer_floor", "damp", "start_sparsity")
+_INTS = (
+    "max_iter",
+    "block_size",
+    "mini_batch",
+    "num_samples",
+    "seed",
+    "batch_size",
+    "fisher_rows",
+    "max_rows",
+    "recurrent_refits",
+    "allocation_samples",
+    "channel_multiple",
+    "stages",
+    "max_memory",
+)
+_BOOLS = ("first_order", "allow_empty", "distill", "refit", "latency_check")
+_OPTIONAL = ("start_sparsity", "stages", "max_memory", "output", "workdir")
+#: Fields that ``__post_init__`` may resolve from what the caller gave (a ``None`` default, or what
+#: ``--distill`` / ``--structure channel`` imply); :meth:`CompressConfig.with_` starts from the given values.
+_RESOLVED = (
+    "method",
+    "fisher",
+    "bn_recalibrate",
+    "bias_correction",
+    "class_offsets",
+    "stages",
+    "start_sparsity",
+    "max_memory",
+)
+
+
+def _names(value: object) -> tuple[str, ...] | None:
+    """``--keep`` from Python: a comma-separated string (as on the command line) or names."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
+
+
+def _sizes(value: object) -> tuple[int, ...] | None:
+    """``--latency-batches`` from Python: ``"1,32"`` (as on the command line) or integers."""
+    parts: list[object] = list(value.split(",")) if isinstance(value, str) else []
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    out = []
+    for v in parts:
+        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            return None
+        out.append(int(v))
+    return tuple(out) if parts else None
 
 
 @dataclass(frozen=True)
@@ -108,6 +169,9 @@ class CompressConfig:
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ConfigError:
             return ConfigError(f"{_flag(name)}={value!r}: {why}")
+
+        self._check_types(bad)
+        object.__setattr__(self, "_given", {name: getattr(self, name) for name in _RESOLVED})
 
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise bad("sparsity", self.sparsity, "must be in [0, 1)")
@@ -237,6 +301,43 @@ class CompressConfig:
         if self.max_memory is None:
             object.__setattr__(self, "max_memory", default_max_memory())
 
+    def _check_types(self, bad: Callable[[str, object, str], ConfigError]) -> None:
+        """Python callers: each field has its flag's type (numbers as numbers, switches as bools),
+        converted to plain ``float``/``int``/``bool``; strings for ``keep`` and ``latency_batches``
+        are read as on the command line."""
+        for name in (*_FLOATS, *_INTS, *_BOOLS, "output", "workdir"):
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if name in _BOOLS:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise bad(name, value, "must be True or False")
+                value = bool(value)
+            elif name == "output":
+                if not isinstance(value, str):
+                    raise bad(name, value, "must be a string (an output name) or None")
+            elif name == "workdir":
+                if not isinstance(value, (str, os.PathLike)):
+                    raise bad(name, value, "must be a path or None")
+                value = os.fspath(value)
+            elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise bad(name, value, "must be an integer" if name in _INTS else "must be a number")
+            elif name in _INTS:
+                if not (isinstance(value, numbers.Integral) or float(value).is_integer()):
+                    raise bad(name, value, "must be an integer")
+                value = int(value) if isinstance(value, numbers.Integral) else int(float(value))
+            else:
+                value = float(value)
+            object.__setattr__(self, name, value)
+        keep = _names(self.keep)
+        if keep is None:
+            raise bad("keep", self.keep, "must be tensor names (a tuple of strings, or one comma-separated string)")
+        object.__setattr__(self, "keep", keep)
+        sizes = _sizes(self.latency_batches)
+        if sizes is None:
+            raise bad("latency_batches", self.latency_batches, "must be batch sizes ≥ 1 (integers, or '1,32')")
+        object.__setattr__(self, "latency_batches", sizes)
+
     def _parse_pattern(self) -> NMPattern | None:
         try:
             return NMPattern.parse(str(self.pattern))
@@ -262,8 +363,14 @@ class CompressConfig:
         return self.method == "layerwise" or self.update == "layerwise"
 
     def with_(self, **changes: Any) -> CompressConfig:
-        """A validated copy with some fields changed."""
-        return replace(self, **changes)
+        """A validated copy with some fields changed: what the constructor gives for this config's
+        arguments with ``changes`` applied (resolved defaults such as ``stages`` are resolved again)."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} of CompressConfig; the fields are the compress flags")
+        given = {name: getattr(self, name) for name in names} | getattr(self, "_given", {})
+        return CompressConfig(**(given | changes))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

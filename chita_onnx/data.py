@@ -10,7 +10,9 @@ Formats accepted wherever a data source is expected:
 * a folder of such ``.npz`` files, one batch each, read in name order;
 * the word ``random``: Gaussian inputs for a quick try (quality needs real data);
 * in the Python API, a mapping ``{input name: array}`` (optionally with ``labels``), or any
-  re-iterable :class:`~chita_onnx.data_types.CalibrationSource`.
+  re-iterable :class:`~chita_onnx.data_types.CalibrationSource`; its batches may also be feed dicts
+  (optionally with ``labels``) or ``(inputs, labels)`` pairs.  A one-shot iterator (a generator) or
+  an object with ``get_next()`` (onnxruntime's ``CalibrationDataReader``) is read once into memory.
 
 ``.npz`` files are always opened with ``allow_pickle=False``: an object array is refused.
 """
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .checks import check_finite, check_input_dtype
+from .checks import check_finite, check_fits, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, first_line
 from .limits import check_npz, check_npz_folder, check_random_size
@@ -208,8 +210,8 @@ def open_source(
             raise DataError("--data random needs the model's inputs")
         log.warning("using random calibration data: fine for a quick try, but pruning quality needs real data")
         return RandomSource(specs, num_samples=random_samples, seed=seed, batch_size=batch_size)
-    if isinstance(spec, (str, os.PathLike)):
-        path = Path(spec)
+    if isinstance(spec, (str, bytes, os.PathLike)):
+        path = Path(os.fsdecode(spec))
         if path.is_dir():
             return NpzFolderSource(path, specs)
         if not path.exists():
@@ -226,9 +228,73 @@ def open_source(
         return ArraySource(
             arrays, None if labels is None else np.asarray(labels), batch_size=batch_size, static=static_names(specs)
         )
-    if isinstance(spec, CalibrationSource):
+    if isinstance(spec, np.ndarray):
+        names = [s.name for s in specs or ()]
+        raise DataError(f"data: a bare ndarray; pass a mapping {{input name: array}} (inputs {names}) or a .npz file")
+    if callable(getattr(spec, "get_next", None)) or isinstance(spec, CalibrationSource):
+        return _user_source(spec)
+    raise DataError(
+        f"unsupported data specification of type {type(spec).__name__}: pass a .npz path, a folder, 'random', a "
+        "mapping {input name: array}, an iterable of batches or an object with get_next()"
+    )
+
+
+class _Batches:
+    """User batches held in memory (a drained one-shot iterator or reader): re-iterable."""
+
+    def __init__(self, batches: list[Batch], origin: str) -> None:
+        self.batches = batches
+        self.origin = origin
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
+class _AsBatches:
+    """A re-iterable user source whose items are feed dicts or ``(inputs, labels)`` pairs, as Batches."""
+
+    def __init__(self, items: Iterable[Any], origin: str) -> None:
+        self.items = items
+        self.origin = origin
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, item in enumerate(self.items):
+            yield _as_batch(item, f"{self.origin} (batch {i})")
+
+
+def _as_batch(item: Any, where: str) -> Batch:
+    """One user batch as a :class:`Batch`: a Batch, a feed dict (optionally with ``labels``, as
+    onnxruntime's ``CalibrationDataReader.get_next()`` returns) or an ``(inputs, labels)`` pair."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, Mapping):
+        labels = item.get(LABELS_KEY)
+        return Batch({str(k): v for k, v in item.items() if k != LABELS_KEY}, None if labels is None else labels)
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Mapping):
+        return Batch(dict(item[0]), None if item[1] is None else item[1])
+    raise DataError(
+        f"{where}: got a {type(item).__name__}; each batch must be a chita_onnx.Batch, a mapping "
+        "{input name: array} (optionally with 'labels') or an (inputs, labels) pair"
+    )
+
+
+def _user_source(spec: Any) -> CalibrationSource:
+    """A user's source as a re-iterable source of :class:`Batch`.  A one-shot iterator (a generator,
+    an onnxruntime ``CalibrationDataReader``) is read once into memory, since the run iterates the
+    data several times; a re-iterable of feed dicts or pairs is converted batch by batch."""
+    if isinstance(spec, (ArraySource, NpzFolderSource)):
         return spec
-    raise DataError(f"unsupported data specification of type {type(spec).__name__}")
+    origin = "data"
+    if not isinstance(spec, CalibrationSource):  # get_next() until None
+        items: Iterable[Any] = iter(spec.get_next, None)
+    elif iter(spec) is spec:  # an iterator: single use
+        items = spec
+    else:
+        first = next(iter(spec), None)
+        return spec if first is None or isinstance(first, Batch) else _AsBatches(spec, origin)
+    batches = [_as_batch(item, f"{origin} (batch {i})") for i, item in enumerate(items)]
+    log.info("read a single-use calibration source (%d batches) into memory", len(batches))
+    return _Batches(batches, origin)
 
 
 def _dim_ok(expected: int | str | None, got: int) -> bool:
@@ -286,6 +352,11 @@ def validate_source(
         where = f"{origin} (batch {i})" if not isinstance(source, ArraySource) else origin
         if isinstance(files, list) and i < len(files):
             where = str(files[i])
+        if not (hasattr(batch, "inputs") and hasattr(batch, "labels")):
+            raise DataError(
+                f"{where}: got a {type(batch).__name__}, not a chita_onnx.Batch; give every batch in one form "
+                "(and open user data with chita_onnx.open_source)"
+            )
         if labelled is not None and labelled != (batch.labels is not None):
             raise DataError(
                 f"{where}: {'has' if batch.labels is not None else 'has no'} 'labels' but the data before it "
@@ -312,6 +383,7 @@ def validate_source(
                 raise DataError(f"{where}: inputs differ in batch size ({size} vs {arr.shape[0]} for {spec.name!r})")
             size = arr.shape[0]
             check_finite(arr, where, spec.name, total)
+            check_fits(arr, spec.dtype, where, spec.name, total)
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
             if labels.shape != (size,):

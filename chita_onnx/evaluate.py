@@ -122,11 +122,13 @@ def _run_all(
     outs: dict[str, list[NDArray[np.floating]]] = {n: [] for n in names}
     labels: list[NDArray[np.int64]] = []
     have_labels = True
-    for batch in progress(source, desc=desc, unit="batch"):
+    origin = getattr(source, "origin", "data")
+    for i, batch in enumerate(progress(source, desc=desc, unit="batch")):
+        what = f"onnxruntime running the model ({desc}) on {origin} (batch {i})"
         for piece, real in _chunks(batch, fixed, specs):
             fed = batch_size(piece, specs)
             try:
-                ys = runtime.run(session, names, feed(piece, specs), what=f"onnxruntime running the model ({desc})")
+                ys = runtime.run(session, names, feed(piece, specs), what=what)
             except ModelError as exc:  # onnxruntime failed (a timeout or a signal is not a ModelError)
                 if fed > 1 and static_names(specs) and not outs[names[0]]:
                     raise _BatchRefusedError(fed, str(exc)) from None

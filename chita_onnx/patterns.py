@@ -31,6 +31,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper
 
+from .errors import ConfigError
 from .graph import PrunableTensor, find_prunable, get_weights, load_model
 from .layout import Layout
 from .solver.nm import NMPattern, group_indices
@@ -145,9 +146,11 @@ def check_pattern(model: onnx.ModelProto | str | os.PathLike[str], pattern: NMPa
     Counts the nonzeros of every group of ``M`` consecutive weights along each tensor's reduction
     axis.  Works on any model, pruned by chita-onnx or not.
     """
+    if not isinstance(pattern, (str, NMPattern)):
+        raise ConfigError(f"pattern={pattern!r}: expected an N:M pattern such as '2:4'")
     nm = NMPattern.parse(pattern) if isinstance(pattern, str) else pattern
     if nm is None:
-        raise ValueError("check_pattern needs an N:M pattern such as 2:4, not 'unstructured'")
+        raise ConfigError(f"pattern={pattern!r}: check_pattern needs an N:M pattern such as 2:4")
     m = model if isinstance(model, onnx.ModelProto) else load_model(model)
     tensors = find_prunable(m)
     plan = plan_pattern(m, tensors, nm)

@@ -980,6 +980,14 @@ def _finite(x: float) -> float | None:
 # ------------------------------------------------------------------------------------ entry point
 
 
+def _check_paths(*args: tuple[str, object]) -> None:
+    """Path arguments of the Python entry points are paths (or ``None`` where optional)."""
+    for what, value in args:
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            hint = " (save it with onnx.save first)" if isinstance(value, onnx.ModelProto) else ""
+            raise ConfigError(f"{what}: expected a file path, got a {type(value).__name__}{hint}")
+
+
 @guarded
 def compress(
     model: str | os.PathLike[str],
@@ -1001,6 +1009,11 @@ def compress(
     another output.  The inputs are never modified; the outputs appear together and atomically
     when the run succeeds, and nothing is left behind when it fails.
     """
+    _check_paths(("MODEL", model), ("OUTPUT", output), ("--report", report))
+    if config is not None and not isinstance(config, CompressConfig):
+        raise ConfigError(
+            f"config: expected a chita_onnx.CompressConfig, got a {type(config).__name__} (CompressConfig(**fields))"
+        )
     config = config or CompressConfig()
     plan = plan_outputs(
         [("OUTPUT", output), ("--report", report)], model=model, data=data, eval_data=eval_data, workdir=config.workdir
@@ -1228,6 +1241,7 @@ def evaluate_model(
     ``report`` is an optional path for the result as JSON, checked before any work and written
     atomically (never onto the model or the data).
     """
+    _check_paths(("MODEL", model), ("--report", report))
     check_int("--batch-size", batch_size, 1)
     with plan_outputs([("--report", report)], model=model, data=data) as plan:
         m = load_model(model)

@@ -84,6 +84,11 @@ def _run(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: click >= 8.2 raises this (a UsageError whose message is the whole help) for a group run without
+#: arguments; older versions print the help themselves.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _OneLineGroup(click.Group):
     """A click group whose usage errors print as one ``error:`` line (exit 2), like every other error."""
 
@@ -99,6 +104,9 @@ class _OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `chita-onnx` alone: the help, as click itself shows it (exit 2)
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)

@@ -299,3 +299,10 @@ def test_compress_with_mini_batch_rows_keeps_the_engines_auto_fisher(
     )
     assert code == 0, err
     assert "sparsity 50.00%" in stdout and out.exists()
+
+
+def test_no_arguments_shows_the_help_not_an_escaped_error_line() -> None:
+    code, out, err = run()
+    assert "\\n" not in out + err and not err.startswith("error:"), err
+    assert "Usage: " in out + err and "compress" in out + err
+    assert code in (0, 2)

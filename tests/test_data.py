@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_mlp
 
 from chita_onnx.data import ArraySource, NpzFolderSource, open_source, split_holdout, validate_source
-from chita_onnx.data_types import Batch, CalibrationSource
+from chita_onnx.data_types import Batch, CalibrationSource, InputSpec
 from chita_onnx.errors import DataError
 from chita_onnx.graph import model_inputs
 
@@ -108,3 +108,16 @@ def test_holdout_split_is_disjoint_seeded_and_complete() -> None:
     np.testing.assert_array_equal(again.inputs["x"], held.inputs["x"])
     with pytest.raises(DataError, match="too few"):
         split_holdout(ArraySource({"x": _x(1)}), 0.2)
+
+
+def test_float_data_beyond_a_float16_input_range_is_refused(tmp_path: Path) -> None:
+    """float32 data for a float16 model: a value that the cast would turn into inf is refused like
+    inf itself, naming the array, the sample and the value (not found later as a NaN Gram)."""
+    specs = [InputSpec("x", ("N", 12), np.dtype(np.float16), 0)]
+    x = _x(6)
+    np.savez(tmp_path / "ok.npz", x=x)
+    assert validate_source(open_source(tmp_path / "ok.npz", specs), specs) == 6
+    x[4, 3] = 1e6
+    np.savez(tmp_path / "big.npz", x=x)
+    with pytest.raises(DataError, match=r"big\.npz: array .x. holds 1000000\.0 at sample 4 .*float16"):
+        validate_source(open_source(tmp_path / "big.npz", specs), specs)

@@ -50,9 +50,10 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper
 
+from ..data import DataSpec, open_source
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError
-from ..graph import get_weights
+from ..graph import get_weights, load_model, model_inputs
 from ..layout import Layout
 from ..progress import progress
 from ._ort import Runner, build_gradient_model
@@ -1383,8 +1384,8 @@ def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch
 
 
 def per_sample_gradients(
-    model: onnx.ModelProto,
-    data: CalibrationSource,
+    model: onnx.ModelProto | str | os.PathLike[str],
+    data: DataSpec,
     weights: Sequence[str] | None = None,
     *,
     loss: Loss = "auto",
@@ -1405,8 +1406,15 @@ def per_sample_gradients(
     num_samples)/mini_batch⌋``.  ``out`` (a C-contiguous float32 ``(n, p)`` array or memmap) is filled
     in place; otherwise ``workdir`` holds a memory-mapped file, otherwise RAM.  See the module
     docstring for ``loss``/``fisher``/``output``/``fisher_rows``; ``method`` and ``threads`` are
-    tuning knobs.
+    tuning knobs.  ``model`` may be a file path (loaded with :func:`~chita_onnx.graph.load_model`);
+    ``data`` is anything :func:`chita_onnx.open_source` accepts (a ``.npz`` path, a
+    mapping of arrays, a source of batches).
     """
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    elif not isinstance(model, onnx.ModelProto):
+        raise ConfigError(f"model: expected an onnx.ModelProto or a file path, got a {type(model).__name__}")
+    data = open_source(data, model_inputs(model))
     example = _first_batch(data)
     engine = GradientEngine(
         model,

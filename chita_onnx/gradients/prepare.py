@@ -540,7 +540,7 @@ def fix_input_dims(
                     if k == axis:
                         raise DataError(
                             f"model input {vi.name!r} has a fixed batch dimension {d.dim_value}, but {w} "
-                            f"sample(s) are fed per call; use mini_batch={d.dim_value} or export the model "
+                            f"sample(s) are fed per call; use --mini-batch {d.dim_value} or export the model "
                             "with a dynamic batch"
                         )
                     raise DataError(
