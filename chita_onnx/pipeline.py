@@ -35,7 +35,7 @@ from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, dense_storage_note, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, GradientError, ModelError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, DataError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
 from .gradients import GradientEngine, GradientMatrix
 from .gradients.prepare import scored_output
@@ -1095,8 +1095,8 @@ def _compress(
     try:
         w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     except Exception as exc:
-        if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, MemoryError):
-            raise
+        if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, (MemoryError, DataError)):
+            raise  # a data error is about the data, which chita would read too: it stands, said once
         if prep.no_gradients:  # chita would need the gradients that cannot be built: the pass's error stands
             raise
         # the default recipe must not refuse a model CHITA can prune: fall back, and say so

@@ -32,3 +32,18 @@ def test_fixed_batch_error_names_the_flag(tmp_path: Path) -> None:
         chita_onnx.compress(model, tmp_path / "o.onnx", data, CompressConfig(method="chita", sparsity=0.5))
     chita_onnx.compress(model, tmp_path / "o.onnx", data, CompressConfig(method="chita", sparsity=0.5, mini_batch=8))
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_the_default_recipe_does_not_fall_back_on_a_data_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the layer-wise default meets the same data error chita would: it is raised once, without a
+    # "falling back to chita" warning that blames the pass
+    model, data = tmp_path / "b8.onnx", tmp_path / "d.npz"
+    onnx.save(_fixed_batch(8), model)
+    rng = np.random.default_rng(1)
+    np.savez(data, x=rng.standard_normal((64, 12)).astype(np.float32), labels=rng.integers(0, 5, 64))
+    with caplog.at_level("WARNING"), pytest.raises(DataError, match=r"use --mini-batch 8 "):
+        chita_onnx.compress(model, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5))
+    assert not any("falling back" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "o.onnx").exists()
