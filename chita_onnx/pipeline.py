@@ -1298,8 +1298,9 @@ def write_gradients(
     """Compute the raw per-sample gradient matrix straight into ``out`` (.npy), written atomically.
 
     ``fisher="auto"`` gives the rows ``compress`` uses by default: the true Fisher (``kl``) with
-    ``fisher_rows`` rows per input (1, as ``compress``'s default); with ``mini_batch > 1`` (which
-    ``kl`` does not allow) the empirical Fisher when there are labels, else sampled labels.
+    ``fisher_rows`` rows per input (0 or 1: one, as ``compress``'s default without ``--distill``);
+    with ``mini_batch > 1`` (which ``kl`` does not allow) the empirical Fisher when there are labels,
+    else sampled labels.
 
     The rows are filled in place in a memory-mapped ``.npy`` file (never held twice in RAM); the
     column layout is written next to it as ``<out>.layout.json``.  Both paths are checked before any
@@ -1342,7 +1343,8 @@ def write_gradients(
         if n < 1:
             have = f"--num-samples={num_samples}" if num_samples and num_samples < total else f"the {total} samples"
             raise ConfigError(f"--mini-batch={mini_batch}: larger than {have} in --data")
-        check_int("--fisher-rows", fisher_rows, 1, 65536)
+        check_int("--fisher-rows", fisher_rows, 0, 65536)
+        fisher_rows = fisher_rows or 1  # 0: compress's automatic choice, which is one row without --distill
         has_labels = next(iter(source))[1] is not None
         fisher = auto_fisher(fisher, mini_batch=mini_batch)  # type: ignore[arg-type]  # the rows compress computes
         n *= engine.rows_per_sample(engine.resolve_fisher(fisher, has_labels), fisher_rows)

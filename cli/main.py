@@ -651,9 +651,9 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 @click.option(
     "--fisher-rows",
     type=int,
-    default=1,
+    default=0,
     show_default=True,
-    help="--fisher kl (and auto, which is kl as in compress): rows per input.",
+    help="--fisher kl (and auto, which is kl as in compress): rows per input; 0 as in compress: one.",
 )
 @_run
 def gradients(

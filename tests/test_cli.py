@@ -204,6 +204,15 @@ def test_gradients_command_defaults_to_the_rows_compress_uses(tmp_path: Path, ml
     raw = np.load(out)
     assert raw.shape == X.shape
     np.testing.assert_allclose(raw * oracle.scale, X, rtol=1e-5, atol=1e-7)
+    # --fisher-rows takes compress's values: 0 (automatic) is one row, as 1 is
+    for rows in ("0", "1"):
+        code, _, err = run(
+            "gradients", mlp_path, "--data", mlp_data, "--out", tmp_path / f"r{rows}.npy", "--fisher-rows", rows
+        )
+        assert code == 0, err
+        np.testing.assert_array_equal(np.load(tmp_path / f"r{rows}.npy"), raw)
+    code, _, err = run("gradients", mlp_path, "--data", mlp_data, "--out", tmp_path / "bad.npy", "--fisher-rows", "-1")
+    assert code == 2 and "--fisher-rows" in err
 
 
 @pytest.mark.parametrize(
