@@ -203,8 +203,11 @@ def open_source(
     batch_size: int = 64,
     seed: int = 0,
     random_samples: int = 128,
+    name: str = "data",
 ) -> CalibrationSource:
-    """Turn any accepted data specification into a re-iterable source (see the module docstring)."""
+    """Turn any accepted data specification into a re-iterable source (see the module docstring).
+
+    ``name`` labels in-memory data in error messages (``data``, ``eval_data``); files are named by path."""
     if isinstance(spec, str) and spec == "random":
         if specs is None:
             raise DataError("--data random needs the model's inputs")
@@ -224,18 +227,22 @@ def open_source(
         labels = spec.get(LABELS_KEY)
         if specs is not None and len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
             arrays = {specs[0].name: next(iter(arrays.values()))}
-        _check_shapes(arrays, specs, "data")
+        _check_shapes(arrays, specs, name)
         return ArraySource(
-            arrays, None if labels is None else np.asarray(labels), batch_size=batch_size, static=static_names(specs)
+            arrays,
+            None if labels is None else np.asarray(labels),
+            batch_size=batch_size,
+            origin=name,
+            static=static_names(specs),
         )
     if isinstance(spec, np.ndarray):
         names = [s.name for s in specs or ()]
-        raise DataError(f"data: a bare ndarray; pass a mapping {{input name: array}} (inputs {names}) or a .npz file")
+        raise DataError(f"{name}: a bare ndarray; pass a mapping {{input name: array}} (inputs {names}) or a .npz file")
     if callable(getattr(spec, "get_next", None)) or isinstance(spec, CalibrationSource):
-        return _user_source(spec)
+        return _user_source(spec, name)
     raise DataError(
-        f"unsupported data specification of type {type(spec).__name__}: pass a .npz path, a folder, 'random', a "
-        "mapping {input name: array}, an iterable of batches or an object with get_next()"
+        f"{name}: unsupported data specification of type {type(spec).__name__}: pass a .npz path, a folder, "
+        "'random', a mapping {input name: array}, an iterable of batches or an object with get_next()"
     )
 
 
@@ -278,13 +285,12 @@ def _as_batch(item: Any, where: str) -> Batch:
     )
 
 
-def _user_source(spec: Any) -> CalibrationSource:
+def _user_source(spec: Any, origin: str = "data") -> CalibrationSource:
     """A user's source as a re-iterable source of :class:`Batch`.  A one-shot iterator (a generator,
     an onnxruntime ``CalibrationDataReader``) is read once into memory, since the run iterates the
     data several times; a re-iterable of feed dicts or pairs is converted batch by batch."""
     if isinstance(spec, (ArraySource, NpzFolderSource)):
         return spec
-    origin = "data"
     if not isinstance(spec, CalibrationSource):  # get_next() until None
         items: Iterable[Any] = iter(spec.get_next, None)
     elif iter(spec) is spec:  # an iterator: single use

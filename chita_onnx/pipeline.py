@@ -214,7 +214,7 @@ def prepare(
     ev: CalibrationSource | None = None
     eval_source = ""
     if eval_data is not None:
-        ev = open_source(eval_data, specs, batch_size=config.batch_size, seed=config.seed + 1)
+        ev = open_source(eval_data, specs, batch_size=config.batch_size, seed=config.seed + 1, name="eval_data")
         validate_source(ev, specs, num_classes=classes)
         eval_source = str(eval_data) if isinstance(eval_data, (str, os.PathLike)) else "evaluation data"
     elif calib is not None and hold_out:

@@ -123,3 +123,17 @@ def test_a_source_mixing_batches_and_other_items_is_one_data_error() -> None:
 
     with pytest.raises(DataError, match=r"data \(batch 1\): got a dict, not a chita_onnx\.Batch; give every batch"):
         validate_source(open_source(Mixed(), SPECS), SPECS)
+
+
+def test_errors_in_memory_data_name_the_argument(tmp_path: Path) -> None:
+    # two in-memory arguments, the same mistake: the message says which one
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_mlp(), model)
+    good = {"x": X, "labels": Y}
+    bad = {"x": X, "labels": Y[:-1]}
+    with pytest.raises(DataError, match=r"^eval_data: 'labels' has shape"):
+        chita_onnx.compress(model, tmp_path / "o.onnx", good, CompressConfig(sparsity=0.5), eval_data=bad)
+    with pytest.raises(DataError, match=r"^data: 'labels' has shape"):
+        chita_onnx.compress(model, tmp_path / "o.onnx", bad, CompressConfig(sparsity=0.5), eval_data=good)
+    with pytest.raises(DataError, match=r"^eval_data: unsupported data specification of type int"):
+        chita_onnx.compress(model, tmp_path / "o.onnx", good, CompressConfig(sparsity=0.5), eval_data=5)
