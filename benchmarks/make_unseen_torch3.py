@@ -22,7 +22,8 @@ Models:
 * ``tied_head``  a tiny next-token model over pixel tokens (MNIST 14x14, 16 grey levels, 196 tokens,
   input = the first 195, labels = the next token at each position): embedding (Gather) -> causal
   Conv1d blocks -> LayerNorm -> logits = h @ E^T with the SAME embedding initializer (tied weights);
-  TorchScript exporter, opset 17.  Output ``logits [N, 195, 16]``; metric next-token accuracy.
+  TorchScript exporter, opset 17.  Output ``logits [N, 195, 16]``; metric next-token accuracy (the
+  calibration file holds no labels: compress takes one label per sample only).
 * ``mixer``      MLP-Mixer: 4x4 patches (49 tokens), token-mixing MLP over the transposed patch axis,
   channel-mixing MLP, LayerNorm, GELU; dynamo exporter, opset 18.
 * ``resnext_grouped`` ResNeXt-style blocks: 1x1 -> grouped 3x3 (groups=4) -> 1x1, BN, residual;
@@ -214,7 +215,9 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         export(net, "tied_head", (torch.zeros(2, 195, dtype=torch.long),), False, 17, ["tokens"], ["logits"])
         for split in ("calib", "select", "test"):
             t = pixel_tokens(P[split][0])
-            np.savez(out / f"tied_head_{split}.npz", tokens=t[:, :-1].copy(), labels=t[:, 1:].copy())
+            # per-position labels are refused by compress ("expected (n,)"): the calibration file has none
+            lab = {} if split == "calib" else {"labels": t[:, 1:].copy()}
+            np.savez(out / f"tied_head_{split}.npz", tokens=t[:, :-1].copy(), **lab)
         manifest.record("tied_head", dict(
             family="next-token model over pixel tokens, embedding tied to the output projection "
             "(Gather + MatMul of E^T)",
