@@ -359,8 +359,9 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Sequential(
-                nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+                nn.Conv2d(1, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
             self.aux = nn.Linear(2, 32)
             self.trunk = nn.Linear(64, 64)
             self.cls = nn.Linear(64, 10)
@@ -385,9 +386,9 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         yy = np.concatenate([ytr[:, None].astype(np.float32), vtr], 1)
 
         def mt_loss(o: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(o[0], t[:, 0].long()) + 0.1 * F.mse_loss(o[1], t[:, 1:])
+            return F.cross_entropy(o[0], t[:, 0].long()) + 0.02 * F.mse_loss(o[1], t[:, 1:])
 
-        train(net, (xtr.reshape(-1, *img), atr), yy, epochs=3, lr=3e-3, loss_fn=mt_loss)
+        train(net, (xtr.reshape(-1, *img), atr), yy, epochs=6, lr=3e-3, loss_fn=mt_loss)
         splits = {k: (P[k][0].reshape(-1, *img), *aux_of(P[k][1]), P[k][1]) for k in ("calib", "select", "test")}
         with torch.no_grad():
             x, a, v, y = splits["test"]
