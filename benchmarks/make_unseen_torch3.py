@@ -19,10 +19,10 @@ Models:
   causal Conv1d blocks whose weights are ``torch.nn.utils.parametrizations.weight_norm`` (each conv
   weight computed in the graph as g * v / ||v|| from two initializers), residual, mean pool, Linear;
   TorchScript exporter opset 17 (``do_constant_folding=False``) and dynamo exporter opset 18.
-* ``tied_head``  a tiny next-token model over pixel tokens (MNIST 14x14, 16 grey levels, 196 tokens,
+* ``tied_head`` / ``tied_head_dyn``  a tiny next-token model over pixel tokens (MNIST 14x14, 16 grey levels, 196 tokens,
   input = the first 195, labels = the next token at each position): embedding (Gather) -> causal
   Conv1d blocks -> LayerNorm -> logits = h @ E^T with the SAME embedding initializer (tied weights);
-  TorchScript exporter, opset 17.  Output ``logits [N, 195, 16]``; metric next-token accuracy (the
+  TorchScript exporter opset 17, and dynamo opset 18.  Output ``logits [N, 195, 16]``; metric next-token accuracy (the
   calibration file holds no labels: compress takes one label per sample only).
 * ``mixer``      MLP-Mixer: 4x4 patches (49 tokens), token-mixing MLP over the transposed patch axis,
   channel-mixing MLP, LayerNorm, GELU; dynamo exporter, opset 18.
@@ -198,7 +198,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
             h = self.norm(self.blocks(self.emb(tok) + self.pos))
             return h @ self.emb.weight.t()  # tied output projection
 
-    if want("tied_head"):
+    if want("tied_head") or want("tied_head_dyn"):
         t0 = time.time()
         torch.manual_seed(seed)
         net = TiedLM()
@@ -212,17 +212,21 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         te = pixel_tokens(P["test"][0])
         with torch.no_grad():
             acc = float((net(torch.from_numpy(te[:, :-1].copy())).argmax(-1).numpy() == te[:, 1:]).mean())
-        export(net, "tied_head", (torch.zeros(2, 195, dtype=torch.long),), False, 17, ["tokens"], ["logits"])
-        for split in ("calib", "select", "test"):
-            t = pixel_tokens(P[split][0])
-            # per-position labels are refused by compress ("expected (n,)"): the calibration file has none
-            lab = {} if split == "calib" else {"labels": t[:, 1:].copy()}
-            np.savez(out / f"tied_head_{split}.npz", tokens=t[:, :-1].copy(), **lab)
-        manifest.record("tied_head", dict(
-            family="next-token model over pixel tokens, embedding tied to the output projection "
-            "(Gather + MatMul of E^T)",
-            exporter="torchscript", opset=17, bn="none", task="classifier", input="tokens",
-            torch_test_accuracy=acc, params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
+        for name, dyn, opset in (("tied_head", False, 17), ("tied_head_dyn", True, 18)):
+            if not want(name):
+                continue
+            export(net, name, (torch.zeros(2, 195, dtype=torch.long),), dyn, opset, ["tokens"], ["logits"])
+            for split in ("calib", "select", "test"):
+                t = pixel_tokens(P[split][0])
+                # per-position labels are refused by compress ("expected (n,)"): the calibration file has none
+                lab = {} if split == "calib" else {"labels": t[:, 1:].copy()}
+                np.savez(out / f"{name}_{split}.npz", tokens=t[:, :-1].copy(), **lab)
+            manifest.record(name, dict(
+                family="next-token model over pixel tokens, embedding tied to the output projection "
+                "(Gather + MatMul of E^T)",
+                exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
+                input="tokens", torch_test_accuracy=acc, params=nparams(net),
+                train_s=round(time.time() - t0, 1)))  # fmt: skip
 
     # ------------------------------------------------------------------ 3. MLP-Mixer
     class MixerBlock(nn.Module):
