@@ -77,6 +77,21 @@ def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str
             "metric": float((fg & truth).sum() / (fg | truth).sum()),
             "agreement": float((fg == (dense > 0)).mean()),
         }
+    if info["task"] == "regress":  # R² against the clean target; "agreement": R² against dense
+        t = test["target"].reshape(y.shape).astype(np.float64)
+        yy, dd = y.astype(np.float64), dense.astype(np.float64)
+        return {
+            "metric": float(1 - ((yy - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()),
+            "agreement": float(1 - ((yy - dd) ** 2).sum() / ((dd - dd.mean(0)) ** 2).sum()),
+        }
+    if info["task"] == "embed":  # mean cosine with dense; nearest class-centroid (dense) agreement
+        yy, dd = y.astype(np.float64), dense.astype(np.float64)
+        cos = (yy * dd).sum(-1) / (np.linalg.norm(yy, axis=-1) * np.linalg.norm(dd, axis=-1) + 1e-12)
+        cent = np.stack([dd[test["labels"] == c].mean(0) for c in np.unique(test["labels"])])
+        return {
+            "metric": float(cos.mean()),
+            "agreement": float(((yy @ cent.T).argmax(-1) == (dd @ cent.T).argmax(-1)).mean()),
+        }
     if info["task"] == "ctc":
         same = [a == b for a, b in zip(greedy_decode(y), greedy_decode(dense), strict=True)]
         return {"metric": char_accuracy(y, test["text"]), "agreement": float(np.mean(same))}
@@ -157,7 +172,8 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                 rec.update(peer(src, out, s))
             else:
                 sel = load(UNSEEN / f"{name}_select.npz")
-                ev = feeds(info, sel, 8) | ({"labels": sel["labels"][:8]} if "labels" in sel else {})
+                one_label = "labels" in sel and sel["labels"].ndim == 1 and info["task"] == "classifier"
+                ev = feeds(info, sel, 8) | ({"labels": sel["labels"][:8]} if one_label else {})
                 rep = compress(src, out, UNSEEN / f"{name}_calib.npz", config_for(method, s), eval_data=ev)
                 names = [t.name for t in rep.tensors]
                 counted = written_nnz(out, names)
@@ -298,9 +314,12 @@ def markdown(results: list[dict[str, Any]], sparsities: list[float]) -> str:
         cli_s = f"exit {cli['exit']}" + (
             f", {cli.get('stock_ort', '')}" if cli["exit"] == 0 else f": {cli.get('message', '')}"
         )
-        metric = {"ctc": "char accuracy (string agreement)", "segment": "foreground IoU (pixel agreement)"}.get(
-            info["task"], "top-1 (agreement)"
-        )
+        metric = {
+            "ctc": "char accuracy (string agreement)",
+            "segment": "foreground IoU (pixel agreement)",
+            "regress": "R² to target (R² to dense)",
+            "embed": "cosine to dense (centroid agreement)",
+        }.get(info["task"], "top-1 (agreement)")
         row = [m["model"], f"{info['exporter']}, {info['opset']}", str(m.get("p", "–")), metric,
                f"{m['dense']:.4f}", *cells, b["bar 0.3"], b["bar 0.5"], cli_s]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")

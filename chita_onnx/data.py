@@ -44,6 +44,16 @@ def static_names(specs: Sequence[InputSpec] | None) -> frozenset[str]:
     return frozenset(s.name for s in specs or () if s.batch_axis is None)
 
 
+def _per_sample(labels: NDArray[np.generic], n: int | None) -> str:
+    """The advice for labels of several values per sample (a sequence or a map): none is read that way."""
+    if labels.ndim < 2 or labels.shape[0] != n:
+        return ""
+    return (
+        ": one class index per sample; labels per position (a sequence or a map) are not supported, "
+        "leave 'labels' out (the loss then follows the model's own outputs, the evaluation compares with dense)"
+    )
+
+
 class ArraySource:
     """In-memory arrays served in batches of ``batch_size`` (re-iterable).
 
@@ -72,7 +82,7 @@ class ArraySource:
         if labels is not None:
             labels = np.asarray(labels)
             if labels.ndim != 1 or labels.shape[0] != n:
-                raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},)")
+                raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},){_per_sample(labels, n)}")
             if not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{origin}: 'labels' must be integers, got dtype {labels.dtype}")
         batched = {k: np.asarray(v) for k, v in inputs.items() if k not in self.static}
@@ -393,7 +403,9 @@ def validate_source(
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
             if labels.shape != (size,):
-                raise DataError(f"{where}: 'labels' has shape {labels.shape}, expected ({size},)")
+                raise DataError(
+                    f"{where}: 'labels' has shape {labels.shape}, expected ({size},){_per_sample(labels, size)}"
+                )
             if not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{where}: 'labels' must be integers, got dtype {labels.dtype}")
             if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):

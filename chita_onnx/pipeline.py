@@ -69,6 +69,7 @@ from .weightchains import (
     WeightChain,
     embedding_tables,
     expose_weights,
+    fold_computed_weights,
     unfold_weight_chains,
     unprunable_layer_weights,
 )
@@ -185,6 +186,8 @@ def prepare(
     chains: tuple[WeightChain, ...] = ()
     if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
         model, chains = expose_weights(model)
+    else:  # but a weight computed from constants alone (weight_norm's g·v/‖v‖) is a weight there too
+        model = fold_computed_weights(model)
     tensors = find_prunable(model)
     if not tensors:
         raise ModelError(no_weights_message(model, str(path)))

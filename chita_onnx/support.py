@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -149,17 +150,34 @@ def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
     return []
 
 
-def _op_verdicts(model: onnx.ModelProto, output: str) -> tuple[Counter[str], Counter[str], list[str], list[str]]:
-    """Per-op counts of exact rewrites and native gradients on the path from the prunable weights to
-    ``output``, the If nodes on it, and refusals (op, node, what to do)."""
+def differentiated_tensors(model: onnx.ModelProto, output: str | None = None, loss: str = "auto") -> list[str]:
+    """The tensors the gradient engine takes its loss of, as :class:`~chita_onnx.gradients.GradientEngine`
+    chooses them: every floating-point output when there are several and none is structurally a
+    classifier (one Gauss-Newton head over all of them), else the one differentiated tensor."""
+    from .gradients.engine import _non_classifier_outputs
+    from .gradients.prepare import differentiated_tensor
+
+    several = [] if output is not None or loss == "ce" else _non_classifier_outputs(model)
+    if len(several) > 1:
+        return [differentiated_tensor(model, o) for o in several]
+    return [differentiated_tensor(model, output)]
+
+
+def _op_verdicts(
+    model: onnx.ModelProto, output: str | Sequence[str]
+) -> tuple[Counter[str], Counter[str], list[str], list[str]]:
+    """Per-op counts of exact rewrites and native gradients on the paths from the prunable weights to
+    ``output`` (one tensor or several: a node on several paths counts once), the If nodes on them,
+    and refusals (op, node, what to do)."""
     from .gradients.prepare import _NO_GRADIENT_HINT, GRADIENT_OPS, LEGALIZED_OPS, cut_to, differentiable_nodes
     from .gradients.prepare import normalize as normalize_model
     from .gradients.rewrites import op_key, rewritable_ops
     from .gradients.static import _infer
     from .graph import find_prunable
 
+    targets = [output] if isinstance(output, str) else list(output)
     names = [t.name for t in find_prunable(model) if not t.scope]
-    m = _infer(normalize_model(cut_to(model, output)))
+    m = _infer(normalize_model(cut_to(model, targets[0] if len(targets) == 1 else targets)))
     rewritable = rewritable_ops() | LEGALIZED_OPS
     rewrites: Counter[str] = Counter()
     native: Counter[str] = Counter()
@@ -167,7 +185,8 @@ def _op_verdicts(model: onnx.ModelProto, output: str) -> tuple[Counter[str], Cou
     refusals: list[str] = []
     inits = {t.name for t in m.graph.initializer}
     present = [w for w in names if w in inits]
-    for k, n in differentiable_nodes(m, present, output):
+    on_path = {k: n for t in targets for k, n in differentiable_nodes(m, present, t)}
+    for k, n in sorted(on_path.items(), key=lambda kn: kn[0]):
         key = op_key(n)
         label = n.name or f"<{n.op_type} #{k}>"
         if key == "If":
@@ -240,9 +259,7 @@ def assert_supported(
             raise (UnsupportedOpError if q is not None else ModelError)(first[0])
     if not gradients:
         return
-    from .gradients.prepare import differentiated_tensor
-
-    *_, refusals = _op_verdicts(model, differentiated_tensor(model, output))
+    *_, refusals = _op_verdicts(model, differentiated_tensors(model, output))
     if refusals:
         raise UnsupportedOpError(refusals[0])
 
@@ -283,11 +300,10 @@ def check_model_support(
     )
     if refusals:
         return replace(base, seconds=time.perf_counter() - t0)
-    from .gradients.prepare import differentiated_tensor
-
-    out = differentiated_tensor(m, output)
+    targets = differentiated_tensors(m, output, loss)
+    out = ", ".join(targets)  # several: the outputs of one Gauss-Newton head, as the engine builds it
     try:
-        rewrites, native, conditional, refusals = _op_verdicts(m, out)
+        rewrites, native, conditional, refusals = _op_verdicts(m, targets)
     except ChitaError as exc:
         return replace(base, ok=False, refusals=(str(exc),), output=out, seconds=time.perf_counter() - t0)
     report = replace(

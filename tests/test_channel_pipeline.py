@@ -241,3 +241,65 @@ def test_a_model_with_its_batch_size_fixed_at_one_is_channel_pruned(tmp_path: Pa
     c = report.structured
     assert c is not None and c.channels_after < c.channels_before and c.equivalence_max_diff < 1e-4
     assert _dims(onnx.load(out).graph.input[0])[0] == 1
+
+
+def _weight_normed_cnn() -> onnx.ModelProto:
+    """Conv whose weight is computed in the graph as ``g * v / ||v||`` (torch's ``weight_norm`` as the
+    TorchScript exporter writes it) -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(41)
+    w = {
+        "v": rng.standard_normal((16, 3, 3, 3)),
+        "g": rng.uniform(0.5, 1.5, (16, 1, 1, 1)),
+        "b1": rng.standard_normal(16) * 0.1,
+        "w2": rng.standard_normal((8, 16, 3, 3)) * 0.3,
+        "b2": rng.standard_normal(8) * 0.1,
+        "fc": rng.standard_normal((4, 8)),
+    }
+    nodes = [
+        helper.make_node("ReduceL2", ["v"], ["vnorm"], axes=[1, 2, 3], keepdims=1, name="norm"),
+        helper.make_node("Div", ["v", "vnorm"], ["vdir"], name="div"),
+        helper.make_node("Mul", ["g", "vdir"], ["w1"], name="scale"),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "wn_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_weight_computed_from_constants_is_channel_pruned(tmp_path: Path) -> None:
+    """A weight-normalised Conv (its weight ``g * v / ||v||`` computed in the graph from two stored
+    tensors) is pruned by the unstructured path, which folds the computation into one weight; channel
+    pruning used to skip that fold, so the Conv had "no constant weight" and a weight-norm TCN came
+    out with no channel removed."""
+    model = _weight_normed_cnn()
+    src, out, data = tmp_path / "wn.onnx", tmp_path / "pruned.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    x = _data(model, 48)
+    np.savez(data, x=x["x"])
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    report = chita_onnx.compress(src, out, data, cfg)
+    c = report.structured
+    assert c.written == "pruned" and c.channels_after < c.channels_before
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert "ReduceL2" not in {n.op_type for n in pruned.graph.node}  # the folded weight, sliced
+    conv1 = next(n for n in pruned.graph.node if n.op_type == "Conv" and n.input[0] == "x")
+    w1 = next(t for t in pruned.graph.initializer if t.name == conv1.input[1])
+    assert list(w1.dims) == [8, 3, 3, 3]
+    y = session(pruned).run(None, x)[0]
+    assert y.shape == (48, 4) and np.isfinite(y).all()

@@ -66,6 +66,11 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
         ({"x": np.zeros((4, 12), np.float32), "labels": np.array([0, 1, 2, 9])}, "label 9 is out of range"),
         ({"x": np.zeros((4, 12), np.float32), "labels": np.array([0, -1, 2, 3])}, "label -1 is out of range"),
         ({"x": np.zeros((4, 12), np.float32), "labels": np.zeros(4)}, "'labels' must be integers"),
+        (
+            {"x": np.zeros((4, 12), np.float32), "labels": np.zeros((4, 3), np.int64)},
+            r"'labels' has shape \(4, 3\), expected \(4,\): one class index per sample; labels per position .* "
+            "are not supported, leave 'labels' out",
+        ),
     ],
 )
 def test_bad_arrays_name_the_file_and_value(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
@@ -121,3 +126,10 @@ def test_float_data_beyond_a_float16_input_range_is_refused(tmp_path: Path) -> N
     np.savez(tmp_path / "big.npz", x=x)
     with pytest.raises(DataError, match=r"big\.npz: array .x. holds 1000000\.0 at sample 4 .*float16"):
         validate_source(open_source(tmp_path / "big.npz", specs), specs)
+
+
+def test_a_custom_source_with_labels_per_position_is_told_to_leave_them_out() -> None:
+    """A next-token model's labels ``(batch, positions)``: refused with the way out, not only the shape."""
+    batch = Batch({"x": _x(4)}, np.zeros((4, 3), np.int64))
+    with pytest.raises(DataError, match=r"expected \(4,\): one class index per sample; .* leave 'labels' out"):
+        validate_source([batch], SPECS)

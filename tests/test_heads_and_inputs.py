@@ -348,3 +348,25 @@ def test_report_gives_per_position_agreement_for_a_sequence_output(tmp_path: Pat
     assert e.position_agreement == pytest.approx(want) and 0.0 < want < 1.0
     assert "per-position argmax agreement" in format_report(rep)
     assert rep.to_dict()["evaluation"]["position_agreement"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("method", ["auto", "chita"])
+def test_output_that_leaves_a_prunable_weight_off_the_loss_path(method: str, tmp_path: Path) -> None:
+    """``--output y1`` on a model with a second head: that head's weight is still in the budget but
+    does not reach the loss (zero gradient columns, as the engine warns).  Setting the current
+    weights used to raise "cannot set weight 'W3': not an updatable weight of this engine" (the
+    layer-wise pass fell back to chita, which failed the same way)."""
+    from test_support import _two_heads
+
+    import chita_onnx
+
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "calib.npz"
+    onnx.save(_two_heads([]), src)
+    x = np.random.default_rng(33).standard_normal((32, 8)).astype(np.float32)
+    np.savez(data, x=x)
+    rep = compress(src, out, data, CompressConfig(sparsity=0.5, method=method, output="y1"))
+    assert rep.nnz == rep.k == 120
+    values = chita_onnx.graph.get_weights(chita_onnx.graph.densify(chita_onnx.load_model(out)), ["W1", "W2", "W3"])
+    assert sum(int(np.count_nonzero(v)) for v in values.values()) == 120
+    y1 = make_session(out).run(["y1"], {"x": x})[0]
+    assert np.isfinite(y1).all()

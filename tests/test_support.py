@@ -329,3 +329,50 @@ def test_check_and_gradients_see_a_weight_stored_behind_a_transpose(tmp_path: Pa
     assert not rep.ok and "Shrink" in rep.refusals[0] and rep.prunable_weights == 288
     with pytest.raises(UnsupportedOpError, match="Shrink"):  # what --check now predicts
         chita_onnx.compress(bad, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
+
+
+def _two_heads(extra: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """x → MatMul → Relu → two MatMul heads ``y1`` and ``y2`` (no softmax: the engine takes one
+    Gauss-Newton loss over both outputs), ``extra`` appended after the second head."""
+    rng = np.random.default_rng(31)
+    w = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("W1", (8, 16)), ("W2", (16, 4)), ("W3", (16, 3)))}
+    last = "y2" if not extra else "z"
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="l1"),
+        helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["h", "W2"], ["y1"], name="head1"),
+        helper.make_node("MatMul", ["h", "W3"], [last], name="head2"),
+        *extra,
+    ]
+    g = helper.make_graph(
+        nodes,
+        "two_heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [
+            helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_model_with_several_regression_outputs_is_checked_on_all_of_them(tmp_path: Path) -> None:
+    """Two outputs and no classifier: the engine differentiates both (one Gauss-Newton head), so the
+    check must look at both paths; it used to look at the first output only, said 'supported' for an
+    op without gradient on the second head, and named only the first output."""
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(32).standard_normal((24, 8)).astype(np.float32))
+    good = _save(_two_heads([]), tmp_path / "good.onnx")
+    rep = check_model_support(good, data)
+    assert rep.ok and rep.output == "y1, y2" and dict(rep.native)["MatMul"] == 3
+    shrink = [helper.make_node("Shrink", ["z"], ["y2"], lambd=0.1, name="shrink")]
+    bad = _save(_two_heads(shrink), tmp_path / "bad.onnx")
+    rep = check_model_support(bad)  # the structural check, before any data
+    assert not rep.ok and "op Shrink (node 'shrink')" in rep.refusals[0] and rep.output == "y1, y2"
+    with pytest.raises(UnsupportedOpError, match="Shrink"):  # what --check predicts, before reading data
+        chita_onnx.compress(bad, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
+    code, out, _ = _run_cli("inspect", bad, "--check")
+    assert code == 1 and "differentiated output: y1, y2" in out

@@ -834,6 +834,8 @@ class GradientEngine:
         new: dict[str, NDArray[np.float32]] = {}
         for name, v in values.items():
             if name not in self.values:
+                if name in self.updatable:  # cut away with everything that does not reach the loss: no effect
+                    continue
                 raise ConfigError(f"cannot set weight {name!r}: not an updatable weight of this engine")
             arr = np.ascontiguousarray(v, dtype=np.float32)
             if arr.shape != self.values[name].shape:
