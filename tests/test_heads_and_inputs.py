@@ -370,3 +370,23 @@ def test_output_that_leaves_a_prunable_weight_off_the_loss_path(method: str, tmp
     assert sum(int(np.count_nonzero(v)) for v in values.values()) == 120
     y1 = make_session(out).run(["y1"], {"x": x})[0]
     assert np.isfinite(y1).all()
+
+
+def test_labels_on_a_two_output_model_say_how_to_use_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Labels with two outputs and no softmax: one Gauss-Newton head over both (labels unused), and
+    the warning names the way to fit one output to the labels; with ``--output`` the labels are used."""
+    from test_support import _two_heads
+
+    src, data = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_two_heads([]), src)
+    rng = np.random.default_rng(34)
+    np.savez(data, x=rng.standard_normal((32, 8)).astype(np.float32), labels=rng.integers(0, 4, 32))
+    with caplog.at_level("WARNING"):
+        rep = compress(src, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
+    said = [r.getMessage() for r in caplog.records if "labels are not used" in r.getMessage()]
+    assert len(said) == 1 and "--output NAME" in said[0] and "y1" in rep.loss and "y2" in rep.loss
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        rep = compress(src, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita", output="y1"))
+    assert not any("labels are not used" in r.getMessage() for r in caplog.records)
+    assert "cross-entropy" in rep.loss

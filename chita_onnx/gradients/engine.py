@@ -613,7 +613,10 @@ class GradientEngine:
         self.kind: HeadKind = kind
         self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
         if kind == "regression" and loss != "mse" and self.has_labels:
-            log.warning("the calibration labels are not used: %s, so the loss is Gauss-Newton (%s)", why, kind)
+            hint = ""
+            if len(several) > 1:
+                hint = " (to fit one output's class scores to the labels instead: --output NAME)"
+            log.warning("the calibration labels are not used: %s, so the loss is Gauss-Newton (%s)%s", why, kind, hint)
         self._head_args: tuple[HeadKind, str | tuple[str, ...], int | None] = (kind, head_tensor, axis)
 
         # the one-sample path
