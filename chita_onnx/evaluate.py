@@ -275,6 +275,21 @@ class Comparison:
     position_agreement: float | None = None
 
 
+def low_agreement_warning(c: Comparison | None, below: float = 0.5) -> str | None:
+    """The report's warning when top-1 agreement with dense is below ``below``.  An output ``(N, C)``
+    need not hold class scores (an autoencoder's pixels, an embedding): the warning then points to
+    the relative error and cosine, which measure it whatever it holds."""
+    if c is None or c.agreement is None or c.agreement >= below:
+        return None
+    text = f"top-1 agreement with the dense model is only {100 * c.agreement:.1f}% (argmax of {c.output!r})"
+    if c.relative_error is not None and c.cosine is not None:
+        text += (
+            f"; if that output is not class scores, its relative error ({c.relative_error:.3g}) and cosine "
+            f"with dense ({c.cosine:.4f}) are the measure"
+        )
+    return text
+
+
 def evaluate(
     model: str | os.PathLike[str] | bytes,
     source: CalibrationSource,

@@ -36,7 +36,16 @@ from .data import ArraySource, DataSpec, batch_size, materialize, open_source, s
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, dense_storage_note, sparse_storage_note, zstd_size
 from .errors import ChitaError, ConfigError, DataError, GradientError, ModelError, UnsupportedOpError
-from .evaluate import Comparison, Evaluation, Reference, compare_to, evaluate, file_sizes, reference
+from .evaluate import (
+    Comparison,
+    Evaluation,
+    Reference,
+    compare_to,
+    evaluate,
+    file_sizes,
+    low_agreement_warning,
+    reference,
+)
 from .gradients import GradientEngine, GradientMatrix
 from .gradients.prepare import scored_output
 from .graph import (
@@ -1189,8 +1198,8 @@ def _compress(
         smaller = [s for s in stored if s.sparse_bytes < s.dense_bytes]
         if smaller:
             storage_note = dense_storage_note(len(smaller), sum(s.dense_bytes - s.sparse_bytes for s in smaller))
-    if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
-        warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
+    if (low := low_agreement_warning(comparison)) is not None:
+        warnings.append(low)
     return Report(
         input=str(in_path),
         output=str(out_path),

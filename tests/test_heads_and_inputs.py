@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -390,3 +391,18 @@ def test_labels_on_a_two_output_model_say_how_to_use_them(tmp_path: Path, caplog
         rep = compress(src, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita", output="y1"))
     assert not any("labels are not used" in r.getMessage() for r in caplog.records)
     assert "cross-entropy" in rep.loss
+
+
+def test_low_agreement_warning_points_to_error_and_cosine_for_non_class_outputs() -> None:
+    """An autoencoder's (N, 784) output is not class scores: a low argmax agreement is no alarm by
+    itself, so the warning names the output and gives the two measures that hold for any output."""
+    from chita_onnx.evaluate import Comparison, low_agreement_warning
+
+    base = Comparison(64, "recon", None, None, 0.451, 1.0, 0.1, 0.0, relative_error=0.213, cosine=0.9771)
+    text = low_agreement_warning(base)
+    assert text is not None and "45.1%" in text and "'recon'" in text and "0.213" in text and "0.9771" in text
+    assert low_agreement_warning(dataclasses.replace(base, agreement=0.5)) is None
+    assert low_agreement_warning(dataclasses.replace(base, agreement=None)) is None
+    assert low_agreement_warning(None) is None
+    bare = low_agreement_warning(dataclasses.replace(base, relative_error=None, cosine=None))
+    assert bare is not None and "cosine" not in bare

@@ -31,7 +31,7 @@ from ..config import CompressConfig
 from ..data import feed, rebatched
 from ..data_types import Batch, InputSpec
 from ..errors import ModelError
-from ..evaluate import compare_to, file_sizes
+from ..evaluate import compare_to, file_sizes, low_agreement_warning
 from ..graph import METADATA_KEY, check_model, save_model, walk_graphs
 from ..report import FileSizes, Report, StageReport, TensorReport
 from ..standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
@@ -335,8 +335,8 @@ def compress_channels(
     flops_before = 2 * sum(node_macs(split_dense, probe_shapes(split_dense, [sample], prep.specs)[0]).values())
     flops_after = 2 * sum(node_macs(split_final, probe_shapes(split_final, [sample], prep.specs)[0]).values())
     params_before, params_after = count_params(dense), count_params(final)
-    if comparison is not None and comparison.agreement is not None and comparison.agreement < 0.5:
-        warnings.append(f"top-1 agreement with the dense model is only {100 * comparison.agreement:.1f}%")
+    if (low := low_agreement_warning(comparison)) is not None:
+        warnings.append(low)
     objective = sum(g.objective for g in result.groups if g.objective is not None)
     report = ChannelReport(
         method=config.method,
