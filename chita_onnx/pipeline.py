@@ -1075,7 +1075,17 @@ def _compress(
         )
     tables = embedding_tables(prep.model, {t.name for t in prep.tensors})
     if tables:
-        listed = ", ".join(f"{n} ({size:,})" for n, size in tables[:5])
+        others: dict[str, set[str]] = {}  # a tied table is also a layer's weight (an LM's output projection)
+        for node in prep.model.graph.node:
+            for name in node.input:
+                if node.op_type != "Gather" and name in dict(tables):
+                    others.setdefault(name, set()).add(node.op_type)
+
+        def tied(n: str) -> str:
+            ops = others.get(n)
+            return f"; also read by {'/'.join(sorted(ops))}: tied weights, left dense for both uses" if ops else ""
+
+        listed = ", ".join(f"{n} ({size:,}{tied(n)})" for n, size in tables[:5])
         more = f" and {len(tables) - 5} more" if len(tables) > 5 else ""
         warnings.append(
             f"{len(tables)} embedding table(s) read by Gather with {sum(s for _, s in tables):,} weights are not "

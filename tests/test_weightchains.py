@@ -363,3 +363,38 @@ def test_embedding_tables_are_named_in_the_report(tmp_path: Path) -> None:
     assert rep.nnz == 32
     said = [w for w in rep.warnings if "embedding table" in w]
     assert len(said) == 1 and "tok (1,600)" in said[0]
+
+
+def test_a_tied_embedding_table_is_named_as_tied(tmp_path: Path) -> None:
+    """Gather of a [20, 8] table, mean, then a MatMul with the table's transpose (a tied output
+    projection, as TorchScript writes a tied LM head): the table stays dense, and the report says it
+    is also read by the projection, so that the user knows the head was left dense too."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((128, 16)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),
+        helper.make_node("ReduceMean", ["e", "axis1"], ["h0"], keepdims=0),
+        helper.make_node("MatMul", ["h0", "W"], ["h"]),
+        helper.make_node("Transpose", ["emb"], ["embT"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "embT"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 128])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    ids = rng.integers(0, 128, (48, 5)).astype(np.int64)
+    rep = compress(src, tmp_path / "out.onnx", {"ids": ids}, CompressConfig(sparsity=0.5, method="magnitude"))
+    said = [w for w in rep.warnings if "embedding table" in w]
+    assert len(said) == 1 and "emb (2,048; also read by Transpose: tied weights" in said[0], rep.warnings
+    assert [t.name for t in rep.tensors] == ["W"] and rep.nnz == 128
