@@ -1,10 +1,11 @@
 """Do the default outputs of zoo models load and compute the same in OpenVINO and the newest onnxruntime?
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/check_runtimes.py \
-        [--models a,b] [--sparsity 0.5] [--storage dense] [--samples 4] [--json out.json]
+        [--models a,b] [--dir UNSEEN_SET] [--sparsity 0.5] [--storage dense] [--samples 4] [--json out.json]
 
 For every zoo model (``benchmarks/zoo/entries.py``; its wheel and data are cached as ``zoo/run.py``
-caches them): ``compress`` with the default configuration (``--storage`` overrides the storage) into a
+caches them), or every model of an unseen-architectures set (``--dir``, ``make_unseen*.py``):
+``compress`` with the default configuration (``--storage`` overrides the storage) into a
 temporary file, then the dense and the pruned model are run on the first ``--samples`` held-out
 samples in
 
@@ -99,23 +100,24 @@ def rel_diff(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return worst
 
 
-def check(name: str, sparsity: float, storage: str, samples: int) -> dict[str, Any]:
+def check_model(
+    name: str, path: Path, calib: Any, feeds_all: dict[str, np.ndarray], sparsity: float, storage: str
+) -> dict[str, Any]:
+    """``compress`` ``path`` with the default configuration on ``calib``, then run the dense and the
+    pruned model on ``feeds_all`` (only the model's inputs are fed) in every runtime."""
     from chita_onnx import CompressConfig, compress
     from chita_onnx.evaluate import make_session
 
-    e = entry(name, None)
-    calib, held = datasets(e, None)
-    feeds_ds = head_of(e, held, samples)
     rec: dict[str, Any] = {"model": name, "sparsity": sparsity, "storage": storage}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         out = tmp / "pruned.onnx"
-        report = compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity, storage=storage))  # type: ignore[arg-type]
+        report = compress(path, out, calib, CompressConfig(sparsity=sparsity, storage=storage))  # type: ignore[arg-type]
         rec["sparsity_reached"] = report.sparsity
-        for label, model in (("dense", e.path()), ("pruned", out)):
+        for label, model in (("dense", path), ("pruned", out)):
             sess = make_session(model)
             names = [i.name for i in sess.get_inputs()]
-            feeds = {k: np.asarray(v) for k, v in feeds_ds.inputs.items() if k in names}
+            feeds = {k: np.asarray(v) for k, v in feeds_all.items() if k in names}
             ref = [np.asarray(o) for o in sess.run(None, feeds)]
             for kind, python in RUNTIMES.items():
                 if not python.exists():
@@ -128,19 +130,44 @@ def check(name: str, sparsity: float, storage: str, samples: int) -> dict[str, A
     return rec
 
 
+def check_zoo(name: str, sparsity: float, storage: str, samples: int) -> dict[str, Any]:
+    e = entry(name, None)
+    calib, held = datasets(e, None)
+    return check_model(name, e.path(), calib.inputs, dict(head_of(e, held, samples).inputs), sparsity, storage)
+
+
+def check_unseen(folder: Path, name: str, sparsity: float, storage: str, samples: int) -> dict[str, Any]:
+    """A model of an "unseen architectures" set (``make_unseen*.py``): ``<name>.onnx``, its
+    ``_calib.npz`` and the first samples of its ``_test.npz``."""
+    with np.load(folder / f"{name}_test.npz") as z:
+        feeds = {k: z[k][:samples] for k in z.files if k != "labels"}
+    return check_model(name, folder / f"{name}.onnx", folder / f"{name}_calib.npz", feeds, sparsity, storage)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(e.name for e in entries.ENTRIES if not e.expect_refusal))
+    ap.add_argument("--models", default=None, help="zoo models (default: all), or models of --dir")
+    ap.add_argument("--dir", default=None, help="an unseen-architectures set (manifest.json) instead of the zoo")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--storage", default="dense", choices=["dense", "auto", "sparse"])
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    folder = Path(args.dir).expanduser() if args.dir else None
+    if args.models:
+        names = args.models.split(",")
+    elif folder is not None:
+        names = list(json.loads((folder / "manifest.json").read_text()))
+    else:
+        names = [e.name for e in entries.ENTRIES if not e.expect_refusal]
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         try:
-            rec = check(name, args.sparsity, args.storage, args.samples)
+            if folder is not None:
+                rec = check_unseen(folder, name, args.sparsity, args.storage, args.samples)
+            else:
+                rec = check_zoo(name, args.sparsity, args.storage, args.samples)
         except Exception as exc:  # a crash is a result too
             rec = {"model": name, "error": f"{type(exc).__name__}: {exc}"}
         rows.append(rec)
