@@ -277,8 +277,9 @@ def format_sweep(result: SweepResult) -> str:
         for r in result.rows
     ]
     head = (
-        f"{result.model}: p = {result.p:,} prunable weights, n = {result.n} samples ({result.x_rows} gradient rows), "
-        f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
+        f"{result.model}: p = {result.p:,} prunable weights, "
+        + (f"n = {result.n} samples ({result.x_rows} gradient rows), " if result.n else "no gradients, ")
+        + f"dense accuracy {pct(result.dense_accuracy)}% on {result.eval_samples} samples ({result.eval_source})"
     )
     return (
         head

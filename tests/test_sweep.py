@@ -195,6 +195,7 @@ def test_sweep_table_shows_the_sparsity_each_method_reached(mlp_path: Path, mlp_
     for r, cells in zip(result.rows, rows, strict=True):
         assert float(cells[col]) == pytest.approx(1 - r.nnz / result.p, abs=5e-4)
         assert float(cells[col]) == pytest.approx(r.sparsity, abs=0.01)  # magnitude keeps the exact budget
+    assert "no gradients," in lines[0] and "n = 0" not in lines[0]  # a magnitude-only sweep computes no X
 
 
 def test_peer_weights_are_followed_into_if_branches_and_renames() -> None:
