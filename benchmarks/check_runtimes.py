@@ -100,6 +100,19 @@ def rel_diff(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return worst
 
 
+def model_feed(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One feed of the first samples of ``arrays`` as ``compress``'s own evaluation feeds the model:
+    each input's batch axis where the model has it, a fixed batch size respected, static inputs whole."""
+    from chita_onnx.data import feed, open_source
+    from chita_onnx.evaluate import _chunks, _fixed_batch
+    from chita_onnx.graph import load_model, model_inputs
+
+    specs = model_inputs(load_model(path))
+    batch = next(iter(open_source(arrays, specs, batch_size=len(next(iter(arrays.values()))))))
+    piece, _ = next(_chunks(batch, _fixed_batch(specs), specs))
+    return {k: np.asarray(v) for k, v in feed(piece, specs).items()}
+
+
 def check_model(
     name: str, path: Path, calib: Any, feeds_all: dict[str, np.ndarray], sparsity: float, storage: str
 ) -> dict[str, Any]:
@@ -114,10 +127,9 @@ def check_model(
         out = tmp / "pruned.onnx"
         report = compress(path, out, calib, CompressConfig(sparsity=sparsity, storage=storage))  # type: ignore[arg-type]
         rec["sparsity_reached"] = report.sparsity
+        feeds = model_feed(path, feeds_all)
         for label, model in (("dense", path), ("pruned", out)):
             sess = make_session(model)
-            names = [i.name for i in sess.get_inputs()]
-            feeds = {k: np.asarray(v) for k, v in feeds_all.items() if k in names}
             ref = [np.asarray(o) for o in sess.run(None, feeds)]
             for kind, python in RUNTIMES.items():
                 if not python.exists():
@@ -178,7 +190,8 @@ def main() -> None:
     print("\n| model | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for r in rows:
-        print(f"| {r['model']} | " + " | ".join(str(r.get(k, r.get("error", "-"))) for k in keys) + " |")
+        cells = (" ".join(str(r.get(k, r.get("error", "-"))).split())[:160] for k in keys)
+        print(f"| {r['model']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
