@@ -1075,10 +1075,11 @@ def _compress(
         )
     tables = embedding_tables(prep.model, {t.name for t in prep.tensors})
     if tables:
+        table_names = {n for n, _ in tables}
         others: dict[str, set[str]] = {}  # a tied table is also a layer's weight (an LM's output projection)
         for node in prep.model.graph.node:
-            for name in node.input:
-                if node.op_type != "Gather" and name in dict(tables):
+            if node.op_type != "Gather":
+                for name in table_names.intersection(node.input):
                     others.setdefault(name, set()).add(node.op_type)
 
         def tied(n: str) -> str:

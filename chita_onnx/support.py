@@ -154,10 +154,10 @@ def differentiated_tensors(model: onnx.ModelProto, output: str | None = None, lo
     """The tensors the gradient engine takes its loss of, as :class:`~chita_onnx.gradients.GradientEngine`
     chooses them: every floating-point output when there are several and none is structurally a
     classifier (one Gauss-Newton head over all of them), else the one differentiated tensor."""
-    from .gradients.engine import _non_classifier_outputs
+    from .gradients.engine import joint_outputs
     from .gradients.prepare import differentiated_tensor
 
-    several = [] if output is not None or loss == "ce" else _non_classifier_outputs(model)
+    several = joint_outputs(model, output, loss)
     if len(several) > 1:
         return [differentiated_tensor(model, o) for o in several]
     return [differentiated_tensor(model, output)]

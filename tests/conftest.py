@@ -21,6 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 
 
+def cached_venv(venv: Path, *packages: str) -> Path:
+    """The Python of a cached virtual environment with the newest ``packages`` (created with pip on
+    first use): runtimes that must not share the project's environment (plain onnxruntime, OpenVINO)."""
+    import subprocess
+    import sys
+
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", *packages], check=True, timeout=900)
+    return py
+
+
 def make_model(
     nodes: Sequence[onnx.NodeProto],
     inputs: Sequence[onnx.ValueInfoProto],

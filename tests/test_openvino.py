@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import cached_venv
 
 import chita_onnx
 from chita_onnx import CompressConfig
@@ -42,13 +42,7 @@ print(json.dumps({"version": ov.__version__}))
 
 @pytest.fixture(scope="session")
 def openvino_python() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "--upgrade", "openvino", "numpy"], check=True, timeout=900
-        )
-    return py
+    return cached_venv(VENV, "openvino", "numpy")
 
 
 def _run_openvino(py: Path, model: Path, feeds: dict[str, np.ndarray], tmp: Path) -> np.ndarray:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_cnn
+from conftest import cached_venv, tiny_cnn
 
 import chita_onnx
 from chita_onnx.graph import densify
@@ -43,13 +42,7 @@ print(json.dumps({"version": ort.__version__, "identical": bool(np.array_equal(o
 
 @pytest.fixture(scope="session")
 def stock_python() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "--upgrade", "onnxruntime", "numpy"], check=True, timeout=900
-        )
-    return py
+    return cached_venv(VENV, "onnxruntime", "numpy")
 
 
 def test_pruned_sparse_model_runs_in_newest_plain_onnxruntime(tmp_path: Path, stock_python: Path) -> None:

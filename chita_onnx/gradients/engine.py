@@ -583,7 +583,7 @@ class GradientEngine:
                 t = node.input[0]
             return t
 
-        several = [] if output is not None or loss == "ce" else _non_classifier_outputs(model)
+        several = joint_outputs(model, output, loss)
         self._scales: tuple[float, ...] | None = None
         if len(several) > 1:
             # several outputs and none is a classifier (a detector, a recurrent model): one
@@ -1321,6 +1321,13 @@ _FLOAT_ELEMS = (
     onnx.TensorProto.FLOAT16,
     onnx.TensorProto.BFLOAT16,
 )
+
+
+def joint_outputs(model: onnx.ModelProto, output: str | None, loss: str) -> list[str]:
+    """The outputs one Gauss-Newton head spans (several, none a classifier, no ``--output`` and no
+    ``loss='ce'``); ``[]`` when one tensor is differentiated alone.  The engine and the support
+    check both decide with this."""
+    return [] if output is not None or loss == "ce" else _non_classifier_outputs(model)
 
 
 def _non_classifier_outputs(model: onnx.ModelProto) -> list[str]:
