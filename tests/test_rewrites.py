@@ -605,7 +605,7 @@ def test_recurrent_unroll_matches_float64_differences(case: str) -> None:
     kw = dict(RNN_REF[case])
     op = kw.pop("op")
     model = _rnn_model(op, Init(61), **kw)
-    e, gm, feeds, labels = engine_grads(model, ["W1", "W2"], n=1)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "RW", "RR", "RB", "W2"], n=1)
     assert e.fwd.rewrites.get(op) == 1, e.fwd.rewrites
     fd_check(gm, model, feeds, labels)
 
@@ -645,7 +645,7 @@ def test_recurrent_unroll_matches_onnxruntime_kernel(case: str) -> None:
     if kw.pop("peep", False):
         inputs[7] = w.const("P", 0.3 * rng.standard_normal((D, 3 * H)))
     model = _rnn_model(op, w, inputs=inputs, **kw)
-    e, gm, feeds, labels = engine_grads(model, ["W1", "W2"], n=1)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "RW", "RR", "RB", "W2"], n=1)
     assert e.fwd.rewrites.get(op) == 1, e.fwd.rewrites
     ort_fd_check(gm, model, feeds, labels)
 
