@@ -63,7 +63,9 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
     """
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
-    xset = set(xs)
+    from .deferred import plan
+
+    xset, finish = plan(model, xs)
     runtime.check_graph(model, "the loss graph handed to onnxruntime-training's gradient builder")
     try:
         with captured_fd2() as lines:
@@ -74,7 +76,8 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
         log.debug("gradient builder output:\n%s", "\n".join(lines[-20:]))
         raise GradientError(f"onnxruntime-training could not build the gradient graph: {_first_line(exc)}") from None
     log.debug("gradient builder: %d log lines suppressed", len(lines))
-    return onnx.load_from_string(data)
+    gm = onnx.load_from_string(data)
+    return gm if finish is None else finish(gm)
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int = 1, *, check: bool = True) -> ort.InferenceSession:

@@ -19,6 +19,7 @@ import onnx
 from numpy.typing import NDArray
 
 from ..errors import UnsupportedOpError
+from .deferred import record_deferred
 from .prepare import attr_float, attr_int, attr_str
 from .rewrites import Ctx, label
 
@@ -148,6 +149,7 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     dirs_y: list[str] = []
     dirs_h: list[str] = []
     dirs_c: list[str] = []
+    deferred: list[dict[str, Any]] = []
     for d in range(D):
         tag = f"d{d}"
         Wd = _pick(u, W, d, [G * H, -1], f"{tag}_W")
@@ -175,6 +177,12 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 rb = pad
             bsum = u.add("Add", [wb, rb], f"{tag}_bias")
             xw = u.add("Add", [xw, bsum], f"{tag}_xwb")
+        # LSTM and RNN: xw + a zero tensor E, whose gradient is every step's pre-activation gradient:
+        # the gradient builder can then leave R alone and R's gradient becomes one product (below)
+        E = u.const(f"{tag}_dpre", np.zeros((T, Bn, G * H), dt)) if op != "GRU" else ""
+        if E:
+            xw = u.add("Add", [xw, E], f"{tag}_xwe")
+        hprev: dict[int, str] = {}
         if op == "GRU":
             RzrT = u.add("Transpose", [_rows(u, Rd, 0, 2 * H, f"{tag}_Rzr")], f"{tag}_RzrT", perm=[1, 0])
             RhT = u.add("Transpose", [_rows(u, Rd, 2 * H, 3 * H, f"{tag}_Rh")], f"{tag}_RhT", perm=[1, 0])
@@ -195,6 +203,7 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         for t in order:
             s = f"{tag}_t{t}"
             xt = u.add("Gather", [xw, tidx[t]], f"{s}_x", axis=0)  # [B, G·H]
+            hprev[t] = h
             if op == "LSTM":
                 pre = u.add("Add", [xt, u.add("MatMul", [h, RdT], f"{s}_hr")], f"{s}_pre")
                 gi, go, gf, gc = (u.cols(pre, k, H, f"{s}_g{k}") for k in range(4))
@@ -247,6 +256,8 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 h = h_new
                 if c_new:
                     cell = c_new
+        if E:
+            deferred.append({"weight": R, "slice": Rd, "dpre": E, "hprev": [hprev[t] for t in range(T)]})
         ax0 = u.const(f"{tag}_ax0", np.asarray([0], np.int64))
         dirs_y.append(
             u.add("Concat", [u.add("Unsqueeze", [ys[t], ax0], f"{tag}_y{t}") for t in range(T)], f"{tag}_Y", axis=0)
@@ -254,6 +265,8 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         dirs_h.append(u.add("Unsqueeze", [h, ax0], f"{tag}_Yh"))
         if op == "LSTM":
             dirs_c.append(u.add("Unsqueeze", [cell, ax0], f"{tag}_Yc"))
+    if deferred and R:
+        record_deferred(u.c.model, deferred)
     outs = list(n.output) + [""] * 3
     ax1 = u.const("ax1", np.asarray([1], np.int64))
     if outs[0]:
