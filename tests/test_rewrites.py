@@ -650,11 +650,12 @@ def test_recurrent_unroll_matches_onnxruntime_kernel(case: str) -> None:
     ort_fd_check(gm, model, feeds, labels)
 
 
-@pytest.mark.parametrize("case", ["LSTM-bidirectional", "RNN-bidirectional", "LSTM-forward", "GRU-forward"])
-def test_recurrent_weight_gradient_is_one_product_where_it_can_be(case: str) -> None:
-    """LSTM/RNN: the builder is asked for the stand-ins ``E_d`` instead of ``R`` (one GEMM per
-    direction afterwards; the values are checked by the finite-difference tests above); GRU keeps
-    the builder's gradient.  A second reader of ``R`` (a tied use) also keeps it."""
+@pytest.mark.parametrize("case", sorted(RNN_REF))
+def test_recurrent_weight_gradient_is_one_product_unless_tied(case: str) -> None:
+    """The builder is asked for the zero stand-ins ``E`` (one per direction; two for GRU with
+    ``linear_before_reset``) instead of ``R``, whose gradient is then one GEMM per row block (the
+    values are checked against finite differences above).  A second reader of ``R`` (a tied use)
+    keeps the builder's own gradient."""
     from chita_onnx.gradients.deferred import plan
 
     kw = dict(RNN_REF[case])
@@ -663,11 +664,9 @@ def test_recurrent_weight_gradient_is_one_product_where_it_can_be(case: str) -> 
     e, _, _, _ = engine_grads(model, ["W1", "RW", "RR", "RB", "W2"], n=1)
     wc = e.fwd.model
     xs, finish = plan(wc, ["RW", "RR"])
-    if op == "GRU":
-        assert finish is None and xs == {"RW", "RR"}
-        return
+    per_direction = 2 if kw.get("linear_before_reset") else 1
     assert finish is not None and "RR" not in xs and "RW" in xs
-    assert len(xs) == 1 + kw.get("D", 1)
+    assert len(xs) == 1 + per_direction * kw.get("D", 1)
     tied = onnx.ModelProto()
     tied.CopyFrom(wc)
     tied.graph.node.append(node("ReduceSum", ["RR"], ["RR_sum"], keepdims=0))

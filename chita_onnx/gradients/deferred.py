@@ -37,8 +37,10 @@ Finish = Callable[[onnx.ModelProto], onnx.ModelProto]
 
 
 def record_deferred(model: onnx.ModelProto, entries: Iterable[dict[str, Any]]) -> None:
-    """Add ``entries`` (``weight``, ``slice``: the direction's ``R_d``, ``dpre``: ``E_d``, ``hprev``:
-    ``h_{t−1}`` per time index; one per direction, in direction order) to ``model``'s records."""
+    """Add ``entries`` to ``model``'s records: one per direction, in direction order, each with
+    ``weight`` (``R``), ``slice`` (the direction's ``R_d``) and ``blocks``: consecutive row blocks of
+    ``R_d``, each ``{"dpre": E, "cols": [c0, c1], "inputs": [u_0, …, u_{T−1}]}`` meaning
+    ``∂L/∂R_d[block] = Σ_t (∂L/∂E[t])[:, c0:c1]ᵀ u_t``."""
     prop = next((p for p in model.metadata_props if p.key == METADATA_KEY), None)
     if prop is None:
         prop = model.metadata_props.add()
@@ -88,7 +90,8 @@ def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | 
     for w, es in records.items():
         slices = {e["slice"] for e in es}
         ok = len(es) == _directions(model, w) and len(slices) == len(es)
-        ok = ok and all(e["dpre"] in inits and all(h in known for h in e["hprev"]) for e in es)
+        blocks = [b for e in es for b in e["blocks"]]
+        ok = ok and all(b["dpre"] in inits and all(x in known for x in b["inputs"]) for b in blocks)
         # R must reach the graph only through the unrolling's Slice → Reshape per direction
         for nd in consumers.get(w, []) if ok else []:
             outs = [o for o in nd.output if o]
@@ -101,41 +104,56 @@ def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | 
             log.debug("recurrent weight %r: its gradient is left to the builder", w)
     if not chosen:
         return xset, None
-    swapped = (xset - set(chosen)) | {e["dpre"] for es in chosen.values() for e in es}
+    swapped = (xset - set(chosen)) | {b["dpre"] for es in chosen.values() for e in es for b in e["blocks"]}
 
     def finish(gm: onnx.ModelProto) -> onnx.ModelProto:
         gg = gm.graph
         outputs = {o.name for o in gg.output}
-        for w, es in chosen.items():
-            if any(f"{e['dpre']}_grad" not in outputs for e in es):
-                raise RuntimeError(f"the gradient builder gave no gradient for the stand-in of {w!r}")
+        stand_ins = {b["dpre"] for es in chosen.values() for e in es for b in e["blocks"]}
+        if any(f"{x}_grad" not in outputs for x in stand_ins):
+            raise RuntimeError(f"the gradient builder gave no gradient for a stand-in of {sorted(chosen)}")
+        widths = {t.name: int(t.dims[-1]) for t in gg.initializer if t.name in stand_ins}
         elem = {vi.name: vi.type.tensor_type.elem_type for vi in gg.input}
         elem.update({t.name: t.data_type for t in gg.initializer})
         nodes: list[onnx.NodeProto] = []
-        drop: set[str] = set()
+        flat: dict[str, str] = {}  # stand-in → its gradient as (T·B, width)
+
+        def const(name: str, values: list[int]) -> str:
+            gg.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+            return name
+
+        for x in sorted(stand_ins):
+            flat[x] = f"{x}__grad2d"
+            shape = const(f"{x}__grad2d_shape", [-1, widths[x]])
+            nodes.append(helper.make_node("Reshape", [f"{x}_grad", shape], [flat[x]], name=f"{flat[x]}_Reshape"))
         for w, es in chosen.items():
             parts = []
             for d, e in enumerate(es):
-                dpre = f"{e['dpre']}_grad"
-                drop.add(dpre)
-                dpre_init = next(t for t in gm.graph.initializer if t.name == e["dpre"])
-                gh = int(dpre_init.dims[2])
-                hs, flat, gd, one = (f"{w}__deferred{d}_{k}" for k in ("hprev", "dpre", "grad", "grad3"))
-                shape = f"{w}__deferred{d}_shape"
-                shape3 = f"{w}__deferred{d}_shape3"
-                gg.initializer.append(numpy_helper.from_array(np.asarray([-1, gh], np.int64), shape))
-                gg.initializer.append(numpy_helper.from_array(np.asarray([1, gh, -1], np.int64), shape3))
-                nodes += [
-                    helper.make_node("Concat", list(e["hprev"]), [hs], axis=0, name=f"{hs}_Concat"),  # (T·B, H)
-                    helper.make_node("Reshape", [dpre, shape], [flat], name=f"{flat}_Reshape"),  # (T·B, G·H)
-                    helper.make_node("Gemm", [flat, hs], [gd], transA=1, name=f"{gd}_Gemm"),  # (G·H, H)
-                    helper.make_node("Reshape", [gd, shape3], [one], name=f"{one}_Reshape"),
-                ]
-                parts.append(one)
-            out = f"{w}_grad"
-            nodes.append(helper.make_node("Concat", parts, [out], axis=0, name=f"{out}_Concat"))
+                rows = []
+                for k, b in enumerate(e["blocks"]):
+                    tag = f"{w}__deferred{d}_{k}"
+                    delta = flat[b["dpre"]]
+                    c0, c1 = (int(c) for c in b["cols"])
+                    if (c0, c1) != (0, widths[b["dpre"]]):
+                        starts, ends, axes = (const(f"{tag}_{n}", [v]) for n, v in (("st", c0), ("en", c1), ("ax", 1)))
+                        nodes.append(
+                            helper.make_node("Slice", [delta, starts, ends, axes], [f"{tag}_d"], name=f"{tag}_Slice")
+                        )
+                        delta = f"{tag}_d"
+                    u = f"{tag}_u"  # (T·B, H): the u_t one under the other, as the rows of Δ
+                    nodes.append(helper.make_node("Concat", list(b["inputs"]), [u], axis=0, name=f"{u}_Concat"))
+                    nodes.append(helper.make_node("Gemm", [delta, u], [f"{tag}_g"], transA=1, name=f"{tag}_Gemm"))
+                    rows.append(f"{tag}_g")
+                parts += rows
+            out = f"{w}_grad"  # the (D·G·H, H) rows in R's own shape (D, G·H, H)
+            nodes += [
+                helper.make_node("Concat", parts, [f"{out}_rows"], axis=0, name=f"{out}_Concat"),
+                helper.make_node("Shape", [w], [f"{out}_shape"], name=f"{out}_Shape"),
+                helper.make_node("Reshape", [f"{out}_rows", f"{out}_shape"], [out], name=f"{out}_Reshape"),
+            ]
             gg.output.append(helper.make_tensor_value_info(out, elem.get(w, onnx.TensorProto.FLOAT), None))
         gg.node.extend(nodes)
+        drop = {f"{x}_grad" for x in stand_ins}
         kept = [o for o in gg.output if o.name not in drop]
         del gg.output[:]
         gg.output.extend(kept)

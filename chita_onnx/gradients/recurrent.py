@@ -177,12 +177,14 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 rb = pad
             bsum = u.add("Add", [wb, rb], f"{tag}_bias")
             xw = u.add("Add", [xw, bsum], f"{tag}_xwb")
-        # LSTM and RNN: xw + a zero tensor E, whose gradient is every step's pre-activation gradient:
-        # the gradient builder can then leave R alone and R's gradient becomes one product (below)
-        E = u.const(f"{tag}_dpre", np.zeros((T, Bn, G * H), dt)) if op != "GRU" else ""
-        if E:
-            xw = u.add("Add", [xw, E], f"{tag}_xwe")
+        # xw + a zero tensor E, whose gradient is every step's pre-activation gradient: the gradient
+        # builder can then leave R alone and R's gradient becomes one product per block of its rows
+        # (.deferred).  GRU with linear_before_reset: a second one, E2, on h·R_hᵀ
+        E = u.const(f"{tag}_dpre", np.zeros((T, Bn, G * H), dt))
+        xw = u.add("Add", [xw, E], f"{tag}_xwe")
+        E2 = u.const(f"{tag}_dhh", np.zeros((T, Bn, H), dt)) if op == "GRU" and lbr else ""
         hprev: dict[int, str] = {}
+        rh: dict[int, str] = {}  # GRU: r_t ⊙ h_{t−1}, what R_h multiplies without linear_before_reset
         if op == "GRU":
             RzrT = u.add("Transpose", [_rows(u, Rd, 0, 2 * H, f"{tag}_Rzr")], f"{tag}_RzrT", perm=[1, 0])
             RhT = u.add("Transpose", [_rows(u, Rd, 2 * H, 3 * H, f"{tag}_Rh")], f"{tag}_RhT", perm=[1, 0])
@@ -229,12 +231,14 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 rt = _gru_gate(u, xt, hzr, 1, H, (fa[0], fal[0], fbe[0]), clip, f"{s}_r")
                 xh = u.cols(xt, 2, H, f"{s}_x2")
                 if lbr:
-                    hh = u.add("MatMul", [h, RhT], f"{s}_hh")
+                    hh = u.add("MatMul", [h, RhT], f"{s}_hh0")
+                    hh = u.add("Add", [hh, u.add("Gather", [E2, tidx[t]], f"{s}_e2", axis=0)], f"{s}_hh")
                     if rb_h:
                         hh = u.add("Add", [hh, rb_h], f"{s}_hhb")
                     rec = u.add("Mul", [rt, hh], f"{s}_rhh")
                 else:
-                    rec = u.add("MatMul", [u.add("Mul", [rt, h], f"{s}_rh"), RhT], f"{s}_rhR")
+                    rh[t] = u.add("Mul", [rt, h], f"{s}_rh")
+                    rec = u.add("MatMul", [rh[t], RhT], f"{s}_rhR")
                 ht = u.act(
                     fa[1], _clip(u, u.add("Add", [xh, rec], f"{s}_hp"), clip, f"{s}_hcl"), fal[1], fbe[1], f"{s}_ht"
                 )
@@ -256,8 +260,15 @@ def recurrent(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 h = h_new
                 if c_new:
                     cell = c_new
-        if E:
-            deferred.append({"weight": R, "slice": Rd, "dpre": E, "hprev": [hprev[t] for t in range(T)]})
+        hs = [hprev[t] for t in range(T)]
+        if op != "GRU":
+            blocks = [{"dpre": E, "cols": [0, G * H], "inputs": hs}]
+        elif lbr:
+            blocks = [{"dpre": E, "cols": [0, 2 * H], "inputs": hs}, {"dpre": E2, "cols": [0, H], "inputs": hs}]
+        else:
+            rhs = [rh[t] for t in range(T)]
+            blocks = [{"dpre": E, "cols": [0, 2 * H], "inputs": hs}, {"dpre": E, "cols": [2 * H, 3 * H], "inputs": rhs}]
+        deferred.append({"weight": R, "slice": Rd, "blocks": blocks})
         ax0 = u.const(f"{tag}_ax0", np.asarray([0], np.int64))
         dirs_y.append(
             u.add("Concat", [u.add("Unsqueeze", [ys[t], ax0], f"{tag}_y{t}") for t in range(T)], f"{tag}_Y", axis=0)
