@@ -8,6 +8,11 @@ direction, with the ONNX equations (gate orders ``iofc`` for LSTM and ``zrh`` fo
 steps past a sequence's length hold the state and write zeros to ``Y``).  Outputs ``Y``, ``Y_h``
 (and ``Y_c``) keep their names.  The unrolled graph is checked against onnxruntime's own kernel when
 it is made.
+
+Two choices keep the per-sample gradient cheap.  A direction's weights are taken with
+Slice + Reshape, not a scalar Gather, whose gradient kernel is slow.  And the builder never
+differentiates ``R`` through the steps: a zero tensor added to the input projection stands in for
+it, and :mod:`.deferred` turns that stand-in's gradient into ``R``'s with one product per row block.
 """
 
 from __future__ import annotations
