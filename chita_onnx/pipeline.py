@@ -44,7 +44,9 @@ from .evaluate import (
     evaluate,
     file_sizes,
     low_agreement_warning,
+    make_session,
     reference,
+    run_model,
 )
 from .gradients import GradientEngine, GradientMatrix
 from .gradients.prepare import scored_output
@@ -1038,6 +1040,19 @@ def compress(
     return result
 
 
+def blame_data(model: Path, calibration: CalibrationSource, specs: Sequence[InputSpec]) -> None:
+    """After onnxruntime failed somewhere inside pruning (the gradient graph, a segment of the
+    layer-wise pass: messages that cannot name the data), run the dense model over every calibration
+    batch; when that fails too, the data is at fault: raise a :class:`DataError` naming the file and
+    batch (an out-of-range token id, say).  Otherwise return, and the original error stands."""
+    try:
+        run_model(make_session(model), calibration, specs, desc="calibration check")
+    except ModelError as exc:
+        raise DataError(f"the calibration data does not run through the dense model: {exc}") from None
+    except ChitaError:
+        return
+
+
 def _compress(
     model: str | os.PathLike[str], plan: OutputPlan, data: DataSpec, config: CompressConfig, eval_data: DataSpec | None
 ) -> Report:
@@ -1046,6 +1061,7 @@ def _compress(
     in_path, out_path, staged = Path(model), plan.path("OUTPUT"), plan.staged("OUTPUT")
     with timer.phase("load"):
         prep = prepare(in_path, data, config, eval_data)
+        calibration = prep.calib  # all of it: split_decision below holds some out
         requested = config
         config, chosen = resolve_method(prep, config)
         planned = pattern_structure(prep, config)
@@ -1118,6 +1134,8 @@ def _compress(
     try:
         w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     except Exception as exc:
+        if isinstance(exc, (ModelError, GradientError)):
+            blame_data(in_path, calibration, prep.specs)  # raises a DataError naming the file and batch
         if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, (MemoryError, DataError)):
             raise  # a data error is about the data, which chita would read too: it stands, said once
         if prep.no_gradients:  # chita would need the gradients that cannot be built: the pass's error stands
@@ -1147,7 +1165,11 @@ def _compress(
             warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
             w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
     with timer.phase("statistics"):
-        corrected, correction = correct_statistics(prep, config, w, decide, config.output)
+        try:
+            corrected, correction = correct_statistics(prep, config, w, decide, config.output)
+        except (ModelError, GradientError):
+            blame_data(in_path, calibration, prep.specs)
+            raise
     layout = prep.layout
     k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {

@@ -12,7 +12,7 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import chita_onnx
-from chita_onnx import ModelError
+from chita_onnx import DataError, ModelError
 
 
 def _token_model() -> onnx.ModelProto:
@@ -42,3 +42,22 @@ def test_out_of_range_token_ids_name_the_data_file(tmp_path: Path) -> None:
     np.savez(data, ids=ids, labels=np.zeros(16, np.int64))
     with pytest.raises(ModelError, match=r"ids\.npz \(batch 1\).*idx=116"):
         chita_onnx.evaluate_model(model, data, batch_size=8)
+
+
+@pytest.mark.parametrize("method", ["auto", "chita", "layerwise"])
+def test_out_of_range_calibration_ids_name_the_file_when_pruning_fails(tmp_path: Path, method: str) -> None:
+    """With separate evaluation data, a bad token id in the calibration file first breaks onnxruntime
+    inside pruning (the gradient graph, a layer-wise segment), whose messages cannot name the data:
+    the run then checks the calibration data through the dense model and says which file and batch,
+    as a DataError (no fallback to another method, nothing written)."""
+    model, calib, good = tmp_path / "tok.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz"
+    onnx.save(_token_model(), model)
+    ids = np.random.default_rng(1).integers(0, 20, (32, 6))
+    np.savez(good, ids=ids, labels=np.zeros(32, np.int64))
+    ids[21, 2] = 57
+    np.savez(calib, ids=ids, labels=np.zeros(32, np.int64))
+    out = tmp_path / "out.onnx"
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, method=method, batch_size=8)
+    with pytest.raises(DataError, match=r"calib\.npz \(batch 2\).*idx=57"):
+        chita_onnx.compress(model, out, calib, cfg, eval_data=good)
+    assert not out.exists()
