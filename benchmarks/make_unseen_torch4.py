@@ -235,14 +235,14 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.f(x).mean(dim=(2, 3)))
 
-    if want("groupnorm_ts", "groupnorm_dyn"):
+    if want("groupnorm_ts", "groupnorm_dyn", "groupnorm_op21"):
         t0 = time.time()
         torch.manual_seed(seed)
         net = GNNet()
         print(f"groupnorm: {nparams(net)} params", flush=True)
         train(net, xtr.reshape(-1, *img), ytr, epochs=4, lr=5e-3)
         acc = float((predict(net, P["test"][0].reshape(-1, *img)).argmax(-1) == P["test"][1]).mean())
-        for tag, dyn, opset in both:
+        for tag, dyn, opset in (*both, ("op21", True, 21)):
             name = f"groupnorm_{tag}"
             if not want(name):
                 continue
@@ -292,6 +292,36 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
                 exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
                 input="input", torch_test_accuracy=acc, params=nparams(net),
                 train_s=round(time.time() - t0, 1)))  # fmt: skip
+
+    # ------------------------------------------------------------------ 6. STFT front end
+    class STFTNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("window", torch.hann_window(64))
+            self.f = nn.Sequential(
+                nn.Conv1d(33, 96, 3, 1, 1), nn.ReLU(), nn.Conv1d(96, 96, 3, 2, 1), nn.ReLU())  # fmt: skip
+            self.fc = nn.Linear(96, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 784] signal
+            spec = torch.stft(x, 64, hop_length=16, window=self.window, center=False, return_complex=True)
+            return self.fc(self.f(torch.log1p(spec.abs())).mean(-1))  # spec: [N, 33, 46]
+
+    if want("stft_audio"):
+        t0 = time.time()
+        torch.manual_seed(seed)
+        net = STFTNet()
+        print(f"stft_audio: {nparams(net)} params", flush=True)
+        train(net, xtr.reshape(-1, 784), ytr, epochs=8, lr=5e-3)
+        acc = float((predict(net, P["test"][0].reshape(-1, 784)).argmax(-1) == P["test"][1]).mean())
+        export(net, "stft_audio", (torch.zeros(2, 784),), True, 18, ["signal"], ["logits"])
+        for split in ("calib", "select", "test"):
+            x, y = P[split]
+            np.savez(out / f"stft_audio_{split}.npz", signal=x.reshape(-1, 784), labels=y)
+        manifest.record("stft_audio", dict(
+            family="STFT front end in the graph (digit image flattened to a 784-sample signal, |STFT|, log1p), "
+            "Conv1d over time, Linear",
+            exporter="dynamo", opset=18, bn="none", task="classifier", input="signal",
+            torch_test_accuracy=acc, params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
 
     # ------------------------------------------------------------------ 5. U-Net, GroupNorm, dynamo
     class UNet(nn.Module):
