@@ -349,3 +349,43 @@ def test_a_model_with_no_prunable_channel_group_says_why(tmp_path: Path) -> None
     assert c.written == "input" and c.channels_after == c.channels_before
     said = [note for note in c.notes if "no channel was removed" in note]
     assert len(said) == 1 and "no group can lose a channel" in said[0] and "rounding" not in said[0]
+
+
+def test_weights_only_unstructured_pruning_sees_are_named(tmp_path: Path) -> None:
+    """The unseen-torch4 audit: a model whose layers are Einsums (torch.einsum) is pruned unstructured,
+    but ``--structure channel`` said it had 'no prunable weights (Conv, Gemm or MatMul fed by a constant
+    weight tensor)', which ``inspect`` contradicts: it now names the weights and what to do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chita_onnx.errors import ModelError
+
+    rng = np.random.default_rng(43)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 6)) / 3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((4, 16)) / 3).astype(np.float32), "w2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Einsum", ["x", "w1"], ["h"], equation="bi,oi->bo", name="fc1"),
+        n("Relu", ["h"], ["r"], name="relu"),
+        n("Einsum", ["r", "w2"], ["logits"], equation="bi,oi->bo", name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "einsum_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "e.onnx")
+    x = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False)
+    with pytest.raises(
+        ModelError, match=r"--structure channel finds no layer to slice: its 2 prunable weight tensor\(s\) \(w1, w2\)"
+    ):
+        chita_onnx.compress(tmp_path / "e.onnx", tmp_path / "p.onnx", x, cfg)
+    report = chita_onnx.compress(tmp_path / "e.onnx", tmp_path / "p.onnx", x, chita_onnx.CompressConfig(sparsity=0.5))
+    assert report.nnz == report.k == 80
