@@ -30,6 +30,14 @@ Models:
   ``bti,id->btd`` (weight [in, out]), a multi-head projection ``btd,dhe->bthe`` (a 3-D weight: not a
   plain linear layer), ``bf,cf->bc`` (weight [out, in]).  TorchScript opset 17 (Einsum ops) and dynamo
   opset 18 (which decomposes einsum).
+* ``einsum_attn``  a one-block attention classifier over the 28 rows written with ``torch.einsum``:
+  q/k/v projections ``btd,dhe->bthe`` and the output projection ``bqhe,hed->bqd`` (3-D weights), the
+  weightless score and mixing Einsums ``bqhe,bkhe->bhqk`` / ``bhqk,bkhe->bqhe`` (which
+  onnxruntime-training cannot differentiate), an einsum MLP; TorchScript opset 17.
+* ``stft_audio``  the digit image flattened to a 784-sample "signal", ``torch.stft`` (n_fft 64, hop 16,
+  Hann window, ``STFT`` op in the graph), ``log1p|.|``, Conv1d over the frames, Linear; dynamo opset 18.
+* ``groupnorm_op21``  the GroupNorm CNN's weights exported by dynamo at opset 21, which writes the
+  native ``GroupNormalization`` op (opset 18 and TorchScript write Reshape + InstanceNormalization).
 * ``unet_gn_dyn``  small U-Net segmenter (stride-2 convs, ConvTranspose upsampling, skip Concats,
   GroupNorm, 1x1 logits) on noisy, blotted digits -> foreground mask, dynamo exporter opset 18
   (``make_unseen.py``'s ``unet_seg`` is the TorchScript, BN-folded one).  Metric foreground IoU; the
@@ -292,6 +300,49 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
                 exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
                 input="input", torch_test_accuracy=acc, params=nparams(net),
                 train_s=round(time.time() - t0, 1)))  # fmt: skip
+
+    # ------------------------------------------------------------------ 4b. einsum attention
+    class EinsumAttn(nn.Module):
+        def __init__(self, d: int = 48, h: int = 4) -> None:
+            super().__init__()
+            e = d // h
+            self.emb = nn.Parameter(torch.randn(28, d) / 28**0.5)  # [in, d]
+            self.pos = nn.Parameter(torch.randn(28, d) * 0.02)
+            self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, h, e) / d**0.5) for _ in range(3))
+            self.wo = nn.Parameter(torch.randn(h, e, d) / d**0.5)
+            self.w1 = nn.Parameter(torch.randn(2 * d, d) / d**0.5)  # [out, in]
+            self.w2 = nn.Parameter(torch.randn(d, 2 * d) / (2 * d) ** 0.5)
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.fc = nn.Parameter(torch.randn(d, 10) / d**0.5)
+            self.scale = e**-0.5
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 28 rows, 28 columns]
+            t = torch.einsum("bti,id->btd", x, self.emb) + self.pos
+            y = self.n1(t)
+            q = torch.einsum("btd,dhe->bthe", y, self.wq)
+            k = torch.einsum("btd,dhe->bthe", y, self.wk)
+            v = torch.einsum("btd,dhe->bthe", y, self.wv)
+            a = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale, dim=-1)
+            t = t + torch.einsum("bqhe,hed->bqd", torch.einsum("bhqk,bkhe->bqhe", a, v), self.wo)
+            f = torch.einsum("btf,df->btd", F.gelu(torch.einsum("btd,fd->btf", self.n2(t), self.w1)), self.w2)
+            return torch.einsum("bd,dc->bc", (t + f).mean(1), self.fc)
+
+    if want("einsum_attn"):
+        t0 = time.time()
+        torch.manual_seed(seed)
+        net = EinsumAttn()
+        print(f"einsum_attn: {nparams(net)} params", flush=True)
+        train(net, xtr.reshape(-1, 28, 28), ytr, epochs=3, lr=3e-3)
+        acc = float((predict(net, P["test"][0].reshape(-1, 28, 28)).argmax(-1) == P["test"][1]).mean())
+        export(net, "einsum_attn", (torch.zeros(2, 28, 28),), False, 17, ["input"], ["logits"])
+        for split in ("calib", "select", "test"):
+            x, y = P[split]
+            np.savez(out / f"einsum_attn_{split}.npz", input=x.reshape(-1, 28, 28), labels=y)
+        manifest.record("einsum_attn", dict(
+            family="attention written with torch.einsum: 3-D q/k/v/o weights (btd,dhe->bthe; bqhe,hed->bqd), "
+            "weightless score and mixing Einsums (bqhe,bkhe->bhqk; bhqk,bkhe->bqhe), einsum MLP",
+            exporter="torchscript", opset=17, bn="none", task="classifier", input="input",
+            torch_test_accuracy=acc, params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
 
     # ------------------------------------------------------------------ 6. STFT front end
     class STFTNet(nn.Module):
