@@ -200,6 +200,14 @@ def prepare(
     else:  # but a weight computed from constants alone (weight_norm's g·v/‖v‖) is a weight there too
         model = fold_computed_weights(model)
     tensors = find_prunable(model)
+    if not tensors and config.structure == "channel":
+        hidden = [t.name for t in find_prunable(expose_weights(model)[0])]
+        if hidden:
+            raise ModelError(
+                f"{path}: --structure channel finds no layer to slice: its {len(hidden)} prunable weight tensor(s) "
+                f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}) are read through an Einsum or a "
+                "Transpose/Reshape/Cast chain, which only unstructured pruning rewrites; drop --structure channel"
+            )
     if not tensors:
         raise ModelError(no_weights_message(model, str(path)))
     names = {t.name for t in tensors}

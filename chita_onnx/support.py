@@ -90,6 +90,9 @@ class SupportReport:
     checked_with_data: bool = False
     static: tuple[tuple[str, int], ...] = ()
     seconds: float = 0.0
+    #: not ``ok`` for gradients only: ``compress``'s default (``--method auto``) still prunes the
+    #: model, layer-wise with ``--allocation magnitude``; a method that needs gradients is refused
+    without_gradients: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,8 +279,18 @@ def check_model_support(
 
     ``data`` (any calibration data specification ``compress`` accepts) turns on the real check: the
     gradient working copy and gradient graph are built on its first batch.  Errors in the model file
-    or the data themselves are raised; everything that makes the model unsupported is reported.
+    or the data themselves are raised; everything that makes the model unsupported is reported, and
+    ``without_gradients`` says whether the default ``compress`` still goes through (without them).
     """
+    report = _check_model_support(model, data, output=output, loss=loss, batch_size=batch_size)
+    if report.ok or not report.prunable_tensors:  # a quantized model lists none: refused by every method
+        return report
+    return replace(report, without_gradients=True)  # as compress's _gradient_refusal falls back
+
+
+def _check_model_support(
+    model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *, output: str | None, loss: str, batch_size: int
+) -> SupportReport:
     from .graph import find_prunable, load_model, model_inputs
 
     t0 = time.perf_counter()
@@ -390,6 +403,11 @@ def format_support(r: SupportReport) -> str:
         )
     for why in r.refusals:
         lines.append(f"  refused: {why}")
+    if r.without_gradients:
+        lines.append(
+            "  compress's default (--method auto) still prunes it, layer-wise with --allocation magnitude instead of "
+            "gradients; a method that needs gradients (chita, chita++, wf, cbs, ...) stops with the refusal above"
+        )
     lines.append(f"  ({r.seconds:.2f}s)")
     return "\n".join(lines)
 

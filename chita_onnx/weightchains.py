@@ -401,10 +401,13 @@ def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _linear_einsum(eq: str, weight_first: bool) -> bool | None:
-    """For an ``Einsum`` equation of an activation and a 2-D weight that is a plain linear layer
-    (contract the activation's last axis with one weight axis, keep the other weight axis last):
-    whether the weight is stored ``[in, out]`` (True) or ``[out, in]`` (False); None otherwise."""
+def _linear_einsum(eq: str, weight_first: bool) -> tuple[tuple[int, ...], int, int] | None:
+    """For an ``Einsum`` equation of an activation and a stored weight that is a linear layer
+    (contract the activation's last axes with weight axes, put the other weight axes last in the
+    output, in any order): ``(perm, n_in, n_lead)``, the weight axes in the order (contracted axes as
+    the activation has them, kept axes as the output has them), how many are contracted, and how many
+    activation axes come before them (without an ellipsis); None otherwise.  ``"bi,io->bo"`` gives
+    ``((0, 1), 1, 1)``, a multi-head projection ``"btd,dhe->bthe"`` ``((0, 1, 2), 1, 2)``."""
     eq = eq.replace(" ", "")
     if eq.count("->") != 1:
         return None
@@ -417,29 +420,48 @@ def _linear_einsum(eq: str, weight_first: bool) -> bool | None:
     if ell != out.startswith("...") or "." in tw or "." in tx.removeprefix("...") or "." in out.removeprefix("..."):
         return None
     tx, out = tx.removeprefix("..."), out.removeprefix("...")
-    if len(tw) != 2 or tw[0] == tw[1] or not tx or len(set(tx)) != len(tx):
+    if len(tw) < 2 or len(set(tw)) != len(tw) or not tx or len(set(tx)) != len(tx):
         return None
-    c = tx[-1]
-    if c not in tw:
+    shared = "".join(c for c in tx if c in tw)
+    lead = tx[: len(tx) - len(shared)]
+    kept = out[len(lead) :]
+    if not shared or not tx.endswith(shared) or not out.startswith(lead) or len(set(out)) != len(out):
         return None
-    o = tw[1] if tw[0] == c else tw[0]
-    if o in tx or out != tx[:-1] + o:
+    if sorted(kept) != sorted(set(tw) - set(shared)) or not kept:
         return None
-    return tw[0] == c
+    if ell and len(tw) > 2:  # the reshapes around the MatMul need the activation's rank
+        return None
+    return tuple(tw.index(c) for c in shared + kept), len(shared), len(lead)
 
 
 def einsums_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` in which every ``Einsum`` of an activation and a stored 2-D float tensor
-    that is a linear layer (``"bi,io->bo"``, ``"...i,oi->...o"``, either operand order) is a
-    ``MatMul``, behind a ``Transpose`` of the weight when it is stored ``[out, in]`` (which
-    :func:`fold_weight_chains` then folds).  Exporters write dense layers as such Einsums (tf2onnx's
-    ``EinsumDense``), and an Einsum is not a prunable slot, so their weights were left dense.  Exact.
-    Returns ``model`` itself when nothing matches."""
+    """A copy of ``model`` in which every ``Einsum`` of an activation and a stored float tensor that
+    is a linear layer (``"bi,io->bo"``, ``"...i,oi->...o"``, either operand order; a multi-head
+    projection ``"btd,dhe->bthe"`` or its inverse ``"bthe,hed->btd"``) is a ``MatMul``, its weight
+    behind a ``Transpose`` when its axes are not in (contracted, kept) order and a ``Reshape`` to 2-D
+    when it has more than two (which :func:`fold_weight_chains` then folds), with ``Reshape`` of the
+    activation (several contracted axes) and of the output (several kept axes).  Exporters write
+    dense layers as such Einsums (tf2onnx's ``EinsumDense``, torch.einsum), and an Einsum is not a
+    prunable slot (nor has onnxruntime-training a gradient for it), so their weights were left
+    dense.  Exact.  Returns ``model`` itself when nothing matches."""
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
     names = {o for n in g.node for o in n.output} | set(stored) | graph_inputs
+
+    def fresh(name: str) -> str:
+        while name in names:
+            name += "_"
+        names.add(name)
+        return name
+
+    def shape_const(label: str, values: list[int]) -> str:
+        name = fresh(f"{label}_shape")
+        value = numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+        new.append(helper.make_node("Constant", [], [name], value=value, name=name))
+        return name
+
     new: list[onnx.NodeProto] = []
     changed = False
     for n in g.node:
@@ -451,20 +473,35 @@ def einsums_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         second = n.input[1] in stored and n.input[0] not in stored
         w = n.input[0] if first else n.input[1]
         t = stored.get(w)
-        in_out = _linear_einsum(eq, weight_first=first) if (first or second) else None
-        if t is None or in_out is None or len(t.dims) != 2 or t.data_type not in _CASTABLE:
+        plan = _linear_einsum(eq, weight_first=first) if (first or second) else None
+        if t is None or plan is None or len(t.dims) != len(plan[0]) or t.data_type not in _CASTABLE:
             new.append(n)
             continue
+        perm, n_in, n_lead = plan
+        dims = [int(d) for d in t.dims]
+        kept = [dims[a] for a in perm[n_in:]]
         x = n.input[1] if first else n.input[0]
         label = n.name or f"einsum_{len(new)}"
-        if not in_out:
-            wt = f"{w}_t"
-            while wt in names:
-                wt += "_"
-            names.add(wt)
-            new.append(helper.make_node("Transpose", [w], [wt], perm=[1, 0], name=f"{label}_weight_t"))
+        if perm != tuple(range(len(perm))):
+            wt = fresh(f"{w}_t")
+            new.append(helper.make_node("Transpose", [w], [wt], perm=list(perm), name=f"{label}_weight_t"))
             w = wt
-        new.append(helper.make_node("MatMul", [x, w], list(n.output), name=label))
+        if len(perm) > 2:
+            w2 = fresh(f"{w}_2d")
+            size_in = int(np.prod([dims[a] for a in perm[:n_in]]))
+            shape = shape_const(f"{label}_weight", [size_in, int(np.prod(kept))])
+            new.append(helper.make_node("Reshape", [w, shape], [w2], name=f"{label}_weight_2d"))
+            w = w2
+        if n_in > 1:
+            x2 = fresh(f"{label}_in")
+            shape = shape_const(f"{label}_in", [0] * n_lead + [-1])
+            new.append(helper.make_node("Reshape", [x, shape], [x2], name=f"{label}_in"))
+            x = x2
+        y = n.output[0] if len(kept) == 1 else fresh(f"{label}_mm")
+        new.append(helper.make_node("MatMul", [x, w], [y], name=label))
+        if len(kept) > 1:
+            shape = shape_const(f"{label}_out", [0] * n_lead + kept)
+            new.append(helper.make_node("Reshape", [y, shape], list(n.output), name=f"{label}_out"))
         changed = True
     if not changed:
         return model

@@ -522,7 +522,8 @@ def compress(
 @click.option(
     "--check",
     is_flag=True,
-    help="Report whether MODEL will go through compress: refusals, exact rewrites, ops on the gradient path.",
+    help="Report whether MODEL will go through compress with gradients (exit 1 if not; the report says when the "
+    "default still prunes it without them): refusals, exact rewrites, ops on the gradient path.",
 )
 @click.option("--data", default=None, help="With --check: calibration data, to build the gradient graph for real.")
 @click.option("--output", default=None, help="With --check: the model output to differentiate (default: the first).")

@@ -303,3 +303,89 @@ def test_a_weight_computed_from_constants_is_channel_pruned(tmp_path: Path) -> N
     assert list(w1.dims) == [8, 3, 3, 3]
     y = session(pruned).run(None, x)[0]
     assert y.shape == (48, 4) and np.isfinite(y).all()
+
+
+def test_a_model_with_no_prunable_channel_group_says_why(tmp_path: Path) -> None:
+    """The unseen-torch4 audit: a GroupNorm CNN as torch exports it (Reshape → InstanceNormalization →
+    Reshape around every conv output) has no group whose channels can go; the note blamed rounding to
+    kernel-friendly counts, which played no part."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(41)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) / 3).astype(np.float32), "conv.w"),
+        numpy_helper.from_array(np.array([0, 2, -1], np.int64), "groups"),
+        numpy_helper.from_array(np.ones(2, np.float32), "gn.scale"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "gn.bias"),
+        numpy_helper.from_array(np.array([0, 8, 6, 6], np.int64), "back"),
+        numpy_helper.from_array((rng.standard_normal((4, 8)) / 3).astype(np.float32), "fc.w"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "conv.w"], ["c"], name="conv"),
+        n("Reshape", ["c", "groups"], ["g"], name="to_groups"),
+        n("InstanceNormalization", ["g", "gn.scale", "gn.bias"], ["gn"], name="gn"),
+        n("Reshape", ["gn", "back"], ["b"], name="from_groups"),
+        n("Relu", ["b"], ["r"], name="relu"),
+        n("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        n("Flatten", ["p"], ["f"], name="flat"),
+        n("Gemm", ["f", "fc.w"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gn_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "gn.onnx")
+    x = rng.standard_normal((32, 1, 8, 8)).astype(np.float32)
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False)
+    report = chita_onnx.compress(tmp_path / "gn.onnx", tmp_path / "p.onnx", {"x": x}, cfg)
+    c = report.structured
+    assert c.written == "input" and c.channels_after == c.channels_before
+    said = [note for note in c.notes if "no channel was removed" in note]
+    assert len(said) == 1 and "no group can lose a channel" in said[0] and "rounding" not in said[0]
+
+
+def test_weights_only_unstructured_pruning_sees_are_named(tmp_path: Path) -> None:
+    """The unseen-torch4 audit: a model whose layers are Einsums (torch.einsum) is pruned unstructured,
+    but ``--structure channel`` said it had 'no prunable weights (Conv, Gemm or MatMul fed by a constant
+    weight tensor)', which ``inspect`` contradicts: it now names the weights and what to do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chita_onnx.errors import ModelError
+
+    rng = np.random.default_rng(43)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 6)) / 3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((4, 16)) / 3).astype(np.float32), "w2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Einsum", ["x", "w1"], ["h"], equation="bi,oi->bo", name="fc1"),
+        n("Relu", ["h"], ["r"], name="relu"),
+        n("Einsum", ["r", "w2"], ["logits"], equation="bi,oi->bo", name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "einsum_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "e.onnx")
+    x = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False)
+    with pytest.raises(
+        ModelError, match=r"--structure channel finds no layer to slice: its 2 prunable weight tensor\(s\) \(w1, w2\)"
+    ):
+        chita_onnx.compress(tmp_path / "e.onnx", tmp_path / "p.onnx", x, cfg)
+    report = chita_onnx.compress(tmp_path / "e.onnx", tmp_path / "p.onnx", x, chita_onnx.CompressConfig(sparsity=0.5))
+    assert report.nnz == report.k == 80

@@ -209,6 +209,25 @@ def test_an_op_without_gradient_or_rewrite_is_named() -> None:
         assert_supported(model)
 
 
+def test_check_says_that_the_default_goes_through_without_gradients(tmp_path: Path) -> None:
+    """The unseen-torch4 audit: ``inspect --check`` on a model with an op that onnxruntime-training
+    cannot differentiate (an Einsum there, Shrink here) said 'NOT supported', exit 1, and nothing
+    more, while ``compress`` with the defaults pruned it (magnitude allocation): the report now says
+    so, and keeps exit 1 for the methods that need gradients.  A quantized model stays refused."""
+    path = _save(vec_chain([node("Shrink", ["z"], ["y"], lambd=0.1)], Init(7)), tmp_path / "s.onnx")
+    report = check_model_support(path)
+    assert not report.ok and report.without_gradients and "op Shrink" in report.refusals[0]
+    code, out, err = _run_cli("inspect", path, "--check")
+    assert code == 1 and "op Shrink" in err
+    assert "compress's default (--method auto) still prunes it, layer-wise with --allocation magnitude" in out
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(3).standard_normal((16, 5)).astype(np.float32))
+    code, out, err = _run_cli("compress", path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert code == 0 and "no gradients for this model" in out + err
+    q = check_model_support(quantized("QDQ"))
+    assert not q.ok and not q.without_gradients and "still prunes" not in format_support(q)
+    assert check_model_support(vec_chain([node("Relu", ["z"], ["y"])], Init(8))).without_gradients is False
+
+
 def test_an_einsum_layer_is_checked_as_compress_sees_it(tmp_path: Path) -> None:
     """``compress`` reads a weight-bearing ``Einsum`` (``ij,jk->ik``) as the MatMul it is and prunes it
     with gradients; the support check used to look at the graph before that rewrite and refuse it."""

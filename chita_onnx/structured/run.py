@@ -280,11 +280,14 @@ def compress_channels(
             written = "input"
     assert chosen is not None
     result, sliced, restored, diff, rows, m = chosen
+    before, after, prunable = _channel_totals(result)
     if all(g.kept == g.channels for g in result.groups):
-        notes.append(
-            "no channel was removed (rounding to kernel-friendly counts keeps every group whole at this "
-            "sparsity): the output is the input model"
+        why = (
+            "rounding to kernel-friendly counts keeps every group whole at this sparsity"
+            if prunable
+            else "no group can lose a channel: the table says why for each"
         )
+        notes.append(f"no channel was removed ({why}): the output is the input model")
         written = "input"
     if m != multiple and written == "pruned":
         notes.append(f"used rounding to multiples of {m} instead of {multiple}")
@@ -292,7 +295,6 @@ def compress_channels(
         if g.id in blocked and blocked[g.id].startswith("its rewrite"):
             notes.append(f"group {g.id} kept whole: {blocked[g.id]}")
     final = restored if written == "pruned" else dense  # Attention nodes put back together
-    before, after, prunable = _channel_totals(result)
     if written == "input":
         after = before
     meta = {
