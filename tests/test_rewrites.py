@@ -51,6 +51,65 @@ def _skip_layer_norm(w: Init) -> tuple[list[onnx.NodeProto], int]:
     return [node("Tanh", ["z"], ["t"]), skip], 6
 
 
+def _einsum(
+    equation: str, shape: list[int], d_out: int, *, one: bool = False, shape_k: list[int] | None = None
+) -> Callable[[Init], tuple[list[onnx.NodeProto], int]]:
+    """``z [N, 6]`` reshaped to ``shape`` (with ``N`` first) as ``q``, ``Tanh(z)`` to ``shape_k``
+    (default ``shape``) as ``k``; ``Einsum(equation)(q, k)`` (``(q)`` alone with ``one``) flattened to
+    ``y [N, d_out]``."""
+
+    def build(w: Init) -> tuple[list[onnx.NodeProto], int]:
+        nodes = [
+            node("Reshape", ["z", _i(w, "q_shape", [-1, *shape])], ["q"]),
+            node("Tanh", ["z"], ["zt"]),
+            node("Reshape", ["zt", _i(w, "k_shape", [-1, *(shape_k or shape)])], ["k"]),
+            node("Einsum", ["q"] if one else ["q", "k"], ["e"], equation=equation),
+            node("Reshape", ["e", _i(w, "flat", [-1, d_out])], ["y"]),
+        ]
+        return nodes, d_out
+
+    return build
+
+
+EINSUM: dict[str, tuple[str, list[int], int, bool]] = {
+    "scores": ("bqe,bke->bqk", [2, 3], 4, False),  # attention scores: batch, rows, columns, contraction
+    "mix": ("bqk,bke->bqe", [3, 2], 9, False),  # k: [N, 2, 3]
+    "transposed-output": ("bqe,bke->bkq", [2, 3], 4, False),
+    "implicit-output": ("bqe,bke", [2, 3], 4, False),  # → "kq", b and e summed
+    "ellipsis": ("...qe,...ke->...qk", [2, 3], 4, False),
+    "outer": ("bi,bj->bij", [6], 36, False),
+    "sum-one-side": ("bqe,bke->bq", [2, 3], 2, False),  # k only in the second operand: summed first
+    "one-operand": ("bij->bji", [2, 3], 6, True),
+    "one-operand-sum": ("bij->bi", [2, 3], 2, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EINSUM))
+def test_einsum_between_activations_matches_finite_differences(case: str) -> None:
+    """onnxruntime-training has no Einsum gradient: the rewrite into ReduceSum/Transpose/Reshape/MatMul
+    is checked against onnxruntime's Einsum kernel when made, and here against float64 differences of
+    the original model."""
+    equation, shape, d_out, one = EINSUM[case]
+    w = Init(37)
+    nodes, d_out = _einsum(equation, shape, d_out, one=one, shape_k=shape[::-1] if case == "mix" else None)(w)
+    model = vec_chain(nodes, w, d_out, 17)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "W2"])
+    assert e.fwd.rewrites.get("Einsum") == 1, e.fwd.rewrites
+    assert np.abs(gm.X).max() > 0
+    fd_check(gm, model, feeds, labels)
+
+
+def test_einsum_with_a_diagonal_is_still_refused() -> None:
+    w = Init(37)
+    nodes, d_out = _einsum("bii->bi", [3, 3], 3, one=True)(w)
+    nodes[0] = node("Reshape", ["z", _i(w, "sq", [-1, 2, 3])], ["q0"])
+    nodes.insert(1, node("Concat", ["q0", "q0"], ["q1"], axis=1))
+    nodes.insert(2, node("Slice", ["q1", _i(w, "s0", [0]), _i(w, "s1", [3]), _i(w, "s2", [1])], ["q"]))
+    model = vec_chain(nodes, w, d_out, 17)
+    with pytest.raises(UnsupportedOpError, match="Einsum"):
+        engine_grads(model, ["W1", "W2"])
+
+
 # --------------------------------------------------------------------------- elementwise and shape
 
 # name -> (build(w) -> (nodes, d_out), opset, rewrite key expected in engine.fwd.rewrites, ms domain)

@@ -504,6 +504,113 @@ def depth_space(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
+def _einsum_terms(equation: str, ranks: Sequence[int]) -> tuple[list[str], str] | None:
+    """The operand and output index strings of an Einsum ``equation`` with every ``...`` spelled out
+    (upper-case letters, aligned from the right as NumPy broadcasts them) and the implicit output made
+    explicit (the indices used once, sorted; the ellipsis first).  None when an operand repeats an
+    index (a diagonal) or the equation does not fit ``ranks``."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks) or any(not ch.isalpha() for t in terms for ch in t.replace("...", "")):
+        return None
+    spare = [ch for ch in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if ch not in eq]
+    widest = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks, strict=True) if "..." in t), default=0)
+    if widest < 0 or widest > len(spare):
+        return None
+    ell = "".join(reversed(spare[:widest]))  # the ellipsis' letters, outermost first
+    spelled: list[str] = []
+    for t, r in zip(terms, ranks, strict=True):
+        if "..." in t:
+            k = r - len(t.replace("...", ""))
+            if k < 0:
+                return None
+            t = t.replace("...", ell[widest - k :])
+        if len(t) != r or len(set(t)) != len(t):
+            return None
+        spelled.append(t)
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        counts = Counter("".join(spelled))
+        out = ell + "".join(sorted(ch for ch, k in counts.items() if k == 1 and ch not in ell))
+    if len(set(out)) != len(out) or any(ch not in "".join(spelled) for ch in out):
+        return None
+    return spelled, out
+
+
+def einsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """Einsum of one or two operands (onnxruntime-training has no gradient for it) → ReduceSum over
+    the indices only one operand has, Transposes and Reshapes to ``[batch…, rows, contracted]`` and
+    ``[batch…, contracted, columns]``, one MatMul, and a Reshape/Transpose to the output's order.
+    Exact (the same sums of products).  Kept as it is (and refused later) for a diagonal, more than
+    two operands, or an index whose sizes differ between the operands (broadcasting)."""
+    ins = [i for i in n.input]
+    if not 1 <= len(ins) <= 2 or not all(ins):
+        return None
+    shapes = [c.static(x, n) for x in ins]
+    parsed = _einsum_terms(attr_str(n, "equation", ""), [len(d) for d in shapes])
+    if parsed is None:
+        return None
+    terms, out = parsed
+    size: dict[str, int] = {}
+    for t, dims in zip(terms, shapes, strict=True):
+        for ch, dim in zip(t, dims, strict=True):
+            if size.setdefault(ch, dim) != dim:
+                return None
+    y = n.output[0]
+    nodes: list[onnx.NodeProto] = []
+
+    def transpose(x: str, have: str, want: str, tag: str) -> str:
+        if have == want:
+            return x
+        t = c.tmp(f"{y}_{tag}")
+        nodes.append(c.node("Transpose", [x], [t], perm=[have.index(ch) for ch in want]))
+        return t
+
+    def reshape(x: str, dims: Sequence[int], tag: str) -> str:
+        t = c.tmp(f"{y}_{tag}")
+        nodes.append(c.node("Reshape", [x, c.const(f"{y}_{tag}_shape", np.asarray(list(dims), np.int64))], [t]))
+        return t
+
+    def summed(x: str, t: str, keep: str, tag: str) -> tuple[str, str]:
+        """``x`` (indices ``t``) summed over the indices not in ``keep``."""
+        gone = [k for k, ch in enumerate(t) if ch not in keep]
+        if not gone:
+            return x, t
+        r = c.tmp(f"{y}_{tag}")
+        nodes.append(c.reduce("ReduceSum", x, gone, 0, r))
+        return r, "".join(ch for ch in t if ch in keep)
+
+    if len(ins) == 1:
+        x, t = summed(ins[0], terms[0], out, "sum")
+        if t == out and x == ins[0]:
+            nodes.append(c.node("Identity", [x], [y]))
+            return nodes
+        nodes.append(c.node("Transpose", [x], [y], perm=[t.index(ch) for ch in out]))
+        return nodes
+    ta, tb = terms
+    a, ta = summed(ins[0], ta, tb + out, "suma")
+    b, tb = summed(ins[1], tb, ta + out, "sumb")
+    batch = "".join(ch for ch in out if ch in ta and ch in tb)
+    rows = "".join(ch for ch in ta if ch not in tb)
+    cols = "".join(ch for ch in tb if ch not in ta)
+    inner = "".join(ch for ch in ta if ch in tb and ch not in out)
+
+    def prod(chs: str) -> int:
+        return int(np.prod([size[ch] for ch in chs], dtype=np.int64))
+
+    bd = [size[ch] for ch in batch]
+    a2 = reshape(transpose(a, ta, batch + rows + inner, "ta"), [*bd, prod(rows), prod(inner)], "ra")
+    b2 = reshape(transpose(b, tb, batch + inner + cols, "tb"), [*bd, prod(inner), prod(cols)], "rb")
+    mm = c.tmp(f"{y}_mm")
+    nodes.append(c.node("MatMul", [a2, b2], [mm]))
+    full = batch + rows + cols
+    r = reshape(mm, [size[ch] for ch in full], "rr")
+    nodes.append(c.node("Transpose", [r], [y], perm=[full.index(ch) for ch in out]))
+    return nodes
+
+
 def cumsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     """CumSum along a static axis → MatMul with a (strictly, for ``exclusive``) triangular matrix."""
     x, y = n.input[0], n.output[0]
@@ -993,6 +1100,7 @@ RULES: dict[str, Rule] = {
     "DepthToSpace": depth_space,
     "SpaceToDepth": depth_space,
     "CumSum": cumsum,
+    "Einsum": einsum,
     "MeanVarianceNormalization": mean_variance_normalization,
     "GroupNormalization": group_normalization,
     "LpNormalization": lp_normalization,
@@ -1005,7 +1113,7 @@ RULES: dict[str, Rule] = {
 
 #: Rules whose replacement is checked against onnxruntime when made.
 VERIFIED = frozenset(
-    {"Resize", "ConvTranspose", "LSTM", "GRU", "RNN", "Pad", "Slice", "DepthToSpace", "SpaceToDepth", "LRN"}
+    {"Resize", "ConvTranspose", "LSTM", "GRU", "RNN", "Pad", "Slice", "DepthToSpace", "SpaceToDepth", "LRN", "Einsum"}
 )
 
 
