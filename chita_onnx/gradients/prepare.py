@@ -81,7 +81,10 @@ GRADIENT_OPS = frozenset(
 #: Ops that carry no gradient but only route it (integer/bool outputs) are never "on the path";
 #: these float-producing ops are known to have no usable gradient, to name them in error messages.
 _NO_GRADIENT_HINT = {
-    "Einsum": "ORT-training has no gradient builder for Einsum; re-export it as MatMul/Transpose/Reshape",
+    "Einsum": (
+        "ORT-training has no gradient builder for Einsum, and this one (a repeated index, more than two "
+        "operands or broadcast sizes) has no exact rewrite; re-export it as MatMul/Transpose/Reshape"
+    ),
     "BatchNormalization": "its statistics are not constant initializers",
     "GlobalMaxPool": "the input's spatial size is unknown",
     "Loop": (
