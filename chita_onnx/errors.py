@@ -45,6 +45,9 @@ class ChitaError(Exception):
     """
 
     exit_code: int = 1
+    #: True when onnxruntime failed while *running* a graph (not loading it): the data fed may be the
+    #: cause (:func:`chita_onnx.pipeline.blame_data` then checks the calibration data)
+    run_failed: bool = False
 
     def __init__(self, message: object = "", *args: object) -> None:
         super().__init__(one_line(str(message)), *args)

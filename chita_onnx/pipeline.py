@@ -1049,8 +1049,8 @@ def compress(
 
 
 def blame_data(model: Path, calibration: CalibrationSource, specs: Sequence[InputSpec]) -> None:
-    """After onnxruntime failed somewhere inside pruning (the gradient graph, a segment of the
-    layer-wise pass: messages that cannot name the data), run the dense model over every calibration
+    """After onnxruntime failed to run a graph somewhere inside pruning (the gradient graph, a segment
+    of the layer-wise pass: messages that cannot name the data), run the dense model over every calibration
     batch; when that fails too, the data is at fault: raise a :class:`DataError` naming the file and
     batch (an out-of-range token id, say).  Otherwise return, and the original error stands."""
     try:
@@ -1142,7 +1142,7 @@ def _compress(
     try:
         w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
     except Exception as exc:
-        if isinstance(exc, (ModelError, GradientError)):
+        if isinstance(exc, ChitaError) and exc.run_failed:
             blame_data(in_path, calibration, prep.specs)  # raises a DataError naming the file and batch
         if requested.method != "auto" or config.method != "layerwise" or isinstance(exc, (MemoryError, DataError)):
             raise  # a data error is about the data, which chita would read too: it stands, said once
@@ -1175,8 +1175,9 @@ def _compress(
     with timer.phase("statistics"):
         try:
             corrected, correction = correct_statistics(prep, config, w, decide, config.output)
-        except (ModelError, GradientError):
-            blame_data(in_path, calibration, prep.specs)
+        except ChitaError as exc:
+            if exc.run_failed:
+                blame_data(in_path, calibration, prep.specs)
             raise
     layout = prep.layout
     k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k

@@ -264,7 +264,9 @@ def _failed(exc: Exception, entry: _Active, what: str, budget: float | None, err
             f"{what}: onnxruntime did not finish within {budget:g} s (a Loop or a large computation on "
             "constants?); refusing the model"
         )
-    return error(f"{what}: onnxruntime failed: {_first_line(exc)}")
+    failed = error(f"{what}: onnxruntime failed: {_first_line(exc)}")
+    failed.run_failed = True
+    return failed
 
 
 def run(
