@@ -731,6 +731,15 @@ def test_recurrent_weight_gradient_is_one_product_unless_tied(case: str) -> None
     tied.graph.node.append(node("ReduceSum", ["RR"], ["RR_sum"], keepdims=0))
     xs2, finish2 = plan(tied, ["RW", "RR"])
     assert finish2 is None and xs2 == {"RW", "RR"}
+    nested = onnx.ModelProto()  # R also read inside a subgraph: the same
+    nested.CopyFrom(wc)
+    body = onnx.helper.make_graph(
+        [node("Identity", ["RR"], ["rr_copy"])], "body", [], [onnx.helper.make_tensor_value_info("rr_copy", 1, None)]
+    )
+    nested.graph.node.append(
+        node("If", [next(i.name for i in wc.graph.input)], ["if_out"], then_branch=body, else_branch=body)
+    )
+    assert plan(nested, ["RW", "RR"])[1] is None
 
 
 # -------------------------------------------------------------------------------------- refusals

@@ -70,6 +70,16 @@ def _directions(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node inside a subgraph (If/Loop/Scan bodies, at any depth)."""
+    reads: set[str] = set()
+    for nd in graph.node:
+        for a in nd.attribute:
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                reads |= {i for inner in sub.node for i in inner.input} | _subgraph_reads(sub)
+    return reads
+
+
 def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | None]:
     """The tensors to differentiate instead of ``xs``, and the step that restores the deferred
     weights' ``<R>_grad`` outputs in the built gradient graph (None: nothing deferred)."""
@@ -86,10 +96,11 @@ def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | 
             consumers.setdefault(i, []).append(nd)
     producer_of = {o: nd for nd in g.node for o in nd.output if o}
     inits = {t.name for t in g.initializer}
+    nested = _subgraph_reads(g)
     chosen: dict[str, list[dict[str, Any]]] = {}
     for w, es in records.items():
         slices = {e["slice"] for e in es}
-        ok = len(es) == _directions(model, w) and len(slices) == len(es)
+        ok = w not in nested and len(es) == _directions(model, w) and len(slices) == len(es)
         blocks = [b for e in es for b in e["blocks"]]
         ok = ok and all(b["dpre"] in inits and all(x in known for x in b["inputs"]) for b in blocks)
         # R must reach the graph only through the unrolling's Slice → Reshape per direction
