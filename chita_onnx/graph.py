@@ -120,7 +120,7 @@ def load_model(path: str | os.PathLike[str], *, record: DetachedInputs | None = 
     every command sees the model in the form :func:`~chita_onnx.standardize.standardize` gives
     (``record`` receives the graph inputs it detaches, for the writer to put back).
     """
-    from .standardize import inline_functions, standardize  # it builds on this module's helpers
+    from .standardize import decompose_early_layer_norms, inline_functions, standardize  # (uses our helpers)
 
     p = Path(path)
     regular_file(p, error=ModelError)  # missing, a folder, a FIFO or a device: refused without opening it
@@ -135,6 +135,7 @@ def load_model(path: str | os.PathLike[str], *, record: DetachedInputs | None = 
     external = [t for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
     for t in external:
         _check_external_location(t, base, p)
+    model = decompose_early_layer_norms(model, in_place=True)  # before onnx.checker, which refuses them
     validate_graph(model, p)
     # before the external data is read: onnx's inliner serializes the model (2 GB protobuf limit)
     model = inline_functions(model, str(p))

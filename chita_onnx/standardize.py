@@ -16,6 +16,11 @@ rest of chita-onnx reads.  Each keeps the model's outputs identical for every in
   dense without a word.  The pass writes each back as the standard layer followed by its activation
   (onnxruntime fuses them again when it loads the written model).
 
+* :func:`decompose_early_layer_norms`: onnxruntime's optimizer also writes ``LayerNormalization``
+  into models of opsets below 17, where ONNX has no such op and onnx.checker refuses the file; the
+  pass writes each as its primitive ops (:func:`~chita_onnx.graph.load_model` runs it before the
+  checker).
+
 * :func:`replace_image_scaler`: the experimental ``ImageScaler`` (removed from ONNX; the classic
   zoo's Tiny YOLOv2 and FER+ open with it) stops onnx's version converter, so no gradients could be
   built.  The pass writes it as ``Mul`` and ``Add``.
@@ -542,6 +547,94 @@ def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> o
     out, count = _rewrite_nodes(model, rewrite, in_place)
     if count:
         log.info("replaced %d ImageScaler node(s), an experimental op, by Mul and Add", count)
+    return out
+
+
+def decompose_early_layer_norms(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """``model`` with every ``LayerNormalization`` of a model whose ``ai.onnx`` opset is below 17
+    written as ``ReduceMean``/``Sub``/``Mul``/``Add``/``Sqrt``/``Div`` (the op joined ONNX at 17).
+
+    onnxruntime's graph optimizer writes that op at any opset (``SessionOptions.optimized_model_filepath``
+    on a BERT exported at opset 11: its runtime registers it there as an extension), so onnx.checker
+    refused such files.  The same function, exactly: ``(x − mean) / sqrt(var + ε) · scale (+ bias)``
+    over the axes from ``axis`` on, in the input's type; onnxruntime fuses it back when it loads the
+    written model.  A node whose mean/inverse-deviation outputs are used, or whose positive ``axis``
+    needs a rank that is not known, is left as it is (and refused as before).  Returns ``model`` itself
+    when there is nothing to do."""
+    from .graph import opset_version
+
+    if opset_version(model) >= 17 or not any(
+        n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx") for g in _graphs(model.graph) for n in g.node
+    ):
+        return model
+    types = _elem_types(model)
+    ranks = _ranks(model)
+    read = {i for g in _graphs(model.graph) for n in g.node for i in n.input}
+
+    def rewrite(
+        n: onnx.NodeProto, stored: dict[str, onnx.TensorProto], fresh: Callable[[str], str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+        if n.op_type != "LayerNormalization" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            return None
+        if any(o and o in read for o in n.output[1:]):
+            return None
+        x, y = n.input[0], n.output[0]
+        elem = stored[n.input[1]].data_type if n.input[1] in stored else types.get(x)
+        if elem is None:
+            return None
+        attrs = _attrs(n)
+        axis = int(attrs.get("axis", -1))
+        if axis >= 0:
+            rank = ranks.get(x)
+            if rank is None:
+                return None
+            axis -= rank
+        axes = list(range(axis, 0))
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        eps = fresh(f"{y}_epsilon")
+        consts = [numpy_helper.from_array(np.array(float(attrs.get("epsilon", 1e-5)), dtype), eps)]
+        mean, d, d2, var, ve, sd, norm = (
+            fresh(f"{y}_{k}") for k in ("mean", "centered", "sq", "var", "var_eps", "std", "norm")
+        )
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else ""
+        scaled = fresh(f"{y}_scaled") if bias else y
+        nodes = [
+            helper.make_node("ReduceMean", [x], [mean], axes=axes, keepdims=1, name=fresh(f"{y}_mean_op")),
+            helper.make_node("Sub", [x, mean], [d], name=fresh(f"{y}_sub")),
+            helper.make_node("Mul", [d, d], [d2], name=fresh(f"{y}_square")),
+            helper.make_node("ReduceMean", [d2], [var], axes=axes, keepdims=1, name=fresh(f"{y}_var_op")),
+            helper.make_node("Add", [var, eps], [ve], name=fresh(f"{y}_add_eps")),
+            helper.make_node("Sqrt", [ve], [sd], name=fresh(f"{y}_sqrt")),
+            helper.make_node("Div", [d, sd], [norm], name=fresh(f"{y}_div")),
+            helper.make_node("Mul", [norm, n.input[1]], [scaled], name=n.name or fresh(f"{y}_scale")),
+        ]
+        if bias:
+            nodes.append(helper.make_node("Add", [scaled, bias], [y], name=fresh(f"{y}_bias")))
+        return nodes, consts
+
+    out, count = _rewrite_nodes(model, rewrite, in_place)
+    if count:
+        log.info(
+            "wrote %d LayerNormalization node(s) of an opset-%d model (onnxruntime's optimizer writes them; "
+            "ONNX has them from opset 17) as their primitive ops",
+            count,
+            opset_version(model),
+        )
+    return out
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of the values onnx's shape inference can tell (every graph)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # best effort: a positive axis then keeps its node
+        return {}
+    out: dict[str, int] = {}
+    for g in _graphs(inferred.graph):
+        for v in (*g.input, *g.output, *g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                out[v.name] = len(v.type.tensor_type.shape.dim)
+        out.update({t.name: len(t.dims) for t in g.initializer})
     return out
 
 

@@ -548,3 +548,41 @@ def test_channel_pruning_counts_the_parameters_of_the_written_attention_model(tm
     # FLOPs of one sample [1, 6, 8]: x·w0, the fused node's Q/K/V projection x·W (which the restored
     # node alone would hide), and the head; not the identity stand-in
     assert rep.structured.flops_before == 2 * (6 * 8 * 8 + 6 * 8 * 24 + 8 * 3)
+
+
+@pytest.mark.parametrize(("axis", "bias"), [(-1, True), (2, False), (-2, True)])
+def test_layer_norm_below_opset_17_is_written_as_primitive_ops(tmp_path: Path, axis: int, bias: bool) -> None:
+    """onnxruntime's optimizer writes LayerNormalization into opset-11 models (it runs it as its own
+    extension), which onnx.checker refused: now the file loads, computes what onnxruntime computes
+    for the original, and is pruned with gradients."""
+    rng = np.random.default_rng(21)
+    norm_dims = [3, 8] if axis == -2 else [8]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((6, 8)) / 2).astype(np.float32), "W1"),
+        numpy_helper.from_array((1 + 0.2 * rng.standard_normal(norm_dims)).astype(np.float32), "g"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(norm_dims)).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((24, 4)) / 4).astype(np.float32), "W2"),
+        numpy_helper.from_array(np.asarray([-1, 24], np.int64), "flat"),
+    ]
+    ln_inputs = ["h", "g", "b"] if bias else ["h", "g"]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("LayerNormalization", ln_inputs, ["n"], axis=axis, epsilon=1e-3),
+        helper.make_node("Reshape", ["n", "flat"], ["f"]),
+        helper.make_node("MatMul", ["f", "W2"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info("x", F, ["N", 3, 6])], [helper.make_tensor_value_info("y", F, ["N", 4])]
+    m = helper.make_model(helper.make_graph(nodes, "ortopt", *io, inits), opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 6
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(m)
+    loaded = load_model(src)
+    assert "LayerNormalization" not in {n.op_type for n in loaded.graph.node}
+    x = rng.standard_normal((5, 3, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(loaded, x), run(m, x), rtol=1e-5, atol=1e-5)  # onnxruntime runs both
+    xs = rng.standard_normal((40, 3, 6)).astype(np.float32)
+    rep = compress(src, dst, {"x": xs}, CompressConfig(sparsity=0.5), eval_data={"x": xs[:8]})
+    assert rep.config["allocation"] == "obd" and rep.nnz == round(0.5 * (48 + 96))
+    onnx.checker.check_model(onnx.load(dst))
