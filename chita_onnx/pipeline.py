@@ -1048,6 +1048,15 @@ def compress(
     return result
 
 
+def written_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Each stored tensor's shape in ``model`` (dense or sparse initializer): the report shows a
+    weight's shape as the written file holds it, not as the pruning saw it (an Einsum's 3-D weight
+    was pruned as its MatMul's 2-D one, a weight read through a Transpose as the transposed one)."""
+    shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    shapes.update({sp.values.name: tuple(int(d) for d in sp.dims) for sp in model.graph.sparse_initializer})
+    return shapes
+
+
 def blame_data(model: Path, calibration: CalibrationSource, specs: Sequence[InputSpec]) -> None:
     """After onnxruntime failed to run a graph somewhere inside pruning (the gradient graph, a segment
     of the layer-wise pass: messages that cannot name the data), run the dense model over every calibration
@@ -1225,8 +1234,16 @@ def _compress(
         dr, dz = file_sizes(in_path)
         pr, pz = file_sizes(staged)
     by_name = {s.name: s for s in stored}
+    shapes = written_shapes(pruned)
     tensors = tuple(
-        TensorReport(t.name, t.op_type, t.shape, t.size, by_name[t.name].nnz, by_name[t.name].storage)
+        TensorReport(
+            t.name,
+            t.op_type,
+            shapes.get(t.name, t.shape) if int(np.prod(shapes.get(t.name, t.shape))) == t.size else t.shape,
+            t.size,
+            by_name[t.name].nnz,
+            by_name[t.name].storage,
+        )
         for t in prep.tensors
     )
     nnz = sum(t.nnz for t in tensors)

@@ -308,6 +308,7 @@ def test_linear_einsums_become_prunable_matmuls(
     assert run(load_model(out), x).shape == run(model, x).shape  # the written model runs
     stored = numpy_helper.to_array(next(t for t in load_model(out).graph.initializer if t.name == "W"))
     assert stored.shape == w_shape and np.count_nonzero(stored) == 30  # written back in its own layout
+    assert [t.shape for t in rep.tensors] == [w_shape]  # and reported so
 
 
 def test_a_layer_weight_left_dense_is_reported(tmp_path: Path) -> None:
