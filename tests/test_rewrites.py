@@ -99,6 +99,37 @@ def test_einsum_between_activations_matches_finite_differences(case: str) -> Non
     fd_check(gm, model, feeds, labels)
 
 
+def test_random_einsums_match_onnxruntimes_kernel() -> None:
+    """Seeded random equations of one or two operands (implicit outputs, ellipses, sums to a scalar):
+    the rewrite computes what onnxruntime's Einsum computes (:meth:`Ctx.check`, one random input)."""
+    import random
+
+    from onnx import TensorProto, helper
+
+    from chita_onnx.gradients.rewrites import Ctx, einsum
+
+    rng = random.Random(3)
+    for _ in range(60):
+        A = "".join(rng.sample("abcdef", rng.randint(1, 4)))
+        B = "".join(rng.sample("abcdef", rng.randint(0, 4)))
+        out = "".join(rng.sample(sorted(set(A + B)), rng.randint(0, len(set(A + B)))))
+        size = {ch: rng.randint(1, 4) for ch in "abcdef"}
+        extra = [rng.randint(1, 3) for _ in range(rng.randint(0, 2))] if rng.random() < 0.3 else []
+        pre = "..." if extra else ""
+        lhs = f"{pre}{A},{pre}{B}" if B else f"{pre}{A}"
+        eq = lhs if rng.random() < 0.3 else f"{lhs}->{pre}{out}"
+        shapes = [extra + [size[ch] for ch in t] for t in ([A, B] if B else [A])]
+        names = ["a", "b"][: len(shapes)]
+        nd = helper.make_node("Einsum", names, ["y"], equation=eq)
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, sh) for n, sh in zip(names, shapes, strict=True)]
+        g = helper.make_graph([nd], "e", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+        c = Ctx(m, frozenset())
+        repl = einsum(c, nd)
+        assert repl is not None, eq
+        assert c.check(nd, repl) is None, (eq, shapes)
+
+
 def test_einsum_with_a_diagonal_is_still_refused() -> None:
     w = Init(37)
     nodes, d_out = _einsum("bii->bi", [3, 3], 3, one=True)(w)

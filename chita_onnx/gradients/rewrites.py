@@ -582,13 +582,16 @@ def einsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         nodes.append(c.reduce("ReduceSum", x, gone, 0, r))
         return r, "".join(ch for ch in t if ch in keep)
 
-    if len(ins) == 1:
-        x, t = summed(ins[0], terms[0], out, "sum")
-        if t == out and x == ins[0]:
+    def finish(x: str, t: str) -> list[onnx.NodeProto]:
+        """``x`` (indices ``t``, the output's in some order) into ``y`` in the output's order."""
+        if t == out:  # also a scalar: Transpose has no empty permutation
             nodes.append(c.node("Identity", [x], [y]))
-            return nodes
-        nodes.append(c.node("Transpose", [x], [y], perm=[t.index(ch) for ch in out]))
+        else:
+            nodes.append(c.node("Transpose", [x], [y], perm=[t.index(ch) for ch in out]))
         return nodes
+
+    if len(ins) == 1:
+        return finish(*summed(ins[0], terms[0], out, "sum"))
     ta, tb = terms
     a, ta = summed(ins[0], ta, tb + out, "suma")
     b, tb = summed(ins[1], tb, ta + out, "sumb")
@@ -606,9 +609,7 @@ def einsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
     mm = c.tmp(f"{y}_mm")
     nodes.append(c.node("MatMul", [a2, b2], [mm]))
     full = batch + rows + cols
-    r = reshape(mm, [size[ch] for ch in full], "rr")
-    nodes.append(c.node("Transpose", [r], [y], perm=[full.index(ch) for ch in out]))
-    return nodes
+    return finish(reshape(mm, [size[ch] for ch in full], "rr"), full)
 
 
 def cumsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
