@@ -740,6 +740,42 @@ def test_recurrent_unroll_matches_onnxruntime_kernel(case: str) -> None:
     ort_fd_check(gm, model, feeds, labels)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_recurrent_nodes_match_finite_differences(seed: int) -> None:
+    """Seeded random LSTM/GRU/RNN nodes (direction, ``linear_before_reset``, clip, the outputs used,
+    ``sequence_lens``, initial states, peepholes): the gradients of ``W``, ``R`` and ``B`` — ``R``'s
+    through the one-product path — against central differences of onnxruntime's own kernel."""
+    import random
+
+    rng = random.Random(seed)
+    op = rng.choice(["LSTM", "GRU", "RNN"])
+    D, H = rng.choice([1, 2]), 2
+    kw: dict[str, Any] = {"D": D}
+    if D == 1 and rng.random() < 0.5:
+        kw["direction"] = "reverse"
+    if op == "GRU" and rng.random() < 0.5:
+        kw["linear_before_reset"] = 1
+    if rng.random() < 0.3:
+        kw["clip"] = 1.5
+    outs = ["Y", "Yh"] + (["Yc"] if op == "LSTM" else [])
+    kw["outs"] = tuple(o for o in outs if rng.random() < 0.7) or ("Y",)
+    w = Init(200 + seed)
+    values = np.random.default_rng(seed)
+    inputs: dict[int, str] = {}
+    if rng.random() < 0.4:
+        inputs[4] = w.const("lens", [rng.randint(1, 4)], np.int32)
+    if rng.random() < 0.4:
+        inputs[5] = w.const("h0", 0.3 * values.standard_normal((D, 1, H)))
+        if op == "LSTM":
+            inputs[6] = w.const("c0", 0.3 * values.standard_normal((D, 1, H)))
+    if op == "LSTM" and rng.random() < 0.3:
+        inputs[7] = w.const("P", 0.3 * values.standard_normal((D, 3 * H)))
+    model = _rnn_model(op, w, inputs=inputs, **kw)
+    e, gm, feeds, labels = engine_grads(model, ["W1", "RW", "RR", "RB", "W2"], n=1)
+    assert e.fwd.rewrites.get(op) == 1, e.fwd.rewrites
+    ort_fd_check(gm, model, feeds, labels)
+
+
 @pytest.mark.parametrize("case", sorted(RNN_REF))
 def test_recurrent_weight_gradient_is_one_product_unless_tied(case: str) -> None:
     """The builder is asked for the zero stand-ins ``E`` (one per direction; two for GRU with
