@@ -1234,12 +1234,17 @@ def _compress(
         dr, dz = file_sizes(in_path)
         pr, pz = file_sizes(staged)
     by_name = {s.name: s for s in stored}
-    shapes = written_shapes(pruned)
+    file_shapes = written_shapes(pruned)
+
+    def shape_of(t: PrunableTensor) -> tuple[int, ...]:
+        shape = file_shapes.get(t.name, t.shape)
+        return shape if int(np.prod(shape, dtype=np.int64)) == t.size else t.shape
+
     tensors = tuple(
         TensorReport(
             t.name,
             t.op_type,
-            shapes.get(t.name, t.shape) if int(np.prod(shapes.get(t.name, t.shape))) == t.size else t.shape,
+            shape_of(t),
             t.size,
             by_name[t.name].nnz,
             by_name[t.name].storage,

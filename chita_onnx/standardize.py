@@ -567,8 +567,7 @@ def decompose_early_layer_norms(model: onnx.ModelProto, *, in_place: bool = Fals
         n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx") for g in _graphs(model.graph) for n in g.node
     ):
         return model
-    types = _elem_types(model)
-    ranks = _ranks(model)
+    types, ranks = _inferred(model)
     read = {i for g in _graphs(model.graph) for n in g.node for i in n.input}
 
     def rewrite(
@@ -623,34 +622,30 @@ def decompose_early_layer_norms(model: onnx.ModelProto, *, in_place: bool = Fals
     return out
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of the values onnx's shape inference can tell (every graph)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # best effort: a positive axis then keeps its node
-        return {}
-    out: dict[str, int] = {}
-    for g in _graphs(inferred.graph):
-        for v in (*g.input, *g.output, *g.value_info):
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                out[v.name] = len(v.type.tensor_type.shape.dim)
-        out.update({t.name: len(t.dims) for t in g.initializer})
-    return out
-
-
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element types of the values onnx's shape inference can tell (every graph, declared or inferred)."""
+    return _inferred(model)[0]
+
+
+def _inferred(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """The element types and the ranks of the values onnx's shape inference can tell (every graph,
+    declared or inferred; an inconsistent graph: the declared ones only)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # an inconsistent graph: the declared types only
         inferred = model
-    out: dict[str, int] = {}
+    types: dict[str, int] = {}
+    ranks: dict[str, int] = {}
     for g in _graphs(inferred.graph):
         for v in (*g.input, *g.output, *g.value_info):
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                out[v.name] = v.type.tensor_type.elem_type
-        out.update({t.name: t.data_type for t in g.initializer})
-    return out
+            if v.type.HasField("tensor_type"):
+                if v.type.tensor_type.elem_type:
+                    types[v.name] = v.type.tensor_type.elem_type
+                if v.type.tensor_type.HasField("shape"):
+                    ranks[v.name] = len(v.type.tensor_type.shape.dim)
+        types.update({t.name: t.data_type for t in g.initializer})
+        ranks.update({t.name: len(t.dims) for t in g.initializer})
+    return types, ranks
 
 
 def standardize(

@@ -94,7 +94,6 @@ def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | 
     for nd in g.node:
         for i in nd.input:
             consumers.setdefault(i, []).append(nd)
-    producer_of = {o: nd for nd in g.node for o in nd.output if o}
     inits = {t.name for t in g.initializer}
     nested = _subgraph_reads(g)
     chosen: dict[str, list[dict[str, Any]]] = {}
@@ -108,7 +107,7 @@ def plan(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[set[str], Finish | 
             outs = [o for o in nd.output if o]
             ok = ok and nd.op_type == "Slice" and len(outs) == 1
             ok = ok and all(c.op_type == "Reshape" and c.output[0] in slices for c in consumers.get(outs[0], []))
-        ok = ok and all(s in producer_of for s in slices)
+        ok = ok and all(s in produced for s in slices)
         if ok:
             chosen[w] = es
         else:
