@@ -39,15 +39,16 @@ Models:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import unseen_torch as shared
 from make_unseen import Manifest, builder_main, pools  # numpy only at import
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-torch3"
@@ -74,50 +75,8 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
     def want(name: str) -> bool:
         return only is None or name in only
 
-    def train(model: nn.Module, x: Any, y: Any, epochs: int, lr: float, bs: int = 128,
-              loss_fn: Any = None, opt: str = "adamw") -> None:  # fmt: skip
-        torch.manual_seed(seed)
-        xs = x if isinstance(x, tuple) else (x,)
-        if os.environ.get("MAKE_NEW_DRY"):
-            xs, y, epochs = tuple(a[: 2 * bs] for a in xs), y[: 2 * bs], 1
-        X = [torch.from_numpy(a) for a in xs]
-        Y = torch.from_numpy(y)
-        n = len(Y)
-        steps = epochs * (n // bs)
-        o: torch.optim.Optimizer
-        if opt == "sgd":
-            o = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        else:
-            o = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr, total_steps=steps)
-        model.train()
-        for ep in range(epochs):
-            perm = torch.randperm(n)
-            tot = 0.0
-            for i in range(n // bs):
-                idx = perm[i * bs : (i + 1) * bs]
-                out_ = model(*[a[idx] for a in X])
-                loss = loss_fn(out_, Y[idx]) if loss_fn else F.cross_entropy(out_, Y[idx])
-                o.zero_grad()
-                loss.backward()
-                o.step()
-                sched.step()
-                tot += float(loss)
-            print(f"  epoch {ep}: loss {tot / (n // bs):.4f}", flush=True)
-        model.eval()
-
-    def export(model: nn.Module, name: str, args: tuple[Any, ...], dynamo: bool, opset: int,
-               inputs: list[str], outputs: list[str]) -> None:  # fmt: skip
-        path = out / f"{name}.onnx"
-        kw: dict[str, Any] = {"input_names": inputs, "output_names": outputs, "opset_version": opset}
-        if dynamo:
-            N = torch.export.Dim("N", min=1, max=4096)
-            kw["dynamic_shapes"] = tuple({0: N} for _ in inputs)
-            kw["external_data"] = False
-        else:
-            kw["dynamic_axes"] = {k: {0: "N"} for k in inputs + outputs}
-            kw["do_constant_folding"] = False
-        torch.onnx.export(model, args, str(path), dynamo=dynamo, **kw)
+    train = partial(shared.train, seed=seed)
+    export = partial(shared.export, out=out)
 
     def nparams(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())

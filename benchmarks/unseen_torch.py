@@ -1,0 +1,67 @@
+"""The training loop and the ONNX export that the torch audit-set builders share
+(``make_unseen_torch3.py``, ``make_unseen_torch4.py``).  Imports torch only when called: run it in a
+torch virtual environment, never the project's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def train(model: Any, x: Any, y: Any, epochs: int, lr: float, *, seed: int, bs: int = 128,
+          loss_fn: Any = None, opt: str = "adamw") -> None:  # fmt: skip
+    """Seeded mini-batch training of ``model`` on ``x`` (an array or a tuple of arrays: the model's
+    inputs) and ``y``: AdamW (or ``opt="sgd"``: Nesterov SGD) with a one-cycle schedule, cross-entropy
+    unless ``loss_fn``; ``MAKE_NEW_DRY=1`` trains one epoch on two batches (a smoke run).  Leaves the
+    model in eval mode."""
+    import torch
+    from torch.nn import functional as F  # noqa: N812
+
+    torch.manual_seed(seed)
+    xs = x if isinstance(x, tuple) else (x,)
+    if os.environ.get("MAKE_NEW_DRY"):
+        xs, y, epochs = tuple(a[: 2 * bs] for a in xs), y[: 2 * bs], 1
+    X = [torch.from_numpy(a) for a in xs]
+    Y = torch.from_numpy(y)
+    n = len(Y)
+    steps = epochs * (n // bs)
+    o: torch.optim.Optimizer
+    if opt == "sgd":
+        o = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    else:
+        o = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr, total_steps=steps)
+    model.train()
+    for ep in range(epochs):
+        perm = torch.randperm(n)
+        tot = 0.0
+        for i in range(n // bs):
+            idx = perm[i * bs : (i + 1) * bs]
+            out_ = model(*[a[idx] for a in X])
+            loss = loss_fn(out_, Y[idx]) if loss_fn else F.cross_entropy(out_, Y[idx])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            sched.step()
+            tot += float(loss)
+        print(f"  epoch {ep}: loss {tot / (n // bs):.4f}", flush=True)
+    model.eval()
+
+
+def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: int,
+           inputs: list[str], outputs: list[str], *, out: Path) -> None:  # fmt: skip
+    """``model`` to ``out/<name>.onnx`` with a dynamic batch axis ``N`` on every input (and output):
+    the dynamo exporter (weights inside the file) or TorchScript (no constant folding)."""
+    import torch
+
+    path = out / f"{name}.onnx"
+    kw: dict[str, Any] = {"input_names": inputs, "output_names": outputs, "opset_version": opset}
+    if dynamo:
+        N = torch.export.Dim("N", min=1, max=4096)
+        kw["dynamic_shapes"] = tuple({0: N} for _ in inputs)
+        kw["external_data"] = False
+    else:
+        kw["dynamic_axes"] = {k: {0: "N"} for k in inputs + outputs}
+        kw["do_constant_folding"] = False
+    torch.onnx.export(model, args, str(path), dynamo=dynamo, **kw)
