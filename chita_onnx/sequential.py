@@ -129,6 +129,50 @@ def _add_consumer(
             accumulate(stats, a32, index=idx, geom=geom)
 
 
+def _prefetch_ends(events: Sequence[tuple[int, int, int]], sites: Sequence[object]) -> list[int]:
+    """For each event (one consuming node, see :func:`layerwise_prune`), the last event of the run of
+    consumers that can be read in the same segment with it: it starts a run when it is not its
+    weight's last consumer (a shared weight: an unrolled RNN's time steps), and the run goes on
+    through the following consumers up to and including the next last consumer (where a weight is
+    solved and the pruned model changes) or the event before a recurrent node.  Events inside a run
+    and events that start none map to themselves."""
+    from .rnnlayers import RecurrentSite
+
+    def last(e: tuple[int, int, int]) -> bool:
+        site = sites[e[1]]
+        return isinstance(site, RecurrentSite) or e[2] == len(_consumers(site)) - 1  # type: ignore[arg-type]
+
+    ends = list(range(len(events)))
+    e = 0
+    while e < len(events):
+        m = e
+        if not last(events[e]):
+            while m + 1 < len(events) and not isinstance(sites[events[m + 1][1]], RecurrentSite):
+                m += 1
+                if last(events[m]):
+                    break
+        ends[e] = m
+        e = m + 1
+    return ends
+
+
+def _consumers(site: LayerSite) -> tuple[LayerSite, ...]:
+    return site.consumers or (site,)
+
+
+def _prefetch(consumers: Sequence[LayerSite], pruned: SegmentRunner, dense: SegmentRunner | None) -> None:
+    """Run both runners up to the last of ``consumers`` (each a consuming node, in graph order; the
+    pruned runner stands at the first) in one segment each, keeping every tensor that
+    :func:`_add_consumer` reads for them: their inputs in the pruned model, and their dense outputs
+    (or inputs, with an opaque offset).  One onnxruntime session per runner instead of one per node;
+    the later :func:`_add_consumer` calls then find their tensors kept."""
+    pruned.advance(consumers[-1].position, extra=[c.input for c in consumers])
+    if dense is not None:
+        last = consumers[-1]
+        kept = [c.input if c.opaque_offset else c.output for c in consumers]
+        dense.advance(last.position if last.opaque_offset else last.position + 1, extra=kept)
+
+
 @dataclass
 class _Open:
     """A weight whose consumers are being visited: its statistics so far."""
@@ -189,9 +233,10 @@ def layerwise_prune(
         else:
             events.extend((c.position, i, j) for j, c in enumerate(s.consumers or (s,)))
     events.sort()
+    ahead = _prefetch_ends(events, sites)
     open_: dict[int, _Open] = {}
     rewind: tuple[int, dict[str, list[NDArray[np.generic]]]] | None = None  # before the first open shared weight
-    for pos, i, j in progress(events, total=len(events), desc="layer-wise", unit="layer"):
+    for n_event, (pos, i, j) in enumerate(progress(events, total=len(events), desc="layer-wise", unit="layer")):
         site = sites[i]
         pruned.advance(pos)
         if isinstance(site, RecurrentSite):
@@ -200,7 +245,7 @@ def layerwise_prune(
             reports.append(rep)
             t_stats, t_solve = t_stats + ts_, t_solve + tv_
             continue
-        consumers = site.consumers or (site,)
+        consumers = _consumers(site)
         ts = time.perf_counter()
         if i not in open_:
             if len(consumers) > 1 and rewind is None:
@@ -210,6 +255,11 @@ def layerwise_prune(
             open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
         cur = open_[i]
         Wr = cur.rows
+        if ahead[n_event] > n_event:
+            run = events[n_event : ahead[n_event] + 1]
+            tp = time.perf_counter()
+            _prefetch([_consumers(sites[k])[jj] for _, k, jj in run], pruned, dense)  # type: ignore[arg-type]
+            ts += time.perf_counter() - tp  # forward time (the runners count it), not statistics
         seed = opts.seed * 1_000_003 + i + 7_919 * j
         _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
         cur.seen += 1

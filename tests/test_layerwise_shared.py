@@ -230,3 +230,57 @@ def test_conv_weight_read_with_two_strides_is_fitted_on_both(tmp_path: Path) -> 
     assert r.method == "layerwise"
     assert r.nnz == w.size // 2
     assert r.evaluation is not None and r.evaluation.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("dense_targets", [True, False])
+def test_consumers_of_shared_weights_are_read_in_one_segment_with_the_same_result(
+    dense_targets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time steps of an unrolled RNN are read in one segment per runner up to the next solve
+    (``_prefetch``) instead of one segment per node: the same weights, far fewer sessions."""
+    import chita_onnx.activations as act
+    import chita_onnx.sequential as seq
+
+    rng = np.random.default_rng(5)
+    model = _recurrence(rng, steps=6)
+    batches = _batches(rng, steps=6)
+    keep = {"Wx": 8, "Wh": 13, "Wo": 5}
+    opts = LayerwiseOptions(dense_targets=dense_targets)
+    made: list[int] = []
+    real = act._session
+
+    def counting(*a: object, **k: object) -> object:
+        made.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(act, "_session", counting)
+    merged = layerwise_prune(model, batches, keep=keep, opts=opts)
+    n_merged = len(made)
+    made.clear()
+    monkeypatch.setattr(seq, "_prefetch_ends", lambda events, sites: list(range(len(events))))
+    per_node = layerwise_prune(model, batches, keep=keep, opts=opts)
+    assert n_merged < len(made) / 2
+    assert [r.name for r in merged.layers] == [r.name for r in per_node.layers]
+    for name in keep:
+        np.testing.assert_array_equal(merged.weights[name], per_node.weights[name])
+    for a, b in zip(merged.layers, per_node.layers, strict=True):
+        assert (a.rows, a.kept) == (b.rows, b.kept)
+        assert a.error == pytest.approx(b.error, rel=1e-9, abs=1e-12)
+
+
+def test_prefetch_runs_stop_at_each_solve_and_before_a_recurrent_node() -> None:
+    """``_prefetch_ends``: a run starts at a consumer that is not its weight's last, and ends at the next
+    last consumer (where the pruned model changes) or before a recurrent node."""
+    from chita_onnx.rnnlayers import RecurrentSite
+    from chita_onnx.sequential import _prefetch_ends
+
+    class Shared:
+        def __init__(self, n: int) -> None:
+            self.consumers = tuple(range(n))
+
+    rec = RecurrentSite.__new__(RecurrentSite)
+    sites = [Shared(3), Shared(0), Shared(2), rec]
+    # positions: A0 A1 B A2 | C0 | R C1
+    events = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 0, 2), (4, 2, 0), (5, 3, 0), (6, 2, 1)]
+    ends = _prefetch_ends(events, sites)
+    assert ends == [2, 1, 2, 3, 4, 5, 6]
