@@ -67,6 +67,12 @@ class UnsupportedOpError(ModelError):
     """An operator on the path from a prunable weight to the loss cannot be differentiated."""
 
 
+class WrongGradientError(UnsupportedOpError):
+    """onnxruntime-training's gradient of the model disagrees with finite differences of its own loss
+    (a kernel that computes a wrong gradient for some op of this model): per-sample gradients are
+    not used."""
+
+
 class DataError(ChitaError):
     """Calibration or evaluation data is missing, malformed, or does not match the model's inputs."""
 

@@ -52,7 +52,7 @@ from onnx import helper
 
 from ..data import DataSpec, open_source
 from ..data_types import Batch, CalibrationSource
-from ..errors import ChitaError, ConfigError, DataError, ModelError
+from ..errors import ChitaError, ConfigError, DataError, ModelError, WrongGradientError
 from ..graph import get_weights, load_model, model_inputs
 from ..layout import Layout
 from ..progress import progress
@@ -96,6 +96,23 @@ _ROOT_FLOOR = 1e-10
 #: timing, so that the same run always takes the same path: the two paths agree only to ~1e-7 and
 #: CHITA++'s stages amplify that into different models.
 AUTO_BATCHED_MAX_MACS = 2_000_000
+#: The directional check of the first block's gradients (:meth:`GradientEngine._check_direction`):
+#: central differences of the loss along the row's own direction ``u = g/‖g‖`` with steps
+#: ``ε = DIRECTION_STEP·‖w‖`` (``w``: the weights differentiated), then ε/8, ε/64, ε/512 until one
+#: agrees (BN-folded and CTC models needed the small steps: their loss bends within ε).
+DIRECTION_STEP = 1e-3
+DIRECTION_SHRINK = 8.0
+DIRECTION_STEPS = 4
+#: A difference quotient within this relative distance of ``‖g‖`` confirms the gradient ...
+DIRECTION_AGREE = 0.1
+#: ... and the gradient is wrong when no step confirms it, all the quotients agree with each other to
+#: DIRECTION_STABLE (the loss is smooth over the three decades of steps, so they are its derivative)
+#: and they miss ``‖g‖`` by more than DIRECTION_WRONG.
+DIRECTION_STABLE = 0.05
+DIRECTION_WRONG = 0.5
+#: On a wrong gradient, this many tensors (those with the largest gradient) are checked alone to
+#: name the culprits.
+DIRECTION_TENSORS = 24
 
 
 def row_macs(fwd: Forward) -> int | None:
@@ -662,8 +679,10 @@ class GradientEngine:
         tb = time.perf_counter()
         self._single: Runner | None = None
         self._target = ""
+        self._loss_name = ""
         if self.on_path:
             lm, self._target, lname = attach_loss(self.fwd)
+            self._loss_name = lname
             gm = build_gradient_model(lm, self.on_path, lname)
             self.timings["build"] = time.perf_counter() - tb
             ts = time.perf_counter()
@@ -676,6 +695,7 @@ class GradientEngine:
         self._fast_pred_failed = False
         self._batched: BatchedPath | None = None
         self._batched_failed = ""
+        self._direction_checked = False
         #: ``((seed, fisher, rows per input, head), next first_sample, generator)`` after a call: a call
         #: that goes on from there (the chunks of a streamed pass) continues the generator instead of
         #: re-drawing every earlier chunk's targets to skip them (quadratic in the chunks).
@@ -1024,6 +1044,7 @@ class GradientEngine:
                         verified = True
                         if not self._verify(block, T, X, row, rows):
                             use_batched, chosen = False, "single"
+                        self._check_direction(block.inputs, T, X, row, rows)
                         t_chk += time.perf_counter() - tc
                         row += rows
                         continue
@@ -1032,6 +1053,10 @@ class GradientEngine:
                     )
                 else:
                     self._single_rows(block.inputs, T, X, row, rows)
+                    if not self._direction_checked:
+                        tc = time.perf_counter()
+                        self._check_direction(block.inputs, T, X, row, rows)
+                        t_chk += time.perf_counter() - tc
                 row += rows
             if row != n:  # pragma: no cover - guarded by the counting pass
                 raise DataError(
@@ -1152,6 +1177,121 @@ class GradientEngine:
     def _bind_block(self, runner: Runner, inputs: Mapping[str, NDArray[Any]], lo: int, hi: int) -> None:
         for name, arr in self._model_feed(inputs, lo, hi).items():
             runner.bind_input(name, arr)
+
+    def _check_direction(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        T: NDArray[np.float32],
+        X: NDArray[np.float32],
+        row0: int,
+        rows: int,
+    ) -> None:
+        """Check one row of the first block against the model's own loss, once per engine.
+
+        For the row ``g`` of largest norm among the block's rows ``X[row0 : row0 + rows]`` (its inputs
+        and targets ``T`` as computed), the directional derivative along ``u = g/‖g‖`` is ``‖g‖``;
+        central differences of the loss ``(ℓ(w + εu) − ℓ(w − εu))/2ε`` at two steps (see
+        :data:`DIRECTION_STEP`) must agree with it.  The loss runs are forward-only runs of the
+        gradient graph with the weights moved.  A disagreement that both steps confirm means
+        onnxruntime-training computes a wrong gradient for some op of this model (as its grouped 1-D
+        ConvGrad did): raises :class:`~chita_onnx.errors.WrongGradientError`, naming the tensors whose
+        own directional check fails.  Steps that disagree with each other (a kink or rounding at that
+        scale) leave it unconfirmed either way (debug log)."""
+        runner = self._single
+        if self._direction_checked or runner is None or rows < 1:
+            return
+        self._direction_checked = True
+        slots = [s for s in self.layout.slots if s.name in self.on_path and s.name in runner.input_names]
+        if not slots:
+            return
+        block = X[row0 : row0 + min(rows, CHECK_ROWS)]
+        cols = np.concatenate([np.arange(s.offset, s.stop) for s in slots])
+        norms = np.linalg.norm(block[:, cols].astype(np.float64), axis=1)
+        r = int(np.argmax(norms))
+        g = np.asarray(block[r], np.float64)
+        if not np.isfinite(norms[r]) or norms[r] <= 0:
+            return
+        m = self.m
+        loss = np.zeros((), np.float32)
+        self._bind_block(runner, inputs, r * m, (r + 1) * m)
+        runner.bind_input(self._target, T[r * m : (r + 1) * m])
+        runner.io.clear_binding_outputs()
+        runner.bind_output_array(self._loss_name, loss)
+        w_norm = math.sqrt(sum(float(np.sum(np.square(self.values[s.name], dtype=np.float64))) for s in slots))
+        eps = DIRECTION_STEP * max(w_norm, 1e-6)
+
+        def check(part: Sequence[Any]) -> tuple[float, list[float], str]:
+            """``‖g_part‖``, the difference quotients along ``g_part`` (steps shrinking by
+            DIRECTION_SHRINK until one agrees), and the verdict: ``agrees``; ``wrong`` when every step
+            misses by more than DIRECTION_WRONG while all of them agree with each other (the loss is
+            smooth over the whole range, so the quotients are its derivative); else ``unconfirmed`` (a
+            kink or a sharp feature next to ``w``, where quotients drift with the step)."""
+            a = math.sqrt(sum(float(np.sum(g[s.offset : s.stop] ** 2)) for s in part))
+            quot: list[float] = []
+            for k in range(DIRECTION_STEPS):
+                step = eps / DIRECTION_SHRINK**k
+                vals = []
+                for sign in (1.0, -1.0):
+                    moved = {
+                        s.name: (
+                            self.values[s.name] + (sign * step / a) * g[s.offset : s.stop].reshape(s.shape)
+                        ).astype(np.float32)
+                        for s in part
+                    }
+                    runner.bind_weights(moved)
+                    runner.run()
+                    vals.append(float(loss))
+                quot.append((vals[0] - vals[1]) / (2.0 * step))
+                if abs(quot[-1] - a) <= DIRECTION_AGREE * a:
+                    break
+            runner.bind_weights({s.name: self.values[s.name] for s in part})
+            if abs(quot[-1] - a) <= DIRECTION_AGREE * a:
+                return a, quot, "agrees"
+            mid = float(np.median(quot))
+            stable = all(abs(q - mid) <= DIRECTION_STABLE * max(abs(mid), 1e-30) for q in quot)
+            return a, quot, "wrong" if stable and abs(mid - a) > DIRECTION_WRONG * a else "unconfirmed"
+
+        def show(q: list[float]) -> str:
+            return " / ".join(f"{v:.4g}" for v in q)
+
+        # the whole row, then the tensors of each kind of consuming node alone when there are several
+        # kinds (a kernel that is wrong for one op's weights only is a small part of the whole row)
+        op_of = {i: n.op_type for n in self.fwd.model.graph.node for i in n.input}
+        kinds: dict[str, list[Any]] = {}
+        for s in slots:
+            kinds.setdefault(op_of.get(s.name, "?"), []).append(s)
+        groups = [("all", slots)] + (sorted(kinds.items()) if len(kinds) > 1 else [])
+        wrong: list[Any] = []
+        first: tuple[float, list[float]] = (0.0, [])
+        try:
+            for label, part in groups:
+                if not any(np.any(g[s.offset : s.stop]) for s in part):
+                    continue
+                a, quot, how = check(part)
+                log.debug("directional check of row %d (%s): ‖g‖ %.6g, difference quotients %s: %s",
+                          row0 + r, label, a, show(quot), how)  # fmt: skip
+                if how == "wrong":
+                    wrong, first = part, (a, quot)
+                    break
+            if not wrong:
+                return
+            ranked = sorted(wrong, key=lambda s: -float(np.sum(g[s.offset : s.stop] ** 2)))[:DIRECTION_TENSORS]
+            bad = []
+            for s in ranked:
+                if float(np.sum(g[s.offset : s.stop] ** 2)) <= 0:
+                    continue
+                a_s, q_s, how_s = check([s])
+                log.debug("  %s: ‖g‖ %.6g, difference quotients %s: %s", s.name, a_s, show(q_s), how_s)
+                if how_s == "wrong":
+                    bad.append(f"{s.name} (‖g‖ {a_s:.3g}, differences {q_s[-1]:.3g})")
+        finally:
+            runner.io.clear_binding_outputs()
+        named = "; wrong for " + ", ".join(bad[:5]) if bad else ""
+        raise WrongGradientError(
+            f"onnxruntime-training's per-sample gradient disagrees with finite differences of the model's own "
+            f"loss (sample {row0 + r}: directional derivative {first[0]:.4g}, differences {show(first[1])})"
+            f"{named}; an op of this model has a wrong gradient kernel"
+        )
 
     def _single_rows(
         self,

@@ -1,0 +1,93 @@
+"""The gradient engine checks its own per-sample gradients against finite differences of the model's
+loss (one row of the first block, along the row's direction) before anything uses them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import labelled_data, tiny_cnn, tiny_mlp
+from onnx import helper
+
+import chita_onnx
+import chita_onnx.gradients.engine as engine_mod
+from chita_onnx import CompressConfig
+from chita_onnx.errors import WrongGradientError
+from chita_onnx.gradients import per_sample_gradients
+
+
+def _scaled_gradient(name: str, factor: float):  # type: ignore[no-untyped-def]
+    """A gradient-graph builder whose ``<name>_grad`` output is ``factor`` times the true one: a wrong
+    gradient kernel, built into a real gradient graph run by onnxruntime."""
+    real = engine_mod.build_gradient_model
+
+    def build(model: onnx.ModelProto, xs, loss):  # type: ignore[no-untyped-def]
+        gm = real(model, xs, loss)
+        out = f"{name}_grad"
+        for node in gm.graph.node:
+            for k, o in enumerate(node.output):
+                if o == out:
+                    node.output[k] = f"{out}_true"
+        f = helper.make_tensor(f"{out}_factor", onnx.TensorProto.FLOAT, [], [factor])
+        gm.graph.initializer.append(f)
+        gm.graph.node.append(helper.make_node("Mul", [f"{out}_true", f"{out}_factor"], [out]))
+        return gm
+
+    return build
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn])
+def test_true_gradients_pass_the_directional_check(make, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    model = make(seed=3)
+    data = labelled_data(model, n=8)
+    with caplog.at_level(logging.DEBUG, logger="chita_onnx.gradients.engine"):
+        g = per_sample_gradients(model, data, num_samples=8)
+    assert np.all(np.isfinite(g.X))
+    checks = [r.getMessage() for r in caplog.records if "directional check" in r.getMessage()]
+    assert checks and all(c.endswith("agrees") for c in checks), checks
+    assert "(all)" in checks[0]  # the whole row, then each kind of layer (Gemm, MatMul / Conv, Gemm) alone
+    assert len(checks) == 3
+
+
+@pytest.mark.parametrize(("weight", "factor"), [("W1", 3.0), ("W1", 0.2), ("W2", -1.0)])
+def test_a_wrong_gradient_kernel_is_caught_and_named(
+    weight: str, factor: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor's gradient off by a factor (or of the wrong sign) fails the check along the row's own
+    direction, and the per-tensor checks name it.  (A gradient that is wrongly *zero* is invisible
+    along that direction: the check is for wrong values, as a broken kernel writes.)"""
+    model = tiny_mlp(seed=3)
+    data = labelled_data(model, n=8)
+    monkeypatch.setattr(engine_mod, "build_gradient_model", _scaled_gradient(weight, factor))
+    with pytest.raises(WrongGradientError, match=rf"finite differences.*wrong for {weight} "):
+        per_sample_gradients(model, data, num_samples=8)
+
+
+def test_a_tiny_error_is_not_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1% off in one tensor is within what the check can tell from rounding and curvature: not flagged."""
+    model = tiny_mlp(seed=3)
+    data = labelled_data(model, n=8)
+    monkeypatch.setattr(engine_mod, "build_gradient_model", _scaled_gradient("W2", 1.01))
+    per_sample_gradients(model, data, num_samples=8)
+
+
+def test_a_wrong_gradient_leaves_the_default_on_the_magnitude_allocation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default still prunes (its layer-wise pass needs no gradients) but does not allocate with
+    the wrong ones; an explicit ``--method chita`` refuses with the reason."""
+    model = tiny_mlp(seed=3)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = labelled_data(model, n=64)
+    monkeypatch.setattr(engine_mod, "build_gradient_model", _scaled_gradient("W1", 3.0))
+    with caplog.at_level(logging.WARNING):
+        rep = chita_onnx.compress(path, tmp_path / "p.onnx", data, CompressConfig(sparsity=0.5))
+    assert rep.solver["allocation"] == "magnitude"
+    assert any("finite differences" in r.getMessage() for r in caplog.records)
+    with pytest.raises(WrongGradientError, match="finite differences"):
+        chita_onnx.compress(path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
+    assert not (tmp_path / "c.onnx").exists()
