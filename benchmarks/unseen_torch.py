@@ -50,9 +50,11 @@ def train(model: Any, x: Any, y: Any, epochs: int, lr: float, *, seed: int, bs: 
 
 
 def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: int,
-           inputs: list[str], outputs: list[str], *, out: Path) -> None:  # fmt: skip
+           inputs: list[str], outputs: list[str], *, out: Path,
+           extra: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``model`` to ``out/<name>.onnx`` with a dynamic batch axis ``N`` on every input (and output):
-    the dynamo exporter (weights inside the file) or TorchScript (no constant folding)."""
+    the dynamo exporter (weights inside the file) or TorchScript (no constant folding); ``extra``:
+    more ``torch.onnx.export`` keywords (e.g. ``keep_initializers_as_inputs``)."""
     import torch
 
     path = out / f"{name}.onnx"
@@ -64,4 +66,5 @@ def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: in
     else:
         kw["dynamic_axes"] = {k: {0: "N"} for k in inputs + outputs}
         kw["do_constant_folding"] = False
+    kw.update(extra or {})
     torch.onnx.export(model, args, str(path), dynamo=dynamo, **kw)

@@ -197,8 +197,9 @@ def prepare(
     chains: tuple[WeightChain, ...] = ()
     if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
         model, chains = expose_weights(model)
-    else:  # but a weight computed from constants alone (weight_norm's g·v/‖v‖) is a weight there too
-        model = fold_computed_weights(model)
+    else:  # but a weight computed from constants alone (weight_norm's g·v/‖v‖) is a weight there too,
+        # and a per-channel parameter computed from one (a TorchScript PReLU slope) is sliced as one
+        model = fold_computed_weights(model, params=True)
     tensors = find_prunable(model)
     if not tensors and config.structure == "channel":
         hidden = [t.name for t in find_prunable(expose_weights(model)[0])]

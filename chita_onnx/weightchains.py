@@ -280,10 +280,17 @@ _NO_FOLD = frozenset(
 MAX_FOLD_NODES = 256
 
 
-def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+#: Element-wise ops whose constant operands channel pruning slices as per-channel parameters.
+_PARAM_OPS = frozenset({"PRelu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"})
+
+
+def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` in which every weight slot fed by a value computed from constants alone
     (in the main graph, by default-domain ops) reads an initializer holding that value instead; the
-    nodes and stored tensors that only served it are dropped.
+    nodes and stored tensors that only served it are dropped.  With ``params``, so does every
+    operand of an element-wise op (PRelu, Add, Mul, ...) that is such a value with more than one
+    element: channel pruning slices those as per-channel parameters, which it can only do to a
+    stored tensor (TorchScript writes a ``PReLU(C)`` slope as ``Unsqueeze(weight, [1, 2])``).
 
     torch's dynamo exporter writes an LSTM's ``W``/``R`` as ``Concat``s of ``Slice``s of the PyTorch
     weights (the gate order differs), which its optimizer leaves unfolded: the LSTM's weights were
@@ -311,11 +318,16 @@ def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
             computable.update(o for o in n.output if o)
     outputs = {o.name for o in g.output}
     wanted: list[str] = []
+    operands: set[str] = set()  # wanted as element-wise operands (params), not as layer weights
     for n in g.node:
         slots = {"Conv": [1], "Gemm": [1], "LSTM": [1, 2], "GRU": [1, 2], "RNN": [1, 2]}.get(n.op_type, [])
         if n.op_type == "MatMul" and len(n.input) == 2:
             c = [i for i in (0, 1) if n.input[i] in computable]
             slots = c if len(c) == 1 else []
+        if params and n.op_type in _PARAM_OPS and n.domain in ("", "ai.onnx"):
+            fresh = [i for i, x in enumerate(n.input) if x and x in computable and x not in stored and x not in wanted]
+            operands.update(n.input[i] for i in fresh)
+            slots = slots + fresh
         for i in slots:
             v = n.input[i] if i < len(n.input) else ""
             if v and v in computable and v not in stored and v not in outputs and v not in wanted:
@@ -373,7 +385,8 @@ def fold_computed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     folded = {
         v: np.asarray(x)
         for v, x in zip(wanted, values, strict=True)
-        if np.asarray(x).dtype in (np.float16, np.float32, np.float64) and np.asarray(x).ndim >= 2
+        if np.asarray(x).dtype in (np.float16, np.float32, np.float64)
+        and (np.asarray(x).ndim >= 2 or (v in operands and np.asarray(x).size > 1))
     }
     if not folded:
         return model

@@ -305,6 +305,72 @@ def test_a_weight_computed_from_constants_is_channel_pruned(tmp_path: Path) -> N
     assert y.shape == (48, 4) and np.isfinite(y).all()
 
 
+def _prelu_cnn() -> onnx.ModelProto:
+    """Conv(3→16) → PRelu whose per-channel slope is ``Unsqueeze(slope[16], axes [1, 2])`` (torch's
+    ``PReLU(16)`` as the TorchScript exporter writes it) → Conv(16→8) → Relu → GlobalAveragePool →
+    Flatten → Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(43)
+    w = {
+        "w1": rng.standard_normal((16, 3, 3, 3)) * 0.5,
+        "b1": rng.standard_normal(16) * 0.1,
+        "slope": rng.uniform(0.05, 0.5, 16),
+        "axes": np.array([1, 2], np.int64),
+        "w2": rng.standard_normal((8, 16, 3, 3)) * 0.3,
+        "b2": rng.standard_normal(8) * 0.1,
+        "fc": rng.standard_normal((4, 8)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Unsqueeze", ["slope", "axes"], ["slope3"], name="unsqueeze"),
+        helper.make_node("PRelu", ["c1", "slope3"], ["r1"], name="prelu"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = [numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k) for k, v in w.items()]
+    g = helper.make_graph(
+        nodes,
+        "prelu_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_per_channel_parameter_computed_from_constants_is_sliced(tmp_path: Path) -> None:
+    """The unseen-torch5 audit: a TorchScript-exported PReLU's slope is an ``Unsqueeze`` of the stored
+    vector, not a stored tensor, so the channels of the Conv before it were pinned ("every channel is
+    joined with a tensor no prunable layer produced") while the dynamo export of the same weights
+    (slope stored as [1, C, 1, 1]) lost them.  The slope is now folded and sliced with the channels."""
+    model = _prelu_cnn()
+    src, out, data = tmp_path / "prelu.onnx", tmp_path / "pruned.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    x = _data(model, 48)
+    np.savez(data, x=x["x"])
+    cfg = chita_onnx.CompressConfig(sparsity=0.5, structure="channel", latency_check=False, channel_multiple=4)
+    report = chita_onnx.compress(src, out, data, cfg)
+    c = report.structured
+    assert c is not None and c.written == "pruned" and c.channels_after < c.channels_before
+    assert c.equivalence_max_diff < 1e-4
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)
+    conv1 = next(n for n in pruned.graph.node if n.op_type == "Conv" and n.input[0] == "x")
+    w1 = next(t for t in pruned.graph.initializer if t.name == conv1.input[1])
+    assert w1.dims[0] < 16
+    prelu = next(n for n in pruned.graph.node if n.op_type == "PRelu")
+    slope = next(t for t in pruned.graph.initializer if t.name == prelu.input[1])
+    assert slope.dims[0] == w1.dims[0]
+    y = session(pruned).run(None, x)[0]
+    assert y.shape == (48, 4) and np.isfinite(y).all()
+
+
 def test_a_model_with_no_prunable_channel_group_says_why(tmp_path: Path) -> None:
     """The unseen-torch4 audit: a GroupNorm CNN as torch exports it (Reshape → InstanceNormalization →
     Reshape around every conv output) has no group whose channels can go; the note blamed rounding to

@@ -292,6 +292,38 @@ def test_cnn_with_batchnorm_and_depthwise(method: str) -> None:
     check_fd(gm, Reference(model, weights, "logits"), row_feeds(feeds), ce_loss(labels))
 
 
+def conv1d_grouped(channels: int, length: int, group: int, stride: int, seed: int = 0) -> onnx.ModelProto:
+    """Conv1d → Relu → grouped Conv1d (kernel 3, pads 1, with bias) → Tanh → mean over time → Gemm:
+    a depthwise-separable keyword-spotting block in miniature."""
+    w = Init(seed)
+    c = channels
+    nodes = [
+        node("Conv", ["x", w("C1", c, 3, 3)], ["c1"], pads=[1, 1]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", w("C2", c, c // group, 3), w("B2", c, scale=0.1)], ["c2"], group=group, strides=[stride]),
+        node("Tanh", ["c2"], ["t2"]),
+        node("ReduceMean", ["t2"], ["g"], axes=[2], keepdims=0),
+        node("Gemm", ["g", w("W3", 3, c)], ["logits"], transB=1),
+    ]
+    nodes[2].attribute.append(helper.make_attribute("pads", [1, 1]))
+    return mk(nodes, [vi("x", ["N", 3, length])], [vi("logits", ["N", 3])], w.items, opset=13)
+
+
+@pytest.mark.parametrize(("channels", "length", "group", "stride"), [(8, 8, 4, 2), (16, 8, 16, 2), (4, 28, 4, 1)])
+@pytest.mark.parametrize("method", ["single", "auto"])
+def test_grouped_conv1d_matches_finite_differences(channels: int, length: int, group: int, stride: int,
+                                                    method: str) -> None:  # fmt: skip
+    """onnxruntime-training 1.19.2's grouped 1-D ConvGrad is wrong on these shapes: the first two
+    lost the gradient of C1 upstream (wrong input gradient), the third zeroed W3's downstream
+    (its buffer overwritten); the working copy runs such a Conv as a 2-D one."""
+    model = conv1d_grouped(channels, length, group, stride)
+    feeds, labels = data_for(model, 3, classes=3)
+    assert labels is not None
+    weights = ["C1", "C2", "W3"]
+    gm = run(model, feeds, labels, weights, method=method)
+    check_fd(gm, Reference(model, weights, "logits"), row_feeds(feeds), ce_loss(labels), dirs=3)
+
+
 def test_batchnorm_scale_can_be_differentiated() -> None:
     model = cnn_bn()
     feeds, labels = data_for(model, 2, classes=3)

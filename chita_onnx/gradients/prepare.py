@@ -13,10 +13,10 @@ The user's model is never modified: every function here works on a copy.  The st
    nodes (:mod:`.static`), exact rewrites of the ops without a usable gradient on the path
    (:mod:`.rewrites`: Resize, ConvTranspose, LSTM/GRU/RNN, ReduceMax/Min, Gelu, ...), legalize
    (eval-mode BatchNormalization, Dropout, HardSigmoid, HardSwish, Elu, Sum, LayerNormalization
-   outputs, GlobalMaxPool, InstanceNormalization) and a check that the copy reproduces the model's
-   output on the calibration example; then check that every op between a requested weight and the
-   loss has a gradient (:class:`UnsupportedOpError` otherwise), and turn the updatable weights into
-   graph inputs so that their values can change without rebuilding anything.
+   outputs, GlobalMaxPool, InstanceNormalization, a grouped 1-D Conv as a 2-D one) and a check that
+   the copy reproduces the model's output on the calibration example; then check that every op
+   between a requested weight and the loss has a gradient (:class:`UnsupportedOpError` otherwise),
+   and turn the updatable weights into graph inputs so that their values can change without rebuilding anything.
 4. :func:`attach_loss` — the loss ``ReduceSum(T ⊙ f(h))`` with a float target tensor ``T`` fed at run
    time: ``f = LogSoftmax`` (cross-entropy on logits), ``f = log ∘ clip(·, 1e-30, 1)`` (NLL on
    probabilities) or ``f = id`` (a Gauss-Newton probe, see the engine).  The loss is linear in ``T``,
@@ -819,9 +819,44 @@ class _Rewriter:
         new.attribute.append(helper.make_attribute("pads", begin + end))
         return [new]
 
+    def conv(self, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """Explicit pads (:meth:`explicit_pads`); and a grouped 1-D Conv as a 2-D Conv (kernel
+        ``[1, k]``) of its input and weight with an axis inserted at 2, that axis removed after: exact.
+
+        onnxruntime-training 1.19.2's ConvGrad gives a wrong input gradient for some grouped 1-D
+        convolutions (e.g. 8 channels in 4 or 8 groups, kernel 3, stride 2, pads 1; verified against
+        finite differences), which corrupts the gradient of every weight upstream (a depthwise-
+        separable Conv1d keyword spotter); its 2-D kernels are right on the same shapes.
+        """
+        padded = self.explicit_pads(n)
+        base = padded[0] if padded else n
+        dims = self.dims(base.input[0])
+        wd = self.dims(base.input[1])
+        if attr_int(base, "group", 1) <= 1 or dims is None or len(dims) != 3 or wd is None or len(wd) != 3:
+            return padded
+        if attr_str(base, "auto_pad", "NOTSET") not in ("NOTSET", "") or wd[2] is None:
+            return padded  # padding unknown (no static shapes): left as it is
+        k = attr_ints(base, "kernel_shape") or [int(wd[2])]
+        pads = attr_ints(base, "pads") or [0, 0]
+        axis = self.const(f"{base.output[0]}_conv1d_axis", np.asarray([2], np.int64))
+        x2, w2, y2 = (self.tmp(f"{base.output[0]}_conv1d_{t}") for t in ("x", "w", "y"))
+        attrs: dict[str, Any] = {
+            "kernel_shape": [1, int(k[0])],
+            "strides": [1, *(attr_ints(base, "strides") or [1])],
+            "dilations": [1, *(attr_ints(base, "dilations") or [1])],
+            "pads": [0, int(pads[0]), 0, int(pads[1])],
+            "group": attr_int(base, "group", 1),
+        }
+        return [
+            self.node("Unsqueeze", [base.input[0], axis], [x2]),
+            self.node("Unsqueeze", [base.input[1], axis], [w2]),
+            self.node("Conv", [x2, w2, *base.input[2:]], [y2], **attrs),
+            self.node("Squeeze", [y2, axis], [base.output[0]]),
+        ]
+
     def run(self) -> int:
         rules = {
-            "Conv": self.explicit_pads,
+            "Conv": self.conv,
             "MaxPool": self.explicit_pads,
             "AveragePool": self.explicit_pads,
             "Dropout": self.dropout,
