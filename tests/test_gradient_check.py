@@ -48,8 +48,9 @@ def test_true_gradients_pass_the_directional_check(make, caplog: pytest.LogCaptu
     assert np.all(np.isfinite(g.X))
     checks = [r.getMessage() for r in caplog.records if "directional check" in r.getMessage()]
     assert checks and all(c.endswith("agrees") for c in checks), checks
-    assert "(all)" in checks[0]  # the whole row, then each kind of layer (Gemm, MatMul / Conv, Gemm) alone
-    assert len(checks) == 3
+    # the whole row, then each kind of layer (Gemm, MatMul / Conv, Gemm) alone; along two directions each
+    assert "(all, along the gradient)" in checks[0] and "(all, along the weights)" in checks[1]
+    assert len(checks) == 6
 
 
 @pytest.mark.parametrize(("weight", "factor"), [("W1", 3.0), ("W1", 0.2), ("W2", -1.0)])
@@ -91,3 +92,35 @@ def test_a_wrong_gradient_leaves_the_default_on_the_magnitude_allocation(
     with pytest.raises(WrongGradientError, match="finite differences"):
         chita_onnx.compress(path, tmp_path / "c.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
     assert not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.parametrize(("weight", "factor"), [("W1", 0.0), ("W2", 0.0)])
+def test_a_gradient_that_is_wrongly_zero_is_caught(weight: str, factor: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invisible along the row's own direction; the direction that moves every weight in proportion
+    to its size sees it."""
+    model = tiny_mlp(seed=3)
+    data = labelled_data(model, n=8)
+    monkeypatch.setattr(engine_mod, "build_gradient_model", _scaled_gradient(weight, factor))
+    with pytest.raises(WrongGradientError, match=rf"wrong for {weight} "):
+        per_sample_gradients(model, data, num_samples=8)
+
+
+@pytest.mark.parametrize(("channels", "length", "group", "stride"), [(8, 8, 4, 2), (16, 8, 16, 2), (4, 28, 4, 1)])
+def test_onnxruntime_trainings_grouped_conv1d_gradient_bug_is_caught(
+    channels: int, length: int, group: int, stride: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real kernel bug: onnxruntime-training 1.19.2's grouped 1-D ConvGrad (worked around by running
+    such a Conv as a 2-D one, see test_gradients.py).  With the workaround switched off, the check
+    refuses the gradients."""
+    from test_gradients import conv1d_grouped, data_for
+
+    from chita_onnx.gradients.prepare import _Rewriter
+
+    monkeypatch.setattr(_Rewriter, "conv", _Rewriter.explicit_pads)
+    model = conv1d_grouped(channels, length, group, stride)
+    feeds, labels = data_for(model, 8, classes=3)
+    src = {**feeds, "labels": labels}
+    with pytest.raises(WrongGradientError, match="finite differences"):
+        per_sample_gradients(model, src, method="single", num_samples=8)
+    monkeypatch.undo()
+    per_sample_gradients(model, src, method="single", num_samples=8)  # the workaround: no complaint

@@ -98,17 +98,23 @@ _ROOT_FLOOR = 1e-10
 AUTO_BATCHED_MAX_MACS = 2_000_000
 #: The directional check of the first block's gradients (:meth:`GradientEngine._check_direction`):
 #: central differences of the loss along the row's own direction ``u = g/‖g‖`` with steps
-#: ``ε = DIRECTION_STEP·‖w‖`` (``w``: the weights differentiated), then ε/8, ε/64, ε/512 until one
+#: ``ε = DIRECTION_STEP·‖w‖`` (``w``: the weights differentiated), then ε/8, ε/64, … until one
 #: agrees (BN-folded and CTC models needed the small steps: their loss bends within ε).
 DIRECTION_STEP = 1e-3
 DIRECTION_SHRINK = 8.0
-DIRECTION_STEPS = 4
+DIRECTION_STEPS = 5
 #: A difference quotient within this relative distance of ``‖g‖`` confirms the gradient ...
 DIRECTION_AGREE = 0.1
-#: ... and the gradient is wrong when no step confirms it, all the quotients agree with each other to
-#: DIRECTION_STABLE (the loss is smooth over the three decades of steps, so they are its derivative)
-#: and they miss ``‖g‖`` by more than DIRECTION_WRONG.
+#: ... and the gradient is wrong when no step confirms it, the quotients of DIRECTION_RUN consecutive
+#: steps (a 64-fold range, from the first or second step) agree with each other to DIRECTION_STABLE
+#: (the loss is smooth there, so they are its derivative: the error of a central difference falls
+#: with the square of the step, rounding grows with its inverse, a kink moves it) and they miss by
+#: more than DIRECTION_WRONG.
+DIRECTION_RUN = 3
 DIRECTION_STABLE = 0.05
+#: Steps whose float32 weights keep less than this share of the displacement are not used (each
+#: quotient is compared with the derivative the gradient gives for the displacement actually made).
+DIRECTION_KEPT = 0.5
 DIRECTION_WRONG = 0.5
 #: On a wrong gradient, this many tensors (those with the largest gradient) are checked alone to
 #: name the culprits.
@@ -1209,7 +1215,7 @@ class GradientEngine:
         norms = np.linalg.norm(block[:, cols].astype(np.float64), axis=1)
         r = int(np.argmax(norms))
         g = np.asarray(block[r], np.float64)
-        if not np.isfinite(norms[r]) or norms[r] <= 0:
+        if not np.isfinite(norms[r]):
             return
         m = self.m
         loss = np.zeros((), np.float32)
@@ -1220,36 +1226,74 @@ class GradientEngine:
         w_norm = math.sqrt(sum(float(np.sum(np.square(self.values[s.name], dtype=np.float64))) for s in slots))
         eps = DIRECTION_STEP * max(w_norm, 1e-6)
 
-        def check(part: Sequence[Any]) -> tuple[float, list[float], str]:
-            """``‖g_part‖``, the difference quotients along ``g_part`` (steps shrinking by
+        rng = np.random.default_rng(_PROBE_SEED)
+        signs = {s.name: rng.choice((-1.0, 1.0), size=s.size) for s in slots}
+
+        def check(part: Sequence[Any], along: str) -> tuple[float, list[float], str]:
+            """The directional derivative ``a`` the gradient gives along a unit direction ``u`` over the
+            tensors ``part``, the difference quotients of the loss along ``u`` (steps shrinking by
             DIRECTION_SHRINK until one agrees), and the verdict: ``agrees``; ``wrong`` when every step
             misses by more than DIRECTION_WRONG while all of them agree with each other (the loss is
             smooth over the whole range, so the quotients are its derivative); else ``unconfirmed`` (a
-            kink or a sharp feature next to ``w``, where quotients drift with the step)."""
-            a = math.sqrt(sum(float(np.sum(g[s.offset : s.stop] ** 2)) for s in part))
+            kink or a sharp feature next to ``w``, where quotients drift with the step).
+
+            ``along="gradient"``: ``u = g/‖g‖`` (``a = ‖g‖``; sees wrong values).  ``"weights"``:
+            ``u ∝ ±|w|`` with random signs, every weight moved in proportion to its size (sees a
+            gradient that is wrongly zero too); a quotient within DIRECTION_AGREE of ``√Σ u_j² g_j²``
+            (the size ``a`` has for random signs) of ``a`` agrees, as ``a`` may be near 0 by chance."""
+            if along == "gradient":
+                u = {s.name: g[s.offset : s.stop] for s in part}
+            else:
+                u = {s.name: signs[s.name] * np.abs(self.values[s.name].reshape(-1)) for s in part}
+            norm = math.sqrt(sum(float(np.sum(v**2)) for v in u.values()))
+            if norm <= 0:
+                return 0.0, [], "unconfirmed"
+            u = {k: v / norm for k, v in u.items()}
+            a = sum(float(np.dot(u[s.name], g[s.offset : s.stop])) for s in part)
+            spread = math.sqrt(sum(float(np.sum((u[s.name] * g[s.offset : s.stop]) ** 2)) for s in part))
+            scale = abs(a) if along == "gradient" else max(abs(a), spread)
             quot: list[float] = []
+            want: list[float] = []  # the derivative the gradient gives for the displacement float32 really makes
+            tol: list[float] = []
             for k in range(DIRECTION_STEPS):
                 step = eps / DIRECTION_SHRINK**k
                 vals = []
-                for sign in (1.0, -1.0):
-                    moved = {
-                        s.name: (
-                            self.values[s.name] + (sign * step / a) * g[s.offset : s.stop].reshape(s.shape)
-                        ).astype(np.float32)
+                moved = [
+                    {
+                        s.name: (self.values[s.name] + (sign * step) * u[s.name].reshape(s.shape)).astype(np.float32)
                         for s in part
                     }
-                    runner.bind_weights(moved)
+                    for sign in (1.0, -1.0)
+                ]
+                for m_ in moved:
+                    runner.bind_weights(m_)
                     runner.run()
                     vals.append(float(loss))
+                disp = {
+                    s.name: (moved[0][s.name].astype(np.float64) - moved[1][s.name]).reshape(-1) / (2.0 * step)
+                    for s in part
+                }
+                shrink = math.sqrt(sum(float(np.sum(v**2)) for v in disp.values()))  # 1 unless rounded away
+                if shrink < DIRECTION_KEPT:  # float32 rounds this step away: smaller ones say nothing
+                    break
                 quot.append((vals[0] - vals[1]) / (2.0 * step))
-                if abs(quot[-1] - a) <= DIRECTION_AGREE * a:
+                want.append(sum(float(np.dot(disp[s.name], g[s.offset : s.stop])) for s in part))
+                tol.append(DIRECTION_AGREE * scale * shrink)
+                if abs(quot[-1] - want[-1]) <= tol[-1]:
                     break
             runner.bind_weights({s.name: self.values[s.name] for s in part})
-            if abs(quot[-1] - a) <= DIRECTION_AGREE * a:
+            if quot and abs(quot[-1] - want[-1]) <= tol[-1]:
                 return a, quot, "agrees"
-            mid = float(np.median(quot))
-            stable = all(abs(q - mid) <= DIRECTION_STABLE * max(abs(mid), 1e-30) for q in quot)
-            return a, quot, "wrong" if stable and abs(mid - a) > DIRECTION_WRONG * a else "unconfirmed"
+            # a run of steps from the largest ones over which the quotient holds still (in a smooth region
+            # the large steps settle first; a run that starts further down is rounding or a sharp feature)
+            for k in range(min(2, len(quot) - DIRECTION_RUN + 1)):
+                run = quot[k : k + DIRECTION_RUN]
+                mid = float(np.median(run))
+                still = mid != 0 and all(abs(q - mid) <= DIRECTION_STABLE * abs(mid) for q in run)
+                pairs = zip(run, want[k : k + DIRECTION_RUN], strict=True)
+                if still and all(abs(q - w_) > DIRECTION_WRONG * max(abs(q), abs(w_)) for q, w_ in pairs):
+                    return a, quot, "wrong"
+            return a, quot, "unconfirmed"
 
         def show(q: list[float]) -> str:
             return " / ".join(f"{v:.4g}" for v in q)
@@ -1265,25 +1309,28 @@ class GradientEngine:
         first: tuple[float, list[float]] = (0.0, [])
         try:
             for label, part in groups:
-                if not any(np.any(g[s.offset : s.stop]) for s in part):
-                    continue
-                a, quot, how = check(part)
-                log.debug("directional check of row %d (%s): ‖g‖ %.6g, difference quotients %s: %s",
-                          row0 + r, label, a, show(quot), how)  # fmt: skip
-                if how == "wrong":
-                    wrong, first = part, (a, quot)
+                for along in ("gradient", "weights"):
+                    a, quot, how = check(part, along)
+                    log.debug("directional check of row %d (%s, along the %s): derivative %.6g, difference "
+                              "quotients %s: %s", row0 + r, label, along, a, show(quot), how)  # fmt: skip
+                    if how == "wrong":
+                        wrong, first = part, (a, quot)
+                        break
+                if wrong:
                     break
             if not wrong:
                 return
-            ranked = sorted(wrong, key=lambda s: -float(np.sum(g[s.offset : s.stop] ** 2)))[:DIRECTION_TENSORS]
+            ranked = sorted(wrong, key=lambda s: (-float(np.sum(g[s.offset : s.stop] ** 2)), -s.size))
+            ranked = ranked[:DIRECTION_TENSORS]
             bad = []
             for s in ranked:
-                if float(np.sum(g[s.offset : s.stop] ** 2)) <= 0:
-                    continue
-                a_s, q_s, how_s = check([s])
-                log.debug("  %s: ‖g‖ %.6g, difference quotients %s: %s", s.name, a_s, show(q_s), how_s)
-                if how_s == "wrong":
-                    bad.append(f"{s.name} (‖g‖ {a_s:.3g}, differences {q_s[-1]:.3g})")
+                for along in ("gradient", "weights"):
+                    a_s, q_s, how_s = check([s], along)
+                    log.debug("  %s along the %s: derivative %.6g, difference quotients %s: %s",
+                              s.name, along, a_s, show(q_s), how_s)  # fmt: skip
+                    if how_s == "wrong":
+                        bad.append(f"{s.name} (derivative {a_s:.3g}, differences {q_s[-1]:.3g})")
+                        break
         finally:
             runner.io.clear_binding_outputs()
         named = "; wrong for " + ", ".join(bad[:5]) if bad else ""
