@@ -102,7 +102,10 @@ AUTO_BATCHED_MAX_MACS = 2_000_000
 #: agrees (BN-folded and CTC models needed the small steps: their loss bends within ε).
 DIRECTION_STEP = 1e-3
 DIRECTION_SHRINK = 8.0
-DIRECTION_STEPS = 5
+DIRECTION_STEPS = 8
+#: Along the gradient itself the loss bends the most (its largest curvature is usually there): that
+#: ladder starts this many steps down (ε/64).
+DIRECTION_GRADIENT_START = 2
 #: A difference quotient within this relative distance of ``‖g‖`` confirms the gradient ...
 DIRECTION_AGREE = 0.1
 #: ... and the gradient is wrong when no step confirms it, the quotients of DIRECTION_RUN consecutive
@@ -115,7 +118,10 @@ DIRECTION_STABLE = 0.05
 #: Steps whose float32 weights keep less than this share of the displacement are not used (each
 #: quotient is compared with the derivative the gradient gives for the displacement actually made).
 DIRECTION_KEPT = 0.5
-DIRECTION_WRONG = 0.5
+#: ... and steps whose loss change, seen and predicted, is below this share of the loss (float32
+#: rounding of a sum over the outputs).
+DIRECTION_NOISE = 1e-6
+DIRECTION_WRONG = 0.25
 #: On a wrong gradient, this many tensors (those with the largest gradient) are checked alone to
 #: name the culprits.
 DIRECTION_TENSORS = 24
@@ -1194,15 +1200,19 @@ class GradientEngine:
     ) -> None:
         """Check one row of the first block against the model's own loss, once per engine.
 
-        For the row ``g`` of largest norm among the block's rows ``X[row0 : row0 + rows]`` (its inputs
-        and targets ``T`` as computed), the directional derivative along ``u = g/‖g‖`` is ``‖g‖``;
-        central differences of the loss ``(ℓ(w + εu) − ℓ(w − εu))/2ε`` at two steps (see
-        :data:`DIRECTION_STEP`) must agree with it.  The loss runs are forward-only runs of the
-        gradient graph with the weights moved.  A disagreement that both steps confirm means
-        onnxruntime-training computes a wrong gradient for some op of this model (as its grouped 1-D
-        ConvGrad did): raises :class:`~chita_onnx.errors.WrongGradientError`, naming the tensors whose
-        own directional check fails.  Steps that disagree with each other (a kink or rounding at that
-        scale) leave it unconfirmed either way (debug log)."""
+        For the row ``g`` of largest norm among the first rows of the block ``X[row0 : row0 + rows]``
+        (its inputs and targets ``T`` as computed), the derivative ``g·u`` along a unit direction
+        ``u`` must match central differences of the loss ``(ℓ(w + εu) − ℓ(w − εu))/2ε`` (forward-only
+        runs of the gradient graph with the weights moved).  Directions: ``g/‖g‖`` over all the
+        weights (sees wrong values wherever the gradient is large), then for each kind of consuming
+        node (Conv, Gemm, LSTM, ...) a random-sign direction that moves each of its weights in
+        proportion to its size (sees a kernel that is wrong for one kind of layer, including a
+        gradient that is wrongly zero).  Steps: :data:`DIRECTION_STEP`, shrinking until one agrees.
+        A disagreement that holds still over the large steps means onnxruntime-training computes a
+        wrong gradient for some op of this model (as its grouped 1-D ConvGrad did): raises
+        :class:`~chita_onnx.errors.WrongGradientError`, naming the tensors whose own check fails.
+        Quotients that drift with the step (a kink or a sharp feature next to ``w``, or rounding)
+        leave it unconfirmed (debug log)."""
         runner = self._single
         if self._direction_checked or runner is None or rows < 1:
             return
@@ -1211,74 +1221,70 @@ class GradientEngine:
         if not slots:
             return
         block = X[row0 : row0 + min(rows, CHECK_ROWS)]
-        cols = np.concatenate([np.arange(s.offset, s.stop) for s in slots])
-        norms = np.linalg.norm(block[:, cols].astype(np.float64), axis=1)
-        r = int(np.argmax(norms))
-        g = np.asarray(block[r], np.float64)
-        if not np.isfinite(norms[r]):
+        sq = sum(np.einsum("ij,ij->i", block[:, s.offset : s.stop], block[:, s.offset : s.stop]) for s in slots)
+        r = int(np.argmax(sq))
+        if not np.isfinite(sq[r]):
             return
+        grad = {s.name: block[r, s.offset : s.stop] for s in slots}  # float32 views
         m = self.m
         loss = np.zeros((), np.float32)
         self._bind_block(runner, inputs, r * m, (r + 1) * m)
         runner.bind_input(self._target, T[r * m : (r + 1) * m])
         runner.io.clear_binding_outputs()
         runner.bind_output_array(self._loss_name, loss)
-        w_norm = math.sqrt(sum(float(np.sum(np.square(self.values[s.name], dtype=np.float64))) for s in slots))
+        flat = {s.name: self.values[s.name].reshape(-1) for s in slots}
+        w_norm = math.sqrt(sum(float(np.dot(v, v)) for v in flat.values()))
         eps = DIRECTION_STEP * max(w_norm, 1e-6)
-
         rng = np.random.default_rng(_PROBE_SEED)
-        signs = {s.name: rng.choice((-1.0, 1.0), size=s.size) for s in slots}
 
         def check(part: Sequence[Any], along: str) -> tuple[float, list[float], str]:
-            """The directional derivative ``a`` the gradient gives along a unit direction ``u`` over the
-            tensors ``part``, the difference quotients of the loss along ``u`` (steps shrinking by
-            DIRECTION_SHRINK until one agrees), and the verdict: ``agrees``; ``wrong`` when every step
-            misses by more than DIRECTION_WRONG while all of them agree with each other (the loss is
-            smooth over the whole range, so the quotients are its derivative); else ``unconfirmed`` (a
-            kink or a sharp feature next to ``w``, where quotients drift with the step).
-
-            ``along="gradient"``: ``u = g/‖g‖`` (``a = ‖g‖``; sees wrong values).  ``"weights"``:
-            ``u ∝ ±|w|`` with random signs, every weight moved in proportion to its size (sees a
-            gradient that is wrongly zero too); a quotient within DIRECTION_AGREE of ``√Σ u_j² g_j²``
-            (the size ``a`` has for random signs) of ``a`` agrees, as ``a`` may be near 0 by chance."""
+            """``(a, quotients, verdict)`` for the direction ``along`` ("gradient" or "weights") over
+            the tensors ``part``.  Each quotient is compared with the derivative the gradient gives
+            for the displacement float32 really makes; the "weights" direction's tolerance scales
+            with ``√Σ u_j² g_j²`` (the size ``a`` has for random signs: ``a`` may be near 0 by
+            chance)."""
             if along == "gradient":
-                u = {s.name: g[s.offset : s.stop] for s in part}
+                u = {s.name: grad[s.name].astype(np.float32) for s in part}
             else:
-                u = {s.name: signs[s.name] * np.abs(self.values[s.name].reshape(-1)) for s in part}
-            norm = math.sqrt(sum(float(np.sum(v**2)) for v in u.values()))
-            if norm <= 0:
+                pm = np.asarray([-1.0, 1.0], np.float32)
+                u = {s.name: np.abs(flat[s.name]) * rng.choice(pm, size=s.size) for s in part}
+            norm = math.sqrt(sum(float(np.dot(v, v)) for v in u.values()))
+            if not norm > 0:
                 return 0.0, [], "unconfirmed"
-            u = {k: v / norm for k, v in u.items()}
-            a = sum(float(np.dot(u[s.name], g[s.offset : s.stop])) for s in part)
-            spread = math.sqrt(sum(float(np.sum((u[s.name] * g[s.offset : s.stop]) ** 2)) for s in part))
+            for v in u.values():
+                v /= norm
+            a = sum(float(np.dot(u[s.name], grad[s.name])) for s in part)
+            spread = math.sqrt(sum(float(np.dot(u[s.name] * grad[s.name], u[s.name] * grad[s.name])) for s in part))
             scale = abs(a) if along == "gradient" else max(abs(a), spread)
             quot: list[float] = []
-            want: list[float] = []  # the derivative the gradient gives for the displacement float32 really makes
+            want: list[float] = []
             tol: list[float] = []
-            for k in range(DIRECTION_STEPS):
+            plus = {s.name: np.empty(s.size, np.float32) for s in part}
+            minus = {s.name: np.empty(s.size, np.float32) for s in part}
+            first_k = DIRECTION_GRADIENT_START if along == "gradient" else 0
+            for k in range(first_k, first_k + DIRECTION_STEPS):
                 step = eps / DIRECTION_SHRINK**k
+                for s in part:
+                    np.multiply(u[s.name], np.float32(step), out=minus[s.name])
+                    np.add(flat[s.name], minus[s.name], out=plus[s.name])
+                    np.subtract(flat[s.name], minus[s.name], out=minus[s.name])
                 vals = []
-                moved = [
-                    {
-                        s.name: (self.values[s.name] + (sign * step) * u[s.name].reshape(s.shape)).astype(np.float32)
-                        for s in part
-                    }
-                    for sign in (1.0, -1.0)
-                ]
-                for m_ in moved:
-                    runner.bind_weights(m_)
+                for moved in (plus, minus):
+                    runner.bind_weights({s.name: moved[s.name].reshape(s.shape) for s in part})
                     runner.run()
                     vals.append(float(loss))
-                disp = {
-                    s.name: (moved[0][s.name].astype(np.float64) - moved[1][s.name]).reshape(-1) / (2.0 * step)
-                    for s in part
-                }
-                shrink = math.sqrt(sum(float(np.sum(v**2)) for v in disp.values()))  # 1 unless rounded away
-                if shrink < DIRECTION_KEPT:  # float32 rounds this step away: smaller ones say nothing
-                    break
+                d_g = d_d = 0.0  # the displacement float32 made, against g and against itself
+                for s in part:
+                    np.subtract(plus[s.name], minus[s.name], out=plus[s.name])
+                    d_g += float(np.dot(plus[s.name], grad[s.name]))
+                    d_d += float(np.dot(plus[s.name], plus[s.name]))
+                kept = math.sqrt(d_d) / (2.0 * step)  # 1 unless rounded away
+                floor = DIRECTION_NOISE * max(abs(vals[0]), abs(vals[1]))
+                if kept < DIRECTION_KEPT or max(abs(vals[0] - vals[1]), abs(d_g)) <= floor:
+                    break  # float32 rounds this step away (the weights, or the loss): smaller ones say nothing
                 quot.append((vals[0] - vals[1]) / (2.0 * step))
-                want.append(sum(float(np.dot(disp[s.name], g[s.offset : s.stop])) for s in part))
-                tol.append(DIRECTION_AGREE * scale * shrink)
+                want.append(d_g / (2.0 * step))
+                tol.append(DIRECTION_AGREE * scale * kept)
                 if abs(quot[-1] - want[-1]) <= tol[-1]:
                     break
             runner.bind_weights({s.name: self.values[s.name] for s in part})
@@ -1298,30 +1304,27 @@ class GradientEngine:
         def show(q: list[float]) -> str:
             return " / ".join(f"{v:.4g}" for v in q)
 
-        # the whole row, then the tensors of each kind of consuming node alone when there are several
-        # kinds (a kernel that is wrong for one op's weights only is a small part of the whole row)
         op_of = {i: n.op_type for n in self.fwd.model.graph.node for i in n.input}
         kinds: dict[str, list[Any]] = {}
         for s in slots:
             kinds.setdefault(op_of.get(s.name, "?"), []).append(s)
-        groups = [("all", slots)] + (sorted(kinds.items()) if len(kinds) > 1 else [])
+        checks = [("all", slots, "gradient"), ("all", slots, "weights")]
+        if len(kinds) > 1:
+            checks += [(k, v, "weights") for k, v in sorted(kinds.items())]
         wrong: list[Any] = []
         first: tuple[float, list[float]] = (0.0, [])
         try:
-            for label, part in groups:
-                for along in ("gradient", "weights"):
-                    a, quot, how = check(part, along)
-                    log.debug("directional check of row %d (%s, along the %s): derivative %.6g, difference "
-                              "quotients %s: %s", row0 + r, label, along, a, show(quot), how)  # fmt: skip
-                    if how == "wrong":
-                        wrong, first = part, (a, quot)
-                        break
-                if wrong:
+            for label, part, along in checks:
+                a, quot, how = check(part, along)
+                log.debug("directional check of row %d (%s, along the %s): derivative %.6g, difference "
+                          "quotients %s: %s", row0 + r, label, along, a, show(quot), how)  # fmt: skip
+                if how == "wrong":
+                    wrong, first = part, (a, quot)
                     break
             if not wrong:
                 return
-            ranked = sorted(wrong, key=lambda s: (-float(np.sum(g[s.offset : s.stop] ** 2)), -s.size))
-            ranked = ranked[:DIRECTION_TENSORS]
+            energy = {s.name: float(np.dot(grad[s.name], grad[s.name])) for s in wrong}
+            ranked = sorted(wrong, key=lambda s: (-energy[s.name], -s.size))[:DIRECTION_TENSORS]
             bad = []
             for s in ranked:
                 for along in ("gradient", "weights"):
