@@ -29,7 +29,10 @@ estimate.
 Two code paths produce identical rows: the one-sample path (recipe A′ of docs/ort-gradients.md:
 the gradient graph run once per row, with each ``<w>_grad`` output bound straight to its slice of
 the row) and the batched path (see :mod:`.batched`), which is checked against the one-sample path
-on the first rows of every run and abandoned if it disagrees.
+on the first rows of every run and abandoned if it disagrees.  Both are then checked against the
+model itself, once per engine: one row of the first block against central differences of its loss
+(:meth:`GradientEngine._check_direction`); a confirmed disagreement (onnxruntime-training computing a
+wrong gradient for some op) raises :class:`~chita_onnx.errors.WrongGradientError`.
 """
 
 from __future__ import annotations
