@@ -125,3 +125,23 @@ def test_onnxruntime_trainings_grouped_conv1d_gradient_bug_is_caught(
         per_sample_gradients(model, src, method="single", num_samples=8)
     monkeypatch.undo()
     per_sample_gradients(model, src, method="single", num_samples=8)  # the workaround: no complaint
+
+
+def test_the_cli_refuses_a_gradient_method_on_wrong_gradients_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chita_onnx_cli.main import cli
+    from click.testing import CliRunner
+
+    model = tiny_mlp(seed=3)
+    path, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, path)
+    np.savez(calib, **labelled_data(model, n=64))
+    monkeypatch.setattr(engine_mod, "build_gradient_model", _scaled_gradient("W1", 3.0))
+    out = tmp_path / "p.onnx"
+    args = ["compress", str(path), str(out), "--sparsity", "0.5", "--data", str(calib), "--method", "chita"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and ln.startswith("error:")]
+    assert res.exit_code == 1, res.stderr
+    assert len(lines) == 1 and "finite differences" in lines[0] and "W1" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
