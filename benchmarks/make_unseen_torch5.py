@@ -168,22 +168,12 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         t0 = time.time()
         rng = np.random.default_rng(seed + 5)
 
-        def corrupt(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """Digits with Gaussian noise and random 4x4 blots (input) and their foreground mask."""
-            mask = (x > 0.0).astype(np.float32).reshape(-1, 28, 28)
-            y = x.reshape(-1, 28, 28) + rng.normal(0, 0.7, (len(x), 28, 28))
-            for i in range(len(y)):
-                for _ in range(2):
-                    r, c = rng.integers(0, 24, size=2)
-                    y[i, r : r + 4, c : c + 4] += rng.uniform(1.0, 2.5)
-            return y[:, None].astype(np.float32), mask[:, None]
-
         torch.manual_seed(seed)
         net = ASPP()
         print(f"aspp_seg_ts: {nparams(net)} params", flush=True)
-        xin, mtr = corrupt(xtr)
+        xin, mtr = shared.blotted(xtr, rng)
         train(net, xin, mtr, epochs=2, lr=3e-3, loss_fn=F.binary_cross_entropy_with_logits)
-        splits = {k: corrupt(P[k][0]) for k in ("calib", "select", "test")}
+        splits = {k: shared.blotted(P[k][0], rng) for k in ("calib", "select", "test")}
         xt, mt = splits["test"]
         fg, truth = predict(net, xt) > 0, mt > 0.5
         iou = float((fg & truth).sum() / (fg | truth).sum())

@@ -1,6 +1,6 @@
-"""The training loop and the ONNX export that the torch audit-set builders share
-(``make_unseen_torch3.py``, ``make_unseen_torch4.py``).  Imports torch only when called: run it in a
-torch virtual environment, never the project's."""
+"""The training loop, the ONNX export and the segmentation data that the torch audit-set builders
+share (``make_unseen_torch3.py``, ``make_unseen_torch4.py``, ``make_unseen_torch5.py``).  Imports
+torch only when called: run it in a torch virtual environment, never the project's."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def train(model: Any, x: Any, y: Any, epochs: int, lr: float, *, seed: int, bs: 
             tot += float(loss)
         print(f"  epoch {ep}: loss {tot / (n // bs):.4f}", flush=True)
     model.eval()
+
+
+def blotted(x: Any, rng: Any) -> tuple[Any, Any]:
+    """Segmentation pairs from digits ``x (n, 784)``: the digits with Gaussian noise and two random 4x4
+    blots each (inputs ``(n, 1, 28, 28)``) and their foreground masks (same shape), from ``rng``."""
+    import numpy as np
+
+    mask = (x > 0.0).astype(np.float32).reshape(-1, 28, 28)
+    y = x.reshape(-1, 28, 28) + rng.normal(0, 0.7, (len(x), 28, 28))
+    for i in range(len(y)):
+        for _ in range(2):
+            r, c = rng.integers(0, 24, size=2)
+            y[i, r : r + 4, c : c + 4] += rng.uniform(1.0, 2.5)
+    return y[:, None].astype(np.float32), mask[:, None]
 
 
 def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: int,
