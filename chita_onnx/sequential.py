@@ -231,7 +231,7 @@ def layerwise_prune(
         if isinstance(s, RecurrentSite):
             events.append((s.position, i, 0))
         else:
-            events.extend((c.position, i, j) for j, c in enumerate(s.consumers or (s,)))
+            events.extend((c.position, i, j) for j, c in enumerate(_consumers(s)))
     events.sort()
     ahead = _prefetch_ends(events, sites)
     open_: dict[int, _Open] = {}
