@@ -192,11 +192,14 @@ def _info(res: PassResult) -> dict[str, float | int | str]:
 
 def use_row_weights(config: CompressConfig, head_kind: str | None) -> bool:
     """Whether the layers weigh their output rows by the allocation's Fisher diagonal:
-    ``--row-weights fisher``/``off``, or with ``auto`` when the loss is over a softmax distribution
-    (``head_kind`` ``logits`` or ``probabilities``; the measurements behind it are all on such heads)."""
+    ``--row-weights fisher``/``off``, or with ``auto`` unless the head is a sigmoid (``binary``):
+    on softmax distributions (``logits``, ``probabilities``) and on the Gauss-Newton of the output
+    error (``regression``, which is also what raw logits without labels get), whose Fisher does not
+    vanish on outputs the data leave near zero (BENCHMARKS.md, "Output-row weights" and
+    "Output-row weights on regression heads")."""
     if config.row_weights != "auto":
         return config.row_weights == "fisher"
-    on = head_kind in ("logits", "probabilities")
+    on = head_kind in ("logits", "probabilities", "regression")
     log.info("output-row weights %s (the output is %s)", "on" if on else "off", head_kind or "unknown")
     return on
 

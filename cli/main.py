@@ -430,8 +430,8 @@ def _config_options(fn: F) -> F:
             show_default=True,
             help="--method layerwise with --allocation obd: weigh each output row of a layer by the loss's "
             "sensitivity to it (from the allocation's Fisher diagonal) when choosing which weights to remove "
-            "(fisher), or count every output row alike (off); auto: fisher when the model's output is a "
-            "softmax distribution (classifiers, CTC recognisers), off for sigmoid and regression outputs.",
+            "(fisher), or count every output row alike (off); auto: fisher unless the model's output is a "
+            "sigmoid (softmax, regression, and raw logits without labels get it).",
         ),
         click.option(
             "--structure",

@@ -3,6 +3,7 @@ the bias/BN statistics passes, and --method/--update layerwise through the pipel
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -343,12 +344,28 @@ def test_output_row_weights_reach_the_pass_and_keep_the_exact_budget(tmp_path: P
     assert any(not np.array_equal(outs["fisher"][n] != 0, outs["off"][n] != 0) for n in names)
 
 
-@pytest.mark.parametrize("loss", ["auto", "mse"])
-def test_row_weights_auto_follows_the_head(tmp_path: Path, loss: str) -> None:
-    """--row-weights auto (the default) is fisher on a softmax classifier and off when the loss is not
-    over a softmax distribution (here the same model under --loss mse: a regression head)."""
+def _sigmoid_head(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """The digits CNN with a Sigmoid on its logits (independent per-class outputs: a ``binary`` head)
+    and its calibration images without labels."""
+    m = onnx.load(CNN)
+    m.graph.node.append(helper.make_node("Sigmoid", ["logits"], ["scores"]))
+    m.graph.output[0].name = "scores"
+    path = tmp_path / "sigmoid_cnn.onnx"
+    onnx.save(m, path)
+    with np.load(CALIB) as z:
+        x = {k: z[k] for k in z.files if k != "labels"}
+    return path, x
+
+
+@pytest.mark.parametrize("head", ["logits", "regression", "binary"])
+def test_row_weights_auto_follows_the_head(tmp_path: Path, head: str, caplog: pytest.LogCaptureFixture) -> None:
+    """--row-weights auto (the default) is fisher on a softmax classifier (the digits CNN with its
+    labels) and on a regression head (the same model under --loss mse, whose Gauss-Newton Fisher does
+    not vanish on small outputs), and off on independent sigmoid outputs."""
     from chita_onnx.graph import get_weights, load_model
 
+    model, data = (CNN, CALIB) if head != "binary" else _sigmoid_head(tmp_path)
+    loss = "mse" if head == "regression" else "auto"
     got = {}
     for how in ("auto", "fisher", "off"):
         cfg = CompressConfig(
@@ -356,9 +373,12 @@ def test_row_weights_auto_follows_the_head(tmp_path: Path, loss: str) -> None:
             bias_correction="off", storage="dense",
         )  # fmt: skip
         out = tmp_path / f"{how}.onnx"
-        report = chita_onnx.compress(CNN, out, CALIB, cfg)
+        with caplog.at_level(logging.INFO, logger="chita_onnx.reconstruct"):
+            report = chita_onnx.compress(model, out, data, cfg)
         got[how] = get_weights(load_model(out), [t.name for t in report.tensors])
-    same = "fisher" if loss == "auto" else "off"
+    said = f"output-row weights {'off' if head == 'binary' else 'on'} (the output is {head})"
+    assert any(r.getMessage() == said for r in caplog.records), said
+    same = "off" if head == "binary" else "fisher"
     other = "off" if same == "fisher" else "fisher"
     assert all(np.array_equal(got["auto"][n], got[same][n]) for n in got["auto"])
     assert not all(np.array_equal(got["auto"][n], got[other][n]) for n in got["auto"])
