@@ -70,7 +70,13 @@ def run_one(folder: Path, name: str, info: dict[str, Any], split: str, sparsity:
     calib = load(folder / f"{name}_calib.npz")
     data = load(folder / f"{name}_{split}.npz")
     feeds = {k: data[k] for k in names}
-    rec: dict[str, Any] = {"set": folder.name, "model": name, "split": split, "sparsity": sparsity, "row_weights": variant}
+    rec: dict[str, Any] = {
+        "set": folder.name,
+        "model": name,
+        "split": split,
+        "sparsity": sparsity,
+        "row_weights": variant,
+    }
     dense = outputs(folder / f"{name}.onnx", feeds)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
