@@ -406,3 +406,23 @@ def test_low_agreement_warning_points_to_error_and_cosine_for_non_class_outputs(
     assert low_agreement_warning(None) is None
     bare = low_agreement_warning(dataclasses.replace(base, relative_error=None, cosine=None))
     assert bare is not None and "cosine" not in bare
+
+
+def test_raw_logits_without_labels_say_how_to_read_them_as_logits(tmp_path: Path) -> None:
+    """A 2-D raw output with no softmax and no labels is read as a regression output; the report's
+    loss line says so and names ``--loss ce`` (a classifier's logits look exactly like this).  With
+    labels the same model is read as logits, and a one-column output (no class axis) gets no such hint."""
+    from conftest import tiny_mlp
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(tiny_mlp(seed=5), path)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 12)).astype(np.float32)
+    cfg = CompressConfig(sparsity=0.5)
+    unlabelled = compress(path, tmp_path / "a.onnx", {"x": x}, cfg)
+    assert "Gauss-Newton" in unlabelled.loss and "--loss ce reads it as logits" in unlabelled.loss
+    labelled = compress(path, tmp_path / "b.onnx", {"x": x, "labels": rng.integers(0, 5, 40)}, cfg)
+    assert "cross-entropy" in labelled.loss and "--loss ce" not in labelled.loss
+    onnx.save(tiny_mlp(seed=7, classes=1), tmp_path / "scalar.onnx")
+    scalar = compress(tmp_path / "scalar.onnx", tmp_path / "c.onnx", {"x": x}, cfg)
+    assert "Gauss-Newton" in scalar.loss and "--loss ce" not in scalar.loss

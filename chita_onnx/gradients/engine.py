@@ -858,6 +858,9 @@ class GradientEngine:
                     else "no softmax; labels given: output used as logits"
                 ),
             )
+        if has_class_axis:  # could be a classifier's raw logits: say how to have them read as such
+            why = "not a class distribution: no softmax and no labels; --loss ce reads it as logits"
+            return "regression", guess.tensor, None, why
         return "regression", guess.tensor, None, "not a class distribution"
 
     # -- public API -----------------------------------------------------------------------------
