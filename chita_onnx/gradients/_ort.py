@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
+from onnx import helper
 
 from .. import runtime
 from ..errors import GradientError
@@ -67,17 +68,108 @@ def build_gradient_model(model: onnx.ModelProto, xs: Iterable[str], loss: str) -
 
     xset, finish = plan(model, xs)
     runtime.check_graph(model, "the loss graph handed to onnxruntime-training's gradient builder")
+    shown, hidden = hide_control_flow(model, xset)
     try:
         with captured_fd2() as lines:
-            builder = GradientGraphBuilder(model.SerializeToString(), {loss}, xset, loss, ort.SessionOptions())
+            builder = GradientGraphBuilder(shown.SerializeToString(), {loss}, xset, loss, ort.SessionOptions())
             builder.build()
             data = builder.get_model()
     except Exception as exc:
         log.debug("gradient builder output:\n%s", "\n".join(lines[-20:]))
         raise GradientError(f"onnxruntime-training could not build the gradient graph: {_first_line(exc)}") from None
     log.debug("gradient builder: %d log lines suppressed", len(lines))
-    gm = onnx.load_from_string(data)
+    gm = restore_control_flow(onnx.load_from_string(data), hidden)
     return gm if finish is None else finish(gm)
+
+
+Hidden = tuple[list[onnx.NodeProto], list[str], list[onnx.TensorProto]]
+
+
+def hide_control_flow(model: onnx.ModelProto, xs: Iterable[str]) -> tuple[onnx.ModelProto, Hidden]:
+    """``model`` without its Loop, Scan and If nodes that no tensor of ``xs`` reaches (their outputs
+    become graph inputs), and what :func:`restore_control_flow` needs to put them back: the nodes,
+    the graph outputs added so that the builder keeps computing what they read, and the initializers
+    they read (the builder drops the ones nothing else reads).
+
+    Such a node needs no gradient, but onnxruntime-training 1.19.2's builder aborts the whole process
+    (a failed bounds assertion, no exception) when a Loop body reads a main-graph node's output from
+    the outer scope, as torch's TorchScript export of ``nn.EmbeddingBag`` does.  A node whose outputs
+    have no known type in ``model`` stays (its stand-in graph input needs one).
+    """
+    from .subgraphs import node_inputs, subgraphs
+
+    g = model.graph
+    if not any(subgraphs(n) for n in g.node):
+        return model, ([], [], [])
+    reached = set(xs)
+    for n in g.node:  # topological order
+        if any(i in reached for i in node_inputs(n)):
+            reached.update(o for o in n.output if o)
+    typed = {v.name: v for v in [*g.value_info, *g.output] if v.type.tensor_type.elem_type}
+    hide = [
+        k
+        for k, n in enumerate(g.node)
+        if subgraphs(n) and not any(o in reached for o in n.output) and all(o in typed for o in n.output if o)
+    ]
+    if not hide:
+        return model, ([], [], [])
+    shown = onnx.ModelProto()
+    shown.CopyFrom(model)
+    hidden = [g.node[k] for k in hide]
+    for k in reversed(hide):
+        del shown.graph.node[k]
+    outs = {o for n in hidden for o in n.output if o}
+    shown.graph.input.extend(typed[o] for n in hidden for o in n.output if o)
+    kept_vi = [v for v in shown.graph.value_info if v.name not in outs]
+    del shown.graph.value_info[:]
+    shown.graph.value_info.extend(kept_vi)
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {o.name for o in g.output} | outs
+    added = list(dict.fromkeys(r for n in hidden for r in node_inputs(n) if r not in known))
+    shown.graph.output.extend(typed[r] if r in typed else helper.make_empty_tensor_value_info(r) for r in added)
+    log.debug("gradient builder: %d control-flow node(s) off the differentiated path hidden", len(hidden))
+    reads = {r for n in hidden for r in node_inputs(n)}
+    inits = [t for t in g.initializer if t.name in reads]
+    return shown, (hidden, added, inits)
+
+
+def restore_control_flow(gm: onnx.ModelProto, hide: Hidden) -> onnx.ModelProto:
+    """Put :func:`hide_control_flow`'s nodes back into the built gradient graph ``gm``: their outputs
+    stop being graph inputs, the added graph outputs go, and the nodes are sorted topologically."""
+    hidden, added, inits = hide
+    if not hidden:
+        return gm
+    from .subgraphs import node_inputs
+
+    g = gm.graph
+    have = {t.name for t in g.initializer} | {i.name for i in g.input}
+    g.initializer.extend(t for t in inits if t.name not in have)
+    outs = {o for n in hidden for o in n.output if o}
+    for field, drop in ((g.input, outs), (g.output, set(added))):
+        kept = [v for v in field if v.name not in drop]
+        del field[:]
+        field.extend(kept)
+    nodes = [*hidden, *g.node]
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waits = [{producer[i] for i in node_inputs(n) if i in producer} for n in nodes]
+    users: dict[int, list[int]] = {}
+    for k, w in enumerate(waits):
+        for p in w:
+            users.setdefault(p, []).append(k)
+    count = [len(w) for w in waits]
+    ready = [k for k, c in enumerate(count) if c == 0]
+    order: list[int] = []
+    while ready:
+        k = ready.pop()
+        order.append(k)
+        for u in users.get(k, []):
+            count[u] -= 1
+            if count[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):  # pragma: no cover - a cycle: the builder renamed what a hidden node reads
+        raise GradientError("the gradient graph cannot take back a control-flow node; please report this model")
+    del g.node[:]
+    g.node.extend(nodes[k] for k in order)
+    return gm
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int = 1, *, check: bool = True) -> ort.InferenceSession:
