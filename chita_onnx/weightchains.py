@@ -579,15 +579,23 @@ def unprunable_layer_weights(
 
 
 def embedding_tables(model: onnx.ModelProto, prunable: set[str], *, min_size: int = 1024) -> list[tuple[str, int]]:
-    """``(tensor, size)`` of the stored float tables of ≥ 2 dims and ``min_size`` values that a main-graph
-    ``Gather`` reads as its data (token or position embeddings): no layer reads them, so they stay
-    dense and outside the sparsity budget, which the report says."""
+    """``(tensor, size)`` of the stored float tables of ≥ 2 dims and ``min_size`` values that a
+    ``Gather`` reads as its data (token or position embeddings), in the main graph or, from the outer
+    scope, in a Loop or Scan body (torch's TorchScript export of ``nn.EmbeddingBag`` loops over the
+    bags): no layer reads them, so they stay dense and outside the sparsity budget, which the report
+    says."""
+    from .gradients.subgraphs import defined_names
+
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
     out: dict[str, tuple[str, int]] = {}
-    for n in g.node:
+    gathers: list[onnx.NodeProto] = []
+    for path, sub in walk_graphs(g):
+        local = defined_names(sub) if path else set()  # a body's own names shadow the main graph's
+        gathers += [n for n in sub.node if n.op_type == "Gather" and n.input and n.input[0] not in local]
+    for n in gathers:
         if n.op_type != "Gather" or not n.input or n.input[0] in prunable:
             continue
         t = stored.get(n.input[0])

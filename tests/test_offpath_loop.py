@@ -135,3 +135,13 @@ def test_hidden_loop_comes_back_and_reads_its_outer_node() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # a Loop the differentiated weights reach is never hidden
     assert hide_control_flow(model, ["table"])[1][0] == []
+
+
+def test_a_table_gathered_inside_the_loop_is_named_as_an_embedding_table() -> None:
+    """The EmbeddingBag's table stays dense, outside the budget, and the report must say so as it
+    does for a main-graph embedding (it said nothing: dcn_bag_ts's 812x16 table, 41% of its weights)."""
+    from chita_onnx.weightchains import embedding_tables
+
+    model = bag_model(outer_node=True)
+    assert embedding_tables(model, {"W"}, min_size=16) == [("table", VOCAB * E)]
+    assert embedding_tables(model, {"W", "table"}, min_size=16) == []
