@@ -20,10 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 N, BAG, VOCAB, E, DENSE, CLASSES = 6, 3, 10, 4, 2, 5
 
 
-def bag_model(outer_node: bool) -> onnx.ModelProto:
+def bag_model(outer_node: bool, dense: bool = True) -> onnx.ModelProto:
     """``ids [N, 3]`` int64 and ``dense [N, 2]`` → a ``Loop`` over the batch (the mean of the rows of
     ``table`` that ``ids[i]`` picks: an EmbeddingBag) → Concat with ``dense`` → ``Gemm`` by ``W [5, 6]``.
-    With ``outer_node`` the body reads ``Identity(ids)``, a main-graph node's output; else ``ids``."""
+    With ``outer_node`` the body reads ``Identity(ids)``, a main-graph node's output; else ``ids``.
+    Without ``dense``, no second input: the bags alone feed ``Gemm`` by ``W [5, 4]`` (fastText)."""
     rng = np.random.default_rng(0)
     src = "ids2" if outer_node else "ids"
     body = helper.make_graph(
@@ -51,14 +52,21 @@ def bag_model(outer_node: bool) -> onnx.ModelProto:
         helper.make_node("Concat", ["bags", "dense"], ["x"], axis=1),
         helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1),
     ]
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", BAG]),
+        helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["N", DENSE]),
+    ]
+    width = E + DENSE
+    if not dense:
+        nodes[-2:] = [helper.make_node("Gemm", ["bags", "W", "b"], ["logits"], transB=1)]
+        inputs, width = inputs[:1], E
     g = helper.make_graph(
         nodes,
         "bag",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", BAG]),
-         helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["N", DENSE])],
+        inputs,
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
         [numpy_helper.from_array(rng.normal(size=(VOCAB, E)).astype(np.float32), "table"),
-         numpy_helper.from_array(rng.normal(size=(CLASSES, E + DENSE)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.normal(size=(CLASSES, width)).astype(np.float32), "W"),
          numpy_helper.from_array(rng.normal(size=CLASSES).astype(np.float32), "b"),
          numpy_helper.from_array(np.asarray(0, np.int64), "zero"),
          numpy_helper.from_array(np.asarray(True), "true")],
@@ -145,3 +153,39 @@ def test_a_table_gathered_inside_the_loop_is_named_as_an_embedding_table() -> No
     model = bag_model(outer_node=True)
     assert embedding_tables(model, {"W"}, min_size=16) == [("table", VOCAB * E)]
     assert embedding_tables(model, {"W", "table"}, min_size=16) == []
+
+
+def test_gradients_of_a_fasttext_model_whose_batch_comes_through_the_loop() -> None:
+    """A fastText-style classifier (EmbeddingBag → Gemm, ``fasttext_bag_ts``): the Loop's trip count is
+    the batch size and its output's shape follows from the body, but the static working copy took
+    it for value-dependent, so the loss shape was ``(None, 5)`` and gradients were refused ("cannot
+    infer the static shape of the loss input"); the default fell back to the magnitude allocation."""
+    import chita_onnx
+
+    model = bag_model(outer_node=True, dense=False)
+    d = data()
+    g = chita_onnx.per_sample_gradients(model, {"ids": d["ids"], "labels": d["labels"]}, fisher="empirical")
+    got = np.asarray(g.X)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info("bags", TensorProto.FLOAT, ["N", E]))
+    z, x = ort.InferenceSession(m.SerializeToString()).run(["logits", "bags"], {"ids": d["ids"]})
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.einsum("nc,nj->ncj", p - np.eye(CLASSES)[d["labels"]], x).reshape(N, -1)
+    assert np.allclose(got, want, atol=1e-5) or np.allclose(got, -want, atol=1e-5), np.abs(got - want).max()
+
+
+def test_a_loop_that_a_value_can_stop_keeps_a_value_dependent_shape() -> None:
+    """Only a counted Loop counts: a body whose condition output is computed from values (a while
+    loop) may stop early, so its outputs' shapes stay value-dependent."""
+    from chita_onnx.gradients.static import classify
+
+    model = bag_model(outer_node=True, dense=False)
+    assert classify(model.graph).shape_known["bags"]
+    loop = next(n for n in model.graph.node if n.op_type == "Loop")
+    body = loop.attribute[0].g
+    body.node[-1].CopyFrom(helper.make_node("Greater", ["row_sum", "zero_f"], ["cond_out"]))
+    body.node.insert(len(body.node) - 1, helper.make_node("ReduceSum", ["emb"], ["row_sum"], keepdims=0))
+    body.initializer.append(numpy_helper.from_array(np.asarray(0.0, np.float32), "zero_f"))
+    assert not classify(model.graph).shape_known["bags"]

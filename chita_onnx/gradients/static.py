@@ -242,6 +242,26 @@ class _Status:
     shape_known: dict[str, bool]
 
 
+def _fixed_trips(node: onnx.NodeProto, status: Mapping[str, int]) -> bool:
+    """Whether ``Loop`` ``node`` runs a number of times that input values cannot change: its trip
+    count and initial condition depend on constants and shapes only, and its body passes the condition
+    on unchanged (through ``Identity``/``Cast``) or reads it from such an outer-scope tensor."""
+    ins = list(node.input) + [""] * (2 - len(node.input))
+    if not ins[0] or any(n and status.get(n, VALUE) > SHAPE for n in ins[:2]):
+        return False
+    body = next((a.g for a in node.attribute if a.name == "body"), None)
+    if body is None or len(body.input) < 2 or not body.output:
+        return False
+    produced = {o: n for n in body.node for o in n.output if o}
+    cond = body.output[0].name
+    while cond in produced and produced[cond].op_type in ("Identity", "Cast") and produced[cond].input:
+        cond = produced[cond].input[0]
+    if cond == body.input[1].name:
+        return True
+    local = {i.name for i in body.input} | set(produced) | {t.name for t in body.initializer}
+    return cond not in local and status.get(cond, VALUE) <= SHAPE
+
+
 def classify(graph: onnx.GraphProto, protect: Iterable[str] = ()) -> _Status:
     """Status (CONST/SHAPE/VALUE) and shape determinacy of every tensor of ``graph``.
 
@@ -267,7 +287,11 @@ def classify(graph: onnx.GraphProto, protect: Iterable[str] = ()) -> _Status:
         else:
             st = max(st_in, default=CONST)
         args = _SHAPE_ARGS.get(op, ())
-        if args is None:
+        if op == "Loop" and _fixed_trips(n, status):
+            # a counted loop (torch's nn.EmbeddingBag export loops once per bag): ONNX requires a scan
+            # output to keep its shape across iterations, so its shape follows the body's, not the values
+            kn = all(known.get(i, False) for i in ins)
+        elif args is None:
             kn = all(s <= SHAPE for s in st_in) and all(known.get(i, False) for i in ins)
         else:
             kn = all(known.get(i, False) for i in ins) and all(
