@@ -1160,7 +1160,8 @@ def _compress(
             raise
         # the default recipe must not refuse a model CHITA can prune: fall back, and say so
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        log.warning("the layer-wise pass failed (%s): falling back to chita", why)
+        # warned once chita has pruned: when it fails too, the magnitude allocation below is what ran
+        log.info("the layer-wise pass failed (%s): trying chita", why)
         layer_prep, layer_decide, layer_config = prep, decide, config  # the default's own statistics settings
         config = config.with_(
             method="chita", bn_recalibrate=requested.bn_recalibrate, bias_correction=requested.bias_correction
@@ -1182,6 +1183,8 @@ def _compress(
             chosen = f"method auto: layerwise with --allocation magnitude, because gradients failed ({why})"
             warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
             w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
+        else:
+            log.warning("the layer-wise pass failed (%s): fell back to chita", why)
     with timer.phase("statistics"):
         try:
             corrected, correction = correct_statistics(prep, config, w, decide, config.output)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 N, BAG, VOCAB, E, DENSE, CLASSES = 6, 3, 10, 4, 2, 5
@@ -176,16 +177,42 @@ def test_gradients_of_a_fasttext_model_whose_batch_comes_through_the_loop() -> N
     assert np.allclose(got, want, atol=1e-5) or np.allclose(got, -want, atol=1e-5), np.abs(got - want).max()
 
 
+def while_bag_model() -> onnx.ModelProto:
+    """:func:`bag_model` (fastText form) whose body condition is computed from values: a while loop,
+    whose output shape stays value-dependent, so no gradients can be built."""
+    model = bag_model(outer_node=True, dense=False)
+    body = next(n for n in model.graph.node if n.op_type == "Loop").attribute[0].g
+    body.node[-1].CopyFrom(helper.make_node("Greater", ["row_sum", "floor"], ["cond_out"]))
+    body.node.insert(len(body.node) - 1, helper.make_node("ReduceSum", ["emb"], ["row_sum"], keepdims=0))
+    body.initializer.append(numpy_helper.from_array(np.asarray(-1e9, np.float32), "floor"))
+    return model
+
+
 def test_a_loop_that_a_value_can_stop_keeps_a_value_dependent_shape() -> None:
     """Only a counted Loop counts: a body whose condition output is computed from values (a while
     loop) may stop early, so its outputs' shapes stay value-dependent."""
     from chita_onnx.gradients.static import classify
 
-    model = bag_model(outer_node=True, dense=False)
-    assert classify(model.graph).shape_known["bags"]
-    loop = next(n for n in model.graph.node if n.op_type == "Loop")
-    body = loop.attribute[0].g
-    body.node[-1].CopyFrom(helper.make_node("Greater", ["row_sum", "zero_f"], ["cond_out"]))
-    body.node.insert(len(body.node) - 1, helper.make_node("ReduceSum", ["emb"], ["row_sum"], keepdims=0))
-    body.initializer.append(numpy_helper.from_array(np.asarray(0.0, np.float32), "zero_f"))
-    assert not classify(model.graph).shape_known["bags"]
+    assert classify(bag_model(outer_node=True, dense=False).graph).shape_known["bags"]
+    assert not classify(while_bag_model().graph).shape_known["bags"]
+
+
+def test_no_fallback_to_chita_is_announced_when_the_magnitude_allocation_ran(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gradients that fail past the structural check (the while loop's shape): the default's layer-wise
+    pass and then chita fail, and the magnitude allocation prunes.  The log said "the layer-wise pass
+    failed (...): falling back to chita" before trying chita, which is not what ran."""
+    import chita_onnx
+    from chita_onnx import CompressConfig
+
+    d = data()
+    src = tmp_path / "while.onnx"
+    onnx.save(while_bag_model(), src)
+    with caplog.at_level("WARNING"):
+        rep = chita_onnx.compress(
+            src, tmp_path / "o.onnx", {"ids": d["ids"], "labels": d["labels"]}, CompressConfig(sparsity=0.5)
+        )
+    assert rep.method == "layerwise" and rep.config["allocation"] == "magnitude" and rep.nnz == 10
+    assert any("no gradients for this model" in w for w in rep.warnings)
+    assert not any("chita" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
