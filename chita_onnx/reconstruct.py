@@ -196,7 +196,7 @@ def use_row_weights(config: CompressConfig, head_kind: str | None) -> bool:
     on softmax distributions (``logits``, ``probabilities``) and on the Gauss-Newton of the output
     error (``regression``, which is also what raw logits without labels get), whose Fisher does not
     vanish on outputs the data leave near zero (BENCHMARKS.md, "Output-row weights" and
-    "Output-row weights on regression heads")."""
+    "Stop 27: output-row weights on regression heads")."""
     if config.row_weights != "auto":
         return config.row_weights == "fisher"
     on = head_kind in ("logits", "probabilities", "regression")
