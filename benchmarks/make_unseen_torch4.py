@@ -89,23 +89,12 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
     P = pools(mnist)
     manifest = Manifest(out)
 
-    def want(*names: str) -> bool:
-        return only is None or any(n in only for n in names)
-
     train = partial(shared.train, seed=seed)
     export = partial(shared.export, out=out)
-
-    def nparams(m: nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
-
-    def predict(model: nn.Module, *xs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return np.concatenate(
-                [model(*[torch.from_numpy(a[i : i + 512]) for a in xs]).numpy() for i in range(0, len(xs[0]), 512)]
-            )
-
+    nparams, predict = shared.nparams, shared.predict
     xtr, ytr = P["train"][0][:n_train], P["train"][1][:n_train]
     img = (1, 28, 28)
+    want = shared.Audit(out=out, manifest=manifest, pools=P, xtr=xtr, ytr=ytr, only=only, seed=seed).want
     both = (("ts", False, 17), ("dyn", True, 18))
 
     # ------------------------------------------------------------------ 1. siamese, shared tower

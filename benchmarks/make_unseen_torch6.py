@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,44 +86,10 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
     P = pools(mnist)
     manifest = Manifest(out)
 
-    def want(*names: str) -> bool:
-        return only is None or any(n in only for n in names)
-
-    train = partial(shared.train, seed=seed)
-    export = partial(shared.export, out=out)
-
-    def nparams(m: nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
-
-    def predict(model: nn.Module, *xs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return np.concatenate(
-                [model(*[torch.from_numpy(a[i : i + 512]) for a in xs]).numpy() for i in range(0, len(xs[0]), 512)]
-            )
-
     xtr, ytr = P["train"][0][:n_train], P["train"][1][:n_train]
     img = (1, 28, 28)
-
-    def classifier(names: tuple[tuple[str, bool, int], ...], net: nn.Module, prep: Any, epochs: int, lr: float,
-                   inputs: list[str], family: str, bn: str, t0: float, extra: dict[str, Any] | None = None,
-                   prep_split: Any = None) -> None:  # fmt: skip
-        """Train ``net`` on ``prep(xtr)`` (a tuple of input arrays), export under each name, write the splits."""
-        print(f"{names[0][0]}: {nparams(net)} params", flush=True)
-        train(net, prep(xtr), ytr, epochs=epochs, lr=lr)
-        splits = {k: (prep_split or prep)(P[k][0]) for k in ("calib", "select", "test")}
-        acc = float((predict(net, *splits["test"]).argmax(-1) == P["test"][1]).mean())
-        print(f"  torch test accuracy {acc:.4f}", flush=True)
-        for name, dyn, opset in names:
-            if not want(name):
-                continue
-            args = tuple(torch.from_numpy(a[:2]) for a in splits["test"])
-            export(net, name, args, dyn, opset, inputs, ["logits"], extra=None if dyn else extra)
-            for split, xs in splits.items():
-                np.savez(out / f"{name}_{split}.npz", **dict(zip(inputs, xs, strict=True)), labels=P[split][1])
-            manifest.record(name, dict(
-                family=family, exporter="dynamo" if dyn else "torchscript", opset=opset, bn=bn, task="classifier",
-                **({"inputs": inputs} if len(inputs) > 1 else {}), input=inputs[0], torch_test_accuracy=acc,
-                params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
+    audit = shared.Audit(out=out, manifest=manifest, pools=P, xtr=xtr, ytr=ytr, only=only, seed=seed)
+    want, classifier = audit.want, audit.classifier
 
     rows = lambda x: (x.reshape(-1, 28, 28).copy(),)  # noqa: E731
     images = lambda x: (x.reshape(-1, *img),)  # noqa: E731

@@ -5,6 +5,8 @@ torch only when called: run it in a torch virtual environment, never the project
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,65 @@ def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: in
         kw["do_constant_folding"] = False
     kw.update(extra or {})
     torch.onnx.export(model, args, str(path), dynamo=dynamo, **kw)
+
+
+def nparams(model: Any) -> int:
+    """Number of parameters of a torch module."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def predict(model: Any, *xs: Any, batch: int = 512) -> Any:
+    """``model``'s output on the arrays ``xs`` (the model's inputs, samples on axis 0), in batches."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate(
+            [model(*[torch.from_numpy(a[i : i + batch]) for a in xs]).numpy() for i in range(0, len(xs[0]), batch)]
+        )
+
+
+@dataclass
+class Audit:
+    """What the builders' classifiers share: the pools (``make_unseen.pools``), the training images
+    ``xtr``/labels ``ytr``, the output folder and its manifest, the models asked for (``only``) and
+    the training seed."""
+
+    out: Path
+    manifest: Any
+    pools: dict[str, Any]
+    xtr: Any
+    ytr: Any
+    only: set[str] | None
+    seed: int
+
+    def want(self, *names: str) -> bool:
+        return self.only is None or any(n in self.only for n in names)
+
+    def classifier(self, names: tuple[tuple[str, bool, int], ...], net: Any, prep: Any, epochs: int, lr: float,
+                   inputs: list[str], family: str, bn: str, t0: float, extra: dict[str, Any] | None = None,
+                   prep_split: Any = None) -> None:  # fmt: skip
+        """Train ``net`` on ``prep(xtr)`` (a tuple of input arrays), export it under each
+        ``(name, dynamo, opset)`` of ``names`` (``extra`` export keywords for TorchScript only), and
+        write its calibration, selection and test splits (``prep_split``, default ``prep``, of the
+        pools, with their labels) and its manifest entry."""
+        import numpy as np
+        import torch
+
+        P = self.pools
+        print(f"{names[0][0]}: {nparams(net)} params", flush=True)
+        train(net, prep(self.xtr), self.ytr, epochs=epochs, lr=lr, seed=self.seed)
+        splits = {k: (prep_split or prep)(P[k][0]) for k in ("calib", "select", "test")}
+        acc = float((predict(net, *splits["test"]).argmax(-1) == P["test"][1]).mean())
+        print(f"  torch test accuracy {acc:.4f}", flush=True)
+        for name, dyn, opset in names:
+            if not self.want(name):
+                continue
+            args = tuple(torch.from_numpy(a[:2]) for a in splits["test"])
+            export(net, name, args, dyn, opset, inputs, ["logits"], out=self.out, extra=None if dyn else extra)
+            for split, xs in splits.items():
+                np.savez(self.out / f"{name}_{split}.npz", **dict(zip(inputs, xs, strict=True)), labels=P[split][1])
+            self.manifest.record(name, dict(
+                family=family, exporter="dynamo" if dyn else "torchscript", opset=opset, bn=bn, task="classifier",
+                **({"inputs": inputs} if len(inputs) > 1 else {}), input=inputs[0], torch_test_accuracy=acc,
+                params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
