@@ -34,21 +34,9 @@ import numpy as np
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def outputs(model: Path, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
-    """The first output of ``model`` on ``feeds``, in batches, as float64."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    n = len(next(iter(feeds.values())))
-    parts = [sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
-    return np.concatenate(parts).astype(np.float64)
+from bench_unseen import feeds, load, run_model  # numpy only at import
 
 
 def scores(dense: np.ndarray, pruned: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
@@ -66,10 +54,9 @@ def scores(dense: np.ndarray, pruned: np.ndarray, labels: np.ndarray | None) -> 
 def run_one(folder: Path, name: str, info: dict[str, Any], split: str, sparsity: float, variant: str) -> dict[str, Any]:
     from chita_onnx import CompressConfig, compress
 
-    names = info.get("inputs", [info["input"]])
     calib = load(folder / f"{name}_calib.npz")
     data = load(folder / f"{name}_{split}.npz")
-    feeds = {k: data[k] for k in names}
+    x = feeds(info, data)
     rec: dict[str, Any] = {
         "set": folder.name,
         "model": name,
@@ -77,14 +64,14 @@ def run_one(folder: Path, name: str, info: dict[str, Any], split: str, sparsity:
         "sparsity": sparsity,
         "row_weights": variant,
     }
-    dense = outputs(folder / f"{name}.onnx", feeds)
+    dense = run_model(folder / f"{name}.onnx", x).astype(np.float64)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
         t0 = time.perf_counter()
         cfg = CompressConfig(sparsity=sparsity, row_weights=variant)  # type: ignore[arg-type]
-        compress(folder / f"{name}.onnx", out, {k: calib[k] for k in names}, cfg)  # no labels
+        compress(folder / f"{name}.onnx", out, feeds(info, calib), cfg)  # no labels
         rec["s"] = round(time.perf_counter() - t0, 1)
-        rec.update(scores(dense, outputs(out, feeds), data.get("labels")))
+        rec.update(scores(dense, run_model(out, x).astype(np.float64), data.get("labels")))
     return rec
 
 
