@@ -596,7 +596,7 @@ def embedding_tables(model: onnx.ModelProto, prunable: set[str], *, min_size: in
         local = defined_names(sub) if path else set()  # a body's own names shadow the main graph's
         gathers += [n for n in sub.node if n.op_type == "Gather" and n.input and n.input[0] not in local]
     for n in gathers:
-        if n.op_type != "Gather" or not n.input or n.input[0] in prunable:
+        if n.input[0] in prunable:
             continue
         t = stored.get(n.input[0])
         if t is None or t.data_type not in _CASTABLE | {TensorProto.BFLOAT16} or len(t.dims) < 2:

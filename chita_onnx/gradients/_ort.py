@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 from onnx import helper
 
 from .. import runtime
-from ..errors import GradientError
+from ..errors import GradientError, ModelError
+from ..validate import sort_graph
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ def restore_control_flow(gm: onnx.ModelProto, hide: Hidden) -> onnx.ModelProto:
     hidden, added, inits = hide
     if not hidden:
         return gm
-    from .subgraphs import node_inputs
-
     g = gm.graph
     have = {t.name for t in g.initializer} | {i.name for i in g.input}
     g.initializer.extend(t for t in inits if t.name not in have)
@@ -149,26 +148,14 @@ def restore_control_flow(gm: onnx.ModelProto, hide: Hidden) -> onnx.ModelProto:
         del field[:]
         field.extend(kept)
     nodes = [*hidden, *g.node]
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    waits = [{producer[i] for i in node_inputs(n) if i in producer} for n in nodes]
-    users: dict[int, list[int]] = {}
-    for k, w in enumerate(waits):
-        for p in w:
-            users.setdefault(p, []).append(k)
-    count = [len(w) for w in waits]
-    ready = [k for k, c in enumerate(count) if c == 0]
-    order: list[int] = []
-    while ready:
-        k = ready.pop()
-        order.append(k)
-        for u in users.get(k, []):
-            count[u] -= 1
-            if count[u] == 0:
-                ready.append(u)
-    if len(order) != len(nodes):  # pragma: no cover - a cycle: the builder renamed what a hidden node reads
-        raise GradientError("the gradient graph cannot take back a control-flow node; please report this model")
     del g.node[:]
-    g.node.extend(nodes[k] for k in order)
+    g.node.extend(nodes)
+    try:
+        sort_graph(g, "the gradient graph")
+    except ModelError:  # pragma: no cover - a cycle: the builder renamed what a hidden node reads
+        raise GradientError(
+            "the gradient graph cannot take back a control-flow node; please report this model"
+        ) from None
     return gm
 
 
