@@ -90,6 +90,19 @@ def dw():
     )
 
 
+def audit_entry(out: str, name: str, iname: str, x_sel: np.ndarray, y_sel: np.ndarray, keras_acc: float) -> None:
+    """Make ``digits_<name>`` auditable by ``bench_unseen.py --dir OUT`` / ``bench_unlabelled.py``: its
+    ``_select.npz`` (training samples after the 256 of calibration; the models saw them) and its
+    ``manifest.json`` entry."""
+    from make_unseen import Manifest  # numpy only
+
+    np.savez(os.path.join(out, f"digits_{name}_select.npz"), **{iname: x_sel, "labels": y_sel})
+    Manifest(Path(out)).record(
+        f"digits_{name}",
+        {"exporter": "tf2onnx --tflite", "opset": 13, "task": "classifier", "input": iname, "dense_keras": keras_acc},
+    )
+
+
 def tf2onnx_convert(tfl, onx):
     r = subprocess.run(
         [sys.executable, "-m", "tf2onnx.convert", "--tflite", tfl, "--output", onx, "--opset", "13"],
@@ -159,6 +172,7 @@ def main(OUT):
                 os.path.join(OUT, f"digits_{name}{suf}_test.npz"),
                 **{iname: Xte4 if len(shp) == 4 else Xte, "labels": yte},
             )
+            audit_entry(OUT, name + suf, iname, (Xtr4 if len(shp) == 4 else Xtr)[256:756], ytr[256:756], acc)
 
     Path(OUT, "build_info.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tensorflow as tf
-from make_unseen_tflite import DEFAULT_OUT, SEED, cnn, digits_split, tf2onnx_convert
+from make_unseen_tflite import DEFAULT_OUT, SEED, audit_entry, cnn, digits_split, tf2onnx_convert
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_OUT
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -154,11 +154,12 @@ for name, fn, epochs, x_tr, x_te in [
     itype = om.graph.input[0].type.tensor_type.elem_type
     info[name]["onnx_input"] = [iname, shp, onnx.TensorProto.DataType.Name(itype)]
     print(" onnx input", iname, shp, onnx.TensorProto.DataType.Name(itype), "ops", info[name]["onnx_ops"])
-    cal, te = x_tr[:256], x_te
+    cal, te, sel = x_tr[:256], x_te, x_tr[256:756]
     if itype == onnx.TensorProto.INT8:
         s, z = inp["quantization"]
-        cal, te = (np.clip(np.round(a / s + z), -128, 127).astype(np.int8) for a in (cal, te))
+        cal, te, sel = (np.clip(np.round(a / s + z), -128, 127).astype(np.int8) for a in (cal, te, sel))
     np.savez(os.path.join(OUT, f"digits_{name}_calib.npz"), **{iname: cal, "labels": ytr[:256]})
     np.savez(os.path.join(OUT, f"digits_{name}_test.npz"), **{iname: te, "labels": yte})
+    audit_entry(OUT, name, iname, sel, ytr[256:756], acc)
     Path(OUT, f"build_info_{name}.json").write_text(json.dumps(info[name], indent=1))
 print(json.dumps(info, indent=1))
