@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -147,3 +148,98 @@ def test_a_weight_carried_through_scan_is_named_in_both_scan_forms(opset: int) -
     )  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     assert unprunable_layer_weights(m, set()) == [("W", "MatMul in Scan scan", 64)]
+
+
+def counter_loop_model(value_counter: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """:func:`loop_model` as tf2onnx writes a Keras ``while`` loop: the trip count is a large constant,
+    and the body stops at ``Less(Cast(i), 5) And Less(Cast(t + 1), 3)``, with ``t`` a loop-carried
+    counter that starts at 0 (3 trips).  With ``value_counter`` the counter's step is computed from
+    ``h`` (always 1 here, but a value could change it)."""
+    rng = np.random.default_rng(seed)
+    f, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    step = (
+        [
+            helper.make_node("ReduceSum", ["h_in"], ["h_sum"], keepdims=0),
+            helper.make_node("Greater", ["h_sum", "floor"], ["h_big"]),
+            helper.make_node("Cast", ["h_big"], ["step"], to=i64),
+        ]
+        if value_counter
+        else [helper.make_node("Identity", ["one"], ["step"])]
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w_in"], ["hw"]),
+            helper.make_node("MatMul", ["h_in", "U"], ["hu"]),
+            helper.make_node("Add", ["hw", "hu"], ["s"]),
+            helper.make_node("Tanh", ["s"], ["h_out"]),
+            *step,
+            helper.make_node("Add", ["t_in", "step"], ["t_out"]),
+            helper.make_node("Cast", ["i"], ["i32"], to=i32),
+            helper.make_node("Less", ["i32", "five"], ["c1"]),
+            helper.make_node("Cast", ["t_out"], ["t32"], to=i32),
+            helper.make_node("Less", ["t32", "three"], ["c2"]),
+            helper.make_node("And", ["c1", "c2"], ["cond_out"]),
+            helper.make_node("Identity", ["w_in"], ["w_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", i64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("t_in", i64, []),
+            helper.make_tensor_value_info("h_in", f, ["N", 8]),
+            helper.make_tensor_value_info("w_in", f, [8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("t_out", i64, []),
+            helper.make_tensor_value_info("h_out", f, ["N", 8]),
+            helper.make_tensor_value_info("w_out", f, [8, 8]),
+        ],
+        [
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+            numpy_helper.from_array(np.array(5, dtype=np.int32), "five"),
+            numpy_helper.from_array(np.array(3, dtype=np.int32), "three"),
+            numpy_helper.from_array(np.array(-1e9, dtype=np.float32), "floor"),
+        ],
+    )
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "U"),
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array(2**31 - 1, dtype=np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "cond"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "t0"),
+    ]
+    nodes = [
+        helper.make_node("Loop", ["trips", "cond", "t0", "x", "W"], ["t", "h", "w_last"], body=body, name="rnn_loop"),
+        helper.make_node("MatMul", ["h", "head"], ["y"], name="head_mm"),
+    ]
+    io = [helper.make_tensor_value_info("x", f, ["N", 8])], [helper.make_tensor_value_info("y", f, ["N", 4])]
+    m = helper.make_model(helper.make_graph(nodes, "m", *io, inits), opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_a_loop_stopped_by_a_carried_counter_has_a_static_shape() -> None:
+    """tf2onnx's Keras GRU ``Loop`` (k_gru) stops on a loop-carried time counter; its output's shape
+    was taken for value-dependent, so the default got no gradients ("cannot infer the static shape of
+    the loss input") and fell back to the magnitude allocation.  A counter stepped by a value stays
+    value-dependent."""
+    from chita_onnx.gradients.static import classify
+
+    x = np.ones((2, 8), np.float32)
+    for value_counter in (False, True):  # both run 3 trips on real data
+        m = counter_loop_model(value_counter)
+        assert ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0].shape == (2, 4)
+        assert classify(m.graph).shape_known["h"] is not value_counter
+
+
+def test_default_gets_gradients_through_a_loop_stopped_by_a_counter(tmp_path: Path) -> None:
+    src, out = tmp_path / "loop.onnx", tmp_path / "out.onnx"
+    onnx.save(counter_loop_model(seed=7), src)
+    x = {"x": np.random.default_rng(8).standard_normal((48, 8)).astype(np.float32)}
+    rep = compress(src, out, x, CompressConfig(sparsity=0.5), eval_data={"x": x["x"][:4]})
+    assert rep.method == "layerwise" and rep.nnz == 16
+    assert not any("no gradients for this model" in w for w in rep.warnings), rep.warnings
+    assert any("not prunable" in w for w in rep.warnings)  # the Loop's W and U, still named

@@ -244,22 +244,37 @@ class _Status:
 
 def _fixed_trips(node: onnx.NodeProto, status: Mapping[str, int]) -> bool:
     """Whether ``Loop`` ``node`` runs a number of times that input values cannot change: its trip
-    count and initial condition depend on constants and shapes only, and its body passes the condition
-    on unchanged (through ``Identity``/``Cast``) or reads it from such an outer-scope tensor."""
+    count and initial condition depend on constants and shapes only, and so does the condition its
+    body computes.  The body's condition may read the iteration number, the incoming condition,
+    body constants, shape-only outer-scope tensors, and loop-carried counters: carried values whose
+    initial value is shape-only and whose update depends on such tensors only (tf2onnx's Keras
+    ``while`` loops stop at ``Less(iteration, n) And Less(time + 1, T)``, ``time`` a carried counter)."""
     ins = list(node.input) + [""] * (2 - len(node.input))
     if not ins[0] or any(n and status.get(n, VALUE) > SHAPE for n in ins[:2]):
         return False
     body = next((a.g for a in node.attribute if a.name == "body"), None)
     if body is None or len(body.input) < 2 or not body.output:
         return False
-    produced = {o: n for n in body.node for o in n.output if o}
-    cond = body.output[0].name
-    while cond in produced and produced[cond].op_type in ("Identity", "Cast") and produced[cond].input:
-        cond = produced[cond].input[0]
-    if cond == body.input[1].name:
-        return True
-    local = {i.name for i in body.input} | set(produced) | {t.name for t in body.initializer}
-    return cond not in local and status.get(cond, VALUE) <= SHAPE
+    local = {i.name for i in body.input} | {o for n in body.node for o in n.output if o}
+    local |= {t.name for t in body.initializer}
+    carried = range(min(len(body.input) - 2, len(body.output) - 1, len(node.input) - 2))
+
+    def outer(name: str) -> bool:  # an outer-scope tensor that input values cannot change
+        return name not in local and status.get(name, VALUE) <= SHAPE
+
+    # the greatest fixed point: assume every carried value with a shape-only start is a counter, and
+    # drop those whose update reads anything else until none is dropped
+    slots = {j for j in carried if node.input[2 + j] and status.get(node.input[2 + j], VALUE) <= SHAPE}
+    while True:
+        counted = {body.input[0].name, body.input[1].name} | {t.name for t in body.initializer}
+        counted |= {body.input[2 + j].name for j in slots}
+        for n in body.node:
+            if n.op_type not in _RANDOM and all(i in counted or outer(i) for i in node_inputs(n)):
+                counted.update(o for o in n.output if o)
+        kept = {j for j in slots if body.output[1 + j].name in counted or outer(body.output[1 + j].name)}
+        if kept == slots:
+            return body.output[0].name in counted or outer(body.output[0].name)
+        slots = kept
 
 
 def classify(graph: onnx.GraphProto, protect: Iterable[str] = ()) -> _Status:
