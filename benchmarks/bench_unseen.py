@@ -73,10 +73,11 @@ def run_model(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
 
 def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str, np.ndarray]) -> dict[str, float]:
     if info["task"] == "segment":  # foreground IoU against the true mask; pixel agreement with dense
-        fg, truth = y > 0, test["mask"] > 0.5
+        cut = info.get("threshold", 0.0)  # logits: 0; a probability map (a Sigmoid output): 0.5
+        fg, truth = y > cut, test["mask"] > 0.5
         return {
             "metric": float((fg & truth).sum() / (fg | truth).sum()),
-            "agreement": float((fg == (dense > 0)).mean()),
+            "agreement": float((fg == (dense > cut)).mean()),
         }
     if info["task"] == "regress":  # R² against the clean target; "agreement": R² against dense
         t = test["target"].reshape(y.shape).astype(np.float64)
