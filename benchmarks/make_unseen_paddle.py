@@ -126,7 +126,7 @@ def export(model: Any, path: Path, shape: list[int | None], opset: int | None, n
     if not path.exists():
         raise RuntimeError(f"{path}: paddle.onnx.export wrote no file (opset {opset})")
     m = onnx.load(str(path))
-    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    return int(next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")))
 
 
 def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int) -> dict[str, Any]:
@@ -440,7 +440,8 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
             fixed = shape[-1] is not None
             got = export(net, out / f"{name}.onnx", shape, opset)
             for split, (x, m) in splits.items():
-                np.savez(out / f"{name}_{split}.npz", **({"input": x} if split == "calib" else {"input": x, "mask": m}))
+                arrays = {"input": x} if split == "calib" else {"input": x, "mask": m}
+                np.savez(out / f"{name}_{split}.npz", **arrays)  # type: ignore[arg-type]
             manifest.record(name, dict(
                 family="DB-style segmenter: Conv-BN-ReLU encoder (two stride 2), Conv2DTranspose-BN-ReLU upsampling "
                 "with skip Adds, 1x1 conv, sigmoid probability map at inference"
