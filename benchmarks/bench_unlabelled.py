@@ -15,6 +15,9 @@ each pruned model on ``--split`` (``select`` to choose, ``test`` to report) agai
 * ``agree``: top-1 agreement with dense for 2-D outputs (argmax over axis 1 of 4-D outputs);
 * ``acc``: top-1 accuracy when the split has labels of the output's batch size.
 
+A first output of class *values* (skl2onnx's ``output_label``) has no ``rel``: it is scored as
+``bench_unseen.py`` scores it (``agree``: unchanged labels; ``acc`` through the manifest's ``classes``).
+
 Every model of every ``manifest.json`` of ``--dirs`` is run unless ``--models`` names some.
 """
 
@@ -36,10 +39,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_unseen import feeds, load, run_model  # numpy only at import
+from bench_unseen import feeds, load, run_model, score  # numpy only at import
 
 
 def scores(dense: np.ndarray, pruned: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    dense, pruned = dense.astype(np.float64), pruned.astype(np.float64)
     a, b = dense.reshape(len(dense), -1), pruned.reshape(len(pruned), -1)
     out = {"rel": float(np.linalg.norm(a - b) / np.linalg.norm(a))}
     if dense.ndim == 2 and dense.shape[1] >= 2:
@@ -64,14 +68,20 @@ def run_one(folder: Path, name: str, info: dict[str, Any], split: str, sparsity:
         "sparsity": sparsity,
         "row_weights": variant,
     }
-    dense = run_model(folder / f"{name}.onnx", x).astype(np.float64)
+    dense = run_model(folder / f"{name}.onnx", x)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
         t0 = time.perf_counter()
         cfg = CompressConfig(sparsity=sparsity, row_weights=variant)  # type: ignore[arg-type]
-        compress(folder / f"{name}.onnx", out, feeds(info, calib), cfg)  # no labels
+        rep = compress(folder / f"{name}.onnx", out, feeds(info, calib), cfg)  # no labels
         rec["s"] = round(time.perf_counter() - t0, 1)
-        rec.update(scores(dense, run_model(out, x).astype(np.float64), data.get("labels")))
+        rec.update(method=rep.method, warnings=list(rep.warnings))
+        pruned = run_model(out, x)
+        if dense.ndim == 1 and "classes" in info:  # a label output (skl2onnx): class values
+            got = score(info, pruned, dense, data)
+            rec.update(agree=got["agreement"], acc=got["metric"])
+        else:
+            rec.update(scores(dense, pruned, data.get("labels")))
     return rec
 
 

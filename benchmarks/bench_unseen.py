@@ -189,6 +189,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                     unpruned=[n for n, (c, size) in counted.items() if c == size],
                     emptied=[n for n, (c, _) in counted.items() if c == 0],
                     timings=rep.timings,
+                    warnings=list(rep.warnings),
                 )
             rec["wall_s"] = time.perf_counter() - t0
             y = run_model(out, feeds(info, test))
@@ -414,6 +415,8 @@ def main() -> None:
                         f"file {rec.get('nnz_file')} unpruned {rec.get('unpruned')}"
                     )
                 print(f"   {method} @ {s}: {rec['status']} {shown} ({rec.get('wall_s', 0):.1f} s)", flush=True)
+                for w in rec.get("warnings", []):
+                    print(f"      warning: {w}", flush=True)
             cli = {"exit": "not run"} if args.no_cli else cli_check(name, info, tmp)
             print(f"   CLI: {cli}", flush=True)
             p = next((r["p"] for r in runs if r.get("p")), None)
