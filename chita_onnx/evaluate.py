@@ -23,6 +23,7 @@ from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, ModelError
 from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
 from .progress import progress
+from .standardize import open_squeezes
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
     """An onnxruntime CPU session; load failures become a one-line :class:`ModelError`.
 
     A model newer than onnxruntime reads is converted down first, and the converted graph is
-    checked like every graph chita-onnx makes (:func:`chita_onnx.runtime.check_graph`)."""
+    checked like every graph chita-onnx makes (:func:`chita_onnx.runtime.check_graph`); one with a
+    ``Squeeze`` onnxruntime 1.19 cannot infer is evaluated as :func:`~chita_onnx.graph.load_model`
+    loads it (:func:`~chita_onnx.standardize.reshape_open_squeezes`)."""
     where = "model" if isinstance(model, bytes) else str(model)
     converted: onnx.ModelProto | None = None
     if not isinstance(model, bytes):
@@ -45,6 +48,9 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
                 ort.__version__,
             )
             converted = for_runtime(load_model(model))
+        elif open_squeezes(head):  # onnxruntime 1.19 refuses them: evaluate the form load_model gives
+            log.info("%s: Squeeze without axes before opset 13; evaluating the copy load_model writes", model)
+            converted = load_model(model)
     else:
         proto = onnx.load_model_from_string(model)
         if proto.ir_version > RUNTIME_MAX_IR or opset_version(proto) > RUNTIME_MAX_OPSET:
@@ -135,9 +141,16 @@ def _run_all(
                 raise
             for name, y in zip(names, ys, strict=True):
                 arr = np.asarray(y)
-                if name not in axes:
-                    axes[name] = output_batch_axis(declared[name], batch_names, arr.shape, fed) if arr.ndim else 0
-                arr = np.moveaxis(arr, axes[name], 0)[:real] if arr.ndim else arr.reshape(1)
+                if not arr.ndim:
+                    arr = arr.reshape(1)
+                elif fed == 1 and 1 not in arr.shape:
+                    # one sample and no axis of size 1: the graph squeezed its batch away (AECMOS's
+                    # [4] scores, declared [batch_size]); the whole array is that sample's
+                    arr = arr[None]
+                else:
+                    if name not in axes:
+                        axes[name] = output_batch_axis(declared[name], batch_names, arr.shape, fed)
+                    arr = np.moveaxis(arr, axes[name], 0)[:real]
                 outs[name].append(arr)
         if batch.labels is None:
             have_labels = False

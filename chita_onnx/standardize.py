@@ -25,6 +25,12 @@ rest of chita-onnx reads.  Each keeps the model's outputs identical for every in
   zoo's Tiny YOLOv2 and FER+ open with it) stops onnx's version converter, so no gradients could be
   built.  The pass writes it as ``Mul`` and ``Add``.
 
+* :func:`reshape_open_squeezes`: before opset 13, a ``Squeeze`` without ``axes`` on a tensor with a
+  dim of unknown size (torch 1.x's ``x.squeeze()`` after a dynamic batch; AECMOS's head) gets a
+  rank-0 shape from onnxruntime 1.19's shape inference, which then refuses the whole model ("rank
+  must be greater than axis" at the next ``Concat``).  The pass writes it as ``Reshape`` to the
+  input's shape with its 1s removed (``Shape``, ``Equal``, ``Not``, ``Compress``).
+
 * :func:`split_attention_projections`: onnxruntime's transformer optimizer folds a BERT layer's
   Q/K/V projections into one ``com.microsoft.Attention``, whose weight no layer reads.  The pass
   computes the projection as a ``MatMul`` in front of the node (which then reads an identity); the
@@ -550,6 +556,74 @@ def replace_image_scaler(model: onnx.ModelProto, *, in_place: bool = False) -> o
     return out
 
 
+#: The first ai.onnx opset whose ``Squeeze`` onnxruntime 1.19 infers right without ``axes``.
+SQUEEZE_INFERRED_FROM = 13
+
+
+def open_squeezes(model: onnx.ModelProto) -> bool:
+    """Whether the model (before opset 13) has a ``Squeeze`` without ``axes`` (cheap: no inference)."""
+    return opset_version(model) < SQUEEZE_INFERRED_FROM and any(
+        n.op_type == "Squeeze" and n.domain in ("", "ai.onnx") and not any(a.name == "axes" for a in n.attribute)
+        for g in _graphs(model.graph)
+        for n in g.node
+    )
+
+
+def reshape_open_squeezes(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """``model`` with every ``Squeeze`` without ``axes`` whose input is not of a fully known shape
+    written as ``Reshape(x, Compress(Shape(x), Not(Equal(Shape(x), 1))))`` (models of opsets below 13).
+
+    The same values for every input (all the 1s removed, at run time); only an input that has a
+    zero-size dim after a kept one can differ (``Reshape`` before opset 14 reads a 0 as "copy").
+    onnxruntime 1.19's shape inference gives such a ``Squeeze`` a rank-0 output and then refuses
+    the model at the next op that checks ranks; newer ones load it, and load the rewrite too.
+    Returns ``model`` itself when there is none."""
+    if not open_squeezes(model):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # an inconsistent graph: treat every shape as unknown
+        inferred = model
+    known: set[str] = set()
+    for g in _graphs(inferred.graph):
+        for v in (*g.input, *g.output, *g.value_info):
+            t = v.type.tensor_type
+            if (
+                v.type.HasField("tensor_type")
+                and t.HasField("shape")
+                and all(d.HasField("dim_value") for d in t.shape.dim)
+            ):
+                known.add(v.name)
+        known.update(t.name for t in g.initializer)
+
+    def rewrite(
+        n: onnx.NodeProto, stored: dict[str, onnx.TensorProto], fresh: Callable[[str], str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+        if (
+            n.op_type != "Squeeze"
+            or n.domain not in ("", "ai.onnx")
+            or any(a.name == "axes" for a in n.attribute)
+            or not n.input
+            or n.input[0] in known
+        ):
+            return None
+        x, y = n.input[0], n.output[0]
+        shape, one, ones, keep, kept = (fresh(f"{y}_{k}") for k in ("shape", "one", "is_one", "keep", "squeezed_shape"))
+        nodes = [
+            helper.make_node("Shape", [x], [shape], name=fresh(f"{y}_Shape")),
+            helper.make_node("Equal", [shape, one], [ones], name=fresh(f"{y}_Equal")),
+            helper.make_node("Not", [ones], [keep], name=fresh(f"{y}_Not")),
+            helper.make_node("Compress", [shape, keep], [kept], axis=0, name=fresh(f"{y}_Compress")),
+            helper.make_node("Reshape", [x, kept], [y], name=n.name or fresh(f"{y}_Reshape")),
+        ]
+        return nodes, [numpy_helper.from_array(np.array(1, np.int64), one)]
+
+    out, count = _rewrite_nodes(model, rewrite, in_place)
+    if count:
+        log.info("wrote %d Squeeze node(s) without axes as Reshape (onnxruntime 1.19 cannot infer their rank)", count)
+    return out
+
+
 def decompose_early_layer_norms(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``model`` with every ``LayerNormalization`` of a model whose ``ai.onnx`` opset is below 17
     written as ``ReduceMean``/``Sub``/``Mul``/``Add``/``Sqrt``/``Div`` (the op joined ONNX at 17).
@@ -651,9 +725,11 @@ def _inferred(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
 def standardize(
     model: onnx.ModelProto, where: str = "model", *, in_place: bool = False, record: DetachedInputs | None = None
 ) -> onnx.ModelProto:
-    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, :func:`replace_image_scaler`, then
-    :func:`detach_initializer_inputs` (``in_place``: change ``model`` rather than copy its weights;
-    inlining still makes a new model; ``record``: see :func:`detach_initializer_inputs`)."""
+    """:func:`inline_functions`, :func:`unfuse_contrib_layers`, :func:`split_attention_projections`,
+    :func:`replace_image_scaler`, :func:`reshape_open_squeezes`, then :func:`detach_initializer_inputs`
+    (``in_place``: change ``model`` rather than copy its weights; inlining still makes a new model;
+    ``record``: see :func:`detach_initializer_inputs`)."""
     m = unfuse_contrib_layers(inline_functions(model, where), in_place=in_place)
     m = split_attention_projections(m, in_place=in_place, record=record)
-    return detach_initializer_inputs(replace_image_scaler(m, in_place=in_place), in_place=in_place, record=record)
+    m = reshape_open_squeezes(replace_image_scaler(m, in_place=in_place), in_place=in_place)
+    return detach_initializer_inputs(m, in_place=in_place, record=record)

@@ -586,3 +586,94 @@ def test_layer_norm_below_opset_17_is_written_as_primitive_ops(tmp_path: Path, a
     rep = compress(src, dst, {"x": xs}, CompressConfig(sparsity=0.5), eval_data={"x": xs[:8]})
     assert rep.config["allocation"] == "obd" and rep.nnz == round(0.5 * (48 + 96))
     onnx.checker.check_model(onnx.load(dst))
+
+
+def squeeze_head_model(seed: int = 0, *, state: bool = False) -> onnx.ModelProto:
+    """Opset 9, as torch 1.9 exported AECMOS's head: ``x [N, 1, 6]`` → MatMul ``[6, 8]`` → Sigmoid →
+    MatMul ``[8, 4]`` → ``Squeeze`` without axes → Slice 0:2 (× 4 + 1) and Slice 2:4 → Concat on
+    axis 0 → ``y [N]`` (the exporter's declared shape; really ``[4]`` per sample).  ``state``: the
+    MatMuls become a GRU (hidden 8) over ``x`` as one step of batch N, from a static ``h0 [1, 1, 8]``
+    that pins the batch to one sample at run time, as AECMOS's GRU state does."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", F, ["N", 1, 6])]
+    if state:
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((1, 24, 6)) / 2).astype(np.float32), "gru_w"),
+            numpy_helper.from_array((rng.standard_normal((1, 24, 8)) / 3).astype(np.float32), "gru_r"),
+        ]
+        inputs.append(helper.make_tensor_value_info("h0", F, [1, 1, 8]))
+        nodes = [
+            helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+            helper.make_node("GRU", ["xt", "gru_w", "gru_r", "", "", "h0"], ["", "hn"], hidden_size=8),
+            helper.make_node("Transpose", ["hn"], ["a"], perm=[1, 0, 2]),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w1"))
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Sigmoid", ["h"], ["a"])]
+    nodes += [
+        helper.make_node("MatMul", ["a", "w2"], ["z"]),
+        helper.make_node("Squeeze", ["z"], ["s"], name="Squeeze_41"),
+        helper.make_node("Slice", ["s"], ["m"], axes=[0], starts=[0], ends=[2]),
+        helper.make_node("Mul", ["m", "four"], ["m4"]),
+        helper.make_node("Add", ["m4", "one"], ["mos"]),
+        helper.make_node("Slice", ["s"], ["rest"], axes=[0], starts=[2], ends=[4]),
+        helper.make_node("Concat", ["mos", "rest"], ["y"], axis=0),
+    ]
+    out = [helper.make_tensor_value_info("y", F, ["N"])]
+    m = helper.make_model(
+        helper.make_graph(nodes, "aec_head", inputs, out, inits), opset_imports=[helper.make_opsetid("", 9)]
+    )
+    m.ir_version = 4
+    return m
+
+
+def test_squeeze_without_axes_is_written_as_reshape(tmp_path: Path) -> None:
+    """onnxruntime 1.19 refused the model outright ("rank must be greater than axis" at the Concat:
+    its shape inference gives an open Squeeze a rank-0 output), so compress could not even measure
+    it; load_model now writes the Squeeze as a Reshape to the same values, and every command runs."""
+    from chita_onnx.evaluate import make_session
+
+    m = squeeze_head_model()
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((24, 1, 6)).astype(np.float32)
+    w1 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w1"))
+    w2 = numpy_helper.to_array(m.graph.initializer[0])
+    sess = make_session(src)  # before: ModelError, onnxruntime 1.19.2 cannot load it
+    assert "Squeeze" not in [n.op_type for n in load_model(src).graph.node]
+    for x in xs[:4]:
+        s = np.squeeze((1 / (1 + np.exp(-(x[None] @ w1)))) @ w2)
+        np.testing.assert_allclose(sess.run(None, {"x": x[None]})[0], np.concatenate([s[:2] * 4 + 1, s[2:]]), rtol=1e-5)
+    rep = compress(src, dst, {"x": xs}, CompressConfig(sparsity=0.5))
+    assert rep.nnz < 0.6 * (48 + 32)
+    out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": xs[:1]})[0]
+    assert out.shape == (4,)
+
+
+def test_one_sample_output_without_a_batch_axis_is_kept_whole(tmp_path: Path) -> None:
+    """A model that runs one sample at a time (its static GRU state has batch 1) and squeezes the batch
+    away returns ``[4]`` per sample, declared ``[N]``: the evaluation kept only the first of the four
+    values (axis 0 taken as the batch), so compress's before/after check compared echo MOS alone."""
+    from chita_onnx.data import ArraySource, static_names
+    from chita_onnx.evaluate import make_session, run_outputs
+    from chita_onnx.graph import model_inputs
+
+    m = squeeze_head_model(3, state=True)
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    rng = np.random.default_rng(4)
+    xs = rng.standard_normal((5, 1, 6)).astype(np.float32)
+    h0 = rng.standard_normal((1, 1, 8)).astype(np.float32)
+    specs = model_inputs(load_model(src))
+    source = ArraySource({"x": xs, "h0": h0}, batch_size=4, static=static_names(specs))
+    sess = make_session(src)
+    outs, _ = run_outputs(sess, source, specs, ["y"])
+    want = np.stack([sess.run(None, {"x": x[None], "h0": h0})[0] for x in xs])
+    assert want.shape == (5, 4) and outs["y"].shape == (5, 4)
+    np.testing.assert_allclose(outs["y"], want, rtol=1e-6)
