@@ -618,6 +618,145 @@ def metric_plcmos(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dic
     }
 
 
+# ------------------------------------------------------------------------------------- AECMOS
+
+AEC_SECONDS = 4.0  # aecmos.py scores up to 20 s; every clip here has one length so the frames agree
+AEC_TALK = ("st", "dt")  # far-end single talk (echo only) and double talk (echo over near-end speech)
+
+
+def _librosa_shim() -> Any:
+    """The two librosa 0.10 functions aecmos.py calls, in numpy, as a module (librosa pulls numba,
+    which the zoo does not install): ``feature.melspectrogram`` (centred zero-padded Hann STFT,
+    power 2, Slaney mel filters without HTK, fmin 0, fmax sr/2) and ``power_to_db`` (amin 1e-10,
+    top_db 80)."""
+    from types import SimpleNamespace
+
+    def hz_to_mel(f: NDArray[np.float64] | float) -> NDArray[np.float64]:
+        f = np.asarray(f, np.float64)
+        lin = f / (200.0 / 3)
+        return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), lin)
+
+    def mel_to_hz(m: NDArray[np.float64]) -> NDArray[np.float64]:
+        lin = (200.0 / 3) * m
+        return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), lin)
+
+    def mel_filters(sr: int, n_fft: int, n_mels: int) -> NDArray[np.float32]:
+        fft_f = np.fft.rfftfreq(n_fft, 1.0 / sr)
+        mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2.0), n_mels + 2))
+        fdiff, ramps = np.diff(mel_f), np.subtract.outer(mel_f, fft_f)
+        w = np.maximum(0, np.minimum(-ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]))
+        out: NDArray[np.float32] = (w * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]).astype(np.float32)
+        return out
+
+    def melspectrogram(*, y: NDArray[Any], sr: int, n_fft: int, hop_length: int, n_mels: int) -> NDArray[Any]:
+        win = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann
+        pad = np.pad(np.asarray(y, np.float32), n_fft // 2)
+        frames = np.lib.stride_tricks.sliding_window_view(pad, n_fft)[::hop_length]
+        spec = np.abs(np.fft.rfft(frames * win, axis=1).astype(np.complex64)) ** 2
+        mel: NDArray[Any] = mel_filters(sr, n_fft, n_mels) @ spec.T
+        return mel
+
+    def power_to_db(s: NDArray[Any], ref: Callable[[NDArray[Any]], Any]) -> NDArray[Any]:
+        db = 10.0 * np.log10(np.maximum(1e-10, s)) - 10.0 * np.log10(np.maximum(1e-10, ref(s)))
+        out: NDArray[Any] = np.maximum(db, db.max() - 80.0)
+        return out
+
+    return SimpleNamespace(feature=SimpleNamespace(melspectrogram=melspectrogram), power_to_db=power_to_db)
+
+
+def _aecmos_features(e: Entry) -> Any:
+    """speechmos/aecmos.py's ``AECMOS`` for the entry's model file, without its session: its
+    ``_mel_transform`` and scenario markers, run on :func:`_librosa_shim`."""
+    import sys
+
+    saved = sys.modules.get("librosa")
+    sys.modules["librosa"] = _librosa_shim()
+    try:
+        aec = _wheel_module(e, "speechmos/aecmos.py", "zoo_aecmos")
+    finally:
+        if saved is None:
+            del sys.modules["librosa"]
+        else:
+            sys.modules["librosa"] = saved
+    model = next(m for m in ("aecmos_scenarioless_16kHz", "aecmos_16kHz", "aecmos_48kHz")
+                 if e.member.endswith(_AEC_FILES[m]))  # fmt: skip
+    feats = object.__new__(aec.AECMOS)
+    feats.model_name, feats.max_len, feats.hop_fraction = model, 20, 0.5
+    feats.sampling_rate, feats.dft_size, feats.transform = 16000, 512, feats._mel_transform
+    feats.need_scenario_marker = model != "aecmos_scenarioless_16kHz"
+    return feats
+
+
+#: aecmos.py AECMOS.__init__: model name → file
+_AEC_FILES = {"aecmos_scenarioless_16kHz": "Run_1663829550_Stage_0.onnx", "aecmos_16kHz": "Run_1663915512_Stage_0.onnx",
+              "aecmos_48kHz": "Run_1668423760_Stage_0.onnx"}  # fmt: skip
+
+
+def make_echo(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
+    """speechmos/aecmos.py AECMOS._get_mos: the log-mel features (513-point STFT, hop 256, 160 mels,
+    dB re max, +40, /40) of loopback, mic and enhanced signals stacked as ``(1, 3, frames, 160)``
+    per sample, and the GRU state ``h0`` zeros ``(4, 1, 64)`` (static).  Each sample: a 4 s far-end
+    clip (``render.audio_clip``), an echo path (a 0–20 ms delay, then 30–150 ms of exponentially
+    decaying noise) convolved with it at an echo-to-far-end level of −20..0 dB; near-end speech
+    (double talk, half the samples) and white noise at −60..−35 dB; mic = echo + near + noise; the
+    enhanced signal = near + noise + echo attenuated by 0–40 dB, kept as the label the echo MOS
+    should rise with."""
+    feats = _aecmos_features(e)
+    sr = feats.sampling_rate
+    n_s = int(AEC_SECONDS * sr)
+    xs: list[NDArray[np.float32]] = []
+    atts: list[float] = []
+    talks: list[str] = []
+    while len(xs) < n:
+        far = render.audio_clip(rng, AEC_SECONDS, sr).astype(np.float64)
+        if np.abs(far).max() < 0.05:  # a far end that is mostly silent makes no echo to score
+            continue
+        delay, tail = int(rng.uniform(0, 0.02) * sr), int(rng.uniform(0.03, 0.15) * sr)
+        ir = np.concatenate([np.zeros(delay), rng.standard_normal(tail) * np.exp(-np.arange(tail) / (tail / 5))])
+        echo = np.convolve(far, ir)[:n_s]
+        echo *= 10 ** (rng.uniform(-20, 0) / 20) * np.sqrt(np.mean(far**2) / max(np.mean(echo**2), 1e-12))
+        talk = str(rng.choice(AEC_TALK))
+        near = render.audio_clip(rng, AEC_SECONDS, sr).astype(np.float64) if talk == "dt" else np.zeros(n_s)
+        noise = rng.standard_normal(n_s) * 10 ** (rng.uniform(-60, -35) / 20)
+        att = float(rng.uniform(0, 40))
+        mic = np.clip(echo + near + noise, -1, 1)
+        enh = np.clip(echo * 10 ** (-att / 20) + near + noise, -1, 1)
+        sig = [feats.transform(np.float32(s), sr) for s in (far, mic, enh)]
+        xs.append(np.stack(sig).astype(np.float32)[None])
+        atts.append(att)
+        talks.append(talk)
+    return Dataset(
+        {"input": np.concatenate(xs), "h0": np.zeros((4, 1, 64), np.float32)},
+        {"attenuation": np.asarray(atts), "talk": np.asarray(talks)},
+    )
+
+
+def run_aecmos(e: Entry, session: ort.InferenceSession, data: Dataset) -> Arrays:
+    """aecmos.py runs one clip at a time (its ``h0`` has batch 1 and the graph squeezes the batch):
+    ``output`` is ``(4,)``, echo MOS and other-degradation MOS first (sigmoid × 4 + 1)."""
+    x, h0 = data.inputs["input"], data.inputs["h0"]
+    return {"mos": np.stack([session.run(None, {"input": x[i : i + 1], "h0": h0})[0][:2] for i in range(len(x))])}
+
+
+def metric_aecmos(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[str, float]:
+    """Pearson correlation of the pruned echo MOS and other-degradation MOS with the dense ones over
+    clips, mean |ΔMOS| over both, and the Spearman correlation of the pruned echo MOS with the echo
+    attenuation of the enhanced signal."""
+    from scipy.stats import spearmanr
+
+    md, mp = dense["mos"].astype(np.float64), pruned["mos"].astype(np.float64)
+
+    def r(k: int) -> float:
+        return float(np.corrcoef(md[:, k], mp[:, k])[0, 1]) if mp[:, k].std() > 0 else 0.0
+
+    return {
+        "echo MOS r with dense": r(0),
+        "other MOS r with dense": r(1),
+        "mean |ΔMOS|": float(np.abs(md - mp).mean()),
+        "echo MOS Spearman with attenuation": float(spearmanr(mp[:, 0], data.meta["attenuation"]).correlation),
+    }
+
+
 # ------------------------------------------------------------------------------ the zoo's own ViT
 
 
@@ -683,6 +822,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("plcmos", "speechmos", "0.0.1.1", "speechmos/plcmos_models/plcmos_v2.onnx",
           "torch 1.11, opset 11", "concealment MOS: 2 inputs, bidirectional GRUs, scalar output at batch 1",
           128, 64, make_lossy_speech, run_all, metric_plcmos),
+    Entry("aecmos", "speechmos", "0.0.1.1", "speechmos/aecmos_models/Run_1663829550_Stage_0.onnx",
+          "torch 1.9, opset 9", "echo + other-degradation MOS of an echo canceller, GRUs, batch 1 (h0 [4,1,64])",
+          96, 64, make_echo, run_aecmos, metric_aecmos,
+          note="aecmos.run's default at 16 kHz (scenarioless); Run_1663915512 (talk-type markers) and "
+          "Run_1668423760 (48 kHz) not in the zoo"),
 )  # fmt: skip
 
 BY_NAME = {e.name: e for e in ENTRIES}
