@@ -29,17 +29,20 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
+from . import runtime
 from .activations import (
     Arrays,
     LayerSite,
     SegmentRunner,
     calibration_batches,
+    fixed_batch_size,
     inline_fixed_ifs,
     layerwise_batch_size,
     working_copy,
 )
 from .config import CompressConfig
-from .data import ArraySource, materialize, split_holdout
+from .data import ArraySource, materialize, split_holdout, static_names
+from .data_types import CalibrationSource
 from .errors import ConfigError, ModelError
 from .gradients.prepare import scored_output
 from .heads import SoftmaxHead, add_class_offset, softmax_head
@@ -91,11 +94,43 @@ def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
 def batches_of(prep: Prepared, config: CompressConfig, source: ArraySource | None = None) -> list[Arrays]:
     """The calibration batches of the layer-wise passes (of ``source``, all its samples, when given),
     sized so that one batch's activations stay within
-    :data:`~chita_onnx.activations.BATCH_ACTIVATION_BYTES` (see :func:`layerwise_batch_size`)."""
+    :data:`~chita_onnx.activations.BATCH_ACTIVATION_BYTES` (see :func:`layerwise_batch_size`), and of
+    one sample when the model only runs one at a time (:func:`one_sample_at_a_time`)."""
     data = prep.calib if source is None else source
     size = layerwise_batch_size(prep.model, prep.specs, data, config.batch_size)
+    if size > 1 and one_sample_at_a_time(prep, data):
+        size = 1
     n = config.num_samples if source is None else source.num_samples
     return calibration_batches(data, prep.specs, n, size)
+
+
+def one_sample_at_a_time(prep: Prepared, data: CalibrationSource) -> bool:
+    """Whether onnxruntime refuses two samples at once where it runs one: a static input pins the
+    batch (AECMOS's GRU state ``h0 [4, 1, 64]`` next to an input of dynamic batch; the evaluation
+    then falls back to one sample at a time, and so must the layer-wise passes, whose GRU otherwise
+    failed on a batch of 26).  Only models with a static input and no fixed batch are probed."""
+    if not static_names(prep.specs) or fixed_batch_size(prep.specs) is not None:
+        return False
+    try:
+        pair, one = calibration_batches(data, prep.specs, 2, 2), calibration_batches(data, prep.specs, 1, 1)
+    except ModelError:  # fewer than two samples
+        return False
+    batched = [s for s in prep.specs if s.batch_axis is not None]
+    if not batched or np.shape(pair[0][batched[0].name])[batched[0].batch_axis or 0] < 2:
+        return False
+    what = "the model on two calibration samples (does it run several at once?)"
+    sess = runtime.session(working_copy(prep.model), what=what, threads=1, check=False)
+    try:
+        runtime.run(sess, None, pair[0], what=what)
+        return False
+    except ModelError as exc:
+        refusal = str(exc)
+    try:
+        runtime.run(sess, None, one[0], what="the model on one calibration sample")
+    except ModelError:
+        return False  # it fails either way: the passes report that themselves
+    log.info("onnxruntime runs one sample at a time but not two (%s): layer-wise batches of 1", refusal)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- allocation

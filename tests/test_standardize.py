@@ -677,3 +677,18 @@ def test_one_sample_output_without_a_batch_axis_is_kept_whole(tmp_path: Path) ->
     want = np.stack([sess.run(None, {"x": x[None], "h0": h0})[0] for x in xs])
     assert want.shape == (5, 4) and outs["y"].shape == (5, 4)
     np.testing.assert_allclose(outs["y"], want, rtol=1e-6)
+
+
+def test_layerwise_runs_one_sample_at_a_time_when_a_static_state_pins_the_batch(tmp_path: Path) -> None:
+    """The GRU's static state ``h0 [1, 1, 8]`` fits one sample only: the layer-wise pass ran it on a
+    batch of calibration samples, onnxruntime failed ("Input initial_h must have shape {1,N,8}")
+    and the default fell back to one-shot chita; its batches are now of one sample."""
+    m = squeeze_head_model(5, state=True)
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((40, 1, 6)).astype(np.float32)
+    h0 = rng.standard_normal((1, 1, 8)).astype(np.float32)
+    rep = compress(src, dst, {"x": xs, "h0": h0}, CompressConfig(sparsity=0.5))
+    assert rep.method == "layerwise"
+    assert rep.nnz == round(0.5 * (144 + 192 + 32))
