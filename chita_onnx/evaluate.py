@@ -48,16 +48,20 @@ def make_session(model: str | os.PathLike[str] | bytes, *, threads: int = 0) -> 
                 ort.__version__,
             )
             converted = for_runtime(load_model(model))
-        elif open_squeezes(head):  # onnxruntime 1.19 refuses them: evaluate the form load_model gives
-            log.info("%s: Squeeze without axes before opset 13; evaluating the copy load_model writes", model)
-            converted = load_model(model)
     else:
         proto = onnx.load_model_from_string(model)
         if proto.ir_version > RUNTIME_MAX_IR or opset_version(proto) > RUNTIME_MAX_OPSET:
             converted = for_runtime(proto)
     if converted is not None:
         runtime.check_graph(converted, f"{where}: the copy converted for onnxruntime {ort.__version__}")
-    return runtime.session(converted if converted is not None else model, what=where, threads=threads, check=False)
+    try:
+        return runtime.session(converted if converted is not None else model, what=where, threads=threads, check=False)
+    except ModelError:
+        if converted is not None or isinstance(model, bytes) or not open_squeezes(head):
+            raise
+    # onnxruntime 1.19 cannot infer a Squeeze without axes: evaluate the form load_model gives
+    log.info("%s: onnxruntime refuses its Squeeze without axes; evaluating the copy load_model writes", model)
+    return runtime.session(load_model(model), what=where, threads=threads, check=False)
 
 
 def _chunks(batch: Batch, fixed: int | None, specs: Sequence[InputSpec]) -> Iterator[tuple[Batch, int]]:

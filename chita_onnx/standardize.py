@@ -28,8 +28,9 @@ rest of chita-onnx reads.  Each keeps the model's outputs identical for every in
 * :func:`reshape_open_squeezes`: before opset 13, a ``Squeeze`` without ``axes`` on a tensor with a
   dim of unknown size (torch 1.x's ``x.squeeze()`` after a dynamic batch; AECMOS's head) gets a
   rank-0 shape from onnxruntime 1.19's shape inference, which then refuses the whole model ("rank
-  must be greater than axis" at the next ``Concat``).  The pass writes it as ``Reshape`` to the
-  input's shape with its 1s removed (``Shape``, ``Equal``, ``Not``, ``Compress``).
+  must be greater than axis" at the next ``Concat``).  When onnxruntime refuses the model, the pass
+  writes each as ``Reshape`` to the input's shape with its 1s removed (``Shape``, ``Equal``, ``Not``,
+  ``Compress``).
 
 * :func:`split_attention_projections`: onnxruntime's transformer optimizer folds a BERT layer's
   Q/K/V projections into one ``com.microsoft.Attention``, whose weight no layer reads.  The pass
@@ -569,6 +570,20 @@ def open_squeezes(model: onnx.ModelProto) -> bool:
     )
 
 
+def _runtime_loads(model: onnx.ModelProto) -> bool:
+    """Whether the bundled onnxruntime builds a session for ``model`` (its shape inference runs at load)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # a load failure, or a model too large to serialize: rewrite (the values stay)
+        return False
+    return True
+
+
 def reshape_open_squeezes(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``model`` with every ``Squeeze`` without ``axes`` whose input is not of a fully known shape
     written as ``Reshape(x, Compress(Shape(x), Not(Equal(Shape(x), 1))))`` (models of opsets below 13).
@@ -577,8 +592,9 @@ def reshape_open_squeezes(model: onnx.ModelProto, *, in_place: bool = False) -> 
     zero-size dim after a kept one can differ (``Reshape`` before opset 14 reads a 0 as "copy").
     onnxruntime 1.19's shape inference gives such a ``Squeeze`` a rank-0 output and then refuses
     the model at the next op that checks ranks; newer ones load it, and load the rewrite too.
-    Returns ``model`` itself when there is none."""
-    if not open_squeezes(model):
+    Returns ``model`` itself when there is none, or when onnxruntime loads the model as it is
+    (plcmos's squeezes: nothing after them checks a rank)."""
+    if not open_squeezes(model) or _runtime_loads(model):
         return model
     try:
         inferred = onnx.shape_inference.infer_shapes(model)

@@ -692,3 +692,15 @@ def test_layerwise_runs_one_sample_at_a_time_when_a_static_state_pins_the_batch(
     rep = compress(src, dst, {"x": xs, "h0": h0}, CompressConfig(sparsity=0.5))
     assert rep.method == "layerwise"
     assert rep.nnz == round(0.5 * (144 + 192 + 32))
+
+
+def test_squeeze_that_onnxruntime_loads_is_left_alone() -> None:
+    """plcmos's open squeezes (opset 11) load: nothing after them checks a rank, so the graph stays."""
+    from chita_onnx.standardize import reshape_open_squeezes
+
+    nodes = [helper.make_node("Squeeze", ["x"], ["s"]), helper.make_node("Sigmoid", ["s"], ["y"])]
+    io = [helper.make_tensor_value_info("x", F, ["N", 1, 4])], [helper.make_tensor_value_info("y", F, None)]
+    m = helper.make_model(helper.make_graph(nodes, "plc", *io), opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 6
+    assert reshape_open_squeezes(m) is m
+    assert reshape_open_squeezes(squeeze_head_model()) is not squeeze_head_model()
