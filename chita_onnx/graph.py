@@ -255,12 +255,43 @@ def _stored_constants(model: onnx.ModelProto) -> tuple[dict[str, _Stored], set[s
     return found, twice
 
 
+#: Values at the head of a tensor checked before the whole of it, so that a learned weight (whose
+#: first values are never all integers) costs nothing.
+_FIXED_PEEK = 64
+
+
+def is_fixed_operator(tensor: TensorProto) -> bool:
+    """Whether a float weight holds a fixed operator rather than learned values: every value an exact
+    integer, and not all of them in {−1, 0, 1}.  YOLOv8's DFL head reads the expectation of a
+    16-bin softmax through a 1×1 Conv whose weight is ``arange(16)`` (re-fitting it shifts every
+    box); difference and Sobel stencils are alike.  Tensors of only 0 and ±1 (binary or ternary
+    weights, selection matrices) are not told apart from learned ones and stay prunable."""
+    if tensor.data_type not in _FLOAT_TYPES:
+        return False
+    if tensor.raw_data and tensor.data_type != TensorProto.BFLOAT16:  # a look at the head before a full copy
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = min(_FIXED_PEEK, len(tensor.raw_data) // dtype.itemsize)
+        head = np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<"), count=count).astype(np.float64)
+        if not np.array_equal(head, np.round(head)):
+            return False
+    try:
+        a = numpy_helper.to_array(tensor)
+    except Exception:  # external data not loaded, or an unreadable tensor: not ours to judge here
+        return False
+    flat = np.asarray(a, dtype=np.float64).reshape(-1)
+    head = flat[:_FIXED_PEEK]
+    if not flat.size or not np.array_equal(head, np.round(head)):
+        return False
+    return bool(np.array_equal(flat, np.round(flat)) and np.abs(flat).max() > 1)
+
+
 def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
     """The prunable weight tensors of ``model``, in the order of their first consumer.
 
     Weights stored inside subgraphs (``Constant`` nodes or initializers of If branches, as spox and
     torch's exporters write them) count too; their ``scope`` names the subgraph.  A name defined in
-    more than one scope cannot be addressed and is left alone.
+    more than one scope cannot be addressed and is left alone, and so is a fixed operator
+    (:func:`is_fixed_operator`: YOLOv8's DFL ``arange(16)`` Conv), which :func:`fixed_weights` lists.
     """
     stored, twice = _stored_constants(model)
     constant = set(stored)
@@ -282,7 +313,7 @@ def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
             continue
         st = stored[name]
         tensor = st.tensor
-        if tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2:
+        if tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2 or is_fixed_operator(tensor):
             continue
         found.append(
             PrunableTensor(
@@ -298,6 +329,22 @@ def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
     if any(t.scope for t in found):
         log.debug("%d prunable tensors live inside subgraphs", sum(1 for t in found if t.scope))
     return found
+
+
+def fixed_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the layer weights (Conv, Gemm, MatMul, ... weight inputs, in any scope) that
+    :func:`find_prunable` leaves alone because they hold a fixed operator (:func:`is_fixed_operator`)."""
+    stored, _ = _stored_constants(model)
+    constant = set(stored)
+    out: dict[str, None] = {}
+    for _, g in walk_graphs(model.graph):
+        for node in g.node:
+            for i in _weight_slots(node, constant):
+                name = node.input[i] if i < len(node.input) else ""
+                st = stored.get(name)
+                if st is not None and len(st.tensor.dims) >= 2 and is_fixed_operator(st.tensor):
+                    out[name] = None
+    return list(out)
 
 
 def materialize_constants(model: onnx.ModelProto, names: Iterable[str] | None = None) -> onnx.ModelProto:

@@ -55,6 +55,7 @@ from .graph import (
     check_model,
     densify,
     find_prunable,
+    fixed_weights,
     get_weights,
     load_model,
     model_inputs,
@@ -1099,7 +1100,15 @@ def _compress(
     if isinstance(data, str) and data == "random":
         warnings.append("pruned with random calibration data: quality needs real data")
     identities = {r.identity for r in prep.detached.projections}  # stand-ins that the writer removes
-    dense_layers = unprunable_layer_weights(prep.model, {t.name for t in prep.tensors} | set(config.keep) | identities)
+    fixed = fixed_weights(prep.model)
+    if fixed:
+        warnings.append(
+            f"{len(fixed)} layer weight tensor(s) hold only integers, a fixed operator (as YOLOv8's DFL Conv "
+            f"arange(16)), and are left exactly as they are: {', '.join(fixed[:5])}{' ...' if len(fixed) > 5 else ''}"
+        )
+    dense_layers = unprunable_layer_weights(
+        prep.model, {t.name for t in prep.tensors} | set(config.keep) | identities | set(fixed)
+    )
     if dense_layers:
         listed = ", ".join(f"{n} ({op}, {size:,})" for n, op, size in dense_layers[:5])
         more = f" and {len(dense_layers) - 5} more" if len(dense_layers) > 5 else ""
