@@ -778,6 +778,128 @@ def make_digits(e: Entry, rng: np.random.Generator, n: int, role: str = "calib")
     return Dataset({"image": np.asarray(x)[pick]}, {"labels": np.asarray(y)[pick]})
 
 
+# ------------------------------------------------------------------------------- nudenet (YOLOv8n)
+
+NN_SIZE = 320  # nudenet.py NudeDetector(inference_resolution=320)
+#: Calibration and held-out images come from disjoint photographs that ship inside installed wheels
+#: (scikit-image's bundled data, scikit-learn's and matplotlib's sample images); each list holds
+#: images with faces, which the model detects (FACE_FEMALE / FACE_MALE), and images without.
+NN_SOURCES = {
+    "calib": ("skimage:camera", "matplotlib:grace_hopper.jpg", "skimage:coffee", "skimage:chelsea",
+              "sklearn:china.jpg", "skimage:rocket", "skimage:gravel", "skimage:immunohistochemistry"),
+    "heldout": ("skimage:astronaut", "skimage:horse", "skimage:moon", "sklearn:flower.jpg", "skimage:retina",
+                "skimage:hubble_deep_field"),
+}  # fmt: skip
+
+
+def _bundled_image(source: str) -> NDArray[np.uint8]:
+    """``(h, w, 3)`` RGB uint8 of a photograph shipped inside an installed package (read from the
+    package's own files, never downloaded): ``skimage:<data function>``, ``sklearn:<file>`` or
+    ``matplotlib:<sample_data file>``."""
+    kind, name = source.split(":", 1)
+    if kind == "skimage":
+        import skimage.data
+
+        a = np.asarray(getattr(skimage.data, name)())
+    elif kind == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        a = np.asarray(load_sample_image(name))
+    elif kind == "matplotlib":
+        import matplotlib.cbook
+
+        with Image.open(matplotlib.cbook.get_sample_data(name, asfileobj=False)) as img:
+            a = np.asarray(img.convert("RGB"))
+    else:
+        raise ValueError(f"unknown image source {source!r}")
+    if a.dtype != np.uint8:
+        a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+def make_photos(e: Entry, rng: np.random.Generator, n: int, role: str = "calib") -> Dataset:
+    """nudenet/nudenet.py _read_image: pad the image with black at the bottom and right to a square,
+    resize to 320×320 (cv2.dnn.blobFromImage, bilinear; Pillow's bilinear here), RGB, /255, CHW.
+    Each sample is a seeded random crop (40–100% of each side) of one of the role's photographs
+    (``NN_SOURCES``: calibration and held-out come from different photographs), flipped
+    horizontally at random, with brightness and contrast jittered by up to ±20%."""
+    photos = [_bundled_image(s) for s in NN_SOURCES[role]]
+    xs, src = [], []
+    for _ in range(n):
+        k = int(rng.integers(len(photos)))
+        a = photos[k]
+        h, w = a.shape[:2]
+        ch, cw = int(h * rng.uniform(0.4, 1.0)), int(w * rng.uniform(0.4, 1.0))
+        y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+        crop = a[y0 : y0 + ch, x0 : x0 + cw].astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = (crop - crop.mean()) * rng.uniform(0.8, 1.2) + crop.mean() * rng.uniform(0.8, 1.2)
+        side = max(ch, cw)
+        canvas = np.zeros((side, side, 3), np.uint8)
+        canvas[:ch, :cw] = np.clip(crop, 0, 255).astype(np.uint8)
+        img = Image.fromarray(canvas).resize((NN_SIZE, NN_SIZE), Image.Resampling.BILINEAR)
+        xs.append(np.ascontiguousarray(np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0))
+        src.append(k)
+    return Dataset({"images": np.stack(xs)}, {"source": np.asarray(src, np.int64)})
+
+
+def _yolov8_boxes(y: NDArray[Any], score_thr: float, nms_thr: float = 0.45) -> list[NDArray[np.float64]]:
+    """nudenet.py _postprocess per image of the ``[N, 4 + C, anchors]`` output: a row's class is its
+    best class score, rows with that score ≥ ``score_thr`` are kept, boxes are ``cx cy w h`` in
+    input pixels, then class-agnostic NMS at IoU 0.45 (cv2.dnn.NMSBoxes).  Returns ``(k, 6)``
+    rows x1 y1 x2 y2 score class."""
+    out = []
+    for p in y.astype(np.float64).transpose(0, 2, 1):
+        cls_scores = p[:, 4:]
+        score, cls = cls_scores.max(1), cls_scores.argmax(1)
+        keep = score >= score_thr
+        c, wh = p[keep, :2], p[keep, 2:4]
+        b = np.concatenate([c - wh / 2, c + wh / 2], 1)
+        sc, cl = score[keep], cls[keep]
+        order = np.argsort(-sc, kind="stable")
+        chosen = []
+        while order.size:
+            i = order[0]
+            chosen.append(i)
+            order = order[1:][_iou(b[i], b[order[1:]]) <= nms_thr]
+        rows = np.concatenate([b[chosen], sc[chosen, None], cl[chosen, None]], 1) if chosen else np.zeros((0, 6))
+        out.append(rows)
+    return out
+
+
+#: Score threshold of the zoo's metric: below nudenet's 0.2, so that held-out crops without a
+#: confident detection still contribute boxes (the dense count per image is reported).
+NN_SCORE = 0.1
+
+
+def metric_yolov8_det(e: Entry, dense: Arrays, pruned: Arrays, data: Dataset) -> dict[str, float]:
+    """Box F1 against the dense model's boxes (nudenet's decoding and NMS at score ≥ 0.1; a dense
+    box matches the best unmatched pruned box of the same class at IoU ≥ 0.5, greedily in the
+    dense score order), the mean per-image relative error of the raw output ``‖yp − yd‖ / ‖yd‖``,
+    and the mean number of dense boxes per image."""
+    yd, yp = next(iter(dense.values())), next(iter(pruned.values()))
+    bd, bp = _yolov8_boxes(yd, NN_SCORE), _yolov8_boxes(yp, NN_SCORE)
+    tp = nd = npd = 0
+    for d, p in zip(bd, bp, strict=True):
+        nd, npd = nd + len(d), npd + len(p)
+        used = np.zeros(len(p), bool)
+        for box in d:
+            if len(p) == 0:
+                break
+            iou = np.where(used | (p[:, 5] != box[5]), 0.0, _iou(box, p))
+            j = int(np.argmax(iou))
+            if iou[j] >= 0.5:
+                used[j] = True
+                tp += 1
+    f1 = 2 * tp / (nd + npd) if nd + npd else 1.0
+    d64, p64 = yd.astype(np.float64).reshape(len(yd), -1), yp.astype(np.float64).reshape(len(yp), -1)
+    rel = np.linalg.norm(p64 - d64, axis=1) / np.maximum(np.linalg.norm(d64, axis=1), 1e-30)
+    return {"box F1 vs dense": f1, "output rel. error": float(rel.mean()), "dense boxes / image": nd / max(len(bd), 1)}
+
+
 # ----------------------------------------------------------------------------------------- table
 
 ENTRIES: tuple[Entry, ...] = (
@@ -827,6 +949,9 @@ ENTRIES: tuple[Entry, ...] = (
           96, 64, make_echo, run_aecmos, metric_aecmos,
           note="aecmos.run's default at 16 kHz (scenarioless); Run_1663915512 (talk-type markers) and "
           "Run_1668423760 (48 kHz) not in the zoo"),
+    Entry("nudenet-320n", "nudenet", "3.4.2", "nudenet/320n.onnx", "ultralytics 8.2.46 (torch 2.3.1), opset 17",
+          "YOLOv8n detector, 18 classes, [N,22,2100], DFL head", 128, 192, make_photos, run_all, metric_yolov8_det,
+          note="wheel metadata says MIT; its LICENSE files and the model's metadata say AGPL-3.0 (Ultralytics)"),
 )  # fmt: skip
 
 BY_NAME = {e.name: e for e in ENTRIES}
