@@ -258,15 +258,20 @@ def _stored_constants(model: onnx.ModelProto) -> tuple[dict[str, _Stored], set[s
 #: Values at the head of a tensor checked before the whole of it, so that a learned weight (whose
 #: first values are never all integers) costs nothing.
 _FIXED_PEEK = 64
+#: Largest tensor that can count as a fixed operator.  Fixed operators are small (the DFL Conv holds
+#: 16 values, a stencil a few dozen); a whole layer of integer values is more likely a quantized
+#: layer stored as float with its scale applied after it, whose weights are learned and prunable.
+FIXED_MAX_SIZE = 1024
 
 
 def is_fixed_operator(tensor: TensorProto) -> bool:
     """Whether a float weight holds a fixed operator rather than learned values: every value an exact
-    integer, and not all of them in {−1, 0, 1}.  YOLOv8's DFL head reads the expectation of a
-    16-bin softmax through a 1×1 Conv whose weight is ``arange(16)`` (re-fitting it shifts every
-    box); difference and Sobel stencils are alike.  Tensors of only 0 and ±1 (binary or ternary
-    weights, selection matrices) are not told apart from learned ones and stay prunable."""
-    if tensor.data_type not in _FLOAT_TYPES:
+    integer, not all of them in {−1, 0, 1}, and at most :data:`FIXED_MAX_SIZE` values.  YOLOv8's DFL
+    head reads the expectation of a 16-bin softmax through a 1×1 Conv whose weight is ``arange(16)``
+    (re-fitting it shifts every box); difference and Sobel stencils are alike.  Tensors of only 0
+    and ±1 (binary or ternary weights, selection matrices) are not told apart from learned ones and
+    stay prunable."""
+    if tensor.data_type not in _FLOAT_TYPES or int(np.prod(tensor.dims, dtype=np.int64)) > FIXED_MAX_SIZE:
         return False
     if tensor.raw_data and tensor.data_type != TensorProto.BFLOAT16:  # a look at the head before a full copy
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)

@@ -100,6 +100,10 @@ def test_integer_operator_weights_are_fixed() -> None:
     learned = np.arange(200, dtype=np.float32).reshape(10, 20)
     learned[-1, -1] += 0.5  # integers up to the last value only: still learned
     assert not is_fixed_operator(_init("learned", learned))
+    # a whole layer of integers (a quantized layer stored as float, its scale applied after it)
+    int8_layer = np.random.default_rng(3).integers(-127, 128, size=(64, 32)).astype(np.float32)
+    assert not is_fixed_operator(_init("int8_layer", int8_layer))
+    assert is_fixed_operator(_init("small", int8_layer[:16, :16]))
 
 
 def test_dfl_arange_conv_is_not_prunable(tmp_path: Path) -> None:
