@@ -54,6 +54,7 @@ import onnx.inliner
 import onnx.shape_inference
 from onnx import helper, numpy_helper
 
+from . import runtime
 from .errors import ModelError, first_line
 from .graph import _dense_from_sparse, opset_version, walk_graphs
 
@@ -572,13 +573,8 @@ def open_squeezes(model: onnx.ModelProto) -> bool:
 
 def _runtime_loads(model: onnx.ModelProto) -> bool:
     """Whether the bundled onnxruntime builds a session for ``model`` (its shape inference runs at load)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        runtime.session(model, what="the model as loaded", optimize=False, check=False)
     except Exception:  # a load failure, or a model too large to serialize: rewrite (the values stay)
         return False
     return True
