@@ -261,13 +261,16 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         return F.ctc_loss(lp.transpose([1, 0, 2]), paddle.clip(lab, min=0).astype("int32"),
                           paddle.full([n], t, dtype="int64"), lens, blank=BLANK)  # fmt: skip
 
-    if want("crnn_lstm_p2o") or want("crnn_lstm_dynw_p2o"):
+    def fit_recogniser(name: str, make: Callable[[], Any], epochs: int) -> tuple[Any, dict[str, Any], float, float]:
+        """Train a CTC recogniser on 6,000 digit strings (CTC on the log-probabilities; ``F.ctc_loss``
+        softmaxes them itself); its net, calibration/selection/test strings, test char accuracy and
+        training seconds."""
         t0 = time.time()
         sx, sy = strings(P["train"], 6000, np.random.default_rng(seed + 11))
         paddle.seed(seed)
-        net = CRNN()
-        print(f"crnn_lstm_p2o: {nparams(net)} params", flush=True)
-        train(net, sx, sy, 4, 3e-3, seed=seed, bs=64, loss_fn=ctc)
+        net = make()
+        print(f"{name}: {nparams(net)} params", flush=True)
+        train(net, sx, sy, epochs, 3e-3, seed=seed, bs=64, loss_fn=ctc)
         train_s = round(time.time() - t0, 1)
         splits = {
             "calib": strings(P["calib"], 256, np.random.default_rng(seed + 1)),
@@ -276,15 +279,22 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         }
         acc = char_accuracy(predict(net, splits["test"][0]), splits["test"][1])
         print(f"  paddle test char accuracy {acc:.4f} ({train_s} s)", flush=True)
+        return net, splits, acc, train_s
+
+    def save_strings(name: str, splits: dict[str, Any]) -> None:
+        for split, (x, t) in splits.items():
+            arrays = {"image": x} if split == "calib" else {"image": x, "text": t}
+            np.savez(out / f"{name}_{split}.npz", **arrays)  # type: ignore[arg-type]
+
+    if want("crnn_lstm_p2o") or want("crnn_lstm_dynw_p2o"):
+        net, splits, acc, train_s = fit_recogniser("crnn_lstm_p2o", CRNN, 4)
         for name, shape, opset in (("crnn_lstm_p2o", [None, 1, DIGIT, SEQ_W], None),
                                    ("crnn_lstm_dynw_p2o", [None, 1, DIGIT, None], 11)):  # fmt: skip
             if not want(name):
                 continue
             fixed = shape[-1] is not None  # (InputSpec turns None into -1 in place)
             got = export(net, out / f"{name}.onnx", shape, opset, name="image")
-            for split, (x, t) in splits.items():
-                arrays = {"image": x} if split == "calib" else {"image": x, "text": t}
-                np.savez(out / f"{name}_{split}.npz", **arrays)  # type: ignore[arg-type]
+            save_strings(name, splits)
             manifest.record(name, dict(
                 family="CRNN (Conv-BN-ReLU-pool x2, Linear, paddle.nn.LSTM bidirect, per-step Linear, CTC)"
                 + ("" if fixed else "; dynamic width, as PP-OCR's recognisers"),
@@ -371,24 +381,9 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
             return logits if self.training else F.softmax(logits, -1)  # PP-OCR's CTC head: softmax at inference
 
     if want("svtr_ctc_p2o"):
-        t0 = time.time()
-        sx, sy = strings(P["train"], 6000, np.random.default_rng(seed + 11))
-        paddle.seed(seed)
-        net = SVTR()
-        print(f"svtr_ctc_p2o: {nparams(net)} params", flush=True)
-        train(net, sx, sy, 5, 3e-3, seed=seed, bs=64, loss_fn=ctc)  # ctc_loss softmaxes the logits itself
-        train_s = round(time.time() - t0, 1)
-        splits = {
-            "calib": strings(P["calib"], 256, np.random.default_rng(seed + 1)),
-            "select": strings(P["select"], 1000, np.random.default_rng(seed + 2)),
-            "test": strings(P["test"], 2000, np.random.default_rng(seed + 3)),
-        }
-        acc = char_accuracy(predict(net, splits["test"][0]), splits["test"][1])
-        print(f"  paddle test char accuracy {acc:.4f} ({train_s} s)", flush=True)
+        net, splits, acc, train_s = fit_recogniser("svtr_ctc_p2o", SVTR, 5)
         got = export(net, out / "svtr_ctc_p2o.onnx", [None, 1, DIGIT, SEQ_W], 14, name="image")
-        for split, (x, t) in splits.items():
-            arrays = {"image": x} if split == "calib" else {"image": x, "text": t}
-            np.savez(out / f"svtr_ctc_p2o_{split}.npz", **arrays)  # type: ignore[arg-type]
+        save_strings("svtr_ctc_p2o", splits)
         manifest.record("svtr_ctc_p2o", dict(
             family="SVTR-style recogniser (Conv-BN-hardswish stem, Linear, learned positions, pre-norm "
             "paddle.nn.MultiHeadAttention + GELU MLP, CTC head with softmax at inference)",
