@@ -387,17 +387,73 @@ def fixed_batch_size(specs: Sequence[InputSpec]) -> int | None:
     return None
 
 
+def open_batch(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "chita_batch") -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs leave their batch axis open (``name`` instead of the fixed
+    size the exporter wrote), with the intermediate and output shapes it recorded cleared (they name
+    that size too).  Whether the graph itself runs several samples at once, each as it runs alone,
+    is for the caller to check (:func:`chita_onnx.reconstruct.open_fixed_batch`)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    axes = {s.name: s.batch_axis for s in specs}
+    for vi in m.graph.input:
+        axis = axes.get(vi.name)
+        tt = vi.type.tensor_type
+        if axis is None or not tt.HasField("shape") or axis >= len(tt.shape.dim):
+            continue
+        dim = tt.shape.dim[axis]
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    del m.graph.value_info[:]
+    for vi in m.graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    _open_reshapes(m.graph)
+    return m
+
+
+def _open_reshapes(graph: onnx.GraphProto) -> None:
+    """Every main-graph ``Reshape`` to a constant shape that starts with a batch of one (``[1, -1]``,
+    ``[1, 8, 8, 16]``) reshapes to ``0`` there instead: the size of its input's first axis."""
+    consts: dict[str, NDArray[np.generic]] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or _attr(n, "allowzero", 0):
+            continue
+        shape = consts.get(n.input[1])
+        if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != 1 or np.any(shape[1:] == 0):
+            continue
+        opened = np.array(shape, dtype=np.int64)
+        opened[0] = 0
+        name = f"{n.input[1]}__open_batch"
+        k = 0
+        while name in taken:
+            k += 1
+            name = f"{n.input[1]}__open_batch{k}"
+        taken.add(name)
+        graph.initializer.append(numpy_helper.from_array(opened, name))
+        n.input[1] = name
+
+
 def calibration_batches(
-    source: CalibrationSource, specs: Sequence[InputSpec], num_samples: int, batch_size: int
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    num_samples: int,
+    batch_size: int,
+    *,
+    honour_fixed: bool = True,
 ) -> list[Arrays]:
     """The first ``num_samples`` samples as feed dicts of ``batch_size``, in the model's layout
     (samples moved to each input's batch axis, cast to the input dtypes; static inputs as given).
 
     A model input with a fixed batch dimension ``b`` gets batches of exactly ``b`` (a remainder that
-    does not fill one is dropped).
+    does not fill one is dropped), unless ``honour_fixed`` is False (for a copy of the model whose
+    batch dimension was opened, :func:`open_batch`).
     """
     batched = [s for s in specs if s.batch_axis is not None]
-    fixed = fixed_batch_size(specs)
+    fixed = fixed_batch_size(specs) if honour_fixed else None
     size = fixed if fixed is not None else batch_size
     parts: dict[str, list[NDArray[np.generic]]] = {s.name: [] for s in batched}
     static: dict[str, NDArray[np.generic]] = {}

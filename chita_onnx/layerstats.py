@@ -371,7 +371,9 @@ class RowSampler:
     """Seeded choice of a subset of rows: at most about ``max_rows`` over the whole pass.
 
     ``total`` is the number of rows the whole calibration set yields; each batch keeps the same
-    fraction of its rows (rounded up), chosen uniformly without replacement.
+    fraction of its rows (rounded up), chosen uniformly without replacement; with ``groups`` (a
+    batch of that many samples whose rows come sample by sample) each sample keeps that fraction of
+    its own rows, as a pass over batches of one sample does.
     """
 
     total: int
@@ -388,10 +390,15 @@ class RowSampler:
             return 1.0
         return self.max_rows / self.total
 
-    def pick(self, rows: int) -> NDArray[np.int64] | None:
+    def pick(self, rows: int, groups: int = 1) -> NDArray[np.int64] | None:
         f = self.fraction
         if f >= 1.0:
             return None
+        if groups > 1 and rows % groups == 0:
+            each = rows // groups
+            take = min(each, max(1, math.ceil(f * each)))
+            parts = [g * each + np.sort(self._rng.choice(each, size=take, replace=False)) for g in range(groups)]
+            return np.concatenate(parts).astype(np.int64)
         take = min(rows, max(1, math.ceil(f * rows)))
         return np.sort(self._rng.choice(rows, size=take, replace=False)).astype(np.int64)
 

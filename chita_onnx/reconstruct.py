@@ -38,12 +38,13 @@ from .activations import (
     fixed_batch_size,
     inline_fixed_ifs,
     layerwise_batch_size,
+    open_batch,
     working_copy,
 )
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout, static_names
 from .data_types import CalibrationSource
-from .errors import ConfigError, ModelError
+from .errors import ChitaError, ConfigError, ModelError
 from .gradients.prepare import scored_output
 from .heads import SoftmaxHead, add_class_offset, softmax_head
 from .limits import gib
@@ -89,6 +90,87 @@ def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
     """The model the layer-wise passes run: the runtime working copy with the ``If`` nodes that the
     calibration data decide replaced by their taken branches (:func:`inline_fixed_ifs`)."""
     return inline_fixed_ifs(working_copy(prep.model), batches)
+
+
+#: Samples run together, and one by one, to decide whether a batch fixed to one sample can be opened
+#: for the layer-wise passes (:func:`open_fixed_batch`).
+OPEN_PROBE_SAMPLES = 3
+#: The opened model's outputs on the probe samples must equal the per-sample ones to this fraction of
+#: their largest magnitude (float32 kernels for a batch block their sums differently).
+OPEN_PROBE_RTOL = 1e-4
+
+
+def layer_data(prep: Prepared, config: CompressConfig) -> tuple[onnx.ModelProto, list[Arrays], LayerwiseOptions]:
+    """The working copy, the calibration batches and the options that the layer-wise passes run:
+    :func:`batches_of` and :func:`options`, or, for a model that fixes its batch to one sample but
+    computes every sample on its own, a copy with the batch opened and batches of several samples
+    (:func:`open_fixed_batch`): one onnxruntime run per segment and batch instead of per sample,
+    with each sample's rows sampled as over batches of one
+    (:attr:`~chita_onnx.sequential.LayerwiseOptions.sample_groups`)."""
+    opened = open_fixed_batch(prep, config)
+    if opened is None:
+        return working_copy(prep.model), batches_of(prep, config), options(config)
+    size = layerwise_batch_size(prep.model, prep.specs, prep.calib, config.batch_size)
+    batches = calibration_batches(prep.calib, prep.specs, config.num_samples, size, honour_fixed=False)
+    spec = next(s for s in prep.specs if s.batch_axis is not None)
+    groups = tuple(int(np.shape(b[spec.name])[spec.batch_axis or 0]) for b in batches)
+    return opened, batches, replace(options(config), sample_groups=groups)
+
+
+def open_fixed_batch(prep: Prepared, config: CompressConfig) -> onnx.ModelProto | None:
+    """The working copy with its fixed batch of one opened (:func:`~chita_onnx.activations.open_batch`),
+    when onnxruntime runs it on :data:`OPEN_PROBE_SAMPLES` calibration samples at once and every
+    output is the per-sample outputs stacked along one axis (to :data:`OPEN_PROBE_RTOL`); else None.
+
+    Exports for phones (TFLite through tf2onnx, paddle2onnx, a traced ``batch=1``) often fix the
+    batch to one sample in the input shape and in the ``Reshape`` shapes that flatten a sample
+    (``[1, -1]``), which the copy opens too.  A graph that bakes the batch in otherwise (a state of
+    batch one, a ``Reshape`` that moves the batch axis, a reduction over it) fails or mixes the
+    samples, and keeps its batches of one."""
+    if fixed_batch_size(prep.specs) != 1 or config.batch_size < 2 or config.num_samples < 2:
+        return None
+    try:
+        singles = calibration_batches(prep.calib, prep.specs, OPEN_PROBE_SAMPLES, 1)
+        if len(singles) < 2:
+            return None
+        together = calibration_batches(prep.calib, prep.specs, len(singles), len(singles), honour_fixed=False)[0]
+        base = working_copy(prep.model)
+        opened = open_batch(base, prep.specs)
+        what = "the model with its fixed batch of one opened (probe)"
+        one = runtime.session(base, what="the model (probe of its batch)", threads=1, check=False)
+        many = runtime.session(opened, what=what, threads=1)
+        alone = [runtime.run(one, None, f, what="the model on one calibration sample") for f in singles]
+        stacked = runtime.run(many, None, together, what=what)
+    except ChitaError as exc:
+        log.debug("the fixed batch of one stays: %s", exc)
+        return None
+    for k, got in enumerate(stacked):
+        if not _stacked_along_one_axis([a[k] for a in alone], np.asarray(got)):
+            log.debug("the fixed batch of one stays: output %d is not the per-sample outputs stacked", k)
+            return None
+    log.info(
+        "the model fixes its batch to one sample but runs %d at once alike: layer-wise batches of several", len(singles)
+    )
+    return opened
+
+
+def _stacked_along_one_axis(parts: Sequence[NDArray[np.generic]], got: NDArray[np.generic]) -> bool:
+    """Whether ``got`` is ``parts`` concatenated along the one axis where its size differs from theirs
+    (floats to :data:`OPEN_PROBE_RTOL` of their largest magnitude, anything else exactly)."""
+    first = np.asarray(parts[0])
+    if got.ndim != first.ndim or any(np.asarray(p).shape != first.shape for p in parts):
+        return False
+    differ = [a for a in range(got.ndim) if got.shape[a] != first.shape[a]]
+    if len(differ) != 1 or got.shape[differ[0]] != first.shape[differ[0]] * len(parts):
+        return False
+    want = np.concatenate([np.asarray(p) for p in parts], axis=differ[0])
+    if not np.issubdtype(want.dtype, np.floating):
+        return bool(np.array_equal(want, got))
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    diff = np.abs(np.asarray(got, np.float64) - want)
+    return bool(
+        np.all(np.isfinite(diff)) and (not diff.size or float(diff.max()) <= OPEN_PROBE_RTOL * max(scale, 1e-30))
+    )
 
 
 def batches_of(prep: Prepared, config: CompressConfig, source: ArraySource | None = None) -> list[Arrays]:
@@ -284,11 +366,11 @@ def prune_layerwise(
     t0 = time.perf_counter()
     keep, how, fisher = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
-    batches = batches_of(prep, config)
+    base, batches, opts = layer_data(prep, config)
     rows = None
     if fisher is not None and use_row_weights(config, None if head_kind is None else head_kind()):
         rows = {s.name: fisher[s.offset : s.stop].reshape(s.shape) for s in prep.layout.slots}
-    model = layer_model(prep, batches)
+    model = inline_fixed_ifs(base, batches)
     sites, refused = split_layers(model, prep.layout.names)
     assert config.max_memory is not None
     big = too_wide(sites, config.max_memory)
@@ -311,7 +393,7 @@ def prune_layerwise(
         return SolverResult(
             start, np.flatnonzero(start).astype(np.int64), float("nan"), (), 1, True, "layerwise", info0
         )
-    res = layerwise_prune(model, batches, keep=handled, opts=options(config), row_fisher=rows, fixed=fixed)
+    res = layerwise_prune(model, batches, keep=handled, opts=opts, row_fisher=rows, fixed=fixed)
     w = _flat(prep, res, start)
     support = np.flatnonzero(w).astype(np.int64)
     info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc}
@@ -358,9 +440,9 @@ def refit_layerwise(
 ) -> tuple[NDArray[np.float32], dict[str, float | int | str]]:
     """``--update layerwise``: re-fit the kept weights of ``w`` layer by layer, from the dense ones."""
     layout = prep.layout
-    dense = working_copy(prep.model)
+    dense, batches, opts = layer_data(prep, config)
     masks = {s.name: w[s.offset : s.stop].reshape(s.shape) != 0 for s in layout.slots}
-    res = layerwise_prune(dense, batches_of(prep, config), masks=masks, opts=options(config))
+    res = layerwise_prune(dense, batches, masks=masks, opts=opts)
     return _flat(prep, res, w), _info(res)
 
 

@@ -265,12 +265,15 @@ def part_stats(
     max_rows: int = 0,
     seed: int = 0,
     J_rows: NDArray[np.float64] | None = None,
+    groups: Sequence[int] = (),
 ) -> list[LayerStats]:
     """Per part, the statistics of :mod:`chita_onnx.layerstats` (``H``, and with ``dense`` the cross
     term ``B`` and energy ``yy`` of the targets ``W̄_part z̄``) over all batches.  ``bias``: the node's
     ``B`` ``(D, 2·G·H)`` (for the reset gate of a GRU with ``linear_before_reset=0``).  ``J_rows``:
     the joint weight whose reset gate the *pruned* rows use (default ``J_bar``: the rows of the node
-    run with its dense weights; the closed-loop re-fit passes the node's current weights)."""
+    run with its dense weights; the closed-loop re-fit passes the node's current weights).
+    ``groups``: samples per batch whose rows the row cap samples alike
+    (:attr:`~chita_onnx.sequential.LayerwiseOptions.sample_groups`)."""
     J_p = J_bar if J_rows is None else J_rows
     geom = site.geometry
     out = []
@@ -293,7 +296,7 @@ def part_stats(
             zd = dense.rows(b, geom, k) if dense is not None else None
             if zd is not None and zd.shape != zp.shape:
                 raise ModelError(f"{site.node}: the dense and pruned models have different sequence lengths")
-            idx = samplers[k].pick(zp.shape[0])
+            idx = samplers[k].pick(zp.shape[0], groups[b] if groups else 1)
             for p, st, wT in zip(plist, out, dense_t, strict=True):
                 if p.direction != k:
                     continue
@@ -341,7 +344,7 @@ def prune_recurrent(
     plist = parts(geom, site.W is not None, site.R is not None, name=site.node)
     bias = np.asarray(pruned.values(site.bias)[0], np.float64) if site.bias else None
     stats = part_stats(
-        site, pruned_rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows,
+        site, pruned_rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows, groups=opts.sample_groups,
         seed=opts.seed * 1_000_003 + layer_index,
     )  # fmt: skip
     t_stats = time.perf_counter() - t0
@@ -434,7 +437,7 @@ def _closed_loop_refit(
         t0 = time.perf_counter()
         rows = _rows_at(pruned, site, Y)
         stats = part_stats(
-            site, rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows,
+            site, rows, dense_rows, J_bar, plist, bias=bias, max_rows=opts.max_rows, groups=opts.sample_groups,
             seed=opts.seed * 1_000_003 + layer_index + 104_729 * (r + 1), J_rows=J,
         )  # fmt: skip
         J_new = J.copy()

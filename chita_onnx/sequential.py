@@ -57,6 +57,10 @@ class LayerwiseOptions:
     max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
     spill_dir: str | None = None
     recurrent_refits: int = 1  # closed-loop re-fit rounds of a recurrent node (chita_onnx.rnnlayers)
+    #: Samples in each calibration batch when the batches of a model that fixes its batch to one were
+    #: joined (chita_onnx.reconstruct.layer_data): the row cap then samples every sample's rows alike,
+    #: as over batches of one.  Empty: the rows of each batch are sampled together.
+    sample_groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _add_consumer(
     wT = dense_weight_t(W_bar_rows) if ad is not None and stats.B is not None else None  # once, not per batch
     for b, a in enumerate(xs):
         a32 = np.asarray(a, np.float32)
-        idx = sampler.pick(num_rows(tuple(a32.shape), geom))
+        idx = sampler.pick(num_rows(tuple(a32.shape), geom), opts.sample_groups[b] if opts.sample_groups else 1)
         if z is not None:
             accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx, geom=geom)
         elif ad is not None:

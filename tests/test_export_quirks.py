@@ -170,3 +170,84 @@ def test_weights_of_a_taken_branch_that_do_not_feed_the_loss_are_not_called_unre
     assert e.on_path == ("Ws_hi",)
     assert e.unreached == ("Wp_lo", "Ws_lo")  # the 8 kHz branch; Wp_hi is only off the loss's path
     assert any("do not influence the loss" in r.message and "Wp_hi" in r.message for r in caplog.records)
+
+
+def batch_one_cnn(seed: int = 0, *, mixes: bool = False) -> onnx.ModelProto:
+    """``x [1, 2, 6, 6]`` (the batch fixed to one, as TFLite and paddle2onnx exports write it) → Conv →
+    Relu → ``Reshape`` to the constant ``[1, -1]`` → Gemm → ``y [1, 3]``.  With ``mixes``, a
+    ``ReduceMean`` over the batch axis before the Gemm: a graph that runs several samples but mixes them."""
+    w = Init(seed)
+    nodes = [
+        node("Conv", ["x", w("Wc", 4, 2, 3, 3)], ["c"], pads=[1, 1, 1, 1]),
+        node("Relu", ["c"], ["r"]),
+        node("Reshape", ["r", w.const("flat", [1, -1], np.int64)], ["f"]),
+    ]
+    if mixes:
+        nodes.append(node("ReduceMean", ["f"], ["m"], axes=[0], keepdims=1))
+        nodes.append(node("Sub", ["f", "m"], ["g"]))
+    nodes.append(node("Gemm", ["g" if mixes else "f", w("Wg", 144, 3)], ["y"]))
+    return mk(nodes, [vi("x", [1, 2, 6, 6])], [vi("y", [1, 3])], w.items)
+
+
+def test_opened_batch_runs_several_samples_as_each_alone() -> None:
+    """``open_batch`` frees the fixed batch of the input and of the flattening ``Reshape``: the copy
+    runs five samples at once, and each gets exactly the outputs it gets alone in the original."""
+    import onnxruntime as ort
+
+    from chita_onnx.activations import open_batch, working_copy
+
+    def session_of(m: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    model = batch_one_cnn(3)
+    x = np.random.default_rng(4).standard_normal((5, 2, 6, 6)).astype(np.float32)
+    alone = session_of(model)
+    with pytest.raises(Exception, match=r"Reshape|Gemm|dimension"):  # onnxruntime refuses five as exported
+        alone.run(None, {"x": x})
+    opened = open_batch(working_copy(model), model_inputs(model))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the original is untouched
+    together = session_of(opened).run(None, {"x": x})[0]
+    want = np.concatenate([alone.run(None, {"x": x[i : i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(together, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixes", [False, True])
+def test_layerwise_opens_a_fixed_batch_only_where_samples_stay_apart(mixes: bool, tmp_path: Path) -> None:
+    """The layer-wise passes run a batch-one export several samples at a time only when the probe
+    finds every sample computed alone; a graph that mixes the samples keeps batches of one."""
+    from chita_onnx.pipeline import prepare
+    from chita_onnx.reconstruct import layer_data
+
+    path = tmp_path / "b1.onnx"
+    onnx.save(batch_one_cnn(5, mixes=mixes), path)
+    calib = {"x": np.random.default_rng(6).standard_normal((12, 2, 6, 6)).astype(np.float32)}
+    cfg = CompressConfig(sparsity=0.5, batch_size=4)
+    _, batches, opts = layer_data(prepare(path, calib, cfg, hold_out=False), cfg)
+    assert [b["x"].shape[0] for b in batches] == ([1] * 12 if mixes else [4, 4, 4])
+    assert opts.sample_groups == (() if mixes else (4, 4, 4))
+
+
+def test_layerwise_on_an_opened_batch_prunes_as_one_sample_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every input row in the Grams (no row cap binds), pruning a batch-one export through the
+    opened copy gives the weights of the pass that runs one sample at a time."""
+    import chita_onnx.reconstruct as rc
+
+    path = tmp_path / "b1.onnx"
+    onnx.save(batch_one_cnn(7), path)
+    calib = {"x": np.random.default_rng(8).standard_normal((24, 2, 6, 6)).astype(np.float32)}
+    cfg = CompressConfig(
+        sparsity=0.5, method="layerwise", batch_size=8, max_rows=10_000, bn_recalibrate="off", bias_correction="off"
+    )
+    compress(path, tmp_path / "opened.onnx", calib, cfg)
+    monkeypatch.setattr(rc, "open_fixed_batch", lambda prep, config: None)
+    compress(path, tmp_path / "single.onnx", calib, cfg)
+    from chita_onnx.graph import get_weights, load_model
+
+    a = get_weights(load_model(tmp_path / "opened.onnx"), ["Wc", "Wg"])
+    b = get_weights(load_model(tmp_path / "single.onnx"), ["Wc", "Wg"])
+    for name in ("Wc", "Wg"):
+        np.testing.assert_array_equal(a[name] != 0, b[name] != 0)
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert onnx.load(tmp_path / "opened.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1

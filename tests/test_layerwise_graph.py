@@ -162,6 +162,21 @@ def test_gram_accumulation_matches_the_rows_and_the_sampler_is_seeded() -> None:
     assert 30 <= ia.size <= 40
 
 
+def test_row_sampler_with_groups_samples_every_sample_alike() -> None:
+    """A batch of 6 samples of 30 rows each, joined from a model that runs one at a time: each sample
+    keeps the rows a batch of one would (ceil(30·100/540) = 6), drawn from its own 30."""
+    sampler = RowSampler(540, 100, seed=4)
+    idx = sampler.pick(180, groups=6)
+    assert idx is not None
+    per_sample = np.bincount(idx // 30, minlength=6)
+    np.testing.assert_array_equal(per_sample, [6] * 6)
+    assert len(np.unique(idx)) == idx.size and idx.min() >= 0 and idx.max() < 180
+    single = RowSampler(540, 100, seed=4).pick(30)
+    assert single is not None and single.size == 6
+    assert RowSampler(540, 100, seed=4).pick(181, groups=6) is not None  # not divisible: one group
+    assert RowSampler(100, 200, seed=4).pick(180, groups=6) is None  # under the cap: every row
+
+
 def test_segment_runner_reproduces_the_whole_model_at_every_split() -> None:
     model = working_copy(onnx.load(CNN))
     specs = model_inputs(model)
