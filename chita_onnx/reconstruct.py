@@ -131,8 +131,9 @@ def open_fixed_batch(prep: Prepared, config: CompressConfig) -> onnx.ModelProto 
         return None
     try:
         singles = calibration_batches(prep.calib, prep.specs, OPEN_PROBE_SAMPLES, 1)
-        if len(singles) < 2:
-            return None
+        batched = [s.name for s in prep.specs if s.batch_axis is not None]
+        if len(singles) < 2 or all(np.array_equal(f[n], singles[0][n]) for f in singles[1:] for n in batched):
+            return None  # equal samples could not show a graph that mixes them
         together = calibration_batches(prep.calib, prep.specs, len(singles), len(singles), honour_fixed=False)[0]
         base = working_copy(prep.model)
         opened = open_batch(base, prep.specs)

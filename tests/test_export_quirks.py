@@ -225,6 +225,9 @@ def test_layerwise_opens_a_fixed_batch_only_where_samples_stay_apart(mixes: bool
     _, batches, opts = layer_data(prepare(path, calib, cfg, hold_out=False), cfg)
     assert [b["x"].shape[0] for b in batches] == ([1] * 12 if mixes else [4, 4, 4])
     assert opts.sample_groups == (() if mixes else (4, 4, 4))
+    same = {"x": np.repeat(calib["x"][:1], 12, axis=0)}  # equal samples cannot show the mixing: no opening
+    _, batches, opts = layer_data(prepare(path, same, cfg, hold_out=False), cfg)
+    assert [b["x"].shape[0] for b in batches] == [1] * 12 and opts.sample_groups == ()
 
 
 def test_layerwise_on_an_opened_batch_prunes_as_one_sample_at_a_time(
