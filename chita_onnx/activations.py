@@ -414,27 +414,21 @@ def open_batch(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
 def _open_reshapes(graph: onnx.GraphProto) -> None:
     """Every main-graph ``Reshape`` to a constant shape that starts with a batch of one (``[1, -1]``,
     ``[1, 8, 8, 16]``) reshapes to ``0`` there instead: the size of its input's first axis."""
-    consts: dict[str, NDArray[np.generic]] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    for n in graph.node:
-        if n.op_type != "Reshape" or len(n.input) < 2 or _attr(n, "allowzero", 0):
-            continue
-        shape = consts.get(n.input[1])
+    from .gradients.prepare import _const, _Names
+
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and len(n.input) > 1 and not _attr(n, "allowzero", 0)]
+    wanted = {n.input[1] for n in reshapes}
+    stored = {t.name: t for t in graph.initializer if t.name in wanted}
+    stored.update({k: t for k, (_, t) in _constant_values(graph).items() if k in wanted})
+    names = _Names(graph)
+    for n in reshapes:
+        t = stored.get(n.input[1])
+        shape = None if t is None else numpy_helper.to_array(t)
         if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != 1 or np.any(shape[1:] == 0):
             continue
         opened = np.array(shape, dtype=np.int64)
         opened[0] = 0
-        name = f"{n.input[1]}__open_batch"
-        k = 0
-        while name in taken:
-            k += 1
-            name = f"{n.input[1]}__open_batch{k}"
-        taken.add(name)
-        graph.initializer.append(numpy_helper.from_array(opened, name))
-        n.input[1] = name
+        n.input[1] = _const(graph, names, f"{n.input[1]}__open_batch", opened)
 
 
 def calibration_batches(
