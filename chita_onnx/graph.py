@@ -284,10 +284,7 @@ def is_fixed_operator(tensor: TensorProto) -> bool:
     except Exception:  # external data not loaded, or an unreadable tensor: not ours to judge here
         return False
     flat = np.asarray(a, dtype=np.float64).reshape(-1)
-    head = flat[:_FIXED_PEEK]
-    if not flat.size or not np.array_equal(head, np.round(head)):
-        return False
-    return bool(np.array_equal(flat, np.round(flat)) and np.abs(flat).max() > 1)
+    return bool(flat.size and np.array_equal(flat, np.round(flat)) and np.abs(flat).max() > 1)
 
 
 def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
