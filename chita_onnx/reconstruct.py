@@ -684,8 +684,10 @@ def _class_offsets(
         return (head, _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS), rows.rank), 0
     own = decide is None
     if own:
-        sub = _decision_batches(prep, config)
-        rows = held = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed)
+        whole, pick = _decision_pick(prep, config)
+        n_fit = sum(int(next(iter(b.values())).shape[0]) for b in fit)
+        sub = batches_of(prep, config, whole.take(pick))
+        rows = held = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed, n_fit)
     else:
         rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
         held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
@@ -699,8 +701,13 @@ def _class_offsets(
     scores[label] = _kl_rows(held.P_held, Zh, beta0)
     if not scores[label] < scores[base_label]:
         return None, held.held_samples
-    if own:  # kept: fitted on all the fitting samples, from there
-        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+    if own:  # kept: fitted on all the fitting samples, from there (the decision's rows reused)
+        rest = np.setdiff1d(np.arange(n_fit), pick)
+        if pick.size and int(pick[-1]) < n_fit:  # the decision samples are fitting samples
+            rows = _joined(rows, _head_rows(dense, chosen, head, batches_of(prep, config, whole.take(rest)),
+                                            spill, 0.0, config.seed, n_fit) if rest.size else None)  # fmt: skip
+        else:
+            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
     beta = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, OFFSET_ITERATIONS, start=beta0)
     return (head, beta, rows.rank), held.held_samples
 
@@ -719,12 +726,13 @@ OFFSET_ITERATIONS = 30
 DECISION_SAMPLES = 64
 
 
-def _decision_batches(prep: Prepared, config: CompressConfig) -> list[Arrays]:
-    """A seeded subset of at most :data:`DECISION_SAMPLES` calibration samples, as batches."""
+def _decision_pick(prep: Prepared, config: CompressConfig) -> tuple[ArraySource, NDArray[np.int64]]:
+    """The calibration samples in memory, and a seeded sorted subset of at most
+    :data:`DECISION_SAMPLES` of their indices."""
     whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
     n = whole.num_samples
     pick = np.sort(np.random.default_rng(config.seed + 13).permutation(n)[: min(n, DECISION_SAMPLES)])
-    return batches_of(prep, config, whole.take(pick))
+    return whole, pick.astype(np.int64)
 
 
 @dataclass
@@ -751,13 +759,15 @@ def _head_rows(
     spill: Mapping[str, object],
     held_fraction: float,
     seed: int,
+    budget_samples: int | None = None,
 ) -> _HeadRows:
     """Run the dense and the pruned model once over ``batches`` and collect :class:`_HeadRows`; a
     seeded ``held_fraction`` of the samples is held out (0: none, 1: all; none below 10 samples).
     Rows follow the samples along the first axis of the output as long as the batch (``[N, T, C]``
     or ``[T, N, C]``), else whole batches are held out together.  Beyond
-    :data:`OFFSET_MAX_ELEMENTS` logits a seeded share of the rows is kept (the same rows of both
-    models); the probability sums cover every row."""
+    :data:`OFFSET_MAX_ELEMENTS` logits (over ``budget_samples`` samples when given, of which these
+    batches are a part) a seeded share of the rows is kept (the same rows of both models); the
+    probability sums cover every row."""
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
     total = sum(sizes)
     held_sample = np.zeros(total, dtype=bool)
@@ -800,7 +810,7 @@ def _head_rows(
         psum_all = s_all if psum_all is None else psum_all + s_all
         psum_fit = s_fit if psum_fit is None else psum_fit + s_fit
         if k == 0:  # the expected logits of all batches, from the first one's rows per sample
-            expected = p.shape[0] / max(sizes[0], 1) * total * p.shape[1]
+            expected = p.shape[0] / max(sizes[0], 1) * max(total, budget_samples or 0) * p.shape[1]
             share = min(1.0, OFFSET_MAX_ELEMENTS / max(expected, 1.0))
         keep = np.asarray(rng.random(p.shape[0]) < share, dtype=bool)  # all rows when share = 1
         kept.append(keep)
@@ -820,6 +830,16 @@ def _head_rows(
         np.concatenate(Z), np.concatenate(held), np.concatenate(P_held), psum_fit, psum_all, rank,
         int(held_sample.sum()),
     )  # fmt: skip
+
+
+def _joined(a: _HeadRows, b: _HeadRows | None) -> _HeadRows:
+    """The rows of ``a`` and ``b`` (other samples of the same model) as fitting rows: none held out."""
+    if b is None:
+        Z, psum = a.Z, a.psum_all
+    else:
+        Z, psum = np.concatenate([a.Z, b.Z]), a.psum_all + b.psum_all
+    none = np.zeros(Z.shape[0], dtype=bool)
+    return _HeadRows(Z, none, np.zeros((0, Z.shape[1]), np.float32), psum, psum, a.rank, 0)
 
 
 def _fit_rows(

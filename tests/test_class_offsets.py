@@ -280,6 +280,70 @@ def test_compress_fits_offsets_and_auto_keeps_the_better_candidate(tmp_path: Pat
     assert len(onnx.load(str(tmp_path / "on.onnx")).graph.node) == 5
 
 
+def test_a_kept_auto_decision_runs_every_sample_once_and_fits_on_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` decides on a subset of the calibration samples; when it keeps the offsets, the final
+    fit reuses that subset's rows and runs only the other samples: every sample goes through the
+    models once, and the fit sees the same rows (up to order) as one run over all of them."""
+    import chita_onnx.reconstruct as rc
+
+    calls: list[tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]] = []
+    fits: list[tuple[np.ndarray, np.ndarray]] = []
+    head_rows, fit_rows = rc._head_rows, rc._fit_rows
+
+    def spy_rows(dense, pruned, head, batches, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append((pruned, list(batches)))
+        return head_rows(dense, pruned, head, batches, *a, **k)
+
+    def spy_fit(Z, psum, *a, **k):  # type: ignore[no-untyped-def]
+        fits.append((np.array(Z), np.array(psum)))
+        return fit_rows(Z, psum, *a, **k)
+
+    monkeypatch.setattr(rc, "_head_rows", spy_rows)
+    monkeypatch.setattr(rc, "_fit_rows", spy_fit)
+    src = tmp_path / "in.onnx"
+    dense = many_class_model()
+    onnx.save(dense, src)
+    x = np.random.default_rng(3).standard_normal((100, 16)).astype(np.float32)
+    rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, CompressConfig(sparsity=0.9, class_offsets="auto"))
+    assert "class offsets on" in rep.solver["statistics"]  # kept on this model: the path under test
+    assert len(calls) == 2 and len(fits) == 2
+    seen = np.concatenate([b["x"] for _, batches in calls for b in batches])
+    assert np.unique(seen, axis=0).shape[0] == seen.shape[0] >= 64 + 1  # each fitting sample once
+    assert all(np.any(np.all(x == row, axis=1)) for row in seen)
+    head = softmax_head(dense)
+    assert head is not None
+    full = head_rows(dense, calls[0][0], head, [{"x": seen}], {}, 0.0, 0)
+    Z, psum = fits[-1]
+    order = np.lexsort(Z.T[::-1])
+    np.testing.assert_allclose(Z[order], full.Z[np.lexsort(full.Z.T[::-1])], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(psum / psum.sum(), full.psum_all / full.psum_all.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 10_000])
+def test_the_factored_evaluation_matches_float64_log_sum_exp(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``F``, ``q̄`` and the big classes' probabilities from ``E = exp(Z − m)`` and two products agree
+    with a direct float64 log-sum-exp, whatever the row chunking, up to float32 rounding, also at
+    the box's edges (``β = ±20``) and with logits far apart."""
+    import chita_onnx.solver.offsets as so
+
+    monkeypatch.setattr(so, "ROW_CHUNK", chunk)
+    rng = np.random.default_rng(4)
+    Z = (8 * rng.standard_normal((203, 50))).astype(np.float32)
+    pbar = softmax(rng.standard_normal(50))
+    beta = np.clip(8 * rng.standard_normal(50), -20, 20)
+    beta[:3] = [20.0, -20.0, 20.0]
+    big = np.array([1, 7, 30])
+    f, qbar, QK = _evaluate(Z, pbar, beta, big)
+    z = Z.astype(np.float64) + beta
+    lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    q = np.exp(z - lse[:, None])
+    assert f == pytest.approx(float(lse.mean() - pbar @ beta), rel=1e-6)
+    np.testing.assert_allclose(qbar, q.mean(axis=0), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(QK, q[:, big], rtol=1e-5, atol=1e-12)
+
+
 def test_class_offsets_is_not_applicable_without_a_softmax(tmp_path: Path) -> None:
     m = many_class_model()
     m.graph.node[-1].op_type = "Sigmoid"

@@ -35,8 +35,8 @@ from ..errors import SolverError
 
 #: ``|β_c|`` never exceeds this (``e^20 ≈ 5·10⁸``: far past any useful correction).
 OFFSET_BOUND = 20.0
-#: Rows of logits processed at once (bounds the temporaries to about ``ROW_CHUNK·C·4`` bytes).
-ROW_CHUNK = 512
+#: Rows of logits shifted at once (:func:`shifted`).
+ROW_CHUNK = 64
 #: Classes whose dense or pruned mean probability exceeds this get Newton steps (at most
 #: :data:`MAX_NEWTON_CLASSES` of them, the largest); the others, iterative scaling.
 BIG_CLASS = 1e-3
@@ -56,27 +56,47 @@ class OffsetFit:
     trace: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class Shifted:
+    """Logits ``Z (R, C)`` held as ``E = exp(Z − m) (R, C)`` in float32 (entries in ``(0, 1]``, a 1 in
+    every row) and the row maxima ``m (R,)`` in float64.  Then ``Σ_c exp(z_rc + β_c) = e^{m_r}·(E e^β)_r``,
+    so that every evaluation of ``F`` is two matrix-vector products instead of an ``exp`` of every
+    logit (``|β| ≤ 20`` keeps ``E·e^β`` far inside float32's range)."""
+
+    E: NDArray[np.float32]
+    m: NDArray[np.float64]
+
+
+def shifted(Z: NDArray[np.floating]) -> Shifted:
+    """:class:`Shifted` of ``Z (R, C)`` (a chunk of rows at a time; ``Z`` is not modified)."""
+    R = Z.shape[0]
+    E = np.empty(Z.shape, np.float32)
+    m = np.empty(R)
+    for r0 in range(0, R, ROW_CHUNK):
+        a = E[r0 : r0 + ROW_CHUNK]
+        np.copyto(a, Z[r0 : r0 + ROW_CHUNK], casting="same_kind")
+        mr = a.max(axis=1, keepdims=True)
+        m[r0 : r0 + a.shape[0]] = mr[:, 0]
+        np.subtract(a, mr, out=a)
+        np.exp(a, out=a)
+    return Shifted(E, m)
+
+
 def _evaluate(
-    Z: NDArray[np.floating], pbar: NDArray[np.float64], beta: NDArray[np.float64], big: NDArray[np.int64]
+    Z: NDArray[np.floating] | Shifted, pbar: NDArray[np.float64], beta: NDArray[np.float64], big: NDArray[np.int64]
 ) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
     """``F(β)`` (without its constant), ``q̄(β) (C,)`` and the probabilities of the classes ``big``
-    in every row, ``(R, K)``, for logits ``Z (R, C)`` (in float32, a chunk of rows at a time)."""
-    R = Z.shape[0]
-    b32 = beta.astype(np.float32)
-    lse = 0.0
-    qbar = np.zeros(Z.shape[1])
-    QK = np.empty((R, big.size))
-    for r0 in range(0, R, ROW_CHUNK):
-        a = np.asarray(Z[r0 : r0 + ROW_CHUNK], np.float32) + b32
-        m = a.max(axis=1, keepdims=True)
-        np.subtract(a, m, out=a)
-        np.exp(a, out=a)
-        s = a.sum(axis=1, keepdims=True, dtype=np.float64)
-        a /= s.astype(np.float32)
-        lse += float(np.sum(m, dtype=np.float64) + np.sum(np.log(s)))
-        qbar += a.sum(axis=0, dtype=np.float64)
-        QK[r0 : r0 + a.shape[0]] = a[:, big]
-    return float(-pbar @ beta + lse / R), qbar / R, QK
+    in every row, ``(R, K)``, for logits ``Z (R, C)`` (or their :class:`Shifted` form):
+    ``s = E e^β``, ``F = mean(m + log s) − p̄ᵀβ``, ``q̄ = e^β ⊙ Eᵀ(1/s) / R``."""
+    L = Z if isinstance(Z, Shifted) else shifted(Z)
+    R = L.E.shape[0]
+    eb = np.exp(beta)
+    s = (L.E @ eb.astype(np.float32)).astype(np.float64)
+    s = np.maximum(s, np.finfo(np.float64).tiny)
+    lse = float(np.sum(L.m) + np.sum(np.log(s)))
+    qbar = (1.0 / s).astype(np.float32) @ L.E * eb / R
+    QK = L.E[:, big] * (eb[big] / s[:, None])
+    return float(-pbar @ beta + lse / R), np.asarray(qbar, np.float64), QK
 
 
 def fit_class_offsets(
@@ -112,12 +132,13 @@ def fit_class_offsets(
     beta = np.zeros(C) if start is None else np.clip(np.asarray(start, np.float64).reshape(-1), -bound, bound)
     if beta.shape != (C,) or not np.all(np.isfinite(beta)):
         raise SolverError(f"start must be {C} finite offsets")
-    _, q0, _ = _evaluate(Z, p, beta, np.zeros(0, np.int64))
+    L = shifted(Z)
+    _, q0, _ = _evaluate(L, p, beta, np.zeros(0, np.int64))
     weight = np.maximum(p, q0)
     big = np.flatnonzero(weight > BIG_CLASS)
     if big.size > MAX_NEWTON_CLASSES:
         big = np.sort(np.argpartition(-weight, MAX_NEWTON_CLASSES - 1)[:MAX_NEWTON_CLASSES])
-    f, q, QK = _evaluate(Z, p, beta, big)
+    f, q, QK = _evaluate(L, p, beta, big)
     trace = [f]
     converged = False
     iterations = 0
@@ -137,7 +158,7 @@ def fit_class_offsets(
             t = 1.0
             while True:
                 cand = np.clip(beta + t * step, -bound, bound)
-                fc, qc, Qc = _evaluate(Z, p, cand, big)
+                fc, qc, Qc = _evaluate(L, p, cand, big)
                 if fc < f or t < 1e-3:
                     break
                 t *= 0.5
