@@ -68,7 +68,7 @@ from .limits import MAX_SEED, check_int, data_budget
 from .paths import Output, OutputPlan, plan_outputs
 from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
-from .reconstruct import correct_statistics, split_decision
+from .reconstruct import HeadCache, correct_statistics, split_decision
 from .report import FileSizes, Report, StageReport, TensorReport
 from .solver import Budget, SolverResult, chita_blocked, chita_iht, magnitude, sparsity_schedule
 from .solver import cbs as cbs_solver
@@ -685,6 +685,7 @@ def prune(
     on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None = None,
     X0: NDArray[np.float32] | None = None,
     structure: NMStructure | None = None,
+    head_cache: HeadCache | None = None,
 ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """Run the configured method (every stage of CHITA++) and return the pruned flat weights.
 
@@ -692,10 +693,11 @@ def prune(
     (the sweep shares it between methods).  Later CHITA++ stages recompute X at the current weights.
     With ``--pattern N:M`` every solve keeps at most N of every group (``structure``, built from the
     graph when not given); CHITA++ stages tighten the per-group cap towards N (``NMStructure.budget``).
+    ``head_cache``: filled by the layer-wise pass for the statistics correction (:class:`HeadCache`).
     """
     timer = timer or PhaseTimer()
     if config.method == "layerwise":
-        return _prune_layerwise(prep, config, oracle, timer, on_stage, X0)
+        return _prune_layerwise(prep, config, oracle, timer, on_stage, X0, head_cache)
     if config.distill and X0 is None:
         prep, mixed = _with_mixtures(prep, config)
         if mixed is not config:
@@ -855,6 +857,7 @@ def _prune_layerwise(
     timer: PhaseTimer,
     on_stage: Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport] | None,
     X0: NDArray[np.float32] | None,
+    head_cache: HeadCache | None = None,
 ) -> tuple[NDArray[np.float32], list[StageReport], SolverResult]:
     """``--method layerwise``: budget allocation, then select and re-fit layer by layer in graph order."""
     from .reconstruct import prune_layerwise
@@ -902,7 +905,7 @@ def _prune_layerwise(
         return None if grad_oracle is None else grad_oracle.head_kind
 
     with timer.phase("layerwise"), solver_threads():
-        result = prune_layerwise(prep, config, w_bar, gradients, diagonal, head_kind)
+        result = prune_layerwise(prep, config, w_bar, gradients, diagonal, head_kind, head_cache)
     if oracle is not None and grad_oracle is not None and grad_oracle is not oracle:
         oracle.loss_description = grad_oracle.loss_description  # the allocation's gradients, for the report
     w = np.asarray(result.w, dtype=np.float32)
@@ -1158,8 +1161,9 @@ def _compress(
         )
 
     oracle = GradientOracle(prep, config) if config.needs_gradients else None
+    head_cache = HeadCache()  # the layer-wise pass's head tensors, for the class offsets
     try:
-        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure)
+        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure, head_cache=head_cache)
     except Exception as exc:
         if isinstance(exc, ChitaError) and exc.run_failed:
             blame_data(in_path, calibration, prep.specs)  # raises a DataError naming the file and batch
@@ -1196,7 +1200,7 @@ def _compress(
             log.warning("the layer-wise pass failed (%s): fell back to chita", why)
     with timer.phase("statistics"):
         try:
-            corrected, correction = correct_statistics(prep, config, w, decide, config.output)
+            corrected, correction = correct_statistics(prep, config, w, decide, config.output, head_cache)
         except ChitaError as exc:
             if exc.run_failed:
                 blame_data(in_path, calibration, prep.specs)

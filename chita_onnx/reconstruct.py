@@ -357,13 +357,15 @@ def prune_layerwise(
     gradients: Callable[[int | None], NDArray[np.float32] | None],
     diagonal: Callable[[int], NDArray[np.floating] | None] | None = None,
     head_kind: Callable[[], str | None] | None = None,
+    head_cache: HeadCache | None = None,
 ) -> SolverResult:
     """``--method layerwise``: allocate the budget (see :func:`allocate` for ``gradients`` and
     ``diagonal``), then select and re-fit layer by layer.  Weights the pass cannot reconstruct
     (:func:`~chita_onnx.rnnlayers.split_layers`) are pruned to their allocated counts first
     (:func:`prune_refused`), so that the layers after them are fitted on their pruned outputs.
     ``head_kind()``, asked after the allocation: what its gradients' loss was computed on (see
-    :func:`use_row_weights`)."""
+    :func:`use_row_weights`).  ``head_cache``, when given, gets the softmax head's tensors on the
+    calibration samples (:class:`HeadCache`) if the statistics correction may fit class offsets."""
     t0 = time.perf_counter()
     keep, how, fisher = allocate(prep, config, w_bar, config.sparsity, gradients, diagonal)
     t_alloc = time.perf_counter() - t0
@@ -394,13 +396,37 @@ def prune_layerwise(
         return SolverResult(
             start, np.flatnonzero(start).astype(np.int64), float("nan"), (), 1, True, "layerwise", info0
         )
-    res = layerwise_prune(model, batches, keep=handled, opts=opts, row_fisher=rows, fixed=fixed)
+    head = None
+    if head_cache is not None and config.class_offsets != "off" and opts.dense_targets:
+        head = softmax_head(model, config.output)
+    tail = () if head is None else (head.probs, head.logits)
+    res = layerwise_prune(model, batches, keep=handled, opts=opts, row_fisher=rows, fixed=fixed, tail=tail)
     w = _flat(prep, res, start)
+    if head is not None and head_cache is not None and res.tail is not None:
+        _fill(head_cache, head, res.tail, [int(next(iter(b.values())).shape[0]) for b in batches], w)
     support = np.flatnonzero(w).astype(np.int64)
     info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc}
     if refused:
         info["not_reconstructed"] = ", ".join(sorted(refused))
     return SolverResult(w, support, float("nan"), (), 1, True, "layerwise", info)
+
+
+def _fill(
+    cache: HeadCache,
+    head: SoftmaxHead,
+    tail: tuple[Mapping[str, list[NDArray[np.generic]]], Mapping[str, list[NDArray[np.generic]]]],
+    sizes: Sequence[int],
+    w: NDArray[np.float32],
+) -> None:
+    """Put the pass's head tensors (``tail``: dense and pruned values per batch of ``sizes``) into
+    ``cache``, one array per sample; nothing when they cannot be split by sample or hold more than
+    :data:`OFFSET_MAX_ELEMENTS` logits (the offsets then sample rows as they run the models)."""
+    probs = _per_sample(tail[0][head.probs], sizes, head)
+    logits = _per_sample(tail[1][head.logits], sizes, head)
+    if probs is None or logits is None or sum(int(a.size) for a in logits) > OFFSET_MAX_ELEMENTS:
+        return
+    cache.probs_name, cache.logits_name = head.probs, head.logits
+    cache.probs, cache.logits, cache.w = probs, logits, np.array(w, np.float32)
 
 
 def prune_refused(
@@ -548,8 +574,12 @@ def correct_statistics(
     w: NDArray[np.float32],
     decide: list[Arrays] | None,
     output: str | None,
+    cache: HeadCache | None = None,
 ) -> tuple[onnx.ModelProto | None, Correction]:
     """Apply (or choose and apply) BN re-estimation and bias correction to the pruned weights ``w``.
+
+    ``cache``: the head tensors the layer-wise pass left (:class:`HeadCache`), which the class
+    offsets use instead of running the models again where they apply.
 
     Returns the corrected model in the *input's* format (same opset, IR, Constant nodes) with the
     pruned weights in place, or None when no step is applied, and what was done.  A correction left
@@ -559,7 +589,7 @@ def correct_statistics(
     """
     t0 = time.perf_counter()
     try:
-        return _correct_statistics(prep, config, w, decide, output, t0)
+        return _correct_statistics(prep, config, w, decide, output, t0, cache)
     except Exception as exc:  # auto mode falls back to no correction, explicitly reported
         if "on" in (config.bn_recalibrate, config.bias_correction, config.class_offsets) or isinstance(
             exc, MemoryError
@@ -577,6 +607,7 @@ def _correct_statistics(
     decide: list[Arrays] | None,
     output: str | None,
     t0: float,
+    cache: HeadCache | None = None,
 ) -> tuple[onnx.ModelProto | None, Correction]:
     dense = working_copy(prep.model)
     has_bn = bool(batchnorm_nodes(dense))
@@ -628,9 +659,15 @@ def _correct_statistics(
     n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
     offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     if head is not None and "on" in off_opts:
+        known: tuple[list[NDArray[np.generic]] | None, list[NDArray[np.generic]] | None] = (None, None)
+        if cache is not None and cache.probs is not None and (cache.probs_name, cache.logits_name) == (
+            head.probs, head.logits
+        ):
+            same = best == ("off", "off") and cache.w is not None and np.array_equal(cache.w, w)
+            known = (cache.probs, cache.logits if same else None)  # the pass's pruned model is ``chosen``
         try:
             offsets, held = _class_offsets(
-                dense, chosen, head, _label(best), len(off_opts) > 1, prep, config, fit, decide, spill, scores
+                dense, chosen, head, _label(best), len(off_opts) > 1, prep, config, fit, decide, spill, scores, known
             )
             n_dec = held or n_dec
         except ModelError as exc:  # a softmax the offsets cannot follow: they are left off, the rest stays
@@ -669,6 +706,7 @@ def _class_offsets(
     decide: Sequence[Arrays] | None,
     spill: Mapping[str, object],
     scores: dict[str, float],
+    known: tuple[Sequence[NDArray[np.generic]] | None, Sequence[NDArray[np.generic]] | None] = (None, None),
 ) -> tuple[tuple[SoftmaxHead, NDArray[np.float64], int] | None, int]:
     """The class offsets to add to ``chosen`` (the head, ``β``, the logits' rank) or None, and how
     many held-out samples decided (0: no decision).  ``decide_auto``: decide on held-out samples
@@ -678,18 +716,40 @@ def _class_offsets(
     at most :data:`DECISION_SAMPLES` calibration samples picked here (the pass itself used all of
     them: a large gain shows on few samples, a small one is small).  The offsets compared there are
     fitted without them; the ones kept continue that fit on all the fitting samples.  The pruned
-    head's output is softmax(logits), so both candidates' held-out KL comes from one forward pass."""
+    head's output is softmax(logits), so both candidates' held-out KL comes from one forward pass.
+
+    ``known``: the dense probabilities and the pruned (``chosen``) logits of the fitting samples,
+    one array per sample, where the layer-wise pass left them (None: run the model)."""
+    n_fit = sum(int(next(iter(b.values())).shape[0]) for b in fit)
+    if any(k is not None and len(k) != n_fit for k in known):
+        known = (None, None)
+
+    Known = list[NDArray[np.generic]] | None
+
+    def of(index: NDArray[np.int64] | None) -> tuple[Known, Known]:
+        """``known`` for the fitting samples ``index`` (all when None)."""
+
+        def take(k: Sequence[NDArray[np.generic]] | None) -> Known:
+            return None if k is None else list(k) if index is None else [k[int(i)] for i in index]
+
+        return take(known[0]), take(known[1])
+
     if not decide_auto:
-        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+        kp, kl = of(None)
+        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed, probs=kp, logits=kl)
         return (head, _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS), rows.rank), 0
     own = decide is None
     if own:
         whole, pick = _decision_pick(prep, config)
-        n_fit = sum(int(next(iter(b.values())).shape[0]) for b in fit)
         sub = batches_of(prep, config, whole.take(pick))
-        rows = held = _head_rows(dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed, n_fit)
+        within = bool(pick.size) and int(pick[-1]) < n_fit  # the decision samples are fitting samples
+        kp, kl = of(pick) if within else (None, None)
+        rows = held = _head_rows(
+            dense, chosen, head, sub, spill, DECISION_FRACTION, config.seed, n_fit, probs=kp, logits=kl
+        )
     else:
-        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+        kp, kl = of(None)
+        rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed, probs=kp, logits=kl)
         held = _head_rows(dense, chosen, head, decide or [], spill, 1.0, config.seed)
     if not (np.any(held.held) and np.any(~rows.held)):
         log.warning("too few calibration samples to decide the class offsets: leaving them off")
@@ -703,11 +763,16 @@ def _class_offsets(
         return None, held.held_samples
     if own:  # kept: fitted on all the fitting samples, from there (the decision's rows reused)
         rest = np.setdiff1d(np.arange(n_fit), pick)
-        if pick.size and int(pick[-1]) < n_fit:  # the decision samples are fitting samples
-            rows = _joined(rows, _head_rows(dense, chosen, head, batches_of(prep, config, whole.take(rest)),
-                                            spill, 0.0, config.seed, n_fit) if rest.size else None)  # fmt: skip
+        if within:
+            more = None
+            if rest.size:
+                kp, kl = of(rest)
+                more = _head_rows(dense, chosen, head, batches_of(prep, config, whole.take(rest)), spill, 0.0,
+                                  config.seed, n_fit, probs=kp, logits=kl)  # fmt: skip
+            rows = _joined(rows, more)
         else:
-            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed)
+            kp, kl = of(None)
+            rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed, probs=kp, logits=kl)
     beta = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, OFFSET_ITERATIONS, start=beta0)
     return (head, beta, rows.rank), held.held_samples
 
@@ -760,6 +825,8 @@ def _head_rows(
     held_fraction: float,
     seed: int,
     budget_samples: int | None = None,
+    probs: Sequence[NDArray[np.generic]] | None = None,
+    logits: Sequence[NDArray[np.generic]] | None = None,
 ) -> _HeadRows:
     """Run the dense and the pruned model once over ``batches`` and collect :class:`_HeadRows`; a
     seeded ``held_fraction`` of the samples is held out (0: none, 1: all; none below 10 samples).
@@ -767,8 +834,26 @@ def _head_rows(
     or ``[T, N, C]``), else whole batches are held out together.  Beyond
     :data:`OFFSET_MAX_ELEMENTS` logits (over ``budget_samples`` samples when given, of which these
     batches are a part) a seeded share of the rows is kept (the same rows of both models); the
-    probability sums cover every row."""
+    probability sums cover every row.
+
+    ``probs`` / ``logits``: the dense probabilities / pruned logits of the samples of ``batches``,
+    one array per sample (:func:`_per_sample`), when they are known already (the layer-wise pass
+    left them, :class:`HeadCache`); the model is then not run for them."""
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
+    dense_v: Sequence[NDArray[np.generic]] | None = None
+    pruned_v: Sequence[NDArray[np.generic]] | None = None
+    if probs is not None or logits is not None:
+        dense_v, pruned_v = probs, logits
+        if dense_v is None:
+            dense_v = _per_sample(_head_values(dense, batches, head.probs, spill), sizes, head)
+        if pruned_v is None:
+            pruned_v = _per_sample(_head_values(pruned, batches, head.logits, spill), sizes, head)
+        if dense_v is not None and pruned_v is not None and len(dense_v) == len(pruned_v) == sum(sizes):
+            sizes = [1] * len(dense_v)
+        else:
+            dense_v = pruned_v = None
+    if dense_v is None:
+        dense_v = _head_values(dense, batches, head.probs, spill)
     total = sum(sizes)
     held_sample = np.zeros(total, dtype=bool)
     if held_fraction >= 1.0:
@@ -801,9 +886,7 @@ def _head_rows(
     rng = np.random.default_rng(seed + 17)
     psum_fit: NDArray[np.float64] | None = None
     psum_all: NDArray[np.float64] | None = None
-    runner = SegmentRunner(dense, batches, **spill)  # type: ignore[arg-type]
-    runner.advance(len(runner.nodes), extra=[head.probs])
-    for k, v in enumerate(runner.values(head.probs)):
+    for k, v in enumerate(dense_v):
         p, flags, _ = rows_of(v, k)
         p = np.exp(np.asarray(p, np.float64)) if head.op_type == "LogSoftmax" else np.asarray(p, np.float64)
         s_all, s_fit = p.sum(axis=0), p[~flags].sum(axis=0)
@@ -816,20 +899,66 @@ def _head_rows(
         kept.append(keep)
         P_held.append(p[flags & keep].astype(np.float32))
         held.append(flags[keep])
-    runner.close()
+    del dense_v
     Z: list[NDArray[np.float32]] = []
     rank = 0
-    runner = SegmentRunner(pruned, batches, **spill)  # type: ignore[arg-type]
-    runner.advance(len(runner.nodes), extra=[head.logits])
-    for k, v in enumerate(runner.values(head.logits)):
+    if pruned_v is None:
+        pruned_v = _head_values(pruned, batches, head.logits, spill)
+    for k, v in enumerate(pruned_v):
         z, _, rank = rows_of(v, k)
         Z.append(np.asarray(z[kept[k]], np.float32))
-    runner.close()
     assert psum_all is not None and psum_fit is not None
     return _HeadRows(
         np.concatenate(Z), np.concatenate(held), np.concatenate(P_held), psum_fit, psum_all, rank,
         int(held_sample.sum()),
     )  # fmt: skip
+
+
+def _head_values(
+    model: onnx.ModelProto, batches: Sequence[Arrays], name: str, spill: Mapping[str, object]
+) -> list[NDArray[np.generic]]:
+    """Tensor ``name`` of ``model`` on each of ``batches``."""
+    runner = SegmentRunner(model, batches, **spill)  # type: ignore[arg-type]
+    try:
+        runner.advance(len(runner.nodes), extra=[name])
+        return [np.asarray(v) for v in runner.values(name)]
+    finally:
+        runner.close()
+
+
+def _per_sample(
+    values: Sequence[NDArray[np.generic]], sizes: Sequence[int], head: SoftmaxHead
+) -> list[NDArray[np.generic]] | None:
+    """Head tensors of batches of ``sizes`` samples split into one array per sample (the batch axis
+    kept, of size 1), along the first non-class axis as long as the batch (as :func:`_head_rows`
+    reads them); None when a batch of several samples has no such axis."""
+    out: list[NDArray[np.generic]] = []
+    for v, n in zip(values, sizes, strict=True):
+        a = np.asarray(v)
+        ax = head.class_axis(a.ndim)
+        if n == 1:
+            out.append(a)
+            continue
+        bax = next((i for i in range(a.ndim) if i != ax and a.shape[i] == n), None)
+        if ax is None or bax is None:
+            return None
+        out.extend(np.split(a, n, axis=bax))
+    return out
+
+
+@dataclass
+class HeadCache:
+    """A softmax head's tensors on the calibration samples as the layer-wise pass leaves them, for the
+    class offsets (:func:`correct_statistics`), which otherwise run the dense and the pruned model
+    over those samples once more: the dense probabilities ``probs`` and the pruned logits ``logits``
+    (one array per sample, :func:`_per_sample`), their tensor names, and the pruned weights ``w (p,)``
+    the logits belong to.  Filled by :func:`prune_layerwise` when asked (empty otherwise)."""
+
+    probs_name: str = ""
+    logits_name: str = ""
+    probs: list[NDArray[np.generic]] | None = None
+    logits: list[NDArray[np.generic]] | None = None
+    w: NDArray[np.float32] | None = None
 
 
 def _joined(a: _HeadRows, b: _HeadRows | None) -> _HeadRows:

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
 from .activations import Arrays, LayerSite, SegmentRunner, find_layers
+from .errors import ModelError
 from .graph import _constant_values, write_weights
 from .layerstats import (
     LayerStats,
@@ -84,6 +85,9 @@ class PassResult:
     weights: dict[str, NDArray[np.float32]]
     layers: list[LayerReport]
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The ``tail`` tensors asked of :func:`layerwise_prune`, per batch, of the dense model and of the
+    #: pruned one (all layers pruned); None when not asked or not available.
+    tail: tuple[dict[str, list[NDArray[np.generic]]], dict[str, list[NDArray[np.generic]]]] | None = None
 
 
 def _add_consumer(
@@ -196,6 +200,7 @@ def layerwise_prune(
     opts: LayerwiseOptions | None = None,
     row_fisher: Mapping[str, NDArray[np.floating]] | None = None,
     fixed: Mapping[str, NDArray[np.floating]] | None = None,
+    tail: Sequence[str] = (),
 ) -> PassResult:
     """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
     by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
@@ -215,6 +220,10 @@ def layerwise_prune(
     ``fixed`` (optional, per tensor in its ONNX shape): weights outside ``keep``/``masks`` that hold
     these values in the pruned model from the start (already pruned, not re-fitted); the dense
     targets still come from ``model`` as it is.
+
+    ``tail`` (optional): tensors to run both models on to the end for, after the last layer, and
+    return (:attr:`PassResult.tail`; the softmax head's, for the class offsets); only the nodes
+    after the last layer run again.
     """
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
@@ -310,12 +319,21 @@ def layerwise_prune(
             site.weight, int(np.count_nonzero(W)), W.size, stats.rows,
             sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
         )  # fmt: skip
+    tails = None
+    if tail and dense is not None:
+        try:
+            for r in (pruned, dense):
+                r.advance(len(r.nodes), extra=tail)
+            tails = ({n: list(dense.values(n)) for n in tail}, {n: list(pruned.values(n)) for n in tail})
+        except (KeyError, ModelError) as exc:  # e.g. produced before the last layer and not kept
+            log.debug("no tail tensors from the pass: %s", exc)
     total = time.perf_counter() - t0
     fwd = pruned.seconds + (dense.seconds if dense is not None else 0.0)
     pruned.close()
     if dense is not None:
         dense.close()
-    return PassResult(weights, reports, {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total})
+    seconds = {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total}
+    return PassResult(weights, reports, seconds, tails)
 
 
 # ------------------------------------------------------------------------------ statistics correction

@@ -321,6 +321,61 @@ def test_a_kept_auto_decision_runs_every_sample_once_and_fits_on_all_of_them(
     np.testing.assert_allclose(psum / psum.sum(), full.psum_all / full.psum_all.sum(), rtol=1e-6)
 
 
+def test_the_pass_leaves_the_head_tensors_and_the_offsets_then_run_no_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer-wise pass runs both models to the head after its last layer; the class offsets then
+    use those tensors instead of running the dense and the pruned model again, and the written model
+    is the one they give when they do run them."""
+    import chita_onnx.reconstruct as rc
+    from chita_onnx.sequential import layerwise_prune
+
+    src = tmp_path / "in.onnx"
+    dense = many_class_model()
+    onnx.save(dense, src)
+    x = np.random.default_rng(3).standard_normal((100, 16)).astype(np.float32)
+    head = softmax_head(dense)
+    assert head is not None
+    # the pass's tail: both models' head tensors, the pruned one with the pass's weights
+    batches = [{"x": x[:60]}, {"x": x[60:]}]
+    res = layerwise_prune(dense, batches, keep={"W1": 100, "W2": 700}, tail=(head.probs, head.logits))
+    assert res.tail is not None
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(dense)
+    for t in pruned.graph.initializer:
+        if t.name in res.weights:
+            t.CopyFrom(numpy_helper.from_array(res.weights[t.name], t.name))
+    for k, b in enumerate(batches):
+        np.testing.assert_allclose(res.tail[0][head.probs][k], run(dense, b["x"]), rtol=1e-5, atol=1e-7)
+        z = ort.InferenceSession(_with_output(pruned, head.logits).SerializeToString()).run([head.logits], b)[0]
+        np.testing.assert_allclose(res.tail[1][head.logits][k], z, rtol=1e-5, atol=1e-5)
+
+    runs: list[str] = []
+    head_values = rc._head_values
+
+    def spy(model, batches, name, spill):  # type: ignore[no-untyped-def]
+        runs.append(name)
+        return head_values(model, batches, name, spill)
+
+    monkeypatch.setattr(rc, "_head_values", spy)
+    cfg = CompressConfig(sparsity=0.9, class_offsets="auto")
+    rep = chita_onnx.compress(src, tmp_path / "cached.onnx", {"x": x}, cfg)
+    assert "class offsets on" in rep.solver["statistics"] and runs == []
+    monkeypatch.setattr(rc, "_fill", lambda *a, **k: None)  # no cache: the models run
+    rep2 = chita_onnx.compress(src, tmp_path / "run.onnx", {"x": x}, cfg)
+    assert "class offsets on" in rep2.solver["statistics"] and runs
+    a = run(onnx.load(str(tmp_path / "cached.onnx")), x)
+    b = run(onnx.load(str(tmp_path / "run.onnx")), x)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.ValueInfoProto(name=name))
+    return m
+
+
 @pytest.mark.parametrize("chunk", [7, 10_000])
 def test_the_factored_evaluation_matches_float64_log_sum_exp(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """``F``, ``q̄`` and the big classes' probabilities from ``E = exp(Z − m)`` and two products agree
