@@ -660,8 +660,10 @@ def _correct_statistics(
     offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     if head is not None and "on" in off_opts:
         known: tuple[list[NDArray[np.generic]] | None, list[NDArray[np.generic]] | None] = (None, None)
-        if cache is not None and cache.probs is not None and (cache.probs_name, cache.logits_name) == (
-            head.probs, head.logits
+        if (
+            cache is not None
+            and cache.probs is not None
+            and (cache.probs_name, cache.logits_name) == (head.probs, head.logits)
         ):
             same = best == ("off", "off") and cache.w is not None and np.array_equal(cache.w, w)
             known = (cache.probs, cache.logits if same else None)  # the pass's pruned model is ``chosen``
