@@ -1205,6 +1205,7 @@ def _compress(
             if exc.run_failed:
                 blame_data(in_path, calibration, prep.specs)
             raise
+    head_cache.probs = head_cache.logits = None  # done with them: free the memory
     layout = prep.layout
     k_final = keep_count(config.sparsity, layout.p) if structure is None else structure.budget().k
     meta = {

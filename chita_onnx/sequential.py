@@ -23,7 +23,6 @@ from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
 from .activations import Arrays, LayerSite, SegmentRunner, find_layers
-from .errors import ModelError
 from .graph import _constant_values, write_weights
 from .layerstats import (
     LayerStats,
@@ -325,7 +324,9 @@ def layerwise_prune(
             for r in (pruned, dense):
                 r.advance(len(r.nodes), extra=tail)
             tails = ({n: list(dense.values(n)) for n in tail}, {n: list(pruned.values(n)) for n in tail})
-        except (KeyError, ModelError) as exc:  # e.g. produced before the last layer and not kept
+        except MemoryError:
+            raise
+        except Exception as exc:  # optional: e.g. produced before the last layer and not kept
             log.debug("no tail tensors from the pass: %s", exc)
     total = time.perf_counter() - t0
     fwd = pruned.seconds + (dense.seconds if dense is not None else 0.0)
