@@ -548,6 +548,36 @@ def test_time_first_outputs_hold_out_whole_samples() -> None:
     assert len(found) == 4  # four whole samples, three rows each
 
 
+@pytest.mark.parametrize("ctc", [True, False])
+def test_rows_from_per_sample_tensors_are_the_rows_from_running_the_models(ctc: bool) -> None:
+    """The pass's head tensors split by sample (``[T, N, C]`` along N) give the same rows, the same
+    held-out samples and the same probability sums as running the two models over the batches."""
+    from chita_onnx.reconstruct import _head_rows, _head_values, _per_sample
+
+    dense = ctc_model() if ctc else head_model(rank3=True, axis=-1)
+    pruned = ctc_model(seed=1) if ctc else head_model(rank3=True, axis=-1, seed=1)
+    rng = np.random.default_rng(11)
+    batches = [{"x": rng.standard_normal((n, 3, 5)).astype(np.float32)} for n in (7, 1, 12)]
+    head = softmax_head(dense)
+    assert head is not None
+    sizes = [7, 1, 12]
+    probs = _per_sample(_head_values(dense, batches, head.probs, {}), sizes, head)
+    logits = _per_sample(_head_values(pruned, batches, head.logits, {}), sizes, head)
+    assert probs is not None and logits is not None and len(probs) == len(logits) == 20
+    ran = _head_rows(dense, pruned, head, batches, {}, 0.2, 0)
+    known = _head_rows(dense, pruned, head, batches, {}, 0.2, 0, probs=probs, logits=logits)
+    assert known.held_samples == ran.held_samples == 4 and known.rank == ran.rank
+    np.testing.assert_allclose(known.psum_all, ran.psum_all, rtol=1e-12)
+    np.testing.assert_allclose(known.psum_fit, ran.psum_fit, rtol=1e-12)
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return a[np.lexsort(a.T[::-1])]
+
+    np.testing.assert_array_equal(rows(known.Z), rows(ran.Z))
+    np.testing.assert_array_equal(rows(known.Z[known.held]), rows(ran.Z[ran.held]))
+    np.testing.assert_array_equal(rows(known.P_held), rows(ran.P_held))
+
+
 def test_an_offset_the_graph_cannot_take_leaves_the_other_corrections(tmp_path: Path) -> None:
     """Opset 11 Softmax over axis 1 of a rank-3 tensor (over the flattened tail, not one class axis):
     `auto` leaves them out (n/a) and keeps the bias correction; `on` refuses."""
