@@ -399,7 +399,7 @@ def prune_layerwise(
     head = None
     if head_cache is not None and config.class_offsets != "off" and opts.dense_targets:
         head = softmax_head(model, config.output)
-    tail = () if head is None else (head.probs, head.logits)
+    tail: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()) if head is None else ((head.probs,), (head.logits,))
     res = layerwise_prune(model, batches, keep=handled, opts=opts, row_fisher=rows, fixed=fixed, tail=tail)
     w = _flat(prep, res, start)
     if head is not None and head_cache is not None and res.tail is not None:
@@ -659,17 +659,18 @@ def _correct_statistics(
     n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
     offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     if head is not None and "on" in off_opts:
-        known: tuple[list[NDArray[np.generic]] | None, list[NDArray[np.generic]] | None] = (None, None)
+        usable = None
         if (
             cache is not None
             and cache.probs is not None
             and (cache.probs_name, cache.logits_name) == (head.probs, head.logits)
         ):
-            same = best == ("off", "off") and cache.w is not None and np.array_equal(cache.w, w)
-            known = (cache.probs, cache.logits if same else None)  # the pass's pruned model is ``chosen``
+            usable = cache
+            if not (best == ("off", "off") and cache.w is not None and np.array_equal(cache.w, w)):
+                cache.logits = None  # the pass's pruned model is not ``chosen``
         try:
             offsets, held = _class_offsets(
-                dense, chosen, head, _label(best), len(off_opts) > 1, prep, config, fit, decide, spill, scores, known
+                dense, chosen, head, _label(best), len(off_opts) > 1, prep, config, fit, decide, spill, scores, usable
             )
             n_dec = held or n_dec
         except ModelError as exc:  # a softmax the offsets cannot follow: they are left off, the rest stays
@@ -708,7 +709,7 @@ def _class_offsets(
     decide: Sequence[Arrays] | None,
     spill: Mapping[str, object],
     scores: dict[str, float],
-    known: tuple[Sequence[NDArray[np.generic]] | None, Sequence[NDArray[np.generic]] | None] = (None, None),
+    cache: HeadCache | None = None,
 ) -> tuple[tuple[SoftmaxHead, NDArray[np.float64], int] | None, int]:
     """The class offsets to add to ``chosen`` (the head, ``β``, the logits' rank) or None, and how
     many held-out samples decided (0: no decision).  ``decide_auto``: decide on held-out samples
@@ -720,9 +721,14 @@ def _class_offsets(
     fitted without them; the ones kept continue that fit on all the fitting samples.  The pruned
     head's output is softmax(logits), so both candidates' held-out KL comes from one forward pass.
 
-    ``known``: the dense probabilities and the pruned (``chosen``) logits of the fitting samples,
-    one array per sample, where the layer-wise pass left them (None: run the model)."""
+    ``cache``: the dense probabilities and the pruned (``chosen``) logits of the fitting samples,
+    one array per sample, where the layer-wise pass left them (None: run the model).  They are taken
+    out of it (it is emptied), and dropped once the rows are built, before the last fit."""
     n_fit = sum(int(next(iter(b.values())).shape[0]) for b in fit)
+    known: tuple[Sequence[NDArray[np.generic]] | None, Sequence[NDArray[np.generic]] | None] = (None, None)
+    if cache is not None:
+        known = (cache.probs, cache.logits)
+        cache.probs = cache.logits = None
     if any(k is not None and len(k) != n_fit for k in known):
         known = (None, None)
 
@@ -739,7 +745,9 @@ def _class_offsets(
     if not decide_auto:
         kp, kl = of(None)
         rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed, probs=kp, logits=kl)
-        return (head, _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS), rows.rank), 0
+        known, kp, kl = (None, None), None, None  # free them before the fit
+        beta = _fit_rows(rows.Z, rows.psum_all, head, OFFSET_ITERATIONS, overwrite=True)
+        return (head, beta, rows.rank), 0
     own = decide is None
     if own:
         whole, pick = _decision_pick(prep, config)
@@ -757,7 +765,8 @@ def _class_offsets(
         log.warning("too few calibration samples to decide the class offsets: leaving them off")
         return None, 0
     Zh = held.Z[held.held]
-    beta0 = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, DECISION_ITERATIONS)
+    some = bool(np.any(rows.held))  # then the fitting rows are a copy, which the fit may overwrite
+    beta0 = _fit_rows(rows.Z[~rows.held] if some else rows.Z, rows.psum_fit, head, DECISION_ITERATIONS, overwrite=some)
     label = "offsets" if base_label == "none" else f"{base_label}+offsets"
     scores[base_label] = _kl_rows(held.P_held, Zh, None)
     scores[label] = _kl_rows(held.P_held, Zh, beta0)
@@ -775,7 +784,9 @@ def _class_offsets(
         else:
             kp, kl = of(None)
             rows = _head_rows(dense, chosen, head, fit, spill, 0.0, config.seed, probs=kp, logits=kl)
-    beta = _fit_rows(rows.Z[~rows.held], rows.psum_fit, head, OFFSET_ITERATIONS, start=beta0)
+    known, kp, kl = (None, None), None, None  # free them before the last fit
+    Zf = rows.Z[~rows.held] if np.any(rows.held) else rows.Z
+    beta = _fit_rows(Zf, rows.psum_fit, head, OFFSET_ITERATIONS, start=beta0, overwrite=True)
     return (head, beta, rows.rank), held.held_samples
 
 
@@ -979,11 +990,13 @@ def _fit_rows(
     head: SoftmaxHead,
     iterations: int,
     start: NDArray[np.float64] | None = None,
+    overwrite: bool = False,
 ) -> NDArray[np.float64]:
     """The class offsets ``β (C,)`` fitted to the pruned logits ``Z (R, C)`` and the dense
     probabilities summed over the same rows ``psum (C,)`` in at most ``iterations`` (see
-    :func:`~chita_onnx.solver.offsets.fit_class_offsets`, from ``start``)."""
-    res = fit_class_offsets(Z, psum / psum.sum(), max_iter=iterations, start=start)
+    :func:`~chita_onnx.solver.offsets.fit_class_offsets`, from ``start``); ``overwrite``: ``Z`` is
+    not needed afterwards and may be overwritten."""
+    res = fit_class_offsets(Z, psum / psum.sum(), max_iter=iterations, start=start, overwrite_z=overwrite)
     log.info(
         "class offsets of %r: F %.6g -> %.6g in %d iterations (|beta| max %.3g)",
         head.probs, res.before, res.after, res.iterations, float(np.max(np.abs(res.beta))),

@@ -84,8 +84,9 @@ class PassResult:
     weights: dict[str, NDArray[np.float32]]
     layers: list[LayerReport]
     seconds: dict[str, float] = field(default_factory=dict)
-    #: The ``tail`` tensors asked of :func:`layerwise_prune`, per batch, of the dense model and of the
-    #: pruned one (all layers pruned); None when not asked or not available.
+    #: The ``tail`` tensors asked of :func:`layerwise_prune`, per batch: the first names' of the dense
+    #: model and the second names' of the pruned one (all layers pruned); None when not asked or not
+    #: available.
     tail: tuple[dict[str, list[NDArray[np.generic]]], dict[str, list[NDArray[np.generic]]]] | None = None
 
 
@@ -199,7 +200,7 @@ def layerwise_prune(
     opts: LayerwiseOptions | None = None,
     row_fisher: Mapping[str, NDArray[np.floating]] | None = None,
     fixed: Mapping[str, NDArray[np.floating]] | None = None,
-    tail: Sequence[str] = (),
+    tail: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> PassResult:
     """Prune the tensors in ``keep`` (exact counts) or re-fit them on ``masks`` (True = kept), layer
     by layer in graph order.  ``model`` is a :func:`~chita_onnx.activations.working_copy`; it is not
@@ -220,9 +221,9 @@ def layerwise_prune(
     these values in the pruned model from the start (already pruned, not re-fitted); the dense
     targets still come from ``model`` as it is.
 
-    ``tail`` (optional): tensors to run both models on to the end for, after the last layer, and
-    return (:attr:`PassResult.tail`; the softmax head's, for the class offsets); only the nodes
-    after the last layer run again.
+    ``tail`` (optional): tensors of the dense model and of the pruned one to run the two on to the
+    end for, after the last layer, and return (:attr:`PassResult.tail`; the softmax head's
+    probabilities and logits, for the class offsets); only the nodes after the last layer run again.
     """
     opts = opts or LayerwiseOptions()
     names = list(keep if keep is not None else masks or {})
@@ -319,11 +320,11 @@ def layerwise_prune(
             sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
         )  # fmt: skip
     tails = None
-    if tail and dense is not None:
+    if tail[0] and tail[1] and dense is not None:
         try:
-            for r in (pruned, dense):
-                r.advance(len(r.nodes), extra=tail)
-            tails = ({n: list(dense.values(n)) for n in tail}, {n: list(pruned.values(n)) for n in tail})
+            dense.advance(len(dense.nodes), extra=tail[0])
+            pruned.advance(len(pruned.nodes), extra=tail[1])
+            tails = ({n: list(dense.values(n)) for n in tail[0]}, {n: list(pruned.values(n)) for n in tail[1]})
         except MemoryError:
             raise
         except Exception as exc:  # optional: e.g. produced before the last layer and not kept

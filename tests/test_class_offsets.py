@@ -338,7 +338,7 @@ def test_the_pass_leaves_the_head_tensors_and_the_offsets_then_run_no_model(
     assert head is not None
     # the pass's tail: both models' head tensors, the pruned one with the pass's weights
     batches = [{"x": x[:60]}, {"x": x[60:]}]
-    res = layerwise_prune(dense, batches, keep={"W1": 100, "W2": 700}, tail=(head.probs, head.logits))
+    res = layerwise_prune(dense, batches, keep={"W1": 100, "W2": 700}, tail=((head.probs,), (head.logits,)))
     assert res.tail is not None
     pruned = onnx.ModelProto()
     pruned.CopyFrom(dense)
@@ -374,6 +374,21 @@ def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     m.CopyFrom(model)
     m.graph.output.append(onnx.ValueInfoProto(name=name))
     return m
+
+
+def test_overwriting_the_logits_fits_the_same_offsets() -> None:
+    """``overwrite_z`` (the fit may use ``Z``'s memory) changes nothing but ``Z``; without it ``Z`` is
+    left as it was."""
+    rng = np.random.default_rng(12)
+    Z = (3 * rng.standard_normal((300, 40))).astype(np.float32)
+    pbar = softmax(rng.standard_normal(40))
+    before = Z.copy()
+    kept = fit_class_offsets(Z, pbar, max_iter=20)
+    np.testing.assert_array_equal(Z, before)
+    over = fit_class_offsets(Z, pbar, max_iter=20, overwrite_z=True)
+    np.testing.assert_array_equal(over.beta, kept.beta)
+    assert over.trace == kept.trace
+    assert not np.array_equal(Z, before)  # its memory was used
 
 
 @pytest.mark.parametrize("chunk", [7, 10_000])

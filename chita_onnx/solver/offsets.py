@@ -67,10 +67,12 @@ class Shifted:
     m: NDArray[np.float64]
 
 
-def shifted(Z: NDArray[np.floating]) -> Shifted:
-    """:class:`Shifted` of ``Z (R, C)`` (a chunk of rows at a time; ``Z`` is not modified)."""
+def shifted(Z: NDArray[np.floating], *, overwrite: bool = False) -> Shifted:
+    """:class:`Shifted` of ``Z (R, C)``, a chunk of rows at a time; ``overwrite``: ``E`` takes ``Z``'s
+    memory when ``Z`` is C-ordered float32 (the caller no longer needs it), else ``Z`` is not modified."""
     R = Z.shape[0]
-    E = np.empty(Z.shape, np.float32)
+    inplace = overwrite and Z.dtype == np.float32 and Z.flags.c_contiguous and Z.flags.writeable
+    E = Z if inplace else np.empty(Z.shape, np.float32)
     m = np.empty(R)
     for r0 in range(0, R, ROW_CHUNK):
         a = E[r0 : r0 + ROW_CHUNK]
@@ -107,6 +109,7 @@ def fit_class_offsets(
     max_iter: int = 50,
     tol: float = 1e-9,
     start: NDArray[np.floating] | None = None,
+    overwrite_z: bool = False,
 ) -> OffsetFit:
     """Minimise ``F(β) = −p̄ᵀβ + mean_r logsumexp(z̃_r + β)`` over ``|β| ≤ bound`` (see the module doc).
 
@@ -114,7 +117,8 @@ def fit_class_offsets(
     a sequence); ``pbar (C,)``: the dense model's class probabilities averaged over the same kind of
     rows (a distribution: non-negative, summing to 1).  Starts from ``start`` (default ``β = 0``;
     clipped to the box); ``F`` never increases.  Stops when an iteration lowers ``F`` by at most
-    ``tol·max(1, |F|)``, or after ``max_iter``.  ``before`` is ``F`` at the start.
+    ``tol·max(1, |F|)``, or after ``max_iter``.  ``before`` is ``F`` at the start.  ``overwrite_z``:
+    ``Z`` may be overwritten (saves a copy of it; see :func:`shifted`).
     """
     Z = np.asarray(Z)
     p = np.asarray(pbar, np.float64)
@@ -132,7 +136,7 @@ def fit_class_offsets(
     beta = np.zeros(C) if start is None else np.clip(np.asarray(start, np.float64).reshape(-1), -bound, bound)
     if beta.shape != (C,) or not np.all(np.isfinite(beta)):
         raise SolverError(f"start must be {C} finite offsets")
-    L = shifted(Z)
+    L = shifted(Z, overwrite=overwrite_z)
     _, q0, _ = _evaluate(L, p, beta, np.zeros(0, np.int64))
     weight = np.maximum(p, q0)
     big = np.flatnonzero(weight > BIG_CLASS)
