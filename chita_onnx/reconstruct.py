@@ -875,6 +875,8 @@ def _head_rows(
         count = min(total - 1, max(1, round(held_fraction * total)))
         held_sample[np.random.default_rng(seed + 11).permutation(total)[:count]] = True
     starts = np.cumsum([0, *sizes])
+    # the samples' axis ([N, T, C] or CTC's [T, N, C]); None: whole batches are held out together
+    sample_axis = _sample_axis([np.shape(v) for v in dense_v], sizes, head)
 
     def rows_of(v: NDArray[np.generic], k: int) -> tuple[NDArray[np.floating], NDArray[np.bool_], int]:
         a = np.asarray(v)
@@ -882,8 +884,7 @@ def _head_rows(
         if ax is None:
             raise ModelError(f"softmax {head.probs!r}: axis {head.axis} of a rank-{a.ndim} input is not one class axis")
         r = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax])
-        # the samples' axis: the first other axis as long as the batch ([N, T, C] or CTC's [T, N, C])
-        bax = next((i for i in range(a.ndim) if i != ax and a.shape[i] == sizes[k]), None)
+        bax = sample_axis if sizes[k] > 1 else None
         if bax is None:
             flags = np.full(r.shape[0], held_sample[starts[k]])
         else:
@@ -943,20 +944,34 @@ def _per_sample(
     values: Sequence[NDArray[np.generic]], sizes: Sequence[int], head: SoftmaxHead
 ) -> list[NDArray[np.generic]] | None:
     """Head tensors of batches of ``sizes`` samples split into one array per sample (the batch axis
-    kept, of size 1), along the first non-class axis as long as the batch (as :func:`_head_rows`
-    reads them); None when a batch of several samples has no such axis."""
+    kept, of size 1), along :func:`_sample_axis` (as :func:`_head_rows` reads them); None when a
+    batch of several samples has no such axis."""
+    bax = _sample_axis([np.shape(v) for v in values], sizes, head)
     out: list[NDArray[np.generic]] = []
     for v, n in zip(values, sizes, strict=True):
         a = np.asarray(v)
-        ax = head.class_axis(a.ndim)
         if n == 1:
             out.append(a)
             continue
-        bax = next((i for i in range(a.ndim) if i != ax and a.shape[i] == n), None)
-        if ax is None or bax is None:
+        if bax is None:
             return None
         out.extend(np.split(a, n, axis=bax))
     return out
+
+
+def _sample_axis(shapes: Sequence[tuple[int, ...]], sizes: Sequence[int], head: SoftmaxHead) -> int | None:
+    """The axis of a head tensor that runs over the samples: the one non-class axis as long as the
+    batch in every batch of several samples (``[N, T, C]``, CTC's ``[T, N, C]``).  None when no axis
+    is, or when more than one is (``T = N`` in every batch: which is which cannot be told)."""
+    many = [(sh, n) for sh, n in zip(shapes, sizes, strict=True) if n > 1]
+    if not many:
+        return None
+    rank = len(many[0][0])
+    ax = head.class_axis(rank)
+    if ax is None or any(len(sh) != rank for sh, _ in many):
+        return None
+    found = [i for i in range(rank) if i != ax and all(sh[i] == n for sh, n in many)]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass

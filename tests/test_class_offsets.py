@@ -593,6 +593,23 @@ def test_rows_from_per_sample_tensors_are_the_rows_from_running_the_models(ctc: 
     np.testing.assert_array_equal(rows(known.P_held), rows(ran.P_held))
 
 
+def test_the_sample_axis_is_told_apart_from_an_equally_long_time_axis() -> None:
+    """CTC's ``[T, N, C]`` with ``T = 3``: batches of 3 and 2 samples show that axis 1 runs over the
+    samples; batches that are all of 3 cannot tell, and then nothing is split by sample."""
+    from chita_onnx.reconstruct import _per_sample, _sample_axis
+
+    head = softmax_head(ctc_model())
+    assert head is not None
+    assert _sample_axis([(3, 3, 7), (3, 2, 7)], [3, 2], head) == 1
+    assert _sample_axis([(3, 3, 7), (3, 3, 7)], [3, 3], head) is None
+    assert _sample_axis([(3, 1, 7)], [1], head) is None  # one sample a batch: nothing to split
+    assert _sample_axis([(4, 3, 7)], [3], head) == 1
+    values = [np.zeros((3, 3, 7), np.float32), np.ones((3, 2, 7), np.float32)]
+    split = _per_sample(values, [3, 2], head)
+    assert split is not None and [a.shape for a in split] == [(3, 1, 7)] * 5
+    assert _per_sample([np.zeros((3, 3, 7), np.float32)] * 2, [3, 3], head) is None
+
+
 def test_an_offset_the_graph_cannot_take_leaves_the_other_corrections(tmp_path: Path) -> None:
     """Opset 11 Softmax over axis 1 of a rank-3 tensor (over the flattened tail, not one class axis):
     `auto` leaves them out (n/a) and keeps the bias correction; `on` refuses."""
