@@ -403,7 +403,7 @@ def prune_layerwise(
     res = layerwise_prune(model, batches, keep=handled, opts=opts, row_fisher=rows, fixed=fixed, tail=tail)
     w = _flat(prep, res, start)
     if head is not None and head_cache is not None and res.tail is not None:
-        _fill(head_cache, head, res.tail, [int(next(iter(b.values())).shape[0]) for b in batches], w)
+        _fill(head_cache, head, res.tail, [_samples(b) for b in batches], w)
     support = np.flatnonzero(w).astype(np.int64)
     info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc}
     if refused:
@@ -656,7 +656,7 @@ def _correct_statistics(
     else:
         best = next(iter(candidates))
     chosen = candidates[best]
-    n_dec = sum(next(iter(b.values())).shape[0] for b in decide) if decide else 0
+    n_dec = sum(_samples(b) for b in decide) if decide else 0
     offsets: tuple[SoftmaxHead, NDArray[np.float64], int] | None = None
     if head is not None and "on" in off_opts:
         usable = None
@@ -724,7 +724,7 @@ def _class_offsets(
     ``cache``: the dense probabilities and the pruned (``chosen``) logits of the fitting samples,
     one array per sample, where the layer-wise pass left them (None: run the model).  They are taken
     out of it (it is emptied), and dropped once the rows are built, before the last fit."""
-    n_fit = sum(int(next(iter(b.values())).shape[0]) for b in fit)
+    n_fit = sum(_samples(b) for b in fit)
     known: tuple[Sequence[NDArray[np.generic]] | None, Sequence[NDArray[np.generic]] | None] = (None, None)
     if cache is not None:
         known = (cache.probs, cache.logits)
@@ -732,15 +732,9 @@ def _class_offsets(
     if any(k is not None and len(k) != n_fit for k in known):
         known = (None, None)
 
-    Known = list[NDArray[np.generic]] | None
-
-    def of(index: NDArray[np.int64] | None) -> tuple[Known, Known]:
+    def of(index: NDArray[np.int64] | None) -> tuple[list[NDArray[np.generic]] | None, ...]:
         """``known`` for the fitting samples ``index`` (all when None)."""
-
-        def take(k: Sequence[NDArray[np.generic]] | None) -> Known:
-            return None if k is None else list(k) if index is None else [k[int(i)] for i in index]
-
-        return take(known[0]), take(known[1])
+        return tuple(None if k is None else list(k) if index is None else [k[int(i)] for i in index] for k in known)
 
     if not decide_auto:
         kp, kl = of(None)
@@ -852,7 +846,7 @@ def _head_rows(
     ``probs`` / ``logits``: the dense probabilities / pruned logits of the samples of ``batches``,
     one array per sample (:func:`_per_sample`), when they are known already (the layer-wise pass
     left them, :class:`HeadCache`); the model is then not run for them."""
-    sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
+    sizes = [_samples(b) for b in batches]
     dense_v: Sequence[NDArray[np.generic]] | None = None
     pruned_v: Sequence[NDArray[np.generic]] | None = None
     if probs is not None or logits is not None:
@@ -926,6 +920,11 @@ def _head_rows(
         np.concatenate(Z), np.concatenate(held), np.concatenate(P_held), psum_fit, psum_all, rank,
         int(held_sample.sum()),
     )  # fmt: skip
+
+
+def _samples(batch: Arrays) -> int:
+    """Samples in a calibration batch: the first axis of its first input (as the batches are built)."""
+    return int(next(iter(batch.values())).shape[0])
 
 
 def _head_values(
