@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -63,6 +64,17 @@ def total_memory() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
+
+
+def peak_memory() -> int | None:
+    """The peak resident memory of this process so far, in bytes (``getrusage``'s ``ru_maxrss``: KiB on
+    Linux, bytes on macOS); None where the platform does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def model_limit() -> int:

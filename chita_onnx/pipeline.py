@@ -64,7 +64,7 @@ from .graph import (
 )
 from .guard import guarded
 from .layout import Layout
-from .limits import MAX_SEED, check_int, data_budget
+from .limits import MAX_SEED, check_int, data_budget, peak_memory
 from .paths import Output, OutputPlan, plan_outputs
 from .patterns import PatternTensor, check_pattern, pattern_groups, pattern_summary, plan_pattern
 from .progress import progress
@@ -1312,6 +1312,7 @@ def _compress(
         sizes=FileSizes(dr, dz, pr, pz),
         timings=dict(timer.seconds),
         versions=_versions(),
+        peak_memory=peak_memory(),
         solver={
             "objective": _finite(result.objective),
             "iterations": result.iterations,

@@ -76,6 +76,9 @@ class Report:
     structured: Any = None  # a chita_onnx.structured.report.ChannelReport for --structure channel
     #: how the weights were stored, when another --storage would have made a smaller raw file
     storage_note: str = ""
+    #: peak resident memory of the process by the end of the run, bytes (None where unknown); for the
+    #: CLI that is the run's own peak, inside a longer-lived process it may be an earlier one's
+    peak_memory: int | None = None
 
     @property
     def sparsity(self) -> float:
@@ -226,6 +229,8 @@ def format_report(r: Report) -> str:
         if r.storage_note:
             parts.append(f"storage: {r.storage_note}")
     parts += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())]
+    if r.peak_memory is not None:
+        parts.append(f"peak memory: {_size(r.peak_memory)} (resident, this process)")
     parts += [f"warning: {w}" for w in r.warnings]
     return "\n".join(parts)
 

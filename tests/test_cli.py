@@ -315,3 +315,22 @@ def test_no_arguments_shows_the_help_not_an_escaped_error_line() -> None:
     assert "\\n" not in out + err and not err.startswith("error:"), err
     assert "Usage: " in out + err and "compress" in out + err
     assert code in (0, 2)
+
+
+def test_the_report_gives_the_peak_memory_of_the_process(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    """``peak memory`` in the printed report and ``peak_memory`` (bytes) in the JSON: at least what the
+    process has touched (a 200 MB block here, so a unit off by 1024 fails) and below the machine's RAM."""
+    from chita_onnx.limits import total_memory
+
+    block = np.ones(200 * 2**20 // 8)  # written, so resident
+    report = tmp_path / "report.json"
+    code, stdout, err = run(
+        "compress", mlp_path, tmp_path / "p.onnx", "--sparsity", "0.5", "--data", mlp_data, "--method", "magnitude",
+        "--report", report,
+    )  # fmt: skip
+    assert code == 0, err
+    peak = json.loads(report.read_text())["peak_memory"]
+    assert block.nbytes <= peak < total_memory()
+    lines = [line for line in stdout.splitlines() if line.startswith("peak memory: ")]
+    assert len(lines) == 1 and lines[0].split()[3] in ("MB", "GB"), lines
+    del block

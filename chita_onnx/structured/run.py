@@ -33,6 +33,7 @@ from ..data_types import Batch, InputSpec
 from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes, low_agreement_warning
 from ..graph import METADATA_KEY, check_model, save_model, walk_graphs
+from ..limits import peak_memory
 from ..report import FileSizes, Report, StageReport, TensorReport
 from ..standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
 from .capture import session
@@ -388,6 +389,7 @@ def compress_channels(
         sizes=FileSizes(dr, dz, pr, pz),
         timings=dict(timer.seconds),
         versions=_versions(),
+        peak_memory=peak_memory(),
         solver={"objective": objective, "swaps": sum(g.swaps for g in result.groups)},
         warnings=tuple(warnings),
         structured=report,
