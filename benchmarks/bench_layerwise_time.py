@@ -117,7 +117,7 @@ def measure(
             report, before, peak = peak_rss(
                 lambda: compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity))
             )
-            _note_peak(rec, "default", before, peak)
+            note_peak(rec, "default", before, peak)
             t = report.timings
             secs = sum(t.get(k, 0.0) for k in ("gradients", "layerwise", "statistics"))
             rec.setdefault("default_runs", []).append(secs)
@@ -144,7 +144,7 @@ def measure(
 
     def chita_x() -> None:
         (secs, rec["x_shape"]), before, peak = peak_rss(lambda: x_seconds(e.path(), calib.inputs, sparsity))
-        _note_peak(rec, "x", before, peak)
+        note_peak(rec, "x", before, peak)
         rec.setdefault("x_runs", []).append(secs)
         rec["x_s"] = min(rec["x_runs"])
 
@@ -158,13 +158,14 @@ def measure(
     return rec
 
 
-def _note_peak(rec: dict[str, Any], what: str, before: float | None, peak: float | None) -> None:
+def note_peak(rec: dict[str, Any], what: str, before: float | None, peak: float | None) -> None:
     """Keep the largest peak RSS of ``what`` over the rounds (and the RSS before it)."""
     if peak is not None and peak > rec.get(f"{what}_peak_mb", -1.0):
         rec[f"{what}_peak_mb"], rec[f"{what}_rss_before_mb"] = peak, before
 
 
 def mb(v: float | None) -> str:
+    """Megabytes for a table cell ("–" when not measured)."""
     return "–" if v is None else f"{v:,.0f}"
 
 

@@ -63,7 +63,7 @@ def worker(src: Path, num: int, repeat: int, out_json: Path) -> None:
     """Both measurements on one model, alternating; writes a record to ``out_json``."""
     import logging
 
-    from bench_layerwise_time import _note_peak, peak_rss, x_seconds
+    from bench_layerwise_time import note_peak, peak_rss, x_seconds
 
     from chita_onnx import CompressConfig, compress
 
@@ -77,7 +77,7 @@ def worker(src: Path, num: int, repeat: int, out_json: Path) -> None:
             rep, before, peak = peak_rss(
                 lambda: compress(src, Path(tmp) / "pruned.onnx", calib, CompressConfig(sparsity=SPARSITY))
             )
-        _note_peak(rec, "default", before, peak)
+        note_peak(rec, "default", before, peak)
         t = rep.timings
         defaults.append(sum(float(t.get(k, 0.0)) for k in PHASES))
         if defaults[-1] == min(defaults):
@@ -85,7 +85,7 @@ def worker(src: Path, num: int, repeat: int, out_json: Path) -> None:
         rec["method_used"] = rep.method
         rec["p"] = rep.p
         (secs, shape), before, peak = peak_rss(lambda: x_seconds(src, calib, SPARSITY))  # type: ignore[arg-type]
-        _note_peak(rec, "x", before, peak)
+        note_peak(rec, "x", before, peak)
         xs.append(secs)
         rec["x_shape"] = list(shape)
     rec.update(default_s=min(defaults), x_s=min(xs), default_runs=defaults, x_runs=xs)
@@ -106,11 +106,9 @@ def spawn(src: Path, num: int, repeat: int, tmp: Path) -> dict[str, Any]:
     return rec
 
 
-def mb(v: float | None) -> str:
-    return "–" if v is None else f"{v:,.0f}"
-
-
 def row(d: str, r: dict[str, Any]) -> str:
+    from bench_layerwise_time import mb
+
     if "error" in r:
         return f"| {d} | {r['model']} | – | – | – | – | – | – | error: {r['error']} |"
     ph = r.get("phases", {})
