@@ -1067,8 +1067,17 @@ def lrn(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
 def _structural() -> dict[str, Rule]:
     from .recurrent import recurrent
     from .resample import conv_transpose, resize
+    from .sampling import affine_grid, grid_sample
 
-    return {"Resize": resize, "ConvTranspose": conv_transpose, "LSTM": recurrent, "GRU": recurrent, "RNN": recurrent}
+    return {
+        "Resize": resize,
+        "ConvTranspose": conv_transpose,
+        "LSTM": recurrent,
+        "GRU": recurrent,
+        "RNN": recurrent,
+        "AffineGrid": affine_grid,
+        "GridSample": grid_sample,
+    }
 
 
 RULES: dict[str, Rule] = {
@@ -1114,7 +1123,21 @@ RULES: dict[str, Rule] = {
 
 #: Rules whose replacement is checked against onnxruntime when made.
 VERIFIED = frozenset(
-    {"Resize", "ConvTranspose", "LSTM", "GRU", "RNN", "Pad", "Slice", "DepthToSpace", "SpaceToDepth", "LRN", "Einsum"}
+    {
+        "Resize",
+        "ConvTranspose",
+        "LSTM",
+        "GRU",
+        "RNN",
+        "Pad",
+        "Slice",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "LRN",
+        "Einsum",
+        "AffineGrid",
+        "GridSample",
+    }
 )
 
 
