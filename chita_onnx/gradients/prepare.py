@@ -72,7 +72,7 @@ GRADIENT_OPS = frozenset(
         "GlobalAveragePool", "AveragePool", "MaxPool", "ReduceMean", "ReduceSum",
         # measured to have correct gradients too (tests/test_rewrites.py)
         "Abs", "Sin", "Cos", "Tile", "TopK", "Trilu", "ScatterElements", "GatherND", "ReduceL2",
-        "ReduceLogSumExp",
+        "ReduceLogSumExp", "ScatterND",
         # normalisation (with its optional outputs declared by legalize)
         "LayerNormalization",
     }

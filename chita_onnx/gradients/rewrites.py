@@ -629,6 +629,40 @@ def cumsum(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     return _along_axis(c, x, y, a, r, lambda src, dst: [c.node("MatMul", [src, Tn], [dst])])
 
 
+def scatter(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """ScatterND / ScatterElements.  Without ``reduction`` onnxruntime's own gradient is right (kept).
+    Its gradient builder ignores ``reduction``, though (the data's gradient is zeroed where the
+    updates land, as for an overwrite), so ``reduction="add"`` becomes
+    ``data + Scatter(zeros, indices, updates, reduction="add")``: the data's gradient passes whole
+    through the ``Add`` and the updates' is the gather of the output's gradient, as the builder
+    computes it.  ``mul``/``max``/``min`` are refused."""
+    reduction = attr_str(n, "reduction", "none")
+    if reduction == "none":
+        return None
+    if reduction != "add":
+        raise UnsupportedOpError(
+            f"cannot differentiate op {n.op_type} (node {label(n)!r}): reduction={reduction!r} has no correct "
+            "gradient in onnxruntime-training 1.19.2 and no exact rewrite (reduction 'none' and 'add' do)"
+        )
+    data, y = n.input[0], n.output[0]
+    src = c.producers.get(data)
+    if src is not None and src.op_type == "ConstantOfShape":
+        return None  # constant data (this rewrite's own scatter, in the next round): no data gradient
+    shape, zeros, added = c.tmp(f"{y}_shape"), c.tmp(f"{y}_zeros"), c.tmp(f"{y}_scattered")
+    inner = onnx.NodeProto()
+    inner.CopyFrom(n)
+    inner.input[0] = zeros
+    inner.output[0] = added
+    inner.name = c.names(f"{y}_{n.op_type}")
+    zero = numpy_helper.from_array(np.zeros(1, c.dtype_of(data)), "value")
+    return [
+        c.node("Shape", [data], [shape]),
+        c.node("ConstantOfShape", [shape], [zeros], value=zero),
+        inner,
+        c.node("Add", [data, added], [y]),
+    ]
+
+
 def _along_axis(
     c: Ctx, x: str, y: str, a: int, r: int, body: Callable[[str, str], list[onnx.NodeProto]]
 ) -> list[onnx.NodeProto]:
@@ -1119,6 +1153,8 @@ RULES: dict[str, Rule] = {
     "ReduceMax": reduce_max_min,
     "ReduceMin": reduce_max_min,
     "LRN": lrn,
+    "ScatterND": scatter,
+    "ScatterElements": scatter,
 }
 
 #: Rules whose replacement is checked against onnxruntime when made.
@@ -1137,6 +1173,8 @@ VERIFIED = frozenset(
         "Einsum",
         "AffineGrid",
         "GridSample",
+        "ScatterND",
+        "ScatterElements",
     }
 )
 
