@@ -49,6 +49,9 @@ CASES = {
     "linear-zeros-1": ("linear", "zeros", 1, True, 20),
     "linear-border-0": ("linear", "border", 0, True, 20),
     "linear-border-1": ("linear", "border", 1, True, 20),
+    "linear-reflection-0": ("linear", "reflection", 0, True, 20),
+    "linear-reflection-1-free-grid": ("linear", "reflection", 1, False, 20),
+    "nearest-reflection-0": ("nearest", "reflection", 0, True, 20),
     "bilinear-opset16-free-grid": ("bilinear", "zeros", 0, False, 16),
     "nearest-zeros-0": ("nearest", "zeros", 0, True, 20),
 }
@@ -86,7 +89,7 @@ def _single(
 
 
 @pytest.mark.parametrize("mode", ["linear", "nearest"])
-@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("align", [0, 1])
 def test_grid_sample_rewrite_reproduces_onnxruntimes_kernel(mode: str, padding: str, align: int) -> None:
     """On grids of scale 1.5 (a third of the points outside), points far outside, points exactly on
@@ -113,7 +116,8 @@ def test_grid_sample_rewrite_reproduces_onnxruntimes_kernel(mode: str, padding: 
 
     want, got = run(model), run(rewritten)
     assert np.all(np.isfinite(want)), "the kernel's reference output must be finite"
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # reflection folds coordinates in float32 its own way: a few ulps of the coordinate
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if padding == "reflection" else 2e-6)
     if padding == "zeros":
         assert np.any(want == 0.0)  # some points fell outside
 
@@ -139,7 +143,7 @@ def test_affine_grid_3d_rewrite_reproduces_onnxruntimes_kernel(align: int) -> No
     np.testing.assert_allclose(run(rewritten), run(model), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize(("attr", "value"), [("mode", "cubic"), ("padding_mode", "reflection")])
+@pytest.mark.parametrize(("attr", "value"), [("mode", "cubic"), ("mode", "bicubic")])
 def test_unrewritten_grid_sampling_is_refused_naming_node_and_attribute(attr: str, value: str) -> None:
     w = Init(5)
     nodes = _stn(w, "linear", "zeros", 0)
@@ -169,3 +173,27 @@ def test_the_default_prunes_a_spatial_transformer_with_gradients(tmp_path: objec
     assert report.method == "layerwise"
     assert report.solver.get("allocation") == "obd", report.solver
     assert not any("no gradients" in m for m in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_nearest_sampling_of_half_pixels_matches_onnxruntime(padding: str) -> None:
+    """Pixel coordinates −6, −5.5, …, 6 on a row of 4 (exact in binary without align_corners): where
+    the rounding rule and the order of rounding and reflecting decide the pixel."""
+    x = (10.0 * np.arange(4, dtype=np.float32)).reshape(1, 1, 1, 4)
+    pix = np.arange(-6.0, 6.01, 0.5)
+    gx = (2 * pix + 1) / 4 - 1
+    grid = np.stack([gx, np.zeros_like(gx)], -1).reshape(1, 1, -1, 2).astype(np.float32)
+    op = helper.make_node("GridSample", ["x", "g"], ["y"], mode="nearest", padding_mode=padding, align_corners=0)
+    model = _single(
+        op,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape),
+         helper.make_tensor_value_info("g", TensorProto.FLOAT, grid.shape)],
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, pix.size]),
+    )  # fmt: skip
+    rewritten, _ = apply_rewrites(copy.deepcopy(model), ["x", "g"], ["y"], onnx.shape_inference.infer_shapes)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(s.run(None, {"x": x, "g": grid})[0])
+
+    np.testing.assert_array_equal(run(rewritten), run(model))

@@ -6,13 +6,16 @@ deformable-attention sampler.
   ``base · θᵀ`` with ``base`` ``(L, r + 1)`` the normalised coordinates of the ``L`` output positions
   (last spatial axis first, then a column of ones), one ``MatMul`` over the batch and a ``Reshape``.
 * **GridSample** (4-D input ``(N, C, H, W)``, grid ``(N, Ho, Wo, 2)``; ``linear``/``bilinear`` or
-  ``nearest``; padding ``zeros`` or ``border``; either ``align_corners``): the grid is mapped to
-  pixel coordinates; each of the (up to) four neighbouring pixels is read by ``GatherElements`` on
-  the flattened input at its clamped integer index, weighted by its bilinear weight (and, with zero
-  padding, by whether the pixel lies inside).  The integer corner comes from ``Floor`` (``Round`` for
-  ``nearest``) through an ``int64`` ``Cast``, which onnxruntime does not differentiate, so the
+  ``nearest``; padding ``zeros``, ``border`` or ``reflection``; either ``align_corners``): the grid is
+  mapped to pixel coordinates; each of the (up to) four neighbouring pixels is read by
+  ``GatherElements`` on the flattened input at its clamped integer index, weighted by its bilinear
+  weight (and, with zero padding, by whether the pixel lies inside).  The integer corner comes from
+  ``Floor`` (``Round`` for ``nearest``) through an ``int64`` ``Cast``, which onnxruntime does not differentiate, so the
   gradient with respect to the grid is exactly that of the bilinear weights, and with respect to the
-  input that of the gathers.  Bicubic sampling, reflection padding and 5-D inputs are refused.
+  input that of the gathers.  Reflection padding first folds each coordinate back into the image
+  (``Abs`` of a wrapped offset; ``nearest`` rounds before, as onnxruntime does), then reads like
+  border padding.  Bicubic sampling and 5-D inputs
+  are refused.
 
 Both are checked against onnxruntime's own kernel on a random input when they are made (a random
 grid reaches past the borders, so the padding is checked too).
@@ -80,8 +83,8 @@ def grid_sample(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     align = attr_int(n, "align_corners", 0)
     if mode not in ("bilinear", "linear", "nearest"):
         raise _refuse(n, f"mode={mode!r} is not rewritten (bilinear/linear and nearest are)")
-    if padding not in ("zeros", "border"):
-        raise _refuse(n, f"padding_mode={padding!r} is not rewritten (zeros and border are)")
+    if padding not in ("zeros", "border", "reflection"):
+        raise _refuse(n, f"padding_mode={padding!r} is not rewritten (zeros, border and reflection are)")
     xd, gd = c.dims(x), c.dims(grid)
     if xd is None or len(xd) != 4 or gd is None or len(gd) != 4:
         raise _refuse(n, f"only a 4-D input and grid are rewritten (shapes {xd} and {gd})")
@@ -111,11 +114,42 @@ def grid_sample(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         s, u = c.tmp(f"{y}_s{tag}"), c.tmp(f"{y}_u{tag}")
         out.append(c.node("Mul", [g, c.const(f"{y}_scale{tag}", np.asarray(scale, gtype))], [s]))
         out.append(c.node("Add", [s, c.const(f"{y}_off{tag}", np.asarray((size - 1) / 2.0, gtype))], [u]))
+        if padding == "reflection":
+            if mode == "nearest":  # onnxruntime rounds first, then reflects the pixel index
+                rounded = c.tmp(f"{y}_round{tag}")
+                out.append(c.node("Round", [u], [rounded]))
+                u = rounded
+            return reflect(u, size, tag)
         # clipped to [-2, size + 1]: the same value and gradient (every point beyond reads padding
         # only), and no int64 overflow in the corner's Cast for huge or infinite coordinates
-        lo, hi = (c.const(f"{y}_{k}{tag}", np.asarray(v, gtype)) for k, v in (("min", -2.0), ("max", size + 1.0)))
+        lo, hi = (c.const(f"{y}_{name}{tag}", np.asarray(v, gtype)) for name, v in (("min", -2.0), ("max", size + 1.0)))
         out.append(c.node("Clip", [u, lo, hi], [p]))
         return p
+
+    def reflect(u: str, size: int, tag: str) -> str:
+        """``u`` reflected into ``[lo, hi]`` (pixel corners ``[0, size − 1]`` with ``align_corners``,
+        the image's edges ``[−½, size − ½]`` without): ``hi − |((u − lo) mod 2R) − R|``, ``R = hi − lo``;
+        the wrap count goes through an int64 Cast (no gradient), the rest is ±1 times ``u``'s."""
+        lo = 0.0 if align else -0.5
+        span = (size - 1.0) if align else float(size)
+        if span <= 0:
+            raise _refuse(n, "reflection padding with align_corners=1 on an axis of size 1")
+        v, q, qi, qf, m, d, a, r = (c.tmp(f"{y}_{k}{tag}") for k in ("rv", "rq", "rqi", "rqf", "rm", "rd", "ra", "r"))
+
+        def f(name: str, value: float) -> str:
+            return c.const(f"{y}_{name}{tag}", np.asarray(value, gtype))
+
+        out.append(c.node("Sub", [u, f("rlo", lo)], [v]))
+        out.append(c.node("Div", [v, f("r2span", 2.0 * span)], [c.tmp(f"{y}_rw{tag}")]))
+        out.append(c.node("Floor", [out[-1].output[0]], [q]))
+        out.append(c.node("Cast", [q], [qi], to=TensorProto.INT64))
+        out.append(c.node("Cast", [qi], [qf], to=elem))
+        out.append(c.node("Mul", [qf, f("r2span_m", 2.0 * span)], [c.tmp(f"{y}_rwrap{tag}")]))
+        out.append(c.node("Sub", [v, out[-1].output[0]], [m]))  # in [0, 2R)
+        out.append(c.node("Sub", [m, f("rspan", span)], [d]))
+        out.append(c.node("Abs", [d], [a]))
+        out.append(c.node("Sub", [f("rhi", lo + span), a], [r]))
+        return r
 
     def integer(p: str, op: str, tag: str) -> str:
         """``op(p)`` (Floor or Round) as int64, off the gradient's path."""
