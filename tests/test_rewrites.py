@@ -385,6 +385,22 @@ VEC: dict[str, tuple[Callable[[Init], tuple[list[onnx.NodeProto], int]], int, st
         "softmax shift (stop-gradient)",
         False,
     ),
+    # denoising models: soft thresholding, with a bias (lambd within the values of z)
+    "Shrink": (lambda w: ([node("Shrink", ["z"], ["y"], lambd=0.3, bias=0.1)], 6), 17, "Shrink", False),
+    # a hard attention/selection mask: the gradient flows through z only, not through the argmax
+    "Hardmax": (
+        lambda w: ([node("Hardmax", ["z"], ["h"], axis=1), node("Add", ["z", "h"], ["y"])], 6),
+        17,
+        "Hardmax",
+        False,
+    ),
+    # angle wrapping: C's fmod on floats (the sign of z), with wraps in the data
+    "Mod-fmod": (
+        lambda w: ([node("Mod", ["z", _f(w, "period", np.float32(0.7))], ["y"], fmod=1)], 6),
+        17,
+        "Mod",
+        False,
+    ),
 }
 
 

@@ -202,23 +202,23 @@ def test_a_loop_before_the_weights_is_fine() -> None:
 
 def test_an_op_without_gradient_or_rewrite_is_named() -> None:
     w = Init(7)
-    model = vec_chain([node("Shrink", ["z"], ["y"], lambd=0.1)], w)
+    model = vec_chain([node("Atan", ["z"], ["y"])], w)
     report = check_model_support(model)
-    assert not report.ok and "op Shrink (node 'Shrink_y')" in report.refusals[0]
-    with pytest.raises(UnsupportedOpError, match="Shrink"):
+    assert not report.ok and "op Atan (node 'Atan_y')" in report.refusals[0]
+    with pytest.raises(UnsupportedOpError, match="Atan"):
         assert_supported(model)
 
 
 def test_check_says_that_the_default_goes_through_without_gradients(tmp_path: Path) -> None:
     """The unseen-torch4 audit: ``inspect --check`` on a model with an op that onnxruntime-training
-    cannot differentiate (an Einsum there, Shrink here) said 'NOT supported', exit 1, and nothing
+    cannot differentiate (an Einsum there, Atan here) said 'NOT supported', exit 1, and nothing
     more, while ``compress`` with the defaults pruned it (magnitude allocation): the report now says
     so, and keeps exit 1 for the methods that need gradients.  A quantized model stays refused."""
-    path = _save(vec_chain([node("Shrink", ["z"], ["y"], lambd=0.1)], Init(7)), tmp_path / "s.onnx")
+    path = _save(vec_chain([node("Atan", ["z"], ["y"])], Init(7)), tmp_path / "s.onnx")
     report = check_model_support(path)
-    assert not report.ok and report.without_gradients and "op Shrink" in report.refusals[0]
+    assert not report.ok and report.without_gradients and "op Atan" in report.refusals[0]
     code, out, err = _run_cli("inspect", path, "--check")
-    assert code == 1 and "op Shrink" in err
+    assert code == 1 and "op Atan" in err
     assert "compress's default (--method auto) still prunes it, layer-wise with --allocation magnitude" in out
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(3).standard_normal((16, 5)).astype(np.float32))
     code, out, err = _run_cli("compress", path, tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
@@ -342,11 +342,11 @@ def test_check_and_gradients_see_a_weight_stored_behind_a_transpose(tmp_path: Pa
     assert np.load(out).shape == (24, 288)
     layout = json.loads((tmp_path / "g.npy.layout.json").read_text())
     assert sorted(t["name"] for t in layout["tensors"]) == sorted(t.name for t in listed)
-    shrink = [helper.make_node("Shrink", ["logits"], ["y"], lambd=0.1, name="shrink")]
-    bad = _save(_linear_behind_transpose(shrink), tmp_path / "s.onnx")
+    atan = [helper.make_node("Atan", ["logits"], ["y"], name="atan")]
+    bad = _save(_linear_behind_transpose(atan), tmp_path / "s.onnx")
     rep = check_model_support(bad, data)
-    assert not rep.ok and "Shrink" in rep.refusals[0] and rep.prunable_weights == 288
-    with pytest.raises(UnsupportedOpError, match="Shrink"):  # what --check now predicts
+    assert not rep.ok and "Atan" in rep.refusals[0] and rep.prunable_weights == 288
+    with pytest.raises(UnsupportedOpError, match="Atan"):  # what --check now predicts
         chita_onnx.compress(bad, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
 
 
@@ -387,11 +387,11 @@ def test_a_model_with_several_regression_outputs_is_checked_on_all_of_them(tmp_p
     good = _save(_two_heads([]), tmp_path / "good.onnx")
     rep = check_model_support(good, data)
     assert rep.ok and rep.output == "y1, y2" and dict(rep.native)["MatMul"] == 3
-    shrink = [helper.make_node("Shrink", ["z"], ["y2"], lambd=0.1, name="shrink")]
-    bad = _save(_two_heads(shrink), tmp_path / "bad.onnx")
+    atan = [helper.make_node("Atan", ["z"], ["y2"], name="atan")]
+    bad = _save(_two_heads(atan), tmp_path / "bad.onnx")
     rep = check_model_support(bad)  # the structural check, before any data
-    assert not rep.ok and "op Shrink (node 'shrink')" in rep.refusals[0] and rep.output == "y1, y2"
-    with pytest.raises(UnsupportedOpError, match="Shrink"):  # what --check predicts, before reading data
+    assert not rep.ok and "op Atan (node 'atan')" in rep.refusals[0] and rep.output == "y1, y2"
+    with pytest.raises(UnsupportedOpError, match="Atan"):  # what --check predicts, before reading data
         chita_onnx.compress(bad, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.5, method="chita"))
     code, out, _ = _run_cli("inspect", bad, "--check")
     assert code == 1 and "differentiated output: y1, y2" in out

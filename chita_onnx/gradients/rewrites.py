@@ -357,6 +357,44 @@ def piecewise_constant(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
+def shrink(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Shrink → ``[x > λ]·(x − bias) + [x < −λ]·(x + bias)`` (the masks through Casts of comparisons)."""
+    x, y = n.input[0], n.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    lambd, bias = float(attrs.get("lambd", 0.5)), float(attrs.get("bias", 0.0))
+    elem = c.table.get(x, (TensorProto.FLOAT, None))[0]
+    gt, lt, mg, ml, lo, hi, a, b = (c.tmp(f"{y}_{k}") for k in ("gt", "lt", "mg", "ml", "lo", "hi", "a", "b"))
+    return [
+        c.node("Greater", [x, c.scalar(f"{y}_lambd", lambd, x)], [gt]),
+        c.node("Less", [x, c.scalar(f"{y}_neg_lambd", -lambd, x)], [lt]),
+        c.node("Cast", [gt], [mg], to=elem),
+        c.node("Cast", [lt], [ml], to=elem),
+        c.node("Sub", [x, c.scalar(f"{y}_bias", bias, x)], [hi]),
+        c.node("Add", [x, c.scalar(f"{y}_bias_add", bias, x)], [lo]),
+        c.node("Mul", [mg, hi], [a]),
+        c.node("Mul", [ml, lo], [b]),
+        c.node("Add", [a, b], [y]),
+    ]
+
+
+def fmod(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """Mod with ``fmod=1`` on floats → ``x − trunc(x / m)·m`` (C's fmod: the sign of ``x``); the
+    quotient is truncated through an int64 Cast, which carries no gradient.  Integer Mod is not on a
+    gradient path (kept)."""
+    x, m, y = n.input[0], n.input[1], n.output[0]
+    if not np.issubdtype(c.dtype_of(x), np.floating):
+        return None
+    q, qi, qf, t = (c.tmp(f"{y}_{k}") for k in ("q", "qi", "qf", "t"))
+    elem = c.table.get(x, (TensorProto.FLOAT, None))[0]
+    return [
+        c.node("Div", [x, m], [q]),
+        c.node("Cast", [q], [qi], to=TensorProto.INT64),  # truncates toward zero
+        c.node("Cast", [qi], [qf], to=elem),
+        c.node("Mul", [qf, m], [t]),
+        c.node("Sub", [x, t], [y]),
+    ]
+
+
 def sign(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     x, y = n.input[0], n.output[0]
     elem = c.table.get(x, (TensorProto.FLOAT, None))[0]
@@ -1137,6 +1175,9 @@ RULES: dict[str, Rule] = {
     "Ceil": piecewise_constant,
     "Round": piecewise_constant,
     "Sign": sign,
+    "Shrink": shrink,
+    "Hardmax": piecewise_constant,  # a one-hot of 0s and 1s: zero gradient almost everywhere
+    "Mod": fmod,
     "Pow": pow_,
     "Split": split,
     "Slice": slice_,
