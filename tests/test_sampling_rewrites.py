@@ -197,3 +197,19 @@ def test_nearest_sampling_of_half_pixels_matches_onnxruntime(padding: str) -> No
         return np.asarray(s.run(None, {"x": x, "g": grid})[0])
 
     np.testing.assert_array_equal(run(rewritten), run(model))
+
+
+def test_inspect_check_refuses_bicubic_sampling_before_any_data() -> None:
+    from chita_onnx.support import check_model_support
+
+    w = Init(5)
+    ok = img_chain(_stn(w, "linear", "reflection", 0), w, C * HW[0] * HW[1], cin=1, cout=C, hw=HW, opset=20)
+    rep = check_model_support(ok)
+    assert rep.ok and dict(rep.rewrites) == {"AffineGrid": 1, "GridSample": 1}, rep
+    w2 = Init(5)
+    nodes = _stn(w2, "linear", "zeros", 0)
+    for a in nodes[-1].attribute:
+        if a.name == "mode":
+            a.s = b"cubic"
+    rep = check_model_support(img_chain(nodes, w2, C * HW[0] * HW[1], cin=1, cout=C, hw=HW, opset=20))
+    assert not rep.ok and "mode='cubic'" in rep.refusals[0] and "GridSample_y" in rep.refusals[0]

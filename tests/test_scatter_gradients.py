@@ -54,3 +54,17 @@ def test_scatter_gradients_match_finite_differences(op: str, reduction: str, dup
 def test_scatter_with_another_reduction_is_refused_by_name(op: str, reduction: str) -> None:
     with pytest.raises(UnsupportedOpError, match=rf"{op}.*{op}_y.*reduction='{reduction}'"):
         engine_grads(_model(op, reduction), ["W1", "W2"], n=1)
+
+
+@pytest.mark.parametrize(("reduction", "verdict"), [("none", "native"), ("add", "rewrite"), ("max", "refused")])
+def test_inspect_check_predicts_what_the_engine_does_with_a_scatter(reduction: str, verdict: str) -> None:
+    """``inspect --check`` without data: a plain scatter is native, an adding one is rewritten, and
+    another reduction is refused by name, as the gradient engine then does."""
+    from chita_onnx.support import check_model_support
+
+    rep = check_model_support(_model("ScatterND", reduction))
+    assert rep.ok == (verdict != "refused")
+    assert (dict(rep.native).get("ScatterND", 0) == 1) == (verdict == "native"), rep.native
+    assert (dict(rep.rewrites).get("ScatterND", 0) == 1) == (verdict == "rewrite"), rep.rewrites
+    if verdict == "refused":
+        assert "reduction='max'" in rep.refusals[0]
