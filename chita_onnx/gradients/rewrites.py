@@ -379,11 +379,10 @@ def shrink(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
 
 def fmod(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
     """Mod with ``fmod=1`` on floats → ``x − trunc(x / m)·m`` (C's fmod: the sign of ``x``); the
-    quotient is truncated through an int64 Cast, which carries no gradient.  Integer Mod is not on a
-    gradient path (kept)."""
+    quotient is truncated through an int64 Cast, which carries no gradient."""
     x, m, y = n.input[0], n.input[1], n.output[0]
-    if not np.issubdtype(c.dtype_of(x), np.floating):
-        return None
+    if not np.issubdtype(c.dtype_of(x), np.floating) or attr_int(n, "fmod", 0) != 1:
+        return None  # integer Mod (not on a gradient path); fmod=0 is not defined for floats
     q, qi, qf, t = (c.tmp(f"{y}_{k}") for k in ("q", "qi", "qf", "t"))
     elem = c.table.get(x, (TensorProto.FLOAT, None))[0]
     return [
