@@ -174,7 +174,7 @@ def _op_verdicts(
     and refusals (op, node, what to do)."""
     from .gradients.prepare import _NO_GRADIENT_HINT, GRADIENT_OPS, LEGALIZED_OPS, cut_to, differentiable_nodes
     from .gradients.prepare import normalize as normalize_model
-    from .gradients.rewrites import op_key, rewritable_ops
+    from .gradients.rewrites import attribute_refusal, op_key, rewritable_ops
     from .gradients.static import _infer
     from .graph import find_prunable
 
@@ -196,16 +196,8 @@ def _op_verdicts(
             conditional.append(label)
         elif key in ("Loop", "Scan"):
             refusals.append(f"cannot differentiate op {key} (node {label!r}): {_NO_GRADIENT_HINT[key]}")
-        elif key == "GridSample" and _grid_mode(n) not in ("bilinear", "linear", "nearest"):
-            refusals.append(
-                f"cannot differentiate op {key} (node {label!r}): mode={_grid_mode(n)!r} has no gradient in "
-                "onnxruntime-training 1.19.2 and no exact rewrite (bilinear/linear and nearest do)"
-            )
-        elif key in ("ScatterND", "ScatterElements") and _reduction(n) not in ("none", "add"):
-            refusals.append(
-                f"cannot differentiate op {key} (node {label!r}): reduction={_reduction(n)!r} has no correct "
-                "gradient in onnxruntime-training 1.19.2 and no exact rewrite (reduction 'none' and 'add' do)"
-            )
+        elif (why := attribute_refusal(n)) is not None:
+            refusals.append(f"cannot differentiate op {key} (node {label!r}): {why}")
         elif key in rewritable and _fires(n, m):
             rewrites[key] += 1
         elif key in GRADIENT_OPS:
@@ -222,18 +214,6 @@ def _op_verdicts(
     return rewrites, native, conditional, refusals
 
 
-def _reduction(n: onnx.NodeProto) -> str:
-    from .gradients.prepare import attr_str
-
-    return attr_str(n, "reduction", "none")
-
-
-def _grid_mode(n: onnx.NodeProto) -> str:
-    from .gradients.prepare import attr_str
-
-    return attr_str(n, "mode", "bilinear")
-
-
 def _fires(n: onnx.NodeProto, m: onnx.ModelProto) -> bool:
     """Whether the exact rewrite of an op that also has a native gradient applies to ``n``: Pad in a
     non-constant mode, Slice with a negative step, Pow with an integer exponent, a scatter that adds."""
@@ -244,7 +224,7 @@ def _fires(n: onnx.NodeProto, m: onnx.ModelProto) -> bool:
     if n.op_type == "Pad":
         return attr_str(n, "mode", "constant") != "constant"
     if n.op_type in ("ScatterND", "ScatterElements"):
-        return _reduction(n) == "add"
+        return attr_str(n, "reduction", "none") == "add"
     inits = {t.name: t for t in m.graph.initializer}
     if n.op_type == "Slice":
         steps = inits.get(n.input[4]) if len(n.input) > 4 else None

@@ -25,15 +25,11 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
-from ..errors import GradientError, ModelError, UnsupportedOpError
+from ..errors import GradientError, ModelError
 from .prepare import attr_int, attr_ints, attr_str
-from .rewrites import Ctx, _along_axis, _gather_axis, label
+from .rewrites import Ctx, _along_axis, _gather_axis, label, refuse
 
 log = logging.getLogger(__name__)
-
-
-def _refuse(n: onnx.NodeProto, why: str) -> UnsupportedOpError:
-    return UnsupportedOpError(f"cannot differentiate op {n.op_type} (node {label(n)!r}): {why}")
 
 
 # ---------------------------------------------------------------------------------------- Resize
@@ -85,10 +81,10 @@ def _resize_matrix(
         sess = runtime.session(m, what=what)
         Y = runtime.run(sess, None, {"X": X}, what=what, budget=runtime.ANALYSIS_SECONDS)[0]
     except (ModelError, GradientError) as exc:
-        raise _refuse(n, f"onnxruntime could not resize a basis input ({str(exc)[:200]})") from None
+        raise refuse(n, f"onnxruntime could not resize a basis input ({str(exc)[:200]})") from None
     Y = np.asarray(Y)
     if Y.shape[k] != n_out:
-        raise _refuse(n, f"a 1-D resize of axis {k} gives {Y.shape[k]} elements, the model {n_out}")
+        raise refuse(n, f"a 1-D resize of axis {k} gives {Y.shape[k]} elements, the model {n_out}")
     sel: list[int | slice] = [0] * rank
     sel[0], sel[k] = slice(None), slice(None)
     # Y[b, 0, .., p, ..] = A[p, b]
@@ -99,24 +95,24 @@ def resize(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     x, y = n.input[0], n.output[0]
     mode = attr_str(n, "coordinate_transformation_mode", "half_pixel")
     if mode == "tf_crop_and_resize":
-        raise _refuse(n, "Resize with coordinate_transformation_mode=tf_crop_and_resize is not rewritten")
+        raise refuse(n, "Resize with coordinate_transformation_mode=tf_crop_and_resize is not rewritten")
     dims_in, dims_out = c.static(x, n), c.static(y, n)
     r = len(dims_in)
     if r < 3 or dims_in[:2] != dims_out[:2]:
-        raise _refuse(n, f"Resize of the batch or channel axis ({list(dims_in)} → {list(dims_out)}) is not rewritten")
+        raise refuse(n, f"Resize of the batch or channel axis ({list(dims_in)} → {list(dims_out)}) is not rewritten")
     axes = attr_ints(n, "axes") or list(range(r))
     axes = [a + r if a < 0 else a for a in axes]
     scales_arr = c.array(n.input[2]) if len(n.input) > 2 and n.input[2] else None
     if scales_arr is not None and np.asarray(scales_arr).size == 0:
         scales_arr = None
     if scales_arr is None and not (len(n.input) > 3 and n.input[3]):
-        raise _refuse(n, "Resize has neither constant scales nor sizes")
+        raise refuse(n, "Resize has neither constant scales nor sizes")
     full = [1.0] * r
     if scales_arr is not None:
         for a, v in zip(axes, np.asarray(scales_arr, np.float64).reshape(-1), strict=True):
             full[a] = float(v)
         if any(full[a] != 1.0 for a in (0, 1)):
-            raise _refuse(n, f"Resize scales the batch or channel axis (scales {full})")
+            raise refuse(n, f"Resize scales the batch or channel axis (scales {full})")
     nodes: list[onnx.NodeProto] = []
     cur = x
     todo = []
@@ -159,9 +155,7 @@ def _flipped_kernel(W: NDArray[Any], group: int) -> NDArray[Any]:
     return np.ascontiguousarray(Wg[flip])
 
 
-def _flipped_kernel_nodes(
-    c: Ctx, w: str, shape: tuple[int, ...], group: int
-) -> tuple[str, list[onnx.NodeProto]]:
+def _flipped_kernel_nodes(c: Ctx, w: str, shape: tuple[int, ...], group: int) -> tuple[str, list[onnx.NodeProto]]:
     """:func:`_flipped_kernel` of the tensor ``w`` as Reshape/Transpose/Reshape and one reversing
     ``Gather`` per kernel axis (ops with a gradient), so that the gradient reaches ``w`` itself."""
     cin, coutg = shape[0], shape[1]
@@ -185,7 +179,7 @@ def conv_transpose(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     bias = n.input[2] if len(n.input) > 2 else ""
     W = c.array(w)
     if W is None:
-        raise _refuse(n, f"its weight {w!r} is not a constant, so it cannot be rewritten as a Conv")
+        raise refuse(n, f"its weight {w!r} is not a constant, so it cannot be rewritten as a Conv")
     W = np.asarray(W)
     dims_in, dims_out = c.static(x, n), c.static(y, n)
     s = len(dims_in) - 2
@@ -219,9 +213,7 @@ def conv_transpose(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         if err is None:
             return nodes
         last = err
-    raise _refuse(
-        n, f"the rewrite as a Conv does not reproduce onnxruntime's output ({last}); please report this model"
-    )
+    raise refuse(n, f"the rewrite as a Conv does not reproduce onnxruntime's output ({last}); please report this model")
 
 
 def _conv_transpose_as_conv(

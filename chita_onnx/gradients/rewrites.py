@@ -58,6 +58,31 @@ def op_key(n: onnx.NodeProto) -> str:
     return n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
 
 
+def refuse(n: onnx.NodeProto, why: str) -> UnsupportedOpError:
+    """The one-line refusal of a node that an exact rewrite cannot take."""
+    return UnsupportedOpError(f"cannot differentiate op {n.op_type} (node {label(n)!r}): {why}")
+
+
+def attribute_refusal(n: onnx.NodeProto) -> str | None:
+    """Why the exact rewrite of ``n``'s op refuses it for its attributes alone (None: it does not).
+    The rules raise it; ``inspect --check`` reports it before any data or shape is known."""
+    key = op_key(n)
+    if key in ("ScatterND", "ScatterElements"):
+        reduction = attr_str(n, "reduction", "none")
+        if reduction not in ("none", "add"):
+            return (
+                f"reduction={reduction!r} has no correct gradient in onnxruntime-training 1.19.2 and no exact "
+                "rewrite (reduction 'none' and 'add' do)"
+            )
+    elif key == "GridSample":
+        mode, padding = attr_str(n, "mode", "bilinear"), attr_str(n, "padding_mode", "zeros")
+        if mode not in ("bilinear", "linear", "nearest"):
+            return f"mode={mode!r} is not rewritten (bilinear/linear and nearest are)"
+        if padding not in ("zeros", "border", "reflection"):
+            return f"padding_mode={padding!r} is not rewritten (zeros, border and reflection are)"
+    return None
+
+
 class Ctx(_Rewriter):
     """The rewrite context: fresh names, constants, static shapes (see :class:`_Rewriter`);
     ``on_path_tensors`` are the tensors that carry a gradient, ``rules_used`` counts named variants."""
@@ -673,14 +698,11 @@ def scatter(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
     ``data + Scatter(zeros, indices, updates, reduction="add")``: the data's gradient passes whole
     through the ``Add`` and the updates' is the gather of the output's gradient, as the builder
     computes it.  ``mul``/``max``/``min`` are refused."""
-    reduction = attr_str(n, "reduction", "none")
-    if reduction == "none":
+    why = attribute_refusal(n)
+    if why is not None:
+        raise refuse(n, why)
+    if attr_str(n, "reduction", "none") == "none":
         return None
-    if reduction != "add":
-        raise UnsupportedOpError(
-            f"cannot differentiate op {n.op_type} (node {label(n)!r}): reduction={reduction!r} has no correct "
-            "gradient in onnxruntime-training 1.19.2 and no exact rewrite (reduction 'none' and 'add' do)"
-        )
     data, y = n.input[0], n.output[0]
     src = c.producers.get(data)
     if src is not None and src.op_type == "ConstantOfShape":
@@ -1290,6 +1312,6 @@ def apply_rewrites(
     return model, counts
 
 
-__all__ = ["RULES", "Ctx", "apply_rewrites", "rewritable_ops", "rule_for"]
+__all__ = ["RULES", "Ctx", "apply_rewrites", "attribute_refusal", "refuse", "rewritable_ops", "rule_for"]
 
 _ = numpy_helper

@@ -28,15 +28,9 @@ import onnx
 from onnx import TensorProto
 
 from .prepare import attr_int, attr_str
-from .rewrites import Ctx, label
+from .rewrites import Ctx, attribute_refusal, refuse
 
 __all__ = ["affine_grid", "grid_sample"]
-
-
-def _refuse(n: onnx.NodeProto, why: str) -> Exception:
-    from ..errors import UnsupportedOpError
-
-    return UnsupportedOpError(f"cannot differentiate op {n.op_type} (node {label(n)!r}): {why}")
 
 
 def _axis_coords(size: int, align_corners: int) -> np.ndarray:
@@ -55,15 +49,15 @@ def affine_grid(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     if size is None:
         dims = c.dims(y)
         if dims is None or any(d is None for d in dims[1:-1]):
-            raise _refuse(n, f"its output size is neither a constant nor a static shape ({dims})")
+            raise refuse(n, f"its output size is neither a constant nor a static shape ({dims})")
         spatial = [int(d) for d in dims[1:-1] if d is not None]
     else:
         spatial = [int(v) for v in size[2:]]
     r = len(spatial)
     if r not in (2, 3):
-        raise _refuse(n, f"a grid of {r} spatial axes is not rewritten")
+        raise refuse(n, f"a grid of {r} spatial axes is not rewritten")
     if align and min(spatial) < 2:
-        raise _refuse(n, f"align_corners=1 with an axis of size 1 ({spatial})")
+        raise refuse(n, f"align_corners=1 with an axis of size 1 ({spatial})")
     axes = [_axis_coords(s, align) for s in spatial]
     mesh = np.meshgrid(*axes, indexing="ij")  # one array per axis, each of shape `spatial`
     cols = [m.reshape(-1) for m in reversed(mesh)]  # x (last axis) first, as the operator orders them
@@ -81,21 +75,20 @@ def grid_sample(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
     mode = attr_str(n, "mode", "bilinear")
     padding = attr_str(n, "padding_mode", "zeros")
     align = attr_int(n, "align_corners", 0)
-    if mode not in ("bilinear", "linear", "nearest"):
-        raise _refuse(n, f"mode={mode!r} is not rewritten (bilinear/linear and nearest are)")
-    if padding not in ("zeros", "border", "reflection"):
-        raise _refuse(n, f"padding_mode={padding!r} is not rewritten (zeros, border and reflection are)")
+    why = attribute_refusal(n)
+    if why is not None:
+        raise refuse(n, why)
     xd, gd = c.dims(x), c.dims(grid)
     if xd is None or len(xd) != 4 or gd is None or len(gd) != 4:
-        raise _refuse(n, f"only a 4-D input and grid are rewritten (shapes {xd} and {gd})")
+        raise refuse(n, f"only a 4-D input and grid are rewritten (shapes {xd} and {gd})")
     if any(d is None for d in (*xd[1:], *gd[1:3])):
-        raise _refuse(n, f"the input's channels and sizes and the grid's sizes must be static ({xd}, {gd})")
+        raise refuse(n, f"the input's channels and sizes and the grid's sizes must be static ({xd}, {gd})")
     C, H, W = (int(d) for d in xd[1:] if d is not None)
     Ho, Wo = (int(d) for d in gd[1:3] if d is not None)
     gtype = c.dtype_of(grid)
     elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}.get(np.dtype(gtype))
     if elem is None:
-        raise _refuse(n, f"a grid of type {gtype} is not rewritten")
+        raise refuse(n, f"a grid of type {gtype} is not rewritten")
     xtype = c.dtype_of(x)
     out: list[onnx.NodeProto] = []
 
@@ -133,7 +126,7 @@ def grid_sample(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         lo = 0.0 if align else -0.5
         span = (size - 1.0) if align else float(size)
         if span <= 0:
-            raise _refuse(n, "reflection padding with align_corners=1 on an axis of size 1")
+            raise refuse(n, "reflection padding with align_corners=1 on an axis of size 1")
         v, q, qi, qf, m, d, a, r = (c.tmp(f"{y}_{k}{tag}") for k in ("rv", "rq", "rqi", "rqf", "rm", "rd", "ra", "r"))
 
         def f(name: str, value: float) -> str:
@@ -225,12 +218,6 @@ def grid_sample(c: Ctx, n: onnx.NodeProto) -> list[onnx.NodeProto]:
                 wxy = c.tmp(f"{y}_w{ty}{tx}")
                 out.append(c.node("Mul", [wy, wx], [wxy]))
                 terms.append(corner(xi, yi, wxy, f"{ty}{tx}"))
-    if len(terms) == 1:
-        out.append(c.node("Identity", [terms[0]], [y]))
-        return out
-    acc = terms[0]
-    for j, t in enumerate(terms[1:], start=1):
-        dst = y if j == len(terms) - 1 else c.tmp(f"{y}_sum{j}")
-        out.append(c.node("Add", [acc, t], [dst]))
-        acc = dst
-    return out
+    summed = c.sum_(onnx.helper.make_node("Sum", terms, [y]))  # the chain of Adds that legalizes a Sum
+    assert summed is not None
+    return out + summed
