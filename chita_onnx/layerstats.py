@@ -38,6 +38,13 @@ FLUSH_ROWS = 4096
 FLUSH_BYTES = 64 * 2**20
 #: Row length from which small row blocks are gathered (narrower Grams are cheap to update).
 GATHER_MIN_D = 512
+#: A layer of one group with rows at least this long may keep its input rows instead of their Gram
+#: (:attr:`LayerStats.rowspace`; the row-space solver, :mod:`chita_onnx.solver.rowspace`).
+ROWSPACE_MIN_D = 1024
+#: ... while it has at most ``d`` rows (beyond that the row-space solver never costs less), and they
+#: (with the dense outputs) take at most this many bytes (float32).  Whether the rows are then used
+#: is the caller's choice at :func:`finalize_means`.
+ROWSPACE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -353,17 +360,46 @@ class LayerStats:
     #: Row blocks ``(x (R, g, d), y (R, g, M_g) or None)`` not yet in ``H``/``B``/``yy`` (:func:`flush`).
     pending: list[tuple[NDArray[np.float32], NDArray[np.float32] | None]] = field(default_factory=list)
     pending_rows: int = 0
+    #: Keep the rows instead of ``H``/``B`` while they are few (:func:`rowspace_eligible`): until
+    #: there are more than ``d`` of them or :data:`ROWSPACE_BYTES` (then ``H`` is formed and this
+    #: turns False).  After :func:`finalize_means` with ``rows=True``, when still True, :attr:`X` and
+    #: :attr:`Y` hold the rows and ``H``/``B`` are empty ``(g, 0, 0)`` / ``(g, 0, M_g)``
+    #: placeholders; ``yy`` is filled.
+    rowspace: bool = False
+    #: The pruned model's input rows ``(N, d)`` and the dense outputs ``(N, M)`` (None without the
+    #: cross term), float32, in row-space mode after :func:`finalize_means`.
+    X: NDArray[np.float32] | None = None
+    Y: NDArray[np.float32] | None = None
 
     @staticmethod
-    def empty(geom: LayerGeometry, *, cross: bool) -> LayerStats:
+    def empty(geom: LayerGeometry, *, cross: bool, rowspace: bool = False) -> LayerStats:
+        """Zero statistics; ``rowspace``: keep the rows while they are few (only for one group; the
+        Gram is then allocated when the rows turn out to be many)."""
         g, d, m = geom.groups, geom.d, geom.outputs_per_group
+        rs = rowspace and rowspace_eligible(geom)
         return LayerStats(
             geom,
-            np.zeros((g, d, d)),
-            np.zeros((g, d, m)) if cross else None,
+            np.zeros((g, 0, 0) if rs else (g, d, d)),
+            (np.zeros((g, 0, m) if rs else (g, d, m))) if cross else None,
             np.zeros((g, m)) if cross else None,
             np.zeros((g, d)),
+            rowspace=rs,
         )
+
+    def _allocate(self) -> None:
+        """Give ``H``/``B`` their full shapes (leaving row-space mode)."""
+        g, d, m = self.geom.groups, self.geom.d, self.geom.outputs_per_group
+        self.rowspace = False
+        if self.H.shape != (g, d, d):
+            self.H = np.zeros((g, d, d))
+        if self.B is not None and self.B.shape != (g, d, m):
+            self.B = np.zeros((g, d, m))
+
+
+def rowspace_eligible(geom: LayerGeometry) -> bool:
+    """Whether a layer may keep its input rows instead of their Gram: one group, rows of at least
+    :data:`ROWSPACE_MIN_D`."""
+    return geom.groups == 1 and geom.d >= ROWSPACE_MIN_D
 
 
 @dataclass
@@ -502,6 +538,14 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
     ones = np.ones(R, np.float32)
     stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
     d = xp.shape[2]
+    if stats.rowspace:
+        stats.pending.append((xp, y))
+        stats.pending_rows += R
+        size = stats.pending_rows * xp.shape[1] * (d + (0 if y is None else y.shape[2])) * 4
+        if stats.pending_rows > d or size > ROWSPACE_BYTES:
+            stats._allocate()  # too many rows: the Gram from here on
+            flush(stats)
+        return
     if d < GATHER_MIN_D or xp.shape[0] >= d:  # a product that BLAS runs well as it is: no gathering
         flush(stats)
         stats.pending.append((xp, y))
@@ -518,6 +562,8 @@ def flush(stats: LayerStats) -> None:
     """Add the pending row blocks to ``H``, ``B`` and ``yy`` (float32 products, float64 sums)."""
     if not stats.pending:
         return
+    if stats.rowspace:
+        stats._allocate()
     blocks, stats.pending, stats.pending_rows = stats.pending, [], 0
     xp = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
     ys = [b[1] for b in blocks]
@@ -544,9 +590,30 @@ def flush(stats: LayerStats) -> None:
         stats.yy += np.einsum("grm,grm->gm", yg, yg, dtype=np.float64)
 
 
-def finalize_means(stats: LayerStats) -> None:
+def finalize_means(stats: LayerStats, *, rows: bool = False) -> None:
     """Add the pending rows (:func:`flush`) and turn the accumulated sum of ``mean_p`` into the mean
-    input row (call once, after the pass)."""
-    flush(stats)
+    input row (call once, after the pass).  With ``rows``, in row-space mode
+    (:attr:`LayerStats.rowspace`), the pending rows become :attr:`LayerStats.X`/:attr:`LayerStats.Y`
+    instead (and ``yy`` their output energy); with no rows at all the statistics take the Gram's
+    form (all zero)."""
+    if stats.rowspace and not rows:
+        stats._allocate()
+    if stats.rowspace and stats.pending_rows:
+        blocks, stats.pending, stats.pending_rows = stats.pending, [], 0
+        stats.X = np.ascontiguousarray(np.concatenate([b[0][:, 0, :] for b in blocks]))
+        ys = [b[1] for b in blocks]
+        if stats.B is not None and all(v is not None for v in ys):
+            stats.Y = np.ascontiguousarray(np.concatenate([v[:, 0, :] for v in ys if v is not None]))
+            if stats.yy is not None:
+                stats.yy[0] += np.einsum("nm,nm->m", stats.Y, stats.Y, dtype=np.float64)
+        elif stats.B is not None:
+            stats._allocate()  # no dense outputs for some rows: cannot happen with one accumulate path
+            stats.pending = blocks
+            stats.pending_rows = sum(b[0].shape[0] for b in blocks)
+            stats.X = None
+    if not stats.rowspace:
+        flush(stats)
+    if stats.rowspace and stats.X is None:  # no rows at all
+        stats._allocate()
     if stats.rows:
         stats.mean_p /= stats.rows

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from .activations import Arrays, LayerSite, SegmentRunner, find_layers
 from .graph import _constant_values, write_weights
 from .layerstats import (
+    LayerGeometry,
     LayerStats,
     RowSampler,
     accumulate,
@@ -35,7 +36,9 @@ from .layerstats import (
     weight_rows,
 )
 from .progress import progress
-from .solver.layerwise import output_row_weights, prune_layer
+from .solver.layerwise import LayerSolution, output_row_weights, prune_layer
+from .solver.rowspace import cheaper as cheaper_rows
+from .solver.rowspace import prune_layer_rows
 from .standardize import fresh_namer
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,35 @@ def _add_consumer(
             )
         else:
             accumulate(stats, a32, index=idx, geom=geom)
+
+
+def _prune_rows(
+    name: str,
+    Wr: NDArray[np.float64],
+    stats: LayerStats,
+    geom: LayerGeometry,
+    keep: Mapping[str, int] | None,
+    masks: Mapping[str, NDArray[np.bool_]] | None,
+    row_fisher: Mapping[str, NDArray[np.floating]] | None,
+    opts: LayerwiseOptions,
+) -> LayerSolution:
+    """One layer through :func:`~chita_onnx.solver.rowspace.prune_layer_rows` from the rows kept in
+    ``stats`` (:attr:`LayerStats.X`, one group), as :func:`prune_layer` would on their Gram."""
+    assert stats.X is not None
+    log.debug("%s: row-space solve (%d rows of %d inputs, no Gram)", name, stats.X.shape[0], stats.X.shape[1])
+    common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
+    if keep is not None:
+        rho = None
+        if row_fisher is not None and name in row_fisher:
+            sq = np.einsum("nd,nd->", stats.X, stats.X, dtype=np.float64)
+            r = output_row_weights(weight_rows(row_fisher[name], geom), None, energy=np.array([sq]))
+            rho = None if r is None else r[0]
+        return prune_layer_rows(
+            Wr[0], stats.X, stats.Y, keep=int(keep[name]), select=opts.select, row_weight=rho, **common  # type: ignore[arg-type]
+        )
+    assert masks is not None
+    m = weight_rows(np.asarray(masks[name], dtype=np.float64), geom)[0] != 0
+    return prune_layer_rows(Wr[0], stats.X, stats.Y, mask=m, select="mask", **common)  # type: ignore[arg-type]
 
 
 def _prefetch_ends(events: Sequence[tuple[int, int, int]], sites: Sequence[object]) -> list[int]:
@@ -264,7 +296,7 @@ def layerwise_prune(
             if len(consumers) > 1 and rewind is None:
                 rewind = pruned.snapshot()
             W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
-            stats0 = LayerStats.empty(site.geometry, cross=dense is not None)
+            stats0 = LayerStats.empty(site.geometry, cross=dense is not None, rowspace=True)
             open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
         cur = open_[i]
         Wr = cur.rows
@@ -281,10 +313,18 @@ def layerwise_prune(
             continue
         del open_[i]
         stats = cur.stats
-        finalize_means(stats)
         geom = site.geometry
-        ts = time.perf_counter()
         if keep is not None:
+            fraction = int(keep[site.weight]) / max(1, Wr.size)
+        else:
+            assert masks is not None
+            fraction = float(np.count_nonzero(masks[site.weight])) / max(1, Wr.size)
+        rows = stats.rowspace and cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
+        finalize_means(stats, rows=rows)
+        ts = time.perf_counter()
+        if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram
+            sol = _prune_rows(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
+        elif keep is not None:
             rho = None
             if row_fisher is not None and site.weight in row_fisher:
                 rho = output_row_weights(weight_rows(row_fisher[site.weight], geom), stats.H)
@@ -307,7 +347,12 @@ def layerwise_prune(
         if rewind is not None and not any(len(o.site.consumers) > 1 for o in open_.values()):
             pruned.restore(rewind)  # re-run the recurrence with the pruned shared weights
             rewind = None
-        energy = float(np.sum(stats.yy)) if stats.yy is not None else float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
+        if stats.yy is not None:
+            energy = float(np.sum(stats.yy))
+        elif stats.X is not None:
+            energy = float(np.sum((Wr[0] @ stats.X.T.astype(np.float64)) ** 2))
+        else:
+            energy = float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
         reports.append(
             LayerReport(
                 site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows, sol.error, sol.masked_error,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -290,6 +291,8 @@ def sparsegpt_sweep(
     block: int = BLOCK,
     row_weight: F64 | None = None,
     U: F64 | None = None,
+    u_rows: Callable[[int, int], tuple[F64, Callable[[F64], F64]]] | None = None,
+    hinv_diag: F64 | None = None,
 ) -> tuple[F64, NDArray[np.bool_]]:
     """SparseGPT's OBS column sweep on ``Σ_i ρ_i (w_i − w*_i)ᵀ H_λ (w_i − w*_i)``, keeping exactly
     ``keep`` weights.
@@ -301,30 +304,44 @@ def sparsegpt_sweep(
     are independent, so it changes which weights are removed, not how a row is compensated.  With
     ``mask`` (True = kept) the selection is given and only the updates run.  Returns ``(W, mask)``,
     ``(M, d)`` each.  ``U`` (optional): that factor, given (:meth:`Damped.inverse_factor`); then
-    ``Hinv`` may be None.
+    ``Hinv`` may be None.  ``u_rows`` (optional, instead of both): for the column block ``i1:i2``, its
+    diagonal block ``U[i1:i2, i1:i2]`` and the product ``E ↦ E·U[i1:i2, i2:]`` (``E (M, i2 − i1)``),
+    asked for block by block in order (the row-space factor,
+    :meth:`chita_onnx.solver.rowspace.RowGram.factor_block`), with ``hinv_diag = diag(H_λ⁻¹)``
+    ``(d,)`` when ``keep`` is given.
     """
     M, d = W_star.shape
     if (keep is None) == (mask is None):
         raise SolverError("give exactly one of keep and mask")
-    if U is None:
-        if Hinv is None:
-            raise SolverError("give H_λ⁻¹ or its factor U")
-        try:
-            U = sla.cholesky(Hinv, lower=False, check_finite=False)
-        except np.linalg.LinAlgError:
-            raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
-    hinv_diag = np.diag(Hinv) if Hinv is not None else np.einsum("ij,ij->j", U, U)
+    if u_rows is None:
+        if U is None:
+            if Hinv is None:
+                raise SolverError("give H_λ⁻¹ or its factor U")
+            try:
+                U = sla.cholesky(Hinv, lower=False, check_finite=False)
+            except np.linalg.LinAlgError:
+                raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
+        Uf = U
+
+        def u_rows(i1: int, i2: int) -> tuple[F64, Callable[[F64], F64]]:
+            return Uf[i1:i2, i1:i2], lambda E: np.asarray(E @ Uf[i1:i2, i2:])
+
+        if hinv_diag is None and keep is not None:
+            hinv_diag = np.diag(Hinv) if Hinv is not None else np.einsum("ij,ij->j", U, U)
+    elif keep is not None and hinv_diag is None:
+        raise SolverError("the row-block factor needs diag(H_λ⁻¹) to select")
     W = W_star.copy()
     kept = np.ones((M, d), dtype=bool) if mask is None else mask.astype(bool, copy=True)
     counts: list[int] = []
     rho = np.ones((M, 1)) if row_weight is None else np.asarray(row_weight, np.float64).reshape(M, 1)
     if keep is not None:
+        assert hinv_diag is not None
         sal = rho * W_star**2 / np.maximum(hinv_diag, 1e-300)[None, :]
         counts = _block_counts(M * d - int(keep), d, block, sal)
     for bi, i1 in enumerate(range(0, d, block)):
         i2 = min(d, i1 + block)
         W1 = np.asfortranarray(W[:, i1:i2])  # columns contiguous: the loop below works column by column
-        U1 = U[i1:i2, i1:i2]
+        U1, rest = u_rows(i1, i2)
         err = np.zeros(W1.shape, order="F")
         if keep is not None:
             q = counts[bi]
@@ -344,7 +361,7 @@ def sparsegpt_sweep(
             W1[:, j] = np.where(kj, w, 0.0)
         W[:, i1:i2] = W1
         if i2 < d:
-            W[:, i2:] -= err @ U[i1:i2, i2:]
+            W[:, i2:] -= rest(err)
     W[~kept] = 0.0
     return W, kept
 
@@ -470,7 +487,17 @@ def _spd_solve64(A: F64, idx: NDArray[np.int64], b: F64) -> F64:
     return out
 
 
-def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: float = 1e-6, iters: int = 300) -> F64:
+def _cg_refit(
+    H: F64 | None,
+    rhs: F64,
+    mask: NDArray[np.bool_],
+    W0: F64 | None,
+    tol: float = 1e-6,
+    iters: int = 300,
+    *,
+    times: Callable[[F64], F64] | None = None,
+    diag: F64 | None = None,
+) -> F64:
     """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support.
 
     With ``d ≥`` :data:`SINGLE_MIN` the products with ``H`` (all the arithmetic) are float32 and the
@@ -478,14 +505,25 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     iterate, by ``f_i(w) = wᵀH_λw − 2wᵀrhs_i = −wᵀ(rhs_i + r)`` with the explicit residual
     ``r = (rhs_i − H_λw)`` on the support (``w`` is zero off it): one product with ``H`` for the end,
     the start's is the iteration's first.  The iteration works in preallocated ``(M, d)`` buffers:
-    on a wide layer a fresh temporary per operation costs more in page faults than the product."""
-    H32 = H.astype(np.float32) if H.shape[0] >= SINGLE_MIN else None
+    on a wide layer a fresh temporary per operation costs more in page faults than the product.
+    ``times`` and ``diag`` (instead of ``H``): the product ``V ↦ V H_λ`` and ``diag(H_λ)`` ``(d,)``."""
+    if H is None:
+        if times is None or diag is None:
+            raise SolverError("give H or its product and diagonal")
+        op, hdiag = times, diag
+    else:
+        op, hdiag = None, np.diag(H)
+    H32 = H.astype(np.float32) if H is not None and H.shape[0] >= SINGLE_MIN else None
     V32 = np.empty(rhs.shape, np.float32) if H32 is not None else None
     HV32 = np.empty(rhs.shape, np.float32) if H32 is not None else None
 
     def times_h(V: F64, out: F64) -> F64:
         """``V H`` into ``out``."""
+        if op is not None:
+            np.copyto(out, op(V))
+            return out
         if H32 is None:
+            assert H is not None
             return np.matmul(V, H, out=out)
         assert V32 is not None and HV32 is not None
         np.copyto(V32, V, casting="same_kind")
@@ -495,7 +533,7 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
 
     P = mask.astype(np.float64)
     X = np.zeros_like(rhs) if W0 is None else W0 * P
-    diag = np.maximum(np.diag(H), 1e-300)[None, :]
+    hd = np.maximum(hdiag, 1e-300)[None, :]
     R = np.empty_like(rhs)
     tmp = np.empty_like(rhs)
     times_h(X, R)
@@ -504,7 +542,7 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
     X0 = X.copy()
     np.add(rhs, R, out=tmp)
     f0 = -np.einsum("ij,ij->i", X0, tmp)
-    Z = R / diag
+    Z = R / hd
     Pd = Z.copy()
     Ap = np.empty_like(rhs)
     rz = np.einsum("ij,ij->i", R, Z)
@@ -521,7 +559,7 @@ def _cg_refit(H: F64, rhs: F64, mask: NDArray[np.bool_], W0: F64 | None, tol: fl
         X += tmp
         np.multiply(Ap, alpha[:, None], out=tmp)
         R -= tmp
-        np.divide(R, diag, out=Z)
+        np.divide(R, hd, out=Z)
         rz_new = np.einsum("ij,ij->i", R, Z)
         beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
         Pd *= beta[:, None]
@@ -593,7 +631,9 @@ def split_budget(scores: F64, keep: int) -> NDArray[np.int64]:
 ROW_WEIGHT_FLOOR = 1.0
 
 
-def output_row_weights(F: NDArray[np.floating], H: NDArray[np.floating]) -> NDArray[np.float64] | None:
+def output_row_weights(
+    F: NDArray[np.floating], H: NDArray[np.floating] | None, *, energy: NDArray[np.floating] | None = None
+) -> NDArray[np.float64] | None:
     """Output-row weights ``ρ (g, M)`` of one layer from the Fisher diagonal of its weights ``F (g, M, d)``
     (as :func:`~chita_onnx.layerstats.weight_rows`) and its input Gram ``H (g, d, d)``.
 
@@ -605,10 +645,14 @@ def output_row_weights(F: NDArray[np.floating], H: NDArray[np.floating]) -> NDAr
     the data do use).  The weights are tempered, as the estimate comes from a few dozen samples and
     the factorisation is itself approximate: ``ρ_i = √s_i / mean(√s) +`` :data:`ROW_WEIGHT_FLOOR`
     (the square root and the floor were chosen on selection data, BENCHMARKS.md "Output-row
-    weights").  None when ``F`` carries no information (all zero).
+    weights").  None when ``F`` carries no information (all zero).  ``energy`` ``(g,)`` (instead of
+    ``H``): the input energy ``Σ_j H_jj`` per group (the squared norm of the input rows).
     """
     Fs = np.asarray(F, np.float64).sum(axis=2)
-    energy = np.einsum("gii->g", np.asarray(H, np.float64))
+    if energy is None:
+        if H is None:
+            raise SolverError("give H or the input energy")
+        energy = np.einsum("gii->g", np.asarray(H, np.float64))
     s = np.sqrt(np.maximum(Fs, 0.0) / np.maximum(energy, 1e-300)[:, None])
     mean = float(s.mean()) if s.size else 0.0
     if not np.isfinite(mean) or mean <= 0:
