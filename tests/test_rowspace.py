@@ -1,0 +1,227 @@
+"""The row-space layer-wise solver (few input rows of a wide layer, no d × d Gram) against the Gram
+route, its factor against the Cholesky factor of H_λ⁻¹, planted recovery, and the pass choosing it."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import tiny_mlp
+
+import chita_onnx.sequential as seq
+import chita_onnx.solver.rowspace as rs
+from chita_onnx.errors import SolverError
+from chita_onnx.layerstats import LayerGeometry, LayerStats, accumulate, finalize_means
+from chita_onnx.solver.layerwise import damp_gram, prune_layer
+from chita_onnx.solver.rowspace import RowGram, cheaper, prune_layer_rows
+
+
+def _problem(N: int, d: int, M: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``A (N, d)`` with uneven column scales, a dense weight ``(M, d)`` and dense targets
+    ``Y (N, M)`` from slightly different (dense-model) inputs."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((N, d)) * rng.uniform(0.1, 3.0, d)
+    W = rng.standard_normal((M, d))
+    Y = (A + 0.1 * rng.standard_normal((N, d))) @ W.T
+    return A, W, Y
+
+
+def _gram(A: np.ndarray, Y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    H = (A.T @ A)[None]
+    if Y is None:
+        return H, None, None
+    return H, (A.T @ Y)[None], (Y**2).sum(axis=0)[None]
+
+
+@pytest.mark.parametrize("M", [7, 40])  # fewer outputs than the block (the product) and more (formed rows)
+@pytest.mark.parametrize("targets", ["dense", "pruned"])
+@pytest.mark.parametrize("select", ["sparsegpt", "magnitude"])
+def test_rows_and_gram_give_the_same_layer(M: int, targets: str, select: str) -> None:
+    """Same masks, weights and errors as prune_layer on the Gram of the same rows (float64 systems:
+    every re-fit system is below SINGLE_MIN, so the Gram route solves in float64 too)."""
+    A, W, Y = _problem(30, 200, M)
+    Yt = Y if targets == "dense" else None
+    rho = np.random.default_rng(5).uniform(0.5, 2.0, M)
+    keep = int(0.45 * W.size)
+    a = prune_layer(W[None], *_gram(A, Yt), keep=keep, select=select, block=32, row_weight=rho[None])  # type: ignore[arg-type]
+    b = prune_layer_rows(W, A, Yt, keep=keep, select=select, block=32, row_weight=rho)  # type: ignore[arg-type]
+    assert int(b.mask.sum()) == keep
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(b.W, a.W, rtol=0, atol=1e-8 * np.abs(a.W).max())
+    for x, y in [(a.error, b.error), (a.masked_error, b.masked_error), (a.dense_error, b.dense_error)]:
+        assert y == pytest.approx(x, rel=1e-7, abs=1e-9 * a.masked_error)
+    assert b.info["refit"] == "rowspace" and b.info["rows"] == 30
+
+
+def test_rows_and_gram_agree_on_a_given_mask() -> None:
+    A, W, Y = _problem(25, 150, 9, seed=2)
+    mask = np.random.default_rng(3).random(W.shape) < 0.4
+    mask[0] = True  # a full row
+    mask[1] = False  # an empty row
+    a = prune_layer(W[None], *_gram(A, Y), mask=mask[None], select="mask", block=16)
+    b = prune_layer_rows(W, A, Y, mask=mask, select="mask", block=16)
+    np.testing.assert_array_equal(b.mask[0], mask)
+    np.testing.assert_allclose(b.W, a.W, rtol=0, atol=1e-8 * np.abs(a.W).max())
+    assert not np.any(b.W[0, 1])
+
+
+def test_factor_blocks_reproduce_the_cholesky_factor_of_the_inverse() -> None:
+    """The diagonal blocks and the products with the rest are those of U, H_λ⁻¹ = UᵀU, from the
+    Gram route's factorisation; blocks must come in order."""
+    A, _, _ = _problem(20, 90, 1, seed=4)
+    rg = RowGram.of(A, 0.01)
+    dh = damp_gram(A.T @ A, 0.01)
+    assert rg.lam == pytest.approx(dh.lam, rel=1e-12)
+    U = dh.inverse_factor()
+    np.testing.assert_allclose(rg.inverse_diag(), dh.inverse_diag(), rtol=1e-9)
+    for outputs in (1, 64):  # product route and formed-rows route
+        for i1 in range(0, 90, 32):
+            i2 = min(90, i1 + 32)
+            U11, rest = rg.factor_block(i1, i2, outputs=outputs)
+            np.testing.assert_allclose(U11, U[i1:i2, i1:i2], rtol=1e-9, atol=1e-12 * np.abs(U).max())
+            E = np.random.default_rng(i1).standard_normal((3, i2 - i1))
+            np.testing.assert_allclose(rest(E), E @ U[i1:i2, i2:], rtol=1e-8, atol=1e-10 * np.abs(U).max())
+    rg.factor_block(0, 32)
+    with pytest.raises(SolverError, match="out of order"):
+        rg.factor_block(64, 90)
+
+
+def test_a_planted_sparse_layer_is_recovered_exactly() -> None:
+    """A dense weight that is itself sparse, fitted from fewer rows than inputs: pruning it to its
+    own count keeps exactly its support and its values (zero error)."""
+    rng = np.random.default_rng(7)
+    N, d, M = 40, 300, 6
+    A = rng.standard_normal((N, d))
+    W = rng.standard_normal((M, d)) * (rng.random((M, d)) < 0.3)
+    Y = A @ W.T
+    sol = prune_layer_rows(W, A, Y, keep=int(np.count_nonzero(W)), block=64)
+    np.testing.assert_array_equal(sol.mask[0], W != 0)
+    np.testing.assert_allclose(sol.W[0], W, atol=1e-9)
+    assert sol.error <= 1e-12 * sol.dense_error + 1e-12
+
+
+def test_refit_never_increases_the_damped_objective() -> None:
+    """The exact re-fit (and CG when the exact one is too costly) ends at or below the sweep's weights
+    on the damped objective of every row."""
+    A, W, Y = _problem(30, 240, 12, seed=9)
+    rg = RowGram.of(A, 0.01)
+    rhs = Y.T @ A + rg.lam * W
+
+    def f(V: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", rg.times(V), V) - 2 * np.einsum("ij,ij->i", V, rhs)
+
+    swept = prune_layer_rows(W, A, Y, keep=W.size // 3, refit=False, block=32)
+    refit = prune_layer_rows(W, A, Y, keep=W.size // 3, block=32)
+    np.testing.assert_array_equal(swept.mask, refit.mask)
+    assert np.all(f(refit.W[0]) <= f(swept.W[0]) + 1e-9 * np.abs(f(swept.W[0])))
+    # the optimum: the gradient vanishes on the support
+    grad = rg.times(refit.W[0]) - rhs
+    assert np.abs(grad[refit.mask[0]]).max() <= 1e-8 * np.abs(rhs).max()
+
+
+def test_cg_branch_when_the_exact_refit_is_too_costly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CG (products through the rows) closes the gap from the sweep's weights to the exact re-fit on
+    the damped objective."""
+    A, W, Y = _problem(30, 240, 12, seed=10)
+    rg = RowGram.of(A, 0.01)
+    rhs = Y.T @ A + rg.lam * W
+
+    def f(V: np.ndarray) -> float:
+        return float(np.einsum("ij,ij->", rg.times(V), V) - 2 * np.einsum("ij,ij->", V, rhs))
+
+    swept = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32, refit=False)
+    exact = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32)
+    monkeypatch.setattr(rs, "EXACT_FLOPS", 0.0)
+    monkeypatch.setattr(rs, "CG_FLOPS", 1e12)
+    cg = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32)
+    assert str(cg.info["refit"]).startswith("cg")
+    np.testing.assert_array_equal(cg.mask, exact.mask)
+    gap = f(swept.W[0]) - f(exact.W[0])
+    assert gap > 0
+    assert f(cg.W[0]) - f(exact.W[0]) <= 1e-4 * gap
+
+
+def test_bad_rows_are_refused_by_name() -> None:
+    A, W, Y = _problem(10, 50, 3)
+    A[2, 3] = np.nan
+    with pytest.raises(SolverError, match=r"head.*NaN"):
+        prune_layer_rows(W, A, Y, keep=10, name="head")
+    with pytest.raises(SolverError, match="expected"):
+        prune_layer_rows(W, A[:, :40], Y, keep=10, name="head")
+
+
+def test_cost_rule_limits() -> None:
+    """Few rows of a wide layer go through the rows, as many rows as inputs through the Gram."""
+    assert cheaper(200, 6272, 10, 0.5)
+    assert cheaper(64, 1280, 2, 0.5)
+    assert not cheaper(1024, 1024, 10, 0.5)
+    assert not cheaper(1000, 1024, 1000, 0.5)
+    # more rows never make the rows cheaper
+    flips = [cheaper(n, 2048, 100, 0.5) for n in range(16, 2049, 16)]
+    assert flips == sorted(flips, reverse=True)
+
+
+def test_layer_stats_keep_the_rows_while_they_are_few() -> None:
+    """The kept rows are the rows the Gram is made of; too many rows fall back to the Gram, with the
+    same statistics as accumulating it from the start."""
+    rng = np.random.default_rng(11)
+    geom = LayerGeometry("gemm", (6, 1100), trans_b=True)
+    W = rng.standard_normal((1, 6, 1100))
+    batches = [rng.standard_normal((n, 1100)).astype(np.float32) for n in (30, 50)]
+    st = LayerStats.empty(geom, cross=True, rowspace=True)
+    ref = LayerStats.empty(geom, cross=True)
+    for a in batches:
+        accumulate(st, a, a_dense=a, w_dense_rows=W)
+        accumulate(ref, a, a_dense=a, w_dense_rows=W)
+    assert st.rowspace and st.H.shape == (1, 0, 0)
+    finalize_means(st, rows=True)
+    finalize_means(ref)
+    assert st.X is not None and st.Y is not None and st.X.shape == (80, 1100)
+    X = st.X.astype(np.float64)
+    np.testing.assert_allclose(X.T @ X, ref.H[0], rtol=1e-5, atol=1e-3)
+    assert ref.B is not None and ref.yy is not None and st.yy is not None
+    np.testing.assert_allclose(X.T @ st.Y.astype(np.float64), ref.B[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(st.yy, ref.yy, rtol=1e-5)
+    np.testing.assert_allclose(st.mean_p, ref.mean_p, rtol=1e-6)
+    # declined at the end: the Gram, as without row-space mode
+    st2 = LayerStats.empty(geom, cross=True, rowspace=True)
+    for a in batches:
+        accumulate(st2, a, a_dense=a, w_dense_rows=W)
+    finalize_means(st2, rows=False)
+    assert st2.X is None and not st2.rowspace
+    np.testing.assert_allclose(st2.H, ref.H, rtol=1e-6)
+    # more rows than inputs: the Gram from then on
+    st3 = LayerStats.empty(geom, cross=True, rowspace=True)
+    for _ in range(15):
+        a = rng.standard_normal((80, 1100)).astype(np.float32)
+        accumulate(st3, a, a_dense=a, w_dense_rows=W)
+    assert not st3.rowspace and st3.H.shape == (1, 1100, 1100) and st3.rows == 1200
+    # a grouped Conv never keeps rows
+    assert not LayerStats.empty(LayerGeometry("conv", (4, 600, 3, 3), group=2), cross=False, rowspace=True).rowspace
+
+
+def test_the_pass_solves_a_wide_head_from_its_rows(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through onnxruntime: an MLP with a 1,200-wide hidden layer and 60 samples; its head is solved in
+    row space and gives the weights the Gram route gives on the same pass."""
+    model = tiny_mlp(seed=3, d_in=20, hidden=1200, classes=5)
+    x = np.random.default_rng(4).standard_normal((60, 20)).astype(np.float32)
+    batches = [{"x": x[:35]}, {"x": x[35:]}]
+    keep = {"W1": 12_000, "W2": 2_500}
+    with caplog.at_level(logging.DEBUG, logger="chita_onnx.sequential"):
+        rows = seq.layerwise_prune(model, batches, keep=keep)
+    assert "W2: row-space solve (60 rows of 1200 inputs" in caplog.text
+    monkeypatch.setattr(seq, "cheaper_rows", lambda *a: False)
+    gram = seq.layerwise_prune(model, batches, keep=keep)
+    np.testing.assert_array_equal(rows.weights["W1"], gram.weights["W1"])
+    for r in (rows, gram):
+        assert int(np.count_nonzero(r.weights["W2"])) == keep["W2"]
+    np.testing.assert_array_equal(rows.weights["W2"] != 0, gram.weights["W2"] != 0)
+    w = gram.weights["W2"]
+    np.testing.assert_allclose(rows.weights["W2"], w, rtol=0, atol=1e-3 * np.abs(w).max())
+    e_rows = next(r for r in rows.layers if r.name == "W2")
+    e_gram = next(r for r in gram.layers if r.name == "W2")
+    assert e_rows.error == pytest.approx(e_gram.error, rel=0.05)
+    assert e_rows.energy == pytest.approx(e_gram.energy, rel=1e-4)
