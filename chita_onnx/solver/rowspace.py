@@ -152,30 +152,36 @@ class RowGram:
         return np.asarray(U11), rest
 
     def refit(self, rhs: F64, mask: NDArray[np.bool_]) -> F64:
-        """Exact re-fit of every row on its support: ``w_S = (H_λ)_SS⁻¹ rhs_S`` (``(M, d)``, zeros off ``S``)."""
+        """Exact re-fit of every row on its support: ``w_S = (H_λ)_SS⁻¹ rhs_S`` (``(M, d)``, zeros off ``S``).
+
+        Per row, ``K_S`` from the smaller of ``S`` and ``T`` (a symmetric rank-``m`` product on the
+        columns gathered from a column-major copy of ``A``), then one LAPACK ``posv``."""
         M, d = rhs.shape
         W = np.zeros((M, d))
         A, lam = self.A, self.lam
+        AF = np.asfortranarray(A)  # column gathers read contiguous columns
+        N = A.shape[0]
         sizes = mask.sum(axis=1)
         full = sizes == d
         if np.any(full):
             W[full] = self.solve(rhs[full])
         for i in np.flatnonzero(~full & (sizes > 0)):
             S = np.flatnonzero(mask[i])
-            AS = A[:, S]
-            if 2 * S.size > d:  # K_S = K − A_T A_Tᵀ: the smaller product
-                AT = A[:, np.flatnonzero(~mask[i])]
-                KS = self.K - AT @ AT.T
-            else:
-                KS = AS @ AS.T
-                KS.flat[:: KS.shape[0] + 1] += lam
+            AS = AF[:, S]
             v = rhs[i, S]
-            try:
-                z = sla.cho_solve(sla.cho_factor(KS, lower=True, check_finite=False), AS @ v, check_finite=False)
-            except np.linalg.LinAlgError:  # rounding of the subtraction: form it directly
-                KS = AS @ AS.T
-                KS.flat[:: KS.shape[0] + 1] += lam
-                z = sla.cho_solve(sla.cho_factor(KS, lower=True, check_finite=False), AS @ v, check_finite=False)
+            b = AS @ v
+            for attempt in (0, 1):
+                if attempt == 0 and 2 * S.size > d:  # K_S = K − A_T A_Tᵀ: the smaller product
+                    AT = AF[:, np.flatnonzero(~mask[i])]
+                    KS = self.K - AT @ AT.T
+                else:
+                    KS = AS @ AS.T
+                    KS.flat[:: N + 1] += lam
+                _, z, info = sla.lapack.dposv(KS, b, lower=1, overwrite_a=1, overwrite_b=0)
+                if info == 0:
+                    break
+            else:  # pragma: no cover - λI + A_SA_Sᵀ is positive definite for λ > 0
+                raise SolverError("a re-fit system of the row-space solve is not positive definite")
             W[i, S] = (v - AS.T @ z) / lam
         return W
 
