@@ -201,27 +201,37 @@ def test_layer_stats_keep_the_rows_while_they_are_few() -> None:
     assert not LayerStats.empty(LayerGeometry("conv", (4, 600, 3, 3), group=2), cross=False, rowspace=True).rowspace
 
 
+@pytest.mark.parametrize("case", ["keep", "masks", "pruned targets"])
 def test_the_pass_solves_a_wide_head_from_its_rows(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    case: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through onnxruntime: an MLP with a 1,200-wide hidden layer and 60 samples; its head is solved in
-    row space and gives the weights the Gram route gives on the same pass."""
+    row space (counts to select, a given mask to re-fit, or targets from the pruned inputs) and gives
+    the weights the Gram route gives on the same pass."""
     model = tiny_mlp(seed=3, d_in=20, hidden=1200, classes=5)
     x = np.random.default_rng(4).standard_normal((60, 20)).astype(np.float32)
     batches = [{"x": x[:35]}, {"x": x[35:]}]
     keep = {"W1": 12_000, "W2": 2_500}
+    rng = np.random.default_rng(8)
+    masks = {"W1": rng.random((20, 1200)) < 0.5, "W2": rng.random((5, 1200)) < 0.4}
+    kw = {"masks": masks} if case == "masks" else {"keep": keep}
+    if case == "pruned targets":
+        kw["opts"] = seq.LayerwiseOptions(dense_targets=False)
     with caplog.at_level(logging.DEBUG, logger="chita_onnx.sequential"):
-        rows = seq.layerwise_prune(model, batches, keep=keep)
+        rows = seq.layerwise_prune(model, batches, **kw)  # type: ignore[arg-type]
     assert "W2: row-space solve (60 rows of 1200 inputs" in caplog.text
     monkeypatch.setattr(seq, "cheaper_rows", lambda *a: False)
-    gram = seq.layerwise_prune(model, batches, keep=keep)
+    gram = seq.layerwise_prune(model, batches, **kw)  # type: ignore[arg-type]
     np.testing.assert_array_equal(rows.weights["W1"], gram.weights["W1"])
+    want = int(np.count_nonzero(masks["W2"])) if case == "masks" else keep["W2"]
     for r in (rows, gram):
-        assert int(np.count_nonzero(r.weights["W2"])) == keep["W2"]
+        assert int(np.count_nonzero(r.weights["W2"])) == want
     np.testing.assert_array_equal(rows.weights["W2"] != 0, gram.weights["W2"] != 0)
+    if case == "masks":
+        np.testing.assert_array_equal(rows.weights["W2"] != 0, masks["W2"])
     w = gram.weights["W2"]
     np.testing.assert_allclose(rows.weights["W2"], w, rtol=0, atol=1e-3 * np.abs(w).max())
     e_rows = next(r for r in rows.layers if r.name == "W2")
     e_gram = next(r for r in gram.layers if r.name == "W2")
-    assert e_rows.error == pytest.approx(e_gram.error, rel=0.05)
+    assert e_rows.error == pytest.approx(e_gram.error, rel=0.05, abs=1e-6 * e_gram.energy)
     assert e_rows.energy == pytest.approx(e_gram.energy, rel=1e-4)
