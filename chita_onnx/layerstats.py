@@ -44,7 +44,7 @@ ROWSPACE_MIN_D = 1024
 #: ... while it has at most ``d`` rows (beyond that the row-space solver never costs less), and they
 #: (with the dense outputs) take at most this many bytes (float32).  Whether the rows are then used
 #: is the caller's choice at :func:`finalize_means`.
-ROWSPACE_BYTES = 256 * 2**20
+ROWSPACE_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)

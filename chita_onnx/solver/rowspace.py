@@ -197,19 +197,22 @@ class RowGram:
 def cheaper(rows: int, d: int, outputs: int, keep_fraction: float, block: int = BLOCK) -> bool:
     """Whether :func:`prune_layer_rows` costs fewer multiply-adds than the Gram route for a layer of
     ``outputs`` rows of ``d`` weights, ``rows`` input rows and about ``keep_fraction`` of its weights
-    kept (each row's re-fit system has ``m = d·min(f, 1 − f)`` unknowns).
+    kept (each row's re-fit system has ``m = d·min(f, 1 − f)`` unknowns).  A float32 product counts
+    half, a symmetric one (``syrk``) half again.
 
-    Gram route: the Gram (``N·d²``, float32 products: counted half), its factor, inverse factor and
-    inverse (``d³``), the sweep (``M·d²``) and the re-fits (``M·m³/3``, float32: half).  Row space:
-    ``K`` and ``diag(H_λ⁻¹)`` (``2·N²·d``), a factorisation of ``K_j`` per block (``(d/b)·N³/3``),
-    the sweep (``M·N·d²/(2b)`` or, with more outputs than ``b``, the block rows ``N·d²/2``) and the
-    re-fits (``M·(N²·m + N³/3)``, float64).
+    Gram route: the Gram (``N·d²/2``, float32), the factor and its inverse (``2/3·d³``), the inverse
+    itself when rows are re-fitted on their pruned set (``d³/3``), the sweep (``M·d²``) and the
+    re-fits (``M·m³/3``, float32).  Row space: ``K`` (``N²·d/2``) and ``diag(H_λ⁻¹)`` (``N²·d``), a
+    factorisation of ``K_j`` per block (``(d/b)·N³/3``), the sweep (``M·N·d²/(2b)`` or, with more
+    outputs than ``b``, the block rows ``N·d²/2``) and the re-fits (``M·(N²·m/2 + N³/3)``, float64).
     """
     N, M, b = float(rows), float(outputs), float(block)
-    m = d * min(max(keep_fraction, 0.0), 1.0 - min(keep_fraction, 1.0))
-    gram = N * d * d / 2.0 + float(d) ** 3 + M * d * d + M * m**3 / 6.0
-    sweep = M * N * d * d / (2.0 * b) if b >= M else N * d * d / 2.0
-    row = 2.0 * N * N * d + (d / b) * N**3 / 3.0 + sweep + M * (N * N * m + N**3 / 3.0)
+    f = min(max(keep_fraction, 0.0), 1.0)
+    m = d * min(f, 1.0 - f)
+    dd = float(d)
+    gram = N * dd * dd / 4.0 + (2.0 / 3.0 + (1.0 / 3.0 if f > 0.4 else 0.0)) * dd**3 + M * dd * dd + M * m**3 / 6.0
+    sweep = M * N * dd * dd / (2.0 * b) if b >= M else N * dd * dd / 2.0
+    row = 1.5 * N * N * dd + (dd / b) * N**3 / 3.0 + sweep + M * (N * N * m / 2.0 + N**3 / 3.0)
     return row < gram
 
 
