@@ -366,17 +366,25 @@ class LayerStats:
     #: :attr:`Y` hold the rows and ``H``/``B`` are empty ``(g, 0, 0)`` / ``(g, 0, M_g)``
     #: placeholders; ``yy`` is filled.
     rowspace: bool = False
+    #: Row-space mode without the Gram to fall back to (a layer whose Gram would not fit in memory):
+    #: rows beyond :func:`rowspace_capacity` are dropped instead of forming ``H``.
+    rows_only: bool = False
+    #: Rows dropped in ``rows_only`` mode (counted in ``rows`` and ``mean_p``, not kept).
+    dropped: int = 0
     #: The pruned model's input rows ``(N, d)`` and the dense outputs ``(N, M)`` (None without the
     #: cross term), float32, in row-space mode after :func:`finalize_means`.
     X: NDArray[np.float32] | None = None
     Y: NDArray[np.float32] | None = None
 
     @staticmethod
-    def empty(geom: LayerGeometry, *, cross: bool, rowspace: bool = False) -> LayerStats:
+    def empty(geom: LayerGeometry, *, cross: bool, rowspace: bool = False, rows_only: bool = False) -> LayerStats:
         """Zero statistics; ``rowspace``: keep the rows while they are few (only for one group; the
-        Gram is then allocated when the rows turn out to be many)."""
+        Gram is then allocated when the rows turn out to be many); ``rows_only``: never form the
+        Gram (:attr:`rows_only`)."""
         g, d, m = geom.groups, geom.d, geom.outputs_per_group
-        rs = rowspace and rowspace_eligible(geom)
+        rs = (rowspace or rows_only) and rowspace_eligible(geom)
+        if rows_only and not rs:
+            raise ValueError(f"a {geom.kind} layer of {g} group(s) and rows of {d} cannot be solved from its rows")
         return LayerStats(
             geom,
             np.zeros((g, 0, 0) if rs else (g, d, d)),
@@ -384,6 +392,7 @@ class LayerStats:
             np.zeros((g, m)) if cross else None,
             np.zeros((g, d)),
             rowspace=rs,
+            rows_only=rows_only,
         )
 
     def _allocate(self) -> None:
@@ -394,6 +403,12 @@ class LayerStats:
             self.H = np.zeros((g, d, d))
         if self.B is not None and self.B.shape != (g, d, m):
             self.B = np.zeros((g, d, m))
+
+
+def rowspace_capacity(geom: LayerGeometry) -> int:
+    """The most rows a layer keeps in row-space mode: ``d``, and :data:`ROWSPACE_BYTES` of rows and
+    dense outputs (float32)."""
+    return int(min(geom.d, ROWSPACE_BYTES // (4 * (geom.d + geom.outputs_per_group))))
 
 
 def rowspace_eligible(geom: LayerGeometry) -> bool:
@@ -538,6 +553,16 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
     ones = np.ones(R, np.float32)
     stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
     d = xp.shape[2]
+    if stats.rowspace and stats.rows_only:  # no Gram to fall back to: keep what fits, drop the rest
+        room = rowspace_capacity(stats.geom) - stats.pending_rows
+        if room < R:
+            stats.dropped += R - max(room, 0)
+            xp, y = xp[: max(room, 0)], None if y is None else y[: max(room, 0)]
+            R = xp.shape[0]
+        if R:
+            stats.pending.append((xp, y))
+            stats.pending_rows += R
+        return
     if stats.rowspace:
         stats.pending.append((xp, y))
         stats.pending_rows += R
@@ -596,7 +621,12 @@ def finalize_means(stats: LayerStats, *, rows: bool = False) -> None:
     (:attr:`LayerStats.rowspace`), the pending rows become :attr:`LayerStats.X`/:attr:`LayerStats.Y`
     instead (and ``yy`` their output energy); with no rows at all the statistics take the Gram's
     form (all zero)."""
-    if stats.rowspace and not rows:
+    if stats.rows_only and stats.rowspace and not stats.pending_rows:  # no rows at all: one zero row
+        d, m = stats.geom.d, stats.geom.outputs_per_group
+        zero_y = None if stats.B is None else np.zeros((1, 1, m), np.float32)
+        stats.pending = [(np.zeros((1, 1, d), np.float32), zero_y)]
+        stats.pending_rows = 1
+    if stats.rowspace and not rows and not stats.rows_only:
         stats._allocate()
     if stats.rowspace and stats.pending_rows:
         blocks, stats.pending, stats.pending_rows = stats.pending, [], 0

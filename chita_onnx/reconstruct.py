@@ -47,6 +47,7 @@ from .data_types import CalibrationSource
 from .errors import ChitaError, ConfigError, ModelError
 from .gradients.prepare import scored_output
 from .heads import SoftmaxHead, add_class_offset, softmax_head
+from .layerstats import rowspace_eligible
 from .limits import gib
 from .rnnlayers import split_layers
 from .sequential import (
@@ -57,6 +58,8 @@ from .sequential import (
     ensure_biases,
     layerwise_prune,
     recalibrate_batchnorm,
+    rows_only_bytes,
+    rows_only_limit,
     run_outputs,
 )
 from .solver import Budget, SolverResult, chita_iht, hard_threshold
@@ -336,18 +339,30 @@ def layer_bytes(site: LayerSite) -> int:
     return 8 * (GRAM_COPIES * g.groups * d * d + WEIGHT_COPIES * size)
 
 
-def too_wide(sites: Sequence[object], max_memory: int) -> dict[str, str]:
-    """``{weight: why}`` for the layers whose solve would not fit in ``max_memory`` bytes (VGG's
-    25088-wide fc6: a 5 GB Gram, several times over): pruned by their allocation alone, like the
+def too_wide(sites: Sequence[object], max_memory: int) -> tuple[dict[str, str], frozenset[str]]:
+    """``({weight: why}, rows_only)`` for the layers whose solve would not fit in ``max_memory`` bytes
+    (VGG's 25088-wide fc6: a 5 GB Gram, several times over).  One that a row-space solve from at most
+    :data:`~chita_onnx.sequential.ROWS_ONLY_MAX` of its input rows fits
+    (:func:`~chita_onnx.sequential.rows_only_bytes`; one group of at least 1,024 inputs) is solved
+    that way and listed in ``rows_only``; the others are pruned by their allocation alone, like the
     weights the pass cannot handle, instead of exhausting the machine's memory."""
     out: dict[str, str] = {}
+    rows: set[str] = set()
     for site in sites:
         if isinstance(site, LayerSite) and layer_bytes(site) > max_memory:
+            g = site.geometry
+            if rowspace_eligible(g) and rows_only_bytes(g, WEIGHT_COPIES) <= max_memory:
+                rows.add(site.weight)
+                log.info(
+                    "%s: its Gram (%s) would not fit in --max-memory %s; solved from at most %d of its input rows",
+                    site.weight, gib(layer_bytes(site)), gib(max_memory), rows_only_limit(g),
+                )  # fmt: skip
+                continue
             out[site.weight] = (
-                f"its input rows are {site.geometry.d:,} wide: its solve needs about {gib(layer_bytes(site))}, "
+                f"its input rows are {g.d:,} wide: its solve needs about {gib(layer_bytes(site))}, "
                 f"over --max-memory {gib(max_memory)}"
             )
-    return out
+    return out, frozenset(rows)
 
 
 def prune_layerwise(
@@ -376,7 +391,9 @@ def prune_layerwise(
     model = inline_fixed_ifs(base, batches)
     sites, refused = split_layers(model, prep.layout.names)
     assert config.max_memory is not None
-    big = too_wide(sites, config.max_memory)
+    big, rows_only = too_wide(sites, config.max_memory)
+    if rows_only:
+        opts = replace(opts, rows_only=rows_only)
     if big:
         log.warning(
             "%d layer(s) too wide for the layer-wise solve are pruned by their allocation alone: %s",

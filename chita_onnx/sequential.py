@@ -33,6 +33,7 @@ from .layerstats import (
     finalize_means,
     num_rows,
     rows_to_weight,
+    rowspace_capacity,
     weight_rows,
 )
 from .progress import progress
@@ -64,6 +65,9 @@ class LayerwiseOptions:
     #: joined (chita_onnx.reconstruct.layer_data): the row cap then samples every sample's rows alike,
     #: as over batches of one.  Empty: the rows of each batch are sampled together.
     sample_groups: tuple[int, ...] = ()
+    #: Weights whose Gram would not fit in memory, solved from at most :data:`ROWS_ONLY_MAX` of their
+    #: input rows instead (:func:`chita_onnx.reconstruct.too_wide`).
+    rows_only: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ def _add_consumer(
                 offset = np.full(m, c[0]) if c.size == 1 else c
     total = sum(num_rows(tuple(a.shape), geom) for a in xs)
     cap = -(-opts.max_rows * geom.d // max(1, share)) if opts.max_rows > 0 else None
+    if stats.rows_only:  # no Gram: a random subset of rows that fits the row-space solve
+        most = max(1, rows_only_limit(geom) // max(1, share))
+        cap = most if cap is None else min(cap, most)
     sampler = RowSampler(total, cap, seed=seed)
     wT = dense_weight_t(W_bar_rows) if ad is not None and stats.B is not None else None  # once, not per batch
     for b, a in enumerate(xs):
@@ -138,6 +145,28 @@ def _add_consumer(
             )
         else:
             accumulate(stats, a32, index=idx, geom=geom)
+
+
+#: At most this many input rows for a weight solved from its rows because its Gram would not fit
+#: (:attr:`LayerwiseOptions.rows_only`): the row space's sweep and re-fits grow with ``N²`` and
+#: ``N·d²``, and the classifier heads this is for get one row per calibration sample.
+ROWS_ONLY_MAX = 1024
+
+
+def rows_only_limit(geom: LayerGeometry) -> int:
+    """Rows kept for a :attr:`LayerwiseOptions.rows_only` layer: :data:`ROWS_ONLY_MAX`, and at most
+    half of what its row-space statistics hold (:func:`~chita_onnx.layerstats.rowspace_capacity`; the
+    sampler rounds each batch's share up)."""
+    return int(min(ROWS_ONLY_MAX, max(1, rowspace_capacity(geom) // 2)))
+
+
+def rows_only_bytes(geom: LayerGeometry, weight_copies: int) -> int:
+    """Estimated peak bytes of a :attr:`LayerwiseOptions.rows_only` layer's solve: its rows in float32
+    and three float64 copies (rows, column-major, the re-fit's gathers), ``K``, and ``weight_copies``
+    float64 copies of the weight."""
+    n, d = rows_only_limit(geom), geom.d
+    size = int(np.prod(geom.weight_shape))
+    return 4 * n * (d + geom.outputs_per_group) + 8 * (3 * n * d + 2 * n * n + weight_copies * size)
 
 
 def _prune_rows(
@@ -296,7 +325,9 @@ def layerwise_prune(
             if len(consumers) > 1 and rewind is None:
                 rewind = pruned.snapshot()
             W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
-            stats0 = LayerStats.empty(site.geometry, cross=dense is not None, rowspace=True)
+            stats0 = LayerStats.empty(
+                site.geometry, cross=dense is not None, rowspace=True, rows_only=site.weight in opts.rows_only
+            )
             open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
         cur = open_[i]
         Wr = cur.rows
@@ -319,7 +350,9 @@ def layerwise_prune(
         else:
             assert masks is not None
             fraction = float(np.count_nonzero(masks[site.weight])) / max(1, Wr.size)
-        rows = stats.rowspace and cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
+        rows = stats.rowspace and (
+            stats.rows_only or cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
+        )
         finalize_means(stats, rows=rows)
         ts = time.perf_counter()
         if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram

@@ -235,3 +235,71 @@ def test_the_pass_solves_a_wide_head_from_its_rows(
     e_gram = next(r for r in gram.layers if r.name == "W2")
     assert e_rows.error == pytest.approx(e_gram.error, rel=0.05, abs=1e-6 * e_gram.energy)
     assert e_rows.energy == pytest.approx(e_gram.energy, rel=1e-4)
+
+
+def test_rows_only_statistics_drop_what_does_not_fit() -> None:
+    """Without a Gram to fall back to, rows past the capacity are dropped, never a d × d matrix."""
+    from chita_onnx.layerstats import rowspace_capacity
+
+    geom = LayerGeometry("gemm", (4, 1100), trans_b=True)
+    W = np.random.default_rng(0).standard_normal((1, 4, 1100))
+    st = LayerStats.empty(geom, cross=True, rows_only=True)
+    for _ in range(3):
+        a = np.random.default_rng(1).standard_normal((500, 1100)).astype(np.float32)
+        accumulate(st, a, a_dense=a, w_dense_rows=W)
+    cap = rowspace_capacity(geom)
+    assert st.rowspace and st.H.shape == (1, 0, 0) and st.rows == 1500
+    assert st.pending_rows == cap and st.dropped == 1500 - cap
+    finalize_means(st, rows=False)  # asked for the Gram anyway: still the rows
+    assert st.X is not None and st.X.shape == (cap, 1100) and st.H.shape == (1, 0, 0)
+    empty = LayerStats.empty(geom, cross=True, rows_only=True)
+    finalize_means(empty, rows=True)
+    assert empty.X is not None and empty.X.shape == (1, 1100) and not np.any(empty.X)
+    with pytest.raises(ValueError, match="cannot be solved from its rows"):
+        LayerStats.empty(LayerGeometry("gemm", (4, 100), trans_b=True), cross=True, rows_only=True)
+
+
+def test_a_head_too_wide_for_its_gram_is_solved_from_its_rows(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--max-memory below the head's Gram route but above its row-space solve: the head is
+    reconstructed from (a random subset of) its rows instead of being pruned by its allocation
+    alone, keeps the exact budget, and the pruned model's outputs are closer to the dense ones."""
+    import onnx
+    import onnxruntime as ort
+
+    import chita_onnx
+    import chita_onnx.reconstruct as rc
+    from chita_onnx import CompressConfig
+
+    model = tiny_mlp(seed=5, d_in=30, hidden=1200, classes=5)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(6)
+    x = {"x": rng.standard_normal((800, 30)).astype(np.float32)}
+    test = rng.standard_normal((400, 30)).astype(np.float32)
+    cfg = CompressConfig(sparsity=0.6, max_memory=40 * 2**20, bn_recalibrate="off", bias_correction="off")
+
+    def out_error(path) -> float:  # type: ignore[no-untyped-def]
+        dense = ort.InferenceSession(str(src)).run(None, {"x": test})[0]
+        got = ort.InferenceSession(str(path)).run(None, {"x": test})[0]
+        return float(np.linalg.norm(got - dense) / np.linalg.norm(dense))
+
+    with caplog.at_level(logging.INFO, logger="chita_onnx.reconstruct"):
+        rows = chita_onnx.compress(src, out, x, cfg)
+    assert "W2: its Gram" in caplog.text and "solved from at most" in caplog.text
+    assert rows.method == "layerwise" and "not_reconstructed" not in rows.solver
+    nnz = int(
+        sum(
+            np.count_nonzero(onnx.numpy_helper.to_array(t))
+            for t in onnx.load(out).graph.initializer
+            if t.name in ("W1", "W2")
+        )
+    )
+    assert nnz == rows.nnz
+    e_rows = out_error(out)
+    monkeypatch.setattr(rc, "rowspace_eligible", lambda g: False)  # the old behaviour: allocation alone
+    alone = chita_onnx.compress(src, out, x, cfg)
+    assert alone.solver["not_reconstructed"] == "W2" and alone.nnz == rows.nnz
+    e_alone = out_error(out)
+    assert e_rows < e_alone
