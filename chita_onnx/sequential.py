@@ -388,13 +388,13 @@ def layerwise_prune(
             energy = float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
         reports.append(
             LayerReport(
-                site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows, sol.error, sol.masked_error,
-                sol.dense_error, energy, sol.damp, time.perf_counter() - ts,
+                site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows - stats.dropped, sol.error,
+                sol.masked_error, sol.dense_error, energy, sol.damp, time.perf_counter() - ts,
             )
         )  # fmt: skip
         log.debug(
             "%s: kept %d/%d, rows %d, relative error %.4g (masked %.4g)",
-            site.weight, int(np.count_nonzero(W)), W.size, stats.rows,
+            site.weight, int(np.count_nonzero(W)), W.size, stats.rows - stats.dropped,
             sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
         )  # fmt: skip
     tails = None
