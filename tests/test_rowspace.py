@@ -303,3 +303,59 @@ def test_a_head_too_wide_for_its_gram_is_solved_from_its_rows(
     assert alone.solver["not_reconstructed"] == "W2" and alone.nnz == rows.nnz
     e_alone = out_error(out)
     assert e_rows < e_alone
+
+
+def test_the_pass_solves_a_wide_token_layer_from_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MatMul on token rows (``[N, T, 1200] · [1200, 6]``, one row per sample and token) and a
+    MatMul with the weight on the left (``[6, 1100] · [N, 1100, 3]``, one row per output column)
+    take the row space as the Gemm head does, with the Gram route's masks up to rounding."""
+    from conftest import make_model
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(12)
+    w1 = (rng.standard_normal((16, 1200)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((1200, 6)) / 35).astype(np.float32)
+    w3 = (rng.standard_normal((6, 1100)) / 33).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["tok"]),
+        helper.make_node("MatMul", ["W3", "z"], ["left"]),
+    ]
+    f = TensorProto.FLOAT
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", f, ["N", 5, 16]), helper.make_tensor_value_info("z", f, ["N", 1100, 3])],
+        [helper.make_tensor_value_info("tok", f, ["N", 5, 6]), helper.make_tensor_value_info("left", f, ["N", 6, 3])],
+        [numpy_helper.from_array(a, n) for a, n in [(w1, "W1"), (w2, "W2"), (w3, "W3")]],
+    )
+    batches = [
+        {
+            "x": rng.standard_normal((n, 5, 16)).astype(np.float32),
+            "z": rng.standard_normal((n, 1100, 3)).astype(np.float32),
+        }
+        for n in (20, 16)
+    ]
+    keep = {"W1": 9_000, "W2": 3_000, "W3": 2_500}
+    solved: list[str] = []
+    real = seq.prune_layer_rows
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        solved.append(k["name"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(seq, "prune_layer_rows", spy)
+    rows = seq.layerwise_prune(model, batches, keep=keep)
+    assert solved == ["W2", "W3"]
+    monkeypatch.setattr(seq, "cheaper_rows", lambda *a: False)
+    gram = seq.layerwise_prune(model, batches, keep=keep)
+    for name, n_rows in (("W2", 180), ("W3", 108)):
+        r = next(x for x in rows.layers if x.name == name)
+        assert r.rows == n_rows and int(np.count_nonzero(rows.weights[name])) == keep[name]
+        a, b = rows.weights[name], gram.weights[name]
+        # the Gram route forms its Gram in float32: rounding may swap a near-tie of the sweep
+        assert np.mean((a != 0) != (b != 0)) <= 1e-3
+        both = (a != 0) & (b != 0)
+        np.testing.assert_allclose(a[both], b[both], rtol=0, atol=2e-2 * np.abs(b).max())
+        g = next(x for x in gram.layers if x.name == name)
+        assert r.error == pytest.approx(g.error, rel=0.05)
