@@ -631,16 +631,13 @@ def finalize_means(stats: LayerStats, *, rows: bool = False) -> None:
     if stats.rowspace and stats.pending_rows:
         blocks, stats.pending, stats.pending_rows = stats.pending, [], 0
         stats.X = np.ascontiguousarray(np.concatenate([b[0][:, 0, :] for b in blocks]))
-        ys = [b[1] for b in blocks]
-        if stats.B is not None and all(v is not None for v in ys):
+        if stats.B is not None:
+            ys = [b[1] for b in blocks]
+            if any(v is None for v in ys):
+                raise ValueError("rows without dense outputs were added to statistics with a cross term")
             stats.Y = np.ascontiguousarray(np.concatenate([v[:, 0, :] for v in ys if v is not None]))
             if stats.yy is not None:
                 stats.yy[0] += np.einsum("nm,nm->m", stats.Y, stats.Y, dtype=np.float64)
-        elif stats.B is not None:
-            stats._allocate()  # no dense outputs for some rows: cannot happen with one accumulate path
-            stats.pending = blocks
-            stats.pending_rows = sum(b[0].shape[0] for b in blocks)
-            stats.X = None
     if not stats.rowspace:
         flush(stats)
     if stats.rowspace and stats.X is None:  # no rows at all

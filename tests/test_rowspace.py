@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_mlp
 
 import chita_onnx.sequential as seq
+import chita_onnx.solver.layerwise as layerwise
 import chita_onnx.solver.rowspace as rs
 from chita_onnx.errors import SolverError
 from chita_onnx.layerstats import LayerGeometry, LayerStats, accumulate, finalize_means
@@ -133,7 +134,7 @@ def test_cg_branch_when_the_exact_refit_is_too_costly(monkeypatch: pytest.Monkey
     swept = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32, refit=False)
     exact = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32)
     monkeypatch.setattr(rs, "EXACT_FLOPS", 0.0)
-    monkeypatch.setattr(rs, "CG_FLOPS", 1e12)
+    monkeypatch.setattr(layerwise, "CG_FLOPS", 1e12)
     cg = prune_layer_rows(W, A, Y, keep=W.size // 2, block=32)
     assert str(cg.info["refit"]).startswith("cg")
     np.testing.assert_array_equal(cg.mask, exact.mask)

@@ -401,7 +401,7 @@ def ridge_refit(
     complement = W_star is not None
     exact_cost, cg_step = refit_cost(mask, complement)
     if exact_cost > EXACT_FLOPS:
-        iters = int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
+        iters = cg_iterations(cg_step)
         return _cg_refit(dh.H, rhs, mask, W0, iters=iters), f"cg{iters}"
     return _exact_refit(dh, rhs, mask, Hinv, W_star, batched=BATCHED_REFIT), "cholesky"
 
@@ -661,6 +661,36 @@ def output_row_weights(
     return rho
 
 
+def check_budget(
+    name: str,
+    shape: tuple[int, ...],
+    keep: int | None,
+    mask: NDArray[np.bool_] | None,
+    row_weight: NDArray[np.floating] | None,
+) -> F64:
+    """Validate one layer's budget for a weight of ``shape`` (``(..., M, d)``): exactly one of
+    ``keep`` (in ``[0, size]``) and ``mask`` (of ``shape``), and ``row_weight`` of shape
+    ``shape[:-1]`` (finite, ≥ 0).  Returns the row weights ``ρ`` (all ones by default)."""
+    size = int(np.prod(shape))
+    if (mask is None) == (keep is None):
+        raise SolverError(f"{name}: give exactly one of keep and mask")
+    if keep is not None and not 0 <= keep <= size:
+        raise SolverError(f"{name}: keep={keep} is outside [0, {size}]")
+    if mask is not None and mask.shape != tuple(shape):
+        raise SolverError(f"{name}: mask has shape {mask.shape}, expected {tuple(shape)}")
+    rows = tuple(shape[:-1])
+    rho: F64 = np.ones(rows) if row_weight is None else np.asarray(row_weight, np.float64)
+    if rho.shape != rows or not np.all(np.isfinite(rho)) or np.any(rho < 0):
+        raise SolverError(f"{name}: row_weight must be finite, non-negative, of shape {rows}")
+    return rho
+
+
+def cg_iterations(cg_step: float) -> int:
+    """Iterations of the batched CG re-fit that :data:`CG_FLOPS` pays for at ``cg_step`` multiply-adds
+    each (at least :data:`CG_MIN_ITERATIONS`, at most :data:`CG_MAX_ITERATIONS`)."""
+    return int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
+
+
 def prune_layer(
     W_bar: F64,
     H: F64,
@@ -692,15 +722,7 @@ def prune_layer(
         raise SolverError(f"{name}: H has shape {H.shape}, expected {(g, d, d)}")
     if B is not None and B.shape != (g, d, M):
         raise SolverError(f"{name}: B has shape {B.shape}, expected {(g, d, M)}")
-    if (mask is None) == (keep is None):
-        raise SolverError(f"{name}: give exactly one of keep and mask")
-    if keep is not None and not 0 <= keep <= W_bar.size:
-        raise SolverError(f"{name}: keep={keep} is outside [0, {W_bar.size}]")
-    if mask is not None and mask.shape != W_bar.shape:
-        raise SolverError(f"{name}: mask has shape {mask.shape}, expected {W_bar.shape}")
-    rho: F64 = np.ones((g, M)) if row_weight is None else np.asarray(row_weight, np.float64)
-    if rho.shape != (g, M) or not np.all(np.isfinite(rho)) or np.any(rho < 0):
-        raise SolverError(f"{name}: row_weight must be finite, non-negative, of shape {(g, M)}")
+    rho = check_budget(name, W_bar.shape, keep, mask, row_weight)
     if g >= 8 and d <= 64 and d <= block:
         fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp, rho)
         if fast is not None:

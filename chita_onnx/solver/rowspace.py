@@ -40,14 +40,13 @@ from numpy.typing import NDArray
 from ..errors import SolverError
 from .layerwise import (
     BLOCK,
-    CG_FLOPS,
-    CG_MAX_ITERATIONS,
-    CG_MIN_ITERATIONS,
     DAMP,
     EXACT_FLOPS,
     LayerSolution,
     Select,
     _cg_refit,
+    cg_iterations,
+    check_budget,
     sparsegpt_sweep,
 )
 
@@ -254,15 +253,7 @@ def prune_layer_rows(
     Yf: F64 | None = None if Y is None else np.asarray(Y, np.float64)
     if Yf is not None and Yf.shape != (N, M):
         raise SolverError(f"{name}: the targets have shape {Yf.shape}, expected {(N, M)}")
-    if (mask is None) == (keep is None):
-        raise SolverError(f"{name}: give exactly one of keep and mask")
-    if keep is not None and not 0 <= keep <= Wb.size:
-        raise SolverError(f"{name}: keep={keep} is outside [0, {Wb.size}]")
-    if mask is not None and mask.shape != (M, d):
-        raise SolverError(f"{name}: mask has shape {mask.shape}, expected {(M, d)}")
-    rho = np.ones(M) if row_weight is None else np.asarray(row_weight, np.float64).reshape(-1)
-    if rho.shape != (M,) or not np.all(np.isfinite(rho)) or np.any(rho < 0):
-        raise SolverError(f"{name}: row_weight must be finite, non-negative, of shape {(M,)}")
+    rho = check_budget(name, (M, d), keep, mask, row_weight)
     rg = RowGram.of(A, damp, name=name)
     if Yf is None:
         rhs = rg.times(Wb)
@@ -288,7 +279,7 @@ def prune_layer_rows(
     if refit:
         exact_cost, cg_step = rg.refit_cost(mk)
         if exact_cost > EXACT_FLOPS:
-            iters = int(min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0))))
+            iters = cg_iterations(cg_step)
             diag = np.einsum("nj,nj->j", rg.A, rg.A) + rg.lam
             Wk, how = _cg_refit(None, rhs, mk, Wk, iters=iters, times=rg.times, diag=diag), f"cg{iters}"
         else:
