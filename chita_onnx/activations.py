@@ -657,5 +657,109 @@ class SegmentRunner:
         return sum(int(a.nbytes) for v in self.state.values() for a in v if not isinstance(a, np.memmap))
 
 
+@dataclass(frozen=True)
+class _View:
+    """What a runner held after one :meth:`SegmentRunner.advance`: its position and its kept tensors
+    (the lists are copies, the arrays are shared: a runner never writes into a kept array)."""
+
+    position: int
+    state: dict[str, list[NDArray[np.generic]]]
+
+
+class AheadRunner:
+    """A :class:`SegmentRunner` on a model whose initializers never change (the dense model of the
+    layer-wise pass), whose segments run ahead of the caller on one worker thread.
+
+    :meth:`submit` queues an ``advance(stop, extra)`` that the caller is going to make; the caller's
+    own :meth:`advance` then takes that segment's result (waiting for it if needed) and
+    :meth:`values` reads the tensors as the runner held them right after it.  The segments are the
+    same, in the same order, as those of the synchronous runner, so every value is the same bit for
+    bit; the segments only run while the caller's thread does other work (onnxruntime and NumPy
+    release the GIL).  A call that was not submitted, or differs from what was, waits for the queued
+    segments, rewinds the runner to the caller's position and runs the call itself (counted in
+    :attr:`mismatches`): correct, only slower.
+
+    Memory: the tensors of the submitted segments that the caller has not yet reached stay alive
+    until it does; the caller bounds them by how far ahead it submits.
+    """
+
+    def __init__(self, runner: SegmentRunner) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.runner = runner
+        self.nodes = runner.nodes
+        self.num_batches = runner.num_batches
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chita-ahead")
+        self._queued: list[tuple[int, frozenset[str], Future[_View]]] = []
+        self._view = _View(runner.position, {k: list(v) for k, v in runner.state.items()})
+        self._ahead = runner.position  # where the runner stands once the queue has run
+        self.mismatches = 0
+
+    @property
+    def position(self) -> int:
+        return self._view.position
+
+    @property
+    def seconds(self) -> float:
+        return self.runner.seconds
+
+    def _step(self, stop: int, extra: frozenset[str]) -> _View:
+        self.runner.advance(stop, extra)
+        return _View(self.runner.position, {k: list(v) for k, v in self.runner.state.items()})
+
+    def submit(self, stop: int, extra: Iterable[str] = ()) -> None:
+        """Queue ``advance(stop, extra)`` (a no-op when the queued segments already reach ``stop``,
+        as the synchronous call would be)."""
+        stop = min(stop, len(self.nodes))
+        if stop <= self._ahead or self._pool is None:
+            return
+        names = frozenset(extra)
+        self._queued.append((stop, names, self._pool.submit(self._step, stop, names)))
+        self._ahead = stop
+
+    def advance(self, stop: int, extra: Iterable[str] = ()) -> None:
+        """As :meth:`SegmentRunner.advance`, from the queued segments when they match."""
+        stop = min(stop, len(self.nodes))
+        if stop <= self._view.position:
+            return
+        names = frozenset(extra)
+        if self._queued and self._queued[0][0] == stop and names <= self._queued[0][1]:
+            self._view = self._queued.pop(0)[2].result()
+            return
+        self.mismatches += 1
+        log.debug("dense runner: advance(%d) was not queued next; running it in place", stop)
+        self._drain()
+        self.runner.restore((self._view.position, self._view.state))
+        self._ahead = self._view.position
+        self.submit(stop, names)
+        self._view = self._queued.pop(0)[2].result()
+
+    def _drain(self) -> None:
+        """Wait for every queued segment and forget them (their errors too: the caller's own call
+        runs again and raises them)."""
+        for _, _, fut in self._queued:
+            fut.exception()  # waits; an error is not raised here
+        self._queued.clear()
+
+    def values(self, name: str) -> list[NDArray[np.generic]]:
+        if name in self._view.state:
+            return self._view.state[name]
+        if name in self.runner.inits:
+            return [self.runner.initializer(name)] * self.num_batches
+        raise KeyError(f"tensor {name!r} is not available at node {self._view.position}")
+
+    def initializer(self, name: str) -> NDArray[np.generic]:
+        return self.runner.initializer(name)
+
+    def close(self) -> None:
+        """Wait for the worker, stop it and drop the kept tensors and any spilled files."""
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._view = _View(self._view.position, {})
+        self.runner.close()
+
+
 def model_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return model_inputs(model)

@@ -103,4 +103,23 @@ def solver_threads() -> Iterator[None]:
         yield
 
 
-__all__ = ["USER_VARIABLES", "limit_blas_threads", "physical_cores", "solver_thread_limit", "solver_threads"]
+@contextlib.contextmanager
+def leave_a_core() -> Iterator[None]:
+    """Around solver work that runs next to a busy thread of our own (the layer-wise pass's dense
+    runner, :class:`~chita_onnx.activations.AheadRunner`): the policy's limit less one core, at least
+    1, so that no BLAS thread spins on the core that thread uses.  A limit the user set is kept."""
+    limit = solver_thread_limit()
+    limit = None if limit is None else max(1, limit - 1)
+    log.debug("BLAS threads next to the dense runner: %s", "as the environment sets them" if limit is None else limit)
+    with limit_blas_threads(limit):
+        yield
+
+
+__all__ = [
+    "USER_VARIABLES",
+    "leave_a_core",
+    "limit_blas_threads",
+    "physical_cores",
+    "solver_thread_limit",
+    "solver_threads",
+]

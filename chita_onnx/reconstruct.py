@@ -41,6 +41,7 @@ from .activations import (
     open_batch,
     working_copy,
 )
+from .blas import physical_cores
 from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout, static_names
 from .data_types import CalibrationSource
@@ -86,6 +87,7 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         seed=config.seed,
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
         spill_dir=config.workdir,
+        ahead=physical_cores() > 1,
     )
 
 

@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from onnx import helper
 
 from . import activations, runtime
-from .activations import SegmentRunner, _attr, _session
+from .activations import AheadRunner, SegmentRunner, _attr, _session
 from .errors import ChitaError, ModelError
 from .layerstats import LayerGeometry, LayerStats, RowSampler, accumulate, dense_weight_t, finalize_means
 from .rnnstats import (
@@ -311,10 +311,16 @@ def part_stats(
     return out
 
 
+def recurrent_dense_calls(site: RecurrentSite) -> list[tuple[int, tuple[str, ...]]]:
+    """The dense runner's two ``advance`` calls for a recurrent node: up to it (its inputs), then
+    past it, keeping its output."""
+    return [(site.position, ()), (site.position + 1, (site.output,))]
+
+
 def prune_recurrent(
     site: RecurrentSite,
     pruned: SegmentRunner,
-    dense: SegmentRunner | None,
+    dense: SegmentRunner | AheadRunner | None,
     opts: LayerwiseOptions,
     *,
     keep: Mapping[str, int] | None = None,
@@ -332,11 +338,12 @@ def prune_recurrent(
     pruned_rows = _rows_at(pruned, site, _run_node(pruned, pos, site.output))
     dense_rows = None
     if dense is not None:
-        dense.advance(pos)
+        to_node, past_node = recurrent_dense_calls(site)
+        dense.advance(*to_node)
         xd = dense.values(site.input)
         h0d = dense.values(site.initial_h) if site.initial_h else None
         lens = dense.values(site.lens) if site.lens else None
-        dense.advance(pos + 1, extra=[site.output])
+        dense.advance(*past_node)
         dense_rows = _Rows(xd, dense.values(site.output), h0d, lens)
     Wb = np.asarray(pruned.initializer(site.weight_name), np.float64)
     Rb = np.asarray(pruned.initializer(site.recurrence_name), np.float64)

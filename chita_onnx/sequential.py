@@ -12,6 +12,7 @@ The math is elsewhere: rows and Grams in :mod:`chita_onnx.layerstats`, the per-l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,8 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
-from .activations import Arrays, LayerSite, SegmentRunner, find_layers
+from .activations import AheadRunner, Arrays, LayerSite, SegmentRunner, find_layers
+from .blas import leave_a_core
 from .graph import _constant_values, write_weights
 from .layerstats import (
     LayerGeometry,
@@ -58,6 +60,9 @@ class LayerwiseOptions:
     select: str = "sparsegpt"
     seed: int = 0
     threads: int = 1
+    #: Run the dense model's segments ahead of the pass on a worker thread (same values; one more
+    #: layer's dense activations in memory).  Worth it with a second core.
+    ahead: bool = False
     max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
     spill_dir: str | None = None
     recurrent_refits: int = 1  # closed-loop re-fit rounds of a recurrent node (chita_onnx.rnnlayers)
@@ -101,7 +106,7 @@ def _add_consumer(
     stats: LayerStats,
     site: LayerSite,
     pruned: SegmentRunner,
-    dense: SegmentRunner | None,
+    dense: SegmentRunner | AheadRunner | None,
     W_bar_rows: NDArray[np.float64],
     opts: LayerwiseOptions,
     seed: int,
@@ -117,11 +122,10 @@ def _add_consumer(
     ad: Sequence[NDArray[np.generic]] | None = None
     offset = None
     if dense is not None:
+        dense.advance(*_dense_call(site))
         if site.opaque_offset:
-            dense.advance(site.position)
             ad = dense.values(site.input)
         else:
-            dense.advance(site.position + 1, extra=[site.output])
             z = dense.values(site.output)
             if site.offset is not None:
                 c = np.asarray(dense.initializer(site.offset), np.float64).reshape(-1) * site.offset_scale
@@ -229,7 +233,37 @@ def _consumers(site: LayerSite) -> tuple[LayerSite, ...]:
     return site.consumers or (site,)
 
 
-def _prefetch(consumers: Sequence[LayerSite], pruned: SegmentRunner, dense: SegmentRunner | None) -> None:
+def _dense_call(site: LayerSite) -> tuple[int, tuple[str, ...]]:
+    """The dense runner's ``advance`` for one consuming node's targets: past the node, keeping its
+    output, or (an opaque offset) up to it, where its input is."""
+    return (site.position, ()) if site.opaque_offset else (site.position + 1, (site.output,))
+
+
+def _dense_prefetch_call(consumers: Sequence[LayerSite]) -> tuple[int, tuple[str, ...]]:
+    """The dense runner's ``advance`` that serves all of ``consumers`` in one segment."""
+    last = consumers[-1]
+    kept = tuple(c.input if c.opaque_offset else c.output for c in consumers)
+    return (last.position if last.opaque_offset else last.position + 1), kept
+
+
+def _dense_calls(
+    events: Sequence[tuple[int, int, int]], sites: Sequence[object], ahead: Sequence[int], n: int
+) -> list[tuple[int, tuple[str, ...]]]:
+    """The dense runner's ``advance`` calls that :func:`layerwise_prune` makes at event ``n``, in
+    order (for :class:`~chita_onnx.activations.AheadRunner` to run them before they are made)."""
+    from .rnnlayers import RecurrentSite, recurrent_dense_calls
+
+    site = sites[events[n][1]]
+    if isinstance(site, RecurrentSite):
+        return recurrent_dense_calls(site)
+    calls = []
+    if ahead[n] > n:
+        calls.append(_dense_prefetch_call([_consumers(sites[k])[jj] for _, k, jj in events[n : ahead[n] + 1]]))  # type: ignore[arg-type]
+    calls.append(_dense_call(_consumers(site)[events[n][2]]))  # type: ignore[arg-type]
+    return calls
+
+
+def _prefetch(consumers: Sequence[LayerSite], pruned: SegmentRunner, dense: SegmentRunner | AheadRunner | None) -> None:
     """Run both runners up to the last of ``consumers`` (each a consuming node, in graph order; the
     pruned runner stands at the first) in one segment each, keeping every tensor that
     :func:`_add_consumer` reads for them: their inputs in the pruned model, and their dense outputs
@@ -237,9 +271,7 @@ def _prefetch(consumers: Sequence[LayerSite], pruned: SegmentRunner, dense: Segm
     the later :func:`_add_consumer` calls then find their tensors kept."""
     pruned.advance(consumers[-1].position, extra=[c.input for c in consumers])
     if dense is not None:
-        last = consumers[-1]
-        kept = [c.input if c.opaque_offset else c.output for c in consumers]
-        dense.advance(last.position if last.opaque_offset else last.position + 1, extra=kept)
+        dense.advance(*_dense_prefetch_call(consumers))
 
 
 @dataclass
@@ -295,7 +327,11 @@ def layerwise_prune(
     kw = {"threads": opts.threads, "max_bytes": opts.max_bytes, "spill_dir": opts.spill_dir}
     start = write_weights(model, fixed, storage="dense")[0] if fixed else model
     pruned = SegmentRunner(start, batches, **kw)  # type: ignore[arg-type]
-    dense = SegmentRunner(model, batches, **kw) if opts.dense_targets else None  # type: ignore[arg-type]
+    dense: SegmentRunner | AheadRunner | None = None
+    if opts.dense_targets:
+        dense = SegmentRunner(model, batches, **kw)  # type: ignore[arg-type]
+        if opts.ahead:  # the dense model's segments run one event ahead, on a second core
+            dense = AheadRunner(dense)
     weights: dict[str, NDArray[np.float32]] = {}
     reports: list[LayerReport] = []
     t_stats = t_solve = 0.0
@@ -310,103 +346,121 @@ def layerwise_prune(
     ahead = _prefetch_ends(events, sites)
     open_: dict[int, _Open] = {}
     rewind: tuple[int, dict[str, list[NDArray[np.generic]]]] | None = None  # before the first open shared weight
-    for n_event, (pos, i, j) in enumerate(progress(events, total=len(events), desc="layer-wise", unit="layer")):
-        site = sites[i]
-        pruned.advance(pos)
-        if isinstance(site, RecurrentSite):
-            new, rep, ts_, tv_ = prune_recurrent(site, pruned, dense, opts, keep=keep, masks=masks, layer_index=i)
-            weights.update(new)
-            reports.append(rep)
-            t_stats, t_solve = t_stats + ts_, t_solve + tv_
-            continue
-        consumers = _consumers(site)
-        ts = time.perf_counter()
-        if i not in open_:
-            if len(consumers) > 1 and rewind is None:
-                rewind = pruned.snapshot()
-            W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
-            stats0 = LayerStats.empty(
-                site.geometry, cross=dense is not None, rowspace=True, rows_only=site.weight in opts.rows_only
+    stack = contextlib.ExitStack()
+    if isinstance(dense, AheadRunner):
+        stack.enter_context(leave_a_core())
+    try:
+        for n_event, (pos, i, j) in enumerate(progress(events, total=len(events), desc="layer-wise", unit="layer")):
+            site = sites[i]
+            if isinstance(dense, AheadRunner):  # this event's and the next one's dense segments
+                for n in (n_event, n_event + 1):
+                    if n < len(events):
+                        for call in _dense_calls(events, sites, ahead, n):
+                            dense.submit(*call)
+                    elif tail[0] and tail[1]:
+                        dense.submit(len(dense.nodes), tail[0])
+            pruned.advance(pos)
+            if isinstance(site, RecurrentSite):
+                new, rep, ts_, tv_ = prune_recurrent(site, pruned, dense, opts, keep=keep, masks=masks, layer_index=i)
+                weights.update(new)
+                reports.append(rep)
+                t_stats, t_solve = t_stats + ts_, t_solve + tv_
+                continue
+            consumers = _consumers(site)
+            ts = time.perf_counter()
+            if i not in open_:
+                if len(consumers) > 1 and rewind is None:
+                    rewind = pruned.snapshot()
+                W0 = np.asarray(pruned.initializer(site.weight), dtype=np.float64)
+                stats0 = LayerStats.empty(
+                    site.geometry, cross=dense is not None, rowspace=True, rows_only=site.weight in opts.rows_only
+                )
+                open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
+            cur = open_[i]
+            Wr = cur.rows
+            if ahead[n_event] > n_event:
+                run = events[n_event : ahead[n_event] + 1]
+                tp = time.perf_counter()
+                _prefetch([_consumers(sites[k])[jj] for _, k, jj in run], pruned, dense)  # type: ignore[arg-type]
+                ts += time.perf_counter() - tp  # forward time (the runners count it), not statistics
+            seed = opts.seed * 1_000_003 + i + 7_919 * j
+            _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
+            cur.seen += 1
+            t_stats += time.perf_counter() - ts
+            if cur.seen < len(consumers):
+                continue
+            del open_[i]
+            stats = cur.stats
+            geom = site.geometry
+            if keep is not None:
+                fraction = int(keep[site.weight]) / max(1, Wr.size)
+            else:
+                assert masks is not None
+                fraction = float(np.count_nonzero(masks[site.weight])) / max(1, Wr.size)
+            rows = stats.rowspace and (
+                stats.rows_only or cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
             )
-            open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
-        cur = open_[i]
-        Wr = cur.rows
-        if ahead[n_event] > n_event:
-            run = events[n_event : ahead[n_event] + 1]
-            tp = time.perf_counter()
-            _prefetch([_consumers(sites[k])[jj] for _, k, jj in run], pruned, dense)  # type: ignore[arg-type]
-            ts += time.perf_counter() - tp  # forward time (the runners count it), not statistics
-        seed = opts.seed * 1_000_003 + i + 7_919 * j
-        _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
-        cur.seen += 1
-        t_stats += time.perf_counter() - ts
-        if cur.seen < len(consumers):
-            continue
-        del open_[i]
-        stats = cur.stats
-        geom = site.geometry
-        if keep is not None:
-            fraction = int(keep[site.weight]) / max(1, Wr.size)
-        else:
-            assert masks is not None
-            fraction = float(np.count_nonzero(masks[site.weight])) / max(1, Wr.size)
-        rows = stats.rowspace and (
-            stats.rows_only or cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
-        )
-        finalize_means(stats, rows=rows)
-        ts = time.perf_counter()
-        if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram
-            sol = _prune_rows(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
-        elif keep is not None:
-            rho = None
-            if row_fisher is not None and site.weight in row_fisher:
-                rho = output_row_weights(weight_rows(row_fisher[site.weight], geom), stats.H)
-            sol = prune_layer(
-                Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
-                refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight, row_weight=rho,
+            finalize_means(stats, rows=rows)
+            ts = time.perf_counter()
+            if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram
+                sol = _prune_rows(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
+            elif keep is not None:
+                rho = None
+                if row_fisher is not None and site.weight in row_fisher:
+                    rho = output_row_weights(weight_rows(row_fisher[site.weight], geom), stats.H)
+                sol = prune_layer(
+                    Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
+                    refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight, row_weight=rho,
+                )  # fmt: skip
+            else:
+                assert masks is not None
+                m = weight_rows(np.asarray(masks[site.weight], dtype=np.float64), geom) != 0
+                sol = prune_layer(
+                    Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
+                    block=opts.block, name=site.weight,
+                )  # fmt: skip
+            t_solve += time.perf_counter() - ts
+            W = rows_to_weight(sol.W, geom).astype(np.float32)
+            W[rows_to_weight(sol.mask.astype(np.float64), geom) == 0] = 0.0
+            weights[site.weight] = W
+            pruned.set_initializer(site.weight, W)
+            if rewind is not None and not any(len(o.site.consumers) > 1 for o in open_.values()):
+                pruned.restore(rewind)  # re-run the recurrence with the pruned shared weights
+                rewind = None
+            if stats.yy is not None:
+                energy = float(np.sum(stats.yy))
+            elif stats.X is not None:
+                energy = float(np.sum((Wr[0] @ stats.X.T.astype(np.float64)) ** 2))
+            else:
+                energy = float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
+            reports.append(
+                LayerReport(
+                    site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows - stats.dropped, sol.error,
+                    sol.masked_error, sol.dense_error, energy, sol.damp, time.perf_counter() - ts,
+                )
             )  # fmt: skip
-        else:
-            assert masks is not None
-            m = weight_rows(np.asarray(masks[site.weight], dtype=np.float64), geom) != 0
-            sol = prune_layer(
-                Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
-                block=opts.block, name=site.weight,
+            log.debug(
+                "%s: kept %d/%d, rows %d, relative error %.4g (masked %.4g)",
+                site.weight, int(np.count_nonzero(W)), W.size, stats.rows - stats.dropped,
+                sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
             )  # fmt: skip
-        t_solve += time.perf_counter() - ts
-        W = rows_to_weight(sol.W, geom).astype(np.float32)
-        W[rows_to_weight(sol.mask.astype(np.float64), geom) == 0] = 0.0
-        weights[site.weight] = W
-        pruned.set_initializer(site.weight, W)
-        if rewind is not None and not any(len(o.site.consumers) > 1 for o in open_.values()):
-            pruned.restore(rewind)  # re-run the recurrence with the pruned shared weights
-            rewind = None
-        if stats.yy is not None:
-            energy = float(np.sum(stats.yy))
-        elif stats.X is not None:
-            energy = float(np.sum((Wr[0] @ stats.X.T.astype(np.float64)) ** 2))
-        else:
-            energy = float(np.einsum("gij,gjk,gik->", Wr, stats.H, Wr))
-        reports.append(
-            LayerReport(
-                site.weight, int(W.size), int(np.count_nonzero(W)), stats.rows - stats.dropped, sol.error,
-                sol.masked_error, sol.dense_error, energy, sol.damp, time.perf_counter() - ts,
-            )
-        )  # fmt: skip
-        log.debug(
-            "%s: kept %d/%d, rows %d, relative error %.4g (masked %.4g)",
-            site.weight, int(np.count_nonzero(W)), W.size, stats.rows - stats.dropped,
-            sol.error / energy if energy else 0.0, sol.masked_error / energy if energy else 0.0,
-        )  # fmt: skip
-    tails = None
-    if tail[0] and tail[1] and dense is not None:
-        try:
-            dense.advance(len(dense.nodes), extra=tail[0])
-            pruned.advance(len(pruned.nodes), extra=tail[1])
-            tails = ({n: list(dense.values(n)) for n in tail[0]}, {n: list(pruned.values(n)) for n in tail[1]})
-        except MemoryError:
-            raise
-        except Exception as exc:  # optional: e.g. produced before the last layer and not kept
-            log.debug("no tail tensors from the pass: %s", exc)
+        tails = None
+        if tail[0] and tail[1] and dense is not None:
+            try:
+                dense.advance(len(dense.nodes), extra=tail[0])
+                pruned.advance(len(pruned.nodes), extra=tail[1])
+                tails = ({n: list(dense.values(n)) for n in tail[0]}, {n: list(pruned.values(n)) for n in tail[1]})
+            except MemoryError:
+                raise
+            except Exception as exc:  # optional: e.g. produced before the last layer and not kept
+                log.debug("no tail tensors from the pass: %s", exc)
+    except BaseException:
+        pruned.close()
+        if dense is not None:
+            dense.close()
+        raise
+    finally:
+        stack.close()
     total = time.perf_counter() - t0
     fwd = pruned.seconds + (dense.seconds if dense is not None else 0.0)
     pruned.close()

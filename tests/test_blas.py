@@ -84,3 +84,23 @@ def test_solver_threads_follows_the_policy(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's choice is left alone
         with blas.solver_threads():
             assert _blas_threads() == {3}
+
+
+@pytest.mark.usefixtures("have_blas")
+def test_leave_a_core_takes_one_core_off_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Next to the layer-wise pass's dense runner: an idle 3-core machine gives BLAS 2 threads, a
+    1-core or busy one still 1, and the user's own setting is left alone."""
+    for var in blas.USER_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with threadpool_limits(limits=4, user_api="blas"):
+        monkeypatch.setattr(blas, "physical_cores", lambda cpus=None: 3)
+        with blas.leave_a_core():
+            assert _blas_threads() == {2}
+        monkeypatch.setattr(blas, "physical_cores", lambda cpus=None: 1)
+        with blas.leave_a_core():
+            assert _blas_threads() == {1}
+        assert _blas_threads() == {4}
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+        with blas.leave_a_core():
+            assert _blas_threads() == {4}
