@@ -677,10 +677,12 @@ class AheadRunner:
     bit; the segments only run while the caller's thread does other work (onnxruntime and NumPy
     release the GIL).  A call that was not submitted, or differs from what was, waits for the queued
     segments, rewinds the runner to the caller's position and runs the call itself (counted in
-    :attr:`mismatches`): correct, only slower.
+    :attr:`mismatches`): correct, only slower.  A call with nothing queued just runs (and waits).
 
     Memory: the tensors of the submitted segments that the caller has not yet reached stay alive
-    until it does; the caller bounds them by how far ahead it submits.
+    until it does, and the worker's onnxruntime session runs next to the caller's; the caller bounds
+    the first by how far ahead it submits (the layer-wise pass stops running ahead once the runner
+    spills activations to disk: :attr:`spilling`).
     """
 
     def __init__(self, runner: SegmentRunner) -> None:
@@ -703,6 +705,11 @@ class AheadRunner:
     def seconds(self) -> float:
         return self.runner.seconds
 
+    @property
+    def spilling(self) -> bool:
+        """Whether the runner has moved activations to disk (its memory cap is reached)."""
+        return self.runner._spilled > 0
+
     def _step(self, stop: int, extra: frozenset[str]) -> _View:
         self.runner.advance(stop, extra)
         return _View(self.runner.position, {k: list(v) for k, v in self.runner.state.items()})
@@ -723,14 +730,15 @@ class AheadRunner:
         if stop <= self._view.position:
             return
         names = frozenset(extra)
-        if self._queued and self._queued[0][0] == stop and names <= self._queued[0][1]:
-            self._view = self._queued.pop(0)[2].result()
-            return
-        self.mismatches += 1
-        log.debug("dense runner: advance(%d) was not queued next; running it in place", stop)
-        self._drain()
-        self.runner.restore((self._view.position, self._view.state))
-        self._ahead = self._view.position
+        if self._queued:
+            if self._queued[0][0] == stop and names <= self._queued[0][1]:
+                self._view = self._queued.pop(0)[2].result()
+                return
+            self.mismatches += 1
+            log.debug("dense runner: advance(%d) was not queued next; running it in place", stop)
+            self._drain()
+            self.runner.restore((self._view.position, self._view.state))
+            self._ahead = self._view.position
         self.submit(stop, names)
         self._view = self._queued.pop(0)[2].result()
 

@@ -352,8 +352,8 @@ def layerwise_prune(
     try:
         for n_event, (pos, i, j) in enumerate(progress(events, total=len(events), desc="layer-wise", unit="layer")):
             site = sites[i]
-            if isinstance(dense, AheadRunner):  # this event's and the next one's dense segments
-                for n in (n_event, n_event + 1):
+            if isinstance(dense, AheadRunner):  # this event's and (memory allowing) the next one's segments
+                for n in (n_event,) if dense.spilling else (n_event, n_event + 1):
                     if n < len(events):
                         for call in _dense_calls(events, sites, ahead, n):
                             dense.submit(*call)

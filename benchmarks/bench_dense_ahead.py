@@ -1,0 +1,105 @@
+"""The layer-wise pass with the dense model's segments run ahead on a worker thread, against the
+same pass without it, side by side in one process.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice python benchmarks/bench_dense_ahead.py \\
+        --models nudenet-320n,captcha-whisperer --rounds 4
+
+For each zoo model (``benchmarks/zoo/entries.py``, its own calibration data), ``compress`` with the
+default configuration at ``--sparsity`` in alternating rounds (on, off, off, on, ...), with
+:attr:`~chita_onnx.sequential.LayerwiseOptions.ahead` forced on or off.  Prints, per round, the
+allocation's gradients and the pass (the ``layerwise`` phase less them), the pass's forward,
+statistics and solve seconds, and the peak RSS; then whether the two settings wrote the same
+weights (they must: the same segments run in the same order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "zoo"))
+sys.path.insert(0, str(HERE))
+
+import entries  # type: ignore[import-not-found]  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import run as zoo  # type: ignore[import-not-found]  # noqa: E402
+from bench_layerwise_time import peak_rss  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+
+def one_run(name: str, calib: Any, sparsity: float, ahead: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from chita_onnx import CompressConfig, compress
+    from chita_onnx import reconstruct as rc
+
+    e = entries.BY_NAME[name]
+    real = rc.options
+    rc.options = lambda config: dataclasses.replace(real(config), ahead=ahead)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "pruned.onnx"
+            report, _, peak = peak_rss(lambda: compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity)))
+            weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    finally:
+        rc.options = real
+    t = report.timings
+    info: dict[str, Any] = dict(report.solver)
+    alloc = float(info.get("allocation_s", t.get("gradients", 0.0)))
+    row = {
+        "ahead": ahead,
+        "allocation_s": alloc,
+        "pass_s": float(t.get("layerwise", 0.0)) + float(t.get("statistics", 0.0)),
+        "forward_s": float(info.get("layer_forward_s", 0.0)),
+        "statistics_s": float(info.get("layer_statistics_s", 0.0)),
+        "solve_s": float(info.get("layer_solve_s", 0.0)),
+        "peak_mb": peak,
+    }
+    return row, weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="nudenet-320n,captcha-whisperer")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=4, help="runs of each setting, alternating")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    print(f"Machine: {zoo.machine_line()}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")
+    print("| model | round | dense ahead | pass s (allocation s) | forward / statistics / solve s | peak RSS MB |")
+    print("|---|---:|---|---:|---|---:|")
+    for name in args.models.split(","):
+        e = entries.BY_NAME[name]
+        calib, _ = zoo.datasets(e, None)
+        first: dict[bool, dict[str, np.ndarray]] = {}
+        passes: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(args.rounds):
+            for ahead in (True, False) if r % 2 == 0 else (False, True):
+                row, w = one_run(name, calib, args.sparsity, ahead)
+                first.setdefault(ahead, w)
+                passes[ahead].append(row["pass_s"])
+                peak = "–" if row["peak_mb"] is None else f"{row['peak_mb']:,.0f}"
+                setting = "on" if ahead else "off"
+                print(
+                    f"| {name} | {r + 1} | {setting} | {row['pass_s']:.1f} ({row['allocation_s']:.1f}) "
+                    f"| {row['forward_s']:.1f} / {row['statistics_s']:.1f} / {row['solve_s']:.1f} | {peak} |",
+                    flush=True,
+                )
+        same = first[True].keys() == first[False].keys() and all(
+            np.array_equal(first[True][k], first[False][k]) for k in first[True]
+        )
+        on, off = float(np.median(passes[True])), float(np.median(passes[False]))
+        print(f"| {name} | median | on / off | {on:.1f} / {off:.1f} = {on / off:.2f} | same weights: {same} | |")
+
+
+if __name__ == "__main__":
+    main()
