@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -695,6 +696,8 @@ class AheadRunner:
         self._queued: list[tuple[int, frozenset[str], Future[_View]]] = []
         self._view = _View(runner.position, {k: list(v) for k, v in runner.state.items()})
         self._ahead = runner.position  # where the runner stands once the queue has run
+        self._worker: int | None = None  # the worker's thread ident, once it has run a segment
+        self._abandoned = False
         self.mismatches = 0
 
     @property
@@ -711,6 +714,9 @@ class AheadRunner:
         return self.runner._spilled > 0
 
     def _step(self, stop: int, extra: frozenset[str]) -> _View:
+        self._worker = threading.get_ident()
+        if self._abandoned:
+            raise ChitaError("the dense runner was closed")
         self.runner.advance(stop, extra)
         return _View(self.runner.position, {k: list(v) for k, v in self.runner.state.items()})
 
@@ -746,7 +752,8 @@ class AheadRunner:
         """Wait for every queued segment and forget them (their errors too: the caller's own call
         runs again and raises them)."""
         for _, _, fut in self._queued:
-            fut.exception()  # waits; an error is not raised here
+            if not fut.cancelled():
+                fut.exception()  # waits; an error is not raised here
         self._queued.clear()
 
     def values(self, name: str) -> list[NDArray[np.generic]]:
@@ -759,12 +766,22 @@ class AheadRunner:
     def initializer(self, name: str) -> NDArray[np.generic]:
         return self.runner.initializer(name)
 
-    def close(self) -> None:
-        """Wait for the worker, stop it and drop the kept tensors and any spilled files."""
+    def close(self, abandon: bool = False) -> None:
+        """Wait for the worker, stop it and drop the kept tensors and any spilled files.  With
+        ``abandon`` (the pass failed or was interrupted) the queued segments are dropped and the
+        worker's onnxruntime run is terminated, so that a Ctrl-C is not held up by them."""
+        if abandon:
+            self._abandoned = True
+            for _, _, fut in self._queued:
+                fut.cancel()
+            if self._worker is not None:
+                runtime.stop_runs(self._worker)
         self._drain()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if abandon and self._worker is not None:
+            runtime.stop_runs(self._worker, stopped=False)
         self._view = _View(self._view.position, {})
         self.runner.close()
 

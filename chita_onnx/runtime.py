@@ -38,7 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,7 @@ class _Active:
     deadline: float | None
     timed_out: bool = False
     signalled: int = 0
+    thread: int = field(default_factory=threading.get_ident)
 
 
 class _Watchdog:
@@ -178,6 +179,7 @@ class _Watchdog:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.active: dict[int, _Active] = {}
+        self.stopped: set[int] = set()  # threads whose runs end as soon as they start (stop_runs)
         self.pid = -1
         self.r = self.w = -1
 
@@ -220,6 +222,8 @@ class _Watchdog:
             self._start()
             entry = _Active(options, None if budget is None else time.monotonic() + budget)
             self.active[id(entry)] = entry
+            if entry.thread in self.stopped:
+                options.terminate = True
         old: int | None = None
         if threading.current_thread() is threading.main_thread():
             try:
@@ -241,8 +245,26 @@ class _Watchdog:
             with self.lock:
                 self.active.pop(id(entry), None)
 
+    def stop(self, thread: int, stopped: bool) -> None:
+        with self.lock:
+            if not stopped:
+                self.stopped.discard(thread)
+                return
+            self.stopped.add(thread)
+            for a in self.active.values():
+                if a.thread == thread:
+                    a.options.terminate = True
+
 
 _WATCHDOG = _Watchdog()
+
+
+def stop_runs(thread: int, stopped: bool = True) -> None:
+    """Terminate the onnxruntime run that thread ``thread`` (a :func:`threading.get_ident`) is in,
+    and every run it starts from now on, until called with ``stopped=False``.  For a worker thread
+    whose work is abandoned (:meth:`chita_onnx.activations.AheadRunner.close`): its runs fail at
+    once with a ``ModelError`` instead of running to their end."""
+    _WATCHDOG.stop(thread, stopped)
 
 
 def _poll_signals() -> None:
@@ -299,4 +321,4 @@ def run_bound(sess: ort.InferenceSession, io: Any, *, what: str, error: type[Chi
             raise _failed(exc, entry, what, None, error) from None
 
 
-__all__ = ["ANALYSIS_SECONDS", "INTERRUPTS", "check_graph", "run", "run_bound", "session"]
+__all__ = ["ANALYSIS_SECONDS", "INTERRUPTS", "check_graph", "run", "run_bound", "session", "stop_runs"]

@@ -456,7 +456,9 @@ def layerwise_prune(
                 log.debug("no tail tensors from the pass: %s", exc)
     except BaseException:
         pruned.close()
-        if dense is not None:
+        if isinstance(dense, AheadRunner):
+            dense.close(abandon=True)
+        elif dense is not None:
             dense.close()
         raise
     finally:

@@ -17,6 +17,7 @@ from test_layerwise_shared import _batches, _recurrence
 from test_rnn_layerwise import rnn_model
 
 import chita_onnx.activations as act
+import chita_onnx.errors
 from chita_onnx.activations import AheadRunner, SegmentRunner, calibration_batches, working_copy
 from chita_onnx.data import open_source
 from chita_onnx.errors import ModelError
@@ -206,3 +207,54 @@ def test_the_pass_is_the_same_when_the_dense_runner_spills_to_disk(tmp_path: Pat
     for name in keep:
         np.testing.assert_array_equal(got.weights[name], sync.weights[name])
     assert not any(tmp_path.rglob("*.npy"))  # the spilled files are gone with the runners
+
+
+def test_an_abandoned_runner_stops_its_running_segment() -> None:
+    """The pass failed or was interrupted while the worker runs a long segment (here an endless
+    ``Loop``): ``close(abandon=True)`` terminates that run and drops the queue instead of waiting,
+    and later runs on other threads are not affected."""
+    import threading
+    import time
+
+    from test_runtime import _endless_loop
+
+    from chita_onnx import runtime
+
+    model = _endless_loop()
+    batches = [{"x": np.zeros(64, np.float32)} for _ in range(3)]
+    ahead = AheadRunner(SegmentRunner(model, batches))
+    ahead.submit(1)
+    ahead.submit(1)  # a no-op: the queue already reaches node 1
+    time.sleep(0.5)  # the worker is inside onnxruntime's Loop
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (ahead.close(abandon=True), done.set()), daemon=True)
+    t0 = time.monotonic()
+    closer.start()
+    assert done.wait(30), "close(abandon=True) waited for the endless segment"
+    assert time.monotonic() - t0 < 30
+    assert not runtime._WATCHDOG.stopped  # the worker's thread is no longer marked
+    sess = runtime.session(model, what="the loop")  # a run elsewhere still runs (until its budget)
+    with pytest.raises(chita_onnx.errors.ResourceError):
+        runtime.run(sess, None, {"x": np.zeros(64, np.float32)}, what="the loop", budget=0.3)
+
+
+def test_a_pass_that_fails_abandons_the_dense_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in the pass's own thread (here a solve) closes the dense runner with ``abandon``."""
+    import chita_onnx.sequential as seq
+
+    closed: list[bool] = []
+    real = act.AheadRunner.close
+
+    def spy(self: AheadRunner, abandon: bool = False) -> None:
+        closed.append(abandon)
+        real(self, abandon)
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise ModelError("a solve failed")
+
+    monkeypatch.setattr(act.AheadRunner, "close", spy)
+    monkeypatch.setattr(seq, "prune_layer", broken)
+    model, batches, keep, tail = CASES["cnn"]
+    with pytest.raises(ModelError, match="a solve failed"):
+        layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(ahead=True), tail=tail)
+    assert closed == [True]
