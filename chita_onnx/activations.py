@@ -7,7 +7,8 @@ that later nodes still need (the frontier).  The caller may change initializers 
 statistics, biases) between segments, and the next segment is built from the current values, so one
 pass through the graph gives every layer its inputs *from the already-pruned upstream model* — the
 sequential scheme of OBC/SparseGPT without one forward pass per layer.  A second runner on the dense
-model, advanced in lockstep, gives the dense targets.
+model, advanced in lockstep, gives the dense targets; :class:`AheadRunner` runs it ahead of the pass
+on a worker thread, with the same segments.
 
 :func:`find_layers` describes each prunable weight's consuming node (:class:`LayerSite`) with the
 :class:`~chita_onnx.layerstats.LayerGeometry` that the NumPy statistics need.  No math here beyond

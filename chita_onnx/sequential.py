@@ -2,9 +2,11 @@
 
 Each pass walks the prunable layers (or BN nodes) in graph order with a
 :class:`~chita_onnx.activations.SegmentRunner` on the model being changed and, where targets are
-needed, a second runner on the dense model advanced in lockstep.  Every layer therefore sees its
-inputs from the already-changed upstream model, and the whole pass costs about one forward pass of
-each model over the calibration batches (plus the per-layer statistics and solves).
+needed, a second runner on the dense model advanced in lockstep (with a second core, the
+layer-wise pass runs it one layer ahead on a worker thread:
+:class:`~chita_onnx.activations.AheadRunner`).  Every layer therefore sees its inputs from the
+already-changed upstream model, and the whole pass costs about one forward pass of each model over
+the calibration batches (plus the per-layer statistics and solves).
 
 The math is elsewhere: rows and Grams in :mod:`chita_onnx.layerstats`, the per-layer solve in
 :mod:`chita_onnx.solver.layerwise`; this module only moves arrays between them and the graph.
@@ -247,18 +249,19 @@ def _dense_prefetch_call(consumers: Sequence[LayerSite]) -> tuple[int, tuple[str
 
 
 def _dense_calls(
-    events: Sequence[tuple[int, int, int]], sites: Sequence[object], ahead: Sequence[int], n: int
+    events: Sequence[tuple[int, int, int]], sites: Sequence[object], run_ends: Sequence[int], n: int
 ) -> list[tuple[int, tuple[str, ...]]]:
     """The dense runner's ``advance`` calls that :func:`layerwise_prune` makes at event ``n``, in
-    order (for :class:`~chita_onnx.activations.AheadRunner` to run them before they are made)."""
+    order (for :class:`~chita_onnx.activations.AheadRunner` to run them before they are made);
+    ``run_ends`` is :func:`_prefetch_ends` of ``events``."""
     from .rnnlayers import RecurrentSite, recurrent_dense_calls
 
     site = sites[events[n][1]]
     if isinstance(site, RecurrentSite):
         return recurrent_dense_calls(site)
     calls = []
-    if ahead[n] > n:
-        calls.append(_dense_prefetch_call([_consumers(sites[k])[jj] for _, k, jj in events[n : ahead[n] + 1]]))  # type: ignore[arg-type]
+    if run_ends[n] > n:
+        calls.append(_dense_prefetch_call([_consumers(sites[k])[jj] for _, k, jj in events[n : run_ends[n] + 1]]))  # type: ignore[arg-type]
     calls.append(_dense_call(_consumers(site)[events[n][2]]))  # type: ignore[arg-type]
     return calls
 
@@ -343,7 +346,7 @@ def layerwise_prune(
         else:
             events.extend((c.position, i, j) for j, c in enumerate(_consumers(s)))
     events.sort()
-    ahead = _prefetch_ends(events, sites)
+    run_ends = _prefetch_ends(events, sites)
     open_: dict[int, _Open] = {}
     rewind: tuple[int, dict[str, list[NDArray[np.generic]]]] | None = None  # before the first open shared weight
     stack = contextlib.ExitStack()
@@ -355,7 +358,7 @@ def layerwise_prune(
             if isinstance(dense, AheadRunner):  # this event's and (memory allowing) the next one's segments
                 for n in (n_event,) if dense.spilling else (n_event, n_event + 1):
                     if n < len(events):
-                        for call in _dense_calls(events, sites, ahead, n):
+                        for call in _dense_calls(events, sites, run_ends, n):
                             dense.submit(*call)
                     elif tail[0] and tail[1]:
                         dense.submit(len(dense.nodes), tail[0])
@@ -378,8 +381,8 @@ def layerwise_prune(
                 open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
             cur = open_[i]
             Wr = cur.rows
-            if ahead[n_event] > n_event:
-                run = events[n_event : ahead[n_event] + 1]
+            if run_ends[n_event] > n_event:
+                run = events[n_event : run_ends[n_event] + 1]
                 tp = time.perf_counter()
                 _prefetch([_consumers(sites[k])[jj] for _, k, jj in run], pruned, dense)  # type: ignore[arg-type]
                 ts += time.perf_counter() - tp  # forward time (the runners count it), not statistics
