@@ -487,6 +487,10 @@ def _session(model: onnx.ModelProto, threads: int, what: str) -> ort.InferenceSe
     return runtime.session(model, what=what, threads=max(1, threads))
 
 
+#: A runner's position and its kept tensors (:meth:`SegmentRunner.snapshot`).
+_Snapshot = tuple[int, dict[str, list[NDArray[np.generic]]]]
+
+
 class SegmentRunner:
     """Runs ``model`` segment by segment over ``batches``, keeping the frontier tensors per batch.
 
@@ -607,12 +611,12 @@ class SegmentRunner:
                     Path(a.filename).unlink(missing_ok=True)  # the mapping stays valid until released
         self.seconds += time.perf_counter() - t0
 
-    def snapshot(self) -> tuple[int, dict[str, list[NDArray[np.generic]]]]:
+    def snapshot(self) -> _Snapshot:
         """The position and the kept tensors, to :meth:`restore` later (the arrays are shared, not
         copied: the runner never writes into a kept array)."""
         return self.position, {k: list(v) for k, v in self.state.items()}
 
-    def restore(self, snap: tuple[int, dict[str, list[NDArray[np.generic]]]]) -> None:
+    def restore(self, snap: _Snapshot) -> None:
         """Go back to a :meth:`snapshot`: the next :meth:`advance` re-runs the nodes from there with
         the *current* initializers (after a weight used by the nodes in between has changed)."""
         self.position, state = snap
@@ -659,22 +663,14 @@ class SegmentRunner:
         return sum(int(a.nbytes) for v in self.state.values() for a in v if not isinstance(a, np.memmap))
 
 
-@dataclass(frozen=True)
-class _View:
-    """What a runner held after one :meth:`SegmentRunner.advance`: its position and its kept tensors
-    (the lists are copies, the arrays are shared: a runner never writes into a kept array)."""
-
-    position: int
-    state: dict[str, list[NDArray[np.generic]]]
-
-
 class AheadRunner:
     """A :class:`SegmentRunner` on a model whose initializers never change (the dense model of the
     layer-wise pass), whose segments run ahead of the caller on one worker thread.
 
     :meth:`submit` queues an ``advance(stop, extra)`` that the caller is going to make; the caller's
     own :meth:`advance` then takes that segment's result (waiting for it if needed) and
-    :meth:`values` reads the tensors as the runner held them right after it.  The segments are the
+    :meth:`values` reads the tensors as the runner held them right after it (its
+    :meth:`~SegmentRunner.snapshot` then).  The segments are the
     same, in the same order, as those of the synchronous runner, so every value is the same bit for
     bit; the segments only run while the caller's thread does other work (onnxruntime and NumPy
     release the GIL).  A call that was not submitted, or differs from what was, waits for the queued
@@ -694,8 +690,8 @@ class AheadRunner:
         self.nodes = runner.nodes
         self.num_batches = runner.num_batches
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chita-ahead")
-        self._queued: list[tuple[int, frozenset[str], Future[_View]]] = []
-        self._view = _View(runner.position, {k: list(v) for k, v in runner.state.items()})
+        self._queued: list[tuple[int, frozenset[str], Future[_Snapshot]]] = []
+        self._view: _Snapshot = runner.snapshot()  # what the caller sees
         self._ahead = runner.position  # where the runner stands once the queue has run
         self._worker: int | None = None  # the worker's thread ident, once it has run a segment
         self._abandoned = False
@@ -703,7 +699,7 @@ class AheadRunner:
 
     @property
     def position(self) -> int:
-        return self._view.position
+        return self._view[0]
 
     @property
     def seconds(self) -> float:
@@ -714,12 +710,12 @@ class AheadRunner:
         """Whether the runner has moved activations to disk (its memory cap is reached)."""
         return self.runner._spilled > 0
 
-    def _step(self, stop: int, extra: frozenset[str]) -> _View:
+    def _step(self, stop: int, extra: frozenset[str]) -> _Snapshot:
         self._worker = threading.get_ident()
         if self._abandoned:
             raise ChitaError("the dense runner was closed")
         self.runner.advance(stop, extra)
-        return _View(self.runner.position, {k: list(v) for k, v in self.runner.state.items()})
+        return self.runner.snapshot()
 
     def submit(self, stop: int, extra: Iterable[str] = ()) -> None:
         """Queue ``advance(stop, extra)`` (a no-op when the queued segments already reach ``stop``,
@@ -734,7 +730,7 @@ class AheadRunner:
     def advance(self, stop: int, extra: Iterable[str] = ()) -> None:
         """As :meth:`SegmentRunner.advance`, from the queued segments when they match."""
         stop = min(stop, len(self.nodes))
-        if stop <= self._view.position:
+        if stop <= self.position:
             return
         names = frozenset(extra)
         if self._queued:
@@ -744,8 +740,8 @@ class AheadRunner:
             self.mismatches += 1
             log.debug("dense runner: advance(%d) was not queued next; running it in place", stop)
             self._drain()
-            self.runner.restore((self._view.position, self._view.state))
-            self._ahead = self._view.position
+            self.runner.restore(self._view)
+            self._ahead = self.position
         self.submit(stop, names)
         self._view = self._queued.pop(0)[2].result()
 
@@ -758,11 +754,11 @@ class AheadRunner:
         self._queued.clear()
 
     def values(self, name: str) -> list[NDArray[np.generic]]:
-        if name in self._view.state:
-            return self._view.state[name]
+        if name in self._view[1]:
+            return self._view[1][name]
         if name in self.runner.inits:
             return [self.runner.initializer(name)] * self.num_batches
-        raise KeyError(f"tensor {name!r} is not available at node {self._view.position}")
+        raise KeyError(f"tensor {name!r} is not available at node {self.position}")
 
     def initializer(self, name: str) -> NDArray[np.generic]:
         return self.runner.initializer(name)
@@ -783,7 +779,7 @@ class AheadRunner:
             self._pool = None
         if abandon and self._worker is not None:
             runtime.stop_runs(self._worker, stopped=False)
-        self._view = _View(self._view.position, {})
+        self._view = (self.position, {})
         self.runner.close()
 
 
