@@ -1,15 +1,21 @@
-"""The layer-wise pass with the dense model's segments run ahead on a worker thread, against the
-same pass without it, side by side in one process.
+"""The layer-wise pass with one of its two-core switches on, against the same pass with it off,
+side by side in one process.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice python benchmarks/bench_dense_ahead.py \\
-        --models nudenet-320n,captcha-whisperer --rounds 4
+        --models nudenet-320n,captcha-whisperer --rounds 4 [--switch ahead|helper]
+
+``--switch ahead`` (the default): the dense model's segments run ahead of the pass on a worker thread
+(:attr:`~chita_onnx.sequential.LayerwiseOptions.ahead`).  ``--switch helper``: the solvers' large
+matrix products are split by rows with a helper thread
+(:attr:`~chita_onnx.sequential.LayerwiseOptions.helper`, :mod:`chita_onnx.solver.parallel`).
 
 For each zoo model (``benchmarks/zoo/entries.py``, its own calibration data), ``compress`` with the
-default configuration at ``--sparsity`` in alternating rounds (on, off, off, on, ...), with
-:attr:`~chita_onnx.sequential.LayerwiseOptions.ahead` forced on or off.  Prints, per round, the
-allocation's gradients and the pass (the ``layerwise`` phase less them), the pass's forward,
-statistics and solve seconds, and the peak RSS; then whether the two settings wrote the same
-weights (they must: the same segments run in the same order).
+default configuration at ``--sparsity`` in alternating rounds (on, off, off, on, ...), with the
+switch forced on or off.  Prints, per round, the allocation's gradients and the pass (the
+``layerwise`` phase less them), the pass's forward, statistics and solve seconds, and the peak RSS;
+then whether the two settings wrote the same weights (``ahead`` must: the same segments run in the
+same order; ``helper`` may differ in the last place of float64 products, so the largest relative
+difference of any weight is printed too).
 """
 
 from __future__ import annotations
@@ -38,13 +44,15 @@ from bench_layerwise_time import peak_rss  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 
-def one_run(name: str, calib: Any, sparsity: float, ahead: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def one_run(
+    name: str, calib: Any, sparsity: float, on: bool, switch: str = "ahead"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from chita_onnx import CompressConfig, compress
     from chita_onnx import reconstruct as rc
 
     e = entries.BY_NAME[name]
     real = rc.options
-    rc.options = lambda config: dataclasses.replace(real(config), ahead=ahead)
+    rc.options = lambda config: dataclasses.replace(real(config), **{switch: on})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned.onnx"
@@ -56,7 +64,7 @@ def one_run(name: str, calib: Any, sparsity: float, ahead: bool) -> tuple[dict[s
     info: dict[str, Any] = dict(report.solver)
     alloc = float(info.get("allocation_s", t.get("gradients", 0.0)))
     row = {
-        "ahead": ahead,
+        "on": on,
         "allocation_s": alloc,
         "pass_s": float(t.get("layerwise", 0.0)) + float(t.get("statistics", 0.0)),
         "forward_s": float(info.get("layer_forward_s", 0.0)),
@@ -72,10 +80,11 @@ def main() -> None:
     ap.add_argument("--models", default="nudenet-320n,captcha-whisperer")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=4, help="runs of each setting, alternating")
+    ap.add_argument("--switch", choices=["ahead", "helper"], default="ahead", help="which option is compared")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"Machine: {zoo.machine_line()}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")
-    print("| model | round | dense ahead | pass s (allocation s) | forward / statistics / solve s | peak RSS MB |")
+    print(f"| model | round | {args.switch} | pass s (allocation s) | forward / statistics / solve s | peak RSS MB |")
     print("|---|---:|---|---:|---|---:|")
     for name in args.models.split(","):
         e = entries.BY_NAME[name]
@@ -83,12 +92,12 @@ def main() -> None:
         first: dict[bool, dict[str, np.ndarray]] = {}
         passes: dict[bool, list[float]] = {True: [], False: []}
         for r in range(args.rounds):
-            for ahead in (True, False) if r % 2 == 0 else (False, True):
-                row, w = one_run(name, calib, args.sparsity, ahead)
-                first.setdefault(ahead, w)
-                passes[ahead].append(row["pass_s"])
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                row, w = one_run(name, calib, args.sparsity, on, args.switch)
+                first.setdefault(on, w)
+                passes[on].append(row["pass_s"])
                 peak = "–" if row["peak_mb"] is None else f"{row['peak_mb']:,.0f}"
-                setting = "on" if ahead else "off"
+                setting = "on" if on else "off"
                 print(
                     f"| {name} | {r + 1} | {setting} | {row['pass_s']:.1f} ({row['allocation_s']:.1f}) "
                     f"| {row['forward_s']:.1f} / {row['statistics_s']:.1f} / {row['solve_s']:.1f} | {peak} |",
@@ -97,8 +106,23 @@ def main() -> None:
         same = first[True].keys() == first[False].keys() and all(
             np.array_equal(first[True][k], first[False][k]) for k in first[True]
         )
-        on, off = float(np.median(passes[True])), float(np.median(passes[False]))
-        print(f"| {name} | median | on / off | {on:.1f} / {off:.1f} = {on / off:.2f} | same weights: {same} | |")
+        diff = max(
+            (_relative_difference(first[True][k], first[False][k]) for k in first[True] if k in first[False]),
+            default=0.0,
+        )
+        on_s, off_s = float(np.median(passes[True])), float(np.median(passes[False]))
+        print(
+            f"| {name} | median | on / off | {on_s:.1f} / {off_s:.1f} = {on_s / off_s:.2f} "
+            f"| same weights: {same} (largest relative difference {diff:.2g}) | |"
+        )
+
+
+def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """``max|a − b| / max|b|`` of two float weights (0 for other dtypes or equal arrays)."""
+    if a.shape != b.shape or a.dtype.kind != "f" or np.array_equal(a, b):
+        return 0.0 if a.shape == b.shape else float("inf")
+    scale = float(np.abs(b).max()) or 1.0
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) / scale
 
 
 if __name__ == "__main__":

@@ -710,6 +710,11 @@ class AheadRunner:
         """Whether the runner has moved activations to disk (its memory cap is reached)."""
         return self.runner._spilled > 0
 
+    def idle(self) -> bool:
+        """Whether the worker has run every queued segment (so its core is free until the next
+        :meth:`submit`).  Call from the pass's thread, which alone queues segments."""
+        return all(fut.done() for _, _, fut in self._queued)
+
     def _step(self, stop: int, extra: frozenset[str]) -> _Snapshot:
         self._worker = threading.get_ident()
         if self._abandoned:

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ def solver_threads() -> Iterator[None]:
         yield
 
 
+def blas_threads() -> int:
+    """The most threads any loaded BLAS library runs one call with now (1 when none is loaded)."""
+    counts = [int(lib.get("num_threads") or 1) for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts, default=1)
+
+
 @contextlib.contextmanager
 def leave_a_core() -> Iterator[None]:
     """Around solver work that runs next to a busy thread of our own (the layer-wise pass's dense
@@ -117,6 +123,7 @@ def leave_a_core() -> Iterator[None]:
 
 __all__ = [
     "USER_VARIABLES",
+    "blas_threads",
     "leave_a_core",
     "limit_blas_threads",
     "physical_cores",

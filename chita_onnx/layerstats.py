@@ -29,6 +29,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from numpy.typing import NDArray
 
+from .solver import parallel
+
 Kind = Literal["conv", "gemm", "matmul_right", "matmul_left", "convt"]
 
 #: Largest im2col chunk materialised at once (bytes).
@@ -603,7 +605,7 @@ def flush(stats: LayerStats) -> None:
             if cross:
                 assert y is not None and stats.B is not None and stats.yy is not None
                 yg = np.ascontiguousarray(y[:, gi, :])
-                stats.B[gi] += x.T @ yg
+                stats.B[gi] += parallel.matmul(x.T, yg)  # (H's own product stays one syrk: half the work)
                 stats.yy[gi] += ones @ (yg * yg)
         return
     xg = np.ascontiguousarray(xp.transpose(1, 2, 0))  # many groups (depthwise): batched products

@@ -88,6 +88,7 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
         spill_dir=config.workdir,
         ahead=physical_cores() > 1,
+        helper=physical_cores() > 1,
     )
 
 

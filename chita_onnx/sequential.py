@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from onnx import helper, numpy_helper
 
 from .activations import AheadRunner, Arrays, LayerSite, SegmentRunner, find_layers
-from .blas import leave_a_core
+from .blas import blas_threads, leave_a_core
 from .graph import _constant_values, write_weights
 from .layerstats import (
     LayerGeometry,
@@ -42,6 +42,7 @@ from .layerstats import (
 )
 from .progress import progress
 from .solver.layerwise import LayerSolution, output_row_weights, prune_layer
+from .solver.parallel import helping
 from .solver.rowspace import cheaper as cheaper_rows
 from .solver.rowspace import prune_layer_rows
 from .standardize import fresh_namer
@@ -65,6 +66,9 @@ class LayerwiseOptions:
     #: Run the dense model's segments ahead of the pass on a worker thread (same values; one more
     #: layer's dense activations in memory).  Worth it with a second core.
     ahead: bool = False
+    #: Split the solvers' large matrix products by rows with a helper thread while BLAS runs one
+    #: thread per call (:mod:`chita_onnx.solver.parallel`; the same values).  Worth it with a second core.
+    helper: bool = False
     max_bytes: int | None = None  # per runner: kept activations above this go to memory-mapped files
     spill_dir: str | None = None
     recurrent_refits: int = 1  # closed-loop re-fit rounds of a recurrent node (chita_onnx.rnnlayers)
@@ -352,6 +356,8 @@ def layerwise_prune(
     stack = contextlib.ExitStack()
     if isinstance(dense, AheadRunner):
         stack.enter_context(leave_a_core())
+    idle = dense.idle if isinstance(dense, AheadRunner) else None  # its worker has the second core first
+    stack.enter_context(helping(opts.helper and blas_threads() == 1, idle))
     try:
         for n_event, (pos, i, j) in enumerate(progress(events, total=len(events), desc="layer-wise", unit="layer")):
             site = sites[i]

@@ -24,15 +24,70 @@ through the caller's ``fallback`` (which raises as the per-row path does).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
 from numpy.typing import NDArray
 
+from . import parallel
+
 F64 = NDArray[np.float64]
 #: Rows of one size handled per chunk (bounds the index and right-hand-side arrays).
 CHUNK_ROWS = 4096
+
+_INT = ctypes.POINTER(ctypes.c_int)
+
+
+@functools.cache
+def _native(single: bool) -> tuple[Any, Any, type] | None:
+    """LAPACK ``posv`` and BLAS ``symv`` (float32 with ``single``, else float64) called through ctypes
+    on SciPy's own Cython entry points (``scipy.linalg.cython_lapack``/``cython_blas``: the same
+    library and kernels as ``scipy.linalg.lapack``), and the ctypes scalar type.  A ctypes call
+    releases the GIL, where SciPy's wrappers hold it, so two threads factor at once
+    (:func:`chita_onnx.solver.parallel.halves`).  None when the entry points cannot be had."""
+    try:
+        import scipy.linalg.cython_blas as cblas
+        import scipy.linalg.cython_lapack as clapack
+
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        name = ctypes.pythonapi.PyCapsule_GetName
+        name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        p = ctypes.c_void_p
+        real = ctypes.c_float if single else ctypes.c_double
+        c = "s" if single else "d"
+        cap = clapack.__pyx_capi__[c + "posv"]  # (uplo, n, nrhs, a, lda, b, ldb, info)
+        posv = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT, _INT, p, _INT, p, _INT, _INT)(get(cap, name(cap)))
+        cap = cblas.__pyx_capi__[c + "symv"]  # (uplo, n, alpha, a, lda, x, incx, beta, y, incy)
+        symv = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT, ctypes.POINTER(real), p, _INT, p, _INT,
+                                ctypes.POINTER(real), p, _INT)(get(cap, name(cap)))  # fmt: skip
+    except Exception:  # any SciPy/ctypes mismatch: SciPy's wrappers, on one thread
+        return None
+    return posv, symv, real
+
+
+def posv(G: NDArray[np.floating], b: NDArray[np.floating]) -> tuple[NDArray[np.floating], int]:
+    """``G⁻¹ b`` for a symmetric positive definite ``G (m, m)`` by LAPACK ``posv`` on its lower
+    triangle, as ``scipy.linalg.lapack.?posv(G, b, lower=1)`` computes it (on a Fortran-ordered copy
+    of ``G``; ``G`` and ``b`` are left alone), with the GIL released where :func:`_native` allows.
+    Returns ``(x (m,), info)``; ``info > 0``: ``G`` is not positive definite."""
+    single = G.dtype == np.float32
+    native = _native(bool(single)) if G.shape[0] > 0 else None
+    if native is None:
+        f = sla.lapack.sposv if single else sla.lapack.dposv
+        _, x, info = f(G, b, lower=1, overwrite_a=0, overwrite_b=0)
+        return x, int(info)
+    m = G.shape[0]
+    F = np.array(G, order="F", copy=True)
+    x = np.array(b, dtype=G.dtype, copy=True)
+    n_, one, info_ = ctypes.c_int(m), ctypes.c_int(1), ctypes.c_int(0)
+    native[0](b"L", ctypes.byref(n_), ctypes.byref(one), F.ctypes.data, ctypes.byref(n_), x.ctypes.data,
+              ctypes.byref(n_), ctypes.byref(info_))  # fmt: skip
+    return x, int(info_.value)
 
 
 def _gather_solve(
@@ -47,8 +102,6 @@ def _gather_solve(
     """
     r, m = idx.shape
     single = A.dtype == np.float32
-    posv = sla.lapack.sposv if single else sla.lapack.dposv
-    symv = sla.blas.ssymv if single else sla.blas.dsymv
     G = np.empty((m, m), dtype=A.dtype)
     Gf = G.T  # Fortran-ordered view of the same (symmetric) system: LAPACK works on it in place
     diag = G.reshape(m * m)[:: m + 1]
@@ -56,16 +109,54 @@ def _gather_solve(
     x = np.empty_like(b)
     ok = np.ones(r, dtype=bool)
     res = b.copy() if residual else None
+    native = _native(bool(single)) if m > 0 else None
+    if native is not None:  # the same LAPACK calls through ctypes, without the GIL
+        posv_c, symv_c, real = native
+        x[...] = b
+        n_, one, info = ctypes.c_int(m), ctypes.c_int(1), ctypes.c_int(0)
+        minus, plus = real(-1.0), real(1.0)
+        g, step = G.ctypes.data, m * x.itemsize
+        xp, rp = x.ctypes.data, (0 if res is None else res.ctypes.data)
+        for k in range(r):
+            np.take(A, idx[k], axis=0, out=buf, mode="clip")  # "clip": no bounds-check buffering of out
+            np.take(buf, idx[k], axis=1, out=G, mode="clip")
+            d0 = diag.copy() if residual else None
+            posv_c(b"L", ctypes.byref(n_), ctypes.byref(one), g, ctypes.byref(n_), xp + k * step, ctypes.byref(n_),
+                   ctypes.byref(info))  # fmt: skip
+            ok[k] = info.value == 0
+            if res is not None:  # Gf's upper triangle is still A_II's; so is the diagonal once restored
+                diag[:] = d0
+                symv_c(b"U", ctypes.byref(n_), ctypes.byref(minus), g, ctypes.byref(n_), xp + k * step,
+                       ctypes.byref(one), ctypes.byref(plus), rp + k * step, ctypes.byref(one))  # fmt: skip
+        return x, ok, res
+    posv = sla.lapack.sposv if single else sla.lapack.dposv
+    symv = sla.blas.ssymv if single else sla.blas.dsymv
     for k in range(r):
         np.take(A, idx[k], axis=0, out=buf, mode="clip")  # "clip": no bounds-check buffering of out
         np.take(buf, idx[k], axis=1, out=G, mode="clip")
         d0 = diag.copy() if residual else None
-        _, x[k], info = posv(Gf, b[k], lower=1, overwrite_a=1, overwrite_b=0)  # factor in Gf's lower
-        ok[k] = info == 0
+        _, x[k], info_ = posv(Gf, b[k], lower=1, overwrite_a=1, overwrite_b=0)  # factor in Gf's lower
+        ok[k] = info_ == 0
         if res is not None:  # Gf's upper triangle is still A_II's; so is the diagonal once restored
             diag[:] = d0
             res[k] = symv(-1.0, Gf, x[k], beta=1.0, y=res[k], lower=0, overwrite_y=1)
     return x, ok, res
+
+
+def _solve_rows_of(
+    A: NDArray[np.floating], idx: NDArray[np.intp], b: NDArray[np.floating], residual: bool
+) -> tuple[NDArray[np.floating], NDArray[np.bool_], NDArray[np.floating] | None]:
+    """:func:`_gather_solve`, its rows in two halves at once where :mod:`.parallel` helps (and the
+    LAPACK calls can run without the GIL)."""
+    r, m = idx.shape
+    if _native(A.dtype == np.float32) is None:
+        return _gather_solve(A, idx, b, residual)
+    parts = parallel.halves(lambda a, z: _gather_solve(A, idx[a:z], b[a:z], residual), r, r * m**3 / 3.0)
+    if len(parts) == 1:
+        return parts[0]
+    (x1, ok1, res1), (x2, ok2, res2) = parts
+    res = None if res1 is None or res2 is None else np.concatenate((res1, res2))
+    return np.concatenate((x1, x2)), np.concatenate((ok1, ok2)), res
 
 
 def solve_subsystems(
@@ -103,7 +194,7 @@ def solve_subsystems(
                 part = group[c0 : c0 + CHUNK_ROWS]
                 idx = np.nonzero(sel[part])[1].reshape(part.size, int(m))
                 b: NDArray[np.floating] = np.take_along_axis(R[part], idx, axis=1).astype(M.dtype)
-                x, ok, res = _gather_solve(M, idx, b, residual=single)
+                x, ok, res = _solve_rows_of(M, idx, b, residual=single)
                 ok &= np.all(np.isfinite(x), axis=1)
                 if res is not None:
                     ok &= np.linalg.norm(res, axis=1) <= tol * np.linalg.norm(b, axis=1)

@@ -37,6 +37,7 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
+from . import parallel
 from .batched_spd import solve_subsystems
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def targets(W_bar: F64, dh: Damped, B: F64 | None) -> tuple[F64, F64]:
     Without ``B`` (targets from the pruned inputs) ``rhs = H_λ w̄`` and ``W* = W̄``.
     """
     if B is None:
-        return W_bar @ dh.H, W_bar.copy()
+        return parallel.matmul(W_bar, dh.H), W_bar.copy()
     rhs = B.T + dh.lam * W_bar
     return rhs, dh.solve(rhs.T).T
 
@@ -260,7 +261,10 @@ def reconstruction_error(
     layer's output energy)."""
 
     def quad(V: F64) -> float:  # Σ_i v_iᵀ H v_i
-        VH = (V.astype(np.float32) @ H.astype(np.float32)).astype(np.float64) if single else V @ H
+        if single:
+            VH = parallel.matmul(V.astype(np.float32), H.astype(np.float32)).astype(np.float64)
+        else:
+            VH = parallel.matmul(V, H)
         return float(np.einsum("ij,ij->", VH, V))
 
     if B is None or yy is None:
@@ -324,7 +328,7 @@ def sparsegpt_sweep(
         Uf = U
 
         def u_rows(i1: int, i2: int) -> tuple[F64, Callable[[F64], F64]]:
-            return Uf[i1:i2, i1:i2], lambda E: np.asarray(E @ Uf[i1:i2, i2:])
+            return Uf[i1:i2, i1:i2], lambda E: np.asarray(parallel.matmul(E, Uf[i1:i2, i2:]))
 
         if hinv_diag is None and keep is not None:
             hinv_diag = np.diag(Hinv) if Hinv is not None else np.einsum("ij,ij->j", U, U)
@@ -436,7 +440,7 @@ def _exact_refit(
             for r, i in enumerate(by_t):
                 T = np.flatnonzero(~mask[i])
                 Z[r, T] = spd_solve(Hinv, Hinv32, T, W_star[i, T])
-        W[by_t] = W_star[by_t] - Z @ Hinv
+        W[by_t] = W_star[by_t] - parallel.matmul(Z, Hinv)
         W[by_t] *= mask[by_t]
     if batched:
         if by_s.size:
@@ -524,10 +528,10 @@ def _cg_refit(
             return out
         if H32 is None:
             assert H is not None
-            return np.matmul(V, H, out=out)
+            return parallel.matmul(V, H, out=out)
         assert V32 is not None and HV32 is not None
         np.copyto(V32, V, casting="same_kind")
-        np.matmul(V32, H32, out=HV32)
+        parallel.matmul(V32, H32, out=HV32)
         np.copyto(out, HV32)
         return out
 
@@ -592,7 +596,7 @@ def warm_refit(
     batched preconditioned CG from ``W0``; each row ends at the better of ``W0`` and its last iterate.
     For a support that barely moves the optimum: a few products with ``H`` instead of the factorisations."""
     dh = damp_gram(H, damp, name=name)
-    rhs = W_bar @ dh.H if B is None else B.T + dh.lam * W_bar
+    rhs = parallel.matmul(W_bar, dh.H) if B is None else B.T + dh.lam * W_bar
     return _cg_refit(dh.H, rhs, mask, W0, iters=iterations)
 
 

@@ -38,6 +38,8 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
+from . import parallel
+from .batched_spd import posv
 from .layerwise import (
     BLOCK,
     DAMP,
@@ -97,7 +99,7 @@ class RowGram:
 
     def times(self, V: F64) -> F64:
         """``V H_λ`` for ``V (r, d)``."""
-        return np.asarray((V @ self.A.T) @ self.A + self.lam * V)
+        return np.asarray(parallel.matmul(parallel.matmul(V, self.A.T), self.A) + self.lam * V)
 
     def solve(self, R: F64) -> F64:
         """``R H_λ⁻¹`` for ``R (r, d)`` (rows; ``H_λ`` is symmetric)."""
@@ -142,11 +144,11 @@ class RowGram:
         right = A[:, i2:]
         if outputs > b:  # many rows of errors: form the block's rows of U once
             rows = -(sla.solve_triangular(U11, C.T, trans="T", lower=False, check_finite=False) @ right) / lam
-            return np.asarray(U11), lambda E: np.asarray(E @ rows)
+            return np.asarray(U11), lambda E: np.asarray(parallel.matmul(E, rows))
 
         def rest(E: F64) -> F64:
             EU = sla.solve_triangular(U11, np.asarray(E, np.float64).T, lower=False, check_finite=False).T
-            return np.asarray(-((EU @ C.T) @ right) / lam)
+            return np.asarray(-parallel.matmul(parallel.matmul(EU, C.T), right) / lam)
 
         return np.asarray(U11), rest
 
@@ -164,24 +166,31 @@ class RowGram:
         full = sizes == d
         if np.any(full):
             W[full] = self.solve(rhs[full])
-        for i in np.flatnonzero(~full & (sizes > 0)):
-            S = np.flatnonzero(mask[i])
-            AS = AF[:, S]
-            v = rhs[i, S]
-            b = AS @ v
-            for attempt in (0, 1):
-                if attempt == 0 and 2 * S.size > d:  # K_S = K − A_T A_Tᵀ: the smaller product
-                    AT = AF[:, np.flatnonzero(~mask[i])]
-                    KS = self.K - AT @ AT.T
-                else:
-                    KS = AS @ AS.T
-                    KS.flat[:: N + 1] += lam
-                _, z, info = sla.lapack.dposv(KS, b, lower=1, overwrite_a=1, overwrite_b=0)
-                if info == 0:
-                    break
-            else:  # pragma: no cover - λI + A_SA_Sᵀ is positive definite for λ > 0
-                raise SolverError("a re-fit system of the row-space solve is not positive definite")
-            W[i, S] = (v - AS.T @ z) / lam
+        rows = np.flatnonzero(~full & (sizes > 0))
+
+        def fit(a: int, z: int) -> None:
+            """Rows ``rows[a:z]`` (each its own systems: the halves of :func:`parallel.halves` share nothing)."""
+            for i in rows[a:z]:
+                S = np.flatnonzero(mask[i])
+                AS = AF[:, S]
+                v = rhs[i, S]
+                b = AS @ v
+                for attempt in (0, 1):
+                    if attempt == 0 and 2 * S.size > d:  # K_S = K − A_T A_Tᵀ: the smaller product
+                        AT = AF[:, np.flatnonzero(~mask[i])]
+                        KS = self.K - AT @ AT.T
+                    else:
+                        KS = AS @ AS.T
+                        KS.flat[:: N + 1] += lam
+                    zi, info = posv(KS, b)
+                    if info == 0:
+                        break
+                else:  # pragma: no cover - λI + A_SA_Sᵀ is positive definite for λ > 0
+                    raise SolverError("a re-fit system of the row-space solve is not positive definite")
+                W[i, S] = (v - AS.T @ zi) / lam
+
+        m = np.minimum(sizes[rows], d - sizes[rows]).astype(np.float64)
+        parallel.halves(fit, rows.size, float(np.sum(N * N * m)))
         return W
 
     def refit_cost(self, mask: NDArray[np.bool_]) -> tuple[float, float]:

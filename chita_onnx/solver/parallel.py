@@ -1,0 +1,129 @@
+"""Large matrix products split by rows between the calling thread and one helper thread.
+
+Pure NumPy; never imports onnx.  The layer-wise pass runs its solvers on one thread, and BLAS is
+held to one thread per call while it does (:func:`chita_onnx.blas.leave_a_core` next to the dense
+runner on a two-core machine, or the user's ``OPENBLAS_NUM_THREADS=1``).  The dense runner keeps
+the second core busy only while it has segments to run; during the long solves of a wide layer
+(CG's products with ``H``, the sweep's updates, the reconstruction errors) that core is idle.
+
+``C = A·B`` is computed row block by row block: row ``i`` of ``C`` depends on row ``i`` of ``A``
+only.  Inside :func:`helping`, :func:`matmul` gives the first half of the rows to this thread and the
+second to a helper thread; NumPy releases the GIL inside BLAS, so both run at once.  Each half is
+one single-threaded BLAS call on the same operands, so the result is the one-call product up to
+rounding: measured with this project's OpenBLAS, float32 products came out bit for bit, and float64
+ones too unless the column count is not a multiple of the kernel's width (then the edge columns may
+differ in the last place, as they do between BLAS thread counts).  Products small enough for
+OpenBLAS's small-matrix kernels would round differently too, one more reason they are not split.
+No thread spins: the helper waits on a queue and the caller on the helper's result, so a busy core
+costs time-sharing, never a stall.
+
+:func:`halves` does the same for other work that splits into independent halves and releases the
+GIL (the exact re-fit's per-row factorisations, :mod:`.batched_spd`).
+
+Outside :func:`helping`, or for products under :data:`MIN_MACS` multiply-adds (a thread hand-off
+costs tens of microseconds), :func:`matmul` is ``np.matmul``.  Only the thread that entered
+:func:`helping` splits: another thread calling :func:`matmul` meanwhile gets ``np.matmul``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+T = TypeVar("T")
+
+#: Products below this many multiply-adds (``rows · inner · columns``) are not split: a hand-off
+#: costs tens of microseconds, and OpenBLAS runs small products (up to about 10⁶) through separate
+#: small-matrix kernels; each half here stays far above that.
+MIN_MACS = 1.6e7
+#: Each half has at least this many rows.
+MIN_ROWS = 16
+
+
+class _State:
+    """The helper thread and the thread that may use it (None: off)."""
+
+    pool: ThreadPoolExecutor | None = None
+    owner: int | None = None
+    idle: Callable[[], bool] | None = None
+    splits: int = 0
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def helping(enabled: bool = True, idle: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Within the block, :func:`matmul` called from this thread splits large products with one helper
+    thread (``enabled=False``: a no-op block).  ``idle``: asked before each split whether the second
+    core is free (the layer-wise pass passes its dense runner's :meth:`~chita_onnx.activations.AheadRunner.idle`);
+    when it says no, the work runs on this thread alone.  Blocks nest: an inner block of the owning
+    thread keeps the outer helper; the helper is shut down when the outermost block ends, also on an
+    exception."""
+    if not enabled or _state.owner is not None:
+        yield
+        return
+    _state.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chita-solver")
+    _state.owner = threading.get_ident()
+    _state.idle = idle
+    try:
+        yield
+    finally:
+        pool, _state.pool, _state.owner, _state.idle = _state.pool, None, None, None
+        pool.shutdown(wait=True)
+
+
+def active() -> bool:
+    """Whether :func:`matmul` splits large products on the calling thread."""
+    return _state.pool is not None and _state.owner == threading.get_ident()
+
+
+def splits() -> int:
+    """How many products (or other :func:`halves` work) have been split since the process started
+    (for tests and benchmarks)."""
+    return _state.splits
+
+
+def halves(fn: Callable[[int, int], T], n: int, work: float) -> list[T]:
+    """``[fn(0, n)]``, or inside :func:`helping` (on its thread), for ``n ≥ 2`` items and ``work`` of at
+    least :data:`MIN_MACS` multiply-adds: ``[fn(0, h), fn(h, n)]`` with ``h = n // 2``, the second on
+    the helper thread at the same time.  ``fn`` must release the GIL for most of its work to gain
+    (BLAS/LAPACK calls do) and must not write what the other half reads."""
+    pool = _state.pool
+    if pool is None or _state.owner != threading.get_ident() or n < 2 or work < MIN_MACS:
+        return [fn(0, n)]
+    if _state.idle is not None and not _state.idle():  # the second core is taken: no hand-off
+        return [fn(0, n)]
+    h = n // 2
+    second = pool.submit(fn, h, n)
+    try:
+        first = fn(0, h)
+    finally:
+        done = second.result()  # also when the first half failed: never leave the helper running
+    _state.splits += 1
+    return [first, done]
+
+
+def matmul(A: NDArray[Any], B: NDArray[Any], out: NDArray[Any] | None = None) -> NDArray[Any]:
+    """``A @ B`` for a matrix ``A (M, K)`` and ``B (K, N)`` (``out (M, N)``: written in place and
+    returned).  Inside :func:`helping` and from its thread, the rows of ``A`` are split in two halves
+    computed at once; otherwise (or for small products) one ``np.matmul``."""
+    pool = _state.pool
+    if pool is None or _state.owner != threading.get_ident() or A.ndim != 2 or B.ndim != 2:
+        return np.matmul(A, B) if out is None else np.matmul(A, B, out=out)
+    M, K = A.shape
+    N = B.shape[1]
+    if M < 2 * MIN_ROWS or float(M) * K * N < MIN_MACS:
+        return np.matmul(A, B) if out is None else np.matmul(A, B, out=out)
+    C = np.empty((M, N), dtype=np.result_type(A, B)) if out is None else out
+    halves(lambda a, z: np.matmul(A[a:z], B, out=C[a:z]), M, float(M) * K * N)
+    return C
+
+
+__all__ = ["MIN_MACS", "active", "halves", "helping", "matmul", "splits"]

@@ -1,0 +1,285 @@
+"""Large solver products split by rows over two threads (:mod:`chita_onnx.solver.parallel`): the
+values of one ``np.matmul`` (float32 bit for bit; float64 up to the last place, where OpenBLAS's
+edge kernels may round differently), only on the thread that asked for it, errors raised in the
+caller, and the layer solvers and the whole layer-wise pass unchanged up to rounding."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+from test_dense_ahead import CASES
+
+import chita_onnx.sequential as sq
+from chita_onnx.activations import AheadRunner, SegmentRunner
+from chita_onnx.blas import blas_threads, limit_blas_threads
+from chita_onnx.sequential import LayerwiseOptions, layerwise_prune
+from chita_onnx.solver import batched_spd as bs
+from chita_onnx.solver import layerwise as lw
+from chita_onnx.solver import parallel
+from chita_onnx.solver import rowspace as rs
+from chita_onnx.solver.layerwise import prune_layer
+from chita_onnx.solver.rowspace import prune_layer_rows
+
+SHAPES = [(513, 200, 170), (64, 600, 500), (2000, 96, 96)]  # each above MIN_MACS
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_split_products_equal_one_matmul_bit_for_bit(shape: tuple[int, int, int], dtype: type) -> None:
+    M, K, N = shape
+    rng = np.random.default_rng(M + K)
+    A, B = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    want = np.matmul(A, B)
+    before = parallel.splits()
+    with limit_blas_threads(1), parallel.helping():
+        assert parallel.active()
+        got = parallel.matmul(A, B)
+        out = np.full((M, N), np.nan, dtype=dtype)
+        same = parallel.matmul(A, B, out=out)
+    assert same is out and parallel.splits() == before + 2
+    if dtype is np.float32:
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(out, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13 * float(np.abs(want).max()))
+        np.testing.assert_array_equal(out, got)
+    assert not parallel.active()
+
+
+def test_outside_the_block_small_products_and_other_threads_are_not_split() -> None:
+    rng = np.random.default_rng(1)
+    A, B = rng.standard_normal((800, 200)), rng.standard_normal((200, 200))
+    small = rng.standard_normal((8, 8))
+    before = parallel.splits()
+    parallel.matmul(A, B)  # no block
+    with parallel.helping():
+        parallel.matmul(small, small)  # under MIN_MACS
+        seen: list[bool] = []
+
+        def other() -> None:
+            seen.append(parallel.active())
+            np.testing.assert_array_equal(parallel.matmul(A, B), A @ B)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen == [False]
+    with parallel.helping(False):
+        assert not parallel.active()
+        parallel.matmul(A, B)
+    assert parallel.splits() == before
+
+
+def test_blocks_nest_and_the_helper_thread_ends_with_the_outer_block() -> None:
+    names = lambda: {t.name for t in threading.enumerate() if t.name.startswith("chita-solver")}  # noqa: E731
+    rng = np.random.default_rng(2)
+    A, B = rng.standard_normal((500, 200)), rng.standard_normal((200, 200))
+    with parallel.helping():
+        parallel.matmul(A, B)
+        with parallel.helping():
+            assert parallel.active()
+            parallel.matmul(A, B)
+        assert parallel.active()  # the inner block left the outer helper alone
+        parallel.matmul(A, B)
+        assert names()
+    assert not parallel.active() and not names()
+
+
+def test_a_failing_half_raises_in_the_caller_and_leaves_no_helper() -> None:
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((500, 200)), rng.standard_normal((200, 200))
+    bad = np.empty((500, 199))  # the wrong shape for out: both halves fail
+    with pytest.raises(ValueError, match="mismatch in its core dimension"), parallel.helping():
+        parallel.matmul(A, B, out=bad)
+    assert not parallel.active()
+    assert not [t for t in threading.enumerate() if t.name.startswith("chita-solver")]
+
+
+def _layer(rng: np.random.Generator, M: int = 256, d: int = 256, n: int = 600) -> tuple[np.ndarray, ...]:
+    X = rng.standard_normal((n, d)) * rng.uniform(0.2, 2.0, d)
+    W = rng.standard_normal((1, M, d))
+    Y = X @ W[0].T + 0.1 * rng.standard_normal((n, M))  # targets off the dense inputs: B and yy
+    H = (X.T @ X)[None]
+    B = (X.T @ Y)[None]
+    yy = np.sum(Y * Y, axis=0)[None]
+    return W, H, B, yy
+
+
+@pytest.mark.parametrize("how", ["cholesky", "cg"])
+def test_prune_layer_gives_the_same_weights_with_split_products(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose products (targets, CG's ``V·H``, the errors) are above MIN_MACS, split into row
+    halves: the same mask, and the weights and errors of one thread up to rounding."""
+    if how == "cg":
+        monkeypatch.setattr(lw, "EXACT_FLOPS", 0.0)
+    W, H, B, yy = _layer(np.random.default_rng(5))
+    assert W.shape[1] * W.shape[2] ** 2 >= parallel.MIN_MACS
+    want = prune_layer(W, H, B, yy, keep=W.size // 3, name="dense")
+    before = parallel.splits()
+    with limit_blas_threads(1), parallel.helping():
+        got = prune_layer(W, H, B, yy, keep=W.size // 3, name="dense")
+    assert parallel.splits() > before
+    assert str(got.info["refit"]).startswith(how)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.W, want.W, rtol=1e-9, atol=1e-12)
+    for a, b in ((got.error, want.error), (got.masked_error, want.masked_error), (got.dense_error, want.dense_error)):
+        assert a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.mark.parametrize("how", ["rowspace", "cg"])
+def test_the_row_space_solver_gives_the_same_weights_with_split_products(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wide layer solved from its rows (the sweep's block rows, CG's products with the rows): the
+    same mask and weights up to rounding."""
+    if how == "cg":
+        monkeypatch.setattr(rs, "EXACT_FLOPS", 0.0)
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((300, 800)) * rng.uniform(0.2, 2.0, 800)
+    W = rng.standard_normal((300, 800))
+    Y = A @ W.T + 0.1 * rng.standard_normal((300, 300))
+    want = prune_layer_rows(W, A, Y, keep=W.size // 3, name="wide")
+    before = parallel.splits()
+    with limit_blas_threads(1), parallel.helping():
+        got = prune_layer_rows(W, A, Y, keep=W.size // 3, name="wide")
+    assert parallel.splits() > before
+    assert str(got.info["refit"]).startswith(how)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    # CG carries a rounding difference on through its iterations; it stops at a relative residual of 1e-6
+    tol = 1e-6 if how == "cg" else 1e-9
+    np.testing.assert_allclose(got.W, want.W, rtol=tol, atol=tol * float(np.abs(want.W).max()))
+
+
+@pytest.mark.parametrize("case", ["cnn", "LSTM node", "softmax tail"])
+def test_the_pass_gives_the_same_weights_with_the_helper(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole pass with the helper, every product split (also the small ones, which OpenBLAS may
+    round differently), against one thread: the same weights up to rounding."""
+    monkeypatch.setattr(parallel, "MIN_MACS", 0.0)
+    monkeypatch.setattr(parallel, "MIN_ROWS", 1)
+    model, batches, keep, tail = CASES[case]
+    with limit_blas_threads(1):
+        want = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(helper=False), tail=tail)
+        before = parallel.splits()
+        got = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(helper=True), tail=tail)
+    assert parallel.splits() > before
+    for name in keep:
+        np.testing.assert_array_equal(got.weights[name] != 0, want.weights[name] != 0)
+        np.testing.assert_allclose(got.weights[name], want.weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_pass_leaves_splitting_to_blas_when_blas_has_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "MIN_MACS", 0.0)
+    entered: list[bool] = []
+    real = sq.helping
+
+    def spy(enabled: bool = True, idle=None):  # type: ignore[no-untyped-def]
+        entered.append(enabled)
+        return real(enabled, idle)
+
+    monkeypatch.setattr(sq, "helping", spy)
+    monkeypatch.setattr(sq, "blas_threads", lambda: 2)
+    model, batches, keep, tail = CASES["cnn"]
+    before = parallel.splits()
+    layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(helper=True), tail=tail)
+    assert entered == [False] and parallel.splits() == before
+    monkeypatch.setattr(sq, "blas_threads", blas_threads)
+    with limit_blas_threads(1):
+        layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(helper=True), tail=tail)
+    assert entered == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_gil_free_lapack_calls_equal_scipys_wrappers(dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact re-fit's per-row ``posv``/``symv`` through ctypes: the same solutions, pivots and
+    residuals as SciPy's wrappers, bit for bit, also for a system that is not positive definite."""
+    assert bs._native(dtype is np.float32) is not None
+    rng = np.random.default_rng(7)
+    d, m, r = 60, 25, 9
+    X = rng.standard_normal((200, d))
+    A = (X.T @ X / 200 + 0.01 * np.eye(d)).astype(dtype)
+    A[5, 5] = -1.0  # every row that picks index 5 fails its factorisation
+    idx = np.sort(np.argsort(rng.random((r, d)), axis=1)[:, :m], axis=1).astype(np.intp)
+    b = rng.standard_normal((r, m)).astype(dtype)
+    got = bs._gather_solve(A, idx, b, residual=True)
+    monkeypatch.setattr(bs, "_native", lambda single: None)
+    want = bs._gather_solve(A, idx, b, residual=True)
+    fails = np.any(idx == 5, axis=1)
+    assert fails.any() and not fails.all()
+    np.testing.assert_array_equal(got[1], ~fails)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0][~fails], want[0][~fails])
+    np.testing.assert_array_equal(got[2][~fails], want[2][~fails])  # type: ignore[index]
+
+
+def test_the_exact_refit_solves_its_rows_in_two_halves_with_the_same_values() -> None:
+    rng = np.random.default_rng(8)
+    d, M = 300, 40
+    X = rng.standard_normal((900, d))
+    A = X.T @ X / 900 + 0.01 * np.eye(d)
+    sel = np.zeros((M, d), dtype=bool)  # rows of two sizes: two groups, each worth splitting
+    for i in range(M):
+        sel[i, rng.choice(d, 180 + 10 * (i % 2), replace=False)] = True
+    R = rng.standard_normal((M, d))
+    kw = {"single_min": 128, "tol": 1e-3, "fallback": lambda i, v: np.zeros(i.size)}
+    want = bs.solve_subsystems(A, sel, R, **kw)  # type: ignore[arg-type]
+    before = parallel.splits()
+    with parallel.helping():
+        got = bs.solve_subsystems(A, sel, R, **kw)  # type: ignore[arg-type]
+    assert parallel.splits() > before
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_posv_equals_scipys_wrapper_and_reports_an_indefinite_system(dtype: type) -> None:
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((80, 30))
+    G = (X.T @ X + 0.1 * np.eye(30)).astype(dtype)
+    b = rng.standard_normal(30).astype(dtype)
+    G0, b0 = G.copy(), b.copy()
+    x, info = bs.posv(G, b)
+    f = sla.lapack.sposv if dtype is np.float32 else sla.lapack.dposv
+    _, want, want_info = f(G, b, lower=1)
+    assert info == want_info == 0
+    np.testing.assert_array_equal(x, want)
+    np.testing.assert_array_equal(G, G0)  # the inputs are left alone
+    np.testing.assert_array_equal(b, b0)
+    G[3, 3] = -1.0
+    assert bs.posv(G, b)[1] > 0
+
+
+def test_no_split_while_the_second_core_is_taken() -> None:
+    """``idle`` says whether the dense runner's worker has the second core: no hand-off while it does."""
+    rng = np.random.default_rng(10)
+    A, B = rng.standard_normal((500, 200)), rng.standard_normal((200, 200))
+    free = [False]
+    before = parallel.splits()
+    with parallel.helping(idle=lambda: free[0]):
+        np.testing.assert_array_equal(parallel.matmul(A, B), A @ B)
+        assert parallel.splits() == before
+        free[0] = True
+        parallel.matmul(A, B)
+        assert parallel.splits() == before + 1
+
+
+def test_the_dense_runner_is_idle_once_its_queue_has_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches, _, _ = CASES["cnn"]
+    runner = SegmentRunner(model, batches)
+    gate = threading.Event()
+    real = runner.advance
+
+    def held(stop: int, extra: Iterable[str] = ()) -> None:
+        gate.wait(10)
+        real(stop, extra)
+
+    monkeypatch.setattr(runner, "advance", held)
+    ahead = AheadRunner(runner)
+    assert ahead.idle()  # nothing queued
+    ahead.submit(2)
+    assert not ahead.idle()  # the worker holds its segment
+    gate.set()
+    ahead.advance(2)
+    assert ahead.idle()
+    ahead.close()
