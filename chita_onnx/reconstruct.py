@@ -77,6 +77,7 @@ DECISION_FRACTION = 0.2
 
 
 def options(config: CompressConfig) -> LayerwiseOptions:
+    two_cores = physical_cores() > 1  # the dense runner and the solvers' helper each take the second
     return LayerwiseOptions(
         damp=config.damp,
         max_rows=int(config.max_rows),
@@ -87,8 +88,8 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         seed=config.seed,
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
         spill_dir=config.workdir,
-        ahead=physical_cores() > 1,
-        helper=physical_cores() > 1,
+        ahead=two_cores,
+        helper=two_cores,
     )
 
 

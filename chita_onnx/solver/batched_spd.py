@@ -117,29 +117,36 @@ def _gather_solve(
         minus, plus = real(-1.0), real(1.0)
         g, step = G.ctypes.data, m * x.itemsize
         xp, rp = x.ctypes.data, (0 if res is None else res.ctypes.data)
-        for k in range(r):
-            np.take(A, idx[k], axis=0, out=buf, mode="clip")  # "clip": no bounds-check buffering of out
-            np.take(buf, idx[k], axis=1, out=G, mode="clip")
-            d0 = diag.copy() if residual else None
+
+        def factor(k: int) -> int:
             posv_c(b"L", ctypes.byref(n_), ctypes.byref(one), g, ctypes.byref(n_), xp + k * step, ctypes.byref(n_),
                    ctypes.byref(info))  # fmt: skip
-            ok[k] = info.value == 0
-            if res is not None:  # Gf's upper triangle is still A_II's; so is the diagonal once restored
-                diag[:] = d0
-                symv_c(b"U", ctypes.byref(n_), ctypes.byref(minus), g, ctypes.byref(n_), xp + k * step,
-                       ctypes.byref(one), ctypes.byref(plus), rp + k * step, ctypes.byref(one))  # fmt: skip
-        return x, ok, res
-    posv = sla.lapack.sposv if single else sla.lapack.dposv
-    symv = sla.blas.ssymv if single else sla.blas.dsymv
+            return info.value
+
+        def residual_of(k: int) -> None:
+            symv_c(b"U", ctypes.byref(n_), ctypes.byref(minus), g, ctypes.byref(n_), xp + k * step,
+                   ctypes.byref(one), ctypes.byref(plus), rp + k * step, ctypes.byref(one))  # fmt: skip
+
+    else:
+        posv = sla.lapack.sposv if single else sla.lapack.dposv
+        symv = sla.blas.ssymv if single else sla.blas.dsymv
+
+        def factor(k: int) -> int:
+            _, x[k], info_ = posv(Gf, b[k], lower=1, overwrite_a=1, overwrite_b=0)  # factor in Gf's lower
+            return int(info_)
+
+        def residual_of(k: int) -> None:
+            assert res is not None
+            res[k] = symv(-1.0, Gf, x[k], beta=1.0, y=res[k], lower=0, overwrite_y=1)
+
     for k in range(r):
         np.take(A, idx[k], axis=0, out=buf, mode="clip")  # "clip": no bounds-check buffering of out
         np.take(buf, idx[k], axis=1, out=G, mode="clip")
         d0 = diag.copy() if residual else None
-        _, x[k], info_ = posv(Gf, b[k], lower=1, overwrite_a=1, overwrite_b=0)  # factor in Gf's lower
-        ok[k] = info_ == 0
+        ok[k] = factor(k) == 0
         if res is not None:  # Gf's upper triangle is still A_II's; so is the diagonal once restored
             diag[:] = d0
-            res[k] = symv(-1.0, Gf, x[k], beta=1.0, y=res[k], lower=0, overwrite_y=1)
+            residual_of(k)
     return x, ok, res
 
 

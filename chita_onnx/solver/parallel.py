@@ -114,15 +114,11 @@ def matmul(A: NDArray[Any], B: NDArray[Any], out: NDArray[Any] | None = None) ->
     """``A @ B`` for a matrix ``A (M, K)`` and ``B (K, N)`` (``out (M, N)``: written in place and
     returned).  Inside :func:`helping` and from its thread, the rows of ``A`` are split in two halves
     computed at once; otherwise (or for small products) one ``np.matmul``."""
-    pool = _state.pool
-    if pool is None or _state.owner != threading.get_ident() or A.ndim != 2 or B.ndim != 2:
+    if not active() or A.ndim != 2 or B.ndim != 2 or A.shape[0] < 2 * MIN_ROWS:
         return np.matmul(A, B) if out is None else np.matmul(A, B, out=out)
-    M, K = A.shape
-    N = B.shape[1]
-    if M < 2 * MIN_ROWS or float(M) * K * N < MIN_MACS:
-        return np.matmul(A, B) if out is None else np.matmul(A, B, out=out)
+    (M, K), N = A.shape, B.shape[1]
     C = np.empty((M, N), dtype=np.result_type(A, B)) if out is None else out
-    halves(lambda a, z: np.matmul(A[a:z], B, out=C[a:z]), M, float(M) * K * N)
+    halves(lambda a, z: np.matmul(A[a:z], B, out=C[a:z]), M, float(M) * K * N)  # one call when small
     return C
 
 
