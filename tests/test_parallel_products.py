@@ -232,6 +232,56 @@ def test_the_exact_refit_solves_its_rows_in_two_halves_with_the_same_values() ->
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_iterates_its_row_halves_on_two_threads_with_the_same_values(warm: bool) -> None:
+    """Each row of the batched CG is its own system, so a float32 iteration splits its rows between
+    the threads (products and vector updates alike) and ends at the one-thread iterates bit for bit,
+    the early stop included (here the rows converge at different iterations)."""
+    rng = np.random.default_rng(11)
+    d, M = 256, 500
+    X = rng.standard_normal((600, d)) * rng.uniform(0.3, 3.0, d)
+    H = X.T @ X / 600 + 0.05 * np.eye(d)
+    mask = rng.random((M, d)) < 0.5
+    rhs = rng.standard_normal((M, d)) * rng.uniform(0.01, 10.0, (M, 1))
+    W0 = rng.standard_normal((M, d)) * mask if warm else None
+    assert d >= lw.SINGLE_MIN and M * d * d >= parallel.MIN_MACS
+    for iters in (3, 300):
+        want = lw._cg_refit(H, rhs, mask, W0, tol=1e-4, iters=iters)
+        before = parallel.splits()
+        with limit_blas_threads(1), parallel.helping():
+            got = lw._cg_refit(H, rhs, mask, W0, tol=1e-4, iters=iters)
+        ran = parallel.splits() - before - 2  # one split per iteration, besides the first and last products
+        assert (ran == 3) if iters == 3 else (3 < ran < 300), ran  # and it stops once every row has converged
+        np.testing.assert_array_equal(got, want)
+    # the systems are solved: on the support, H_S w_S = rhs_S to the tolerance
+    r = (rhs - got @ H) * mask
+    assert np.all(np.linalg.norm(r, axis=1) <= 2e-4 * np.linalg.norm(rhs * mask, axis=1))
+
+
+@pytest.mark.parametrize(("d", "M"), [(300, 1001), (257, 301), (129, 3000)])
+def test_the_targets_solve_their_rows_in_two_halves_as_cho_solve_does(d: int, M: int) -> None:
+    """``W* = R H_λ⁻¹`` (the layer's unconstrained optimum) by ``potrs`` on the rows: the values of
+    SciPy's ``cho_solve`` bit for bit, on one thread and with the halves on two; a C-ordered result."""
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((d + 40, d)) * rng.uniform(0.1, 3.0, d)
+    dh = lw.damp_gram(X.T @ X / d, 0.01)
+    R = rng.standard_normal((M, d))
+    want = dh.solve(R.T).T
+    one = dh.solve_rows(R)
+    before = parallel.splits()
+    with limit_blas_threads(1), parallel.helping():
+        two = dh.solve_rows(R)
+    assert parallel.splits() == before + 1
+    for got in (one, two):
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(two @ dh.H, R, rtol=1e-8, atol=1e-8 * float(np.abs(R).max()))
+    # a C-ordered factor (not LAPACK's layout) takes SciPy's route, with the same values
+    B = np.ascontiguousarray(R[:, ::-1])
+    bs.cho_solve_rows(np.ascontiguousarray(dh.factor), B)
+    np.testing.assert_array_equal(np.ascontiguousarray(B[:, ::-1]), want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_posv_equals_scipys_wrapper_and_reports_an_indefinite_system(dtype: type) -> None:
     rng = np.random.default_rng(9)

@@ -45,7 +45,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -74,6 +74,7 @@ from .prepare import (
     find_head,
     normalize,
     select_output,
+    with_head,
 )
 
 log = logging.getLogger(__name__)
@@ -633,6 +634,10 @@ class GradientEngine:
             t = walk_back(self.output)
             self.norm = normalize(cut_to(model, t))
         self.example_inputs = {k: np.asarray(v) for k, v in ex_inputs.items()}
+        #: The last forward :meth:`_forward` built while the engine is built: deciding the head builds
+        #: a probe of the head tensor that the one-sample path then needs again (read as its kind).
+        self._forward_memo: tuple[tuple[int, str | tuple[str, ...], tuple[float, ...] | None], Forward] | None = None
+        self._remember_forward = True
         present = set(_tensor_shapes(self.norm))
         self.values: dict[str, NDArray[np.float32]] = {
             w: np.ascontiguousarray(v, dtype=np.float32)
@@ -665,6 +670,7 @@ class GradientEngine:
 
         # the one-sample path
         self.fwd = self._forward(self.m)
+        self._forward_memo, self._remember_forward = None, False
         self.head = self.fwd.head
         self.loss_description = describe_loss(self.head, head_tensor, why)
         log.info("loss: %s", self.loss_description)
@@ -748,7 +754,14 @@ class GradientEngine:
     ) -> Forward:
         k, t, a = self._head_args if kind is None else (kind, tensor, axis)
         assert t is not None
-        return build_forward(
+        sc = self._scales if kind is None else scales
+        key = (batch, t, sc)
+        memo = self._forward_memo
+        if memo is not None and memo[0] == key and isinstance(t, str):
+            again = with_head(memo[1], k, t, a)  # the same graph (the probe of _decide_head), read as k
+            if again is not None:
+                return again
+        fwd = build_forward(
             self.norm,
             k,
             t,
@@ -758,11 +771,16 @@ class GradientEngine:
             batch_axes=self.batch_axes,
             weights=self.weights,
             updatable=self.updatable,
-            scales=self._scales if kind is None else scales,
+            scales=sc,
             feeds=self._example_feeds(batch),
             # other batch sizes (batched path, block predictions) are checked against this one
             self_check=batch == self.m,
         )
+        if self._remember_forward:
+            kept = onnx.ModelProto()
+            kept.CopyFrom(fwd.model)  # never handed out: a caller may change its own copy
+            self._forward_memo = (key, replace(fwd, model=kept))
+        return fwd
 
     def _run_probe(self, probe: Forward, ex_inputs: Mapping[str, Any], b: int) -> NDArray[Any]:
         """The head tensor of ``probe`` on the first ``b`` example samples (dense weights)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -1097,14 +1097,7 @@ def build_forward(
     if shape[:1] != (batch,):  # also a scalar: a batch of one squeezed away (see batch_first)
         tensor, shape, perm = batch_first(m, tensor, shape, batch)
         class_axis = None if class_axis is None else perm.index(class_axis)
-    axis = class_axis
-    if kind in ("logits", "probabilities"):
-        if axis is None:
-            axis = default_class_axis(shape)
-        if axis is None or not 1 <= axis < len(shape):
-            raise ModelError(f"the output {tensor!r} of shape {list(shape)} has no class axis")
-    else:
-        axis = None
+    axis = _head_axis(kind, tensor, shape, class_axis)
     inits = _initializers(m.graph)
     present = [w for w in weights if w in inits]
     check_coverage(m, present, tensor)
@@ -1139,6 +1132,37 @@ def build_forward(
     return Forward(
         m, head, batch, tuple(data_inputs), moved, tuple(on_path), segments, rewrites=dict(counts), static=static
     )
+
+
+def _head_axis(kind: HeadKind, tensor: str, shape: tuple[int, ...], class_axis: int | None) -> int | None:
+    """The class axis of a ``logits``/``probabilities`` head of ``shape`` (batch first; ``class_axis``
+    non-negative or None for the default), None for the other kinds; :class:`ModelError` if it has none."""
+    if kind not in ("logits", "probabilities"):
+        return None
+    axis = default_class_axis(shape) if class_axis is None else class_axis
+    if axis is None or not 1 <= axis < len(shape):
+        raise ModelError(f"the output {tensor!r} of shape {list(shape)} has no class axis")
+    return axis
+
+
+def with_head(fwd: Forward, kind: HeadKind, tensor: str, class_axis: int | None) -> Forward | None:
+    """What :func:`build_forward` returns for ``tensor`` read as ``kind``, from ``fwd``, its forward for
+    the same tensor and arguments read as another kind (its graph does not depend on the kind): ``fwd``
+    with a copy of its model and the new head.  None where the head may differ: several outputs joined
+    into one, or a class axis on a head that was transposed batch-first (then ``fwd.head.tensor`` is
+    the transposed tensor, not ``tensor``, and the axis would have to be permuted)."""
+    head = fwd.head
+    if fwd.segments:
+        return None
+    if kind in ("logits", "probabilities"):
+        if head.tensor != tensor:
+            return None
+        if class_axis is not None and class_axis < 0:
+            class_axis += len(head.shape)
+    axis = _head_axis(kind, head.tensor, head.shape, class_axis)
+    m = onnx.ModelProto()
+    m.CopyFrom(fwd.model)
+    return replace(fwd, model=m, head=Head(kind, head.tensor, axis, head.shape, head.elem_type))
 
 
 def working_copy(

@@ -42,6 +42,17 @@ CHUNK_ROWS = 4096
 _INT = ctypes.POINTER(ctypes.c_int)
 
 
+def _entry(lib: Any, name: str, *argtypes: Any) -> Any:
+    """The C function ``name`` of SciPy's Cython BLAS/LAPACK module ``lib`` as a ctypes function of
+    ``argtypes`` (returning nothing); raises when SciPy does not export it."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    cname = ctypes.pythonapi.PyCapsule_GetName
+    cname.restype, cname.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    cap = lib.__pyx_capi__[name]
+    return ctypes.CFUNCTYPE(None, *argtypes)(get(cap, cname(cap)))
+
+
 @functools.cache
 def _native(single: bool) -> tuple[Any, Any, type] | None:
     """LAPACK ``posv`` and BLAS ``symv`` (float32 with ``single``, else float64) called through ctypes
@@ -53,21 +64,53 @@ def _native(single: bool) -> tuple[Any, Any, type] | None:
         import scipy.linalg.cython_blas as cblas
         import scipy.linalg.cython_lapack as clapack
 
-        get = ctypes.pythonapi.PyCapsule_GetPointer
-        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        name = ctypes.pythonapi.PyCapsule_GetName
-        name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
         p = ctypes.c_void_p
         real = ctypes.c_float if single else ctypes.c_double
         c = "s" if single else "d"
-        cap = clapack.__pyx_capi__[c + "posv"]  # (uplo, n, nrhs, a, lda, b, ldb, info)
-        posv = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT, _INT, p, _INT, p, _INT, _INT)(get(cap, name(cap)))
-        cap = cblas.__pyx_capi__[c + "symv"]  # (uplo, n, alpha, a, lda, x, incx, beta, y, incy)
-        symv = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT, ctypes.POINTER(real), p, _INT, p, _INT,
-                                ctypes.POINTER(real), p, _INT)(get(cap, name(cap)))  # fmt: skip
+        r = ctypes.POINTER(real)
+        # posv(uplo, n, nrhs, a, lda, b, ldb, info); symv(uplo, n, alpha, a, lda, x, incx, beta, y, incy)
+        posv = _entry(clapack, c + "posv", ctypes.c_char_p, _INT, _INT, p, _INT, p, _INT, _INT)
+        symv = _entry(cblas, c + "symv", ctypes.c_char_p, _INT, r, p, _INT, p, _INT, r, p, _INT)
     except Exception:  # any SciPy/ctypes mismatch: SciPy's wrappers, on one thread
         return None
     return posv, symv, real
+
+
+@functools.cache
+def _native_potrs() -> Any | None:
+    """LAPACK ``dpotrs`` through ctypes on SciPy's Cython entry point, as :func:`_native` (GIL
+    released); None when it cannot be had."""
+    try:
+        import scipy.linalg.cython_lapack as clapack
+
+        p = ctypes.c_void_p
+        # potrs(uplo, n, nrhs, a, lda, b, ldb, info)
+        return _entry(clapack, "dpotrs", ctypes.c_char_p, _INT, _INT, p, _INT, p, _INT, _INT)
+    except Exception:  # any SciPy/ctypes mismatch: SciPy's cho_solve, on one thread
+        return None
+
+
+def cho_solve_rows(L: F64, B: F64) -> None:
+    """``B ← B A⁻¹`` in place for ``A = L Lᵀ`` (``L (d, d)`` lower Cholesky factor) and a C-ordered
+    ``B (M, d)``: each row ``b_i ← A⁻¹ b_i``.  The rows are independent right-hand sides of one LAPACK
+    ``potrs`` (a C-ordered row block is a Fortran-ordered ``(d, rows)`` block), so inside
+    :func:`.parallel.helping` the two halves of the rows are solved at once, the GIL released
+    (:func:`_native_potrs`); otherwise, or without the entry point, as ``scipy.linalg.cho_solve``."""
+    M, d = B.shape
+    fn = _native_potrs() if L.flags.f_contiguous and B.flags.c_contiguous and M and d else None
+    if fn is None:
+        B[...] = sla.cho_solve((L, True), B.T, check_finite=False).T
+        return
+    Lf = np.asarray(L, np.float64)
+
+    def part(a: int, z: int) -> None:
+        n_, k_, info = ctypes.c_int(d), ctypes.c_int(z - a), ctypes.c_int(0)
+        fn(b"L", ctypes.byref(n_), ctypes.byref(k_), Lf.ctypes.data, ctypes.byref(n_), B[a:z].ctypes.data,
+           ctypes.byref(n_), ctypes.byref(info))  # fmt: skip
+        if info.value != 0:  # pragma: no cover - potrs only checks its arguments
+            raise np.linalg.LinAlgError(f"potrs: argument {-info.value} is invalid")
+
+    parallel.halves(part, M, float(M) * d * d)
 
 
 def posv(G: NDArray[np.floating], b: NDArray[np.floating]) -> tuple[NDArray[np.floating], int]:

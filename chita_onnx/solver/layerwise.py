@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 
 from ..errors import SolverError
 from . import parallel
-from .batched_spd import solve_subsystems
+from .batched_spd import cho_solve_rows, solve_subsystems
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ class Damped:
         """``H_λ⁻¹ b`` for ``b`` of shape ``(d,)`` or ``(d, k)``."""
         x = sla.cho_solve((self.factor, True), np.asarray(b, np.float64)[::-1], check_finite=False)
         return np.ascontiguousarray(x[::-1])
+
+    def solve_rows(self, R: F64) -> F64:
+        """``R H_λ⁻¹`` for rows ``R (M, d)`` (a new C-ordered array): :meth:`solve` of every row, the
+        halves of the rows on two threads inside :func:`.parallel.helping`."""
+        B = np.ascontiguousarray(np.asarray(R, np.float64)[:, ::-1])  # the factor's reversed coordinates
+        cho_solve_rows(self.factor, B)
+        return np.ascontiguousarray(B[:, ::-1])
 
     def _linv(self) -> F64:
         if "linv" not in self._cache:
@@ -200,7 +207,7 @@ def targets(W_bar: F64, dh: Damped, B: F64 | None) -> tuple[F64, F64]:
     if B is None:
         return parallel.matmul(W_bar, dh.H), W_bar.copy()
     rhs = B.T + dh.lam * W_bar
-    return rhs, dh.solve(rhs.T).T
+    return rhs, dh.solve_rows(rhs)
 
 
 def inverse(dh: Damped) -> F64:
@@ -510,6 +517,9 @@ def _cg_refit(
     ``r = (rhs_i − H_λw)`` on the support (``w`` is zero off it): one product with ``H`` for the end,
     the start's is the iteration's first.  The iteration works in preallocated ``(M, d)`` buffers:
     on a wide layer a fresh temporary per operation costs more in page faults than the product.
+    Inside :func:`.parallel.helping`, a float32 iteration gives half of its rows (their products and
+    vector updates) to the helper thread: the rows are independent systems, so the iterates are those
+    of one thread bit for bit.
     ``times`` and ``diag`` (instead of ``H``): the product ``V ↦ V H_λ`` and ``diag(H_λ)`` ``(d,)``."""
     if H is None:
         if times is None or diag is None:
@@ -552,23 +562,43 @@ def _cg_refit(
     rz = np.einsum("ij,ij->i", R, Z)
     np.multiply(rhs, P, out=tmp)
     stop2 = (tol * np.maximum(np.sqrt(np.einsum("ij,ij->i", tmp, tmp)), 1e-300)) ** 2
+    rr = np.einsum("ij,ij->i", R, R)
+    M, d = rhs.shape
+
+    def step(lo: int, hi: int) -> None:
+        """One CG iteration of rows ``lo:hi`` (each row its own system: the rows never mix)."""
+        sl = slice(lo, hi)
+        if op is not None or H32 is None:  # whole-matrix products (rows stay together: one call)
+            times_h(Pd, Ap)
+        else:  # this half's rows of the float32 product, as the one call computes them
+            assert V32 is not None and HV32 is not None
+            np.copyto(V32[sl], Pd[sl], casting="same_kind")
+            np.matmul(V32[sl], H32, out=HV32[sl])
+            np.copyto(Ap[sl], HV32[sl])
+        ap, pd, r, z, t = Ap[sl], Pd[sl], R[sl], Z[sl], tmp[sl]
+        ap *= P[sl]
+        denom = np.einsum("ij,ij->i", pd, ap)
+        alpha = np.where(denom > 0, rz[sl] / np.where(denom > 0, denom, 1.0), 0.0)
+        np.multiply(pd, alpha[:, None], out=t)
+        X[sl] += t
+        np.multiply(ap, alpha[:, None], out=t)
+        r -= t
+        np.divide(r, hd, out=z)
+        rz_new = np.einsum("ij,ij->i", r, z)
+        beta = np.where(rz[sl] > 0, rz_new / np.where(rz[sl] > 0, rz[sl], 1.0), 0.0)
+        pd *= beta[:, None]
+        pd += z
+        rz[sl] = rz_new
+        rr[sl] = np.einsum("ij,ij->i", r, r)
+
+    # the float32 path splits its rows between two threads (:mod:`.parallel`), products and vector
+    # updates alike; the per-row arithmetic is the same as in one call
+    split = op is None and H32 is not None and M >= 2 * parallel.MIN_ROWS  # as parallel.matmul splits
+    work = float(M) * d * d if split else 0.0
     for _ in range(iters):
-        if np.all(np.einsum("ij,ij->i", R, R) <= stop2):  # ‖r_i‖ ≤ tol·‖rhs_i‖ on the support
+        if np.all(rr <= stop2):  # ‖r_i‖ ≤ tol·‖rhs_i‖ on the support
             break
-        times_h(Pd, Ap)
-        Ap *= P
-        denom = np.einsum("ij,ij->i", Pd, Ap)
-        alpha = np.where(denom > 0, rz / np.where(denom > 0, denom, 1.0), 0.0)
-        np.multiply(Pd, alpha[:, None], out=tmp)
-        X += tmp
-        np.multiply(Ap, alpha[:, None], out=tmp)
-        R -= tmp
-        np.divide(R, hd, out=Z)
-        rz_new = np.einsum("ij,ij->i", R, Z)
-        beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
-        Pd *= beta[:, None]
-        Pd += Z
-        rz = rz_new
+        parallel.halves(step, M, work)
     times_h(X, tmp)
     np.subtract(rhs, tmp, out=tmp)
     tmp *= P
