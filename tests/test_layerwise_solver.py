@@ -17,6 +17,7 @@ from chita_onnx.solver.layerwise import (
     reconstruction_error,
     ridge_refit,
     sparsegpt_sweep,
+    split_budget,
     targets,
 )
 
@@ -487,3 +488,24 @@ def test_a_gram_that_is_not_positive_definite_is_damped_more_with_a_warning(capl
     assert dh.damp > 0.01 and "w9" in caplog.text
     assert np.all(np.linalg.eigvalsh(dh.H) > 0)
     np.testing.assert_allclose(dh.inverse() @ dh.H, np.eye(3), atol=1e-12)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_the_budget_goes_to_the_groups_holding_the_largest_scores(g: int) -> None:
+    """``split_budget``: per group, how many of the ``keep`` largest scores it holds (exactly ``keep``
+    in all; one group holds them all without a search); ties in the scores do not change the total."""
+    rng = np.random.default_rng(g)
+    scores = rng.random((g, 7, 11)) ** (1 + np.arange(g))[:, None, None]
+    scores[:, 0, :4] = 0.0  # dead inputs: tied scores
+    n = scores.size
+    for keep in (0, 1, 5, n // 3, n - 30, n - 1, n):
+        counts = split_budget(scores, keep)
+        assert counts.dtype == np.int64 and counts.shape == (g,)
+        if keep >= n:
+            assert np.all(counts == n // g)
+            continue
+        assert counts.sum() == keep
+        thr = np.sort(scores.reshape(-1))[::-1][keep - 1] if keep else np.inf
+        above = (scores > thr).reshape(g, -1).sum(axis=1)
+        at = (scores >= thr).reshape(g, -1).sum(axis=1)
+        assert np.all((above <= counts) & (counts <= at))
