@@ -282,6 +282,40 @@ def test_the_targets_solve_their_rows_in_two_halves_as_cho_solve_does(d: int, M:
     np.testing.assert_array_equal(np.ascontiguousarray(B[:, ::-1]), want)
 
 
+def test_halves_split_at_a_multiple_of_align() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def fn(a: int, z: int) -> None:
+        seen.append((a, z))
+
+    with parallel.helping():
+        parallel.halves(fn, 200, 1e9, align=64)
+        parallel.halves(fn, 100, 1e9, align=64)  # half of it is under one aligned block: no split
+        parallel.halves(fn, 9, 1e9)
+    assert sorted(seen) == [(0, 4), (0, 64), (0, 100), (4, 9), (64, 200)]
+
+
+@pytest.mark.parametrize("M", [4100, 2051])
+def test_the_sweep_runs_its_column_blocks_in_row_halves_with_the_same_values(M: int) -> None:
+    """The OBS sweep's column loop (a GEMV per column) on two threads, its rows split at a multiple of
+    ROW_ALIGN: the same mask and weights bit for bit, with a budget and with a given mask."""
+    rng = np.random.default_rng(M)
+    d = 200
+    X = rng.standard_normal((300, d)) * rng.uniform(0.2, 2.0, d)
+    dh = lw.damp_gram(X.T @ X / 300, 0.01)
+    W = rng.standard_normal((M, d))
+    U = dh.inverse_factor()
+    mask = rng.random((M, d)) < 0.4
+    for kw in ({"keep": W.size // 3}, {"mask": mask}):
+        want = lw.sparsegpt_sweep(W, None, U=U, block=128, **kw)  # type: ignore[arg-type]
+        before = parallel.splits()
+        with limit_blas_threads(1), parallel.helping():
+            got = lw.sparsegpt_sweep(W, None, U=U, block=128, **kw)  # type: ignore[arg-type]
+        assert parallel.splits() >= before + 2  # both column blocks
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_posv_equals_scipys_wrapper_and_reports_an_indefinite_system(dtype: type) -> None:
     rng = np.random.default_rng(9)

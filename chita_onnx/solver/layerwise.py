@@ -25,6 +25,7 @@ with ``λ = damp · mean(diag H)`` (SparseGPT's damping, here a ridge toward the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -69,6 +70,9 @@ CG_MIN_ITERATIONS = 5
 #: ``False``: one :func:`spd_solve` per row (the reference path; the same results up to rounding).
 BATCHED_REFIT = True
 CG_MAX_ITERATIONS = 300
+#: The OBS sweep's column loop splits its rows at a multiple of this: OpenBLAS's GEMV rounds the
+#: rows of a partial row block differently, so a split elsewhere can change the last place.
+ROW_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -362,19 +366,28 @@ def sparsegpt_sweep(
                 blk = np.ones(score.size, dtype=bool)
                 blk[flat] = False
                 kept[:, i1:i2] = blk.reshape(score.shape)
-        k1 = kept[:, i1:i2]
-        for j in range(i2 - i1):
-            # left-looking: column j's compensated value from the errors of the columns before it (one
-            # GEMV), instead of updating every column to its right after each removal
-            w = W1[:, j] - err[:, :j] @ U1[:j, j] if j else W1[:, j]
-            kj = k1[:, j]
-            err[:, j] = np.where(kj, 0.0, w) / U1[j, j]
-            W1[:, j] = np.where(kj, w, 0.0)
+        # row halves on two threads (:mod:`.parallel`), split at a multiple of ROW_ALIGN rows so that
+        # every row meets the GEMV kernel's row blocking as in one call: the same values bit for bit
+        columns = functools.partial(_sweep_block, W1, err, U1, kept[:, i1:i2])
+        parallel.halves(columns, M, M * (i2 - i1) ** 2 / 2, align=ROW_ALIGN)
         W[:, i1:i2] = W1
         if i2 < d:
             W[:, i2:] -= rest(err)
     W[~kept] = 0.0
     return W, kept
+
+
+def _sweep_block(W1: F64, err: F64, U1: F64, k1: NDArray[np.bool_], lo: int, hi: int) -> None:
+    """One column block of :func:`sparsegpt_sweep`, left to right, for rows ``lo:hi`` (the rows never
+    mix): ``W1`` ``(M, b)`` (compensated in place, zeros where ``k1`` is False), ``err`` ``(M, b)`` the
+    scaled removal errors, ``U1`` ``(b, b)`` the block's diagonal block of ``U``."""
+    for j in range(W1.shape[1]):
+        # left-looking: column j's compensated value from the errors of the columns before it (one
+        # GEMV), instead of updating every column to its right after each removal
+        w = W1[lo:hi, j] - err[lo:hi, :j] @ U1[:j, j] if j else W1[lo:hi, j]
+        kj = k1[lo:hi, j]
+        err[lo:hi, j] = np.where(kj, 0.0, w) / U1[j, j]
+        W1[lo:hi, j] = np.where(kj, w, 0.0)
 
 
 def refit_cost(mask: NDArray[np.bool_], complement: bool = True) -> tuple[float, float]:

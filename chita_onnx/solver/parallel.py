@@ -90,17 +90,18 @@ def splits() -> int:
     return _state.splits
 
 
-def halves(fn: Callable[[int, int], T], n: int, work: float) -> list[T]:
+def halves(fn: Callable[[int, int], T], n: int, work: float, align: int = 1) -> list[T]:
     """``[fn(0, n)]``, or inside :func:`helping` (on its thread), for ``n ≥ 2`` items and ``work`` of at
-    least :data:`MIN_MACS` multiply-adds: ``[fn(0, h), fn(h, n)]`` with ``h = n // 2``, the second on
-    the helper thread at the same time.  ``fn`` must release the GIL for most of its work to gain
-    (BLAS/LAPACK calls do) and must not write what the other half reads."""
+    least :data:`MIN_MACS` multiply-adds: ``[fn(0, h), fn(h, n)]`` with ``h = n // 2`` rounded down to
+    a multiple of ``align`` (no split when that is 0), the second on the helper thread at the same
+    time.  ``fn`` must release the GIL for most of its work to gain (BLAS/LAPACK calls do) and must
+    not write what the other half reads."""
     pool = _state.pool
-    if pool is None or _state.owner != threading.get_ident() or n < 2 or work < MIN_MACS:
+    h = (n // 2) // align * align
+    if pool is None or _state.owner != threading.get_ident() or h < 1 or work < MIN_MACS:
         return [fn(0, n)]
     if _state.idle is not None and not _state.idle():  # the second core is taken: no hand-off
         return [fn(0, n)]
-    h = n // 2
     second = pool.submit(fn, h, n)
     try:
         first = fn(0, h)
