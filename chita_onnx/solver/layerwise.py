@@ -444,7 +444,7 @@ def _exact_refit(
     Hl = dh.H
     full = sizes == d
     if np.any(full):
-        W[full] = dh.solve(rhs[full].T).T
+        W[full] = dh.solve_rows(rhs[full])
     rows = np.flatnonzero(~full & (sizes > 0))
     by_t = rows[2 * sizes[rows] > d] if complement else rows[:0]
     by_s = np.setdiff1d(rows, by_t, assume_unique=True)
