@@ -18,6 +18,7 @@ Graph code only: rows, Grams and solves are in :mod:`chita_onnx.rnnstats`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,8 @@ from .rnnstats import (
     split_joint,
     step_rows,
 )
-from .solver.layerwise import prune_layer, warm_refit
+from .solver import parallel
+from .solver.layerwise import LayerSolution, prune_layer, warm_refit
 
 if TYPE_CHECKING:
     from .activations import LayerSite
@@ -360,26 +362,36 @@ def prune_recurrent(
     J = J_bar.copy()
     err = masked = dense_err = 0.0
     damp = 0.0
+    costs = [_solve_cost(w) for w in blocks]  # the parts are independent: solved at once (parallel.tasks)
     if keep is not None:
         total = sum(int(keep[n]) for n in (site.W, site.R) if n)
         select = "sparsegpt" if opts.select == "sparsegpt" else "magnitude"
-        scores = [
-            saliency(w, st.H[0], None if st.B is None else st.B[0], opts.damp, select)
-            for w, st in zip(blocks, stats, strict=True)
-        ]
+        scores = parallel.tasks(
+            [
+                functools.partial(saliency, w, st.H[0], None if st.B is None else st.B[0], opts.damp, select)
+                for w, st in zip(blocks, stats, strict=True)
+            ],
+            costs,
+        )
         counts = allot(scores, total)
     else:
         assert masks is not None
         mj = _joint_mask(site, masks, J_bar.shape)
-    part_masks = []
-    for i, (p, st, w) in enumerate(zip(plist, stats, blocks, strict=True)):
+
+    def solve(i: int) -> LayerSolution:
+        p, st, w = plist[i], stats[i], blocks[i]
         name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols})"
-        common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
+        common = {
+            "refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name, "diagnostics": opts.diagnostics,
+        }  # fmt: skip
         if keep is not None:
-            sol = prune_layer(w[None], st.H, st.B, st.yy, keep=counts[i], select=opts.select, **common)  # type: ignore[arg-type]
-        else:
-            m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
-            sol = prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
+            return prune_layer(w[None], st.H, st.B, st.yy, keep=counts[i], select=opts.select, **common)  # type: ignore[arg-type]
+        m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
+        return prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
+
+    solutions = parallel.tasks([functools.partial(solve, i) for i in range(len(plist))], costs)
+    part_masks = []
+    for p, sol in zip(plist, solutions, strict=True):
         J[p.direction, p.r0 : p.r1, p.col_slice(geom)] = np.where(sol.mask[0], sol.W[0], 0.0)
         part_masks.append(sol.mask)
         err, masked, dense_err = err + sol.error, masked + sol.masked_error, dense_err + sol.dense_error
@@ -398,6 +410,13 @@ def prune_recurrent(
     rows = max((st.rows for st in stats), default=0)
     report = LayerReport(site.weight, size, kept, rows, err, masked, dense_err, energy, damp, t_stats + t_solve)
     return out, report, t_stats, t_solve
+
+
+def _solve_cost(w: NDArray[np.floating]) -> float:
+    """Multiply-adds of one part's solve, ``M × d`` weights: its Gram's factorisations and the sweep
+    (the share :func:`~chita_onnx.solver.parallel.tasks` balances the parts by)."""
+    M, d = (float(n) for n in w.shape[-2:])
+    return d**3 + M * d * d
 
 
 def _set_joint(runner: SegmentRunner, site: RecurrentSite, J: NDArray[np.float64]) -> None:
@@ -448,11 +467,20 @@ def _closed_loop_refit(
             seed=opts.seed * 1_000_003 + layer_index + 104_729 * (r + 1), J_rows=J,
         )  # fmt: skip
         J_new = J.copy()
-        for p, st, m in zip(plist, stats, part_masks, strict=True):
-            at = (p.direction, slice(p.r0, p.r1), p.col_slice(geom))
+        ats = [(p.direction, slice(p.r0, p.r1), p.col_slice(geom)) for p in plist]
+
+        def refit(
+            i: int, r: int = r, stats: list[LayerStats] = stats, ats: list[tuple[int, slice, slice]] = ats,
+            J: NDArray[np.float64] = J,
+        ) -> NDArray[np.float64]:  # fmt: skip
+            p, st, m, at = plist[i], stats[i], part_masks[i], ats[i]
             name = f"{site.node} direction {p.direction} rows {p.r0}:{p.r1} ({p.cols}), closed-loop round {r + 1}"
             B = None if st.B is None else st.B[0]
-            W = warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
+            return warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
+
+        costs = [_solve_cost(J_bar[at]) for at in ats]
+        fitted = parallel.tasks([functools.partial(refit, i) for i in range(len(plist))], costs)
+        for at, m, W in zip(ats, part_masks, fitted, strict=True):
             J_new[at] = np.where(m[0], W, 0.0)
         t1 = time.perf_counter()
         step: tuple[float, NDArray[np.float64], list[NDArray[np.generic]]] | None = None

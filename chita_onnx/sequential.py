@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -79,11 +79,16 @@ class LayerwiseOptions:
     #: Weights whose Gram would not fit in memory, solved from at most :data:`ROWS_ONLY_MAX` of their
     #: input rows instead (:func:`chita_onnx.reconstruct.too_wide`).
     rows_only: frozenset[str] = frozenset()
+    #: Also compute each layer's reported-only errors (:attr:`LayerReport.masked_error` and
+    #: :attr:`~LayerReport.dense_error`, else NaN): two more products with its Gram.  The pass turns
+    #: them on by itself when debug logging is.
+    diagnostics: bool = False
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """What the pass did to one tensor (errors are summed squared output errors vs the dense layer)."""
+    """What the pass did to one tensor (errors are summed squared output errors vs the dense layer;
+    ``masked_error`` and ``dense_error`` only with :attr:`LayerwiseOptions.diagnostics`, else NaN)."""
 
     name: str
     size: int
@@ -193,7 +198,9 @@ def _prune_rows(
     ``stats`` (:attr:`LayerStats.X`, one group), as :func:`prune_layer` would on their Gram."""
     assert stats.X is not None
     log.debug("%s: row-space solve (%d rows of %d inputs, no Gram)", name, stats.X.shape[0], stats.X.shape[1])
-    common = {"refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name}
+    common = {
+        "refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name, "diagnostics": opts.diagnostics,
+    }  # fmt: skip
     if keep is not None:
         rho = None
         if row_fisher is not None and name in row_fisher:
@@ -326,6 +333,8 @@ def layerwise_prune(
     probabilities and logits, for the class offsets); only the nodes after the last layer run again.
     """
     opts = opts or LayerwiseOptions()
+    if not opts.diagnostics and log.isEnabledFor(logging.DEBUG):  # the debug lines report them
+        opts = replace(opts, diagnostics=True)
     names = list(keep if keep is not None else masks or {})
     from .rnnlayers import RecurrentSite, layer_sites, prune_recurrent
 
@@ -420,13 +429,14 @@ def layerwise_prune(
                 sol = prune_layer(
                     Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
                     refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight, row_weight=rho,
+                    diagnostics=opts.diagnostics,
                 )  # fmt: skip
             else:
                 assert masks is not None
                 m = weight_rows(np.asarray(masks[site.weight], dtype=np.float64), geom) != 0
                 sol = prune_layer(
                     Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
-                    block=opts.block, name=site.weight,
+                    block=opts.block, name=site.weight, diagnostics=opts.diagnostics,
                 )  # fmt: skip
             t_solve += time.perf_counter() - ts
             W = rows_to_weight(sol.W, geom).astype(np.float32)

@@ -258,3 +258,22 @@ def test_a_pass_that_fails_abandons_the_dense_runner(monkeypatch: pytest.MonkeyP
     with pytest.raises(ModelError, match="a solve failed"):
         layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(ahead=True), tail=tail)
     assert closed == [True]
+
+
+def test_the_pass_reports_the_diagnostic_errors_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """The pass skips each layer's two reported-only errors by default (NaN), computes them with
+    ``diagnostics=True`` or when debug logging is on, and writes the same weights either way."""
+    model, batches = _cnn()
+    keep = {i.name: int(np.prod(i.dims)) // 3 for i in model.graph.initializer if len(i.dims) >= 2}
+    names = list(keep)
+    off = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions())
+    on = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(diagnostics=True))
+    with caplog.at_level("DEBUG", logger="chita_onnx.sequential"):
+        logged = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions())
+    for n in names:
+        np.testing.assert_array_equal(off.weights[n], on.weights[n])
+        np.testing.assert_array_equal(off.weights[n], logged.weights[n])
+    assert all(np.isnan(r.masked_error) and np.isnan(r.dense_error) for r in off.layers)
+    for rep in (on, logged):
+        assert all(np.isfinite(r.masked_error) and r.error <= r.masked_error for r in rep.layers)
+    assert [r.error for r in off.layers] == [r.error for r in on.layers]

@@ -509,3 +509,25 @@ def test_the_budget_goes_to_the_groups_holding_the_largest_scores(g: int) -> Non
         above = (scores > thr).reshape(g, -1).sum(axis=1)
         at = (scores >= thr).reshape(g, -1).sum(axis=1)
         assert np.all((above <= counts) & (counts <= at))
+
+
+def test_the_reported_only_errors_can_be_skipped_without_changing_the_solution() -> None:
+    """``diagnostics=False`` leaves the weights, the mask and the error of the result as they were
+    bit for bit and reports the two diagnostic errors as NaN; on, they are the errors of the masked
+    and the unpruned dense weights.  The pass computes them only when asked (or debug logging is on)."""
+    rng = np.random.default_rng(11)
+    M, d, N = 40, 24, 300
+    X = rng.standard_normal((N, d))
+    H = (X.T @ X)[None]
+    W_bar = rng.standard_normal((1, M, d))
+    on = prune_layer(W_bar, H, keep=M * d // 3)
+    off = prune_layer(W_bar, H, keep=M * d // 3, diagnostics=False)
+    np.testing.assert_array_equal(on.W, off.W)
+    np.testing.assert_array_equal(on.mask, off.mask)
+    assert on.error == off.error
+    assert np.isnan(off.masked_error) and np.isnan(off.dense_error)
+    masked = W_bar[0] * on.mask[0]
+    want = float(np.sum(((masked - W_bar[0]) @ X.T) ** 2))
+    assert on.masked_error == pytest.approx(want, rel=1e-9)
+    assert on.dense_error == pytest.approx(0.0, abs=1e-9 * want)
+    assert on.error < on.masked_error

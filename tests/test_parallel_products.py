@@ -367,3 +367,132 @@ def test_the_dense_runner_is_idle_once_its_queue_has_run(monkeypatch: pytest.Mon
     ahead.advance(2)
     assert ahead.idle()
     ahead.close()
+
+
+# ------------------------------------------------------------------------------ whole jobs at once
+
+
+def _heavy(seed: int, n: int = 300) -> np.ndarray:
+    """A job that spends its time in one LAPACK call (the GIL released): a Cholesky factor."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n))
+    return np.asarray(sla.cholesky(A @ A.T + n * np.eye(n), lower=True))
+
+
+def test_tasks_run_on_both_threads_in_order_with_nothing_split_inside() -> None:
+    """Inside helping: the jobs run on the two threads (largest first, balanced by cost), results in
+    job order and equal to running them alone, and no product inside a job is split meanwhile."""
+    threads: dict[int, int] = {}
+    A = np.random.default_rng(0).standard_normal((800, 400))
+
+    def job(i: int) -> tuple[np.ndarray, int]:
+        threads[i] = threading.get_ident()
+        before = parallel.splits()
+        p = parallel.matmul(A, A.T)  # above MIN_MACS: split were the helper free
+        assert parallel.splits() == before and not parallel.active()
+        return _heavy(i), int(p.shape[0])
+
+    jobs = [lambda i=i: job(i) for i in range(5)]
+    costs = [4e7, 1e7, 1e7, 1e7, 1e7]
+    want = [(_heavy(i), 800) for i in range(5)]
+    shared = parallel.shared()
+    with limit_blas_threads(1), parallel.helping():
+        got = parallel.tasks(jobs, costs)
+        assert parallel.active()  # the helper is free again
+    assert parallel.shared() == shared + 1
+    for (a, n), (b, m) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert n == m
+    main = threading.get_ident()
+    assert threads[0] != main or all(threads[i] != main for i in range(1, 5))  # the largest alone on one side
+    assert len(set(threads.values())) == 2
+    # the heaviest job (4e7) goes to one list, the four light ones (4e7 together) to the other
+    assert all(threads[i] == threads[1] for i in range(1, 5)) and threads[0] != threads[1]
+
+
+def test_tasks_run_in_line_outside_helping_below_min_macs_or_with_one_job() -> None:
+    main = threading.get_ident()
+    seen: list[int] = []
+
+    def job() -> int:
+        seen.append(threading.get_ident())
+        return len(seen)
+
+    shared = parallel.shared()
+    assert parallel.tasks([job, job], [1e9, 1e9]) == [1, 2]  # no helper
+    with parallel.helping():
+        assert parallel.tasks([job, job], [1.0, 1.0]) == [3, 4]  # too small to hand off
+        assert parallel.tasks([job], [1e9]) == [5]
+    with parallel.helping(idle=lambda: False):
+        assert parallel.tasks([job, job], [1e9, 1e9]) == [6, 7]  # the second core is taken
+    assert seen == [main] * 7 and parallel.shared() == shared
+    with pytest.raises(ValueError, match="2 jobs but 1 costs"):
+        parallel.tasks([job, job], [1.0])
+
+
+def test_a_failing_task_raises_after_the_others_ran_and_leaves_the_helper_free() -> None:
+    ran: list[int] = []
+
+    def ok(i: int) -> int:
+        ran.append(i)
+        return i
+
+    def bad(i: int) -> int:
+        ran.append(i)
+        raise RuntimeError(f"job {i} failed")
+
+    jobs = [lambda: ok(0), lambda: bad(1), lambda: ok(2), lambda: bad(3)]
+    with parallel.helping():
+        with pytest.raises(RuntimeError, match="job 1 failed"):  # the first error in job order
+            parallel.tasks(jobs, [1e9] * 4)
+        assert sorted(ran) == [0, 1, 2, 3]
+        assert parallel.active()
+        A = np.random.default_rng(2).standard_normal((600, 600))
+        before = parallel.splits()
+        parallel.matmul(A, A)
+        assert parallel.splits() == before + 1
+
+
+def test_the_groups_of_a_grouped_layer_are_solved_at_once_with_the_same_values() -> None:
+    """A grouped layer too wide for the batched-groups path (d > 64): with the helper, its groups'
+    factorisations and then their sweeps and re-fits run as jobs on both threads; nothing inside a
+    job is split, so the weights, masks and errors are those of one thread bit for bit."""
+    rng = np.random.default_rng(9)
+    g, M, d, n = 3, 40, 200, 400
+    X = rng.standard_normal((g, n, d)) * rng.uniform(0.3, 2.0, (g, 1, d))
+    W = rng.standard_normal((g, M, d))
+    Y = np.einsum("gnd,gmd->gnm", X, W) + 0.1 * rng.standard_normal((g, n, M))
+    H, B = np.einsum("gnd,gne->gde", X, X), np.einsum("gnd,gnm->gdm", X, Y)
+    yy = np.einsum("gnm,gnm->gm", Y, Y)
+    want = prune_layer(W, H, B, yy, keep=W.size // 3, name="grouped")
+    shared = parallel.shared()
+    with limit_blas_threads(1), parallel.helping():
+        got = prune_layer(W, H, B, yy, keep=W.size // 3, name="grouped")
+    assert parallel.shared() == shared + 2  # the factorisations, then the sweeps and re-fits
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_array_equal(got.W, want.W)
+    assert (got.error, got.masked_error, got.dense_error) == (want.error, want.masked_error, want.dense_error)
+
+
+def test_the_directions_of_a_recurrent_node_are_solved_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bidirectional LSTM: with the helper, the two directions' saliencies, solves and closed-loop
+    re-fits run as jobs on both threads, with the weights of solving them one after the other."""
+    from test_rnn_layerwise import rnn_model
+
+    from chita_onnx.activations import working_copy
+
+    rng = np.random.default_rng(12)
+    D, Hs, F, T = 2, 16, 200, 6
+    W, R = 0.2 * rng.standard_normal((D, 4 * Hs, F)), 0.3 * rng.standard_normal((D, 4 * Hs, Hs))
+    model = working_copy(rnn_model("LSTM", W, R, np.zeros((D, 8 * Hs)), T=T, head=3))
+    batches = [{"x": rng.standard_normal((30, T, F)).astype(np.float32)} for _ in range(2)]
+    keep = {"W": W.size // 3, "R": R.size // 2, "Wout": 20}
+    opts = LayerwiseOptions(helper=True)
+    with limit_blas_threads(1):
+        shared = parallel.shared()
+        got = layerwise_prune(model, batches, keep=keep, opts=opts)
+        assert parallel.shared() >= shared + 3  # saliencies, solves, one closed-loop round
+        monkeypatch.setattr(parallel, "tasks", lambda jobs, costs: [job() for job in jobs])
+        want = layerwise_prune(model, batches, keep=keep, opts=opts)
+    for name in keep:
+        np.testing.assert_array_equal(got.weights[name], want.weights[name])

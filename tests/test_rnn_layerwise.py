@@ -216,7 +216,7 @@ def test_refit_on_a_mask_and_the_budget_across_directions() -> None:
     res = layerwise_prune(m, batches, keep={"W": 40, "R": 0}, opts=LayerwiseOptions())
     assert sum(int(np.count_nonzero(v)) for v in res.weights.values()) == 40
     masks = {"W": np.abs(W) > 0.8, "R": np.abs(R) > 0.4}
-    ref = layerwise_prune(m, batches, masks=masks, opts=LayerwiseOptions())
+    ref = layerwise_prune(m, batches, masks=masks, opts=LayerwiseOptions(diagnostics=True))
     np.testing.assert_array_equal(ref.weights["W"] != 0, masks["W"])
     np.testing.assert_array_equal(ref.weights["R"] != 0, masks["R"])
     rep = ref.layers[0]

@@ -360,3 +360,15 @@ def test_the_pass_solves_a_wide_token_layer_from_its_rows(monkeypatch: pytest.Mo
         np.testing.assert_allclose(a[both], b[both], rtol=0, atol=2e-2 * np.abs(b).max())
         g = next(x for x in gram.layers if x.name == name)
         assert r.error == pytest.approx(g.error, rel=0.05)
+
+
+def test_rows_skip_the_reported_only_errors_when_asked() -> None:
+    """``diagnostics=False``: the same weights, mask and error, NaN for the two reported-only errors."""
+    A, W, Y = _problem(30, 200, 9, seed=4)
+    keep = int(0.4 * W.size)
+    on = prune_layer_rows(W, A, Y, keep=keep, block=32)
+    off = prune_layer_rows(W, A, Y, keep=keep, block=32, diagnostics=False)
+    np.testing.assert_array_equal(on.W, off.W)
+    np.testing.assert_array_equal(on.mask, off.mask)
+    assert on.error == off.error and np.isfinite(on.masked_error) and np.isfinite(on.dense_error)
+    assert np.isnan(off.masked_error) and np.isnan(off.dense_error)

@@ -123,11 +123,10 @@ class Damped:
         return self._cache["linv"]
 
     def inverse_factor(self) -> F64:
-        """``U`` (d × d, upper triangular, Fortran-ordered) with ``H_λ⁻¹ = UᵀU``.  (Reversing both
-        axes of the Fortran-ordered ``L⁻¹`` into Fortran order reads its memory backwards, in
-        sequence; into C order it would be a transposing copy, several times slower.)"""
+        """``U`` (d × d, upper triangular, Fortran-ordered) with ``H_λ⁻¹ = UᵀU``: ``L⁻¹`` with both
+        axes reversed (:func:`_reversed_copy`)."""
         if "u" not in self._cache:
-            self._cache["u"] = np.asfortranarray(self._linv()[::-1, ::-1])
+            self._cache["u"] = _reversed_copy(self._linv())
         return self._cache["u"]
 
     def inverse_diag(self) -> F64:
@@ -145,14 +144,31 @@ class Damped:
             A = np.asarray(A, np.float64)
             _mirror(A, lower=True)
             # symmetric: the Fortran-ordered reversal, transposed, is the same matrix in C order
-            self._cache["inv"] = np.asfortranarray(A[::-1, ::-1]).T
+            self._cache["inv"] = _reversed_copy(A).T
         return self._cache["inv"]
 
 
+def _reversed_copy(A: F64) -> F64:
+    """``A[::-1, ::-1]`` as a new Fortran-ordered array, for a square ``A`` in either order.
+
+    Reversing both axes reverses the memory of a contiguous square matrix, so this is one flat
+    reversed copy (a stream backwards through memory), several times faster than NumPy's strided
+    copy of the reversed view.  The values are the same: a Fortran-ordered ``A`` gives exactly
+    ``A[::-1, ::-1]``; a C-ordered one gives its transpose, the same matrix when ``A`` is symmetric
+    (the only C-ordered use: :class:`Damped`'s Gram)."""
+    d = A.shape[0]
+    src = A if A.flags.f_contiguous else np.ascontiguousarray(A)
+    flat = src.T.reshape(-1) if A.flags.f_contiguous else src.reshape(-1)  # the memory, in order
+    out = np.empty(d * d, dtype=A.dtype)
+    np.copyto(out, flat[::-1])
+    return out.reshape(d, d).T  # Fortran-ordered: [a, b] at a + b·d of the reversed memory
+
+
 def _reversed_cholesky(Hl: F64) -> F64 | None:
-    """The lower Cholesky factor of ``Hl`` with its coordinates reversed (see :class:`Damped`), or
-    None when ``Hl`` is not positive definite (a failed or non-finite factorisation)."""
-    L, info = sla.lapack.dpotrf(Hl[::-1, ::-1], lower=1, clean=1)
+    """The lower Cholesky factor of ``Hl`` (symmetric) with its coordinates reversed (see
+    :class:`Damped`), or None when ``Hl`` is not positive definite (a failed or non-finite
+    factorisation).  LAPACK factors a reversed copy in place (:func:`_reversed_copy`)."""
+    L, info = sla.lapack.dpotrf(_reversed_copy(Hl), lower=1, clean=1, overwrite_a=1)
     if info != 0 or not np.all(np.isfinite(np.diag(L))) or np.any(np.diag(L) <= 0):
         return None
     return np.asarray(L, np.float64)
@@ -649,7 +665,8 @@ class LayerSolution:
 
     ``error`` / ``masked_error`` / ``dense_error``: the summed squared output error against the dense
     layer (undamped) of the result, of the dense weights under the same mask, and of the unpruned
-    dense weights on the pruned inputs.  ``damp``: the largest relative damping used.
+    dense weights on the pruned inputs (the last two are reported only, NaN when not computed).
+    ``damp``: the largest relative damping used.
     """
 
     W: F64
@@ -754,6 +771,7 @@ def prune_layer(
     block: int = BLOCK,
     name: str = "layer",
     row_weight: F64 | None = None,
+    diagnostics: bool = True,
 ) -> LayerSolution:
     """Prune one layer (all its groups) to exactly ``keep`` weights, or re-fit it on ``mask``.
 
@@ -764,6 +782,8 @@ def prune_layer(
     groups of a grouped Conv by the OBS saliency of all its weights.  ``row_weight`` ``(g, M)`` (≥ 0;
     default all ones): how much each output row's error counts in the selection — the layer's
     objective becomes ``Σ_i ρ_i ‖(w_i − w̄_i)ᵀ X‖²``; each row's re-fit does not depend on it.
+    ``diagnostics=False`` skips the two reported-only errors (:attr:`LayerSolution.masked_error` and
+    :attr:`~LayerSolution.dense_error` are then NaN): two more products with ``H`` on a wide layer.
     """
     W_bar = np.ascontiguousarray(W_bar, dtype=np.float64)
     g, M, d = W_bar.shape
@@ -773,11 +793,23 @@ def prune_layer(
         raise SolverError(f"{name}: B has shape {B.shape}, expected {(g, d, M)}")
     rho = check_budget(name, W_bar.shape, keep, mask, row_weight)
     if g >= 8 and d <= 64 and d <= block:
-        fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp, rho)
+        fast = _prune_groups_batched(W_bar, H, B, yy, keep, mask, select, refit, damp, rho, diagnostics)
         if fast is not None:
             return fast
-    damped = [damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name) for k in range(g)]
-    tg = [targets(W_bar[k], damped[k], None if B is None else B[k]) for k in range(g)]
+    # the groups are independent until the budget is split, and again after: each group's
+    # factorisations, then its sweep and re-fit, are one job of parallel.tasks (both cores at once)
+    cost = float(d) ** 3 + float(M) * d * d
+
+    def factor(k: int) -> tuple[Damped, tuple[F64, F64]]:
+        dh = damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name)
+        tgk = targets(W_bar[k], dh, None if B is None else B[k])
+        if g > 1:
+            dh.inverse_diag()  # (cached, with the sweep's factor) on this job's thread
+        return dh, tgk
+
+    first = parallel.tasks([functools.partial(factor, k) for k in range(g)], [cost] * g)
+    damped = [dh for dh, _ in first]
+    tg = [t for _, t in first]
     if keep is not None:
         if select == "magnitude":
             scores = np.stack([np.abs(w) for _, w in tg])
@@ -794,11 +826,11 @@ def prune_layer(
                 if c:
                     chosen[np.argpartition(-flat, c - 1)[:c]] = True
                 mask[k] = chosen.reshape(M, d)
-    out = np.zeros_like(W_bar)
-    kept = np.zeros_like(W_bar, dtype=bool)
-    how = ""
-    for k in range(g):
+    single = M * d * d >= DIAGNOSTIC_SINGLE_MACS
+
+    def fit(k: int) -> tuple[F64, NDArray[np.bool_], str, tuple[float, float, float]]:
         rhs, W_star = tg[k]
+        how = ""
         if mask is None:
             Wk, mk = sparsegpt_sweep(
                 W_star, None, keep=int(counts[k]), block=block, row_weight=rho[k], U=damped[k].inverse_factor()
@@ -807,15 +839,26 @@ def prune_layer(
             Wk, mk = sparsegpt_sweep(W_star, None, mask=mask[k], block=block, U=damped[k].inverse_factor())
         if refit:
             Wk, how = ridge_refit(damped[k], rhs, mk, Wk, None, W_star)  # CG keeps each row's better end
-        out[k], kept[k] = Wk, mk
-    err = masked = dense = 0.0
-    for k in range(g):
         Bk = None if B is None else B[k]
         yk = None if yy is None else yy[k]
-        err += reconstruction_error(out[k], H[k], Bk, yk, W_bar[k])
-        single = M * d * d >= DIAGNOSTIC_SINGLE_MACS
-        masked += reconstruction_error(W_bar[k] * kept[k], H[k], Bk, yk, W_bar[k], single=single)
-        dense += reconstruction_error(W_bar[k], H[k], Bk, yk, W_bar[k], single=single)
+        errors = (reconstruction_error(Wk, H[k], Bk, yk, W_bar[k]), math.nan, math.nan)
+        if diagnostics:
+            errors = (
+                errors[0],
+                reconstruction_error(W_bar[k] * mk, H[k], Bk, yk, W_bar[k], single=single),
+                reconstruction_error(W_bar[k], H[k], Bk, yk, W_bar[k], single=single),
+            )
+        return Wk, mk, how, errors
+
+    out = np.zeros_like(W_bar)
+    kept = np.zeros_like(W_bar, dtype=bool)
+    how = ""
+    err = masked = dense = 0.0
+    for k, (Wk, mk, how_k, (e, e_masked, e_dense)) in enumerate(
+        parallel.tasks([functools.partial(fit, k) for k in range(g)], [cost] * g)
+    ):
+        out[k], kept[k], how = Wk, mk, how_k
+        err, masked, dense = err + e, masked + e_masked, dense + e_dense
     return LayerSolution(
         out,
         kept,
@@ -847,6 +890,7 @@ def _prune_groups_batched(
     refit: bool,
     damp: float,
     rho: F64 | None = None,
+    diagnostics: bool = True,
 ) -> LayerSolution | None:
     """:func:`prune_layer` for many small groups at once (a depthwise Conv): the same math, with every
     factorisation and solve batched over the groups and rows.  Returns None (use the per-group path)
@@ -904,8 +948,8 @@ def _prune_groups_batched(
         W,
         kept,
         _errors(W, H, B, yy, W_bar),
-        _errors(W_bar * kept, H, B, yy, W_bar),
-        _errors(W_bar, H, B, yy, W_bar),
+        _errors(W_bar * kept, H, B, yy, W_bar) if diagnostics else math.nan,
+        _errors(W_bar, H, B, yy, W_bar) if diagnostics else math.nan,
         damp,
         {"refit": "batched" if refit else "none", "select": select if keep is not None else "mask"},
     )

@@ -20,6 +20,13 @@ costs time-sharing, never a stall.
 :func:`halves` does the same for other work that splits into independent halves and releases the
 GIL (the exact re-fit's per-row factorisations, :mod:`.batched_spd`).
 
+:func:`tasks` runs whole independent jobs at once instead (the directions of a recurrent layer, the
+groups of a grouped Conv): each job on one thread, start to end, with no hand-off inside it.  Its
+Cholesky factorisations and triangular inverses, which :func:`halves` cannot split, then run on both
+cores too, and there is one hand-off per job instead of one per product.  While they run,
+:func:`halves` and :func:`matmul` do not split (the helper is taken), so every job computes what it
+computes alone on one thread.
+
 Outside :func:`helping`, or for products under :data:`MIN_MACS` multiply-adds (a thread hand-off
 costs tens of microseconds), :func:`matmul` is ``np.matmul``.  Only the thread that entered
 :func:`helping` splits: another thread calling :func:`matmul` meanwhile gets ``np.matmul``.
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -53,6 +60,9 @@ class _State:
     owner: int | None = None
     idle: Callable[[], bool] | None = None
     splits: int = 0
+    #: :func:`tasks` has the helper: nothing else is split meanwhile.
+    taken: bool = False
+    shared: int = 0
 
 
 _state = _State()
@@ -81,7 +91,7 @@ def helping(enabled: bool = True, idle: Callable[[], bool] | None = None) -> Ite
 
 def active() -> bool:
     """Whether :func:`matmul` splits large products on the calling thread."""
-    return _state.pool is not None and _state.owner == threading.get_ident()
+    return _state.pool is not None and not _state.taken and _state.owner == threading.get_ident()
 
 
 def splits() -> int:
@@ -98,7 +108,7 @@ def halves(fn: Callable[[int, int], T], n: int, work: float, align: int = 1) -> 
     not write what the other half reads."""
     pool = _state.pool
     h = (n // 2) // align * align
-    if pool is None or _state.owner != threading.get_ident() or h < 1 or work < MIN_MACS:
+    if pool is None or _state.taken or _state.owner != threading.get_ident() or h < 1 or work < MIN_MACS:
         return [fn(0, n)]
     if _state.idle is not None and not _state.idle():  # the second core is taken: no hand-off
         return [fn(0, n)]
@@ -109,6 +119,60 @@ def halves(fn: Callable[[int, int], T], n: int, work: float, align: int = 1) -> 
         done = second.result()  # also when the first half failed: never leave the helper running
     _state.splits += 1
     return [first, done]
+
+
+def shared() -> int:
+    """How many :func:`tasks` calls have run their jobs on both threads (for tests and benchmarks)."""
+    return _state.shared
+
+
+def tasks(jobs: Sequence[Callable[[], T]], costs: Sequence[float]) -> list[T]:
+    """``[job() for job in jobs]``; inside :func:`helping` (on its thread), with at least two jobs, the
+    second core idle and the total ``costs`` (multiply-adds) at least :data:`MIN_MACS`, the jobs are
+    split into two lists of about equal cost (largest first, each to the lighter list) and run at
+    once, one list on the helper thread, each job start to end on one thread, results in order.
+    Meanwhile nothing else is split (:func:`halves` and :func:`matmul` run in one call on both
+    threads), so each job computes exactly what it computes alone without :func:`helping`.  The jobs
+    must be independent (none reads what another writes) and release the GIL for most of their work
+    (BLAS and LAPACK calls do).  When a job raises, the other list still runs to its end, then the
+    first error in job order is raised."""
+    n = len(jobs)
+    if len(costs) != n:
+        raise ValueError(f"{n} jobs but {len(costs)} costs")
+    pool = _state.pool
+    usable = pool is not None and not _state.taken and _state.owner == threading.get_ident()
+    if not usable or n < 2 or float(sum(costs)) < MIN_MACS or (_state.idle is not None and not _state.idle()):
+        return [job() for job in jobs]
+    assert pool is not None
+    lists: tuple[list[int], list[int]] = ([], [])
+    load = [0.0, 0.0]
+    for i in sorted(range(n), key=lambda i: -float(costs[i])):
+        side = 0 if load[0] <= load[1] else 1
+        lists[side].append(i)
+        load[side] += float(costs[i])
+    results: list[Any] = [None] * n
+    errors: dict[int, BaseException] = {}
+
+    def run(which: list[int]) -> None:
+        for i in sorted(which):
+            try:
+                results[i] = jobs[i]()
+            except BaseException as exc:  # re-raised in the caller below
+                errors[i] = exc
+
+    _state.taken = True
+    try:
+        second = pool.submit(run, lists[1])
+        try:
+            run(lists[0])
+        finally:
+            second.result()
+    finally:
+        _state.taken = False
+    _state.shared += 1
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 def matmul(A: NDArray[Any], B: NDArray[Any], out: NDArray[Any] | None = None) -> NDArray[Any]:
@@ -123,4 +187,4 @@ def matmul(A: NDArray[Any], B: NDArray[Any], out: NDArray[Any] | None = None) ->
     return C
 
 
-__all__ = ["MIN_MACS", "active", "halves", "helping", "matmul", "splits"]
+__all__ = ["MIN_MACS", "active", "halves", "helping", "matmul", "shared", "splits", "tasks"]

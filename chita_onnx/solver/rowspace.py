@@ -30,6 +30,7 @@ instead of several ``d × d`` matrices.  The two routes give the same weights an
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -243,6 +244,7 @@ def prune_layer_rows(
     block: int = BLOCK,
     name: str = "layer",
     row_weight: NDArray[np.floating] | None = None,
+    diagnostics: bool = True,
 ) -> LayerSolution:
     """:func:`~chita_onnx.solver.layerwise.prune_layer` for one group given its input rows.
 
@@ -250,7 +252,8 @@ def prune_layer_rows(
     ``Y (N, M)`` the dense layer's outputs on the dense inputs (None: the targets are ``A W̄ᵀ``).
     The layer's Gram is ``H = AᵀA``, its cross term ``B = AᵀY`` and ``yy = colsum(Y²)``; the result
     (``(1, M, d)`` weights and mask, the same errors) is what ``prune_layer`` gives on them up to
-    rounding.  ``keep``/``mask``/``select``/``refit``/``damp``/``block``/``row_weight (M,)`` as there.
+    rounding.  ``keep``/``mask``/``select``/``refit``/``damp``/``block``/``row_weight (M,)``/``diagnostics``
+    as there.
     """
     Wb: F64 = np.ascontiguousarray(W_bar, dtype=np.float64)
     if Wb.ndim != 2:
@@ -294,13 +297,12 @@ def prune_layer_rows(
         else:
             Wk, how = rg.refit(rhs, mk), "rowspace"
     Wk[~mk] = 0.0
-    masked = Wb * mk
     return LayerSolution(
         Wk[None],
         mk[None],
         row_error(Wk, rg.A, Yf, Wb),
-        row_error(masked, rg.A, Yf, Wb),
-        row_error(Wb, rg.A, Yf, Wb),
+        row_error(Wb * mk, rg.A, Yf, Wb) if diagnostics else math.nan,
+        row_error(Wb, rg.A, Yf, Wb) if diagnostics else math.nan,
         rg.damp,
         {"refit": how, "select": select if keep is not None else "mask", "rows": N},
     )
