@@ -2,12 +2,17 @@
 side by side in one process.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice python benchmarks/bench_dense_ahead.py \\
-        --models nudenet-320n,captcha-whisperer --rounds 4 [--switch ahead|helper]
+        --models nudenet-320n,captcha-whisperer --rounds 4 [--switch ahead|helper|tasks|diagnostics]
 
 ``--switch ahead`` (the default): the dense model's segments run ahead of the pass on a worker thread
 (:attr:`~chita_onnx.sequential.LayerwiseOptions.ahead`).  ``--switch helper``: the solvers' large
 matrix products are split by rows with a helper thread
 (:attr:`~chita_onnx.sequential.LayerwiseOptions.helper`, :mod:`chita_onnx.solver.parallel`).
+``--switch tasks``: independent solves (the directions of a recurrent node, the groups of a grouped
+Conv) run as whole jobs on both threads (:func:`chita_onnx.solver.parallel.tasks`; off: one after
+the other, each with its products split).  ``--switch diagnostics``: each layer also computes its
+two reported-only errors (:attr:`~chita_onnx.sequential.LayerwiseOptions.diagnostics`; on is the
+old behaviour, off the default).
 
 For each zoo model (``benchmarks/zoo/entries.py``, its own calibration data), ``compress`` with the
 default configuration at ``--sparsity`` in alternating rounds (on, off, off, on, ...), with the
@@ -49,17 +54,22 @@ def one_run(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from chita_onnx import CompressConfig, compress
     from chita_onnx import reconstruct as rc
+    from chita_onnx.solver import parallel
 
     e = entries.BY_NAME[name]
-    real = rc.options
-    rc.options = lambda config: dataclasses.replace(real(config), **{switch: on})
+    real, real_tasks = rc.options, parallel.tasks
+    if switch == "tasks":
+        if not on:
+            parallel.tasks = lambda jobs, costs: [job() for job in jobs]  # type: ignore[assignment]
+    else:
+        rc.options = lambda config: dataclasses.replace(real(config), **{switch: on})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned.onnx"
             report, _, peak = peak_rss(lambda: compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity)))
             weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     finally:
-        rc.options = real
+        rc.options, parallel.tasks = real, real_tasks
     t = report.timings
     info: dict[str, Any] = dict(report.solver)
     alloc = float(info.get("allocation_s", t.get("gradients", 0.0)))
@@ -80,7 +90,8 @@ def main() -> None:
     ap.add_argument("--models", default="nudenet-320n,captcha-whisperer")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=4, help="runs of each setting, alternating")
-    ap.add_argument("--switch", choices=["ahead", "helper"], default="ahead", help="which option is compared")
+    switches = ["ahead", "helper", "tasks", "diagnostics"]
+    ap.add_argument("--switch", choices=switches, default="ahead", help="which option is compared")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"Machine: {zoo.machine_line()}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")
