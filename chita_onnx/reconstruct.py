@@ -87,6 +87,7 @@ def options(config: CompressConfig) -> LayerwiseOptions:
         select=config.select,
         seed=config.seed,
         max_bytes=None if config.max_memory is None else config.max_memory // 4,
+        max_memory=config.max_memory,
         spill_dir=config.workdir,
         ahead=two_cores,
         helper=two_cores,

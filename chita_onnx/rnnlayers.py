@@ -362,7 +362,9 @@ def prune_recurrent(
     J = J_bar.copy()
     err = masked = dense_err = 0.0
     damp = 0.0
-    costs = [_solve_cost(w) for w in blocks]  # the parts are independent: solved at once (parallel.tasks)
+    # the parts are independent: solved at once (parallel.tasks), memory allowing
+    costs, sizes = [_solve_cost(w) for w in blocks], [_solve_bytes(w) for w in blocks]
+    budget = None if opts.max_memory is None else opts.max_memory / 4
     if keep is not None:
         total = sum(int(keep[n]) for n in (site.W, site.R) if n)
         select = "sparsegpt" if opts.select == "sparsegpt" else "magnitude"
@@ -372,6 +374,8 @@ def prune_recurrent(
                 for w, st in zip(blocks, stats, strict=True)
             ],
             costs,
+            sizes,
+            budget,
         )
         counts = allot(scores, total)
     else:
@@ -389,7 +393,7 @@ def prune_recurrent(
         m = mj[p.direction, p.r0 : p.r1, p.col_slice(geom)]
         return prune_layer(w[None], st.H, st.B, st.yy, mask=m[None], select="mask", **common)  # type: ignore[arg-type]
 
-    solutions = parallel.tasks([functools.partial(solve, i) for i in range(len(plist))], costs)
+    solutions = parallel.tasks([functools.partial(solve, i) for i in range(len(plist))], costs, sizes, budget)
     part_masks = []
     for p, sol in zip(plist, solutions, strict=True):
         J[p.direction, p.r0 : p.r1, p.col_slice(geom)] = np.where(sol.mask[0], sol.W[0], 0.0)
@@ -417,6 +421,13 @@ def _solve_cost(w: NDArray[np.floating]) -> float:
     (the share :func:`~chita_onnx.solver.parallel.tasks` balances the parts by)."""
     M, d = (float(n) for n in w.shape[-2:])
     return d**3 + M * d * d
+
+
+def _solve_bytes(w: NDArray[np.floating]) -> float:
+    """Bytes one part's solve holds at once, as :func:`chita_onnx.reconstruct.layer_bytes` counts a
+    layer's: five float64 ``d × d`` matrices and six copies of its ``M × d`` weight."""
+    M, d = (float(n) for n in w.shape[-2:])
+    return 8.0 * (5.0 * d * d + 6.0 * M * d)
 
 
 def _set_joint(runner: SegmentRunner, site: RecurrentSite, J: NDArray[np.float64]) -> None:
@@ -478,8 +489,9 @@ def _closed_loop_refit(
             B = None if st.B is None else st.B[0]
             return warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
 
-        costs = [_solve_cost(J_bar[at]) for at in ats]
-        fitted = parallel.tasks([functools.partial(refit, i) for i in range(len(plist))], costs)
+        costs, sizes = [_solve_cost(J_bar[at]) for at in ats], [_solve_bytes(J_bar[at]) for at in ats]
+        budget = None if opts.max_memory is None else opts.max_memory / 4
+        fitted = parallel.tasks([functools.partial(refit, i) for i in range(len(plist))], costs, sizes, budget)
         for at, m, W in zip(ats, part_masks, fitted, strict=True):
             J_new[at] = np.where(m[0], W, 0.0)
         t1 = time.perf_counter()

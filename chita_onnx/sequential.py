@@ -79,6 +79,9 @@ class LayerwiseOptions:
     #: Weights whose Gram would not fit in memory, solved from at most :data:`ROWS_ONLY_MAX` of their
     #: input rows instead (:func:`chita_onnx.reconstruct.too_wide`).
     rows_only: frozenset[str] = frozenset()
+    #: ``--max-memory`` (bytes, None: no cap): independent solves run at once only while two of them
+    #: together stay within a quarter of it (:func:`chita_onnx.solver.parallel.tasks`).
+    max_memory: int | None = None
     #: Also compute each layer's reported-only errors (:attr:`LayerReport.masked_error` and
     #: :attr:`~LayerReport.dense_error`, else NaN): two more products with its Gram.  The pass turns
     #: them on by itself when debug logging is.

@@ -425,9 +425,16 @@ def test_tasks_run_in_line_outside_helping_below_min_macs_or_with_one_job() -> N
         assert parallel.tasks([job], [1e9]) == [5]
     with parallel.helping(idle=lambda: False):
         assert parallel.tasks([job, job], [1e9, 1e9]) == [6, 7]  # the second core is taken
-    assert seen == [main] * 7 and parallel.shared() == shared
+    with parallel.helping():
+        assert parallel.tasks([job, job], [1e9, 1e9], [6e8, 5e8], 1e9) == [8, 9]  # together over the budget
+    assert seen == [main] * 9 and parallel.shared() == shared
+    with parallel.helping():
+        parallel.tasks([job, job], [1e9, 1e9], [4e8, 5e8], 1e9)  # within it: shared
+    assert parallel.shared() == shared + 1
     with pytest.raises(ValueError, match="2 jobs but 1 costs"):
         parallel.tasks([job, job], [1.0])
+    with pytest.raises(ValueError, match="and 1 sizes"):
+        parallel.tasks([job, job], [1.0, 1.0], [1.0])
 
 
 def test_a_failing_task_raises_after_the_others_ran_and_leaves_the_helper_free() -> None:
@@ -492,7 +499,11 @@ def test_the_directions_of_a_recurrent_node_are_solved_at_once(monkeypatch: pyte
         shared = parallel.shared()
         got = layerwise_prune(model, batches, keep=keep, opts=opts)
         assert parallel.shared() >= shared + 3  # saliencies, solves, one closed-loop round
-        monkeypatch.setattr(parallel, "tasks", lambda jobs, costs: [job() for job in jobs])
+        shared = parallel.shared()
+        tight = layerwise_prune(model, batches, keep=keep, opts=LayerwiseOptions(helper=True, max_memory=10**6))
+        assert parallel.shared() == shared  # two directions' solves at once would pass a quarter of it
+        monkeypatch.setattr(parallel, "tasks", lambda jobs, costs, memory=None, budget=None: [job() for job in jobs])
         want = layerwise_prune(model, batches, keep=keep, opts=opts)
     for name in keep:
         np.testing.assert_array_equal(got.weights[name], want.weights[name])
+        np.testing.assert_array_equal(tight.weights[name], want.weights[name])

@@ -126,7 +126,12 @@ def shared() -> int:
     return _state.shared
 
 
-def tasks(jobs: Sequence[Callable[[], T]], costs: Sequence[float]) -> list[T]:
+def tasks(
+    jobs: Sequence[Callable[[], T]],
+    costs: Sequence[float],
+    memory: Sequence[float] | None = None,
+    budget: float | None = None,
+) -> list[T]:
     """``[job() for job in jobs]``; inside :func:`helping` (on its thread), with at least two jobs, the
     second core idle and the total ``costs`` (multiply-adds) at least :data:`MIN_MACS`, the jobs are
     split into two lists of about equal cost (largest first, each to the lighter list) and run at
@@ -135,10 +140,13 @@ def tasks(jobs: Sequence[Callable[[], T]], costs: Sequence[float]) -> list[T]:
     threads), so each job computes exactly what it computes alone without :func:`helping`.  The jobs
     must be independent (none reads what another writes) and release the GIL for most of their work
     (BLAS and LAPACK calls do).  When a job raises, the other list still runs to its end, then the
-    first error in job order is raised."""
+    first error in job order is raised.  ``memory`` (bytes per job) and ``budget``: run one after the
+    other when the two largest jobs together would hold more than ``budget`` at once."""
     n = len(jobs)
-    if len(costs) != n:
-        raise ValueError(f"{n} jobs but {len(costs)} costs")
+    if len(costs) != n or (memory is not None and len(memory) != n):
+        raise ValueError(f"{n} jobs but {len(costs)} costs and {n if memory is None else len(memory)} sizes")
+    if memory is not None and budget is not None and n >= 2 and sum(sorted(memory)[-2:]) > budget:
+        return [job() for job in jobs]
     pool = _state.pool
     usable = pool is not None and not _state.taken and _state.owner == threading.get_ident()
     if not usable or n < 2 or float(sum(costs)) < MIN_MACS or (_state.idle is not None and not _state.idle()):
