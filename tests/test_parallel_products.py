@@ -507,3 +507,43 @@ def test_the_directions_of_a_recurrent_node_are_solved_at_once(monkeypatch: pyte
     for name in keep:
         np.testing.assert_array_equal(got.weights[name], want.weights[name])
         np.testing.assert_array_equal(tight.weights[name], want.weights[name])
+
+
+def test_the_pass_solves_a_grouped_convs_groups_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Conv with two groups of 288 inputs each (too wide for the batched-groups path) through the
+    whole pass: with the helper its groups run as jobs, with the weights of solving them in turn."""
+    from conftest import make_model
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chita_onnx.activations import working_copy
+
+    rng = np.random.default_rng(21)
+    Wc = (0.1 * rng.standard_normal((64, 32, 3, 3))).astype(np.float32)
+    Wg = (0.1 * rng.standard_normal((10, 64))).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wc"], ["c"], group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wg"], ["y"], transB=1),
+    ]
+    model = working_copy(
+        make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+            [numpy_helper.from_array(Wc, "Wc"), numpy_helper.from_array(Wg, "Wg")],
+        )
+    )
+    batches = [{"x": rng.standard_normal((16, 64, 8, 8)).astype(np.float32)} for _ in range(2)]
+    keep = {"Wc": Wc.size // 3, "Wg": Wg.size // 2}
+    opts = LayerwiseOptions(helper=True)
+    with limit_blas_threads(1):
+        shared = parallel.shared()
+        got = layerwise_prune(model, batches, keep=keep, opts=opts)
+        assert parallel.shared() == shared + 2  # the groups' factorisations, then their sweeps and re-fits
+        monkeypatch.setattr(parallel, "tasks", lambda jobs, costs, memory=None, budget=None: [job() for job in jobs])
+        want = layerwise_prune(model, batches, keep=keep, opts=opts)
+    assert int(np.count_nonzero(got.weights["Wc"])) == keep["Wc"]
+    for name in keep:
+        np.testing.assert_array_equal(got.weights[name], want.weights[name])
