@@ -437,27 +437,51 @@ def test_tasks_run_in_line_outside_helping_below_min_macs_or_with_one_job() -> N
         parallel.tasks([job, job], [1.0, 1.0], [1.0])
 
 
-def test_a_failing_task_raises_after_the_others_ran_and_leaves_the_helper_free() -> None:
-    ran: list[int] = []
+def test_a_failing_task_stops_both_threads_and_leaves_the_helper_free() -> None:
+    """A job that raises: neither thread starts another job, the error comes out once the other
+    thread's current job has ended, and the helper splits products again afterwards."""
+    import time
 
-    def ok(i: int) -> int:
+    ran: list[int] = []
+    started = threading.Event()
+
+    def ok(i: int, wait: float = 0.0) -> int:
+        started.set()
+        time.sleep(wait)
         ran.append(i)
         return i
 
     def bad(i: int) -> int:
+        assert started.wait(10)  # the helper is inside job 1 when job 0 fails
         ran.append(i)
         raise RuntimeError(f"job {i} failed")
 
-    jobs = [lambda: ok(0), lambda: bad(1), lambda: ok(2), lambda: bad(3)]
+    # equal costs, largest first to the lighter list: jobs 0 and 2 on this thread, 1 and 3 on the helper
+    jobs = [lambda: bad(0), lambda: ok(1, 0.3), lambda: ok(2), lambda: ok(3)]
     with parallel.helping():
-        with pytest.raises(RuntimeError, match="job 1 failed"):  # the first error in job order
+        with pytest.raises(RuntimeError, match="job 0 failed"):
             parallel.tasks(jobs, [1e9] * 4)
-        assert sorted(ran) == [0, 1, 2, 3]
+        assert sorted(ran) == [0, 1]  # job 1 was running and ended; 2 and 3 never started
         assert parallel.active()
         A = np.random.default_rng(2).standard_normal((600, 600))
         before = parallel.splits()
         parallel.matmul(A, A)
         assert parallel.splits() == before + 1
+
+
+def test_a_keyboard_interrupt_in_a_task_comes_out_first() -> None:
+    started = threading.Event()
+
+    def interrupted() -> int:
+        started.set()
+        raise KeyboardInterrupt
+
+    def failing() -> int:
+        assert started.wait(10)  # both fail: the helper's job first
+        raise RuntimeError("job 0 failed")
+
+    with parallel.helping(), pytest.raises(KeyboardInterrupt):
+        parallel.tasks([failing, interrupted], [1e9, 1e9])
 
 
 def test_the_groups_of_a_grouped_layer_are_solved_at_once_with_the_same_values() -> None:

@@ -139,9 +139,10 @@ def tasks(
     Meanwhile nothing else is split (:func:`halves` and :func:`matmul` run in one call on both
     threads), so each job computes exactly what it computes alone without :func:`helping`.  The jobs
     must be independent (none reads what another writes) and release the GIL for most of their work
-    (BLAS and LAPACK calls do).  When a job raises, the other list still runs to its end, then the
-    first error in job order is raised.  ``memory`` (bytes per job) and ``budget``: run one after the
-    other when the two largest jobs together would hold more than ``budget`` at once."""
+    (BLAS and LAPACK calls do).  When a job raises (or Ctrl-C stops it), neither thread starts another
+    job; once the other thread's current job has ended, the error is raised (a ``KeyboardInterrupt``
+    first, else the first error in job order).  ``memory`` (bytes per job) and ``budget``: run one
+    after the other when the two largest jobs together would hold more than ``budget`` at once."""
     n = len(jobs)
     if len(costs) != n or (memory is not None and len(memory) != n):
         raise ValueError(f"{n} jobs but {len(costs)} costs and {n if memory is None else len(memory)} sizes")
@@ -160,13 +161,18 @@ def tasks(
         load[side] += float(costs[i])
     results: list[Any] = [None] * n
     errors: dict[int, BaseException] = {}
+    stop = threading.Event()  # a job failed (or Ctrl-C): neither thread starts another
 
     def run(which: list[int]) -> None:
         for i in sorted(which):
+            if stop.is_set():
+                return
             try:
                 results[i] = jobs[i]()
             except BaseException as exc:  # re-raised in the caller below
                 errors[i] = exc
+                stop.set()
+                return
 
     _state.taken = True
     try:
@@ -174,12 +180,16 @@ def tasks(
         try:
             run(lists[0])
         finally:
-            second.result()
+            try:
+                second.result()  # the helper ends its current job (it cannot be interrupted)
+            except BaseException:
+                stop.set()
+                raise
     finally:
         _state.taken = False
     _state.shared += 1
-    if errors:
-        raise errors[min(errors)]
+    if errors:  # a Ctrl-C first, then the first error in job order
+        raise next((e for _, e in sorted(errors.items()) if not isinstance(e, Exception)), errors[min(errors)])
     return results
 
 
