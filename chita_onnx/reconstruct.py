@@ -65,6 +65,7 @@ from .sequential import (
 )
 from .solver import Budget, SolverResult, chita_iht, hard_threshold
 from .solver.budgets import make_budget
+from .solver.layerwise import GRAM_COPIES, WEIGHT_COPIES
 from .solver.offsets import fit_class_offsets
 
 if TYPE_CHECKING:
@@ -328,13 +329,6 @@ def use_row_weights(config: CompressConfig, head_kind: str | None) -> bool:
     on = head_kind in ("logits", "probabilities", "regression")
     log.info("output-row weights %s (the output is %s)", "on" if on else "off", head_kind or "unknown")
     return on
-
-
-#: A layer's solve holds about this many float64 ``d × d`` matrices per group at once (the Gram, its
-#: damped copy, the Cholesky factor and inverse, the OBS sweep's factor) ...
-GRAM_COPIES = 5
-#: ... and this many float64 copies of its ``M × d`` weight (dense, target, sweep, re-fit, errors).
-WEIGHT_COPIES = 6
 
 
 def layer_bytes(site: LayerSite) -> int:

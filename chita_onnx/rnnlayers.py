@@ -48,7 +48,7 @@ from .rnnstats import (
     step_rows,
 )
 from .solver import parallel
-from .solver.layerwise import LayerSolution, prune_layer, warm_refit
+from .solver.layerwise import LayerSolution, prune_layer, solve_bytes, solve_cost, warm_refit
 
 if TYPE_CHECKING:
     from .activations import LayerSite
@@ -363,7 +363,7 @@ def prune_recurrent(
     err = masked = dense_err = 0.0
     damp = 0.0
     # the parts are independent: solved at once (parallel.tasks), memory allowing
-    costs, sizes = [_solve_cost(w) for w in blocks], [_solve_bytes(w) for w in blocks]
+    costs, sizes = [solve_cost(*_shape_of(w)) for w in blocks], [solve_bytes(*_shape_of(w)) for w in blocks]
     budget = None if opts.max_memory is None else opts.max_memory / 4
     if keep is not None:
         total = sum(int(keep[n]) for n in (site.W, site.R) if n)
@@ -416,18 +416,9 @@ def prune_recurrent(
     return out, report, t_stats, t_solve
 
 
-def _solve_cost(w: NDArray[np.floating]) -> float:
-    """Multiply-adds of one part's solve, ``M × d`` weights: its Gram's factorisations and the sweep
-    (the share :func:`~chita_onnx.solver.parallel.tasks` balances the parts by)."""
-    M, d = (float(n) for n in w.shape[-2:])
-    return d**3 + M * d * d
-
-
-def _solve_bytes(w: NDArray[np.floating]) -> float:
-    """Bytes one part's solve holds at once, as :func:`chita_onnx.reconstruct.layer_bytes` counts a
-    layer's: five float64 ``d × d`` matrices and six copies of its ``M × d`` weight."""
-    M, d = (float(n) for n in w.shape[-2:])
-    return 8.0 * (5.0 * d * d + 6.0 * M * d)
+def _shape_of(w: NDArray[np.floating]) -> tuple[int, int]:
+    """``(M, d)`` of one part's weight block."""
+    return int(w.shape[-2]), int(w.shape[-1])
 
 
 def _set_joint(runner: SegmentRunner, site: RecurrentSite, J: NDArray[np.float64]) -> None:
@@ -489,7 +480,8 @@ def _closed_loop_refit(
             B = None if st.B is None else st.B[0]
             return warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
 
-        costs, sizes = [_solve_cost(J_bar[at]) for at in ats], [_solve_bytes(J_bar[at]) for at in ats]
+        costs = [solve_cost(*_shape_of(J_bar[at])) for at in ats]
+        sizes = [solve_bytes(*_shape_of(J_bar[at])) for at in ats]
         budget = None if opts.max_memory is None else opts.max_memory / 4
         fitted = parallel.tasks([functools.partial(refit, i) for i in range(len(plist))], costs, sizes, budget)
         for at, m, W in zip(ats, part_masks, fitted, strict=True):

@@ -73,6 +73,23 @@ CG_MAX_ITERATIONS = 300
 #: The OBS sweep's column loop splits its rows at a multiple of this: OpenBLAS's GEMV rounds the
 #: rows of a partial row block differently, so a split elsewhere can change the last place.
 ROW_ALIGN = 64
+#: A layer's solve holds about this many float64 ``d × d`` matrices per group at once (the Gram, its
+#: damped copy, the Cholesky factor and inverse, the OBS sweep's factor) ...
+GRAM_COPIES = 5
+#: ... and this many float64 copies of its ``M × d`` weight (dense, target, sweep, re-fit, errors).
+WEIGHT_COPIES = 6
+
+
+def solve_cost(M: int, d: int) -> float:
+    """Multiply-adds of one ``M × d`` solve that depend on its shape alone (the Gram's factorisations,
+    the targets and the sweep): what :func:`.parallel.tasks` balances independent solves by."""
+    return float(d) ** 3 + float(M) * d * d
+
+
+def solve_bytes(M: int, d: int) -> float:
+    """Bytes one ``M × d`` solve holds at once: :data:`GRAM_COPIES` float64 ``d × d`` matrices and
+    :data:`WEIGHT_COPIES` float64 copies of the weight."""
+    return 8.0 * (GRAM_COPIES * float(d) * d + WEIGHT_COPIES * float(M) * d)
 
 
 @dataclass(frozen=True)
@@ -798,7 +815,7 @@ def prune_layer(
             return fast
     # the groups are independent until the budget is split, and again after: each group's
     # factorisations, then its sweep and re-fit, are one job of parallel.tasks (both cores at once)
-    cost = float(d) ** 3 + float(M) * d * d
+    cost = solve_cost(M, d)
 
     def factor(k: int) -> tuple[Damped, tuple[F64, F64]]:
         dh = damp_gram(H[k], damp, name=f"{name} group {k}" if g > 1 else name)
