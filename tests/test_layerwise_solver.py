@@ -462,8 +462,11 @@ def test_reversed_cholesky_gives_the_inverse_its_factor_and_solves(d: int) -> No
     np.testing.assert_allclose(U, np.linalg.cholesky(ref_inv).T, rtol=0, atol=1e-10 * np.sqrt(scale))
     np.testing.assert_allclose(dh.inverse_diag(), np.diag(ref_inv), rtol=1e-10)
     b = rng.standard_normal((d, 3))
-    np.testing.assert_allclose(dh.solve(b), np.linalg.solve(dh.H, b), rtol=0, atol=1e-10 * np.abs(ref_inv @ b).max())
-    np.testing.assert_allclose(dh.solve(b[:, 0]), np.linalg.solve(dh.H, b[:, 0]), rtol=0, atol=1e-10 * scale * 10)
+    np.testing.assert_allclose(
+        dh.solve_rows(b.T).T, np.linalg.solve(dh.H, b), rtol=0, atol=1e-10 * np.abs(ref_inv @ b).max()
+    )
+    one = dh.solve_rows(b[:, 0][None])[0]
+    np.testing.assert_allclose(one, np.linalg.solve(dh.H, b[:, 0]), rtol=0, atol=1e-10 * scale * 10)
 
 
 def test_sweep_on_the_given_factor_equals_the_sweep_on_the_inverse() -> None:
@@ -531,3 +534,29 @@ def test_the_reported_only_errors_can_be_skipped_without_changing_the_solution()
     assert on.masked_error == pytest.approx(want, rel=1e-9)
     assert on.dense_error == pytest.approx(0.0, abs=1e-9 * want)
     assert on.error < on.masked_error
+
+
+@pytest.mark.parametrize("d", [1, 2, 9])
+def test_solve_rows_leaves_its_rows_alone_and_a_one_input_layer_is_refitted(d: int) -> None:
+    """``Damped.solve_rows`` returns ``R H_λ⁻¹`` without writing into ``R`` (with one input the
+    reversed rows were a view of ``R``, and the targets' right-hand side was overwritten); a layer
+    with one input keeps its budget and its kept weights are the exact ridge fit."""
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((50, d))
+    dh = damp_gram(X.T @ X, 0.01)
+    R = rng.standard_normal((6, d))
+    R0 = R.copy()
+    got = dh.solve_rows(R)
+    np.testing.assert_array_equal(R, R0)
+    np.testing.assert_allclose(got, np.linalg.solve(dh.H, R.T).T, rtol=1e-10)
+    W = rng.standard_normal((1, 8, d))
+    Y = X @ W[0].T + 0.1 * rng.standard_normal((50, 8))
+    sol = prune_layer(W, (X.T @ X)[None], (X.T @ Y)[None], (Y**2).sum(axis=0)[None], keep=5)
+    assert int(sol.mask.sum()) == 5
+    lam = sol.damp * float(np.mean(np.diag(X.T @ X)))
+    for i in range(8):
+        S = np.flatnonzero(sol.mask[0, i])
+        if S.size:
+            A = (X.T @ X)[np.ix_(S, S)] + lam * np.eye(S.size)
+            want = np.linalg.solve(A, (X.T @ Y)[S, i] + lam * W[0, i, S])
+            np.testing.assert_allclose(sol.W[0, i, S], want, rtol=1e-8, atol=1e-10)

@@ -266,7 +266,9 @@ def test_the_targets_solve_their_rows_in_two_halves_as_cho_solve_does(d: int, M:
     X = rng.standard_normal((d + 40, d)) * rng.uniform(0.1, 3.0, d)
     dh = lw.damp_gram(X.T @ X / d, 0.01)
     R = rng.standard_normal((M, d))
-    want = dh.solve(R.T).T
+    R0 = R.copy()
+    # SciPy's cho_solve on the factor's reversed coordinates (Damped factors H_λ reversed)
+    want = np.ascontiguousarray(sla.cho_solve((dh.factor, True), R.T[::-1], check_finite=False)[::-1].T)
     one = dh.solve_rows(R)
     before = parallel.splits()
     with limit_blas_threads(1), parallel.helping():
@@ -275,6 +277,7 @@ def test_the_targets_solve_their_rows_in_two_halves_as_cho_solve_does(d: int, M:
     for got in (one, two):
         assert got.flags.c_contiguous
         np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(R, R0)  # the rows are not overwritten
     np.testing.assert_allclose(two @ dh.H, R, rtol=1e-8, atol=1e-8 * float(np.abs(R).max()))
     # a C-ordered factor (not LAPACK's layout) takes SciPy's route, with the same values
     B = np.ascontiguousarray(R[:, ::-1])

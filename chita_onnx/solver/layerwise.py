@@ -119,15 +119,12 @@ class Damped:
             raise np.linalg.LinAlgError("not positive definite")
         return cls(np.asarray(Hl, np.float64), lam, damp, L)
 
-    def solve(self, b: F64) -> F64:
-        """``H_λ⁻¹ b`` for ``b`` of shape ``(d,)`` or ``(d, k)``."""
-        x = sla.cho_solve((self.factor, True), np.asarray(b, np.float64)[::-1], check_finite=False)
-        return np.ascontiguousarray(x[::-1])
-
     def solve_rows(self, R: F64) -> F64:
-        """``R H_λ⁻¹`` for rows ``R (M, d)`` (a new C-ordered array): :meth:`solve` of every row, the
+        """``R H_λ⁻¹`` for rows ``R (M, d)`` (a new C-ordered array): ``H_λ⁻¹ r_i`` for every row, the
         halves of the rows on two threads inside :func:`.parallel.helping`."""
-        B = np.ascontiguousarray(np.asarray(R, np.float64)[:, ::-1])  # the factor's reversed coordinates
+        # a copy in the factor's reversed coordinates (never a view of R: with d = 1 the reversed view
+        # is already contiguous, and the solve writes in place)
+        B = np.array(np.asarray(R, np.float64)[:, ::-1], order="C", copy=True)
         cho_solve_rows(self.factor, B)
         return np.ascontiguousarray(B[:, ::-1])
 
