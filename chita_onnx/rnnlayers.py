@@ -362,9 +362,7 @@ def prune_recurrent(
     J = J_bar.copy()
     err = masked = dense_err = 0.0
     damp = 0.0
-    # the parts are independent: solved at once (parallel.tasks), memory allowing
-    costs, sizes = [solve_cost(*_shape_of(w)) for w in blocks], [solve_bytes(*_shape_of(w)) for w in blocks]
-    budget = None if opts.max_memory is None else opts.max_memory / 4
+    costs, sizes, budget = _part_loads(blocks, opts)  # independent parts: solved at once, memory allowing
     if keep is not None:
         total = sum(int(keep[n]) for n in (site.W, site.R) if n)
         select = "sparsegpt" if opts.select == "sparsegpt" else "magnitude"
@@ -416,9 +414,14 @@ def prune_recurrent(
     return out, report, t_stats, t_solve
 
 
-def _shape_of(w: NDArray[np.floating]) -> tuple[int, int]:
-    """``(M, d)`` of one part's weight block."""
-    return int(w.shape[-2]), int(w.shape[-1])
+def _part_loads(
+    blocks: Sequence[NDArray[np.floating]], opts: LayerwiseOptions
+) -> tuple[list[float], list[float], float | None]:
+    """What :func:`~chita_onnx.solver.parallel.tasks` needs to run the parts' solves at once: their
+    costs and memory (:func:`~chita_onnx.solver.layerwise.solve_cost`, ``solve_bytes``, from each
+    ``(M, d)`` block's shape) and the budget for two of them together."""
+    shapes = [(int(w.shape[-2]), int(w.shape[-1])) for w in blocks]
+    return [solve_cost(*s) for s in shapes], [solve_bytes(*s) for s in shapes], opts.shared_solve_bytes
 
 
 def _set_joint(runner: SegmentRunner, site: RecurrentSite, J: NDArray[np.float64]) -> None:
@@ -480,9 +483,7 @@ def _closed_loop_refit(
             B = None if st.B is None else st.B[0]
             return warm_refit(J_bar[at], st.H[0], B, m[0], J[at], damp=opts.damp, iterations=CLOSED_LOOP_CG, name=name)
 
-        costs = [solve_cost(*_shape_of(J_bar[at])) for at in ats]
-        sizes = [solve_bytes(*_shape_of(J_bar[at])) for at in ats]
-        budget = None if opts.max_memory is None else opts.max_memory / 4
+        costs, sizes, budget = _part_loads([J_bar[at] for at in ats], opts)
         fitted = parallel.tasks([functools.partial(refit, i) for i in range(len(plist))], costs, sizes, budget)
         for at, m, W in zip(ats, part_masks, fitted, strict=True):
             J_new[at] = np.where(m[0], W, 0.0)

@@ -87,6 +87,12 @@ class LayerwiseOptions:
     #: them on by itself when debug logging is.
     diagnostics: bool = False
 
+    @property
+    def shared_solve_bytes(self) -> float | None:
+        """How much memory two independent solves may hold together to run at once (a quarter of
+        :attr:`max_memory`; None: no cap)."""
+        return None if self.max_memory is None else self.max_memory / 4
+
 
 @dataclass(frozen=True)
 class LayerReport:
