@@ -40,6 +40,12 @@ FLUSH_ROWS = 4096
 FLUSH_BYTES = 64 * 2**20
 #: Row length from which small row blocks are gathered (narrower Grams are cheap to update).
 GATHER_MIN_D = 512
+#: A Gram update ``xᵀx`` of rows at least :data:`GATHER_MIN_D` long and at least this many
+#: multiply-adds (``R·d²/2``) is made as three blocks split by the triangle (:func:`add_gram`), two
+#: jobs of equal work for :func:`chita_onnx.solver.parallel.tasks`.
+SPLIT_GRAM_MACS = 5e7
+#: The split column of :func:`add_gram` is a multiple of this (BLAS kernel widths).
+SPLIT_GRAM_ALIGN = 64
 #: A layer of one group with rows at least this long may keep its input rows instead of their Gram
 #: (:attr:`LayerStats.rowspace`; the row-space solver, :mod:`chita_onnx.solver.rowspace`).
 ROWSPACE_MIN_D = 1024
@@ -585,6 +591,45 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
         flush(stats)
 
 
+def gram_split(R: int, d: int) -> int:
+    """The column ``c`` at which :func:`add_gram` splits the Gram of ``R`` rows of length ``d``, or 0
+    (one product).  A function of the shape alone, so that the sums never depend on whether the
+    second core was free."""
+    if d < GATHER_MIN_D or 0.5 * R * d * d < SPLIT_GRAM_MACS:
+        return 0
+    c = int(d / math.sqrt(2.0)) // SPLIT_GRAM_ALIGN * SPLIT_GRAM_ALIGN  # c²/2 ≈ (d−c)²/2 + c(d−c)
+    return c if 0 < c < d else 0
+
+
+def add_gram(H: NDArray[np.float64], x: NDArray[np.float32]) -> None:
+    """``H += xᵀx`` for rows ``x (R, d)`` and ``H (d, d)`` (float32 products, float64 sums; ``H``
+    stays exactly symmetric).
+
+    A large update (:func:`gram_split`) is made as three blocks, with ``x = [A | B]`` split at
+    column ``c ≈ d/√2``: ``AᵀA`` (``syrk``) as one job and ``BᵀB`` (``syrk``) with ``AᵀB`` (``gemm``)
+    as the other, each about a quarter of the ``R·d²`` multiply-adds of the full product that one
+    ``syrk`` computes half of.  :func:`~chita_onnx.solver.parallel.tasks` runs the two jobs at once
+    when the second core is free, else one after the other: the same calls, so the same sums either
+    way (they differ from the one-call product only by float32 rounding).  On one thread the blocks
+    take about as long as the one call (BENCHMARKS.md, "Stop 38")."""
+    R, d = x.shape
+    c = gram_split(R, d)
+    if c == 0:
+        H += x.T @ x
+        return
+    A, B = x[:, :c], x[:, c:]
+    rest = float(R) * (d - c)
+    jobs: list[Callable[[], tuple[NDArray[np.float32], ...]]] = [
+        lambda: (A.T @ A,),
+        lambda: (B.T @ B, A.T @ B),
+    ]
+    (aa,), (bb, ab) = parallel.tasks(jobs, [0.5 * R * c * c, 0.5 * rest * (d - c) + rest * c])
+    H[:c, :c] += aa
+    H[c:, c:] += bb
+    H[:c, c:] += ab
+    H[c:, :c] += ab.T
+
+
 def flush(stats: LayerStats) -> None:
     """Add the pending row blocks to ``H``, ``B`` and ``yy`` (float32 products, float64 sums)."""
     if not stats.pending:
@@ -601,11 +646,11 @@ def flush(stats: LayerStats) -> None:
     if xp.shape[1] <= 4:
         for gi in range(xp.shape[1]):
             x = xp[:, gi, :]
-            stats.H[gi] += x.T @ x
+            add_gram(stats.H[gi], x)
             if cross:
                 assert y is not None and stats.B is not None and stats.yy is not None
                 yg = np.ascontiguousarray(y[:, gi, :])
-                stats.B[gi] += parallel.matmul(x.T, yg)  # (H's own product stays one syrk: half the work)
+                stats.B[gi] += parallel.matmul(x.T, yg)
                 stats.yy[gi] += ones @ (yg * yg)
         return
     xg = np.ascontiguousarray(xp.transpose(1, 2, 0))  # many groups (depthwise): batched products

@@ -230,8 +230,8 @@ def test_the_pass_solves_a_wide_head_from_its_rows(
     np.testing.assert_array_equal(rows.weights["W2"] != 0, gram.weights["W2"] != 0)
     if case == "masks":
         np.testing.assert_array_equal(rows.weights["W2"] != 0, masks["W2"])
-    w = gram.weights["W2"]
-    np.testing.assert_allclose(rows.weights["W2"], w, rtol=0, atol=1e-3 * np.abs(w).max())
+    w = gram.weights["W2"]  # two solvers on an ill-conditioned (60 rows, 1,200 inputs) damped problem
+    np.testing.assert_allclose(rows.weights["W2"], w, rtol=0, atol=3e-3 * np.abs(w).max())
     e_rows = next(r for r in rows.layers if r.name == "W2")
     e_gram = next(r for r in gram.layers if r.name == "W2")
     assert e_rows.error == pytest.approx(e_gram.error, rel=0.05, abs=1e-6 * e_gram.energy)

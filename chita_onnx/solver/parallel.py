@@ -10,10 +10,10 @@ the second core busy only while it has segments to run; during the long solves o
 only.  Inside :func:`helping`, :func:`matmul` gives the first half of the rows to this thread and the
 second to a helper thread; NumPy releases the GIL inside BLAS, so both run at once.  Each half is
 one single-threaded BLAS call on the same operands, so the result is the one-call product up to
-rounding: measured with this project's OpenBLAS, float32 products came out bit for bit, and float64
-ones too unless the column count is not a multiple of the kernel's width (then the edge columns may
-differ in the last place, as they do between BLAS thread counts).  Products small enough for
-OpenBLAS's small-matrix kernels would round differently too, one more reason they are not split.
+rounding.  How far up to rounding depends on the BLAS kernel: with OpenBLAS's Zen kernels float32
+halves came out bit for bit, with its Haswell kernels (the same wheel on another AMD EPYC) they
+differ in the last places.  So a split is decided by the shapes alone: while the second core is
+taken (``idle``), both halves run on this thread, and the values never depend on the timing.
 No thread spins: the helper waits on a queue and the caller on the helper's result, so a busy core
 costs time-sharing, never a stall.
 
@@ -63,6 +63,8 @@ class _State:
     #: :func:`tasks` has the helper: nothing else is split meanwhile.
     taken: bool = False
     shared: int = 0
+    #: Splits run on the calling thread alone (the second core was taken).
+    inline: int = 0
 
 
 _state = _State()
@@ -94,6 +96,12 @@ def active() -> bool:
     return _state.pool is not None and not _state.taken and _state.owner == threading.get_ident()
 
 
+def inline() -> int:
+    """How many :func:`halves` splits have run both halves on the calling thread because the second
+    core was taken (for tests and benchmarks)."""
+    return _state.inline
+
+
 def splits() -> int:
     """How many products (or other :func:`halves` work) have been split since the process started
     (for tests and benchmarks)."""
@@ -104,14 +112,18 @@ def halves(fn: Callable[[int, int], T], n: int, work: float, align: int = 1) -> 
     """``[fn(0, n)]``, or inside :func:`helping` (on its thread), for ``n ≥ 2`` items and ``work`` of at
     least :data:`MIN_MACS` multiply-adds: ``[fn(0, h), fn(h, n)]`` with ``h = n // 2`` rounded down to
     a multiple of ``align`` (no split when that is 0), the second on the helper thread at the same
-    time.  ``fn`` must release the GIL for most of its work to gain (BLAS/LAPACK calls do) and must
-    not write what the other half reads."""
+    time, or after the first on this thread while the second core is taken (``idle``).  Whether to
+    split depends on the shapes alone, never on the other core: a BLAS call on half the rows need
+    not round as the one call does (OpenBLAS's Haswell kernels do not), so the values must not
+    depend on the timing.  ``fn`` must release the GIL for most of its work to gain (BLAS/LAPACK
+    calls do) and must not write what the other half reads."""
     pool = _state.pool
     h = (n // 2) // align * align
     if pool is None or _state.taken or _state.owner != threading.get_ident() or h < 1 or work < MIN_MACS:
         return [fn(0, n)]
-    if _state.idle is not None and not _state.idle():  # the second core is taken: no hand-off
-        return [fn(0, n)]
+    if _state.idle is not None and not _state.idle():  # the second core is taken: both halves here
+        _state.inline += 1
+        return [fn(0, h), fn(h, n)]
     second = pool.submit(fn, h, n)
     try:
         first = fn(0, h)
@@ -137,7 +149,9 @@ def tasks(
     split into two lists of about equal cost (largest first, each to the lighter list) and run at
     once, one list on the helper thread, each job start to end on one thread, results in order.
     Meanwhile nothing else is split (:func:`halves` and :func:`matmul` run in one call on both
-    threads), so each job computes exactly what it computes alone without :func:`helping`.  The jobs
+    threads), so each job computes exactly what it computes alone without :func:`helping`; while the
+    second core is taken (``idle``) the jobs run in turn on this thread, still unsplit, so that the
+    values never depend on the other core.  The jobs
     must be independent (none reads what another writes) and release the GIL for most of their work
     (BLAS and LAPACK calls do).  When a job raises (or Ctrl-C stops it), neither thread starts another
     job; once the other thread's current job has ended, the error is raised (a ``KeyboardInterrupt``
@@ -150,8 +164,14 @@ def tasks(
         return [job() for job in jobs]
     pool = _state.pool
     usable = pool is not None and not _state.taken and _state.owner == threading.get_ident()
-    if not usable or n < 2 or float(sum(costs)) < MIN_MACS or (_state.idle is not None and not _state.idle()):
+    if not usable or n < 2 or float(sum(costs)) < MIN_MACS:
         return [job() for job in jobs]
+    if _state.idle is not None and not _state.idle():  # the second core is taken: in turn, as the jobs would run
+        _state.taken = True
+        try:
+            return [job() for job in jobs]
+        finally:
+            _state.taken = False
     assert pool is not None
     lists: tuple[list[int], list[int]] = ([], [])
     load = [0.0, 0.0]
@@ -205,4 +225,4 @@ def matmul(A: NDArray[Any], B: NDArray[Any], out: NDArray[Any] | None = None) ->
     return C
 
 
-__all__ = ["MIN_MACS", "active", "halves", "helping", "matmul", "shared", "splits", "tasks"]
+__all__ = ["MIN_MACS", "active", "halves", "helping", "inline", "matmul", "shared", "splits", "tasks"]
