@@ -2,7 +2,7 @@
 side by side in one process.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice python benchmarks/bench_dense_ahead.py \\
-        --models nudenet-320n,captcha-whisperer --rounds 4 [--switch ahead|helper|tasks|diagnostics]
+        --models nudenet-320n,captcha-whisperer --rounds 4 [--switch ahead|helper|tasks|diagnostics|gram]
 
 ``--switch ahead`` (the default): the dense model's segments run ahead of the pass on a worker thread
 (:attr:`~chita_onnx.sequential.LayerwiseOptions.ahead`).  ``--switch helper``: the solvers' large
@@ -12,7 +12,9 @@ matrix products are split by rows with a helper thread
 Conv) run as whole jobs on both threads (:func:`chita_onnx.solver.parallel.tasks`; off: one after
 the other, each with its products split).  ``--switch diagnostics``: each layer also computes its
 two reported-only errors (:attr:`~chita_onnx.sequential.LayerwiseOptions.diagnostics`; on is the
-old behaviour, off the default).
+old behaviour, off the default).  ``--switch gram``: the wide layers' Gram updates split by their
+triangle into two jobs (:func:`chita_onnx.layerstats.add_gram`; off: one product each, as before
+stop 38).
 
 For each zoo model (``benchmarks/zoo/entries.py``, its own calibration data), ``compress`` with the
 default configuration at ``--sparsity`` in alternating rounds (on, off, off, on, ...), with the
@@ -56,11 +58,16 @@ def one_run(
     from chita_onnx import reconstruct as rc
     from chita_onnx.solver import parallel
 
+    from chita_onnx import layerstats
+
     e = entries.BY_NAME[name]
-    real, real_tasks = rc.options, parallel.tasks
+    real, real_tasks, real_split = rc.options, parallel.tasks, layerstats.SPLIT_GRAM_MACS
     if switch == "tasks":
         if not on:
-            parallel.tasks = lambda jobs, costs: [job() for job in jobs]  # type: ignore[assignment]
+            parallel.tasks = lambda jobs, costs, *a: [job() for job in jobs]  # type: ignore[assignment]
+    elif switch == "gram":
+        if not on:
+            layerstats.SPLIT_GRAM_MACS = float("inf")
     else:
         rc.options = lambda config: dataclasses.replace(real(config), **{switch: on})
     try:
@@ -69,7 +76,7 @@ def one_run(
             report, _, peak = peak_rss(lambda: compress(e.path(), out, calib.inputs, CompressConfig(sparsity=sparsity)))
             weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     finally:
-        rc.options, parallel.tasks = real, real_tasks
+        rc.options, parallel.tasks, layerstats.SPLIT_GRAM_MACS = real, real_tasks, real_split
     t = report.timings
     info: dict[str, Any] = dict(report.solver)
     alloc = float(info.get("allocation_s", t.get("gradients", 0.0)))
@@ -90,7 +97,7 @@ def main() -> None:
     ap.add_argument("--models", default="nudenet-320n,captcha-whisperer")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=4, help="runs of each setting, alternating")
-    switches = ["ahead", "helper", "tasks", "diagnostics"]
+    switches = ["ahead", "helper", "tasks", "diagnostics", "gram"]
     ap.add_argument("--switch", choices=switches, default="ahead", help="which option is compared")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
