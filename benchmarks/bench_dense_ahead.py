@@ -54,11 +54,9 @@ from onnx import numpy_helper  # noqa: E402
 def one_run(
     name: str, calib: Any, sparsity: float, on: bool, switch: str = "ahead"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from chita_onnx import CompressConfig, compress
+    from chita_onnx import CompressConfig, compress, layerstats
     from chita_onnx import reconstruct as rc
     from chita_onnx.solver import parallel
-
-    from chita_onnx import layerstats
 
     e = entries.BY_NAME[name]
     real, real_tasks, real_split = rc.options, parallel.tasks, layerstats.SPLIT_GRAM_MACS
