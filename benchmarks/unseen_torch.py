@@ -146,3 +146,26 @@ class Audit:
                 family=family, exporter="dynamo" if dyn else "torchscript", opset=opset, bn=bn, task="classifier",
                 **({"inputs": inputs} if len(inputs) > 1 else {}), input=inputs[0], torch_test_accuracy=acc,
                 params=nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
+
+
+def mnist_audit(out: Path, seed: int, mnist: Path, n_train: int, only: set[str] | None) -> Audit:
+    """The usual start of a torch MNIST builder: one torch thread, the pools
+    (``make_unseen.pools``), the set's manifest and an :class:`Audit` over the first ``n_train``
+    training images."""
+    import torch
+    from make_unseen import Manifest, pools
+
+    torch.set_num_threads(1)
+    P = pools(mnist)
+    xtr, ytr = P["train"][0][:n_train], P["train"][1][:n_train]
+    return Audit(out=out, manifest=Manifest(out), pools=P, xtr=xtr, ytr=ytr, only=only, seed=seed)
+
+
+def as_rows(x: Any) -> tuple[Any]:
+    """Flat MNIST images ``(n, 784)`` as sequences of 28 rows, ``(n, 28, 28)``."""
+    return (x.reshape(-1, 28, 28).copy(),)
+
+
+def as_images(x: Any) -> tuple[Any]:
+    """Flat MNIST images ``(n, 784)`` as ``(n, 1, 28, 28)``."""
+    return (x.reshape(-1, 1, 28, 28),)

@@ -8,13 +8,14 @@ Formats accepted wherever a data source is expected:
   input without one (``InputSpec.batch_axis is None``, e.g. a rank-0 sample rate) is stored once
   with the model's shape and shared by all samples;
 * a folder of such ``.npz`` files, one batch each, read in name order;
+* for a single-input model, a ``.npy`` file holding that input (no labels);
 * the word ``random``: Gaussian inputs for a quick try (quality needs real data);
 * in the Python API, a mapping ``{input name: array}`` (optionally with ``labels``), or any
   re-iterable :class:`~chita_onnx.data_types.CalibrationSource`; its batches may also be feed dicts
   (optionally with ``labels``) or ``(inputs, labels)`` pairs.  A one-shot iterator (a generator) or
   an object with ``get_next()`` (onnxruntime's ``CalibrationDataReader``) is read once into memory.
 
-``.npz`` files are always opened with ``allow_pickle=False``: an object array is refused.
+``.npz`` and ``.npy`` files are always opened with ``allow_pickle=False``: an object array is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from numpy.typing import NDArray
 from .checks import check_finite, check_fits, check_input_dtype
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, first_line
-from .limits import check_npz, check_npz_folder, check_random_size
+from .limits import check_npy, check_npz, check_npz_folder, check_random_size, is_npy
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,32 @@ DataSpec = str | os.PathLike[str] | Mapping[str, Any] | CalibrationSource
 def static_names(specs: Sequence[InputSpec] | None) -> frozenset[str]:
     """The inputs without a batch axis: one value shared by every sample."""
     return frozenset(s.name for s in specs or () if s.batch_axis is None)
+
+
+#: Names that class labels are often saved under; an array so named that is not a model input, with
+#: one integer per sample, gets a hint to rename it (it is not read as labels: only ``labels`` is).
+LABEL_ALIASES = frozenset({"label", "y", "y_true", "target", "targets", "class", "classes", "gt", "truth"})
+
+
+def _label_hint(arrays: Mapping[str, NDArray[np.generic]], inputs: Sequence[str]) -> str:
+    """``"; 'y' looks like class labels: …"`` for the first array that is not a model input, is named
+    like labels (:data:`LABEL_ALIASES`, any case) and holds one integer per sample; else ``""``."""
+    n = next((len(a) for k, a in arrays.items() if k in inputs and np.ndim(a) > 0), None)
+    for key, a in arrays.items():
+        if key in inputs or key.lower() not in LABEL_ALIASES or np.ndim(a) != 1:
+            continue
+        if n is not None and len(a) != n:
+            continue
+        whole = np.issubdtype(a.dtype, np.integer)
+        if not whole and np.issubdtype(a.dtype, np.floating):
+            f = np.asarray(a, dtype=np.float64)
+            whole = bool(np.all(np.isfinite(f))) and bool(np.all(f == np.round(f)))
+        if whole:
+            return (
+                f"; {key!r} looks like class labels: save them under 'labels' to use them "
+                "(without labels the loss follows the model's own outputs)"
+            )
+    return ""
 
 
 def _per_sample(labels: NDArray[np.generic], n: int | None) -> str:
@@ -118,6 +145,12 @@ class ArraySource:
 def _read_npz(
     path: Path, specs: Sequence[InputSpec] | None
 ) -> tuple[dict[str, NDArray[np.generic]], NDArray[np.generic] | None]:
+    if is_npy(path) and specs is not None and len(specs) == 1:  # one array for a one-input model
+        check_npy(path)
+        try:
+            return {specs[0].name: np.load(path, allow_pickle=False)}, None
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable .npy array ({type(exc).__name__}: {first_line(exc)})") from None
     check_npz(path)  # headers and sizes first: no FIFO, zip bomb or object array is ever read
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -140,11 +173,12 @@ def _read_npz(
     labels = arrays.pop(LABELS_KEY, None)
     if specs is not None:
         names = [s.name for s in specs]
+        hint = "" if labels is not None else _label_hint(arrays, names)
         if len(names) == 1 and names[0] not in arrays:
             if len(arrays) != 1:
                 raise DataError(
                     f"{path}: the model has one input {names[0]!r}; expected that key or exactly one "
-                    f"non-label array, found {sorted(arrays)}"
+                    f"non-label array, found {sorted(arrays)}{hint}"
                 )
             arrays = {names[0]: next(iter(arrays.values()))}
         missing = [n for n in names if n not in arrays]
@@ -152,7 +186,7 @@ def _read_npz(
             raise DataError(f"{path}: missing model input(s) {missing}; found keys {sorted(arrays)}")
         extra = sorted(set(arrays) - set(names))
         if extra:
-            log.warning("%s: ignoring arrays that are not model inputs: %s", path, extra)
+            log.warning("%s: ignoring arrays that are not model inputs: %s%s", path, extra, hint)
         arrays = {n: arrays[n] for n in names}
     return arrays, labels
 

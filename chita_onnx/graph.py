@@ -68,10 +68,50 @@ class PrunableTensor:
     source: str
     #: ``""`` for the main graph, else the subgraph holding the tensor (``"If_0/then_branch"``)
     scope: str = ""
+    #: the layer (source module) of the first consumer, as the exporter recorded it
+    #: (:func:`layer_name`); for reports, where a weight's own name may be generated (``val_12``)
+    layer: str = ""
 
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+
+#: The metadata key under which torch's dynamo exporter records a node's module scopes
+#: (``"['', 'blocks.0', 'blocks.0.qkv', 'linear_1']"``: the last entry is the op itself).
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def layer_name(node: onnx.NodeProto) -> str:
+    """The layer a node belongs to, as its exporter recorded it: the innermost module of torch's
+    dynamo scopes (``blocks.0.qkv``), else the node's name without its last ``/`` part (TorchScript's
+    ``/blocks.0/qkv/MatMul`` → ``/blocks.0/qkv``, tf2onnx's ``model/dense/MatMul`` → ``model/dense``),
+    else the node's name (``""`` without one)."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            scopes = [p.strip().strip("'\"") for p in prop.value.strip().strip("[]").split(",")]
+            named: list[str] = [str(p) for p in scopes if p]
+            if len(named) >= 2:
+                return named[-2]
+            break
+    head, sep, _ = node.name.rpartition("/")
+    return head if sep and head.strip("/") else node.name
+
+
+def kept_tensors(tensors: Iterable[PrunableTensor], keep: Iterable[str]) -> tuple[frozenset[str], list[str]]:
+    """``--keep``: the names of the tensors it protects, and its entries that match nothing.  An entry
+    matches a tensor by the tensor's name, its layer (:attr:`PrunableTensor.layer`, e.g. ``blocks.0.qkv``
+    for a dynamo export whose weight is ``val_12``) or the name of a node that reads it."""
+    tensors = list(tensors)
+    kept: set[str] = set()
+    unknown: list[str] = []
+    for entry in keep:
+        hit = [t.name for t in tensors if entry in (t.name, t.layer) or entry in t.nodes]
+        if hit:
+            kept.update(hit)
+        else:
+            unknown.append(entry)
+    return frozenset(kept), unknown
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -326,6 +366,7 @@ def find_prunable(model: onnx.ModelProto) -> list[PrunableTensor]:
                 dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type).name,
                 source="initializer" if st.node is None else "constant",
                 scope=st.scope,
+                layer=layer_name(use[0][0]),
             )
         )
     if any(t.scope for t in found):

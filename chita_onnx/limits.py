@@ -135,6 +135,48 @@ def _npy_header(fh: object, where: str) -> tuple[tuple[int, ...], np.dtype[np.ge
     return tuple(shape), dtype
 
 
+def is_npy(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file that starts with the ``.npy`` magic (a lone array)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return False
+        with open(p, "rb") as fh:
+            return fh.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
+
+
+def check_npy(path: str | os.PathLike[str], flag: str | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """Check a lone ``.npy`` array from its header, before NumPy reads it: not an object array, no
+    more bytes declared than the file holds (truncated or forged), within :func:`data_limit`.
+    Returns ``(shape, dtype)``."""
+    p = Path(path)
+    regular_file(p, flag)
+    where = f"{p}"
+    try:
+        with open(p, "rb") as fh:
+            shape, dtype = _npy_header(fh, where)
+            offset = fh.tell()
+        size = p.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if dtype.hasobject:
+        raise DataError(f"{where} holds Python objects; refusing to load it with pickle")
+    nbytes = prod(shape) * dtype.itemsize
+    if nbytes > size - offset:
+        raise DataError(
+            f"{where} declares shape {shape} of {dtype} ({gib(nbytes)}) but the file holds {gib(size - offset)}: "
+            "truncated or forged"
+        )
+    limit = data_limit()
+    if nbytes > limit:
+        raise ResourceError(
+            f"{where}: the array needs {gib(nbytes)} in memory, more than the data limit of {gib(limit)} (--max-memory)"
+        )
+    return shape, dtype
+
+
 def check_npz(path: str | os.PathLike[str], flag: str | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Check an ``.npz`` file from its headers alone, before NumPy reads any array.
 
@@ -153,7 +195,10 @@ def check_npz(path: str | os.PathLike[str], flag: str | None = None) -> dict[str
         raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     if not is_zip:
         if head == b"\x93NUMPY":
-            raise DataError(f"{p}: is a single .npy array; save the data with np.savez(file, **arrays) instead")
+            raise DataError(
+                f"{p}: is a single .npy array, which feeds only a one-input model; save the inputs with "
+                "np.savez(file, **arrays) instead"
+            )
         raise DataError(f"{p}: not a .npz file (not a zip archive)")
     limit = data_limit()
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}

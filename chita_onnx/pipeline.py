@@ -57,6 +57,7 @@ from .graph import (
     find_prunable,
     fixed_weights,
     get_weights,
+    kept_tensors,
     load_model,
     model_inputs,
     save_model,
@@ -180,6 +181,8 @@ class Prepared:
     no_gradients: str = ""
     #: graph inputs that the loader detached from their initializers (put back on writing)
     detached: DetachedInputs = field(default_factory=DetachedInputs)
+    #: the prunable tensors that ``--keep`` protects (named directly or by their layer or node)
+    kept: frozenset[str] = frozenset()
 
 
 def prepare(
@@ -212,11 +215,12 @@ def prepare(
             )
     if not tensors:
         raise ModelError(no_weights_message(model, str(path)))
-    names = {t.name for t in tensors}
-    unknown = [n for n in config.keep if n not in names]
+    kept, unknown = kept_tensors(tensors, config.keep)
     if unknown:
-        raise ConfigError(f"--keep={','.join(unknown)}: no prunable tensor of that name; run `chita-onnx inspect`")
-    tensors = [t for t in tensors if t.name not in config.keep]
+        raise ConfigError(
+            f"--keep={','.join(unknown)}: no prunable tensor, layer or node of that name; run `chita-onnx inspect`"
+        )
+    tensors = [t for t in tensors if t.name not in kept]
     if not tensors:
         raise ConfigError(f"--keep={','.join(config.keep)}: protects every prunable tensor, nothing left to prune")
     no_gradients = _gradient_refusal(lambda g: _check_prunable(path, model, tensors, config, gradients=g), config)
@@ -250,7 +254,9 @@ def prepare(
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)
     if calib is None:
         raise ConfigError("--data is required")
-    return Prepared(path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached)
+    return Prepared(
+        path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached, kept
+    )
 
 
 def refused_weights(
@@ -1125,7 +1131,7 @@ def _compress(
             f"arange(16)), and are left exactly as they are: {', '.join(fixed[:5])}{' ...' if len(fixed) > 5 else ''}"
         )
     dense_layers = unprunable_layer_weights(
-        prep.model, {t.name for t in prep.tensors} | set(config.keep) | identities | set(fixed)
+        prep.model, {t.name for t in prep.tensors} | prep.kept | identities | set(fixed)
     )
     if dense_layers:
         listed = ", ".join(f"{n} ({op}, {size:,})" for n, op, size in dense_layers[:5])
@@ -1281,6 +1287,7 @@ def _compress(
             t.size,
             by_name[t.name].nnz,
             by_name[t.name].storage,
+            t.layer,
         )
         for t in prep.tensors
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ class TensorReport:
     size: int
     nnz: int
     storage: str
+    #: the layer of its first consumer (:func:`chita_onnx.graph.layer_name`), ``""`` when unknown
+    layer: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -117,6 +120,32 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+#: Weight names that exporters generate and that say nothing about the layer: dynamo's ``val_12``,
+#: TorchScript's ``onnx::MatMul_345``, tf2onnx's ``const_fold_opt__17``, bare numbers.
+GENERATED_NAME = re.compile(r"^(val_\d+|onnx::.*|const_fold_opt__\d+|_?v_\d+|\d+)$")
+
+
+def _tensor_table(tensors: tuple[TensorReport, ...]) -> str:
+    """The per-tensor table; with a ``layer`` column when some weight's name is generated
+    (:data:`GENERATED_NAME`) and its layer is known, so that the rows can be told apart."""
+    with_layer = any(t.layer and GENERATED_NAME.match(t.name) for t in tensors)
+    rows = [
+        [
+            t.name,
+            *([t.layer or "-"] if with_layer else []),
+            t.op_type,
+            "x".join(map(str, t.shape)),
+            f"{t.size:,}",
+            f"{t.nnz:,}",
+            _pct(t.sparsity),
+            t.storage,
+        ]
+        for t in tensors
+    ]
+    header = ["tensor", *(["layer"] if with_layer else []), "op", "shape", "weights", "nonzero", "sparsity", "stored"]
+    return table(rows, header)
+
+
 def format_report(r: Report) -> str:
     """The human-readable summary printed by ``chita-onnx compress``."""
     parts = [
@@ -125,21 +154,7 @@ def format_report(r: Report) -> str:
         f"sparsity {100 * r.sparsity:.2f}%",
         *([f"loss: {r.loss}"] if r.loss else []),
         "",
-        table(
-            [
-                [
-                    t.name,
-                    t.op_type,
-                    "x".join(map(str, t.shape)),
-                    f"{t.size:,}",
-                    f"{t.nnz:,}",
-                    _pct(t.sparsity),
-                    t.storage,
-                ]
-                for t in r.tensors
-            ],
-            ["tensor", "op", "shape", "weights", "nonzero", "sparsity", "stored"],
-        ),
+        _tensor_table(r.tensors),
     ]
     if r.pattern is not None:
         parts += ["", *format_pattern(r.pattern, r.output)]

@@ -25,7 +25,7 @@ from chita_onnx.config import ALLOCATIONS, METHODS, CompressConfig
 from chita_onnx.errors import ChitaError, ConfigError, ModelError, one_line
 from chita_onnx.guard import translate
 from chita_onnx.progress import set_progress
-from chita_onnx.report import format_report, table
+from chita_onnx.report import GENERATED_NAME, format_report, table
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("chita_onnx")
@@ -118,6 +118,9 @@ class _OneLineGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+DATA_HELP = "Calibration data: .npz, a folder of .npz batches, .npy (one-input models) or 'random'."
 
 
 @click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -493,7 +496,7 @@ def _config_from(kwargs: dict[str, Any]) -> CompressConfig:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
 @click.option(
     "--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON."
@@ -553,8 +556,12 @@ def inspect(
         if whole:  # stdout stays a JSON list; the whole-model refusal goes to stderr
             click.echo(f"warning: compress refuses this model: {whole}", err=True)
         return
-    rows = [[t.name, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"] for t in tensors]
-    head = ["tensor", "op", "node", "shape", "weights"]
+    with_layer = any(t.layer and GENERATED_NAME.match(t.name) for t in tensors)  # as compress's report
+    rows = []
+    for t in tensors:
+        layer = [t.layer or "-"] if with_layer else []
+        rows.append([t.name, *layer, t.op_type, ",".join(t.nodes), "x".join(map(str, t.shape)), f"{t.size:,}"])
+    head = ["tensor", *(["layer"] if with_layer else []), "op", "node", "shape", "weights"]
     if refused:
         notes = [f"refused: {refused[t.name]}" if t.name in refused else "" for t in tensors]
         rows = [[*r, note] for r, note in zip(rows, notes, strict=True)]
@@ -633,7 +640,7 @@ def evaluate(model: str, data: str, output: str | None, batch_size: int, report_
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option(
     "--out",
     "out_path",
@@ -694,7 +701,7 @@ def gradients(
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="Calibration data: .npz, a folder of .npz batches, or 'random'.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--eval-data", default=None, help="Labelled evaluation data (default: hold out part of --data).")
 @click.option(
     "--methods",

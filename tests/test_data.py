@@ -133,3 +133,75 @@ def test_a_custom_source_with_labels_per_position_is_told_to_leave_them_out() ->
     batch = Batch({"x": _x(4)}, np.zeros((4, 3), np.int64))
     with pytest.raises(DataError, match=r"expected \(4,\): one class index per sample; .* leave 'labels' out"):
         validate_source([batch], SPECS)
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "hinted"),
+    [
+        ("y", np.arange(10) % 5, True),
+        ("Target", (np.arange(10) % 5).astype(np.float32), True),  # whole numbers stored as floats
+        ("y", np.linspace(0, 1, 10), False),  # regression targets, not classes
+        ("y", np.arange(7) % 5, False),  # not one per sample
+        ("weights", np.arange(10) % 5, False),  # not named like labels
+    ],
+)
+def test_an_extra_array_named_like_labels_gets_a_rename_hint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str, values: np.ndarray, hinted: bool
+) -> None:
+    np.savez(tmp_path / "d.npz", x=_x(10), **{key: values})
+    src = open_source(tmp_path / "d.npz", SPECS)
+    assert all(b.labels is None for b in src)  # only 'labels' is read as labels
+    assert f"ignoring arrays that are not model inputs: ['{key}']" in caplog.text
+    assert ("save them under 'labels'" in caplog.text) is hinted
+
+
+def test_two_unnamed_arrays_for_one_input_hint_at_the_labels(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", data=_x(10), y=np.arange(10) % 5)
+    with pytest.raises(DataError, match=r"d\.npz: the model has one input 'x'.*'y' looks like class labels"):
+        open_source(tmp_path / "d.npz", SPECS)
+
+
+def test_no_hint_when_labels_are_given(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    np.savez(tmp_path / "d.npz", x=_x(10), labels=np.arange(10) % 5, y=np.arange(10) % 5)
+    src = open_source(tmp_path / "d.npz", SPECS)
+    assert all(b.labels is not None for b in src)
+    assert "ignoring arrays" in caplog.text and "save them under" not in caplog.text
+
+
+def _two_input_specs() -> list[InputSpec]:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 12]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+    )
+    return model_inputs(helper.make_model(g))
+
+
+def test_a_npy_array_feeds_a_one_input_model(tmp_path: Path) -> None:
+    x = _x(10)
+    np.save(tmp_path / "x.npy", x)
+    src = open_source(tmp_path / "x.npy", SPECS, batch_size=4)
+    assert validate_source(src, SPECS) == 10
+    got = np.concatenate([b.inputs["x"] for b in src])
+    np.testing.assert_array_equal(got, x)
+    assert all(b.labels is None for b in src)
+
+
+def test_a_npy_array_is_refused_for_a_model_with_two_inputs(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", _x(10))
+    with pytest.raises(DataError, match=r"x\.npy: is a single \.npy array, which feeds only a one-input model"):
+        open_source(tmp_path / "x.npy", _two_input_specs())
+
+
+def test_a_forged_or_object_npy_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"obj\.npy holds Python objects"):
+        open_source(tmp_path / "obj.npy", SPECS)
+    np.save(tmp_path / "cut.npy", _x(10))
+    raw = (tmp_path / "cut.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(DataError, match=r"cut\.npy declares shape \(10, 12\) of float32 .* truncated or forged"):
+        open_source(tmp_path / "cut.npy", SPECS)

@@ -32,7 +32,7 @@ from ..data import feed, rebatched
 from ..data_types import Batch, InputSpec
 from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes, low_agreement_warning
-from ..graph import METADATA_KEY, check_model, save_model, walk_graphs
+from ..graph import METADATA_KEY, check_model, layer_name, save_model, walk_graphs
 from ..limits import peak_memory
 from ..report import FileSizes, Report, StageReport, TensorReport
 from ..standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
@@ -397,7 +397,8 @@ def compress_channels(
 
 
 def _keep_blocked(prep: Prepared, keep: tuple[str, ...]) -> dict[int, str]:
-    """Groups whose producing layer's weight (or node) is named in ``--keep``: kept whole."""
+    """Groups whose producing layer's weight, node or layer (:func:`.graph.layer_name`) is named in
+    ``--keep``: kept whole."""
     from .capture import probe_shapes
     from .groups import analyse
     from .prune import probe_batches
@@ -409,5 +410,5 @@ def _keep_blocked(prep: Prepared, keep: tuple[str, ...]) -> dict[int, str]:
         if s.kind == "producer":
             node = graph.node[s.node]
             for gid in analysis.group_of_units(s.units):
-                names.setdefault(str(gid), set()).update({node.input[1], node.name})
+                names.setdefault(str(gid), set()).update({node.input[1], node.name, layer_name(node)})
     return {int(g): "protected by --keep" for g, n in names.items() if n & set(keep)}

@@ -738,9 +738,13 @@ def _truncated_zip(d: Path) -> None:
     _bytes(d / D, raw[: len(raw) * 2 // 3])
 
 
-def _npy_file(d: Path) -> None:
+def _npy_file(d: Path, cut: int = 0, objects: bool = False) -> None:
+    """A lone .npy array where the .npz is expected (the one-input model reads it; these are broken)."""
     with open(d / D, "wb") as fh:
-        np.save(fh, _x())
+        np.save(fh, np.array([{"a": 1}, None], dtype=object) if objects else _x(), allow_pickle=objects)
+    if cut:
+        raw = (d / D).read_bytes()
+        (d / D).write_bytes(raw[:-cut])
 
 
 def _data_folder(kind: str) -> Callable[[Path], None]:
@@ -769,7 +773,8 @@ DATA: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "zip-directory-lies": (_lying_zip, ("d.npz",)),
     "npy-header-declares-2^40": (_forged_header, ("d.npz",)),
     "not-a-zip": (lambda d: _bytes(d / D, b"just some text\n" * 20), ("d.npz",)),
-    "lone-npy-file": (_npy_file, ("d.npz", ".npy")),
+    "lone-npy-file-truncated": (lambda d: _npy_file(d, cut=40), ("d.npz", "truncated or forged")),
+    "lone-npy-file-objects": (lambda d: _npy_file(d, objects=True), ("d.npz", "Python objects")),
     "truncated-zip": (_truncated_zip, ("d.npz",)),
     "zip-member-not-npy-data": (_zip_member_text, ("d.npz",)),
     "zip-member-not-npy": (_zip_non_npy, ("d.npz", "readme.txt")),
