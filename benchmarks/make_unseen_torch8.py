@@ -29,6 +29,11 @@ Models:
   TorchScript opset 17.
 * ``inception_ts``  Inception blocks: 1×1, 1×1 → 3×3, 1×1 → 5×5 and max-pool → 1×1 branches, each conv
   with BN (TorchScript without constant folding keeps the BN nodes), concatenated.
+* ``pardec_dyn`` / ``pardec_ts``  a recogniser of 3–5 digit strips (``make_unseen.strings``) with a
+  parallel attention decoder: conv patches, a transformer encoder layer, five learned queries
+  cross-attending to it (``MultiheadAttention``), per-position log-probabilities ``[N, 5, 11]``
+  (class 10: no digit).  Its labels are per position, so its calibration file has none; the
+  selection and test files do, and agreement is per position.  Dynamo opset 18 and TorchScript 17.
 * ``linattn_cumsum_dyn``  causal linear attention over the rows: ``elu + 1`` feature maps, key-value
   sums by ``cumsum`` along time (``CumSum`` on the gradient path), normalised by the cumulative key sum.
   Dynamo opset 18.
@@ -43,12 +48,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unseen_torch as shared
-from make_unseen import builder_main  # numpy only at import
+from make_unseen import BLANK, builder_main, strings  # numpy only at import
 
 OUT = Path.home() / ".cache" / "chita-onnx" / "unseen-torch8"
 
 
 def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int) -> dict[str, Any]:
+    import numpy as np
     import torch
     from torch import nn
     from torch.nn import functional as F  # noqa: N812
@@ -256,6 +262,60 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         classifier((("linattn_cumsum_dyn", True, 18),), LinAttn(), rows, 3, 3e-3, ["input"],
                    "causal linear attention: elu+1 features, key-value sums by cumsum over time",
                    "none", time.time())  # fmt: skip
+
+    # ------------------------------------------------------------------ 7. parallel attention decoder
+    class ParallelDecoder(nn.Module):
+        """Strip ``[N, 1, 14, 84]`` → conv patches → a transformer encoder layer → five learned queries
+        cross-attending to it → per-position log-probabilities ``[N, 5, 11]`` (class 10: no digit)."""
+
+        def __init__(self, d: int = 64, heads: int = 4) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.GELU(), nn.Conv2d(32, d, (14, 4), (14, 2), (0, 1)))
+            self.pos = nn.Parameter(0.02 * torch.randn(1, 42, d))
+            self.enc = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+            self.queries = nn.Parameter(0.02 * torch.randn(1, 5, d))
+            self.cross = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.norm = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            self.head = nn.Linear(d, BLANK + 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.stem(x).flatten(2).transpose(1, 2) + self.pos  # [N, 42, d]
+            m = self.enc(f)
+            q = self.queries.expand(x.shape[0], -1, -1)
+            a, _ = self.cross(q, m, m, need_weights=False)
+            h = self.norm(q + a)
+            return torch.log_softmax(self.head(h + self.mlp(h)), -1)
+
+    def position_nll(lp: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(lp.reshape(-1, BLANK + 1), lab.reshape(-1))
+
+    names = [(n, dyn, op) for n, dyn, op in (("pardec_dyn", True, 18), ("pardec_ts", False, 17)) if want(n)]
+    if names:
+        t0 = time.time()
+        P = audit.pools
+        padded = lambda sy: np.where(sy < 0, BLANK, sy)  # noqa: E731  # no digit: class 10
+        sx, sy = strings(P["train"], 12000, np.random.default_rng(seed + 11))
+        torch.manual_seed(seed)
+        net = ParallelDecoder()
+        print(f"pardec: {shared.nparams(net)} params", flush=True)
+        shared.train(net, sx, padded(sy), epochs=4, lr=3e-3, seed=seed, bs=64, loss_fn=position_nll)
+        splits = {k: strings(P[k], n, np.random.default_rng(seed + i))
+                  for i, (k, n) in enumerate((("calib", 256), ("select", 1000), ("test", 2000)), 1)}  # fmt: skip
+        acc = float((shared.predict(net, splits["test"][0]).argmax(-1) == padded(splits["test"][1])).mean())
+        print(f"  torch test accuracy (per position) {acc:.4f}", flush=True)
+        for name, dyn, opset in names:
+            shared.export(net, name, (torch.from_numpy(splits["test"][0][:2]),), dyn, opset, ["image"], ["logprobs"],
+                          out=out)  # fmt: skip
+            for split, (x, t) in splits.items():  # labels per position: never in the calibration file
+                arrays = {"image": x} if split == "calib" else {"image": x, "labels": padded(t)}
+                np.savez(out / f"{name}_{split}.npz", **arrays)  # type: ignore[arg-type]
+            audit.manifest.record(name, dict(
+                family="parallel attention decoder over a digit strip: conv patches, a transformer encoder "
+                "layer, five learned queries cross-attending (MultiheadAttention), per-position classes",
+                exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
+                input="image", torch_test_accuracy=acc, params=shared.nparams(net),
+                train_s=round(time.time() - t0, 1)))  # fmt: skip
     return dict(audit.manifest.entries)
 
 

@@ -284,6 +284,78 @@ MAX_FOLD_NODES = 256
 _PARAM_OPS = frozenset({"PRelu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"})
 
 
+#: Ops that only move values of their data input(s) (no arithmetic): the ops a group of computed
+#: weights sharing a stored tensor may consist of (:func:`_disjoint_pieces`).
+_MOVE_OPS = CHAIN_OPS | {"Split", "Slice", "Concat", "Gather", "Expand"}
+
+
+def _sharing_groups(
+    wanted: list[str], computation: dict[str, tuple[set[int], set[str]]], g: onnx.GraphProto, floats: set[str]
+) -> list[list[str]]:
+    """``wanted`` split into groups whose computations share a node (other than a ``Constant``) or a
+    stored float tensor: a weight ``Split`` (or ``Slice``d) into the pieces that several layers read."""
+    groups: list[tuple[list[str], set[int], set[str]]] = []
+    for v in wanted:
+        nodes = {k for k in computation[v][0] if g.node[k].op_type != "Constant"}
+        leaves = computation[v][1] & floats
+        touching = [grp for grp in groups if grp[1] & nodes or grp[2] & leaves]
+        merged = ([v], nodes, leaves)
+        for grp in touching:
+            groups.remove(grp)
+            merged = (grp[0] + merged[0], grp[1] | merged[1], grp[2] | merged[2])
+        groups.append(merged)
+    return [sorted(grp[0], key=wanted.index) for grp in groups]
+
+
+def _disjoint_pieces(
+    group: list[str], mine: set[int], leaves: set[str], g: onnx.GraphProto, model: onnx.ModelProto
+) -> bool:
+    """Whether the values of ``group``, computed by the nodes ``mine`` from the stored float tensors
+    ``leaves``, are disjoint pieces of them: only value-moving ops (:data:`_MOVE_OPS`) on the leaves'
+    elements (their slice bounds may be computed), and with each leaf replaced by the indices of its
+    elements, no index reaches two places."""
+    derived = set(leaves)  # values that carry the leaves' elements (not shape or index arithmetic)
+    for k in sorted(mine):  # node order is topological
+        n = g.node[k]
+        if any(i in derived for i in n.input):
+            if n.op_type not in _MOVE_OPS:
+                return False
+            derived.update(o for o in n.output if o)
+    graph_inputs = {i.name for i in g.input}
+    consts = {t.name: t for t in g.initializer if t.name not in graph_inputs}
+    offset = 0
+    probes: list[TensorProto] = []
+    for name in sorted(leaves):
+        if name not in consts:  # a Constant node's float value: not probed
+            return False
+        shape = tuple(int(d) for d in consts[name].dims)
+        size = int(np.prod(shape, dtype=np.int64))
+        probes.append(numpy_helper.from_array(np.arange(offset, offset + size, dtype=np.float64).reshape(shape), name))
+        offset += size
+    if not probes or offset >= 2**53:
+        return False
+    used = {i for k in mine for i in g.node[k].input if i}
+    inits = [t for t in g.initializer if t.name in used and t.name not in leaves and t.name not in graph_inputs]
+    nodes = []
+    for k in sorted(mine):
+        n = onnx.NodeProto()
+        n.CopyFrom(g.node[k])
+        if n.op_type == "Cast":  # the probe is float64 throughout
+            del n.attribute[:]
+            n.attribute.extend([helper.make_attribute("to", TensorProto.DOUBLE)])
+        nodes.append(n)
+    sub = helper.make_graph(nodes, "probe", [], [helper.make_empty_tensor_value_info(v) for v in group], inits + probes)
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        values = ReferenceEvaluator(helper.make_model(sub, opset_imports=list(model.opset_import))).run(None, {})
+    except Exception as exc:  # an op the reference runtime lacks: not shown to be pieces
+        log.debug("pieces %s not probed: %s", group, exc)
+        return False
+    index = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in values])
+    return bool(np.all(index == np.round(index)) and np.unique(index).size == index.size)
+
+
 def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` in which every weight slot fed by a value computed from constants alone
     (in the main graph, by default-domain ops) reads an initializer holding that value instead; the
@@ -341,8 +413,8 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
     for k, n in enumerate(g.node):
         for i in n.input:
             readers.setdefault(i, set()).add(k)
-    needed: set[int] = set()
-    for v in list(wanted):
+    computation: dict[str, tuple[set[int], set[str]]] = {}  # wanted value: (its nodes, its stored leaves)
+    for v in wanted:
         mine: set[int] = set()
         leaves: set[str] = set()
         stack = [v]
@@ -358,14 +430,42 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
                 continue
             mine.add(at)
             stack.extend(i for i in g.node[at].input if i)
-        # a float tensor also read outside this computation (a weight shared with another layer, as
-        # is or transposed) would be stored twice and its copies pruned apart: left alone
-        inner = {o for k in mine for o in g.node[k].output if g.node[k].op_type != "Constant"} - {v}
-        shared = any(readers.get(x, set()) - mine for x in (leaves & float_stored) | inner)
-        if shared or len(mine) > MAX_FOLD_NODES:
-            wanted.remove(v)
-            continue
-        needed |= mine
+        computation[v] = (mine, leaves)
+
+    def outside(group: list[str]) -> tuple[set[int], bool]:
+        """The nodes of ``group``'s computation, and whether a float tensor it reads or an inner value
+        it makes is also read elsewhere (then folding would store it twice)."""
+        mine = set().union(*(computation[v][0] for v in group))
+        leaves = set().union(*(computation[v][1] for v in group))
+        inner = {o for k in mine for o in g.node[k].output if g.node[k].op_type != "Constant"} - set(group)
+        return mine, any(readers.get(x, set()) - mine for x in (leaves & float_stored) | inner)
+
+    # a float tensor also read outside a value's computation (a weight shared with another layer, as
+    # is or transposed) would be stored twice and its copies pruned apart: left alone, unless the
+    # values that share it are disjoint pieces of it (a weight Split for several layers), folded together
+    needed: set[int] = set()
+    shared_values: list[str] = []
+    for v in wanted:
+        mine, shared = outside([v])
+        if shared:
+            shared_values.append(v)
+        elif len(mine) <= MAX_FOLD_NODES:
+            needed |= mine
+    folded_groups: set[str] = set()
+    for group in _sharing_groups(shared_values, computation, g, float_stored):
+        mine, shared = outside(group)
+        leaves = set().union(*(computation[v][1] for v in group)) & float_stored
+        if (
+            len(group) > 1
+            and not shared
+            and len(mine) <= MAX_FOLD_NODES
+            and _disjoint_pieces(group, mine, leaves, g, model)
+        ):
+            needed |= mine
+            folded_groups.update(group)
+    wanted = [
+        v for v in wanted if v in folded_groups or (v not in shared_values and len(computation[v][0]) <= MAX_FOLD_NODES)
+    ]
     if not wanted:
         return model
     order = sorted(needed)
@@ -554,18 +654,53 @@ def _layer_slots(node: onnx.NodeProto) -> tuple[int, ...]:
     return _CONTRIB_SLOTS.get(node.op_type, ()) if node.domain == "com.microsoft" else ()
 
 
+def _has_graph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _computed_reads(g: onnx.GraphProto, values: set[str], stored: set[str]) -> list[tuple[str, str]]:
+    """``(stored tensor, "op via producer op")`` for the stored tensors that the layer-slot ``values``
+    are computed from, where such a value depends on nothing but stored tensors and tensor shapes
+    (``Shape``/``Size``): a weight a layer reads through ops that were not folded."""
+    producer = {o: n for n in g.node for o in n.output if o}
+    const_like = set(stored)
+    for n in g.node:  # topological order
+        plain = n.domain in ("", "ai.onnx") and n.op_type not in _NO_FOLD and not _has_graph(n)
+        if plain and (n.op_type in ("Shape", "Size") or (n.input and all(i in const_like for i in n.input if i))):
+            const_like.update(o for o in n.output if o)
+    slot_op = {n.input[i]: n.op_type for n in g.node for i in _layer_slots(n) if i < len(n.input)}
+    out: list[tuple[str, str]] = []
+    for v in sorted(values & const_like):
+        first = producer.get(v)
+        stack, seen = [v], set[str]()
+        while stack and len(seen) < MAX_FOLD_NODES:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in stored:
+                out.append((name, f"{slot_op.get(v, '?')} via {first.op_type if first else '?'}"))
+                continue
+            n = producer.get(name)
+            if n is not None and n.op_type not in ("Shape", "Size"):
+                stack.extend(i for i in n.input if i)
+    return out
+
+
 def unprunable_layer_weights(
     model: onnx.ModelProto, prunable: set[str], *, min_size: int = 16
 ) -> list[tuple[str, str, int]]:
     """``(tensor, op, size)`` of the stored float tensors of ≥ 2 dims and ``min_size`` values that
     a layer reads as its weight but that are not among ``prunable`` (a ``ConvTranspose`` weight, an
-    Einsum that is not a linear layer, a weight also read by another op): they stay dense, which
+    Einsum that is not a linear layer, a weight also read by another op, one sliced into overlapping
+    pieces or with bounds from a tensor's shape; :func:`_computed_reads`): they stay dense, which
     the report says instead of leaving it silent."""
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     stored = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     stored.update({k: t for k, (_, t) in _constant_values(g).items()})
     reads = [(n.input[i] if i < len(n.input) else "", n.op_type) for n in g.node for i in _layer_slots(n)]
+    reads += _computed_reads(g, {name for name, _ in reads if name and name not in stored}, set(stored))
     out: dict[str, tuple[str, str, int]] = {}
     looped = [(name, op, t) for name, (op, t) in _loop_layer_reads(g).items()]
     for name, op, t in [*((name, op, None) for name, op in reads), *looped]:
