@@ -308,7 +308,12 @@ def _sharing_groups(
 
 
 def _disjoint_pieces(
-    group: list[str], mine: set[int], leaves: set[str], g: onnx.GraphProto, model: onnx.ModelProto
+    group: list[str],
+    mine: set[int],
+    leaves: set[str],
+    g: onnx.GraphProto,
+    model: onnx.ModelProto,
+    static: dict[str, NDArray[np.int64]] | None = None,
 ) -> bool:
     """Whether the values of ``group``, computed by the nodes ``mine`` from the stored float tensors
     ``leaves``, are disjoint pieces of them: only value-moving ops (:data:`_MOVE_OPS`) on the leaves'
@@ -336,6 +341,7 @@ def _disjoint_pieces(
         return False
     used = {i for k in mine for i in g.node[k].input if i}
     inits = [t for t in g.initializer if t.name in used and t.name not in leaves and t.name not in graph_inputs]
+    inits += [numpy_helper.from_array(v, k) for k, v in (static or {}).items() if k in used]
     nodes = []
     for k in sorted(mine):
         n = onnx.NodeProto()
@@ -356,6 +362,90 @@ def _disjoint_pieces(
     return bool(np.all(index == np.round(index)) and np.unique(index).size == index.size)
 
 
+def _computable(g: onnx.GraphProto, known: set[str], *, shapes: bool = False) -> set[str]:
+    """The values of ``g`` computed from ``known`` alone by default-domain ops without subgraphs or
+    randomness; with ``shapes``, ``Shape``/``Size`` of any tensor count as known too."""
+    out = set(known)
+    for n in g.node:  # topological order
+        if n.domain not in ("", "ai.onnx") or n.op_type in _NO_FOLD or n.op_type == "Constant" or _has_graph(n):
+            continue
+        if (shapes and n.op_type in ("Shape", "Size")) or (
+            any(i for i in n.input) and all(i in out for i in n.input if i)
+        ):
+            out.update(o for o in n.output if o)
+    return out
+
+
+def _static_shape_values(model: onnx.ModelProto, stored: set[str]) -> tuple[dict[str, NDArray[np.int64]], set[int]]:
+    """int64 values that the model's static axes fix although the tensors they come from do not:
+    ``Shape(x)`` where shape inference gives every selected axis of ``x`` a size, and
+    ``Gather(Shape(x), constant indices)`` where the gathered axes have one (TorchScript's
+    ``nn.MultiheadAttention`` slices its packed weight at bounds from the embedding axis of a
+    batch-dynamic input).  Returns the values by name and the indices of the nodes that make them.
+    ONNX shapes are a model's contract (onnxruntime refuses an input whose fixed axis differs)."""
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # too large for in-memory inference, or an op it rejects
+        log.debug("no static shape values: %s", exc)
+        return {}, set()
+    dims: dict[str, list[int | None]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+    consts: dict[str, NDArray[np.generic]] = {}
+    for t in g.initializer:
+        if t.name in stored and t.data_type == TensorProto.INT64 and int(np.prod(t.dims)) <= 16:
+            consts[t.name] = numpy_helper.to_array(t)
+    for name, (_, t) in _constant_values(g).items():
+        if t.data_type == TensorProto.INT64 and int(np.prod(t.dims)) <= 16:
+            consts[name] = numpy_helper.to_array(t)
+    partial: dict[str, list[int | None]] = {}
+    values: dict[str, NDArray[np.int64]] = {}
+    nodes: set[int] = set()
+    for k, n in enumerate(g.node):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if n.op_type == "Shape" and n.input and n.input[0] in dims:
+            d = dims[n.input[0]]
+            start, end = _int(n, "start", 0), _int(n, "end", len(d))
+            sel = d[start:end] if end >= 0 or start < 0 else d[start : len(d) + end]
+            if all(x is not None for x in sel):
+                values[n.output[0]] = np.asarray(sel, dtype=np.int64)
+                nodes.add(k)
+            else:
+                partial[n.output[0]] = sel
+                nodes.add(k)  # dropped only if nothing reads it after the fold
+        elif n.op_type in ("Gather", "Slice") and n.input and n.input[0] in partial:
+            src = np.array(partial[n.input[0]], dtype=object)
+            found = [consts.get(i) for i in n.input[1:]]
+            args = [a for a in found if a is not None and np.issubdtype(a.dtype, np.integer)]
+            if len(args) != len(found):
+                continue
+            try:
+                if n.op_type == "Gather" and len(args) == 1 and _int(n, "axis", 0) == 0:
+                    got = src[np.asarray(args[0], dtype=np.int64)]
+                elif n.op_type == "Slice" and len(args) >= 2 and all(np.size(a) == 1 for a in args):
+                    b, e = int(np.ravel(args[0])[0]), int(np.ravel(args[1])[0])
+                    axis = int(np.ravel(args[2])[0]) if len(args) > 2 else 0
+                    step = int(np.ravel(args[3])[0]) if len(args) > 3 else 1
+                    if axis not in (0, -1) or step == 0:
+                        continue
+                    got = src[slice(b, e, step)]
+                else:
+                    continue
+            except IndexError:
+                continue
+            if any(x is None for x in np.ravel(got)):
+                if np.ndim(got) == 1:
+                    partial[n.output[0]] = list(got)
+                continue
+            values[n.output[0]] = np.asarray(got, dtype=np.int64)
+            nodes.add(k)
+    return values, nodes
+
+
 def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` in which every weight slot fed by a value computed from constants alone
     (in the main graph, by default-domain ops) reads an initializer holding that value instead; the
@@ -373,21 +463,16 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     stored = {t.name for t in g.initializer if t.name not in graph_inputs} | set(_constant_values(g))
-    computable = set(stored)
-    producer: dict[str, int] = {}
-    for k, n in enumerate(g.node):
-        for o in n.output:
-            if o:
-                producer[o] = k
-        if (
-            n.domain in ("", "ai.onnx")
-            and n.op_type not in _NO_FOLD
-            and n.op_type != "Constant"
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
-            and all(i in computable for i in n.input if i)
-            and any(i for i in n.input)
-        ):
-            computable.update(o for o in n.output if o)
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+    static: dict[str, NDArray[np.int64]] = {}  # int64 values from tensors' static axes (see below)
+    static_nodes: set[int] = set()
+    computable = _computable(g, stored)
+    slot_values = {n.input[i] for n in g.node for i in _layer_slots(n) if i < len(n.input) and n.input[i]}
+    near = {v for v in slot_values - computable - stored if v in _computable(g, stored, shapes=True)}
+    if near:  # a weight whose computation reads a tensor's shape: its static axes may settle it
+        static, static_nodes = _static_shape_values(model, stored)
+        if static:
+            computable = _computable(g, stored | set(static))
     outputs = {o.name for o in g.output}
     wanted: list[str] = []
     operands: set[str] = set()  # wanted as element-wise operands (params), not as layer weights
@@ -421,6 +506,8 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
         while stack:
             name = stack.pop()
             at = producer.get(name)
+            if name in static:  # known from the shapes: given to the evaluation as a constant
+                continue
             if name in stored:
                 leaves.add(name)
                 if at is not None:  # a Constant node: dropped with the rest when nothing else reads it
@@ -436,9 +523,13 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
         """The nodes of ``group``'s computation, and whether a float tensor it reads or an inner value
         it makes is also read elsewhere (then folding would store it twice)."""
         mine = set().union(*(computation[v][0] for v in group))
-        leaves = set().union(*(computation[v][1] for v in group))
-        inner = {o for k in mine for o in g.node[k].output if g.node[k].op_type != "Constant"} - set(group)
-        return mine, any(readers.get(x, set()) - mine for x in (leaves & float_stored) | inner)
+        leaves = set().union(*(computation[v][1] for v in group)) & float_stored
+        inner = set(leaves)  # the values that carry the float leaves' elements (not index arithmetic)
+        for k in sorted(mine):
+            if any(i in inner for i in g.node[k].input):
+                inner.update(o for o in g.node[k].output if o)
+        inner -= leaves | set(group)
+        return mine, any(readers.get(x, set()) - mine for x in leaves | inner)
 
     # a float tensor also read outside a value's computation (a weight shared with another layer, as
     # is or transposed) would be stored twice and its copies pruned apart: left alone, unless the
@@ -459,7 +550,7 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
             len(group) > 1
             and not shared
             and len(mine) <= MAX_FOLD_NODES
-            and _disjoint_pieces(group, mine, leaves, g, model)
+            and _disjoint_pieces(group, mine, leaves, g, model, static)
         ):
             needed |= mine
             folded_groups.update(group)
@@ -471,6 +562,7 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
     order = sorted(needed)
     used = {i for k in order for i in g.node[k].input if i}
     inits = [t for t in g.initializer if t.name in used and t.name not in graph_inputs]
+    inits += [numpy_helper.from_array(v, k) for k, v in static.items() if k in used]
     sub = helper.make_graph(
         [g.node[k] for k in order], "fold", [], [helper.make_empty_tensor_value_info(v) for v in wanted], inits
     )
@@ -498,7 +590,7 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
     while True:
         read = {i for n in nodes for i in n.input if i} | outputs
         dead = [n for n in nodes if all(o not in read for o in n.output if o) and any(n.output)]
-        dead = [n for n in dead if producer.get(n.output[0]) in needed]
+        dead = [n for n in dead if producer.get(n.output[0]) in needed | static_nodes]
         if not dead:
             break
         ids = {id(n) for n in dead}

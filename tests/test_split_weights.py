@@ -23,13 +23,22 @@ def split_model(pieces: str = "split") -> onnx.ModelProto:
     """q[N,D], m[N,D] → MatMul(q, W[0:D]ᵀ) + MatMul(m, W[D:3D]ᵀ)[:, :D] → y[N,D]; W [3D, D] stored once.
 
     ``pieces``: ``split`` (one Split, as dynamo writes it), ``slices`` (two Slices with computed
-    bounds, disjoint), ``overlap`` (two Slices sharing rows), ``scaled`` (the second piece doubled)."""
+    bounds, disjoint), ``overlap`` (two Slices sharing rows), ``scaled`` (the second piece doubled),
+    ``shape_bounds`` (bounds from the static axis of ``q``'s shape, as TorchScript writes them),
+    ``batch_bounds`` (from its dynamic batch axis: nothing fixes them)."""
     rng = np.random.default_rng(0)
     W = rng.standard_normal((3 * D, D)).astype(np.float32)
     c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64)))  # noqa: E731
     nodes = [c("ax", [0])]
     if pieces == "split":
         nodes += [c("sizes", [D, 2 * D]), helper.make_node("Split", ["W", "sizes"], ["Wq", "Wkv"], axis=0)]
+    elif pieces in ("shape_bounds", "batch_bounds"):  # TorchScript: E = q.shape[1] (batch_bounds: q.shape[0])
+        axis = 1 if pieces == "shape_bounds" else 0
+        nodes += [helper.make_node("Shape", ["q"], ["qs"]), c("a0", [axis]), c("a1", [axis + 1]), c("two_", [2])]
+        nodes += [helper.make_node("Slice", ["qs", "a0", "a1"], ["e"])]  # [E], a tensor's static axis
+        nodes += [helper.make_node("Mul", ["e", "two_"], ["e2"]), helper.make_node("Add", ["e", "e2"], ["e3"])]
+        nodes += [c("z", [0]), helper.make_node("Slice", ["W", "z", "e", "ax"], ["Wq"])]
+        nodes += [helper.make_node("Slice", ["W", "e", "e3", "ax"], ["Wkv"])]
     else:
         lo2 = D // 2 if pieces == "overlap" else D
         nodes += [c("z", [0]), c("d", [D]), c("lo2", [lo2]), c("len2", [2 * D]), c("one", [1])]
@@ -70,7 +79,7 @@ def _feeds(n: int = 32) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal((n, D)).astype(np.float32) for k in ("q", "m")}
 
 
-@pytest.mark.parametrize("pieces", ["split", "slices"])
+@pytest.mark.parametrize("pieces", ["split", "slices", "shape_bounds"])
 def test_disjoint_pieces_become_prunable_weights_and_the_model_is_unchanged(pieces: str) -> None:
     model = split_model(pieces)
     exposed, _ = expose_weights(model)
@@ -81,7 +90,7 @@ def test_disjoint_pieces_become_prunable_weights_and_the_model_is_unchanged(piec
     np.testing.assert_allclose(_run(exposed, _feeds()), _run(model, _feeds()), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("pieces", ["overlap", "scaled"])
+@pytest.mark.parametrize("pieces", ["overlap", "scaled", "batch_bounds"])  # batch: not fixed by the model
 def test_overlapping_or_computed_pieces_are_left_alone_and_named(pieces: str) -> None:
     model = split_model(pieces)
     exposed, _ = expose_weights(model)
