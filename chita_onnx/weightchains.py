@@ -760,9 +760,17 @@ def _computed_reads(g: onnx.GraphProto, values: set[str], stored: set[str]) -> l
         plain = n.domain in ("", "ai.onnx") and n.op_type not in _NO_FOLD and not _has_graph(n)
         if plain and (n.op_type in ("Shape", "Size") or (n.input and all(i in const_like for i in n.input if i))):
             const_like.update(o for o in n.output if o)
-    slot_op = {n.input[i]: n.op_type for n in g.node for i in _layer_slots(n) if i < len(n.input)}
+    slot_op: dict[str, str] = {}
+    for n in g.node:
+        slots = [i for i in _layer_slots(n) if i < len(n.input) and n.input[i]]
+        for i in slots:
+            others = [n.input[j] for j in slots if j != i]
+            # of a MatMul/Gemm whose other operand is the stored weight, this one is the activation side
+            # (a learned query broadcast over the batch, say): not a weight left dense
+            if not (n.op_type in ("MatMul", "Gemm") and any(o in stored for o in others)):
+                slot_op.setdefault(n.input[i], n.op_type)
     out: list[tuple[str, str]] = []
-    for v in sorted(values & const_like):
+    for v in sorted(values & const_like & set(slot_op)):
         first = producer.get(v)
         stack, seen = [v], set[str]()
         while stack and len(seen) < MAX_FOLD_NODES:
@@ -771,7 +779,7 @@ def _computed_reads(g: onnx.GraphProto, values: set[str], stored: set[str]) -> l
                 continue
             seen.add(name)
             if name in stored:
-                out.append((name, f"{slot_op.get(v, '?')} via {first.op_type if first else '?'}"))
+                out.append((name, f"{slot_op[v]} via {first.op_type if first else '?'}"))
                 continue
             n = producer.get(name)
             if n is not None and n.op_type not in ("Shape", "Size"):
