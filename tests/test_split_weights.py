@@ -109,3 +109,36 @@ def test_compress_prunes_the_pieces_and_the_output_runs(tmp_path: Path) -> None:
     assert sum(int(np.count_nonzero(a)) for a in stored if a.ndim == 2) == rep.nnz
     y = _run(out, _feeds())
     assert y.shape == (32, D) and np.all(np.isfinite(y))
+
+
+def test_a_learned_query_on_the_activation_side_of_a_layer_is_not_called_a_dense_weight() -> None:
+    """``queries.expand(N, -1, -1) @ W``: the broadcast queries depend only on a constant and the
+    batch size, but they are the activation side of a layer whose weight ``W`` is prunable."""
+    rng = np.random.default_rng(2)
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64)))  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["q"], ["qs"]),
+        c("i0", [0]),
+        c("i1", [1]),
+        c("rest", [3, D]),
+        helper.make_node("Slice", ["qs", "i0", "i1"], ["n"]),
+        helper.make_node("Concat", ["n", "rest"], ["shape"], axis=0),
+        helper.make_node("Expand", ["Q", "shape"], ["qe"]),
+        helper.make_node("MatMul", ["qe", "W"], ["h"], name="proj"),
+        helper.make_node("ReduceSum", ["h"], ["s"], axes=[1], keepdims=0),
+        helper.make_node("Add", ["s", "q"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "queries",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["N", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])],
+        [
+            numpy_helper.from_array(rng.standard_normal((3, D)).astype(np.float32), "Q"),
+            numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), "W"),
+        ],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=8)
+    exposed, _ = expose_weights(model)
+    assert [t.name for t in find_prunable(exposed)] == ["W"]
+    assert unprunable_layer_weights(exposed, {"W"}) == []
