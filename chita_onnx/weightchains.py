@@ -378,11 +378,12 @@ def _computable(g: onnx.GraphProto, known: set[str], *, shapes: bool = False) ->
 
 def _static_shape_values(model: onnx.ModelProto, stored: set[str]) -> tuple[dict[str, NDArray[np.int64]], set[int]]:
     """int64 values that the model's static axes fix although the tensors they come from do not:
-    ``Shape(x)`` where shape inference gives every selected axis of ``x`` a size, and
-    ``Gather(Shape(x), constant indices)`` where the gathered axes have one (TorchScript's
+    ``Shape(x)`` where shape inference gives every selected axis of ``x`` a size, and a ``Gather``
+    or ``Slice`` (constant arguments) of ``Shape(x)`` whose selected axes all have one (TorchScript's
     ``nn.MultiheadAttention`` slices its packed weight at bounds from the embedding axis of a
-    batch-dynamic input).  Returns the values by name and the indices of the nodes that make them.
-    ONNX shapes are a model's contract (onnxruntime refuses an input whose fixed axis differs)."""
+    batch-dynamic input).  Returns the values by name and the indices of the nodes that make them
+    (the ``Shape`` nodes included: dropped after the fold if nothing else reads them).  ONNX shapes
+    are a model's contract (onnxruntime refuses an input whose fixed axis differs)."""
     g = model.graph
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -410,7 +411,7 @@ def _static_shape_values(model: onnx.ModelProto, stored: set[str]) -> tuple[dict
         if n.op_type == "Shape" and n.input and n.input[0] in dims:
             d = dims[n.input[0]]
             start, end = _int(n, "start", 0), _int(n, "end", len(d))
-            sel = d[start:end] if end >= 0 or start < 0 else d[start : len(d) + end]
+            sel = d[start:end]  # ONNX's start/end: negative from the back, clamped, as Python slices
             if all(x is not None for x in sel):
                 values[n.output[0]] = np.asarray(sel, dtype=np.int64)
                 nodes.add(k)

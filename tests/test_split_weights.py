@@ -24,7 +24,8 @@ def split_model(pieces: str = "split") -> onnx.ModelProto:
 
     ``pieces``: ``split`` (one Split, as dynamo writes it), ``slices`` (two Slices with computed
     bounds, disjoint), ``overlap`` (two Slices sharing rows), ``scaled`` (the second piece doubled),
-    ``shape_bounds`` (bounds from the static axis of ``q``'s shape, as TorchScript writes them),
+    ``shape_bounds`` / ``gather_bounds`` (bounds from the static axis of ``q``'s shape, by a Slice or a
+    Gather of it, as TorchScript writes them),
     ``batch_bounds`` (from its dynamic batch axis: nothing fixes them)."""
     rng = np.random.default_rng(0)
     W = rng.standard_normal((3 * D, D)).astype(np.float32)
@@ -32,10 +33,14 @@ def split_model(pieces: str = "split") -> onnx.ModelProto:
     nodes = [c("ax", [0])]
     if pieces == "split":
         nodes += [c("sizes", [D, 2 * D]), helper.make_node("Split", ["W", "sizes"], ["Wq", "Wkv"], axis=0)]
-    elif pieces in ("shape_bounds", "batch_bounds"):  # TorchScript: E = q.shape[1] (batch_bounds: q.shape[0])
-        axis = 1 if pieces == "shape_bounds" else 0
+    elif pieces in ("shape_bounds", "gather_bounds", "batch_bounds"):  # E = q.shape[1] (batch: q.shape[0])
+        axis = 0 if pieces == "batch_bounds" else 1
         nodes += [helper.make_node("Shape", ["q"], ["qs"]), c("a0", [axis]), c("a1", [axis + 1]), c("two_", [2])]
-        nodes += [helper.make_node("Slice", ["qs", "a0", "a1"], ["e"])]  # [E], a tensor's static axis
+        if pieces == "gather_bounds":  # Gather of a scalar index, then Unsqueeze (TorchScript's x.size(1))
+            nodes += [c("i", axis), helper.make_node("Gather", ["qs", "i"], ["e0"], axis=0)]
+            nodes += [helper.make_node("Unsqueeze", ["e0", "ax"], ["e"])]
+        else:
+            nodes += [helper.make_node("Slice", ["qs", "a0", "a1"], ["e"])]  # [E], a tensor's static axis
         nodes += [helper.make_node("Mul", ["e", "two_"], ["e2"]), helper.make_node("Add", ["e", "e2"], ["e3"])]
         nodes += [c("z", [0]), helper.make_node("Slice", ["W", "z", "e", "ax"], ["Wq"])]
         nodes += [helper.make_node("Slice", ["W", "e", "e3", "ax"], ["Wkv"])]
@@ -79,7 +84,7 @@ def _feeds(n: int = 32) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal((n, D)).astype(np.float32) for k in ("q", "m")}
 
 
-@pytest.mark.parametrize("pieces", ["split", "slices", "shape_bounds"])
+@pytest.mark.parametrize("pieces", ["split", "slices", "shape_bounds", "gather_bounds"])
 def test_disjoint_pieces_become_prunable_weights_and_the_model_is_unchanged(pieces: str) -> None:
     model = split_model(pieces)
     exposed, _ = expose_weights(model)
