@@ -34,6 +34,9 @@ Models:
   cross-attending to it (``MultiheadAttention``), per-position log-probabilities ``[N, 5, 11]``
   (class 10: no digit).  Its labels are per position, so its calibration file has none; the
   selection and test files do, and agreement is per position.  Dynamo opset 18 and TorchScript 17.
+* ``tfdecoder_ts`` / ``tfdecoder_dyn``  ``nn.TransformerDecoder`` (two post-norm layers: masked
+  self-attention over four learned queries, cross-attention to a conv + encoder-layer memory of the
+  rows, FFN), the queries' mean, Linear.  TorchScript opset 17 and dynamo opset 18.
 * ``linattn_cumsum_dyn``  causal linear attention over the rows: ``elu + 1`` feature maps, key-value
   sums by ``cumsum`` along time (``CumSum`` on the gradient path), normalised by the cumulative key sum.
   Dynamo opset 18.
@@ -316,6 +319,34 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
                 exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
                 input="image", torch_test_accuracy=acc, params=shared.nparams(net),
                 train_s=round(time.time() - t0, 1)))  # fmt: skip
+
+    # ------------------------------------------------------------------ 8. nn.TransformerDecoder
+    class DecoderNet(nn.Module):
+        """MNIST rows → conv1d + a transformer encoder layer as memory; an ``nn.TransformerDecoder``
+        (two post-norm layers: masked self-attention over four learned queries, cross-attention to
+        the memory, FFN) → mean of the queries → Linear."""
+
+        def __init__(self, d: int = 48, heads: int = 4) -> None:
+            super().__init__()
+            self.embed = nn.Conv1d(28, d, 3, padding=1)
+            self.enc = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+            layer = nn.TransformerDecoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+            self.dec = nn.TransformerDecoder(layer, 2)
+            self.queries = nn.Parameter(0.02 * torch.randn(1, 4, d))
+            self.register_buffer("causal", torch.triu(torch.full((4, 4), float("-inf")), 1))
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, 28, 28]
+            m = self.enc(self.embed(x.transpose(1, 2)).transpose(1, 2))
+            h = self.dec(self.queries.expand(x.shape[0], -1, -1), m, tgt_mask=self.causal, tgt_is_causal=True)
+            return self.head(h.mean(1))
+
+    if want("tfdecoder_ts", "tfdecoder_dyn"):
+        torch.manual_seed(seed)
+        classifier((("tfdecoder_ts", False, 17), ("tfdecoder_dyn", True, 18)), DecoderNet(), rows, 3, 3e-3,
+                   ["input"], "nn.TransformerDecoder (masked self-attention over learned queries, "
+                   "cross-attention to a conv+encoder memory), mean of the queries, Linear", "none",
+                   time.time())  # fmt: skip
     return dict(audit.manifest.entries)
 
 
