@@ -135,6 +135,20 @@ def _npy_header(fh: object, where: str) -> tuple[tuple[int, ...], np.dtype[np.ge
     return tuple(shape), dtype
 
 
+def _declared_bytes(where: str, shape: tuple[int, ...], dtype: np.dtype, held: int, holder: str) -> int:
+    """The bytes an ``.npy`` header declares, after refusing an object array and a header that declares
+    more than the ``held`` bytes its ``holder`` (``"file"``, ``"archive"``) has: truncated or forged."""
+    if dtype.hasobject:
+        raise DataError(f"{where} holds Python objects; refusing to load it with pickle")
+    nbytes = prod(shape) * dtype.itemsize
+    if nbytes > held:
+        raise DataError(
+            f"{where} declares shape {shape} of {dtype} ({gib(nbytes)}) but the {holder} holds {gib(held)}: "
+            "truncated or forged"
+        )
+    return nbytes
+
+
 def is_npy(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a regular file that starts with the ``.npy`` magic (a lone array)."""
     p = Path(path)
@@ -153,26 +167,18 @@ def check_npy(path: str | os.PathLike[str], flag: str | None = None) -> tuple[tu
     Returns ``(shape, dtype)``."""
     p = Path(path)
     regular_file(p, flag)
-    where = f"{p}"
     try:
         with open(p, "rb") as fh:
-            shape, dtype = _npy_header(fh, where)
+            shape, dtype = _npy_header(fh, str(p))
             offset = fh.tell()
         size = p.stat().st_size
     except OSError as exc:
         raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
-    if dtype.hasobject:
-        raise DataError(f"{where} holds Python objects; refusing to load it with pickle")
-    nbytes = prod(shape) * dtype.itemsize
-    if nbytes > size - offset:
-        raise DataError(
-            f"{where} declares shape {shape} of {dtype} ({gib(nbytes)}) but the file holds {gib(size - offset)}: "
-            "truncated or forged"
-        )
+    nbytes = _declared_bytes(str(p), shape, dtype, size - offset, "file")
     limit = data_limit()
     if nbytes > limit:
         raise ResourceError(
-            f"{where}: the array needs {gib(nbytes)} in memory, more than the data limit of {gib(limit)} (--max-memory)"
+            f"{p}: the array needs {gib(nbytes)} in memory, more than the data limit of {gib(limit)} (--max-memory)"
         )
     return shape, dtype
 
@@ -228,15 +234,7 @@ def check_npz(path: str | os.PathLike[str], flag: str | None = None) -> dict[str
                     )
                 with zf.open(info) as member:
                     shape, dtype = _npy_header(member, where)
-                if dtype.hasobject:
-                    raise DataError(f"{where} holds Python objects; refusing to load it with pickle")
-                nbytes = prod(shape) * dtype.itemsize
-                if nbytes > size:
-                    raise DataError(
-                        f"{where} declares shape {shape} of {dtype} ({gib(nbytes)}) but the archive holds "
-                        f"{gib(size)}: truncated or forged"
-                    )
-                total += nbytes
+                total += _declared_bytes(where, shape, dtype, size, "archive")
                 if total > limit:
                     raise ResourceError(
                         f"{p}: its arrays need {gib(total)} in memory, more than the data limit of {gib(limit)} "

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .evaluate import Comparison
+
+if TYPE_CHECKING:
+    from .graph import PrunableTensor
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,15 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 GENERATED_NAME = re.compile(r"^(val_\d+|onnx::.*|const_fold_opt__\d+|_?v_\d+|\d+)$")
 
 
-def _tensor_table(tensors: tuple[TensorReport, ...]) -> str:
-    """The per-tensor table; with a ``layer`` column when some weight's name is generated
+def shows_layers(tensors: Iterable[TensorReport | PrunableTensor]) -> bool:
+    """Whether a table of ``tensors`` needs a ``layer`` column: some weight's name is generated
     (:data:`GENERATED_NAME`) and its layer is known, so that the rows can be told apart."""
-    with_layer = any(t.layer and GENERATED_NAME.match(t.name) for t in tensors)
+    return any(t.layer and GENERATED_NAME.match(t.name) for t in tensors)
+
+
+def _tensor_table(tensors: tuple[TensorReport, ...]) -> str:
+    """The per-tensor table (with a ``layer`` column where :func:`shows_layers`)."""
+    with_layer = shows_layers(tensors)
     rows = [
         [
             t.name,

@@ -307,6 +307,18 @@ def _sharing_groups(
     return [sorted(grp[0], key=wanted.index) for grp in groups]
 
 
+def _carrying(g: onnx.GraphProto, nodes: set[int], leaves: set[str]) -> tuple[set[str], set[int]]:
+    """The values among ``nodes``' outputs that carry elements of the tensors ``leaves`` (not shape or
+    index arithmetic), with ``leaves`` themselves, and the nodes that make them."""
+    values, makers = set(leaves), set()
+    for k in sorted(nodes):  # node order is topological
+        n = g.node[k]
+        if any(i in values for i in n.input):
+            values.update(o for o in n.output if o)
+            makers.add(k)
+    return values, makers
+
+
 def _disjoint_pieces(
     group: list[str],
     mine: set[int],
@@ -319,13 +331,8 @@ def _disjoint_pieces(
     ``leaves``, are disjoint pieces of them: only value-moving ops (:data:`_MOVE_OPS`) on the leaves'
     elements (their slice bounds may be computed), and with each leaf replaced by the indices of its
     elements, no index reaches two places."""
-    derived = set(leaves)  # values that carry the leaves' elements (not shape or index arithmetic)
-    for k in sorted(mine):  # node order is topological
-        n = g.node[k]
-        if any(i in derived for i in n.input):
-            if n.op_type not in _MOVE_OPS:
-                return False
-            derived.update(o for o in n.output if o)
+    if any(g.node[k].op_type not in _MOVE_OPS for k in _carrying(g, mine, leaves)[1]):
+        return False
     graph_inputs = {i.name for i in g.input}
     consts = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     offset = 0
@@ -525,17 +532,14 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
         it makes is also read elsewhere (then folding would store it twice)."""
         mine = set().union(*(computation[v][0] for v in group))
         leaves = set().union(*(computation[v][1] for v in group)) & float_stored
-        inner = set(leaves)  # the values that carry the float leaves' elements (not index arithmetic)
-        for k in sorted(mine):
-            if any(i in inner for i in g.node[k].input):
-                inner.update(o for o in g.node[k].output if o)
-        inner -= leaves | set(group)
-        return mine, any(readers.get(x, set()) - mine for x in leaves | inner)
+        carried = _carrying(g, mine, leaves)[0] - set(group)  # the leaves and what carries their elements
+        return mine, any(readers.get(x, set()) - mine for x in carried)
 
     # a float tensor also read outside a value's computation (a weight shared with another layer, as
     # is or transposed) would be stored twice and its copies pruned apart: left alone, unless the
     # values that share it are disjoint pieces of it (a weight Split for several layers), folded together
     needed: set[int] = set()
+    accepted: set[str] = set()
     shared_values: list[str] = []
     for v in wanted:
         mine, shared = outside([v])
@@ -543,7 +547,7 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
             shared_values.append(v)
         elif len(mine) <= MAX_FOLD_NODES:
             needed |= mine
-    folded_groups: set[str] = set()
+            accepted.add(v)
     for group in _sharing_groups(shared_values, computation, g, float_stored):
         mine, shared = outside(group)
         leaves = set().union(*(computation[v][1] for v in group)) & float_stored
@@ -554,10 +558,8 @@ def fold_computed_weights(model: onnx.ModelProto, *, params: bool = False) -> on
             and _disjoint_pieces(group, mine, leaves, g, model, static)
         ):
             needed |= mine
-            folded_groups.update(group)
-    wanted = [
-        v for v in wanted if v in folded_groups or (v not in shared_values and len(computation[v][0]) <= MAX_FOLD_NODES)
-    ]
+            accepted.update(group)
+    wanted = [v for v in wanted if v in accepted]
     if not wanted:
         return model
     order = sorted(needed)
@@ -756,11 +758,7 @@ def _computed_reads(g: onnx.GraphProto, values: set[str], stored: set[str]) -> l
     are computed from, where such a value depends on nothing but stored tensors and tensor shapes
     (``Shape``/``Size``): a weight a layer reads through ops that were not folded."""
     producer = {o: n for n in g.node for o in n.output if o}
-    const_like = set(stored)
-    for n in g.node:  # topological order
-        plain = n.domain in ("", "ai.onnx") and n.op_type not in _NO_FOLD and not _has_graph(n)
-        if plain and (n.op_type in ("Shape", "Size") or (n.input and all(i in const_like for i in n.input if i))):
-            const_like.update(o for o in n.output if o)
+    const_like = _computable(g, stored, shapes=True)
     slot_op: dict[str, str] = {}
     for n in g.node:
         slots = [i for i in _layer_slots(n) if i < len(n.input) and n.input[i]]

@@ -25,7 +25,7 @@ from chita_onnx.config import ALLOCATIONS, METHODS, CompressConfig
 from chita_onnx.errors import ChitaError, ConfigError, ModelError, one_line
 from chita_onnx.guard import translate
 from chita_onnx.progress import set_progress
-from chita_onnx.report import GENERATED_NAME, format_report, table
+from chita_onnx.report import format_report, shows_layers, table
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("chita_onnx")
@@ -556,7 +556,7 @@ def inspect(
         if whole:  # stdout stays a JSON list; the whole-model refusal goes to stderr
             click.echo(f"warning: compress refuses this model: {whole}", err=True)
         return
-    with_layer = any(t.layer and GENERATED_NAME.match(t.name) for t in tensors)  # as compress's report
+    with_layer = shows_layers(tensors)  # as compress's report
     rows = []
     for t in tensors:
         layer = [t.layer or "-"] if with_layer else []
