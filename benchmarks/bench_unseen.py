@@ -60,13 +60,18 @@ def feeds(info: dict[str, Any], d: dict[str, np.ndarray], n: int | None = None) 
     return {k: d[k][:n] for k in info.get("inputs", [info["input"]])}
 
 
-def run_model(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+def run_model(path: Path, x: dict[str, np.ndarray], batch_axis: int = 0) -> np.ndarray:
+    """The model's first output on ``x`` (samples on axis 0), fed with the samples on ``batch_axis``
+    (the manifest's, for a sequence-first model: the bench does not rely on the tool's guess)."""
     from chita_onnx.evaluate import make_session
 
     sess = make_session(path)
     n = len(next(iter(x.values())))
     step = 1 if sess.get_inputs()[0].shape[:1] == [1] else 256  # a batch-1 export (TFLite's RNNs)
-    outs = [sess.run(None, {k: v[i : i + step] for k, v in x.items()})[0] for i in range(0, n, step)]
+    outs = [
+        sess.run(None, {k: np.moveaxis(v[i : i + step], 0, batch_axis) for k, v in x.items()})[0]
+        for i in range(0, n, step)
+    ]
     y = np.concatenate(outs)
     return y.astype(str) if y.dtype == object else y  # string labels: saved without pickling
 
@@ -192,7 +197,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                     warnings=list(rep.warnings),
                 )
             rec["wall_s"] = time.perf_counter() - t0
-            y = run_model(out, feeds(info, test))
+            y = run_model(out, feeds(info, test), int(info.get("batch_axis", 0)))
             rec.update(score(info, y, dense, test))
         except ChitaError as exc:
             rec.update(status="refused", message=str(exc))
@@ -252,19 +257,20 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
     test = load(UNSEEN / f"{name}_test.npz")
     x = feeds(info, test, 16)
     np.savez(tmp / "x.npz", **x)
-    ours = run_model(out, x)
+    axis = int(info.get("batch_axis", 0))
+    ours = run_model(out, x, axis)
     if not STOCK.exists():
         rec["stock_ort"] = "no stock-ort venv"
         return rec
     code = (
         "import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
         "d = dict(np.load(sys.argv[2])); n = len(next(iter(d.values()))); "
-        "st = 1 if s.get_inputs()[0].shape[:1] == [1] else n; "  # a batch-1 export: one sample a run
-        "y = np.concatenate([np.asarray(s.run(None, {k: v[i : i + st] for k, v in d.items()})[0]) "
+        "st = 1 if s.get_inputs()[0].shape[:1] == [1] else n; ax = int(sys.argv[4]); "  # batch-1: one sample a run
+        "y = np.concatenate([np.asarray(s.run(None, {k: np.moveaxis(v[i : i + st], 0, ax) for k, v in d.items()})[0]) "
         "for i in range(0, n, st)]); y = y.astype(str) if y.dtype == object else y; "
         "np.save(sys.argv[3], y); print(ort.__version__)"
     )
-    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy")],
+    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy"), str(axis)],
                         capture_output=True, text=True, check=False)  # fmt: skip
     if p2.returncode != 0:
         rec["stock_ort"] = "failed: " + (p2.stderr.strip().splitlines() or [""])[-1][:300]
@@ -388,7 +394,7 @@ def main() -> None:
             info = manifest[name]
             test = load(UNSEEN / f"{name}_test.npz")
             try:
-                dense = run_model(UNSEEN / f"{name}.onnx", feeds(info, test))
+                dense = run_model(UNSEEN / f"{name}.onnx", feeds(info, test), int(info.get("batch_axis", 0)))
             except Exception as exc:  # an exporter's invalid graph (jax2onnx's j_resnet): a result, not a crash
                 print(f"== {name}: the dense model does not run: {type(exc).__name__}: {exc}"[:400], flush=True)
                 continue

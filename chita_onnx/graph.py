@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -649,8 +649,77 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    axes = infer_batch_axes([s.shape for s in specs])
+    rnn = _recurrent_batch_axes(model.graph, [s.name for s in specs], [len(s.shape) for s in specs])
+    outs = _output_batch_hints(model.graph, [s.shape for s in specs])
+    hints = [a if a is not None else b for a, b in zip(rnn, outs, strict=True)]
+    axes = infer_batch_axes([s.shape for s in specs], hints)
     return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
+
+
+def _output_batch_hints(graph: onnx.GraphProto, shapes: Sequence[tuple[int | str | None, ...]]) -> list[int | None]:
+    """Per input with two or more named dynamic axes: the one axis whose name also names a dim of
+    the model's outputs (a sequence-first ``[seq, batch, F]`` classifier's output is ``[batch, C]``),
+    else ``None``.  Nothing is decided where several of them (a per-position output) or none reach
+    the outputs."""
+    named_out = {
+        d.dim_param for o in graph.output if o.type.HasField("tensor_type") for d in o.type.tensor_type.shape.dim
+        if d.HasField("dim_param") and d.dim_param
+    }  # fmt: skip
+    hints: list[int | None] = []
+    for shape in shapes:
+        named = [(axis, d) for axis, d in enumerate(shape) if isinstance(d, str) and d]
+        if len({d for _, d in named}) < 2:
+            hints.append(None)
+            continue
+        hit = [axis for axis, d in named if d in named_out]
+        hints.append(hit[0] if len(hit) == 1 else None)
+    return hints
+
+
+_RNN_OPS = frozenset({"LSTM", "GRU", "RNN"})
+#: Ops that pass a tensor on with its axes unchanged; the binary ones only with a stored operand of
+#: no higher rank (a normalisation's scale and shift).
+_SAME_AXES = frozenset({"Identity", "Cast"})
+_BINARY = frozenset({"Mul", "Add", "Sub", "Div"})
+
+
+def _recurrent_batch_axes(graph: onnx.GraphProto, names: Sequence[str], ranks: Sequence[int]) -> list[int | None]:
+    """Per input: its batch axis where it reaches the sequence input ``X`` of an LSTM, GRU or RNN
+    node through axis-preserving ops and ``Transpose`` only (ONNX fixes ``X`` as ``[seq, batch, in]``,
+    or ``[batch, seq, in]`` with ``layout=1``), else ``None``.  A sequence-first ``[T, N, F]`` export
+    with unnamed dims is batched on axis 1 this way, not on axis 0."""
+    stored = {t.name: len(t.dims) for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                consumers.setdefault(i, []).append(n)
+    out: list[int | None] = []
+    for name, rank in zip(names, ranks, strict=True):
+        found: set[int] = set()
+        stack: list[tuple[str, tuple[int, ...]]] = [(name, tuple(range(rank)))]
+        seen: set[str] = set()
+        while stack:
+            tensor, src = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for n in consumers.get(tensor, ()):
+                if n.op_type in _RNN_OPS and n.input[0] == tensor and len(src) == 3:
+                    layout = next((a.i for a in n.attribute if a.name == "layout"), 0)
+                    found.add(src[0 if layout else 1])
+                elif n.op_type == "Transpose":
+                    perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+                    perm = perm if perm is not None else list(reversed(range(len(src))))
+                    if sorted(perm) == list(range(len(src))):
+                        stack.append((n.output[0], tuple(src[k] for k in perm)))
+                elif n.op_type in _SAME_AXES or (
+                    n.op_type in _BINARY
+                    and all(i == tensor or stored.get(i, len(src) + 1) <= len(src) for i in n.input)
+                ):
+                    stack.append((n.output[0], src))
+        out.append(found.pop() if len(found) == 1 else None)
+    return out
 
 
 def output_names(model: onnx.ModelProto) -> list[str]:
