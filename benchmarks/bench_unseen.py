@@ -67,11 +67,18 @@ def run_model(path: Path, x: dict[str, np.ndarray], batch_axis: int = 0) -> np.n
 
     sess = make_session(path)
     n = len(next(iter(x.values())))
-    step = 1 if sess.get_inputs()[0].shape[:1] == [1] else 256  # a batch-1 export (TFLite's RNNs)
-    outs = [
-        sess.run(None, {k: np.moveaxis(v[i : i + step], 0, batch_axis) for k, v in x.items()})[0]
-        for i in range(0, n, step)
-    ]
+    first = sess.get_inputs()[0]
+    fixed = first.shape[batch_axis] if first.name in x and len(first.shape) == np.ndim(x[first.name]) else None
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed batch (TFLite RNNs: 1; a trace: 16)
+    step = fixed or 256
+
+    def chunk(v: np.ndarray, i: int) -> np.ndarray:
+        c = v[i : i + step]
+        if fixed and len(c) < step:  # pad the last call with copies of its first sample
+            c = np.concatenate([c, np.repeat(c[:1], step - len(c), axis=0)])
+        return np.moveaxis(c, 0, batch_axis)
+
+    outs = [sess.run(None, {k: chunk(v, i) for k, v in x.items()})[0][: min(step, n - i)] for i in range(0, n, step)]
     y = np.concatenate(outs)
     return y.astype(str) if y.dtype == object else y  # string labels: saved without pickling
 
@@ -265,7 +272,7 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
     code = (
         "import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
         "d = dict(np.load(sys.argv[2])); n = len(next(iter(d.values()))); "
-        "st = 1 if s.get_inputs()[0].shape[:1] == [1] else n; ax = int(sys.argv[4]); "  # batch-1: one sample a run
+        "ax = int(sys.argv[4]); f = s.get_inputs()[0].shape[ax]; st = f if isinstance(f, int) and f > 0 else n; "
         "y = np.concatenate([np.asarray(s.run(None, {k: np.moveaxis(v[i : i + st], 0, ax) for k, v in d.items()})[0]) "
         "for i in range(0, n, st)]); y = y.astype(str) if y.dtype == object else y; "
         "np.save(sys.argv[3], y); print(ort.__version__)"

@@ -391,9 +391,12 @@ def fixed_batch_size(specs: Sequence[InputSpec]) -> int | None:
 
 def open_batch(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "chita_batch") -> onnx.ModelProto:
     """A copy of ``model`` whose inputs leave their batch axis open (``name`` instead of the fixed
-    size the exporter wrote), with the intermediate and output shapes it recorded cleared (they name
-    that size too).  Whether the graph itself runs several samples at once, each as it runs alone,
-    is for the caller to check (:func:`chita_onnx.reconstruct.open_fixed_batch`)."""
+    size ``b`` the exporter wrote), with the intermediate and output shapes it recorded cleared (they
+    name that size too), and every main-graph ``Reshape`` to a constant shape that starts with ``b``
+    (``[1, -1]``, ``[8, 16, 4, 4]``) reshaping to ``0`` there: the size of its input's first axis.
+    Whether the graph itself runs any number of samples, each as the original does, is for the caller
+    to check (:func:`opened_alike`)."""
+    size = fixed_batch_size(specs) or 1
     m = onnx.ModelProto()
     m.CopyFrom(model)
     axes = {s.name: s.batch_axis for s in specs}
@@ -409,13 +412,13 @@ def open_batch(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
     for vi in m.graph.output:
         if vi.type.HasField("tensor_type"):
             vi.type.tensor_type.ClearField("shape")
-    _open_reshapes(m.graph)
+    _open_reshapes(m.graph, size)
     return m
 
 
-def _open_reshapes(graph: onnx.GraphProto) -> None:
-    """Every main-graph ``Reshape`` to a constant shape that starts with a batch of one (``[1, -1]``,
-    ``[1, 8, 8, 16]``) reshapes to ``0`` there instead: the size of its input's first axis."""
+def _open_reshapes(graph: onnx.GraphProto, size: int) -> None:
+    """Every main-graph ``Reshape`` to a constant shape that starts with the fixed batch ``size``
+    reshapes to ``0`` there instead: the size of its input's first axis."""
     from .gradients.prepare import _const, _Names
 
     reshapes = [n for n in graph.node if n.op_type == "Reshape" and len(n.input) > 1 and not _attr(n, "allowzero", 0)]
@@ -426,11 +429,71 @@ def _open_reshapes(graph: onnx.GraphProto) -> None:
     for n in reshapes:
         t = stored.get(n.input[1])
         shape = None if t is None else numpy_helper.to_array(t)
-        if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != 1 or np.any(shape[1:] == 0):
+        if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != size or np.any(shape[1:] == 0):
             continue
         opened = np.array(shape, dtype=np.int64)
         opened[0] = 0
         n.input[1] = _const(graph, names, f"{n.input[1]}__open_batch", opened)
+
+
+#: The opened model's outputs on the probe samples must equal the original's to this fraction of
+#: their largest magnitude (float32 kernels for a batch block their sums differently).
+OPEN_PROBE_RTOL = 1e-4
+
+
+def opened_alike(
+    model: onnx.ModelProto, specs: Sequence[InputSpec], alone: Sequence[Arrays], together: Arrays
+) -> onnx.ModelProto | None:
+    """:func:`open_batch` of ``model`` (a runtime working copy that fixes its batch to ``b`` samples)
+    when the copy computes every sample as the original does; else None.
+
+    ``alone``: the probe samples one per feed; ``together``: the same samples in one feed, in the
+    models' layout.  For ``b = 1`` the original runs each feed of ``alone`` and the copy ``together``;
+    for ``b > 1`` (``len(alone) == b``) the original runs ``together`` and the copy each feed of
+    ``alone``.  Every output must be the per-sample outputs stacked along one axis (to
+    :data:`OPEN_PROBE_RTOL`).  A graph that bakes the batch in otherwise (a state of a fixed batch, a
+    ``Reshape`` that moves the batch axis, a reduction over it) fails or mixes the samples: None.
+    Equal probe samples could not show such a graph: None."""
+    size = fixed_batch_size(specs)
+    batched = [s.name for s in specs if s.batch_axis is not None]
+    if size is None or len(alone) < 2 or (size > 1 and len(alone) != size):
+        return None
+    if all(np.array_equal(f[n], alone[0][n]) for f in alone[1:] for n in batched):
+        return None
+    opened = open_batch(model, specs)
+    try:
+        base = runtime.session(model, what="the model (probe of its batch)", threads=1, check=False)
+        free = runtime.session(opened, what="the model with its fixed batch opened (probe)", threads=1)
+        one, many = (base, free) if size == 1 else (free, base)
+        singles = [runtime.run(one, None, f, what="the model on one calibration sample") for f in alone]
+        stacked = runtime.run(many, None, together, what="the model on the probe samples at once")
+    except ChitaError as exc:
+        log.debug("the fixed batch of %d stays: %s", size, exc)
+        return None
+    for k, got in enumerate(stacked):
+        if not _stacked_along_one_axis([a[k] for a in singles], np.asarray(got)):
+            log.debug("the fixed batch of %d stays: output %d is not the per-sample outputs stacked", size, k)
+            return None
+    return opened
+
+
+def _stacked_along_one_axis(parts: Sequence[NDArray[np.generic]], got: NDArray[np.generic]) -> bool:
+    """Whether ``got`` is ``parts`` concatenated along the one axis where its size differs from theirs
+    (floats to :data:`OPEN_PROBE_RTOL` of their largest magnitude, anything else exactly)."""
+    first = np.asarray(parts[0])
+    if got.ndim != first.ndim or any(np.asarray(p).shape != first.shape for p in parts):
+        return False
+    differ = [a for a in range(got.ndim) if got.shape[a] != first.shape[a]]
+    if len(differ) != 1 or got.shape[differ[0]] != first.shape[differ[0]] * len(parts):
+        return False
+    want = np.concatenate([np.asarray(p) for p in parts], axis=differ[0])
+    if not np.issubdtype(want.dtype, np.floating):
+        return bool(np.array_equal(want, got))
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    diff = np.abs(np.asarray(got, np.float64) - want)
+    return bool(
+        np.all(np.isfinite(diff)) and (not diff.size or float(diff.max()) <= OPEN_PROBE_RTOL * max(scale, 1e-30))
+    )
 
 
 def calibration_batches(

@@ -77,6 +77,13 @@ class DataError(ChitaError):
     """Calibration or evaluation data is missing, malformed, or does not match the model's inputs."""
 
 
+class FixedBatchError(DataError):
+    """The model fixes its batch to ``b > 1`` samples and its graph cannot be run one sample at a time
+    (:func:`chita_onnx.activations.opened_alike` found the samples mixed or the batch baked into a
+    shape), so there are no per-sample gradients: ``--mini-batch b`` gives one gradient row per
+    ``b`` samples, and the default recipe allocates by magnitude instead."""
+
+
 class GradientError(ChitaError):
     """onnxruntime-training failed to build or run the gradient graph."""
 

@@ -35,7 +35,7 @@ from .config import DEFAULT_STAGES, CompressConfig, Fisher
 from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, dense_storage_note, sparse_storage_note, zstd_size
-from .errors import ChitaError, ConfigError, DataError, GradientError, ModelError, UnsupportedOpError
+from .errors import ChitaError, ConfigError, DataError, FixedBatchError, GradientError, ModelError, UnsupportedOpError
 from .evaluate import (
     Comparison,
     Evaluation,
@@ -1184,7 +1184,25 @@ def _compress(
     oracle = GradientOracle(prep, config) if config.needs_gradients else None
     head_cache = HeadCache()  # the layer-wise pass's head tensors, for the class offsets
     try:
-        w, stages, result = prune(prep, config, oracle, timer, stage_eval, structure=structure, head_cache=head_cache)
+        try:
+            w, stages, result = prune(
+                prep, config, oracle, timer, stage_eval, structure=structure, head_cache=head_cache
+            )
+        except FixedBatchError as exc:
+            if requested.method != "auto" or config.method != "layerwise" or config.allocation not in ("obd", "chita"):
+                raise
+            # a fixed batch the graph bakes in: no per-sample gradients, but the pass runs the model's
+            # own batches; the layer sparsities come from magnitudes, and the report says why
+            why = " ".join(str(exc).split())[:300]
+            log.info("no per-sample gradients (%s): layer-wise with the magnitude allocation", why)
+            config = config.with_(allocation="magnitude")
+            chosen = f"method auto: layerwise with --allocation magnitude, because {why}"
+            warnings.append(
+                f"no per-sample gradients for this model, so the layer sparsities come from magnitudes ({why})"
+            )
+            w, stages, result = prune(
+                prep, config, None, timer, stage_eval, structure=structure, head_cache=head_cache
+            )
     except Exception as exc:
         if isinstance(exc, ChitaError) and exc.run_failed:
             blame_data(in_path, calibration, prep.specs)  # raises a DataError naming the file and batch

@@ -38,7 +38,7 @@ from .activations import (
     fixed_batch_size,
     inline_fixed_ifs,
     layerwise_batch_size,
-    open_batch,
+    opened_alike,
     working_copy,
 )
 from .blas import physical_cores
@@ -102,11 +102,8 @@ def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
 
 
 #: Samples run together, and one by one, to decide whether a batch fixed to one sample can be opened
-#: for the layer-wise passes (:func:`open_fixed_batch`).
+#: for the layer-wise passes (:func:`open_fixed_batch`); a fixed batch of ``b > 1``: ``b`` samples.
 OPEN_PROBE_SAMPLES = 3
-#: The opened model's outputs on the probe samples must equal the per-sample ones to this fraction of
-#: their largest magnitude (float32 kernels for a batch block their sums differently).
-OPEN_PROBE_RTOL = 1e-4
 
 
 def layer_data(prep: Prepared, config: CompressConfig) -> tuple[onnx.ModelProto, list[Arrays], LayerwiseOptions]:
@@ -127,60 +124,31 @@ def layer_data(prep: Prepared, config: CompressConfig) -> tuple[onnx.ModelProto,
 
 
 def open_fixed_batch(prep: Prepared, config: CompressConfig) -> onnx.ModelProto | None:
-    """The working copy with its fixed batch of one opened (:func:`~chita_onnx.activations.open_batch`),
-    when onnxruntime runs it on :data:`OPEN_PROBE_SAMPLES` calibration samples at once and every
-    output is the per-sample outputs stacked along one axis (to :data:`OPEN_PROBE_RTOL`); else None.
+    """The working copy with its fixed batch opened (:func:`~chita_onnx.activations.open_batch`),
+    when it computes every probe sample as the original does
+    (:func:`~chita_onnx.activations.opened_alike`: :data:`OPEN_PROBE_SAMPLES` samples for a batch of
+    one, ``b`` for a batch of ``b``); else None.
 
     Exports for phones (TFLite through tf2onnx, paddle2onnx, a traced ``batch=1``) often fix the
     batch to one sample in the input shape and in the ``Reshape`` shapes that flatten a sample
-    (``[1, -1]``), which the copy opens too.  A graph that bakes the batch in otherwise (a state of
-    batch one, a ``Reshape`` that moves the batch axis, a reduction over it) fails or mixes the
-    samples, and keeps its batches of one."""
-    if fixed_batch_size(prep.specs) != 1 or config.batch_size < 2 or config.num_samples < 2:
+    (``[1, -1]``), which the copy opens too; a trace without dynamic axes fixes it to the example's
+    batch.  A graph that bakes the batch in otherwise keeps its fixed batches."""
+    size = fixed_batch_size(prep.specs)
+    if size is None or config.batch_size < 2 or config.num_samples < 2:
         return None
+    probe = OPEN_PROBE_SAMPLES if size == 1 else size
     try:
-        singles = calibration_batches(prep.calib, prep.specs, OPEN_PROBE_SAMPLES, 1)
-        batched = [s.name for s in prep.specs if s.batch_axis is not None]
-        if len(singles) < 2 or all(np.array_equal(f[n], singles[0][n]) for f in singles[1:] for n in batched):
-            return None  # equal samples could not show a graph that mixes them
-        together = calibration_batches(prep.calib, prep.specs, len(singles), len(singles), honour_fixed=False)[0]
-        base = working_copy(prep.model)
-        opened = open_batch(base, prep.specs)
-        what = "the model with its fixed batch of one opened (probe)"
-        one = runtime.session(base, what="the model (probe of its batch)", threads=1, check=False)
-        many = runtime.session(opened, what=what, threads=1)
-        alone = [runtime.run(one, None, f, what="the model on one calibration sample") for f in singles]
-        stacked = runtime.run(many, None, together, what=what)
+        alone = calibration_batches(prep.calib, prep.specs, probe, 1, honour_fixed=False)
+        together = calibration_batches(prep.calib, prep.specs, len(alone), len(alone), honour_fixed=False)[0]
     except ChitaError as exc:
-        log.debug("the fixed batch of one stays: %s", exc)
+        log.debug("the fixed batch of %d stays: %s", size, exc)
         return None
-    for k, got in enumerate(stacked):
-        if not _stacked_along_one_axis([a[k] for a in alone], np.asarray(got)):
-            log.debug("the fixed batch of one stays: output %d is not the per-sample outputs stacked", k)
-            return None
-    log.info(
-        "the model fixes its batch to one sample but runs %d at once alike: layer-wise batches of several", len(singles)
-    )
+    opened = opened_alike(working_copy(prep.model), prep.specs, alone, together)
+    if opened is not None:
+        log.info(
+            "the model fixes its batch to %d sample(s) but computes each alone: layer-wise batches of any size", size
+        )
     return opened
-
-
-def _stacked_along_one_axis(parts: Sequence[NDArray[np.generic]], got: NDArray[np.generic]) -> bool:
-    """Whether ``got`` is ``parts`` concatenated along the one axis where its size differs from theirs
-    (floats to :data:`OPEN_PROBE_RTOL` of their largest magnitude, anything else exactly)."""
-    first = np.asarray(parts[0])
-    if got.ndim != first.ndim or any(np.asarray(p).shape != first.shape for p in parts):
-        return False
-    differ = [a for a in range(got.ndim) if got.shape[a] != first.shape[a]]
-    if len(differ) != 1 or got.shape[differ[0]] != first.shape[differ[0]] * len(parts):
-        return False
-    want = np.concatenate([np.asarray(p) for p in parts], axis=differ[0])
-    if not np.issubdtype(want.dtype, np.floating):
-        return bool(np.array_equal(want, got))
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    diff = np.abs(np.asarray(got, np.float64) - want)
-    return bool(
-        np.all(np.isfinite(diff)) and (not diff.size or float(diff.max()) <= OPEN_PROBE_RTOL * max(scale, 1e-30))
-    )
 
 
 def batches_of(prep: Prepared, config: CompressConfig, source: ArraySource | None = None) -> list[Arrays]:

@@ -583,6 +583,7 @@ class GradientEngine:
         names = list(weights) if weights is not None else _default_weights(model)
         if needs_twin(model, names):  # float16/float64 weights: differentiate a float32 twin
             model = float32_twin(model)
+        model = _open_fixed_batch(model, example, self.m)
         known = _tensor_shapes(model)
         if not names:
             raise ModelError("no prunable weights: nothing to differentiate")
@@ -1639,6 +1640,36 @@ def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch
     }
     reached, guards = weights_reached(model, feeds, names)
     return reached, list(guards)
+
+
+def _open_fixed_batch(model: onnx.ModelProto, example: Batch, mini_batch: int) -> onnx.ModelProto:
+    """``model``, or, when it fixes its batch to ``b > 1`` samples (a trace without dynamic axes) and
+    the engine feeds ``mini_batch ≠ b`` per call, a copy with the batch opened
+    (:func:`chita_onnx.activations.opened_alike`, probed on the first ``b`` samples of ``example``)
+    when it computes each sample as the original does.  Otherwise the model as it is, which the
+    shape folding then refuses in one line naming the input and its fixed batch."""
+    from ..activations import fixed_batch_size, opened_alike, working_copy
+    from ..data import to_model_layout
+
+    specs = model_inputs(model)
+    size = fixed_batch_size(specs)
+    if size is None or size in (1, mini_batch):
+        return model
+    arrays = {s.name: np.asarray(example[0][s.name]) for s in specs if s.name in example[0]}
+    if len(arrays) != len(specs) or any(len(arrays[s.name]) < size for s in specs if s.batch_axis is not None):
+        return model
+
+    def feed(lo: int, hi: int) -> dict[str, NDArray[np.generic]]:
+        return {
+            s.name: to_model_layout(arrays[s.name] if s.batch_axis is None else arrays[s.name][lo:hi], s) for s in specs
+        }
+
+    base = working_copy(model)
+    opened = opened_alike(base, specs, [feed(i, i + 1) for i in range(size)], feed(0, size))
+    if opened is None:
+        return model
+    log.info("the model fixes its batch to %d samples but computes each alone: gradients on an opened copy", size)
+    return opened
 
 
 def per_sample_gradients(

@@ -38,7 +38,7 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ConfigError, DataError, ModelError, UnsupportedOpError, first_line
+from ..errors import ConfigError, DataError, FixedBatchError, ModelError, UnsupportedOpError, first_line
 from ..graph import densify, expand_newer_ops
 from .static import StaticInfo
 from .subgraphs import node_inputs
@@ -541,7 +541,7 @@ def fix_input_dims(
             for k, (d, w) in enumerate(zip(tt.shape.dim, want, strict=True)):
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != w:
                     if k == axis:
-                        raise DataError(
+                        raise FixedBatchError(
                             f"model input {vi.name!r} has a fixed batch dimension {d.dim_value}, but {w} "
                             f"sample(s) are fed per call; use --mini-batch {d.dim_value} or export the model "
                             "with a dynamic batch"
