@@ -37,6 +37,9 @@ the ``Reshape`` targets, names 16), whose files hold 16 samples per call:
   constant folding.
 * ``vit_b16_dyn``  a patch-embedding transformer classifier (``nn.TransformerEncoderLayer``,
   ``batch_first=True``).  Dynamo opset 18, static shapes.
+
+and the same two networks as torch ≥ 2.9's default export writes them from a one-sample example:
+``cnn_b1_dyn`` and ``vit_b1_dyn`` (dynamo opset 18, no ``dynamic_shapes``: a fixed batch of one).
 """
 
 from __future__ import annotations
@@ -168,34 +171,40 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
                    "1-D conv + BN over the rows, input permuted from [T, N, F] inside the model, max over time",
                    "nodes", time.time())  # fmt: skip
 
-    def fixed16(name: str, dyn: bool, opset: int, net: nn.Module, epochs: int, lr: float, family: str, bn: str,
-                t0: float) -> None:  # fmt: skip
-        """Train ``net`` on the images, export it traced at a fixed batch of 16, write the splits."""
-        if not want(name):
+    def fixed16(names: tuple[tuple[str, bool, int, int], ...], net: nn.Module, epochs: int, lr: float, family: str,
+                bn: str, t0: float) -> None:  # fmt: skip
+        """Train ``net`` on the images, export it traced at a fixed batch under each ``(name, dynamo,
+        opset, batch)``, write the splits."""
+        if not any(want(n[0]) for n in names):
             return
+        name = names[0][0]
         print(f"{name}: {shared.nparams(net)} params", flush=True)
         shared.train(net, shared.as_images(audit.xtr), audit.ytr, epochs=epochs, lr=lr, seed=seed)
         splits = {k: shared.as_images(P[k][0])[0] for k in ("calib", "select", "test")}
         acc = float((shared.predict(net, splits["test"], batch=16).argmax(-1) == P["test"][1]).mean())
         print(f"  torch test accuracy {acc:.4f}", flush=True)
-        kw: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
-        if dyn:
-            kw["external_data"] = False
-        torch.onnx.export(net, (torch.from_numpy(splits["test"][:16]),), str(out / f"{name}.onnx"), dynamo=dyn, **kw)
-        for split, xs in splits.items():
-            np.savez(out / f"{name}_{split}.npz", input=xs, labels=P[split][1])
-        audit.manifest.record(name, dict(
-            family=family, exporter="dynamo" if dyn else "torchscript", opset=opset, bn=bn, task="classifier",
-            input="input", fixed_batch=16, torch_test_accuracy=acc, params=shared.nparams(net),
-            train_s=round(time.time() - t0, 1)))  # fmt: skip
+        for name, dyn, opset, b in names:
+            if not want(name):
+                continue
+            kw: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+            if dyn:
+                kw["external_data"] = False
+            x0 = (torch.from_numpy(splits["test"][:b]),)
+            torch.onnx.export(net, x0, str(out / f"{name}.onnx"), dynamo=dyn, **kw)
+            for split, xs in splits.items():
+                np.savez(out / f"{name}_{split}.npz", input=xs, labels=P[split][1])
+            audit.manifest.record(name, dict(
+                family=family, exporter="dynamo" if dyn else "torchscript", opset=opset, bn=bn, task="classifier",
+                input="input", fixed_batch=b, torch_test_accuracy=acc, params=shared.nparams(net),
+                train_s=round(time.time() - t0, 1)))  # fmt: skip
 
     def stage(cin: int, cout: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
     torch.manual_seed(seed)
     cnn = nn.Sequential(stage(1, 16), stage(16, 32), nn.Flatten(), nn.Linear(32 * 49, 64), nn.ReLU(), nn.Linear(64, 10))
-    fixed16("cnn_b16_ts", False, 17, cnn, 2, 4e-3, "conv+BN stages, flatten, two Linear; traced at batch 16",
-            "folded", time.time())  # fmt: skip
+    fixed16((("cnn_b16_ts", False, 17, 16), ("cnn_b1_dyn", True, 18, 1)), cnn, 2, 4e-3,
+            "conv+BN stages, flatten, two Linear; traced at a fixed batch", "folded", time.time())  # fmt: skip
 
     class ViT(nn.Module):
         def __init__(self, d: int = 64) -> None:
@@ -211,8 +220,8 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
             return self.head(self.enc(h).mean(1))
 
     torch.manual_seed(seed)
-    fixed16("vit_b16_dyn", True, 18, ViT(), 3, 2e-3, "patch-embedding transformer classifier; static batch 16",
-            "none", time.time())  # fmt: skip
+    fixed16((("vit_b16_dyn", True, 18, 16), ("vit_b1_dyn", True, 18, 1)), ViT(), 3, 2e-3,
+            "patch-embedding transformer classifier; static batch", "none", time.time())  # fmt: skip
     return audit.manifest.entries
 
 

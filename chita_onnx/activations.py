@@ -418,10 +418,12 @@ def open_batch(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
 
 def _open_reshapes(graph: onnx.GraphProto, size: int) -> None:
     """Every main-graph ``Reshape`` to a constant shape that starts with the fixed batch ``size``
-    reshapes to ``0`` there instead: the size of its input's first axis."""
+    reshapes to ``0`` there instead (the size of its input's first axis), or, with ``allowzero=1``
+    (where a 0 is a 0: torch's dynamo exporter writes it for ``view``), to ``-1`` when no other
+    entry is ``-1``."""
     from .gradients.prepare import _const, _Names
 
-    reshapes = [n for n in graph.node if n.op_type == "Reshape" and len(n.input) > 1 and not _attr(n, "allowzero", 0)]
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and len(n.input) > 1]
     wanted = {n.input[1] for n in reshapes}
     stored = {t.name: t for t in graph.initializer if t.name in wanted}
     stored.update({k: t for k, (_, t) in _constant_values(graph).items() if k in wanted})
@@ -431,11 +433,17 @@ def _open_reshapes(graph: onnx.GraphProto, size: int) -> None:
         shape = None if t is None else numpy_helper.to_array(t)
         if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != size or np.any(shape[1:] == 0):
             continue
+        literal = bool(_attr(n, "allowzero", 0))
+        if literal and np.any(shape[1:] == -1):
+            continue
         opened = np.array(shape, dtype=np.int64)
-        opened[0] = 0
+        opened[0] = -1 if literal else 0
         n.input[1] = _const(graph, names, f"{n.input[1]}__open_batch", opened)
 
 
+#: Samples run together, and one by one, to decide whether a batch fixed to one sample can be opened
+#: (:func:`opened_alike`); a fixed batch of ``b > 1`` is probed on ``b`` samples.
+OPEN_PROBE_SAMPLES = 3
 #: The opened model's outputs on the probe samples must equal the original's to this fraction of
 #: their largest magnitude (float32 kernels for a batch block their sums differently).
 OPEN_PROBE_RTOL = 1e-4

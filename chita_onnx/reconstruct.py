@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from . import runtime
 from .activations import (
+    OPEN_PROBE_SAMPLES,
     Arrays,
     LayerSite,
     SegmentRunner,
@@ -99,11 +100,6 @@ def layer_model(prep: Prepared, batches: Sequence[Arrays]) -> onnx.ModelProto:
     """The model the layer-wise passes run: the runtime working copy with the ``If`` nodes that the
     calibration data decide replaced by their taken branches (:func:`inline_fixed_ifs`)."""
     return inline_fixed_ifs(working_copy(prep.model), batches)
-
-
-#: Samples run together, and one by one, to decide whether a batch fixed to one sample can be opened
-#: for the layer-wise passes (:func:`open_fixed_batch`); a fixed batch of ``b > 1``: ``b`` samples.
-OPEN_PROBE_SAMPLES = 3
 
 
 def layer_data(prep: Prepared, config: CompressConfig) -> tuple[onnx.ModelProto, list[Arrays], LayerwiseOptions]:

@@ -41,30 +41,35 @@ def _fixed_batch(batch: int, *, mixes: bool = False) -> onnx.ModelProto:
     return model
 
 
-def conv_flatten(batch: int | str, seed: int = 3) -> onnx.ModelProto:
+def conv_flatten(batch: int | str, seed: int = 3, *, allowzero: int = 0) -> onnx.ModelProto:
     """``x [batch, 2, 6, 6]`` → Conv → Relu → ``Reshape`` to ``[batch, -1]`` (``[-1, 144]`` when the
-    batch is dynamic) → Gemm → ``y [batch, 3]``."""
+    batch is dynamic; ``[batch, 144]`` with ``allowzero=1``, as torch's dynamo exporter writes a
+    static ``view``) → Gemm → ``y [batch, 3]``."""
     w = Init(seed)
-    flat = [batch, -1] if isinstance(batch, int) else [-1, 144]
+    flat = ([batch, 144] if allowzero else [batch, -1]) if isinstance(batch, int) else [-1, 144]
     nodes = [
         node("Conv", ["x", w("Wc", 4, 2, 3, 3)], ["c"], pads=[1, 1, 1, 1]),
         node("Relu", ["c"], ["r"]),
-        node("Reshape", ["r", w.const("flat", flat, np.int64)], ["f"]),
+        node("Reshape", ["r", w.const("flat", flat, np.int64)], ["f"], allowzero=allowzero),
         node("Gemm", ["f", w("Wg", 144, 3)], ["y"]),
     ]
     return mk(nodes, [vi("x", [batch, 2, 6, 6])], [vi("y", [batch, 3])], w.items)
 
 
-def test_fixed_batch_gradients_equal_the_dynamic_exports() -> None:
+@pytest.mark.parametrize(("batch", "allowzero"), [(4, 0), (4, 1), (1, 1)])
+def test_fixed_batch_gradients_equal_the_dynamic_exports(
+    batch: int, allowzero: int, caplog: pytest.LogCaptureFixture
+) -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((12, 2, 6, 6)).astype(np.float32)
     labels = rng.integers(0, 3, 12).astype(np.int64)
-    rows = {}
-    for batch in (4, "N"):
-        src = ArraySource({"x": x}, labels, batch_size=6)
-        rows[batch] = per_sample_gradients(conv_flatten(batch), src, ["Wc", "Wg"], loss="ce").X
-    assert rows[4].shape == (12, 4 * 2 * 9 + 144 * 3)
-    np.testing.assert_allclose(rows[4], rows["N"], rtol=1e-5, atol=1e-7)
+    src = ArraySource({"x": x}, labels, batch_size=6)
+    with caplog.at_level("INFO"):
+        fixed = per_sample_gradients(conv_flatten(batch, allowzero=allowzero), src, ["Wc", "Wg"], loss="ce").X
+    assert any("gradients on an opened copy" in r.getMessage() for r in caplog.records)
+    dynamic = per_sample_gradients(conv_flatten("N"), src, ["Wc", "Wg"], loss="ce").X
+    assert fixed.shape == (12, 4 * 2 * 9 + 144 * 3)
+    np.testing.assert_allclose(fixed, dynamic, rtol=1e-5, atol=1e-7)
 
 
 def test_fixed_batch_compresses_with_the_defaults_and_keeps_its_interface(tmp_path: Path) -> None:
@@ -141,3 +146,16 @@ def test_layerwise_opens_a_fixed_batch_of_several_only_where_samples_stay_apart(
     # opened: batches of the configured size, every sample used; kept: batches of exactly 8
     assert [b["x"].shape[0] for b in batches] == ([8, 8] if mixes else [6, 6, 6, 2])
     assert opts.sample_groups == (() if mixes else (6, 6, 6, 2))
+
+
+def test_layerwise_opens_a_static_dynamo_view_of_batch_one(tmp_path: Path) -> None:
+    # torch's dynamo exporter without dynamic shapes: x [1, ...] and Reshape(allowzero=1) to [1, 144]
+    from chita_onnx.pipeline import prepare
+    from chita_onnx.reconstruct import layer_data
+
+    path = tmp_path / "b1.onnx"
+    onnx.save(conv_flatten(1, allowzero=1), path)
+    calib = {"x": np.random.default_rng(8).standard_normal((12, 2, 6, 6)).astype(np.float32)}
+    cfg = CompressConfig(sparsity=0.5, batch_size=6)
+    _, batches, opts = layer_data(prepare(path, calib, cfg, hold_out=False), cfg)
+    assert [b["x"].shape[0] for b in batches] == [6, 6] and opts.sample_groups == (6, 6)

@@ -1643,20 +1643,22 @@ def reached_weights(model: onnx.ModelProto, names: Sequence[str], example: Batch
 
 
 def _open_fixed_batch(model: onnx.ModelProto, example: Batch, mini_batch: int) -> onnx.ModelProto:
-    """``model``, or, when it fixes its batch to ``b > 1`` samples (a trace without dynamic axes) and
-    the engine feeds ``mini_batch ≠ b`` per call, a copy with the batch opened
-    (:func:`chita_onnx.activations.opened_alike`, probed on the first ``b`` samples of ``example``)
-    when it computes each sample as the original does.  Otherwise the model as it is, which the
-    shape folding then refuses in one line naming the input and its fixed batch."""
-    from ..activations import fixed_batch_size, opened_alike, working_copy
+    """``model``, or, when it fixes its batch to ``b`` samples (a trace without dynamic axes) and the
+    engine does not feed ``mini_batch = b > 1`` per call, a copy with the batch opened
+    (:func:`chita_onnx.activations.opened_alike`, probed on the first ``b`` samples of ``example``,
+    3 for ``b = 1``) when it computes each sample as the original does: the batched paths then run
+    several samples per call.  Otherwise the model as it is: ``b = 1`` runs one sample per call,
+    ``b > 1`` is refused by the shape folding in one line naming the input and its fixed batch."""
+    from ..activations import OPEN_PROBE_SAMPLES, fixed_batch_size, opened_alike, working_copy
     from ..data import to_model_layout
 
     specs = model_inputs(model)
     size = fixed_batch_size(specs)
-    if size is None or size in (1, mini_batch):
+    if size is None or (size == mini_batch and size > 1):
         return model
+    probe = OPEN_PROBE_SAMPLES if size == 1 else size
     arrays = {s.name: np.asarray(example[0][s.name]) for s in specs if s.name in example[0]}
-    if len(arrays) != len(specs) or any(len(arrays[s.name]) < size for s in specs if s.batch_axis is not None):
+    if len(arrays) != len(specs) or any(len(arrays[s.name]) < probe for s in specs if s.batch_axis is not None):
         return model
 
     def feed(lo: int, hi: int) -> dict[str, NDArray[np.generic]]:
@@ -1665,10 +1667,10 @@ def _open_fixed_batch(model: onnx.ModelProto, example: Batch, mini_batch: int) -
         }
 
     base = working_copy(model)
-    opened = opened_alike(base, specs, [feed(i, i + 1) for i in range(size)], feed(0, size))
+    opened = opened_alike(base, specs, [feed(i, i + 1) for i in range(probe)], feed(0, probe))
     if opened is None:
         return model
-    log.info("the model fixes its batch to %d samples but computes each alone: gradients on an opened copy", size)
+    log.info("the model fixes its batch to %d sample(s) but computes each alone: gradients on an opened copy", size)
     return opened
 
 
