@@ -452,37 +452,56 @@ OPEN_PROBE_RTOL = 1e-4
 def opened_alike(
     model: onnx.ModelProto, specs: Sequence[InputSpec], alone: Sequence[Arrays], together: Arrays
 ) -> onnx.ModelProto | None:
-    """:func:`open_batch` of ``model`` (a runtime working copy that fixes its batch to ``b`` samples)
-    when the copy computes every sample as the original does; else None.
+    """A copy of ``model`` (a runtime working copy that fixes its batch to ``b`` samples) with the
+    batch opened, when it computes every sample as the original does; else None.
 
-    ``alone``: the probe samples one per feed; ``together``: the same samples in one feed, in the
-    models' layout.  For ``b = 1`` the original runs each feed of ``alone`` and the copy ``together``;
-    for ``b > 1`` (``len(alone) == b``) the original runs ``together`` and the copy each feed of
-    ``alone``.  Every output must be the per-sample outputs stacked along one axis (to
-    :data:`OPEN_PROBE_RTOL`).  A graph that bakes the batch in otherwise (a state of a fixed batch, a
-    ``Reshape`` that moves the batch axis, a reduction over it) fails or mixes the samples: None.
-    Equal probe samples could not show such a graph: None."""
+    The copies tried, in turn: :func:`open_batch` (the inputs and the ``Reshape`` targets that start
+    with ``b``), then :func:`chita_onnx.batchtrace.trace_open` (the batch followed through the graph:
+    a static dynamo export's attention reshapes).  ``alone``: the probe samples one per feed;
+    ``together``: the same samples in one feed, in the models' layout.  For ``b = 1`` the original
+    runs each feed of ``alone`` and the copy ``together``; for ``b > 1`` (``len(alone) == b``) the
+    original runs ``together`` and the copy each feed of ``alone`` and ``together``.  Every output
+    must be the per-sample outputs stacked along one axis (to :data:`OPEN_PROBE_RTOL`).  A graph
+    that bakes the batch in otherwise (a state of a fixed batch, a reduction over it) fails or mixes
+    the samples: None.  Equal probe samples could not show such a graph: None."""
+    from .batchtrace import trace_open
+
     size = fixed_batch_size(specs)
     batched = [s.name for s in specs if s.batch_axis is not None]
     if size is None or len(alone) < 2 or (size > 1 and len(alone) != size):
         return None
     if all(np.array_equal(f[n], alone[0][n]) for f in alone[1:] for n in batched):
         return None
-    opened = open_batch(model, specs)
     try:
         base = runtime.session(model, what="the model (probe of its batch)", threads=1, check=False)
-        free = runtime.session(opened, what="the model with its fixed batch opened (probe)", threads=1)
-        one, many = (base, free) if size == 1 else (free, base)
-        singles = [runtime.run(one, None, f, what="the model on one calibration sample") for f in alone]
-        stacked = runtime.run(many, None, together, what="the model on the probe samples at once")
+        if size == 1:
+            singles = [runtime.run(base, None, f, what="the model on one calibration sample") for f in alone]
+        else:
+            whole = runtime.run(base, None, together, what="the model on the probe samples at once")
     except ChitaError as exc:
         log.debug("the fixed batch of %d stays: %s", size, exc)
         return None
-    for k, got in enumerate(stacked):
-        if not _stacked_along_one_axis([a[k] for a in singles], np.asarray(got)):
-            log.debug("the fixed batch of %d stays: output %d is not the per-sample outputs stacked", size, k)
-            return None
-    return opened
+    for build in (open_batch, trace_open):
+        opened = build(model, specs)
+        if opened is None:
+            continue
+        try:
+            free = runtime.session(opened, what="the model with its fixed batch opened (probe)", threads=1)
+            if size == 1:
+                stacked = runtime.run(free, None, together, what="the model on the probe samples at once")
+            else:
+                singles = [runtime.run(free, None, f, what="the opened model on one sample") for f in alone]
+                stacked = whole
+                again = runtime.run(free, None, together, what="the opened model on the probe samples at once")
+                if any(not _close(np.asarray(w), np.asarray(a)) for w, a in zip(whole, again, strict=True)):
+                    raise ModelError("the opened copy differs from the model on its own batch")
+        except ChitaError as exc:
+            log.debug("the fixed batch of %d stays with %s: %s", size, build.__name__, exc)
+            continue
+        if all(_stacked_along_one_axis([a[k] for a in singles], np.asarray(got)) for k, got in enumerate(stacked)):
+            return opened
+        log.debug("the fixed batch of %d stays with %s: the outputs are not the per-sample ones", size, build.__name__)
+    return None
 
 
 def _stacked_along_one_axis(parts: Sequence[NDArray[np.generic]], got: NDArray[np.generic]) -> bool:
@@ -494,11 +513,17 @@ def _stacked_along_one_axis(parts: Sequence[NDArray[np.generic]], got: NDArray[n
     differ = [a for a in range(got.ndim) if got.shape[a] != first.shape[a]]
     if len(differ) != 1 or got.shape[differ[0]] != first.shape[differ[0]] * len(parts):
         return False
-    want = np.concatenate([np.asarray(p) for p in parts], axis=differ[0])
+    return _close(np.concatenate([np.asarray(p) for p in parts], axis=differ[0]), got)
+
+
+def _close(want: NDArray[np.generic], got: NDArray[np.generic]) -> bool:
+    """Same shape, and equal (floats: to :data:`OPEN_PROBE_RTOL` of ``want``'s largest magnitude)."""
+    if want.shape != got.shape:
+        return False
     if not np.issubdtype(want.dtype, np.floating):
         return bool(np.array_equal(want, got))
     scale = float(np.max(np.abs(want))) if want.size else 0.0
-    diff = np.abs(np.asarray(got, np.float64) - want)
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
     return bool(
         np.all(np.isfinite(diff)) and (not diff.size or float(diff.max()) <= OPEN_PROBE_RTOL * max(scale, 1e-30))
     )

@@ -1,0 +1,117 @@
+"""Following a fixed batch through attention reshapes (``chita_onnx.batchtrace``).
+
+The model is what torch's dynamo exporter writes for ``nn.MultiheadAttention`` from a static
+example: a batch-first input transposed to sequence-first, ``view(-1, d)`` (the batch the *minor*
+factor of ``T·b``), ``view(T, b·heads, d/heads)`` (the *major* factor of ``b·heads``), attention per
+head, and back.  With a batch of one, every one of those reshapes could put the batch elsewhere;
+the trace must pick the placement under which the copy, run on several samples at once, gives
+each sample's own outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_gradients import Init, mk, node, vi
+
+from chita_onnx import CompressConfig
+from chita_onnx.activations import opened_alike, working_copy
+from chita_onnx.batchtrace import trace_open
+from chita_onnx.graph import model_inputs
+
+T, D, H, C = 6, 8, 2, 3
+
+
+def attention(b: int, seed: int = 0, *, mixes: bool = False) -> onnx.ModelProto:
+    """``x [b, T, D]`` → one self-attention head block as a static export writes it → ``y [b, C]``."""
+    w = Init(seed)
+    hd = D // H
+
+    def shape(name: str, *dims: int) -> str:
+        return w.const(name, list(dims), np.int64)
+
+    nodes = [
+        node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),  # [T, b, D]
+        node("Reshape", ["xt", shape("s_flat", T * b, D)], ["xf"], allowzero=1),  # [T·b, D]: b minor
+        node("Gemm", ["xf", w("Wq", D, D)], ["qf"]),
+        node("Gemm", ["xf", w("Wv", D, D)], ["vf"]),
+        node("Reshape", ["qf", shape("s_tbd", T, b, D)], ["q3"]),  # [T, b, D]
+        node("Reshape", ["q3", shape("s_heads", T, b * H, hd)], ["qh"]),  # [T, b·H, hd]: b major
+        node("Transpose", ["qh"], ["q"], perm=[1, 0, 2]),  # [b·H, T, hd]
+        node("Reshape", ["vf", shape("s_tbd2", T, b, D)], ["v3"]),
+        node("Reshape", ["v3", shape("s_heads2", T, b * H, hd)], ["vh"]),
+        node("Transpose", ["vh"], ["v"], perm=[1, 0, 2]),
+        node("Transpose", ["q"], ["kT"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kT"], ["s"]),  # [b·H, T, T]
+        node("Softmax", ["s"], ["p"], axis=-1),
+        node("MatMul", ["p", "v"], ["o"]),  # [b·H, T, hd]
+        node("Reshape", ["o", shape("s_split", b, H, T, hd)], ["o4"]),  # b alone again
+        node("Transpose", ["o4"], ["o5"], perm=[0, 2, 1, 3]),
+        node("Reshape", ["o5", shape("s_out", b, T, D)], ["o6"]),
+        node("ReduceMean", ["o6"], ["pooled"], axes=[1], keepdims=0),
+    ]
+    if mixes:  # subtract the batch mean: each sample's output depends on the others
+        nodes += [
+            node("ReduceMean", ["pooled"], ["mu"], axes=[0], keepdims=1),
+            node("Sub", ["pooled", "mu"], ["centred"]),
+        ]
+    nodes.append(node("Gemm", ["centred" if mixes else "pooled", w("Wo", D, C)], ["y"]))
+    return mk(nodes, [vi("x", [b, T, D])], [vi("y", [b, C])], w.items)
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def samples(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, T, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_the_traced_copy_runs_any_batch_as_each_sample_alone(b: int) -> None:
+    model = attention(b)
+    opened = trace_open(working_copy(model), model_inputs(model))
+    assert opened is not None
+    x = samples(4 * b)
+    alone = session(model)
+    want = np.concatenate([alone.run(None, {"x": x[i : i + b]})[0] for i in range(0, 4 * b, b)])
+    free = session(opened)
+    for n in (1, 3, 4 * b):
+        got = free.run(None, {"x": x[:n]})[0]
+        assert got.shape == (n, C)
+        np.testing.assert_allclose(got, want[:n], rtol=1e-5, atol=1e-6)
+    # the traced targets: the batch minor in [T·b, D], major in [T, b·H, hd], alone in [b, H, T, hd]
+    targets = {
+        n.output[0]: onnx.numpy_helper.to_array(t).tolist()
+        for n in opened.graph.node
+        if n.op_type == "Reshape"
+        for t in opened.graph.initializer
+        if t.name == n.input[1]
+    }
+    assert targets["xf"] == [-1, D] and targets["qh"] == [T, -1, D // H] and targets["o4"] == [-1, H, T, D // H]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == b  # the original is untouched
+
+
+def test_a_graph_that_mixes_its_batch_is_not_opened() -> None:
+    model = attention(2, mixes=True)
+    assert trace_open(working_copy(model), model_inputs(model)) is None  # a mean over the batch
+    alone = [{"x": samples(1, seed=s)} for s in range(2)]
+    together = {"x": np.concatenate([a["x"] for a in alone])}
+    assert opened_alike(working_copy(model), model_inputs(model), alone, together) is None
+
+
+def test_layerwise_and_gradients_run_the_traced_copy(tmp_path: Path) -> None:
+    from chita_onnx.pipeline import prepare
+    from chita_onnx.reconstruct import layer_data
+
+    path = tmp_path / "attn_b1.onnx"
+    onnx.save(attention(1, seed=3), path)
+    calib = {"x": samples(10, seed=4)}
+    cfg = CompressConfig(sparsity=0.5, batch_size=4)
+    opened, batches, opts = layer_data(prepare(path, calib, cfg, hold_out=False), cfg)
+    assert [b["x"].shape[0] for b in batches] == [4, 4, 2] and opts.sample_groups == (4, 4, 2)
+    assert opened.graph.input[0].type.tensor_type.shape.dim[0].dim_param
