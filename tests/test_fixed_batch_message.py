@@ -64,7 +64,7 @@ def test_fixed_batch_gradients_equal_the_dynamic_exports(
     x = rng.standard_normal((12, 2, 6, 6)).astype(np.float32)
     labels = rng.integers(0, 3, 12).astype(np.int64)
     src = ArraySource({"x": x}, labels, batch_size=6)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="chita_onnx.gradients.engine"):
         fixed = per_sample_gradients(conv_flatten(batch, allowzero=allowzero), src, ["Wc", "Wg"], loss="ce").X
     assert any("gradients on an opened copy" in r.getMessage() for r in caplog.records)
     dynamic = per_sample_gradients(conv_flatten("N"), src, ["Wc", "Wg"], loss="ce").X
