@@ -70,12 +70,22 @@ def export(model: Any, name: str, args: tuple[Any, ...], dynamo: bool, opset: in
            extra: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``model`` to ``out/<name>.onnx`` with a dynamic batch axis ``N`` on every input (and output):
     the dynamo exporter (weights inside the file) or TorchScript (no constant folding); ``extra``:
-    more ``torch.onnx.export`` keywords (e.g. ``keep_initializers_as_inputs``)."""
+    more ``torch.onnx.export`` keywords (e.g. ``keep_initializers_as_inputs``).
+
+    ``UNSEEN_STATIC=1`` in the environment exports from a one-sample example with no dynamic axes,
+    as ``torch.onnx.export(model, x[:1])`` does by default: a fixed batch of one (rebuild a set into
+    another ``--out`` to audit its static twin)."""
     import torch
 
     path = out / f"{name}.onnx"
     kw: dict[str, Any] = {"input_names": inputs, "output_names": outputs, "opset_version": opset}
-    if dynamo:
+    if os.environ.get("UNSEEN_STATIC"):
+        args = tuple(a[:1] for a in args)
+        if dynamo:
+            kw["external_data"] = False
+        else:
+            kw["do_constant_folding"] = False
+    elif dynamo:
         N = torch.export.Dim("N", min=1, max=4096)
         kw["dynamic_shapes"] = tuple({0: N} for _ in inputs)
         kw["external_data"] = False

@@ -79,6 +79,30 @@ def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     return default
 
 
+def _run_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``names`` in one onnxruntime run of ``model`` on zeros (its inputs are all fixed):
+    for values whose shape inference cannot follow (bounds computed from ``Shape``)."""
+    from . import runtime
+    from .errors import ChitaError
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    feeds = {}
+    for s in specs:
+        if any(not isinstance(d, int) or d < 0 for d in s.shape):
+            return {}
+        feeds[s.name] = np.zeros(tuple(int(d) for d in s.shape), dtype=s.dtype)  # type: ignore[arg-type]
+    try:
+        sess = runtime.session(m, what="the model (shapes of its fixed batch)", threads=1, check=False)
+        values = runtime.run(sess, [*names], feeds, what="the model on zeros (shapes of its fixed batch)")
+    except ChitaError as exc:
+        log.debug("no shapes from a run: %s", exc)
+        return {}
+    return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values, strict=True)}
+
+
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Every main-graph value's shape where shape inference fixes all its dims."""
     try:
@@ -125,6 +149,9 @@ def trace_open(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
     if size < 1:
         return None
     shapes = _static_shapes(model)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    if missing:
+        shapes.update(_run_shapes(model, specs, missing))
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -240,6 +267,8 @@ def _follow(
     outs = [o for o in node.output if o]
     if node.domain not in ("", "ai.onnx"):
         raise _StopError(f"{node.domain}.{op}")
+    if op in ("Shape", "Size"):  # computed at run time from the opened tensor: no batch axis of its own
+        return {}
     if op in _SAME:
         if batched[0][0] != 0:
             raise _StopError(f"{op} reads the batch as a parameter")
@@ -355,13 +384,14 @@ def _follow(
             raise _StopError(f"{op} parameters carry the batch")
         if op == "Split":
             touched = [int(_attr(node, "axis", 0)) % rank]  # type: ignore[call-overload]
-        elif op == "Slice":
-            starts = _const(node, 1, consts)
-            touched = (
-                [int(a) % rank for a in _const(node, 3, consts)]
-                if len(node.input) > 3 and node.input[3]
-                else list(range(starts.size))
-            )
+        elif op == "Slice":  # the bounds may be computed (from a Shape): only the axes matter
+            if len(node.input) > 3 and node.input[3]:
+                touched = [int(a) % rank for a in _const(node, 3, consts)]
+            else:
+                starts = shapes.get(node.input[1])
+                if starts is None or len(starts) != 1:
+                    raise _StopError(f"Slice {node.name!r}: no static shape for its starts")
+                touched = list(range(starts[0]))
         else:
             pads = _const(node, 1, consts) if len(node.input) > 1 else np.asarray(_attr(node, "pads", []))
             chosen = (

@@ -115,3 +115,20 @@ def test_layerwise_and_gradients_run_the_traced_copy(tmp_path: Path) -> None:
     opened, batches, opts = layer_data(prepare(path, calib, cfg, hold_out=False), cfg)
     assert [b["x"].shape[0] for b in batches] == [4, 4, 2] and opts.sample_groups == (4, 4, 2)
     assert opened.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_a_slice_with_computed_bounds_is_followed() -> None:
+    # TorchScript without constant folding computes slice bounds from Shape: only the axes matter
+    w = Init(5)
+    nodes = [
+        node("Shape", ["x"], ["sh"], start=1, end=2),  # [T]
+        node("Slice", ["x", w.const("zero", [0], np.int64), "sh", w.const("ax1", [1], np.int64)], ["xs"]),
+        node("Reshape", ["xs", w.const("flat", [1, T * D], np.int64)], ["f"]),
+        node("Gemm", ["f", w("Wg", T * D, C)], ["y"]),
+    ]
+    model = mk(nodes, [vi("x", [1, T, D])], [vi("y", [1, C])], w.items, opset=17)
+    opened = trace_open(working_copy(model), model_inputs(model))
+    assert opened is not None
+    x = samples(3, seed=6)
+    want = np.concatenate([session(model).run(None, {"x": x[i : i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(session(opened).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
