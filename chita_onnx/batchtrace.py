@@ -157,6 +157,7 @@ def trace_open(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
     g = m.graph
     consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     consts.update({k: numpy_helper.to_array(t) for k, (_, t) in _constant_values(g).items()})
+    _fold_small(g, consts)
     axes = {s.name: s.batch_axis for s in specs}
     start: dict[str, At] = {}
     for vi in g.input:
@@ -198,6 +199,35 @@ def trace_open(model: onnx.ModelProto, specs: Sequence[InputSpec], name: str = "
         if vi.type.HasField("tensor_type"):
             vi.type.tensor_type.ClearField("shape")
     return m
+
+
+def _fold_small(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> None:
+    """Add to ``consts`` the integer values that ``Unsqueeze``/``Squeeze``/``Concat``/``Cast``/
+    ``Identity`` compute from constants (TorchScript without constant folding writes a ``Slice``'s
+    axes as ``Unsqueeze(Constant)``).  Values only read, never written into the graph."""
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx") or not n.input or not all(i in consts for i in n.input if i):
+            continue
+        vals = [np.asarray(consts[i]) for i in n.input if i]
+        if any(v.dtype.kind not in "iu" or v.size > 64 for v in vals):
+            continue
+        out: np.ndarray | None = None
+        if n.op_type in ("Identity", "Cast"):
+            out = vals[0]
+        elif n.op_type in ("Unsqueeze", "Squeeze"):
+            ax = _attr(n, "axes")
+            listed = np.asarray(ax if ax is not None else (vals[1] if len(vals) > 1 else []), dtype=np.int64)
+            axes = [int(a) for a in listed.reshape(-1)]
+            if n.op_type == "Unsqueeze":
+                out = vals[0]
+                for a in sorted(a % (vals[0].ndim + len(axes)) for a in axes):
+                    out = np.expand_dims(out, a)
+            elif axes:
+                out = np.squeeze(vals[0], axis=tuple(a % vals[0].ndim for a in axes))
+        elif n.op_type == "Concat":
+            out = np.concatenate([np.atleast_1d(v) for v in vals], axis=int(_attr(n, "axis", 0)))  # type: ignore[call-overload]
+        if out is not None:
+            consts[n.output[0]] = out
 
 
 def _walk(

@@ -117,12 +117,20 @@ def test_layerwise_and_gradients_run_the_traced_copy(tmp_path: Path) -> None:
     assert opened.graph.input[0].type.tensor_type.shape.dim[0].dim_param
 
 
-def test_a_slice_with_computed_bounds_is_followed() -> None:
-    # TorchScript without constant folding computes slice bounds from Shape: only the axes matter
+@pytest.mark.parametrize("axes_folded", [True, False])
+def test_a_slice_with_computed_bounds_is_followed(axes_folded: bool) -> None:
+    # TorchScript without constant folding computes slice bounds from Shape (only the axes matter)
+    # and writes the axes as Unsqueeze(Constant)
     w = Init(5)
+    axes = [node("Unsqueeze", [w.const("one", 1, np.int64), w.const("a0", [0], np.int64)], ["ax1"])]
     nodes = [
+        *([] if axes_folded else axes),
         node("Shape", ["x"], ["sh"], start=1, end=2),  # [T]
-        node("Slice", ["x", w.const("zero", [0], np.int64), "sh", w.const("ax1", [1], np.int64)], ["xs"]),
+        node(
+            "Slice",
+            ["x", w.const("zero", [0], np.int64), "sh", w.const("ax1", [1], np.int64) if axes_folded else "ax1"],
+            ["xs"],
+        ),
         node("Reshape", ["xs", w.const("flat", [1, T * D], np.int64)], ["f"]),
         node("Gemm", ["f", w("Wg", T * D, C)], ["y"]),
     ]
