@@ -367,6 +367,22 @@ def expected_shape(spec: InputSpec) -> str:
     )
 
 
+def _dim_text(d: int | str | None) -> str:
+    return str(d) if (isinstance(d, int) and d > 0) or (isinstance(d, str) and d) else "?"
+
+
+def input_layout(spec: InputSpec) -> str:
+    """One line on how calibration arrays for ``spec`` hold their samples (for ``inspect``)."""
+    dims = "[" + ", ".join(map(_dim_text, spec.shape)) + "]"
+    if spec.batch_axis is None:
+        return f"input {spec.name!r} {dims}: no batch axis, one value shared by all samples"
+    want = "(" + ", ".join(["samples", *map(_dim_text, spec.sample_shape)]) + ")"
+    fixed = spec.shape[spec.batch_axis]
+    batch = f", a fixed batch of {fixed}" if isinstance(fixed, int) and fixed > 0 else ""
+    fed = f", fed on the model's axis {spec.batch_axis}" if spec.batch_axis else ""
+    return f"input {spec.name!r} {dims}: arrays {want}{fed}{batch}"
+
+
 def check_array(arr: NDArray[np.generic], spec: InputSpec) -> str | None:
     """Why ``arr`` does not fit ``spec`` (samples on axis 0 unless static), or ``None``."""
     want = spec.shape if spec.batch_axis is None else (None, *spec.sample_shape)

@@ -1416,6 +1416,14 @@ def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor]
     return tensors, refused_weights(m, tensors), whole
 
 
+def input_layouts(model: str | os.PathLike[str]) -> list[str]:
+    """One line per model input: how calibration arrays hold its samples and on which of the model's
+    axes they are fed (:func:`chita_onnx.data.input_layout`)."""
+    from .data import input_layout
+
+    return [input_layout(s) for s in model_inputs(load_model(model))]
+
+
 @guarded
 def write_gradients(
     model: str | os.PathLike[str],

@@ -536,7 +536,7 @@ def inspect(
 ) -> None:
     """List the prunable weight tensors of MODEL (marking those that compress refuses); with --check:
     will it go through compress?; with --pattern: does it satisfy an N:M pattern (exit 1 if not)?"""
-    from chita_onnx.pipeline import inspect_weights
+    from chita_onnx.pipeline import input_layouts, inspect_weights
 
     if check and pattern is not None:
         raise ConfigError("--check and --pattern: choose one")
@@ -568,6 +568,8 @@ def inspect(
         head.append("compress")
     click.echo(table(rows, head))
     click.echo(f"\n{len(tensors)} prunable tensors, {sum(t.size for t in tensors):,} weights in total")
+    for line in input_layouts(model):
+        click.echo(line)
     if refused:
         click.echo(f"{len(refused)} of them refused by compress (see the last column)")
     if whole:

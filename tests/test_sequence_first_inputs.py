@@ -158,3 +158,13 @@ def test_compress_reads_samples_on_the_models_batch_axis(tmp_path: Path) -> None
     out = make_session(tmp_path / "out.onnx")
     y = out.run(None, {"x": np.ascontiguousarray(np.moveaxis(samples(4, 11), 0, 1))})[0]
     assert y.shape == (4, C)
+
+
+def test_inspect_says_on_which_axis_the_samples_are_fed(tmp_path: Path) -> None:
+    from chita_onnx_cli.main import cli
+    from click.testing import CliRunner
+
+    onnx.save(lstm_model(("time", "streams")), tmp_path / "tm.onnx")
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "tm.onnx")])
+    assert result.exit_code == 0
+    assert "input 'x' [time, streams, 3]: arrays (samples, time, 3), fed on the model's axis 1" in result.output
