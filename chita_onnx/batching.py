@@ -41,7 +41,7 @@ def is_batch_name(d: Dim) -> bool:
     if not isinstance(d, str) or not d:
         return False
     low = d.strip().lower()
-    return "batch" in low or low in _BATCH_WORDS or re.fullmatch(r"(batch|n|b)_?\d*", low) is not None
+    return "batch" in low or low in _BATCH_WORDS or re.fullmatch(r"[nb]_?\d+", low) is not None
 
 
 def is_unknown(d: Dim) -> bool:

@@ -27,7 +27,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .activations import _attr
 from .data_types import InputSpec
+from .errors import ModelError
+from .gradients.prepare import _infer_shapes, _shape_table
 from .graph import _constant_values
 
 log = logging.getLogger(__name__)
@@ -72,13 +75,6 @@ _REDUCE = frozenset(
 )  # fmt: skip
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _run_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec], names: list[str]) -> dict[str, tuple[int, ...]]:
     """The shapes of ``names`` in one onnxruntime run of ``model`` on zeros (its inputs are all fixed):
     for values whose shape inference cannot follow (bounds computed from ``Shape``)."""
@@ -106,19 +102,13 @@ def _run_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec], names: list[
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Every main-graph value's shape where shape inference fixes all its dims."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
+        table = _shape_table(_infer_shapes(model))
+    except ModelError:  # a model shape inference cannot read: nothing known
         return {}
     out: dict[str, tuple[int, ...]] = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-            if all(d >= 0 for d in dims):
-                out[vi.name] = tuple(dims)
-    for t in g.initializer:
-        out[t.name] = tuple(int(d) for d in t.dims)
+    for name, (_, dims) in table.items():
+        if dims is not None and all(d is not None for d in dims):
+            out[name] = tuple(int(d or 0) for d in dims)
     return out
 
 

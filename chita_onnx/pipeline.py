@@ -259,6 +259,15 @@ def prepare(
     )
 
 
+def _by_magnitude(config: CompressConfig, because: str, why: str, warnings: list[str]) -> tuple[CompressConfig, str]:
+    """The default recipe without gradients: ``config`` with the magnitude allocation and the report's
+    method line; the warning that says why goes to ``warnings``."""
+    why = " ".join(why.split())[:300]
+    warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
+    chosen = f"method auto: layerwise with --allocation magnitude, because {because} ({why})"
+    return config.with_(allocation="magnitude"), chosen
+
+
 def refused_weights(
     model: onnx.ModelProto, tensors: Sequence[PrunableTensor], *, gradients: bool = True
 ) -> dict[str, str]:
@@ -1115,10 +1124,7 @@ def _compress(
     if prep.no_gradients and config.needs_gradients:
         if config.method != "layerwise":
             raise ModelError(f"{prep.no_gradients} ({chosen})")  # the default chose a method that needs them
-        why = " ".join(prep.no_gradients.split())[:300]
-        config = config.with_(allocation="magnitude")
-        chosen = f"method auto: layerwise with --allocation magnitude, because no gradients can be built ({why})"
-        warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
+        config, chosen = _by_magnitude(config, "no gradients can be built", prep.no_gradients, warnings)
     if chosen:
         log.info("%s", chosen)
     if isinstance(data, str) and data == "random":
@@ -1193,13 +1199,8 @@ def _compress(
                 raise
             # a fixed batch the graph bakes in: no per-sample gradients, but the pass runs the model's
             # own batches; the layer sparsities come from magnitudes, and the report says why
-            why = " ".join(str(exc).split())[:300]
-            log.info("no per-sample gradients (%s): layer-wise with the magnitude allocation", why)
-            config = config.with_(allocation="magnitude")
-            chosen = f"method auto: layerwise with --allocation magnitude, because {why}"
-            warnings.append(
-                f"no per-sample gradients for this model, so the layer sparsities come from magnitudes ({why})"
-            )
+            log.info("no per-sample gradients (%s): layer-wise with the magnitude allocation", exc)
+            config, chosen = _by_magnitude(config, "its fixed batch cannot be opened", str(exc), warnings)
             w, stages, result = prune(
                 prep, config, None, timer, stage_eval, structure=structure, head_cache=head_cache
             )
@@ -1228,12 +1229,11 @@ def _compress(
                 raise
             # no gradients at all (e.g. onnxruntime-training cannot build them past a Loop upstream of
             # the weights): layer-wise reconstruction with the gradient-free magnitude allocation
-            why = " ".join(f"{type(exc2).__name__}: {exc2}".split())[:300]
-            # the report's warning below says it; a log warning too would print it twice
+            why = f"{type(exc2).__name__}: {exc2}"
+            # the report's warning says it; a log warning too would print it twice
             log.info("no gradients for this model (%s): layer-wise with the magnitude allocation", why)
-            prep, decide, config = layer_prep, layer_decide, layer_config.with_(allocation="magnitude")
-            chosen = f"method auto: layerwise with --allocation magnitude, because gradients failed ({why})"
-            warnings.append(f"no gradients for this model, so the layer sparsities come from magnitudes ({why})")
+            prep, decide = layer_prep, layer_decide
+            config, chosen = _by_magnitude(layer_config, "gradients failed", why, warnings)
             w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
         else:
             log.warning("the layer-wise pass failed (%s): fell back to chita", why)
