@@ -8,7 +8,9 @@ reshapes ``[T, b, 3, d]`` with the batch in the middle and ``[T, b·heads, d/hea
 merged into the heads.
 
 :func:`trace_open` follows the batch from the inputs, op by op, as a position: an axis of the
-tensor, and whether it is that axis alone or the *major* factor of an axis merged with others.  A
+tensor, and whether it is that axis alone or the major, minor or a middle factor of an axis merged
+with others (a MobileViT's patches or a Swin's windows merged into the batch, then an attention's
+``[T·b·P, d]``).  A
 ``Reshape`` keeps the elements in row-major order, so the batch lands where the product of the
 target's leading entries equals the product of the input's dims before it; that entry becomes
 ``-1``.  An ``Expand`` target gets ``1`` at the batch axis.  Any op it does not know, or a batch
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -39,11 +41,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class At:
     """Where a tensor's batch is: ``axis``, and ``kind``: the axis alone (``"own"``), or the major
-    (``"major"``: ``[b·h, ...]``, batch outermost) or minor (``"minor"``: ``[t·b, ...]``, as
-    ``x.view(-1, d)`` of a ``[T, b, d]`` tensor) factor of an axis merged with others."""
+    (``"major"``: ``[b·h, ...]``, batch outermost), minor (``"minor"``: ``[t·b, ...]``, as
+    ``x.view(-1, d)`` of a ``[T, b, d]`` tensor) or a middle (``"middle"``: ``[t·b·h, ...]``, as
+    ``x.view(-1, d)`` of a ``[T, b·h, d]`` tensor) factor of an axis merged with others; ``outer``:
+    for ``"middle"``, the product of the factors before the batch in that axis (``t``)."""
 
     axis: int
     kind: str = "own"
+    outer: int = 1
+
+    def moved(self, axis: int) -> At:
+        """The same position on another axis (an op that moves or renumbers the axes)."""
+        return replace(self, axis=axis)
 
 
 class _StopError(Exception):
@@ -302,7 +311,7 @@ def _follow(
             r_in = _rank(t, shapes)
             hit = next((w for k, w in batched if k == i), None)
             if hit is not None:
-                w = At(hit.axis + r_out - r_in, hit.kind)
+                w = hit.moved(hit.axis + r_out - r_in)
                 if found is not None and w != found:
                     raise _StopError(f"{op} {node.name!r}: operands disagree on the batch")
                 found = w
@@ -330,13 +339,13 @@ def _follow(
         if axis == first.axis or (op == "LayerNormalization" and first.axis >= axis):
             raise _StopError(f"{op} {node.name!r} works along the batch")
         if op in ("ArgMax", "ArgMin") and not _attr(node, "keepdims", 1) and axis < first.axis:
-            return {o: At(first.axis - 1, first.kind) for o in outs}
+            return {o: first.moved(first.axis - 1) for o in outs}
         return {o: first for o in outs}
     if op == "Transpose":
         rank = _rank(node.input[0], shapes)
         perm = _attr(node, "perm")
         order = list(perm) if perm is not None else list(reversed(range(rank)))  # type: ignore[call-overload]
-        return {outs[0]: At(order.index(first.axis), first.kind)}
+        return {outs[0]: first.moved(order.index(first.axis))}
     if op == "MatMul":
         ra, rb = _rank(node.input[0], shapes), _rank(node.input[1], shapes)
         ro = _rank(node.output[0], shapes)
@@ -348,9 +357,9 @@ def _follow(
             if (k == 0 and w.axis == r - 2) or (k == 1 and w.axis == r - 1):
                 if len(batched) > 1:
                     raise _StopError(f"MatMul {node.name!r}: the batch in a matrix axis of both operands")
-                here = At(ro - 2 if k == 0 else ro - 1, w.kind)
+                here = w.moved(ro - 2 if k == 0 else ro - 1)
             else:
-                here = At(w.axis + ro - r, w.kind)
+                here = w.moved(w.axis + ro - r)
             if found is not None and here != found:
                 raise _StopError(f"MatMul {node.name!r}: operands disagree on the batch")
             found = here
@@ -359,7 +368,7 @@ def _follow(
     if op == "Gemm":
         if batched != [(0, first)] or first.axis != (1 if _attr(node, "transA", 0) else 0):
             raise _StopError("Gemm with the batch off its rows")
-        return {outs[0]: At(0, first.kind)}
+        return {outs[0]: first.moved(0)}
     if op == "Flatten":
         s, out = shapes.get(node.input[0]), shapes.get(node.output[0])
         if s is None or out is None:
@@ -369,13 +378,13 @@ def _follow(
         r_out = _rank(node.output[0], shapes)
         added = _axes(node, consts, r_out) or []
         kept = [a for a in range(r_out) if a not in added]
-        return {outs[0]: At(kept[first.axis], first.kind)}
+        return {outs[0]: first.moved(kept[first.axis])}
     if op == "Squeeze":
         rank = _rank(node.input[0], shapes)
         gone = _axes(node, consts, rank)
         if gone is None or first.axis in gone:
             raise _StopError("Squeeze of the batch axis")
-        return {outs[0]: At(first.axis - sum(a < first.axis for a in gone), first.kind)}
+        return {outs[0]: first.moved(first.axis - sum(a < first.axis for a in gone))}
     if op in _REDUCE:
         rank = _rank(node.input[0], shapes)
         reduced = _axes(node, consts, rank)
@@ -387,7 +396,7 @@ def _follow(
             raise _StopError(f"{op} over the batch")
         if _attr(node, "keepdims", 1):
             return {outs[0]: first}
-        return {outs[0]: At(first.axis - sum(a < first.axis for a in reduced), first.kind)}
+        return {outs[0]: first.moved(first.axis - sum(a < first.axis for a in reduced))}
     if op == "Gather":
         if any(k != 0 for k, _ in batched):
             raise _StopError("Gather indices carry the batch")
@@ -397,7 +406,7 @@ def _follow(
             raise _StopError("Gather along the batch")
         if axis > first.axis:
             return {outs[0]: first}
-        return {outs[0]: At(first.axis - 1 + _rank(node.input[1], shapes), first.kind)}
+        return {outs[0]: first.moved(first.axis - 1 + _rank(node.input[1], shapes))}
     if op in ("Split", "Slice", "Pad"):
         rank = _rank(node.input[0], shapes)
         if any(k != 0 for k, _ in batched):
@@ -443,7 +452,7 @@ def _follow(
         if 0 <= pos < target.size:
             target[pos] = 1
             rewrites.append((node, 1, target))
-        return {outs[0]: At(axis, first.kind)}
+        return {outs[0]: first.moved(axis)}
     raise _StopError(f"{op} is not followed")
 
 
@@ -452,6 +461,8 @@ def _span(s: tuple[int, ...], at: At, size: int) -> tuple[int, int]:
     whole = int(np.prod(s))
     if at.kind == "own" or at.kind == "major":
         before = int(np.prod(s[: at.axis]))
+    elif at.kind == "middle":
+        before = int(np.prod(s[: at.axis])) * at.outer
     else:
         before = int(np.prod(s[: at.axis + 1])) // size
     return before, whole // (before * size)
@@ -462,7 +473,8 @@ def _candidates(s: tuple[int, ...], at: At, target: tuple[int, ...], size: int, 
     the target axis that holds it: alone where an entry is exactly the batch; else as the minor
     factor of an axis (the ``view(-1, d)`` of a sequence-first ``[T, b, d]``) or the major one
     (``view(T, b·heads, d/heads)``), those that keep the dims on the far side of the batch as they
-    were first.  A batch of one fits many of them."""
+    were first; last, as a middle factor (the ``view(-1, d)`` of a ``[T, b·h, d]``: patches or
+    windows merged into the batch before an attention).  A batch of one fits many of them."""
     before, after = _span(s, at, size)
     lo, hi = _sides(s, at, size)
     t = [int(v) for v in target]
@@ -476,6 +488,10 @@ def _candidates(s: tuple[int, ...], at: At, target: tuple[int, ...], size: int, 
             ranked.append((0 if tuple(t[j + 1 :]) == hi else 2, (At(j, "minor"), j)))
         if lead == before and t[j] > size and t[j] % size == 0 and (t[j] // size) * tail == after:
             ranked.append((1 if tuple(t[:j]) == lo else 3, (At(j, "major"), j)))
+        if before % lead == 0 and before > lead and t[j] % ((before // lead) * size) == 0:
+            inner = t[j] // ((before // lead) * size)
+            if inner > 1 and inner * tail == after:
+                ranked.append((4, (At(j, "middle", before // lead), j)))
     found = own + [c for _, c in sorted(ranked, key=lambda r: r[0])]
     if not found:
         raise _StopError(f"{what} splits the batch across axes")
@@ -490,6 +506,9 @@ def _sides(s: tuple[int, ...], at: At, size: int) -> tuple[tuple[int, ...], tupl
         return tuple(s[:a]), ((rest,) if rest > 1 else ()) + tuple(s[a + 1 :])
     if at.kind == "minor":
         return tuple(s[:a]) + ((rest,) if rest > 1 else ()), tuple(s[a + 1 :])
+    if at.kind == "middle":
+        inner = rest // at.outer
+        return (*s[:a], at.outer), ((inner,) if inner > 1 else ()) + tuple(s[a + 1 :])
     return tuple(s[:a]), tuple(s[a + 1 :])
 
 

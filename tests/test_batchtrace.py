@@ -67,6 +67,12 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def reshape_targets(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Each ``Reshape``'s stored target, by the name of its output."""
+    inits = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    return {n.output[0]: inits[n.input[1]] for n in model.graph.node if n.op_type == "Reshape" and n.input[1] in inits}
+
+
 def samples(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, T, D)).astype(np.float32)
 
@@ -85,13 +91,7 @@ def test_the_traced_copy_runs_any_batch_as_each_sample_alone(b: int) -> None:
         assert got.shape == (n, C)
         np.testing.assert_allclose(got, want[:n], rtol=1e-5, atol=1e-6)
     # the traced targets: the batch minor in [T·b, D], major in [T, b·H, hd], alone in [b, H, T, hd]
-    targets = {
-        n.output[0]: onnx.numpy_helper.to_array(t).tolist()
-        for n in opened.graph.node
-        if n.op_type == "Reshape"
-        for t in opened.graph.initializer
-        if t.name == n.input[1]
-    }
+    targets = reshape_targets(opened)
     assert targets["xf"] == [-1, D] and targets["qh"] == [T, -1, D // H] and targets["o4"] == [-1, H, T, D // H]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == b  # the original is untouched
 
@@ -140,3 +140,44 @@ def test_a_slice_with_computed_bounds_is_followed(axes_folded: bool) -> None:
     x = samples(3, seed=6)
     want = np.concatenate([session(model).run(None, {"x": x[i : i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(session(opened).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+P = 4  # patches merged into the batch (MobileViT's pixels of a 2×2 patch, a Swin's windows)
+
+
+def patch_attention(b: int, seed: int = 7) -> onnx.ModelProto:
+    """``x [b, P·T, D]`` → the patches merged into the batch ``[b·P, T, D]`` (b major), then the
+    sequence-first attention flattening ``[T, b·P, D]`` → ``[T·b·P, D]`` (b a *middle* factor), a
+    projection, the way back, and a per-sample ``[b, C]`` head."""
+    w = Init(seed)
+
+    def shape(name: str, *dims: int) -> str:
+        return w.const(name, list(dims), np.int64)
+
+    nodes = [
+        node("Reshape", ["x", shape("s_patches", b * P, T, D)], ["xp"]),  # [b·P, T, D]: b major
+        node("Transpose", ["xp"], ["xt"], perm=[1, 0, 2]),  # [T, b·P, D]
+        node("Reshape", ["xt", shape("s_rows", T * b * P, D)], ["xf"]),  # [T·b·P, D]: b in the middle
+        node("Gemm", ["xf", w("Wp", D, D)], ["hf"]),
+        node("Tanh", ["hf"], ["af"]),
+        node("Reshape", ["af", shape("s_back", T, b * P, D)], ["a3"]),  # [T, b·P, D]
+        node("Softmax", ["a3"], ["sm"], axis=0),  # over T: the samples stay apart
+        node("Transpose", ["sm"], ["st"], perm=[1, 0, 2]),  # [b·P, T, D]
+        node("Reshape", ["st", shape("s_out", b, P * T * D)], ["flat"]),  # b alone
+        node("Gemm", ["flat", w("Wo", P * T * D, C)], ["y"]),
+    ]
+    return mk(nodes, [vi("x", [b, P * T, D])], [vi("y", [b, C])], w.items)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_a_batch_in_the_middle_of_a_merged_axis_is_followed(b: int) -> None:
+    model = patch_attention(b)
+    opened = trace_open(working_copy(model), model_inputs(model))
+    assert opened is not None
+    x = np.random.default_rng(8).standard_normal((4 * b, P * T, D)).astype(np.float32)
+    want = np.concatenate([session(model).run(None, {"x": x[i : i + b]})[0] for i in range(0, 4 * b, b)])
+    for n in (1, 3, 4 * b):
+        np.testing.assert_allclose(session(opened).run(None, {"x": x[:n]})[0], want[:n], rtol=1e-5, atol=1e-6)
+    targets = reshape_targets(opened)
+    # [T·b·P, D] cannot say where b sits with one -1: T·b·P is the entry that grows with the batch
+    assert targets["xf"] == [-1, D] and targets["a3"] == [T, -1, D] and targets["flat"] == [-1, P * T * D]
