@@ -60,9 +60,10 @@ def feeds(info: dict[str, Any], d: dict[str, np.ndarray], n: int | None = None) 
     return {k: d[k][:n] for k in info.get("inputs", [info["input"]])}
 
 
-def run_model(path: Path, x: dict[str, np.ndarray], batch_axis: int = 0) -> np.ndarray:
+def run_model(path: Path, x: dict[str, np.ndarray], batch_axis: int = 0, out_axis: int = 0) -> np.ndarray:
     """The model's first output on ``x`` (samples on axis 0), fed with the samples on ``batch_axis``
-    (the manifest's, for a sequence-first model: the bench does not rely on the tool's guess)."""
+    (the manifest's, for a sequence-first model: the bench does not rely on the tool's guess), with
+    the samples of the output (on its ``out_axis``, the manifest's ``output_batch_axis``) on axis 0."""
     from chita_onnx.evaluate import make_session
 
     sess = make_session(path)
@@ -78,9 +79,17 @@ def run_model(path: Path, x: dict[str, np.ndarray], batch_axis: int = 0) -> np.n
             c = np.concatenate([c, np.repeat(c[:1], step - len(c), axis=0)])
         return np.moveaxis(c, 0, batch_axis)
 
-    outs = [sess.run(None, {k: chunk(v, i) for k, v in x.items()})[0][: min(step, n - i)] for i in range(0, n, step)]
+    outs = [
+        np.moveaxis(sess.run(None, {k: chunk(v, i) for k, v in x.items()})[0], out_axis, 0)[: min(step, n - i)]
+        for i in range(0, n, step)
+    ]
     y = np.concatenate(outs)
     return y.astype(str) if y.dtype == object else y  # string labels: saved without pickling
+
+
+def axes(info: dict[str, Any]) -> tuple[int, int]:
+    """The manifest's batch axes of the model's input and of its output (default 0)."""
+    return int(info.get("batch_axis", 0)), int(info.get("output_batch_axis", 0))
 
 
 def score(info: dict[str, Any], y: np.ndarray, dense: np.ndarray, test: dict[str, np.ndarray]) -> dict[str, float]:
@@ -204,7 +213,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                     warnings=list(rep.warnings),
                 )
             rec["wall_s"] = time.perf_counter() - t0
-            y = run_model(out, feeds(info, test), int(info.get("batch_axis", 0)))
+            y = run_model(out, feeds(info, test), *axes(info))
             rec.update(score(info, y, dense, test))
         except ChitaError as exc:
             rec.update(status="refused", message=str(exc))
@@ -264,8 +273,8 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
     test = load(UNSEEN / f"{name}_test.npz")
     x = feeds(info, test, 16)
     np.savez(tmp / "x.npz", **x)
-    axis = int(info.get("batch_axis", 0))
-    ours = run_model(out, x, axis)
+    axis, out_axis = axes(info)
+    ours = run_model(out, x, axis, out_axis)
     if not STOCK.exists():
         rec["stock_ort"] = "no stock-ort venv"
         return rec
@@ -282,7 +291,7 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
     if p2.returncode != 0:
         rec["stock_ort"] = "failed: " + (p2.stderr.strip().splitlines() or [""])[-1][:300]
         return rec
-    theirs = np.load(tmp / "y.npy")
+    theirs = np.moveaxis(np.load(tmp / "y.npy"), out_axis, 0)  # one call of all 16 samples: one block
     if theirs.dtype.kind in "fiu":
         shown = f"max |diff| {float(np.abs(theirs.astype(np.float64) - ours).max()):.2g}"
     else:  # string labels
@@ -401,7 +410,7 @@ def main() -> None:
             info = manifest[name]
             test = load(UNSEEN / f"{name}_test.npz")
             try:
-                dense = run_model(UNSEEN / f"{name}.onnx", feeds(info, test), int(info.get("batch_axis", 0)))
+                dense = run_model(UNSEEN / f"{name}.onnx", feeds(info, test), *axes(info))
             except Exception as exc:  # an exporter's invalid graph (jax2onnx's j_resnet): a result, not a crash
                 print(f"== {name}: the dense model does not run: {type(exc).__name__}: {exc}"[:400], flush=True)
                 continue

@@ -31,6 +31,11 @@ Models:
 * ``wavenet_ts``  WaveNet-style dilated causal ``Conv1d`` stack over the rows (dilations 1, 2, 4, 8,
   left padding by ``F.pad``), gated activations (``tanh ⊙ sigmoid`` of the two halves of one conv,
   ``chunk`` → ``Split``), residual and skip 1×1 convs, skips summed, ReLU, 1×1 conv, mean over time.
+* ``tagger_tm_dyn`` / ``tagger_tm_ts``  ``nn.TransformerEncoder`` with time first (``[T, N, 28]``) and
+  per-position logits ``[T, N, 10]`` (every row labelled with the digit; trained on the positions'
+  mean): dynamo with generated dim names, TorchScript with ``frames``/``clips``.  Nothing in the
+  signature or the graph says which axis holds the samples; its calibration file is unlabelled, the
+  selection and test files have per-position labels ``[N, 28]``.
 * ``mobilevit_dyn``  a MobileViT block: local 3×3 conv + BN + SiLU and 1×1 conv to the transformer
   width, unfolded into 2×2 patches by reshape/permute (the batch merged with the patch position),
   a transformer encoder layer over the 49 patches, folded back, 1×1 conv, concatenated with the
@@ -310,6 +315,64 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         classifier((("mobilevit_dyn", True, 18),), MobileViT(), images, 3, 3e-3, ["input"],
                    "MobileViT block: local conv, 2x2 patches unfolded into the batch, transformer, fold, fuse",
                    "folded", time.time())  # fmt: skip
+
+    # ------------------------------------------------------------------ 6. sequence-first per-position tagger
+    class TaggerTM(nn.Module):
+        def __init__(self, d: int = 64) -> None:
+            super().__init__()
+            self.embed = nn.Linear(28, d)
+            self.pos = nn.Parameter(torch.zeros(28, 1, d))
+            layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=False)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, N, 28] -> [T, N, 10]
+            return self.head(self.enc(self.embed(x) + self.pos[: x.shape[0]]))
+
+    class MeanOverTime(nn.Module):
+        """Training only: samples-first rows in, the positions' mean logits out."""
+
+        def __init__(self, core: nn.Module) -> None:
+            super().__init__()
+            self.core = core
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.core(x.transpose(0, 1)).mean(0)
+
+    if want("tagger_tm_dyn", "tagger_tm_ts"):
+        import numpy as np
+
+        torch.manual_seed(seed)
+        t0, core, P = time.time(), TaggerTM(), audit.pools
+        net = MeanOverTime(core)
+        print(f"tagger_tm: {shared.nparams(net)} params", flush=True)
+        shared.train(net, rows(audit.xtr), audit.ytr, epochs=3, lr=2e-3, seed=seed)
+        splits = {k: rows(P[k][0])[0] for k in ("calib", "select", "test")}
+        with torch.no_grad():
+            y = core(torch.from_numpy(splits["test"]).transpose(0, 1)).numpy()  # [T, N, 10]
+        acc = float((y.argmax(-1) == P["test"][1][None, :]).mean())
+        print(f"  torch per-position test accuracy {acc:.4f}", flush=True)
+        args = (torch.from_numpy(splits["test"][:3]).transpose(0, 1).contiguous(),)
+        for name, dyn, opset in (("tagger_tm_dyn", True, 18), ("tagger_tm_ts", False, 17)):
+            if not want(name):
+                continue
+            kw: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+            if dyn:  # generated dim names: nothing says which axis holds the samples
+                kw["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},)
+                kw["external_data"] = False
+            else:  # named, but neither name says batch, and the output keeps both
+                kw["dynamic_axes"] = {"input": {0: "frames", 1: "clips"}, "logits": {0: "frames", 1: "clips"}}
+                kw["do_constant_folding"] = False
+            torch.onnx.export(core, args, str(out / f"{name}.onnx"), dynamo=dyn, **kw)
+            for split, xs in splits.items():
+                per_position = np.repeat(P[split][1][:, None], 28, axis=1)  # [N, T]: the digit at every row
+                labels = {} if split == "calib" else {"labels": per_position}  # calibration: unlabelled
+                np.savez(out / f"{name}_{split}.npz", input=xs, **labels)
+            audit.manifest.record(name, dict(
+                family="nn.TransformerEncoder (batch_first=False), per-position logits [T, N, 10]",
+                exporter="dynamo" if dyn else "torchscript", opset=opset, bn="none", task="classifier",
+                input="input", batch_axis=1, output_batch_axis=1, torch_test_accuracy=acc,
+                params=shared.nparams(net), train_s=round(time.time() - t0, 1)))  # fmt: skip
     return audit.manifest.entries
 
 

@@ -32,7 +32,7 @@ import onnx.version_converter
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from .batching import infer_batch_axes
+from .batching import infer_batch_axes, is_batch_name
 from .data_types import InputSpec
 from .errors import ModelError, OutputError, first_line
 from .paths import regular_file
@@ -649,11 +649,47 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    rnn = _recurrent_batch_axes(model.graph, [s.name for s in specs], [len(s.shape) for s in specs])
-    outs = _output_batch_hints(model.graph, [s.shape for s in specs])
-    hints = [a if a is not None else b for a, b in zip(rnn, outs, strict=True)]
-    axes = infer_batch_axes([s.shape for s in specs], hints)
+    axes = infer_batch_axes([s.shape for s in specs], _batch_hints(model.graph, specs))
     return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
+
+
+def _batch_hints(graph: onnx.GraphProto, specs: Sequence[InputSpec]) -> list[int | None]:
+    """Per input, the batch axis the graph shows (a recurrent layer's ``X``, else the outputs), or None."""
+    rnn = _recurrent_batch_axes(graph, [s.name for s in specs], [len(s.shape) for s in specs])
+    outs = _output_batch_hints(graph, [s.shape for s in specs])
+    return [a if a is not None else b for a, b in zip(rnn, outs, strict=True)]
+
+
+def guessed_batch_names(model: onnx.ModelProto) -> list[str]:
+    """The symbolic dim names that could each be the batch where :func:`model_inputs` only guesses:
+    no dim name says batch, the graph shows no input's batch axis, and an input has two or more
+    named unknown axes (a sequence-first ``[s77, s27, F]`` export with a per-position output).  In
+    the order they first appear; empty where the batch axis is known.  Only running the model can
+    tell them apart (:func:`chita_onnx.batchprobe.probe_batch_name`)."""
+    specs = model_inputs(model)
+    if any(is_batch_name(d) for s in specs for d in s.shape):
+        return []
+    if any(h is not None for h in _batch_hints(model.graph, specs)):
+        return []
+    names: list[str] = []
+    for s in specs:
+        named = [d for d in s.shape if isinstance(d, str) and d]
+        if len(set(named)) >= 2:
+            names.extend(d for d in named if d not in names)
+    return names if len(names) >= 2 else []
+
+
+def rename_dim(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs, outputs and value infos call the symbolic dim ``old`` ``new``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param == old:
+                    d.dim_param = new
+    return out
 
 
 def _output_batch_hints(graph: onnx.GraphProto, shapes: Sequence[tuple[int | str | None, ...]]) -> list[int | None]:

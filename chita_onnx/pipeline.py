@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, numpy_helper
 
 from . import __version__
+from .batchprobe import settle_batch_axes
 from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import DEFAULT_STAGES, CompressConfig, Fisher
@@ -57,9 +58,11 @@ from .graph import (
     find_prunable,
     fixed_weights,
     get_weights,
+    guessed_batch_names,
     kept_tensors,
     load_model,
     model_inputs,
+    rename_dim,
     save_model,
     write_weights,
 )
@@ -183,6 +186,9 @@ class Prepared:
     detached: DetachedInputs = field(default_factory=DetachedInputs)
     #: the prunable tensors that ``--keep`` protects (named directly or by their layer or node)
     kept: frozenset[str] = frozenset()
+    #: ``(old, new)``: the input dim that running the model showed to be the batch, renamed in
+    #: ``model`` so that every reading of its inputs agrees (:mod:`.batchprobe`; named back on writing)
+    renamed: tuple[str, str] | None = None
 
 
 def prepare(
@@ -236,9 +242,13 @@ def prepare(
         assert_supported(model, str(path), config.output, gradients=False)  # a quantized model stays refused
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
+    renamed: tuple[str, str] | None = None
     if data is not None:
         calib = open_source(data, specs, batch_size=config.batch_size, seed=config.seed)
         validate_source(calib, specs, num_classes=classes)
+        model, specs, renamed = settle_batch_axes(model, specs, calib, str(path))
+        if renamed is not None:  # the samples sit on another axis of the model: read them for it
+            calib = open_source(data, specs, batch_size=config.batch_size, seed=config.seed)
     ev: CalibrationSource | None = None
     eval_source = ""
     if eval_data is not None:
@@ -255,8 +265,9 @@ def prepare(
     if calib is None:
         raise ConfigError("--data is required")
     return Prepared(
-        path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached, kept
-    )
+        path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached, kept,
+        renamed,
+    )  # fmt: skip
 
 
 def _by_magnitude(config: CompressConfig, because: str, why: str, warnings: list[str]) -> tuple[CompressConfig, str]:
@@ -1268,6 +1279,8 @@ def _compress(
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
         pruned = unfold_weight_chains(pruned, prep.chains)
         pruned = restore_initializer_inputs(restore_attention_projections(pruned, prep.detached), prep.detached)
+        if prep.renamed is not None:
+            pruned = rename_dim(pruned, prep.renamed[1], prep.renamed[0])
         still_sparse = {sp.values.name for sp in pruned.graph.sparse_initializer}  # restored inputs are dense
         stored = [
             s if s.storage != "sparse" or s.name in still_sparse else dataclasses.replace(s, storage="dense")
@@ -1386,6 +1399,10 @@ def evaluate_model(
         specs = model_inputs(m)
         source = open_source(data, specs, batch_size=batch_size)
         validate_source(source, specs, num_classes=_num_classes(m, output))
+        m, settled, renamed = settle_batch_axes(m, specs, source, str(model))
+        if renamed is not None:
+            specs = list(settled)
+            source = open_source(data, specs, batch_size=batch_size)
         result = evaluate(model, source, specs, output)
         if report is not None:
             payload = {"model": str(model), **dataclasses.asdict(result)}
@@ -1421,7 +1438,15 @@ def input_layouts(model: str | os.PathLike[str]) -> list[str]:
     axes they are fed (:func:`chita_onnx.data.input_layout`)."""
     from .data import input_layout
 
-    return [input_layout(s) for s in model_inputs(load_model(model))]
+    m = load_model(model)
+    guessed = guessed_batch_names(m)
+    lines = [input_layout(s) for s in model_inputs(m)]
+    if guessed:  # compress, evaluate and gradients run the model on the data to decide
+        lines.append(
+            f"the batch axis is a guess: nothing names it among {', '.join(guessed)}; with --data the model is "
+            "run to find the one along which the samples are computed apart"
+        )
+    return lines
 
 
 @guarded
@@ -1474,6 +1499,10 @@ def write_gradients(
         specs = model_inputs(m)
         source = open_source(data, specs)
         total = validate_source(source, specs, num_classes=_num_classes(m, output))
+        m, settled, renamed = settle_batch_axes(m, specs, source, str(model))
+        if renamed is not None:
+            specs = list(settled)
+            source = open_source(data, specs)
         engine = GradientEngine(
             m,
             [t.name for t in tensors],

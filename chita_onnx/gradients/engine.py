@@ -1705,7 +1705,14 @@ def per_sample_gradients(
         model = load_model(model)
     elif not isinstance(model, onnx.ModelProto):
         raise ConfigError(f"model: expected an onnx.ModelProto or a file path, got a {type(model).__name__}")
-    data = open_source(data, model_inputs(model))
+    from ..batchprobe import settle_batch_axes  # imports the graph layer, which imports this package
+
+    specs = model_inputs(model)
+    source = open_source(data, specs)
+    model, settled, renamed = settle_batch_axes(model, specs, source, "the model")
+    if renamed is not None:  # the samples sit on another axis of the model: read them for it
+        source = open_source(data, settled)
+    data = source
     example = _first_batch(data)
     engine = GradientEngine(
         model,
