@@ -12,12 +12,16 @@ time axis an attention, a convolution or a recurrence mixes the positions.  For 
 name, :func:`probe_batch_name` feeds a few calibration samples stacked along it and each alone; the
 candidate under which every output is the per-sample outputs stacked is the batch.  When none or
 several pass (a model that treats positions apart computes the same either way), nothing changes.
+
+The data's shape can decide too: a static sequence-first export ``[28, 1, 28]`` has no dynamic axis
+at all, and the rules take axis 0; arrays of samples ``(28, 28)`` fit its axis 1 only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,10 +29,10 @@ from numpy.typing import NDArray
 
 from . import runtime
 from .activations import _stacked_along_one_axis
-from .data import to_model_layout
+from .data import DataSpec, open_source, to_model_layout
 from .data_types import CalibrationSource, InputSpec
-from .errors import ChitaError
-from .graph import guessed_batch_names, model_inputs, rename_dim
+from .errors import ChitaError, DataError
+from .graph import guessed_batch_names, model_inputs, with_batch_axes
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,12 @@ def _first_samples(source: CalibrationSource, specs: Sequence[InputSpec], k: int
     taken = 0
     for batch in source:
         for s in specs:
+            if s.name not in batch.inputs:  # missing: the data's validation names it
+                continue
             a = np.asarray(batch.inputs[s.name])
-            if s.batch_axis is None:
+            if s.batch_axis is None or a.ndim == 0:
                 parts[s.name] = [a]
-            else:
+            elif not parts[s.name] or parts[s.name][0].shape[1:] == a.shape[1:]:  # sequences of one length
                 parts[s.name].append(a[: k - taken])
         taken += min(batch.size, k - taken)
         if taken >= k:
@@ -66,6 +72,8 @@ def probe_batch_name(
     """
     arrays = _first_samples(source, specs, PROBE_SAMPLES)
     batched = [s.name for s in specs if s.batch_axis is not None]
+    if any(n not in arrays or arrays[n].ndim == 0 for n in batched):
+        return None
     k = min((arrays[n].shape[0] for n in batched), default=0)
     if k < 2 or all(np.array_equal(arrays[n][i], arrays[n][0]) for i in range(1, k) for n in batched):
         return None  # equal samples cannot show which axis mixes them
@@ -98,26 +106,81 @@ def probe_batch_name(
     return passing[0] if len(passing) == 1 else None
 
 
+def _fits(dims: Sequence[object], shape: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` fits model dims ``dims`` (a fixed size must match)."""
+    if len(dims) != len(shape):
+        return False
+    return all(not isinstance(d, int) or d <= 0 or d == g for d, g in zip(dims, shape, strict=True))
+
+
+def axis_from_shape(spec: InputSpec, sample: tuple[int, ...]) -> int | None:
+    """The batch axis the data's shape shows for ``spec``: where the rules' axis does not fit arrays of
+    per-sample shape ``sample`` and exactly one fixed axis of size 1 does (a static sequence-first
+    export from one sample, ``[28, 1, 28]``, fed ``(n, 28, 28)``: its samples are on axis 1), that
+    axis; else None.  Only a batch of one: data that fits nothing else stays refused by its shape."""
+    if spec.batch_axis is None:
+        return None
+    if _fits(spec.shape[: spec.batch_axis] + spec.shape[spec.batch_axis + 1 :], sample):
+        return None
+    ones = [a for a, d in enumerate(spec.shape) if d == 1 and a != spec.batch_axis]
+    fits = [a for a in ones if _fits(spec.shape[:a] + spec.shape[a + 1 :], sample)]
+    return fits[0] if len(fits) == 1 else None
+
+
 def settle_batch_axes(
     model: onnx.ModelProto, specs: Sequence[InputSpec], source: CalibrationSource, what: str
-) -> tuple[onnx.ModelProto, tuple[InputSpec, ...], tuple[str, str] | None]:
-    """Where the rules only guess the batch axis (:func:`~chita_onnx.graph.guessed_batch_names`),
-    run the probe; a dim it singles out is renamed ``batch`` (``batch_<name>`` if the model already
-    has a ``batch``) in a copy of ``model``, so that every later reading of the copy's inputs agrees.
-    Returns the model, its inputs, and ``(old, new)`` for a rename (None: unchanged)."""
-    candidates = guessed_batch_names(model)
-    if not candidates:
-        return model, tuple(specs), None
-    name = probe_batch_name(model, specs, source, candidates)
-    if name is None:
-        log.info("%s: the batch axis stays a guess (axis %s); the samples are computed apart along none or several "
-                 "of %s", what, [s.batch_axis for s in specs], candidates)  # fmt: skip
-        return model, tuple(specs), None
-    dims = {d.dim_param for vi in [*model.graph.input, *model.graph.output] for d in vi.type.tensor_type.shape.dim}
-    new = "batch" if "batch" not in dims else f"batch_{name}"
-    renamed = rename_dim(model, name, new)
-    settled = tuple(model_inputs(renamed))
-    if [s.batch_axis for s in settled] != [s.batch_axis for s in specs]:
-        log.info("%s: the samples are computed apart only along dim %r: fed on axis %s",
-                 what, name, [s.batch_axis for s in settled])  # fmt: skip
-    return renamed, settled, (name, new)
+) -> tuple[onnx.ModelProto, tuple[InputSpec, ...]]:
+    """The batch axes the data decides where the rules of :func:`~chita_onnx.graph.model_inputs`
+    cannot: an input whose arrays fit only another axis (:func:`axis_from_shape`), else, where the
+    rules only guess (:func:`~chita_onnx.graph.guessed_batch_names`), the probe.  A decision is
+    recorded in a copy of ``model`` (:func:`~chita_onnx.graph.with_batch_axes`), so that every later
+    reading of the copy's inputs agrees.  Returns the model (the same object when nothing changed)
+    and its inputs."""
+    arrays = _first_samples(source, specs, PROBE_SAMPLES)
+    axes = {s.name: s.batch_axis for s in specs}
+    for s in specs:
+        a = arrays.get(s.name)
+        moved = None if a is None or a.ndim == 0 else axis_from_shape(s, tuple(a.shape[1:]))
+        if moved is not None:
+            log.info("%s: input %r: the arrays' samples %s fit the model's axis %d only: fed there",
+                     what, s.name, tuple(a.shape[1:]) if a is not None else (), moved)  # fmt: skip
+            axes[s.name] = moved
+    if axes == {s.name: s.batch_axis for s in specs}:
+        candidates = guessed_batch_names(model)
+        name = probe_batch_name(model, specs, source, candidates) if candidates else None
+        if candidates and name is None:
+            log.info("%s: the batch axis stays a guess (axes %s): the samples stay apart along none or several of %s",
+                     what, list(axes.values()), candidates)  # fmt: skip
+        if name is None:
+            return model, tuple(specs)
+        axes = {s.name: (list(s.shape).index(name) if name in s.shape else s.batch_axis) for s in specs}
+        log.info("%s: the samples are computed apart only along dim %r: fed on axes %s",
+                 what, name, list(axes.values()))  # fmt: skip
+    settled = with_batch_axes(model, axes)
+    return settled, tuple(model_inputs(settled))
+
+
+def open_settled(
+    data: DataSpec, model: onnx.ModelProto, specs: Sequence[InputSpec], what: str, **kw: Any
+) -> tuple[onnx.ModelProto, tuple[InputSpec, ...], CalibrationSource]:
+    """:func:`~chita_onnx.data.open_source` of ``data`` for ``model`` after :func:`settle_batch_axes`:
+    the model (a copy where the data decided an axis), its inputs and the source read for them
+    (``kw``: :func:`~chita_onnx.data.open_source`'s keywords).  Arrays that do not fit the rules'
+    axes are read without the shape check first; if they fit no other axis, the check's error is
+    raised as it was."""
+    try:
+        source = open_source(data, specs, **kw)
+        refused: DataError | None = None
+    except DataError as exc:  # perhaps the samples sit on another axis: read loosely, then decide
+        loose = [s._replace(shape=(None,) * len(s.shape)) if s.batch_axis is not None else s for s in specs]
+        try:
+            source = open_source(data, loose, **kw)
+        except DataError:
+            raise exc from None
+        refused = exc
+    settled_model, settled = settle_batch_axes(model, specs, source, what)
+    if settled == tuple(specs):
+        if refused is not None:
+            raise refused
+        return model, settled, source
+    return settled_model, settled, open_source(data, settled, **kw)

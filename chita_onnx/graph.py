@@ -568,6 +568,8 @@ def save_model(
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{dest}: the output folder {folder} does not exist")
+    if any(e.key == BATCH_AXES_KEY for e in model.metadata_props):  # a working copy's note, not the user's
+        model = _without_key(model, BATCH_AXES_KEY)
     external = _tensor_bytes(model) > _EXTERNAL_THRESHOLD
     if external and len(model.graph.sparse_initializer):
         log.warning("model over 2 GB: sparse initializers cannot use external data, writing them dense")
@@ -650,7 +652,42 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims.append(None)
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
     axes = infer_batch_axes([s.shape for s in specs], _batch_hints(model.graph, specs))
+    decided = decided_batch_axes(model)
+    axes = [decided.get(s.name, a) if s.name in decided else a for s, a in zip(specs, axes, strict=True)]
     return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
+
+
+#: Metadata key of a working copy whose batch axes the data decided (:mod:`chita_onnx.batchprobe`):
+#: JSON ``{input: axis}``.  Never written out (:func:`save_model` drops it).
+BATCH_AXES_KEY = "chita_onnx.batch_axes"
+
+
+def decided_batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """The batch axes recorded in ``model`` by :func:`with_batch_axes` (none: ``{}``)."""
+    for e in model.metadata_props:
+        if e.key == BATCH_AXES_KEY:
+            return {str(k): (None if v is None else int(v)) for k, v in json.loads(e.value).items()}
+    return {}
+
+
+def _without_key(model: onnx.ModelProto, key: str) -> onnx.ModelProto:
+    """A copy of ``model`` without the metadata entry ``key``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [e for e in out.metadata_props if e.key != key]
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    return out
+
+
+def with_batch_axes(model: onnx.ModelProto, axes: Mapping[str, int | None]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs ``axes`` names are batched on the given axes, whatever the
+    rules of :func:`model_inputs` say: every later reading of the copy's inputs (the gradient engine,
+    the layer-wise pass, the opened fixed batch) agrees."""
+    out = _without_key(model, BATCH_AXES_KEY)
+    entry = out.metadata_props.add()
+    entry.key, entry.value = BATCH_AXES_KEY, json.dumps(dict(axes))
+    return out
 
 
 def _batch_hints(graph: onnx.GraphProto, specs: Sequence[InputSpec]) -> list[int | None]:
@@ -664,8 +701,10 @@ def guessed_batch_names(model: onnx.ModelProto) -> list[str]:
     """The symbolic dim names that could each be the batch where :func:`model_inputs` only guesses:
     no dim name says batch, the graph shows no input's batch axis, and an input has two or more
     named unknown axes (a sequence-first ``[s77, s27, F]`` export with a per-position output).  In
-    the order they first appear; empty where the batch axis is known.  Only running the model can
-    tell them apart (:func:`chita_onnx.batchprobe.probe_batch_name`)."""
+    the order they first appear; empty where the batch axis is known or already decided.  Only
+    running the model can tell them apart (:func:`chita_onnx.batchprobe.probe_batch_name`)."""
+    if decided_batch_axes(model):
+        return []
     specs = model_inputs(model)
     if any(is_batch_name(d) for s in specs for d in s.shape):
         return []
@@ -677,19 +716,6 @@ def guessed_batch_names(model: onnx.ModelProto) -> list[str]:
         if len(set(named)) >= 2:
             names.extend(d for d in named if d not in names)
     return names if len(names) >= 2 else []
-
-
-def rename_dim(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs, outputs and value infos call the symbolic dim ``old`` ``new``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            for d in vi.type.tensor_type.shape.dim:
-                if d.HasField("dim_param") and d.dim_param == old:
-                    d.dim_param = new
-    return out
 
 
 def _output_batch_hints(graph: onnx.GraphProto, shapes: Sequence[tuple[int | str | None, ...]]) -> list[int | None]:

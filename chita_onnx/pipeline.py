@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, numpy_helper
 
 from . import __version__
-from .batchprobe import settle_batch_axes
+from .batchprobe import open_settled
 from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import DEFAULT_STAGES, CompressConfig, Fisher
@@ -62,7 +62,6 @@ from .graph import (
     kept_tensors,
     load_model,
     model_inputs,
-    rename_dim,
     save_model,
     write_weights,
 )
@@ -186,9 +185,6 @@ class Prepared:
     detached: DetachedInputs = field(default_factory=DetachedInputs)
     #: the prunable tensors that ``--keep`` protects (named directly or by their layer or node)
     kept: frozenset[str] = frozenset()
-    #: ``(old, new)``: the input dim that running the model showed to be the batch, renamed in
-    #: ``model`` so that every reading of its inputs agrees (:mod:`.batchprobe`; named back on writing)
-    renamed: tuple[str, str] | None = None
 
 
 def prepare(
@@ -242,13 +238,10 @@ def prepare(
         assert_supported(model, str(path), config.output, gradients=False)  # a quantized model stays refused
     classes = _num_classes(model, config.output)
     calib: CalibrationSource | None = None
-    renamed: tuple[str, str] | None = None
     if data is not None:
-        calib = open_source(data, specs, batch_size=config.batch_size, seed=config.seed)
+        kw = {"batch_size": config.batch_size, "seed": config.seed}
+        model, specs, calib = open_settled(data, model, specs, str(path), **kw)
         validate_source(calib, specs, num_classes=classes)
-        model, specs, renamed = settle_batch_axes(model, specs, calib, str(path))
-        if renamed is not None:  # the samples sit on another axis of the model: read them for it
-            calib = open_source(data, specs, batch_size=config.batch_size, seed=config.seed)
     ev: CalibrationSource | None = None
     eval_source = ""
     if eval_data is not None:
@@ -265,9 +258,8 @@ def prepare(
     if calib is None:
         raise ConfigError("--data is required")
     return Prepared(
-        path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached, kept,
-        renamed,
-    )  # fmt: skip
+        path, model, tuple(tensors), layout, specs, calib, ev, eval_source, chains, no_gradients, detached, kept
+    )
 
 
 def _by_magnitude(config: CompressConfig, because: str, why: str, warnings: list[str]) -> tuple[CompressConfig, str]:
@@ -1279,8 +1271,6 @@ def _compress(
         pruned, stored = write_weights(base, layout.unflatten(w), storage=storage, metadata=meta)
         pruned = unfold_weight_chains(pruned, prep.chains)
         pruned = restore_initializer_inputs(restore_attention_projections(pruned, prep.detached), prep.detached)
-        if prep.renamed is not None:
-            pruned = rename_dim(pruned, prep.renamed[1], prep.renamed[0])
         still_sparse = {sp.values.name for sp in pruned.graph.sparse_initializer}  # restored inputs are dense
         stored = [
             s if s.storage != "sparse" or s.name in still_sparse else dataclasses.replace(s, storage="dense")
@@ -1397,13 +1387,9 @@ def evaluate_model(
         if output is not None and output not in outputs:
             raise ConfigError(f"--output={output!r}: {model} has outputs {outputs}")
         specs = model_inputs(m)
-        source = open_source(data, specs, batch_size=batch_size)
-        validate_source(source, specs, num_classes=_num_classes(m, output))
-        m, settled, renamed = settle_batch_axes(m, specs, source, str(model))
-        if renamed is not None:
-            specs = list(settled)
-            source = open_source(data, specs, batch_size=batch_size)
-        result = evaluate(model, source, specs, output)
+        m, settled, source = open_settled(data, m, specs, str(model), batch_size=batch_size)
+        validate_source(source, settled, num_classes=_num_classes(m, output))
+        result = evaluate(model, source, settled, output)
         if report is not None:
             payload = {"model": str(model), **dataclasses.asdict(result)}
             plan.staged("--report").write_text(json.dumps(payload, indent=2) + "\n")
@@ -1497,12 +1483,8 @@ def write_gradients(
             raise ModelError(f"{model}: cannot differentiate weight {name!r}: {why}")
         _check_constants(m, model)
         specs = model_inputs(m)
-        source = open_source(data, specs)
-        total = validate_source(source, specs, num_classes=_num_classes(m, output))
-        m, settled, renamed = settle_batch_axes(m, specs, source, str(model))
-        if renamed is not None:
-            specs = list(settled)
-            source = open_source(data, specs)
+        m, settled, source = open_settled(data, m, specs, str(model))
+        total = validate_source(source, settled, num_classes=_num_classes(m, output))
         engine = GradientEngine(
             m,
             [t.name for t in tensors],

@@ -19,10 +19,10 @@ from numpy.typing import NDArray
 from test_gradients import Init, mk, node, vi
 
 from chita_onnx import CompressConfig, compress
-from chita_onnx.batchprobe import probe_batch_name, settle_batch_axes
+from chita_onnx.batchprobe import axis_from_shape, probe_batch_name, settle_batch_axes
 from chita_onnx.data import ArraySource
 from chita_onnx.evaluate import make_session
-from chita_onnx.graph import get_weights, guessed_batch_names, model_inputs
+from chita_onnx.graph import decided_batch_axes, get_weights, guessed_batch_names, model_inputs
 
 T, F, D, C = 6, 4, 8, 3
 
@@ -78,8 +78,8 @@ def test_a_model_that_never_mixes_positions_keeps_the_guess() -> None:
     specs = model_inputs(model)
     source = ArraySource({"x": samples(4, 2)})
     assert probe_batch_name(model, specs, source, ["s0", "s1"]) is None  # both axes keep samples apart
-    same, settled, renamed = settle_batch_axes(model, specs, source, "m")
-    assert same is model and renamed is None and settled[0].batch_axis == 0
+    same, settled = settle_batch_axes(model, specs, source, "m")
+    assert same is model and settled[0].batch_axis == 0
 
 
 def test_equal_samples_decide_nothing() -> None:
@@ -88,15 +88,24 @@ def test_equal_samples_decide_nothing() -> None:
     assert probe_batch_name(model, model_inputs(model), ArraySource({"x": x}), ["s0", "s1"]) is None
 
 
-def test_settling_renames_the_batch_dim_in_a_copy() -> None:
+def test_the_decision_travels_with_the_working_copy() -> None:
     model = tagger(True)
-    settled_model, specs, renamed = settle_batch_axes(
-        model, model_inputs(model), ArraySource({"x": samples(4, 4)}), "m"
-    )
-    assert renamed == ("s1", "batch") and specs[0].batch_axis == 1
-    dims = [d.dim_param for d in settled_model.graph.output[0].type.tensor_type.shape.dim[:2]]
-    assert dims == ["s0", "batch"]
-    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "s1"  # the original is untouched
+    copy, specs = settle_batch_axes(model, model_inputs(model), ArraySource({"x": samples(4, 4)}), "m")
+    assert specs[0].batch_axis == 1 and model_inputs(copy)[0].batch_axis == 1
+    assert decided_batch_axes(copy) == {"x": 1} and guessed_batch_names(copy) == []
+    assert decided_batch_axes(model) == {} and model_inputs(model)[0].batch_axis == 0  # the original is untouched
+
+
+def test_the_data_shape_places_a_static_sequence_first_batch() -> None:
+    model = tagger(True, dims=(T, 1))  # a static export from one sequence-first sample: [T, 1, F]
+    specs = model_inputs(model)
+    assert specs[0].batch_axis == 0  # every dim fixed: the rules take axis 0, the time axis
+    assert axis_from_shape(specs[0], (T, F)) == 1  # samples (T, F) fit axis 1 only
+    assert axis_from_shape(specs[0], (1, F)) is None  # ... while (1, F) fits the rules' axis
+    # only a fixed batch of one moves: data that fits a dynamic or wider axis stays refused by its shape
+    assert axis_from_shape(model_inputs(tagger(True))[0]._replace(shape=("s0", F, F)), (F, F + 1)) is None
+    _, settled = settle_batch_axes(model, specs, ArraySource({"x": samples(4, 14)}), "m")
+    assert settled[0].batch_axis == 1 and settled[0].shape == (T, 1, F)
 
 
 def test_compress_prunes_a_time_first_export_as_its_batch_first_twin(tmp_path: Path) -> None:
@@ -109,8 +118,7 @@ def test_compress_prunes_a_time_first_export_as_its_batch_first_twin(tmp_path: P
         compress(src, out, tmp_path / "calib.npz", CompressConfig(sparsity=0.5))
         pruned = onnx.load(out)
         written[time_first] = get_weights(pruned, ["Wq", "Wk", "Wv", "Wo"])
-        # the written model keeps the exporter's dim names
-        assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim[:2]] == ["s0", "s1"]
+        assert not decided_batch_axes(pruned)  # the working copy's note is not written out
     for name, a in written[True].items():
         b = written[False][name]
         assert np.array_equal(a != 0, b != 0), name  # the same support
@@ -118,6 +126,26 @@ def test_compress_prunes_a_time_first_export_as_its_batch_first_twin(tmp_path: P
     # and the time-first output still runs time-first in onnxruntime
     y = make_session(tmp_path / "outTrue.onnx").run(None, {"x": np.ascontiguousarray(samples(3, 7).transpose(1, 0, 2))})
     assert y[0].shape == (T, 3, C)
+
+
+def test_compress_prunes_a_static_time_first_export_as_its_static_batch_first_twin(tmp_path: Path) -> None:
+    np.savez(tmp_path / "calib.npz", x=samples(40, 15))
+    weights = []
+    # its twin is static too: a fixed batch is fed in groups of its own (the rows sampled differ)
+    for name, model in (("static", tagger(True, seed=16, dims=(T, 1))), ("twin", tagger(False, seed=16, dims=(1, T)))):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        compress(
+            tmp_path / f"{name}.onnx",
+            tmp_path / f"{name}_out.onnx",
+            tmp_path / "calib.npz",
+            CompressConfig(sparsity=0.5),
+        )
+        weights.append(get_weights(onnx.load(tmp_path / f"{name}_out.onnx"), ["Wq", "Wk", "Wv", "Wo"]))
+    for name, a in weights[0].items():
+        assert np.array_equal(a != 0, weights[1][name] != 0), name
+        np.testing.assert_allclose(a, weights[1][name], rtol=1e-3, atol=1e-5, err_msg=name)
+    out = onnx.load(tmp_path / "static_out.onnx")
+    assert [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == [T, 1, F]  # still static
 
 
 def test_gradients_of_a_time_first_export_are_its_batch_first_twins(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper
 
-from ..data import DataSpec, open_source
+from ..data import DataSpec
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError, WrongGradientError, first_line
 from ..graph import get_weights, load_model, model_inputs
@@ -1705,14 +1705,9 @@ def per_sample_gradients(
         model = load_model(model)
     elif not isinstance(model, onnx.ModelProto):
         raise ConfigError(f"model: expected an onnx.ModelProto or a file path, got a {type(model).__name__}")
-    from ..batchprobe import settle_batch_axes  # imports the graph layer, which imports this package
+    from ..batchprobe import open_settled  # imports the graph layer, which imports this package
 
-    specs = model_inputs(model)
-    source = open_source(data, specs)
-    model, settled, renamed = settle_batch_axes(model, specs, source, "the model")
-    if renamed is not None:  # the samples sit on another axis of the model: read them for it
-        source = open_source(data, settled)
-    data = source
+    model, _, data = open_settled(data, model, model_inputs(model), "the model")
     example = _first_batch(data)
     engine = GradientEngine(
         model,

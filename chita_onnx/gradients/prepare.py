@@ -921,6 +921,51 @@ def legalize(
     return changed
 
 
+#: Ops whose onnxruntime-training gradient names the gradients of its scale and bias ``<input>_grad``
+#: whether or not they are wanted: two of them reading one stored tensor define that name twice and
+#: the builder refuses the graph ("Duplicate definition of name").
+_PARAM_GRAD_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
+
+
+def untie_norm_params(graph: onnx.GraphProto, protect: Iterable[str] = ()) -> int:
+    """Give each :data:`_PARAM_GRAD_OPS` node its own copy of a stored scale or bias that another node
+    reads too, in place; returns the copies made.  Exporters store equal tensors once (dynamo's
+    optimizer: every untrained LayerNorm's ones and zeros), so two LayerNorms can share one.  The
+    values and the function are unchanged; the tensors in ``protect`` (differentiated) stay shared."""
+    inits = {t.name: t for t in graph.initializer}
+    keep = set(protect)
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in node_inputs(n):
+            if i in inits:
+                readers[i] = readers.get(i, 0) + 1
+    taken = {v for n in graph.node for v in [*n.input, *n.output]} | set(inits)
+    made = 0
+    for n in graph.node:
+        if n.op_type not in _PARAM_GRAD_OPS:
+            continue
+        for slot in range(1, len(n.input)):
+            name = n.input[slot]
+            if name not in inits or name in keep or readers.get(name, 0) < 2:
+                continue
+            new = f"{name}__untied"
+            k = 1
+            while new in taken:
+                new, k = f"{name}__untied{k}", k + 1
+            taken.add(new)
+            t = TensorProto()
+            t.CopyFrom(inits[name])
+            t.name = new
+            graph.initializer.append(t)
+            n.input[slot] = new
+            made += 1
+    used = {i for n in graph.node for i in node_inputs(n)} | {o.name for o in graph.output}
+    stale = [t for t in graph.initializer if t.name in readers and t.name not in used]
+    for t in stale:  # every reader now has its own copy
+        graph.initializer.remove(t)
+    return made
+
+
 # -------------------------------------------------------------------------------------- coverage
 
 
@@ -1078,6 +1123,9 @@ def build_forward(
     updatable = list(updatable)
     protect = set(weights) | set(updatable) | set(keep_params)
     m, counts, static = working_copy(m, target, feeds=feeds, weights=weights, protect=protect, check=self_check)
+    untied = untie_norm_params(m.graph, protect)
+    if untied:
+        counts["untied LayerNormalization parameters"] = untied
     segments: tuple[int, ...] = ()
     if len(tensors) > 1:
         if kind != "regression":

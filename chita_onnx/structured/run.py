@@ -32,7 +32,7 @@ from ..data import feed, rebatched
 from ..data_types import Batch, InputSpec
 from ..errors import ModelError
 from ..evaluate import compare_to, file_sizes, low_agreement_warning
-from ..graph import METADATA_KEY, check_model, layer_name, rename_dim, save_model, walk_graphs
+from ..graph import METADATA_KEY, check_model, layer_name, save_model, walk_graphs
 from ..limits import peak_memory
 from ..report import FileSizes, Report, StageReport, TensorReport
 from ..standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
@@ -318,8 +318,6 @@ def compress_channels(
     with timer.phase("write"):
         _rename_sliced_inputs(out_model, prep.detached)
         restore_initializer_inputs(out_model, prep.detached)  # typed from the sliced tensors
-        if prep.renamed is not None:
-            out_model = rename_dim(out_model, prep.renamed[1], prep.renamed[0])
         save_model(out_model, staged, input_path=prep.path)
         check_model(staged)
     comparison = None
