@@ -283,15 +283,15 @@ def cli_check(name: str, info: dict[str, Any], tmp: Path) -> dict[str, Any]:
         "d = dict(np.load(sys.argv[2])); n = len(next(iter(d.values()))); "
         "ax = int(sys.argv[4]); f = s.get_inputs()[0].shape[ax]; st = f if isinstance(f, int) and f > 0 else n; "
         "y = np.concatenate([np.asarray(s.run(None, {k: np.moveaxis(v[i : i + st], 0, ax) for k, v in d.items()})[0]) "
-        "for i in range(0, n, st)]); y = y.astype(str) if y.dtype == object else y; "
+        "for i in range(0, n, st)], axis=int(sys.argv[5])); y = y.astype(str) if y.dtype == object else y; "
         "np.save(sys.argv[3], y); print(ort.__version__)"
     )
-    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy"), str(axis)],
-                        capture_output=True, text=True, check=False)  # fmt: skip
+    p2 = subprocess.run([str(STOCK), "-c", code, str(out), str(tmp / "x.npz"), str(tmp / "y.npy"), str(axis),
+                         str(out_axis)], capture_output=True, text=True, check=False)  # fmt: skip
     if p2.returncode != 0:
         rec["stock_ort"] = "failed: " + (p2.stderr.strip().splitlines() or [""])[-1][:300]
         return rec
-    theirs = np.moveaxis(np.load(tmp / "y.npy"), out_axis, 0)  # one call of all 16 samples: one block
+    theirs = np.moveaxis(np.load(tmp / "y.npy"), out_axis, 0)
     if theirs.dtype.kind in "fiu":
         shown = f"max |diff| {float(np.abs(theirs.astype(np.float64) - ours).max()):.2g}"
     else:  # string labels

@@ -44,6 +44,7 @@ Models:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -357,13 +358,17 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
             if not want(name):
                 continue
             kw: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
-            if dyn:  # generated dim names: nothing says which axis holds the samples
+            if os.environ.get("UNSEEN_STATIC"):  # torch's default export from one sample: [28, 1, 28]
+                kw.update({"external_data": False} if dyn else {"do_constant_folding": False})
+                torch.onnx.export(core, (args[0][:, :1],), str(out / f"{name}.onnx"), dynamo=dyn, **kw)
+            elif dyn:  # generated dim names: nothing says which axis holds the samples
                 kw["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},)
                 kw["external_data"] = False
             else:  # named, but neither name says batch, and the output keeps both
                 kw["dynamic_axes"] = {"input": {0: "frames", 1: "clips"}, "logits": {0: "frames", 1: "clips"}}
                 kw["do_constant_folding"] = False
-            torch.onnx.export(core, args, str(out / f"{name}.onnx"), dynamo=dyn, **kw)
+            if not os.environ.get("UNSEEN_STATIC"):
+                torch.onnx.export(core, args, str(out / f"{name}.onnx"), dynamo=dyn, **kw)
             for split, xs in splits.items():
                 per_position = np.repeat(P[split][1][:, None], 28, axis=1)  # [N, T]: the digit at every row
                 labels = {} if split == "calib" else {"labels": per_position}  # calibration: unlabelled
