@@ -20,7 +20,8 @@ at all, and the rules take axis 0; arrays of samples ``(28, 28)`` fit its axis 1
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,4 +184,6 @@ def open_settled(
         if refused is not None:
             raise refused
         return model, settled, source
+    if not isinstance(data, (str, bytes, os.PathLike, Mapping)):  # a source of batches: read once, kept as is
+        return settled_model, settled, source
     return settled_model, settled, open_source(data, settled, **kw)

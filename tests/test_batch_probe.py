@@ -179,3 +179,21 @@ def test_the_gradient_api_probes_too() -> None:
     x = samples(6, 12)
     g = {tf: per_sample_gradients(tagger(tf, seed=13), {"x": x}, ["Wq", "Wo"]).X for tf in (True, False)}
     np.testing.assert_allclose(g[True], g[False], rtol=1e-4, atol=1e-6)
+
+
+def test_a_one_shot_reader_is_read_once_and_kept() -> None:
+    from chita_onnx.batchprobe import open_settled
+
+    class Reader:  # onnxruntime's CalibrationDataReader protocol: get_next() until None
+        def __init__(self, x: NDArray[np.float32]) -> None:
+            self.items = iter([{"x": x[i : i + 4]} for i in range(0, len(x), 4)])
+
+        def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+            return next(self.items, None)
+
+    model = tagger(True)
+    x = samples(12, 17)
+    _, specs, source = open_settled(Reader(x), model, model_inputs(model), "m")
+    assert specs[0].batch_axis == 1
+    got = np.concatenate([np.asarray(b.inputs["x"]) for b in source])
+    np.testing.assert_array_equal(got, x)  # every sample still there, after the probe read some
