@@ -118,8 +118,9 @@ def axis_from_shape(spec: InputSpec, sample: tuple[int, ...]) -> int | None:
     """The batch axis the data's shape shows for ``spec``: where the rules' axis does not fit arrays of
     per-sample shape ``sample`` and exactly one fixed axis of size 1 does (a static sequence-first
     export from one sample, ``[28, 1, 28]``, fed ``(n, 28, 28)``: its samples are on axis 1), that
-    axis; else None.  Only a batch of one: data that fits nothing else stays refused by its shape."""
-    if spec.batch_axis is None:
+    axis; else None.  Only a batch of one, and only where the rules' axis is not one itself: data
+    that fits nothing else, or a static ``[1, 8, 1]`` fed ``(n, 1, 8)``, stays refused by its shape."""
+    if spec.batch_axis is None or spec.shape[spec.batch_axis] == 1:  # a batch of one where the rules say
         return None
     if _fits(spec.shape[: spec.batch_axis] + spec.shape[spec.batch_axis + 1 :], sample):
         return None

@@ -102,6 +102,8 @@ def test_the_data_shape_places_a_static_sequence_first_batch() -> None:
     assert specs[0].batch_axis == 0  # every dim fixed: the rules take axis 0, the time axis
     assert axis_from_shape(specs[0], (T, F)) == 1  # samples (T, F) fit axis 1 only
     assert axis_from_shape(specs[0], (1, F)) is None  # ... while (1, F) fits the rules' axis
+    # a static export whose rules' axis is a batch of one keeps it: (1, F) arrays for [1, F, 1] are a layout slip
+    assert axis_from_shape(specs[0]._replace(shape=(1, F, 1)), (1, F)) is None
     # only a fixed batch of one moves: data that fits a dynamic or wider axis stays refused by its shape
     assert axis_from_shape(model_inputs(tagger(True))[0]._replace(shape=("s0", F, F)), (F, F + 1)) is None
     _, settled = settle_batch_axes(model, specs, ArraySource({"x": samples(4, 14)}), "m")
