@@ -199,3 +199,29 @@ def test_a_one_shot_reader_is_read_once_and_kept() -> None:
     assert specs[0].batch_axis == 1
     got = np.concatenate([np.asarray(b.inputs["x"]) for b in source])
     np.testing.assert_array_equal(got, x)  # every sample still there, after the probe read some
+
+
+def test_two_inputs_with_the_batch_at_different_axes() -> None:
+    # a time-first sequence x [s0, s1, F] and a batch-first per-position weight m [s1, s0], the layout
+    # of torch's src [T, N, F] with its key padding mask [N, T]: both names in both inputs, and the
+    # shared-name rule picks s0, the time
+    w = Init(18)
+    nodes = [
+        node("Transpose", ["x"], ["xb"], perm=[1, 0, 2]),  # [N, T, F]
+        node("Unsqueeze", ["m", w.const("ax2", [2], np.int64)], ["m3"]),  # [N, T, 1]
+        node("Mul", ["xb", "m3"], ["xs"]),
+        node("MatMul", ["xs", w("Wq", F, D)], ["q"]),
+        node("MatMul", ["xs", w("Wk", F, D)], ["k"]),
+        node("Transpose", ["k"], ["kT"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kT"], ["s"]),
+        node("Softmax", ["s"], ["p"], axis=-1),
+        node("MatMul", ["p", "xs"], ["a"]),  # [N, T, F]
+        node("Transpose", ["a"], ["y"], perm=[1, 0, 2]),
+    ]
+    ins = [vi("x", ["s0", "s1", F]), vi("m", ["s1", "s0"])]
+    model = mk(nodes, ins, [vi("y", ["s0", "s1", F])], w.items, opset=18)
+    specs = model_inputs(model)
+    assert [s.batch_axis for s in specs] == [0, 1]
+    weights = np.random.default_rng(19).uniform(0.5, 1.5, (5, T)).astype(np.float32)
+    _, settled = settle_batch_axes(model, specs, ArraySource({"x": samples(5, 20), "m": weights}), "m")
+    assert [s.batch_axis for s in settled] == [1, 0]
