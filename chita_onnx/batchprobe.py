@@ -71,7 +71,21 @@ def probe_batch_name(
     on :data:`PROBE_SAMPLES` samples together and on each alone, and the candidate passes when every
     output is the per-sample outputs stacked along one axis.  A run that fails fails the candidate.
     """
-    arrays = _first_samples(source, specs, PROBE_SAMPLES)
+    return _probe(model, specs, _first_samples(source, specs, PROBE_SAMPLES), candidates)
+
+
+def _on(specs: Sequence[InputSpec], name: str) -> list[InputSpec]:
+    """``specs`` with every input that has the dim ``name`` batched on it (the others as they are)."""
+    return [s._replace(batch_axis=list(s.shape).index(name)) if name in s.shape else s for s in specs]
+
+
+def _probe(
+    model: onnx.ModelProto,
+    specs: Sequence[InputSpec],
+    arrays: dict[str, NDArray[np.generic]],
+    candidates: Sequence[str],
+) -> str | None:
+    """:func:`probe_batch_name` on the samples ``arrays`` (:func:`_first_samples`)."""
     batched = [s.name for s in specs if s.batch_axis is not None]
     if any(n not in arrays or arrays[n].ndim == 0 for n in batched):
         return None
@@ -85,7 +99,7 @@ def probe_batch_name(
         return None
     passing: list[str] = []
     for name in candidates:
-        on = [s._replace(batch_axis=list(s.shape).index(name)) if name in s.shape else s for s in specs]
+        on = _on(specs, name)
 
         def fed(lo: int, hi: int, on: list[InputSpec] = on) -> dict[str, NDArray[np.generic]]:
             return {
@@ -139,25 +153,30 @@ def settle_batch_axes(
     reading of the copy's inputs agrees.  Returns the model (the same object when nothing changed)
     and its inputs."""
     arrays = _first_samples(source, specs, PROBE_SAMPLES)
-    axes = {s.name: s.batch_axis for s in specs}
+    rules = {s.name: s.batch_axis for s in specs}
+    axes = dict(rules)
     for s in specs:
         a = arrays.get(s.name)
-        moved = None if a is None or a.ndim == 0 else axis_from_shape(s, tuple(a.shape[1:]))
+        if a is None or a.ndim == 0:
+            continue
+        moved = axis_from_shape(s, tuple(a.shape[1:]))
         if moved is not None:
             log.info("%s: input %r: the arrays' samples %s fit the model's axis %d only: fed there",
-                     what, s.name, tuple(a.shape[1:]) if a is not None else (), moved)  # fmt: skip
+                     what, s.name, tuple(a.shape[1:]), moved)  # fmt: skip
             axes[s.name] = moved
-    if axes == {s.name: s.batch_axis for s in specs}:
+    if axes == rules:
         candidates = guessed_batch_names(model)
-        name = probe_batch_name(model, specs, source, candidates) if candidates else None
-        if candidates and name is None:
-            log.info("%s: the batch axis stays a guess (axes %s): the samples stay apart along none or several of %s",
-                     what, list(axes.values()), candidates)  # fmt: skip
+        name = _probe(model, specs, arrays, candidates) if candidates else None
         if name is None:
+            if candidates:
+                log.info("%s: the batch axis stays a guess (axes %s): the samples stay apart along none or "
+                         "several of %s", what, list(rules.values()), candidates)  # fmt: skip
             return model, tuple(specs)
-        axes = {s.name: (list(s.shape).index(name) if name in s.shape else s.batch_axis) for s in specs}
+        axes = {s.name: s.batch_axis for s in _on(specs, name)}
         log.info("%s: the samples are computed apart only along dim %r: fed on axes %s",
                  what, name, list(axes.values()))  # fmt: skip
+        if axes == rules:  # the probe confirms the rules: nothing to record
+            return model, tuple(specs)
     settled = with_batch_axes(model, axes)
     return settled, tuple(model_inputs(settled))
 

@@ -653,7 +653,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         specs.append(InputSpec(vi.name, tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
     axes = infer_batch_axes([s.shape for s in specs], _batch_hints(model.graph, specs))
     decided = decided_batch_axes(model)
-    axes = [decided.get(s.name, a) if s.name in decided else a for s, a in zip(specs, axes, strict=True)]
+    axes = [decided.get(s.name, a) for s, a in zip(specs, axes, strict=True)]
     return [s._replace(batch_axis=a) for s, a in zip(specs, axes, strict=True)]
 
 
