@@ -21,7 +21,7 @@ from .batching import output_batch_axis
 from .data import batch_size, feed, static_names
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, ModelError
-from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, load_model, model_files, opset_version
+from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, argmax_scores, for_runtime, load_model, model_files, opset_version
 from .progress import progress
 from .standardize import open_squeezes
 
@@ -191,11 +191,17 @@ def _is_labels(y: NDArray[np.generic]) -> bool:
 
 
 def top1(
-    y: NDArray[np.floating], labels: NDArray[np.int64] | None, classes: Sequence[object] | None = None
+    y: NDArray[np.floating],
+    labels: NDArray[np.int64] | None,
+    classes: Sequence[object] | None = None,
+    index_labels: bool = False,
 ) -> float | None:
     """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)`` (class indices); None if
-    not applicable.  Predicted labels ``y (N,)`` are scored when ``classes`` gives the class value of
-    each index (a ZipMap's ``classlabels``), else not: a class value is not an index."""
+    not applicable.  Predicted labels ``y (N,)`` are scored when they are class indices
+    (``index_labels``: an ArgMax output) or ``classes`` gives the class value of each index (a
+    ZipMap's ``classlabels``), else not: a class value is not an index."""
+    if labels is not None and _is_labels(y) and index_labels and len(y) == len(labels):
+        return float(np.mean(y.reshape(-1).astype(np.int64) == labels))
     if labels is not None and _is_labels(y) and classes is not None and len(y) == len(labels):
         index = {c: i for i, c in enumerate(classes)}
         return float(np.mean(np.array([index.get(_plain(v), -1) for v in y.reshape(-1)]) == labels))
@@ -315,7 +321,8 @@ def evaluate(
 ) -> Evaluation:
     """Top-1 accuracy of one model (``None`` without labels or for non-classifier outputs)."""
     ref = reference(model, source, specs, output)
-    return Evaluation(samples=int(ref.y.shape[0]), accuracy=top1(ref.y, ref.labels, ref.classes), seconds=ref.seconds)
+    accuracy = top1(ref.y, ref.labels, ref.classes, ref.index_labels)
+    return Evaluation(samples=int(ref.y.shape[0]), accuracy=accuracy, seconds=ref.seconds)
 
 
 def _plain(v: object) -> object:
@@ -330,7 +337,9 @@ class Reference:
     """The dense model's outputs on an evaluation set, computed once and compared against many times.
 
     ``y`` is the primary output ``output``; ``others`` holds further outputs that are compared too;
-    ``classes`` the class value of each class index when ``y`` holds predicted labels (see :func:`top1`).
+    ``classes`` the class value of each class index when ``y`` holds predicted labels (see :func:`top1`);
+    ``index_labels`` when ``y`` is an ``ArgMax`` of class scores: labels that are class indices, per
+    sample or per position (a segmentation map).
     """
 
     output: str
@@ -339,6 +348,7 @@ class Reference:
     seconds: float
     others: dict[str, NDArray[np.floating]] = field(default_factory=dict)
     classes: tuple[object, ...] | None = None
+    index_labels: bool = False
 
 
 def _primary_output(session: ort.InferenceSession) -> str:
@@ -352,15 +362,21 @@ def _primary_output(session: ort.InferenceSession) -> str:
     return str(outs[0].name)
 
 
-def _zipmap_classes(model: str | os.PathLike[str] | bytes) -> tuple[object, ...] | None:
-    """The class values of the model's one ``ZipMap`` (``classlabels_int64s`` or ``_strings``), if any."""
+def _proto(model: str | os.PathLike[str] | bytes) -> onnx.ModelProto | None:
+    """The graph of a model the session already loaded, without its weights (None if unreadable)."""
     try:
-        proto = (
+        return (
             onnx.load_model_from_string(model)
             if isinstance(model, bytes)
             else onnx.load(os.fspath(model), load_external_data=False)
         )
-    except Exception:  # the session already loaded it; no classes is the safe answer
+    except Exception:  # the session already loaded it; no answer is the safe answer
+        return None
+
+
+def _zipmap_classes(proto: onnx.ModelProto | None) -> tuple[object, ...] | None:
+    """The class values of the model's one ``ZipMap`` (``classlabels_int64s`` or ``_strings``), if any."""
+    if proto is None:
         return None
     found = [n for n in proto.graph.node if n.op_type == "ZipMap"]
     if len(found) != 1:
@@ -395,8 +411,12 @@ def reference(
         names = list(dict.fromkeys(names))
     ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
     others = {n: ys[n] for n in names[1:]}
-    classes = _zipmap_classes(dense) if _is_labels(ys[name]) else None
-    return Reference(name, ys[name], labels, time.perf_counter() - t0, others, classes)
+    y = ys[name]
+    integer = np.issubdtype(y.dtype, np.integer)
+    proto = _proto(dense) if _is_labels(y) or integer else None
+    classes = _zipmap_classes(proto) if _is_labels(y) else None
+    index_labels = bool(integer and proto is not None and argmax_scores(proto, name) is not None)
+    return Reference(name, y, labels, time.perf_counter() - t0, others, classes, index_labels)
 
 
 def compare_to(
@@ -408,7 +428,7 @@ def compare_to(
     ys, _ = run_outputs(make_session(pruned), source, specs, names, desc="evaluate pruned")
     yp = ys[ref.output]
     yd = ref.y
-    if _is_labels(yd):  # predicted labels: a changed label counts 1 (string labels have no difference)
+    if _is_labels(yd) or ref.index_labels:  # predicted labels: a changed label counts 1 (strings: no difference)
         diff = (yd.reshape(-1) != yp.reshape(-1)).astype(np.float64)
         agree: float | None = float(np.mean(diff == 0)) if yd.size else 1.0
     elif not np.issubdtype(yd.dtype, np.number) and yd.dtype != np.bool_:  # any other non-numeric output
@@ -421,8 +441,8 @@ def compare_to(
     return Comparison(
         samples=int(yd.shape[0]),
         output=ref.output,
-        dense_accuracy=top1(yd, ref.labels, ref.classes),
-        pruned_accuracy=top1(yp, ref.labels, ref.classes),
+        dense_accuracy=top1(yd, ref.labels, ref.classes, ref.index_labels),
+        pruned_accuracy=top1(yp, ref.labels, ref.classes, ref.index_labels),
         agreement=agree,
         max_abs_diff=float(diff.max(initial=0.0)),
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,

@@ -788,6 +788,41 @@ def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
+#: Ops that only move or re-type values between a classifier's ``ArgMax`` and its label output.
+_LABEL_MOVES = frozenset({"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten"})
+
+
+@dataclass(frozen=True)
+class ArgMaxHead:
+    """An output that is ``ArgMax(scores)`` over ``axis`` of the float tensor ``scores``, made by the
+    node ``node`` (behind moves of its values): a class label per sample, or per position."""
+
+    scores: str
+    axis: int
+    node: str
+
+
+def argmax_scores(model: onnx.ModelProto, name: str) -> ArgMaxHead | None:
+    """The class scores behind a label output ``name`` = ``ArgMax(scores)`` (through
+    :data:`_LABEL_MOVES`), as exporters write a classifier or a segmenter that returns labels only;
+    ``None`` when ``name`` is not such a tensor or its scores are not (known to be) floating point."""
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output if o}
+    t = name
+    while (node := prod.get(t)) is not None and node.op_type in _LABEL_MOVES and node.domain in ("", "ai.onnx"):
+        t = node.input[0]
+    node = prod.get(t)
+    if node is None or node.op_type != "ArgMax" or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    scores = node.input[0]
+    declared = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    declared.update({i.name: i.data_type for i in g.initializer})
+    if declared.get(scores, TensorProto.FLOAT) not in _FLOAT_TYPES:
+        return None
+    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+    return ArgMaxHead(str(scores), axis, node.name or f"<ArgMax of {scores}>")
+
+
 def model_files(path: str | os.PathLike[str]) -> list[Path]:
     """The model file followed by the external-data files it references (for size accounting)."""
     p = Path(path)

@@ -79,7 +79,7 @@ from .solver import woodfisher as wf_solver
 from .solver.budgets import keep_count, make_budget
 from .solver.nm import NMStructure, solve_nm
 from .standardize import DetachedInputs, restore_attention_projections, restore_initializer_inputs
-from .support import assert_supported, no_weights_message, refuse_quantized
+from .support import assert_supported, no_weights_message, refuse_model
 from .weightchains import (
     WeightChain,
     embedding_tables,
@@ -199,7 +199,7 @@ def prepare(
     path = Path(model_path)
     detached = DetachedInputs()
     model = load_model(path, record=detached)
-    refuse_quantized(model, str(path))
+    refuse_model(model, str(path))
     chains: tuple[WeightChain, ...] = ()
     if config.structure != "channel":  # channel pruning changes weight shapes and writes its own model
         model, chains = expose_weights(model)
@@ -1410,7 +1410,7 @@ def inspect_weights(model: str | os.PathLike[str]) -> tuple[list[PrunableTensor]
     (else "").  The model is validated exactly as ``compress`` validates it."""
     loaded = load_model(model)
     try:
-        refuse_quantized(loaded, str(model))
+        refuse_model(loaded, str(model))
         whole = ""
     except ChitaError as exc:
         whole = str(exc)
@@ -1473,7 +1473,7 @@ def write_gradients(
     outputs = [Output("--out", dest), Output("--out", layout_path, "layout")]
     with plan_outputs(outputs, model=model, data=data) as plan:
         m = load_model(model)
-        refuse_quantized(m, str(model))
+        refuse_model(m, str(model))
         m = expose_weights(m)[0]  # the weights compress prunes (a layer reading one through a Transpose too)
         tensors = find_prunable(m)
         if not tensors:

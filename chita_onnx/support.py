@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .checks import GRADIENT_DTYPES
@@ -115,6 +116,71 @@ def quantized_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return None
 
 
+_EVAL_MODE_HINT = "export it in inference mode (PyTorch: call model.eval() before torch.onnx.export)"
+
+
+def _scalars(graph: onnx.GraphProto) -> dict[str, float]:
+    """The graph's stored one-element tensors (initializers and ``Constant`` outputs) by name, as floats."""
+    from onnx import numpy_helper
+
+    stored = [(t.name, t) for t in graph.initializer] + [
+        (n.output[0], a.t)
+        for n in graph.node
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
+        for a in n.attribute
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+    ]
+    out: dict[str, float] = {}
+    for name, t in stored:
+        if int(np.prod(t.dims, dtype=np.int64)) == 1:
+            try:
+                out[name] = float(numpy_helper.to_array(t).reshape(-1)[0])
+            except (ValueError, TypeError):
+                continue
+    return out
+
+
+def training_mode_message(model: onnx.ModelProto, name: str) -> str | None:
+    """Why ``model`` computes its training-mode function, or None when it does not.
+
+    Refused: a ``BatchNormalization`` in training mode (``training_mode=1`` from opset 14; before it,
+    more than one output, which is how onnxruntime reads it), which normalises every sample with its
+    batch's statistics, so a sample's output depends on the rest of its batch; and a ``Dropout`` whose
+    ``training_mode`` input is a stored true (opset 12+; ratio not a stored zero), which zeroes values
+    at random on every run.  Both are what an exporter writes for a model left in training mode.
+    """
+    from .graph import opset_version, walk_graphs
+
+    opset = opset_version(model)
+    found: list[str] = []
+    for _, g in walk_graphs(model.graph):
+        scalars = _scalars(g)
+        for k, n in enumerate(g.node):
+            if n.domain not in ("", "ai.onnx"):
+                continue
+            label = n.name or f"<{n.op_type} #{k}>"
+            if n.op_type == "BatchNormalization":
+                mode = next((a.i for a in n.attribute if a.name == "training_mode"), 0)
+                extra = [o for o in n.output[1:] if o]
+                if (opset >= 14 and mode == 1) or (opset < 14 and extra):
+                    why = "has training_mode=1" if opset >= 14 else f"has training-mode outputs {extra}"
+                    found.append(
+                        f"BatchNormalization node {label!r} {why}: it normalises each sample with its batch's "
+                        "statistics, so a sample's output depends on the rest of its batch"
+                    )
+            elif n.op_type == "Dropout" and opset >= 12 and len(n.input) > 2 and scalars.get(n.input[2], 0.0) != 0:
+                if n.input[1] and scalars.get(n.input[1]) == 0.0:
+                    continue  # a ratio of zero keeps every value
+                found.append(
+                    f"Dropout node {label!r} has training_mode {n.input[2]!r} = true: it zeroes values at random "
+                    "on every run"
+                )
+    if not found:
+        return None
+    more = f" (and {len(found) - 1} more such node(s))" if len(found) > 1 else ""
+    return f"{name}: the model was exported in training mode: {found[0]}{more}; {_EVAL_MODE_HINT}"
+
+
 def no_weights_message(model: onnx.ModelProto, name: str) -> str:
     """The one-line refusal of a model without prunable weights; for a classical-ML export
     (skl2onnx's ``LinearClassifier``, ``TreeEnsembleClassifier``, ``SVMClassifier`` ...), what its
@@ -133,7 +199,8 @@ def no_weights_message(model: onnx.ModelProto, name: str) -> str:
 
 
 def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
-    """Refusals that need neither data nor shapes: quantized models and non-float32 weights."""
+    """Refusals that need neither data nor shapes: quantized models, models exported in training
+    mode and non-float32 weights."""
     from .graph import find_prunable
 
     q = quantized_node(model)
@@ -143,6 +210,9 @@ def _structural_refusals(model: onnx.ModelProto, name: str) -> list[str]:
             f"{name}: the model is quantized (node {q.name or '<unnamed>'!r} is {dom}{q.op_type}); "
             "prune the float model before quantizing it"
         ]
+    training = training_mode_message(model, name)
+    if training is not None:
+        return [training]
     tensors = find_prunable(model)
     if not tensors:
         return [no_weights_message(model, name)]
@@ -247,10 +317,14 @@ def _branch_weights(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def refuse_quantized(model: onnx.ModelProto, name: str = "model") -> None:
-    """Raise :class:`UnsupportedOpError` (one line, with the advice) for a quantized model."""
+def refuse_model(model: onnx.ModelProto, name: str = "model") -> None:
+    """Raise :class:`UnsupportedOpError` (one line, with the advice) for a model no method can prune:
+    a quantized one, or one exported in training mode (:func:`training_mode_message`)."""
     if quantized_node(model) is not None:
         raise UnsupportedOpError(_structural_refusals(model, name)[0])
+    training = training_mode_message(model, name)
+    if training is not None:
+        raise UnsupportedOpError(training)
 
 
 def assert_supported(
@@ -423,5 +497,6 @@ __all__ = [
     "check_model_support",
     "format_support",
     "quantized_node",
-    "refuse_quantized",
+    "refuse_model",
+    "training_mode_message",
 ]

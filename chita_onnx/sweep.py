@@ -230,7 +230,7 @@ def sweep(
         log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
     return SweepResult(
         model=model_label or str(prep.path),
-        dense_accuracy=top1(ref.y, ref.labels, ref.classes),
+        dense_accuracy=top1(ref.y, ref.labels, ref.classes, ref.index_labels),
         eval_samples=int(ref.y.shape[0]),
         eval_source=prep.eval_source,
         p=layout.p,

@@ -96,6 +96,98 @@ def test_quantized_models_are_refused_up_front_with_advice(kind: str, tmp_path: 
     assert not (tmp_path / "o.onnx").exists()
 
 
+def _exported(kind: str) -> onnx.ModelProto:
+    """x[N,4] → MatMul W[4,6] → (a BatchNormalization or Dropout as ``kind`` says) → Gemm → y[N,3]:
+    what an exporter writes for a model left in training mode, and the inference-mode twins."""
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "W")
+    V = numpy_helper.from_array(rng.normal(size=(3, 6)).astype(np.float32), "V")
+    stats = [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (("g", np.ones(6)), ("b", np.zeros(6)), ("mu", rng.normal(size=6)), ("var", np.ones(6)))
+    ]
+    opset, inputs, extra = 15, [vi("x", ["N", 4])], []
+    if kind.startswith("bn"):
+        outs = ["h"]
+        attrs: dict[str, int] = {}
+        if kind == "bn_training":  # opset 15 asks for the running statistics' outputs in training mode
+            attrs["training_mode"], outs = 1, ["h", "rm", "rv"]
+        elif kind == "bn9_training":
+            opset, outs = 9, ["h", "rm", "rv", "sm", "sv"]
+        elif kind == "bn9":
+            opset = 9
+        mid = [helper.make_node("BatchNormalization", ["z", "g", "b", "mu", "var"], outs, name="bn", **attrs)]
+        extra = stats
+    else:
+        mode, ratio = {"dropout_training": (True, 0.3), "dropout_ratio0": (True, 0.0), "dropout": (False, 0.3)}.get(
+            kind, (True, 0.3)
+        )
+        extra = [_scalar("ratio", ratio)]
+        if kind == "dropout_constant":  # the flag from a Constant node, as the TorchScript exporter writes it
+            mid = [helper.make_node("Constant", [], ["mode"], value=numpy_helper.from_array(np.array(True), "m"))]
+        elif kind == "dropout_input":  # the caller decides: a graph input, never fed true by chita-onnx
+            mid, inputs = [], [*inputs, helper.make_tensor_value_info("mode", TensorProto.BOOL, [])]
+        else:
+            mid, extra = [], [*extra, numpy_helper.from_array(np.array(mode), "mode")]
+        mid.append(helper.make_node("Dropout", ["z", "ratio", "mode"], ["h"], name="drop"))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="mm"), *mid]
+    nodes.append(helper.make_node("Gemm", ["h", "V", "c"], ["y"], name="head", transB=1))
+    c = numpy_helper.from_array(np.zeros(3, np.float32), "c")
+    return model_of(nodes, inputs, [vi("y", ["N", 3])], [W, V, c, *extra], opset)
+
+
+@pytest.mark.parametrize(
+    ("kind", "node_name"),
+    [("bn_training", "'bn'"), ("bn9_training", "'bn'"), ("dropout_training", "'drop'"), ("dropout_constant", "'drop'")],
+)
+def test_models_exported_in_training_mode_are_refused_with_advice(kind: str, node_name: str, tmp_path: Path) -> None:
+    """A model left in training mode when exported (the dynamo exporter writes its Dropout with a stored
+    true ``training_mode``, TorchScript with ``training=TRAINING`` a training-mode BatchNormalization)
+    computes a different function on every run or for every batch.  Every method refuses it in one
+    line naming the node, and nothing is written."""
+    path = _save(_exported(kind), tmp_path / f"{kind}.onnx")
+    before = path.read_bytes()
+    report = check_model_support(path)
+    assert not report.ok and len(report.refusals) == 1
+    assert "exported in training mode" in report.refusals[0] and node_name in report.refusals[0]
+    assert "model.eval()" in report.refusals[0]
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32))
+    for method in ("auto", "magnitude"):
+        code, _out, err = _run_cli(
+            "compress", path, tmp_path / "o.onnx", "--data", tmp_path / "c.npz", "--sparsity", "0.5", "--method", method
+        )
+        assert code == 1 and err.count("\n") == 1 and "training mode" in err and node_name in err, err
+        assert "Traceback" not in err and not (tmp_path / "o.onnx").exists()
+    code, out, _err = _run_cli("inspect", path)
+    assert "exported in training mode" in out
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["bn", "bn9", "dropout", "dropout_ratio0", "dropout_input"])
+def test_inference_mode_twins_are_pruned(kind: str, tmp_path: Path) -> None:
+    """The same graphs in inference mode (or with a Dropout that keeps every value, or whose mode the
+    caller feeds) are no training-mode exports: they are pruned as usual."""
+    path = _save(_exported(kind), tmp_path / f"{kind}.onnx")
+    assert check_model_support(path).ok
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32))
+    code, _out, err = _run_cli(
+        "compress",
+        path,
+        tmp_path / "o.onnx",
+        "--data",
+        tmp_path / "c.npz",
+        "--sparsity",
+        "0.5",
+        "--method",
+        "magnitude",
+    )
+    if kind == "dropout_input":  # a boolean input the calibration file lacks: refused as missing data, not as training
+        assert code == 1 and "training mode" not in err and "mode" in err, err
+        return
+    assert code == 0, err
+    assert (tmp_path / "o.onnx").exists()
+
+
 def test_bfloat16_weights_are_refused_with_a_clear_message_and_float16_is_supported() -> None:
     w = Init(1)
     model = vec_chain([node("Tanh", ["z"], ["y"])], w)
