@@ -3,7 +3,8 @@
 Formats accepted wherever a data source is expected:
 
 * a ``.npz`` file whose keys are the model's input names, plus an optional integer ``labels`` array
-  of shape ``(N,)``; for a single-input model any one non-label array will do.  Every input with a
+  of shape ``(N,)``, or ``(N, ...)`` with a class per position (:func:`per_position`: read for the
+  evaluation only); for a single-input model any one non-label array will do.  Every input with a
   batch axis holds its samples on axis 0 whatever the model's batch axis is (``feed`` moves it); an
   input without one (``InputSpec.batch_axis is None``, e.g. a rank-0 sample rate) is stored once
   with the model's shape and shared by all samples;
@@ -71,14 +72,38 @@ def _label_hint(arrays: Mapping[str, NDArray[np.generic]], inputs: Sequence[str]
     return ""
 
 
-def _per_sample(labels: NDArray[np.generic], n: int | None) -> str:
-    """The advice for labels of several values per sample (a sequence or a map): none is read that way."""
+def per_sample_advice(labels: NDArray[np.generic], n: int | None) -> str:
+    """The advice for labels of several values per sample (a sequence or a map) where only one class
+    index per sample is read (the gradient API)."""
     if labels.ndim < 2 or labels.shape[0] != n:
         return ""
     return (
-        ": one class index per sample; labels per position (a sequence or a map) are not supported, "
-        "leave 'labels' out (the loss then follows the model's own outputs, the evaluation compares with dense)"
+        ": one class index per sample; labels per position (a sequence or a map) are read by compress, "
+        "evaluate and sweep for the evaluation only; leave 'labels' out here"
     )
+
+
+def per_position(labels: NDArray[np.generic] | None) -> bool:
+    """Whether ``labels`` hold a class index per position of each sample (``(n, T)``, ``(n, H, W)``):
+    they score a tagger's or segmenter's outputs, where a negative value marks a position that is not
+    scored (padding; PyTorch's ignore index ``-100``).  The loss never reads them: it follows the
+    model's own outputs, as for a sequence output it always does."""
+    return labels is not None and np.ndim(labels) > 1
+
+
+def _labels_problem(labels: NDArray[np.generic], n: int, num_classes: int | None = None) -> str | None:
+    """Why ``labels`` do not fit ``n`` samples (None when they do): integers, ``(n,)`` with one class
+    index in ``[0, num_classes)`` per sample, or ``(n, ...)`` per position (negative: not scored)."""
+    if labels.ndim < 1 or labels.shape[0] != n:
+        return f"'labels' has shape {labels.shape}, expected ({n},) or ({n}, positions...)"
+    if not np.issubdtype(labels.dtype, np.integer):
+        return f"'labels' must be integers, got dtype {labels.dtype}"
+    scored = labels[np.asarray(labels) >= 0] if labels.ndim > 1 else labels
+    if scored.size and (scored.min() < 0 or (num_classes is not None and scored.max() >= num_classes)):
+        bad = int(scored.min()) if scored.min() < 0 else int(scored.max())
+        last = (num_classes or 0) - 1
+        return f"label {bad} is out of range; the model has {num_classes} classes (0..{last})"
+    return None
 
 
 class ArraySource:
@@ -108,10 +133,9 @@ class ArraySource:
             raise DataError(f"{origin}: arrays differ in length (axis 0) or are empty: {sizes}")
         if labels is not None:
             labels = np.asarray(labels)
-            if labels.ndim != 1 or labels.shape[0] != n:
-                raise DataError(f"{origin}: 'labels' has shape {labels.shape}, expected ({n},){_per_sample(labels, n)}")
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise DataError(f"{origin}: 'labels' must be integers, got dtype {labels.dtype}")
+            problem = _labels_problem(labels, n) if labels.ndim >= 1 else f"'labels' has shape {labels.shape}"
+            if problem is not None and not problem.startswith("label "):  # the range is validate_source's
+                raise DataError(f"{origin}: {problem}")
         batched = {k: np.asarray(v) for k, v in inputs.items() if k not in self.static}
         self.inputs = {**batched, **{k: np.asarray(v) for k, v in inputs.items() if k in self.static}}
         self.labels: NDArray[np.int64] | None = None if labels is None else labels.astype(np.int64, copy=False)
@@ -405,7 +429,8 @@ def validate_source(
     """Check every batch against the model inputs before any work starts; return the sample count.
 
     Float arrays are accepted for float inputs of another precision (converted on the fly); anything
-    else must match the input's dtype.  Labels must be integers in ``[0, num_classes)``.
+    else must match the input's dtype.  Labels must be integers in ``[0, num_classes)``, one per
+    sample, or one per position (:func:`per_position`; negative ones are not scored).
     """
     origin = getattr(source, "origin", origin)
     names = [s.name for s in specs]
@@ -452,18 +477,14 @@ def validate_source(
             check_fits(arr, spec.dtype, where, spec.name, total)
         if batch.labels is not None:
             labels = np.asarray(batch.labels)
-            if labels.shape != (size,):
+            if per_position(labels) and num_classes is not None:
                 raise DataError(
-                    f"{where}: 'labels' has shape {labels.shape}, expected ({size},){_per_sample(labels, size)}"
+                    f"{where}: 'labels' has shape {labels.shape}, but the model scores {num_classes} classes once "
+                    "per sample: give one class index per sample (from one-hot labels: labels.argmax(1))"
                 )
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise DataError(f"{where}: 'labels' must be integers, got dtype {labels.dtype}")
-            if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
-                bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-                last = (num_classes or 0) - 1
-                raise DataError(
-                    f"{where}: label {bad} is out of range; the model has {num_classes} classes (0..{last})"
-                )
+            problem = _labels_problem(labels, int(size or 0), None if per_position(labels) else num_classes)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
         total += int(size or 0)
     if total == 0:
         raise DataError(f"{origin}: no samples")
@@ -514,6 +535,37 @@ def rebatched(source: CalibrationSource, specs: Sequence[InputSpec], batch_size:
     shorter): for a model whose inputs fix the batch size."""
     whole = materialize(source, specs, batch_size=batch_size)
     return ArraySource(whole.inputs, whole.labels, batch_size=batch_size, origin=whole.origin, static=whole.static)
+
+
+class _Unlabelled:
+    """``source``'s batches without their labels (re-iterable)."""
+
+    def __init__(self, source: CalibrationSource) -> None:
+        self.source = source
+        self.origin = getattr(source, "origin", "data")
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.source:
+            yield Batch(batch[0], None)
+
+
+def without_position_labels(source: CalibrationSource) -> CalibrationSource:
+    """``source`` itself, or without its labels when they are per position (:func:`per_position`):
+    the pruning reads none of those (they score the evaluation), so no loss is taken against them."""
+    if isinstance(source, ArraySource):
+        if not per_position(source.labels):
+            return source
+        return ArraySource(
+            {k: v for k, v in source.inputs.items()},
+            None,
+            batch_size=source.batch_size,
+            origin=source.origin,
+            static=source.static,
+        )
+    first = next(iter(source), None)
+    if first is None or not per_position(None if first[1] is None else np.asarray(first[1])):
+        return source
+    return _Unlabelled(source)
 
 
 def split_holdout(source: ArraySource, fraction: float, *, seed: int = 0) -> tuple[ArraySource, ArraySource]:

@@ -190,16 +190,37 @@ def _is_labels(y: NDArray[np.generic]) -> bool:
     return (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)) and not np.issubdtype(y.dtype, np.floating)
 
 
+def _per_position_top1(y: NDArray[np.generic], labels: NDArray[np.int64], index_labels: bool) -> float | None:
+    """Accuracy over the scored positions (``labels ≥ 0``) of per-position labels ``(N, *P)``: against
+    class scores ``(N, *P, C)`` (a tagger, a CTC frame output) or ``(N, C, *P)`` (a segmenter's maps),
+    or against a label map ``(N, *P)`` (an ArgMax output).  None when the shapes do not line up."""
+    if index_labels and y.shape == labels.shape:
+        pred = y.astype(np.int64)
+    elif np.issubdtype(y.dtype, np.floating) and y.ndim == labels.ndim + 1 and y.shape[:-1] == labels.shape:
+        pred = np.argmax(y, axis=-1)
+    elif (
+        np.issubdtype(y.dtype, np.floating) and y.ndim == labels.ndim + 1 and (y.shape[0], *y.shape[2:]) == labels.shape
+    ):
+        pred = np.argmax(y, axis=1)
+    else:
+        return None
+    scored = labels >= 0
+    return float(np.mean(pred[scored] == labels[scored])) if scored.any() else None
+
+
 def top1(
     y: NDArray[np.floating],
     labels: NDArray[np.int64] | None,
     classes: Sequence[object] | None = None,
     index_labels: bool = False,
 ) -> float | None:
-    """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)`` (class indices); None if
-    not applicable.  Predicted labels ``y (N,)`` are scored when they are class indices
+    """Top-1 accuracy of class scores ``y (N, C)`` against ``labels (N,)`` (class indices), or over the
+    positions of per-position labels ``(N, ...)`` (:func:`_per_position_top1`); None if not
+    applicable.  Predicted labels ``y (N,)`` are scored when they are class indices
     (``index_labels``: an ArgMax output) or ``classes`` gives the class value of each index (a
     ZipMap's ``classlabels``), else not: a class value is not an index."""
+    if labels is not None and labels.ndim > 1:
+        return _per_position_top1(y, labels, index_labels)
     if labels is not None and _is_labels(y) and index_labels and len(y) == len(labels):
         return float(np.mean(y.reshape(-1).astype(np.int64) == labels))
     if labels is not None and _is_labels(y) and classes is not None and len(y) == len(labels):

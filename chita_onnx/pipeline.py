@@ -33,7 +33,16 @@ from .batchprobe import open_settled
 from .blas import solver_threads
 from .checks import check_gradients, check_no_nan, first_bad, weight_refusal
 from .config import DEFAULT_STAGES, CompressConfig, Fisher
-from .data import ArraySource, DataSpec, batch_size, materialize, open_source, split_holdout, validate_source
+from .data import (
+    ArraySource,
+    DataSpec,
+    batch_size,
+    materialize,
+    open_source,
+    split_holdout,
+    validate_source,
+    without_position_labels,
+)
 from .data_types import CalibrationSource, InputSpec
 from .deploy import PATTERN_STORAGE_NOTE, dense_storage_note, sparse_storage_note, zstd_size
 from .errors import ChitaError, ConfigError, DataError, FixedBatchError, GradientError, ModelError, UnsupportedOpError
@@ -252,6 +261,11 @@ def prepare(
         whole = materialize(calib, specs, batch_size=config.batch_size)
         calib, ev = split_holdout(whole, config.holdout, seed=config.seed)
         eval_source = f"{config.holdout:.0%} of the calibration data, held out from pruning"
+    if calib is not None:
+        unlabelled = without_position_labels(calib)
+        if unlabelled is not calib:
+            log.info("the labels hold a class per position: they score the evaluation; the loss follows the model")
+        calib = unlabelled
     if calib is not None and config.needs_gradients and any(n.op_type == "If" for n in model.graph.node):
         tensors = _drop_unreached(model, tensors, calib)
     layout = Layout.from_shapes((t.name, t.shape) for t in tensors)

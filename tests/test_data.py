@@ -67,10 +67,10 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
         ({"x": np.zeros((4, 12), np.float32), "labels": np.array([0, -1, 2, 3])}, "label -1 is out of range"),
         ({"x": np.zeros((4, 12), np.float32), "labels": np.zeros(4)}, "'labels' must be integers"),
         (
-            {"x": np.zeros((4, 12), np.float32), "labels": np.zeros((4, 3), np.int64)},
-            r"'labels' has shape \(4, 3\), expected \(4,\): one class index per sample; labels per position .* "
-            "are not supported, leave 'labels' out",
+            {"x": np.zeros((4, 12), np.float32), "labels": np.zeros((3, 4), np.int64)},
+            r"'labels' has shape \(3, 4\), expected \(4,\) or \(4, positions...\)",
         ),
+        ({"x": np.zeros((4, 12), np.float32), "labels": np.zeros((4, 3))}, "'labels' must be integers"),
     ],
 )
 def test_bad_arrays_name_the_file_and_value(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
@@ -128,11 +128,13 @@ def test_float_data_beyond_a_float16_input_range_is_refused(tmp_path: Path) -> N
         validate_source(open_source(tmp_path / "big.npz", specs), specs)
 
 
-def test_a_custom_source_with_labels_per_position_is_told_to_leave_them_out() -> None:
-    """A next-token model's labels ``(batch, positions)``: refused with the way out, not only the shape."""
-    batch = Batch({"x": _x(4)}, np.zeros((4, 3), np.int64))
-    with pytest.raises(DataError, match=r"expected \(4,\): one class index per sample; .* leave 'labels' out"):
-        validate_source([batch], SPECS)
+def test_labels_of_several_values_for_a_per_sample_classifier_are_refused_with_the_way_out() -> None:
+    """One-hot labels ``(batch, classes)`` for a model that scores classes once per sample: refused with
+    the fix, not read as labels per position (which a tagger's or segmenter's evaluation reads)."""
+    batch = Batch({"x": _x(4)}, np.eye(5, dtype=np.int64)[[0, 1, 2, 3]])
+    with pytest.raises(DataError, match=r"shape \(4, 5\), but the model scores 5 classes once per sample: .*argmax"):
+        validate_source([batch], SPECS, num_classes=5)
+    assert validate_source([batch], SPECS) == 4  # no class count known: read as labels per position
 
 
 @pytest.mark.parametrize(

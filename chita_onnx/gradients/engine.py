@@ -53,7 +53,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import helper
 
-from ..data import DataSpec
+from ..data import DataSpec, per_sample_advice
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError, WrongGradientError, first_line
 from ..graph import argmax_scores, get_weights, load_model, model_inputs
@@ -261,7 +261,7 @@ def _check_batch(
     if raw_labels is not None:
         lab = np.asarray(raw_labels)
         if lab.shape != (size,):
-            raise DataError(f"labels have shape {list(lab.shape)}; expected ({size},)")
+            raise DataError(f"labels have shape {list(lab.shape)}; expected ({size},){per_sample_advice(lab, size)}")
         if not np.issubdtype(lab.dtype, np.integer):
             raise DataError(f"labels must be integer class indices, got dtype {lab.dtype}")
         labels = lab.astype(np.int64, copy=False)
