@@ -437,6 +437,14 @@ def reference(
     proto = _proto(dense) if _is_labels(y) or integer else None
     classes = _zipmap_classes(proto) if _is_labels(y) else None
     index_labels = bool(integer and proto is not None and argmax_scores(proto, name) is not None)
+    if labels is not None and labels.ndim > 1 and _per_position_top1(y, labels, index_labels) is None:
+        log.warning(
+            "the labels, %s per sample, do not line up with output %r, %s per sample (nor any is scored): "
+            "no accuracy is reported",
+            labels.shape[1:],
+            name,
+            y.shape[1:],
+        )
     return Reference(name, y, labels, time.perf_counter() - t0, others, classes, index_labels)
 
 

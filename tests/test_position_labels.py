@@ -15,7 +15,7 @@ from chita_onnx import CompressConfig, compress
 from chita_onnx.data import open_source, validate_source, without_position_labels
 from chita_onnx.data_types import InputSpec
 from chita_onnx.errors import DataError
-from chita_onnx.evaluate import make_session, top1
+from chita_onnx.evaluate import make_session, reference, top1
 from chita_onnx.gradients import per_sample_gradients
 
 RNG = np.random.default_rng(11)
@@ -58,6 +58,21 @@ def test_accuracy_over_the_scored_positions_of_three_layouts() -> None:
     assert top1(np.argmax(seq, -1), labels, index_labels=True) == pytest.approx(want)
     assert top1(seq[:, :4], labels) is None  # positions that do not line up: no accuracy
     assert top1(seq, np.full((6, 5), -100)) is None  # nothing scored
+
+
+def test_labels_that_do_not_line_up_with_the_output_are_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    specs = [InputSpec("x", (None, 7, 6), np.dtype(np.float32), 0)]
+    x = RNG.normal(size=(10, 7, 6)).astype(np.float32)
+    onnx.save(tagger(), tmp_path / "m.onnx")
+    with caplog.at_level("WARNING", logger="chita_onnx.evaluate"):
+        ref = reference(tmp_path / "m.onnx", open_source({"x": x, "labels": np.zeros((10, 6), np.int64)}, specs), specs)
+    assert ref.labels is not None and "do not line up with output 'logits'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chita_onnx.evaluate"):
+        reference(tmp_path / "m.onnx", open_source({"x": x, "labels": np.zeros((10, 7), np.int64)}, specs), specs)
+    assert "line up" not in caplog.text
 
 
 def test_per_position_labels_are_validated_and_negative_ones_are_not_scored(tmp_path: Path) -> None:
