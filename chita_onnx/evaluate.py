@@ -9,7 +9,8 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from .batching import output_batch_axis
 from .data import batch_size, feed, static_names
 from .data_types import Batch, CalibrationSource, InputSpec
 from .errors import DataError, ModelError
-from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, argmax_scores, for_runtime, load_model, model_files, opset_version
+from .graph import RUNTIME_MAX_IR, RUNTIME_MAX_OPSET, for_runtime, label_scores, load_model, model_files, opset_version
 from .progress import progress
 from .standardize import open_squeezes
 
@@ -342,7 +343,7 @@ def evaluate(
 ) -> Evaluation:
     """Top-1 accuracy of one model (``None`` without labels or for non-classifier outputs)."""
     ref = reference(model, source, specs, output)
-    accuracy = top1(ref.y, ref.labels, ref.classes, ref.index_labels)
+    accuracy = ref.accuracy(ref.y)
     return Evaluation(samples=int(ref.y.shape[0]), accuracy=accuracy, seconds=ref.seconds)
 
 
@@ -359,8 +360,8 @@ class Reference:
 
     ``y`` is the primary output ``output``; ``others`` holds further outputs that are compared too;
     ``classes`` the class value of each class index when ``y`` holds predicted labels (see :func:`top1`);
-    ``index_labels`` when ``y`` is an ``ArgMax`` of class scores: labels that are class indices, per
-    sample or per position (a segmentation map).
+    ``index_labels`` when ``y`` is an ``ArgMax`` of class scores, or the first of a ``TopK``'s indices:
+    labels that are class indices, per sample or per position (a segmentation map).
     """
 
     output: str
@@ -370,6 +371,16 @@ class Reference:
     others: dict[str, NDArray[np.floating]] = field(default_factory=dict)
     classes: tuple[object, ...] | None = None
     index_labels: bool = False
+    #: the axis of a TopK's indices output whose first entry is the label (``y`` holds it alone)
+    first_along: int | None = None
+    #: ``y`` is a TopK's sorted values without its indices: no class can be read from them
+    values_only: bool = False
+    #: the TopK values output among the compared ones (sorted: their argmax says nothing)
+    topk_values: str = ""
+
+    def accuracy(self, y: NDArray[Any]) -> float | None:
+        """:func:`top1` of ``y`` (this output of a model) against the labels; None for TopK values."""
+        return None if self.values_only else top1(y, self.labels, self.classes, self.index_labels)
 
 
 def _primary_output(session: ort.InferenceSession) -> str:
@@ -426,17 +437,23 @@ def reference(
     t0 = time.perf_counter()
     session = make_session(dense)
     name = output or _primary_output(session)
+    proto = _proto(dense)
+    head = label_scores(proto, name) if proto is not None else None
+    top_k = head is not None and bool(head.indices)  # a TopK output: its first index is the label
+    exported = {o.name for o in session.get_outputs()}
+    if head is not None and top_k and head.indices in exported:
+        name = head.indices
+    first_along = head.axis if head is not None and top_k and name == head.indices else None
     names = [name]
     if all_outputs and output is None:
         names += [o.name for o in session.get_outputs() if o.name != name and o.type in _FLOAT_OUTPUTS]
         names = list(dict.fromkeys(names))
     ys, labels = run_outputs(session, source, specs, names, desc="evaluate")
     others = {n: ys[n] for n in names[1:]}
-    y = ys[name]
+    y = _first_index(ys[name], first_along)
     integer = np.issubdtype(y.dtype, np.integer)
-    proto = _proto(dense) if _is_labels(y) or integer else None
     classes = _zipmap_classes(proto) if _is_labels(y) else None
-    index_labels = bool(integer and proto is not None and argmax_scores(proto, name) is not None)
+    index_labels = bool(integer and head is not None)
     if labels is not None and labels.ndim > 1 and _per_position_top1(y, labels, index_labels) is None:
         log.warning(
             "the labels, %s per sample, do not line up with output %r, %s per sample (nor any is scored): "
@@ -445,7 +462,16 @@ def reference(
             name,
             y.shape[1:],
         )
-    return Reference(name, y, labels, time.perf_counter() - t0, others, classes, index_labels)
+    values_only = top_k and first_along is None  # sorted TopK values: their argmax is always 0
+    values = head.values if head is not None and top_k else ""
+    return Reference(
+        name, y, labels, time.perf_counter() - t0, others, classes, index_labels, first_along, values_only, values
+    )
+
+
+def _first_index(y: NDArray[Any], axis: int | None) -> NDArray[Any]:
+    """``y`` itself, or its first entry along ``axis`` (a TopK's indices: the top-1 class)."""
+    return y if axis is None else np.take(y, 0, axis=axis % y.ndim)
 
 
 def compare_to(
@@ -455,7 +481,7 @@ def compare_to(
     t0 = time.perf_counter()
     names = [ref.output, *ref.others]
     ys, _ = run_outputs(make_session(pruned), source, specs, names, desc="evaluate pruned")
-    yp = ys[ref.output]
+    yp = _first_index(ys[ref.output], ref.first_along)
     yd = ref.y
     if _is_labels(yd) or ref.index_labels:  # predicted labels: a changed label counts 1 (strings: no difference)
         diff = (yd.reshape(-1) != yp.reshape(-1)).astype(np.float64)
@@ -465,13 +491,17 @@ def compare_to(
         agree = None
     else:
         diff = np.abs(yd.astype(np.float64) - yp.astype(np.float64))
-        agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if _is_classifier(yd) else None
-    per = tuple(compare_arrays(n, ref.y if n == ref.output else ref.others[n], ys[n]) for n in names)
+        classifier = _is_classifier(yd) and not ref.values_only
+        agree = float(np.mean(np.argmax(yd, 1) == np.argmax(yp, 1))) if classifier else None
+    per = tuple(
+        compare_arrays(n, ref.y if n == ref.output else ref.others[n], yp if n == ref.output else ys[n]) for n in names
+    )
+    per = tuple(replace(c, argmax_agreement=None) if c.name == ref.topk_values else c for c in per)
     return Comparison(
         samples=int(yd.shape[0]),
         output=ref.output,
-        dense_accuracy=top1(yd, ref.labels, ref.classes, ref.index_labels),
-        pruned_accuracy=top1(yp, ref.labels, ref.classes, ref.index_labels),
+        dense_accuracy=ref.accuracy(yd),
+        pruned_accuracy=ref.accuracy(yp),
         agreement=agree,
         max_abs_diff=float(diff.max(initial=0.0)),
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,

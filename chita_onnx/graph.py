@@ -788,39 +788,62 @@ def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-#: Ops that only move or re-type values between a classifier's ``ArgMax`` and its label output.
+#: Ops that only move or re-type values between a classifier's ``ArgMax``/``TopK`` and its output.
 _LABEL_MOVES = frozenset({"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten"})
 
 
+#: Producers of the scores a ``TopK`` reads for it to be a classifier's top k.
+_CLASS_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Gemm", "MatMul", "Add"})
+
+
 @dataclass(frozen=True)
-class ArgMaxHead:
-    """An output that is ``ArgMax(scores)`` over ``axis`` of the float tensor ``scores``, made by the
-    node ``node`` (behind moves of its values): a class label per sample, or per position."""
+class LabelHead:
+    """An output read from the class scores ``scores`` along ``axis`` by the node ``node`` (behind moves
+    of its values): ``ArgMax(scores)``, a class label per sample or per position, or one of the two
+    outputs of ``TopK(scores)`` (largest first), ``values`` and ``indices`` (``""`` for ArgMax)."""
 
     scores: str
     axis: int
     node: str
+    values: str = ""
+    indices: str = ""
 
 
-def argmax_scores(model: onnx.ModelProto, name: str) -> ArgMaxHead | None:
-    """The class scores behind a label output ``name`` = ``ArgMax(scores)`` (through
-    :data:`_LABEL_MOVES`), as exporters write a classifier or a segmenter that returns labels only;
-    ``None`` when ``name`` is not such a tensor or its scores are not (known to be) floating point."""
+def label_scores(model: onnx.ModelProto, name: str) -> LabelHead | None:
+    """The class scores behind ``name`` when it is ``ArgMax(scores)`` or an output of a sorted
+    ``TopK(scores, largest=1)`` whose scores a softmax or a linear layer makes (:data:`_CLASS_SCORE_OPS`),
+    through :data:`_LABEL_MOVES`: as exporters write a classifier or a segmenter that returns labels or
+    its top k.  ``None`` when ``name`` is not such a tensor or the scores are not (known to be)
+    floating point."""
     g = model.graph
     prod = {o: n for n in g.node for o in n.output if o}
     t = name
     while (node := prod.get(t)) is not None and node.op_type in _LABEL_MOVES and node.domain in ("", "ai.onnx"):
         t = node.input[0]
     node = prod.get(t)
-    if node is None or node.op_type != "ArgMax" or node.domain not in ("", "ai.onnx") or not node.input:
+    if node is None or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    attrs = {a.name: int(a.i) for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if node.op_type == "ArgMax":
+        axis = attrs.get("axis", 0)
+    elif node.op_type == "TopK" and attrs.get("largest", 1) == 1 and attrs.get("sorted", 1) == 1:
+        # a classifier's top k: of class probabilities or of a linear head's logits (a detector's
+        # TopK over its anchors' sigmoid or max scores is no class head)
+        if getattr(prod.get(node.input[0]), "op_type", "") not in _CLASS_SCORE_OPS:
+            return None
+        axis = attrs.get("axis", -1)
+    else:
         return None
     scores = node.input[0]
     declared = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
     declared.update({i.name: i.data_type for i in g.initializer})
     if declared.get(scores, TensorProto.FLOAT) not in _FLOAT_TYPES:
         return None
-    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
-    return ArgMaxHead(str(scores), axis, node.name or f"<ArgMax of {scores}>")
+    label = node.name or f"<{node.op_type} of {scores}>"
+    if node.op_type == "TopK":
+        outs = [*node.output, "", ""]
+        return LabelHead(str(scores), axis, label, outs[0], outs[1])
+    return LabelHead(str(scores), axis, label)
 
 
 def model_files(path: str | os.PathLike[str]) -> list[Path]:

@@ -69,6 +69,7 @@ from .graph import (
     get_weights,
     guessed_batch_names,
     kept_tensors,
+    label_scores,
     load_model,
     model_inputs,
     save_model,
@@ -158,8 +159,11 @@ def _versions() -> dict[str, str]:
 
 def _num_classes(model: onnx.ModelProto, output: str | None) -> int | None:
     """``C`` of a ``[N, C]`` class output (``output``, else :func:`~.gradients.prepare.scored_output`:
-    a scikit-learn ``output_label`` gives way to the probabilities the loss is taken of)."""
+    a scikit-learn ``output_label`` gives way to the probabilities the loss is taken of; a label or
+    top-k output to the scores it reads, :func:`~.graph.label_scores`)."""
     name = output or scored_output(model)
+    head = label_scores(model, name)  # a TopK's values or indices (or an ArgMax): its class scores
+    name = name if head is None else head.scores
     known = {v.name: v for v in model.graph.value_info} | {o.name: o for o in model.graph.output}
     if name not in known:
         with suppress(Exception):  # shapes are a hint here; none is a valid answer

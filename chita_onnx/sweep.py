@@ -25,7 +25,7 @@ import numpy as np
 from .config import METHODS, CompressConfig
 from .data import DataSpec
 from .errors import ConfigError
-from .evaluate import compare_to, reference, top1
+from .evaluate import compare_to, reference
 from .guard import guarded
 from .limits import data_budget
 from .paths import Output, plan_outputs
@@ -230,7 +230,7 @@ def sweep(
         log.info("%s @ %.3f: accuracy %s, objective %s", method, sparsity, row.accuracy, row.objective)
     return SweepResult(
         model=model_label or str(prep.path),
-        dense_accuracy=top1(ref.y, ref.labels, ref.classes, ref.index_labels),
+        dense_accuracy=ref.accuracy(ref.y),
         eval_samples=int(ref.y.shape[0]),
         eval_source=prep.eval_source,
         p=layout.p,

@@ -26,7 +26,8 @@ K2 = (RNG.normal(size=(4, 6, 1, 1)) * 0.4).astype(np.float32)
 def classifier(label: str) -> onnx.ModelProto:
     """x[N,6] → MatMul → Relu → Gemm → scores[N,5], then (``label``): ``"argmax"`` an int64 label
     ``[N]`` only; ``"softmax_argmax"`` the label of Softmax(scores); ``"argmax_keep"`` ``[N,1]`` cast to
-    int32; ``"scores"`` the scores themselves (the twin)."""
+    int32; ``"topk"`` the top 3 of Softmax(scores) and their classes (``"topk_values"``: the values
+    only); ``"scores"`` the scores themselves, ``"softmax"`` their Softmax (the twins)."""
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"),
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
@@ -40,6 +41,18 @@ def classifier(label: str) -> onnx.ModelProto:
         nodes.append(helper.make_node("Softmax", ["scores"], ["p"], name="sm", axis=-1))
         nodes.append(helper.make_node("ArgMax", ["p"], ["label"], name="pick", axis=-1, keepdims=0))
         out = helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])
+    elif label in ("topk", "topk_values"):  # top-3 probabilities first, then their classes
+        nodes.append(helper.make_node("Softmax", ["scores"], ["p"], name="sm", axis=-1))
+        k = numpy_helper.from_array(np.array([3], np.int64), "k")
+        nodes.append(helper.make_node("TopK", ["p", "k"], ["top", "idx"], name="top3", axis=-1))
+        outs = [vi("top", ["N", 3])]
+        if label == "topk":
+            outs.append(helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 3]))
+        inits = [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"), k]
+        return model_of(nodes, [vi("x", ["N", 6])], outs, inits, 17)
+    elif label == "softmax":
+        nodes.append(helper.make_node("Softmax", ["scores"], ["p"], name="sm", axis=-1))
+        out = vi("p", ["N", 5])
     elif label == "argmax_keep":
         nodes.append(helper.make_node("ArgMax", ["scores"], ["l64"], name="pick", axis=1))
         nodes.append(helper.make_node("Cast", ["l64"], ["label"], name="cast", to=TensorProto.INT32))
@@ -133,3 +146,46 @@ def test_a_label_map_is_pruned_with_a_per_pixel_loss_and_compared_per_pixel(tmp_
     assert md.shape == (c.samples, 6, 6) and md.dtype == np.int64
     assert c.agreement == pytest.approx(float(np.mean(md == mp)))
     assert c.max_abs_diff == float(np.any(md != mp))  # a changed label counts 1
+
+
+def test_a_top_k_classifier_is_pruned_at_its_scores_and_scored_by_its_first_class(tmp_path: Path) -> None:
+    """``TopK`` of the probabilities, values first: before, the top-3 values were read as a 3-class
+    output (labels 3 and 4 refused as out of range) and their argmax (always 0) as the class.  Now the
+    loss is the Softmax twin's, and the report scores the first index: the twin's top-1 accuracy."""
+    m = classifier("topk")
+    assert differentiated_tensor(m, None) == "p" and find_head(m, "top").tensor == "scores"
+    np.savez(tmp_path / "c.npz", **_data(60))
+    onnx.save(m, tmp_path / "topk.onnx")
+    onnx.save(classifier("softmax"), tmp_path / "twin.onnx")
+    onnx.save(classifier("topk_values"), tmp_path / "values.onnx")
+    cfg = CompressConfig(sparsity=0.5)
+    ra = compress(tmp_path / "topk.onnx", tmp_path / "a.onnx", tmp_path / "c.npz", cfg)
+    rb = compress(tmp_path / "twin.onnx", tmp_path / "b.onnx", tmp_path / "c.npz", cfg)
+    rv = compress(tmp_path / "values.onnx", tmp_path / "v.onnx", tmp_path / "c.npz", cfg)
+    weights = [
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / f).graph.initializer}
+        for f in ("a.onnx", "b.onnx", "v.onnx")
+    ]
+    for name in ("W1", "W2"):
+        np.testing.assert_allclose(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weights[2][name], weights[1][name], rtol=1e-5, atol=1e-6)
+    ca, cb, cv = ra.evaluation, rb.evaluation, rv.evaluation
+    assert ca is not None and cb is not None and cv is not None
+    assert ca.output == "idx" and ca.dense_accuracy == cb.dense_accuracy and ca.agreement == cb.agreement
+    assert ca.pruned_accuracy == cb.pruned_accuracy and ca.dense_accuracy is not None
+    top = next(c for c in ca.outputs if c.name == "top")
+    assert top.argmax_agreement is None  # sorted values: their argmax says nothing
+    assert cv.output == "top" and cv.agreement is None and cv.dense_accuracy is None
+
+
+def test_a_top_k_of_sigmoid_scores_is_no_class_head() -> None:
+    """A detector's TopK over its anchors' sigmoid scores keeps the first float output as it was."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"),
+        helper.make_node("Sigmoid", ["h"], ["s"], name="sig"),
+        helper.make_node("TopK", ["s", "k"], ["top", "idx"], name="top3", axis=-1),
+    ]
+    k = numpy_helper.from_array(np.array([3], np.int64), "k")
+    outs = [vi("top", ["N", 3]), helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 3])]
+    m = model_of(nodes, [vi("x", ["N", 6])], outs, [numpy_helper.from_array(W1, "W1"), k], 17)
+    assert differentiated_tensor(m, None) == "top" and find_head(m, "top").kind is None

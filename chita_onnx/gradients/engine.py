@@ -56,7 +56,7 @@ from onnx import helper
 from ..data import DataSpec, per_sample_advice
 from ..data_types import Batch, CalibrationSource
 from ..errors import ChitaError, ConfigError, DataError, ModelError, WrongGradientError, first_line
-from ..graph import argmax_scores, get_weights, load_model, model_inputs
+from ..graph import get_weights, label_scores, load_model, model_inputs
 from ..layout import Layout
 from ..progress import progress
 from ._ort import Runner, build_gradient_model
@@ -621,7 +621,7 @@ class GradientEngine:
         def walk_back(t: str) -> str:
             while (node := prod.get(t)) is not None and node.op_type in ("ZipMap", "Identity", "Cast"):
                 t = node.input[0]
-            label = argmax_scores(model, t)  # a label output: its class scores
+            label = label_scores(model, t)  # a label output: its class scores
             return t if label is None else label.scores
 
         several = joint_outputs(model, output, loss)
@@ -654,8 +654,8 @@ class GradientEngine:
             why = f"{len(several)} outputs, none a class distribution; each divided by its RMS norm: {shown}"
         else:
             guess = find_head(self.norm, t)
-            label = argmax_scores(model, self.output)
-            if guess.kind is None and label is not None:  # the cut model ends before the ArgMax
+            label = label_scores(model, self.output)
+            if guess.kind is None and label is not None:  # the cut model ends before the ArgMax/TopK
                 guess = find_head(model, self.output)
             kind, head_tensor, axis, why = self._decide_head(guess, loss, ex_inputs)
             if kind == "regression" and loss == "auto" and isinstance(head_tensor, str):

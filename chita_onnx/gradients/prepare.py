@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ConfigError, DataError, FixedBatchError, ModelError, UnsupportedOpError, first_line
-from ..graph import argmax_scores, densify, expand_newer_ops
+from ..graph import densify, expand_newer_ops, label_scores
 from .static import StaticInfo
 from .subgraphs import node_inputs
 
@@ -343,7 +343,8 @@ class HeadGuess:
 
 def select_output(model: onnx.ModelProto, output: str | None) -> str:
     """The model output to differentiate: ``output``, else the first float tensor output, else a
-    ``ZipMap`` (sequence of maps) output, else a label output ``ArgMax(scores)``."""
+    ``ZipMap`` (sequence of maps) output, else a label output ``ArgMax(scores)`` or ``TopK(scores)``'s
+    indices."""
     outs = list(model.graph.output)
     if output is not None:
         if output not in {o.name for o in outs}:
@@ -352,10 +353,10 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
         elem = o.type.tensor_type.elem_type if o.type.HasField("tensor_type") else None
         maker = _producers(model.graph).get(output)
         zipmap = maker is not None and maker.op_type == "ZipMap"
-        if elem is not None and elem not in _FLOAT_ELEM and not zipmap and argmax_scores(model, output) is None:
+        if elem is not None and elem not in _FLOAT_ELEM and not zipmap and label_scores(model, output) is None:
             raise ModelError(
                 f"--output={output!r}: it is {helper.tensor_dtype_to_np_dtype(elem).name}, not floating point, and "
-                "no ArgMax of class scores: no gradient flows to it; name a floating-point output"
+                "no ArgMax or TopK of class scores: no gradient flows to it; name a floating-point output"
             )
         return output
     for o in outs:
@@ -367,7 +368,7 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
         if node is not None and node.op_type == "ZipMap":
             return str(o.name)
     for o in outs:
-        if argmax_scores(model, o.name) is not None:
+        if label_scores(model, o.name) is not None:
             return str(o.name)
     raise ModelError(f"the model has no floating-point output to differentiate (outputs: {[o.name for o in outs]})")
 
@@ -375,12 +376,12 @@ def select_output(model: onnx.ModelProto, output: str | None) -> str:
 def differentiated_tensor(model: onnx.ModelProto, output: str | None) -> str:
     """The tensor the loss is taken of: :func:`select_output`, or, for a ``ZipMap`` output (a sequence
     of maps, as skl2onnx writes class probabilities), the tensor the ZipMap reads, and for a label
-    output ``ArgMax(scores)`` (:func:`argmax_scores`), the scores."""
+    output ``ArgMax(scores)`` or an output of ``TopK(scores)`` (:func:`label_scores`), the scores."""
     name = select_output(model, output)
     zipmap = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "ZipMap" and n.output and n.input}
     while name in zipmap:
         name = zipmap[name]
-    label = argmax_scores(model, name)
+    label = label_scores(model, name)
     return name if label is None else label.scores
 
 
@@ -427,9 +428,9 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     * ``Sigmoid`` (a probability map, a multi-label or detection score) → ``"binary"`` on its input:
       binary cross-entropy per element, whose sampled Fisher is the Bernoulli Fisher
       ``Jᵀ diag(p(1 − p)) J``.
-    * a label output ``ArgMax(scores)`` (:func:`argmax_scores`): the scores as above (a softmax's
-      input when they are probabilities), else ``"logits"`` on the scores themselves, over the
-      ArgMax's axis.
+    * a label output ``ArgMax(scores)`` or a ``TopK(scores)`` output (:func:`label_scores`): the
+      scores as above (a softmax's input when they are probabilities), else ``"logits"`` on the
+      scores themselves, over the ArgMax's or TopK's axis.
     * anything else → ``kind=None``: the engine decides from the data (rows summing to one) and the
       labels.
     """
@@ -438,7 +439,7 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     t = output
     while (node := prod.get(t)) is not None and node.op_type in ("ZipMap", "Identity", "Cast"):
         t = node.input[0]
-    label = argmax_scores(model, t)
+    label = label_scores(model, t)
     if label is not None:
         t = label.scores
     node = prod.get(t)
@@ -479,7 +480,7 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     if node is not None and node.op_type == "Sigmoid":
         return HeadGuess("binary", node.input[0], None, output, f"Sigmoid node {node.name!r}: Bernoulli per element")
     if label is not None:
-        return HeadGuess("logits", t, label.axis, output, f"the class scores of ArgMax node {label.node!r}")
+        return HeadGuess("logits", t, label.axis, output, f"the class scores read by {label.node!r}")
     return HeadGuess(None, t, None, output, "no softmax found")
 
 
