@@ -97,7 +97,12 @@ def _labels_problem(labels: NDArray[np.generic], n: int, num_classes: int | None
     if labels.ndim < 1 or labels.shape[0] != n:
         return f"'labels' has shape {labels.shape}, expected ({n},) or ({n}, positions...)"
     if not np.issubdtype(labels.dtype, np.integer):
-        return f"'labels' must be integers, got dtype {labels.dtype}"
+        hint = ""
+        if labels.ndim == 2 and np.issubdtype(labels.dtype, np.floating) and labels.size:
+            f = np.asarray(labels, dtype=np.float64)
+            if bool(np.all((f == 0) | (f == 1))) and bool(np.all(f.sum(axis=1) == 1)):
+                hint = " (they look one-hot: save labels.argmax(1), one class index per sample)"
+        return f"'labels' must be integers, got dtype {labels.dtype}{hint}"
     scored = labels[np.asarray(labels) >= 0] if labels.ndim > 1 else labels
     if scored.size and (scored.min() < 0 or (num_classes is not None and scored.max() >= num_classes)):
         bad = int(scored.min()) if scored.min() < 0 else int(scored.max())

@@ -70,7 +70,14 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
             {"x": np.zeros((4, 12), np.float32), "labels": np.zeros((3, 4), np.int64)},
             r"'labels' has shape \(3, 4\), expected \(4,\) or \(4, positions...\)",
         ),
-        ({"x": np.zeros((4, 12), np.float32), "labels": np.zeros((4, 3))}, "'labels' must be integers"),
+        (
+            {"x": np.zeros((4, 12), np.float32), "labels": np.zeros((4, 3))},
+            "'labels' must be integers, got dtype float64$",
+        ),
+        (
+            {"x": np.zeros((4, 12), np.float32), "labels": np.eye(5, dtype=np.float32)[[0, 2, 1, 4]]},
+            r"'labels' must be integers, got dtype float32 \(they look one-hot: save labels.argmax\(1\)",
+        ),
     ],
 )
 def test_bad_arrays_name_the_file_and_value(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
