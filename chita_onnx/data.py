@@ -416,8 +416,26 @@ def check_array(arr: NDArray[np.generic], spec: InputSpec) -> str | None:
     """Why ``arr`` does not fit ``spec`` (samples on axis 0 unless static), or ``None``."""
     want = spec.shape if spec.batch_axis is None else (None, *spec.sample_shape)
     if arr.ndim != len(want) or not all(_dim_ok(e, g) for e, g in zip(want, arr.shape, strict=False)):
-        return f"input {spec.name!r} has shape {tuple(arr.shape)}, the model expects {expected_shape(spec)}"
+        hint = _reorder_hint(arr.shape, want) if spec.batch_axis is not None else ""
+        return f"input {spec.name!r} has shape {tuple(arr.shape)}, the model expects {expected_shape(spec)}{hint}"
     return None
+
+
+def _reorder_hint(got: tuple[int, ...], want: Sequence[int | str | None]) -> str:
+    """When the per-sample sizes ``got[1:]`` are the model's fixed ones in another order (an image saved
+    channels last for a channels-first model, say), how to reorder the array; else ``""``."""
+    sizes = list(want[1:])
+    if len(got) != len(want) or not all(isinstance(d, int) and d > 0 for d in sizes):
+        return ""
+    free = list(range(1, len(got)))
+    perm = [0]
+    for d in sizes:
+        j = next((j for j in free if got[j] == d), None)
+        if j is None:
+            return ""
+        free.remove(j)
+        perm.append(j)
+    return f" (the same sizes in another order: np.transpose(x, {tuple(perm)}) gives the model's layout)"
 
 
 def batch_size(batch: Batch, specs: Sequence[InputSpec]) -> int:

@@ -214,3 +214,16 @@ def test_a_forged_or_object_npy_is_refused_before_it_is_read(tmp_path: Path) -> 
     (tmp_path / "cut.npy").write_bytes(raw[: len(raw) - 40])
     with pytest.raises(DataError, match=r"cut\.npy declares shape \(10, 12\) of float32 .* truncated or forged"):
         open_source(tmp_path / "cut.npy", SPECS)
+
+
+def test_an_image_saved_channels_last_is_told_how_to_reorder_it(tmp_path: Path) -> None:
+    specs = [InputSpec("img", ("N", 3, 8, 6), np.dtype(np.float32), 0)]
+    np.savez(tmp_path / "nhwc.npz", img=np.zeros((5, 8, 6, 3), np.float32))
+    with pytest.raises(DataError, match=r"np\.transpose\(x, \(0, 3, 1, 2\)\) gives the model's layout"):
+        validate_source(open_source(tmp_path / "nhwc.npz", specs), specs)
+    x = np.random.default_rng(0).normal(size=(5, 8, 6, 3)).astype(np.float32)
+    np.savez(tmp_path / "fixed.npz", img=np.transpose(x, (0, 3, 1, 2)))
+    assert validate_source(open_source(tmp_path / "fixed.npz", specs), specs) == 5
+    np.savez(tmp_path / "other.npz", img=np.zeros((5, 8, 7, 3), np.float32))  # not a reordering: no hint
+    with pytest.raises(DataError, match=r"the model expects \('\?', 3, 8, 6\)$"):
+        validate_source(open_source(tmp_path / "other.npz", specs), specs)
