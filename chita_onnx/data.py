@@ -91,9 +91,9 @@ def per_position(labels: NDArray[np.generic] | None) -> bool:
     return labels is not None and np.ndim(labels) > 1
 
 
-def _labels_problem(labels: NDArray[np.generic], n: int, num_classes: int | None = None) -> str | None:
+def _labels_problem(labels: NDArray[np.generic], n: int) -> str | None:
     """Why ``labels`` do not fit ``n`` samples (None when they do): integers, ``(n,)`` with one class
-    index in ``[0, num_classes)`` per sample, or ``(n, ...)`` per position (negative: not scored)."""
+    index per sample or ``(n, ...)`` with one per position."""
     if labels.ndim < 1 or labels.shape[0] != n:
         return f"'labels' has shape {labels.shape}, expected ({n},) or ({n}, positions...)"
     if not np.issubdtype(labels.dtype, np.integer):
@@ -103,7 +103,13 @@ def _labels_problem(labels: NDArray[np.generic], n: int, num_classes: int | None
             if bool(np.all((f == 0) | (f == 1))) and bool(np.all(f.sum(axis=1) == 1)):
                 hint = " (they look one-hot: save labels.argmax(1), one class index per sample)"
         return f"'labels' must be integers, got dtype {labels.dtype}{hint}"
-    scored = labels[np.asarray(labels) >= 0] if labels.ndim > 1 else labels
+    return None
+
+
+def _label_range_problem(labels: NDArray[np.generic], num_classes: int | None) -> str | None:
+    """Why integer ``labels`` are out of range (None when they are not): a class index per sample must
+    lie in ``[0, num_classes)``; per position a negative one is not scored, the rest must be ``≥ 0``."""
+    scored = labels[np.asarray(labels) >= 0] if per_position(labels) else labels
     if scored.size and (scored.min() < 0 or (num_classes is not None and scored.max() >= num_classes)):
         bad = int(scored.min()) if scored.min() < 0 else int(scored.max())
         last = (num_classes or 0) - 1
@@ -138,8 +144,8 @@ class ArraySource:
             raise DataError(f"{origin}: arrays differ in length (axis 0) or are empty: {sizes}")
         if labels is not None:
             labels = np.asarray(labels)
-            problem = _labels_problem(labels, n) if labels.ndim >= 1 else f"'labels' has shape {labels.shape}"
-            if problem is not None and not problem.startswith("label "):  # the range is validate_source's
+            problem = _labels_problem(labels, n)  # their range is validate_source's
+            if problem is not None:
                 raise DataError(f"{origin}: {problem}")
         batched = {k: np.asarray(v) for k, v in inputs.items() if k not in self.static}
         self.inputs = {**batched, **{k: np.asarray(v) for k, v in inputs.items() if k in self.static}}
@@ -505,7 +511,7 @@ def validate_source(
                     f"{where}: 'labels' has shape {labels.shape}, but the model scores {num_classes} classes once "
                     "per sample: give one class index per sample (from one-hot labels: labels.argmax(1))"
                 )
-            problem = _labels_problem(labels, int(size or 0), None if per_position(labels) else num_classes)
+            problem = _labels_problem(labels, int(size or 0)) or _label_range_problem(labels, num_classes)
             if problem is not None:
                 raise DataError(f"{where}: {problem}")
         total += int(size or 0)
@@ -579,7 +585,7 @@ def without_position_labels(source: CalibrationSource) -> CalibrationSource:
         if not per_position(source.labels):
             return source
         return ArraySource(
-            {k: v for k, v in source.inputs.items()},
+            dict(source.inputs),
             None,
             batch_size=source.batch_size,
             origin=source.origin,

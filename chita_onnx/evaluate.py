@@ -373,10 +373,13 @@ class Reference:
     index_labels: bool = False
     #: the axis of a TopK's indices output whose first entry is the label (``y`` holds it alone)
     first_along: int | None = None
-    #: ``y`` is a TopK's sorted values without its indices: no class can be read from them
-    values_only: bool = False
     #: the TopK values output among the compared ones (sorted: their argmax says nothing)
     topk_values: str = ""
+
+    @property
+    def values_only(self) -> bool:
+        """``y`` is a TopK's sorted values without its indices: no class can be read from them."""
+        return bool(self.topk_values) and self.first_along is None
 
     def accuracy(self, y: NDArray[Any]) -> float | None:
         """:func:`top1` of ``y`` (this output of a model) against the labels; None for TopK values."""
@@ -462,11 +465,8 @@ def reference(
             name,
             y.shape[1:],
         )
-    values_only = top_k and first_along is None  # sorted TopK values: their argmax is always 0
     values = head.values if head is not None and top_k else ""
-    return Reference(
-        name, y, labels, time.perf_counter() - t0, others, classes, index_labels, first_along, values_only, values
-    )
+    return Reference(name, y, labels, time.perf_counter() - t0, others, classes, index_labels, first_along, values)
 
 
 def _first_index(y: NDArray[Any], axis: int | None) -> NDArray[Any]:

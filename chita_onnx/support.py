@@ -123,13 +123,9 @@ def _scalars(graph: onnx.GraphProto) -> dict[str, float]:
     """The graph's stored one-element tensors (initializers and ``Constant`` outputs) by name, as floats."""
     from onnx import numpy_helper
 
-    stored = [(t.name, t) for t in graph.initializer] + [
-        (n.output[0], a.t)
-        for n in graph.node
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
-        for a in n.attribute
-        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
-    ]
+    from .graph import _constant_values
+
+    stored = [(t.name, t) for t in graph.initializer] + [(k, t) for k, (_, t) in _constant_values(graph).items()]
     out: dict[str, float] = {}
     for name, t in stored:
         if int(np.prod(t.dims, dtype=np.int64)) == 1:
