@@ -143,6 +143,21 @@ def test_cg_branch_when_the_exact_refit_is_too_costly(monkeypatch: pytest.Monkey
     assert f(cg.W[0]) - f(exact.W[0]) <= 1e-4 * gap
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_products_agree_with_the_float64_ones(dtype: type) -> None:
+    """``times32`` (the CG's products on a wide layer) is ``V H_λ`` up to float32 rounding; rows given
+    in float32 are used as they are, not copied."""
+    A, W, _ = _problem(50, 300, 9, seed=11)
+    A = A.astype(dtype)
+    rg = RowGram.of(A, 0.01)
+    exact = rg.times(W)
+    fast = rg.times32(W)
+    assert fast.dtype == np.float64
+    assert np.abs(fast - exact).max() <= 1e-5 * np.abs(exact).max()
+    assert not np.array_equal(fast, exact)  # it did take the float32 route
+    assert rg._a32 is not None and np.shares_memory(rg._a32, A) == (dtype is np.float32)
+
+
 def test_bad_rows_are_refused_by_name() -> None:
     A, W, Y = _problem(10, 50, 3)
     A[2, 3] = np.nan

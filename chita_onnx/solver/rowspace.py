@@ -45,6 +45,7 @@ from .layerwise import (
     BLOCK,
     DAMP,
     EXACT_FLOPS,
+    SINGLE_MIN,
     LayerSolution,
     Select,
     _cg_refit,
@@ -66,6 +67,7 @@ class RowGram:
     K: F64
     _kc: tuple[F64, bool] | None = field(default=None, repr=False)
     _next: tuple[int, F64] = field(default=(0, np.zeros((0, 0))), repr=False)
+    _a32: NDArray[np.float32] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, A: NDArray[np.floating], damp: float = DAMP, *, name: str = "layer") -> RowGram:
@@ -87,7 +89,9 @@ class RowGram:
         lam = cur * scale
         K = A64 @ A64.T
         K.flat[:: N + 1] += lam
-        return cls(A64, lam, cur, K)
+        # rows given in float32 (as the layer statistics keep them) serve the float32 products as they are
+        a32 = np.asarray(A, dtype=np.float32) if A.dtype == np.float32 and A.flags.c_contiguous else None
+        return cls(A64, lam, cur, K, _a32=a32)
 
     @property
     def d(self) -> int:
@@ -101,6 +105,16 @@ class RowGram:
     def times(self, V: F64) -> F64:
         """``V H_λ`` for ``V (r, d)``."""
         return np.asarray(parallel.matmul(parallel.matmul(V, self.A.T), self.A) + self.lam * V)
+
+    def times32(self, V: F64) -> F64:
+        """``V H_λ`` for ``V (r, d)`` with the two products in float32 (half the time of :meth:`times`),
+        as the Gram route's CG takes its products with ``H`` (:func:`~.layerwise._cg_refit`); the
+        damping term and the result stay float64."""
+        if self._a32 is None:
+            self._a32 = self.A.astype(np.float32)
+        A32 = self._a32
+        P = parallel.matmul(V.astype(np.float32), A32.T)
+        return np.asarray(parallel.matmul(P, A32), dtype=np.float64) + self.lam * V
 
     def solve(self, R: F64) -> F64:
         """``R H_λ⁻¹`` for ``R (r, d)`` (rows; ``H_λ`` is symmetric)."""
@@ -293,7 +307,8 @@ def prune_layer_rows(
         if exact_cost > EXACT_FLOPS:
             iters = cg_iterations(cg_step)
             diag = np.einsum("nj,nj->j", rg.A, rg.A) + rg.lam
-            Wk, how = _cg_refit(None, rhs, mk, Wk, iters=iters, times=rg.times, diag=diag), f"cg{iters}"
+            times = rg.times32 if d >= SINGLE_MIN else rg.times  # float32 products, as the Gram route's CG
+            Wk, how = _cg_refit(None, rhs, mk, Wk, iters=iters, times=times, diag=diag), f"cg{iters}"
         else:
             Wk, how = rg.refit(rhs, mk), "rowspace"
     Wk[~mk] = 0.0
