@@ -159,8 +159,8 @@ def test_the_row_space_solver_gives_the_same_weights_with_split_products(
     assert parallel.splits() > before
     assert str(got.info["refit"]).startswith(how)
     np.testing.assert_array_equal(got.mask, want.mask)
-    # CG carries a rounding difference on through its iterations; it stops at a relative residual of 1e-6
-    tol = 1e-6 if how == "cg" else 1e-9
+    # CG (float32 products, as on the Gram route) carries the halves' rounding on through its iterations
+    tol = 1e-5 if how == "cg" else 1e-9
     np.testing.assert_allclose(got.W, want.W, rtol=tol, atol=tol * float(np.abs(want.W).max()))
 
 
