@@ -86,7 +86,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
         torch.manual_seed(seed)
         audit.classifier((("resnet18_ts", False, 17), ("resnet18_dyn", True, 18)), ResNet18(), rgb64, epochs=2,
                          lr=2e-3, inputs=["input"], family="ResNet-18 (torchvision layout, full width), 64x64 RGB",
-                         bn="kept" , t0=time.time())  # fmt: skip
+                         bn="kept", t0=time.time())  # fmt: skip
 
     # ------------------------------------------------------------------ 2. MobileNetV2
     class Inverted(nn.Module):
