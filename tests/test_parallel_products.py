@@ -6,6 +6,7 @@ rounding."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable
 
@@ -232,22 +233,29 @@ def test_the_gil_free_lapack_calls_equal_scipys_wrappers(dtype: type, monkeypatc
     np.testing.assert_array_equal(got[2][~fails], want[2][~fails])  # type: ignore[index]
 
 
-def test_the_exact_refit_solves_its_rows_in_two_halves_with_the_same_values() -> None:
+@pytest.mark.parametrize("sizes", ["two", "spread"])
+def test_the_exact_refit_deals_its_systems_to_both_threads_with_the_same_values(sizes: str) -> None:
+    """The exact re-fit's systems go to the two threads in pieces balanced by cost: rows of two sizes
+    (each size halved), or of a size each (a layer's usual spread, where halving size by size would
+    leave one thread idle).  Each system is solved alone, so the values equal one thread's bit for bit."""
     rng = np.random.default_rng(8)
     d, M = 300, 40
     X = rng.standard_normal((900, d))
     A = X.T @ X / 900 + 0.01 * np.eye(d)
-    sel = np.zeros((M, d), dtype=bool)  # rows of two sizes: two groups, each worth splitting
+    sel = np.zeros((M, d), dtype=bool)
     for i in range(M):
-        sel[i, rng.choice(d, 180 + 10 * (i % 2), replace=False)] = True
+        k = 180 + 10 * (i % 2) if sizes == "two" else 120 + 3 * i
+        sel[i, rng.choice(d, k, replace=False)] = True
     R = rng.standard_normal((M, d))
     kw = {"single_min": 128, "tol": 1e-3, "fallback": lambda i, v: np.zeros(i.size)}
     want = bs.solve_subsystems(A, sel, R, **kw)  # type: ignore[arg-type]
-    before = parallel.splits()
+    before = parallel.shared()
     with parallel.helping():
         got = bs.solve_subsystems(A, sel, R, **kw)  # type: ignore[arg-type]
-    assert parallel.splits() > before
+    assert parallel.shared() > before
     np.testing.assert_array_equal(got, want)
+    with parallel.helping(idle=lambda: False):  # the second core taken: in turn on this thread
+        np.testing.assert_array_equal(bs.solve_subsystems(A, sel, R, **kw), want)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("warm", [False, True])
@@ -277,6 +285,34 @@ def test_cg_iterates_its_row_halves_on_two_threads_with_the_same_values(warm: bo
         np.testing.assert_allclose(got, one, rtol=1e-3, atol=1e-3 * float(np.abs(one).max()))
     # the systems are solved: on the support, H_S w_S = rhs_S to the tolerance
     r = (rhs - got @ H) * mask
+    assert np.all(np.linalg.norm(r, axis=1) <= 2e-4 * np.linalg.norm(rhs * mask, axis=1))
+
+
+def test_the_row_space_cg_iterates_its_row_halves_on_two_threads_with_the_same_values() -> None:
+    """The row-space route's CG (products ``V ↦ V(λI + AᵀA)`` from the rows) splits its rows between
+    the threads as the Gram route's does, each half's products by :meth:`RowGram.times32` without a
+    split of its own: the iterates of the halves run in turn bit for bit, those of the unsplit
+    vector updates up to rounding."""
+    rng = np.random.default_rng(12)
+    N, d, M = 200, 400, 300
+    rg = rs.RowGram.of(rng.standard_normal((N, d)) * rng.uniform(0.3, 3.0, d), 0.01)
+    mask = rng.random((M, d)) < 0.4
+    rhs = rng.standard_normal((M, d)) * rng.uniform(0.01, 10.0, (M, 1))
+    diag = np.einsum("nj,nj->j", rg.A, rg.A) + rg.lam
+    split = {"times_rows": functools.partial(rg.times32, split=False), "times_cost": 2.0 * M * N * d}
+    assert d >= lw.SINGLE_MIN and split["times_cost"] >= parallel.MIN_MACS  # type: ignore[operator]
+    for iters in (3, 300):
+        one = lw._cg_refit(None, rhs, mask, None, tol=1e-4, iters=iters, times=rg.times32, diag=diag)
+        with limit_blas_threads(1), parallel.helping(idle=lambda: False):  # the halves in turn, one thread
+            want = lw._cg_refit(None, rhs, mask, None, tol=1e-4, iters=iters, times=rg.times32, diag=diag, **split)  # type: ignore[arg-type]
+        before = parallel.splits()
+        with limit_blas_threads(1), parallel.helping():
+            got = lw._cg_refit(None, rhs, mask, None, tol=1e-4, iters=iters, times=rg.times32, diag=diag, **split)  # type: ignore[arg-type]
+        ran = parallel.splits() - before - 4  # the first and last products: two split products each
+        assert (ran == 3) if iters == 3 else (3 < ran < 300), ran
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, one, rtol=1e-3, atol=1e-3 * float(np.abs(one).max()))
+    r = (rhs - rg.times(got)) * mask  # solved on the support to the tolerance
     assert np.all(np.linalg.norm(r, axis=1) <= 2e-4 * np.linalg.norm(rhs * mask, axis=1))
 
 

@@ -193,22 +193,6 @@ def _gather_solve(
     return x, ok, res
 
 
-def _solve_rows_of(
-    A: NDArray[np.floating], idx: NDArray[np.intp], b: NDArray[np.floating], residual: bool
-) -> tuple[NDArray[np.floating], NDArray[np.bool_], NDArray[np.floating] | None]:
-    """:func:`_gather_solve`, its rows in two halves at once where :mod:`.parallel` helps (and the
-    LAPACK calls can run without the GIL)."""
-    r, m = idx.shape
-    if _native(A.dtype == np.float32) is None:
-        return _gather_solve(A, idx, b, residual)
-    parts = parallel.halves(lambda a, z: _gather_solve(A, idx[a:z], b[a:z], residual), r, r * m**3 / 3.0)
-    if len(parts) == 1:
-        return parts[0]
-    (x1, ok1, res1), (x2, ok2, res2) = parts
-    res = None if res1 is None or res2 is None else np.concatenate((res1, res2))
-    return np.concatenate((x1, x2)), np.concatenate((ok1, ok2)), res
-
-
 def solve_subsystems(
     A: F64,
     sel: NDArray[np.bool_],
@@ -232,24 +216,43 @@ def solve_subsystems(
     A32: NDArray[np.float32] | None = None
 
     def run(rows: NDArray[np.int64], single: bool) -> NDArray[np.int64]:
-        """Solve ``rows`` (float32 with the residual check, or float64); returns the rows that failed."""
+        """Solve ``rows`` (float32 with the residual check, or float64); returns the rows that failed.
+
+        The rows of one size form pieces (a chunk of :data:`CHUNK_ROWS`, halved when it has two rows
+        or more); :func:`.parallel.tasks` deals the pieces out to the two threads by cost,
+        ``r·(m³/3 + m·d)`` (factorisations and gathers), each piece start to end on one thread.  A
+        layer's rows have hundreds of sizes, most with a row or two: split size by size, they would
+        leave one thread waiting at every size.  Each system is solved alone by the same LAPACK
+        call whichever thread takes it, so the values do not depend on the split."""
         nonlocal A32
         if single and A32 is None:
             A32 = A.astype(np.float32, order="C")
         M = A32 if single and A32 is not None else A
-        failed: list[NDArray[np.int64]] = []
+        pieces: list[NDArray[np.int64]] = []
         for m in np.unique(sizes[rows]):
             group = rows[sizes[rows] == m]
             for c0 in range(0, group.size, CHUNK_ROWS):
                 part = group[c0 : c0 + CHUNK_ROWS]
-                idx = np.nonzero(sel[part])[1].reshape(part.size, int(m))
-                b: NDArray[np.floating] = np.take_along_axis(R[part], idx, axis=1).astype(M.dtype)
-                x, ok, res = _solve_rows_of(M, idx, b, residual=single)
-                ok &= np.all(np.isfinite(x), axis=1)
-                if res is not None:
-                    ok &= np.linalg.norm(res, axis=1) <= tol * np.linalg.norm(b, axis=1)
-                X[part[ok, None], idx[ok]] = x[ok]
-                failed.append(part[~ok])
+                pieces.extend(np.array_split(part, 2) if part.size >= 2 else [part])
+
+        def solve(part: NDArray[np.int64]) -> tuple[NDArray[np.intp], NDArray[np.floating], NDArray[np.bool_]]:
+            m = int(sizes[part[0]])
+            idx = np.nonzero(sel[part])[1].reshape(part.size, m)
+            b: NDArray[np.floating] = np.take_along_axis(R[part], idx, axis=1).astype(M.dtype)
+            x, ok, res = _gather_solve(M, idx, b, residual=single)
+            ok &= np.all(np.isfinite(x), axis=1)
+            if res is not None:
+                ok &= np.linalg.norm(res, axis=1) <= tol * np.linalg.norm(b, axis=1)
+            return idx, x, ok
+
+        costs = [float(part.size) * (float(sizes[part[0]]) ** 3 / 3.0 + float(sizes[part[0]]) * d) for part in pieces]
+        jobs = [functools.partial(solve, part) for part in pieces]
+        # without the GIL-free LAPACK entry points the solves hold the GIL: one thread, in order
+        done = parallel.tasks(jobs, costs) if _native(M.dtype == np.float32) is not None else [j() for j in jobs]
+        failed: list[NDArray[np.int64]] = []
+        for part, (idx, x, ok) in zip(pieces, done, strict=True):
+            X[part[ok, None], idx[ok]] = x[ok]
+            failed.append(part[~ok])
         return np.concatenate(failed) if failed else rows[:0]
 
     todo = np.flatnonzero(sizes > 0)

@@ -551,6 +551,8 @@ def _cg_refit(
     *,
     times: Callable[[F64], F64] | None = None,
     diag: F64 | None = None,
+    times_rows: Callable[[F64], F64] | None = None,
+    times_cost: float = 0.0,
 ) -> F64:
     """Batched preconditioned CG on ``min ½wᵀHw − rhsᵀw`` restricted to each row's support.
 
@@ -563,7 +565,11 @@ def _cg_refit(
     Inside :func:`.parallel.helping`, a float32 iteration gives half of its rows (their products and
     vector updates) to the helper thread: the rows are independent systems, so the iterates are those
     of one thread bit for bit.
-    ``times`` and ``diag`` (instead of ``H``): the product ``V ↦ V H_λ`` and ``diag(H_λ)`` ``(d,)``."""
+    ``times`` and ``diag`` (instead of ``H``): the product ``V ↦ V H_λ`` and ``diag(H_λ)`` ``(d,)``;
+    ``times_rows``: the same product for a block of rows that never splits its own work (row ``i`` of
+    ``V H_λ`` depends on row ``i`` of ``V`` only), and ``times_cost`` its multiply-adds for all ``M``
+    rows: then the iteration splits its rows between the threads as the float32 ``H`` path does, each
+    half's products computed as ``times`` computes that half."""
     if H is None:
         if times is None or diag is None:
             raise SolverError("give H or its product and diagonal")
@@ -611,7 +617,9 @@ def _cg_refit(
     def step(lo: int, hi: int) -> None:
         """One CG iteration of rows ``lo:hi`` (each row its own system: the rows never mix)."""
         sl = slice(lo, hi)
-        if op is not None or H32 is None:  # whole-matrix products (rows stay together: one call)
+        if times_rows is not None:  # this half's rows of the product, on this thread
+            Ap[sl] = times_rows(Pd[sl])
+        elif op is not None or H32 is None:  # whole-matrix products (rows stay together: one call)
             times_h(Pd, Ap)
         else:  # this half's rows of the float32 product, as the one call computes them
             assert V32 is not None and HV32 is not None
@@ -636,8 +644,13 @@ def _cg_refit(
 
     # the float32 path splits its rows between two threads (:mod:`.parallel`), products and vector
     # updates alike; the per-row arithmetic is the same as in one call
-    split = op is None and H32 is not None and M >= 2 * parallel.MIN_ROWS  # as parallel.matmul splits
-    work = float(M) * d * d if split else 0.0
+    if times_rows is not None:
+        split, work = M >= 2 * parallel.MIN_ROWS, float(times_cost)
+    else:
+        split = op is None and H32 is not None and M >= 2 * parallel.MIN_ROWS  # as parallel.matmul splits
+        work = float(M) * d * d if split else 0.0
+    if not split:
+        work = 0.0
     for _ in range(iters):
         if np.all(rr <= stop2):  # ‖r_i‖ ≤ tol·‖rhs_i‖ on the support
             break

@@ -40,9 +40,12 @@ from numpy.typing import NDArray
 
 from ..errors import SolverError
 from . import parallel
-from .batched_spd import posv
+from .batched_spd import cho_solve_rows, posv
 from .layerwise import (
     BLOCK,
+    CG_FLOPS,
+    CG_MAX_ITERATIONS,
+    CG_MIN_ITERATIONS,
     DAMP,
     EXACT_FLOPS,
     SINGLE_MIN,
@@ -65,7 +68,7 @@ class RowGram:
     lam: float
     damp: float
     K: F64
-    _kc: tuple[F64, bool] | None = field(default=None, repr=False)
+    _kc: F64 | None = field(default=None, repr=False)
     _next: tuple[int, F64] = field(default=(0, np.zeros((0, 0))), repr=False)
     _a32: NDArray[np.float32] | None = field(default=None, repr=False)
 
@@ -97,36 +100,45 @@ class RowGram:
     def d(self) -> int:
         return int(self.A.shape[1])
 
-    def _chol(self) -> tuple[F64, bool]:
+    def _chol(self) -> F64:
+        """The lower Cholesky factor of ``K`` (Fortran-ordered, for :func:`.batched_spd.cho_solve_rows`)."""
         if self._kc is None:
-            self._kc = sla.cho_factor(self.K, lower=True, check_finite=False)
+            L, info = sla.lapack.dpotrf(self.K, lower=1, clean=1)
+            if info != 0:  # pragma: no cover - λI + AAᵀ is positive definite for λ > 0
+                raise SolverError("the row-space system K is not positive definite; raise the damping")
+            self._kc = np.asfortranarray(L)
         return self._kc
 
     def times(self, V: F64) -> F64:
         """``V H_λ`` for ``V (r, d)``."""
         return np.asarray(parallel.matmul(parallel.matmul(V, self.A.T), self.A) + self.lam * V)
 
-    def times32(self, V: F64) -> F64:
+    def times32(self, V: F64, *, split: bool = True) -> F64:
         """``V H_λ`` for ``V (r, d)`` with the two products in float32 (half the time of :meth:`times`),
         as the Gram route's CG takes its products with ``H`` (:func:`~.layerwise._cg_refit`); the
-        damping term and the result stay float64."""
+        damping term and the result stay float64.  ``split=False``: plain ``np.matmul`` products, for a
+        block of rows that a thread of :func:`.parallel.halves` computes (the halves of one split
+        product, computed by the same calls)."""
         if self._a32 is None:
             self._a32 = self.A.astype(np.float32)
         A32 = self._a32
-        P = parallel.matmul(V.astype(np.float32), A32.T)
-        out: F64 = parallel.matmul(P, A32).astype(np.float64)
+        mm = parallel.matmul if split else np.matmul
+        P = mm(V.astype(np.float32), A32.T)
+        out: F64 = mm(P, A32).astype(np.float64)
         out += self.lam * V  # in place: one (r, d) temporary fewer per CG iteration
         return out
 
     def solve(self, R: F64) -> F64:
         """``R H_λ⁻¹`` for ``R (r, d)`` (rows; ``H_λ`` is symmetric)."""
-        Z = sla.cho_solve(self._chol(), self.A @ R.T, check_finite=False)  # (N, r)
-        return np.asarray((R - Z.T @ self.A) / self.lam)
+        Zt = parallel.matmul(np.ascontiguousarray(R, dtype=np.float64), self.A.T)  # (r, N): rows of R Aᵀ
+        cho_solve_rows(self._chol(), Zt)  # ← (K⁻¹ A Rᵀ)ᵀ
+        return np.asarray((R - parallel.matmul(Zt, self.A)) / self.lam)
 
     def inverse_diag(self) -> F64:
         """``diag(H_λ⁻¹)`` ``(d,)``."""
-        KA = sla.cho_solve(self._chol(), self.A, check_finite=False)
-        return np.asarray((1.0 - np.einsum("nj,nj->j", self.A, KA)) / self.lam)
+        KAt = np.array(self.A.T, order="C", copy=True)  # (d, N): the rows of (K⁻¹A)ᵀ once solved
+        cho_solve_rows(self._chol(), KAt)
+        return np.asarray((1.0 - np.einsum("nj,jn->j", self.A, KAt)) / self.lam)
 
     def factor_block(self, i1: int, i2: int, outputs: int = 1) -> tuple[F64, Callable[[F64], F64]]:
         """The column block ``i1:i2`` of the sweep: ``U[i1:i2, i1:i2]`` (``U`` upper, ``H_λ⁻¹ = UᵀU``) and
@@ -146,9 +158,15 @@ class RowGram:
             raise SolverError(f"row factor blocks out of order: asked for column {i1}, at {at}")
         A, lam = self.A, self.lam
         AJ = A[:, i1:i2]
-        C = sla.cho_solve(sla.cho_factor(Kj, lower=True, check_finite=False), AJ, check_finite=False)  # (N, b)
         b = i2 - i1
-        M11 = -(AJ.T @ C)
+        # C = K_j⁻¹A_J (N, b), as the rows of Cᵀ = A_Jᵀ K_j⁻¹: their halves solved on both threads
+        Lk, info = sla.lapack.dpotrf(Kj, lower=1, clean=1)
+        if info != 0:
+            raise SolverError("the row-space system K_j is not positive definite; raise the damping")
+        Ct = np.array(AJ.T, order="C", copy=True)
+        cho_solve_rows(np.asfortranarray(Lk), Ct)
+        C = Ct.T
+        M11 = -(Ct @ AJ)
         M11 = 0.5 * (M11 + M11.T)
         M11.flat[:: b + 1] += 1.0
         M11 /= lam
@@ -156,11 +174,12 @@ class RowGram:
             U11 = sla.cholesky(M11, lower=False, check_finite=False)
         except np.linalg.LinAlgError:
             raise SolverError("H_λ⁻¹ is not positive definite; raise the damping") from None
-        Kj -= AJ @ AJ.T
+        Kj -= parallel.matmul(AJ, np.ascontiguousarray(AJ.T))
         self._next = (i2, Kj)
         right = A[:, i2:]
         if outputs > b:  # many rows of errors: form the block's rows of U once
-            rows = -(sla.solve_triangular(U11, C.T, trans="T", lower=False, check_finite=False) @ right) / lam
+            T = sla.solve_triangular(U11, Ct, trans="T", lower=False, check_finite=False)
+            rows = -parallel.matmul(np.ascontiguousarray(T), right) / lam
             return np.asarray(U11), lambda E: np.asarray(parallel.matmul(E, rows))
 
         def rest(E: F64) -> F64:
@@ -222,28 +241,52 @@ class RowGram:
 def cheaper(rows: int, d: int, outputs: int, keep_fraction: float, block: int = BLOCK) -> bool:
     """Whether :func:`prune_layer_rows` costs fewer multiply-adds than the Gram route for a layer of
     ``outputs`` rows of ``d`` weights, ``rows`` input rows and about ``keep_fraction`` of its weights
-    kept (each row's re-fit system has ``m = d·min(f, 1 − f)`` unknowns).  A float32 product counts
-    half, a symmetric one (``syrk``) half again.
+    kept (each row's re-fit system has ``m = d·min(f, 1 − f)`` unknowns), without giving a worse re-fit.
+    A float32 product counts half, a symmetric one (``syrk``) half again.
 
-    Gram route: the Gram (``N·d²/2``, float32), the factor and its inverse (``2/3·d³``), the inverse
-    itself when rows are re-fitted on their pruned set (``d³/3``), the sweep (``M·d²``) and the
-    re-fits (``M·m³/3``, float32).  Row space: ``K`` (``N²·d/2``) and ``diag(H_λ⁻¹)`` (``N²·d``), a
+    Gram route: the Gram (``N·d²/2``, float32), the factor and its inverse (``2/3·d³``), the sweep
+    (``M·d²``) and the re-fit.  Row space: ``K`` (``N²·d/2``) and ``diag(H_λ⁻¹)`` (``N²·d``), a
     factorisation of ``K_j`` per block (``(d/b)·N³/3``), the sweep (``M·N·d²/(2b)`` or, with more
-    outputs than ``b``, the block rows ``N·d²/2``) and the re-fits (``M·(N²·m/2 + N³/3)``, float64).
+    outputs than ``b``, the block rows ``N·d²/2``) and the re-fit.  Each route's re-fit is costed as
+    it will run (:func:`_refit_plan`): exact when its estimate is at most
+    :data:`~.layerwise.EXACT_FLOPS` (Gram: ``M·m³/3`` in float32, plus ``H_λ⁻¹``, ``d³/3``, when rows
+    are re-fitted on their pruned set; rows: ``M·(N²·m/2 + N³/3)``), otherwise the batched CG's
+    :data:`~.layerwise.CG_FLOPS` in float32 (Gram: ``2·M·d²`` per iteration, rows: ``4·M·N·d``, so the
+    rows run more iterations when ``N < d/2``).  The rows are chosen only when they are cheaper and
+    their re-fit is at least as good: exact, or CG with at least as many iterations as the Gram's.
     """
     N, M, b = float(rows), float(outputs), float(block)
     f = min(max(keep_fraction, 0.0), 1.0)
-    m = d * min(f, 1.0 - f)
     dd = float(d)
-    gram = N * dd * dd / 4.0 + (2.0 / 3.0 + (1.0 / 3.0 if f > 0.4 else 0.0)) * dd**3 + M * dd * dd + M * m**3 / 6.0
+    m = dd * min(f, 1.0 - f)
+    kept = dd * f
+    gram_exact = M * (m**3 / 3.0 + m * dd)  # :func:`.layerwise.refit_cost` with the pruned-set systems
+    gram_refit, gram_iters = _refit_plan(
+        gram_exact, M * m**3 / 6.0 + (dd**3 / 3.0 if f > 0.4 else 0.0), 2.0 * M * dd * dd
+    )
+    gram = N * dd * dd / 4.0 + (2.0 / 3.0) * dd**3 + M * dd * dd + gram_refit
+    rows_exact = M * (N * N * m + N * (kept + N * N / 3.0))  # :meth:`RowGram.refit_cost`
+    row_refit, row_iters = _refit_plan(rows_exact, M * (N * N * m / 2.0 + N**3 / 3.0), 4.0 * M * N * dd)
     sweep = M * N * dd * dd / (2.0 * b) if b >= M else N * dd * dd / 2.0
-    row = 1.5 * N * N * dd + (dd / b) * N**3 / 3.0 + sweep + M * (N * N * m / 2.0 + N**3 / 3.0)
-    return row < gram
+    row = 1.5 * N * N * dd + (dd / b) * N**3 / 3.0 + sweep + row_refit
+    return row < gram and row_iters >= gram_iters
+
+
+def _refit_plan(exact_flops: float, exact_cost: float, cg_step: float) -> tuple[float, float]:
+    """``(cost, iterations)`` of a re-fit as :func:`~.layerwise.ridge_refit` runs it: exact (``exact_cost``,
+    infinitely many iterations) when ``exact_flops`` is at most :data:`~.layerwise.EXACT_FLOPS`, else
+    :func:`~.layerwise.cg_iterations` float32 CG iterations of ``cg_step`` multiply-adds (costed at the
+    budget itself, :data:`~.layerwise.CG_FLOPS` within the iteration limits, so that the rule does not
+    flip back and forth with the rounding of the iteration count)."""
+    if exact_flops <= EXACT_FLOPS:
+        return exact_cost, math.inf
+    budget = min(CG_MAX_ITERATIONS, max(CG_MIN_ITERATIONS, CG_FLOPS / max(cg_step, 1.0)))
+    return budget * cg_step / 2.0, float(cg_iterations(cg_step))
 
 
 def row_error(W: F64, A: F64, Y: F64 | None, W_bar: F64) -> float:
     """``Σ_i ‖A w_i − y_i‖²`` (``y_i = A w̄_i`` without ``Y``): the summed squared output error."""
-    R = W @ A.T - (Y.T if Y is not None else W_bar @ A.T)
+    R = parallel.matmul(W, A.T) - (Y.T if Y is not None else parallel.matmul(W_bar, A.T))
     return float(np.einsum("ij,ij->", R, R))
 
 
@@ -309,8 +352,14 @@ def prune_layer_rows(
         if exact_cost > EXACT_FLOPS:
             iters = cg_iterations(cg_step)
             diag = np.einsum("nj,nj->j", rg.A, rg.A) + rg.lam
-            times = rg.times32 if d >= SINGLE_MIN else rg.times  # float32 products, as the Gram route's CG
-            Wk, how = _cg_refit(None, rhs, mk, Wk, iters=iters, times=times, diag=diag), f"cg{iters}"
+            if d >= SINGLE_MIN:  # float32 products, as the Gram route's CG; its rows split between the threads
+                Wk = _cg_refit(
+                    None, rhs, mk, Wk, iters=iters, times=rg.times32, diag=diag,
+                    times_rows=functools.partial(rg.times32, split=False), times_cost=2.0 * M * N * d,
+                )  # fmt: skip
+            else:
+                Wk = _cg_refit(None, rhs, mk, Wk, iters=iters, times=rg.times, diag=diag)
+            how = f"cg{iters}"
         else:
             Wk, how = rg.refit(rhs, mk), "rowspace"
     Wk[~mk] = 0.0
