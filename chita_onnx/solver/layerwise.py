@@ -648,7 +648,7 @@ def _cg_refit(
         split, work = M >= 2 * parallel.MIN_ROWS, float(times_cost)
     else:
         split = op is None and H32 is not None and M >= 2 * parallel.MIN_ROWS  # as parallel.matmul splits
-        work = float(M) * d * d if split else 0.0
+        work = float(M) * d * d
     if not split:
         work = 0.0
     for _ in range(iters):

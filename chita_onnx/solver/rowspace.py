@@ -101,12 +101,9 @@ class RowGram:
         return int(self.A.shape[1])
 
     def _chol(self) -> F64:
-        """The lower Cholesky factor of ``K`` (Fortran-ordered, for :func:`.batched_spd.cho_solve_rows`)."""
+        """The lower Cholesky factor of ``K`` (:func:`_lower_factor`)."""
         if self._kc is None:
-            L, info = sla.lapack.dpotrf(self.K, lower=1, clean=1)
-            if info != 0:  # pragma: no cover - λI + AAᵀ is positive definite for λ > 0
-                raise SolverError("the row-space system K is not positive definite; raise the damping")
-            self._kc = np.asfortranarray(L)
+            self._kc = _lower_factor(self.K, "K")
         return self._kc
 
     def times(self, V: F64) -> F64:
@@ -160,11 +157,8 @@ class RowGram:
         AJ = A[:, i1:i2]
         b = i2 - i1
         # C = K_j⁻¹A_J (N, b), as the rows of Cᵀ = A_Jᵀ K_j⁻¹: their halves solved on both threads
-        Lk, info = sla.lapack.dpotrf(Kj, lower=1, clean=1)
-        if info != 0:
-            raise SolverError("the row-space system K_j is not positive definite; raise the damping")
         Ct = np.array(AJ.T, order="C", copy=True)
-        cho_solve_rows(np.asfortranarray(Lk), Ct)
+        cho_solve_rows(_lower_factor(Kj, "K_j"), Ct)
         C = Ct.T
         M11 = -(Ct @ AJ)
         M11 = 0.5 * (M11 + M11.T)
@@ -236,6 +230,15 @@ class RowGram:
         kept = mask.sum(axis=1).astype(np.float64)
         m = np.minimum(kept, d - kept)
         return float(np.sum(N * N * m + N * (kept + N * N / 3.0))), 4.0 * M * N * d
+
+
+def _lower_factor(K: F64, what: str) -> F64:
+    """The lower Cholesky factor of ``K`` ``(N, N)``, Fortran-ordered (as
+    :func:`.batched_spd.cho_solve_rows` takes it); ``what`` names ``K`` in the error."""
+    L, info = sla.lapack.dpotrf(K, lower=1, clean=1)
+    if info != 0:  # λI + AAᵀ is positive definite for λ > 0: only non-finite rows get here
+        raise SolverError(f"the row-space system {what} is not positive definite; raise the damping")
+    return np.asfortranarray(L)
 
 
 def cheaper(rows: int, d: int, outputs: int, keep_fraction: float, block: int = BLOCK) -> bool:
