@@ -29,6 +29,10 @@ Models (name: family; tf2onnx opset; what it stresses):
   Dense layers on the 3-D tensor, mean pool; opset 17.
 * ``k_conv1d``      Conv1D net over the rows (28 channels): Conv1D, dilated Conv1D, SeparableConv1D
   with a residual add, strided Conv1D, BN, Flatten + Dense; opset 13.
+
+``UNSEEN_OPSET=9`` (for example) in the environment exports every model at that opset instead: the
+legacy-opset twin of the set, as older tf2onnx conversions in model zoos are (rebuild it into another
+``--out``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def build(only: set[str] | None, out: Path, seed: int, mnist: Path, n_train: int
 
     def finish(name: str, model: keras.Model, shape: tuple[int, ...], opset: int, family: str, t0: float,
                acc: float) -> None:  # fmt: skip
+        opset = int(os.environ.get("UNSEEN_OPSET") or opset)  # the legacy-opset twin of the set
         how = export(model, name, shape, opset)
         save_split(name, shape)
         import onnx
