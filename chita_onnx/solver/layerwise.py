@@ -38,7 +38,7 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from ..errors import SolverError
-from . import parallel
+from . import blocked, parallel
 from .batched_spd import cho_solve_rows, solve_subsystems
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ class Damped:
 
     def _linv(self) -> F64:
         if "linv" not in self._cache:
+            if self.factor.shape[0] >= blocked.MIN_D:  # in blocks, on both cores
+                if not np.all(np.diag(self.factor) != 0):
+                    raise SolverError("the Cholesky factor of H_λ is singular; raise the damping")
+                self._cache["linv"] = blocked.tri_inverse(self.factor)
+                return self._cache["linv"]
             inv, info = sla.lapack.dtrtri(self.factor, lower=1)
             if info != 0:
                 raise SolverError("the Cholesky factor of H_λ is singular; raise the damping")
@@ -152,7 +157,10 @@ class Damped:
     def inverse(self) -> F64:
         """``H_λ⁻¹`` (d × d, symmetric, C-ordered): ``P L⁻ᵀL⁻¹ P`` (LAPACK ``lauum``)."""
         if "inv" not in self._cache:
-            A, info = sla.lapack.dlauum(self._linv(), lower=1)
+            if self.factor.shape[0] >= blocked.MIN_D:  # in blocks, on both cores
+                A, info = blocked.lower_gram(self._linv()), 0
+            else:
+                A, info = sla.lapack.dlauum(self._linv(), lower=1)
             if info != 0:  # pragma: no cover - lauum of a valid triangle does not fail
                 raise SolverError("H_λ⁻¹ could not be formed")
             A = np.asarray(A, np.float64)
@@ -181,8 +189,12 @@ def _reversed_copy(A: F64) -> F64:
 def _reversed_cholesky(Hl: F64) -> F64 | None:
     """The lower Cholesky factor of ``Hl`` (symmetric) with its coordinates reversed (see
     :class:`Damped`), or None when ``Hl`` is not positive definite (a failed or non-finite
-    factorisation).  LAPACK factors a reversed copy in place (:func:`_reversed_copy`)."""
-    L, info = sla.lapack.dpotrf(_reversed_copy(Hl), lower=1, clean=1, overwrite_a=1)
+    factorisation).  LAPACK factors a reversed copy in place (:func:`_reversed_copy`); from
+    :data:`.blocked.MIN_D` inputs on, in blocks on both cores (:func:`.blocked.cholesky`)."""
+    if Hl.shape[0] >= blocked.MIN_D:
+        L, info = blocked.cholesky(_reversed_copy(Hl))
+    else:
+        L, info = sla.lapack.dpotrf(_reversed_copy(Hl), lower=1, clean=1, overwrite_a=1)
     if info != 0 or not np.all(np.isfinite(np.diag(L))) or np.any(np.diag(L) <= 0):
         return None
     return np.asarray(L, np.float64)
@@ -251,10 +263,13 @@ def inverse(dh: Damped) -> F64:
 
 def _symmetrized(H: F64, block: int = 256) -> F64:
     """``(H + Hᵀ)/2`` (d × d, a new C-ordered array), block by block: the transposed read of
-    ``H + H.T`` walks memory across rows, several times slower on wide Grams."""
+    ``H + H.T`` walks memory across rows, several times slower on wide Grams.  Each block row (the
+    pairs ``(i, j ≥ i)``) is a job of :func:`.parallel.tasks`, on both cores when it can: no two rows
+    touch the same blocks, and every block is computed the same way on either thread."""
     d = H.shape[0]
     A = np.array(H, dtype=np.float64, order="C", copy=True)
-    for i in range(0, d, block):
+
+    def row(i: int) -> None:
         i2 = min(d, i + block)
         D = A[i:i2, i:i2]
         D[...] = 0.5 * (D + D.T)
@@ -263,6 +278,10 @@ def _symmetrized(H: F64, block: int = 256) -> F64:
             avg = 0.5 * (A[i:i2, j:j2] + A[j:j2, i:i2].T)
             A[i:i2, j:j2] = avg
             A[j:j2, i:i2] = avg.T
+
+    starts = range(0, d, block)
+    # a memory-bound stream: a few "multiply-adds" per element, so that only wide Grams split
+    parallel.tasks([functools.partial(row, i) for i in starts], [4.0 * block * (d - i) for i in starts])
     return A
 
 
