@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import scipy.linalg as sla
 from numpy.typing import NDArray
 
 from . import parallel
-from .batched_spd import _entry
+from .batched_spd import _INT, _entry
 
 F64 = NDArray[np.float64]
 
@@ -45,7 +44,6 @@ MIN_D = 2048
 #: Block size (rows or columns) of every piece (``nb=None`` in the functions below).
 NB = 256
 
-_INT = ctypes.POINTER(ctypes.c_int)
 _DBL = ctypes.POINTER(ctypes.c_double)
 
 
@@ -90,12 +88,6 @@ def _blocks(a: int, b: int, nb: int) -> list[tuple[int, int]]:
     return [(s, min(b, s + nb)) for s in range(a, b, nb)]
 
 
-def _run(jobs: list[Callable[[], None]], costs: list[float]) -> None:
-    """The pieces of one step: on both cores when :func:`.parallel.tasks` can, else in turn."""
-    if jobs:
-        parallel.tasks(jobs, costs)
-
-
 def cholesky(A: F64, nb: int | None = None) -> tuple[F64, int]:
     """The lower Cholesky factor of a symmetric ``A (d, d)`` (only its lower triangle is read), and
     LAPACK's ``info``: 0, or ``k > 0`` when the leading minor of order ``k`` is not positive definite
@@ -131,7 +123,7 @@ def cholesky(A: F64, nb: int | None = None) -> tuple[F64, int]:
                       _at(L, r0, k0), _i(d))  # fmt: skip
 
         rows = _blocks(k1, d, nb)
-        _run([functools.partial(panel, *r) for r in rows], [float(r1 - r0) * w * w for r0, r1 in rows])
+        parallel.tasks([functools.partial(panel, *r) for r in rows], [float(r1 - r0) * w * w for r0, r1 in rows])
 
         def update(c0: int, c1: int, k0: int = k0, k1: int = k1, w: int = w) -> None:
             if k is None:
@@ -141,7 +133,9 @@ def cholesky(A: F64, nb: int | None = None) -> tuple[F64, int]:
                       _at(L, c0, k0), _i(d), _d(1.0), _at(L, c0, c0), _i(d))  # fmt: skip
 
         cols = _blocks(k1, d, nb)
-        _run([functools.partial(update, *c) for c in cols], [float(d - c0) * (c1 - c0) * w for c0, c1 in cols])
+        parallel.tasks(
+            [functools.partial(update, *c) for c in cols], [float(d - c0) * (c1 - c0) * w for c0, c1 in cols]
+        )
     _clean_upper(L, nb)
     return L, 0
 
@@ -179,7 +173,7 @@ def _by_column_blocks(T: F64, nb: int | None, solve: bool) -> F64:
             X[j0:, j0:j1] = np.tril(Tf[j0:, j0:]).T @ Tf[j0:, j0:j1]
 
     cols = _blocks(0, d, nb)
-    _run([functools.partial(columns, *c) for c in cols], [float(d - j0) ** 2 * (j1 - j0) for j0, j1 in cols])
+    parallel.tasks([functools.partial(columns, *c) for c in cols], [float(d - j0) ** 2 * (j1 - j0) for j0, j1 in cols])
     return X
 
 

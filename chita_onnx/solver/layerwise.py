@@ -131,12 +131,12 @@ class Damped:
     def _linv(self) -> F64:
         if "linv" not in self._cache:
             if self.factor.shape[0] >= blocked.MIN_D:  # in blocks, on both cores
-                if not np.all(np.diag(self.factor) != 0):
-                    raise SolverError("the Cholesky factor of H_λ is singular; raise the damping")
-                self._cache["linv"] = blocked.tri_inverse(self.factor)
-                return self._cache["linv"]
-            inv, info = sla.lapack.dtrtri(self.factor, lower=1)
-            if info != 0:
+                singular = not np.all(np.diag(self.factor) != 0)
+                inv = self.factor if singular else blocked.tri_inverse(self.factor)
+            else:
+                inv, info = sla.lapack.dtrtri(self.factor, lower=1)
+                singular = info != 0
+            if singular:
                 raise SolverError("the Cholesky factor of H_λ is singular; raise the damping")
             self._cache["linv"] = inv  # lower triangular: dpotrf(clean=1) zeroed the rest, dtrtri keeps it
         return self._cache["linv"]
