@@ -113,6 +113,14 @@ def _sizes(value: object) -> tuple[int, ...] | None:
     return tuple(out) if parts else None
 
 
+def percent_hint(value: object) -> str:
+    """``"; it is a fraction, not a percentage: 0.7 for 70%"`` for a sparsity that reads as a
+    percentage (1 < value < 100), else ``""``."""
+    if isinstance(value, (int, float)) and 1.0 < float(value) < 100.0:
+        return f"; it is a fraction, not a percentage: {float(value) / 100:g} for {float(value):g}%"
+    return ""
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Validated settings of one run.  ``None`` fields are resolved to documented defaults."""
@@ -174,7 +182,7 @@ class CompressConfig:
         object.__setattr__(self, "_given", {name: getattr(self, name) for name in _RESOLVED})
 
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
-            raise bad("sparsity", self.sparsity, "must be in [0, 1)")
+            raise bad("sparsity", self.sparsity, "must be in [0, 1)" + percent_hint(self.sparsity))
         choices: dict[str, tuple[str, ...]] = {
             "method": METHODS,
             "update": ("auto", "none", "obs", "layerwise"),

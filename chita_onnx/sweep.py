@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METHODS, CompressConfig
+from .config import METHODS, CompressConfig, percent_hint
 from .data import DataSpec
 from .errors import ConfigError
 from .evaluate import compare_to, reference
@@ -126,7 +126,10 @@ def parse_sparsities(text: str | Sequence[float]) -> tuple[float, ...]:
         raise ConfigError(f"--sparsities={text!r}: expected comma-separated numbers such as 0.5,0.7,0.9") from None
     bad = [s for s in items if not 0.0 <= s < 1.0]
     if bad or not items:
-        raise ConfigError(f"--sparsities={text!r}: every sparsity must be in [0, 1), got {bad[0] if bad else 'none'}")
+        raise ConfigError(
+            f"--sparsities={text!r}: every sparsity must be in [0, 1), got {bad[0] if bad else 'none'}"
+            + (percent_hint(bad[0]) if bad else "")
+        )
     return tuple(sorted(dict.fromkeys(items)))
 
 

@@ -96,6 +96,20 @@ def test_sparsity_out_of_range_is_a_usage_error(tmp_path: Path, mlp_path: Path, 
     assert_one_line_error(code, err, 2, f"--sparsity={float(value)!r}", "[0, 1)")
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "value"), [("compress", "--sparsity", "70"), ("sweep", "--sparsities", "0.5,70")]
+)
+def test_a_percentage_for_a_sparsity_gets_the_fraction_in_its_error(
+    tmp_path: Path, mlp_path: Path, mlp_data: Path, command: str, flag: str, value: str
+) -> None:
+    out = [tmp_path / "o.onnx"] if command == "compress" else []
+    code, _, err = run(command, mlp_path, *out, flag, value, "--data", mlp_data)
+    assert_one_line_error(code, err, 2, "70.0", "a fraction, not a percentage: 0.7 for 70%")
+    assert not (tmp_path / "o.onnx").exists()
+    code, _, err = run("compress", mlp_path, tmp_path / "o.onnx", "--sparsity", "1.0", "--data", mlp_data)
+    assert code == 2 and "percentage" not in err  # 1.0 is out of range, not a percentage
+
+
 def test_output_equal_to_input(mlp_path: Path, mlp_data: Path) -> None:
     before = mlp_path.read_bytes()
     code, _, err = run("compress", mlp_path, mlp_path, "--data", mlp_data)
