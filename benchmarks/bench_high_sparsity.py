@@ -1,0 +1,114 @@
+"""The default against the high-sparsity switch ``--distill`` at high sparsity, on held-out classifiers.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_high_sparsity.py \\
+        [--sparsity 0.9] [--models PATH.onnx,...,mlpnet] [--json out.json]
+
+Each model is an audit-set classifier (``PATH.onnx`` next to its ``_calib.npz`` and its labelled
+``_select.npz``, from ``make_unseen*.py``) or ``mlpnet``: the paper MLPNet with the first 1,000
+MNIST training images as calibration (the papers' setting). The score is top-1 accuracy on the
+model's SELECTION split (MLPNet: training images 1,000–14,261), never on a test split: these runs
+are a comparison of settings, and the test splits stay for the audits. Per model, ``compress`` with
+
+* ``CompressConfig(sparsity=s)`` — the default (the layer-wise pass);
+* ``CompressConfig(sparsity=s, distill=True)`` — ``--distill`` (CHITA++ on the KL to the dense model);
+
+each in this process, one after the other, with its wall time. Prints a markdown table. (The
+stop-47 comparison with a multi-stage layer-wise pass ran this script's twin on the branch
+``layerwise-stages-experiment``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "chita-onnx"
+MODELS = [
+    CACHE / "unseen" / "resnet20_bn.onnx",
+    CACHE / "unseen" / "mobilenetv2.onnx",
+    CACHE / "unseen" / "transformer.onnx",
+    CACHE / "unseen-torch8" / "inception_ts.onnx",
+    CACHE / "unseen-torch13" / "tfenc_op10.onnx",
+]
+MNIST = Path("/work/shared/data/mnist.npz")
+MLPNET = Path("/work/shared/data/mlpnet_paper.onnx")
+
+
+def _data(name: str, tmp: Path) -> tuple[str, Path, Path, dict[str, np.ndarray]]:
+    """``(label, model, calibration file, selection arrays with 'labels')``."""
+    if name == "mlpnet":
+        d = np.load(MNIST)
+
+        def norm(x: np.ndarray) -> np.ndarray:
+            return (((x.astype(np.float32) / 255.0) - 0.1307) / 0.3081)[:, None, :, :]
+
+        calib = tmp / "mlpnet_calib.npz"
+        np.savez(calib, input=norm(d["x_train"][:1000]), labels=d["y_train"][:1000].astype(np.int64))
+        return (
+            "mlpnet_paper",
+            MLPNET,
+            calib,
+            {"input": norm(d["x_train"][1000:14262]), "labels": d["y_train"][1000:14262]},
+        )
+    path = Path(name).expanduser()
+    with np.load(path.with_name(path.stem + "_select.npz")) as s:
+        sel = {k: s[k] for k in s.files}
+    return path.stem, path, path.with_name(path.stem + "_calib.npz"), sel
+
+
+def accuracy(model: Path, sel: dict[str, np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    x = sel[name] if name in sel else sel[next(k for k in sel if k != "labels")]
+    out = np.concatenate([s.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+    return float(np.mean(out.reshape(len(x), -1).argmax(1) == sel["labels"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--models", default=",".join([*map(str, MODELS), "mlpnet"]))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    from chita_onnx import CompressConfig, compress
+
+    s = args.sparsity
+    configs = [("default", CompressConfig(sparsity=s)), ("--distill", CompressConfig(sparsity=s, distill=True))]
+    print(f"sparsity {s}; top-1 accuracy on the selection split (seconds)")
+    print("| model | dense | " + " | ".join(c for c, _ in configs) + " |")
+    print("|---|---:|" + "---:|" * len(configs))
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="high-sparsity-") as tmpdir:
+        tmp = Path(tmpdir)
+        for name in args.models.split(","):
+            label, model, calib, sel = _data(name.strip(), tmp)
+            rec: dict[str, Any] = {"model": label, "dense": accuracy(model, sel)}
+            cells = []
+            for key, cfg in configs:
+                t0 = time.perf_counter()
+                compress(model, tmp / "out.onnx", calib, cfg)
+                secs = time.perf_counter() - t0
+                rec[key] = {"accuracy": accuracy(tmp / "out.onnx", sel), "seconds": secs}
+                cells.append(f"{rec[key]['accuracy']:.4f} ({secs:.1f})")
+            records.append(rec)
+            print(f"| {label} | {rec['dense']:.4f} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()
