@@ -12,8 +12,10 @@ import pytest
 from conftest import labelled_data, tiny_mlp
 
 from chita_onnx import CompressConfig, pipeline
+from chita_onnx.graph import find_prunable, get_weights, load_model
 from chita_onnx.pipeline import compress
 from chita_onnx.reconstruct import needs_decision
+from chita_onnx.solver.budgets import keep_count
 
 
 def test_distill_turns_the_automatic_statistics_correction_off() -> None:
@@ -104,3 +106,14 @@ def test_distill_on_an_output_that_is_not_a_class_distribution_is_a_one_line_usa
     assert "--distill" in lines[-1] and "'logits'" in lines[-1] and "not a class distribution" in lines[-1]
     assert "Traceback" not in result.output
     assert not out.exists()
+    # the output has a class axis: the error says how to have it read as a classifier's logits, and that works
+    assert "add --loss ce" in lines[-1]
+    result = CliRunner().invoke(
+        cli,
+        ["compress", str(path), str(out), "--data", str(data), "--sparsity", "0.9", "--distill", "--loss", "ce",
+         "--stages", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pruned = load_model(out)
+    weights = get_weights(pruned, [t.name for t in find_prunable(pruned)]).values()
+    assert sum(int(np.count_nonzero(w)) for w in weights) == keep_count(0.9, sum(w.size for w in weights))

@@ -665,6 +665,7 @@ class GradientEngine:
                     shown = ", ".join(f"{o} ({sc:.3g})" for o, sc in zip(head_tensor, self._scales, strict=True))
                     why = f"{why}; a Concat of parts on different scales, each divided by its RMS norm: {shown}"
         self.kind: HeadKind = kind
+        self.head_reason = why  # why the head was read so (the --distill refusal repeats it)
         self.loss: Literal["ce", "mse"] = "mse" if kind == "regression" else "ce"
         if kind == "regression" and loss != "mse" and self.has_labels:
             hint = ""
@@ -1168,9 +1169,11 @@ class GradientEngine:
         """The model's class distributions ``(n, P, C)`` (float64) on the first ``num_samples`` samples,
         at the current weights (one forward pass per block; for ``soft`` targets later)."""
         if self.kind == "regression":
+            logits = "--loss ce reads it as logits" in self.head_reason  # a class axis, no softmax, no labels
             raise ConfigError(
                 f"--distill: output {self.output!r} is not a class distribution (logits or probabilities), "
                 "so there is no KL to the dense model to fit; drop --distill"
+                + (", or add --loss ce if it holds a classifier's raw logits (no softmax, no labels)" if logits else "")
             )
         batched = [k for k, a in self.batch_axes.items() if a is not None]
         total, _ = _count_samples(data, num_samples, batched)
