@@ -32,6 +32,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+from bench_mlpnet_bar import MLPNET, MNIST, normalise
 
 CACHE = Path.home() / ".cache" / "chita-onnx"
 MODELS = [
@@ -41,25 +42,19 @@ MODELS = [
     CACHE / "unseen-torch8" / "inception_ts.onnx",
     CACHE / "unseen-torch13" / "tfenc_op10.onnx",
 ]
-MNIST = Path("/work/shared/data/mnist.npz")
-MLPNET = Path("/work/shared/data/mlpnet_paper.onnx")
 
 
 def _data(name: str, tmp: Path) -> tuple[str, Path, Path, dict[str, np.ndarray]]:
     """``(label, model, calibration file, selection arrays with 'labels')``."""
     if name == "mlpnet":
         d = np.load(MNIST)
-
-        def norm(x: np.ndarray) -> np.ndarray:
-            return (((x.astype(np.float32) / 255.0) - 0.1307) / 0.3081)[:, None, :, :]
-
         calib = tmp / "mlpnet_calib.npz"
-        np.savez(calib, input=norm(d["x_train"][:1000]), labels=d["y_train"][:1000].astype(np.int64))
+        np.savez(calib, input=normalise(d["x_train"][:1000]), labels=d["y_train"][:1000].astype(np.int64))
         return (
             "mlpnet_paper",
             MLPNET,
             calib,
-            {"input": norm(d["x_train"][1000:14262]), "labels": d["y_train"][1000:14262]},
+            {"input": normalise(d["x_train"][1000:14262]), "labels": d["y_train"][1000:14262]},
         )
     path = Path(name).expanduser()
     with np.load(path.with_name(path.stem + "_select.npz")) as s:

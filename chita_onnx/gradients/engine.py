@@ -90,6 +90,10 @@ CHECK_ROWS = 4
 CHECK_RTOL = 1e-5
 CHECK_ROW_RTOL = 1e-4
 _PROBE_SEED = 0x5EED
+#: The head's reading when its output has a class axis but no softmax and the data no labels
+#: (read as regression; ``--loss ce`` reads it as a classifier's logits, as the ``--distill``
+#: refusal then suggests).
+RAW_LOGITS = "not a class distribution: no softmax and no labels; --loss ce reads it as logits"
 #: Samples of the example batch used to measure the output scales of a multi-output head.
 SCALE_SAMPLES = 16
 #: A single Gauss-Newton output that a ``Concat`` joins from parts whose RMS norms differ by at
@@ -915,8 +919,7 @@ class GradientEngine:
                 ),
             )
         if has_class_axis:  # could be a classifier's raw logits: say how to have them read as such
-            why = "not a class distribution: no softmax and no labels; --loss ce reads it as logits"
-            return "regression", guess.tensor, None, why
+            return "regression", guess.tensor, None, RAW_LOGITS
         return "regression", guess.tensor, None, "not a class distribution"
 
     # -- public API -----------------------------------------------------------------------------
@@ -1169,7 +1172,7 @@ class GradientEngine:
         """The model's class distributions ``(n, P, C)`` (float64) on the first ``num_samples`` samples,
         at the current weights (one forward pass per block; for ``soft`` targets later)."""
         if self.kind == "regression":
-            logits = "--loss ce reads it as logits" in self.head_reason  # a class axis, no softmax, no labels
+            logits = self.head_reason.startswith(RAW_LOGITS)
             raise ConfigError(
                 f"--distill: output {self.output!r} is not a class distribution (logits or probabilities), "
                 "so there is no KL to the dense model to fit; drop --distill"
