@@ -203,6 +203,7 @@ def worker(name: str, method: str, s: float, out_json: Path) -> None:
                 rec.update(
                     status="ok",
                     method_used=rep.method,
+                    method_choice=str(rep.solver.get("method_choice", "")),
                     p=rep.p,
                     k=rep.k,
                     nnz=rep.nnz,

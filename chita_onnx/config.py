@@ -73,7 +73,7 @@ _INTS = (
     "stages",
     "max_memory",
 )
-_BOOLS = ("first_order", "allow_empty", "distill", "refit", "latency_check")
+_BOOLS = ("first_order", "allow_empty", "distill", "auto_distill", "refit", "latency_check")
 _OPTIONAL = ("start_sparsity", "stages", "max_memory", "output", "workdir")
 #: Fields that ``__post_init__`` may resolve from what the caller gave (a ``None`` default, or what
 #: ``--distill`` / ``--structure channel`` imply); :meth:`CompressConfig.with_` starts from the given values.
@@ -154,6 +154,7 @@ class CompressConfig:
     allow_empty: bool = False
     fisher_rows: int = 0
     distill: bool = False
+    auto_distill: bool = True
     # layer-wise reconstruction (--method layerwise, --update layerwise) and statistics correction
     allocation: Allocation = "obd"
     layer_floor: float = 0.2

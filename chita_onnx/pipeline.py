@@ -1258,6 +1258,20 @@ def _compress(
             w, stages, result = prune(prep, config, None, timer, stage_eval, structure=structure)
         else:
             log.warning("the layer-wise pass failed (%s): fell back to chita", why)
+    from .escalate import eligible, escalate
+
+    why_not = eligible(requested, config, prep, real_data=not (isinstance(data, str) and data == "random"))
+    if why_not not in ("", "off"):
+        log.info("--distill not tried: %s", why_not)
+        chosen = f"{chosen}; --distill not tried: {why_not}"
+    if not why_not:
+        if oracle is not None:
+            oracle.release()  # the escalation builds its own engines on a part of the data
+        esc = escalate(prep, requested, config, w, stages, result, timer)
+        if esc.kept_distill:
+            config, stages, result, w = esc.config, esc.stages, esc.result, esc.w
+            head_cache.probs = head_cache.logits = None  # the layer-wise pass's head tensors: not this model's
+        chosen = f"{chosen}; {esc.note}" if chosen else esc.note
     with timer.phase("statistics"):
         try:
             corrected, correction = correct_statistics(prep, config, w, decide, config.output, head_cache)

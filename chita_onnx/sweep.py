@@ -25,6 +25,7 @@ import numpy as np
 from .config import METHODS, CompressConfig, percent_hint
 from .data import DataSpec
 from .errors import ConfigError
+from .escalate import eligible, escalate
 from .evaluate import compare_to, reference
 from .guard import guarded
 from .limits import data_budget
@@ -201,7 +202,12 @@ def sweep(
                 log.warning("%s @ %g: %s", method, sparsity, short)
                 note += f"; {short}"
         else:
-            w, _, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+            w, stages, result = prune(prep, cfg, oracle, timer, None, X0=X0)
+            requested = _config_for(base, method, sparsity)
+            if method == "auto" and not eligible(requested, cfg, prep, real_data=True):
+                # as compress decides: --distill too when the layer-wise result loses held-out agreement
+                esc = escalate(prep, requested, cfg, w, stages, result, timer)
+                w, cfg, result, note = esc.w, esc.config, esc.result, esc.note
             converged = result.converged
         with timer.phase("statistics"):
             corrected, correction = correct_statistics(prep, cfg, w, decide, cfg.output)

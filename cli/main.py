@@ -334,6 +334,15 @@ def _config_options(fn: F) -> F:
             "mixtures of pairs of them; the statistics correction stays off unless set to on.",
         ),
         click.option(
+            "--auto-distill/--no-auto-distill",
+            default=d.auto_distill,
+            show_default=True,
+            help="--method auto from 90% sparsity on a classifier (one class distribution per sample, at least "
+            "80 calibration samples, at most 2M prunable weights): when the layer-wise result loses top-1 "
+            "agreement on a fifth of the calibration samples held out of the fit, also run --distill and keep "
+            "whichever agrees more there. It takes minutes instead of seconds; --no-auto-distill skips it.",
+        ),
+        click.option(
             "--allocation",
             type=click.Choice(ALLOCATIONS),
             default=d.allocation,

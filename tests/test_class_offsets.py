@@ -306,7 +306,8 @@ def test_a_kept_auto_decision_runs_every_sample_once_and_fits_on_all_of_them(
     dense = many_class_model()
     onnx.save(dense, src)
     x = np.random.default_rng(3).standard_normal((100, 16)).astype(np.float32)
-    rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, CompressConfig(sparsity=0.9, class_offsets="auto"))
+    cfg = CompressConfig(sparsity=0.9, class_offsets="auto", auto_distill=False)  # the layer-wise path under test
+    rep = chita_onnx.compress(src, tmp_path / "o.onnx", {"x": x}, cfg)
     assert "class offsets on" in rep.solver["statistics"]  # kept on this model: the path under test
     assert len(calls) == 2 and len(fits) == 2
     seen = np.concatenate([b["x"] for _, batches in calls for b in batches])
@@ -358,7 +359,7 @@ def test_the_pass_leaves_the_head_tensors_and_the_offsets_then_run_no_model(
         return head_values(model, batches, name, spill)
 
     monkeypatch.setattr(rc, "_head_values", spy)
-    cfg = CompressConfig(sparsity=0.9, class_offsets="auto")
+    cfg = CompressConfig(sparsity=0.9, class_offsets="auto", auto_distill=False)
     rep = chita_onnx.compress(src, tmp_path / "cached.onnx", {"x": x}, cfg)
     assert "class offsets on" in rep.solver["statistics"] and runs == []
     monkeypatch.setattr(rc, "_fill", lambda *a, **k: None)  # no cache: the models run

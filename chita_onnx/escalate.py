@@ -1,0 +1,212 @@
+"""``--method auto`` at high sparsity on a classifier: try ``--distill`` and keep it where it wins.
+
+The default recipe (the layer-wise pass) takes seconds and keeps about the dense accuracy up to
+0.7 on every model measured, but at 0.9 it loses 5 to 45 points of top-1 on most of the held-out
+classifiers of BENCHMARKS.md ("`--distill` at 0.9 on held-out classifiers"), where ``--distill``
+(multi-stage CHITA++ on the KL to the dense outputs) keeps most of them, at minutes instead of
+seconds.  On the rest (the default already near dense) ``--distill`` is slightly worse.  So the
+choice is made per model, by measurement on calibration samples that neither candidate is fitted
+on:
+
+1. hold out :data:`HELD_OUT_FRACTION` of the calibration samples (seeded);
+2. run the layer-wise pass on the rest and score it on the held-out samples: top-1 agreement with
+   the dense model;
+3. if it keeps at least :data:`KEEP_AGREEMENT`, stop: the default's own result (fitted on all the
+   samples) stands;
+4. else run ``--distill`` on the same rest, score it the same way, and keep whichever agrees more
+   (ties: the lower KL to the dense class distributions).  A kept ``--distill`` result is the one
+   fitted without the held-out samples (refitting on all of them would double its minutes); a
+   kept layer-wise result is the default's own, fitted on all of them.
+
+It applies only where ``--distill`` is defined and measured: ``--method auto`` that resolved to the
+layer-wise pass, unstructured sparsity of at least :data:`DISTILL_FROM`, one class distribution per
+sample (a ``(N, C)`` output; per-position heads such as CTC recognisers collapse under it), real
+calibration data with at least :data:`MIN_SAMPLES` samples, and at most :data:`MAX_WEIGHTS`
+prunable weights (its time grows with them: 28 minutes at 1.66 M).  ``--no-auto-distill`` turns it
+off.  The module only orchestrates: the solvers and the graph code are reached through
+:func:`chita_onnx.pipeline.prune`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .config import CompressConfig
+from .data import materialize, split_holdout
+from .errors import ChitaError
+from .evaluate import make_session, reference, run_model
+
+if TYPE_CHECKING:
+    from .pipeline import PhaseTimer, Prepared
+    from .report import StageReport
+    from .solver import SolverResult
+
+log = logging.getLogger(__name__)
+
+#: Lowest target sparsity at which ``auto`` tries ``--distill`` (it was measured to win at 0.9, 0.95
+#: and 0.98; at 0.7 and below the layer-wise default was never measured to lose much).
+DISTILL_FROM = 0.9
+#: Held-out top-1 agreement with dense at or above which the layer-wise result is kept untried.
+KEEP_AGREEMENT = 0.99
+#: Fraction of the calibration samples held out of both candidates' fits to decide between them.
+HELD_OUT_FRACTION = 0.2
+#: Fewest calibration samples for a decision (a fifth of them are held out).
+MIN_SAMPLES = 80
+#: Most prunable weights for which ``--distill`` is tried (its stages' gradients grow with them).
+MAX_WEIGHTS = 2_000_000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate's held-out scores: top-1 agreement with dense and mean KL(dense ‖ pruned)."""
+
+    agreement: float
+    kl: float
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """What the high-sparsity decision did.
+
+    ``w`` (length p), ``stages``, ``result`` and ``config`` are the kept candidate's (the
+    layer-wise ones unchanged when it is kept); ``note`` is one line for the report; ``layerwise``
+    and ``distill`` are the held-out scores (None when not measured); ``held_out`` the number of
+    held-out samples (0: no decision was made)."""
+
+    w: NDArray[np.float32]
+    stages: list[StageReport]
+    result: SolverResult
+    config: CompressConfig
+    note: str
+    layerwise: Candidate | None = None
+    distill: Candidate | None = None
+    held_out: int = 0
+
+    @property
+    def kept_distill(self) -> bool:
+        return self.config.distill
+
+
+def _kl(dense: NDArray[np.floating], pruned: NDArray[np.floating]) -> float:
+    """Mean KL(dense ‖ pruned) over the rows of class scores ``(N, C)`` (probabilities or logits)."""
+    from .reconstruct import _divergence
+
+    return _divergence(dense.astype(np.float64), pruned.astype(np.float64))
+
+
+def eligible(requested: CompressConfig, config: CompressConfig, prep: Prepared, *, real_data: bool) -> str:
+    """Why ``auto`` does not try ``--distill`` here, or "" when it may (before any data is held out)."""
+    if requested.method != "auto" or requested.distill or not requested.auto_distill:
+        return "off"
+    if config.method != "layerwise" or config.nm is not None or config.structure != "none":
+        return "off"
+    if config.sparsity < DISTILL_FROM:
+        return "off"
+    if not real_data:
+        return "random calibration data"
+    if prep.no_gradients:
+        return "no gradients"
+    if prep.layout.p > MAX_WEIGHTS:
+        return (
+            f"{prep.layout.p:,} prunable weights, more than the {MAX_WEIGHTS:,} it is tried on "
+            "(add --distill to run it)"
+        )
+    return ""
+
+
+def escalate(
+    prep: Prepared,
+    requested: CompressConfig,
+    config: CompressConfig,
+    w: NDArray[np.float32],
+    stages: list[StageReport],
+    result: SolverResult,
+    timer: PhaseTimer,
+) -> Escalation:
+    """Decide between the layer-wise result ``w`` (fitted on all of ``prep.calib``) and ``--distill``
+    at ``config.sparsity``, as the module docstring says.  ``requested`` is the configuration the
+    user gave (``--method auto``), ``config`` the resolved layer-wise one."""
+    from .pipeline import GradientOracle, _model_with, prune
+
+    same = Escalation(w, stages, result, config, "")
+    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
+    n = min(whole.num_samples, config.num_samples) if whole.num_samples else 0
+    if n < MIN_SAMPLES:
+        note = (
+            f"--distill not tried: {whole.num_samples} calibration samples, fewer than the {MIN_SAMPLES} to decide on"
+        )
+        log.info("%s", note)
+        return dataclasses.replace(same, note=note)
+    if whole.num_samples > config.num_samples:
+        whole = whole.take(np.arange(config.num_samples))  # the samples the pass itself reads
+    fit, held = split_holdout(whole, HELD_OUT_FRACTION, seed=config.seed + 17)
+    with timer.phase("evaluate"):
+        ref = reference(prep.path, held, prep.specs, config.output)
+    yd = ref.y
+    if not (yd.ndim == 2 and yd.shape[1] > 1 and np.issubdtype(yd.dtype, np.floating)):
+        note = (
+            f"--distill not tried: output {ref.output!r} of shape {list(yd.shape)} is not one class distribution "
+            "per sample"
+        )
+        log.info("%s", note)
+        return dataclasses.replace(same, note=note)
+    probabilities = bool(np.all(yd >= -1e-6) and np.allclose(yd.sum(axis=1), 1.0, atol=1e-4))
+    if not (probabilities or config.loss == "ce" or ref.labels is not None):
+        note = (
+            f"--distill not tried: output {ref.output!r} is not a class distribution (no softmax and no labels; "
+            "--loss ce reads it as logits)"
+        )
+        log.info("%s", note)
+        return dataclasses.replace(same, note=note)
+    sub = dataclasses.replace(prep, calib=fit)
+
+    def score(wc: NDArray[np.float32], p: Prepared) -> Candidate:
+        with timer.phase("evaluate"):
+            session = make_session(_model_with(p, wc).SerializeToString())
+            yp, _ = run_model(session, held, prep.specs, ref.output, desc="held-out")
+        agree = float(np.mean(np.argmax(yd, axis=1) == np.argmax(yp, axis=1)))
+        return Candidate(agree, _kl(yd, yp))
+
+    h = held.num_samples
+    log.info("sparsity %g on a classifier: deciding layer-wise against --distill on %d held-out calibration samples",
+             config.sparsity, h)  # fmt: skip
+    w_l, _, _ = prune(sub, config, GradientOracle(sub, config), timer, None)
+    lay = score(w_l, sub)
+    if lay.agreement >= KEEP_AGREEMENT:
+        note = (
+            f"--distill not tried: the layer-wise pass keeps {lay.agreement:.3f} top-1 agreement with dense on {h} "
+            f"held-out calibration samples (≥ {KEEP_AGREEMENT})"
+        )
+        log.info("%s", note)
+        return dataclasses.replace(same, note=note, layerwise=lay, held_out=h)
+    dconfig = requested.with_(distill=True)
+    log.warning(
+        "the layer-wise pass keeps %.3f top-1 agreement with dense on %d held-out calibration samples at sparsity %g: "
+        "trying --distill too, which takes minutes (--no-auto-distill skips it)",
+        lay.agreement, h, config.sparsity,
+    )  # fmt: skip
+    try:
+        w_d, st_d, res_d = prune(sub, dconfig, None, timer, None)
+    except (ChitaError, MemoryError) as exc:
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        note = f"--distill tried and failed ({why}); the layer-wise result is kept"
+        log.warning("%s", note)
+        return dataclasses.replace(same, note=note, layerwise=lay, held_out=h)
+    dis = score(w_d, sub)
+    scores = (
+        f"held-out top-1 agreement with dense on {h} calibration samples: --distill {dis.agreement:.3f} "
+        f"(KL {dis.kl:.4g}), layer-wise {lay.agreement:.3f} (KL {lay.kl:.4g})"
+    )
+    if (dis.agreement, -dis.kl) > (lay.agreement, -lay.kl):
+        note = f"--distill kept ({scores}; fitted on the other {fit.num_samples})"
+        log.info("%s", note)
+        return Escalation(w_d, st_d, res_d, dconfig, note, lay, dis, h)
+    note = f"--distill tried and not kept ({scores})"
+    log.info("%s", note)
+    return dataclasses.replace(same, note=note, layerwise=lay, distill=dis, held_out=h)
