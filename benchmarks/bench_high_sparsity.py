@@ -1,7 +1,7 @@
 """The default against the high-sparsity switch ``--distill`` at high sparsity, on held-out classifiers.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_high_sparsity.py \\
-        [--sparsity 0.9] [--models PATH.onnx,...,mlpnet] [--json out.json]
+        [--sparsity 0.9] [--models PATH.onnx,...,mlpnet] [--configs layerwise,default,distill] [--json out.json]
 
 Each model is an audit-set classifier (``PATH.onnx`` next to its ``_calib.npz`` and its labelled
 ``_select.npz``, from ``make_unseen*.py``) or ``mlpnet``: the paper MLPNet with the first 1,000
@@ -9,8 +9,13 @@ MNIST training images as calibration (the papers' setting). The score is top-1 a
 model's SELECTION split (MLPNet: training images 1,000–14,261), never on a test split: these runs
 are a comparison of settings, and the test splits stay for the audits. Per model, ``compress`` with
 
-* ``CompressConfig(sparsity=s)`` — the default (the layer-wise pass);
-* ``CompressConfig(sparsity=s, distill=True)`` — ``--distill`` (CHITA++ on the KL to the dense model);
+* ``layerwise``: ``CompressConfig(sparsity=s, auto_distill=False)``, the layer-wise pass alone (the
+  default before stop 48);
+* ``default``: ``CompressConfig(sparsity=s)``, which from 0.9 on a classifier also tries ``--distill``
+  when the layer-wise result loses agreement on held-out calibration samples and keeps the better
+  (:mod:`chita_onnx.escalate`; its decision line is printed under the table);
+* ``distill``: ``CompressConfig(sparsity=s, distill=True)``, ``--distill`` (CHITA++ on the KL to the
+  dense model);
 
 each in this process, one after the other, with its wall time. Prints a markdown table. (The
 stop-47 comparison with a multi-stage layer-wise pass ran this script's twin on the branch
@@ -76,13 +81,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--models", default=",".join([*map(str, MODELS), "mlpnet"]))
+    ap.add_argument("--configs", default="layerwise,default,distill", help="which of the three to run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     from chita_onnx import CompressConfig, compress
 
     s = args.sparsity
-    configs = [("default", CompressConfig(sparsity=s)), ("--distill", CompressConfig(sparsity=s, distill=True))]
+    known = {
+        "layerwise": CompressConfig(sparsity=s, auto_distill=False),
+        "default": CompressConfig(sparsity=s),
+        "distill": CompressConfig(sparsity=s, distill=True),
+    }
+    configs = [(c.strip(), known[c.strip()]) for c in args.configs.split(",")]
+    choices: list[str] = []
     print(f"sparsity {s}; top-1 accuracy on the selection split (seconds)")
     print("| model | dense | " + " | ".join(c for c, _ in configs) + " |")
     print("|---|---:|" + "---:|" * len(configs))
@@ -95,12 +107,17 @@ def main() -> None:
             cells = []
             for key, cfg in configs:
                 t0 = time.perf_counter()
-                compress(model, tmp / "out.onnx", calib, cfg)
+                rep = compress(model, tmp / "out.onnx", calib, cfg)
                 secs = time.perf_counter() - t0
-                rec[key] = {"accuracy": accuracy(tmp / "out.onnx", sel), "seconds": secs}
+                choice = str(rep.solver.get("method_choice", ""))
+                rec[key] = {"accuracy": accuracy(tmp / "out.onnx", sel), "seconds": secs, "choice": choice}
+                if key == "default":
+                    choices.append(f"{label}: {choice}")
                 cells.append(f"{rec[key]['accuracy']:.4f} ({secs:.1f})")
             records.append(rec)
             print(f"| {label} | {rec['dense']:.4f} | " + " | ".join(cells) + " |", flush=True)
+    for line in choices:
+        print(f"* {line}")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +42,10 @@ from .config import CompressConfig
 from .data import materialize, split_holdout
 from .errors import ChitaError
 from .evaluate import make_session, reference, run_model
+from .report import StageReport
 
 if TYPE_CHECKING:
     from .pipeline import PhaseTimer, Prepared
-    from .report import StageReport
     from .solver import SolverResult
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,20 @@ HELD_OUT_FRACTION = 0.2
 MIN_SAMPLES = 80
 #: Most prunable weights for which ``--distill`` is tried (its stages' gradients grow with them).
 MAX_WEIGHTS = 2_000_000
+#: Wall-clock budget of the tried ``--distill``, in seconds: it stops (and the layer-wise result is
+#: kept) as soon as its stages so far put all of them above it.  Its cost is ``stages × 2n × R``
+#: backward passes (R: KL rows per input, up to every class), which only the first stage measures on
+#: the machine at hand: 0.2 to 12 minutes on the classifiers of BENCHMARKS.md, 28 on a 1.66 M-weight
+#: MobileNetV3.  So this one choice depends on the machine's speed, and the report says when it cut.
+DISTILL_BUDGET_SECONDS = 15 * 60.0
+
+
+class _OverBudgetError(Exception):
+    """The tried ``--distill`` would exceed :data:`DISTILL_BUDGET_SECONDS`."""
+
+    def __init__(self, stage: int, elapsed: float, projected: float) -> None:
+        super().__init__(f"stage {stage}: {elapsed:.0f} s, about {projected:.0f} s in all")
+        self.stage, self.elapsed, self.projected = stage, elapsed, projected
 
 
 @dataclass(frozen=True)
@@ -128,11 +143,15 @@ def escalate(
     stages: list[StageReport],
     result: SolverResult,
     timer: PhaseTimer,
+    *,
+    budget_seconds: float | None = None,
 ) -> Escalation:
     """Decide between the layer-wise result ``w`` (fitted on all of ``prep.calib``) and ``--distill``
     at ``config.sparsity``, as the module docstring says.  ``requested`` is the configuration the
     user gave (``--method auto``), ``config`` the resolved layer-wise one."""
     from .pipeline import GradientOracle, _model_with, prune
+
+    budget_seconds = DISTILL_BUDGET_SECONDS if budget_seconds is None else budget_seconds
 
     same = Escalation(w, stages, result, config, "")
     whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
@@ -191,8 +210,30 @@ def escalate(
         "trying --distill too, which takes minutes (--no-auto-distill skips it)",
         lay.agreement, h, config.sparsity,
     )  # fmt: skip
+    t_start = time.perf_counter()
+    total = dconfig.stages or 1
+
+    def on_stage(t: int, level: float, res: SolverResult, wt: NDArray[np.float32], seconds: float) -> StageReport:
+        """Stop once the stages so far say that all of them would take longer than the budget."""
+        elapsed = time.perf_counter() - t_start
+        projected = elapsed * total / t
+        if projected > budget_seconds:
+            raise _OverBudgetError(t, elapsed, projected)
+        k = int(np.count_nonzero(wt))
+        objective = float(res.objective) if np.isfinite(res.objective) else None
+        return StageReport(t, level, k, objective, res.iterations, res.converged, None, None, seconds)
+
     try:
-        w_d, st_d, res_d = prune(sub, dconfig, None, timer, None)
+        w_d, st_d, res_d = prune(sub, dconfig, None, timer, on_stage)
+    except _OverBudgetError as over:
+        note = (
+            f"--distill stopped after {over.stage} of its {total} stages: {over.elapsed:.0f} s so far put all of "
+            f"them at about {over.projected / 60:.0f} minutes, more than the {budget_seconds / 60:.0f}-minute budget "
+            f"of the automatic choice; the layer-wise result is kept (held-out top-1 agreement {lay.agreement:.3f} "
+            f"on {h} calibration samples); add --distill to run it anyway"
+        )
+        log.warning("%s", note)
+        return dataclasses.replace(same, note=note, layerwise=lay, held_out=h)
     except (ChitaError, MemoryError) as exc:
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         note = f"--distill tried and failed ({why}); the layer-wise result is kept"

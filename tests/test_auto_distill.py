@@ -138,3 +138,16 @@ def test_sweep_auto_row_makes_the_same_decision_as_compress(tmp_path: Path) -> N
     assert "distill" not in low.note
     assert "held-out top-1 agreement with dense" in high.note or "--distill not tried" in high.note
     assert high.nnz <= keep_count(0.9, 272)
+
+
+def test_a_distill_over_its_time_budget_stops_and_keeps_the_layer_wise_result(tmp_path: Path) -> None:
+    path, data = _files(tmp_path, 120)
+    requested = CompressConfig(sparsity=0.9)
+    prep = prepare(path, data, requested, data)
+    config, _ = resolve_method(prep, requested)
+    timer = PhaseTimer()
+    w, stages, result = prune(prep, config, GradientOracle(prep, config), timer)
+    esc = escalate.escalate(prep, requested, config, w, stages, result, timer, budget_seconds=0.0)
+    assert not esc.kept_distill and esc.config is config and np.array_equal(esc.w, w)
+    assert esc.note.startswith("--distill stopped after 1 of its 30 stages")
+    assert "add --distill to run it anyway" in esc.note
