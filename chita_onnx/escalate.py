@@ -200,7 +200,7 @@ def escalate(
     if lay.agreement >= KEEP_AGREEMENT:
         note = (
             f"--distill not tried: the layer-wise pass keeps {lay.agreement:.3f} top-1 agreement with dense on {h} "
-            f"held-out calibration samples (≥ {KEEP_AGREEMENT})"
+            f"held-out calibration samples (≥ {KEEP_AGREEMENT}; KL to the dense outputs {lay.kl:.4g})"
         )
         log.info("%s", note)
         return dataclasses.replace(same, note=note, layerwise=lay, held_out=h)
