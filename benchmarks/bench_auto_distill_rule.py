@@ -144,7 +144,7 @@ def _never(r: dict[str, Any]) -> tuple[bool, bool]:
     return False, False
 
 
-@_rule("skip at held-out agreement >= 0.99 (stop 48)")
+@_rule("skip at held-out agreement >= 0.99 (stop 48, first version)")
 def _skip99(r: dict[str, Any]) -> tuple[bool, bool]:
     if r["layerwise_fit"]["held_agreement"] >= 0.99:
         return False, False
@@ -156,7 +156,7 @@ def _always(r: dict[str, Any]) -> tuple[bool, bool]:
     return ("stopped" not in r["distill"] and _better(r)), True
 
 
-@_rule("always try, keep by KL")
+@_rule("always try, keep by KL (the default since stop 48)")
 def _always_kl(r: dict[str, Any]) -> tuple[bool, bool]:
     ok = "stopped" not in r["distill"] and r["distill"]["held_kl"] < r["layerwise_fit"]["held_kl"]
     return ok, True

@@ -338,9 +338,9 @@ def _config_options(fn: F) -> F:
             default=d.auto_distill,
             show_default=True,
             help="--method auto from 90% sparsity on a classifier (one class distribution per sample, at least "
-            "80 calibration samples, at most 2M prunable weights): when the layer-wise result loses top-1 "
-            "agreement on a fifth of the calibration samples held out of the fit, also run --distill and keep "
-            "whichever agrees more there. It takes minutes instead of seconds; --no-auto-distill skips it.",
+            "80 calibration samples, at most 2M prunable weights): also run --distill (within 15 minutes) and "
+            "keep whichever of the two has the lower KL to the dense outputs on a fifth of the calibration "
+            "samples held out of both fits. It takes minutes instead of seconds; --no-auto-distill skips it.",
         ),
         click.option(
             "--allocation",
