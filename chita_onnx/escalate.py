@@ -15,9 +15,9 @@ on:
    not decide: calibration samples are often training samples, on which a pruned model agrees
    with dense more than on new data, so it often ties at 1.0 where the KL still separates the
    two (``benchmarks/bench_auto_distill_rule.py``, BENCHMARKS.md "Stop 48": on the selection splits
-   of 17 classifiers the KL rule gave a mean top-1 of 0.835, agreement first 0.831, skipping
+   of 19 classifiers the KL rule gave a mean top-1 of 0.835, agreement first 0.831, skipping
    ``--distill`` when the layer-wise pass kept 0.99 held-out agreement 0.830, the layer-wise pass
-   alone 0.803).  A kept ``--distill`` result is the one fitted without the held-out samples
+   alone 0.781).  A kept ``--distill`` result is the one fitted without the held-out samples
    (refitting on all of them would double its minutes); a kept layer-wise result is the default's
    own, fitted on all of them.
 
