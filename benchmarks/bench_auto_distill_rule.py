@@ -48,10 +48,17 @@ def _test_split(name: str) -> dict[str, np.ndarray]:
         return {k: t[k] for k in t.files}
 
 
-def run_model(name: str, s: float, tmp: Path) -> dict[str, Any]:
+def candidates_of(name: str, s: float, tmp: Path) -> dict[str, Any]:
     from chita_onnx import CompressConfig
     from chita_onnx.data import materialize, split_holdout
-    from chita_onnx.escalate import DISTILL_BUDGET_SECONDS, HELD_OUT_FRACTION, _kl, eligible
+    from chita_onnx.escalate import (
+        DISTILL_BUDGET_SECONDS,
+        HELD_OUT_FRACTION,
+        OverBudgetError,
+        _kl,
+        budget_guard,
+        eligible,
+    )
     from chita_onnx.evaluate import make_session, reference, run_model
     from chita_onnx.pipeline import GradientOracle, PhaseTimer, _model_with, prepare, prune, resolve_method
 
@@ -91,16 +98,9 @@ def run_model(name: str, s: float, tmp: Path) -> dict[str, Any]:
     rec["layerwise_fit"] = {"held_agreement": agree, "held_kl": kl, "s": time.perf_counter() - t0}
     dconfig = requested.with_(distill=True)
     t0 = time.perf_counter()
-    stages = dconfig.stages or 1
-
-    def on_stage(t: int, *_: Any) -> Any:
-        if (time.perf_counter() - t0) * stages / t > DISTILL_BUDGET_SECONDS:
-            raise TimeoutError(f"stage {t}")
-        return None
-
     try:
-        w_dis, _, _ = prune(sub, dconfig, None, timer, _stage_report(on_stage))
-    except TimeoutError as exc:
+        w_dis, _, _ = prune(sub, dconfig, None, timer, budget_guard(DISTILL_BUDGET_SECONDS, dconfig.stages or 1))
+    except OverBudgetError as exc:
         rec["distill"] = {"stopped": str(exc), "s": time.perf_counter() - t0}
         return rec
     agree, kl = held_scores(w_dis)
@@ -108,17 +108,6 @@ def run_model(name: str, s: float, tmp: Path) -> dict[str, Any]:
     rec["distill"] = {"held_agreement": agree, "held_kl": kl, "select": sel_acc, "test": test_acc,
                       "s": time.perf_counter() - t0}  # fmt: skip
     return rec
-
-
-def _stage_report(check: Callable[..., Any]) -> Callable[..., Any]:
-    """An ``on_stage`` callback for :func:`chita_onnx.pipeline.prune` that runs ``check`` first."""
-    from chita_onnx.report import StageReport
-
-    def on_stage(t: int, level: float, res: Any, w: np.ndarray, seconds: float) -> StageReport:
-        check(t)
-        return StageReport(t, level, int(np.count_nonzero(w)), None, res.iterations, res.converged, None, None, seconds)
-
-    return on_stage
 
 
 #: The candidate rules replayed by ``--summarise``: given the record, does the default keep --distill,
@@ -206,7 +195,7 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             try:
-                rec = run_model(name.strip(), args.sparsity, Path(tmpdir))
+                rec = candidates_of(name.strip(), args.sparsity, Path(tmpdir))
             except Exception as exc:  # a failure is a record too
                 rec = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
             rec["wall_s"] = time.perf_counter() - t0

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,12 +71,32 @@ MAX_WEIGHTS = 2_000_000
 DISTILL_BUDGET_SECONDS = 15 * 60.0
 
 
-class _OverBudgetError(Exception):
-    """The tried ``--distill`` would exceed :data:`DISTILL_BUDGET_SECONDS`."""
+class OverBudgetError(Exception):
+    """The tried ``--distill`` would exceed its budget (:data:`DISTILL_BUDGET_SECONDS`)."""
 
     def __init__(self, stage: int, elapsed: float, projected: float) -> None:
         super().__init__(f"stage {stage}: {elapsed:.0f} s, about {projected:.0f} s in all")
         self.stage, self.elapsed, self.projected = stage, elapsed, projected
+
+
+def budget_guard(
+    budget_seconds: float, total: int
+) -> Callable[[int, float, SolverResult, NDArray[np.float32], float], StageReport]:
+    """An ``on_stage`` callback for :func:`chita_onnx.pipeline.prune` that raises
+    :class:`OverBudgetError` once the stages so far (timed from this call) put all ``total`` of
+    them above ``budget_seconds``; else it returns the stage's report."""
+    t_start = time.perf_counter()
+
+    def on_stage(t: int, level: float, res: SolverResult, wt: NDArray[np.float32], seconds: float) -> StageReport:
+        elapsed = time.perf_counter() - t_start
+        projected = elapsed * total / t
+        if projected > budget_seconds:
+            raise OverBudgetError(t, elapsed, projected)
+        objective = float(res.objective) if np.isfinite(res.objective) else None
+        k = int(np.count_nonzero(wt))
+        return StageReport(t, level, k, objective, res.iterations, res.converged, None, None, seconds)
+
+    return on_stage
 
 
 @dataclass(frozen=True)
@@ -156,7 +177,7 @@ def escalate(
 
     same = Escalation(w, stages, result, config, "")
     whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
-    n = min(whole.num_samples, config.num_samples) if whole.num_samples else 0
+    n = min(whole.num_samples, config.num_samples)
     if n < MIN_SAMPLES:
         note = (
             f"--distill not tried: {whole.num_samples} calibration samples, fewer than the {MIN_SAMPLES} to decide on"
@@ -204,22 +225,10 @@ def escalate(
         "%.3f on %d calibration samples), which takes minutes (--no-auto-distill skips it)",
         config.sparsity, lay.kl, lay.agreement, h,
     )  # fmt: skip
-    t_start = time.perf_counter()
     total = dconfig.stages or 1
-
-    def on_stage(t: int, level: float, res: SolverResult, wt: NDArray[np.float32], seconds: float) -> StageReport:
-        """Stop once the stages so far say that all of them would take longer than the budget."""
-        elapsed = time.perf_counter() - t_start
-        projected = elapsed * total / t
-        if projected > budget_seconds:
-            raise _OverBudgetError(t, elapsed, projected)
-        k = int(np.count_nonzero(wt))
-        objective = float(res.objective) if np.isfinite(res.objective) else None
-        return StageReport(t, level, k, objective, res.iterations, res.converged, None, None, seconds)
-
     try:
-        w_d, st_d, res_d = prune(sub, dconfig, None, timer, on_stage)
-    except _OverBudgetError as over:
+        w_d, st_d, res_d = prune(sub, dconfig, None, timer, budget_guard(budget_seconds, total))
+    except OverBudgetError as over:
         note = (
             f"--distill stopped after {over.stage} of its {total} stages: {over.elapsed:.0f} s so far put all of "
             f"them at about {over.projected / 60:.0f} minutes, more than the {budget_seconds / 60:.0f}-minute budget "

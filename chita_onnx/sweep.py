@@ -205,7 +205,7 @@ def sweep(
             w, stages, result = prune(prep, cfg, oracle, timer, None, X0=X0)
             requested = _config_for(base, method, sparsity)
             if method == "auto" and not eligible(requested, cfg, prep, real_data=True):
-                # as compress decides: --distill too when the layer-wise result loses held-out agreement
+                # as compress decides: --distill too, kept when its held-out KL to dense is lower
                 esc = escalate(prep, requested, cfg, w, stages, result, timer)
                 w, cfg, result, note = esc.w, esc.config, esc.result, esc.note
             converged = result.converged
