@@ -67,7 +67,7 @@ def candidates_of(name: str, s: float, tmp: Path) -> dict[str, Any]:
     requested = CompressConfig(sparsity=s)
     prep = prepare(model, calib, requested, hold_out=False)
     config, _ = resolve_method(prep, requested)
-    rec: dict[str, Any] = {"model": label, "p": prep.layout.p, "dense_select": accuracy(model, sel)}
+    rec: dict[str, Any] = {"model": label, "p": prep.layout.p}
     why = eligible(requested, config, prep, real_data=True)
     if why:
         return rec | {"skipped": why}
@@ -76,6 +76,9 @@ def candidates_of(name: str, s: float, tmp: Path) -> dict[str, Any]:
         whole = whole.take(np.arange(config.num_samples))
     fit, held = split_holdout(whole, HELD_OUT_FRACTION, seed=config.seed + 17)
     ref = reference(prep.path, held, prep.specs, config.output)
+    if ref.y.ndim != 2:  # escalate does not try it either; and there is no top-1 accuracy to score
+        return rec | {"skipped": f"output of shape {ref.y.shape}, not one class distribution per sample"}
+    rec["dense_select"] = accuracy(model, sel)
     sub = dataclasses.replace(prep, calib=fit)
     timer = PhaseTimer()
 

