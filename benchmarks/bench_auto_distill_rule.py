@@ -48,43 +48,61 @@ def _test_split(name: str) -> dict[str, np.ndarray]:
         return {k: t[k] for k in t.files}
 
 
-def candidates_of(name: str, s: float, tmp: Path) -> dict[str, Any]:
+@dataclasses.dataclass
+class HeldOut:
+    """One model split as :func:`chita_onnx.escalate.escalate` splits it: ``sub`` is the run on the
+    fit part, ``scores(w)`` a weight vector's (top-1 agreement, KL) to dense on the held-out fifth."""
+
+    prep: Any
+    config: Any
+    requested: Any
+    sub: Any
+    scores: Callable[[np.ndarray], tuple[float, float]]
+
+
+def held_out_split(model: Path, calib: Path, s: float) -> HeldOut | str:
+    """The split of ``escalate`` for ``model`` at sparsity ``s``, or why ``escalate`` would not try
+    ``--distill`` there (ineligible, or an output that is not one class distribution per sample)."""
     from chita_onnx import CompressConfig
     from chita_onnx.data import materialize, split_holdout
-    from chita_onnx.escalate import (
-        DISTILL_BUDGET_SECONDS,
-        HELD_OUT_FRACTION,
-        OverBudgetError,
-        _kl,
-        budget_guard,
-        eligible,
-    )
+    from chita_onnx.escalate import HELD_OUT_FRACTION, _kl, eligible
     from chita_onnx.evaluate import make_session, reference, run_model
-    from chita_onnx.pipeline import GradientOracle, PhaseTimer, _model_with, prepare, prune, resolve_method
+    from chita_onnx.pipeline import _model_with, prepare, resolve_method
 
-    label, model, calib, sel = _data(name, tmp)
-    test = _test_split(name)
     requested = CompressConfig(sparsity=s)
     prep = prepare(model, calib, requested, hold_out=False)
     config, _ = resolve_method(prep, requested)
-    rec: dict[str, Any] = {"model": label, "p": prep.layout.p}
     why = eligible(requested, config, prep, real_data=True)
     if why:
-        return rec | {"skipped": why}
+        return why
     whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
     if whole.num_samples > config.num_samples:
         whole = whole.take(np.arange(config.num_samples))
     fit, held = split_holdout(whole, HELD_OUT_FRACTION, seed=config.seed + 17)
     ref = reference(prep.path, held, prep.specs, config.output)
     if ref.y.ndim != 2:  # escalate does not try it either; and there is no top-1 accuracy to score
-        return rec | {"skipped": f"output of shape {ref.y.shape}, not one class distribution per sample"}
-    rec["dense_select"] = accuracy(model, sel)
+        return f"output of shape {ref.y.shape}, not one class distribution per sample"
     sub = dataclasses.replace(prep, calib=fit)
-    timer = PhaseTimer()
 
-    def held_scores(w: np.ndarray) -> tuple[float, float]:
+    def scores(w: np.ndarray) -> tuple[float, float]:
         yp, _ = run_model(make_session(_model_with(sub, w).SerializeToString()), held, prep.specs, ref.output)
         return float(np.mean(ref.y.argmax(1) == yp.argmax(1))), _kl(ref.y, yp)
+
+    return HeldOut(prep, config, requested, sub, scores)
+
+
+def candidates_of(name: str, s: float, tmp: Path) -> dict[str, Any]:
+    from chita_onnx.escalate import DISTILL_BUDGET_SECONDS, OverBudgetError, budget_guard
+    from chita_onnx.pipeline import GradientOracle, PhaseTimer, _model_with, prune
+
+    label, model, calib, sel = _data(name, tmp)
+    test = _test_split(name)
+    split = held_out_split(model, calib, s)
+    if isinstance(split, str):
+        return {"model": label, "skipped": split}
+    prep, config, requested, sub, held_scores = split.prep, split.config, split.requested, split.sub, split.scores
+    rec: dict[str, Any] = {"model": label, "p": prep.layout.p, "dense_select": accuracy(model, sel)}
+    timer = PhaseTimer()
 
     def scored(w: np.ndarray) -> tuple[float, float]:
         out = tmp / "cand.onnx"

@@ -15,7 +15,6 @@ lifted (10× the rule's), so every curve is complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -32,39 +31,29 @@ import numpy as np
 
 def curve_of(path: Path, sparsity: float) -> dict[str, Any]:
     """The layer-wise pass's held-out KL and ``--distill``'s per-stage ``(stage, sparsity, KL)``."""
-    from chita_onnx import CompressConfig
-    from chita_onnx.data import materialize, split_holdout
-    from chita_onnx.escalate import DISTILL_BUDGET_SECONDS, HELD_OUT_FRACTION, _kl, budget_guard
-    from chita_onnx.evaluate import make_session, reference, run_model
-    from chita_onnx.pipeline import GradientOracle, PhaseTimer, _model_with, prepare, prune, resolve_method
+    from bench_auto_distill_rule import held_out_split
+
+    from chita_onnx.escalate import DISTILL_BUDGET_SECONDS, budget_guard
+    from chita_onnx.pipeline import GradientOracle, PhaseTimer, prune
     from chita_onnx.report import StageReport
     from chita_onnx.solver import SolverResult
 
-    requested = CompressConfig(sparsity=sparsity)
-    prep = prepare(path, path.with_name(path.stem + "_calib.npz"), requested, hold_out=False)
-    config, _ = resolve_method(prep, requested)
-    whole = materialize(prep.calib, prep.specs, batch_size=config.batch_size)
-    fit, held = split_holdout(whole, HELD_OUT_FRACTION, seed=config.seed + 17)
-    ref = reference(prep.path, held, prep.specs, config.output)
-    sub = dataclasses.replace(prep, calib=fit)
-    timer = PhaseTimer()
-
-    def kl_of(w: np.ndarray) -> float:
-        yp, _ = run_model(make_session(_model_with(sub, w).SerializeToString()), held, prep.specs, ref.output)
-        return _kl(ref.y, yp)
-
+    split = held_out_split(path, path.with_name(path.stem + "_calib.npz"), sparsity)
+    if isinstance(split, str):
+        return {"model": path.stem, "sparsity": sparsity, "skipped": split}
+    sub, config, timer = split.sub, split.config, PhaseTimer()
     w_lay, _, _ = prune(sub, config, GradientOracle(sub, config), timer)
-    dconfig = requested.with_(distill=True)
+    dconfig = split.requested.with_(distill=True)
     guard = budget_guard(DISTILL_BUDGET_SECONDS * 10, dconfig.stages or 1)
     curve: list[tuple[int, float, float]] = []
 
     def hook(t: int, level: float, res: SolverResult, wt: np.ndarray, seconds: float) -> StageReport:
-        curve.append((t, float(level), kl_of(wt)))
+        curve.append((t, float(level), split.scores(wt)[1]))
         return guard(t, level, res, wt, seconds)
 
     t0 = time.perf_counter()
     prune(sub, dconfig, None, timer, hook)
-    return {"model": path.stem, "sparsity": sparsity, "lay_kl": kl_of(w_lay), "curve": curve,
+    return {"model": path.stem, "sparsity": sparsity, "lay_kl": split.scores(w_lay)[1], "curve": curve,
             "s": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -73,6 +62,9 @@ def main() -> None:
     out, sparsity, models = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3].split(",")
     for name in models:
         rec = curve_of(Path(name).expanduser(), sparsity)
+        if "skipped" in rec:
+            print(f"{rec['model']}: skipped ({rec['skipped']})", flush=True)
+            continue
         ks = [c[2] for c in rec["curve"]]
         print(f"{rec['model']}: layer-wise {rec['lay_kl']:.4g}, --distill final {ks[-1]:.4g}, "
               f"largest stage {max(ks):.4g}", flush=True)  # fmt: skip

@@ -82,11 +82,12 @@ def accuracy(model: Path, sel: dict[str, np.ndarray]) -> float:
         feeds = {names[0]: sel[next(k for k in sel if k != "labels")]}
     n = len(sel["labels"])
     fixed = s.get_inputs()[0].shape[0]
-    bs = fixed if isinstance(fixed, int) and fixed > 0 else 256  # a model exported with a fixed batch
+    fixed_batch = isinstance(fixed, int) and fixed > 0  # a model exported with a fixed batch
+    bs = int(fixed) if fixed_batch else 256
 
     def batch(v: np.ndarray, i: int) -> np.ndarray:
         part = v[i : i + bs]
-        if len(part) < bs and bs != 256:  # pad the last batch of a fixed-batch model, then trim
+        if fixed_batch and len(part) < bs:  # pad the last batch, then trim its outputs
             part = np.concatenate([part, np.repeat(part[-1:], bs - len(part), axis=0)])
         return part
 

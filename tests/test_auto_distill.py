@@ -58,7 +58,7 @@ def test_too_many_weights_is_said_in_the_report(tmp_path: Path, monkeypatch: pyt
     assert "--distill not tried: 272 prunable weights, more than the 100" in report.solver["method_choice"]
 
 
-def test_the_held_out_decision_keeps_the_candidate_that_agrees_more(tmp_path: Path) -> None:
+def test_the_held_out_decision_keeps_the_candidate_with_the_lower_kl(tmp_path: Path) -> None:
     path, data = _files(tmp_path, 120)
     requested = CompressConfig(sparsity=0.9)
     prep = prepare(path, data, requested, data)  # evaluated on the same file: all 120 calibrate
@@ -86,9 +86,7 @@ def test_a_distill_over_budget_writes_the_default_layer_wise_model(
     report = compress(path, tmp_path / "o.onnx", data, CompressConfig(sparsity=0.9), eval_data=data)
     assert report.method == "layerwise"
     assert "--distill stopped after 1 of its 30 stages" in report.solver["method_choice"]
-    plain = compress(
-        path, tmp_path / "p.onnx", data, CompressConfig(sparsity=0.9, auto_distill=False), eval_data=data
-    )
+    plain = compress(path, tmp_path / "p.onnx", data, CompressConfig(sparsity=0.9, auto_distill=False), eval_data=data)
     assert "distill" not in plain.solver.get("method_choice", "")
     # not kept, the written model is the default's own (fitted on every calibration sample)
     assert (tmp_path / "o.onnx").read_bytes() == (tmp_path / "p.onnx").read_bytes()
