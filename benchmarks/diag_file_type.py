@@ -1,0 +1,146 @@
+"""Where the default loses agreement on issue 9's file-type model (magika standard_v3_3).
+
+    python benchmarks/make_issue9_heldout.py                     # builds the model and its data
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/diag_file_type.py run 0.3 [KEY=VALUE ...]
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/diag_file_type.py run 0.3 damp=0.1 --fix-from P.onnx
+    python benchmarks/diag_file_type.py attribute P.onnx          # each pruned tensor's share of the flips
+    python benchmarks/diag_file_type.py margins P.onnx [P2.onnx]  # dense top-2 margins against the changes
+
+``run`` prunes with ``compress`` as the user's command does (20% of the calibration files held out),
+with ``CompressConfig`` fields given as ``KEY=VALUE`` (Python literals), and prints top-1 agreement
+with the dense model on the calibration, selection and test files and every tensor's density.
+``--fix-from`` forces the per-tensor keep counts of an earlier run's output, so that a setting of the
+layer-wise pass is compared on the same allocation (diagnosis only: it patches the allocation).
+``attribute`` puts an output's pruned tensors into the dense model in every combination and scores
+the selection files.  ``margins`` relates the dense model's top-2 log-probability margins on the
+test files to how far pruning moves them.  This is a diagnosis; no default is chosen from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import numpy_helper
+
+DATA = Path(os.environ.get("ISSUE9_HELDOUT", Path.home() / ".cache/chita-onnx/issue9-heldout")) / "file-type"
+MODEL = DATA / "model.onnx"
+SPLITS = ("calib", "select", "test")
+log = logging.getLogger("diag_file_type")
+
+
+def inputs(split: str) -> NDArray[np.int32]:
+    x: NDArray[np.int32] = np.load(DATA / f"{split}.npz")["bytes"]
+    return x
+
+
+def probabilities(model: onnx.ModelProto | Path, x: NDArray[np.int32]) -> NDArray[np.float32]:
+    """The model's class probabilities ``(N, 214)`` on byte features ``x (N, 2048)``."""
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+
+
+def big_weights(model: onnx.ModelProto) -> dict[str, NDArray[np.float32]]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if int(np.prod(i.dims)) > 1000}
+
+
+def fix_allocation(path: Path) -> None:
+    """Patch the layer-wise allocation to keep as many weights per tensor as ``path`` holds."""
+    from chita_onnx import reconstruct
+
+    counts = {name: int(np.count_nonzero(w)) for name, w in big_weights(onnx.load(path)).items()}
+    original = reconstruct.allocate
+
+    def allocate(*args: Any, **kwargs: Any) -> Any:
+        keep, how, fisher = original(*args, **kwargs)
+        fixed = {name: counts.get(name, c) for name, c in keep.items()}
+        largest = max(fixed, key=lambda n: fixed[n])
+        fixed[largest] += sum(keep.values()) - sum(fixed.values())  # the same exact budget
+        return fixed, how, fisher
+
+    reconstruct.allocate = allocate
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from chita_onnx import CompressConfig, compress
+
+    fields = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.fields)}
+    if args.fix_from:
+        fix_allocation(Path(args.fix_from))
+    out = Path(args.out or f"/tmp/file_type_{args.sparsity}.onnx")
+    compress(MODEL, out, DATA / "calib.npz", CompressConfig(sparsity=args.sparsity, **fields))
+    scores = []
+    for split in SPLITS:
+        x = inputs(split)
+        agree = (probabilities(MODEL, x).argmax(1) == probabilities(out, x).argmax(1)).mean()
+        scores.append(f"{split} {agree:.4f}")
+    dens = [f"{np.count_nonzero(w) / w.size:.3f}" for w in big_weights(onnx.load(out)).values()]
+    print(args.sparsity, fields, "fixed" if args.fix_from else "", " ".join(scores), "densities", dens, out)
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    dense = onnx.load(MODEL)
+    pruned = big_weights(onnx.load(args.pruned))
+    names = list(big_weights(dense))
+    x = inputs("select")
+    p = probabilities(dense, x)
+    for chosen in itertools.product((False, True), repeat=len(names)):
+        m = onnx.ModelProto()
+        m.CopyFrom(dense)
+        for init in m.graph.initializer:
+            if init.name in names and chosen[names.index(init.name)]:
+                init.CopyFrom(numpy_helper.from_array(pruned[init.name], init.name))
+        q = probabilities(m, x)
+        kl = np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), 1))
+        which = [n for n, c in zip(names, chosen, strict=True) if c] or ["(none)"]
+        print(f"pruned {', '.join(which)}: agreement {(p.argmax(1) == q.argmax(1)).mean():.4f}  KL {kl:.4f}")
+
+
+def cmd_margins(args: argparse.Namespace) -> None:
+    x = inputs("test")
+    a = np.log(probabilities(MODEL, x) + 1e-30)
+    order = np.argsort(a, 1)
+    top, second = order[:, -1], order[:, -2]
+    idx = np.arange(len(x))
+    margin = a[idx, top] - a[idx, second]
+    print("dense top-2 margin: " + "  ".join(f"<{d:g}: {(margin < d).mean():.3f}" for d in (0.01, 0.03, 0.1, 0.3, 1.0)))
+    for path in args.pruned:
+        b = np.log(probabilities(Path(path), x) + 1e-30)
+        moved = np.abs(b[idx, top] - b[idx, second] - margin)
+        q50, q90 = np.quantile(moved, [0.5, 0.9])
+        print(f"{path}: agreement {(b.argmax(1) == top).mean():.4f}  |margin change| median {q50:.3f} q90 {q90:.3f}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("sparsity", type=float)
+    run.add_argument("fields", nargs="*", help="CompressConfig fields, KEY=VALUE")
+    run.add_argument("--fix-from", help="force the per-tensor keep counts of this pruned model")
+    run.add_argument("--out")
+    att = sub.add_parser("attribute")
+    att.add_argument("pruned")
+    mar = sub.add_parser("margins")
+    mar.add_argument("pruned", nargs="+")
+    args = ap.parse_args()
+    if not MODEL.exists():
+        sys.exit(f"{MODEL} is missing: run benchmarks/make_issue9_heldout.py first")
+    {"run": cmd_run, "attribute": cmd_attribute, "margins": cmd_margins}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
