@@ -5,6 +5,7 @@
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/diag_file_type.py run 0.3 damp=0.1 --fix-from P.onnx
     python benchmarks/diag_file_type.py attribute P.onnx          # each pruned tensor's share of the flips
     python benchmarks/diag_file_type.py margins P.onnx [P2.onnx]  # dense top-2 margins against the changes
+    python benchmarks/diag_file_type.py winners P.onnx 0.03,0.3,3  # re-fit the conv on max-pool winners
 
 ``run`` prunes with ``compress`` as the user's command does (20% of the calibration files held out),
 with ``CompressConfig`` fields given as ``KEY=VALUE`` (Python literals), and prints top-1 agreement
@@ -13,7 +14,14 @@ with the dense model on the calibration, selection and test files and every tens
 layer-wise pass is compared on the same allocation (diagnosis only: it patches the allocation).
 ``attribute`` puts an output's pruned tensors into the dense model in every combination and scores
 the selection files.  ``margins`` relates the dense model's top-2 log-probability margins on the
-test files to how far pruning moves them.  This is a diagnosis; no default is chosen from it.
+test files to how far pruning moves them.  ``winners`` tests whether the layer objective spends its
+accuracy on positions the global max-pool after the convolution discards: it re-fits each output
+channel ``c`` of ``P``'s convolution on its kept weights, with rows only at the position where the
+dense model's activation wins the max-pool, per calibration file,
+``min ‖A_c w − y_c‖² + α (w − w₀)ᵀ H (w − w₀) + λ‖w − w₀‖²`` (``A_c``: the winners' patches of the
+pruned model's convolution input, ``y_c``: the dense convolution's outputs there, ``w₀``: ``P``'s
+weights, ``H``: the all-position Gram of 100 files scaled to the file count, ``λ`` = 1% of its mean
+diagonal), for each ``α``.  This is a diagnosis; no default is chosen from it.
 """
 
 from __future__ import annotations
@@ -123,6 +131,65 @@ def cmd_margins(args: argparse.Namespace) -> None:
         print(f"{path}: agreement {(b.argmax(1) == top).mean():.4f}  |margin change| median {q50:.3f} q90 {q90:.3f}")
 
 
+CONV = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/"
+CONV_IN, CONV_OUT, CONV_W = CONV + "Conv_0/Conv2D__120:0", CONV + "Conv_0/Conv2D:0", CONV + "Conv_0/transpose_3:0"
+ACTIVATION = CONV + "ApplyActivation_1/Mul_5:0"  # the GELU the global max-pool reads
+
+
+def tensors(model: onnx.ModelProto, names: list[str], x: NDArray[np.int32]) -> list[NDArray[np.float32]]:
+    """Intermediate tensors of ``model`` on ``x``, exposed as extra outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    parts = [sess.run(names, {"bytes": x[i : i + 100]}) for i in range(0, len(x), 100)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+
+def cmd_winners(args: argparse.Namespace) -> None:
+    dense, pruned = onnx.load(MODEL), onnx.load(args.pruned)
+    x = inputs("calib")
+    y, act = (t[..., 0] if t.ndim == 4 else t for t in tensors(dense, [CONV_OUT, ACTIVATION], x))  # (N, Co, Lo)
+    (u,) = tensors(pruned, [CONV_IN], x)
+    u = u[..., 0]  # (N, Ci, L): the pruned upstream's input to the convolution
+    n, ci, _ = u.shape
+    co, lo = y.shape[1], y.shape[2]
+    shape = big_weights(pruned)[CONV_W].shape
+    w0 = big_weights(pruned)[CONV_W].reshape(co, -1).astype(np.float64)
+    taps = shape[2]
+    win = act.argmax(2)  # (N, Co): the position each channel's max-pool takes, per file
+    window = np.arange(lo)[:, None] + np.arange(taps)[None, :]
+    gram = np.zeros((ci * taps, ci * taps))
+    for i in range(min(100, n)):
+        patches = u[i][:, window].transpose(1, 0, 2).reshape(lo, -1).astype(np.float64)
+        gram += patches.T @ patches
+    gram *= n / (min(100, n) * lo)
+    lam = 0.01 * float(np.mean(np.diag(gram)))
+    alphas = [float(a) for a in args.alphas.split(",")]
+    fitted = {a: w0.copy() for a in alphas}
+    for c in range(co):
+        kept = np.flatnonzero(w0[c] != 0)
+        rows = u[np.arange(n)[:, None], :, win[:, c][:, None] + np.arange(taps)[None, :]]  # (N, taps, Ci)
+        a_c = rows.transpose(0, 2, 1).reshape(n, -1)[:, kept].astype(np.float64)
+        y_c = y[np.arange(n), c, win[:, c]].astype(np.float64)
+        h_k, start = gram[np.ix_(kept, kept)], w0[c, kept]
+        for a in alphas:
+            lhs = a_c.T @ a_c + a * h_k + lam * np.eye(kept.size)
+            fitted[a][c, kept] = np.linalg.solve(lhs, a_c.T @ y_c + a * h_k @ start + lam * start)
+    for a in alphas:
+        m = onnx.ModelProto()
+        m.CopyFrom(pruned)
+        for init in m.graph.initializer:
+            if init.name == CONV_W:
+                init.CopyFrom(numpy_helper.from_array(fitted[a].reshape(shape).astype(np.float32), CONV_W))
+        scores = []
+        for split in SPLITS:
+            xs = inputs(split)
+            agree = (probabilities(MODEL, xs).argmax(1) == probabilities(m, xs).argmax(1)).mean()
+            scores.append(f"{split} {agree:.4f}")
+        print(f"alpha {a:g}: " + " ".join(scores))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,10 +203,13 @@ def main() -> None:
     att.add_argument("pruned")
     mar = sub.add_parser("margins")
     mar.add_argument("pruned", nargs="+")
+    win = sub.add_parser("winners")
+    win.add_argument("pruned")
+    win.add_argument("alphas", help="comma-separated weights of the all-position term")
     args = ap.parse_args()
     if not MODEL.exists():
         sys.exit(f"{MODEL} is missing: run benchmarks/make_issue9_heldout.py first")
-    {"run": cmd_run, "attribute": cmd_attribute, "margins": cmd_margins}[args.cmd](args)
+    {"run": cmd_run, "attribute": cmd_attribute, "margins": cmd_margins, "winners": cmd_winners}[args.cmd](args)
 
 
 if __name__ == "__main__":
