@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import itertools
-import logging
 import os
 import sys
 from pathlib import Path
@@ -44,7 +44,6 @@ from onnx import numpy_helper
 DATA = Path(os.environ.get("ISSUE9_HELDOUT", Path.home() / ".cache/chita-onnx/issue9-heldout")) / "file-type"
 MODEL = DATA / "model.onnx"
 SPLITS = ("calib", "select", "test")
-log = logging.getLogger("diag_file_type")
 
 
 def inputs(split: str) -> NDArray[np.int32]:
@@ -52,12 +51,39 @@ def inputs(split: str) -> NDArray[np.int32]:
     return x
 
 
+def tensors(model: onnx.ModelProto | Path, names: list[str], x: NDArray[np.int32]) -> list[NDArray[np.float32]]:
+    """Tensors ``names`` of ``model`` on byte features ``x (N, 2048)``; intermediate ones are exposed as
+    extra outputs."""
+    m = onnx.load(model) if isinstance(model, Path) else model
+    extra = [n for n in names if n not in {o.name for o in m.graph.output}]
+    if extra:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(m)
+        copy.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
+        m = copy
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    parts = [sess.run(names, {"bytes": x[i : i + 100]}) for i in range(0, len(x), 100)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+
 def probabilities(model: onnx.ModelProto | Path, x: NDArray[np.int32]) -> NDArray[np.float32]:
-    """The model's class probabilities ``(N, 214)`` on byte features ``x (N, 2048)``."""
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+    """The model's class probabilities ``(N, 214)``."""
+    m = onnx.load(model) if isinstance(model, Path) else model
+    return tensors(m, [m.graph.output[0].name], x)[0]
+
+
+@functools.cache
+def dense_top(split: str) -> NDArray[np.intp]:
+    """The dense model's top-1 class on each file of ``split``."""
+    top: NDArray[np.intp] = probabilities(MODEL, inputs(split)).argmax(1)
+    return top
+
+
+def agreements(model: onnx.ModelProto | Path) -> str:
+    """Top-1 agreement with the dense model on each split."""
+    return " ".join(
+        f"{split} {(dense_top(split) == probabilities(model, inputs(split)).argmax(1)).mean():.4f}" for split in SPLITS
+    )
 
 
 def big_weights(model: onnx.ModelProto) -> dict[str, NDArray[np.float32]]:
@@ -89,13 +115,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         fix_allocation(Path(args.fix_from))
     out = Path(args.out or f"/tmp/file_type_{args.sparsity}.onnx")
     compress(MODEL, out, DATA / "calib.npz", CompressConfig(sparsity=args.sparsity, **fields))
-    scores = []
-    for split in SPLITS:
-        x = inputs(split)
-        agree = (probabilities(MODEL, x).argmax(1) == probabilities(out, x).argmax(1)).mean()
-        scores.append(f"{split} {agree:.4f}")
     dens = [f"{np.count_nonzero(w) / w.size:.3f}" for w in big_weights(onnx.load(out)).values()]
-    print(args.sparsity, fields, "fixed" if args.fix_from else "", " ".join(scores), "densities", dens, out)
+    print(args.sparsity, fields, "fixed" if args.fix_from else "", agreements(out), "densities", dens, out)
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
@@ -136,16 +157,6 @@ CONV_IN, CONV_OUT, CONV_W = CONV + "Conv_0/Conv2D__120:0", CONV + "Conv_0/Conv2D
 ACTIVATION = CONV + "ApplyActivation_1/Mul_5:0"  # the GELU the global max-pool reads
 
 
-def tensors(model: onnx.ModelProto, names: list[str], x: NDArray[np.int32]) -> list[NDArray[np.float32]]:
-    """Intermediate tensors of ``model`` on ``x``, exposed as extra outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    parts = [sess.run(names, {"bytes": x[i : i + 100]}) for i in range(0, len(x), 100)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
-
-
 def cmd_winners(args: argparse.Namespace) -> None:
     dense, pruned = onnx.load(MODEL), onnx.load(args.pruned)
     x = inputs("calib")
@@ -154,8 +165,9 @@ def cmd_winners(args: argparse.Namespace) -> None:
     u = u[..., 0]  # (N, Ci, L): the pruned upstream's input to the convolution
     n, ci, _ = u.shape
     co, lo = y.shape[1], y.shape[2]
-    shape = big_weights(pruned)[CONV_W].shape
-    w0 = big_weights(pruned)[CONV_W].reshape(co, -1).astype(np.float64)
+    weight = big_weights(pruned)[CONV_W]
+    shape = weight.shape
+    w0 = weight.reshape(co, -1).astype(np.float64)
     taps = shape[2]
     win = act.argmax(2)  # (N, Co): the position each channel's max-pool takes, per file
     window = np.arange(lo)[:, None] + np.arange(taps)[None, :]
@@ -182,16 +194,10 @@ def cmd_winners(args: argparse.Namespace) -> None:
         for init in m.graph.initializer:
             if init.name == CONV_W:
                 init.CopyFrom(numpy_helper.from_array(fitted[a].reshape(shape).astype(np.float32), CONV_W))
-        scores = []
-        for split in SPLITS:
-            xs = inputs(split)
-            agree = (probabilities(MODEL, xs).argmax(1) == probabilities(m, xs).argmax(1)).mean()
-            scores.append(f"{split} {agree:.4f}")
-        print(f"alpha {a:g}: " + " ".join(scores))
+        print(f"alpha {a:g}: {agreements(m)}")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run")
