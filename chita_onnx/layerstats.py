@@ -383,6 +383,13 @@ class LayerStats:
     #: cross term), float32, in row-space mode after :func:`finalize_means`.
     X: NDArray[np.float32] | None = None
     Y: NDArray[np.float32] | None = None
+    #: A softmax head (one group whose outputs are the classes): the per-class offset ``(M,)`` that
+    #: turns the dense output rows into the logits (the bias the node's targets leave out, plus the
+    #: one added after it; :func:`add_class_energy`).  None elsewhere.
+    class_offset: NDArray[np.float64] | None = None
+    #: With :attr:`class_offset`: ``E (M, d)``, ``E_cj = Σ_n (q_nc + prior/M) x_nj²`` over the input
+    #: rows, ``q_n`` the dense softmax of row ``n`` (:func:`add_class_energy`).
+    class_energy: NDArray[np.float64] | None = None
 
     @staticmethod
     def empty(geom: LayerGeometry, *, cross: bool, rowspace: bool = False, rows_only: bool = False) -> LayerStats:
@@ -557,6 +564,8 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
     R = xp.shape[0]
     if R == 0:
         return
+    if stats.class_offset is not None and y is not None:
+        add_class_energy(stats, xp[:, 0, :], y[:, 0, :])
     stats.rows += R
     ones = np.ones(R, np.float32)
     stats.mean_p += (ones @ xp.reshape(R, -1)).reshape(stats.mean_p.shape)  # BLAS sums
@@ -589,6 +598,27 @@ def _add_rows(stats: LayerStats, xp: NDArray[np.float32], y: NDArray[np.float32]
     size = stats.pending_rows * xp.shape[1] * (d + (0 if y is None else y.shape[2])) * 4
     if stats.pending_rows >= min(FLUSH_ROWS, d) or size >= FLUSH_BYTES:
         flush(stats)
+
+
+#: The prior added to the dense class probabilities in :func:`add_class_energy`, as a fraction of
+#: the uniform ``1/M``: a class the data give no probability still weighs a little.
+CLASS_PRIOR = 0.01
+
+
+def add_class_energy(stats: LayerStats, x: NDArray[np.float32], y: NDArray[np.float32]) -> None:
+    """``E += (q + prior/M)ᵀ (x ∘ x)`` for input rows ``x (R, d)`` and dense output rows ``y (R, M)``
+    of a softmax head: ``q = softmax(y + class_offset)`` row by row (float32 products, float64 sums;
+    the energy behind :func:`~chita_onnx.solver.layerwise.class_weighted_mask`)."""
+    assert stats.class_offset is not None
+    z = y.astype(np.float64) + stats.class_offset.reshape(1, -1)
+    z -= z.max(axis=1, keepdims=True)
+    q = np.exp(z)
+    q /= q.sum(axis=1, keepdims=True)
+    q += CLASS_PRIOR / q.shape[1]
+    part = q.astype(np.float32).T @ np.square(x, dtype=np.float32)
+    if stats.class_energy is None:
+        stats.class_energy = np.zeros(part.shape)
+    stats.class_energy += part
 
 
 def gram_split(R: int, d: int) -> int:

@@ -47,7 +47,8 @@ from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout, static_names
 from .data_types import CalibrationSource
 from .errors import ChitaError, ConfigError, ModelError
-from .gradients.prepare import scored_output
+from .gradients.prepare import find_head, scored_output, select_output
+from .graph import _constant_values
 from .heads import SoftmaxHead, add_class_offset, softmax_head
 from .layerstats import rowspace_eligible
 from .limits import gib
@@ -328,6 +329,134 @@ def too_wide(sites: Sequence[object], max_memory: int) -> tuple[dict[str, str], 
     return out, frozenset(rows)
 
 
+def class_head(
+    model: onnx.ModelProto, sites: Sequence[object], output: str | None, kind: str | None = None
+) -> tuple[str, NDArray[np.float64]] | None:
+    """The layer whose outputs are the classes of the model's softmax (``find_head``: a ``Softmax``,
+    a hand-written one, or the scores a label output reads), directly or through an ``Add`` of a
+    constant bias, with the softmax over its output channels; and the per-class offset ``(M,)`` from
+    the layer's dense output rows (the node's own bias left out, as the pass's targets are) to the
+    logits.  An output with no softmax in the graph counts as the logits of a softmax over its last
+    axis when the gradients read it so (``kind == "logits"``: a classifier's raw scores with
+    labels).  None when there is no such layer (a sigmoid, a regression, a shared or grouped weight,
+    a softmax over another axis)."""
+    try:
+        head = find_head(model, select_output(model, output))
+    except ChitaError:
+        return None
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    if head.kind is None:
+        found = _broadcast_softmax(g, producer, head.tensor)
+        if found is None and kind == "logits":
+            found = (head.tensor, -1)
+        if found is None:
+            return None
+        head = replace(head, kind="logits", tensor=found[0], class_axis=found[1])
+    if head.kind != "logits" or head.class_axis is None:
+        return None
+    tensor = head.tensor
+    while (ident := producer.get(tensor)) is not None and ident.op_type == "Identity":  # paddle2onnx writes one
+        tensor = ident.input[0]
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    consts = {t.name: t for t in g.initializer}
+    consts.update({name: t for name, (_, t) in _constant_values(g).items()})
+    by_output = {s.output: s for s in sites if isinstance(s, LayerSite) and not s.consumers}
+    site, extra = by_output.get(tensor), None
+    node = producer.get(tensor)
+    if site is None and node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+        for a, b in (tuple(node.input), tuple(reversed(node.input))):
+            if a in by_output and b in consts and readers.get(a, 0) == 1:
+                site, extra = by_output[a], numpy_helper.to_array(consts[b])
+                break
+    if site is None or site.geometry.groups != 1 or site.shared:
+        return None
+    geom = site.geometry
+    M = geom.outputs_per_group
+    axis = head.class_axis
+    if geom.kind == "conv":
+        if axis != 1:
+            return None
+    elif geom.kind in ("gemm", "matmul_right"):
+        if axis >= 0 and not (geom.kind == "gemm" and axis == 1) and _rank(model, tensor) != axis + 1:
+            return None
+    else:
+        return None
+    offset = np.zeros(M)
+    if site.offset is not None and site.offset in consts:
+        c = numpy_helper.to_array(consts[site.offset]).astype(np.float64).reshape(-1) * site.offset_scale
+        if c.size not in (1, M):
+            return None
+        offset = offset + c
+    if extra is not None:
+        e = np.asarray(extra, np.float64)
+        if e.size not in (1, M) or (e.size == M and e.ndim and e.shape[-1 if geom.kind != "conv" else 0] != M):
+            return None
+        offset = offset + e.reshape(-1)
+    return site.weight, offset
+
+
+#: Nodes that only reshape, broadcast or copy a reduction on its way back to its tensor.
+_BROADCASTS = ("Reshape", "Expand", "Unsqueeze", "Identity", "Cast")
+
+
+def _broadcast_softmax(
+    g: onnx.GraphProto, producer: Mapping[str, onnx.NodeProto], tensor: str
+) -> tuple[str, int] | None:
+    """``(logits, axis)`` when ``tensor`` is a hand-written softmax whose reductions are broadcast
+    back by ``Reshape``/``Expand``/``Unsqueeze`` (what tf2onnx writes for JAX):
+    ``Div(e, ReduceSum(e)→…)`` with ``e = Exp(Sub(z, Max(ReduceMax(z))→…))`` or ``Exp(z)``.
+    None otherwise."""
+
+    def back(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in _BROADCASTS:
+            node = producer.get(node.input[0])
+        return node
+
+    node = producer.get(tensor)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Div" or len(node.input) != 2:
+        return None
+    num, den = producer.get(node.input[0]), back(node.input[1])
+    if num is None or num.op_type != "Exp" or den is None or den.op_type != "ReduceSum":
+        return None
+    if den.input[0] != num.output[0]:
+        return None
+    axes = [int(a) for a in next((helper.get_attribute_value(a) for a in den.attribute if a.name == "axes"), [])]
+    if not axes and len(den.input) > 1:
+        init = next((t for t in g.initializer if t.name == den.input[1]), None)
+        axes = [] if init is None else [int(a) for a in numpy_helper.to_array(init).reshape(-1)]
+    if len(axes) != 1:
+        return None
+    z = num.input[0]
+    sub = producer.get(z)
+    if sub is not None and sub.op_type == "Sub" and len(sub.input) == 2:
+        m = back(sub.input[1])
+        while m is not None and m.op_type == "Max":  # a floor on the maximum (jax's stop-gradient max)
+            m = next((n for n in (back(i) for i in m.input) if n is not None and n.op_type != "Constant"), None)
+        if m is not None and m.op_type == "ReduceMax" and m.input[0] == sub.input[0]:
+            z = sub.input[0]
+    return z, axes[0]
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The declared or inferred rank of ``tensor``, or None."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # an inconsistent graph: unknown
+        return None
+    g = inferred.graph
+    for v in (*g.value_info, *g.output, *g.input):
+        if v.name == tensor and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
 def prune_layerwise(
     prep: Prepared,
     config: CompressConfig,
@@ -363,6 +492,13 @@ def prune_layerwise(
             len(big),
             "; ".join(f"{n} ({why})" for n, why in big.items()),
         )
+    if config.head_select == "classes":
+        found = class_head(model, sites, config.output, None if head_kind is None else head_kind())
+        if found is not None and found[0] not in big:
+            log.info("%s: the softmax head keeps the weights its classes use (--head-select classes)", found[0])
+            opts = replace(opts, class_head=found[0], class_offset=tuple(float(v) for v in found[1]))
+        else:
+            log.warning("--head-select classes: no prunable layer computes the logits of a softmax; nothing changes")
     if refused and len(refused) == len(prep.layout.names):
         first = next(iter(refused.items()))
         raise ModelError(f"the layer-wise pass cannot handle any prunable weight: {first[0]} ({first[1]})")

@@ -41,7 +41,7 @@ from .layerstats import (
     weight_rows,
 )
 from .progress import progress
-from .solver.layerwise import LayerSolution, output_row_weights, prune_layer
+from .solver.layerwise import LayerSolution, class_weighted_mask, output_row_weights, prune_layer
 from .solver.parallel import helping
 from .solver.rowspace import cheaper as cheaper_rows
 from .solver.rowspace import prune_layer_rows
@@ -86,6 +86,12 @@ class LayerwiseOptions:
     #: :attr:`~LayerReport.dense_error`, else NaN): two more products with its Gram.  The pass turns
     #: them on by itself when debug logging is.
     diagnostics: bool = False
+    #: The weight of a softmax head (its outputs are the classes; one group) and the per-class offset
+    #: ``(M,)`` from its dense output rows to the logits: that layer keeps the weights that
+    #: :func:`~chita_onnx.solver.layerwise.class_weighted_mask` chooses from the dense class
+    #: probabilities (``--head-select classes``), then re-fits them as any layer.  None: no such layer.
+    class_head: str | None = None
+    class_offset: tuple[float, ...] = ()
 
     @property
     def shared_solve_bytes(self) -> float | None:
@@ -193,7 +199,7 @@ def rows_only_bytes(geom: LayerGeometry, weight_copies: int) -> int:
     return 4 * n * (d + geom.outputs_per_group) + 8 * (3 * n * d + 2 * n * n + weight_copies * size)
 
 
-def _prune_rows(
+def _solve_layer(
     name: str,
     Wr: NDArray[np.float64],
     stats: LayerStats,
@@ -203,25 +209,48 @@ def _prune_rows(
     row_fisher: Mapping[str, NDArray[np.floating]] | None,
     opts: LayerwiseOptions,
 ) -> LayerSolution:
-    """One layer through :func:`~chita_onnx.solver.rowspace.prune_layer_rows` from the rows kept in
-    ``stats`` (:attr:`LayerStats.X`, one group), as :func:`prune_layer` would on their Gram."""
-    assert stats.X is not None
-    log.debug("%s: row-space solve (%d rows of %d inputs, no Gram)", name, stats.X.shape[0], stats.X.shape[1])
-    common = {
-        "refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name, "diagnostics": opts.diagnostics,
-    }  # fmt: skip
+    """Select and re-fit one layer from its statistics: to its count ``keep[name]`` or on
+    ``masks[name]``; a softmax head with class energies (:attr:`LayerwiseOptions.class_head`) keeps
+    the weights :func:`~chita_onnx.solver.layerwise.class_weighted_mask` chooses and is re-fitted on
+    them; few rows of a wide layer (:attr:`LayerStats.X`, one group) go to
+    :func:`~chita_onnx.solver.rowspace.prune_layer_rows`, as :func:`prune_layer` would on their Gram."""
+    if stats.class_energy is not None and keep is not None:
+        chosen = class_weighted_mask(Wr[0], stats.class_energy, int(keep[name]))
+        log.debug("%s: kept weights chosen by the dense class probabilities", name)
+        kept = rows_to_weight(chosen[None].astype(np.float64), geom) != 0
+        return _solve_layer(name, Wr, stats, geom, None, {name: kept}, None, opts)
+    if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram
+        log.debug("%s: row-space solve (%d rows of %d inputs, no Gram)", name, stats.X.shape[0], stats.X.shape[1])
+        common = {
+            "refit": opts.refit, "damp": opts.damp, "block": opts.block, "name": name, "diagnostics": opts.diagnostics,
+        }  # fmt: skip
+        if keep is not None:
+            rho_rows = None
+            if row_fisher is not None and name in row_fisher:
+                sq = np.einsum("nd,nd->", stats.X, stats.X, dtype=np.float64)
+                r = output_row_weights(weight_rows(row_fisher[name], geom), None, energy=np.array([sq]))
+                rho_rows = None if r is None else r[0]
+            return prune_layer_rows(
+                Wr[0], stats.X, stats.Y, keep=int(keep[name]), select=opts.select, row_weight=rho_rows, **common  # type: ignore[arg-type]
+            )
+        assert masks is not None
+        m_rows = weight_rows(np.asarray(masks[name], dtype=np.float64), geom)[0] != 0
+        return prune_layer_rows(Wr[0], stats.X, stats.Y, mask=m_rows, select="mask", **common)  # type: ignore[arg-type]
     if keep is not None:
         rho = None
         if row_fisher is not None and name in row_fisher:
-            sq = np.einsum("nd,nd->", stats.X, stats.X, dtype=np.float64)
-            r = output_row_weights(weight_rows(row_fisher[name], geom), None, energy=np.array([sq]))
-            rho = None if r is None else r[0]
-        return prune_layer_rows(
-            Wr[0], stats.X, stats.Y, keep=int(keep[name]), select=opts.select, row_weight=rho, **common  # type: ignore[arg-type]
-        )
+            rho = output_row_weights(weight_rows(row_fisher[name], geom), stats.H)
+        return prune_layer(
+            Wr, stats.H, stats.B, stats.yy, keep=int(keep[name]), select=opts.select,  # type: ignore[arg-type]
+            refit=opts.refit, damp=opts.damp, block=opts.block, name=name, row_weight=rho,
+            diagnostics=opts.diagnostics,
+        )  # fmt: skip
     assert masks is not None
-    m = weight_rows(np.asarray(masks[name], dtype=np.float64), geom)[0] != 0
-    return prune_layer_rows(Wr[0], stats.X, stats.Y, mask=m, select="mask", **common)  # type: ignore[arg-type]
+    m = weight_rows(np.asarray(masks[name], dtype=np.float64), geom) != 0
+    return prune_layer(
+        Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
+        block=opts.block, name=name, diagnostics=opts.diagnostics,
+    )  # fmt: skip
 
 
 def _prefetch_ends(events: Sequence[tuple[int, int, int]], sites: Sequence[object]) -> list[int]:
@@ -402,6 +431,8 @@ def layerwise_prune(
                 stats0 = LayerStats.empty(
                     site.geometry, cross=dense is not None, rowspace=True, rows_only=site.weight in opts.rows_only
                 )
+                if site.weight == opts.class_head and site.geometry.groups == 1 and dense is not None:
+                    stats0.class_offset = np.asarray(opts.class_offset, np.float64)
                 open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
             cur = open_[i]
             Wr = cur.rows
@@ -429,24 +460,7 @@ def layerwise_prune(
             )
             finalize_means(stats, rows=rows)
             ts = time.perf_counter()
-            if stats.X is not None:  # few rows of a wide layer: the row-space solver, no Gram
-                sol = _prune_rows(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
-            elif keep is not None:
-                rho = None
-                if row_fisher is not None and site.weight in row_fisher:
-                    rho = output_row_weights(weight_rows(row_fisher[site.weight], geom), stats.H)
-                sol = prune_layer(
-                    Wr, stats.H, stats.B, stats.yy, keep=int(keep[site.weight]), select=opts.select,  # type: ignore[arg-type]
-                    refit=opts.refit, damp=opts.damp, block=opts.block, name=site.weight, row_weight=rho,
-                    diagnostics=opts.diagnostics,
-                )  # fmt: skip
-            else:
-                assert masks is not None
-                m = weight_rows(np.asarray(masks[site.weight], dtype=np.float64), geom) != 0
-                sol = prune_layer(
-                    Wr, stats.H, stats.B, stats.yy, mask=m, select="mask", refit=opts.refit, damp=opts.damp,
-                    block=opts.block, name=site.weight, diagnostics=opts.diagnostics,
-                )  # fmt: skip
+            sol = _solve_layer(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
             t_solve += time.perf_counter() - ts
             W = rows_to_weight(sol.W, geom).astype(np.float32)
             W[rows_to_weight(sol.mask.astype(np.float64), geom) == 0] = 0.0

@@ -446,6 +446,16 @@ def _config_options(fn: F) -> F:
             "sigmoid (softmax, regression, and raw logits without labels get it).",
         ),
         click.option(
+            "--head-select",
+            type=click.Choice(["layer", "classes"]),
+            default=d.head_select,
+            show_default=True,
+            help="--method layerwise: which weights a softmax classifier's last layer keeps: the layer's own "
+            "selection, like every other layer (layer), or the weights its classes use, weighed by the dense "
+            "model's class probabilities on the calibration data, with a floor per class (classes: helps a "
+            "many-class model calibrated without labels, hurts CTC recognisers; see the README).",
+        ),
+        click.option(
             "--structure",
             type=click.Choice(["none", "channel"]),
             default=d.structure,

@@ -773,6 +773,50 @@ def output_row_weights(
     return rho
 
 
+#: Every class keeps at least this fraction of an even share ``keep/M`` of a softmax head's weights
+#: in :func:`class_weighted_mask` (classes the calibration data never come near are not emptied).
+HEAD_CLASS_FLOOR = 0.25
+
+
+def class_weighted_mask(W_bar: F64, energy: F64, keep: int, *, floor: float = HEAD_CLASS_FLOOR) -> NDArray[np.bool_]:
+    """Which of a softmax head's weights to keep: ``keep`` of them, by the saliency
+    ``s_cj = w̄_cj² · E_cj``.
+
+    ``W_bar (M, d)``: the dense weight, one row per class ``c``; ``energy (M, d)``:
+    ``E_cj = Σ_n q_nc x_nj²`` over the input rows ``x_n`` with the dense model's class probabilities
+    ``q_n`` (plus a small prior, see the caller).  The Gauss-Newton matrix of the KL divergence to
+    the dense output in the head's weights is ``Σ_n x_n x_nᵀ ⊗ (diag q_n − q_n q_nᵀ)``; with the
+    coupling ``q_n q_nᵀ`` dropped it is bounded above by ``Σ_n x_n x_nᵀ ⊗ diag q_n``, whose diagonal
+    is ``E``: removing ``w_cj`` costs what class ``c`` weighs on the inputs that use feature ``j``.
+    A class the data rarely predict gives up weights for the classes they do, across rows (the
+    layer's own selection keeps a share per row that the tempered row weights move only a little).
+    Each class first keeps its ``⌊floor · keep / M⌋`` most salient weights (largest, for a class
+    with no energy at all).  Returns a boolean mask ``(M, d)`` with exactly ``keep`` True entries.
+    """
+    W = np.asarray(W_bar, np.float64)
+    E = np.asarray(energy, np.float64)
+    if W.ndim != 2 or E.shape != W.shape:
+        raise SolverError(f"energy has shape {E.shape}, the weight {W.shape}: they must be one (M, d) shape")
+    if not 0 <= keep <= W.size:
+        raise SolverError(f"keep={keep} is outside [0, {W.size}]")
+    if not 0.0 <= floor <= 1.0:
+        raise SolverError(f"floor={floor} is outside [0, 1]")
+    M, d = W.shape
+    s = W**2 * np.where(np.isfinite(E), np.maximum(E, 0.0), 0.0)
+    mask = np.zeros((M, d), dtype=bool)
+    per = min(d, int(floor * keep / max(1, M)))
+    if per > 0:
+        dead = ~(s.max(axis=1) > 0)  # a class with no energy at all: its floor by magnitude
+        floor_s = np.where(dead[:, None], W**2, s)
+        top = np.argpartition(-floor_s, per - 1, axis=1)[:, :per]
+        mask[np.arange(M)[:, None], top] = True
+    rest = keep - int(mask.sum())
+    if rest > 0:
+        flat = np.where(mask, -np.inf, s).ravel()
+        mask.ravel()[np.argpartition(-flat, rest - 1)[:rest]] = True
+    return mask
+
+
 def check_budget(
     name: str,
     shape: tuple[int, ...],
