@@ -281,3 +281,84 @@ def test_cli_head_select(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     bad = CliRunner().invoke(cli, [*args, "--head-select", "obs"])
     assert bad.exit_code == 2 and "--head-select" in bad.output and "obs" in bad.output
+
+
+def _run_heads(tmp_path: Path, model: onnx.ModelProto, x: dict[str, np.ndarray], head: str) -> dict[str, np.ndarray]:
+    """``compress`` with each ``--head-select``; the head's weights from each, after checking that
+    the budget is exact and the layers before the head are the same."""
+    from chita_onnx.graph import get_weights, load_model
+    from chita_onnx.solver.budgets import keep_count
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    got, nnz = {}, {}
+    for how in ("layer", "classes"):
+        cfg = CompressConfig(
+            sparsity=0.6, method="layerwise", head_select=how, storage="dense", bn_recalibrate="off",  # type: ignore[arg-type]
+            bias_correction="off", class_offsets="off", auto_distill=False, allocation="magnitude",
+        )  # fmt: skip
+        out = tmp_path / f"{how}.onnx"
+        report = chita_onnx.compress(path, out, x, cfg)
+        nnz[how] = {t.name: t.nnz for t in report.tensors}
+        assert sum(nnz[how].values()) == keep_count(0.6, sum(t.size for t in report.tensors))
+        got[how] = get_weights(load_model(out), list(nnz[how]))
+    assert nnz["layer"] == nnz["classes"]
+    for name in nnz["layer"]:
+        if name != head:
+            np.testing.assert_array_equal(got["layer"][name], got["classes"][name])
+    assert not np.array_equal(got["layer"][head] != 0, got["classes"][head] != 0)
+    return {k: v[head] for k, v in got.items()}
+
+
+def test_a_per_pixel_softmax_over_a_conv_head(tmp_path: Path) -> None:
+    """A segmenter's 1×1 Conv head with a Softmax over the channels (axis 1): one row per pixel."""
+    rng = np.random.default_rng(6)
+    w1 = (0.5 * rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    w2 = rng.standard_normal((5, 8, 1, 1)).astype(np.float32)
+    b2 = rng.standard_normal(5).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "W1"], ["h0"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["h0"], ["h"]),
+            helper.make_node("Conv", ["h", "W2", "b2"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probs"], axis=1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5, 6, 6])],
+        [numpy_helper.from_array(a, n) for a, n in [(w1, "W1"), (w2, "W2"), (b2, "b2")]],
+        opset=13,
+    )
+    sites = split_layers(model, ["W1", "W2"])[0]
+    found = class_head(model, sites, None)
+    assert found is not None and found[0] == "W2"
+    np.testing.assert_allclose(found[1], b2, rtol=1e-6)
+    x = {"x": rng.standard_normal((48, 3, 6, 6)).astype(np.float32)}
+    heads = _run_heads(tmp_path, model, x, "W2")
+    assert heads["classes"].shape == (5, 8, 1, 1)
+
+
+def test_a_sequence_head_and_a_wide_head_solved_from_its_rows(tmp_path: Path) -> None:
+    """A MatMul head on ``[N, T, K]`` with the Softmax over its last axis (a CTC recogniser's rows
+    are every time step), and inputs wider than the rows there are (the row-space solve)."""
+    rng = np.random.default_rng(7)
+    K, C = 1100, 6
+    w1 = (rng.standard_normal((4, K)) / 2).astype(np.float32)
+    w2 = (rng.standard_normal((K, C)) / np.sqrt(K)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+            helper.make_node("Relu", ["h0"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probs"], axis=2),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3, C])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+        opset=13,
+    )
+    found = class_head(model, split_layers(model, ["W1", "W2"])[0], None)
+    assert found is not None and found[0] == "W2"
+    x = {"x": rng.standard_normal((40, 3, 4)).astype(np.float32)}
+    heads = _run_heads(tmp_path, model, x, "W2")
+    per = int(HEAD_CLASS_FLOOR * np.count_nonzero(heads["classes"]) / C)
+    assert (heads["classes"] != 0).sum(axis=0).min() >= per  # MatMul: the classes are columns
