@@ -8,7 +8,8 @@ For every classifier of each ``--dir`` (``manifest.json``; ``task == "classifier
 ``compress(MODEL.onnx, …, MODEL_calib.npz, CompressConfig(sparsity=s, **variant))`` as the user's
 command runs it (20% of the calibration samples held out for its own report), and the output is
 scored on ``MODEL_select.npz`` against the dense model: top-1 agreement and the mean KL divergence
-from the dense class distribution (a softmax of the outputs when their rows do not sum to one).
+from the dense class distribution (a softmax of the outputs when their rows do not sum to one), with
+what ``--head-select auto`` chose (empty when it made no choice).
 Defaults are chosen on these splits, never on the ``_test`` splits.  One JSON line per run.
 """
 
@@ -97,7 +98,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     with tempfile.TemporaryDirectory() as tmp:
                         out = Path(tmp) / "pruned.onnx"
-                        compress(path, out, calib, CompressConfig(sparsity=s, **variant))
+                        rep = compress(path, out, calib, CompressConfig(sparsity=s, **variant))
                         seconds = time.perf_counter() - t0
                         q = _outputs(out, sel)
                     kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), 1)))
@@ -111,6 +112,7 @@ def main() -> None:
                         "agreement": round(float(np.mean(p.argmax(1) == q.argmax(1))), 4),
                         "kl": round(kl, 5),
                         "seconds": round(seconds, 1),
+                        "head_select": rep.solver.get("head_select", ""),
                     }
                     line = json.dumps(record)
                     print(line, flush=True)

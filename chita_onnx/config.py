@@ -36,7 +36,7 @@ Targets = Literal["dense", "pruned"]
 Switch = Literal["auto", "on", "off"]
 Select = Literal["sparsegpt", "magnitude"]
 RowWeights = Literal["auto", "fisher", "off"]
-HeadSelect = Literal["layer", "classes"]
+HeadSelect = Literal["auto", "layer", "classes"]
 Structure = Literal["none", "channel"]
 SparsityOf = Literal["channels", "flops"]
 
@@ -170,7 +170,7 @@ class CompressConfig:
     allocation_samples: int = 64
     select: Select = "sparsegpt"
     row_weights: RowWeights = "auto"
-    head_select: HeadSelect = "layer"
+    head_select: HeadSelect = "auto"
     structure: Structure = "none"
     sparsity_of: SparsityOf = "channels"
     channel_multiple: int = 0
@@ -202,7 +202,7 @@ class CompressConfig:
             "class_offsets": ("auto", "on", "off"),
             "select": ("sparsegpt", "magnitude"),
             "row_weights": ("auto", "fisher", "off"),
-            "head_select": ("layer", "classes"),
+            "head_select": ("auto", "layer", "classes"),
             "structure": ("none", "channel"),
             "sparsity_of": ("channels", "flops"),
         }

@@ -67,7 +67,7 @@ from .sequential import (
 )
 from .solver import Budget, SolverResult, chita_iht, hard_threshold
 from .solver.budgets import make_budget
-from .solver.layerwise import GRAM_COPIES, WEIGHT_COPIES
+from .solver.layerwise import GRAM_COPIES, WEIGHT_COPIES, solve_cost
 from .solver.offsets import fit_class_offsets
 
 if TYPE_CHECKING:
@@ -444,6 +444,19 @@ def _broadcast_softmax(
     return z, axes[0]
 
 
+def trial_affordable(sites: Sequence[object], head: str) -> bool:
+    """Whether ``--head-select auto``'s two trial fits of the softmax layer ``head`` cost at most what
+    the solves of the other layers cost (:func:`~chita_onnx.solver.layerwise.solve_cost` per group);
+    where the head is most of the pass (a small model with a wide head), the layer's own selection is
+    kept instead of tripling the pass."""
+    cost = {
+        s.weight: s.geometry.groups * solve_cost(s.geometry.outputs_per_group, s.geometry.d)
+        for s in sites
+        if isinstance(s, LayerSite)
+    }
+    return 2.0 * cost.get(head, 0.0) <= sum(c for n, c in cost.items() if n != head)
+
+
 def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
     """The declared or inferred rank of ``tensor``, or None."""
     try:
@@ -492,12 +505,18 @@ def prune_layerwise(
             len(big),
             "; ".join(f"{n} ({why})" for n, why in big.items()),
         )
-    if config.head_select == "classes":
+    if config.head_select != "layer":
         found = class_head(model, sites, config.output, None if head_kind is None else head_kind())
-        if found is not None and found[0] not in big:
-            log.info("%s: the softmax head keeps the weights its classes use (--head-select classes)", found[0])
-            opts = replace(opts, class_head=found[0], class_offset=tuple(float(v) for v in found[1]))
-        else:
+        auto = config.head_select == "auto"
+        if found is not None and auto and not trial_affordable(sites, found[0]):
+            log.info("%s: the softmax head's trial fits would cost more than the other layers' solves: "
+                     "it is selected as they are", found[0])  # fmt: skip
+        elif found is not None and found[0] not in big:
+            if not auto:
+                log.info("%s: the softmax head keeps the weights its classes use (--head-select classes)", found[0])
+            offset = tuple(float(v) for v in found[1])
+            opts = replace(opts, class_head=found[0], class_offset=offset, class_choose=auto)
+        elif not auto:
             log.warning("--head-select classes: no prunable layer computes the logits of a softmax; nothing changes")
     if refused and len(refused) == len(prep.layout.names):
         first = next(iter(refused.items()))
@@ -521,7 +540,7 @@ def prune_layerwise(
     if head is not None and head_cache is not None and res.tail is not None:
         _fill(head_cache, head, res.tail, [_samples(b) for b in batches], w)
     support = np.flatnonzero(w).astype(np.int64)
-    info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc}
+    info: dict[str, float | int | str] = {**_info(res), "allocation": how, "allocation_s": t_alloc, **res.head_choice}
     if refused:
         info["not_reconstructed"] = ", ".join(sorted(refused))
     return SolverResult(w, support, float("nan"), (), 1, True, "layerwise", info)

@@ -35,7 +35,9 @@ from .layerstats import (
     accumulate,
     dense_weight_t,
     finalize_means,
+    input_rows,
     num_rows,
+    output_rows,
     rows_to_weight,
     rowspace_capacity,
     weight_rows,
@@ -92,6 +94,10 @@ class LayerwiseOptions:
     #: probabilities (``--head-select classes``), then re-fits them as any layer.  None: no such layer.
     class_head: str | None = None
     class_offset: tuple[float, ...] = ()
+    #: With :attr:`class_head`: choose between the class-weighted selection and the layer's own one
+    #: by the KL divergence to the dense output on held-out calibration batches (:func:`_choose_head`;
+    #: ``--head-select auto``), instead of always using the class-weighted one.
+    class_choose: bool = False
 
     @property
     def shared_solve_bytes(self) -> float | None:
@@ -126,6 +132,116 @@ class PassResult:
     #: model and the second names' of the pruned one (all layers pruned); None when not asked or not
     #: available.
     tail: tuple[dict[str, list[NDArray[np.generic]]], dict[str, list[NDArray[np.generic]]]] | None = None
+    #: ``--head-select auto``: what :func:`_choose_head` chose for the softmax head and why (empty
+    #: when there was no choice to make).
+    head_choice: dict[str, float | int | str] = field(default_factory=dict)
+
+
+#: Held-out rows of the softmax head kept for :func:`_choose_head`, at most about this many bytes.
+HEAD_HELD_BYTES = 256 * 2**20
+
+
+#: ``--head-select auto`` holds every ``HEAD_HOLDOUT``-th calibration sample out of the head's trial fits.
+HEAD_HOLDOUT = 5
+
+
+@dataclass
+class _HeadSplit:
+    """The softmax head's statistics without the held-out samples (``fit``), the held-out samples'
+    input rows ``x (R, d)`` and dense output rows ``y (R, M)`` (the node's own bias left out), and
+    how many samples have been seen."""
+
+    fit: LayerStats
+    x: list[NDArray[np.float32]] = field(default_factory=list)
+    y: list[NDArray[np.float32]] = field(default_factory=list)
+    nbytes: int = 0
+    samples: int = 0
+
+
+def _split_rows(
+    split: _HeadSplit,
+    a: NDArray[np.float32],
+    z: NDArray[np.floating],
+    offset: NDArray[np.float64] | None,
+    idx: NDArray[np.int64] | None,
+    geom: LayerGeometry,
+) -> None:
+    """Send one batch's rows (input ``a``, dense output ``z``; ``idx`` the sampled rows, as
+    :func:`~chita_onnx.layerstats.accumulate` takes them) of the softmax head to ``split``: those of
+    every :data:`HEAD_HOLDOUT`-th sample (counted over the batches) to its held-out rows (up to
+    :data:`HEAD_HELD_BYTES`), the others to ``split.fit``.  Rows are sample-major, as
+    :func:`~chita_onnx.layerstats.input_rows` lays them out."""
+    n = int(a.shape[0])
+    total = num_rows(tuple(a.shape), geom)
+    rows = np.arange(total, dtype=np.int64) if idx is None else np.asarray(idx, np.int64)
+    sample = split.samples + rows // max(1, total // max(1, n))
+    split.samples += n
+    held = sample % HEAD_HOLDOUT == HEAD_HOLDOUT - 1
+    if np.any(~held):
+        accumulate(split.fit, a, z_dense=z, offset=offset, index=rows[~held], geom=geom)
+    if np.any(held) and split.nbytes < HEAD_HELD_BYTES:
+        split.x.append(input_rows(a, geom, rows[held])[:, 0, :])
+        split.y.append(output_rows(z, geom, rows[held], offset)[:, 0, :])
+        split.nbytes += split.x[-1].nbytes + split.y[-1].nbytes
+
+
+def head_kl(
+    x: NDArray[np.float32], y: NDArray[np.float32], W: NDArray[np.float64], offset: NDArray[np.float64]
+) -> float:
+    """Mean KL divergence from the dense softmax ``softmax(y + offset)`` to the pruned head's
+    ``softmax(x Wᵀ + offset)`` over the rows (``x (R, d)``, ``y (R, M)``, ``W (M, d)``)."""
+    total, R = 0.0, x.shape[0]
+    for r0 in range(0, R, 1024):
+        zd = y[r0 : r0 + 1024].astype(np.float64) + offset
+        zp = x[r0 : r0 + 1024].astype(np.float64) @ W.T + offset
+        ld = zd - zd.max(axis=1, keepdims=True)
+        ld -= np.log(np.exp(ld).sum(axis=1, keepdims=True))
+        lp = zp - zp.max(axis=1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+        total += float(np.sum(np.exp(ld) * (ld - lp)))
+    return float(total / max(1, R))
+
+
+def _choose_head(
+    name: str,
+    Wr: NDArray[np.float64],
+    stats: LayerStats,
+    split: _HeadSplit,
+    geom: LayerGeometry,
+    keep: Mapping[str, int],
+    row_fisher: Mapping[str, NDArray[np.floating]] | None,
+    opts: LayerwiseOptions,
+) -> dict[str, float | int | str]:
+    """``--head-select auto``: fit the softmax head both ways on ``split.fit`` (the calibration
+    samples not held out), score each by :func:`head_kl` on the held-out rows, and leave ``stats``
+    set for the winner (its class energy dropped when the layer's own selection wins; a tie or no
+    held-out rows go that way too).  Returns what was chosen and the two scores."""
+    if not split.x:
+        stats.class_energy = None
+        return {"head_select": "layer", "head_held_rows": 0}
+    fit = split.fit
+    fraction = int(keep[name]) / max(1, Wr.size)
+    rows = fit.rowspace and (fit.rows_only or cheaper_rows(fit.pending_rows, geom.d, Wr.shape[1], fraction, opts.block))
+    finalize_means(fit, rows=rows)
+    x, y = np.concatenate(split.x), np.concatenate(split.y)
+    offset = np.asarray(opts.class_offset, np.float64).reshape(1, -1)
+    scores = {}
+    for label in ("classes", "layer"):
+        if label == "layer":
+            fit.class_energy = None
+        sol = _solve_layer(name, Wr, fit, geom, keep, None, row_fisher, opts)
+        scores[label] = head_kl(x, y, sol.W[0] * sol.mask[0], offset)
+    pick = "classes" if scores["classes"] < scores["layer"] else "layer"
+    if pick == "layer":
+        stats.class_energy = None
+    log.info(
+        "%s: %s selection for the softmax head (KL to dense on %d held-out rows: layer %.4g, classes %.4g)",
+        name, pick, x.shape[0], scores["layer"], scores["classes"],
+    )  # fmt: skip
+    return {
+        "head_select": pick, "head_kl_layer": scores["layer"], "head_kl_classes": scores["classes"],
+        "head_held_rows": int(x.shape[0]),
+    }  # fmt: skip
 
 
 def _add_consumer(
@@ -137,8 +253,10 @@ def _add_consumer(
     opts: LayerwiseOptions,
     seed: int,
     share: int = 1,
+    split: _HeadSplit | None = None,
 ) -> None:
-    """Add one consuming node's rows over all batches to ``stats``.  ``pruned`` stands before the
+    """Add one consuming node's rows over all batches to ``stats`` (and, with ``split``, to the softmax
+    head's split, :func:`_split_rows`).  ``pruned`` stands before the
     node; the dense targets come from the dense runner's node *output* (minus the node's own bias),
     or — when that bias is not a constant — from its input times ``W̄``.  ``share``: how many
     consumers split the ``max_rows`` cap (each gets ``1/share`` of it)."""
@@ -169,6 +287,8 @@ def _add_consumer(
         idx = sampler.pick(num_rows(tuple(a32.shape), geom), opts.sample_groups[b] if opts.sample_groups else 1)
         if z is not None:
             accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx, geom=geom)
+            if split is not None:
+                _split_rows(split, a32, np.asarray(z[b], np.float32), offset, idx, geom)
         elif ad is not None:
             accumulate(
                 stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_t=wT, index=idx, geom=geom
@@ -334,6 +454,7 @@ class _Open:
     rows: NDArray[np.float64]  # W̄ as (g, M_g, d)
     stats: LayerStats
     seen: int = 0
+    split: _HeadSplit | None = None
 
 
 def layerwise_prune(
@@ -387,6 +508,7 @@ def layerwise_prune(
         if opts.ahead:  # the dense model's segments run one event ahead, on a second core
             dense = AheadRunner(dense)
     weights: dict[str, NDArray[np.float32]] = {}
+    head_choice: dict[str, float | int | str] = {}
     reports: list[LayerReport] = []
     t_stats = t_solve = 0.0
     # one event per consuming node, in graph order; a weight is solved at its last consumer
@@ -431,9 +553,16 @@ def layerwise_prune(
                 stats0 = LayerStats.empty(
                     site.geometry, cross=dense is not None, rowspace=True, rows_only=site.weight in opts.rows_only
                 )
+                split = None
                 if site.weight == opts.class_head and site.geometry.groups == 1 and dense is not None:
                     stats0.class_offset = np.asarray(opts.class_offset, np.float64)
-                open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0)
+                    if opts.class_choose and keep is not None:
+                        fit0 = LayerStats.empty(
+                            site.geometry, cross=True, rowspace=True, rows_only=site.weight in opts.rows_only
+                        )
+                        fit0.class_offset = stats0.class_offset
+                        split = _HeadSplit(fit0)
+                open_[i] = _Open(site, weight_rows(W0, site.geometry), stats0, split=split)
             cur = open_[i]
             Wr = cur.rows
             if run_ends[n_event] > n_event:
@@ -442,7 +571,7 @@ def layerwise_prune(
                 _prefetch([_consumers(sites[k])[jj] for _, k, jj in run], pruned, dense)  # type: ignore[arg-type]
                 ts += time.perf_counter() - tp  # forward time (the runners count it), not statistics
             seed = opts.seed * 1_000_003 + i + 7_919 * j
-            _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers))
+            _add_consumer(cur.stats, consumers[j], pruned, dense, Wr, opts, seed, share=len(consumers), split=cur.split)
             cur.seen += 1
             t_stats += time.perf_counter() - ts
             if cur.seen < len(consumers):
@@ -460,6 +589,8 @@ def layerwise_prune(
             )
             finalize_means(stats, rows=rows)
             ts = time.perf_counter()
+            if cur.split is not None and keep is not None and stats.class_energy is not None:
+                head_choice = _choose_head(site.weight, Wr, stats, cur.split, geom, keep, row_fisher, opts)
             sol = _solve_layer(site.weight, Wr, stats, geom, keep, masks, row_fisher, opts)
             t_solve += time.perf_counter() - ts
             W = rows_to_weight(sol.W, geom).astype(np.float32)
@@ -511,7 +642,7 @@ def layerwise_prune(
     if dense is not None:
         dense.close()
     seconds = {"forward": fwd, "statistics": t_stats, "solve": t_solve, "total": total}
-    return PassResult(weights, reports, seconds, tails)
+    return PassResult(weights, reports, seconds, tails, head_choice)
 
 
 # ------------------------------------------------------------------------------ statistics correction

@@ -447,13 +447,13 @@ def _config_options(fn: F) -> F:
         ),
         click.option(
             "--head-select",
-            type=click.Choice(["layer", "classes"]),
+            type=click.Choice(["auto", "layer", "classes"]),
             default=d.head_select,
             show_default=True,
             help="--method layerwise: which weights a softmax classifier's last layer keeps: the layer's own "
             "selection, like every other layer (layer), or the weights its classes use, weighed by the dense "
-            "model's class probabilities on the calibration data, with a floor per class (classes: helps a "
-            "many-class model calibrated without labels, hurts CTC recognisers; see the README).",
+            "model's class probabilities on the calibration data, with a floor per class (classes); auto: the "
+            "one whose trial fit has the lower KL to dense on every fifth calibration sample, held out of it.",
         ),
         click.option(
             "--structure",

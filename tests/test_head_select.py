@@ -216,6 +216,16 @@ def test_the_head_layer_and_its_offset_are_found(kind: str, offset: list[float])
     np.testing.assert_allclose(found[1], offset)
 
 
+def test_the_trial_is_skipped_where_the_head_is_most_of_the_pass() -> None:
+    from chita_onnx.reconstruct import trial_affordable
+
+    small = _head_model("matmul_add_identity_softmax")  # an 8 × 4 head after a 6 × 8 layer
+    assert not trial_affordable(split_layers(small, ["W1", "W2"])[0], "W2")
+    mlp = onnx.load(MLP)
+    names = ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert trial_affordable(split_layers(mlp, names)[0], "fc3.weight")
+
+
 def test_no_head_layer_without_a_softmax_over_its_outputs() -> None:
     sig = _head_model("sigmoid")
     assert class_head(sig, split_layers(sig, ["W1", "W2"])[0], None) is None
@@ -242,6 +252,15 @@ def _softmax_mlp(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return path, x
 
 
+def _compress(model: Path, out: Path, data: dict[str, np.ndarray], how: str) -> chita_onnx.Report:
+    """``--method layerwise --head-select how`` at 0.7, with no statistics step after the pass."""
+    cfg = CompressConfig(
+        sparsity=0.7, method="layerwise", head_select=how, storage="dense", bn_recalibrate="off",  # type: ignore[arg-type]
+        bias_correction="off", class_offsets="off", auto_distill=False,
+    )  # fmt: skip
+    return chita_onnx.compress(model, out, data, cfg)
+
+
 def test_only_the_head_changes_and_the_budget_stays_exact(tmp_path: Path) -> None:
     from chita_onnx.graph import get_weights, load_model
     from chita_onnx.solver.budgets import keep_count
@@ -249,12 +268,8 @@ def test_only_the_head_changes_and_the_budget_stays_exact(tmp_path: Path) -> Non
     model, data = _softmax_mlp(tmp_path)
     got, nnz = {}, {}
     for how in ("layer", "classes"):
-        cfg = CompressConfig(
-            sparsity=0.7, method="layerwise", head_select=how, storage="dense", bn_recalibrate="off",  # type: ignore[arg-type]
-            bias_correction="off", class_offsets="off", auto_distill=False,
-        )  # fmt: skip
         out = tmp_path / f"{how}.onnx"
-        report = chita_onnx.compress(model, out, data, cfg)
+        report = _compress(model, out, data, how)
         nnz[how] = {t.name: t.nnz for t in report.tensors}
         assert sum(nnz[how].values()) == keep_count(0.7, sum(t.size for t in report.tensors))
         got[how] = get_weights(load_model(out), list(nnz[how]))
@@ -267,6 +282,50 @@ def test_only_the_head_changes_and_the_budget_stays_exact(tmp_path: Path) -> Non
     assert (head != 0).sum(axis=1).min() >= per
 
 
+def test_head_kl_is_the_kl_between_the_two_softmaxes() -> None:
+    from chita_onnx.sequential import head_kl
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2500, 5)).astype(np.float32)  # more than one chunk of rows
+    W = rng.standard_normal((3, 5))
+    y = rng.standard_normal((2500, 3)).astype(np.float32)
+    off = rng.standard_normal((1, 3))
+    p, q = _softmax(y.astype(np.float64) + off), _softmax(x.astype(np.float64) @ W.T + off)
+    want = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+    assert head_kl(x, y, W, off) == pytest.approx(want, rel=1e-9)
+    assert head_kl(x, (x.astype(np.float64) @ W.T).astype(np.float32), W, off) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_auto_keeps_one_of_the_two_heads_and_says_which(tmp_path: Path, model: str) -> None:
+    """``--head-select auto`` (the default) decides on held-out calibration samples and then fits the
+    chosen head on all of them: its weights equal those of ``layer`` or of ``classes`` exactly, and
+    the report says which, with both scores."""
+    from chita_onnx.graph import get_weights, load_model
+
+    if model == "mlp":
+        path, data = _softmax_mlp(tmp_path)
+        head = "fc3.weight"
+    else:
+        path = tmp_path / "conv.onnx"
+        onnx.save(_conv_head(), path)
+        data = {"x": np.random.default_rng(9).standard_normal((60, 3, 6, 6)).astype(np.float32)}
+        head = "W2"
+    got, infos = {}, {}
+    for how in ("auto", "layer", "classes"):
+        out = tmp_path / f"{how}.onnx"
+        report = _compress(path, out, data, how)
+        got[how] = get_weights(load_model(out), [head])[head]
+        infos[how] = report.solver
+    info = infos["auto"]
+    assert info["head_select"] in ("layer", "classes")
+    assert info["head_held_rows"] > 0
+    kl = {k: float(info[f"head_kl_{k}"]) for k in ("layer", "classes")}
+    assert info["head_select"] == ("classes" if kl["classes"] < kl["layer"] else "layer")
+    np.testing.assert_array_equal(got["auto"], got[str(info["head_select"])])
+    assert "head_select" not in infos["layer"] and "head_select" not in infos["classes"]
+
+
 def test_cli_head_select(tmp_path: Path) -> None:
     from chita_onnx_cli.main import cli
     from click.testing import CliRunner
@@ -277,8 +336,9 @@ def test_cli_head_select(tmp_path: Path) -> None:
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((64, 12)).astype(np.float32), labels=rng.integers(0, 5, 64))
     args = ["compress", str(model), str(tmp_path / "o.onnx"), "--data", str(data), "--sparsity", "0.5"]
-    ok = CliRunner().invoke(cli, [*args, "--method", "layerwise", "--head-select", "classes"])
-    assert ok.exit_code == 0, ok.output
+    for how in ("classes", "auto", "layer"):
+        ok = CliRunner().invoke(cli, [*args, "--method", "layerwise", "--head-select", how])
+        assert ok.exit_code == 0, ok.output
     bad = CliRunner().invoke(cli, [*args, "--head-select", "obs"])
     assert bad.exit_code == 2 and "--head-select" in bad.output and "obs" in bad.output
 
@@ -310,13 +370,13 @@ def _run_heads(tmp_path: Path, model: onnx.ModelProto, x: dict[str, np.ndarray],
     return {k: v[head] for k, v in got.items()}
 
 
-def test_a_per_pixel_softmax_over_a_conv_head(tmp_path: Path) -> None:
-    """A segmenter's 1×1 Conv head with a Softmax over the channels (axis 1): one row per pixel."""
+def _conv_head() -> onnx.ModelProto:
+    """x[N,3,6,6] → Conv 3×3 → Relu → a 1×1 Conv head of 5 classes → Softmax over the channels."""
     rng = np.random.default_rng(6)
     w1 = (0.5 * rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
     w2 = rng.standard_normal((5, 8, 1, 1)).astype(np.float32)
     b2 = rng.standard_normal(5).astype(np.float32)
-    model = make_model(
+    return make_model(
         [
             helper.make_node("Conv", ["x", "W1"], ["h0"], pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["h0"], ["h"]),
@@ -328,9 +388,16 @@ def test_a_per_pixel_softmax_over_a_conv_head(tmp_path: Path) -> None:
         [numpy_helper.from_array(a, n) for a, n in [(w1, "W1"), (w2, "W2"), (b2, "b2")]],
         opset=13,
     )
+
+
+def test_a_per_pixel_softmax_over_a_conv_head(tmp_path: Path) -> None:
+    """A segmenter's 1×1 Conv head with a Softmax over the channels (axis 1): one row per pixel."""
+    rng = np.random.default_rng(10)
+    model = _conv_head()
     sites = split_layers(model, ["W1", "W2"])[0]
     found = class_head(model, sites, None)
     assert found is not None and found[0] == "W2"
+    b2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b2"))
     np.testing.assert_allclose(found[1], b2, rtol=1e-6)
     x = {"x": rng.standard_normal((48, 3, 6, 6)).astype(np.float32)}
     heads = _run_heads(tmp_path, model, x, "W2")
