@@ -331,15 +331,16 @@ def too_wide(sites: Sequence[object], max_memory: int) -> tuple[dict[str, str], 
 
 def class_head(
     model: onnx.ModelProto, sites: Sequence[object], output: str | None, kind: str | None = None
-) -> tuple[str, NDArray[np.float64]] | None:
+) -> tuple[str, NDArray[np.float64], int] | None:
     """The layer whose outputs are the classes of the model's softmax (``find_head``: a ``Softmax``,
     a hand-written one, or the scores a label output reads), directly or through an ``Add`` of a
     constant bias, with the softmax over its output channels; and the per-class offset ``(M,)`` from
     the layer's dense output rows (the node's own bias left out, as the pass's targets are) to the
-    logits.  An output with no softmax in the graph counts as the logits of a softmax over its last
-    axis when the gradients read it so (``kind == "logits"``: a classifier's raw scores with
-    labels).  None when there is no such layer (a sigmoid, a regression, a shared or grouped weight,
-    a softmax over another axis)."""
+    logits, and the softmax's axis as written (where the graph does not declare the logits' rank,
+    the pass checks it on the values).  An output with no softmax in the graph counts as the logits
+    of a softmax over its last axis when the gradients read it so (``kind == "logits"``: a
+    classifier's raw scores with labels).  None when there is no such layer (a sigmoid, a
+    regression, a shared or grouped weight, a softmax over another axis)."""
     try:
         head = find_head(model, select_output(model, output))
     except ChitaError:
@@ -381,7 +382,8 @@ def class_head(
         if axis != 1:
             return None
     elif geom.kind in ("gemm", "matmul_right"):
-        if axis >= 0 and not (geom.kind == "gemm" and axis == 1) and _rank(model, tensor) != axis + 1:
+        rank = 2 if geom.kind == "gemm" else _rank(model, tensor)
+        if axis >= 0 and rank is not None and rank != axis + 1:
             return None
     else:
         return None
@@ -396,7 +398,7 @@ def class_head(
         if e.size not in (1, M) or (e.size == M and e.ndim and e.shape[-1 if geom.kind != "conv" else 0] != M):
             return None
         offset = offset + e.reshape(-1)
-    return site.weight, offset
+    return site.weight, offset, axis
 
 
 #: Nodes that only reshape, broadcast or copy a reduction on its way back to its tensor.
@@ -515,7 +517,7 @@ def prune_layerwise(
             if not auto:
                 log.info("%s: the softmax head keeps the weights its classes use (--head-select classes)", found[0])
             offset = tuple(float(v) for v in found[1])
-            opts = replace(opts, class_head=found[0], class_offset=offset, class_choose=auto)
+            opts = replace(opts, class_head=found[0], class_offset=offset, class_choose=auto, class_axis=found[2])
         elif not auto:
             log.warning("--head-select classes: no prunable layer computes the logits of a softmax; nothing changes")
     if refused and len(refused) == len(prep.layout.names):

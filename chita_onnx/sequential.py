@@ -98,6 +98,8 @@ class LayerwiseOptions:
     #: by the KL divergence to the dense output on held-out calibration batches (:func:`_choose_head`;
     #: ``--head-select auto``), instead of always using the class-weighted one.
     class_choose: bool = False
+    #: The softmax's axis on the logits (as written), checked against the layer's outputs.
+    class_axis: int = -1
 
     @property
     def shared_solve_bytes(self) -> float | None:
@@ -244,6 +246,17 @@ def _choose_head(
     }  # fmt: skip
 
 
+def _classes_on_channels(z: Sequence[NDArray[np.generic]] | None, geom: LayerGeometry, axis: int) -> bool:
+    """Whether the softmax's axis ``axis`` (as written on the logits) is the output-channel axis of
+    a layer whose outputs ``z`` (per batch) have the logits' shape: the last axis of a Gemm/MatMul,
+    axis 1 of a Conv (checked here, on the values, where the graph does not declare the rank)."""
+    if not z:
+        return False
+    rank = np.ndim(z[0])
+    channel = 1 if geom.kind == "conv" else rank - 1
+    return rank > 0 and -rank <= axis < rank and axis % rank == channel
+
+
 def _add_consumer(
     stats: LayerStats,
     site: LayerSite,
@@ -275,6 +288,10 @@ def _add_consumer(
                 c = np.asarray(dense.initializer(site.offset), np.float64).reshape(-1) * site.offset_scale
                 m = geom.outputs_per_group * geom.groups
                 offset = np.full(m, c[0]) if c.size == 1 else c
+    if stats.class_offset is not None and not _classes_on_channels(z, geom, opts.class_axis):
+        log.info("%s: the softmax does not run over this layer's outputs: selected as the other layers", site.weight)
+        stats.class_offset = None
+        split = None
     total = sum(num_rows(tuple(a.shape), geom) for a in xs)
     cap = -(-opts.max_rows * geom.d // max(1, share)) if opts.max_rows > 0 else None
     if stats.rows_only:  # no Gram: a random subset of rows that fits the row-space solve

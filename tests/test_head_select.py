@@ -429,3 +429,39 @@ def test_a_sequence_head_and_a_wide_head_solved_from_its_rows(tmp_path: Path) ->
     heads = _run_heads(tmp_path, model, x, "W2")
     per = int(HEAD_CLASS_FLOOR * np.count_nonzero(heads["classes"]) / C)
     assert (heads["classes"] != 0).sum(axis=0).min() >= per  # MatMul: the classes are columns
+
+
+def test_the_class_axis_is_checked_on_the_values() -> None:
+    from chita_onnx.sequential import _classes_on_channels
+
+    mm, conv = LayerGeometry("matmul_right", (4, 6)), LayerGeometry("conv", (6, 4, 1, 1))
+    z3, z4 = [np.zeros((2, 3, 6))], [np.zeros((2, 6, 5, 5))]
+    assert _classes_on_channels(z3, mm, -1) and _classes_on_channels(z3, mm, 2)
+    assert not _classes_on_channels(z3, mm, 1) and not _classes_on_channels(z3, mm, 3)
+    assert _classes_on_channels(z4, conv, 1) and _classes_on_channels(z4, conv, -3)
+    assert not _classes_on_channels(z4, conv, -1) and not _classes_on_channels(None, mm, -1)
+
+
+def test_an_unranked_head_is_accepted_from_the_graph_with_its_axis() -> None:
+    """Where the graph does not declare the logits' rank, the head is accepted with the softmax's
+    axis as written, for the pass to check on the values (:func:`_classes_on_channels`, above)."""
+
+    rng = np.random.default_rng(11)
+    w1 = (rng.standard_normal((4, 16)) / 2).astype(np.float32)
+    w2 = (rng.standard_normal((16, 6)) / 4).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+            helper.make_node("Relu", ["h0"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probs"], axis=1),
+        ],
+        "unranked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],  # no rank: nothing to infer from
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    found = class_head(model, split_layers(model, ["W1", "W2"])[0], None)
+    assert found is not None and found[0] == "W2" and found[2] == 1
