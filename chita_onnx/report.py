@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +155,16 @@ def _tensor_table(tensors: tuple[TensorReport, ...]) -> str:
     return table(rows, header)
 
 
+def head_line(solver: Mapping[str, object]) -> str:
+    """The report's line on ``--head-select auto``'s choice for the softmax head."""
+    if "head_kl_layer" not in solver:
+        return f"softmax head: {solver['head_select']} selection (no held-out samples to compare on)"
+    return (
+        f"softmax head: {solver['head_select']} selection (KL to dense on {solver['head_held_rows']} held-out "
+        f"rows: layer {float(solver['head_kl_layer']):.4g}, classes {float(solver['head_kl_classes']):.4g})"  # type: ignore[arg-type]
+    )
+
+
 def format_report(r: Report) -> str:
     """The human-readable summary printed by ``chita-onnx compress``."""
     parts = [
@@ -167,6 +177,8 @@ def format_report(r: Report) -> str:
     ]
     if r.pattern is not None:
         parts += ["", *format_pattern(r.pattern, r.output)]
+    if "head_select" in r.solver:
+        parts.insert(2, head_line(r.solver))
     if "statistics" in r.solver:
         parts.insert(2, f"statistics correction: {r.solver['statistics']}")
     if "method_choice" in r.solver:

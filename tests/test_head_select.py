@@ -317,6 +317,10 @@ def test_auto_keeps_one_of_the_two_heads_and_says_which(tmp_path: Path, model: s
         report = _compress(path, out, data, how)
         got[how] = get_weights(load_model(out), [head])[head]
         infos[how] = report.solver
+        if how == "auto":
+            from chita_onnx.report import format_report
+
+            assert f"softmax head: {report.solver['head_select']} selection (KL to dense on" in format_report(report)
     info = infos["auto"]
     assert info["head_select"] in ("layer", "classes")
     assert info["head_held_rows"] > 0
