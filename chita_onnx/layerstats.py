@@ -30,6 +30,7 @@ from numpy.lib.stride_tricks import as_strided
 from numpy.typing import NDArray
 
 from .solver import parallel
+from .solver.offsets import log_softmax
 
 Kind = Literal["conv", "gemm", "matmul_right", "matmul_left", "convt"]
 
@@ -610,10 +611,7 @@ def add_class_energy(stats: LayerStats, x: NDArray[np.float32], y: NDArray[np.fl
     of a softmax head: ``q = softmax(y + class_offset)`` row by row (float32 products, float64 sums;
     the energy behind :func:`~chita_onnx.solver.layerwise.class_weighted_mask`)."""
     assert stats.class_offset is not None
-    z = y.astype(np.float64) + stats.class_offset.reshape(1, -1)
-    z -= z.max(axis=1, keepdims=True)
-    q = np.exp(z)
-    q /= q.sum(axis=1, keepdims=True)
+    q = np.exp(log_softmax(y, stats.class_offset))
     q += CLASS_PRIOR / q.shape[1]
     part = q.astype(np.float32).T @ np.square(x, dtype=np.float32)
     if stats.class_energy is None:

@@ -47,7 +47,7 @@ from .config import CompressConfig
 from .data import ArraySource, materialize, split_holdout, static_names
 from .data_types import CalibrationSource
 from .errors import ChitaError, ConfigError, ModelError
-from .gradients.prepare import find_head, scored_output, select_output
+from .gradients.prepare import find_head, hand_written_softmax, scored_output, select_output
 from .graph import _constant_values
 from .heads import SoftmaxHead, add_class_offset, softmax_head
 from .layerstats import rowspace_eligible
@@ -68,7 +68,7 @@ from .sequential import (
 from .solver import Budget, SolverResult, chita_iht, hard_threshold
 from .solver.budgets import make_budget
 from .solver.layerwise import GRAM_COPIES, WEIGHT_COPIES, solve_cost
-from .solver.offsets import fit_class_offsets
+from .solver.offsets import fit_class_offsets, kl_rows
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
@@ -348,7 +348,7 @@ def class_head(
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     if head.kind is None:
-        found = _broadcast_softmax(g, producer, head.tensor)
+        found = hand_written_softmax(g, producer, producer.get(head.tensor), broadcasts=True)
         if found is None and kind == "logits":
             found = (head.tensor, -1)
         if found is None:
@@ -399,51 +399,6 @@ def class_head(
             return None
         offset = offset + e.reshape(-1)
     return site.weight, offset, axis
-
-
-#: Nodes that only reshape, broadcast or copy a reduction on its way back to its tensor.
-_BROADCASTS = ("Reshape", "Expand", "Unsqueeze", "Identity", "Cast")
-
-
-def _broadcast_softmax(
-    g: onnx.GraphProto, producer: Mapping[str, onnx.NodeProto], tensor: str
-) -> tuple[str, int] | None:
-    """``(logits, axis)`` when ``tensor`` is a hand-written softmax whose reductions are broadcast
-    back by ``Reshape``/``Expand``/``Unsqueeze`` (what tf2onnx writes for JAX):
-    ``Div(e, ReduceSum(e)→…)`` with ``e = Exp(Sub(z, Max(ReduceMax(z))→…))`` or ``Exp(z)``.
-    None otherwise."""
-
-    def back(name: str) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        while node is not None and node.op_type in _BROADCASTS:
-            node = producer.get(node.input[0])
-        return node
-
-    node = producer.get(tensor)
-    while node is not None and node.op_type in ("Identity", "Cast"):
-        node = producer.get(node.input[0])
-    if node is None or node.op_type != "Div" or len(node.input) != 2:
-        return None
-    num, den = producer.get(node.input[0]), back(node.input[1])
-    if num is None or num.op_type != "Exp" or den is None or den.op_type != "ReduceSum":
-        return None
-    if den.input[0] != num.output[0]:
-        return None
-    axes = [int(a) for a in next((helper.get_attribute_value(a) for a in den.attribute if a.name == "axes"), [])]
-    if not axes and len(den.input) > 1:
-        init = next((t for t in g.initializer if t.name == den.input[1]), None)
-        axes = [] if init is None else [int(a) for a in numpy_helper.to_array(init).reshape(-1)]
-    if len(axes) != 1:
-        return None
-    z = num.input[0]
-    sub = producer.get(z)
-    if sub is not None and sub.op_type == "Sub" and len(sub.input) == 2:
-        m = back(sub.input[1])
-        while m is not None and m.op_type == "Max":  # a floor on the maximum (jax's stop-gradient max)
-            m = next((n for n in (back(i) for i in m.input) if n is not None and n.op_type != "Constant"), None)
-        if m is not None and m.op_type == "ReduceMax" and m.input[0] == sub.input[0]:
-            z = sub.input[0]
-    return z, axes[0]
 
 
 def trial_affordable(sites: Sequence[object], head: str) -> bool:
@@ -899,8 +854,8 @@ def _class_offsets(
     some = bool(np.any(rows.held))  # then the fitting rows are a copy, which the fit may overwrite
     beta0 = _fit_rows(rows.Z[~rows.held] if some else rows.Z, rows.psum_fit, head, DECISION_ITERATIONS, overwrite=some)
     label = "offsets" if base_label == "none" else f"{base_label}+offsets"
-    scores[base_label] = _kl_rows(held.P_held, Zh, None)
-    scores[label] = _kl_rows(held.P_held, Zh, beta0)
+    scores[base_label] = kl_rows(held.P_held, Zh, None)
+    scores[label] = kl_rows(held.P_held, Zh, beta0)
     if not scores[label] < scores[base_label]:
         return None, held.held_samples
     if own:  # kept: fitted on all the fitting samples, from there (the decision's rows reused)
@@ -1153,18 +1108,6 @@ def _fit_rows(
         head.probs, res.before, res.after, res.iterations, float(np.max(np.abs(res.beta))),
     )  # fmt: skip
     return res.beta
-
-
-def _kl_rows(P: NDArray[np.float32], Z: NDArray[np.float32], beta: NDArray[np.float64] | None) -> float:
-    """Mean over rows of ``KL(P_r ‖ softmax(Z_r + β))`` (``P, Z (H, C)``)."""
-    total = 0.0
-    for r0 in range(0, Z.shape[0], 512):
-        z = np.asarray(Z[r0 : r0 + 512], np.float64) + (0.0 if beta is None else beta)
-        z -= z.max(axis=1, keepdims=True)
-        logq = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        p = np.asarray(P[r0 : r0 + 512], np.float64)
-        total += float(np.sum(p * (np.log(np.maximum(p, 1e-30)) - logq)))
-    return float(total) / max(int(Z.shape[0]), 1)
 
 
 def _label(key: tuple[str, str]) -> str:

@@ -44,6 +44,7 @@ from .layerstats import (
 )
 from .progress import progress
 from .solver.layerwise import LayerSolution, class_weighted_mask, output_row_weights, prune_layer
+from .solver.offsets import kl_rows, log_softmax
 from .solver.parallel import helping
 from .solver.rowspace import cheaper as cheaper_rows
 from .solver.rowspace import prune_layer_rows
@@ -187,6 +188,17 @@ def _split_rows(
         split.nbytes += split.x[-1].nbytes + split.y[-1].nbytes
 
 
+def _finish(
+    stats: LayerStats, geom: LayerGeometry, Wr: NDArray[np.float64], fraction: float, opts: LayerwiseOptions
+) -> None:
+    """:func:`~chita_onnx.layerstats.finalize_means` for a layer about to keep ``fraction`` of its
+    weights ``Wr (g, M, d)``: its rows stay rows where the row-space solve is the cheaper one."""
+    rows = stats.rowspace and (
+        stats.rows_only or cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
+    )
+    finalize_means(stats, rows=rows)
+
+
 def head_kl(
     x: NDArray[np.float32], y: NDArray[np.float32], W: NDArray[np.float64], offset: NDArray[np.float64]
 ) -> float:
@@ -194,13 +206,9 @@ def head_kl(
     ``softmax(x Wᵀ + offset)`` over the rows (``x (R, d)``, ``y (R, M)``, ``W (M, d)``)."""
     total, R = 0.0, x.shape[0]
     for r0 in range(0, R, 1024):
-        zd = y[r0 : r0 + 1024].astype(np.float64) + offset
-        zp = x[r0 : r0 + 1024].astype(np.float64) @ W.T + offset
-        ld = zd - zd.max(axis=1, keepdims=True)
-        ld -= np.log(np.exp(ld).sum(axis=1, keepdims=True))
-        lp = zp - zp.max(axis=1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
-        total += float(np.sum(np.exp(ld) * (ld - lp)))
+        P = np.exp(log_softmax(y[r0 : r0 + 1024], offset))
+        Z = x[r0 : r0 + 1024].astype(np.float64) @ W.T
+        total += kl_rows(P, Z, offset) * Z.shape[0]
     return float(total / max(1, R))
 
 
@@ -222,9 +230,7 @@ def _choose_head(
         stats.class_energy = None
         return {"head_select": "layer", "head_held_rows": 0}
     fit = split.fit
-    fraction = int(keep[name]) / max(1, Wr.size)
-    rows = fit.rowspace and (fit.rows_only or cheaper_rows(fit.pending_rows, geom.d, Wr.shape[1], fraction, opts.block))
-    finalize_means(fit, rows=rows)
+    _finish(fit, geom, Wr, int(keep[name]) / max(1, Wr.size), opts)
     x, y = np.concatenate(split.x), np.concatenate(split.y)
     offset = np.asarray(opts.class_offset, np.float64).reshape(1, -1)
     scores = {}
@@ -303,9 +309,10 @@ def _add_consumer(
         a32 = np.asarray(a, np.float32)
         idx = sampler.pick(num_rows(tuple(a32.shape), geom), opts.sample_groups[b] if opts.sample_groups else 1)
         if z is not None:
-            accumulate(stats, a32, z_dense=np.asarray(z[b]), offset=offset, index=idx, geom=geom)
+            zb = np.asarray(z[b], np.float32)
+            accumulate(stats, a32, z_dense=zb, offset=offset, index=idx, geom=geom)
             if split is not None:
-                _split_rows(split, a32, np.asarray(z[b], np.float32), offset, idx, geom)
+                _split_rows(split, a32, zb, offset, idx, geom)
         elif ad is not None:
             accumulate(
                 stats, a32, a_dense=np.asarray(ad[b], np.float32), w_dense_t=wT, index=idx, geom=geom
@@ -601,10 +608,7 @@ def layerwise_prune(
             else:
                 assert masks is not None
                 fraction = float(np.count_nonzero(masks[site.weight])) / max(1, Wr.size)
-            rows = stats.rowspace and (
-                stats.rows_only or cheaper_rows(stats.pending_rows, geom.d, Wr.shape[1], fraction, opts.block)
-            )
-            finalize_means(stats, rows=rows)
+            _finish(stats, geom, Wr, fraction, opts)
             ts = time.perf_counter()
             if cur.split is not None and keep is not None and stats.class_energy is not None:
                 head_choice = _choose_head(site.weight, Wr, stats, cur.split, geom, keep, row_fisher, opts)

@@ -449,8 +449,9 @@ def test_a_warm_start_continues_the_fit() -> None:
 def test_held_out_kl_from_the_logits_equals_the_kl_of_the_offset_model(rank3: bool) -> None:
     """The ``auto`` decision scores the candidates from one pass over the pruned logits; that must be
     the KL the model with the offsets added (a second pass) has on the same samples."""
-    from chita_onnx.reconstruct import _divergence, _head_rows, _kl_rows
+    from chita_onnx.reconstruct import _divergence, _head_rows
     from chita_onnx.sequential import run_outputs
+    from chita_onnx.solver.offsets import kl_rows
 
     dense = head_model(rank3=rank3, axis=1 if rank3 else -1)
     pruned = onnx.ModelProto()
@@ -467,11 +468,11 @@ def test_held_out_kl_from_the_logits_equals_the_kl_of_the_offset_model(rank3: bo
     beta = rng.standard_normal(7)
     ref = run_outputs(dense, batches, "y")
     axis = head.class_axis(ref.ndim)
-    got = _kl_rows(rows.P_held, rows.Z, beta)
+    got = kl_rows(rows.P_held, rows.Z, beta)
     want = _divergence(ref, run_outputs(add_class_offset(pruned, head, beta, rows.rank), batches, "y"), axis)
     assert got == pytest.approx(want, rel=1e-4)
     plain = _divergence(ref, run_outputs(pruned, batches, "y"), axis)
-    assert _kl_rows(rows.P_held, rows.Z, None) == pytest.approx(plain, rel=1e-4)
+    assert kl_rows(rows.P_held, rows.Z, None) == pytest.approx(plain, rel=1e-4)
     # a fifth of the samples held out: whole samples, the same rows as the flags say
     part = _head_rows(dense, pruned, head, batches, {}, 0.2, 0)
     assert part.held_samples == 3 and part.held.sum() == 3 * (3 if rank3 else 1)

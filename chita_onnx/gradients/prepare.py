@@ -409,14 +409,57 @@ def _is_sigmoid_or_complement(name: str, prod: Mapping[str, onnx.NodeProto]) -> 
     )
 
 
-def _max_subtraction_base(name: str, prod: Mapping[str, onnx.NodeProto]) -> str:
-    """``x`` when ``name`` is ``Sub(x, ReduceMax(x))``, else ``name``."""
+#: What :func:`hand_written_softmax` looks through, with ``broadcasts=True``, between a reduction
+#: and the node that uses it (tf2onnx's JAX softmax: ``Reshape``/``Expand`` back to the input's shape,
+#: and ``Max(c, ReduceMax(x))``, a floor on the maximum).
+BROADCASTS = ("Reshape", "Expand", "Unsqueeze", "Identity", "Cast", "Max")
+
+
+def _reduction(name: str, prod: Mapping[str, onnx.NodeProto], broadcasts: bool) -> onnx.NodeProto | None:
+    """The node producing ``name``, past :data:`BROADCASTS` when ``broadcasts`` (through a ``Max``,
+    its one operand that a node computes)."""
+    node = prod.get(name)
+    while broadcasts and node is not None and node.op_type in BROADCASTS:
+        if node.op_type == "Max":
+            ops = [m for m in (prod.get(i) for i in node.input) if m is not None and m.op_type != "Constant"]
+            node = ops[0] if len(ops) == 1 else None
+        else:
+            node = prod.get(node.input[0])
+    return node
+
+
+def _max_subtraction_base(name: str, prod: Mapping[str, onnx.NodeProto], broadcasts: bool = False) -> str:
+    """``x`` when ``name`` is ``Sub(x, ReduceMax(x))`` (with ``broadcasts``, also when the maximum
+    comes back through :data:`BROADCASTS`), else ``name``."""
     node = prod.get(name)
     if node is not None and node.op_type == "Sub" and len(node.input) == 2:
-        sub = prod.get(node.input[1])
+        sub = _reduction(node.input[1], prod, broadcasts)
         if sub is not None and sub.op_type == "ReduceMax" and sub.input[0] == node.input[0]:
             return str(node.input[0])
     return name
+
+
+def hand_written_softmax(
+    g: onnx.GraphProto, prod: Mapping[str, onnx.NodeProto], node: onnx.NodeProto | None, broadcasts: bool = False
+) -> tuple[str, int] | None:
+    """``(logits, axis)`` when ``node`` is ``Div(Exp(z [− max]), ReduceSum(...))`` over one axis, else
+    None.  With ``broadcasts`` the reductions may come back through :data:`BROADCASTS`, as tf2onnx
+    writes JAX's softmax."""
+    if node is None or node.op_type != "Div" or len(node.input) != 2:
+        return None
+    num, den = prod.get(node.input[0]), _reduction(node.input[1], prod, broadcasts)
+    if num is None or num.op_type != "Exp" or den is None or den.op_type != "ReduceSum":
+        return None
+    if den.input[0] != node.input[0]:
+        return None
+    axes = attr_ints(den, "axes")
+    if axes is None and len(den.input) > 1:
+        inits = _initializers(g)
+        if den.input[1] in inits:
+            axes = [int(a) for a in numpy_helper.to_array(inits[den.input[1]]).reshape(-1)]
+    if axes is None or len(axes) != 1:
+        return None
+    return _max_subtraction_base(num.input[0], prod, broadcasts), int(axes[0])
 
 
 def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
@@ -446,29 +489,11 @@ def find_head(model: onnx.ModelProto, output: str) -> HeadGuess:
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
         axis = attr_int(node, "axis", -1 if opset_of(model) >= 13 else 1)
         return HeadGuess("logits", node.input[0], axis, output, f"{node.op_type} node {node.name!r}")
-    if node is not None and node.op_type == "Div" and len(node.input) == 2:
-        num, den = prod.get(node.input[0]), prod.get(node.input[1])
-        if (
-            num is not None
-            and num.op_type == "Exp"
-            and den is not None
-            and den.op_type == "ReduceSum"
-            and den.input[0] == node.input[0]
-        ):
-            axes = attr_ints(den, "axes")
-            if axes is None and len(den.input) > 1:
-                inits = _initializers(g)
-                if den.input[1] in inits:
-                    axes = [int(a) for a in numpy_helper.to_array(inits[den.input[1]]).reshape(-1)]
-            if axes is not None and len(axes) == 1:
-                z = _max_subtraction_base(num.input[0], prod)
-                return HeadGuess(
-                    "logits",
-                    z,
-                    int(axes[0]),
-                    output,
-                    f"hand-written softmax ending in Div node {node.name!r}",
-                )
+    written = hand_written_softmax(g, prod, node)
+    if written is not None:
+        assert node is not None
+        why = f"hand-written softmax ending in Div node {node.name!r}"
+        return HeadGuess("logits", written[0], written[1], output, why)
     if (
         node is not None
         and node.op_type == "Concat"

@@ -67,6 +67,27 @@ class Shifted:
     m: NDArray[np.float64]
 
 
+def log_softmax(Z: NDArray[np.floating], offset: NDArray[np.floating] | None = None) -> NDArray[np.float64]:
+    """``log softmax(Z_r + offset)`` of every row of ``Z (R, C)``, in float64 (``offset`` broadcasts
+    over the rows, ``(C,)`` or ``(1, C)``)."""
+    z = np.array(Z, dtype=np.float64)
+    if offset is not None:
+        z += np.asarray(offset, np.float64).reshape(1, -1)
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
+def kl_rows(P: NDArray[np.floating], Z: NDArray[np.floating], beta: NDArray[np.float64] | None) -> float:
+    """Mean over rows of ``KL(P_r ‖ softmax(Z_r + β))`` (``P, Z (H, C)``), 512 rows at a time."""
+    total = 0.0
+    for r0 in range(0, Z.shape[0], 512):
+        logq = log_softmax(Z[r0 : r0 + 512], beta)
+        p = np.asarray(P[r0 : r0 + 512], np.float64)
+        total += float(np.sum(p * (np.log(np.maximum(p, 1e-30)) - logq)))
+    return float(total) / max(int(Z.shape[0]), 1)
+
+
 def shifted(Z: NDArray[np.floating], *, overwrite: bool = False) -> Shifted:
     """:class:`Shifted` of ``Z (R, C)``, a chunk of rows at a time; ``overwrite``: ``E`` takes ``Z``'s
     memory when ``Z`` is C-ordered float32 (the caller no longer needs it), else ``Z`` is not modified."""
