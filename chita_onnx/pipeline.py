@@ -608,12 +608,15 @@ class GradientOracle:
         """A ``columns(a, b)`` callback for the block solver: scaled gradient columns ``[a, b)`` at ``w``.
 
         The gradients of the tensors overlapping ``[a, b)`` are computed for all rows at once when
-        they fit in half of ``--max-memory``; otherwise (one huge tensor) the rows are computed in
-        chunks of samples and only the requested columns are kept, so memory stays bounded.
+        they fit in a quarter of ``--max-memory``; otherwise the rows are computed in chunks of
+        samples into one reused buffer of at most that quarter, and only the requested columns are
+        kept.  The block solver holds its column group in half of ``--max-memory`` (see
+        :func:`chita_blocked`), so the group being built plus these temporaries stay within
+        three quarters of it, and the gradient arrays of the whole path within ``--max-memory``.
         """
         slots = self.prep.layout.slots
         assert self.config.max_memory is not None
-        room = self.config.max_memory // 2
+        room = self.config.max_memory // 4
 
         def columns(a: int, b: int) -> NDArray[np.float32]:
             hit = [s for s in slots if s.offset < b and s.stop > a]
@@ -642,15 +645,23 @@ class GradientOracle:
         engine.set_weights({k: v for k, v in self.prep.layout.unflatten(w).items() if k in key})
         m = self.config.mini_batch
         R = self.reps
+        rows = min(rows, self.n)
         out = np.empty((self.rows, width), np.float32)
+        buf = np.empty((rows * R, engine.layout.p), np.float32)  # one chunk's rows, reused
         for r0 in progress(range(0, self.n, rows), total=-(-self.n // rows), desc="gradient rows", unit="chunk"):
             r1 = min(self.n, r0 + rows)
             part = self._samples.take(np.arange(r0 * m, r1 * m))
             g = engine.compute(
-                part, fisher=self.fisher, seed=self.config.seed, fisher_rows=self.fisher_rows, first_sample=r0
+                part,
+                fisher=self.fisher,
+                seed=self.config.seed,
+                fisher_rows=self.fisher_rows,
+                first_sample=r0,
+                out=buf[: (r1 - r0) * R],
             )
             check_gradients(g.X, engine.layout, first_row=r0 * R)
             out[r0 * R : r1 * R] = g.X[:, start : start + width]
+            del g
         out *= self.scale
         return out
 

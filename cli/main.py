@@ -238,8 +238,9 @@ def _config_options(fn: F) -> F:
             "--max-memory",
             callback=_parse_bytes,
             default=None,
-            help="Largest gradient matrix held in memory, e.g. 4G; above it the block path is used "
-            "(default 40% of RAM).  Also caps the decompressed size of a data file (at least 256M).",
+            help="Largest gradient matrix held in memory, e.g. 4G; above it chita's block path is used, "
+            "which keeps its gradient arrays within this (default 40% of RAM).  Also caps the "
+            "decompressed size of a data file (at least 256M).",
         ),
         click.option(
             "--loss",

@@ -203,6 +203,44 @@ def test_block_columns_are_exact_even_when_one_tensor_does_not_fit(tmp_path: Pat
         assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
 
 
+def test_block_path_keeps_its_gradient_arrays_within_max_memory(tmp_path: Path) -> None:
+    """The column group, the tensors' gradients it is cut from, the row-chunk buffers and the block
+    solves together stay within ``--max-memory`` (34 MiB here before the row-chunk buffer was reused
+    and each group freed before the next was built).  NumPy's allocations are traced by tracemalloc;
+    onnxruntime's are not (its session is outside the cap), and the calibration data is loaded first."""
+    import tracemalloc
+
+    from conftest import labelled_data, tiny_mlp
+
+    from chita_onnx.pipeline import GradientOracle, PhaseTimer, initial_weights, prepare
+    from chita_onnx.solver import Budget
+    from chita_onnx.solver.block import chita_blocked
+
+    model = tiny_mlp(seed=3, d_in=256, hidden=512, classes=10)  # 136 k weights
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **labelled_data(model, n=256))
+    cap = 16 * 2**20
+    cfg = CompressConfig(sparsity=0.8, max_memory=cap)
+    prep = prepare(tmp_path / "m.onnx", tmp_path / "calib.npz", cfg, None)
+    oracle = GradientOracle(prep, cfg)
+    p = prep.layout.p
+    assert oracle.rows * p * 4 > 6 * cap  # X (112 MB) is many times the cap
+    w = initial_weights(prep)
+    columns = oracle.columns(w, PhaseTimer())
+    budget = Budget.global_(keep_count(0.8, p), p)
+    columns(0, 1)  # load the samples and build a gradient session outside the measurement
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        res = chita_blocked(columns, w, budget, cfg.ridge, n=oracle.rows, max_memory_bytes=cap)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert res.info["groups"] >= 8 and int(np.count_nonzero(res.w)) == budget.k
+    # plus O(p) vectors: the weights, the allocation and the result, in float64 (p × 8 bytes each)
+    assert peak <= cap + 4 * p * 8, f"{peak / 2**20:.2f} MiB of arrays at once"
+
+
 def test_phase_timer_does_not_count_nested_phases_twice() -> None:
     import time
 
