@@ -3,7 +3,7 @@
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_block.py [--n 1000] [--max-memory 3G]
 
 Builds an MLP 784-4096-4096-1216-10 (24.98 M prunable MatMul weights; random weights, random data),
-then runs ``chita_onnx.compress`` with ``--max-memory`` far below the n × p × 4 bytes that X would
+then runs ``chita_onnx.compress`` with ``--method chita`` and ``--max-memory`` far below the n × p × 4 bytes that X would
 need (100 GB at n = 1,000), so the gradient columns are computed block group by block group (row
 chunks for tensors that are larger than the memory budget) and never held whole.  Reports wall
 time per phase and the peak resident memory of the process (``ru_maxrss``).
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-memory", default="3G", help="CompressConfig.max_memory, e.g. 3G")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--block-size", type=int, default=2000)
+    ap.add_argument("--method", default="chita", help="chita or chita++ (the methods with a block path)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(1)
         data = {"image": rng.standard_normal((args.n, DIMS[0]), dtype=np.float32),
                 "labels": rng.integers(0, DIMS[-1], args.n)}  # fmt: skip
-        cfg = CompressConfig(sparsity=args.sparsity, max_memory=parse_bytes(args.max_memory),
+        cfg = CompressConfig(sparsity=args.sparsity, max_memory=parse_bytes(args.max_memory), method=args.method,
                              block_size=args.block_size, num_samples=args.n)  # fmt: skip
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         t0 = time.perf_counter()
