@@ -3,9 +3,10 @@
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_block.py [--n 1000] [--max-memory 3G]
 
 Builds an MLP 784-4096-4096-1216-10 (24.98 M prunable MatMul weights; random weights, random data),
-then runs ``chita_onnx.compress`` with ``--method chita`` and ``--max-memory`` far below the n × p × 4 bytes that X would
-need (100 GB at n = 1,000), so the gradient columns are computed block group by block group (row
-chunks for tensors that are larger than the memory budget) and never held whole.  Reports wall
+then runs ``chita_onnx.compress`` with ``--method chita`` and ``--max-memory`` far below the
+n × p × 4 bytes that X would need (100 GB at n = 1,000), so the gradient columns are computed block
+group by block group (row chunks for tensors that are larger than the memory budget) and never held
+whole.  Reports wall
 time per phase and the peak resident memory of the process (``ru_maxrss``).
 """
 
