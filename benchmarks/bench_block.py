@@ -6,8 +6,7 @@ Builds an MLP 784-4096-4096-1216-10 (24.98 M prunable MatMul weights; random wei
 then runs ``chita_onnx.compress`` with ``--method chita`` and ``--max-memory`` far below the
 n × p × 4 bytes that X would need (100 GB at n = 1,000), so the gradient columns are computed block
 group by block group (row chunks for tensors that are larger than the memory budget) and never held
-whole.  Reports wall
-time per phase and the peak resident memory of the process (``ru_maxrss``).
+whole.  Reports wall time per phase and the peak resident memory of the process (``ru_maxrss``).
 """
 
 from __future__ import annotations
