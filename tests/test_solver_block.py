@@ -200,3 +200,25 @@ def test_block_bad_inputs() -> None:
     Xn[0, 700] = np.inf
     with pytest.raises(SolverError, match="NaN or infinity"):
         chita_blocked(Recorder(Xn), wb, budget, 1e-3, n=120, block_size=300, solve="backsolve")
+
+
+def test_blocks_are_narrowed_to_fit_their_solve_and_it_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A block's CHITA solve holds a few block-wide square matrices: a tight cap narrows the blocks so
+    that one fits next to the column group; chita++ repeats the call every stage, the warning is not."""
+    from chita_onnx.solver.block import BLOCK_WORK_SQUARES, _widest_block
+
+    X, wb = block_diagonal_problem(6)
+    n, mem = 120, 3 * 2**20 + 12345  # an unusual cap: no other test has warned about it
+    b = _widest_block(n, BLOCK_WORK_SQUARES, mem // 2)
+
+    def work(w: int) -> float:
+        return 8 * (1.5 * n * w + BLOCK_WORK_SQUARES * w * w)
+
+    assert work(b) <= mem // 2 < work(b + 1)  # the widest that fits
+    assert _widest_block(n, 0, mem // 2) == (mem // 2) // (12 * n)  # backsolve: the columns only, as before
+    budget = Budget.global_(300, 1200)
+    with caplog.at_level("WARNING", logger="chita_onnx.solver.block"):
+        for _ in range(3):
+            res = chita_blocked(Recorder(X), wb, budget, 1e-3, n=n, block_size=1200, max_memory_bytes=mem)
+            assert res.info["block_size"] == b < 1200 and res.support.size == 300
+    assert sum("does not fit" in r.getMessage() for r in caplog.records) == 1

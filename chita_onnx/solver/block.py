@@ -103,6 +103,10 @@ def make_blocks(segments: tuple[int, ...], block_size: int) -> NDArray[np.int64]
     return np.asarray(bounds, dtype=np.int64)
 
 
+#: The narrowings already warned about (every stage of chita++ would repeat the same one).
+_NARROWED: set[tuple[int, int, int, int]] = set()
+
+
 def _widest_block(n: int, squares: int, room: int) -> int:
     """The widest block ``b ≥ 1`` whose work fits in ``room`` bytes: ``8 · (1.5 · n · b + squares · b²)``."""
     lin, quad = 12.0 * n, 8.0 * squares
@@ -202,9 +206,11 @@ def chita_blocked(
     fit = _widest_block(n, squares, int(max_memory_bytes) // 2)
     if bsize > fit:
         bsize = fit
-        log.warning(
-            "block_size %d does not fit max_memory_bytes=%d with n=%d; using %d", block_size, max_memory_bytes, n, bsize
+        said = (int(block_size), int(max_memory_bytes), n, bsize)
+        (log.debug if said in _NARROWED else log.warning)(
+            "block_size %d does not fit max_memory_bytes=%d with n=%d; using %d", *said
         )
+        _NARROWED.add(said)
     bounds = make_blocks(budget.segments, bsize)
     nblocks = bounds.shape[0] - 1
 
