@@ -186,15 +186,19 @@ def test_model_newer_than_the_bundled_runtime_keeps_its_versions(tmp_path: Path)
     assert r.nnz == keep_count(0.6, 272)
 
 
-def test_block_columns_are_exact_even_when_one_tensor_does_not_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows", [1, 3])
+def test_block_columns_are_exact_even_when_one_tensor_does_not_fit(tmp_path: Path, rows: int) -> None:
+    """Row chunks (one reused buffer; seeded draws continue across chunks) give the rows of one pass,
+    with one row per sample and with three (``--fisher kl`` sketches)."""
     from chita_onnx.pipeline import GradientOracle, PhaseTimer, initial_weights, prepare
 
-    cfg = CompressConfig(sparsity=0.8, max_memory=2**20)  # 1 MiB: fc1's 204 x 4096 block needs 3.3 MB
+    cfg = CompressConfig(sparsity=0.8, max_memory=2**20, fisher="kl", fisher_rows=rows)  # fc1's X: 3.3 MB+
     prep = prepare(MLP, CALIB, cfg, TEST)
     oracle = GradientOracle(prep, cfg)
-    assert not oracle.fits()
     w = initial_weights(prep)
     full = oracle.matrix(w).copy()
+    assert oracle.reps == rows and full.shape[0] == oracle.rows
+    assert not oracle.fits()
     columns = oracle.columns(w, PhaseTimer())
     for a, b in [(0, 700), (3000, 4096), (4096, 6144), (6000, 6464)]:
         got, ref = columns(a, b), full[:, a:b]
