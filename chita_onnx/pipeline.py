@@ -562,24 +562,39 @@ class GradientOracle:
         if per_chunk >= self.n:  # one chunk: the plain matrix
             diag: NDArray[np.float64] = _column_squares(self.matrix(w)).astype(np.float64)
             return diag
-        if self._samples is None:
-            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
         engine.set_weights(layout.unflatten(w))
-        m = self.config.mini_batch
-        buf = np.empty((per_chunk * R, p), np.float32)
         diag = np.zeros(p, np.float64)
-        chunks = range(0, self.n, per_chunk)
-        for r0 in progress(chunks, total=len(chunks), desc="Fisher diagonal", unit="chunk"):
-            r1 = min(self.n, r0 + per_chunk)
-            part = self._samples.take(np.arange(r0 * m, r1 * m))
-            out = buf[: (r1 - r0) * R]
-            g = engine.compute(
-                part, fisher=self.fisher, seed=self.config.seed, fisher_rows=self.fisher_rows, first_sample=r0, out=out
-            )
-            check_gradients(g.X, engine.layout, first_row=r0 * R)
-            diag += _column_squares(g.X)
+        for _, _, Xc in self._row_chunks(engine, per_chunk, R, "Fisher diagonal"):
+            diag += _column_squares(Xc)
         diag *= float(self.scale) ** 2
         return diag
+
+    def _row_chunks(
+        self, engine: GradientEngine, per_chunk: int, R: int, desc: str
+    ) -> Iterator[tuple[int, int, NDArray[np.float32]]]:
+        """The unscaled rows of ``engine``'s gradient matrix, ``per_chunk`` inputs (``per_chunk·R`` rows)
+        at a time, as ``(first row, stop row, rows)``; the rows are a view into one reused buffer,
+        valid until the next step.  Seeded draws (sampled labels, KL sketches) continue where the
+        previous chunk stopped, so the rows equal those of an unchunked pass."""
+        if self._samples is None:
+            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
+        m = self.config.mini_batch
+        per_chunk = min(per_chunk, self.n)
+        buf = np.empty((per_chunk * R, engine.layout.p), np.float32)
+        chunks = range(0, self.n, per_chunk)
+        for r0 in progress(chunks, total=len(chunks), desc=desc, unit="chunk"):
+            r1 = min(self.n, r0 + per_chunk)
+            part = self._samples.take(np.arange(r0 * m, r1 * m))
+            g = engine.compute(
+                part,
+                fisher=self.fisher,
+                seed=self.config.seed,
+                fisher_rows=self.fisher_rows,
+                first_sample=r0,
+                out=buf[: (r1 - r0) * R],
+            )
+            check_gradients(g.X, engine.layout, first_row=r0 * R)
+            yield r0 * R, r1 * R, g.X
 
     def set_reference(self, w: NDArray[np.float32]) -> None:
         """Remember the class distributions of the model at ``w`` (the dense one) on the calibration
@@ -633,35 +648,14 @@ class GradientOracle:
     def _columns_by_rows(
         self, w: NDArray[np.float32], names: Sequence[str], start: int, width: int, rows: int
     ) -> NDArray[np.float32]:
-        """Columns ``start : start + width`` of the tensors ``names``, computed ``rows`` rows at a time.
-
-        Seeded draws (sampled labels, KL sketches) continue where the previous chunk stopped, so the
-        rows equal those of an unchunked run.
-        """
-        if self._samples is None:
-            self._samples = materialize(self.prep.calib, self.prep.specs, batch_size=self.config.batch_size)
+        """Columns ``start : start + width`` of the tensors ``names``, computed ``rows`` inputs at a
+        time (:meth:`_row_chunks`), so the rows equal those of an unchunked run."""
         key = tuple(names)
         engine = self._engine(key)
         engine.set_weights({k: v for k, v in self.prep.layout.unflatten(w).items() if k in key})
-        m = self.config.mini_batch
-        R = self.reps
-        rows = min(rows, self.n)
         out = np.empty((self.rows, width), np.float32)
-        buf = np.empty((rows * R, engine.layout.p), np.float32)  # one chunk's rows, reused
-        for r0 in progress(range(0, self.n, rows), total=-(-self.n // rows), desc="gradient rows", unit="chunk"):
-            r1 = min(self.n, r0 + rows)
-            part = self._samples.take(np.arange(r0 * m, r1 * m))
-            g = engine.compute(
-                part,
-                fisher=self.fisher,
-                seed=self.config.seed,
-                fisher_rows=self.fisher_rows,
-                first_sample=r0,
-                out=buf[: (r1 - r0) * R],
-            )
-            check_gradients(g.X, engine.layout, first_row=r0 * R)
-            out[r0 * R : r1 * R] = g.X[:, start : start + width]
-            del g
+        for a, b, Xc in self._row_chunks(engine, rows, self.reps, "gradient rows"):
+            out[a:b] = Xc[:, start : start + width]
         out *= self.scale
         return out
 
