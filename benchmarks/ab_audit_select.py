@@ -27,15 +27,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+import onnx
 from numpy.typing import NDArray
 
 
-def _outputs(path: Path, data: dict[str, NDArray[Any]]) -> NDArray[np.float64]:
-    """The model's first output on ``data`` (its graph inputs only), 64 samples per run, as
-    ``(N, classes)`` class distributions."""
+def _outputs(model: Path | onnx.ModelProto, data: dict[str, NDArray[Any]]) -> NDArray[np.float64]:
+    """The model's (a file or in memory) first output on ``data`` (its graph inputs only), 64 samples
+    per run, as ``(N, classes)`` class distributions."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     fixed = sess.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else 64
@@ -52,6 +54,15 @@ def _outputs(path: Path, data: dict[str, NDArray[Any]]) -> NDArray[np.float64]:
         out = np.exp(out - out.max(1, keepdims=True))
         out /= out.sum(1, keepdims=True)
     return out
+
+
+def _emit(record: dict[str, Any], path: Path | None) -> None:
+    """Print ``record`` as one JSON line, and append it to ``path`` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path is not None:
+        with path.open("a") as f:
+            f.write(line + "\n")
 
 
 def main() -> None:
@@ -79,8 +90,6 @@ def main() -> None:
             calib: Path | dict[str, NDArray[Any]] = folder / f"{model}_calib.npz"
             tmpdir = tempfile.TemporaryDirectory()
             if a.softmax:
-                import onnx
-
                 m = onnx.load(path)
                 first = m.graph.output[0]
                 m.graph.node.append(onnx.helper.make_node("Softmax", [first.name], ["ab_probs"], axis=-1))
@@ -88,8 +97,6 @@ def main() -> None:
                 path = Path(tmpdir.name) / f"{model}.onnx"
                 onnx.save(m, path)
             if a.unlabelled or a.softmax:
-                import onnx
-
                 inputs = {i.name for i in onnx.load(path, load_external_data=False).graph.input}
                 calib = {k: v for k, v in np.load(calib).items() if k in inputs}
             p = _outputs(path, sel)
@@ -114,11 +121,7 @@ def main() -> None:
                         "seconds": round(seconds, 1),
                         "head_select": rep.solver.get("head_select", ""),
                     }
-                    line = json.dumps(record)
-                    print(line, flush=True)
-                    if a.out is not None:
-                        with a.out.open("a") as f:
-                            f.write(line + "\n")
+                    _emit(record, a.out)
 
 
 if __name__ == "__main__":

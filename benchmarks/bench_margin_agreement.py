@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_audit_select import _outputs
+from ab_audit_select import _emit, _outputs
 
 BINS: tuple[tuple[str, float, float], ...] = (
     ("m<=0.1", -np.inf, 0.1),
@@ -89,11 +89,7 @@ def main() -> None:
                 record[name] = [round(float(sel.mean()), 4), round(float(same[sel].mean()), 4) if sel.any() else None]
             record["m>0.5"] = [round(float((m > 0.5).mean()), 4), round(float(same[m > 0.5].mean()), 4)]
             record["seconds"] = round(time.perf_counter() - t0, 1)
-            line = json.dumps(record)
-            print(line, flush=True)
-            if a.jsonl is not None:
-                with a.jsonl.open("a") as f:
-                    f.write(line + "\n")
+            _emit(record, a.jsonl)
 
 
 if __name__ == "__main__":

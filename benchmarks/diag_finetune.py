@@ -22,34 +22,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
 import chita_onnx.gradients.engine as engine_mod
 from chita_onnx.data import ArraySource
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_audit_select import _outputs as probabilities
+
 Arrays = dict[str, NDArray[Any]]
-
-
-def probabilities(model: onnx.ModelProto | str, data: Arrays) -> NDArray[np.float64]:
-    """The model's first output on ``data`` as ``(N, classes)`` distributions (softmax if not already)."""
-    blob = model if isinstance(model, str) else model.SerializeToString()
-    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    n = len(data[names[0]])
-    parts = [sess.run(None, {k: data[k][i : i + 256] for k in names})[0] for i in range(0, n, 256)]
-    out = np.concatenate(parts).astype(np.float64).reshape(n, -1)
-    if not (np.all(out >= 0) and np.allclose(out.sum(1), 1.0, atol=1e-3)):
-        out = np.exp(out - out.max(1, keepdims=True))
-        out /= out.sum(1, keepdims=True)
-    return out
 
 
 def kl(p: NDArray[np.float64], q: NDArray[np.float64]) -> float:
@@ -101,7 +91,7 @@ def main() -> None:
         "sel": load(a.select),
         "test": load(a.test),
     }
-    dense_p = {s: probabilities(a.dense, d) for s, d in splits.items()}
+    dense_p = {s: probabilities(Path(a.dense), d) for s, d in splits.items()}
     model = onnx.load(a.pruned)
     dense_zeros = {
         t.name: float(np.mean(numpy_helper.to_array(t) == 0))

@@ -23,11 +23,9 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from onnx import helper
 
 import chita_onnx.reconstruct as recon
-from chita_onnx import runtime
-from chita_onnx.activations import LayerSite, inline_fixed_ifs, working_copy
+from chita_onnx.activations import LayerSite, SegmentRunner, inline_fixed_ifs
 from chita_onnx.layerstats import input_rows, rows_to_weight
 from chita_onnx.rnnlayers import split_layers
 
@@ -41,23 +39,23 @@ def kappa(prep: Any, config: Any) -> NDArray[np.float64]:
     base, batches, _ = recon.layer_data(prep, config)
     model = inline_fixed_ifs(base, batches)
     sites = [s for s in split_layers(model, prep.layout.names)[0] if isinstance(s, LayerSite)]
-    m = working_copy(model)
-    inputs = list(dict.fromkeys(s.input for s in sites))
-    known = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in inputs if n not in known)
-    sess = runtime.session(m, what="the layer inputs", threads=1, check=False)
-    grams: dict[str, NDArray[np.float64]] = {}
-    rng, seen = np.random.default_rng(0), 0
-    for batch in batches:
-        values = dict(zip(inputs, runtime.run(sess, inputs, batch, what="the layer inputs"), strict=True))
-        for s in sites:
-            x = input_rows(values[s.input], s.geometry).astype(np.float64)  # (R, g, d)
-            if x.shape[0] > 20000:
-                x = x[rng.choice(x.shape[0], 20000, replace=False)]
-            grams[s.weight] = grams.get(s.weight, 0.0) + np.einsum("rgi,rgj->gij", x, x)
+    first, seen = [], 0
+    for batch in batches:  # the batches holding the first 64 calibration samples
+        first.append(batch)
         seen += len(next(iter(batch.values())))
         if seen >= 64:
             break
+    runner = SegmentRunner(model, first)
+    runner.advance(len(runner.nodes), extra=[s.input for s in sites])
+    grams: dict[str, NDArray[np.float64]] = {}
+    rng = np.random.default_rng(0)
+    for s in sites:
+        for value in runner.values(s.input):
+            x = input_rows(np.asarray(value), s.geometry).astype(np.float64)  # (R, g, d)
+            if x.shape[0] > 20000:
+                x = x[rng.choice(x.shape[0], 20000, replace=False)]
+            grams[s.weight] = grams.get(s.weight, 0.0) + np.einsum("rgi,rgj->gij", x, x)
+    runner.close()
     out = np.ones(prep.layout.p)
     slots = {sl.name: sl for sl in prep.layout.slots}
     for s in sites:
